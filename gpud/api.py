@@ -1,0 +1,447 @@
+"""The HTTP API (ASGI, Starlette on trio via anyio). Bodies are msgspec Structs.
+
+Every error is JSON ``{"error": code, "detail": people-talk}`` with a 4xx that fits:
+400 malformed JSON, 404 no such job/route, 409 not finished, 413 body too large,
+422 a well-formed request the daemon cannot accept. A 500 would be a bug; it is still
+JSON and the traceback goes to the daemon's log, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from gpud import __version__
+from gpud.domain import FINAL, GpuRequest, Job, JobState
+from gpud.ledger import NewJob, UnknownJob
+from gpud.service import Daemon, SubmitError
+from gpud_client.models import (
+    API_PREFIX,
+    BatchSubmitRequest,
+    BatchSubmitResponse,
+    ErrorBody,
+    GpuInfo,
+    GpuList,
+    GpuProcessInfo,
+    Health,
+    JobInfo,
+    JobList,
+    SubmitRequest,
+)
+
+__all__ = ["ApiError", "ROUTES", "create_app", "job_info", "openapi"]
+
+log = logging.getLogger("gpud.api")
+
+MAX_RETRIES = 20
+MAX_BATCH = 100_000
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+def _error(status: int, code: str, detail: str) -> Response:
+    return _json(ErrorBody(error=code, detail=detail), status)
+
+
+def job_info(daemon: Daemon, job: Job) -> JobInfo:
+    index = {g.uuid: g.index for g in daemon.gpus}
+    reason, position = daemon.reason(job.id) if job.state is JobState.QUEUED else (None, None)
+    return JobInfo(
+        id=job.id, name=job.function, state=job.state.value, owner=job.owner,
+        priority=job.priority, gpu=job.gpu.to_spec() if job.gpu else None,
+        gpus=list(job.gpus), gpu_indices=[index[u] for u in job.gpus if u in index],
+        submitted_at=job.submitted_at, started_at=job.started_at, ended_at=job.ended_at,
+        timeout=job.timeout, retries=job.retries, attempt=job.attempt, batch_id=job.batch_id,
+        exit_code=job.exit_code, error=job.error, has_result=job.has_result,
+        reason=reason, position=position, python=job.python, image=job.image,
+    )
+
+
+# -- request helpers -----------------------------------------------------------------------
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    too_big = ApiError(
+        413, "body_too_large",
+        f"the request body is larger than this daemon accepts ({limit} bytes): send a smaller "
+        "payload (pass large data by path or URL instead of by value), or raise max_body_bytes",
+    )
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode(data: bytes, model: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(data, type=model)
+    except msgspec.ValidationError as e:
+        raise ApiError(422, "invalid_request", f"{model.__name__}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(422, "invalid_parameter", f"{name} must be a whole number") from None
+    if not lo <= value <= hi:
+        raise ApiError(422, "invalid_parameter", f"{name} must be between {lo} and {hi}")
+    return value
+
+
+def _float_param(request: Request, name: str, default: float, lo: float, hi: float) -> float:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(422, "invalid_parameter", f"{name} must be a number of seconds") from None
+    if not lo <= value <= hi:
+        raise ApiError(422, "invalid_parameter", f"{name} must be between {lo:g} and {hi:g}")
+    return value
+
+
+def _bool_param(request: Request, name: str) -> bool:
+    raw = request.query_params.get(name, "false").lower()
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no", ""):
+        return False
+    raise ApiError(422, "invalid_parameter", f"{name} must be true or false")
+
+
+def _job_id(request: Request) -> int:
+    raw = request.path_params["job_id"]
+    if not raw.isdigit():
+        raise ApiError(404, "not_found", f"no job {raw!r}: job ids are whole numbers")
+    return int(raw)
+
+
+def _owner(request: Request) -> str:
+    # Until users and tokens exist, a daemon run by a user runs everything as that user,
+    # so that is the owner; a root daemon records the name the client claims, for display.
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    claimed = request.headers.get("x-gpud-user", "")[:64]
+    return claimed or "unknown"
+
+
+def _new_jobs(
+    daemon: Daemon, request: Request, req: SubmitRequest | BatchSubmitRequest, args: list[bytes]
+) -> list[NewJob]:
+    try:
+        gpu = GpuRequest.parse(req.gpu)
+    except ValueError as e:
+        raise ApiError(422, "invalid_gpu", str(e)) from None
+    timeout = req.timeout if req.timeout is not None else daemon.config.effective_default_timeout
+    if not 0 <= req.retries <= MAX_RETRIES:
+        raise ApiError(422, "invalid_retries", f"retries must be between 0 and {MAX_RETRIES}")
+    if not -1000 <= req.priority <= 1000:
+        raise ApiError(422, "invalid_priority", "priority must be between -1000 and 1000")
+    for k, v in req.env.items():
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise ApiError(422, "invalid_env", f"env name {k!r} is not a valid variable name")
+    if not req.name or len(req.name) > 512:
+        raise ApiError(422, "invalid_name", "name must be 1 to 512 characters")
+    try:
+        daemon.check_submittable(gpu, req.python, timeout)
+    except SubmitError as e:
+        raise ApiError(422, "refused", str(e)) from None
+    import hashlib
+
+    code_hash = hashlib.sha256(req.function).hexdigest()
+    owner = _owner(request)
+    return [
+        NewJob(name=req.name, owner=owner, function_hash=code_hash, args=a, python=req.python,
+               timeout=timeout, gpu=gpu, retries=req.retries, priority=req.priority,
+               image=req.image, env=dict(req.env))
+        for a in args
+    ]
+
+
+# -- routes ----------------------------------------------------------------------------
+
+
+def create_app(daemon: Daemon) -> Starlette:
+    limit = daemon.config.max_body_bytes
+
+    async def health(request: Request) -> Response:
+        return _json(Health(status="ok", version=__version__, executor=daemon.executor.name,
+                            worker_python=daemon.worker_python, gpu_source=daemon.inventory.source,
+                            pid=os.getpid(), started_at=daemon.started_at))
+
+    async def submit(request: Request) -> Response:
+        req = _decode(await _body(request, limit), SubmitRequest)
+        jobs = _new_jobs(daemon, request, req, [req.args])
+        _, made = await daemon.submit(jobs, req.function)
+        return _json(job_info(daemon, made[0]), 201)
+
+    async def submit_batch(request: Request) -> Response:
+        req = _decode(await _body(request, limit), BatchSubmitRequest)
+        if not 1 <= len(req.inputs) <= MAX_BATCH:
+            raise ApiError(422, "invalid_batch", f"a batch holds 1 to {MAX_BATCH} inputs")
+        jobs = _new_jobs(daemon, request, req, req.inputs)
+        batch_id, made = await daemon.submit(jobs, req.function, batch=True)
+        assert batch_id is not None
+        return _json(BatchSubmitResponse(batch_id=batch_id, job_ids=[j.id for j in made]), 201)
+
+    async def list_jobs(request: Request) -> Response:
+        states = None
+        raw = request.query_params.get("state")
+        if raw:
+            try:
+                states = [JobState(s.strip()) for s in raw.split(",") if s.strip()]
+            except ValueError:
+                valid = ", ".join(s.value for s in JobState)
+                raise ApiError(422, "invalid_parameter",
+                               f"state must be a comma-separated list of: {valid}") from None
+        limit_n = _int_param(request, "limit", 50, 1, 1000)
+        cursor = request.query_params.get("cursor")
+        before = _int_param(request, "cursor", 0, 1, 2**62) if cursor else None
+        from gpud.ledger.store import Ledger
+
+        jobs = await daemon.ledger.call(Ledger.list, states, limit=limit_n, before=before)
+        # The daemon's memory is fresher than a read racing a commit: prefer it.
+        jobs = [daemon.active.get(j.id, j) for j in jobs]
+        nxt = jobs[-1].id if len(jobs) == limit_n and jobs[-1].id > 1 else None
+        return _json(JobList(jobs=[job_info(daemon, j) for j in jobs], next_cursor=nxt))
+
+    async def get_job(request: Request) -> Response:
+        return _json(job_info(daemon, await daemon.get(_job_id(request))))
+
+    async def wait_job(request: Request) -> Response:
+        job_id = _job_id(request)
+        timeout = _float_param(request, "timeout", 30.0, 0.0, 60.0)
+        return _json(job_info(daemon, await daemon.wait_final(job_id, timeout)))
+
+    async def cancel_job(request: Request) -> Response:
+        return _json(job_info(daemon, await daemon.cancel(_job_id(request))))
+
+    async def result(request: Request) -> Response:
+        job = await daemon.get(_job_id(request))
+        if job.state not in FINAL:
+            raise ApiError(409, "not_finished",
+                           f"job {job.id} is {job.state.value}; wait for it to finish "
+                           f"(GET {API_PREFIX}/jobs/{job.id}/wait)")
+        path = daemon.result_path(job.id)
+        if not job.has_result or not path.is_file():
+            why = job.error or job.state.value
+            raise ApiError(404, "no_result", f"job {job.id} ended {job.state.value} without a "
+                           f"result: {why}")
+        return FileResponse(path, media_type="application/octet-stream",
+                            headers={"x-gpud-job-state": job.state.value})
+
+    async def logs(request: Request) -> Response:
+        job_id = _job_id(request)
+        await daemon.get(job_id)  # 404 for an unknown job
+        follow = _bool_param(request, "follow")
+        offset = _int_param(request, "offset", 0, 0, 2**62)
+        path = daemon.log_path(job_id)
+        if not follow:
+            data = await trio.to_thread.run_sync(_read_from, path, offset, None)
+            return Response(data, media_type="text/plain; charset=utf-8")
+        return StreamingResponse(_follow(daemon, job_id, path, offset),
+                                 media_type="text/plain; charset=utf-8")
+
+    async def gpus(request: Request) -> Response:
+        return _json(gpu_list(daemon))
+
+    async def openapi_doc(request: Request) -> Response:
+        return _json(openapi())
+
+    def wrap(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        async def handler(request: Request) -> Response:
+            try:
+                return await fn(request)  # type: ignore[no-any-return]
+            except ApiError as e:
+                return _error(e.status, e.code, e.detail)
+            except UnknownJob as e:
+                return _error(404, "not_found", f"no job {e.job_id}")
+        return handler
+
+    table: list[tuple[str, str, Callable[[Request], Any]]] = [
+        ("GET", "/health", health),
+        ("POST", "/jobs", submit),
+        ("POST", "/jobs/batch", submit_batch),
+        ("GET", "/jobs", list_jobs),
+        ("GET", "/jobs/{job_id}", get_job),
+        ("GET", "/jobs/{job_id}/wait", wait_job),
+        ("GET", "/jobs/{job_id}/logs", logs),
+        ("GET", "/jobs/{job_id}/result", result),
+        ("POST", "/jobs/{job_id}/cancel", cancel_job),
+        ("GET", "/gpus", gpus),
+    ]
+    routes = [Route(API_PREFIX + p, wrap(fn), methods=[m]) for m, p, fn in table]
+    routes.append(Route("/openapi.json", openapi_doc, methods=["GET"]))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        detail = {404: f"no such endpoint {request.url.path}; see /openapi.json",
+                  405: f"{request.method} is not allowed on {request.url.path}"}.get(
+                      exc.status_code, str(exc.detail))
+        return _error(exc.status_code, code, detail)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal_error", "the daemon hit a bug; details are in its log")
+
+    return Starlette(routes=routes, exception_handlers={
+        HTTPException: http_error, Exception: server_error,
+    })
+
+
+def _read_from(path: os.PathLike[str], offset: int, limit: int | None) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read() if limit is None else fh.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+async def _follow(daemon: Daemon, job_id: int, path: os.PathLike[str],
+                  offset: int) -> AsyncIterator[bytes]:
+    """Stream a job's log until it is final and everything was sent.
+
+    New output is polled (every 100 ms at most); the job's end wakes us at once."""
+    pos = offset
+    while True:
+        data = await trio.to_thread.run_sync(_read_from, path, pos, 1 << 20)
+        if data:
+            pos += len(data)
+            yield data
+            continue
+        job = await daemon.get(job_id)
+        if job.state in FINAL:
+            tail = await trio.to_thread.run_sync(_read_from, path, pos, None)
+            if tail:
+                yield tail
+            return
+        ev = daemon._changed.setdefault(job_id, trio.Event())
+        with trio.move_on_after(0.1):
+            await ev.wait()
+
+
+def gpu_list(daemon: Daemon) -> GpuList:
+    holders = daemon.gpu_holders()
+    sessions = {h.pid: h.job_id for h in daemon.handles.values()}
+    from gpud.executors.process import proc_session
+
+    out = []
+    for g in daemon.gpus:
+        holder = holders.get(g.uuid)
+        procs = [GpuProcessInfo(pid=p.pid, used_memory=p.used_memory,
+                                job_id=sessions.get(proc_session(p.pid) or -1, sessions.get(p.pid)))
+                 for p in g.processes]
+        out.append(GpuInfo(
+            index=g.index, uuid=g.uuid, name=g.name, type=g.type, aliases=list(g.aliases),
+            memory_total=g.memory_total, memory_used=g.memory_used, utilization=g.utilization,
+            memory_utilization=g.memory_utilization, temperature=g.temperature,
+            power_w=g.power_w, power_limit_w=g.power_limit_w, processes=procs, fake=g.fake,
+            busy_foreign=bool(g.foreign_pids), job_id=holder.id if holder else None,
+            owner=holder.owner if holder else None,
+        ))
+    return GpuList(gpus=out, source=daemon.inventory.source, note=daemon.inventory.note)
+
+
+# -- OpenAPI -------------------------------------------------------------------------------
+
+_DOC: list[tuple[str, str, str, type | None, type | None, str]] = [
+    ("get", "/health", "Daemon health and version", None, Health, ""),
+    ("post", "/jobs", "Submit one job", SubmitRequest, JobInfo, ""),
+    ("post", "/jobs/batch", "Submit many jobs of one function (.map)", BatchSubmitRequest,
+     BatchSubmitResponse, ""),
+    ("get", "/jobs", "List jobs, newest first", None, JobList, "state,limit,cursor"),
+    ("get", "/jobs/{job_id}", "One job", None, JobInfo, ""),
+    ("get", "/jobs/{job_id}/wait", "Wait until the job is final (long poll)", None, JobInfo,
+     "timeout"),
+    ("get", "/jobs/{job_id}/logs", "The job's combined stdout+stderr (text/plain, streamed "
+     "with follow=true)", None, None, "follow,offset"),
+    ("get", "/jobs/{job_id}/result", "The worker's result.pkl (application/octet-stream)",
+     None, None, ""),
+    ("post", "/jobs/{job_id}/cancel", "Cancel a job; returns once it is final", None, JobInfo,
+     ""),
+    ("get", "/gpus", "The box's GPUs with holders and foreign processes", None, GpuList, ""),
+]
+
+_PARAMS = {
+    "state": ("string", "comma-separated states: " + ", ".join(s.value for s in JobState)),
+    "limit": ("integer", "page size, 1-1000 (default 50)"),
+    "cursor": ("integer", "next_cursor of the previous page"),
+    "timeout": ("number", "seconds to wait, 0-60 (default 30)"),
+    "follow": ("boolean", "keep streaming until the job is final"),
+    "offset": ("integer", "byte offset to start from"),
+}
+
+
+def openapi() -> dict[str, Any]:
+    models = [m for row in _DOC for m in (row[3], row[4]) if m is not None] + [ErrorBody]
+    _, components = msgspec.json.schema_components(
+        models, ref_template="#/components/schemas/{name}"
+    )
+    paths: dict[str, Any] = {}
+    for method, path, summary, body, resp, params in _DOC:
+        op: dict[str, Any] = {"summary": summary, "responses": {}}
+        parameters = []
+        if "{job_id}" in path:
+            parameters.append({"name": "job_id", "in": "path", "required": True,
+                               "schema": {"type": "integer"}})
+        for p in filter(None, params.split(",")):
+            typ, desc = _PARAMS[p]
+            parameters.append({"name": p, "in": "query", "required": False,
+                               "description": desc, "schema": {"type": typ}})
+        if parameters:
+            op["parameters"] = parameters
+        if body is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
+        ok = "201" if method == "post" and path.startswith("/jobs") and body else "200"
+        if resp is not None:
+            op["responses"][ok] = {"description": "OK", "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{resp.__name__}"}}}}
+        else:
+            op["responses"][ok] = {"description": "OK"}
+        op["responses"]["4XX"] = {"description": "Error", "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+        paths.setdefault(API_PREFIX + path, {})[method] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gpud", "version": __version__},
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+ROUTES = [(m.upper(), API_PREFIX + p) for m, p, *_ in _DOC]

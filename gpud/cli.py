@@ -1,0 +1,361 @@
+"""The `gpud` command: the daemon (`gpud serve`) and every client subcommand.
+
+Conventions: data goes to stdout, people-talk to stderr; every read command has --json;
+user errors print ``Error: ...`` with the fix and exit 1. Exit codes (docs/cli.md):
+0 ok, 1 error, 2 usage error, 3 no daemon answers, 4 the job failed (raised, timed out,
+was cancelled or lost), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import click
+
+from gpud import __version__
+
+__all__ = ["EXIT", "main"]
+
+EXIT = {"ok": 0, "error": 1, "usage": 2, "unavailable": 3, "job_failed": 4, "interrupted": 130}
+
+
+def fail(message: str, code: int = EXIT["error"]) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _client(url: str | None) -> Any:
+    from gpud_client import Client
+
+    return Client(url)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the client's exceptions into one clear line and the documented exit code."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from gpud_client import ApiError, DaemonUnavailable, GpudError
+
+        try:
+            return fn(*args, **kwargs)
+        except DaemonUnavailable as e:
+            fail(str(e), EXIT["unavailable"])
+        except ApiError as e:
+            fail(e.detail)
+        except GpudError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(EXIT["interrupted"])
+
+    return wrapper
+
+
+url_option = click.option(
+    "--url", envvar="GPUD_URL", default=None, metavar="URL",
+    help="The daemon: unix:///path/to.sock or http://host:port (default: GPUD_URL, then "
+    "~/.config/gpud/client.toml, then the default socket).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="gpud")
+def cli() -> None:
+    """gpud: run Python functions on this machine's GPUs.
+
+    Start the daemon with `gpud serve`, then `gpud run script.py::fn --gpu h100`.
+    """
+
+
+# -- serve ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              envvar="GPUD_CONFIG", help="A TOML config file (default: none; built-in defaults).")
+@click.option("--data-dir", default=None, help="Where the ledger and job files live.")
+@click.option("--socket", "socket_path", default=None, help="The Unix socket to listen on.")
+@click.option("--tcp", default=None, metavar="HOST:PORT",
+              help="Also listen on TCP (loopback only unless tcp_allow_remote).")
+@click.option("--fake-gpus", default=None, metavar="TYPES",
+              help="Comma-separated fake GPU types, used only where no NVIDIA driver exists.")
+@click.option("--gpus", "gpu_mode", type=click.Choice(["auto", "fake", "none"]), default=None,
+              help="auto: NVML, or fake GPUs without a driver; fake: always fake; none.")
+@click.option("--cpu-slots", type=int, default=None, help="Concurrent CPU-only jobs.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default=None)
+def serve(config_path: str | None, data_dir: str | None, socket_path: str | None,
+          tcp: str | None, fake_gpus: str | None, gpu_mode: str | None, cpu_slots: int | None,
+          log_level: str | None) -> None:
+    """Run the daemon in the foreground (Ctrl-C or SIGTERM stops it; jobs keep running
+    and are re-adopted by the next start)."""
+    import trio
+
+    from gpud.config import ConfigError, load_config
+    from gpud.executors.process import WorkerPythonError
+    from gpud.gpus import GpuInventoryError
+    from gpud.server import serve as run_server
+    from gpud.service import AlreadyRunning
+
+    try:
+        cfg = load_config(config_path, data_dir=data_dir, socket=socket_path, tcp=tcp,
+                          fake_gpus=fake_gpus, gpus=gpu_mode, cpu_slots=cpu_slots,
+                          log_level=log_level)
+    except ConfigError as e:
+        fail(str(e))
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level.upper(), logging.INFO),
+        stream=sys.stderr,
+        # journald adds its own timestamps; a plain level prefix keeps lines greppable.
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+    async def main() -> None:
+        import signal
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_server, cfg)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for sig in signals:
+                    logging.getLogger("gpud").info(
+                        "stopping on %s; running jobs keep running and are re-adopted on the "
+                        "next start", signal.Signals(sig).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except (AlreadyRunning, WorkerPythonError, GpuInventoryError, ConfigError, ValueError) as e:
+        fail(str(e))
+    except PermissionError as e:
+        fail(f"{e}: run gpud serve as a user that can write there, or set --data-dir/--socket")
+
+
+# -- run -----------------------------------------------------------------------------------
+
+from gpud.cli_run import run  # noqa: E402  (kept in its own module: it is the largest command)
+
+cli.add_command(run)
+
+
+# -- read commands -------------------------------------------------------------------------
+
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(job: Any) -> str:
+    if job.started_at is None:
+        return "-"
+    end = job.ended_at or time.time()
+    s = max(0.0, end - job.started_at)
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def _print_json(obj: Any) -> None:
+    import msgspec
+
+    click.echo(msgspec.json.encode(obj).decode())
+
+
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="Include finished jobs.")
+@click.option("--state", default=None, help="Only these states (comma-separated).")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON.")
+@url_option
+@handle_errors
+def ps(show_all: bool, state: str | None, limit: int, as_json: bool, url: str | None) -> None:
+    """List jobs: queued and running ones (with why they wait), or --all."""
+    if state is None and not show_all:
+        state = "queued,starting,running"
+    with _client(url) as c:
+        page = c.list_jobs(state=state, limit=limit)
+    if as_json:
+        _print_json(page.jobs)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    if not page.jobs:
+        click.echo("no jobs" + ("" if show_all else " queued or running (see --all)"), err=True)
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "NAME", "STATE", "OWNER", "GPUS", "SUBMITTED", "RUNTIME", "INFO"):
+        table.add_column(col, no_wrap=col != "INFO")
+    for j in page.jobs:
+        gpus = ",".join(map(str, j.gpu_indices)) if j.gpu_indices else (
+            "/".join(j.gpu) if j.gpu else "cpu")
+        info = (f"{j.reason}; position {j.position}" if j.reason else
+                j.error or (f"attempt {j.attempt}/{j.retries + 1}" if j.retries else ""))
+        table.add_row(str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
+                      _duration(j), info)
+    Console(soft_wrap=False).print(table)
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@url_option
+@handle_errors
+def logs(job_id: int, follow: bool, url: str | None) -> None:
+    """Print a job's output (stdout and stderr, as written)."""
+    out = sys.stdout.buffer
+    with _client(url) as c:
+        for chunk in c.log_bytes(job_id, follow=follow):
+            out.write(chunk)
+            out.flush()
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the value as JSON.")
+@url_option
+@handle_errors
+def result(job_id: int, as_json: bool, url: str | None) -> None:
+    """Print a finished job's return value (repr, or --json); a failed job's error."""
+    from gpud_client.payload import load_result
+
+    with _client(url) as c:
+        job = c.get_job(job_id)
+        if job.state in ("queued", "starting", "running"):
+            fail(f"job {job_id} is {job.state}; wait for it (gpud logs {job_id} -f) and retry")
+        if not job.has_result:
+            fail(f"job {job_id} ended {job.state} without a result: {job.error or job.state}",
+                 EXIT["job_failed"])
+        data = c.result(job_id)
+    print_value(load_job_value(load_result, data, job), as_json)
+
+
+def load_job_value(loader: Callable[..., Any], data: bytes, job: Any) -> Any:
+    try:
+        return loader(data, job)
+    except Exception as e:  # noqa: BLE001 - the job's own exception, re-raised here
+        import traceback
+
+        notes = "\n".join(getattr(e, "__notes__", []))
+        click.echo(notes or "".join(traceback.format_exception_only(e)), err=True)
+        fail(f"job {job.id} failed: {type(e).__name__}: {e}", EXIT["job_failed"])
+
+
+def print_value(value: Any, as_json: bool) -> None:
+    if as_json:
+        try:
+            click.echo(json.dumps(value))
+        except (TypeError, ValueError) as e:
+            fail(f"the result cannot be printed as JSON ({e}); drop --json to print its repr")
+    else:
+        click.echo(repr(value))
+
+
+@cli.command()
+@click.argument("job_ids", type=int, nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+@url_option
+@handle_errors
+def cancel(job_ids: tuple[int, ...], as_json: bool, url: str | None) -> None:
+    """Cancel jobs: queued ones at once, running ones are stopped (TERM, then KILL)."""
+    from gpud_client import ApiError
+
+    out, failed = [], False
+    with _client(url) as c:
+        for jid in job_ids:
+            try:
+                job = c.cancel(jid)
+            except ApiError as e:
+                click.echo(f"Error: job {jid}: {e.detail}", err=True)
+                failed = True
+                continue
+            out.append(job)
+            if not as_json:
+                what = "cancelled" if job.state == "cancelled" else f"already {job.state}"
+                click.echo(f"job {jid}: {what}", err=True)
+    if as_json:
+        _print_json(out)
+    if failed:
+        sys.exit(EXIT["error"])
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@url_option
+@handle_errors
+def gpus(as_json: bool, url: str | None) -> None:
+    """Show the box's GPUs: type, memory, utilisation, temperature, power, holder."""
+    with _client(url) as c:
+        lst = c.gpus()
+    if as_json:
+        _print_json(lst)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    if lst.note:
+        click.echo(lst.note, err=True)
+    if not lst.gpus:
+        click.echo("no GPUs", err=True)
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("IDX", "TYPE", "NAME", "MEMORY", "UTIL", "TEMP", "POWER", "HELD BY", "UUID"):
+        table.add_column(col, no_wrap=True)
+    gib = 1024**3
+    for g in lst.gpus:
+        held = (f"job {g.job_id} ({g.owner})" if g.job_id is not None else
+                "other processes: " + ",".join(str(p.pid) for p in g.processes
+                                               if p.job_id is None)
+                if g.busy_foreign else "-")
+        table.add_row(
+            str(g.index), g.type + (" (FAKE)" if g.fake else ""), g.name,
+            f"{g.memory_used / gib:.1f}/{g.memory_total / gib:.0f} GiB",
+            "-" if g.utilization is None else f"{g.utilization}%",
+            "-" if g.temperature is None else f"{g.temperature}C",
+            "-" if g.power_w is None else f"{g.power_w:.0f}W", held, g.uuid,
+        )
+    Console(soft_wrap=False).print(table)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@url_option
+def version(as_json: bool, url: str | None) -> None:
+    """Print the client's version and, if one answers, the daemon's."""
+    from gpud_client import GpudError
+
+    daemon: dict[str, Any] | None = None
+    try:
+        with _client(url) as c:
+            h = c.health()
+        daemon = {"version": h.version, "executor": h.executor,
+                  "worker_python": h.worker_python, "gpus": h.gpu_source}
+    except GpudError as e:
+        daemon = None
+        err = str(e)
+    info = {"client": __version__, "python": sys.version.split()[0], "daemon": daemon}
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    click.echo(f"gpud {__version__} (Python {info['python']})")
+    if daemon:
+        click.echo(f"daemon {daemon['version']}: executor {daemon['executor']}, worker Python "
+                   f"{daemon['worker_python']}, GPUs from {daemon['gpus']}")
+    else:
+        click.echo(f"daemon: not reachable ({err})", err=True)
+
+
+def main() -> None:
+    cli(prog_name="gpud")

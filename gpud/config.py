@@ -1,0 +1,184 @@
+"""Daemon configuration: embedded defaults < TOML file < GPUD_* environment < CLI flags.
+
+Every setting has a default that works with no file at all, so `gpud serve` runs on a
+fresh machine. Bad values are reported as :class:`ConfigError` with the setting's name
+and what a valid value looks like.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gpud_client.duration import parse_duration
+from gpud_client.paths import default_data_dir, default_socket
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_tcp"]
+
+#: Used only where NVML finds no NVIDIA driver, and always reported as fake.
+DEFAULT_FAKE_GPUS = ["h100", "h100"]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it and says what would work."""
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path = field(default_factory=default_data_dir)
+    socket: Path = field(default_factory=default_socket)
+    #: "HOST:PORT" to also listen on TCP; only loopback unless `tcp_allow_remote`.
+    tcp: str | None = None
+    tcp_allow_remote: bool = False
+    executor: str = "process"
+    #: "auto": real GPUs through NVML, or fake_gpus on a box with no NVIDIA driver;
+    #: "fake": always fake_gpus (tests, demos); "none": hand out no GPUs at all
+    gpus: str = "auto"
+    fake_gpus: list[str] = field(default_factory=lambda: list(DEFAULT_FAKE_GPUS))
+    max_timeout: float = 24 * 3600.0
+    #: the timeout of a job that does not set one; None means max_timeout
+    default_timeout: float | None = None
+    cpu_slots: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: the user jobs run as when the daemon runs as root (until per-user identity)
+    job_user: str = "nobody"
+    #: the interpreter that runs jobs; None: the daemon's own, or /usr/bin/python3 when
+    #: the job user cannot run the daemon's (e.g. a venv under /root)
+    python: str | None = None
+    #: seconds between SIGTERM and SIGKILL when a job is cancelled or times out
+    kill_grace: float = 10.0
+    #: first retry waits this long, doubling per attempt up to retry_backoff_max
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 300.0
+    max_body_bytes: int = 256 * 1024 * 1024
+    gpu_poll_interval: float = 2.0
+    log_level: str = "info"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.data_dir / "ledger.db"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.data_dir / "runtime"
+
+    @property
+    def effective_default_timeout(self) -> float:
+        return self.default_timeout if self.default_timeout is not None else self.max_timeout
+
+
+_ENV_PREFIX = "GPUD_"
+_DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "retry_backoff",
+              "retry_backoff_max", "gpu_poll_interval"}
+
+
+def parse_tcp(value: str, allow_remote: bool = False) -> tuple[str, int]:
+    """Parse "HOST:PORT"; refuse a non-loopback host unless the admin allowed it."""
+    host, sep, port_s = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ConfigError(f"tcp = {value!r}: write HOST:PORT, e.g. '127.0.0.1:7878'")
+    if not allow_remote:
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(
+                f"tcp = {value!r} is not a loopback address; gpud listens on loopback only "
+                "unless you also set tcp_allow_remote = true (and then every request needs a token)"
+            )
+    return host, int(port_s)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a TOML or environment value into the field's type, with a clear error."""
+    try:
+        if name in _DURATIONS:
+            if value is None or (name == "default_timeout" and value in ("", "none")):
+                return None
+            return parse_duration(value)
+        if name in ("data_dir", "socket"):
+            return Path(os.path.expanduser(str(value)))
+        if name == "fake_gpus":
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("a list of GPU types, e.g. [\"h100\", \"h100\"]")
+            return list(value)
+        if name in ("cpu_slots", "max_body_bytes"):
+            n = int(value)
+            if n < 1:
+                raise ValueError("a whole number >= 1")
+            return n
+        if name == "tcp_allow_remote":
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError("true or false")
+            return s in ("1", "true", "yes")
+        if name == "tcp":
+            return str(value) if value not in (None, "", "none") else None
+        if name == "python":
+            return str(value) if value else None
+        return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"setting {name} = {value!r} is not valid: {e}") from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Config:
+    """Build the configuration: defaults, then the TOML file, then GPUD_* env, then overrides."""
+    env = dict(os.environ) if env is None else env
+    known = {f.name for f in fields(Config)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"config file {p}: unknown setting(s) {', '.join(unknown)}; "
+                f"known settings: {', '.join(sorted(known))}"
+            )
+        values.update({k: _coerce(k, v) for k, v in data.items()})
+    for name in known:
+        raw = env.get(_ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _coerce(name, raw)
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k not in known:
+            raise ConfigError(f"unknown setting {k}")
+        values[k] = _coerce(k, v)
+    cfg = replace(Config(), **values)
+    if cfg.executor not in ("process",):
+        raise ConfigError(
+            f"executor = {cfg.executor!r} is not available: use \"process\" "
+            "(the Podman executor arrives with its own release)"
+        )
+    if cfg.gpus not in ("auto", "fake", "none"):
+        raise ConfigError(f"gpus = {cfg.gpus!r}: use \"auto\", \"fake\" or \"none\"")
+    if cfg.tcp:
+        parse_tcp(cfg.tcp, cfg.tcp_allow_remote)
+    if cfg.default_timeout is not None and cfg.default_timeout > cfg.max_timeout:
+        raise ConfigError("default_timeout cannot be larger than max_timeout")
+    return cfg

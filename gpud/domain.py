@@ -1,0 +1,250 @@
+"""The core vocabulary of gpud: jobs, their one state machine, GPU requests, GPUs, decisions.
+
+Everything here is plain data with no I/O, so the scheduler and the tests can use it
+without a daemon. The ledger changes a job's state only through :func:`transition`.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "ACTIVE",
+    "FINAL",
+    "RETRYABLE",
+    "TRANSITIONS",
+    "Decision",
+    "Gpu",
+    "GpuProcess",
+    "GpuRequest",
+    "IllegalTransition",
+    "Job",
+    "JobState",
+    "Start",
+    "Wait",
+    "transition",
+]
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    STARTING = "starting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+    LOST = "lost"
+
+
+Q, ST, R = JobState.QUEUED, JobState.STARTING, JobState.RUNNING
+OK, F, C, T, L = (
+    JobState.SUCCEEDED,
+    JobState.FAILED,
+    JobState.CANCELLED,
+    JobState.TIMED_OUT,
+    JobState.LOST,
+)
+
+#: Every legal move. FAILED -> QUEUED and LOST -> QUEUED are the retry edges: the ledger
+#: takes them in the same transaction as the failure, so a job is never seen resting in
+#: FAILED or LOST while a retry is still due.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    Q: frozenset({ST, C}),
+    ST: frozenset({R, F, C, T, L}),
+    R: frozenset({OK, F, C, T, L}),
+    F: frozenset({Q}),
+    L: frozenset({Q}),
+    OK: frozenset(),
+    C: frozenset(),
+    T: frozenset(),
+}
+
+#: States in which a job holds (or is about to hold) resources.
+ACTIVE: frozenset[JobState] = frozenset({Q, ST, R})
+#: States a job rests in once it is over (FAILED and LOST only when no retry is left).
+FINAL: frozenset[JobState] = frozenset({OK, F, C, T, L})
+#: Outcomes the retry policy applies to. Timeouts and cancels are never retried: a job
+#: that ran out of time would most likely run out again, and a cancel is a user's word.
+RETRYABLE: frozenset[JobState] = frozenset({F, L})
+
+
+class IllegalTransition(ValueError):
+    """A state change the state machine does not allow."""
+
+    def __init__(self, job_id: int | None, current: JobState, new: JobState) -> None:
+        who = f"job {job_id}" if job_id is not None else "job"
+        super().__init__(f"{who} cannot go from {current} to {new}")
+        self.job_id = job_id
+        self.current = current
+        self.new = new
+
+
+def transition(current: JobState, new: JobState, job_id: int | None = None) -> JobState:
+    """Return ``new`` if ``current -> new`` is legal, else raise :class:`IllegalTransition`."""
+    if new not in TRANSITIONS[current]:
+        raise IllegalTransition(job_id, current, new)
+    return new
+
+
+# ---------------------------------------------------------------------------------------
+# GPU requests
+
+_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class GpuRequest:
+    """What a job asks for: ordered fallbacks of (type, count); type ``any`` matches all.
+
+    ``"h100"`` -> ((h100, 1),); ``"h100:2"`` -> ((h100, 2),);
+    ``["h100:2", "a100:4"]`` -> two options, the first one that fits is taken.
+    """
+
+    options: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def parse(cls, spec: str | Sequence[str] | None) -> GpuRequest | None:
+        """Parse a user's ``gpu=`` value; ``None`` (or "", "none", "cpu") means CPU-only.
+
+        Raises ValueError with a message that says what a valid value looks like.
+        """
+        if spec is None:
+            return None
+        items: list[str]
+        if isinstance(spec, str):
+            s = spec.strip().lower()
+            if s in ("", "none", "cpu", "false"):
+                return None
+            items = [p for p in (x.strip() for x in s.split(",")) if p]
+        else:
+            items = [str(x).strip().lower() for x in spec]
+            if not items:
+                return None
+        options: list[tuple[str, int]] = []
+        for item in items:
+            name, sep, count_s = item.partition(":")
+            name = name.strip()
+            if not name or not _TYPE_RE.match(name):
+                raise ValueError(
+                    f"invalid GPU request {item!r}: use a GPU type such as 'h100', "
+                    "'h100:2', 'any' or 'any:2'"
+                )
+            count = 1
+            if sep:
+                try:
+                    count = int(count_s)
+                except ValueError:
+                    raise ValueError(
+                        f"invalid GPU count in {item!r}: write TYPE:COUNT, e.g. 'h100:2'"
+                    ) from None
+                if count < 1:
+                    raise ValueError(f"invalid GPU count in {item!r}: the count must be >= 1")
+                if count > 64:
+                    raise ValueError(f"invalid GPU count in {item!r}: at most 64 GPUs per job")
+            options.append((name, count))
+        return cls(tuple(options))
+
+    def __str__(self) -> str:
+        return " or ".join(f"{n} x {t}" for t, n in self.options)
+
+    def to_spec(self) -> list[str]:
+        """The canonical list form, which :meth:`parse` reads back."""
+        return [f"{t}:{n}" for t, n in self.options]
+
+    @property
+    def max_count(self) -> int:
+        return max(n for _, n in self.options)
+
+
+# ---------------------------------------------------------------------------------------
+# GPUs
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    pid: int
+    used_memory: int | None = None  # bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Gpu:
+    """One GPU as the inventory saw it at one moment."""
+
+    index: int
+    uuid: str
+    name: str  # the marketing name NVML reports, e.g. "NVIDIA H100 80GB HBM3"
+    type: str  # the short type, e.g. "h100"
+    aliases: tuple[str, ...] = ()  # other types it answers to, e.g. ("a100",) for a100-80gb
+    memory_total: int = 0  # bytes
+    memory_used: int = 0  # bytes
+    utilization: int | None = None  # percent
+    memory_utilization: int | None = None  # percent
+    temperature: int | None = None  # degrees C
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    processes: tuple[GpuProcess, ...] = ()
+    fake: bool = False
+    #: pids on this GPU that gpud did not start; filled in by the service, which knows
+    #: its jobs' process trees. A GPU with foreign processes is never handed out.
+    foreign_pids: tuple[int, ...] = ()
+
+    def matches(self, gpu_type: str) -> bool:
+        return gpu_type == "any" or gpu_type == self.type or gpu_type in self.aliases
+
+
+# ---------------------------------------------------------------------------------------
+# Jobs
+
+
+@dataclass(slots=True)
+class Job:
+    """A job as the ledger holds it (the payload bytes stay in the ledger)."""
+
+    id: int
+    function: str
+    state: JobState
+    submitted_at: float
+    owner: str = ""
+    priority: int = 0
+    gpu: GpuRequest | None = None
+    timeout: float = 86400.0
+    retries: int = 0  # how many retries are allowed after the first attempt
+    attempt: int = 0  # attempts started so far
+    not_before: float = 0.0  # retry backoff: not to be started before this time
+    gpus: tuple[str, ...] = ()  # UUIDs held while starting/running
+    batch_id: int | None = None
+    python: str = ""
+    image: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    started_at: float | None = None
+    ended_at: float | None = None
+    pid: int | None = None
+    pid_start: int | None = None  # the process's start time (clock ticks), to spot pid reuse
+    exit_code: int | None = None
+    error: str | None = None
+    has_result: bool = False
+    code_hash: str = ""
+
+
+# ---------------------------------------------------------------------------------------
+# Scheduler decisions
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    job_id: int
+    gpus: tuple[str, ...]  # UUIDs, in the order the job will see them
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    job_id: int
+    reason: str
+    position: int  # 1-based place among pending jobs, in scheduling order
+
+
+Decision = Start | Wait

@@ -1,0 +1,65 @@
+"""The executor contract: how the daemon starts, watches, stops and re-adopts a job.
+
+The service owns scheduling, the ledger and timeouts; an executor only knows how to run
+the worker runtime for one prepared job directory somewhere (a process, a container)
+and how to make it stop. Outcomes are read from the job directory by the service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["Executor", "Handle", "LaunchSpec", "Outcome"]
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    job_id: int
+    attempt: int
+    job_dir: Path
+    log_path: Path
+    gpus: tuple[str, ...]  # UUIDs, in the order the job sees them
+    env: dict[str, str] = field(default_factory=dict)  # the user's env= (ours win on clash)
+    image: str | None = None
+
+
+@dataclass(slots=True)
+class Handle:
+    """A running job as the executor knows it."""
+
+    job_id: int
+    pid: int  # the leader; also the process group and session id for the process executor
+    pid_start: int  # /proc/<pid>/stat starttime, to tell the process from a reused pid
+    adopted: bool = False  # not our child: we were restarted while it ran
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    exit_code: int | None  # None when not knowable (an adopted process is not our child)
+    signal: int | None = None
+
+
+class Executor(Protocol):
+    name: str
+
+    async def launch(self, spec: LaunchSpec) -> Handle:
+        """Start the worker for a prepared job directory; return once it is running."""
+        ...
+
+    async def wait(self, handle: Handle) -> Outcome:
+        """Wait until the job's leader process has exited."""
+        ...
+
+    async def stop(self, handle: Handle, grace: float) -> None:
+        """TERM the whole job, wait up to ``grace`` s, then KILL whatever is left."""
+        ...
+
+    def reap(self, handle: Handle) -> None:
+        """Kill anything of the job still alive (after its leader ended); never blocks."""
+        ...
+
+    def adopt(self, job_id: int, pid: int | None, pid_start: int | None) -> Handle | None:
+        """Find a job left running by a previous daemon; None if it is gone."""
+        ...

@@ -1,0 +1,349 @@
+"""The process executor: each job is the worker runtime in a child process of its own.
+
+Each job gets its own session (so its own process group): cancel and timeout signal the
+whole group, and whatever the job forked is stopped with it. stdout and stderr go
+straight to the job's log file (not through a pipe to the daemon), so a job keeps
+running and logging while the daemon restarts, and is re-adopted afterwards.
+
+Jobs never run as root: a daemon run by a user runs jobs as that user; a daemon run as
+root runs them as ``job_user`` (default ``nobody``).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from gpud.executors.base import Handle, LaunchSpec, Outcome
+
+__all__ = [
+    "JobIdentity",
+    "ProcessExecutor",
+    "WorkerPythonError",
+    "find_job_processes",
+    "install_runtime",
+    "job_identity",
+    "proc_start_time",
+    "resolve_worker_python",
+]
+
+WORKER_NAME = "gpud_worker.py"
+
+
+class WorkerPythonError(RuntimeError):
+    """No interpreter the job user can run was found."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobIdentity:
+    """The Unix identity jobs run as."""
+
+    user: str
+    uid: int
+    gid: int
+    home: str
+    switch: bool  # True when the daemon is root and must drop to this user
+
+
+def job_identity(job_user: str) -> JobIdentity:
+    """Who jobs run as: the daemon's own user, or ``job_user`` when the daemon is root."""
+    euid = os.geteuid()
+    if euid != 0:
+        pw = pwd.getpwuid(euid)
+        return JobIdentity(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, switch=False)
+    try:
+        pw = pwd.getpwnam(job_user)
+    except KeyError:
+        raise WorkerPythonError(
+            f"job_user = {job_user!r} does not exist on this machine: create it, or set "
+            "job_user to an existing unprivileged user (jobs never run as root)"
+        ) from None
+    if pw.pw_uid == 0:
+        raise WorkerPythonError(
+            f"job_user = {job_user!r} is root; jobs never run as root: pick an unprivileged user"
+        )
+    return JobIdentity(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, switch=True)
+
+
+def install_runtime(runtime_dir: Path) -> Path:
+    """Copy the worker runtime and cloudpickle where any job user can read them.
+
+    The daemon may be installed somewhere the job user cannot read (a venv under /root),
+    and the worker must not depend on gpud being installed in the job's Python at all.
+    """
+    import cloudpickle
+
+    import gpud_client.worker as worker_mod
+
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(runtime_dir, 0o755)
+    staging = runtime_dir.with_name(runtime_dir.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    shutil.copy2(worker_mod.__file__, staging / WORKER_NAME)
+    cp_src = Path(cloudpickle.__file__).parent
+    shutil.copytree(cp_src, staging / "cloudpickle", ignore=shutil.ignore_patterns("__pycache__"))
+    for root, _dirs, files in os.walk(staging):
+        os.chmod(root, 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+    # Swap in whole, so a job starting now never sees a half-copied runtime.
+    old = runtime_dir.with_name(runtime_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(runtime_dir, old)
+    os.rename(staging, runtime_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return runtime_dir / WORKER_NAME
+
+
+def _probe(python: str, ident: JobIdentity, runtime_dir: Path) -> str:
+    """Run ``python`` as the job user with the runtime on its path; return its version."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import cloudpickle; "
+        "print('%d.%d.%d' % sys.version_info[:3])"
+    )
+    kw: dict[str, object] = {}
+    if ident.switch:
+        kw = {"user": ident.uid, "group": ident.gid, "extra_groups": []}
+    out = subprocess.run(
+        [python, "-c", code, str(runtime_dir)],
+        capture_output=True, text=True, timeout=30, cwd="/",
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": ident.home, "LANG": "C.UTF-8"},
+        **kw,  # type: ignore[arg-type]
+    )
+    if out.returncode != 0:
+        lines = (out.stderr or out.stdout).strip().splitlines()
+        raise WorkerPythonError(lines[-1] if lines else f"exit code {out.returncode}")
+    return out.stdout.strip()
+
+
+def resolve_worker_python(
+    configured: str | None, ident: JobIdentity, runtime_dir: Path
+) -> tuple[str, str]:
+    """Pick the interpreter jobs run with; return (path, version).
+
+    The configured one if set; else the daemon's own; else (e.g. the daemon's venv lives
+    under /root, which ``nobody`` cannot enter) the system python3 of the same minor
+    version. Each candidate is probed as the job user, so a bad choice fails at start-up
+    with a reason rather than at the first job.
+    """
+    mine = "{}.{}".format(*sys.version_info[:2])
+    candidates = [configured] if configured else [sys.executable, "/usr/bin/python3"]
+    errors = []
+    for cand in candidates:
+        if not cand:
+            continue
+        try:
+            version = _probe(cand, ident, runtime_dir)
+        except (OSError, subprocess.SubprocessError, WorkerPythonError) as e:
+            errors.append(f"{cand}: {e}")
+            continue
+        if configured or version.rsplit(".", 1)[0] == mine:
+            return cand, version
+        errors.append(f"{cand}: Python {version}, not {mine}")
+    raise WorkerPythonError(
+        f"no Python that job user {ident.user!r} can run was found ("
+        + "; ".join(errors)
+        + "): set `python = \"/path/to/python3\"` in the config to an interpreter that user "
+        "can execute"
+    )
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot, or None if there is no such pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def proc_session(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(b")") + 2 :].split()[3])
+
+
+def find_job_processes(job_id: int, instance: str) -> list[int]:
+    """Pids whose environment marks them as job ``job_id`` of daemon ``instance``.
+
+    Used on restart for a job the ledger saw STARTING: its process may have been spawned
+    just before the daemon died, before its pid reached the ledger.
+    """
+    want_job = f"GPUD_JOB_ID={job_id}".encode()
+    want_inst = f"GPUD_INSTANCE={instance}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if want_job in env and want_inst in env:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _alive(pid: int, pid_start: int | None) -> bool:
+    start = proc_start_time(pid)
+    if start is None:
+        return False
+    if pid_start is not None and start != pid_start:
+        return False  # the pid was reused by another process
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != b"Z"
+
+
+def _killpg(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+
+
+class ProcessExecutor:
+    name = "process"
+
+    def __init__(
+        self,
+        *,
+        python: str,
+        runtime_dir: Path,
+        identity: JobIdentity,
+        instance: str,
+    ) -> None:
+        self.python = python
+        self.runtime_dir = runtime_dir
+        self.identity = identity
+        self.instance = instance
+        self._procs: dict[int, trio.Process] = {}
+
+    def job_env(self, spec: LaunchSpec) -> dict[str, str]:
+        """A clean environment: nothing of the daemon's leaks into the job."""
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+        }
+        env.update(spec.env)
+        visible = ",".join(spec.gpus)
+        env.update({
+            "HOME": self.identity.home,
+            "USER": self.identity.user,
+            "LOGNAME": self.identity.user,
+            "PYTHONUNBUFFERED": "1",
+            # By UUID, never by index: indices differ between NVML and CUDA's default order.
+            "CUDA_VISIBLE_DEVICES": visible,
+            "NVIDIA_VISIBLE_DEVICES": visible or "void",
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "GPUD_JOB_ID": str(spec.job_id),
+            "GPUD_ATTEMPT": str(spec.attempt),
+            "GPUD_INSTANCE": self.instance,
+        })
+        return env
+
+    async def launch(self, spec: LaunchSpec) -> Handle:
+        ident = self.identity
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        log_fd = os.open(spec.log_path, flags, 0o600)
+        try:
+            kw: dict[str, object] = {}
+            if ident.switch:
+                kw = {"user": ident.uid, "group": ident.gid, "extra_groups": []}
+            proc = await trio.lowlevel.open_process(
+                [self.python, "-u", str(self.runtime_dir / WORKER_NAME), str(spec.job_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                cwd=str(spec.job_dir),
+                env=self.job_env(spec),
+                start_new_session=True,
+                close_fds=True,
+                **kw,  # type: ignore[arg-type]
+            )
+        finally:
+            os.close(log_fd)
+        self._procs[proc.pid] = proc
+        start = proc_start_time(proc.pid)
+        return Handle(job_id=spec.job_id, pid=proc.pid, pid_start=start or 0)
+
+    async def wait(self, handle: Handle) -> Outcome:
+        proc = self._procs.get(handle.pid)
+        if proc is not None:
+            code = await proc.wait()
+            self._procs.pop(handle.pid, None)
+            if code < 0:
+                return Outcome(exit_code=None, signal=-code)
+            return Outcome(exit_code=code)
+        # Not our child (adopted after a restart): wait on a pidfd, which works for any
+        # process we may signal, then take the outcome from the job directory.
+        try:
+            fd = os.pidfd_open(handle.pid)
+        except ProcessLookupError:
+            return Outcome(exit_code=None)
+        try:
+            if _alive(handle.pid, handle.pid_start):
+                await trio.lowlevel.wait_readable(fd)
+        finally:
+            os.close(fd)
+        return Outcome(exit_code=None)
+
+    async def stop(self, handle: Handle, grace: float) -> None:
+        _killpg(handle.pid, signal.SIGTERM)
+        with trio.move_on_after(grace):
+            while _alive(handle.pid, handle.pid_start):
+                proc = self._procs.get(handle.pid)
+                if proc is not None:
+                    await proc.wait()
+                    break
+                await trio.sleep(0.05)
+        self.reap(handle)
+        proc = self._procs.get(handle.pid)
+        if proc is not None:
+            # Give the kernel a moment to deliver SIGKILL, then collect the zombie.
+            with trio.move_on_after(5):
+                await proc.wait()
+            self._procs.pop(handle.pid, None)
+
+    def reap(self, handle: Handle) -> None:
+        # SIGKILL the whole group: a job's stray children never outlive it.
+        _killpg(handle.pid, signal.SIGKILL)
+
+    def adopt(self, job_id: int, pid: int | None, pid_start: int | None) -> Handle | None:
+        if pid is not None and _alive(pid, pid_start):
+            return Handle(job_id=job_id, pid=pid, pid_start=pid_start or 0, adopted=True)
+        if pid is None:
+            # Spawned but never recorded: look for it by its environment.
+            for p in find_job_processes(job_id, self.instance):
+                if proc_session(p) == p:  # the session leader is the worker itself
+                    return Handle(job_id=job_id, pid=p, pid_start=proc_start_time(p) or 0,
+                                  adopted=True)
+        return None
+
+    def kill_all(self) -> None:
+        """Tests and `--kill-jobs-on-exit`: stop every job this executor started."""
+        for pid in list(self._procs):
+            _killpg(pid, signal.SIGKILL)
+

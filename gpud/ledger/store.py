@@ -1,0 +1,331 @@
+"""The job ledger: one SQLite file, one connection, used from one thread.
+
+Durability: WAL with ``synchronous=FULL``, so a transaction is on disk when COMMIT
+returns; a submit is acknowledged only after its COMMIT. Every state change goes through
+:func:`gpud.domain.transition` inside a ``BEGIN IMMEDIATE`` transaction that also
+appends to the event log, so the table and its history cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpud.domain import FINAL, GpuRequest, IllegalTransition, Job, JobState, transition
+from gpud.ledger.schema import migrate
+
+__all__ = ["Event", "IllegalTransition", "Ledger", "NewJob", "Step", "UnknownJob"]
+
+
+class UnknownJob(KeyError):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"no job {self.job_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job as submitted, before it has an id."""
+
+    name: str
+    owner: str
+    function_hash: str
+    args: bytes
+    python: str
+    timeout: float
+    gpu: GpuRequest | None = None
+    retries: int = 0
+    priority: int = 0
+    image: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One move of the state machine, with the columns it sets."""
+
+    state: JobState
+    reason: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    job_id: int
+    at: float
+    from_state: JobState | None
+    to_state: JobState
+    reason: str | None
+
+
+# Columns a Step may set (besides state); anything else is a programming error.
+_SETTABLE = frozenset({
+    "gpus", "not_before", "started_at", "ended_at", "pid", "pid_start",
+    "exit_code", "error", "has_result",
+})
+_JOB_COLUMNS = (
+    "id, name, owner, state, priority, gpu, timeout, retries, attempt, not_before, gpus, "
+    "batch_id, python, image, env, function_hash, submitted_at, started_at, ended_at, pid, "
+    "pid_start, exit_code, error, has_result"
+)
+
+
+def _row_to_job(r: sqlite3.Row) -> Job:
+    gpu = GpuRequest.parse(json.loads(r["gpu"])) if r["gpu"] else None
+    return Job(
+        id=r["id"],
+        function=r["name"],
+        state=JobState(r["state"]),
+        submitted_at=r["submitted_at"],
+        owner=r["owner"],
+        priority=r["priority"],
+        gpu=gpu,
+        timeout=r["timeout"],
+        retries=r["retries"],
+        attempt=r["attempt"],
+        not_before=r["not_before"],
+        gpus=tuple(g for g in r["gpus"].split(",") if g),
+        batch_id=r["batch_id"],
+        python=r["python"],
+        image=r["image"],
+        env=json.loads(r["env"]),
+        started_at=r["started_at"],
+        ended_at=r["ended_at"],
+        pid=r["pid"],
+        pid_start=r["pid_start"],
+        exit_code=r["exit_code"],
+        error=r["error"],
+        has_result=bool(r["has_result"]),
+        code_hash=r["function_hash"],
+    )
+
+
+class Ledger:
+    """Synchronous access to the ledger. Not thread-safe by design: one thread owns it
+    (the daemon's :class:`gpud.ledger.LedgerThread`; a CLI or a test may own one too)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._owner = threading.get_ident()
+        self.conn = sqlite3.connect(
+            str(self.path), isolation_level=None, timeout=10.0, check_same_thread=True
+        )
+        self.conn.row_factory = sqlite3.Row
+        mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise RuntimeError(f"could not put the ledger {self.path} in WAL mode (got {mode})")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.conn.execute("PRAGMA busy_timeout=10000")
+        migrate(self.conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- transactions --------------------------------------------------------------------
+
+    def _tx(self) -> _Tx:
+        return _Tx(self.conn)
+
+    # -- writes --------------------------------------------------------------------------
+
+    def submit(
+        self, jobs: Sequence[NewJob], function: bytes, now: float, *, batch: bool = False
+    ) -> tuple[int | None, list[int]]:
+        """Store jobs (all of one function) durably; return (batch id, job ids in order)."""
+        if not jobs:
+            return None, []
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO blobs (hash, data, created_at) VALUES (?, ?, ?)",
+                (jobs[0].function_hash, function, now),
+            )
+            batch_id: int | None = None
+            if batch:
+                cur = c.execute(
+                    "INSERT INTO batches (submitted_at, size) VALUES (?, ?)", (now, len(jobs))
+                )
+                batch_id = cur.lastrowid
+            ids: list[int] = []
+            for j in jobs:
+                cur = c.execute(
+                    "INSERT INTO jobs (name, owner, state, priority, gpu, timeout, retries, "
+                    "batch_id, python, image, env, function_hash, args, submitted_at) "
+                    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        j.name, j.owner, j.priority,
+                        json.dumps(j.gpu.to_spec()) if j.gpu else None,
+                        j.timeout, j.retries, batch_id, j.python, j.image,
+                        json.dumps(j.env, sort_keys=True), j.function_hash, j.args, now,
+                    ),
+                )
+                assert cur.lastrowid is not None
+                ids.append(cur.lastrowid)
+            c.executemany(
+                "INSERT INTO events (job_id, at, from_state, to_state, reason) "
+                "VALUES (?, ?, NULL, 'queued', 'submitted')",
+                [(i, now) for i in ids],
+            )
+        return batch_id, ids
+
+    def advance(self, job_id: int, steps: Iterable[Step], now: float) -> Job:
+        """Apply one or more state-machine steps in one transaction; return the job after.
+
+        Several steps at once is how a retry is recorded: RUNNING -> FAILED -> QUEUED is
+        one commit, so no reader ever sees the job resting in FAILED with a retry due.
+        """
+        with self._tx() as c:
+            row = c.execute("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJob(job_id)
+            state, attempt = JobState(row["state"]), int(row["attempt"])
+            for step in steps:
+                new = transition(state, step.state, job_id)
+                bad = set(step.fields) - _SETTABLE
+                if bad:
+                    raise ValueError(f"a step cannot set {sorted(bad)}")
+                cols = dict(step.fields)
+                if "gpus" in cols:
+                    cols["gpus"] = ",".join(cols["gpus"])
+                if new is JobState.STARTING:
+                    attempt += 1
+                    cols["attempt"] = attempt
+                    c.execute(
+                        "INSERT INTO attempts (job_id, attempt, started_at, gpus) "
+                        "VALUES (?, ?, ?, ?)",
+                        (job_id, attempt, now, cols.get("gpus", "")),
+                    )
+                elif new is JobState.RUNNING and "pid" in cols:
+                    c.execute(
+                        "UPDATE attempts SET pid = ? WHERE job_id = ? AND attempt = ?",
+                        (cols["pid"], job_id, attempt),
+                    )
+                elif new in FINAL and attempt > 0 and state is not JobState.QUEUED:
+                    c.execute(
+                        "UPDATE attempts SET ended_at = ?, state = ?, exit_code = ?, "
+                        "error = ? WHERE job_id = ? AND attempt = ?",
+                        (cols.get("ended_at", now), new.value, cols.get("exit_code"),
+                         cols.get("error", step.reason), job_id, attempt),
+                    )
+                sets = ", ".join(f"{k} = ?" for k in cols)
+                c.execute(
+                    f"UPDATE jobs SET state = ?{', ' + sets if sets else ''} WHERE id = ?",
+                    (new.value, *cols.values(), job_id),
+                )
+                c.execute(
+                    "INSERT INTO events (job_id, at, from_state, to_state, reason) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (job_id, now, state.value, new.value, step.reason),
+                )
+                state = new
+            out = c.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _row_to_job(out)
+
+    def set_fields(self, job_id: int, **cols: Any) -> None:
+        """Update bookkeeping columns that are not a state change (e.g. pid on adoption)."""
+        bad = set(cols) - _SETTABLE
+        if bad:
+            raise ValueError(f"cannot set {sorted(bad)}")
+        sets = ", ".join(f"{k} = ?" for k in cols)
+        with self._tx() as c:
+            c.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*cols.values(), job_id))
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, job_id: int) -> Job:
+        r = self.conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if r is None:
+            raise UnknownJob(job_id)
+        return _row_to_job(r)
+
+    def list(
+        self,
+        states: Iterable[JobState] | None = None,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+        owner: str | None = None,
+    ) -> list[Job]:
+        """Jobs newest first; ``before`` is the cursor (only ids below it)."""
+        where, params = [], []  # type: ignore[var-annotated]
+        if states is not None:
+            sl = [s.value for s in states]
+            where.append(f"state IN ({','.join('?' * len(sl))})")
+            params.extend(sl)
+        if before is not None:
+            where.append("id < ?")
+            params.append(before)
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        return [_row_to_job(r) for r in self.conn.execute(sql, params)]
+
+    def active(self) -> list[Job]:
+        rows = self.conn.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs "
+            "WHERE state IN ('queued', 'starting', 'running') ORDER BY id"
+        )
+        return [_row_to_job(r) for r in rows]
+
+    def payload(self, job_id: int) -> tuple[bytes, bytes]:
+        """(function bytes, args bytes) of a job, exactly as the client sent them."""
+        r = self.conn.execute(
+            "SELECT b.data, j.args FROM jobs j JOIN blobs b ON b.hash = j.function_hash "
+            "WHERE j.id = ?",
+            (job_id,),
+        ).fetchone()
+        if r is None:
+            raise UnknownJob(job_id)
+        return bytes(r[0]), bytes(r[1])
+
+    def events(self, job_id: int) -> list[Event]:
+        rows = self.conn.execute(
+            "SELECT id, job_id, at, from_state, to_state, reason FROM events "
+            "WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        )
+        return [
+            Event(r[0], r[1], r[2], JobState(r[3]) if r[3] else None, JobState(r[4]), r[5])
+            for r in rows
+        ]
+
+    def attempts(self, job_id: int) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,)
+        )
+        return [dict(r) for r in rows]
+
+    def integrity_check(self) -> str:
+        return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (including IllegalTransition)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, et: object, e: object, tb: object) -> None:
+        if et is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
+

@@ -1,0 +1,160 @@
+"""Putting the daemon together: lock, ledger, GPUs, executor, recovery, then HTTP.
+
+``serve(config, task_status=...)`` is what `gpud serve` runs and what tests start in a
+nursery (``await nursery.start(serve, cfg)``): it reports where it listens once every
+socket is bound and the ledger is recovered, and cleans up when cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from gpud.api import create_app
+from gpud.config import Config, parse_tcp
+from gpud.executors.process import (
+    ProcessExecutor,
+    install_runtime,
+    job_identity,
+    resolve_worker_python,
+)
+from gpud.gpus import GpuInventory, NoGpuInventory, open_inventory
+from gpud.ledger import LedgerThread
+from gpud.service import AlreadyRunning, Daemon, instance_id, lock_data_dir
+
+__all__ = ["Served", "serve"]
+
+log = logging.getLogger("gpud")
+
+
+@dataclass(frozen=True)
+class Served:
+    daemon: Daemon
+    socket: Path
+    tcp: str | None  # "http://127.0.0.1:7878" when listening on TCP
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+
+def _socket_in_use(path: Path) -> bool:
+    if not path.exists():
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _prepare_dirs(config: Config) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.jobs_dir.mkdir(exist_ok=True)
+    # Job users must traverse into their own job directory (0700, theirs) but not list
+    # others': 0711 on the way down.
+    if os.geteuid() == 0:
+        os.chmod(config.data_dir, 0o711)
+        os.chmod(config.jobs_dir, 0o711)
+    else:
+        os.chmod(config.data_dir, 0o700)
+        os.chmod(config.jobs_dir, 0o700)
+
+
+def _open_inventory(config: Config) -> GpuInventory:
+    from gpud.testing.fake_gpus import FakeGpuInventory
+
+    if config.gpus == "fake":
+        return FakeGpuInventory(config.fake_gpus, note="gpus = \"fake\": these GPUs are FAKE")
+    if config.gpus == "none":
+        return NoGpuInventory(note="gpus = \"none\": only CPU-only jobs run")
+    return open_inventory(config.fake_gpus)
+
+
+async def serve(
+    config: Config,
+    *,
+    inventory: GpuInventory | None = None,
+    kill_jobs_on_exit: bool = False,
+    task_status: trio.TaskStatus[Served] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    lock_fd = lock_data_dir(config.data_dir)
+    ledger: LedgerThread | None = None
+    own_inventory = inventory is None
+    sock_path = config.socket
+    try:
+        if _socket_in_use(sock_path):
+            raise AlreadyRunning(
+                f"another gpud already answers on {sock_path}: stop it, or set another socket"
+            )
+        _prepare_dirs(config)
+        ident = job_identity(config.job_user)
+        install_runtime(config.runtime_dir)
+        python, version = await trio.to_thread.run_sync(
+            resolve_worker_python, config.python, ident, config.runtime_dir
+        )
+        if inventory is None:
+            inventory = _open_inventory(config)
+        if inventory.note:
+            log.log(logging.INFO if inventory.source == "nvml" else logging.WARNING,
+                    "%s", inventory.note)
+        ledger = LedgerThread(config.ledger_path)
+        instance = instance_id(config.data_dir)
+        executor = ProcessExecutor(python=python, runtime_dir=config.runtime_dir,
+                                   identity=ident, instance=instance)
+        daemon = Daemon(config, ledger=ledger, inventory=inventory, executor=executor,
+                        identity=ident, worker_python=version, instance=instance)
+        daemon.kill_jobs_on_exit = kill_jobs_on_exit
+
+        hc = HyperConfig()
+        sock_path.parent.mkdir(parents=True, exist_ok=True)
+        hc.bind = [f"unix:{sock_path}"]
+        tcp_url = None
+        if config.tcp:
+            host, port = parse_tcp(config.tcp, config.tcp_allow_remote)
+            hc.bind.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("gpud.http")
+        hc.graceful_timeout = 2.0
+        hc.keep_alive_timeout = 75.0
+        # Only the owner (and, for a root daemon, the gpud group) may connect: until
+        # tokens exist, reaching the socket is what authorises a request.
+        hc.umask = 0o177 if os.geteuid() != 0 else 0o117
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            binds = await nursery.start(hypercorn_serve, create_app(daemon), hc)
+            if os.geteuid() == 0:
+                with contextlib.suppress(KeyError):
+                    os.chown(sock_path, 0, grp.getgrnam("gpud").gr_gid)
+            for b in binds:
+                if not b.startswith("http://unix") and "://" in b and "/" not in b[7:]:
+                    tcp_url = b
+            log.info(
+                "gpud serving on %s%s; executor %s, worker Python %s (%s) as %s; GPUs: %s",
+                sock_path, f" and {tcp_url}" if tcp_url else "", executor.name, version,
+                python, ident.user, inventory.source,
+            )
+            task_status.started(Served(daemon=daemon, socket=sock_path, tcp=tcp_url))
+    finally:
+        if ledger is not None:
+            ledger.close()
+        if own_inventory and inventory is not None:
+            inventory.close()
+        with contextlib.suppress(FileNotFoundError):
+            if not _socket_in_use(sock_path):
+                sock_path.unlink()
+        os.close(lock_fd)

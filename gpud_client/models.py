@@ -1,0 +1,145 @@
+"""The wire models of gpud's HTTP API, shared by the daemon and the client.
+
+msgspec Structs: request bodies forbid unknown fields, so a typo in a field name is a
+422 rather than a silently ignored option. ``bytes`` fields travel as base64 in JSON.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "API_PREFIX",
+    "BatchSubmitRequest",
+    "BatchSubmitResponse",
+    "ErrorBody",
+    "GpuInfo",
+    "GpuList",
+    "GpuProcessInfo",
+    "Health",
+    "JobInfo",
+    "JobList",
+    "SubmitRequest",
+]
+
+API_PREFIX = "/v1"
+
+
+class _Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class SubmitRequest(_Request):
+    """One job. ``function`` is the cloudpickled function (by value), ``args`` the
+    cloudpickled ``(args, kwargs)``; the daemon stores both and never unpickles them."""
+
+    name: str  # display name, e.g. "hello.square"
+    function: bytes
+    args: bytes
+    python: str  # the caller's Python, "3.11.7"; workers must match major.minor
+    gpu: str | list[str] | None = None
+    timeout: float | None = None  # seconds; None: the daemon's default
+    retries: int = 0
+    env: dict[str, str] = {}
+    priority: int = 0
+    image: str | None = None
+
+
+class BatchSubmitRequest(_Request):
+    """Many jobs of one function (``.map``): the function travels once, one ``args``
+    payload per input. Acknowledged in one durable transaction."""
+
+    name: str
+    function: bytes
+    inputs: list[bytes]
+    python: str
+    gpu: str | list[str] | None = None
+    timeout: float | None = None
+    retries: int = 0
+    env: dict[str, str] = {}
+    priority: int = 0
+    image: str | None = None
+
+
+class BatchSubmitResponse(msgspec.Struct, kw_only=True):
+    batch_id: int
+    job_ids: list[int]
+
+
+class JobInfo(msgspec.Struct, kw_only=True):
+    id: int
+    name: str
+    state: str
+    owner: str
+    priority: int
+    gpu: list[str] | None  # the request, canonical ("h100:2"); None for CPU-only
+    gpus: list[str]  # UUIDs held now (starting/running) or last held
+    gpu_indices: list[int]
+    submitted_at: float
+    started_at: float | None
+    ended_at: float | None
+    timeout: float
+    retries: int
+    attempt: int
+    batch_id: int | None
+    exit_code: int | None
+    error: str | None
+    has_result: bool
+    #: for a queued job: why it waits and its place in the queue
+    reason: str | None = None
+    position: int | None = None
+    python: str = ""
+    image: str | None = None
+
+
+class JobList(msgspec.Struct, kw_only=True):
+    jobs: list[JobInfo]
+    #: pass as ``cursor`` to get the next (older) page; None when there is none
+    next_cursor: int | None
+
+
+class GpuProcessInfo(msgspec.Struct, kw_only=True):
+    pid: int
+    used_memory: int | None
+    job_id: int | None  # the gpud job it belongs to, None for a foreign process
+
+
+class GpuInfo(msgspec.Struct, kw_only=True):
+    index: int
+    uuid: str
+    name: str
+    type: str
+    aliases: list[str]
+    memory_total: int
+    memory_used: int
+    utilization: int | None
+    memory_utilization: int | None
+    temperature: int | None
+    power_w: float | None
+    power_limit_w: float | None
+    processes: list[GpuProcessInfo]
+    fake: bool
+    busy_foreign: bool  # processes gpud did not start are on it: not handed out
+    job_id: int | None  # the gpud job holding it
+    owner: str | None
+
+
+class GpuList(msgspec.Struct, kw_only=True):
+    gpus: list[GpuInfo]
+    source: str  # "nvml", "fake" or "none"
+    note: str | None = None
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: str
+    version: str
+    executor: str
+    worker_python: str
+    gpu_source: str
+    pid: int
+    started_at: float
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    error: str  # a short machine-readable code, e.g. "not_found"
+    detail: str  # people-talk: what went wrong and what to do
