@@ -1,0 +1,189 @@
+"""Shared fixtures: real daemons on real sockets over real SQLite files.
+
+Two ways to get a daemon:
+* ``served`` starts :func:`gpud.server.serve` inside the test's trio nursery (for API
+  tests with the async client);
+* ``daemon`` runs `gpud serve` as a subprocess, as a user would (for the sync client,
+  the CLI, and SIGKILL/restart tests).
+Jobs run as real processes. As root (CI) they run as ``nobody``, so data directories are
+made under /tmp with modes that user can traverse.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GPUD = [sys.executable, "-m", "gpud"]
+
+# Fast settings for tests: short kill grace and backoff; two fake H100s and an L4.
+TEST_SETTINGS = {
+    "GPUD_GPUS": "fake",
+    "GPUD_FAKE_GPUS": "h100,h100,l4",
+    "GPUD_KILL_GRACE": "1",
+    "GPUD_RETRY_BACKOFF": "0.2",
+    "GPUD_CPU_SLOTS": "4",
+    "GPUD_GPU_POLL_INTERVAL": "0.2",
+    "GPUD_LOG_LEVEL": "info",
+}
+
+
+def make_base_dir() -> Path:
+    base = Path(tempfile.mkdtemp(prefix="gpud-test-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    return base
+
+
+@pytest.fixture
+def base_dir() -> Iterator[Path]:
+    base = make_base_dir()
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def kill_instance_jobs(data_dir: Path) -> None:
+    """Kill every job process a test daemon left (they run in their own sessions)."""
+    try:
+        instance = (data_dir / "instance").read_text().strip()
+    except OSError:
+        return
+    for pid in _instance_pids(instance):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _instance_pids(instance: str) -> list[int]:
+    want = f"GPUD_INSTANCE={instance}".encode()
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                if want in fh.read().split(b"\0"):
+                    out.append(int(entry.name))
+        except OSError:
+            continue
+    return out
+
+
+@dataclass
+class DaemonProc:
+    """`gpud serve` in a subprocess."""
+
+    base: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.base / "data"
+
+    @property
+    def socket(self) -> Path:
+        return self.base / "gpud.sock"
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def log(self) -> Path:
+        return self.base / "daemon.log"
+
+    def client_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["GPUD_URL"] = self.url
+        return env
+
+    def start(self, timeout: float = 30.0) -> None:
+        env = dict(os.environ)
+        env.update(TEST_SETTINGS)
+        env.update(self.env)
+        env["GPUD_DATA_DIR"] = str(self.data_dir)
+        env["GPUD_SOCKET"] = str(self.socket)
+        logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(GPUD + ["serve"], env=env, stdout=logf, stderr=logf,
+                                     cwd=str(REPO))
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gpud serve exited: {self.log.read_text()}")
+            if b"gpud serving on" in self.log.read_bytes():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"gpud serve did not start: {self.log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def ledger(self):  # type: ignore[no-untyped-def]
+        from gpud.ledger import Ledger
+
+        return Ledger(self.data_dir / "ledger.db")
+
+
+@pytest.fixture
+def daemon(base_dir: Path) -> Iterator[DaemonProc]:
+    d = DaemonProc(base_dir)
+    d.start()
+    old = os.environ.get("GPUD_URL")
+    os.environ["GPUD_URL"] = d.url
+    try:
+        yield d
+    finally:
+        if old is None:
+            os.environ.pop("GPUD_URL", None)
+        else:
+            os.environ["GPUD_URL"] = old
+        d.stop()
+        kill_instance_jobs(d.data_dir)
+
+
+@pytest.fixture
+async def served(base_dir: Path, nursery):  # type: ignore[no-untyped-def]
+    """The daemon in this test's trio nursery, with fake GPUs it can poke at."""
+    from gpud.config import load_config
+    from gpud.server import serve
+    from gpud.testing import FakeGpuInventory
+
+    env = dict(TEST_SETTINGS)
+    env["GPUD_DATA_DIR"] = str(base_dir / "data")
+    env["GPUD_SOCKET"] = str(base_dir / "gpud.sock")
+    cfg = load_config(env=env)
+    inv = FakeGpuInventory(cfg.fake_gpus)
+    s = await nursery.start(partial(serve, cfg, inventory=inv, kill_jobs_on_exit=True))
+    yield s
+    kill_instance_jobs(cfg.data_dir)
+
+
+def gpud_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+             input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `gpud` command line."""
+    return subprocess.run(GPUD + list(args), capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=str(REPO), input=None if input is None else
+                          input.decode())
