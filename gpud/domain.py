@@ -106,6 +106,10 @@ class GpuRequest:
 
     options: tuple[tuple[str, int], ...]
 
+    def __post_init__(self) -> None:
+        if not self.options or any(n < 1 for _, n in self.options):
+            raise ValueError("a GPU request needs at least one option with a count >= 1")
+
     @classmethod
     def parse(cls, spec: str | Sequence[str] | None) -> GpuRequest | None:
         """Parse a user's ``gpu=`` value; ``None`` (or "", "none", "cpu") means CPU-only.

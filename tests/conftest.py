@@ -11,6 +11,7 @@ made under /tmp with modes that user can traverse.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -60,10 +61,8 @@ def kill_instance_jobs(data_dir: Path) -> None:
     except OSError:
         return
     for pid in _instance_pids(instance):
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def _instance_pids(instance: str) -> list[int]:
