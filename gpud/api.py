@@ -12,6 +12,7 @@ import logging
 import os
 import pwd
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -19,12 +20,13 @@ import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from gpud import __version__
 from gpud.domain import FINAL, GpuRequest, Job, JobState
 from gpud.ledger import NewJob, UnknownJob
+from gpud.safefs import read_regular
 from gpud.service import Daemon, SubmitError
 from gpud_client.models import (
     API_PREFIX,
@@ -254,13 +256,18 @@ def create_app(daemon: Daemon) -> Starlette:
             raise ApiError(409, "not_finished",
                            f"job {job.id} is {job.state.value}; wait for it to finish "
                            f"(GET {API_PREFIX}/jobs/{job.id}/wait)")
-        path = daemon.result_path(job.id)
-        if not job.has_result or not path.is_file():
+        data = b""
+        if job.has_result:
+            try:
+                data = await trio.to_thread.run_sync(read_regular, daemon.result_path(job.id))
+            except OSError:
+                data = b""
+        if not data:
             why = job.error or job.state.value
             raise ApiError(404, "no_result", f"job {job.id} ended {job.state.value} without a "
                            f"result: {why}")
-        return FileResponse(path, media_type="application/octet-stream",
-                            headers={"x-gpud-job-state": job.state.value})
+        return Response(data, media_type="application/octet-stream",
+                        headers={"x-gpud-job-state": job.state.value})
 
     async def logs(request: Request) -> Response:
         job_id = _job_id(request)
@@ -322,16 +329,14 @@ def create_app(daemon: Daemon) -> Starlette:
     })
 
 
-def _read_from(path: os.PathLike[str], offset: int, limit: int | None) -> bytes:
+def _read_from(path: Path, offset: int, limit: int | None) -> bytes:
     try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            return fh.read() if limit is None else fh.read(limit)
-    except FileNotFoundError:
-        return b""
+        return read_regular(path, offset, limit)
+    except OSError:
+        return b""  # not a regular file: a job planted something there; show nothing
 
 
-async def _follow(daemon: Daemon, job_id: int, path: os.PathLike[str],
+async def _follow(daemon: Daemon, job_id: int, path: Path,
                   offset: int) -> AsyncIterator[bytes]:
     """Stream a job's log until it is final and everything was sent.
 

@@ -21,15 +21,11 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from gpud.api import create_app
 from gpud.config import Config, parse_tcp
-from gpud.executors.process import (
-    ProcessExecutor,
-    install_runtime,
-    job_identity,
-    resolve_worker_python,
-)
+from gpud.executors.process import ProcessExecutor, job_identity, resolve_worker_python
 from gpud.gpus import GpuInventory, NoGpuInventory, open_inventory
 from gpud.ledger import LedgerThread
 from gpud.service import AlreadyRunning, Daemon, instance_id, lock_data_dir
+from gpud_client.jobdir import install_runtime
 
 __all__ = ["Served", "serve"]
 
@@ -102,9 +98,11 @@ async def serve(
             )
         _prepare_dirs(config)
         ident = job_identity(config.job_user)
-        install_runtime(config.runtime_dir)
+        # Where any job user can read it, whoever installed gpud where.
+        runtime = install_runtime(config.runtime_dir)
+        os.chmod(config.runtime_dir, 0o755)
         python, version = await trio.to_thread.run_sync(
-            resolve_worker_python, config.python, ident, config.runtime_dir
+            resolve_worker_python, config.python, ident, runtime
         )
         if inventory is None:
             inventory = _open_inventory(config)
@@ -113,7 +111,7 @@ async def serve(
                     "%s", inventory.note)
         ledger = LedgerThread(config.ledger_path)
         instance = instance_id(config.data_dir)
-        executor = ProcessExecutor(python=python, runtime_dir=config.runtime_dir,
+        executor = ProcessExecutor(python=python, runtime_dir=runtime,
                                    identity=ident, instance=instance)
         daemon = Daemon(config, ledger=ledger, inventory=inventory, executor=executor,
                         identity=ident, worker_python=version, instance=instance)

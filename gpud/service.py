@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import json
 import logging
 import os
 import secrets
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgspec
 import trio
 
 from gpud.config import Config
@@ -33,16 +32,21 @@ from gpud.executors.process import JobIdentity, proc_session
 from gpud.gpus import GpuInventory
 from gpud.ledger import LedgerThread, NewJob, Step
 from gpud.ledger.store import Ledger
+from gpud.safefs import open_append, write_new
 from gpud.scheduler import decide, infeasible
+from gpud_client.jobdir import (
+    EXIT_SETUP,
+    RESULT_FILE,
+    STATUS_FILE,
+    WorkerStatus,
+    job_files,
+    read_status,
+)
 
 __all__ = ["AlreadyRunning", "Daemon", "SubmitError"]
 
 log = logging.getLogger("gpud")
 
-#: worker exit code for a setup error (bad job dir, Python mismatch): never retried
-WORKER_SETUP_ERROR = 3
-#: status.json larger than this is not trusted (it holds a traceback, not data)
-MAX_STATUS_BYTES = 4 * 1024 * 1024
 
 
 class SubmitError(ValueError):
@@ -51,16 +55,6 @@ class SubmitError(ValueError):
 
 class AlreadyRunning(RuntimeError):
     pass
-
-
-class WorkerStatus(msgspec.Struct):
-    """What the worker runtime writes to status.json (never a pickle)."""
-
-    ok: bool
-    type: str | None = None
-    message: str | None = None
-    traceback: str | None = None
-    python: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +176,7 @@ class Daemon:
         return self.config.jobs_dir / str(job_id) / "output.log"
 
     def result_path(self, job_id: int) -> Path:
-        return self.config.jobs_dir / str(job_id) / "result.pkl"
+        return self.config.jobs_dir / str(job_id) / RESULT_FILE
 
     def reason(self, job_id: int) -> tuple[str | None, int | None]:
         w = self.waits.get(job_id)
@@ -319,43 +313,37 @@ class Daemon:
         """Lay out jobs/<id>/ for this attempt: payload in, log and result out."""
         d = self.config.jobs_dir / str(job.id)
         d.mkdir(mode=0o700, exist_ok=True)
-        for stale in ("result.pkl", "status.json"):
+        owner = (self.identity.uid, self.identity.gid)
+        for stale in (RESULT_FILE, STATUS_FILE):
             (d / stale).unlink(missing_ok=True)
-        files = {
-            "function.pkl": function,
-            "args.pkl": args,
-            "job.json": json.dumps({"job_id": job.id, "name": job.function,
-                                    "python": job.python, "attempt": job.attempt}).encode(),
-        }
+        files = job_files(job_id=job.id, name=job.function, python=job.python,
+                          function=function, args=args)
         for name, data in files.items():
-            p = d / name
-            with open(p, "wb") as fh:
-                fh.write(data)
+            write_new(d / name, data, owner)
         log_path = d / "output.log"
-        if job.attempt > 1:
-            with open(log_path, "ab") as fh:
-                fh.write(f"[gpud] attempt {job.attempt} of {job.retries + 1}\n".encode())
-        else:
-            log_path.touch(mode=0o600, exist_ok=True)
-        uid, gid = self.identity.uid, self.identity.gid
+        fd = open_append(log_path, owner)
+        try:
+            if job.attempt > 1:
+                os.write(fd, f"[gpud] attempt {job.attempt} of {job.retries + 1}\n".encode())
+        finally:
+            os.close(fd)
         if os.geteuid() == 0:
-            for p in [d, log_path, *(d / n for n in files)]:
-                os.chown(p, uid, gid)
-        os.chmod(d, 0o700)
+            os.chown(d, *owner, follow_symlinks=False)
+        os.chmod(d, 0o700, follow_symlinks=False)
         return LaunchSpec(job_id=job.id, attempt=job.attempt, job_dir=d, log_path=log_path,
                           gpus=job.gpus, env=dict(job.env), image=job.image)
 
     def _collect(self, job: Job, outcome: Outcome) -> Finished:
         """Read what the worker left (status.json, never the pickle) into an outcome."""
         d = self.config.jobs_dir / str(job.id)
-        has_result = (d / "result.pkl").is_file()
+        has_result = _is_regular(d / RESULT_FILE)
         status = self._read_status(job.id)
         code = outcome.exit_code
         if status is not None and status.ok and has_result:
             return Finished(JobState.SUCCEEDED, None, code, True, False)
         if status is not None and not status.ok:
             msg = f"{(status.type or 'Error').rsplit('.', 1)[-1]}: {status.message or ''}".strip()
-            setup = code == WORKER_SETUP_ERROR
+            setup = code == EXIT_SETUP
             return Finished(JobState.FAILED, msg, code, has_result, not setup)
         if outcome.signal is not None:
             hint = " (out of memory?)" if outcome.signal == 9 else ""
@@ -368,13 +356,11 @@ class Daemon:
         return Finished(JobState.FAILED, why, code, False, True)
 
     def _read_status(self, job_id: int) -> WorkerStatus | None:
+        """The worker's status.json (plain JSON, never a pickle); None if absent or not
+        the worker's (a job could write anything there)."""
         try:
-            with open(self.config.jobs_dir / str(job_id) / "status.json", "rb") as fh:
-                raw = fh.read(MAX_STATUS_BYTES + 1)
-            if len(raw) > MAX_STATUS_BYTES:
-                return None
-            return msgspec.json.decode(raw, type=WorkerStatus)
-        except (OSError, msgspec.DecodeError):
+            return read_status(self.config.jobs_dir / str(job_id))
+        except (OSError, ValueError):
             return None
 
     async def _finish(self, job: Job, f: Finished) -> Job:
@@ -449,6 +435,13 @@ class Daemon:
                     JobState.LOST, "the daemon restarted and the job's process was gone",
                     None, False, True))
 
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _get_many(ledger: Ledger, ids: list[int]) -> list[Job]:

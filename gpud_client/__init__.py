@@ -1,0 +1,58 @@
+"""gpud's client: run Python functions on a machine's GPUs through the gpud daemon.
+
+::
+
+    import gpud_client as gpud
+
+    app = gpud.App("hello")
+
+    @app.function(gpu="any")
+    def square(x: int) -> int:
+        return x * x
+
+    print(square.remote(4))
+
+This package never imports the daemon (``gpud``): it is all a job's caller needs.
+"""
+
+from gpud_client.app import App, Function, FunctionOptions, function
+from gpud_client.client import AsyncClient, Client
+from gpud_client.duration import format_duration, parse_duration
+from gpud_client.errors import (
+    ApiError,
+    DaemonUnavailable,
+    GpudError,
+    JobCancelled,
+    JobError,
+    JobFailed,
+    JobLost,
+    JobTimedOut,
+    RemoteError,
+    VersionMismatch,
+)
+from gpud_client.handle import JobHandle
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ApiError",
+    "App",
+    "AsyncClient",
+    "Client",
+    "DaemonUnavailable",
+    "Function",
+    "FunctionOptions",
+    "GpudError",
+    "JobCancelled",
+    "JobError",
+    "JobFailed",
+    "JobHandle",
+    "JobLost",
+    "JobTimedOut",
+    "RemoteError",
+    "VersionMismatch",
+    "__version__",
+    "format_duration",
+    "function",
+    "parse_duration",
+]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,20 +22,18 @@ from pathlib import Path
 import trio
 
 from gpud.executors.base import Handle, LaunchSpec, Outcome
+from gpud.safefs import open_append
+from gpud_client.jobdir import worker_command
 
 __all__ = [
     "JobIdentity",
     "ProcessExecutor",
     "WorkerPythonError",
     "find_job_processes",
-    "install_runtime",
     "job_identity",
     "proc_start_time",
     "resolve_worker_python",
 ]
-
-WORKER_NAME = "gpud_worker.py"
-
 
 class WorkerPythonError(RuntimeError):
     """No interpreter the job user can run was found."""
@@ -71,37 +68,6 @@ def job_identity(job_user: str) -> JobIdentity:
             f"job_user = {job_user!r} is root; jobs never run as root: pick an unprivileged user"
         )
     return JobIdentity(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, switch=True)
-
-
-def install_runtime(runtime_dir: Path) -> Path:
-    """Copy the worker runtime and cloudpickle where any job user can read them.
-
-    The daemon may be installed somewhere the job user cannot read (a venv under /root),
-    and the worker must not depend on gpud being installed in the job's Python at all.
-    """
-    import cloudpickle
-
-    import gpud_client.worker as worker_mod
-
-    runtime_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(runtime_dir, 0o755)
-    staging = runtime_dir.with_name(runtime_dir.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    shutil.copy2(worker_mod.__file__, staging / WORKER_NAME)
-    cp_src = Path(cloudpickle.__file__).parent
-    shutil.copytree(cp_src, staging / "cloudpickle", ignore=shutil.ignore_patterns("__pycache__"))
-    for root, _dirs, files in os.walk(staging):
-        os.chmod(root, 0o755)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o644)
-    # Swap in whole, so a job starting now never sees a half-copied runtime.
-    old = runtime_dir.with_name(runtime_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(runtime_dir, old)
-    os.rename(staging, runtime_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return runtime_dir / WORKER_NAME
 
 
 def _probe(python: str, ident: JobIdentity, runtime_dir: Path) -> str:
@@ -266,14 +232,13 @@ class ProcessExecutor:
 
     async def launch(self, spec: LaunchSpec) -> Handle:
         ident = self.identity
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        log_fd = os.open(spec.log_path, flags, 0o600)
+        log_fd = open_append(spec.log_path, (ident.uid, ident.gid))
         try:
             kw: dict[str, object] = {}
             if ident.switch:
                 kw = {"user": ident.uid, "group": ident.gid, "extra_groups": []}
             proc = await trio.lowlevel.open_process(
-                [self.python, "-u", str(self.runtime_dir / WORKER_NAME), str(spec.job_dir)],
+                worker_command(self.python, self.runtime_dir, spec.job_dir),
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,

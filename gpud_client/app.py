@@ -1,0 +1,423 @@
+"""The user API: ``App``, the ``@app.function`` decorator and the ``Function`` it makes.
+
+::
+
+    import gpud_client as gpud
+
+    app = gpud.App("finetune")
+
+    @app.function(gpu="h100", timeout="2h", retries=1)
+    def train(lr: float = 1e-4) -> dict: ...
+
+    train.remote(lr=3e-4)          # run on the daemon, stream its log, return the value
+    handle = train.spawn(lr=1e-3)  # submit and return at once: a JobHandle
+    list(train.map([1e-3, 1e-4]))  # one job per input, results in input order
+    train(lr=1e-3)                 # run here, as a plain call
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import os
+import platform
+import re
+import sys
+import threading
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from gpud_client.client import Client
+from gpud_client.duration import parse_duration
+from gpud_client.errors import ApiError, DaemonUnavailable, GpudError, VersionMismatch
+from gpud_client.handle import JobHandle
+from gpud_client.models import BatchSubmitRequest, SubmitRequest
+from gpud_client.payload import dumps_args, dumps_function, pickle_by_value
+
+__all__ = ["App", "Function", "FunctionOptions", "function"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+GpuSpec = str | Sequence[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionOptions:
+    """How a function's jobs run. ``timeout`` is in seconds (None: the daemon's default)."""
+
+    gpu: str | list[str] | None = None
+    timeout: float | None = None
+    retries: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    priority: int = 0
+    image: str | None = None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        gpu: GpuSpec = None,
+        timeout: float | str | None = None,
+        retries: int = 0,
+        env: Mapping[str, str] | None = None,
+        priority: int = 0,
+        image: str | None = None,
+    ) -> FunctionOptions:
+        """Check the options where they are written (at decoration), not at submit time.
+        The GPU spec's syntax is the daemon's to judge: it answers 422 with the rules."""
+        if gpu is not None and not isinstance(gpu, str):
+            if not isinstance(gpu, Sequence) or not all(isinstance(g, str) for g in gpu):
+                raise TypeError(
+                    f"gpu must be a string such as 'h100' or 'h100:2', or a list of them "
+                    f"(fallbacks in order), not {gpu!r}"
+                )
+            gpu = list(gpu)
+        seconds = None if timeout is None else parse_duration(timeout)
+        if seconds is not None and seconds <= 0:
+            raise ValueError(f"timeout must be positive, not {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an integer, not {priority!r}")
+        env_dict = dict(env or {})
+        for k, v in env_dict.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"env must map strings to strings; got {k!r}: {v!r}")
+        if image is not None and not isinstance(image, str):
+            raise TypeError(f"image must be a string or None, not {image!r}")
+        return cls(
+            gpu=gpu, timeout=seconds, retries=retries, env=env_dict, priority=priority, image=image
+        )
+
+
+def _python() -> str:
+    return platform.python_version()
+
+
+def _default_name(fn: Callable[..., Any]) -> str:
+    module = getattr(fn, "__module__", None) or "__main__"
+    if module == "__main__":
+        # A script's module is "__main__" everywhere; its file name says more.
+        file = getattr(sys.modules.get("__main__"), "__file__", None)
+        module = os.path.splitext(os.path.basename(file))[0] if file else "main"
+    return f"{module}.{getattr(fn, '__qualname__', getattr(fn, '__name__', 'function'))}"
+
+
+def _check_worker_python(health_python: str) -> None:
+    """Fail before queueing rather than after: the daemon's workers must run the same
+    Python major.minor as this one, or the pickles will not load."""
+    m = re.search(r"(\d+)\.(\d+)", health_python)
+    if m is None:
+        return  # not reported in a form we understand: let the worker decide
+    theirs = (int(m.group(1)), int(m.group(2)))
+    ours = sys.version_info[:2]
+    if theirs != ours:
+        w, h = f"{theirs[0]}.{theirs[1]}", f"{ours[0]}.{ours[1]}"
+        raise VersionMismatch(
+            f"the gpud daemon runs jobs with Python {w} but this is Python {h}: submit from "
+            f"Python {w}, or configure the daemon's `python` to a {h} interpreter"
+        )
+
+
+class App:
+    """A named group of functions sharing one daemon connection (made on first use)."""
+
+    def __init__(self, name: str, url: str | None = None) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"an App needs a non-empty name, not {name!r}")
+        self.name = name
+        self.url = url
+        self._client: Client | None = None
+        self._lock = threading.Lock()
+        self._functions: dict[str, Function[..., Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Job code may reference its app (or carry a whole module holding it). In the
+        # worker, which need not have gpud_client, it becomes a plain namespace with the
+        # name and url; the connection never travels.
+        return (types.SimpleNamespace, (), {"name": self.name, "url": self.url})
+
+    @property
+    def client(self) -> Client:
+        with self._lock:
+            if self._client is None:
+                self._client = Client(self.url)
+            return self._client
+
+    @property
+    def functions(self) -> dict[str, Function[..., Any]]:
+        """The functions decorated with this app, by their Python name."""
+        return dict(self._functions)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    @overload
+    def function(self, fn: Callable[P, R], /) -> Function[P, R]: ...
+    @overload
+    def function(
+        self,
+        fn: None = None,
+        /,
+        *,
+        gpu: GpuSpec = None,
+        timeout: float | str | None = None,
+        retries: int = 0,
+        env: Mapping[str, str] | None = None,
+        priority: int = 0,
+        image: str | None = None,
+        name: str | None = None,
+    ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
+
+    def function(
+        self,
+        fn: Callable[P, R] | None = None,
+        /,
+        *,
+        gpu: GpuSpec = None,
+        timeout: float | str | None = None,
+        retries: int = 0,
+        env: Mapping[str, str] | None = None,
+        priority: int = 0,
+        image: str | None = None,
+        name: str | None = None,
+    ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
+        """Decorate a function to run on the daemon: ``@app.function`` or
+        ``@app.function(gpu="h100", timeout="2h", ...)``."""
+        options = FunctionOptions.build(
+            gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image
+        )
+
+        def wrap(f: Callable[P, R]) -> Function[P, R]:
+            job_name = name or f"{self.name}.{f.__qualname__}"
+            wrapped = Function(f, name=job_name, options=options, app=self)
+            self._functions[f.__name__] = wrapped
+            return wrapped
+
+        return wrap(fn) if fn is not None else wrap
+
+
+@overload
+def function(fn: Callable[P, R], /) -> Function[P, R]: ...
+@overload
+def function(
+    fn: None = None,
+    /,
+    *,
+    gpu: GpuSpec = None,
+    timeout: float | str | None = None,
+    retries: int = 0,
+    env: Mapping[str, str] | None = None,
+    priority: int = 0,
+    image: str | None = None,
+    name: str | None = None,
+    url: str | None = None,
+) -> Callable[[Callable[P, R]], Function[P, R]]: ...
+
+
+def function(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    gpu: GpuSpec = None,
+    timeout: float | str | None = None,
+    retries: int = 0,
+    env: Mapping[str, str] | None = None,
+    priority: int = 0,
+    image: str | None = None,
+    name: str | None = None,
+    url: str | None = None,
+) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
+    """Like ``App.function`` without an App; the job name is ``module.qualname``."""
+    options = FunctionOptions.build(
+        gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image
+    )
+
+    def wrap(f: Callable[P, R]) -> Function[P, R]:
+        return Function(f, name=name or _default_name(f), options=options, url=url)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+class Function(Generic[P, R]):
+    """A function that can run as a gpud job. Calling it runs it locally."""
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str,
+        options: FunctionOptions | None = None,
+        app: App | None = None,
+        url: str | None = None,
+    ) -> None:
+        if isinstance(fn, Function):
+            fn = fn.fn
+        if not callable(fn):
+            raise TypeError(f"gpud can only run callables, not {fn!r}")
+        self._fn = fn
+        self.name = name
+        self.options = options or FunctionOptions()
+        self.app = app
+        self._url = url
+        self._client: Client | None = None
+        self._lock = threading.Lock()
+        self._checked_client: Client | None = None
+        # Look like the function to help(), inspect and tracebacks.
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            if hasattr(fn, attr):
+                setattr(self, attr, getattr(fn, attr))
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<gpud Function {self.name}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Referenced from inside user code (one job function calling another), a Function
+        # pickles as its raw function. The rebuilding callable must load in the worker,
+        # which has no gpud_client: itemgetter(0)((fn,)) is fn, with stdlib parts only.
+        return (operator.itemgetter(0), ((self._fn,),))
+
+    @property
+    def fn(self) -> Callable[P, R]:
+        return self._fn
+
+    @property
+    def client(self) -> Client:
+        if self.app is not None:
+            return self.app.client
+        with self._lock:
+            if self._client is None:
+                self._client = Client(self._url)
+            return self._client
+
+    def with_options(self, **changes: Any) -> Function[P, R]:
+        """A copy with some options replaced: the decorator's keywords (gpu, timeout,
+        retries, env, priority, image, name) and ``url``, the daemon to submit to."""
+        name = changes.pop("name", None) or self.name
+        app, url = self.app, self._url
+        if changes.get("url") is not None:
+            # Another daemon than the app's: the copy gets a connection of its own.
+            app, url = None, changes.pop("url")
+        changes.pop("url", None)
+        current = dataclasses.asdict(self.options)
+        current.update(changes)
+        options = FunctionOptions.build(**current)
+        return Function(self._fn, name=name, options=options, app=app, url=url)
+
+    # -- running locally --------------------------------------------------------------
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._fn(*args, **kwargs)
+
+    def local(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._fn(*args, **kwargs)
+
+    # -- requests -------------------------------------------------------------------
+
+    def _common(self) -> dict[str, Any]:
+        o = self.options
+        return {
+            "name": self.name,
+            "python": _python(),
+            "gpu": o.gpu,
+            "timeout": o.timeout,
+            "retries": o.retries,
+            "env": dict(o.env),
+            "priority": o.priority,
+            "image": o.image,
+        }
+
+    def submit_request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SubmitRequest:
+        """The request that submits one call (the function pickled by value)."""
+        with pickle_by_value(self._fn):
+            function_bytes, _ = dumps_function(self._fn)
+            args_bytes = dumps_args(args, kwargs)
+        return SubmitRequest(function=function_bytes, args=args_bytes, **self._common())
+
+    def batch_request(
+        self, inputs: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
+    ) -> BatchSubmitRequest:
+        """The request that submits one job per ``(args, kwargs)``, the function once."""
+        with pickle_by_value(self._fn):
+            function_bytes, _ = dumps_function(self._fn)
+            payloads = [dumps_args(a, kw) for a, kw in inputs]
+        return BatchSubmitRequest(function=function_bytes, inputs=payloads, **self._common())
+
+    def _ready_client(self) -> Client:
+        client = self.client
+        if self.options.image is None and self._checked_client is not client:
+            _check_worker_python(client.health().worker_python)
+            self._checked_client = client
+        return client
+
+    # -- running on the daemon --------------------------------------------------------
+
+    def spawn(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
+        """Submit one call and return its handle at once."""
+        request = self.submit_request(args, kwargs)
+        client = self._ready_client()
+        info = client.submit(request)
+        return JobHandle(info.id, client, info=info)
+
+    def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the call as a job and return its value (or raise its exception), copying
+        the job's log to ``sys.stderr`` meanwhile. Ctrl-C cancels the job."""
+        handle = self.spawn(*args, **kwargs)
+        try:
+            return handle.get(log_to=sys.stderr)
+        except KeyboardInterrupt:
+            handle.cancel_quietly()
+            print(f"gpud: cancelled job {handle.id}", file=sys.stderr, flush=True)
+            raise
+
+    def map(
+        self,
+        *iterables: Iterable[Any],
+        kwargs: Mapping[str, Any] | None = None,
+        return_exceptions: bool = False,
+    ) -> Iterator[R]:
+        """Like the builtin ``map``: one job per tuple of ``zip(*iterables)``, all
+        submitted at once (now, not when iterated); results in input order.
+
+        With ``return_exceptions`` a job's exception is yielded instead of raised (errors
+        talking to the daemon are still raised). Ctrl-C cancels the jobs not yet done.
+        """
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        extra = dict(kwargs or {})
+        inputs = [(tuple(args), extra) for args in zip(*iterables, strict=False)]
+        if not inputs:
+            return iter(())
+        request = self.batch_request(inputs)
+        client = self._ready_client()
+        response = client.submit_batch(request)
+        handles: list[JobHandle[R]] = [JobHandle(i, client) for i in response.job_ids]
+        return _results(handles, return_exceptions)
+
+
+def _results(handles: list[JobHandle[R]], return_exceptions: bool) -> Iterator[Any]:
+    for i, handle in enumerate(handles):
+        try:
+            value = handle.get()
+        except KeyboardInterrupt:
+            for rest in handles[i:]:
+                rest.cancel_quietly()
+            raise
+        except Exception as e:
+            # Trouble talking to the daemon is not the job's outcome: always raise it.
+            daemon_trouble = isinstance(e, DaemonUnavailable | ApiError) or type(e) is GpudError
+            if daemon_trouble or not return_exceptions:
+                raise
+            yield e
+            continue
+        yield value

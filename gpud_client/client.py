@@ -1,0 +1,423 @@
+"""Thin HTTP clients for the gpud daemon's API, one method per endpoint.
+
+:class:`Client` is synchronous (the decorator API and the CLI use it); :class:`AsyncClient`
+has the same methods as coroutines (the TUI uses it, under trio: httpx reaches trio
+through anyio). Both speak to a Unix socket (``unix:///run/gpud/gpud.sock``) or TCP
+(``http://host:port``). Bodies are the msgspec models of :mod:`gpud_client.models`.
+
+Failures become :class:`~gpud_client.errors.GpudError` subclasses: an error status is an
+:class:`ApiError` built from the daemon's JSON error body; a socket that is missing or
+refuses connections is :class:`DaemonUnavailable`, whose message says how to start one.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+import httpx
+import msgspec
+
+from gpud_client.errors import ApiError, DaemonUnavailable, GpudError
+from gpud_client.models import (
+    API_PREFIX,
+    BatchSubmitRequest,
+    BatchSubmitResponse,
+    ErrorBody,
+    GpuList,
+    Health,
+    JobInfo,
+    JobList,
+    SubmitRequest,
+)
+from gpud_client.paths import normalise_url, resolve_url
+
+__all__ = ["DEFAULT_TIMEOUT", "MAX_WAIT", "AsyncClient", "Client"]
+
+T = TypeVar("T")
+
+#: Seconds to connect and to get an answer from an ordinary (non-waiting) request.
+DEFAULT_TIMEOUT = 30.0
+#: The longest a ``/wait`` request is held open by the daemon; longer waits loop.
+MAX_WAIT = 60.0
+#: How long ``cancel`` may take by default: the daemon answers once the job is final,
+#: which includes the grace period it gives a process to exit after SIGTERM.
+CANCEL_TIMEOUT = 120.0
+_JSON_HEADERS = {"content-type": "application/json"}
+_USER_AGENT = "gpud-client"
+
+
+# ---------------------------------------------------------------------------------------
+# What each endpoint is, shared by the sync and the async client.
+
+
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[T]):
+    method: str
+    path: str
+    model: type[T]
+    params: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    #: the read timeout in seconds when it differs from the client's; None = no limit
+    read_timeout: float | None | bool = False
+
+
+def _states(state: str | Iterable[str] | None) -> str | None:
+    if state is None:
+        return None
+    if isinstance(state, str):
+        return state
+    return ",".join(state)
+
+
+def _list_call(state: str | Iterable[str] | None, limit: int, cursor: int | None) -> _Call[JobList]:
+    params = {"limit": str(limit)}
+    if (states := _states(state)) is not None:
+        params["state"] = states
+    if cursor is not None:
+        params["cursor"] = str(cursor)
+    return _Call("GET", "/jobs", JobList, params)
+
+
+def _wait_call(job_id: int, timeout: float, client_timeout: float) -> _Call[JobInfo]:
+    wait = max(0.0, min(float(timeout), MAX_WAIT))
+    # The daemon holds the request for up to `wait` seconds; allow for that plus the
+    # ordinary latency so that a long poll is not mistaken for a hung daemon.
+    return _Call(
+        "GET",
+        f"/jobs/{job_id}/wait",
+        JobInfo,
+        {"timeout": f"{wait:g}"},
+        read_timeout=wait + client_timeout,
+    )
+
+
+def _logs_params(follow: bool, offset: int) -> dict[str, str]:
+    return {"follow": "true" if follow else "false", "offset": str(offset)}
+
+
+# ---------------------------------------------------------------------------------------
+# Connection setup and error mapping
+
+
+def _connection(url: str, transport_class: type[Any]) -> dict[str, Any]:
+    if url.startswith("unix://"):
+        # The host part is never used for routing over a Unix socket; "gpud" makes the
+        # Host header and any logged URL recognisable.
+        return {
+            "transport": transport_class(uds=url.removeprefix("unix://")),
+            "base_url": "http://gpud",
+        }
+    return {"base_url": url.rstrip("/")}
+
+
+def _timeout(call: _Call[Any], client_timeout: float) -> httpx.Timeout | None:
+    if call.read_timeout is False:
+        return None  # the client's default
+    read = None if call.read_timeout is None else float(call.read_timeout)
+    return httpx.Timeout(client_timeout, read=read)
+
+
+def _transport_error(url: str, e: httpx.TransportError) -> GpudError:
+    if isinstance(e, httpx.TimeoutException) and not isinstance(e, httpx.ConnectTimeout):
+        return GpudError(f"the gpud daemon at {url} did not answer in time ({type(e).__name__})")
+    if url.startswith("unix://") and not os.path.exists(url.removeprefix("unix://")):
+        reason = "the socket does not exist"
+    elif isinstance(e, httpx.ConnectError):
+        reason = str(e) or "connection failed"
+    else:
+        # The connection was made and then dropped: the daemon died or restarted.
+        reason = f"connection lost: {e or type(e).__name__}"
+    return DaemonUnavailable(url, reason)
+
+
+def _api_error(resp: httpx.Response) -> ApiError:
+    try:
+        body = msgspec.json.decode(resp.content, type=ErrorBody)
+    except msgspec.DecodeError:
+        # Not the daemon's error format (a proxy in between, a crash page): keep the text.
+        text = resp.text.strip()[:500] or resp.reason_phrase
+        return ApiError(resp.status_code, f"http_{resp.status_code}", text)
+    return ApiError(resp.status_code, body.error, body.detail)
+
+
+def _decode(url: str, resp: httpx.Response, model: type[T]) -> T:
+    if not resp.is_success:
+        raise _api_error(resp)
+    try:
+        return msgspec.json.decode(resp.content, type=model)
+    except msgspec.DecodeError as e:
+        raise GpudError(
+            f"unexpected answer from the gpud daemon at {url} to "
+            f"{resp.request.method} {resp.request.url.path}: {e} "
+            "(are the client and the daemon the same version?)"
+        ) from e
+
+
+def _request_kwargs(call: _Call[Any], client_timeout: float) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"params": call.params}
+    if call.body is not None:
+        kwargs["content"] = call.body
+        kwargs["headers"] = _JSON_HEADERS
+    if (timeout := _timeout(call, client_timeout)) is not None:
+        kwargs["timeout"] = timeout
+    return kwargs
+
+
+class _Base:
+    url: str
+    timeout: float
+
+    def __init__(self, url: str | None, timeout: float) -> None:
+        self.url = normalise_url(url) if url else resolve_url()
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class Client(_Base):
+    """A synchronous connection to one gpud daemon.
+
+    ``url`` defaults to :func:`gpud_client.paths.resolve_url` (``$GPUD_URL``, the client
+    config, then the default sockets). Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, url: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+        super().__init__(url, timeout)
+        self._http = httpx.Client(
+            timeout=timeout,
+            headers={"user-agent": _USER_AGENT},
+            **_connection(self.url, httpx.HTTPTransport),
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: _Call[Any]) -> httpx.Response:
+        try:
+            return self._http.request(
+                call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
+            )
+        except httpx.TransportError as e:
+            raise _transport_error(self.url, e) from e
+
+    def _do(self, call: _Call[T]) -> T:
+        return _decode(self.url, self._send(call), call.model)
+
+    # -- endpoints ------------------------------------------------------------------
+
+    def health(self) -> Health:
+        """``GET /v1/health``."""
+        return self._do(_Call("GET", "/health", Health))
+
+    def submit(self, request: SubmitRequest) -> JobInfo:
+        """``POST /v1/jobs``: queue one job."""
+        return self._do(_Call("POST", "/jobs", JobInfo, body=msgspec.json.encode(request)))
+
+    def submit_batch(self, request: BatchSubmitRequest) -> BatchSubmitResponse:
+        """``POST /v1/jobs/batch``: queue one job per input; ids come in input order."""
+        body = msgspec.json.encode(request)
+        return self._do(_Call("POST", "/jobs/batch", BatchSubmitResponse, body=body))
+
+    def list_jobs(
+        self,
+        state: str | Iterable[str] | None = None,
+        *,
+        limit: int = 50,
+        cursor: int | None = None,
+    ) -> JobList:
+        """``GET /v1/jobs``: newest first; pass ``next_cursor`` back for older pages."""
+        return self._do(_list_call(state, limit, cursor))
+
+    def get_job(self, job_id: int) -> JobInfo:
+        """``GET /v1/jobs/{id}``."""
+        return self._do(_Call("GET", f"/jobs/{job_id}", JobInfo))
+
+    def wait(self, job_id: int, timeout: float = 30.0) -> JobInfo:
+        """``GET /v1/jobs/{id}/wait``: the job once final, or as it is after ``timeout``
+        seconds (at most :data:`MAX_WAIT`; loop for longer)."""
+        return self._do(_wait_call(job_id, timeout, self.timeout))
+
+    def log_bytes(self, job_id: int, *, follow: bool = False, offset: int = 0) -> Iterator[bytes]:
+        """``GET /v1/jobs/{id}/logs``: raw chunks of combined stdout+stderr from byte
+        ``offset``. With ``follow`` it ends once the job is final and all output was sent.
+        """
+        read_timeout: float | None | bool = None if follow else False
+        call = _Call(
+            "GET",
+            f"/jobs/{job_id}/logs",
+            bytes,
+            _logs_params(follow, offset),
+            read_timeout=read_timeout,
+        )
+        try:
+            with self._http.stream(
+                "GET", API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
+            ) as resp:
+                if not resp.is_success:
+                    resp.read()
+                    raise _api_error(resp)
+                yield from resp.iter_bytes()
+        except httpx.TransportError as e:
+            raise _transport_error(self.url, e) from e
+
+    def logs(self, job_id: int, *, follow: bool = False, offset: int = 0) -> Iterator[str]:
+        """Like :meth:`log_bytes`, decoded as UTF-8 (invalid bytes replaced). Yields
+        chunks as they arrive, not lines, so that progress bars drawn with ``\\r`` work."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for chunk in self.log_bytes(job_id, follow=follow, offset=offset):
+            if text := decoder.decode(chunk):
+                yield text
+        if tail := decoder.decode(b"", final=True):
+            yield tail
+
+    def result(self, job_id: int) -> bytes:
+        """``GET /v1/jobs/{id}/result``: the worker's ``result.pkl``; load it with
+        :func:`gpud_client.payload.load_result`. ApiError ``not_finished`` (409) or
+        ``no_result`` (404) otherwise."""
+        resp = self._send(_Call("GET", f"/jobs/{job_id}/result", bytes))
+        if not resp.is_success:
+            raise _api_error(resp)
+        return resp.content
+
+    def cancel(self, job_id: int, *, timeout: float | None = CANCEL_TIMEOUT) -> JobInfo:
+        """``POST /v1/jobs/{id}/cancel``: returns once the job is final."""
+        return self._do(_Call("POST", f"/jobs/{job_id}/cancel", JobInfo, read_timeout=timeout))
+
+    def gpus(self) -> GpuList:
+        """``GET /v1/gpus``."""
+        return self._do(_Call("GET", "/gpus", GpuList))
+
+
+class AsyncClient(_Base):
+    """:class:`Client`'s methods as coroutines, for trio or asyncio programs."""
+
+    def __init__(self, url: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+        super().__init__(url, timeout)
+        self._http = httpx.AsyncClient(
+            timeout=timeout,
+            headers={"user-agent": _USER_AGENT},
+            **_connection(self.url, httpx.AsyncHTTPTransport),
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: _Call[Any]) -> httpx.Response:
+        try:
+            return await self._http.request(
+                call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
+            )
+        except httpx.TransportError as e:
+            raise _transport_error(self.url, e) from e
+
+    async def _do(self, call: _Call[T]) -> T:
+        return _decode(self.url, await self._send(call), call.model)
+
+    async def health(self) -> Health:
+        return await self._do(_Call("GET", "/health", Health))
+
+    async def submit(self, request: SubmitRequest) -> JobInfo:
+        return await self._do(_Call("POST", "/jobs", JobInfo, body=msgspec.json.encode(request)))
+
+    async def submit_batch(self, request: BatchSubmitRequest) -> BatchSubmitResponse:
+        body = msgspec.json.encode(request)
+        return await self._do(_Call("POST", "/jobs/batch", BatchSubmitResponse, body=body))
+
+    async def list_jobs(
+        self,
+        state: str | Iterable[str] | None = None,
+        *,
+        limit: int = 50,
+        cursor: int | None = None,
+    ) -> JobList:
+        return await self._do(_list_call(state, limit, cursor))
+
+    async def get_job(self, job_id: int) -> JobInfo:
+        return await self._do(_Call("GET", f"/jobs/{job_id}", JobInfo))
+
+    # The timeout is the daemon's long-poll duration, not a local cancel scope.
+    async def wait(self, job_id: int, timeout: float = 30.0) -> JobInfo:  # noqa: ASYNC109
+        return await self._do(_wait_call(job_id, timeout, self.timeout))
+
+    async def log_bytes(
+        self, job_id: int, *, follow: bool = False, offset: int = 0
+    ) -> AsyncGenerator[bytes, None]:
+        """See :meth:`Client.log_bytes`. Close it with ``contextlib.aclosing`` when you
+        stop early: trio does not finalise abandoned async generators for you."""
+        read_timeout: float | None | bool = None if follow else False
+        call = _Call(
+            "GET",
+            f"/jobs/{job_id}/logs",
+            bytes,
+            _logs_params(follow, offset),
+            read_timeout=read_timeout,
+        )
+        try:
+            async with self._http.stream(
+                "GET", API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
+            ) as resp:
+                if not resp.is_success:
+                    await resp.aread()
+                    raise _api_error(resp)
+                async for chunk in resp.aiter_bytes():
+                    yield chunk
+        except httpx.TransportError as e:
+            raise _transport_error(self.url, e) from e
+
+    async def logs(
+        self, job_id: int, *, follow: bool = False, offset: int = 0
+    ) -> AsyncIterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        chunks = self.log_bytes(job_id, follow=follow, offset=offset)
+        try:
+            async for chunk in chunks:
+                if text := decoder.decode(chunk):
+                    yield text
+        finally:
+            await chunks.aclose()
+        if tail := decoder.decode(b"", final=True):
+            yield tail
+
+    async def result(self, job_id: int) -> bytes:
+        resp = await self._send(_Call("GET", f"/jobs/{job_id}/result", bytes))
+        if not resp.is_success:
+            raise _api_error(resp)
+        return resp.content
+
+    async def cancel(
+        self,
+        job_id: int,
+        *,
+        timeout: float | None = CANCEL_TIMEOUT,  # noqa: ASYNC109
+    ) -> JobInfo:
+        return await self._do(
+            _Call("POST", f"/jobs/{job_id}/cancel", JobInfo, read_timeout=timeout)
+        )
+
+    async def gpus(self) -> GpuList:
+        return await self._do(_Call("GET", "/gpus", GpuList))

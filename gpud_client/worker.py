@@ -1,0 +1,341 @@
+"""gpud's worker runtime: runs one job's function in the job's own process.
+
+The daemon copies this single file, as ``gpud_worker.py``, next to a copy of cloudpickle
+into a runtime directory and runs ``<python> -u <runtime>/gpud_worker.py <jobdir>`` with
+the job directory as the working directory. It therefore imports nothing but the
+standard library and cloudpickle: the job's Python need not have gpud installed.
+
+The job directory holds, on entry:
+
+* ``function.pkl`` - the cloudpickled function (by value, see gpud_client.payload);
+* ``args.pkl`` - the cloudpickled ``(args, kwargs)``;
+* ``job.json`` - ``{"job_id": 12, "name": "hello.square", "python": "3.11.7"}``, where
+  ``python`` is the submitting Python, whose major.minor this Python must match.
+
+and on exit, both written atomically (temp file, fsync, rename), ``status.json`` last:
+
+* ``result.pkl`` - cloudpickle of ``{"ok": True, "value": value}`` or of
+  ``{"ok": False, "exception": bytes | None, "type": "builtins.ValueError",
+  "message": str, "traceback": str | None}``; ``exception`` is the cloudpickled exception
+  object, None when it cannot be pickled and loaded back (or is a BaseException that is
+  not an Exception); ``traceback`` is the formatted remote traceback, None where it would
+  show only the worker's own frames (unpicklable return value, version mismatch);
+* ``status.json`` - ``{"ok": bool, "type": str|null, "message": str|null,
+  "traceback": str|null, "python": "3.11.2"}`` for the daemon, which never unpickles.
+
+Exit codes: 0 the function returned; 1 it raised (or loading it or its arguments did,
+or its return value could not be pickled); 3 the worker could not do its job (unusable
+job directory, Python version mismatch, result not writable). For a version mismatch the
+result files are still written, so the caller learns why.
+
+Stdout and stderr belong to the user's function: the worker prints nothing there except
+one line on stderr for a setup error.
+
+``SystemExit`` from the function: ``sys.exit()`` / ``sys.exit(0)`` counts as returning
+None; any other code is a failure of type ``builtins.SystemExit``. ``KeyboardInterrupt``
+is a failure too. Neither is sent as an exception object, so the caller gets a
+``RemoteError`` rather than having its own program exited or interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import sys
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+__all__ = [
+    "ARGS_FILE",
+    "EXIT_ERROR",
+    "EXIT_OK",
+    "EXIT_SETUP",
+    "FUNCTION_FILE",
+    "JOB_FILE",
+    "RESULT_FILE",
+    "STATUS_FILE",
+    "VERSION_MISMATCH_TYPE",
+    "main",
+]
+
+FUNCTION_FILE = "function.pkl"
+ARGS_FILE = "args.pkl"
+JOB_FILE = "job.json"
+RESULT_FILE = "result.pkl"
+STATUS_FILE = "status.json"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_SETUP = 3
+
+#: The ``type`` of a version-mismatch result; the client raises VersionMismatch for it.
+VERSION_MISMATCH_TYPE = "gpud_client.errors.VersionMismatch"
+
+# status.json feeds the daemon's ledger (JobInfo.error): keep it bounded. result.pkl keeps
+# the full text for the caller.
+_STATUS_MESSAGE_MAX = 8_000
+_STATUS_TRACEBACK_MAX = 64_000
+
+Outcome = dict[str, Any]
+
+
+class _SetupError(Exception):
+    pass
+
+
+def _say(message: str) -> None:
+    print(f"gpud worker: {message}", file=sys.stderr, flush=True)
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    # C accelerators: say "pickle.PicklingError", the name people import, not "_pickle.".
+    public = sys.modules.get(module[1:]) if module.startswith("_") else None
+    if public is not None and getattr(public, cls.__qualname__, None) is cls:
+        module = public.__name__
+    return f"{module}.{cls.__qualname__}"
+
+
+def _failure(type_name: str, message: str, tb: str | None, exc: bytes | None = None) -> Outcome:
+    return {"ok": False, "exception": exc, "type": type_name, "message": message, "traceback": tb}
+
+
+def _format(exc: BaseException) -> str:
+    te = traceback.TracebackException.from_exception(exc, lookup_lines=False)
+    _restore_file_names(te, exc, set())
+    return "".join(te.format())
+
+
+def _restore_file_names(
+    te: traceback.TracebackException, exc: BaseException | None, seen: set[int]
+) -> None:
+    """cloudpickle names the code of every by-value function "<dynamic-code>", which
+    would leave the user's tracebacks without file names. It does keep the defining
+    module's ``__file__`` in the function's globals: put that back into the frames."""
+    if exc is None or id(exc) in seen:
+        return
+    seen.add(id(exc))
+    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    for summary, frame in zip(te.stack, frames, strict=False):
+        if summary.filename == "<dynamic-code>":
+            file = frame.f_globals.get("__file__")
+            if isinstance(file, str):
+                summary.filename = file  # its line is looked up lazily, from this name
+    if te.__cause__ is not None:
+        _restore_file_names(te.__cause__, exc.__cause__, seen)
+    if te.__context__ is not None:
+        _restore_file_names(te.__context__, exc.__context__, seen)
+    for sub_te, sub in zip(te.exceptions or (), getattr(exc, "exceptions", ()), strict=False):
+        _restore_file_names(sub_te, sub, seen)
+
+
+def _dump_exception(cloudpickle: ModuleType, exc: BaseException) -> bytes | None:
+    if not isinstance(exc, Exception):
+        return None
+    try:
+        data: bytes = cloudpickle.dumps(exc)
+        # Round-trip here: an exception whose __init__ takes other arguments than it
+        # passes to Exception.__init__ pickles fine and only fails to load. Better to
+        # know now and send the text alone than to fail in the caller.
+        cloudpickle.loads(data)
+    except Exception:
+        return None
+    return data
+
+
+def _exception_outcome(cloudpickle: ModuleType, exc: BaseException, note: str | None) -> Outcome:
+    tb = _format(exc)
+    if note:
+        # After formatting, so the note is not repeated inside the remote traceback.
+        exc.add_note(note)
+    return _failure(_type_name(exc), str(exc), tb, _dump_exception(cloudpickle, exc))
+
+
+def _read_job(jobdir: Path) -> dict[str, Any]:
+    try:
+        job = json.loads((jobdir / JOB_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise _SetupError(f"cannot read {jobdir / JOB_FILE}: {e}") from None
+    if not isinstance(job, dict):
+        raise _SetupError(f"{jobdir / JOB_FILE} is not a JSON object")
+    for key, kind in (("job_id", int), ("name", str), ("python", str)):
+        if not isinstance(job.get(key), kind):
+            raise _SetupError(f"{jobdir / JOB_FILE}: {key!r} is missing or not a {kind.__name__}")
+    return job
+
+
+def _version_mismatch(job_python: str) -> str | None:
+    try:
+        wanted = tuple(int(x) for x in job_python.split(".")[:2])
+    except ValueError:
+        wanted = ()
+    if len(wanted) != 2:
+        raise _SetupError(f"{JOB_FILE}: python {job_python!r} is not a version like '3.11.7'")
+    have = sys.version_info[:2]
+    if wanted == have:
+        return None
+    w, h = f"{wanted[0]}.{wanted[1]}", f"{have[0]}.{have[1]}"
+    return (
+        f"this job was pickled by Python {w} but the worker runs Python {h} "
+        f"({sys.executable}): submit from Python {h}, or configure the daemon's `python` "
+        f"to a {w} interpreter"
+    )
+
+
+def _load(cloudpickle: ModuleType, path: Path) -> Any:
+    with path.open("rb") as f:
+        return cloudpickle.load(f)
+
+
+def _run(cloudpickle: ModuleType, jobdir: Path, job: dict[str, Any]) -> tuple[Outcome, int]:
+    name = job["name"]
+    try:
+        fn = _load(cloudpickle, jobdir / FUNCTION_FILE)
+        args, kwargs = _load(cloudpickle, jobdir / ARGS_FILE)
+    except Exception as e:
+        where = getattr(e, "name", None) if isinstance(e, ImportError) else None
+        hint = (
+            f": is {where!r} installed in the worker's Python ({sys.executable})?" if where else ""
+        )
+        note = f"while loading the function and arguments of gpud job {job['job_id']}{hint}"
+        return _exception_outcome(cloudpickle, e, note), EXIT_ERROR
+
+    try:
+        value = fn(*args, **kwargs)
+    except SystemExit as e:
+        if e.code is None or e.code == 0:
+            value = None
+        else:
+            msg = f"{name} called sys.exit({e.code!r})"
+            return _failure(_type_name(e), msg, _format(_skip_worker_frame(e))), EXIT_ERROR
+    except KeyboardInterrupt as e:
+        msg = "the job was interrupted (KeyboardInterrupt)"
+        return _failure(_type_name(e), msg, _format(_skip_worker_frame(e))), EXIT_ERROR
+    except BaseException as e:
+        return _exception_outcome(cloudpickle, _skip_worker_frame(e), None), EXIT_ERROR
+    return {"ok": True, "value": value}, EXIT_OK
+
+
+def _skip_worker_frame(exc: BaseException) -> BaseException:
+    # The first frame is _run's call of the function: noise in the user's traceback.
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_next is not None:
+        exc.__traceback__ = tb.tb_next
+    return exc
+
+
+def _dump_outcome(cloudpickle: ModuleType, outcome: Outcome, name: str) -> tuple[Outcome, bytes]:
+    try:
+        try:
+            return outcome, cloudpickle.dumps(outcome)
+        except Exception as e:
+            if not outcome["ok"]:
+                raise  # an error outcome is plain data; this cannot be the value's fault
+            what = type(outcome["value"]).__qualname__
+            raise pickle.PicklingError(
+                f"the return value of {name} (a {what}) could not be pickled: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+    except pickle.PicklingError as e:
+        # No traceback: its frames would be the worker's and cloudpickle's, and the
+        # message already says what could not be pickled and why.
+        failure = _failure(_type_name(e), str(e), None, _dump_exception(cloudpickle, e))
+        return failure, cloudpickle.dumps(failure)
+
+
+def _clean(text: str | None, limit: int) -> str | None:
+    if text is None:
+        return None
+    if len(text) > limit:
+        text = "...[truncated]...\n" + text[-limit:]  # the end of a traceback matters most
+    # Lone surrogates (undecodable file names in messages) are not valid UTF-8.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _status(outcome: Outcome) -> bytes:
+    ok = bool(outcome["ok"])
+    status = {
+        "ok": ok,
+        "type": None if ok else outcome["type"],
+        "message": None if ok else _clean(outcome["message"], _STATUS_MESSAGE_MAX),
+        "traceback": None if ok else _clean(outcome["traceback"], _STATUS_TRACEBACK_MAX),
+        "python": ".".join(str(x) for x in sys.version_info[:3]),
+    }
+    return json.dumps(status).encode("utf-8")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _write_outcome(jobdir: Path, result: bytes, status: bytes) -> None:
+    # status.json last: once it exists, result.pkl is complete.
+    _write_atomic(jobdir / RESULT_FILE, result)
+    _write_atomic(jobdir / STATUS_FILE, status)
+    fd = os.open(jobdir, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the renames themselves durable
+    finally:
+        os.close(fd)
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        # User code may have closed or replaced them.
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv if argv is None else argv
+    if len(argv) != 2:
+        _say("usage: gpud_worker.py JOBDIR")
+        return EXIT_SETUP
+    # Absolute, so a function that calls os.chdir() does not move where results go.
+    jobdir = Path(argv[1]).resolve()
+    try:
+        job = _read_job(jobdir)
+        mismatch = _version_mismatch(job["python"])
+        import cloudpickle  # type: ignore[import-untyped]
+    except _SetupError as e:
+        _say(str(e))
+        return EXIT_SETUP
+    except ImportError as e:
+        _say(f"cannot import cloudpickle from the runtime directory: {e}")
+        return EXIT_SETUP
+
+    if mismatch is not None:
+        outcome: Outcome = _failure(VERSION_MISMATCH_TYPE, mismatch, None)
+        code = EXIT_SETUP
+        _say(mismatch)
+    else:
+        sys.argv = [job["name"]]
+        outcome, code = _run(cloudpickle, jobdir, job)
+        _flush_std()
+    outcome, data = _dump_outcome(cloudpickle, outcome, job["name"])
+    if code == EXIT_OK and not outcome["ok"]:
+        code = EXIT_ERROR  # the value could not be pickled
+    try:
+        _write_outcome(jobdir, data, _status(outcome))
+    except OSError as e:
+        _say(f"cannot write the job's result into {jobdir}: {e}")
+        return EXIT_SETUP
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
