@@ -167,6 +167,13 @@ def _duration(job: Any) -> str:
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
 
 
+def _console() -> Any:
+    from rich.console import Console
+
+    # Piped output keeps whole rows (no wrapping at 80 columns), for grep and awk.
+    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 250)
+
+
 def _print_json(obj: Any) -> None:
     import msgspec
 
@@ -189,7 +196,6 @@ def ps(show_all: bool, state: str | None, limit: int, as_json: bool, url: str | 
     if as_json:
         _print_json(page.jobs)
         return
-    from rich.console import Console
     from rich.table import Table
 
     if not page.jobs:
@@ -205,7 +211,7 @@ def ps(show_all: bool, state: str | None, limit: int, as_json: bool, url: str | 
                 j.error or (f"attempt {j.attempt}/{j.retries + 1}" if j.retries else ""))
         table.add_row(str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
                       _duration(j), info)
-    Console(soft_wrap=False).print(table)
+    _console().print(table)
 
 
 @cli.command()
@@ -302,7 +308,6 @@ def gpus(as_json: bool, url: str | None) -> None:
     if as_json:
         _print_json(lst)
         return
-    from rich.console import Console
     from rich.table import Table
 
     if lst.note:
@@ -326,7 +331,7 @@ def gpus(as_json: bool, url: str | None) -> None:
             "-" if g.temperature is None else f"{g.temperature}C",
             "-" if g.power_w is None else f"{g.power_w:.0f}W", held, g.uuid,
         )
-    Console(soft_wrap=False).print(table)
+    _console().print(table)
 
 
 @cli.command()

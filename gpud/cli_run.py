@@ -91,10 +91,12 @@ def params_command(fn: Any, name: str) -> click.Command:
         if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
             args = [a for a in typing.get_args(hint) if a is not type(None)]
             hint = args[0] if len(args) == 1 else str
+        # No `default=` at all when there is none: click counts an explicit None as given.
+        extra: dict[str, Any] = {"default": p.default} if has_default else {}
         if hint is bool or (hint is p.empty and isinstance(p.default, bool)):
             params.append(click.Option([f"{opt}/--no-{pname.replace('_', '-')}", pname],
-                                       default=p.default if has_default else None,
-                                       required=not has_default, show_default=has_default))
+                                       required=not has_default, show_default=has_default,
+                                       **extra))
             continue
         if hint is p.empty:
             ptype = _SCALARS.get(type(p.default), click.STRING) if has_default else click.STRING
@@ -105,8 +107,7 @@ def params_command(fn: Any, name: str) -> click.Command:
         else:
             ptype = click.STRING
         params.append(click.Option([opt, pname], type=ptype, required=not has_default,
-                                   default=p.default if has_default else None,
-                                   show_default=has_default))
+                                   show_default=has_default, **extra))
     return click.Command(name, params=params, callback=lambda **kw: kw,
                          help=inspect.getdoc(fn) or None, add_help_option=False)
 
@@ -167,9 +168,8 @@ def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | 
 
     @handle_errors
     def go() -> None:
-        from gpud_client.payload import load_result
-
         import gpud_client
+        from gpud_client.payload import load_result
 
         fn = obj if isinstance(obj, gpud_client.Function) else gpud_client.function(obj)
         overrides: dict[str, Any] = {}

@@ -104,15 +104,27 @@ def _logs_params(follow: bool, offset: int) -> dict[str, str]:
 # Connection setup and error mapping
 
 
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
 def _connection(url: str, transport_class: type[Any]) -> dict[str, Any]:
+    # Who is asking, for display until tokens exist (the daemon decides what to trust).
+    headers = {"x-gpud-user": _user()}
     if url.startswith("unix://"):
         # The host part is never used for routing over a Unix socket; "gpud" makes the
         # Host header and any logged URL recognisable.
         return {
             "transport": transport_class(uds=url.removeprefix("unix://")),
             "base_url": "http://gpud",
+            "headers": headers,
         }
-    return {"base_url": url.rstrip("/")}
+    return {"base_url": url.rstrip("/"), "headers": headers}
 
 
 def _timeout(call: _Call[Any], client_timeout: float) -> httpx.Timeout | None:
