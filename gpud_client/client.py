@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import codecs
 import os
+import socket
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
+import httpcore
 import httpx
 import msgspec
+from httpcore._backends.sync import SyncStream
 
 from gpud_client.errors import ApiError, DaemonUnavailable, GpudError
 from gpud_client.models import (
@@ -113,18 +117,43 @@ def _user() -> str:
         return ""
 
 
+class _ClosingSyncBackend(httpcore.SyncBackend):
+    """httpcore's sync backend leaks the socket when connecting to a Unix socket fails
+    (daemon down or restarting); a client that waits out a daemon restart would leak one
+    per retry. Close it on failure."""
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Any = None) -> Any:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except TimeoutError as e:
+            sock.close()
+            raise httpcore.ConnectTimeout(str(e)) from e
+        except OSError as e:
+            sock.close()
+            raise httpcore.ConnectError(str(e)) from e
+        return SyncStream(sock)
+
+
+class _UnixTransport(httpx.HTTPTransport):
+    def __init__(self, uds: str) -> None:
+        super().__init__(uds=uds)
+        self._pool = httpcore.ConnectionPool(uds=uds, network_backend=_ClosingSyncBackend())
+
+
 def _connection(url: str, transport_class: type[Any]) -> dict[str, Any]:
-    # Who is asking, for display until tokens exist (the daemon decides what to trust).
-    headers = {"x-gpud-user": _user()}
     if url.startswith("unix://"):
         # The host part is never used for routing over a Unix socket; "gpud" makes the
         # Host header and any logged URL recognisable.
         return {
             "transport": transport_class(uds=url.removeprefix("unix://")),
             "base_url": "http://gpud",
-            "headers": headers,
         }
-    return {"base_url": url.rstrip("/"), "headers": headers}
+    return {"base_url": url.rstrip("/")}
 
 
 def _timeout(call: _Call[Any], client_timeout: float) -> httpx.Timeout | None:
@@ -206,9 +235,12 @@ class Client(_Base):
         super().__init__(url, timeout)
         self._http = httpx.Client(
             timeout=timeout,
-            headers={"user-agent": _USER_AGENT},
-            **_connection(self.url, httpx.HTTPTransport),
+            headers={"user-agent": _USER_AGENT, "x-gpud-user": _user()},
+            **_connection(self.url, _UnixTransport),
         )
+        # A Client dropped without close() (a Function copy made by with_options, say)
+        # still returns its connections when it is garbage-collected.
+        self._finalizer = weakref.finalize(self, self._http.close)
 
     def __enter__(self) -> Self:
         return self
@@ -219,7 +251,7 @@ class Client(_Base):
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        self._finalizer()
 
     def _send(self, call: _Call[Any]) -> httpx.Response:
         try:
@@ -324,7 +356,7 @@ class AsyncClient(_Base):
         super().__init__(url, timeout)
         self._http = httpx.AsyncClient(
             timeout=timeout,
-            headers={"user-agent": _USER_AGENT},
+            headers={"user-agent": _USER_AGENT, "x-gpud-user": _user()},
             **_connection(self.url, httpx.AsyncHTTPTransport),
         )
 

@@ -146,9 +146,8 @@ class DaemonProc:
         return Ledger(self.data_dir / "ledger.db")
 
 
-@pytest.fixture
-def daemon(base_dir: Path) -> Iterator[DaemonProc]:
-    d = DaemonProc(base_dir)
+def _run_daemon(base: Path, env: dict[str, str] | None = None) -> Iterator[DaemonProc]:
+    d = DaemonProc(base, env=dict(env or {}))
     d.start()
     old = os.environ.get("GPUD_URL")
     os.environ["GPUD_URL"] = d.url
@@ -161,6 +160,31 @@ def daemon(base_dir: Path) -> Iterator[DaemonProc]:
             os.environ["GPUD_URL"] = old
         d.stop()
         kill_instance_jobs(d.data_dir)
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProc]:
+    """One `gpud serve` shared by a test module (tests there must not depend on its state)."""
+    base = make_base_dir()
+    try:
+        yield from _run_daemon(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_daemon(base_dir: Path) -> Iterator[DaemonProc]:
+    """A `gpud serve` of this test's own, which it may kill and restart."""
+    yield from _run_daemon(base_dir)
+
+
+@pytest.fixture
+def shared_dir(base_dir: Path) -> Path:
+    """A directory jobs can write to whichever user they run as."""
+    d = base_dir / "shared"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    return d
 
 
 @pytest.fixture

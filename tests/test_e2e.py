@@ -1,0 +1,330 @@
+"""End to end: the real client against `gpud serve` in a subprocess, jobs as real processes."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import time
+from pathlib import Path
+
+import pytest
+
+import gpud_client as gpud
+from gpud_client import Client, JobCancelled, JobFailed, JobTimedOut
+
+from .conftest import DaemonProc
+
+app = gpud.App("e2e")
+
+
+@app.function()
+def square(x: int) -> int:
+    return x * x
+
+
+@app.function()
+def boom(message: str) -> None:
+    raise ValueError(message)
+
+
+@app.function()
+def whoami() -> dict:
+    import os
+
+    return {"uid": os.getuid(), "gid": os.getgid(), "env": dict(os.environ), "cwd": os.getcwd()}
+
+
+@app.function(gpu="h100")
+def one_h100(hold: float = 0.0) -> str:
+    import os
+    import time
+
+    time.sleep(hold)
+    return os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+@app.function()
+def chatty(lines: int, pause: float) -> int:
+    import sys
+    import time
+
+    for i in range(lines):
+        print(f"line {i}")
+        print(f"err {i}", file=sys.stderr)
+        time.sleep(pause)
+    return lines
+
+
+@app.function()
+def sleeper(seconds: float, pidfile: str = "") -> str:
+    import os
+    import subprocess
+    import time
+
+    if pidfile:
+        # A grandchild in the job's process group: stopping the job must stop it too.
+        child = subprocess.Popen(["sleep", "1000"])
+        with open(pidfile, "w") as fh:
+            fh.write(f"{os.getpid()} {child.pid}\n")
+    time.sleep(seconds)
+    return "slept"
+
+
+@app.function(retries=2)
+def flaky(marker: str, fail_times: int) -> int:
+    import os
+
+    n = len(os.listdir(marker))
+    with open(os.path.join(marker, f"attempt-{n}"), "w"):
+        pass
+    if n < fail_times:
+        raise RuntimeError(f"failure {n}")
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+# -- the basics ----------------------------------------------------------------------------
+
+
+def test_remote_spawn_map(daemon: DaemonProc) -> None:
+    assert square.remote(7) == 49
+    handle = square.spawn(7)
+    assert handle.get(timeout=30) == 49
+    assert handle.status().state == "succeeded"
+    assert list(square.map(range(100))) == [i * i for i in range(100)]
+
+
+def test_remote_exception_keeps_type_and_remote_traceback(daemon: DaemonProc) -> None:
+    with pytest.raises(ValueError, match="bad") as info:
+        boom.remote("bad")
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "Remote traceback" in notes and "raise ValueError(message)" in notes
+
+
+def test_map_return_exceptions(daemon: DaemonProc) -> None:
+    out = list(boom.map(["a", "b"], return_exceptions=True))
+    assert [type(e) for e in out] == [ValueError, ValueError]
+    assert [str(e) for e in out] == ["a", "b"]
+
+
+def test_job_runs_unprivileged_with_a_clean_environment(daemon: DaemonProc) -> None:
+    os.environ["GPUD_TEST_SECRET"] = "leak"  # the daemon's env had none, the client's has it
+    try:
+        info = whoami.with_options(env={"MY_VAR": "1"}).remote()
+    finally:
+        del os.environ["GPUD_TEST_SECRET"]
+    if os.geteuid() == 0:
+        assert info["uid"] == pwd.getpwnam("nobody").pw_uid
+    else:
+        assert info["uid"] == os.geteuid()
+    assert info["uid"] != 0
+    env = info["env"]
+    assert env["MY_VAR"] == "1" and "GPUD_TEST_SECRET" not in env
+    assert env["CUDA_VISIBLE_DEVICES"] == ""  # a CPU-only job sees no GPU
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert info["cwd"].startswith(str(daemon.data_dir))
+
+
+def test_job_directory_is_private_to_the_job_user(daemon: DaemonProc) -> None:
+    handle = square.spawn(3)
+    assert handle.get(timeout=30) == 9
+    jobdir = daemon.data_dir / "jobs" / str(handle.id)
+    st = jobdir.stat()
+    assert st.st_mode & 0o777 == 0o700
+    expected = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid()
+    assert st.st_uid == expected
+
+
+# -- GPUs ----------------------------------------------------------------------------------
+
+
+def test_gpu_job_sees_exactly_its_gpu_by_uuid(daemon: DaemonProc) -> None:
+    handle = one_h100.spawn()
+    visible = handle.get(timeout=30)
+    job = handle.status()
+    assert job.gpus == [visible] and visible.startswith("GPU-")
+    assert job.gpu_indices in ([0], [1])
+
+
+def test_two_gpu_jobs_never_share_and_a_third_waits_with_a_reason(daemon: DaemonProc) -> None:
+    a, b = one_h100.spawn(3.0), one_h100.spawn(3.0)
+    with Client() as c:
+        _wait_for(lambda: c.get_job(a.id).state == "running" and
+                  c.get_job(b.id).state == "running")
+        third = one_h100.spawn(0.0)
+        _wait_for(lambda: c.get_job(third.id).reason is not None)
+        info = c.get_job(third.id)
+        assert info.state == "queued" and info.position == 1
+        assert "waiting for 1 x h100" in info.reason and f"job {a.id}" in info.reason
+        held = {g.job_id for g in c.gpus().gpus if g.type == "h100"}
+        assert held == {a.id, b.id}
+    va, vb = a.get(timeout=30), b.get(timeout=30)
+    assert va != vb
+    assert third.get(timeout=30) in (va, vb)
+
+
+# -- logs ----------------------------------------------------------------------------------
+
+
+def test_logs_follow_streams_until_the_end(daemon: DaemonProc) -> None:
+    handle = chatty.spawn(5, 0.2)
+    text = "".join(handle.logs(follow=True))
+    assert [f"line {i}" in text for i in range(5)] == [True] * 5
+    assert "err 4" in text
+    assert handle.get(timeout=10) == 5
+    assert "".join(handle.logs()) == text
+
+
+# -- stop means stop -----------------------------------------------------------------------
+
+
+def test_cancel_running_job_kills_its_whole_process_group(daemon: DaemonProc,
+                                                          shared_dir: Path) -> None:
+    pidfile = shared_dir / "pids"
+    handle = sleeper.with_options(gpu="h100").spawn(600, str(pidfile))
+    _wait_for(pidfile.exists)
+    _wait_for(lambda: pidfile.read_text().endswith("\n"))
+    leader, child = map(int, pidfile.read_text().split())
+    assert _alive(leader) and _alive(child)
+    info = handle.cancel()
+    assert info.state == "cancelled"
+    _wait_for(lambda: not _alive(leader) and not _alive(child), timeout=5)
+    with pytest.raises(JobCancelled):
+        handle.get(timeout=5)
+    with Client() as c:
+        assert all(g.job_id != handle.id for g in c.gpus().gpus)
+
+
+def test_cancel_queued_job(daemon: DaemonProc) -> None:
+    blockers = [one_h100.spawn(5.0) for _ in range(2)]
+    queued = one_h100.spawn(0.0)
+    info = queued.cancel()
+    assert info.state == "cancelled" and info.attempt == 0
+    for b in blockers:
+        b.cancel()
+
+
+def test_timeout_kills_the_job(daemon: DaemonProc, shared_dir: Path) -> None:
+    pidfile = shared_dir / "pids"
+    handle = sleeper.with_options(timeout=1).spawn(600, str(pidfile))
+    with pytest.raises(JobTimedOut, match="timed out"):
+        handle.get(timeout=30)
+    leader, child = map(int, pidfile.read_text().split())
+    _wait_for(lambda: not _alive(leader) and not _alive(child), timeout=5)
+    assert handle.status().state == "timed_out"
+
+
+# -- retries -------------------------------------------------------------------------------
+
+
+def test_retries_until_success(daemon: DaemonProc, shared_dir: Path) -> None:
+    marker = shared_dir / "m"
+    marker.mkdir()
+    os.chmod(marker, 0o777)
+    handle = flaky.spawn(str(marker), 2)
+    assert handle.get(timeout=60) == 2
+    job = handle.status()
+    assert job.attempt == 3 and job.state == "succeeded"
+    log = "".join(handle.logs())
+    assert "[gpud] attempt 2 of 3" in log and "[gpud] attempt 3 of 3" in log
+
+
+def test_retries_exhausted_fail(daemon: DaemonProc, shared_dir: Path) -> None:
+    marker = shared_dir / "m"
+    marker.mkdir()
+    os.chmod(marker, 0o777)
+    handle = flaky.with_options(retries=1).spawn(str(marker), 5)
+    with pytest.raises(RuntimeError, match="failure 1"):
+        handle.get(timeout=60)
+    job = handle.status()
+    assert job.state == "failed" and job.attempt == 2
+    assert len(os.listdir(marker)) == 2
+
+
+def test_crash_without_result_is_a_clear_failure(daemon: DaemonProc) -> None:
+    @gpud.function
+    def die() -> None:
+        import os
+
+        os._exit(7)
+
+    with pytest.raises(JobFailed, match="exited with code 7"):
+        die.remote()
+
+
+# -- restart -------------------------------------------------------------------------------
+
+
+def test_sigkill_daemon_mid_job_then_restart_adopts_and_collects(fresh_daemon: DaemonProc,
+                                                                 shared_dir: Path) -> None:
+    import signal
+
+    pidfile = shared_dir / "pids"
+    handle = sleeper.with_options(url=fresh_daemon.url).spawn(3.0, str(pidfile))
+    _wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
+    leader = int(pidfile.read_text().split()[0])
+    fresh_daemon.stop(signal.SIGKILL)
+    assert _alive(leader)  # the job outlives its daemon
+    led = fresh_daemon.ledger()
+    assert led.integrity_check() == "ok" and led.get(handle.id).state.value == "running"
+    led.close()
+    fresh_daemon.start()
+    assert handle.get(timeout=30) == "slept"
+    job = handle.status()
+    assert job.state == "succeeded" and job.attempt == 1  # adopted, not re-run
+    assert "adopted" in fresh_daemon.log.read_text()
+
+
+def test_job_gone_after_restart_is_lost_then_retried(fresh_daemon: DaemonProc,
+                                                     shared_dir: Path) -> None:
+    import signal
+
+    pidfile = shared_dir / "pids"
+    handle = sleeper.with_options(retries=1, url=fresh_daemon.url).spawn(600, str(pidfile))
+    _wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
+    leader = int(pidfile.read_text().split()[0])
+    fresh_daemon.stop(signal.SIGKILL)
+    os.killpg(leader, signal.SIGKILL)  # the job dies while no daemon watches
+    _wait_for(lambda: not _alive(leader))
+    pidfile.unlink()
+    fresh_daemon.start()
+    # Lost, then retried: a second attempt runs (and writes the pidfile again).
+    _wait_for(lambda: pidfile.exists(), timeout=30)
+    job = handle.status()
+    assert job.attempt == 2 and job.state in ("starting", "running")
+    led = fresh_daemon.ledger()
+    states = [e.to_state.value for e in led.events(handle.id)]
+    led.close()
+    assert states[:5] == ["queued", "starting", "running", "lost", "queued"]
+    handle.cancel()
+
+
+def test_job_gone_without_retries_stays_lost(fresh_daemon: DaemonProc, shared_dir: Path) -> None:
+    import signal
+
+    pidfile = shared_dir / "pids"
+    handle = sleeper.with_options(url=fresh_daemon.url).spawn(600, str(pidfile))
+    _wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
+    leader = int(pidfile.read_text().split()[0])
+    fresh_daemon.stop(signal.SIGKILL)
+    os.killpg(leader, signal.SIGKILL)
+    _wait_for(lambda: not _alive(leader))
+    fresh_daemon.start()
+    with pytest.raises(gpud.JobLost):
+        handle.get(timeout=30)
