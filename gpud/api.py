@@ -233,7 +233,7 @@ def create_app(daemon: Daemon) -> Starlette:
         before = _int_param(request, "cursor", 0, 1, 2**62) if cursor else None
         from gpud.ledger.store import Ledger
 
-        jobs = await daemon.ledger.call(Ledger.list, states, limit=limit_n, before=before)
+        jobs = await daemon.ledger.call(Ledger.list_jobs, states, limit=limit_n, before=before)
         # The daemon's memory is fresher than a read racing a commit: prefer it.
         jobs = [daemon.active.get(j.id, j) for j in jobs]
         nxt = jobs[-1].id if len(jobs) == limit_n and jobs[-1].id > 1 else None

@@ -20,10 +20,10 @@ import click
 
 __all__ = ["load_target", "params_command", "run"]
 
-_SCALARS: dict[Any, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING}
+_SCALARS: dict[Any, click.ParamType[Any]] = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
-class _Json(click.ParamType):
+class _Json(click.ParamType[Any]):
     name = "json"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:

@@ -307,7 +307,8 @@ class Daemon:
         function, args = await self.ledger.call(Ledger.payload, job.id)
         spec = await trio.to_thread.run_sync(self._prepare_job_dir, job, function, args)
         with trio.CancelScope(shield=True):
-            return await self.executor.launch(spec)
+            handle = await self.executor.launch(spec)
+        return handle
 
     def _prepare_job_dir(self, job: Job, function: bytes, args: bytes) -> LaunchSpec:
         """Lay out jobs/<id>/ for this attempt: payload in, log and result out."""

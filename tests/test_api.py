@@ -145,3 +145,29 @@ async def test_result_of_unfinished_job_is_409(served, http: httpx.AsyncClient) 
     assert {g["job_id"] for g in gpus["gpus"] if g["type"] == "h100"} == {first["id"]}
     for j in (second, first):
         assert (await http.post(f"/v1/jobs/{j['id']}/cancel")).json()["state"] == "cancelled"
+
+
+async def test_gpu_with_foreign_process_is_not_handed_out(served, http: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]
+    """A process gpud did not start on GPU 0 (NVML sees it): jobs go elsewhere or wait."""
+    import trio
+
+    from gpud.domain import GpuProcess
+
+    inv = served.daemon.inventory
+    inv.set_processes(0, [GpuProcess(pid=999_999, used_memory=1 << 30)])
+    inv.set_processes(1, [GpuProcess(pid=999_998, used_memory=1 << 30)])
+    with trio.fail_after(10):
+        while not all(g.foreign_pids for g in served.daemon.gpus[:2]):  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    gpus = (await http.get("/v1/gpus")).json()["gpus"]
+    assert [g["busy_foreign"] for g in gpus] == [True, True, False]
+    job = (await http.post("/v1/jobs", content=submit_body(gpu="h100"))).json()
+    with trio.fail_after(10):
+        while (info := (await http.get(f"/v1/jobs/{job['id']}")).json())["reason"] is None:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    assert info["state"] == "queued"
+    assert "busy with processes gpud did not start" in info["reason"], info["reason"]
+    assert "999999" in info["reason"]
+    inv.set_processes(0, [])  # the foreign process went away: the job starts on GPU 0
+    done = (await http.get(f"/v1/jobs/{job['id']}/wait", params={"timeout": 30})).json()
+    assert done["state"] == "succeeded" and done["gpu_indices"] == [0]

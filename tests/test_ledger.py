@@ -134,11 +134,11 @@ def test_events_are_append_only(ledger: Ledger) -> None:
 def test_list_pages_newest_first(ledger: Ledger) -> None:
     _, ids = ledger.submit([new_job() for _ in range(7)], b"fn", 1.0)
     ledger.advance(ids[0], [Step(JobState.CANCELLED)], 2.0)
-    page1 = ledger.list(limit=3)
+    page1 = ledger.list_jobs(limit=3)
     assert [j.id for j in page1] == ids[::-1][:3]
-    page2 = ledger.list(limit=3, before=page1[-1].id)
+    page2 = ledger.list_jobs(limit=3, before=page1[-1].id)
     assert [j.id for j in page2] == ids[::-1][3:6]
-    assert [j.id for j in ledger.list([JobState.CANCELLED])] == [ids[0]]
+    assert [j.id for j in ledger.list_jobs([JobState.CANCELLED])] == [ids[0]]
     assert [j.id for j in ledger.active()] == ids[1:]
 
 

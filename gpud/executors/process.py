@@ -18,6 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -49,6 +50,12 @@ class JobIdentity:
     home: str
     switch: bool  # True when the daemon is root and must drop to this user
 
+    def popen_kwargs(self) -> dict[str, Any]:
+        """What subprocess needs to start a process as this identity (no extra groups)."""
+        if not self.switch:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
 
 def job_identity(job_user: str) -> JobIdentity:
     """Who jobs run as: the daemon's own user, or ``job_user`` when the daemon is root."""
@@ -76,19 +83,16 @@ def _probe(python: str, ident: JobIdentity, runtime_dir: Path) -> str:
         "import sys; sys.path.insert(0, sys.argv[1]); import cloudpickle; "
         "print('%d.%d.%d' % sys.version_info[:3])"
     )
-    kw: dict[str, object] = {}
-    if ident.switch:
-        kw = {"user": ident.uid, "group": ident.gid, "extra_groups": []}
     out = subprocess.run(
         [python, "-c", code, str(runtime_dir)],
         capture_output=True, text=True, timeout=30, cwd="/",
         env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": ident.home, "LANG": "C.UTF-8"},
-        **kw,  # type: ignore[arg-type]
+        **ident.popen_kwargs(),
     )
     if out.returncode != 0:
         lines = (out.stderr or out.stdout).strip().splitlines()
         raise WorkerPythonError(lines[-1] if lines else f"exit code {out.returncode}")
-    return out.stdout.strip()
+    return str(out.stdout).strip()
 
 
 def resolve_worker_python(
@@ -234,9 +238,6 @@ class ProcessExecutor:
         ident = self.identity
         log_fd = open_append(spec.log_path, (ident.uid, ident.gid))
         try:
-            kw: dict[str, object] = {}
-            if ident.switch:
-                kw = {"user": ident.uid, "group": ident.gid, "extra_groups": []}
             proc = await trio.lowlevel.open_process(
                 worker_command(self.python, self.runtime_dir, spec.job_dir),
                 stdin=subprocess.DEVNULL,
@@ -246,7 +247,7 @@ class ProcessExecutor:
                 env=self.job_env(spec),
                 start_new_session=True,
                 close_fds=True,
-                **kw,  # type: ignore[arg-type]
+                **ident.popen_kwargs(),
             )
         finally:
             os.close(log_fd)

@@ -247,7 +247,7 @@ class Ledger:
             raise UnknownJob(job_id)
         return _row_to_job(r)
 
-    def list(
+    def list_jobs(
         self,
         states: Iterable[JobState] | None = None,
         *,
@@ -256,7 +256,8 @@ class Ledger:
         owner: str | None = None,
     ) -> list[Job]:
         """Jobs newest first; ``before`` is the cursor (only ids below it)."""
-        where, params = [], []  # type: ignore[var-annotated]
+        where: list[str] = []
+        params: list[object] = []
         if states is not None:
             sl = [s.value for s in states]
             where.append(f"state IN ({','.join('?' * len(sl))})")
