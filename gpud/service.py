@@ -211,7 +211,11 @@ class Daemon:
     async def _schedule_loop(self) -> None:
         while True:
             self._wake = trio.Event()
-            next_due = await self._schedule_once()
+            try:
+                next_due = await self._schedule_once()
+            except Exception:  # noqa: BLE001 - a bug in one round must not stop the daemon
+                log.exception("a scheduling round failed; retrying in 1 s")
+                next_due = time.time() + 1.0
             if next_due is None:
                 await self._wake.wait()
             else:
@@ -261,47 +265,65 @@ class Daemon:
     # -- supervising one job --------------------------------------------------------------
 
     async def _supervise(self, job: Job, handle: Handle | None) -> None:
+        """Run one job to its end; an unexpected error fails the job, never the daemon."""
+        try:
+            await self._run_job(job, handle)
+        except Exception:  # noqa: BLE001
+            log.exception("internal error while supervising job %s", job.id)
+            live = self.handles.get(job.id) or handle
+            if live is not None:
+                self.executor.reap(live)
+            try:
+                current = await self.get(job.id)
+                if current.state not in FINAL and current.state is not JobState.QUEUED:
+                    await self._finish(current, Finished(
+                        JobState.FAILED, "gpud hit an internal error while running this job; "
+                        "see the daemon's log", None, False, False))
+            except Exception:  # noqa: BLE001
+                log.exception("could not record the failure of job %s", job.id)
+        finally:
+            self._scopes.pop(job.id, None)
+            self.handles.pop(job.id, None)
+            self._stop_reason.pop(job.id, None)
+
+    async def _run_job(self, job: Job, handle: Handle | None) -> None:
         job_id = job.id
         scope = trio.CancelScope()
         self._scopes[job_id] = scope
-        try:
-            if handle is None:
-                if job_id in self._stop_reason:
-                    await self._finish(job, Finished(JobState.CANCELLED, "cancelled", None,
-                                                     False, False))
-                    return
-                try:
-                    handle = await self._launch(job)
-                except Exception as e:  # noqa: BLE001 - any launch failure is the job's failure
-                    log.exception("job %s could not start", job_id)
-                    await self._finish(job, Finished(JobState.FAILED,
-                                                     f"could not start the job: {e}", None,
-                                                     False, True))
-                    return
-                job = await self._advance(job_id, Step(JobState.RUNNING, "running", fields={
-                    "pid": handle.pid, "pid_start": handle.pid_start, "started_at": time.time(),
-                }))
-                log.info("job %s started: pid %s, gpus %s", job_id, handle.pid,
-                         ",".join(job.gpus) or "none")
+        if handle is None:
+            if job_id in self._stop_reason:
+                await self._finish(job, Finished(JobState.CANCELLED, "cancelled", None,
+                                                 False, False))
+                return
+            try:
+                handle = await self._launch(job)
+            except Exception as e:  # noqa: BLE001 - any launch failure is the job's failure
+                log.exception("job %s could not start", job_id)
+                await self._finish(job, Finished(JobState.FAILED,
+                                                 f"could not start the job: {e}", None,
+                                                 False, True))
+                return
             self.handles[job_id] = handle
-            started = job.started_at or time.time()
-            scope.deadline = trio.current_time() + max(0.0, started + job.timeout - time.time())
-            outcome: Outcome | None = None
-            with scope:
-                outcome = await self.executor.wait(handle)
-            if outcome is None:
-                stop_as = self._stop_reason.get(job_id, JobState.TIMED_OUT)
-                await self.executor.stop(handle, self.config.kill_grace)
-                why = ("cancelled" if stop_as is JobState.CANCELLED
-                       else f"timed out after {_fmt_seconds(job.timeout)}")
-                await self._finish(job, Finished(stop_as, why, None, False, False))
-            else:
-                self.executor.reap(handle)
-                await self._finish(job, await trio.to_thread.run_sync(self._collect, job, outcome))
-        finally:
-            self._scopes.pop(job_id, None)
-            self.handles.pop(job_id, None)
-            self._stop_reason.pop(job_id, None)
+            job = await self._advance(job_id, Step(JobState.RUNNING, "running", fields={
+                "pid": handle.pid, "pid_start": handle.pid_start, "started_at": time.time(),
+            }))
+            log.info("job %s started: pid %s, gpus %s", job_id, handle.pid,
+                     ",".join(job.gpus) or "none")
+        self.handles[job_id] = handle
+        started = job.started_at or time.time()
+        scope.deadline = trio.current_time() + max(0.0, started + job.timeout - time.time())
+        outcome: Outcome | None = None
+        with scope:
+            outcome = await self.executor.wait(handle)
+        if outcome is None:
+            stop_as = self._stop_reason.get(job_id, JobState.TIMED_OUT)
+            await self.executor.stop(handle, self.config.kill_grace)
+            why = ("cancelled" if stop_as is JobState.CANCELLED
+                   else f"timed out after {_fmt_seconds(job.timeout)}")
+            await self._finish(job, Finished(stop_as, why, None, False, False))
+        else:
+            self.executor.reap(handle)
+            await self._finish(job, await trio.to_thread.run_sync(self._collect, job, outcome))
 
     async def _launch(self, job: Job) -> Handle:
         function, args = await self.ledger.call(Ledger.payload, job.id)
