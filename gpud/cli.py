@@ -84,7 +84,7 @@ def cli() -> None:
 @click.option("--data-dir", default=None, help="Where the ledger and job files live.")
 @click.option("--socket", "socket_path", default=None, help="The Unix socket to listen on.")
 @click.option("--tcp", default=None, metavar="HOST:PORT",
-              help="Also listen on TCP (loopback only unless tcp_allow_remote).")
+              help="Also listen on TCP (loopback addresses only).")
 @click.option("--fake-gpus", default=None, metavar="TYPES",
               help="Comma-separated fake GPU types, used only where no NVIDIA driver exists.")
 @click.option("--gpus", "gpu_mode", type=click.Choice(["auto", "fake", "none"]), default=None,
@@ -131,12 +131,24 @@ def serve(config_path: str | None, data_dir: str | None, socket_path: str | None
                     nursery.cancel_scope.cancel()
                     break
 
+    expected = (AlreadyRunning, WorkerPythonError, GpuInventoryError, ConfigError, ValueError)
     try:
         trio.run(main)
-    except (AlreadyRunning, WorkerPythonError, GpuInventoryError, ConfigError, ValueError) as e:
-        fail(str(e))
-    except PermissionError as e:
-        fail(f"{e}: run gpud serve as a user that can write there, or set --data-dir/--socket")
+    except BaseException as e:  # noqa: BLE001 - trio wraps start-up errors in a group
+        err = _first_leaf(e)
+        if isinstance(err, expected):
+            fail(str(err))
+        if isinstance(err, PermissionError):
+            fail(f"{err}: run gpud serve as a user that can write there, or set "
+                 "--data-dir/--socket")
+        raise
+
+
+def _first_leaf(e: BaseException) -> BaseException:
+    """The first real exception inside (nested) exception groups."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
 
 
 # -- run -----------------------------------------------------------------------------------

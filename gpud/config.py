@@ -31,9 +31,8 @@ class ConfigError(ValueError):
 class Config:
     data_dir: Path = field(default_factory=default_data_dir)
     socket: Path = field(default_factory=default_socket)
-    #: "HOST:PORT" to also listen on TCP; only loopback unless `tcp_allow_remote`.
+    #: "HOST:PORT" to also listen on TCP; loopback only (no authentication exists yet).
     tcp: str | None = None
-    tcp_allow_remote: bool = False
     executor: str = "process"
     #: "auto": real GPUs through NVML, or fake_gpus on a box with no NVIDIA driver;
     #: "fake": always fake_gpus (tests, demos); "none": hand out no GPUs at all
@@ -79,22 +78,23 @@ _DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "retry_backoff",
               "retry_backoff_max", "gpu_poll_interval"}
 
 
-def parse_tcp(value: str, allow_remote: bool = False) -> tuple[str, int]:
-    """Parse "HOST:PORT"; refuse a non-loopback host unless the admin allowed it."""
+def parse_tcp(value: str) -> tuple[str, int]:
+    """Parse "HOST:PORT"; refuse a non-loopback host: until requests are authenticated
+    with tokens, anyone who could reach the port could run code as the job user."""
     host, sep, port_s = value.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
         raise ConfigError(f"tcp = {value!r}: write HOST:PORT, e.g. '127.0.0.1:7878'")
-    if not allow_remote:
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise ConfigError(
-                f"tcp = {value!r} is not a loopback address; gpud listens on loopback only "
-                "unless you also set tcp_allow_remote = true (and then every request needs a token)"
-            )
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"tcp = {value!r} is not a loopback address; gpud listens on loopback only, since "
+            "requests are not authenticated yet: use 127.0.0.1:PORT (and an SSH tunnel to "
+            "reach it from another machine)"
+        )
     return host, int(port_s)
 
 
@@ -118,13 +118,6 @@ def _coerce(name: str, value: Any) -> Any:
             if n < 1:
                 raise ValueError("a whole number >= 1")
             return n
-        if name == "tcp_allow_remote":
-            if isinstance(value, bool):
-                return value
-            s = str(value).lower()
-            if s not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError("true or false")
-            return s in ("1", "true", "yes")
         if name == "tcp":
             return str(value) if value not in (None, "", "none") else None
         if name == "python":
@@ -178,7 +171,7 @@ def load_config(
     if cfg.gpus not in ("auto", "fake", "none"):
         raise ConfigError(f"gpus = {cfg.gpus!r}: use \"auto\", \"fake\" or \"none\"")
     if cfg.tcp:
-        parse_tcp(cfg.tcp, cfg.tcp_allow_remote)
+        parse_tcp(cfg.tcp)
     if cfg.default_timeout is not None and cfg.default_timeout > cfg.max_timeout:
         raise ConfigError("default_timeout cannot be larger than max_timeout")
     return cfg

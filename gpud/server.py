@@ -122,7 +122,7 @@ async def serve(
         hc.bind = [f"unix:{sock_path}"]
         tcp_url = None
         if config.tcp:
-            host, port = parse_tcp(config.tcp, config.tcp_allow_remote)
+            host, port = parse_tcp(config.tcp)
             hc.bind.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         hc.accesslog = None
         hc.errorlog = logging.getLogger("gpud.http")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import itertools
 import logging
 import os
 import secrets
@@ -26,7 +27,17 @@ from pathlib import Path
 import trio
 
 from gpud.config import Config
-from gpud.domain import FINAL, RETRYABLE, Gpu, GpuRequest, Job, JobState, Start, Wait
+from gpud.domain import (
+    FINAL,
+    RETRYABLE,
+    Gpu,
+    GpuRequest,
+    IllegalTransition,
+    Job,
+    JobState,
+    Start,
+    Wait,
+)
 from gpud.executors.base import Executor, Handle, LaunchSpec, Outcome
 from gpud.executors.process import JobIdentity, proc_session
 from gpud.gpus import GpuInventory
@@ -101,6 +112,7 @@ class Daemon:
         self._scopes: dict[int, trio.CancelScope] = {}
         self._stop_reason: dict[int, JobState] = {}
         self._changed: dict[int, trio.Event] = {}
+        self._seq: dict[int, int] = {}  # commit order of each job's latest advance
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.kill_jobs_on_exit = False
@@ -151,9 +163,10 @@ class Daemon:
             return job
         if job.state is JobState.QUEUED:
             try:
-                return await self._advance(job_id, Step(JobState.CANCELLED, "cancelled"))
-            except Exception:  # noqa: BLE001 - it started in the meantime: stop it instead
-                pass
+                return await self._advance(job_id, Step(JobState.CANCELLED, "cancelled"),
+                                           expect=JobState.QUEUED)
+            except IllegalTransition:
+                pass  # it started in the meantime: stop it instead
         self._stop_reason[job_id] = JobState.CANCELLED
         scope = self._scopes.get(job_id)
         if scope is not None:
@@ -242,15 +255,21 @@ class Daemon:
         if d.job_id in self._stop_reason:
             return  # cancelled while this round was deciding
         try:
-            job = await self._advance(d.job_id, Step(JobState.STARTING, fields={"gpus": d.gpus}))
-        except Exception as e:  # noqa: BLE001 - e.g. cancelled in the meantime
+            job = await self._advance(d.job_id, Step(JobState.STARTING, fields={"gpus": d.gpus}),
+                                      expect=JobState.QUEUED)
+        except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)
             return
         assert self._nursery is not None
         self._nursery.start_soon(self._supervise, job, None)
 
-    async def _advance(self, job_id: int, *steps: Step) -> Job:
-        job = await self.ledger.call(Ledger.advance, job_id, steps, time.time())
+    async def _advance(self, job_id: int, *steps: Step, expect: JobState | None = None) -> Job:
+        job, seq = await self.ledger.call(_advance_in_order, job_id, steps, time.time(), expect)
+        # Two advances of one job can resume here in either order; only the later commit
+        # may update memory, or a stale STARTING could outlive the job's end.
+        if seq < self._seq.get(job_id, -1):
+            return job
+        self._seq[job_id] = seq
         if job.state in FINAL:
             self.active.pop(job_id, None)
             self.waits.pop(job_id, None)
@@ -465,6 +484,16 @@ def _is_regular(path: Path) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+_commits = itertools.count()
+
+
+def _advance_in_order(ledger: Ledger, job_id: int, steps: Sequence[Step], now: float,
+                      expect: JobState | None) -> tuple[Job, int]:
+    """Ledger.advance plus a sequence number taken on the ledger thread, i.e. in commit
+    order."""
+    return ledger.advance(job_id, steps, now, expect=expect), next(_commits)
 
 
 def _get_many(ledger: Ledger, ids: list[int]) -> list[Job]:

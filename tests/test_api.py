@@ -171,3 +171,27 @@ async def test_gpu_with_foreign_process_is_not_handed_out(served, http: httpx.As
     inv.set_processes(0, [])  # the foreign process went away: the job starts on GPU 0
     done = (await http.get(f"/v1/jobs/{job['id']}/wait", params={"timeout": 30})).json()
     assert done["state"] == "succeeded" and done["gpu_indices"] == [0]
+
+
+async def test_cancel_right_after_submit_never_leaves_a_ghost(  # type: ignore[no-untyped-def]
+    served, http: httpx.AsyncClient
+) -> None:
+    """Cancel racing the scheduler's start: every job ends cancelled (or ran to its end),
+    nothing stays 'starting' in the daemon's memory, and the queue keeps moving."""
+    import trio
+
+    ids = []
+    for _ in range(40):
+        job = (await http.post("/v1/jobs", content=submit_body())).json()
+        ids.append(job["id"])
+        r = await http.post(f"/v1/jobs/{job['id']}/cancel")
+        assert r.status_code == 200, r.text
+        assert r.json()["state"] in ("cancelled", "succeeded"), r.json()
+    with trio.fail_after(20):
+        while served.daemon.active:  # noqa: ASYNC110 - polling the daemon's own state
+            await trio.sleep(0.05)
+    led_states = {(await http.get(f"/v1/jobs/{i}")).json()["state"] for i in ids}
+    assert led_states <= {"cancelled", "succeeded"}
+    last = (await http.post("/v1/jobs", content=submit_body())).json()
+    done = (await http.get(f"/v1/jobs/{last['id']}/wait", params={"timeout": 30})).json()
+    assert done["state"] == "succeeded"

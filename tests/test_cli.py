@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from gpud.cli import EXIT
@@ -129,3 +130,14 @@ def test_second_daemon_on_same_data_dir_is_refused(daemon: DaemonProc, tmp_path:
     out = gpud_cli("serve", "--data-dir", str(daemon.data_dir), "--socket",
                    str(tmp_path / "other.sock"), timeout=30)
     assert out.returncode == EXIT["error"] and "already running" in out.stderr
+
+
+def test_serve_startup_error_is_one_clear_line(tmp_path: Path) -> None:
+    """An error raised inside the daemon's nursery (trio wraps it in a group) is still one
+    `Error:` line, not a traceback."""
+    out = gpud_cli("serve", "--data-dir", str(tmp_path / "d"), "--socket",
+                   str(tmp_path / "s.sock"),
+                   env={**os.environ, "GPUD_PYTHON": "/nonexistent/python3"},
+                   timeout=60)
+    assert out.returncode == EXIT["error"], out.stderr
+    assert "Error:" in out.stderr and "python" in out.stderr and "Traceback" not in out.stderr

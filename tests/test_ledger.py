@@ -163,3 +163,12 @@ def test_acknowledged_submit_survives_sigkill(tmp_path: Path) -> None:
     assert led.integrity_check() == "ok"
     assert len(led.active()) == 50 and led.get(last).state is Q
     led.close()
+
+
+def test_ledger_files_are_private(tmp_path: Path) -> None:
+    """Payloads and env values live in the ledger: no other user may read it."""
+    led = Ledger(tmp_path / "l.db")
+    led.submit([new_job()], b"fn", 1.0)
+    for name in ("l.db", "l.db-wal", "l.db-shm"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    led.close()

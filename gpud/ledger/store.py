@@ -8,7 +8,9 @@ appends to the event log, so the table and its history cannot disagree.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -109,6 +111,17 @@ def _row_to_job(r: sqlite3.Row) -> Job:
     )
 
 
+def _make_private(path: Path) -> None:
+    """The ledger holds every job's payload and env: readable by the daemon's user only.
+    SQLite creates the -wal and -shm files with the database file's mode, so creating the
+    database 0600 up front covers them; an older ledger is tightened in place."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(p, 0o600)
+
+
 class Ledger:
     """Synchronous access to the ledger. Not thread-safe by design: one thread owns it
     (the daemon's :class:`gpud.ledger.LedgerThread`; a CLI or a test may own one too)."""
@@ -116,6 +129,7 @@ class Ledger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._owner = threading.get_ident()
+        _make_private(self.path)
         self.conn = sqlite3.connect(
             str(self.path), isolation_level=None, timeout=10.0, check_same_thread=True
         )
@@ -177,8 +191,14 @@ class Ledger:
             )
         return batch_id, ids
 
-    def advance(self, job_id: int, steps: Iterable[Step], now: float) -> Job:
+    def advance(
+        self, job_id: int, steps: Iterable[Step], now: float, *, expect: JobState | None = None
+    ) -> Job:
         """Apply one or more state-machine steps in one transaction; return the job after.
+
+        With ``expect``, refuse (IllegalTransition) unless the job is in that state now: a
+        caller acting on what it last saw (cancel a *queued* job) must not apply its step
+        to a job that moved on meanwhile (STARTING -> CANCELLED would also be legal).
 
         Several steps at once is how a retry is recorded: RUNNING -> FAILED -> QUEUED is
         one commit, so no reader ever sees the job resting in FAILED with a retry due.
@@ -188,6 +208,9 @@ class Ledger:
             if row is None:
                 raise UnknownJob(job_id)
             state, attempt = JobState(row["state"]), int(row["attempt"])
+            steps = list(steps)
+            if expect is not None and state is not expect and steps:
+                raise IllegalTransition(job_id, state, steps[0].state)
             for step in steps:
                 new = transition(state, step.state, job_id)
                 bad = set(step.fields) - _SETTABLE
