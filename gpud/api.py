@@ -27,7 +27,7 @@ from gpud import __version__
 from gpud.domain import FINAL, GpuRequest, Job, JobState
 from gpud.ledger import NewJob, UnknownJob
 from gpud.safefs import read_regular
-from gpud.service import Daemon, SubmitError
+from gpud.service import Daemon, ExecutorDown, SubmitError
 from gpud_client.models import (
     API_PREFIX,
     BatchSubmitRequest,
@@ -37,10 +37,12 @@ from gpud_client.models import (
     GpuList,
     GpuProcessInfo,
     Health,
+    ImageList,
     JobInfo,
     JobList,
     SubmitRequest,
 )
+from gpud_client.models import ImageInfo as ImageInfoModel
 
 __all__ = ["ApiError", "ROUTES", "create_app", "job_info", "openapi"]
 
@@ -75,6 +77,7 @@ def job_info(daemon: Daemon, job: Job) -> JobInfo:
         timeout=job.timeout, retries=job.retries, attempt=job.attempt, batch_id=job.batch_id,
         exit_code=job.exit_code, error=job.error, has_result=job.has_result,
         reason=reason, position=position, python=job.python, image=job.image,
+        memory=job.memory, cpu=job.cpus,
     )
 
 
@@ -159,7 +162,7 @@ def _owner(request: Request) -> str:
     return claimed or "unknown"
 
 
-def _new_jobs(
+async def _new_jobs(
     daemon: Daemon, request: Request, req: SubmitRequest | BatchSubmitRequest, args: list[bytes]
 ) -> list[NewJob]:
     try:
@@ -176,10 +179,18 @@ def _new_jobs(
             raise ApiError(422, "invalid_env", f"env name {k!r} is not a valid variable name")
     if not req.name or len(req.name) > 512:
         raise ApiError(422, "invalid_name", "name must be 1 to 512 characters")
+    memory = req.memory
+    if memory is not None and memory < 16 * 1024 * 1024:
+        raise ApiError(422, "invalid_memory", "memory must be at least 16 MiB (in bytes)")
+    if req.cpu is not None and not 0.01 <= req.cpu <= (os.cpu_count() or 1):
+        raise ApiError(422, "invalid_cpu",
+                       f"cpu must be between 0.01 and this box's {os.cpu_count()} CPUs")
     try:
-        daemon.check_submittable(gpu, req.python, timeout)
+        image = await daemon.check_submittable(gpu, req.python, timeout, req.image)
     except SubmitError as e:
         raise ApiError(422, "refused", str(e)) from None
+    except ExecutorDown as e:
+        raise ApiError(503, "executor_unavailable", str(e)) from None
     import hashlib
 
     code_hash = hashlib.sha256(req.function).hexdigest()
@@ -187,7 +198,7 @@ def _new_jobs(
     return [
         NewJob(name=req.name, owner=owner, function_hash=code_hash, args=a, python=req.python,
                timeout=timeout, gpu=gpu, retries=req.retries, priority=req.priority,
-               image=req.image, env=dict(req.env))
+               image=image, env=dict(req.env), memory=memory, cpus=req.cpu)
         for a in args
     ]
 
@@ -205,7 +216,7 @@ def create_app(daemon: Daemon) -> Starlette:
 
     async def submit(request: Request) -> Response:
         req = _decode(await _body(request, limit), SubmitRequest)
-        jobs = _new_jobs(daemon, request, req, [req.args])
+        jobs = await _new_jobs(daemon, request, req, [req.args])
         _, made = await daemon.submit(jobs, req.function)
         return _json(job_info(daemon, made[0]), 201)
 
@@ -213,7 +224,7 @@ def create_app(daemon: Daemon) -> Starlette:
         req = _decode(await _body(request, limit), BatchSubmitRequest)
         if not 1 <= len(req.inputs) <= MAX_BATCH:
             raise ApiError(422, "invalid_batch", f"a batch holds 1 to {MAX_BATCH} inputs")
-        jobs = _new_jobs(daemon, request, req, req.inputs)
+        jobs = await _new_jobs(daemon, request, req, req.inputs)
         batch_id, made = await daemon.submit(jobs, req.function, batch=True)
         assert batch_id is not None
         return _json(BatchSubmitResponse(batch_id=batch_id, job_ids=[j.id for j in made]), 201)
@@ -284,6 +295,16 @@ def create_app(daemon: Daemon) -> Starlette:
     async def gpus(request: Request) -> Response:
         return _json(gpu_list(daemon))
 
+    async def images(request: Request) -> Response:
+        found = await daemon.executor.images()
+        default = getattr(daemon.executor, "default_image", None)
+        note = None if daemon.executor.name == "podman" else (
+            f"the {daemon.executor.name} executor runs jobs without images (Python "
+            f"{daemon.worker_python}); images need executor = \"podman\"")
+        return _json(ImageList(images=[ImageInfoModel(
+            name=i.name, id=i.id, size=i.size, created=i.created, python=i.python)
+            for i in found], executor=daemon.executor.name, default=default, note=note))
+
     async def openapi_doc(request: Request) -> Response:
         return _json(openapi())
 
@@ -308,6 +329,7 @@ def create_app(daemon: Daemon) -> Starlette:
         ("GET", "/jobs/{job_id}/result", result),
         ("POST", "/jobs/{job_id}/cancel", cancel_job),
         ("GET", "/gpus", gpus),
+        ("GET", "/images", images),
     ]
     routes = [Route(API_PREFIX + p, wrap(fn), methods=[m]) for m, p, fn in table]
     routes.append(Route("/openapi.json", openapi_doc, methods=["GET"]))
@@ -361,14 +383,12 @@ async def _follow(daemon: Daemon, job_id: int, path: Path,
 
 def gpu_list(daemon: Daemon) -> GpuList:
     holders = daemon.gpu_holders()
-    sessions = {h.pid: h.job_id for h in daemon.handles.values()}
-    from gpud.executors.process import proc_session
-
+    handles = list(daemon.handles.values())
     out = []
     for g in daemon.gpus:
         holder = holders.get(g.uuid)
         procs = [GpuProcessInfo(pid=p.pid, used_memory=p.used_memory,
-                                job_id=sessions.get(proc_session(p.pid) or -1, sessions.get(p.pid)))
+                                job_id=daemon.executor.job_for_pid(p.pid, handles))
                  for p in g.processes]
         out.append(GpuInfo(
             index=g.index, uuid=g.uuid, name=g.name, type=g.type, aliases=list(g.aliases),
@@ -399,6 +419,7 @@ _DOC: list[tuple[str, str, str, type | None, type | None, str]] = [
     ("post", "/jobs/{job_id}/cancel", "Cancel a job; returns once it is final", None, JobInfo,
      ""),
     ("get", "/gpus", "The box's GPUs with holders and foreign processes", None, GpuList, ""),
+    ("get", "/images", "Local images usable for jobs (Podman executor)", None, ImageList, ""),
 ]
 
 _PARAMS = {

@@ -131,7 +131,10 @@ def serve(config_path: str | None, data_dir: str | None, socket_path: str | None
                     nursery.cancel_scope.cancel()
                     break
 
-    expected = (AlreadyRunning, WorkerPythonError, GpuInventoryError, ConfigError, ValueError)
+    from gpud.executors.podman import PodmanUnavailable
+
+    expected = (AlreadyRunning, WorkerPythonError, GpuInventoryError, ConfigError, ValueError,
+                PodmanUnavailable)
     try:
         trio.run(main)
     except BaseException as e:  # noqa: BLE001 - trio wraps start-up errors in a group
@@ -343,6 +346,34 @@ def gpus(as_json: bool, url: str | None) -> None:
             "-" if g.temperature is None else f"{g.temperature}C",
             "-" if g.power_w is None else f"{g.power_w:.0f}W", held, g.uuid,
         )
+    _console().print(table)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the images as JSON.")
+@url_option
+@handle_errors
+def images(as_json: bool, url: str | None) -> None:
+    """List the local images jobs can use (Podman executor), with their Python."""
+    with _client(url) as c:
+        lst = c.images()
+    if as_json:
+        _print_json(lst)
+        return
+    if lst.note:
+        click.echo(lst.note, err=True)
+    if not lst.images:
+        if lst.executor == "podman":
+            click.echo("no images: build one (podman build) first; gpud never pulls", err=True)
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("IMAGE", "PYTHON", "SIZE", "ID", ""):
+        table.add_column(col, no_wrap=True)
+    for i in lst.images:
+        table.add_row(i.name, i.python or "(not inspected yet)", f"{i.size / 1e6:.0f} MB",
+                      i.id[:12], "default" if i.name == lst.default else "")
     _console().print(table)
 
 

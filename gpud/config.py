@@ -33,7 +33,20 @@ class Config:
     socket: Path = field(default_factory=default_socket)
     #: "HOST:PORT" to also listen on TCP; loopback only (no authentication exists yet).
     tcp: str | None = None
+    #: "process" (plain processes) or "podman" (a container per job)
     executor: str = "process"
+    #: the image of a job without image= (Podman); None: localhost/gpud-python:X.Y for the
+    #: daemon's own Python X.Y (what ../shared/ci/podman-host-setup.sh --image builds)
+    default_image: str | None = None
+    podman_url: str = "unix:///run/podman/podman.sock"
+    #: start `podman system service` when nothing answers at podman_url
+    podman_start_service: bool = False
+    #: the network jobs' containers get: "none" (default: no network), "host", "bridge"...
+    podman_network: str = "none"
+    #: a read-only root filesystem for jobs (with a writable /tmp)
+    podman_read_only: bool = True
+    #: extra bind mounts for every job container, "SRC:DST[:ro]" (e.g. shared datasets)
+    podman_volumes: list[str] = field(default_factory=list)
     #: "auto": real GPUs through NVML, or fake_gpus on a box with no NVIDIA driver;
     #: "fake": always fake_gpus (tests, demos); "none": hand out no GPUs at all
     gpus: str = "auto"
@@ -107,6 +120,22 @@ def _coerce(name: str, value: Any) -> Any:
             return parse_duration(value)
         if name in ("data_dir", "socket"):
             return Path(os.path.expanduser(str(value)))
+        if name in ("podman_start_service", "podman_read_only"):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError("true or false")
+            return text in ("1", "true", "yes")
+        if name == "podman_volumes":
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+                raise ValueError('a list of "SRC:DST[:ro]" strings')
+            vols = [v.strip() for v in items if v.strip()]
+            for v in vols:
+                if not v.startswith("/") or ":" in v and not v.split(":")[1].startswith("/"):
+                    raise ValueError(f"{v!r}: write absolute paths, SRC:DST[:ro]")
+            return vols
         if name == "fake_gpus":
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
@@ -120,6 +149,8 @@ def _coerce(name: str, value: Any) -> Any:
             return n
         if name == "tcp":
             return str(value) if value not in (None, "", "none") else None
+        if name == "default_image":
+            return str(value) if value else None
         if name == "python":
             return str(value) if value else None
         return str(value)
@@ -163,10 +194,9 @@ def load_config(
             raise ConfigError(f"unknown setting {k}")
         values[k] = _coerce(k, v)
     cfg = replace(Config(), **values)
-    if cfg.executor not in ("process",):
+    if cfg.executor not in ("process", "podman"):
         raise ConfigError(
-            f"executor = {cfg.executor!r} is not available: use \"process\" "
-            "(the Podman executor arrives with its own release)"
+            f"executor = {cfg.executor!r} is not available: use \"process\" or \"podman\""
         )
     if cfg.gpus not in ("auto", "fake", "none"):
         raise ConfigError(f"gpus = {cfg.gpus!r}: use \"auto\", \"fake\" or \"none\"")

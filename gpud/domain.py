@@ -232,6 +232,8 @@ class Job:
     error: str | None = None
     has_result: bool = False
     code_hash: str = ""
+    memory: int | None = None  # bytes, a limit (enforced by the Podman executor)
+    cpus: float | None = None  # CPUs, a limit (enforced by the Podman executor)
 
 
 # ---------------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ from gpud.domain import (
     Start,
     Wait,
 )
-from gpud.executors.base import Executor, Handle, LaunchSpec, Outcome
-from gpud.executors.process import JobIdentity, proc_session
+from gpud.executors.base import Executor, ExecutorRefusal, Handle, LaunchSpec, Outcome
+from gpud.executors.process import JobIdentity
 from gpud.gpus import GpuInventory
 from gpud.ledger import LedgerThread, NewJob, Step
 from gpud.ledger.store import Ledger
@@ -54,7 +54,7 @@ from gpud_client.jobdir import (
     read_status,
 )
 
-__all__ = ["AlreadyRunning", "Daemon", "SubmitError"]
+__all__ = ["AlreadyRunning", "Daemon", "ExecutorDown", "SubmitError"]
 
 log = logging.getLogger("gpud")
 
@@ -62,6 +62,10 @@ log = logging.getLogger("gpud")
 
 class SubmitError(ValueError):
     """A submit the daemon refuses; the message says why and what to do."""
+
+
+class ExecutorDown(RuntimeError):
+    """The executor cannot be reached now (503): not the request's fault."""
 
 
 class AlreadyRunning(RuntimeError):
@@ -119,25 +123,45 @@ class Daemon:
 
     # -- public operations (called by the API) ------------------------------------------
 
-    def check_submittable(self, gpu: GpuRequest | None, python: str, timeout: float) -> None:
-        mine = self.worker_python.rsplit(".", 1)[0]
-        theirs = python.rsplit(".", 1)[0] if python.count(".") >= 2 else python
-        if theirs != mine:
-            raise SubmitError(
-                f"this job was pickled by Python {python}, but this daemon's workers run "
-                f"Python {self.worker_python}: submit from Python {mine}, or have the admin "
-                f"set `python` in the daemon's config to a Python {theirs} interpreter"
-            )
+    async def check_submittable(
+        self, gpu: GpuRequest | None, python: str, job_timeout: float, image: str | None
+    ) -> str | None:
+        """Refuse, with the reason and the fix, what could never run here; return the image
+        the job will run in (None for the process executor)."""
         why = infeasible(gpu, self.gpus)
         if why is not None:
             raise SubmitError(why)
-        if timeout > self.config.max_timeout:
+        try:
+            resolved, worker = await self.executor.python_for(image)
+        except ExecutorRefusal as e:
+            raise SubmitError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - e.g. the Podman service went away
+            log.exception("the %s executor could not check image %r", self.executor.name, image)
+            raise ExecutorDown(
+                f"the {self.executor.name} executor cannot check this job's image right now "
+                f"({type(e).__name__}: {e}); try again, or ask the admin to check it"
+            ) from None
+        mine = worker.rsplit(".", 1)[0]
+        theirs = python.rsplit(".", 1)[0] if python.count(".") >= 2 else python
+        if theirs != mine:
+            where = f"image {resolved} has" if resolved else "this daemon's workers run"
+            fix = (f"use an image with Python {theirs}" if resolved else
+                   f"have the admin set `python` in the daemon's config to a Python {theirs} "
+                   "interpreter")
             raise SubmitError(
-                f"timeout {_fmt_seconds(timeout)} is longer than this daemon's max_timeout "
+                f"this job was pickled by Python {python}, but {where} Python {worker}: "
+                f"submit from Python {mine}, or {fix}"
+            )
+        if why is not None:
+            raise SubmitError(why)
+        if job_timeout > self.config.max_timeout:
+            raise SubmitError(
+                f"timeout {_fmt_seconds(job_timeout)} is longer than this daemon's max_timeout "
                 f"({_fmt_seconds(self.config.max_timeout)}): ask for less"
             )
-        if timeout <= 0:
+        if job_timeout <= 0:
             raise SubmitError("timeout must be positive")
+        return resolved or None
 
     async def submit(
         self, jobs: Sequence[NewJob], function: bytes, *, batch: bool = False
@@ -291,7 +315,7 @@ class Daemon:
             log.exception("internal error while supervising job %s", job.id)
             live = self.handles.get(job.id) or handle
             if live is not None:
-                self.executor.reap(live)
+                await trio.to_thread.run_sync(self.executor.reap, live)
             try:
                 current = await self.get(job.id)
                 if current.state not in FINAL and current.state is not JobState.QUEUED:
@@ -341,7 +365,7 @@ class Daemon:
                    else f"timed out after {_fmt_seconds(job.timeout)}")
             await self._finish(job, Finished(stop_as, why, None, False, False))
         else:
-            self.executor.reap(handle)
+            await trio.to_thread.run_sync(self.executor.reap, handle)
             await self._finish(job, await trio.to_thread.run_sync(self._collect, job, outcome))
 
     async def _launch(self, job: Job) -> Handle:
@@ -372,8 +396,12 @@ class Daemon:
         if os.geteuid() == 0:
             os.chown(d, *owner, follow_symlinks=False)
         os.chmod(d, 0o700, follow_symlinks=False)
+        index = {g.uuid: g.index for g in self.gpus}
         return LaunchSpec(job_id=job.id, attempt=job.attempt, job_dir=d, log_path=log_path,
-                          gpus=job.gpus, env=dict(job.env), image=job.image)
+                          gpus=job.gpus, gpu_indices=tuple(index[u] for u in job.gpus
+                                                           if u in index),
+                          env=dict(job.env), image=job.image,
+                          memory=job.memory, cpus=job.cpus)
 
     def _collect(self, job: Job, outcome: Outcome) -> Finished:
         """Read what the worker left (status.json, never the pickle) into an outcome."""
@@ -436,11 +464,11 @@ class Daemon:
 
     async def _refresh_gpus(self) -> None:
         snap = await trio.to_thread.run_sync(self.inventory.snapshot)
-        ours = {h.pid for h in self.handles.values()}
+        handles = list(self.handles.values())
         out = []
         for g in snap:
-            foreign = tuple(p.pid for p in g.processes if proc_session(p.pid) not in ours
-                            and p.pid not in ours)
+            foreign = tuple(p.pid for p in g.processes
+                            if self.executor.job_for_pid(p.pid, handles) is None)
             out.append(dataclasses.replace(g, foreign_pids=foreign))
         before = [g.foreign_pids for g in self.gpus]
         self.gpus = out
@@ -453,12 +481,12 @@ class Daemon:
         """Re-adopt what a previous daemon left running; mark the rest lost (then retry)."""
         jobs = await self.ledger.call(Ledger.active)
         assert self._nursery is not None
+        await trio.to_thread.run_sync(self.executor.cleanup, {j.id for j in jobs})
         for job in jobs:
             self.active[job.id] = job
             if job.state is JobState.QUEUED:
                 continue
-            pid = job.pid if job.state is JobState.RUNNING else None
-            handle = self.executor.adopt(job.id, pid, job.pid_start)
+            handle = await trio.to_thread.run_sync(self.executor.adopt, job)
             if handle is not None:
                 if job.state is JobState.STARTING:
                     job = await self._advance(job.id, Step(JobState.RUNNING, "adopted", fields={

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from gpud_client.client import Client
-from gpud_client.duration import parse_duration
+from gpud_client.duration import parse_duration, parse_size
 from gpud_client.errors import ApiError, DaemonUnavailable, GpudError, VersionMismatch
 from gpud_client.handle import JobHandle
 from gpud_client.models import BatchSubmitRequest, SubmitRequest
@@ -54,6 +54,8 @@ class FunctionOptions:
     env: dict[str, str] = field(default_factory=dict)
     priority: int = 0
     image: str | None = None
+    memory: int | None = None  # bytes
+    cpu: float | None = None
 
     @classmethod
     def build(
@@ -65,6 +67,8 @@ class FunctionOptions:
         env: Mapping[str, str] | None = None,
         priority: int = 0,
         image: str | None = None,
+        memory: int | str | None = None,
+        cpu: float | None = None,
     ) -> FunctionOptions:
         """Check the options where they are written (at decoration), not at submit time.
         The GPU spec's syntax is the daemon's to judge: it answers 422 with the rules."""
@@ -88,8 +92,13 @@ class FunctionOptions:
                 raise TypeError(f"env must map strings to strings; got {k!r}: {v!r}")
         if image is not None and not isinstance(image, str):
             raise TypeError(f"image must be a string or None, not {image!r}")
+        mem = None if memory is None else parse_size(memory)
+        if cpu is not None and (isinstance(cpu, bool) or not isinstance(cpu, int | float)
+                                or cpu <= 0):
+            raise ValueError(f"cpu must be a positive number of CPUs, not {cpu!r}")
         return cls(
-            gpu=gpu, timeout=seconds, retries=retries, env=env_dict, priority=priority, image=image
+            gpu=gpu, timeout=seconds, retries=retries, env=env_dict, priority=priority,
+            image=image, memory=mem, cpu=None if cpu is None else float(cpu),
         )
 
 
@@ -175,6 +184,8 @@ class App:
         env: Mapping[str, str] | None = None,
         priority: int = 0,
         image: str | None = None,
+        memory: int | str | None = None,
+        cpu: float | None = None,
         name: str | None = None,
     ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
 
@@ -189,12 +200,15 @@ class App:
         env: Mapping[str, str] | None = None,
         priority: int = 0,
         image: str | None = None,
+        memory: int | str | None = None,
+        cpu: float | None = None,
         name: str | None = None,
     ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
         """Decorate a function to run on the daemon: ``@app.function`` or
         ``@app.function(gpu="h100", timeout="2h", ...)``."""
         options = FunctionOptions.build(
-            gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image
+            gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
+            memory=memory, cpu=cpu,
         )
 
         def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -219,6 +233,8 @@ def function(
     env: Mapping[str, str] | None = None,
     priority: int = 0,
     image: str | None = None,
+    memory: int | str | None = None,
+    cpu: float | None = None,
     name: str | None = None,
     url: str | None = None,
 ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
@@ -234,12 +250,15 @@ def function(
     env: Mapping[str, str] | None = None,
     priority: int = 0,
     image: str | None = None,
+    memory: int | str | None = None,
+    cpu: float | None = None,
     name: str | None = None,
     url: str | None = None,
 ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
     """Like ``App.function`` without an App; the job name is ``module.qualname``."""
     options = FunctionOptions.build(
-        gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image
+        gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
+        memory=memory, cpu=cpu,
     )
 
     def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -335,6 +354,8 @@ class Function(Generic[P, R]):
             "env": dict(o.env),
             "priority": o.priority,
             "image": o.image,
+            "memory": o.memory,
+            "cpu": o.cpu,
         }
 
     def submit_request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SubmitRequest:

@@ -34,6 +34,7 @@ from gpud_client.models import (
     ErrorBody,
     GpuList,
     Health,
+    ImageList,
     JobInfo,
     JobList,
     SubmitRequest,
@@ -354,6 +355,10 @@ class Client(_Base):
         """``GET /v1/gpus``."""
         return self._do(_Call("GET", "/gpus", GpuList))
 
+    def images(self) -> ImageList:
+        """``GET /v1/images``."""
+        return self._do(_Call("GET", "/images", ImageList))
+
 
 class AsyncClient(_Base):
     """:class:`Client`'s methods as coroutines, for trio or asyncio programs."""
@@ -471,3 +476,6 @@ class AsyncClient(_Base):
 
     async def gpus(self) -> GpuList:
         return await self._do(_Call("GET", "/gpus", GpuList))
+
+    async def images(self) -> ImageList:
+        return await self._do(_Call("GET", "/images", ImageList))

@@ -17,6 +17,8 @@ __all__ = [
     "GpuList",
     "GpuProcessInfo",
     "Health",
+    "ImageInfo",
+    "ImageList",
     "JobInfo",
     "JobList",
     "SubmitRequest",
@@ -43,6 +45,8 @@ class SubmitRequest(_Request):
     env: dict[str, str] = {}
     priority: int = 0
     image: str | None = None
+    memory: int | None = None  # bytes (a container limit with the Podman executor)
+    cpu: float | None = None  # CPUs (a container limit with the Podman executor)
 
 
 class BatchSubmitRequest(_Request):
@@ -59,6 +63,8 @@ class BatchSubmitRequest(_Request):
     env: dict[str, str] = {}
     priority: int = 0
     image: str | None = None
+    memory: int | None = None  # bytes (a container limit with the Podman executor)
+    cpu: float | None = None  # CPUs (a container limit with the Podman executor)
 
 
 class BatchSubmitResponse(msgspec.Struct, kw_only=True):
@@ -90,6 +96,8 @@ class JobInfo(msgspec.Struct, kw_only=True):
     position: int | None = None
     python: str = ""
     image: str | None = None
+    memory: int | None = None
+    cpu: float | None = None
 
 
 class JobList(msgspec.Struct, kw_only=True):
@@ -127,6 +135,21 @@ class GpuInfo(msgspec.Struct, kw_only=True):
 class GpuList(msgspec.Struct, kw_only=True):
     gpus: list[GpuInfo]
     source: str  # "nvml", "fake" or "none"
+    note: str | None = None
+
+
+class ImageInfo(msgspec.Struct, kw_only=True):
+    name: str
+    id: str
+    size: int
+    created: float
+    python: str | None  # the image's Python, once gpud has inspected it
+
+
+class ImageList(msgspec.Struct, kw_only=True):
+    images: list[ImageInfo]
+    executor: str
+    default: str | None  # the image a job without image= runs in
     note: str | None = None
 
 

@@ -300,7 +300,21 @@ def _flush_std() -> None:
             stream.flush()
 
 
+def _redirect_output() -> None:
+    """In a container the worker's stdout/stderr belong to the container runtime: with
+    GPUD_LOG_FILE set, send both to the job's log file instead (appending, as a plain
+    process job's log is written)."""
+    path = os.environ.get("GPUD_LOG_FILE")
+    if not path:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _redirect_output()
     argv = sys.argv if argv is None else argv
     if len(argv) != 2:
         _say("usage: gpud_worker.py JOBDIR")

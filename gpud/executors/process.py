@@ -16,13 +16,15 @@ import pwd
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from gpud.executors.base import Handle, LaunchSpec, Outcome
+from gpud.domain import Job, JobState
+from gpud.executors.base import ExecutorRefusal, Handle, ImageInfo, LaunchSpec, Outcome
 from gpud.safefs import open_append
 from gpud_client.jobdir import worker_command
 
@@ -31,6 +33,7 @@ __all__ = [
     "ProcessExecutor",
     "WorkerPythonError",
     "find_job_processes",
+    "job_environment",
     "job_identity",
     "proc_start_time",
     "resolve_worker_python",
@@ -127,6 +130,28 @@ def resolve_worker_python(
     )
 
 
+def job_environment(spec: LaunchSpec, identity: JobIdentity, instance: str) -> dict[str, str]:
+    """A job's whole environment: nothing of the daemon's leaks in, and the user's env=
+    cannot override what gpud sets (its GPUs, its identity)."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    env.update(spec.env)
+    visible = ",".join(spec.gpus)
+    env.update({
+        "HOME": identity.home,
+        "USER": identity.user,
+        "LOGNAME": identity.user,
+        "PYTHONUNBUFFERED": "1",
+        # By UUID, never by index: indices differ between NVML and CUDA's default order.
+        "CUDA_VISIBLE_DEVICES": visible,
+        "NVIDIA_VISIBLE_DEVICES": visible or "void",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "GPUD_JOB_ID": str(spec.job_id),
+        "GPUD_ATTEMPT": str(spec.attempt),
+        "GPUD_INSTANCE": instance,
+    })
+    return env
+
+
 def proc_start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot, or None if there is no such pid."""
     try:
@@ -201,38 +226,43 @@ class ProcessExecutor:
         self,
         *,
         python: str,
+        version: str,
         runtime_dir: Path,
         identity: JobIdentity,
         instance: str,
     ) -> None:
         self.python = python
+        self.version = version
         self.runtime_dir = runtime_dir
         self.identity = identity
         self.instance = instance
         self._procs: dict[int, trio.Process] = {}
 
-    def job_env(self, spec: LaunchSpec) -> dict[str, str]:
-        """A clean environment: nothing of the daemon's leaks into the job."""
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "LANG": "C.UTF-8",
-        }
-        env.update(spec.env)
-        visible = ",".join(spec.gpus)
-        env.update({
-            "HOME": self.identity.home,
-            "USER": self.identity.user,
-            "LOGNAME": self.identity.user,
-            "PYTHONUNBUFFERED": "1",
-            # By UUID, never by index: indices differ between NVML and CUDA's default order.
-            "CUDA_VISIBLE_DEVICES": visible,
-            "NVIDIA_VISIBLE_DEVICES": visible or "void",
-            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-            "GPUD_JOB_ID": str(spec.job_id),
-            "GPUD_ATTEMPT": str(spec.attempt),
-            "GPUD_INSTANCE": self.instance,
-        })
-        return env
+    async def start(self) -> None:
+        return None
+
+    async def python_for(self, image: str | None) -> tuple[str, str]:
+        if image:
+            raise ExecutorRefusal(
+                f"image={image!r} needs the Podman executor, and this daemon runs jobs as "
+                f"plain processes with Python {self.version} ({self.python}): drop image=, "
+                "or ask the admin for executor = \"podman\""
+            )
+        return "", self.version
+
+    async def images(self) -> list[ImageInfo]:
+        return []
+
+    def job_for_pid(self, pid: int, handles: Iterable[Handle]) -> int | None:
+        # Every job is its own session, led by the worker: match by session id.
+        sid = proc_session(pid)
+        for h in handles:
+            if pid == h.pid or sid == h.pid:
+                return h.job_id
+        return None
+
+    def cleanup(self, active: set[int]) -> None:
+        return None  # a process job leaves nothing behind but its directory
 
     async def launch(self, spec: LaunchSpec) -> Handle:
         ident = self.identity
@@ -244,7 +274,7 @@ class ProcessExecutor:
                 stdout=log_fd,
                 stderr=log_fd,
                 cwd=str(spec.job_dir),
-                env=self.job_env(spec),
+                env=job_environment(spec, ident, self.instance),
                 start_new_session=True,
                 close_fds=True,
                 **ident.popen_kwargs(),
@@ -297,7 +327,9 @@ class ProcessExecutor:
         # SIGKILL the whole group: a job's stray children never outlive it.
         _killpg(handle.pid, signal.SIGKILL)
 
-    def adopt(self, job_id: int, pid: int | None, pid_start: int | None) -> Handle | None:
+    def adopt(self, job: Job) -> Handle | None:
+        job_id, pid_start = job.id, job.pid_start
+        pid = job.pid if job.state is JobState.RUNNING else None
         if pid is not None and _alive(pid, pid_start):
             return Handle(job_id=job_id, pid=pid, pid_start=pid_start or 0, adopted=True)
         if pid is None:

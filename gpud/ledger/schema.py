@@ -79,6 +79,11 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER events_no_delete BEFORE DELETE ON events
         BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
     """,
+    # 2: resource limits per job (memory= and cpu=, enforced by the Podman executor).
+    """
+    ALTER TABLE jobs ADD COLUMN memory INTEGER;
+    ALTER TABLE jobs ADD COLUMN cpus REAL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

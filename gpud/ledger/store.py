@@ -48,6 +48,8 @@ class NewJob:
     priority: int = 0
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    memory: int | None = None
+    cpus: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +79,7 @@ _SETTABLE = frozenset({
 _JOB_COLUMNS = (
     "id, name, owner, state, priority, gpu, timeout, retries, attempt, not_before, gpus, "
     "batch_id, python, image, env, function_hash, submitted_at, started_at, ended_at, pid, "
-    "pid_start, exit_code, error, has_result"
+    "pid_start, exit_code, error, has_result, memory, cpus"
 )
 
 
@@ -108,6 +110,8 @@ def _row_to_job(r: sqlite3.Row) -> Job:
         error=r["error"],
         has_result=bool(r["has_result"]),
         code_hash=r["function_hash"],
+        memory=r["memory"],
+        cpus=r["cpus"],
     )
 
 
@@ -173,13 +177,14 @@ class Ledger:
             for j in jobs:
                 cur = c.execute(
                     "INSERT INTO jobs (name, owner, state, priority, gpu, timeout, retries, "
-                    "batch_id, python, image, env, function_hash, args, submitted_at) "
-                    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "batch_id, python, image, env, function_hash, args, submitted_at, memory, "
+                    "cpus) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         j.name, j.owner, j.priority,
                         json.dumps(j.gpu.to_spec()) if j.gpu else None,
                         j.timeout, j.retries, batch_id, j.python, j.image,
                         json.dumps(j.env, sort_keys=True), j.function_hash, j.args, now,
+                        j.memory, j.cpus,
                     ),
                 )
                 assert cur.lastrowid is not None
