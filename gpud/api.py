@@ -398,7 +398,14 @@ def gpu_list(daemon: Daemon) -> GpuList:
             busy_foreign=bool(g.foreign_pids), job_id=holder.id if holder else None,
             owner=holder.owner if holder else None,
         ))
-    return GpuList(gpus=out, source=daemon.inventory.source, note=daemon.inventory.note)
+    note = daemon.inventory.note
+    if (daemon.executor.name == "podman" and daemon.inventory.source == "nvml"
+            and not getattr(daemon.executor, "cdi", True)):
+        fallback = ("no CDI spec for NVIDIA GPUs: job containers get the GPU device nodes "
+                    "only, without the driver's libraries; run `nvidia-ctk cdi generate "
+                    "--output=/etc/cdi/nvidia.yaml`")
+        note = f"{note}; {fallback}" if note else fallback
+    return GpuList(gpus=out, source=daemon.inventory.source, note=note)
 
 
 # -- OpenAPI -------------------------------------------------------------------------------
