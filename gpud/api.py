@@ -77,7 +77,8 @@ def job_info(daemon: Daemon, job: Job) -> JobInfo:
         timeout=job.timeout, retries=job.retries, attempt=job.attempt, batch_id=job.batch_id,
         exit_code=job.exit_code, error=job.error, has_result=job.has_result,
         reason=reason, position=position, python=job.python, image=job.image,
-        memory=job.memory, cpu=job.cpus,
+        memory=job.memory, cpu=job.cpus, keep_warm=job.keep_warm, start_kind=job.start_kind,
+        startup=job.startup,
     )
 
 
@@ -182,6 +183,12 @@ async def _new_jobs(
     memory = req.memory
     if memory is not None and memory < 16 * 1024 * 1024:
         raise ApiError(422, "invalid_memory", "memory must be at least 16 MiB (in bytes)")
+    cfg = daemon.config
+    keep_warm = cfg.keep_warm_default if req.keep_warm is None else req.keep_warm
+    if not 0 <= keep_warm <= cfg.keep_warm_max:
+        raise ApiError(422, "invalid_keep_warm",
+                       f"keep_warm must be between 0 and this daemon's keep_warm_max "
+                       f"({cfg.keep_warm_max:g} s)")
     if req.cpu is not None and not 0.01 <= req.cpu <= (os.cpu_count() or 1):
         raise ApiError(422, "invalid_cpu",
                        f"cpu must be between 0.01 and this box's {os.cpu_count()} CPUs")
@@ -198,7 +205,8 @@ async def _new_jobs(
     return [
         NewJob(name=req.name, owner=owner, function_hash=code_hash, args=a, python=req.python,
                timeout=timeout, gpu=gpu, retries=req.retries, priority=req.priority,
-               image=image, env=dict(req.env), memory=memory, cpus=req.cpu)
+               image=image, env=dict(req.env), memory=memory, cpus=req.cpu,
+               keep_warm=keep_warm)
         for a in args
     ]
 

@@ -66,6 +66,10 @@ class Config:
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
     max_body_bytes: int = 256 * 1024 * 1024
+    #: keep_warm of a job that does not set one (0: its worker ends with it)
+    keep_warm_default: float = 0.0
+    #: the longest keep_warm a job may ask for
+    keep_warm_max: float = 3600.0
     gpu_poll_interval: float = 2.0
     log_level: str = "info"
 
@@ -88,7 +92,7 @@ class Config:
 
 _ENV_PREFIX = "GPUD_"
 _DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "retry_backoff",
-              "retry_backoff_max", "gpu_poll_interval"}
+              "retry_backoff_max", "gpu_poll_interval", "keep_warm_default", "keep_warm_max"}
 
 
 def parse_tcp(value: str) -> tuple[str, int]:

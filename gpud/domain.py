@@ -234,6 +234,9 @@ class Job:
     code_hash: str = ""
     memory: int | None = None  # bytes, a limit (enforced by the Podman executor)
     cpus: float | None = None  # CPUs, a limit (enforced by the Podman executor)
+    keep_warm: float = 0.0  # seconds its worker stays alive for the next call
+    start_kind: str | None = None  # how it started: "cold" or "warm"
+    startup: float | None = None  # seconds from dispatch to the first line of user code
 
 
 # ---------------------------------------------------------------------------------------

@@ -43,11 +43,13 @@ from gpud.executors.process import JobIdentity
 from gpud.gpus import GpuInventory
 from gpud.ledger import LedgerThread, NewJob, Step
 from gpud.ledger.store import Ledger
-from gpud.safefs import open_append, write_new
-from gpud.scheduler import decide, infeasible
+from gpud.safefs import open_append, read_file, write_new
+from gpud.scheduler import decide, infeasible, order_key
+from gpud.warm import WarmPool, WarmWorker, warm_key
 from gpud_client.jobdir import (
     EXIT_SETUP,
     RESULT_FILE,
+    STARTED_FILE,
     STATUS_FILE,
     WorkerStatus,
     job_files,
@@ -117,6 +119,11 @@ class Daemon:
         self._stop_reason: dict[int, JobState] = {}
         self._changed: dict[int, trio.Event] = {}
         self._seq: dict[int, int] = {}  # commit order of each job's latest advance
+        #: warm workers (executors that can keep a worker between calls)
+        self.warm: WarmPool | None = (WarmPool(config.data_dir / "hub.sock")
+                                      if getattr(executor, "supports_warm", False) else None)
+        self._assigned: dict[int, WarmWorker] = {}  # job -> the warm worker it will run in
+        self._dispatched: dict[int, float] = {}  # job -> when it was handed to be started
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.kill_jobs_on_exit = False
@@ -232,6 +239,9 @@ class Daemon:
             self._nursery = nursery
             try:
                 await self._refresh_gpus()
+                if self.warm is not None:
+                    await nursery.start(self.warm.serve)
+                    nursery.start_soon(self._warm_loop)
                 await self._recover()
                 nursery.start_soon(self._gpu_loop)
                 nursery.start_soon(self._schedule_loop)
@@ -241,6 +251,9 @@ class Daemon:
                 if self.kill_jobs_on_exit:
                     for h in list(self.handles.values()):
                         self.executor.reap(h)
+                    for w in list(self.warm.workers.values()) if self.warm else []:
+                        if w.handle is not None:
+                            self.executor.reap(w.handle)
 
     def _reschedule(self) -> None:
         self._wake.set()
@@ -264,10 +277,21 @@ class Daemon:
         now = time.time()
         pending = [j for j in self.active.values() if j.state is JobState.QUEUED]
         running = [j for j in self.active.values() if j.state is not JobState.QUEUED]
-        decisions = decide(pending, running, self.gpus, cpu_slots=self.config.cpu_slots, now=now)
+        assigned, held, evictable = self._match_warm(pending, now)
+        cold = [j for j in pending if j.id not in assigned]
+        decisions = decide(cold, running + held, self.gpus, cpu_slots=self.config.cpu_slots,
+                           now=now)
         waits: dict[int, Wait] = {}
+        for job_id, w in assigned.items():
+            w.busy = job_id  # reserved now: the next round must not hand it out again
+            self._assigned[job_id] = w
+            await self._start(Start(job_id, w.gpus))
         for d in decisions:
             if isinstance(d, Start):
+                # Idle warm workers on these GPUs give way to the job (eviction).
+                for w in [w for w in evictable if set(w.gpus) & set(d.gpus)]:
+                    evictable.remove(w)
+                    await self._end_warm(w, f"its GPUs are needed by job {d.job_id}")
                 await self._start(d)
             else:
                 waits[d.job_id] = d
@@ -275,16 +299,92 @@ class Daemon:
         backoffs = [j.not_before for j in pending if j.not_before > now and j.id in waits]
         return min(backoffs) if backoffs else None
 
+    def _match_warm(
+        self, pending: list[Job], now: float
+    ) -> tuple[dict[int, WarmWorker], list[Job], list[WarmWorker]]:
+        """Which queued jobs run in an idle warm worker of theirs, in scheduling order.
+
+        Returns (job -> worker; the idle workers that keep their GPUs this round, as
+        pseudo running jobs for the scheduler; the idle workers a job ahead in the queue
+        may evict). A job that cannot use a warm worker claims the idle workers on GPUs
+        of its type, so a stream of warm calls cannot starve it.
+        """
+        if self.warm is None:
+            return {}, [], []
+        idle = self.warm.idle()
+        if not idle:
+            return {}, [], []
+        assigned: dict[int, WarmWorker] = {}
+        claimed: set[int] = set()
+        for job in sorted(pending, key=order_key):
+            if job.not_before > now:
+                continue
+            if job.keep_warm > 0:
+                key = warm_key(job)
+                w = next((w for w in idle if w.key == key and w.id not in claimed
+                          and w not in assigned.values()), None)
+                if w is not None:
+                    assigned[job.id] = w
+                    continue
+            if job.gpu is not None:
+                index = {g.uuid: g for g in self.gpus}
+                for w in idle:
+                    if w.gpus and w not in assigned.values() and any(
+                            index[u].matches(t) for u in w.gpus if u in index
+                            for t, _ in job.gpu.options):
+                        claimed.add(w.id)
+        held, evictable = [], []
+        for w in idle:
+            if w in assigned.values() or not w.gpus:
+                continue
+            if w.id in claimed:
+                evictable.append(w)
+            else:
+                held.append(Job(id=w.last_job, function="(warm worker)",
+                                state=JobState.RUNNING, submitted_at=0.0, owner=w.key[3],
+                                gpus=w.gpus))
+        return assigned, held, evictable
+
+    def _release_warm(self, job_id: int) -> None:
+        """A job matched to a warm worker did not start after all: the worker is free."""
+        w = self._assigned.pop(job_id, None)
+        if w is not None and w.busy == job_id:
+            w.busy = None
+            w.idle_since = time.monotonic()
+
+    async def _end_warm(self, w: WarmWorker, why: str) -> None:
+        assert self.warm is not None
+        log.info("ending warm worker %s (last job %s): %s", w.id, w.last_job, why)
+        await self.warm.close(w)
+        if w.handle is not None:
+            await trio.to_thread.run_sync(self.executor.reap, w.handle)
+            with trio.move_on_after(5):
+                await self.executor.wait(w.handle)  # collect it: no zombie left behind
+
+    async def _warm_loop(self) -> None:
+        """End warm workers whose keep_warm ran out."""
+        assert self.warm is not None
+        while True:
+            await trio.sleep(0.5)
+            expired = self.warm.expired(time.monotonic())
+            for w in expired:
+                await self._end_warm(w, f"idle for {w.keep_warm:g} s")
+            if expired:
+                self._reschedule()
+
     async def _start(self, d: Start) -> None:
         if d.job_id in self._stop_reason:
+            self._release_warm(d.job_id)
             return  # cancelled while this round was deciding
         try:
             job = await self._advance(d.job_id, Step(JobState.STARTING, fields={"gpus": d.gpus}),
                                       expect=JobState.QUEUED)
         except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)
+            self._release_warm(d.job_id)
             return
         assert self._nursery is not None
+        self._dispatched[job.id] = time.time()
         self._nursery.start_soon(self._supervise, job, None)
 
     async def _advance(self, job_id: int, *steps: Step, expect: JobState | None = None) -> Job:
@@ -325,6 +425,7 @@ class Daemon:
             except Exception:  # noqa: BLE001
                 log.exception("could not record the failure of job %s", job.id)
         finally:
+            self._release_warm(job.id)  # matched to a warm worker but never ran in it
             self._scopes.pop(job.id, None)
             self.handles.pop(job.id, None)
             self._stop_reason.pop(job.id, None)
@@ -333,6 +434,10 @@ class Daemon:
         job_id = job.id
         scope = trio.CancelScope()
         self._scopes[job_id] = scope
+        if handle is None and job.keep_warm > 0 and self.warm is not None \
+                and job_id not in self._stop_reason:
+            await self._run_warm(job, scope)
+            return
         if handle is None:
             if job_id in self._stop_reason:
                 await self._finish(job, Finished(JobState.CANCELLED, "cancelled", None,
@@ -349,6 +454,7 @@ class Daemon:
             self.handles[job_id] = handle
             job = await self._advance(job_id, Step(JobState.RUNNING, "running", fields={
                 "pid": handle.pid, "pid_start": handle.pid_start, "started_at": time.time(),
+                "start_kind": "cold",
             }))
             log.info("job %s started: pid %s, gpus %s", job_id, handle.pid,
                      ",".join(job.gpus) or "none")
@@ -368,6 +474,80 @@ class Daemon:
             await trio.to_thread.run_sync(self.executor.reap, handle)
             await self._finish(job, await trio.to_thread.run_sync(self._collect, job, outcome))
 
+    async def _run_warm(self, job: Job, scope: trio.CancelScope) -> None:
+        """Run a keep_warm job in a warm worker: the one the scheduler matched, or a new
+        one that then stays for the next call."""
+        assert self.warm is not None
+        w = self._assigned.pop(job.id, None)
+        kind = "warm" if w is not None else "cold"
+        try:
+            function, args = await self.ledger.call(Ledger.payload, job.id)
+            spec = await trio.to_thread.run_sync(self._prepare_job_dir, job, function, args)
+            if w is None:
+                w = await self._new_warm_worker(job, spec)
+        except Exception as e:  # noqa: BLE001 - any start-up failure is the job's failure
+            log.exception("job %s could not start", job.id)
+            if w is not None:  # a matched warm worker stays warm for the next job
+                w.busy, w.idle_since = None, time.monotonic()
+            await self._finish(job, Finished(JobState.FAILED, f"could not start the job: {e}",
+                                             None, False, True))
+            return
+        assert w.handle is not None
+        self.handles[job.id] = w.handle
+        job = await self._advance(job.id, Step(JobState.RUNNING, f"running ({kind})", fields={
+            "pid": w.handle.pid, "pid_start": w.handle.pid_start, "started_at": time.time(),
+            "start_kind": kind,
+        }))
+        started = job.started_at or time.time()
+        scope.deadline = trio.current_time() + max(0.0, started + job.timeout - time.time())
+        code: int | None = None
+        finished = False
+        with scope:
+            code = await self.warm.run(w, job.id, spec.job_dir, keep_warm=job.keep_warm)
+            finished = True
+        if not finished:
+            # Cancelled or out of time: the worker goes with the job.
+            stop_as = self._stop_reason.get(job.id, JobState.TIMED_OUT)
+            self.warm.forget(w)
+            await self.executor.stop(w.handle, self.config.kill_grace)
+            why = ("cancelled" if stop_as is JobState.CANCELLED
+                   else f"timed out after {_fmt_seconds(job.timeout)}")
+            await self._finish(job, Finished(stop_as, why, None, False, False))
+            return
+        if code is None:  # the worker died during the job
+            self.warm.forget(w)
+            await trio.to_thread.run_sync(self.executor.reap, w.handle)
+        outcome = Outcome(exit_code=code)
+        await self._finish(job, await trio.to_thread.run_sync(self._collect, job, outcome))
+        if code is not None and code != 0 and code != 1:
+            await self._end_warm(w, f"job {job.id} ended with exit code {code}")
+
+    async def _new_warm_worker(self, job: Job, spec: LaunchSpec) -> WarmWorker:
+        assert self.warm is not None
+        w = self.warm.new_worker(warm_key(job), job.gpus, job.keep_warm)
+        spec = dataclasses.replace(spec, serve=(str(self.warm.path), w.token))
+        with trio.CancelScope(shield=True):
+            handle = await self.executor.launch(spec)
+        w.handle = handle
+
+        async def died() -> None:
+            await self.executor.wait(handle)
+            n.cancel_scope.cancel()
+
+        async def hello() -> None:
+            await w.hello.wait()
+            n.cancel_scope.cancel()
+
+        with trio.move_on_after(60):
+            async with trio.open_nursery() as n:
+                n.start_soon(died)
+                n.start_soon(hello)
+        if not w.hello.is_set():
+            self.warm.forget(w)
+            await trio.to_thread.run_sync(self.executor.reap, handle)
+            raise RuntimeError("the worker did not start (its output is in the job's log)")
+        return w
+
     async def _launch(self, job: Job) -> Handle:
         function, args = await self.ledger.call(Ledger.payload, job.id)
         spec = await trio.to_thread.run_sync(self._prepare_job_dir, job, function, args)
@@ -380,7 +560,7 @@ class Daemon:
         d = self.config.jobs_dir / str(job.id)
         d.mkdir(mode=0o700, exist_ok=True)
         owner = (self.identity.uid, self.identity.gid)
-        for stale in (RESULT_FILE, STATUS_FILE):
+        for stale in (RESULT_FILE, STATUS_FILE, STARTED_FILE):
             (d / stale).unlink(missing_ok=True)
         files = job_files(job_id=job.id, name=job.function, python=job.python,
                           function=function, args=args)
@@ -425,6 +605,14 @@ class Daemon:
             why = "the job's process ended without writing a result"
         return Finished(JobState.FAILED, why, code, False, True)
 
+    def _user_start(self, job_id: int) -> float | None:
+        """When the worker began the user's code (it writes the time down), if it did."""
+        raw = read_file(self.config.jobs_dir / str(job_id) / STARTED_FILE, 64)
+        try:
+            return float(raw) if raw else None
+        except ValueError:
+            return None
+
     def _read_status(self, job_id: int) -> WorkerStatus | None:
         """The worker's status.json (plain JSON, never a pickle); None if absent or not
         the worker's (a job could write anything there)."""
@@ -436,10 +624,15 @@ class Daemon:
     async def _finish(self, job: Job, f: Finished) -> Job:
         now = time.time()
         current = await self.get(job.id)
-        steps = [Step(f.state, f.error or f.state.value, fields={
+        fields: dict[str, object] = {
             "ended_at": now, "exit_code": f.exit_code, "error": f.error,
             "has_result": f.has_result,
-        })]
+        }
+        dispatched = self._dispatched.pop(job.id, None)
+        user_start = await trio.to_thread.run_sync(self._user_start, job.id)
+        if dispatched is not None and user_start is not None:
+            fields["startup"] = round(max(0.0, user_start - dispatched), 6)
+        steps = [Step(f.state, f.error or f.state.value, fields=fields)]
         if f.state in RETRYABLE and f.retryable and current.attempt <= current.retries:
             delay = min(self.config.retry_backoff * 2 ** max(0, current.attempt - 1),
                         self.config.retry_backoff_max)

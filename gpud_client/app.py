@@ -56,6 +56,7 @@ class FunctionOptions:
     image: str | None = None
     memory: int | None = None  # bytes
     cpu: float | None = None
+    keep_warm: float | None = None  # seconds; None: the daemon's default
 
     @classmethod
     def build(
@@ -69,6 +70,7 @@ class FunctionOptions:
         image: str | None = None,
         memory: int | str | None = None,
         cpu: float | None = None,
+        keep_warm: float | str | None = None,
     ) -> FunctionOptions:
         """Check the options where they are written (at decoration), not at submit time.
         The GPU spec's syntax is the daemon's to judge: it answers 422 with the rules."""
@@ -96,9 +98,12 @@ class FunctionOptions:
         if cpu is not None and (isinstance(cpu, bool) or not isinstance(cpu, int | float)
                                 or cpu <= 0):
             raise ValueError(f"cpu must be a positive number of CPUs, not {cpu!r}")
+        warm = None if keep_warm is None else parse_duration(keep_warm)
+        if warm is not None and warm < 0:
+            raise ValueError(f"keep_warm must be >= 0 seconds, not {keep_warm!r}")
         return cls(
             gpu=gpu, timeout=seconds, retries=retries, env=env_dict, priority=priority,
-            image=image, memory=mem, cpu=None if cpu is None else float(cpu),
+            image=image, memory=mem, cpu=None if cpu is None else float(cpu), keep_warm=warm,
         )
 
 
@@ -186,6 +191,7 @@ class App:
         image: str | None = None,
         memory: int | str | None = None,
         cpu: float | None = None,
+        keep_warm: float | str | None = None,
         name: str | None = None,
     ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
 
@@ -202,13 +208,14 @@ class App:
         image: str | None = None,
         memory: int | str | None = None,
         cpu: float | None = None,
+        keep_warm: float | str | None = None,
         name: str | None = None,
     ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
         """Decorate a function to run on the daemon: ``@app.function`` or
         ``@app.function(gpu="h100", timeout="2h", ...)``."""
         options = FunctionOptions.build(
             gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
-            memory=memory, cpu=cpu,
+            memory=memory, cpu=cpu, keep_warm=keep_warm,
         )
 
         def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -235,6 +242,7 @@ def function(
     image: str | None = None,
     memory: int | str | None = None,
     cpu: float | None = None,
+    keep_warm: float | str | None = None,
     name: str | None = None,
     url: str | None = None,
 ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
@@ -252,13 +260,14 @@ def function(
     image: str | None = None,
     memory: int | str | None = None,
     cpu: float | None = None,
+    keep_warm: float | str | None = None,
     name: str | None = None,
     url: str | None = None,
 ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
     """Like ``App.function`` without an App; the job name is ``module.qualname``."""
     options = FunctionOptions.build(
         gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
-        memory=memory, cpu=cpu,
+        memory=memory, cpu=cpu, keep_warm=keep_warm,
     )
 
     def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -356,6 +365,7 @@ class Function(Generic[P, R]):
             "image": o.image,
             "memory": o.memory,
             "cpu": o.cpu,
+            "keep_warm": o.keep_warm,
         }
 
     def submit_request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SubmitRequest:

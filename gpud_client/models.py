@@ -47,6 +47,9 @@ class SubmitRequest(_Request):
     image: str | None = None
     memory: int | None = None  # bytes (a container limit with the Podman executor)
     cpu: float | None = None  # CPUs (a container limit with the Podman executor)
+    #: seconds the job's worker stays alive afterwards for the next call of the same
+    #: function (None: the daemon's default; capped by its keep_warm_max)
+    keep_warm: float | None = None
 
 
 class BatchSubmitRequest(_Request):
@@ -65,6 +68,9 @@ class BatchSubmitRequest(_Request):
     image: str | None = None
     memory: int | None = None  # bytes (a container limit with the Podman executor)
     cpu: float | None = None  # CPUs (a container limit with the Podman executor)
+    #: seconds the job's worker stays alive afterwards for the next call of the same
+    #: function (None: the daemon's default; capped by its keep_warm_max)
+    keep_warm: float | None = None
 
 
 class BatchSubmitResponse(msgspec.Struct, kw_only=True):
@@ -98,6 +104,9 @@ class JobInfo(msgspec.Struct, kw_only=True):
     image: str | None = None
     memory: int | None = None
     cpu: float | None = None
+    keep_warm: float = 0.0
+    start_kind: str | None = None  # "cold" (a new worker) or "warm" (a kept one)
+    startup: float | None = None  # seconds from dispatch to the first line of user code
 
 
 class JobList(msgspec.Struct, kw_only=True):

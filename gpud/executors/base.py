@@ -33,6 +33,9 @@ class LaunchSpec:
     image: str | None = None
     memory: int | None = None  # bytes
     cpus: float | None = None
+    #: (hub socket, token): start a warm worker that serves jobs sent through the hub
+    #: instead of running this one job directory
+    serve: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)

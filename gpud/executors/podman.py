@@ -136,6 +136,8 @@ def container_spec(
 
 class PodmanExecutor:
     name = "podman"
+    #: warm containers and snapshots are not built yet: every job is a fresh container
+    supports_warm = False
 
     def __init__(
         self,

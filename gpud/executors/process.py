@@ -221,6 +221,7 @@ def _killpg(pgid: int, sig: int) -> bool:
 
 class ProcessExecutor:
     name = "process"
+    supports_warm = True
 
     def __init__(
         self,
@@ -268,13 +269,18 @@ class ProcessExecutor:
         ident = self.identity
         log_fd = open_append(spec.log_path, (ident.uid, ident.gid))
         try:
+            cmd = worker_command(self.python, self.runtime_dir, spec.job_dir)
+            env = job_environment(spec, ident, self.instance)
+            if spec.serve is not None:
+                cmd[-1] = "--serve"
+                env["GPUD_HUB"], env["GPUD_WORKER_TOKEN"] = spec.serve
             proc = await trio.lowlevel.open_process(
-                worker_command(self.python, self.runtime_dir, spec.job_dir),
+                cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
                 cwd=str(spec.job_dir),
-                env=job_environment(spec, ident, self.instance),
+                env=env,
                 start_new_session=True,
                 close_fds=True,
                 **ident.popen_kwargs(),

@@ -84,6 +84,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN memory INTEGER;
     ALTER TABLE jobs ADD COLUMN cpus REAL;
     """,
+    # 3: warm workers: how long a job's worker stays, how the job started, how fast.
+    """
+    ALTER TABLE jobs ADD COLUMN keep_warm REAL NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN start_kind TEXT;
+    ALTER TABLE jobs ADD COLUMN startup REAL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
