@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from gpud_client.client import Client
+from gpud_client.cls import ClsProxy
 from gpud_client.duration import parse_duration, parse_size
 from gpud_client.errors import ApiError, DaemonUnavailable, GpudError, VersionMismatch
 from gpud_client.handle import JobHandle
@@ -226,6 +227,21 @@ class App:
 
         return wrap(fn) if fn is not None else wrap
 
+    def cls(self, cls: type | None = None, /, **options: Any) -> Any:
+        """Decorate a class whose ``@gpud.method()`` methods run as jobs, with its
+        ``@gpud.enter()`` setup run once per worker (keep it with ``keep_warm=``).
+        Takes the options of :meth:`function`."""
+        opts = FunctionOptions.build(**options)
+
+        def wrap(c: type) -> ClsProxy:
+            def make(fn: Any, qualname: str, anchor: type) -> Function[Any, Any]:
+                return Function(fn, name=f"{self.name}.{qualname}", options=opts, app=self,
+                                anchor=anchor)
+
+            return ClsProxy(c, make_function=make)
+
+        return wrap(cls) if cls is not None else wrap
+
 
 @overload
 def function(fn: Callable[P, R], /) -> Function[P, R]: ...
@@ -287,12 +303,16 @@ class Function(Generic[P, R]):
         options: FunctionOptions | None = None,
         app: App | None = None,
         url: str | None = None,
+        anchor: Any = None,
     ) -> None:
         if isinstance(fn, Function):
             fn = fn.fn
         if not callable(fn):
             raise TypeError(f"gpud can only run callables, not {fn!r}")
         self._fn = fn
+        # Whose project travels by value with it: the function's own, or for a method
+        # call (a closure made in gpud_client.clsrun) the user's class.
+        self._anchor = anchor if anchor is not None else fn
         self.name = name
         self.options = options or FunctionOptions()
         self.app = app
@@ -340,7 +360,8 @@ class Function(Generic[P, R]):
         current = dataclasses.asdict(self.options)
         current.update(changes)
         options = FunctionOptions.build(**current)
-        return Function(self._fn, name=name, options=options, app=app, url=url)
+        return Function(self._fn, name=name, options=options, app=app, url=url,
+                        anchor=self._anchor)
 
     # -- running locally --------------------------------------------------------------
 
@@ -370,7 +391,7 @@ class Function(Generic[P, R]):
 
     def submit_request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SubmitRequest:
         """The request that submits one call (the function pickled by value)."""
-        with pickle_by_value(self._fn):
+        with pickle_by_value(self._anchor):
             function_bytes, _ = dumps_function(self._fn)
             args_bytes = dumps_args(args, kwargs)
         return SubmitRequest(function=function_bytes, args=args_bytes, **self._common())
@@ -379,7 +400,7 @@ class Function(Generic[P, R]):
         self, inputs: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
     ) -> BatchSubmitRequest:
         """The request that submits one job per ``(args, kwargs)``, the function once."""
-        with pickle_by_value(self._fn):
+        with pickle_by_value(self._anchor):
             function_bytes, _ = dumps_function(self._fn)
             payloads = [dumps_args(a, kw) for a, kw in inputs]
         return BatchSubmitRequest(function=function_bytes, inputs=payloads, **self._common())

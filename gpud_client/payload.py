@@ -110,7 +110,8 @@ def by_value_modules(fn: Callable[..., Any]) -> list[ModuleType]:
     modules: list[ModuleType] = []
     name = getattr(fn, "__module__", None) or "__main__"
     module = sys.modules.get(name)
-    if module is not None and name != "__main__" and not _is_own(name):
+    if module is not None and name != "__main__" and (
+            not _is_own(name) or getattr(module, "GPUD_PICKLE_BY_VALUE", False)):
         modules.append(module)
     root = _project_root(module)
     excluded = _excluded_roots()

@@ -129,3 +129,41 @@ def test_map_over_warm_workers_keeps_order(wdaemon: DaemonProc) -> None:
     pids = list(f.map(range(60)))
     # cpu_slots is 4: a handful of workers serve all 60 inputs, not one process each.
     assert len(pids) == 60 and len(set(pids)) <= 8
+
+
+app = gpud.App("warmcls")
+
+
+class Model:
+    """A service class: load() is the expensive setup, run once per warm worker."""
+
+    def __init__(self, size: str) -> None:
+        self.size = size
+        self.loads = 0
+
+    @gpud.enter()
+    def load(self) -> None:
+        import os
+
+        self.loads += 1
+        self.pid = os.getpid()
+
+    @gpud.method()
+    def embed(self, text: str) -> dict:
+        return {"text": text.upper(), "size": self.size, "loads": self.loads, "pid": self.pid}
+
+
+RemoteModel = app.cls(keep_warm=30)(Model)
+
+
+def test_cls_setup_runs_once_per_warm_worker(wdaemon: DaemonProc) -> None:
+    app.close()
+    a = RemoteModel("large").embed.remote("hi")
+    b = RemoteModel("large").embed.remote("again")
+    assert a == {"text": "HI", "size": "large", "loads": 1, "pid": a["pid"]}
+    assert b["pid"] == a["pid"] and b["loads"] == 1  # enter did not run again
+    c = RemoteModel("small").embed.remote("x")
+    assert c["size"] == "small" and c["pid"] != a["pid"]  # other constructor arguments
+    assert RemoteModel.local("tiny").embed("y")["text"] == "Y"
+    with pytest.raises(AttributeError, match="not a @gpud.method"):
+        RemoteModel("large").load  # noqa: B018
