@@ -304,7 +304,12 @@ def create_app(daemon: Daemon) -> Starlette:
         return _json(gpu_list(daemon))
 
     async def images(request: Request) -> Response:
-        found = await daemon.executor.images()
+        try:
+            found = await daemon.executor.images()
+        except Exception as e:  # noqa: BLE001 - the container service is down, say so
+            raise ApiError(503, "executor_unavailable",
+                           f"the {daemon.executor.name} executor cannot list images right now: "
+                           f"{e}") from None
         default = getattr(daemon.executor, "default_image", None)
         note = None if daemon.executor.name == "podman" else (
             f"the {daemon.executor.name} executor runs jobs without images (Python "

@@ -194,7 +194,7 @@ def _start_kind(job: Any) -> str:
     if not job.start_kind:
         return "-"
     if job.startup is None:
-        return job.start_kind
+        return str(job.start_kind)
     return f"{job.start_kind} {job.startup * 1000:.0f}ms"
 
 

@@ -47,6 +47,8 @@ class Config:
     podman_read_only: bool = True
     #: extra bind mounts for every job container, "SRC:DST[:ro]" (e.g. shared datasets)
     podman_volumes: list[str] = field(default_factory=list)
+    #: /dev/shm of job containers (Podman's 64m is too small for PyTorch data loaders)
+    podman_shm_size: str = "1g"
     #: "auto": real GPUs through NVML, or fake_gpus on a box with no NVIDIA driver;
     #: "fake": always fake_gpus (tests, demos); "none": hand out no GPUs at all
     gpus: str = "auto"

@@ -101,7 +101,7 @@ async def _make_executor(
             default_image=image, network=config.podman_network,
             read_only=config.podman_read_only, start_service=config.podman_start_service,
             fake_gpus=inventory.source == "fake", volumes=config.podman_volumes,
-            jobs_dir=config.jobs_dir,
+            jobs_dir=config.jobs_dir, shm_size=config.podman_shm_size,
         )
         await podman.start()
         try:

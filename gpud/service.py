@@ -159,8 +159,6 @@ class Daemon:
                 f"this job was pickled by Python {python}, but {where} Python {worker}: "
                 f"submit from Python {mine}, or {fix}"
             )
-        if why is not None:
-            raise SubmitError(why)
         if job_timeout > self.config.max_timeout:
             raise SubmitError(
                 f"timeout {_fmt_seconds(job_timeout)} is longer than this daemon's max_timeout "

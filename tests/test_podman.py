@@ -49,6 +49,9 @@ def inside() -> dict:
         "sees_host_secret": os.path.exists(os.environ.get("SECRET_PATH", "/nonexistent")),
         "cwd": os.getcwd(),
         "can_write_root": os.access("/usr", os.W_OK),
+        "can_write_tmp": os.access("/tmp", os.W_OK),
+        "no_new_privs": [line.split()[1] for line in open("/proc/self/status")
+                         if line.startswith("NoNewPrivs")][0],
     }
 
 
@@ -72,6 +75,7 @@ def test_job_sees_itself_in_a_container(pdaemon: DaemonProc, tmp_path: Path) -> 
     assert not info["sees_host_secret"]  # the host's files are not there
     assert "work" not in info["root"] and "gpud" in info["root"]
     assert info["cwd"] == "/gpud/job" and not info["can_write_root"]
+    assert info["can_write_tmp"] and info["no_new_privs"] == "1"
 
 
 def test_memory_and_cpu_become_container_limits(pdaemon: DaemonProc) -> None:
@@ -165,7 +169,7 @@ def test_container_spec_is_locked_down_and_labelled() -> None:
                           devices=[], network="none", read_only=True,
                           volumes=["/srv/data:/data:ro"])
     assert args["user"] == "65534:65534"
-    assert "no-new-privileges" in args["security_opt"] and args["cap_drop"] == ["ALL"]
+    assert args["no_new_privileges"] is True and args["cap_drop"] == ["ALL"]
     assert args["read_only"] is True and args["network_mode"] == "none"
     assert args["labels"] == {"gpud.job": "7", "gpud.daemon": "abc", "gpud.attempt": "2"}
     assert args["mem_limit"] == 1 << 30
@@ -175,7 +179,9 @@ def test_container_spec_is_locked_down_and_labelled() -> None:
     assert mounts["/gpud/job"]["source"] == "/data/jobs/7"
     assert mounts["/data"] == {"type": "bind", "source": "/srv/data", "target": "/data",
                                "read_only": True}
-    assert set(mounts) == {"/gpud/runtime", "/gpud/job", "/data"}  # nothing else of the host
+    assert mounts["/tmp"]["type"] == "tmpfs"
+    binds = {t for t, m in mounts.items() if m["type"] == "bind"}
+    assert binds == {"/gpud/runtime", "/gpud/job", "/data"}  # nothing else of the host
     assert args["environment"]["GPUD_LOG_FILE"] == "/gpud/job/output.log"
 
 

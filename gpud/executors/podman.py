@@ -93,12 +93,16 @@ def container_spec(
     network: str,
     read_only: bool,
     volumes: list[str],
+    shm_size: str = "1g",
 ) -> dict[str, Any]:
     """The podman-py ``containers.create`` arguments for one job (pure, for tests)."""
     mounts: list[dict[str, Any]] = [
         {"type": "bind", "source": str(runtime_dir), "target": RUNTIME_MOUNT,
          "read_only": True},
         {"type": "bind", "source": str(spec.job_dir), "target": JOB_MOUNT},
+        # A writable /tmp (HOME) even on a read-only root: through the API, Podman 4.3
+        # does not add one by itself.
+        {"type": "tmpfs", "source": "tmpfs", "target": "/tmp"},
     ]
     for v in volumes:
         src, _, rest = v.partition(":")
@@ -111,14 +115,17 @@ def container_spec(
         "name": f"gpud-{instance}-{spec.job_id}-{spec.attempt}",
         "labels": {LABEL_JOB: str(spec.job_id), LABEL_DAEMON: instance,
                    "gpud.attempt": str(spec.attempt)},
-        "environment": {**env, "HOME": "/tmp", "GPUD_LOG_FILE": f"{JOB_MOUNT}/output.log"},
+        # The image's own PATH (where its python3 is), not the host's.
+        "environment": {**{k: v for k, v in env.items() if k != "PATH"}, "HOME": "/tmp",
+                        "GPUD_LOG_FILE": f"{JOB_MOUNT}/output.log"},
         "working_dir": JOB_MOUNT,
         # Never root, never more privileges than it started with.
         "user": f"{identity.uid}:{identity.gid}",
-        "security_opt": ["no-new-privileges"],
+        # (podman-py turns security_opt into SELinux labels: this flag is the real one.)
+        "no_new_privileges": True,
         "cap_drop": ["ALL"],
-        # Podman mounts a tmpfs on /tmp, /var/tmp and /run of a read-only container.
         "read_only": read_only,
+        "shm_size": shm_size,
         "mounts": mounts,
         "devices": devices,
         "network_mode": network,
@@ -153,6 +160,7 @@ class PodmanExecutor:
         fake_gpus: bool = False,
         volumes: list[str] | None = None,
         jobs_dir: Path,
+        shm_size: str = "1g",
     ) -> None:
         self.url = url
         self.runtime_dir = runtime_dir
@@ -165,6 +173,7 @@ class PodmanExecutor:
         self.fake_gpus = fake_gpus
         self.volumes = list(volumes or [])
         self.jobs_dir = jobs_dir
+        self.shm_size = shm_size
         self._client: Any = None
         self._service: subprocess.Popen[bytes] | None = None
         self._pythons: dict[str, str] = {}  # image id -> "3.11.2"
@@ -288,6 +297,7 @@ class PodmanExecutor:
             spec, image=spec.image or self.default_image, identity=self.identity, env=env,
             runtime_dir=self.runtime_dir, instance=self.instance, devices=devices,
             network=self.network, read_only=self.read_only, volumes=self.volumes,
+            shm_size=self.shm_size,
         )
         # A container of an earlier attempt of this job may still exist (daemon killed
         # between its end and its removal): its name would clash.
