@@ -397,6 +397,25 @@ def measure_map(d: Daemon, inputs: int) -> dict[str, Any]:
             "jobs_per_s": inputs / wall}
 
 
+def measure_warm(d: Daemon, n: int, warmup: int, inputs: int) -> dict[str, Any]:
+    """The same no-op with keep_warm: calls after the first run in a kept worker."""
+    f = gpud.function(name="bench.noop_warm", url=d.url, keep_warm=300)(noop)
+    for _ in range(max(1, warmup)):
+        f.remote(1)  # the first call starts the warm worker
+    remote = timed(lambda: f.remote(1), n)
+    sg = timed(lambda: f.spawn(1).get(), n)
+    f.map(range(min(inputs, 20)))  # warm a worker per CPU slot
+    t0 = time.perf_counter()
+    results = list(f.map(range(inputs)))
+    wall = time.perf_counter() - t0
+    f.client.close()
+    if results != list(range(inputs)):
+        raise RuntimeError("map returned wrong results")
+    return {"remote_warm": latency(remote), "spawn_get_warm": latency(sg),
+            "map_warm": {"inputs": inputs, "cpu_slots": d.cpu_slots, "wall_s": wall,
+                         "jobs_per_s": inputs / wall}}
+
+
 def measure_submit(d: Daemon, n_spawn: int, batch: int) -> dict[str, Any]:
     """Submits only: the daemon has one CPU slot, held by a sleeping job, so every job
     submitted here stays queued and the numbers are the durable-submit path alone."""
@@ -483,6 +502,9 @@ def ratios(m: dict[str, Any]) -> dict[str, float]:
             m["remote"]["p50_ms"] - m["baseline_worker_python_pass"]["p50_ms"],
         "map_cores_over_target": m["map_cores"]["jobs_per_s"] / MAP_TARGET_PER_S,
         "map_4x_over_target": m["map_4x"]["jobs_per_s"] / MAP_TARGET_PER_S,
+        "remote_warm_p50_over_worker_python_cloudpickle_p50": m["remote_warm"]["p50_ms"] / wcp,
+        "remote_warm_p50_over_remote_p50": m["remote_warm"]["p50_ms"] / m["remote"]["p50_ms"],
+        "map_warm_over_target": m["map_warm"]["jobs_per_s"] / MAP_TARGET_PER_S,
         **podman_ratios(m),
     }
 
@@ -527,13 +549,16 @@ def render(result: dict[str, Any]) -> str:
     lat("remote", "gpud .remote() round trip (sequential)")
     lat("spawn_get", "gpud .spawn().get() (no log streaming)")
     lat("spawn_submit", "gpud .spawn() until acknowledged (durable)")
+    lat("remote_warm", "gpud .remote(), warm worker (keep_warm)")
+    lat("spawn_get_warm", "gpud .spawn().get(), warm worker")
     if "podman_remote" in m:
         lat("podman_remote", "gpud .remote(), Podman executor")
         lat("podman_spawn_get", "gpud .spawn().get(), Podman executor")
     out += ["", f"{'throughput':<{w}}{'rate':>10}{'wall':>10}"]
-    for key in ("map_cores", "map_4x"):
+    for key in ("map_cores", "map_4x", "map_warm"):
         v = m[key]
-        label = "map of {} no-ops, cpu_slots={}".format(v["inputs"], v["cpu_slots"])
+        label = "map of {} no-ops, cpu_slots={}{}".format(
+            v["inputs"], v["cpu_slots"], ", warm workers" if key == "map_warm" else "")
         out.append(f"{label:<{w}}{v['jobs_per_s']:>8.1f}/s{v['wall_s']:>8.2f} s")
     s = m["spawn_submit"]
     label = ".spawn() x{}, one by one, acknowledged".format(s["n"])
@@ -554,7 +579,11 @@ def render(result: dict[str, Any]) -> str:
         f"{r['remote_p50_minus_worker_python_pass_p50_ms']:+.1f} ms",
         f"  {f'map jobs/s / the {MAP_TARGET_PER_S:.0f}/s target':<58}"
         f"{r['map_cores_over_target']:.3f}x at cpu_slots={m['map_cores']['cpu_slots']}, "
-        f"{r['map_4x_over_target']:.3f}x at cpu_slots={m['map_4x']['cpu_slots']}",
+        f"{r['map_4x_over_target']:.3f}x at cpu_slots={m['map_4x']['cpu_slots']}, "
+        f"{r['map_warm_over_target']:.3f}x warm",
+        f"  {'warm remote p50 / subprocess+cloudpickle p50, jobs python':<58}"
+        f"{r['remote_warm_p50_over_worker_python_cloudpickle_p50']:.2f}x "
+        f"(warm / cold remote: {r['remote_warm_p50_over_remote_p50']:.2f}x)",
     ]
     if "podman_remote" in m:
         out += ["", f"{'Podman executor overhead (podman - process)':<{w}}"
@@ -641,6 +670,8 @@ def run(sizes: Sizes, quick: bool, progress: Callable[[str], None],
             diag.update(dg)
             progress(f"map: {sizes.map_inputs} inputs, cpu_slots={CORES}")
             metrics["map_cores"] = measure_map(d, sizes.map_inputs)
+            progress("warm workers (keep_warm): remote, spawn+get, map")
+            metrics.update(measure_warm(d, sizes.remote, sizes.warmup, sizes.map_inputs))
         if podman_skipped is None:
             m, dg = measure_podman(bench, sizes, progress)
             metrics.update(m)

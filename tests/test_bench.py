@@ -30,6 +30,8 @@ LATENCIES = [
     "remote",
     "spawn_get",
     "spawn_submit",
+    "remote_warm",
+    "spawn_get_warm",
 ]
 RATIOS = [
     "remote_p50_over_subprocess_cloudpickle_p50",
@@ -37,6 +39,9 @@ RATIOS = [
     "spawn_get_p50_over_worker_python_cloudpickle_p50",
     "map_cores_over_target",
     "map_4x_over_target",
+    "remote_warm_p50_over_worker_python_cloudpickle_p50",
+    "remote_warm_p50_over_remote_p50",
+    "map_warm_over_target",
 ]
 #: differences of two latencies: finite, but their sign is not the benchmark's to promise
 DIFFERENCES = [
@@ -78,7 +83,7 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
         for field in ("p50_ms", "p95_ms", "n"):
             _positive(metrics[key][field], f"metrics.{key}.{field}")
         assert metrics[key]["p95_ms"] >= metrics[key]["p50_ms"]
-    for key in ("map_cores", "map_4x"):
+    for key in ("map_cores", "map_4x", "map_warm"):
         for field in ("inputs", "cpu_slots", "wall_s", "jobs_per_s"):
             _positive(metrics[key][field], f"metrics.{key}.{field}")
     assert metrics["map_4x"]["cpu_slots"] > metrics["map_cores"]["cpu_slots"]
