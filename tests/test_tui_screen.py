@@ -20,10 +20,13 @@ from pathlib import Path
 import msgspec
 import pytest
 from textual.pilot import Pilot
+from textual.widgets import Log
 
 from gpud_client import DaemonUnavailable
 from tui.app import GpudTui
 from tui.format import fmt_duration, sparkline
+from tui.screens.dialogs import ConfirmCancel
+from tui.screens.job import JobScreen
 from tui.widgets.banner import Banner
 from tui.widgets.gpus import GpuTable
 from tui.widgets.jobs import JobsTable
@@ -156,6 +159,41 @@ def test_errors_and_odd_answers_never_crash() -> None:
         client.jobs[45] = msgspec.structs.replace(client.jobs[45], submitted_at=None)
         await until(pilot, "the problem shown", lambda: banner.has_class("-shown"))
         assert "Cannot show what the daemon answered" in str(banner.render())
+
+    run_fake(client, scenario)
+
+
+def test_a_job_screen_opened_while_disconnected_says_so() -> None:
+    client = FakeClient(*demo())
+    client.logs[44] = b"item 1 ok\nitem 2 ok\n"
+
+    async def scenario(tui: GpudTui, pilot: Pilot[None]) -> None:
+        await until(pilot, "the demo data", loaded(tui, 4, 10))
+        client.fail = DaemonUnavailable(client.url, "the socket does not exist")
+        await until(pilot, "disconnected", lambda: tui.query_one(Banner).has_class("-shown"))
+        await pilot.press("enter")  # the selected job: 44, running
+        await until(pilot, "the job screen", lambda: isinstance(tui.screen, JobScreen))
+        banner = tui.screen.query_one(Banner)
+        assert banner.has_class("-shown") and "Disconnected" in str(banner.render())
+        client.fail = None
+        await until(pilot, "the banner to go", lambda: not banner.has_class("-shown"))
+        await until(pilot, "the log", lambda: list(tui.screen.query_one(Log).lines[:2]) == [
+            "item 1 ok", "item 2 ok"])
+        await until(pilot, "the fields", lambda: "sweep.eval" in screen_text(tui))
+
+    run_fake(client, scenario)
+
+
+def test_cancel_is_not_offered_for_a_job_that_ended() -> None:
+    client = FakeClient(*demo())
+
+    async def scenario(tui: GpudTui, pilot: Pilot[None]) -> None:
+        await until(pilot, "the demo data", loaded(tui, 4, 10))
+        jobs = tui.query_one(JobsTable)
+        jobs.move_cursor(row=jobs.keys.index("42"), animate=False)  # failed
+        await pilot.press("c")
+        await pilot.pause(0.2)
+        assert not isinstance(tui.screen, ConfirmCancel) and "cancel" not in client.calls
 
     run_fake(client, scenario)
 

@@ -20,6 +20,7 @@ from textual.widgets import Footer, Header
 from gpud_client import AsyncClient
 from gpud_client.errors import ApiError, DaemonUnavailable, GpudError
 from tui.data import Client, Poller
+from tui.format import FINAL_STATES
 from tui.messages import (
     CancelRequested,
     ConnectionLost,
@@ -157,9 +158,6 @@ class GpudTui(App[None]):
             for banner in screen.query(Banner):
                 banner.show(problem)
 
-    def on_screen_resume(self) -> None:
-        self.watch_problem(self.problem)
-
     # -- what the tables ask for ---------------------------------------------------------------
 
     def on_query_changed(self, message: QueryChanged) -> None:
@@ -169,10 +167,12 @@ class GpudTui(App[None]):
     def on_open_job(self, message: OpenJob) -> None:
         self.push_screen(JobScreen(self.client, message.job_id, refresh=self.refresh_every,
                                    clock=self.clock))
-        self.watch_problem(self.problem)
 
     def on_cancel_requested(self, message: CancelRequested) -> None:
         job_id = message.job_id
+        if message.state in FINAL_STATES:
+            self.notify(f"job {job_id} has already ended: {message.state}")
+            return
 
         def answered(yes: bool | None) -> None:
             if yes:

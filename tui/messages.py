@@ -58,6 +58,8 @@ class CancelRequested(Message):
 
     job_id: int
     name: str = ""
+    #: the state the asker last saw; a job already final is not asked about
+    state: str | None = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ _DIALOG_CSS = """
     width: 64; height: auto; padding: 1 2;
     border: thick $warning; background: $surface;
 }
+%s Label { width: 100%%; }
 %s Horizontal { height: auto; margin-top: 1; align: right middle; }
 %s Button { margin-left: 2; }
 """
@@ -25,7 +26,7 @@ class ConfirmCancel(ModalScreen[bool]):
     """"Cancel job 12 (train)?" - y or its button cancels; n, escape or enter (the
     focused "keep it" button) keeps it."""
 
-    DEFAULT_CSS = _DIALOG_CSS % (("ConfirmCancel",) * 4)
+    DEFAULT_CSS = _DIALOG_CSS % (("ConfirmCancel",) * 5)
     BINDINGS = [
         Binding("y", "answer(True)", "Yes, cancel it"),
         Binding("n,escape", "answer(False)", "No, keep it"),
@@ -60,7 +61,7 @@ class ConfirmCancel(ModalScreen[bool]):
 class OwnerPrompt(ModalScreen[str | None]):
     """Type an owner name; empty shows every owner's jobs; escape changes nothing."""
 
-    DEFAULT_CSS = _DIALOG_CSS % (("OwnerPrompt",) * 4)
+    DEFAULT_CSS = _DIALOG_CSS % (("OwnerPrompt",) * 5)
     BINDINGS = [Binding("escape", "dismiss_none", "Never mind")]
 
     def __init__(self, current: str = "") -> None:

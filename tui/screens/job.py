@@ -208,15 +208,17 @@ class JobScreen(Screen[None]):
                 return
         if tail := decoder.decode(b"", final=True):
             log.write(tail)
-        log.border_title = f"output of job {self.job_id} (ended, {self.log_offset} bytes)"
+        size = f"{self.log_offset} bytes" if self.log_offset else "no output"
+        log.border_title = f"output of job {self.job_id} (ended, {size})"
         self.log_done = True
         await self._refresh()
 
     # -- actions ------------------------------------------------------------------------------
 
     def action_cancel(self) -> None:
-        name = self.job.name if self.job else ""
-        self.post_message(CancelRequested(self.job_id, name))
+        job = self.job
+        self.post_message(CancelRequested(self.job_id, job.name if job else "",
+                                          job.state if job else None))
 
     def action_follow(self) -> None:
         log = self.query_one(Log)

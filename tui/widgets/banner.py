@@ -16,6 +16,11 @@ class Banner(Static):
     Banner.-shown { display: block; }
     """
 
+    def on_mount(self) -> None:
+        # A screen opened while the daemon is away says so from the start; the app
+        # updates every mounted banner after that.
+        self.show(getattr(self.app, "problem", None))
+
     def show(self, problem: str | None) -> None:
         self.set_class(problem is not None, "-shown")
         self.update(problem or "")

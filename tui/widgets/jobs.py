@@ -220,7 +220,7 @@ class JobsTable(LiveTable):
     def action_cancel(self) -> None:
         job = self.selected_job()
         if job is not None:
-            self.post_message(CancelRequested(job.id, job.name))
+            self.post_message(CancelRequested(job.id, job.name, job.state))
 
 
 def _user() -> str:
