@@ -19,7 +19,7 @@ from textual.widgets import Footer, Header
 
 from gpud_client import AsyncClient
 from gpud_client.errors import ApiError, DaemonUnavailable, GpudError
-from tui.data import Client, Poller
+from tui.data import DaemonClient, Poller
 from tui.format import FINAL_STATES
 from tui.messages import (
     CancelRequested,
@@ -67,7 +67,7 @@ class GpudTui(App[None]):
     problem: reactive[str | None] = reactive(None)
 
     def __init__(self, url: str | None = None, *, refresh: float = DEFAULT_REFRESH,
-                 client: Client | None = None, clock: Callable[[], float] = time.time,
+                 client: DaemonClient | None = None, clock: Callable[[], float] = time.time,
                  user: str | None = None) -> None:
         super().__init__()
         if refresh <= 0:
@@ -75,7 +75,7 @@ class GpudTui(App[None]):
         self.refresh_every = refresh
         self.clock = clock
         # A short timeout: a daemon that hangs must show up as a problem within seconds.
-        self.client: Client = client if client is not None else AsyncClient(
+        self.client: DaemonClient = client if client is not None else AsyncClient(
             url, timeout=max(5.0, 3 * refresh))
         self.poller = Poller(self.client, clock=clock)
         self._user = user

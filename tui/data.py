@@ -32,13 +32,13 @@ from gpud_client.models import (
     QueuePage,
 )
 
-__all__ = ["Client", "JobsQuery", "Poller", "Series", "Snapshot"]
+__all__ = ["DaemonClient", "JobsQuery", "Poller", "Series", "Snapshot"]
 
 #: The most readings kept per GPU: five minutes at the default two-second poll.
 MAX_SAMPLES = 150
 
 
-class Client(Protocol):
+class DaemonClient(Protocol):
     """The part of :class:`gpud_client.AsyncClient` the TUI uses (tests may stand in)."""
 
     url: str
@@ -115,7 +115,7 @@ class Snapshot:
 class Poller:
     """Polls one daemon; :meth:`poll` raises whatever the client raises (the app shows it)."""
 
-    def __init__(self, client: Client, *, queue_size: int = 100,
+    def __init__(self, client: DaemonClient, *, queue_size: int = 100,
                  clock: Callable[[], float] = time.time) -> None:
         self.client = client
         self.queue_size = queue_size

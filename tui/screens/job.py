@@ -26,7 +26,7 @@ from textual.widgets import Footer, Header, Log, Static
 
 from gpud_client.errors import ApiError, DaemonUnavailable, GpudError
 from gpud_client.models import EventInfo, JobInfo, JobOutcome
-from tui.data import Client
+from tui.data import DaemonClient
 from tui.format import (
     FINAL_STATES,
     fmt_clock,
@@ -115,7 +115,7 @@ class JobScreen(Screen[None]):
         Binding("r", "result", "Load result"),
     ]
 
-    def __init__(self, client: Client, job_id: int, *, refresh: float = 1.0,
+    def __init__(self, client: DaemonClient, job_id: int, *, refresh: float = 1.0,
                  clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         self.client = client
