@@ -153,23 +153,29 @@ def test_job_is_queued_then_runs_and_its_log_streams(fresh_daemon: DaemonProc,
     url = fresh_daemon.url
     blocker = hold.with_options(gpu="h100:2", url=url).spawn(str(shared_dir / "release"))
     job = ticker.with_options(gpu="h100", url=url).spawn(str(shared_dir / "stop"))
+    holder = f"job {blocker.id} ({blocker.status().owner})"
 
     async def scenario(tui: GpudTui, pilot: Pilot[None]) -> None:
         queue, jobs, gpus = tui.query_one(QueueTable), tui.query_one(JobsTable), \
             tui.query_one(GpuTable)
         key = str(job.id)
+        # Each table comes from its own request, so each is waited for on its own.
         await until(pilot, "the job in the queue with its reason",
                     lambda: key in queue.keys and cells(queue, key)[1] == "1")
         row = cells(queue, key)
         assert f"job {blocker.id}" in row[7] and row[4] == "h100:1"
-        assert state_of(jobs, job.id) == "queued"
-        assert column(gpus, 8)[:2] == [f"job {blocker.id} ({blocker.status().owner})"] * 2
+        await until(pilot, "the job queued in the jobs table",
+                    lambda: state_of(jobs, job.id) == "queued")
+        await until(pilot, "the blocker on the GPUs",
+                    lambda: column(gpus, 8)[:2] == [holder] * 2)
 
         (shared_dir / "release").touch()
         await until(pilot, "the job running", lambda: state_of(jobs, job.id) == "running")
-        assert key not in queue.keys and "0 queued" in str(queue.border_title)
         assert cells(jobs, key)[5] == "cold"
-        assert f"job {job.id}" in " ".join(column(gpus, 8))
+        await until(pilot, "the queue empty",
+                    lambda: key not in queue.keys and "0 queued" in str(queue.border_title))
+        await until(pilot, "the job on a GPU",
+                    lambda: f"job {job.id}" in " ".join(column(gpus, 8)))
 
         select(jobs, job.id)
         await pilot.press("enter")
@@ -315,9 +321,9 @@ def test_ten_thousand_jobs_are_paged(fresh_daemon: DaemonProc, shared_dir: Path)
 
     async def scenario(tui: GpudTui, pilot: Pilot[None]) -> None:
         jobs, queue = tui.query_one(JobsTable), tui.query_one(QueueTable)
-        await until(pilot, "the queue", lambda: "of 10000 queued" in str(queue.border_title))
+        await until(pilot, "the queue in order", lambda: "of 10000 queued" in str(
+            queue.border_title) and column(queue, 1)[:3] == ["1", "2", "3"])
         assert len(queue.keys) == 100
-        assert column(queue, 1)[:3] == ["1", "2", "3"]
         assert column(queue, 0)[0] == str(batch.job_ids[0])
         # One page of the ledger, and the running job pinned on top of it.
         await until(pilot, "a page of jobs", lambda: len(jobs.keys) == 101)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -105,8 +106,9 @@ class GpudTui(App[None]):
         # One poll at a time: a slow daemon must not pile requests up behind it.
         if not self._polling:
             self._polling = True
-            self.run_worker(self._poll(), group="poll", exit_on_error=False)
+            self._poll()
 
+    @work(group="poll", exit_on_error=False)
     async def _poll(self) -> None:
         try:
             snap = await self.poller.poll()
@@ -177,10 +179,11 @@ class GpudTui(App[None]):
         def answered(yes: bool | None) -> None:
             if yes:
                 self.notify(f"cancelling job {job_id}...")
-                self.run_worker(self._cancel(job_id), group="cancel", exit_on_error=False)
+                self._cancel(job_id)
 
         self.push_screen(ConfirmCancel(job_id, message.name), answered)
 
+    @work(group="cancel", exit_on_error=False)
     async def _cancel(self, job_id: int) -> None:
         try:
             job = await self.client.cancel(job_id)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from rich.table import Table
 from rich.text import Text
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
@@ -142,13 +143,19 @@ class JobScreen(Screen[None]):
         log = self.query_one(Log)
         log.border_title = f"output of job {self.job_id} (following)"
         self.sub_title = f"job {self.job_id}"
-        self.run_worker(self._follow(), group="log", exit_on_error=False)
-        self.run_worker(self._refresh(), group="job", exit_on_error=False)
+        self._follow()
+        self._refresh_soon()
         self.set_interval(self.refresh_every, self._tick)
 
     def _tick(self) -> None:
         if not self.log_done or not self._ended_shown:
-            self.run_worker(self._refresh(), group="job", exclusive=True, exit_on_error=False)
+            self._refresh_soon()
+
+    # Workers are started with @work, which hands Textual the function rather than a
+    # coroutine: a worker replaced before it starts then leaves no coroutine unawaited.
+    @work(group="job", exclusive=True, exit_on_error=False)
+    async def _refresh_soon(self) -> None:
+        await self._refresh()
 
     # -- the job's fields and history ---------------------------------------------------------
 
@@ -183,6 +190,7 @@ class JobScreen(Screen[None]):
 
     # -- the log ------------------------------------------------------------------------------
 
+    @work(group="log", exit_on_error=False)
     async def _follow(self) -> None:
         log = self.query_one(Log)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -231,9 +239,9 @@ class JobScreen(Screen[None]):
         if self.job is None or not self.job.has_result:
             self.notify("this job has no result (yet)", severity="warning")
             return
-        self.run_worker(self._load_result(self.job), group="result", exclusive=True,
-                        exit_on_error=False)
+        self._load_result(self.job)
 
+    @work(group="result", exclusive=True, exit_on_error=False)
     async def _load_result(self, job: JobInfo) -> None:
         from gpud_client.payload import load_result
 
