@@ -21,6 +21,9 @@ __all__ = ["DEFAULT_WINDOW", "GpuSamples", "HistoryBuffer", "Sample"]
 
 #: Seconds of history kept per GPU: enough for a sparkline to show a job's ramp-up.
 DEFAULT_WINDOW = 300.0
+#: The ring is sized as if polls came at least this far apart (a gpu_poll_interval of 0
+#: means "as fast as NVML answers").
+_MIN_INTERVAL = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +45,13 @@ class HistoryBuffer:
     """The last ``window`` seconds of readings, per GPU (by UUID, never by index)."""
 
     def __init__(self, window: float = DEFAULT_WINDOW, interval: float = 2.0) -> None:
-        if window <= 0 or interval <= 0:
-            raise ValueError("window and interval must be positive")
+        if window <= 0:
+            raise ValueError("the history window must be positive")
         self.window = window
         self.interval = interval
         # Sized from the poll interval, with one spare slot; the time check in since()
         # keeps the window exact when polls come late (a slow NVML read).
-        self._maxlen = math.ceil(window / interval) + 1
+        self._maxlen = math.ceil(window / max(interval, _MIN_INTERVAL)) + 1
         self._series: dict[str, deque[Sample]] = {}
         self._gpus: dict[str, tuple[int, int]] = {}  # uuid -> (index, memory_total)
 

@@ -190,3 +190,8 @@ def test_history_forgets_a_gpu_that_is_gone() -> None:
     assert [s.uuid for s in h.since(None, now=1.0)] == ["GPU-0"]
     with pytest.raises(ValueError):
         HistoryBuffer(window=0)
+    # gpu_poll_interval = 0 (poll as fast as NVML answers) is a valid setting.
+    fast = HistoryBuffer(window=1.0, interval=0.0)
+    for t in range(100):
+        fast.record([_gpu(0, t)], now=t / 100)
+    assert 10 <= len(fast.since(None, now=0.99)[0].samples) <= 100
