@@ -24,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from gpud import __version__
+from gpud.api_watch import WATCH_DOC, WATCH_PARAMS, watch_routes
 from gpud.domain import FINAL, GpuRequest, Job, JobState
 from gpud.ledger import NewJob, UnknownJob
 from gpud.safefs import read_regular
@@ -252,7 +253,9 @@ def create_app(daemon: Daemon) -> Starlette:
         before = _int_param(request, "cursor", 0, 1, 2**62) if cursor else None
         from gpud.ledger.store import Ledger
 
-        jobs = await daemon.ledger.call(Ledger.list_jobs, states, limit=limit_n, before=before)
+        owner = request.query_params.get("owner") or None
+        jobs = await daemon.ledger.call(Ledger.list_jobs, states, limit=limit_n, before=before,
+                                        owner=owner)
         # The daemon's memory is fresher than a read racing a commit: prefer it.
         jobs = [daemon.active.get(j.id, j) for j in jobs]
         nxt = jobs[-1].id if len(jobs) == limit_n and jobs[-1].id > 1 else None
@@ -343,6 +346,7 @@ def create_app(daemon: Daemon) -> Starlette:
         ("POST", "/jobs/{job_id}/cancel", cancel_job),
         ("GET", "/gpus", gpus),
         ("GET", "/images", images),
+        *watch_routes(daemon),
     ]
     routes = [Route(API_PREFIX + p, wrap(fn), methods=[m]) for m, p, fn in table]
     routes.append(Route("/openapi.json", openapi_doc, methods=["GET"]))
@@ -428,7 +432,7 @@ _DOC: list[tuple[str, str, str, type | None, type | None, str]] = [
     ("post", "/jobs", "Submit one job", SubmitRequest, JobInfo, ""),
     ("post", "/jobs/batch", "Submit many jobs of one function (.map)", BatchSubmitRequest,
      BatchSubmitResponse, ""),
-    ("get", "/jobs", "List jobs, newest first", None, JobList, "state,limit,cursor"),
+    ("get", "/jobs", "List jobs, newest first", None, JobList, "state,owner,limit,cursor"),
     ("get", "/jobs/{job_id}", "One job", None, JobInfo, ""),
     ("get", "/jobs/{job_id}/wait", "Wait until the job is final (long poll)", None, JobInfo,
      "timeout"),
@@ -440,6 +444,7 @@ _DOC: list[tuple[str, str, str, type | None, type | None, str]] = [
      ""),
     ("get", "/gpus", "The box's GPUs with holders and foreign processes", None, GpuList, ""),
     ("get", "/images", "Local images usable for jobs (Podman executor)", None, ImageList, ""),
+    *WATCH_DOC,
 ]
 
 _PARAMS = {
@@ -448,7 +453,9 @@ _PARAMS = {
     "cursor": ("integer", "next_cursor of the previous page"),
     "timeout": ("number", "seconds to wait, 0-60 (default 30)"),
     "follow": ("boolean", "keep streaming until the job is final"),
-    "offset": ("integer", "byte offset to start from"),
+    "offset": ("integer", "logs: the byte offset to start from; queue: jobs to skip"),
+    "owner": ("string", "only jobs of this owner"),
+    **WATCH_PARAMS,
 }
 
 

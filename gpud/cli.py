@@ -388,6 +388,20 @@ def images(as_json: bool, url: str | None) -> None:
 
 
 @cli.command()
+@click.option("--refresh", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              metavar="SECONDS", help="How often to poll the daemon.")
+@url_option
+@handle_errors
+def tui(refresh: float, url: str | None) -> None:
+    """A live view of the box: GPUs, the queue, running and recent jobs, logs; cancel
+    from the keyboard (q quits, ? shows the keys)."""
+    # Imported here: Textual takes a while to import, and no other command needs it.
+    from tui import run as run_tui
+
+    run_tui(url, refresh)
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True)
 @url_option
 def version(as_json: bool, url: str | None) -> None:

@@ -43,6 +43,7 @@ from gpud.executors.process import JobIdentity
 from gpud.gpus import GpuInventory
 from gpud.ledger import LedgerThread, NewJob, Step
 from gpud.ledger.store import Ledger
+from gpud.metrics import HistoryBuffer
 from gpud.safefs import open_append, read_file, write_new
 from gpud.scheduler import decide, infeasible, order_key
 from gpud.warm import WarmPool, WarmWorker, warm_key
@@ -114,6 +115,8 @@ class Daemon:
         self.active: dict[int, Job] = {}
         self.waits: dict[int, Wait] = {}
         self.gpus: list[Gpu] = []
+        #: the last minutes of GPU readings, for the TUI's sparklines
+        self.gpu_history = HistoryBuffer(interval=config.gpu_poll_interval)
         self.handles: dict[int, Handle] = {}
         self._scopes: dict[int, trio.CancelScope] = {}
         self._stop_reason: dict[int, JobState] = {}
@@ -663,6 +666,7 @@ class Daemon:
             out.append(dataclasses.replace(g, foreign_pids=foreign))
         before = [g.foreign_pids for g in self.gpus]
         self.gpus = out
+        self.gpu_history.record(out, time.time())
         if before != [g.foreign_pids for g in out]:
             self._reschedule()
 

@@ -32,11 +32,15 @@ from gpud_client.models import (
     BatchSubmitRequest,
     BatchSubmitResponse,
     ErrorBody,
+    EventList,
+    GpuHistory,
     GpuList,
     Health,
     ImageList,
     JobInfo,
     JobList,
+    JobOutcome,
+    QueuePage,
     SubmitRequest,
 )
 from gpud_client.paths import normalise_url, resolve_url
@@ -79,13 +83,34 @@ def _states(state: str | Iterable[str] | None) -> str | None:
     return ",".join(state)
 
 
-def _list_call(state: str | Iterable[str] | None, limit: int, cursor: int | None) -> _Call[JobList]:
+def _list_call(
+    state: str | Iterable[str] | None, limit: int, cursor: int | None, owner: str | None = None
+) -> _Call[JobList]:
     params = {"limit": str(limit)}
     if (states := _states(state)) is not None:
         params["state"] = states
     if cursor is not None:
         params["cursor"] = str(cursor)
+    if owner:
+        params["owner"] = owner
     return _Call("GET", "/jobs", JobList, params)
+
+
+def _queue_call(offset: int, limit: int) -> _Call[QueuePage]:
+    return _Call("GET", "/queue", QueuePage, {"offset": str(offset), "limit": str(limit)})
+
+
+def _events_call(after: int, limit: int, job_id: int | None) -> _Call[EventList]:
+    params = {"after": str(after), "limit": str(limit)}
+    if job_id is not None:
+        params["job_id"] = str(job_id)
+    return _Call("GET", "/events", EventList, params)
+
+
+def _history_call(since: float | None) -> _Call[GpuHistory]:
+    # repr keeps every digit of the float, so no reading is fetched twice.
+    return _Call("GET", "/gpus/history", GpuHistory,
+                 {} if since is None else {"since": repr(float(since))})
 
 
 def _wait_call(job_id: int, timeout: float, client_timeout: float) -> _Call[JobInfo]:
@@ -292,9 +317,10 @@ class Client(_Base):
         *,
         limit: int = 50,
         cursor: int | None = None,
+        owner: str | None = None,
     ) -> JobList:
         """``GET /v1/jobs``: newest first; pass ``next_cursor`` back for older pages."""
-        return self._do(_list_call(state, limit, cursor))
+        return self._do(_list_call(state, limit, cursor, owner))
 
     def get_job(self, job_id: int) -> JobInfo:
         """``GET /v1/jobs/{id}``."""
@@ -358,6 +384,21 @@ class Client(_Base):
     def images(self) -> ImageList:
         """``GET /v1/images``."""
         return self._do(_Call("GET", "/images", ImageList))
+    def gpu_history(self, since: float | None = None) -> GpuHistory:
+        """``GET /v1/gpus/history``: readings taken after ``since`` (all kept if None)."""
+        return self._do(_history_call(since))
+
+    def queue(self, *, offset: int = 0, limit: int = 50) -> QueuePage:
+        """``GET /v1/queue``: queued jobs in scheduling order."""
+        return self._do(_queue_call(offset, limit))
+
+    def events(self, after: int = 0, *, limit: int = 100, job_id: int | None = None) -> EventList:
+        """``GET /v1/events``: the event log after the cursor ``after``, oldest first."""
+        return self._do(_events_call(after, limit, job_id))
+
+    def outcome(self, job_id: int) -> JobOutcome:
+        """``GET /v1/jobs/{id}/outcome``: how a finished job's function ended."""
+        return self._do(_Call("GET", f"/jobs/{job_id}/outcome", JobOutcome))
 
 
 class AsyncClient(_Base):
@@ -409,8 +450,9 @@ class AsyncClient(_Base):
         *,
         limit: int = 50,
         cursor: int | None = None,
+        owner: str | None = None,
     ) -> JobList:
-        return await self._do(_list_call(state, limit, cursor))
+        return await self._do(_list_call(state, limit, cursor, owner))
 
     async def get_job(self, job_id: int) -> JobInfo:
         return await self._do(_Call("GET", f"/jobs/{job_id}", JobInfo))
@@ -479,3 +521,16 @@ class AsyncClient(_Base):
 
     async def images(self) -> ImageList:
         return await self._do(_Call("GET", "/images", ImageList))
+    async def gpu_history(self, since: float | None = None) -> GpuHistory:
+        return await self._do(_history_call(since))
+
+    async def queue(self, *, offset: int = 0, limit: int = 50) -> QueuePage:
+        return await self._do(_queue_call(offset, limit))
+
+    async def events(
+        self, after: int = 0, *, limit: int = 100, job_id: int | None = None
+    ) -> EventList:
+        return await self._do(_events_call(after, limit, job_id))
+
+    async def outcome(self, job_id: int) -> JobOutcome:
+        return await self._do(_Call("GET", f"/jobs/{job_id}/outcome", JobOutcome))

@@ -13,14 +13,20 @@ __all__ = [
     "BatchSubmitRequest",
     "BatchSubmitResponse",
     "ErrorBody",
+    "EventInfo",
+    "EventList",
+    "GpuHistory",
     "GpuInfo",
     "GpuList",
     "GpuProcessInfo",
+    "GpuSeries",
     "Health",
     "ImageInfo",
     "ImageList",
     "JobInfo",
     "JobList",
+    "JobOutcome",
+    "QueuePage",
     "SubmitRequest",
 ]
 
@@ -160,6 +166,61 @@ class ImageList(msgspec.Struct, kw_only=True):
     executor: str
     default: str | None  # the image a job without image= runs in
     note: str | None = None
+class GpuSeries(msgspec.Struct, kw_only=True):
+    """One GPU's recent readings, oldest first, as three columns of equal length."""
+
+    index: int
+    uuid: str
+    memory_total: int
+    at: list[float]
+    utilization: list[int | None]
+    memory_used: list[int]
+
+
+class GpuHistory(msgspec.Struct, kw_only=True):
+    interval: float  # seconds between readings (the daemon's gpu_poll_interval)
+    window: float  # seconds of history the daemon keeps
+    gpus: list[GpuSeries]
+
+
+class EventInfo(msgspec.Struct, kw_only=True):
+    """One entry of the ledger's append-only event log: a job's move between states."""
+
+    id: int
+    job_id: int
+    at: float
+    from_state: str | None  # None for the submit
+    to_state: str
+    reason: str | None
+
+
+class EventList(msgspec.Struct, kw_only=True):
+    events: list[EventInfo]
+    #: pass as ``after`` to get the events that follow (the last id here, else ``after``)
+    cursor: int
+    #: the newest event id in the ledger; below ``after`` when the ledger was replaced
+    latest: int
+
+
+class QueuePage(msgspec.Struct, kw_only=True):
+    """Queued jobs in scheduling order (position 1 first)."""
+
+    jobs: list[JobInfo]
+    total: int  # queued jobs in all
+    offset: int
+
+
+class JobOutcome(msgspec.Struct, kw_only=True):
+    """How a finished job's function ended, from the worker's plain-JSON status (never
+    from the pickle): its exception's type, message and remote traceback if it raised."""
+
+    job_id: int
+    state: str
+    ok: bool
+    type: str | None
+    message: str | None
+    traceback: str | None
+    python: str
 
 
 class Health(msgspec.Struct, kw_only=True):

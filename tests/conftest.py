@@ -204,6 +204,28 @@ def containers_of(d: DaemonProc, job_id: int | None = None) -> list[str]:
     return subprocess.run(cmd, capture_output=True, text=True).stdout.split()
 
 
+def _finished_jobs_containers(d: DaemonProc) -> list[str]:
+    """Containers whose job is over: those gpud must have removed."""
+    from gpud.domain import FINAL
+    from gpud.ledger import Ledger, UnknownJob
+
+    out = []
+    led = Ledger(d.data_dir / "ledger.db")
+    try:
+        for cid in containers_of(d):
+            label = subprocess.run(
+                ["podman", "inspect", "--format", '{{index .Config.Labels "gpud.job"}}', cid],
+                capture_output=True, text=True).stdout.strip()
+            try:
+                if label and led.get(int(label)).state in FINAL:
+                    out.append(cid)
+            except (UnknownJob, ValueError):
+                out.append(cid)
+    finally:
+        led.close()
+    return out
+
+
 def _run_daemon(base: Path, env: dict[str, str] | None = None) -> Iterator[DaemonProc]:
     d = DaemonProc(base, env=dict(env or {}))
     d.start()
@@ -219,10 +241,11 @@ def _run_daemon(base: Path, env: dict[str, str] | None = None) -> Iterator[Daemo
         d.stop()
         kill_instance_jobs(d.data_dir)
         if d.executor == "podman":
-            leftover = containers_of(d)
+            leaked = _finished_jobs_containers(d)
+            leftover = containers_of(d)  # incl. running jobs' (a stopped daemon leaves them)
             if leftover:
                 subprocess.run(["podman", "rm", "-f", *leftover], capture_output=True)
-            assert not leftover, f"containers left behind: {leftover}"
+            assert not leaked, f"containers of finished jobs left behind: {leaked}"
 
 
 @pytest.fixture(scope="module", params=EXECUTORS)
@@ -241,6 +264,12 @@ def daemon(request: pytest.FixtureRequest) -> Iterator[DaemonProc]:
 def fresh_daemon(request: pytest.FixtureRequest, base_dir: Path) -> Iterator[DaemonProc]:
     """A `gpud serve` of this test's own, which it may kill and restart."""
     yield from _run_daemon(base_dir, executor_env(request.param))
+
+
+@pytest.fixture
+def process_daemon(base_dir: Path) -> Iterator[DaemonProc]:
+    """A `gpud serve` of this test's own with the process executor only."""
+    yield from _run_daemon(base_dir)
 
 
 @pytest.fixture

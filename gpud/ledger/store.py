@@ -337,6 +337,28 @@ class Ledger:
             for r in rows
         ]
 
+    def events_after(
+        self, after: int, *, limit: int = 100, job_id: int | None = None
+    ) -> list[Event]:
+        """Events with an id above ``after``, oldest first: a cursor over the whole log
+        (ids only grow, and the log is append-only), or over one job's events."""
+        sql = "SELECT id, job_id, at, from_state, to_state, reason FROM events WHERE id > ?"
+        params: list[object] = [after]
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            params.append(job_id)
+        sql += " ORDER BY id LIMIT ?"
+        params.append(limit)
+        return [
+            Event(r[0], r[1], r[2], JobState(r[3]) if r[3] else None, JobState(r[4]), r[5])
+            for r in self.conn.execute(sql, params)
+        ]
+
+    def last_event_id(self) -> int:
+        """The newest event's id (0 for an empty ledger)."""
+        row = self.conn.execute("SELECT MAX(id) FROM events").fetchone()
+        return int(row[0] or 0)
+
     def attempts(self, job_id: int) -> list[dict[str, Any]]:
         rows = self.conn.execute(
             "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,)
