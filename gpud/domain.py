@@ -23,6 +23,7 @@ __all__ = [
     "IllegalTransition",
     "Job",
     "JobState",
+    "Quota",
     "Start",
     "Wait",
     "transition",
@@ -252,3 +253,21 @@ class Wait:
 
 
 Decision = Start | Wait
+
+
+# ---------------------------------------------------------------------------------------
+# Per-user limits
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """A user's limits on a shared box; None means no limit (issue #5).
+
+    ``max_gpus`` is enforced by the scheduler (a job that would exceed it waits, saying
+    so); ``max_queued`` at submit; ``max_timeout`` at submit and, should the quota be
+    lowered later, by the scheduler.
+    """
+
+    max_gpus: int | None = None
+    max_queued: int | None = None
+    max_timeout: float | None = None
