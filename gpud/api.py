@@ -75,6 +75,7 @@ def job_info(daemon: Daemon, job: Job) -> JobInfo:
         timeout=job.timeout, retries=job.retries, attempt=job.attempt, batch_id=job.batch_id,
         exit_code=job.exit_code, error=job.error, has_result=job.has_result,
         reason=reason, position=position, python=job.python, image=job.image,
+        wall_seconds=job.wall_seconds, gpu_seconds=job.gpu_seconds,
     )
 
 

@@ -233,6 +233,9 @@ class Job:
     error: str | None = None
     has_result: bool = False
     code_hash: str = ""
+    #: accounted over its finished attempts, at 100 ms granularity (issue #5)
+    wall_seconds: float = 0.0
+    gpu_seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------

@@ -254,8 +254,10 @@ class Daemon:
     async def _start(self, d: Start) -> None:
         if d.job_id in self._stop_reason:
             return  # cancelled while this round was deciding
+        types = {g.uuid: g.type for g in self.gpus}
+        fields = {"gpus": d.gpus, "gpu_types": tuple(types.get(u, "unknown") for u in d.gpus)}
         try:
-            job = await self._advance(d.job_id, Step(JobState.STARTING, fields={"gpus": d.gpus}),
+            job = await self._advance(d.job_id, Step(JobState.STARTING, fields=fields),
                                       expect=JobState.QUEUED)
         except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)

@@ -90,6 +90,10 @@ class JobInfo(msgspec.Struct, kw_only=True):
     position: int | None = None
     python: str = ""
     image: str | None = None
+    #: accounted over its finished attempts, at 100 ms granularity: wall time, and GPU
+    #: time (each GPU held counts, from when it was handed out until it was freed)
+    wall_seconds: float = 0.0
+    gpu_seconds: float = 0.0
 
 
 class JobList(msgspec.Struct, kw_only=True):
