@@ -40,11 +40,14 @@ from gpud.domain import (
 )
 from gpud.executors.base import Executor, Handle, LaunchSpec, Outcome
 from gpud.executors.process import JobIdentity, proc_session
+from gpud.fairshare import DecayedTotals, Policy, interval_usage
 from gpud.gpus import GpuInventory
 from gpud.ledger import LedgerThread, NewJob, Step
 from gpud.ledger.store import Ledger
+from gpud.ledger.usage import finished_gpu_intervals
 from gpud.safefs import open_append, write_new
 from gpud.scheduler import decide, infeasible
+from gpud.users import Directory, run_as
 from gpud_client.jobdir import (
     EXIT_SETUP,
     RESULT_FILE,
@@ -116,6 +119,12 @@ class Daemon:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.kill_jobs_on_exit = False
+        # Shared box (#5): the users table, the fair-share policy and decayed usage.
+        self.users = Directory(ledger, on_change=self._reschedule)
+        self.policy = Policy(half_life=config.fairshare_half_life,
+                             fairshare_weight=config.fairshare_weight,
+                             age_weight=config.age_weight, max_age=config.max_age)
+        self.usage = DecayedTotals(config.fairshare_half_life, now=time.time())
 
     # -- public operations (called by the API) ------------------------------------------
 
@@ -208,7 +217,10 @@ class Daemon:
             self._nursery = nursery
             try:
                 await self._refresh_gpus()
+                await self.users.refresh()
+                await self._load_usage()
                 await self._recover()
+                nursery.start_soon(self.users.run)
                 nursery.start_soon(self._gpu_loop)
                 nursery.start_soon(self._schedule_loop)
                 task_status.started()
@@ -240,7 +252,9 @@ class Daemon:
         now = time.time()
         pending = [j for j in self.active.values() if j.state is JobState.QUEUED]
         running = [j for j in self.active.values() if j.state is not JobState.QUEUED]
-        decisions = decide(pending, running, self.gpus, cpu_slots=self.config.cpu_slots, now=now)
+        decisions = decide(pending, running, self.gpus, cpu_slots=self.config.cpu_slots, now=now,
+                           usage=self._usage_now(running, now), policy=self.policy,
+                           quotas=self.users.quotas())
         waits: dict[int, Wait] = {}
         for d in decisions:
             if isinstance(d, Start):
@@ -348,16 +362,21 @@ class Daemon:
 
     async def _launch(self, job: Job) -> Handle:
         function, args = await self.ledger.call(Ledger.payload, job.id)
-        spec = await trio.to_thread.run_sync(self._prepare_job_dir, job, function, args)
+        # Its submitter's Unix user on a root daemon (never root); a job whose owner lost
+        # their account since submitting fails here, saying so.
+        ident = run_as(job.owner, self.identity)
+        spec = await trio.to_thread.run_sync(self._prepare_job_dir, job, function, args, ident)
         with trio.CancelScope(shield=True):
             handle = await self.executor.launch(spec)
         return handle
 
-    def _prepare_job_dir(self, job: Job, function: bytes, args: bytes) -> LaunchSpec:
-        """Lay out jobs/<id>/ for this attempt: payload in, log and result out."""
+    def _prepare_job_dir(self, job: Job, function: bytes, args: bytes,
+                         ident: JobIdentity) -> LaunchSpec:
+        """Lay out jobs/<id>/ for this attempt: payload in, log and result out. The
+        directory and its files belong to the user the job runs as, mode 0700/0600."""
         d = self.config.jobs_dir / str(job.id)
         d.mkdir(mode=0o700, exist_ok=True)
-        owner = (self.identity.uid, self.identity.gid)
+        owner = (ident.uid, ident.gid)
         for stale in (RESULT_FILE, STATUS_FILE):
             (d / stale).unlink(missing_ok=True)
         files = job_files(job_id=job.id, name=job.function, python=job.python,
@@ -375,7 +394,7 @@ class Daemon:
             os.chown(d, *owner, follow_symlinks=False)
         os.chmod(d, 0o700, follow_symlinks=False)
         return LaunchSpec(job_id=job.id, attempt=job.attempt, job_dir=d, log_path=log_path,
-                          gpus=job.gpus, env=dict(job.env), image=job.image)
+                          gpus=job.gpus, env=dict(job.env), image=job.image, identity=ident)
 
     def _collect(self, job: Job, outcome: Outcome) -> Finished:
         """Read what the worker left (status.json, never the pickle) into an outcome."""
@@ -410,6 +429,10 @@ class Daemon:
     async def _finish(self, job: Job, f: Finished) -> Job:
         now = time.time()
         current = await self.get(job.id)
+        if current.gpus and current.state is JobState.RUNNING and current.started_at:
+            # Fair share counts from when the process started, within milliseconds of when
+            # the GPUs were handed out (the ledger's accounting has the exact figure).
+            self.usage.add(current.owner, current.started_at, now, len(current.gpus), now=now)
         steps = [Step(f.state, f.error or f.state.value, fields={
             "ended_at": now, "exit_code": f.exit_code, "error": f.error,
             "has_result": f.has_result,
@@ -425,6 +448,26 @@ class Daemon:
         log.info("job %s %s%s", job.id, f.state.value,
                  f": {f.error}" if f.error else "")
         return new
+
+    # -- fair share -----------------------------------------------------------------------
+
+    async def _load_usage(self) -> None:
+        """Decayed GPU-seconds per user from the ledger (what ended in the last 30
+        half-lives; older usage has decayed below a billionth)."""
+        now = time.time()
+        since = now - 30 * self.config.fairshare_half_life
+        for span in await self.ledger.call(finished_gpu_intervals, since):
+            self.usage.add(span.owner, span.started_at, span.ended_at, 1, now=now)
+
+    def _usage_now(self, running: Sequence[Job], now: float) -> dict[str, float]:
+        """Decayed GPU-seconds per user now: what ended, plus what runs so far."""
+        usage = self.usage.at(now)
+        for j in running:
+            if j.gpus and j.state is JobState.RUNNING and j.started_at is not None:
+                usage[j.owner] = usage.get(j.owner, 0.0) + interval_usage(
+                    j.started_at, now, len(j.gpus), now=now,
+                    half_life=self.config.fairshare_half_life)
+        return usage
 
     # -- GPUs -----------------------------------------------------------------------------
 

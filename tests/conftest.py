@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -116,6 +116,8 @@ class DaemonProc:
         env["GPUD_DATA_DIR"] = str(self.data_dir)
         env["GPUD_SOCKET"] = str(self.socket)
         logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        # A restart appends to the same log: look for this start's line only.
+        before = self.log.stat().st_size
         self.proc = subprocess.Popen(GPUD + ["serve"], env=env, stdout=logf, stderr=logf,
                                      cwd=str(REPO))
         logf.close()
@@ -123,7 +125,7 @@ class DaemonProc:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gpud serve exited: {self.log.read_text()}")
-            if b"gpud serving on" in self.log.read_bytes():
+            if b"gpud serving on" in self.log.read_bytes()[before:]:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"gpud serve did not start: {self.log.read_text()}")
@@ -210,3 +212,98 @@ def gpud_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
     return subprocess.run(GPUD + list(args), capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=str(REPO), input=None if input is None else
                           input.decode())
+
+
+# -- the shared box (#5): real Unix users, tokens, TCP ----------------------------------
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="creates real Unix users and runs jobs as them: needs root (CI runs as root)",
+)
+
+
+@dataclass
+class UnixUser:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+
+
+def create_unix_user(prefix: str) -> UnixUser:
+    """A real, throw-away Unix user (root only): gpudt_<prefix>_<random>."""
+    import pwd
+    import secrets
+
+    name = f"gpudt_{prefix}_{secrets.token_hex(3)}"
+    home = Path("/tmp") / f"{name}-home"
+    subprocess.run(["useradd", "--create-home", "--home-dir", str(home), "--shell",
+                    "/bin/sh", "--user-group", name], check=True, capture_output=True)
+    pw = pwd.getpwnam(name)
+    return UnixUser(name, pw.pw_uid, pw.pw_gid, home)
+
+
+def delete_unix_user(user: UnixUser) -> None:
+    subprocess.run(["userdel", "--remove", user.name], capture_output=True)
+    shutil.rmtree(user.home, ignore_errors=True)
+
+
+@pytest.fixture
+def unix_users() -> Iterator[Callable[[str], UnixUser]]:
+    """Make real Unix users (deleted afterwards); skips unless root."""
+    if os.geteuid() != 0:
+        pytest.skip("creates real Unix users: needs root (CI runs as root)")
+    made: list[UnixUser] = []
+
+    def make(prefix: str) -> UnixUser:
+        u = create_unix_user(prefix)
+        made.append(u)
+        return u
+
+    yield make
+    for u in made:
+        delete_unix_user(u)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def add_gpud_user(data_dir: Path, name: str, *, admin: bool = False) -> str:
+    """Register a gpud user straight in the ledger, as `gpud admin user add` does; return
+    the token."""
+    import time as _time
+
+    from gpud.ledger import Ledger
+    from gpud.ledger.users import add_user
+    from gpud.users import hash_token, new_token
+
+    token = new_token()
+    led = Ledger(data_dir / "ledger.db")
+    try:
+        add_user(led, name, admin=admin, token_hash=hash_token(token), now=_time.time())
+    finally:
+        led.close()
+    return token
+
+
+@pytest.fixture
+async def served_tcp(base_dir: Path, nursery):  # type: ignore[no-untyped-def]
+    """Like ``served``, also listening on loopback TCP (where every request needs a token)."""
+    from gpud.config import load_config
+    from gpud.server import serve
+    from gpud.testing import FakeGpuInventory
+
+    env = dict(TEST_SETTINGS)
+    env["GPUD_DATA_DIR"] = str(base_dir / "data")
+    env["GPUD_SOCKET"] = str(base_dir / "gpud.sock")
+    env["GPUD_TCP"] = f"127.0.0.1:{free_port()}"
+    cfg = load_config(env=env)
+    inv = FakeGpuInventory(cfg.fake_gpus)
+    s = await nursery.start(partial(serve, cfg, inventory=inv, kill_jobs_on_exit=True))
+    yield s
+    kill_instance_jobs(cfg.data_dir)

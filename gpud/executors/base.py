@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from gpud.executors.process import JobIdentity
 
 __all__ = ["Executor", "Handle", "LaunchSpec", "Outcome"]
 
@@ -23,6 +26,8 @@ class LaunchSpec:
     gpus: tuple[str, ...]  # UUIDs, in the order the job sees them
     env: dict[str, str] = field(default_factory=dict)  # the user's env= (ours win on clash)
     image: str | None = None
+    #: who the job runs as (its submitter, #5); None: the executor's default identity
+    identity: JobIdentity | None = None
 
 
 @dataclass(slots=True)
