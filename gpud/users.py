@@ -97,7 +97,9 @@ def run_as(owner: str, default: JobIdentity) -> JobIdentity:
         )
     if pw.pw_uid == 0:
         return default
-    groups = tuple(g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid)
+    # Exactly what initgroups(3) gives a login shell: the primary group and every group
+    # the user is a member of (os.getgrouplist includes the primary one).
+    groups = tuple(os.getgrouplist(pw.pw_name, pw.pw_gid))
     return JobIdentity(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, switch=True, groups=groups)
 
 
