@@ -84,7 +84,7 @@ def cli() -> None:
 @click.option("--data-dir", default=None, help="Where the ledger and job files live.")
 @click.option("--socket", "socket_path", default=None, help="The Unix socket to listen on.")
 @click.option("--tcp", default=None, metavar="HOST:PORT",
-              help="Also listen on TCP (loopback addresses only).")
+              help="Also listen on TCP (every request there needs a token).")
 @click.option("--fake-gpus", default=None, metavar="TYPES",
               help="Comma-separated fake GPU types, used only where no NVIDIA driver exists.")
 @click.option("--gpus", "gpu_mode", type=click.Choice(["auto", "fake", "none"]), default=None,
