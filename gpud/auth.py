@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import time
 
 from starlette.requests import Request
 
@@ -47,11 +48,27 @@ class QuotaExceeded(Exception):
     """422: a submit over one of the user's quotas."""
 
 
-def _name_of(uid: int) -> str | None:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
+class _Names:
+    """uid -> Unix name, remembered for 10 s: every request on the socket asks, and with
+    LDAP or SSSD behind NSS a lookup can cost a round trip. Short, because a uid can be
+    deleted and given to someone else."""
+
+    TTL = 10.0
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[str | None, float]] = {}
+
+    def __call__(self, uid: int) -> str | None:
+        now = time.monotonic()
+        hit = self._seen.get(uid)
+        if hit is not None and now - hit[1] < self.TTL:
+            return hit[0]
+        try:
+            name: str | None = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = None
+        self._seen[uid] = (name, now)
+        return name
 
 
 def _bearer(request: Request) -> str | None:
@@ -66,6 +83,7 @@ class Auth:
     def __init__(self, directory: Directory, *, daemon_uid: int | None = None) -> None:
         self.directory = directory
         self.daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
+        self._name_of = _Names()
 
     async def authenticate(self, request: Request) -> Principal:
         unix = request.scope.get("client") is None
@@ -93,14 +111,14 @@ class Auth:
         return Principal(user.name, user.admin, "token", None, user.quota)
 
     def _admin(self, uid: int, *, via: str) -> Principal:
-        name = _name_of(uid) or f"uid{uid}"
+        name = self._name_of(uid) or f"uid{uid}"
         user = self.directory.get(name)
         return Principal(name, True, via, uid, user.quota if user else Quota())
 
     async def _from_uid(self, uid: int) -> Principal:
         if uid in (0, self.daemon_uid):
             return self._admin(uid, via="peer")
-        name = _name_of(uid)
+        name = self._name_of(uid)
         if name is None:
             raise Forbidden(f"uid {uid} has no user name on this machine, so it cannot be a "
                             "gpud user")

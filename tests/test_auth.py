@@ -17,6 +17,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import httpx
@@ -322,3 +323,38 @@ def test_client_refuses_a_token_file_owned_by_someone_else(
     os.chown(path, 65534, 65534)
     with pytest.raises(GpudError, match="belongs to uid 65534"):
         Client("unix:///nonexistent.sock")
+
+
+# ---------------------------------------------------------------------------------------
+# Without peer credentials (should the server stack stop exposing them)
+
+
+def _request(client: tuple[str, int] | None, headers: dict[str, str] | None = None) -> Any:
+    from starlette.requests import Request
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return Request({"type": "http", "method": "GET", "path": "/v1/jobs", "headers": raw,
+                    "client": client, "query_string": b""})
+
+
+class _NoUsers:
+    def get(self, name: str) -> None:
+        return None
+
+    async def by_token(self, token: str) -> None:
+        return None
+
+
+async def test_without_peer_credentials_a_users_daemon_trusts_its_private_socket() -> None:
+    from gpud.auth import Auth, Unauthenticated
+
+    me = os.geteuid()
+    who = await Auth(_NoUsers(), daemon_uid=me if me else 4242).authenticate(_request(None))  # type: ignore[arg-type]
+    assert who.via == "owner" and who.admin
+    # A root daemon's socket is shared with the gpud group: there, a token is needed.
+    with pytest.raises(Unauthenticated, match="needs an API token"):
+        await Auth(_NoUsers(), daemon_uid=0).authenticate(_request(None))  # type: ignore[arg-type]
+    # And TCP always needs one, whoever runs the daemon.
+    with pytest.raises(Unauthenticated):
+        await Auth(_NoUsers(), daemon_uid=4242).authenticate(  # type: ignore[arg-type]
+            _request(("127.0.0.1", 5555), {"authorization": "Bearer gpud_x"}))
