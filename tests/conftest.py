@@ -243,8 +243,32 @@ def create_unix_user(prefix: str) -> UnixUser:
     return UnixUser(name, pw.pw_uid, pw.pw_gid, home)
 
 
+def _pids_of(uid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(entry.path).st_uid == uid:
+                    pids.append(int(entry.name))
+    return pids
+
+
 def delete_unix_user(user: UnixUser) -> None:
-    subprocess.run(["userdel", "--remove", user.name], capture_output=True)
+    """Remove a test user. userdel refuses while the user has processes, so first stop
+    what the test left running as them (jobs of an aborted test), by pid."""
+    for _ in range(50):
+        pids = _pids_of(user.uid)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    out = subprocess.run(["userdel", "--remove", user.name], capture_output=True, text=True)
+    if out.returncode not in (0, 12):  # 12: no home directory to remove (already gone)
+        import warnings
+
+        warnings.warn(f"could not delete test user {user.name}: {out.stderr}", stacklevel=1)
     shutil.rmtree(user.home, ignore_errors=True)
 
 
