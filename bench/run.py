@@ -6,6 +6,8 @@ baselines measured in the same run, on the same machine.
 
 It starts its own `gpud serve` subprocesses (fake GPUs, a temporary data directory under
 /tmp) and stops them, and removes the directory, when it ends, also on an error or Ctrl-C.
+As root with Podman and the image localhost/gpud-python:X.Y present, it also measures the
+Podman executor against the process executor (`--no-podman` skips that).
 See bench/README.md for what each number means.
 """
 
@@ -43,6 +45,8 @@ from gpud_client.client import Client  # noqa: E402
 #: The issue's later target for `.map` throughput of no-op jobs.
 MAP_TARGET_PER_S = 500.0
 CORES = os.cpu_count() or 1
+#: The image the Podman executor's jobs run in when a job names none (gpud's default).
+PODMAN_IMAGE = "localhost/gpud-python:{}.{}".format(*sys.version_info)
 
 
 # -- the functions being run ------------------------------------------------------------
@@ -204,6 +208,63 @@ class Daemon:
         for pid in _instance_pids(instance):
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
+        if self.env.get("GPUD_EXECUTOR") == "podman":
+            _remove_containers(instance)
+            url = self.env.get("GPUD_PODMAN_URL")
+            if url:
+                _stop_podman_service(url)
+
+
+def podman_problem() -> str | None:
+    """Why the Podman executor cannot be measured here, or None when it can."""
+    if os.geteuid() != 0:
+        return "the Podman executor needs rootful Podman (run the benchmark as root)"
+    if shutil.which("podman") is None:
+        return "podman is not installed (../shared/ci/podman-host-setup.sh --image)"
+    try:
+        import podman  # noqa: F401
+    except ImportError:
+        return "podman-py is not installed in this Python (pip install podman)"
+    probe = subprocess.run(["podman", "image", "exists", PODMAN_IMAGE], capture_output=True)
+    if probe.returncode != 0:
+        return (f"image {PODMAN_IMAGE} is missing (../shared/ci/podman-host-setup.sh --image "
+                "builds it)")
+    return None
+
+
+def _remove_containers(instance: str) -> None:
+    """Containers a Podman daemon of ours left (none after a clean run)."""
+    with contextlib.suppress(Exception):
+        ids = subprocess.run(
+            ["podman", "ps", "-a", "-q", "--filter", f"label=gpud.daemon={instance}"],
+            capture_output=True, text=True, timeout=60).stdout.split()
+        if ids:
+            subprocess.run(["podman", "rm", "-f", *ids], capture_output=True, timeout=120)
+
+
+def _stop_podman_service(url: str) -> None:
+    """The `podman system service` our daemon started on its private socket (it outlives
+    the daemon by design): found by its exact command line, stopped by pid."""
+    want = ["podman", "system", "service", "--time=0", url]
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
+                argv = fh.read().decode(errors="replace").split("\0")[:-1]
+        except OSError:
+            continue
+        if argv == want:
+            pid = int(entry.name)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+            for _ in range(50):
+                if not os.path.exists(f"/proc/{pid}"):
+                    break
+                time.sleep(0.1)
+            else:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 class Bench:
@@ -212,8 +273,9 @@ class Bench:
         self.daemons: list[Daemon] = []
 
     @contextlib.contextmanager
-    def daemon(self, name: str, cpu_slots: int) -> Iterator[Daemon]:
-        d = Daemon(self.base, name, cpu_slots)
+    def daemon(self, name: str, cpu_slots: int,
+               env: dict[str, str] | None = None) -> Iterator[Daemon]:
+        d = Daemon(self.base, name, cpu_slots, env=dict(env or {}))
         self.daemons.append(d)
         try:
             d.start()
@@ -335,6 +397,25 @@ def measure_map(d: Daemon, inputs: int) -> dict[str, Any]:
             "jobs_per_s": inputs / wall}
 
 
+def measure_warm(d: Daemon, n: int, warmup: int, inputs: int) -> dict[str, Any]:
+    """The same no-op with keep_warm: calls after the first run in a kept worker."""
+    f = gpud.function(name="bench.noop_warm", url=d.url, keep_warm=300)(noop)
+    for _ in range(max(1, warmup)):
+        f.remote(1)  # the first call starts the warm worker
+    remote = timed(lambda: f.remote(1), n)
+    sg = timed(lambda: f.spawn(1).get(), n)
+    f.map(range(min(inputs, 20)))  # warm a worker per CPU slot
+    t0 = time.perf_counter()
+    results = list(f.map(range(inputs)))
+    wall = time.perf_counter() - t0
+    f.client.close()
+    if results != list(range(inputs)):
+        raise RuntimeError("map returned wrong results")
+    return {"remote_warm": latency(remote), "spawn_get_warm": latency(sg),
+            "map_warm": {"inputs": inputs, "cpu_slots": d.cpu_slots, "wall_s": wall,
+                         "jobs_per_s": inputs / wall}}
+
+
 def measure_submit(d: Daemon, n_spawn: int, batch: int) -> dict[str, Any]:
     """Submits only: the daemon has one CPU slot, held by a sleeping job, so every job
     submitted here stays queued and the numbers are the durable-submit path alone."""
@@ -395,10 +476,16 @@ class Sizes:
     map_inputs: int
     spawn: int
     batch: int
+    podman: int  # .remote() and .spawn().get() calls on the Podman executor, each
 
 
-FULL = Sizes(baseline=50, remote=100, warmup=5, map_inputs=1000, spawn=500, batch=1000)
-QUICK = Sizes(baseline=8, remote=8, warmup=2, map_inputs=60, spawn=40, batch=200)
+FULL = Sizes(baseline=50, remote=100, warmup=5, map_inputs=1000, spawn=500, batch=1000,
+             podman=100)
+QUICK = Sizes(baseline=8, remote=8, warmup=2, map_inputs=60, spawn=40, batch=200, podman=8)
+
+#: (metric of the Podman executor, the same metric of the process executor, label)
+PODMAN_PAIRS = (("podman_remote", "remote", ".remote()"),
+                ("podman_spawn_get", "spawn_get", ".spawn().get()"))
 
 
 def ratios(m: dict[str, Any]) -> dict[str, float]:
@@ -415,7 +502,25 @@ def ratios(m: dict[str, Any]) -> dict[str, float]:
             m["remote"]["p50_ms"] - m["baseline_worker_python_pass"]["p50_ms"],
         "map_cores_over_target": m["map_cores"]["jobs_per_s"] / MAP_TARGET_PER_S,
         "map_4x_over_target": m["map_4x"]["jobs_per_s"] / MAP_TARGET_PER_S,
+        "remote_warm_p50_over_worker_python_cloudpickle_p50": m["remote_warm"]["p50_ms"] / wcp,
+        "remote_warm_p50_over_remote_p50": m["remote_warm"]["p50_ms"] / m["remote"]["p50_ms"],
+        "map_warm_over_target": m["map_warm"]["jobs_per_s"] / MAP_TARGET_PER_S,
+        **podman_ratios(m),
     }
+
+
+def podman_ratios(m: dict[str, Any]) -> dict[str, float]:
+    """The Podman executor's per-job overhead over the process executor: podman - process
+    (ms) and podman / process, at p50 and p95; empty when Podman was not measured."""
+    out: dict[str, float] = {}
+    for pod, proc, _ in PODMAN_PAIRS:
+        if pod not in m:
+            continue
+        for q in ("p50", "p95"):
+            a, b = m[pod][f"{q}_ms"], m[proc][f"{q}_ms"]
+            out[f"{pod}_{q}_minus_process_{q}_ms"] = a - b
+            out[f"{pod}_{q}_over_process_{q}"] = a / b
+    return out
 
 
 def render(result: dict[str, Any]) -> str:
@@ -444,10 +549,16 @@ def render(result: dict[str, Any]) -> str:
     lat("remote", "gpud .remote() round trip (sequential)")
     lat("spawn_get", "gpud .spawn().get() (no log streaming)")
     lat("spawn_submit", "gpud .spawn() until acknowledged (durable)")
+    lat("remote_warm", "gpud .remote(), warm worker (keep_warm)")
+    lat("spawn_get_warm", "gpud .spawn().get(), warm worker")
+    if "podman_remote" in m:
+        lat("podman_remote", "gpud .remote(), Podman executor")
+        lat("podman_spawn_get", "gpud .spawn().get(), Podman executor")
     out += ["", f"{'throughput':<{w}}{'rate':>10}{'wall':>10}"]
-    for key in ("map_cores", "map_4x"):
+    for key in ("map_cores", "map_4x", "map_warm"):
         v = m[key]
-        label = "map of {} no-ops, cpu_slots={}".format(v["inputs"], v["cpu_slots"])
+        label = "map of {} no-ops, cpu_slots={}{}".format(
+            v["inputs"], v["cpu_slots"], ", warm workers" if key == "map_warm" else "")
         out.append(f"{label:<{w}}{v['jobs_per_s']:>8.1f}/s{v['wall_s']:>8.2f} s")
     s = m["spawn_submit"]
     label = ".spawn() x{}, one by one, acknowledged".format(s["n"])
@@ -468,22 +579,64 @@ def render(result: dict[str, Any]) -> str:
         f"{r['remote_p50_minus_worker_python_pass_p50_ms']:+.1f} ms",
         f"  {f'map jobs/s / the {MAP_TARGET_PER_S:.0f}/s target':<58}"
         f"{r['map_cores_over_target']:.3f}x at cpu_slots={m['map_cores']['cpu_slots']}, "
-        f"{r['map_4x_over_target']:.3f}x at cpu_slots={m['map_4x']['cpu_slots']}",
+        f"{r['map_4x_over_target']:.3f}x at cpu_slots={m['map_4x']['cpu_slots']}, "
+        f"{r['map_warm_over_target']:.3f}x warm",
+        f"  {'warm remote p50 / subprocess+cloudpickle p50, jobs python':<58}"
+        f"{r['remote_warm_p50_over_worker_python_cloudpickle_p50']:.2f}x "
+        f"(warm / cold remote: {r['remote_warm_p50_over_remote_p50']:.2f}x)",
     ]
+    if "podman_remote" in m:
+        out += ["", f"{'Podman executor overhead (podman - process)':<{w}}"
+                f"{'p50':>10}{'p95':>10}{'ratio p50':>11}{'ratio p95':>11}"]
+        for pod, _, label in PODMAN_PAIRS:
+            out.append(
+                f"{'  ' + label:<{w}}"
+                f"{r[f'{pod}_p50_minus_process_p50_ms']:>+7.1f} ms"
+                f"{r[f'{pod}_p95_minus_process_p95_ms']:>+7.1f} ms"
+                f"{r[f'{pod}_p50_over_process_p50']:>10.2f}x"
+                f"{r[f'{pod}_p95_over_process_p95']:>10.2f}x")
+    else:
+        out += ["", f"Podman executor: not measured ({meta.get('podman_skipped') or 'skipped'})"]
     d = result.get("diagnostics") or {}
     if d:
         out += ["", "diagnostics"]
         if "client_submit_prep" in d:
             out.append(f"  caller's pickling per .spawn(): p50 "
                        f"{d['client_submit_prep']['p50_ms']:.1f} ms")
-        if d.get("spawn_get_daemon_phases"):
-            out.append("  daemon phases of .spawn().get(), p50 (ledger events): " + ", ".join(
-                f"{k.removesuffix('_ms')} {v:.1f} ms"
-                for k, v in d["spawn_get_daemon_phases"].items()))
+        for key, which in (("spawn_get_daemon_phases", ""),
+                           ("podman_spawn_get_daemon_phases", ", Podman")):
+            if d.get(key):
+                out.append(f"  daemon phases of .spawn().get(){which}, p50 (ledger events): "
+                           + ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms"
+                                       for k, v in d[key].items()))
     return "\n".join(out)
 
 
-def run(sizes: Sizes, quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
+def measure_podman(bench: Bench, sizes: Sizes, progress: Callable[[str], None]
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same .remote() and .spawn().get() round trips as `remote`/`spawn_get`, on a
+    daemon with executor = "podman": every job a fresh container. The daemon starts its
+    own `podman system service` on a private socket (podman_start_service), stopped again
+    with it, so nothing of the machine's own Podman service is touched."""
+    env = {
+        "GPUD_EXECUTOR": "podman",
+        "GPUD_PODMAN_START_SERVICE": "1",
+        "GPUD_PODMAN_URL": f"unix://{bench.base / 'podman' / 'podman.sock'}",
+        "GPUD_DEFAULT_IMAGE": PODMAN_IMAGE,
+    }
+    with bench.daemon("podman", CORES, env=env) as d:
+        progress(f"podman: {min(sizes.warmup, 2)} warm-up + {sizes.podman} calls, twice, "
+                 f"each job a container of {PODMAN_IMAGE}")
+        m, dg = measure_remote(d, sizes.podman, min(sizes.warmup, 2))
+    metrics = {"podman_remote": m["remote"], "podman_spawn_get": m["spawn_get"]}
+    diag = {}
+    if "spawn_get_daemon_phases" in dg:
+        diag["podman_spawn_get_daemon_phases"] = dg["spawn_get_daemon_phases"]
+    return metrics, diag
+
+
+def run(sizes: Sizes, quick: bool, progress: Callable[[str], None],
+        podman: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     base = Path(tempfile.mkdtemp(prefix="gpud-bench-", dir="/tmp"))
     # As root the daemon runs jobs as `nobody`, who must traverse down to its job dirs.
@@ -493,6 +646,11 @@ def run(sizes: Sizes, quick: bool, progress: Callable[[str], None]) -> dict[str,
     metrics: dict[str, Any] = {}
     diag: dict[str, Any] = {}
     job_python = sys.executable
+    podman_skipped = None if podman else "--no-podman"
+    if podman_skipped is None:
+        podman_skipped = podman_problem()
+        if podman_skipped is not None:
+            progress(f"skipping the Podman executor: {podman_skipped}")
     try:
         with bench.daemon("main", CORES) as d:
             job_python = worker_python(d)
@@ -512,6 +670,12 @@ def run(sizes: Sizes, quick: bool, progress: Callable[[str], None]) -> dict[str,
             diag.update(dg)
             progress(f"map: {sizes.map_inputs} inputs, cpu_slots={CORES}")
             metrics["map_cores"] = measure_map(d, sizes.map_inputs)
+            progress("warm workers (keep_warm): remote, spawn+get, map")
+            metrics.update(measure_warm(d, sizes.remote, sizes.warmup, sizes.map_inputs))
+        if podman_skipped is None:
+            m, dg = measure_podman(bench, sizes, progress)
+            metrics.update(m)
+            diag.update(dg)
         with bench.daemon("wide", 4 * CORES) as d:
             progress(f"map: {sizes.map_inputs} inputs, cpu_slots={4 * CORES}")
             metrics["map_4x"] = measure_map(d, sizes.map_inputs)
@@ -532,6 +696,8 @@ def run(sizes: Sizes, quick: bool, progress: Callable[[str], None]) -> dict[str,
             "bench_python": sys.executable,
             "worker_python": job_python,
             "map_target_per_s": MAP_TARGET_PER_S,
+            "podman_image": PODMAN_IMAGE if podman_skipped is None else None,
+            "podman_skipped": podman_skipped,
             "timestamp": time.time(),
             "elapsed_s": time.perf_counter() - started,
         },
@@ -544,20 +710,24 @@ def run(sizes: Sizes, quick: bool, progress: Callable[[str], None]) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small N: a smoke run (<~60 s)")
+    p.add_argument("--quick", action="store_true", help="small N: a smoke run (<~90 s)")
+    p.add_argument("--no-podman", action="store_true",
+                   help="skip the Podman executor's measurements")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     for name, help_ in (("baseline", "subprocess baseline runs"),
                         ("remote", ".remote() calls measured"),
                         ("map-inputs", ".map inputs"),
                         ("spawn", "sequential .spawn() submits"),
-                        ("batch", "inputs in the batch submit")):
+                        ("batch", "inputs in the batch submit"),
+                        ("podman-calls", "calls of each kind on the Podman executor")):
         p.add_argument(f"--{name}", type=int, default=None, metavar="N", help=help_)
     a = p.parse_args(argv)
     sizes = QUICK if a.quick else FULL
-    over = {k: getattr(a, k.replace("-", "_")) for k in
+    over = {k: getattr(a, k) for k in
             ("baseline", "remote", "map_inputs", "spawn", "batch")}
+    over["podman"] = a.podman_calls
     sizes = Sizes(**{**sizes.__dict__, **{k: v for k, v in over.items() if v is not None}})
-    if min(sizes.baseline, sizes.remote, sizes.map_inputs, sizes.spawn, sizes.batch) < 1:
+    if min(sizes.__dict__.values()) < 1:
         p.error("every N must be at least 1")
 
     # SIGTERM (and SIGHUP) unwind like Ctrl-C, so the finally blocks stop the daemons.
@@ -571,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
     try:
-        result = run(sizes, a.quick, progress)
+        result = run(sizes, a.quick, progress, podman=not a.no_podman)
     except KeyboardInterrupt:
         print("[bench] interrupted; daemons stopped, temporary files removed", file=sys.stderr)
         return 130

@@ -41,7 +41,7 @@ from gpud.domain import FINAL, GpuRequest, Job, JobState
 from gpud.ledger import NewJob, UnknownJob
 from gpud.ledger.usage import attempts_between
 from gpud.safefs import read_regular
-from gpud.service import Daemon, SubmitError
+from gpud.service import Daemon, ExecutorDown, SubmitError
 from gpud.users import NoUnixAccount, Principal, run_as
 from gpud_client.models import (
     API_PREFIX,
@@ -52,6 +52,7 @@ from gpud_client.models import (
     GpuList,
     GpuProcessInfo,
     Health,
+    ImageList,
     JobInfo,
     JobList,
     QuotaInfo,
@@ -60,6 +61,7 @@ from gpud_client.models import (
     UsageReport,
     WhoAmI,
 )
+from gpud_client.models import ImageInfo as ImageInfoModel
 
 __all__ = ["ApiError", "ROUTES", "create_app", "job_info", "openapi"]
 
@@ -95,6 +97,8 @@ def job_info(daemon: Daemon, job: Job) -> JobInfo:
         exit_code=job.exit_code, error=job.error, has_result=job.has_result,
         reason=reason, position=position, python=job.python, image=job.image,
         wall_seconds=job.wall_seconds, gpu_seconds=job.gpu_seconds,
+        memory=job.memory, cpu=job.cpus, keep_warm=job.keep_warm, start_kind=job.start_kind,
+        startup=job.startup,
     )
 
 
@@ -176,7 +180,7 @@ def _principal(request: Request) -> Principal:
     return who
 
 
-def _new_jobs(
+async def _new_jobs(
     daemon: Daemon, auth: Auth, request: Request, req: SubmitRequest | BatchSubmitRequest,
     args: list[bytes],
 ) -> list[NewJob]:
@@ -195,10 +199,24 @@ def _new_jobs(
             raise ApiError(422, "invalid_env", f"env name {k!r} is not a valid variable name")
     if not req.name or len(req.name) > 512:
         raise ApiError(422, "invalid_name", "name must be 1 to 512 characters")
+    memory = req.memory
+    if memory is not None and memory < 16 * 1024 * 1024:
+        raise ApiError(422, "invalid_memory", "memory must be at least 16 MiB (in bytes)")
+    cfg = daemon.config
+    keep_warm = cfg.keep_warm_default if req.keep_warm is None else req.keep_warm
+    if not 0 <= keep_warm <= cfg.keep_warm_max:
+        raise ApiError(422, "invalid_keep_warm",
+                       f"keep_warm must be between 0 and this daemon's keep_warm_max "
+                       f"({cfg.keep_warm_max:g} s)")
+    if req.cpu is not None and not 0.01 <= req.cpu <= (os.cpu_count() or 1):
+        raise ApiError(422, "invalid_cpu",
+                       f"cpu must be between 0.01 and this box's {os.cpu_count()} CPUs")
     try:
-        daemon.check_submittable(gpu, req.python, timeout)
+        image = await daemon.check_submittable(gpu, req.python, timeout, req.image)
     except SubmitError as e:
         raise ApiError(422, "refused", str(e)) from None
+    except ExecutorDown as e:
+        raise ApiError(503, "executor_unavailable", str(e)) from None
     queued = sum(1 for j in daemon.active.values()
                  if j.owner == who.name and j.state is JobState.QUEUED)
     auth.check_submit(who, priority=req.priority, jobs=len(args), queued=queued)
@@ -209,7 +227,8 @@ def _new_jobs(
     return [
         NewJob(name=req.name, owner=owner, function_hash=code_hash, args=a, python=req.python,
                timeout=timeout, gpu=gpu, retries=req.retries, priority=req.priority,
-               image=req.image, env=dict(req.env))
+               image=image, env=dict(req.env), memory=memory, cpus=req.cpu,
+               keep_warm=keep_warm)
         for a in args
     ]
 
@@ -234,7 +253,7 @@ def create_app(daemon: Daemon) -> Starlette:
 
     async def submit(request: Request) -> Response:
         req = _decode(await _body(request, limit), SubmitRequest)
-        jobs = _new_jobs(daemon, auth, request, req, [req.args])
+        jobs = await _new_jobs(daemon, auth, request, req, [req.args])
         _, made = await daemon.submit(jobs, req.function)
         return _json(job_info(daemon, made[0]), 201)
 
@@ -242,7 +261,7 @@ def create_app(daemon: Daemon) -> Starlette:
         req = _decode(await _body(request, limit), BatchSubmitRequest)
         if not 1 <= len(req.inputs) <= MAX_BATCH:
             raise ApiError(422, "invalid_batch", f"a batch holds 1 to {MAX_BATCH} inputs")
-        jobs = _new_jobs(daemon, auth, request, req, req.inputs)
+        jobs = await _new_jobs(daemon, auth, request, req, req.inputs)
         batch_id, made = await daemon.submit(jobs, req.function, batch=True)
         assert batch_id is not None
         return _json(BatchSubmitResponse(batch_id=batch_id, job_ids=[j.id for j in made]), 201)
@@ -316,6 +335,21 @@ def create_app(daemon: Daemon) -> Starlette:
 
     async def gpus(request: Request) -> Response:
         return _json(gpu_list(daemon))
+
+    async def images(request: Request) -> Response:
+        try:
+            found = await daemon.executor.images()
+        except Exception as e:  # noqa: BLE001 - the container service is down, say so
+            raise ApiError(503, "executor_unavailable",
+                           f"the {daemon.executor.name} executor cannot list images right now: "
+                           f"{e}") from None
+        default = getattr(daemon.executor, "default_image", None)
+        note = None if daemon.executor.name == "podman" else (
+            f"the {daemon.executor.name} executor runs jobs without images (Python "
+            f"{daemon.worker_python}); images need executor = \"podman\"")
+        return _json(ImageList(images=[ImageInfoModel(
+            name=i.name, id=i.id, size=i.size, created=i.created, python=i.python)
+            for i in found], executor=daemon.executor.name, default=default, note=note))
 
     async def openapi_doc(request: Request) -> Response:
         return _json(openapi())
@@ -393,6 +427,7 @@ def create_app(daemon: Daemon) -> Starlette:
         ("GET", "/gpus", gpus),
         ("GET", "/whoami", whoami),
         ("GET", "/usage", usage),
+        ("GET", "/images", images),
     ]
     routes = [Route(API_PREFIX + p, wrap(fn, public=p == "/health"), methods=[m])
               for m, p, fn in table]
@@ -447,14 +482,12 @@ async def _follow(daemon: Daemon, job_id: int, path: Path,
 
 def gpu_list(daemon: Daemon) -> GpuList:
     holders = daemon.gpu_holders()
-    sessions = {h.pid: h.job_id for h in daemon.handles.values()}
-    from gpud.executors.process import proc_session
-
+    handles = list(daemon.handles.values())
     out = []
     for g in daemon.gpus:
         holder = holders.get(g.uuid)
         procs = [GpuProcessInfo(pid=p.pid, used_memory=p.used_memory,
-                                job_id=sessions.get(proc_session(p.pid) or -1, sessions.get(p.pid)))
+                                job_id=daemon.executor.job_for_pid(p.pid, handles))
                  for p in g.processes]
         out.append(GpuInfo(
             index=g.index, uuid=g.uuid, name=g.name, type=g.type, aliases=list(g.aliases),
@@ -464,7 +497,14 @@ def gpu_list(daemon: Daemon) -> GpuList:
             busy_foreign=bool(g.foreign_pids), job_id=holder.id if holder else None,
             owner=holder.owner if holder else None,
         ))
-    return GpuList(gpus=out, source=daemon.inventory.source, note=daemon.inventory.note)
+    note = daemon.inventory.note
+    if (daemon.executor.name == "podman" and daemon.inventory.source == "nvml"
+            and not getattr(daemon.executor, "cdi", True)):
+        fallback = ("no CDI spec for NVIDIA GPUs: job containers get the GPU device nodes "
+                    "only, without the driver's libraries; run `nvidia-ctk cdi generate "
+                    "--output=/etc/cdi/nvidia.yaml`")
+        note = f"{note}; {fallback}" if note else fallback
+    return GpuList(gpus=out, source=daemon.inventory.source, note=note)
 
 
 # -- OpenAPI -------------------------------------------------------------------------------
@@ -488,6 +528,7 @@ _DOC: list[tuple[str, str, str, type | None, type | None, str]] = [
     ("get", "/whoami", "Who the daemon takes the caller to be", None, WhoAmI, ""),
     ("get", "/usage", "GPU-seconds and wall time by user, day or GPU type", None, UsageReport,
      "since,until,user,by"),
+    ("get", "/images", "Local images usable for jobs (Podman executor)", None, ImageList, ""),
 ]
 
 _PARAMS = {

@@ -138,7 +138,10 @@ def serve(config_path: str | None, data_dir: str | None, socket_path: str | None
                     nursery.cancel_scope.cancel()
                     break
 
-    expected = (AlreadyRunning, WorkerPythonError, GpuInventoryError, ConfigError, ValueError)
+    from gpud.executors.podman import PodmanUnavailable
+
+    expected = (AlreadyRunning, WorkerPythonError, GpuInventoryError, ConfigError, ValueError,
+                PodmanUnavailable)
     try:
         trio.run(main)
     except BaseException as e:  # noqa: BLE001 - trio wraps start-up errors in a group
@@ -193,6 +196,15 @@ def _console() -> Any:
     return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 250)
 
 
+def _start_kind(job: Any) -> str:
+    """How the job started and how long until its code ran: "warm 4ms", "cold 61ms"."""
+    if not job.start_kind:
+        return "-"
+    if job.startup is None:
+        return str(job.start_kind)
+    return f"{job.start_kind} {job.startup * 1000:.0f}ms"
+
+
 def _print_json(obj: Any) -> None:
     import msgspec
 
@@ -221,7 +233,8 @@ def ps(show_all: bool, state: str | None, limit: int, as_json: bool, url: str | 
         click.echo("no jobs" + ("" if show_all else " queued or running (see --all)"), err=True)
         return
     table = Table(box=None, pad_edge=False)
-    for col in ("ID", "NAME", "STATE", "OWNER", "GPUS", "SUBMITTED", "RUNTIME", "INFO"):
+    for col in ("ID", "NAME", "STATE", "OWNER", "GPUS", "SUBMITTED", "START", "RUNTIME",
+                "INFO"):
         table.add_column(col, no_wrap=col != "INFO")
     for j in page.jobs:
         gpus = ",".join(map(str, j.gpu_indices)) if j.gpu_indices else (
@@ -229,7 +242,7 @@ def ps(show_all: bool, state: str | None, limit: int, as_json: bool, url: str | 
         info = (f"{j.reason}; position {j.position}" if j.reason else
                 j.error or (f"attempt {j.attempt}/{j.retries + 1}" if j.retries else ""))
         table.add_row(str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
-                      _duration(j), info)
+                      _start_kind(j), _duration(j), info)
     _console().print(table)
 
 
@@ -350,6 +363,34 @@ def gpus(as_json: bool, url: str | None) -> None:
             "-" if g.temperature is None else f"{g.temperature}C",
             "-" if g.power_w is None else f"{g.power_w:.0f}W", held, g.uuid,
         )
+    _console().print(table)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the images as JSON.")
+@url_option
+@handle_errors
+def images(as_json: bool, url: str | None) -> None:
+    """List the local images jobs can use (Podman executor), with their Python."""
+    with _client(url) as c:
+        lst = c.images()
+    if as_json:
+        _print_json(lst)
+        return
+    if lst.note:
+        click.echo(lst.note, err=True)
+    if not lst.images:
+        if lst.executor == "podman":
+            click.echo("no images: build one (podman build) first; gpud never pulls", err=True)
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("IMAGE", "PYTHON", "SIZE", "ID", ""):
+        table.add_column(col, no_wrap=True)
+    for i in lst.images:
+        table.add_row(i.name, i.python or "(not inspected yet)", f"{i.size / 1e6:.0f} MB",
+                      i.id[:12], "default" if i.name == lst.default else "")
     _console().print(table)
 
 

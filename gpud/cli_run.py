@@ -125,14 +125,20 @@ def _raw(obj: Any) -> Any:
 @click.option("--retries", type=click.IntRange(0, 20), default=None)
 @click.option("--priority", type=click.IntRange(-1000, 1000), default=None)
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Set in the job.")
+@click.option("--image", default=None, help="The container image (Podman executor).")
+@click.option("--memory", default=None, metavar="SIZE",
+              help="Memory limit, e.g. 512M or 16G (enforced by the Podman executor).")
+@click.option("--cpu", type=float, default=None,
+              help="CPU limit in CPUs, e.g. 2 or 0.5 (enforced by the Podman executor).")
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the return value as JSON.")
 @click.option("--url", envvar="GPUD_URL", default=None, metavar="URL")
 @click.option("-h", "--help", "show_help", is_flag=True, help="Show this and FN's parameters.")
 @click.pass_context
 def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | None,
-        retries: int | None, priority: int | None, env: tuple[str, ...], detach: bool,
-        as_json: bool, url: str | None, show_help: bool) -> None:
+        retries: int | None, priority: int | None, env: tuple[str, ...], image: str | None,
+        memory: str | None, cpu: float | None, detach: bool, as_json: bool, url: str | None,
+        show_help: bool) -> None:
     """Run FILE::FN as a job and print its return value.
 
     FN's parameters become options (--my-param VALUE). The job's output streams to
@@ -183,9 +189,15 @@ def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | 
             overrides["priority"] = priority
         if env_map:
             overrides["env"] = {**fn.options.env, **env_map}
+        for key, value in (("image", image), ("memory", memory), ("cpu", cpu)):
+            if value is not None:
+                overrides[key] = value
         if url is not None:
             overrides["url"] = url
-        fn = fn.with_options(**overrides) if overrides else fn
+        try:
+            fn = fn.with_options(**overrides) if overrides else fn
+        except (TypeError, ValueError) as e:
+            raise click.UsageError(str(e)) from None
         handle = fn.spawn(**kwargs)
         if detach:
             if as_json:

@@ -33,7 +33,22 @@ class Config:
     socket: Path = field(default_factory=default_socket)
     #: "HOST:PORT" to also listen on TCP; every TCP request needs a token (#5)
     tcp: str | None = None
+    #: "process" (plain processes) or "podman" (a container per job)
     executor: str = "process"
+    #: the image of a job without image= (Podman); None: localhost/gpud-python:X.Y for the
+    #: daemon's own Python X.Y (what ../shared/ci/podman-host-setup.sh --image builds)
+    default_image: str | None = None
+    podman_url: str = "unix:///run/podman/podman.sock"
+    #: start `podman system service` when nothing answers at podman_url
+    podman_start_service: bool = False
+    #: the network jobs' containers get: "none" (default: no network), "host", "bridge"...
+    podman_network: str = "none"
+    #: a read-only root filesystem for jobs (with a writable /tmp)
+    podman_read_only: bool = True
+    #: extra bind mounts for every job container, "SRC:DST[:ro]" (e.g. shared datasets)
+    podman_volumes: list[str] = field(default_factory=list)
+    #: /dev/shm of job containers (Podman's 64m is too small for PyTorch data loaders)
+    podman_shm_size: str = "1g"
     #: "auto": real GPUs through NVML, or fake_gpus on a box with no NVIDIA driver;
     #: "fake": always fake_gpus (tests, demos); "none": hand out no GPUs at all
     gpus: str = "auto"
@@ -53,6 +68,10 @@ class Config:
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
     max_body_bytes: int = 256 * 1024 * 1024
+    #: keep_warm of a job that does not set one (0: its worker ends with it)
+    keep_warm_default: float = 0.0
+    #: the longest keep_warm a job may ask for
+    keep_warm_max: float = 3600.0
     gpu_poll_interval: float = 2.0
     log_level: str = "info"
     #: fair share (#5): usage counts half after this long (Slurm's PriorityDecayHalfLife)
@@ -81,7 +100,8 @@ class Config:
 
 _ENV_PREFIX = "GPUD_"
 _DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "retry_backoff",
-              "retry_backoff_max", "gpu_poll_interval", "fairshare_half_life", "max_age"}
+              "retry_backoff_max", "gpu_poll_interval", "keep_warm_default", "keep_warm_max",
+              "fairshare_half_life", "max_age"}
 _WEIGHTS = {"fairshare_weight", "age_weight"}
 
 
@@ -111,6 +131,22 @@ def _coerce(name: str, value: Any) -> Any:
             return parse_duration(value)
         if name in ("data_dir", "socket"):
             return Path(os.path.expanduser(str(value)))
+        if name in ("podman_start_service", "podman_read_only"):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError("true or false")
+            return text in ("1", "true", "yes")
+        if name == "podman_volumes":
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+                raise ValueError('a list of "SRC:DST[:ro]" strings')
+            vols = [v.strip() for v in items if v.strip()]
+            for v in vols:
+                if not v.startswith("/") or ":" in v and not v.split(":")[1].startswith("/"):
+                    raise ValueError(f"{v!r}: write absolute paths, SRC:DST[:ro]")
+            return vols
         if name == "fake_gpus":
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
@@ -129,6 +165,8 @@ def _coerce(name: str, value: Any) -> Any:
             return n
         if name == "tcp":
             return str(value) if value not in (None, "", "none") else None
+        if name == "default_image":
+            return str(value) if value else None
         if name == "python":
             return str(value) if value else None
         return str(value)
@@ -172,10 +210,9 @@ def load_config(
             raise ConfigError(f"unknown setting {k}")
         values[k] = _coerce(k, v)
     cfg = replace(Config(), **values)
-    if cfg.executor not in ("process",):
+    if cfg.executor not in ("process", "podman"):
         raise ConfigError(
-            f"executor = {cfg.executor!r} is not available: use \"process\" "
-            "(the Podman executor arrives with its own release)"
+            f"executor = {cfg.executor!r} is not available: use \"process\" or \"podman\""
         )
     if cfg.gpus not in ("auto", "fake", "none"):
         raise ConfigError(f"gpus = {cfg.gpus!r}: use \"auto\", \"fake\" or \"none\"")

@@ -12,6 +12,7 @@ import grp
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,14 @@ from hypercorn.trio import serve as hypercorn_serve
 from gpud import peercred
 from gpud.api import create_app
 from gpud.config import Config, is_loopback, parse_tcp
-from gpud.executors.process import ProcessExecutor, job_identity, resolve_worker_python
+from gpud.executors.base import Executor, ExecutorRefusal
+from gpud.executors.podman import CDI_DIRS
+from gpud.executors.process import (
+    JobIdentity,
+    ProcessExecutor,
+    job_identity,
+    resolve_worker_python,
+)
 from gpud.gpus import GpuInventory, NoGpuInventory, open_inventory
 from gpud.ledger import LedgerThread
 from gpud.service import AlreadyRunning, Daemon, instance_id, lock_data_dir
@@ -81,6 +89,39 @@ def _open_inventory(config: Config) -> GpuInventory:
     return open_inventory(config.fake_gpus)
 
 
+async def _make_executor(
+    config: Config, inventory: GpuInventory, ident: JobIdentity, runtime: Path, instance: str
+) -> tuple[Executor, str, str]:
+    """The configured executor, ready, with the Python its jobs run (version, where)."""
+    if config.executor == "podman":
+        from gpud.executors.podman import PodmanExecutor
+
+        image = config.default_image or "localhost/gpud-python:{}.{}".format(*sys.version_info)
+        podman = PodmanExecutor(
+            url=config.podman_url, runtime_dir=runtime, identity=ident, instance=instance,
+            default_image=image, network=config.podman_network,
+            read_only=config.podman_read_only, start_service=config.podman_start_service,
+            fake_gpus=inventory.source == "fake", volumes=config.podman_volumes,
+            jobs_dir=config.jobs_dir, shm_size=config.podman_shm_size,
+        )
+        await podman.start()
+        try:
+            _, version = await podman.python_for(None)
+        except ExecutorRefusal as e:
+            raise ExecutorRefusal(f"default_image: {e}") from None
+        if not podman.cdi and inventory.source == "nvml":
+            log.warning("no CDI spec for NVIDIA GPUs in %s: GPU containers get the device "
+                        "nodes only; run `nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`",
+                        " or ".join(CDI_DIRS))
+        return podman, version, image
+    python, version = await trio.to_thread.run_sync(
+        resolve_worker_python, config.python, ident, runtime
+    )
+    process = ProcessExecutor(python=python, version=version, runtime_dir=runtime,
+                              identity=ident, instance=instance, configured_python=config.python)
+    return process, version, python
+
+
 async def serve(
     config: Config,
     *,
@@ -102,9 +143,6 @@ async def serve(
         # Where any job user can read it, whoever installed gpud where.
         runtime = install_runtime(config.runtime_dir)
         os.chmod(config.runtime_dir, 0o755)
-        python, version = await trio.to_thread.run_sync(
-            resolve_worker_python, config.python, ident, runtime
-        )
         if inventory is None:
             inventory = _open_inventory(config)
         if inventory.note:
@@ -112,8 +150,8 @@ async def serve(
                     "%s", inventory.note)
         ledger = LedgerThread(config.ledger_path)
         instance = instance_id(config.data_dir)
-        executor = ProcessExecutor(python=python, runtime_dir=runtime, identity=ident,
-                                   instance=instance, configured_python=config.python)
+        executor, version, python = await _make_executor(config, inventory, ident, runtime,
+                                                         instance)
         daemon = Daemon(config, ledger=ledger, inventory=inventory, executor=executor,
                         identity=ident, worker_python=version, instance=instance)
         daemon.kill_jobs_on_exit = kill_jobs_on_exit

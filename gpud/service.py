@@ -20,7 +20,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,29 +35,32 @@ from gpud.domain import (
     IllegalTransition,
     Job,
     JobState,
+    Quota,
     Start,
     Wait,
 )
-from gpud.executors.base import Executor, Handle, LaunchSpec, Outcome
-from gpud.executors.process import JobIdentity, proc_session
+from gpud.executors.base import Executor, ExecutorRefusal, Handle, LaunchSpec, Outcome
+from gpud.executors.process import JobIdentity
 from gpud.fairshare import DecayedTotals, Policy, interval_usage
 from gpud.gpus import GpuInventory
 from gpud.ledger import LedgerThread, NewJob, Step
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import finished_gpu_intervals
-from gpud.safefs import open_append, write_new
-from gpud.scheduler import decide, infeasible
+from gpud.safefs import open_append, read_file, write_new
+from gpud.scheduler import decide, infeasible, order_key, scheduling_key
 from gpud.users import Directory, run_as
+from gpud.warm import WarmPool, WarmWorker, warm_key
 from gpud_client.jobdir import (
     EXIT_SETUP,
     RESULT_FILE,
+    STARTED_FILE,
     STATUS_FILE,
     WorkerStatus,
     job_files,
     read_status,
 )
 
-__all__ = ["AlreadyRunning", "Daemon", "SubmitError"]
+__all__ = ["AlreadyRunning", "Daemon", "ExecutorDown", "SubmitError"]
 
 log = logging.getLogger("gpud")
 
@@ -65,6 +68,10 @@ log = logging.getLogger("gpud")
 
 class SubmitError(ValueError):
     """A submit the daemon refuses; the message says why and what to do."""
+
+
+class ExecutorDown(RuntimeError):
+    """The executor cannot be reached now (503): not the request's fault."""
 
 
 class AlreadyRunning(RuntimeError):
@@ -116,6 +123,11 @@ class Daemon:
         self._stop_reason: dict[int, JobState] = {}
         self._changed: dict[int, trio.Event] = {}
         self._seq: dict[int, int] = {}  # commit order of each job's latest advance
+        #: warm workers (executors that can keep a worker between calls)
+        self.warm: WarmPool | None = (WarmPool(config.data_dir / "hub.sock")
+                                      if getattr(executor, "supports_warm", False) else None)
+        self._assigned: dict[int, WarmWorker] = {}  # job -> the warm worker it will run in
+        self._dispatched: dict[int, float] = {}  # job -> when it was handed to be started
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.kill_jobs_on_exit = False
@@ -128,25 +140,43 @@ class Daemon:
 
     # -- public operations (called by the API) ------------------------------------------
 
-    def check_submittable(self, gpu: GpuRequest | None, python: str, timeout: float) -> None:
-        mine = self.worker_python.rsplit(".", 1)[0]
-        theirs = python.rsplit(".", 1)[0] if python.count(".") >= 2 else python
-        if theirs != mine:
-            raise SubmitError(
-                f"this job was pickled by Python {python}, but this daemon's workers run "
-                f"Python {self.worker_python}: submit from Python {mine}, or have the admin "
-                f"set `python` in the daemon's config to a Python {theirs} interpreter"
-            )
+    async def check_submittable(
+        self, gpu: GpuRequest | None, python: str, job_timeout: float, image: str | None
+    ) -> str | None:
+        """Refuse, with the reason and the fix, what could never run here; return the image
+        the job will run in (None for the process executor)."""
         why = infeasible(gpu, self.gpus)
         if why is not None:
             raise SubmitError(why)
-        if timeout > self.config.max_timeout:
+        try:
+            resolved, worker = await self.executor.python_for(image)
+        except ExecutorRefusal as e:
+            raise SubmitError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - e.g. the Podman service went away
+            log.exception("the %s executor could not check image %r", self.executor.name, image)
+            raise ExecutorDown(
+                f"the {self.executor.name} executor cannot check this job's image right now "
+                f"({type(e).__name__}: {e}); try again, or ask the admin to check it"
+            ) from None
+        mine = worker.rsplit(".", 1)[0]
+        theirs = python.rsplit(".", 1)[0] if python.count(".") >= 2 else python
+        if theirs != mine:
+            where = f"image {resolved} has" if resolved else "this daemon's workers run"
+            fix = (f"use an image with Python {theirs}" if resolved else
+                   f"have the admin set `python` in the daemon's config to a Python {theirs} "
+                   "interpreter")
             raise SubmitError(
-                f"timeout {_fmt_seconds(timeout)} is longer than this daemon's max_timeout "
+                f"this job was pickled by Python {python}, but {where} Python {worker}: "
+                f"submit from Python {mine}, or {fix}"
+            )
+        if job_timeout > self.config.max_timeout:
+            raise SubmitError(
+                f"timeout {_fmt_seconds(job_timeout)} is longer than this daemon's max_timeout "
                 f"({_fmt_seconds(self.config.max_timeout)}): ask for less"
             )
-        if timeout <= 0:
+        if job_timeout <= 0:
             raise SubmitError("timeout must be positive")
+        return resolved or None
 
     async def submit(
         self, jobs: Sequence[NewJob], function: bytes, *, batch: bool = False
@@ -219,6 +249,9 @@ class Daemon:
                 await self._refresh_gpus()
                 await self.users.refresh()
                 await self._load_usage()
+                if self.warm is not None:
+                    await nursery.start(self.warm.serve)
+                    nursery.start_soon(self._warm_loop)
                 await self._recover()
                 nursery.start_soon(self.users.run)
                 nursery.start_soon(self._gpu_loop)
@@ -229,6 +262,9 @@ class Daemon:
                 if self.kill_jobs_on_exit:
                     for h in list(self.handles.values()):
                         self.executor.reap(h)
+                    for w in list(self.warm.workers.values()) if self.warm else []:
+                        if w.handle is not None:
+                            self.executor.reap(w.handle)
 
     def _reschedule(self) -> None:
         self._wake.set()
@@ -252,12 +288,25 @@ class Daemon:
         now = time.time()
         pending = [j for j in self.active.values() if j.state is JobState.QUEUED]
         running = [j for j in self.active.values() if j.state is not JobState.QUEUED]
-        decisions = decide(pending, running, self.gpus, cpu_slots=self.config.cpu_slots, now=now,
-                           usage=self._usage_now(running, now), policy=self.policy,
-                           quotas=self.users.quotas())
+        usage = self._usage_now(running, now)
+        quotas = self.users.quotas()
+        # Warm workers are matched in the same (fair-share) order the scheduler uses.
+        key = scheduling_key(pending, running, now=now, usage=usage, policy=self.policy)
+        assigned, held, evictable = self._match_warm(pending, now, key, quotas)
+        cold = [j for j in pending if j.id not in assigned]
+        decisions = decide(cold, running + held, self.gpus, cpu_slots=self.config.cpu_slots,
+                           now=now, usage=usage, policy=self.policy, quotas=quotas)
         waits: dict[int, Wait] = {}
+        for job_id, w in assigned.items():
+            w.busy = job_id  # reserved now: the next round must not hand it out again
+            self._assigned[job_id] = w
+            await self._start(Start(job_id, w.gpus))
         for d in decisions:
             if isinstance(d, Start):
+                # Idle warm workers on these GPUs give way to the job (eviction).
+                for w in [w for w in evictable if set(w.gpus) & set(d.gpus)]:
+                    evictable.remove(w)
+                    await self._end_warm(w, f"its GPUs are needed by job {d.job_id}")
                 await self._start(d)
             else:
                 waits[d.job_id] = d
@@ -265,8 +314,89 @@ class Daemon:
         backoffs = [j.not_before for j in pending if j.not_before > now and j.id in waits]
         return min(backoffs) if backoffs else None
 
+    def _match_warm(
+        self, pending: list[Job], now: float,
+        key: Callable[[Job], tuple[float, float, int]] = order_key,
+        quotas: Mapping[str, Quota] | None = None,
+    ) -> tuple[dict[int, WarmWorker], list[Job], list[WarmWorker]]:
+        """Which queued jobs run in an idle warm worker of theirs, in scheduling order.
+
+        Returns (job -> worker; the idle workers that keep their GPUs this round, as
+        pseudo running jobs for the scheduler, owned by their user, so they count
+        against that user's GPU quota; the idle workers a job ahead in the queue may
+        evict). A job that cannot use a warm worker claims the idle workers on GPUs of
+        its type, so a stream of warm calls cannot starve it. A job over its owner's
+        max_timeout quota is left to the scheduler, which says so.
+        """
+        if self.warm is None:
+            return {}, [], []
+        idle = self.warm.idle()
+        if not idle:
+            return {}, [], []
+        assigned: dict[int, WarmWorker] = {}
+        claimed: set[int] = set()
+        for job in sorted(pending, key=key):
+            if job.not_before > now:
+                continue
+            quota = (quotas or {}).get(job.owner)
+            over_quota = (quota is not None and quota.max_timeout is not None
+                          and job.timeout > quota.max_timeout)
+            if job.keep_warm > 0 and not over_quota:
+                wanted = warm_key(job)
+                w = next((w for w in idle if w.key == wanted and w.id not in claimed
+                          and w not in assigned.values()), None)
+                if w is not None:
+                    assigned[job.id] = w
+                    continue
+            if job.gpu is not None:
+                index = {g.uuid: g for g in self.gpus}
+                for w in idle:
+                    if w.gpus and w not in assigned.values() and any(
+                            index[u].matches(t) for u in w.gpus if u in index
+                            for t, _ in job.gpu.options):
+                        claimed.add(w.id)
+        held, evictable = [], []
+        for w in idle:
+            if w in assigned.values() or not w.gpus:
+                continue
+            if w.id in claimed:
+                evictable.append(w)
+            else:
+                held.append(Job(id=w.last_job, function="(warm worker)",
+                                state=JobState.RUNNING, submitted_at=0.0, owner=w.key[3],
+                                gpus=w.gpus))
+        return assigned, held, evictable
+
+    def _release_warm(self, job_id: int) -> None:
+        """A job matched to a warm worker did not start after all: the worker is free."""
+        w = self._assigned.pop(job_id, None)
+        if w is not None and w.busy == job_id:
+            w.busy = None
+            w.idle_since = time.monotonic()
+
+    async def _end_warm(self, w: WarmWorker, why: str) -> None:
+        assert self.warm is not None
+        log.info("ending warm worker %s (last job %s): %s", w.id, w.last_job, why)
+        await self.warm.close(w)
+        if w.handle is not None:
+            await trio.to_thread.run_sync(self.executor.reap, w.handle)
+            with trio.move_on_after(5):
+                await self.executor.wait(w.handle)  # collect it: no zombie left behind
+
+    async def _warm_loop(self) -> None:
+        """End warm workers whose keep_warm ran out."""
+        assert self.warm is not None
+        while True:
+            await trio.sleep(0.5)
+            expired = self.warm.expired(time.monotonic())
+            for w in expired:
+                await self._end_warm(w, f"idle for {w.keep_warm:g} s")
+            if expired:
+                self._reschedule()
+
     async def _start(self, d: Start) -> None:
         if d.job_id in self._stop_reason:
+            self._release_warm(d.job_id)
             return  # cancelled while this round was deciding
         types = {g.uuid: g.type for g in self.gpus}
         fields = {"gpus": d.gpus, "gpu_types": tuple(types.get(u, "unknown") for u in d.gpus)}
@@ -275,8 +405,10 @@ class Daemon:
                                       expect=JobState.QUEUED)
         except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)
+            self._release_warm(d.job_id)
             return
         assert self._nursery is not None
+        self._dispatched[job.id] = time.time()
         self._nursery.start_soon(self._supervise, job, None)
 
     async def _advance(self, job_id: int, *steps: Step, expect: JobState | None = None) -> Job:
@@ -307,7 +439,7 @@ class Daemon:
             log.exception("internal error while supervising job %s", job.id)
             live = self.handles.get(job.id) or handle
             if live is not None:
-                self.executor.reap(live)
+                await trio.to_thread.run_sync(self.executor.reap, live)
             try:
                 current = await self.get(job.id)
                 if current.state not in FINAL and current.state is not JobState.QUEUED:
@@ -317,6 +449,7 @@ class Daemon:
             except Exception:  # noqa: BLE001
                 log.exception("could not record the failure of job %s", job.id)
         finally:
+            self._release_warm(job.id)  # matched to a warm worker but never ran in it
             self._scopes.pop(job.id, None)
             self.handles.pop(job.id, None)
             self._stop_reason.pop(job.id, None)
@@ -325,6 +458,10 @@ class Daemon:
         job_id = job.id
         scope = trio.CancelScope()
         self._scopes[job_id] = scope
+        if handle is None and job.keep_warm > 0 and self.warm is not None \
+                and job_id not in self._stop_reason:
+            await self._run_warm(job, scope)
+            return
         if handle is None:
             if job_id in self._stop_reason:
                 await self._finish(job, Finished(JobState.CANCELLED, "cancelled", None,
@@ -341,6 +478,7 @@ class Daemon:
             self.handles[job_id] = handle
             job = await self._advance(job_id, Step(JobState.RUNNING, "running", fields={
                 "pid": handle.pid, "pid_start": handle.pid_start, "started_at": time.time(),
+                "start_kind": "cold",
             }))
             log.info("job %s started: pid %s, gpus %s", job_id, handle.pid,
                      ",".join(job.gpus) or "none")
@@ -357,8 +495,86 @@ class Daemon:
                    else f"timed out after {_fmt_seconds(job.timeout)}")
             await self._finish(job, Finished(stop_as, why, None, False, False))
         else:
-            self.executor.reap(handle)
+            await trio.to_thread.run_sync(self.executor.reap, handle)
             await self._finish(job, await trio.to_thread.run_sync(self._collect, job, outcome))
+
+    async def _run_warm(self, job: Job, scope: trio.CancelScope) -> None:
+        """Run a keep_warm job in a warm worker: the one the scheduler matched, or a new
+        one that then stays for the next call."""
+        assert self.warm is not None
+        w = self._assigned.pop(job.id, None)
+        kind = "warm" if w is not None else "cold"
+        try:
+            function, args = await self.ledger.call(Ledger.payload, job.id)
+            # As for a cold job: its submitter's Unix user on a root daemon; the warm
+            # worker is launched with this spec, so it runs as them too.
+            ident = run_as(job.owner, self.identity)
+            spec = await trio.to_thread.run_sync(self._prepare_job_dir, job, function, args,
+                                                 ident)
+            if w is None:
+                w = await self._new_warm_worker(job, spec)
+        except Exception as e:  # noqa: BLE001 - any start-up failure is the job's failure
+            log.exception("job %s could not start", job.id)
+            if w is not None:  # a matched warm worker stays warm for the next job
+                w.busy, w.idle_since = None, time.monotonic()
+            await self._finish(job, Finished(JobState.FAILED, f"could not start the job: {e}",
+                                             None, False, True))
+            return
+        assert w.handle is not None
+        self.handles[job.id] = w.handle
+        job = await self._advance(job.id, Step(JobState.RUNNING, f"running ({kind})", fields={
+            "pid": w.handle.pid, "pid_start": w.handle.pid_start, "started_at": time.time(),
+            "start_kind": kind,
+        }))
+        started = job.started_at or time.time()
+        scope.deadline = trio.current_time() + max(0.0, started + job.timeout - time.time())
+        code: int | None = None
+        finished = False
+        with scope:
+            code = await self.warm.run(w, job.id, spec.job_dir, keep_warm=job.keep_warm)
+            finished = True
+        if not finished:
+            # Cancelled or out of time: the worker goes with the job.
+            stop_as = self._stop_reason.get(job.id, JobState.TIMED_OUT)
+            self.warm.forget(w)
+            await self.executor.stop(w.handle, self.config.kill_grace)
+            why = ("cancelled" if stop_as is JobState.CANCELLED
+                   else f"timed out after {_fmt_seconds(job.timeout)}")
+            await self._finish(job, Finished(stop_as, why, None, False, False))
+            return
+        if code is None:  # the worker died during the job
+            self.warm.forget(w)
+            await trio.to_thread.run_sync(self.executor.reap, w.handle)
+        outcome = Outcome(exit_code=code)
+        await self._finish(job, await trio.to_thread.run_sync(self._collect, job, outcome))
+        if code is not None and code != 0 and code != 1:
+            await self._end_warm(w, f"job {job.id} ended with exit code {code}")
+
+    async def _new_warm_worker(self, job: Job, spec: LaunchSpec) -> WarmWorker:
+        assert self.warm is not None
+        w = self.warm.new_worker(warm_key(job), job.gpus, job.keep_warm)
+        spec = dataclasses.replace(spec, serve=(str(self.warm.path), w.token))
+        with trio.CancelScope(shield=True):
+            handle = await self.executor.launch(spec)
+        w.handle = handle
+
+        async def died() -> None:
+            await self.executor.wait(handle)
+            n.cancel_scope.cancel()
+
+        async def hello() -> None:
+            await w.hello.wait()
+            n.cancel_scope.cancel()
+
+        with trio.move_on_after(60):
+            async with trio.open_nursery() as n:
+                n.start_soon(died)
+                n.start_soon(hello)
+        if not w.hello.is_set():
+            self.warm.forget(w)
+            await trio.to_thread.run_sync(self.executor.reap, handle)
+            raise RuntimeError("the worker did not start (its output is in the job's log)")
+        return w
 
     async def _launch(self, job: Job) -> Handle:
         function, args = await self.ledger.call(Ledger.payload, job.id)
@@ -377,7 +593,7 @@ class Daemon:
         d = self.config.jobs_dir / str(job.id)
         d.mkdir(mode=0o700, exist_ok=True)
         owner = (ident.uid, ident.gid)
-        for stale in (RESULT_FILE, STATUS_FILE):
+        for stale in (RESULT_FILE, STATUS_FILE, STARTED_FILE):
             (d / stale).unlink(missing_ok=True)
         files = job_files(job_id=job.id, name=job.function, python=job.python,
                           function=function, args=args)
@@ -393,8 +609,12 @@ class Daemon:
         if os.geteuid() == 0:
             os.chown(d, *owner, follow_symlinks=False)
         os.chmod(d, 0o700, follow_symlinks=False)
+        index = {g.uuid: g.index for g in self.gpus}
         return LaunchSpec(job_id=job.id, attempt=job.attempt, job_dir=d, log_path=log_path,
-                          gpus=job.gpus, env=dict(job.env), image=job.image, identity=ident)
+                          gpus=job.gpus, gpu_indices=tuple(index[u] for u in job.gpus
+                                                           if u in index),
+                          env=dict(job.env), image=job.image, identity=ident,
+                          memory=job.memory, cpus=job.cpus)
 
     def _collect(self, job: Job, outcome: Outcome) -> Finished:
         """Read what the worker left (status.json, never the pickle) into an outcome."""
@@ -418,6 +638,14 @@ class Daemon:
             why = "the job's process ended without writing a result"
         return Finished(JobState.FAILED, why, code, False, True)
 
+    def _user_start(self, job_id: int) -> float | None:
+        """When the worker began the user's code (it writes the time down), if it did."""
+        raw = read_file(self.config.jobs_dir / str(job_id) / STARTED_FILE, 64)
+        try:
+            return float(raw) if raw else None
+        except ValueError:
+            return None
+
     def _read_status(self, job_id: int) -> WorkerStatus | None:
         """The worker's status.json (plain JSON, never a pickle); None if absent or not
         the worker's (a job could write anything there)."""
@@ -433,10 +661,15 @@ class Daemon:
             # Fair share counts from when the process started, within milliseconds of when
             # the GPUs were handed out (the ledger's accounting has the exact figure).
             self.usage.add(current.owner, current.started_at, now, len(current.gpus), now=now)
-        steps = [Step(f.state, f.error or f.state.value, fields={
+        fields: dict[str, object] = {
             "ended_at": now, "exit_code": f.exit_code, "error": f.error,
             "has_result": f.has_result,
-        })]
+        }
+        dispatched = self._dispatched.pop(job.id, None)
+        user_start = await trio.to_thread.run_sync(self._user_start, job.id)
+        if dispatched is not None and user_start is not None:
+            fields["startup"] = round(max(0.0, user_start - dispatched), 6)
+        steps = [Step(f.state, f.error or f.state.value, fields=fields)]
         if f.state in RETRYABLE and f.retryable and current.attempt <= current.retries:
             delay = min(self.config.retry_backoff * 2 ** max(0, current.attempt - 1),
                         self.config.retry_backoff_max)
@@ -481,11 +714,11 @@ class Daemon:
 
     async def _refresh_gpus(self) -> None:
         snap = await trio.to_thread.run_sync(self.inventory.snapshot)
-        ours = {h.pid for h in self.handles.values()}
+        handles = list(self.handles.values())
         out = []
         for g in snap:
-            foreign = tuple(p.pid for p in g.processes if proc_session(p.pid) not in ours
-                            and p.pid not in ours)
+            foreign = tuple(p.pid for p in g.processes
+                            if self.executor.job_for_pid(p.pid, handles) is None)
             out.append(dataclasses.replace(g, foreign_pids=foreign))
         before = [g.foreign_pids for g in self.gpus]
         self.gpus = out
@@ -498,12 +731,12 @@ class Daemon:
         """Re-adopt what a previous daemon left running; mark the rest lost (then retry)."""
         jobs = await self.ledger.call(Ledger.active)
         assert self._nursery is not None
+        await trio.to_thread.run_sync(self.executor.cleanup, {j.id for j in jobs})
         for job in jobs:
             self.active[job.id] = job
             if job.state is JobState.QUEUED:
                 continue
-            pid = job.pid if job.state is JobState.RUNNING else None
-            handle = self.executor.adopt(job.id, pid, job.pid_start)
+            handle = await trio.to_thread.run_sync(self.executor.adopt, job)
             if handle is not None:
                 if job.state is JobState.STARTING:
                     job = await self._advance(job.id, Step(JobState.RUNNING, "adopted", fields={

@@ -17,7 +17,8 @@ This package never imports the daemon (``gpud``): it is all a job's caller needs
 
 from gpud_client.app import App, Function, FunctionOptions, function
 from gpud_client.client import AsyncClient, Client
-from gpud_client.duration import format_duration, parse_duration
+from gpud_client.cls import enter, method
+from gpud_client.duration import format_duration, parse_duration, parse_size
 from gpud_client.errors import (
     ApiError,
     DaemonUnavailable,
@@ -52,7 +53,10 @@ __all__ = [
     "RemoteError",
     "VersionMismatch",
     "__version__",
+    "enter",
     "format_duration",
     "function",
+    "method",
     "parse_duration",
+    "parse_size",
 ]

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from gpud_client.client import Client
-from gpud_client.duration import parse_duration
+from gpud_client.cls import ClsProxy
+from gpud_client.duration import parse_duration, parse_size
 from gpud_client.errors import ApiError, DaemonUnavailable, GpudError, VersionMismatch
 from gpud_client.handle import JobHandle
 from gpud_client.models import BatchSubmitRequest, SubmitRequest
@@ -54,6 +55,9 @@ class FunctionOptions:
     env: dict[str, str] = field(default_factory=dict)
     priority: int = 0
     image: str | None = None
+    memory: int | None = None  # bytes
+    cpu: float | None = None
+    keep_warm: float | None = None  # seconds; None: the daemon's default
 
     @classmethod
     def build(
@@ -65,6 +69,9 @@ class FunctionOptions:
         env: Mapping[str, str] | None = None,
         priority: int = 0,
         image: str | None = None,
+        memory: int | str | None = None,
+        cpu: float | None = None,
+        keep_warm: float | str | None = None,
     ) -> FunctionOptions:
         """Check the options where they are written (at decoration), not at submit time.
         The GPU spec's syntax is the daemon's to judge: it answers 422 with the rules."""
@@ -88,8 +95,16 @@ class FunctionOptions:
                 raise TypeError(f"env must map strings to strings; got {k!r}: {v!r}")
         if image is not None and not isinstance(image, str):
             raise TypeError(f"image must be a string or None, not {image!r}")
+        mem = None if memory is None else parse_size(memory)
+        if cpu is not None and (isinstance(cpu, bool) or not isinstance(cpu, int | float)
+                                or cpu <= 0):
+            raise ValueError(f"cpu must be a positive number of CPUs, not {cpu!r}")
+        warm = None if keep_warm is None else parse_duration(keep_warm)
+        if warm is not None and warm < 0:
+            raise ValueError(f"keep_warm must be >= 0 seconds, not {keep_warm!r}")
         return cls(
-            gpu=gpu, timeout=seconds, retries=retries, env=env_dict, priority=priority, image=image
+            gpu=gpu, timeout=seconds, retries=retries, env=env_dict, priority=priority,
+            image=image, memory=mem, cpu=None if cpu is None else float(cpu), keep_warm=warm,
         )
 
 
@@ -175,6 +190,9 @@ class App:
         env: Mapping[str, str] | None = None,
         priority: int = 0,
         image: str | None = None,
+        memory: int | str | None = None,
+        cpu: float | None = None,
+        keep_warm: float | str | None = None,
         name: str | None = None,
     ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
 
@@ -189,12 +207,16 @@ class App:
         env: Mapping[str, str] | None = None,
         priority: int = 0,
         image: str | None = None,
+        memory: int | str | None = None,
+        cpu: float | None = None,
+        keep_warm: float | str | None = None,
         name: str | None = None,
     ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
         """Decorate a function to run on the daemon: ``@app.function`` or
         ``@app.function(gpu="h100", timeout="2h", ...)``."""
         options = FunctionOptions.build(
-            gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image
+            gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
+            memory=memory, cpu=cpu, keep_warm=keep_warm,
         )
 
         def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -204,6 +226,21 @@ class App:
             return wrapped
 
         return wrap(fn) if fn is not None else wrap
+
+    def cls(self, cls: type | None = None, /, **options: Any) -> Any:
+        """Decorate a class whose ``@gpud.method()`` methods run as jobs, with its
+        ``@gpud.enter()`` setup run once per worker (keep it with ``keep_warm=``).
+        Takes the options of :meth:`function`."""
+        opts = FunctionOptions.build(**options)
+
+        def wrap(c: type) -> ClsProxy:
+            def make(fn: Any, qualname: str, anchor: type) -> Function[Any, Any]:
+                return Function(fn, name=f"{self.name}.{qualname}", options=opts, app=self,
+                                anchor=anchor)
+
+            return ClsProxy(c, make_function=make)
+
+        return wrap(cls) if cls is not None else wrap
 
 
 @overload
@@ -219,6 +256,9 @@ def function(
     env: Mapping[str, str] | None = None,
     priority: int = 0,
     image: str | None = None,
+    memory: int | str | None = None,
+    cpu: float | None = None,
+    keep_warm: float | str | None = None,
     name: str | None = None,
     url: str | None = None,
 ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
@@ -234,12 +274,16 @@ def function(
     env: Mapping[str, str] | None = None,
     priority: int = 0,
     image: str | None = None,
+    memory: int | str | None = None,
+    cpu: float | None = None,
+    keep_warm: float | str | None = None,
     name: str | None = None,
     url: str | None = None,
 ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
     """Like ``App.function`` without an App; the job name is ``module.qualname``."""
     options = FunctionOptions.build(
-        gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image
+        gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
+        memory=memory, cpu=cpu, keep_warm=keep_warm,
     )
 
     def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -259,12 +303,16 @@ class Function(Generic[P, R]):
         options: FunctionOptions | None = None,
         app: App | None = None,
         url: str | None = None,
+        anchor: Any = None,
     ) -> None:
         if isinstance(fn, Function):
             fn = fn.fn
         if not callable(fn):
             raise TypeError(f"gpud can only run callables, not {fn!r}")
         self._fn = fn
+        # Whose project travels by value with it: the function's own, or for a method
+        # call (a closure made in gpud_client.clsrun) the user's class.
+        self._anchor = anchor if anchor is not None else fn
         self.name = name
         self.options = options or FunctionOptions()
         self.app = app
@@ -312,7 +360,8 @@ class Function(Generic[P, R]):
         current = dataclasses.asdict(self.options)
         current.update(changes)
         options = FunctionOptions.build(**current)
-        return Function(self._fn, name=name, options=options, app=app, url=url)
+        return Function(self._fn, name=name, options=options, app=app, url=url,
+                        anchor=self._anchor)
 
     # -- running locally --------------------------------------------------------------
 
@@ -335,11 +384,14 @@ class Function(Generic[P, R]):
             "env": dict(o.env),
             "priority": o.priority,
             "image": o.image,
+            "memory": o.memory,
+            "cpu": o.cpu,
+            "keep_warm": o.keep_warm,
         }
 
     def submit_request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SubmitRequest:
         """The request that submits one call (the function pickled by value)."""
-        with pickle_by_value(self._fn):
+        with pickle_by_value(self._anchor):
             function_bytes, _ = dumps_function(self._fn)
             args_bytes = dumps_args(args, kwargs)
         return SubmitRequest(function=function_bytes, args=args_bytes, **self._common())
@@ -348,7 +400,7 @@ class Function(Generic[P, R]):
         self, inputs: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
     ) -> BatchSubmitRequest:
         """The request that submits one job per ``(args, kwargs)``, the function once."""
-        with pickle_by_value(self._fn):
+        with pickle_by_value(self._anchor):
             function_bytes, _ = dumps_function(self._fn)
             payloads = [dumps_args(a, kw) for a, kw in inputs]
         return BatchSubmitRequest(function=function_bytes, inputs=payloads, **self._common())

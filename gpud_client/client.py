@@ -34,6 +34,7 @@ from gpud_client.models import (
     ErrorBody,
     GpuList,
     Health,
+    ImageList,
     JobInfo,
     JobList,
     SubmitRequest,
@@ -382,6 +383,10 @@ class Client(_Base):
         return self._do(_Call("GET", "/usage", UsageReport, _usage_params(since, until, user,
                                                                           by)))
 
+    def images(self) -> ImageList:
+        """``GET /v1/images``."""
+        return self._do(_Call("GET", "/images", ImageList))
+
 
 class AsyncClient(_Base):
     """:class:`Client`'s methods as coroutines, for trio or asyncio programs."""
@@ -508,3 +513,6 @@ class AsyncClient(_Base):
                     user: str | None = None, by: str = "user") -> UsageReport:
         return await self._do(_Call("GET", "/usage", UsageReport,
                                     _usage_params(since, until, user, by)))
+
+    async def images(self) -> ImageList:
+        return await self._do(_Call("GET", "/images", ImageList))

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["format_duration", "parse_duration"]
+__all__ = [
+    "parse_size","format_duration", "parse_duration"]
 
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 _ORDER = "dhms"
@@ -78,3 +79,28 @@ def format_duration(seconds: float) -> str:
         if count:
             parts.append(f"{count}{unit}")
     return "".join(parts)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or "512M", "4G", "4GiB", "1.5g" (powers of 1024, as podman and
+    docker read them); raises ValueError saying what is accepted."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"a size must be positive, not {value}")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if m is None:
+        raise ValueError(
+            f"not a size: {value!r}; write bytes or a number with K, M, G or T "
+            "(powers of 1024), e.g. '512M' or '16GiB'"
+        )
+    size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise ValueError(f"a size must be positive, not {value!r}")
+    return size

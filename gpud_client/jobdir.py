@@ -27,6 +27,7 @@ from gpud_client.worker import (
     FUNCTION_FILE,
     JOB_FILE,
     RESULT_FILE,
+    STARTED_FILE,
     STATUS_FILE,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "FUNCTION_FILE",
     "JOB_FILE",
     "RESULT_FILE",
+    "STARTED_FILE",
     "STATUS_FILE",
     "MAX_STATUS_BYTES",
     "WORKER_NAME",

@@ -17,6 +17,8 @@ __all__ = [
     "GpuList",
     "GpuProcessInfo",
     "Health",
+    "ImageInfo",
+    "ImageList",
     "JobInfo",
     "JobList",
     "QuotaInfo",
@@ -47,6 +49,11 @@ class SubmitRequest(_Request):
     env: dict[str, str] = {}
     priority: int = 0
     image: str | None = None
+    memory: int | None = None  # bytes (a container limit with the Podman executor)
+    cpu: float | None = None  # CPUs (a container limit with the Podman executor)
+    #: seconds the job's worker stays alive afterwards for the next call of the same
+    #: function (None: the daemon's default; capped by its keep_warm_max)
+    keep_warm: float | None = None
 
 
 class BatchSubmitRequest(_Request):
@@ -63,6 +70,11 @@ class BatchSubmitRequest(_Request):
     env: dict[str, str] = {}
     priority: int = 0
     image: str | None = None
+    memory: int | None = None  # bytes (a container limit with the Podman executor)
+    cpu: float | None = None  # CPUs (a container limit with the Podman executor)
+    #: seconds the job's worker stays alive afterwards for the next call of the same
+    #: function (None: the daemon's default; capped by its keep_warm_max)
+    keep_warm: float | None = None
 
 
 class BatchSubmitResponse(msgspec.Struct, kw_only=True):
@@ -94,6 +106,11 @@ class JobInfo(msgspec.Struct, kw_only=True):
     position: int | None = None
     python: str = ""
     image: str | None = None
+    memory: int | None = None
+    cpu: float | None = None
+    keep_warm: float = 0.0
+    start_kind: str | None = None  # "cold" (a new worker) or "warm" (a kept one)
+    startup: float | None = None  # seconds from dispatch to the first line of user code
     #: accounted over its finished attempts, at 100 ms granularity: wall time, and GPU
     #: time (each GPU held counts, from when it was handed out until it was freed)
     wall_seconds: float = 0.0
@@ -135,6 +152,21 @@ class GpuInfo(msgspec.Struct, kw_only=True):
 class GpuList(msgspec.Struct, kw_only=True):
     gpus: list[GpuInfo]
     source: str  # "nvml", "fake" or "none"
+    note: str | None = None
+
+
+class ImageInfo(msgspec.Struct, kw_only=True):
+    name: str
+    id: str
+    size: int
+    created: float
+    python: str | None  # the image's Python, once gpud has inspected it
+
+
+class ImageList(msgspec.Struct, kw_only=True):
+    images: list[ImageInfo]
+    executor: str
+    default: str | None  # the image a job without image= runs in
     note: str | None = None
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import linecache
 import os
 import pickle
+import re
 import site
 import sys
 import sysconfig
@@ -108,7 +110,8 @@ def by_value_modules(fn: Callable[..., Any]) -> list[ModuleType]:
     modules: list[ModuleType] = []
     name = getattr(fn, "__module__", None) or "__main__"
     module = sys.modules.get(name)
-    if module is not None and name != "__main__" and not _is_own(name):
+    if module is not None and name != "__main__" and (
+            not _is_own(name) or getattr(module, "GPUD_PICKLE_BY_VALUE", False)):
         modules.append(module)
     root = _project_root(module)
     excluded = _excluded_roots()
@@ -177,8 +180,30 @@ def dumps_args(
         return _dumps((tuple(args), dict(kwargs)), "the arguments")
 
 
+_FRAME_RE = re.compile(r'^(\s*)File "([^"]+)", line (\d+), in ')
+
+
+def with_local_source(tb: str) -> str:
+    """Fill in source lines a remote traceback lacks (a container does not have the
+    caller's files) from the caller's copies, as Python would have printed them."""
+    lines = tb.splitlines()
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        m = _FRAME_RE.match(line)
+        if m is None:
+            continue
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        if following.startswith(m.group(1) + "  ") and not _FRAME_RE.match(following):
+            continue  # the worker had the source: keep its line
+        source = linecache.getline(m.group(2), int(m.group(3))).strip()
+        if source:
+            out.append(f"{m.group(1)}  {source}")
+    return "\n".join(out)
+
+
 def _remote_note(job: JobInfo, tb: str) -> str:
-    return f"Remote traceback (gpud job {job.id}):\n{tb.rstrip()}"
+    return f"Remote traceback (gpud job {job.id}):\n{with_local_source(tb.rstrip())}"
 
 
 def load_result(data: bytes, job: JobInfo) -> Any:

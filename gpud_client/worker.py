@@ -44,6 +44,7 @@ import json
 import os
 import pickle
 import sys
+import time
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -57,6 +58,7 @@ __all__ = [
     "FUNCTION_FILE",
     "JOB_FILE",
     "RESULT_FILE",
+    "STARTED_FILE",
     "STATUS_FILE",
     "VERSION_MISMATCH_TYPE",
     "main",
@@ -67,6 +69,7 @@ ARGS_FILE = "args.pkl"
 JOB_FILE = "job.json"
 RESULT_FILE = "result.pkl"
 STATUS_FILE = "status.json"
+STARTED_FILE = "started"
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -192,10 +195,13 @@ def _load(cloudpickle: ModuleType, path: Path) -> Any:
         return cloudpickle.load(f)
 
 
-def _run(cloudpickle: ModuleType, jobdir: Path, job: dict[str, Any]) -> tuple[Outcome, int]:
+def _run(
+    cloudpickle: ModuleType, jobdir: Path, job: dict[str, Any],
+    fn_cache: dict[str, Any] | None = None,
+) -> tuple[Outcome, int]:
     name = job["name"]
     try:
-        fn = _load(cloudpickle, jobdir / FUNCTION_FILE)
+        fn = _load_function(cloudpickle, jobdir / FUNCTION_FILE, fn_cache)
         args, kwargs = _load(cloudpickle, jobdir / ARGS_FILE)
     except Exception as e:
         where = getattr(e, "name", None) if isinstance(e, ImportError) else None
@@ -205,6 +211,7 @@ def _run(cloudpickle: ModuleType, jobdir: Path, job: dict[str, Any]) -> tuple[Ou
         note = f"while loading the function and arguments of gpud job {job['job_id']}{hint}"
         return _exception_outcome(cloudpickle, e, note), EXIT_ERROR
 
+    _mark_user_start(jobdir)
     try:
         value = fn(*args, **kwargs)
     except SystemExit as e:
@@ -219,6 +226,27 @@ def _run(cloudpickle: ModuleType, jobdir: Path, job: dict[str, Any]) -> tuple[Ou
     except BaseException as e:
         return _exception_outcome(cloudpickle, _skip_worker_frame(e), None), EXIT_ERROR
     return {"ok": True, "value": value}, EXIT_OK
+
+
+def _load_function(cloudpickle: ModuleType, path: Path, cache: dict[str, Any] | None) -> Any:
+    """The job's function; a warm worker keeps the one it loaded last, so a function's
+    module-level setup (imports, a loaded model) survives to its next call."""
+    if cache is None:
+        return _load(cloudpickle, path)
+    import hashlib
+
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest not in cache:
+        cache.clear()
+        cache[digest] = cloudpickle.loads(data)
+    return cache[digest]
+
+
+def _mark_user_start(jobdir: Path) -> None:
+    """When the user's code starts, for the daemon's startup-latency record."""
+    with contextlib.suppress(OSError):
+        _write_atomic(jobdir / STARTED_FILE, repr(time.time()).encode())
 
 
 def _skip_worker_frame(exc: BaseException) -> BaseException:
@@ -301,13 +329,20 @@ def _flush_std() -> None:
             stream.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv if argv is None else argv
-    if len(argv) != 2:
-        _say("usage: gpud_worker.py JOBDIR")
-        return EXIT_SETUP
-    # Absolute, so a function that calls os.chdir() does not move where results go.
-    jobdir = Path(argv[1]).resolve()
+def _redirect_output(path: str | None) -> None:
+    """Send stdout and stderr to a job's log file (appending, as a plain process job's log
+    is written): in a container they would belong to the container runtime, and a warm
+    worker writes each job's output to that job's own log."""
+    if not path:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def run_job(jobdir: Path, fn_cache: dict[str, Any] | None = None) -> int:
+    """Run the job in ``jobdir`` to its end: result files written, exit code returned."""
     try:
         job = _read_job(jobdir)
         mismatch = _version_mismatch(job["python"])
@@ -325,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(mismatch)
     else:
         sys.argv = [job["name"]]
-        outcome, code = _run(cloudpickle, jobdir, job)
+        outcome, code = _run(cloudpickle, jobdir, job, fn_cache)
         _flush_std()
     outcome, data = _dump_outcome(cloudpickle, outcome, job["name"])
     if code == EXIT_OK and not outcome["ok"]:
@@ -336,6 +371,70 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"cannot write the job's result into {jobdir}: {e}")
         return EXIT_SETUP
     return code
+
+
+def _send(sock: Any, message: dict[str, Any]) -> None:
+    sock.sendall(json.dumps(message).encode("utf-8") + b"\n")
+
+
+def serve(hub: str, token: str) -> int:
+    """A warm worker: run job after job sent by the daemon over its hub socket, keeping
+    the loaded function (and whatever its module set up) between calls of one function.
+
+    Each task is a job directory; output goes to that job's log. The daemon ends the
+    worker when it has been idle long enough (keep_warm), or needs its GPUs: it closes
+    the connection or kills the process. A closed connection also ends it when the
+    daemon itself goes away, after the task at hand.
+    """
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(hub)
+    except OSError as e:
+        _say(f"cannot reach the daemon's worker hub {hub}: {e}")
+        return EXIT_SETUP
+    _send(sock, {"hello": token, "pid": os.getpid()})
+    reader = sock.makefile("rb")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    fn_cache: dict[str, Any] = {}
+    start_dir = os.getcwd()
+    for line in reader:
+        try:
+            task = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(task, dict) or "dir" not in task:
+            break
+        jobdir = Path(task["dir"]).resolve()
+        _redirect_output(str(jobdir / "output.log"))
+        try:
+            os.chdir(jobdir)
+            code = run_job(jobdir, fn_cache)
+        finally:
+            _flush_std()
+            os.dup2(devnull, 1)  # between jobs, nothing reaches a job's log
+            os.dup2(devnull, 2)
+            with contextlib.suppress(OSError):
+                os.chdir(start_dir)
+        _send(sock, {"done": task.get("job_id"), "code": code})
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv if argv is None else argv
+    if len(argv) == 2 and argv[1] == "--serve":
+        hub, token = os.environ.get("GPUD_HUB"), os.environ.pop("GPUD_WORKER_TOKEN", "")
+        if not hub or not token:
+            _say("gpud_worker.py --serve needs GPUD_HUB and GPUD_WORKER_TOKEN")
+            return EXIT_SETUP
+        return serve(hub, token)
+    _redirect_output(os.environ.get("GPUD_LOG_FILE"))
+    if len(argv) != 2:
+        _say("usage: gpud_worker.py JOBDIR | --serve")
+        return EXIT_SETUP
+    # Absolute, so a function that calls os.chdir() does not move where results go.
+    return run_job(Path(argv[1]).resolve())
 
 
 if __name__ == "__main__":

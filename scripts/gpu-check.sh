@@ -2,6 +2,10 @@
 # End-to-end check on a machine with a real NVIDIA GPU (no Podman needed):
 #
 #   bash scripts/gpu-check.sh            # from the repo root
+#   bash scripts/gpu-check.sh --executor podman [--image localhost/my-torch:latest]
+#                                        # the same through the Podman executor: the image
+#                                        # (default_image otherwise) must have torch, and a
+#                                        # CDI spec (nvidia-ctk cdi generate) must exist
 #
 # 1. NVML sees at least one NVIDIA GPU (otherwise: "FAIL: no NVIDIA GPU", exit 2);
 # 2. gpud's dependencies import; if they do not and .whl/*.whl exists (made here by
@@ -24,6 +28,18 @@
 # (seconds to wait for the job, default 180). GPU_CHECK_NO_GPU_GATE=1 skips step 1, to
 # exercise the rest of this script on a machine without a GPU (the GPU checks then FAIL).
 set -uo pipefail
+
+EXECUTOR=process
+IMAGE=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --executor) EXECUTOR="${2:-}"; shift 2 ;;
+    --image) IMAGE="${2:-}"; shift 2 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+case "$EXECUTOR" in process|podman) ;; *) echo "--executor process|podman" >&2; exit 2 ;; esac
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 1
@@ -152,7 +168,17 @@ export GPUD_URL="unix://$SOCK"
 JOB_PY="${JOB_PYTHON:-$("$PY" -c 'import sys; print(sys.executable)')}"
 serve_env=(GPUD_DATA_DIR="$BASE/data" GPUD_SOCKET="$SOCK" GPUD_GPUS=auto GPUD_KILL_GRACE=2
            GPUD_GPU_POLL_INTERVAL=1)
-if [ "$(id -u)" = 0 ]; then
+if [ "$EXECUTOR" = podman ]; then
+  serve_env+=(GPUD_EXECUTOR=podman GPUD_PODMAN_START_SERVICE=1)
+  [ -n "$IMAGE" ] && serve_env+=(GPUD_DEFAULT_IMAGE="$IMAGE")
+  JOB_USER="${GPUD_JOB_USER:-nobody}"
+  [ "$(id -u)" = 0 ] && serve_env+=(GPUD_JOB_USER="$JOB_USER")
+  if ls /etc/cdi/* /var/run/cdi/* 2>/dev/null | xargs -r grep -l "nvidia.com/gpu" >/dev/null 2>&1; then
+    pass "a CDI spec for NVIDIA GPUs exists"
+  else
+    fail "no CDI spec for NVIDIA GPUs: run nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"
+  fi
+elif [ "$(id -u)" = 0 ]; then
   JOB_USER="${GPUD_JOB_USER:-nobody}"
   serve_env+=(GPUD_JOB_USER="$JOB_USER" GPUD_PYTHON="$JOB_PY")
   # The job user must be able to run this Python and import torch with it.

@@ -5,8 +5,11 @@ Two ways to get a daemon:
   tests with the async client);
 * ``daemon`` runs `gpud serve` as a subprocess, as a user would (for the sync client,
   the CLI, and SIGKILL/restart tests).
-Jobs run as real processes. As root (CI) they run as ``nobody``, so data directories are
-made under /tmp with modes that user can traverse.
+Jobs run as real processes, or in Podman containers: ``daemon`` and ``fresh_daemon`` are
+parametrised over both executors. As root (CI) a job runs as its submitter's Unix user,
+and the test itself (root) submits as root, whose jobs run as ``nobody``; so data
+directories are made under /tmp with modes such users can traverse. The shared-box
+fixtures (real Unix users, tokens, TCP) are at the end.
 """
 
 from __future__ import annotations
@@ -89,6 +92,10 @@ class DaemonProc:
     proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def executor(self) -> str:
+        return self.env.get("GPUD_EXECUTOR", "process")
+
+    @property
     def data_dir(self) -> Path:
         return self.base / "data"
 
@@ -148,6 +155,60 @@ class DaemonProc:
         return Ledger(self.data_dir / "ledger.db")
 
 
+EXECUTORS = ["process", "podman"]
+#: Jobs may write here whichever user and executor runs them: Podman jobs get it mounted
+#: at the same path (as an admin would mount shared datasets with podman_volumes).
+SHARED_ROOT = Path(tempfile.gettempdir()) / f"gpud-test-shared-{os.getpid()}"
+
+
+def podman_problem() -> str | None:
+    """Why Podman tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "the Podman executor needs rootful Podman (run as root)"
+    if shutil.which("podman") is None:
+        return "podman is not installed (run ../shared/ci/podman-host-setup.sh --image)"
+    image = "localhost/gpud-python:{}.{}".format(*sys.version_info)
+    probe = subprocess.run(["podman", "image", "exists", image], capture_output=True)
+    if probe.returncode != 0:
+        return f"image {image} is missing (run ../shared/ci/podman-host-setup.sh --image)"
+    return None
+
+
+def require_podman() -> None:
+    """Skip with the reason, or fail when CI demands Podman (GPUD_REQUIRE_PODMAN=1)."""
+    why = podman_problem()
+    if why is None:
+        return
+    if os.environ.get("GPUD_REQUIRE_PODMAN") == "1":
+        pytest.fail(f"GPUD_REQUIRE_PODMAN=1 but {why}")
+    pytest.skip(why)
+
+
+def executor_env(executor: str) -> dict[str, str]:
+    if executor == "process":
+        return {}
+    require_podman()
+    SHARED_ROOT.mkdir(exist_ok=True)
+    os.chmod(SHARED_ROOT, 0o777)
+    return {
+        "GPUD_EXECUTOR": "podman",
+        "GPUD_PODMAN_START_SERVICE": "1",
+        "GPUD_PODMAN_VOLUMES": f"{SHARED_ROOT}:{SHARED_ROOT}",
+    }
+
+
+def containers_of(d: DaemonProc, job_id: int | None = None) -> list[str]:
+    """Ids of the Podman containers a test daemon has (for one job, or all)."""
+    try:
+        instance = (d.data_dir / "instance").read_text().strip()
+    except OSError:
+        return []
+    cmd = ["podman", "ps", "-a", "-q", "--filter", f"label=gpud.daemon={instance}"]
+    if job_id is not None:
+        cmd += ["--filter", f"label=gpud.job={job_id}"]
+    return subprocess.run(cmd, capture_output=True, text=True).stdout.split()
+
+
 def _run_daemon(base: Path, env: dict[str, str] | None = None) -> Iterator[DaemonProc]:
     d = DaemonProc(base, env=dict(env or {}))
     d.start()
@@ -162,31 +223,44 @@ def _run_daemon(base: Path, env: dict[str, str] | None = None) -> Iterator[Daemo
             os.environ["GPUD_URL"] = old
         d.stop()
         kill_instance_jobs(d.data_dir)
+        if d.executor == "podman":
+            leftover = containers_of(d)
+            if leftover:
+                subprocess.run(["podman", "rm", "-f", *leftover], capture_output=True)
+            assert not leftover, f"containers left behind: {leftover}"
 
 
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[DaemonProc]:
-    """One `gpud serve` shared by a test module (tests there must not depend on its state)."""
+@pytest.fixture(scope="module", params=EXECUTORS)
+def daemon(request: pytest.FixtureRequest) -> Iterator[DaemonProc]:
+    """One `gpud serve` shared by a test module (tests there must not depend on its
+    state), once per executor."""
+    env = executor_env(request.param)
     base = make_base_dir()
     try:
-        yield from _run_daemon(base)
+        yield from _run_daemon(base, env)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def fresh_daemon(base_dir: Path) -> Iterator[DaemonProc]:
+@pytest.fixture(params=EXECUTORS)
+def fresh_daemon(request: pytest.FixtureRequest, base_dir: Path) -> Iterator[DaemonProc]:
     """A `gpud serve` of this test's own, which it may kill and restart."""
-    yield from _run_daemon(base_dir)
+    yield from _run_daemon(base_dir, executor_env(request.param))
 
 
 @pytest.fixture
-def shared_dir(base_dir: Path) -> Path:
-    """A directory jobs can write to whichever user they run as."""
-    d = base_dir / "shared"
-    d.mkdir()
+def shared_dir() -> Iterator[Path]:
+    """A directory jobs can write to whichever user (and executor) runs them."""
+    SHARED_ROOT.mkdir(exist_ok=True)
+    os.chmod(SHARED_ROOT, 0o777)
+    d = Path(tempfile.mkdtemp(dir=SHARED_ROOT))
     os.chmod(d, 0o777)
-    return d
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    shutil.rmtree(SHARED_ROOT, ignore_errors=True)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from typing import Any
 
 import gpud_client as gpud
 from gpud.cli import EXIT
+from gpud.ledger.schema import SCHEMA_VERSION
 from gpud_client import Client
 
 from .conftest import DaemonProc, UnixUser, gpud_cli
@@ -111,7 +112,7 @@ def test_backup_while_the_daemon_runs_and_restore(fresh_daemon: DaemonProc,
     dest = tmp_path / "backup.db"
     out = admin(d, "backup", str(dest))
     assert out.returncode == 0, out.stderr
-    assert "3 jobs" in out.stderr and "schema version 2" in out.stderr
+    assert "3 jobs" in out.stderr and f"schema version {SCHEMA_VERSION}" in out.stderr
     assert stat.S_IMODE(dest.stat().st_mode) == 0o600
     assert not Path(str(dest) + "-wal").exists()  # one self-contained file
     conn = sqlite3.connect(dest)

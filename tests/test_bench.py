@@ -2,12 +2,15 @@
 
 A smoke test of the benchmark itself, not a timing assertion: it checks that each metric
 is present and is a positive, finite number, and that the run cleaned up after itself.
+The Podman executor's numbers are optional (the benchmark skips them, saying why, where
+rootful Podman or its image is missing), except under GPUD_REQUIRE_PODMAN=1.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -27,6 +30,8 @@ LATENCIES = [
     "remote",
     "spawn_get",
     "spawn_submit",
+    "remote_warm",
+    "spawn_get_warm",
 ]
 RATIOS = [
     "remote_p50_over_subprocess_cloudpickle_p50",
@@ -34,12 +39,20 @@ RATIOS = [
     "spawn_get_p50_over_worker_python_cloudpickle_p50",
     "map_cores_over_target",
     "map_4x_over_target",
+    "remote_warm_p50_over_worker_python_cloudpickle_p50",
+    "remote_warm_p50_over_remote_p50",
+    "map_warm_over_target",
 ]
 #: differences of two latencies: finite, but their sign is not the benchmark's to promise
 DIFFERENCES = [
     "remote_p50_minus_worker_python_cloudpickle_p50_ms",
     "remote_p50_minus_worker_python_pass_p50_ms",
 ]
+#: present only when the Podman executor was measured
+PODMAN_LATENCIES = ["podman_remote", "podman_spawn_get"]
+PODMAN_RATIOS = [f"{m}_{q}_over_process_{q}" for m in PODMAN_LATENCIES for q in ("p50", "p95")]
+PODMAN_DIFFERENCES = [f"{m}_{q}_minus_process_{q}_ms" for m in PODMAN_LATENCIES
+                      for q in ("p50", "p95")]
 
 
 def _positive(value: Any, where: str) -> None:
@@ -70,7 +83,7 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
         for field in ("p50_ms", "p95_ms", "n"):
             _positive(metrics[key][field], f"metrics.{key}.{field}")
         assert metrics[key]["p95_ms"] >= metrics[key]["p50_ms"]
-    for key in ("map_cores", "map_4x"):
+    for key in ("map_cores", "map_4x", "map_warm"):
         for field in ("inputs", "cpu_slots", "wall_s", "jobs_per_s"):
             _positive(metrics[key][field], f"metrics.{key}.{field}")
     assert metrics["map_4x"]["cpu_slots"] > metrics["map_cores"]["cpu_slots"]
@@ -87,6 +100,26 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
     for key in DIFFERENCES:
         assert math.isfinite(ratios[key]), f"ratios.{key} = {ratios[key]!r}"
     assert result["meta"]["quick"] is True
+
+    # The Podman executor: all of its numbers, or none and a reason.
+    measured = [k for k in PODMAN_LATENCIES if k in metrics]
+    if measured:
+        assert measured == PODMAN_LATENCIES, f"only some Podman metrics: {measured}"
+        for key in PODMAN_LATENCIES:
+            assert metrics[key]["p95_ms"] >= metrics[key]["p50_ms"]
+        for key in PODMAN_RATIOS:
+            _positive(ratios[key], f"ratios.{key}")
+        for key in PODMAN_DIFFERENCES:
+            assert math.isfinite(ratios[key]), f"ratios.{key} = {ratios[key]!r}"
+        assert result["meta"]["podman_skipped"] is None
+        assert "Podman executor overhead (podman - process)" in proc.stdout
+    else:
+        why = result["meta"]["podman_skipped"]
+        assert isinstance(why, str) and why, "Podman was skipped without a reason"
+        assert not any(k.startswith("podman_") for k in ratios)
+        assert f"Podman executor: not measured ({why})" in proc.stdout
+        assert os.environ.get("GPUD_REQUIRE_PODMAN") != "1", (
+            f"GPUD_REQUIRE_PODMAN=1 but the benchmark skipped Podman: {why}")
 
     # The table went to stdout, naming the headline numbers.
     assert "remote p50 / subprocess+cloudpickle p50" in proc.stdout

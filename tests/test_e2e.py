@@ -12,9 +12,16 @@ import pytest
 import gpud_client as gpud
 from gpud_client import Client, JobCancelled, JobFailed, JobTimedOut
 
-from .conftest import DaemonProc
+from .conftest import DaemonProc, containers_of
 
 app = gpud.App("e2e")
+
+
+@pytest.fixture(autouse=True)
+def _app_talks_to_this_daemon(daemon: DaemonProc) -> None:
+    """The module's daemon changes with the executor parameter: drop the app's connection
+    to the previous one (a real script has one daemon for its life)."""
+    app.close()
 
 
 @app.function()
@@ -90,6 +97,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def job_alive(daemon: DaemonProc, job_id: int, pids: list[int]) -> bool:
+    """Is anything of the job still running? A Podman job's pids are its container's own
+    (namespaced), so there the container tells: removed means every process is gone."""
+    if daemon.executor == "podman":
+        return bool(containers_of(daemon, job_id))
+    return any(_alive(p) for p in pids)
+
+
+def kill_behind_daemons_back(daemon: DaemonProc, job_id: int, leader: int) -> None:
+    import signal
+    import subprocess
+
+    if daemon.executor == "podman":
+        subprocess.run(["podman", "rm", "-f", *containers_of(daemon, job_id)], check=True,
+                       capture_output=True)
+    else:
+        os.killpg(leader, signal.SIGKILL)
+        _wait_for(lambda: not _alive(leader))
+
+
 def _wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -138,7 +165,10 @@ def test_job_runs_unprivileged_with_a_clean_environment(daemon: DaemonProc) -> N
     assert env["MY_VAR"] == "1" and "GPUD_TEST_SECRET" not in env
     assert env["CUDA_VISIBLE_DEVICES"] == ""  # a CPU-only job sees no GPU
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
-    assert info["cwd"].startswith(str(daemon.data_dir))
+    if daemon.executor == "podman":
+        assert info["cwd"] == "/gpud/job"  # the job directory, mounted
+    else:
+        assert info["cwd"].startswith(str(daemon.data_dir))
 
 
 def test_job_directory_is_private_to_the_job_user(daemon: DaemonProc) -> None:
@@ -201,10 +231,10 @@ def test_cancel_running_job_kills_its_whole_process_group(daemon: DaemonProc,
     _wait_for(pidfile.exists)
     _wait_for(lambda: pidfile.read_text().endswith("\n"))
     leader, child = map(int, pidfile.read_text().split())
-    assert _alive(leader) and _alive(child)
+    assert job_alive(daemon, handle.id, [leader]) and job_alive(daemon, handle.id, [child])
     info = handle.cancel()
     assert info.state == "cancelled"
-    _wait_for(lambda: not _alive(leader) and not _alive(child), timeout=5)
+    _wait_for(lambda: not job_alive(daemon, handle.id, [leader, child]), timeout=5)
     with pytest.raises(JobCancelled):
         handle.get(timeout=5)
     with Client() as c:
@@ -226,7 +256,7 @@ def test_timeout_kills_the_job(daemon: DaemonProc, shared_dir: Path) -> None:
     with pytest.raises(JobTimedOut, match="timed out"):
         handle.get(timeout=30)
     leader, child = map(int, pidfile.read_text().split())
-    _wait_for(lambda: not _alive(leader) and not _alive(child), timeout=5)
+    _wait_for(lambda: not job_alive(daemon, handle.id, [leader, child]), timeout=5)
     assert handle.status().state == "timed_out"
 
 
@@ -280,7 +310,7 @@ def test_sigkill_daemon_mid_job_then_restart_adopts_and_collects(fresh_daemon: D
     _wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
     leader = int(pidfile.read_text().split()[0])
     fresh_daemon.stop(signal.SIGKILL)
-    assert _alive(leader)  # the job outlives its daemon
+    assert job_alive(fresh_daemon, handle.id, [leader])  # the job outlives its daemon
     led = fresh_daemon.ledger()
     assert led.integrity_check() == "ok" and led.get(handle.id).state.value == "running"
     led.close()
@@ -300,8 +330,7 @@ def test_job_gone_after_restart_is_lost_then_retried(fresh_daemon: DaemonProc,
     _wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
     leader = int(pidfile.read_text().split()[0])
     fresh_daemon.stop(signal.SIGKILL)
-    os.killpg(leader, signal.SIGKILL)  # the job dies while no daemon watches
-    _wait_for(lambda: not _alive(leader))
+    kill_behind_daemons_back(fresh_daemon, handle.id, leader)  # dies while nobody watches
     pidfile.unlink()
     fresh_daemon.start()
     # Lost, then retried: a second attempt runs (and writes the pidfile again).
@@ -323,8 +352,7 @@ def test_job_gone_without_retries_stays_lost(fresh_daemon: DaemonProc, shared_di
     _wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
     leader = int(pidfile.read_text().split()[0])
     fresh_daemon.stop(signal.SIGKILL)
-    os.killpg(leader, signal.SIGKILL)
-    _wait_for(lambda: not _alive(leader))
+    kill_behind_daemons_back(fresh_daemon, handle.id, leader)
     fresh_daemon.start()
     with pytest.raises(gpud.JobLost):
         handle.get(timeout=30)

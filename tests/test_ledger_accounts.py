@@ -9,7 +9,7 @@ import pytest
 
 from gpud.domain import GpuRequest, JobState, Quota
 from gpud.ledger import Ledger, Step
-from gpud.ledger.schema import MIGRATIONS, _split
+from gpud.ledger.schema import MIGRATIONS, SCHEMA_VERSION, _split
 from gpud.ledger.usage import attempts_between, finished_gpu_intervals, to_ds
 from gpud.ledger.users import (
     UnknownUser,
@@ -122,9 +122,9 @@ def test_attempts_between_clips_by_window_and_owner(ledger: Ledger) -> None:
     assert attempts_between(ledger, 0.0, 9.0, owner="bob") == []
 
 
-def test_migration_2_accounts_for_what_ran_before(tmp_path: Path) -> None:
+def test_accounting_migration_accounts_for_what_ran_before(tmp_path: Path) -> None:
     """A version-1 ledger with finished and running attempts gets its accounting filled
-    in when upgraded."""
+    in when upgraded (through migrations 2 and 3 to 4, the users and accounting one)."""
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path, isolation_level=None)
     for stmt in _split(MIGRATIONS[0]):
@@ -160,3 +160,41 @@ def test_migration_2_accounts_for_what_ran_before(tmp_path: Path) -> None:
         assert led.integrity_check() == "ok"
     finally:
         led.close()
+
+
+def test_users_and_accounting_come_after_the_released_migrations() -> None:
+    """Migrations 2 (memory, cpus) and 3 (warm workers) were released first; users and
+    accounting are 4, appended, so a ledger at version 3 upgrades in place."""
+    assert SCHEMA_VERSION == 4
+    assert "memory" in MIGRATIONS[1] and "keep_warm" in MIGRATIONS[2]
+    assert "CREATE TABLE users" in MIGRATIONS[3]
+
+
+def test_a_version_3_ledger_upgrades_keeping_its_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for script in MIGRATIONS[:3]:
+        for stmt in _split(script):
+            conn.execute(stmt)
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute("INSERT INTO blobs VALUES ('h', x'00', 0)")
+    conn.execute(
+        "INSERT INTO jobs (id, name, owner, state, timeout, python, function_hash, args, "
+        "submitted_at, memory, cpus, keep_warm, start_kind, startup) VALUES "
+        "(1, 'f', 'alice', 'succeeded', 60, '3.11', 'h', x'00', 0, 1048576, 0.5, 30, "
+        "'warm', 0.25)")
+    conn.execute("INSERT INTO attempts (job_id, attempt, started_at, ended_at, gpus) "
+                 "VALUES (1, 1, 10.0, 11.0, 'GPU-a')")
+    conn.close()
+
+    led = Ledger(path)
+    try:
+        assert led.conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        job = led.get(1)
+        assert (job.memory, job.cpus, job.keep_warm, job.start_kind, job.startup) == (
+            1048576, 0.5, 30.0, "warm", 0.25)
+        assert job.wall_seconds == 1.0 and job.gpu_seconds == 1.0
+        assert led.integrity_check() == "ok"
+    finally:
+        led.close()
+

@@ -20,7 +20,16 @@ import pytest
 import gpud_client as gpud
 from gpud_client import ApiError, Client
 
-from .conftest import DaemonProc, UnixUser, _run_daemon, free_port, gpud_cli, needs_root
+from .conftest import (
+    EXECUTORS,
+    DaemonProc,
+    UnixUser,
+    _run_daemon,
+    executor_env,
+    free_port,
+    gpud_cli,
+    needs_root,
+)
 
 pytestmark = needs_root
 
@@ -36,10 +45,24 @@ def _identity() -> dict[str, Any]:
             "user": os.environ["USER"], "cwd": os.getcwd()}
 
 
+@pytest.fixture(params=EXECUTORS)
+def box(request: pytest.FixtureRequest, base_dir: Path) -> Iterator[DaemonProc]:
+    """A root daemon that also listens on TCP (tokens), once per executor: the Podman
+    executor runs each container as the submitter's uid:gid and groups."""
+    env = {**executor_env(request.param), "GPUD_TCP": f"127.0.0.1:{free_port()}"}
+    yield from _run_daemon(base_dir, env)
+
+
 @pytest.fixture
-def box(base_dir: Path) -> Iterator[DaemonProc]:
-    """A root daemon that also listens on TCP (tokens)."""
+def process_box(base_dir: Path) -> Iterator[DaemonProc]:
     yield from _run_daemon(base_dir, {"GPUD_TCP": f"127.0.0.1:{free_port()}"})
+
+
+def job_dir_of(d: DaemonProc, job_id: int, cwd: str) -> Path:
+    """The job's directory on the host (a container sees it at /gpud/job)."""
+    jobdir = d.data_dir / "jobs" / str(job_id)
+    assert cwd == ("/gpud/job" if d.executor == "podman" else str(jobdir))
+    return jobdir
 
 
 def tcp_url(d: DaemonProc) -> str:
@@ -76,11 +99,12 @@ def test_jobs_run_as_their_submitter_and_their_files_are_private(
     assert job.owner == alice.name
     assert (got["uid"], got["euid"], got["gid"]) == (alice.uid, alice.uid, alice.gid)
     assert got["groups"] == sorted({alice.gid, bob.gid})
-    assert (got["home"], got["user"]) == (str(alice.home), alice.name)
+    # A container's HOME is its writable /tmp; a process job's is the user's own.
+    home = "/tmp" if box.executor == "podman" else str(alice.home)
+    assert (got["home"], got["user"]) == (home, alice.name)
 
     # The job directory and everything in it is alice's, and private.
-    jobdir = Path(got["cwd"])
-    assert jobdir == box.data_dir / "jobs" / str(job.id)
+    jobdir = job_dir_of(box, job.id, got["cwd"])
     st = jobdir.stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (alice.uid, alice.gid, 0o700)
     names = sorted(p.name for p in jobdir.iterdir())
@@ -112,15 +136,18 @@ def test_jobs_run_as_their_submitter_and_their_files_are_private(
 def test_root_jobs_still_run_as_job_user(box: DaemonProc) -> None:
     # On the socket the test (root) is an admin; its jobs run as job_user, never root.
     ident = gpud.App("shared-box-root", url=box.url).function()(_identity)
-    got = ident.remote()
+    handle = ident.spawn()
+    got = handle.get(timeout=60)
     assert got["uid"] == got["euid"] != 0
-    assert Path(got["cwd"]).stat().st_uid == got["uid"]
+    assert job_dir_of(box, handle.id, got["cwd"]).stat().st_uid == got["uid"]
 
 
-def test_each_user_gets_a_python_they_can_run(box: DaemonProc, unix_users: Any,
+def test_each_user_gets_a_python_they_can_run(process_box: DaemonProc, unix_users: Any,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon's own interpreter may sit where a user cannot go (a venv under /root):
-    it is probed as each job user, who falls back to the system python3 if need be."""
+    it is probed as each job user, who falls back to the system python3 if need be.
+    (Process executor only: a container runs its image's python3.)"""
+    box = process_box
     carol: UnixUser = unix_users("carol")
     monkeypatch.setenv("GPUD_TOKEN", add_user(box, carol.name))
 
@@ -133,3 +160,38 @@ def test_each_user_gets_a_python_they_can_run(box: DaemonProc, unix_users: Any,
     exe = fn.remote()
     assert as_user(carol, exe, "-c", "pass").returncode == 0
     assert os.access(exe, os.X_OK)
+
+
+def _whoami_warm() -> dict[str, Any]:
+    import os
+
+    return {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(),
+            "groups": sorted(os.getgroups())}
+
+
+def test_warm_workers_run_as_their_submitter_and_serve_only_them(
+        process_box: DaemonProc, unix_users: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm worker is launched with its first job's identity and is kept for the next
+    calls of the same function by the same user only (warm workers: process executor)."""
+    alice: UnixUser = unix_users("alice")
+    bob: UnixUser = unix_users("bob")
+    a_tok, b_tok = add_user(process_box, alice.name), add_user(process_box, bob.name)
+    url = tcp_url(process_box)
+
+    def warm_fn() -> gpud.Function[[], dict[str, Any]]:
+        # A new App (and client) per user: a client keeps the token it started with.
+        return gpud.App("shared-box-warm", url=url).function(keep_warm=30)(_whoami_warm)
+
+    monkeypatch.setenv("GPUD_TOKEN", a_tok)
+    fn = warm_fn()
+    first = fn.spawn()
+    first.get(timeout=60)
+    second = fn.spawn()
+    a1, a2 = first.get(timeout=60), second.get(timeout=60)
+    assert (a1["uid"], a1["gid"], a1["groups"]) == (alice.uid, alice.gid, [alice.gid])
+    assert a2 == a1  # the same process, still alice's
+    assert second.status().start_kind == "warm"
+
+    monkeypatch.setenv("GPUD_TOKEN", b_tok)
+    b1 = warm_fn().remote()
+    assert (b1["uid"], b1["gid"]) == (bob.uid, bob.gid) and b1["pid"] != a1["pid"]

@@ -7,6 +7,7 @@ and how to make it stop. Outcomes are read from the job directory by the service
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -14,7 +15,13 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from gpud.executors.process import JobIdentity
 
-__all__ = ["Executor", "Handle", "LaunchSpec", "Outcome"]
+from gpud.domain import Job
+
+__all__ = ["Executor", "ExecutorRefusal", "Handle", "ImageInfo", "LaunchSpec", "Outcome"]
+
+
+class ExecutorRefusal(ValueError):
+    """A job this executor cannot run (missing image, wrong Python); said at submit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,10 +31,16 @@ class LaunchSpec:
     job_dir: Path
     log_path: Path
     gpus: tuple[str, ...]  # UUIDs, in the order the job sees them
+    gpu_indices: tuple[int, ...] = ()  # their NVML indices (device nodes without CDI)
     env: dict[str, str] = field(default_factory=dict)  # the user's env= (ours win on clash)
     image: str | None = None
     #: who the job runs as (its submitter, #5); None: the executor's default identity
     identity: JobIdentity | None = None
+    memory: int | None = None  # bytes
+    cpus: float | None = None
+    #: (hub socket, token): start a warm worker that serves jobs sent through the hub
+    #: instead of running this one job directory
+    serve: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -38,6 +51,7 @@ class Handle:
     pid: int  # the leader; also the process group and session id for the process executor
     pid_start: int  # /proc/<pid>/stat starttime, to tell the process from a reused pid
     adopted: bool = False  # not our child: we were restarted while it ran
+    container: str | None = None  # the container id, for the Podman executor
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +60,38 @@ class Outcome:
     signal: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    name: str
+    id: str
+    size: int
+    created: float
+    python: str | None  # known once the image was inspected for a job
+
+
 class Executor(Protocol):
     name: str
+
+    async def start(self) -> None:
+        """Get ready to run jobs (e.g. reach the container service); raise if impossible."""
+        ...
+
+    async def python_for(self, image: str | None) -> tuple[str, str]:
+        """(the image jobs will use, or "" for none; the Python version they run).
+
+        Raises ExecutorRefusal (missing image, no usable Python) before a job is queued."""
+        ...
+
+    async def images(self) -> list[ImageInfo]:
+        ...
+
+    def job_for_pid(self, pid: int, handles: Iterable[Handle]) -> int | None:
+        """The job one of whose processes ``pid`` is (to tell our GPU users from others)."""
+        ...
+
+    def cleanup(self, active: set[int]) -> None:
+        """At start-up: remove what jobs that are over left behind."""
+        ...
 
     async def launch(self, spec: LaunchSpec) -> Handle:
         """Start the worker for a prepared job directory; return once it is running."""
@@ -65,6 +109,6 @@ class Executor(Protocol):
         """Kill anything of the job still alive (after its leader ended); never blocks."""
         ...
 
-    def adopt(self, job_id: int, pid: int | None, pid_start: int | None) -> Handle | None:
+    def adopt(self, job: Job) -> Handle | None:
         """Find a job left running by a previous daemon; None if it is gone."""
         ...

@@ -19,13 +19,15 @@ import pwd
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from gpud.executors.base import Handle, LaunchSpec, Outcome
+from gpud.domain import Job, JobState
+from gpud.executors.base import ExecutorRefusal, Handle, ImageInfo, LaunchSpec, Outcome
 from gpud.safefs import open_append
 from gpud_client.jobdir import worker_command
 
@@ -34,6 +36,7 @@ __all__ = [
     "ProcessExecutor",
     "WorkerPythonError",
     "find_job_processes",
+    "job_environment",
     "job_identity",
     "proc_start_time",
     "resolve_worker_python",
@@ -132,6 +135,28 @@ def resolve_worker_python(
     )
 
 
+def job_environment(spec: LaunchSpec, identity: JobIdentity, instance: str) -> dict[str, str]:
+    """A job's whole environment: nothing of the daemon's leaks in, and the user's env=
+    cannot override what gpud sets (its GPUs, its identity)."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    env.update(spec.env)
+    visible = ",".join(spec.gpus)
+    env.update({
+        "HOME": identity.home,
+        "USER": identity.user,
+        "LOGNAME": identity.user,
+        "PYTHONUNBUFFERED": "1",
+        # By UUID, never by index: indices differ between NVML and CUDA's default order.
+        "CUDA_VISIBLE_DEVICES": visible,
+        "NVIDIA_VISIBLE_DEVICES": visible or "void",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "GPUD_JOB_ID": str(spec.job_id),
+        "GPUD_ATTEMPT": str(spec.attempt),
+        "GPUD_INSTANCE": instance,
+    })
+    return env
+
+
 def proc_start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot, or None if there is no such pid."""
     try:
@@ -201,17 +226,20 @@ def _killpg(pgid: int, sig: int) -> bool:
 
 class ProcessExecutor:
     name = "process"
+    supports_warm = True
 
     def __init__(
         self,
         *,
         python: str,
+        version: str,
         runtime_dir: Path,
         identity: JobIdentity,
         instance: str,
         configured_python: str | None = None,
     ) -> None:
         self.python = python
+        self.version = version
         self.runtime_dir = runtime_dir
         self.identity = identity
         self.instance = instance
@@ -219,7 +247,7 @@ class ProcessExecutor:
         self._procs: dict[int, trio.Process] = {}
         self._pythons: dict[int, str] = {identity.uid: python}  # uid -> interpreter
 
-    async def python_for(self, ident: JobIdentity) -> str:
+    async def interpreter_for(self, ident: JobIdentity) -> str:
         """The interpreter ``ident`` can run, probed the first time (as that user) and then
         remembered; a failed probe is not, so fixing permissions needs no restart."""
         found = self._pythons.get(ident.uid)
@@ -230,42 +258,49 @@ class ProcessExecutor:
         self._pythons[ident.uid] = path
         return path
 
-    def job_env(self, spec: LaunchSpec) -> dict[str, str]:
-        """A clean environment: nothing of the daemon's leaks into the job."""
-        ident = spec.identity or self.identity
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "LANG": "C.UTF-8",
-        }
-        env.update(spec.env)
-        visible = ",".join(spec.gpus)
-        env.update({
-            "HOME": ident.home,
-            "USER": ident.user,
-            "LOGNAME": ident.user,
-            "PYTHONUNBUFFERED": "1",
-            # By UUID, never by index: indices differ between NVML and CUDA's default order.
-            "CUDA_VISIBLE_DEVICES": visible,
-            "NVIDIA_VISIBLE_DEVICES": visible or "void",
-            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-            "GPUD_JOB_ID": str(spec.job_id),
-            "GPUD_ATTEMPT": str(spec.attempt),
-            "GPUD_INSTANCE": self.instance,
-        })
-        return env
+    async def start(self) -> None:
+        return None
+
+    async def python_for(self, image: str | None) -> tuple[str, str]:
+        if image:
+            raise ExecutorRefusal(
+                f"image={image!r} needs the Podman executor, and this daemon runs jobs as "
+                f"plain processes with Python {self.version} ({self.python}): drop image=, "
+                "or ask the admin for executor = \"podman\""
+            )
+        return "", self.version
+
+    async def images(self) -> list[ImageInfo]:
+        return []
+
+    def job_for_pid(self, pid: int, handles: Iterable[Handle]) -> int | None:
+        # Every job is its own session, led by the worker: match by session id.
+        sid = proc_session(pid)
+        for h in handles:
+            if pid == h.pid or sid == h.pid:
+                return h.job_id
+        return None
+
+    def cleanup(self, active: set[int]) -> None:
+        return None  # a process job leaves nothing behind but its directory
 
     async def launch(self, spec: LaunchSpec) -> Handle:
         ident = spec.identity or self.identity
-        python = await self.python_for(ident)
+        python = await self.interpreter_for(ident)
         log_fd = open_append(spec.log_path, (ident.uid, ident.gid))
         try:
+            cmd = worker_command(python, self.runtime_dir, spec.job_dir)
+            env = job_environment(spec, ident, self.instance)
+            if spec.serve is not None:
+                cmd[-1] = "--serve"
+                env["GPUD_HUB"], env["GPUD_WORKER_TOKEN"] = spec.serve
             proc = await trio.lowlevel.open_process(
-                worker_command(python, self.runtime_dir, spec.job_dir),
+                cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
                 cwd=str(spec.job_dir),
-                env=self.job_env(spec),
+                env=env,
                 start_new_session=True,
                 close_fds=True,
                 **ident.popen_kwargs(),
@@ -318,7 +353,9 @@ class ProcessExecutor:
         # SIGKILL the whole group: a job's stray children never outlive it.
         _killpg(handle.pid, signal.SIGKILL)
 
-    def adopt(self, job_id: int, pid: int | None, pid_start: int | None) -> Handle | None:
+    def adopt(self, job: Job) -> Handle | None:
+        job_id, pid_start = job.id, job.pid_start
+        pid = job.pid if job.state is JobState.RUNNING else None
         if pid is not None and _alive(pid, pid_start):
             return Handle(job_id=job_id, pid=pid, pid_start=pid_start or 0, adopted=True)
         if pid is None:

@@ -79,7 +79,18 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER events_no_delete BEFORE DELETE ON events
         BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
     """,
-    # 2 (issue #5): users with hashed tokens and quotas; accounting per attempt and GPU.
+    # 2: resource limits per job (memory= and cpu=, enforced by the Podman executor).
+    """
+    ALTER TABLE jobs ADD COLUMN memory INTEGER;
+    ALTER TABLE jobs ADD COLUMN cpus REAL;
+    """,
+    # 3: warm workers: how long a job's worker stays, how the job started, how fast.
+    """
+    ALTER TABLE jobs ADD COLUMN keep_warm REAL NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN start_kind TEXT;
+    ALTER TABLE jobs ADD COLUMN startup REAL;
+    """,
+    # 4 (issue #5): users with hashed tokens and quotas; accounting per attempt and GPU.
     """
     CREATE TABLE users (
         name        TEXT PRIMARY KEY,         -- the Unix user name on a root daemon

@@ -49,6 +49,9 @@ class NewJob:
     priority: int = 0
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    memory: int | None = None
+    cpus: float | None = None
+    keep_warm: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +76,14 @@ class Event:
 # Columns a Step may set (besides state); anything else is a programming error.
 _SETTABLE = frozenset({
     "gpus", "not_before", "started_at", "ended_at", "pid", "pid_start",
-    "exit_code", "error", "has_result",
+    "exit_code", "error", "has_result", "start_kind", "startup",
     "gpu_types",  # not a column: the types of "gpus", for the accounting rows (#5)
 })
 _JOB_COLUMNS = (
     "id, name, owner, state, priority, gpu, timeout, retries, attempt, not_before, gpus, "
     "batch_id, python, image, env, function_hash, submitted_at, started_at, ended_at, pid, "
-    "pid_start, exit_code, error, has_result, wall_ds, gpu_ds"
+    "pid_start, exit_code, error, has_result, memory, cpus, keep_warm, start_kind, startup, "
+    "wall_ds, gpu_ds"
 )
 
 
@@ -110,6 +114,11 @@ def _row_to_job(r: sqlite3.Row) -> Job:
         error=r["error"],
         has_result=bool(r["has_result"]),
         code_hash=r["function_hash"],
+        memory=r["memory"],
+        cpus=r["cpus"],
+        keep_warm=r["keep_warm"],
+        start_kind=r["start_kind"],
+        startup=r["startup"],
         wall_seconds=r["wall_ds"] / 10,
         gpu_seconds=r["gpu_ds"] / 10,
     )
@@ -177,13 +186,15 @@ class Ledger:
             for j in jobs:
                 cur = c.execute(
                     "INSERT INTO jobs (name, owner, state, priority, gpu, timeout, retries, "
-                    "batch_id, python, image, env, function_hash, args, submitted_at) "
-                    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "batch_id, python, image, env, function_hash, args, submitted_at, memory, "
+                    "cpus, keep_warm) "
+                    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         j.name, j.owner, j.priority,
                         json.dumps(j.gpu.to_spec()) if j.gpu else None,
                         j.timeout, j.retries, batch_id, j.python, j.image,
                         json.dumps(j.env, sort_keys=True), j.function_hash, j.args, now,
+                        j.memory, j.cpus, j.keep_warm,
                     ),
                 )
                 assert cur.lastrowid is not None

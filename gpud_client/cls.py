@@ -1,0 +1,93 @@
+"""Classes as remote services: ``@app.cls``, ``@gpud.enter`` and ``@gpud.method``.
+
+    @app.cls(gpu="h100", keep_warm=120)
+    class Embedder:
+        @gpud.enter()
+        def load(self): self.model = load_model()     # once per worker
+        @gpud.method()
+        def embed(self, text: str) -> list[float]: ...
+
+    Embedder().embed.remote("hello")
+
+Each method call is a job whose function builds the instance (running the ``enter``
+methods in definition order) the first time a worker runs it; with ``keep_warm`` the
+worker keeps the instance, so later calls skip the setup. Constructor arguments are
+part of the call: ``Embedder("large")`` and ``Embedder("small")`` never share a worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpud_client.clsrun import make_method_call
+
+__all__ = ["ClsProxy", "enter", "method"]
+
+_ENTER = "__gpud_enter__"
+_METHOD = "__gpud_method__"
+
+
+def enter(*, snap: bool = False) -> Any:
+    """Mark a method to run once when a worker makes the instance (setup: imports, a
+    model load). ``snap=True`` marks setup for snapshots; until snapshot support lands it
+    runs like any other ``enter``."""
+
+    def mark(fn: Any) -> Any:
+        setattr(fn, _ENTER, {"snap": snap})
+        return fn
+
+    return mark
+
+
+def method() -> Any:
+    """Mark a method callable remotely: ``Cls().name.remote(...)``, ``.spawn``, ``.map``."""
+
+    def mark(fn: Any) -> Any:
+        setattr(fn, _METHOD, True)
+        return fn
+
+    return mark
+
+
+class ClsProxy:
+    """What ``@app.cls`` returns: call it like the class to get a remote instance."""
+
+    def __init__(self, cls: type, *, make_function: Any) -> None:
+        self._cls = cls
+        self._make_function = make_function  # (fn, name, anchor) -> Function
+        self._enter = tuple(name for name, attr in vars(cls).items()
+                            if callable(attr) and hasattr(attr, _ENTER))
+        self._methods = {name for name, attr in vars(cls).items()
+                         if callable(attr) and getattr(attr, _METHOD, False)}
+        if not self._methods:
+            raise TypeError(f"@app.cls {cls.__qualname__} has no @gpud.method(): mark the "
+                            "methods to call remotely")
+        self.__doc__ = cls.__doc__
+        self.__name__ = cls.__name__
+        self.__qualname__ = cls.__qualname__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _RemoteInstance:
+        return _RemoteInstance(self, args, kwargs)
+
+    def local(self, *args: Any, **kwargs: Any) -> Any:
+        """A local instance, with its enter methods run, for tests and debugging."""
+        instance = self._cls(*args, **kwargs)
+        for name in self._enter:
+            getattr(instance, name)()
+        return instance
+
+
+class _RemoteInstance:
+    def __init__(self, proxy: ClsProxy, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._proxy = proxy
+        self._args = args
+        self._kwargs = kwargs
+
+    def __getattr__(self, name: str) -> Any:
+        proxy = self._proxy
+        if name not in proxy._methods:
+            known = ", ".join(sorted(proxy._methods))
+            raise AttributeError(f"{proxy._cls.__qualname__}.{name} is not a @gpud.method() "
+                                 f"(remote methods: {known})")
+        call = make_method_call(proxy._cls, name, proxy._enter, self._args, self._kwargs)
+        return proxy._make_function(call, f"{proxy._cls.__qualname__}.{name}", proxy._cls)

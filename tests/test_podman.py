@@ -1,0 +1,226 @@
+"""The Podman executor: isolation, limits, images, refusals, and the container spec.
+
+The end-to-end behaviour shared with the process executor (remote, map, cancel, timeout,
+retries, restart) runs over both executors in test_e2e.py and test_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cloudpickle
+import httpx
+import pytest
+
+import gpud_client as gpud
+from gpud.executors.base import LaunchSpec
+from gpud.executors.podman import cdi_has_nvidia, container_spec, gpu_devices
+from gpud.executors.process import JobIdentity
+
+from .conftest import DaemonProc, _run_daemon, containers_of, executor_env, make_base_dir
+
+
+@pytest.fixture(scope="module")
+def pdaemon() -> Iterator[DaemonProc]:
+    env = executor_env("podman")
+    base = make_base_dir()
+    try:
+        yield from _run_daemon(base, env)
+    finally:
+        subprocess.run(["rm", "-rf", str(base)])
+
+
+@gpud.function
+def inside() -> dict:
+    import os
+    import socket
+
+    return {
+        "pid": os.getpid(),
+        "hostname": socket.gethostname(),
+        "uid": os.getuid(),
+        "root": sorted(os.listdir("/")),
+        "sees_host_secret": os.path.exists(os.environ.get("SECRET_PATH", "/nonexistent")),
+        "cwd": os.getcwd(),
+        "can_write_root": os.access("/usr", os.W_OK),
+        "can_write_tmp": os.access("/tmp", os.W_OK),
+        "no_new_privs": [line.split()[1] for line in open("/proc/self/status")
+                         if line.startswith("NoNewPrivs")][0],
+    }
+
+
+@gpud.function
+def hold(seconds: float) -> str:
+    import time
+
+    time.sleep(seconds)
+    return "done"
+
+
+def test_job_sees_itself_in_a_container(pdaemon: DaemonProc, tmp_path: Path) -> None:
+    secret = tmp_path / "host-secret"
+    secret.write_text("do not read")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(secret, 0o644)
+    info = inside.with_options(url=pdaemon.url, env={"SECRET_PATH": str(secret)}).remote()
+    assert info["pid"] == 1  # its own pid namespace
+    assert info["hostname"] != os.uname().nodename  # its own hostname
+    assert info["uid"] != 0
+    assert not info["sees_host_secret"]  # the host's files are not there
+    assert "work" not in info["root"] and "gpud" in info["root"]
+    assert info["cwd"] == "/gpud/job" and not info["can_write_root"]
+    assert info["can_write_tmp"] and info["no_new_privs"] == "1"
+
+
+def test_memory_and_cpu_become_container_limits(pdaemon: DaemonProc) -> None:
+    handle = hold.with_options(url=pdaemon.url, memory="256M", cpu=0.5).spawn(30)
+    try:
+        deadline = time.monotonic() + 30
+        while not containers_of(pdaemon, handle.id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [cid] = containers_of(pdaemon, handle.id)
+        out = subprocess.run(["podman", "inspect", cid], capture_output=True, text=True,
+                             check=True)
+        host = json.loads(out.stdout)[0]["HostConfig"]
+        assert host["Memory"] == 256 * 1024 * 1024
+        assert host["NanoCpus"] == 500_000_000
+        info = handle.status()
+        assert info.memory == 256 * 1024 * 1024 and info.cpu == 0.5
+    finally:
+        assert handle.cancel().state == "cancelled"
+    assert containers_of(pdaemon, handle.id) == []
+
+
+def _submit(url: str, **fields: object) -> httpx.Response:
+    import base64
+
+    body: dict[str, object] = {"name": "t.f", "python": "{}.{}.{}".format(*sys.version_info[:3])}
+    body["function"] = base64.b64encode(cloudpickle.dumps(len)).decode()
+    body["args"] = base64.b64encode(cloudpickle.dumps((([1, 2],), {}))).decode()
+    body.update(fields)
+    transport = httpx.HTTPTransport(uds=url.removeprefix("unix://"))
+    with httpx.Client(transport=transport, base_url="http://gpud") as c:
+        return c.post("/v1/jobs", json=body)
+
+
+def test_missing_image_is_refused_at_submit(pdaemon: DaemonProc) -> None:
+    r = _submit(pdaemon.url, image="localhost/no-such-image:1")
+    assert r.status_code == 422
+    assert "not in this machine's Podman store" in r.json()["detail"]
+
+
+def test_wrong_python_is_refused_naming_both_versions(pdaemon: DaemonProc) -> None:
+    r = _submit(pdaemon.url, python="3.99.1")
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    image_python = "{}.{}".format(*sys.version_info[:2])
+    assert "3.99.1" in detail and f"Python {image_python}." in detail
+    assert "localhost/gpud-python" in detail
+
+
+def test_image_without_python_is_refused(pdaemon: DaemonProc) -> None:
+    base = "localhost/gpud-python:{}.{}".format(*sys.version_info)
+    name = "localhost/gpud-test-nopython:1"
+    build = subprocess.run(
+        ["podman", "build", "--network=none", "-q", "-t", name, "-f", "-", "."],
+        input=f"FROM {base}\nRUN rm -f /usr/bin/python3*\n", text=True,
+        capture_output=True, cwd="/tmp")
+    assert build.returncode == 0, build.stderr
+    try:
+        r = _submit(pdaemon.url, image=name)
+        assert r.status_code == 422 and "python3" in r.json()["detail"]
+    finally:
+        subprocess.run(["podman", "rmi", "-f", name], capture_output=True)
+
+
+def test_images_lists_the_default_with_its_python(pdaemon: DaemonProc) -> None:
+    with gpud.Client(pdaemon.url) as c:
+        lst = c.images()
+    default = [i for i in lst.images if i.name == lst.default]
+    assert lst.executor == "podman" and default
+    assert default[0].python is not None and default[0].python.startswith(
+        "{}.{}.".format(*sys.version_info))
+    out = subprocess.run([sys.executable, "-m", "gpud", "images"], capture_output=True,
+                         text=True, env={**os.environ, "GPUD_URL": pdaemon.url})
+    assert out.returncode == 0 and "gpud-python" in out.stdout
+
+
+# -- the container spec (pure) -------------------------------------------------------------
+
+IDENT = JobIdentity("nobody", 65534, 65534, "/nonexistent", switch=True)
+
+
+def _spec(**kw: object) -> LaunchSpec:
+    base: dict[str, object] = dict(job_id=7, attempt=2, job_dir=Path("/data/jobs/7"),
+                                   log_path=Path("/data/jobs/7/output.log"), gpus=())
+    base.update(kw)
+    return LaunchSpec(**base)  # type: ignore[arg-type]
+
+
+def test_container_spec_is_locked_down_and_labelled() -> None:
+    args = container_spec(_spec(memory=1 << 30, cpus=2.0), image="img", identity=IDENT,
+                          env={"A": "1"}, runtime_dir=Path("/data/runtime/r1"), instance="abc",
+                          devices=[], network="none", read_only=True,
+                          volumes=["/srv/data:/data:ro"])
+    assert args["user"] == "65534:65534"
+    assert args["no_new_privileges"] is True and args["cap_drop"] == ["ALL"]
+    assert args["read_only"] is True and args["network_mode"] == "none"
+    assert args["labels"] == {"gpud.job": "7", "gpud.daemon": "abc", "gpud.attempt": "2"}
+    assert args["mem_limit"] == 1 << 30
+    assert args["cpu_quota"] / args["cpu_period"] == 2.0
+    mounts = {m["target"]: m for m in args["mounts"]}
+    assert mounts["/gpud/runtime"]["read_only"] is True
+    assert mounts["/gpud/job"]["source"] == "/data/jobs/7"
+    assert mounts["/data"] == {"type": "bind", "source": "/srv/data", "target": "/data",
+                               "read_only": True}
+    assert mounts["/tmp"]["type"] == "tmpfs"
+    binds = {t for t, m in mounts.items() if m["type"] == "bind"}
+    assert binds == {"/gpud/runtime", "/gpud/job", "/data"}  # nothing else of the host
+    assert args["environment"]["GPUD_LOG_FILE"] == "/gpud/job/output.log"
+
+
+def test_container_runs_as_the_submitter_with_their_groups() -> None:
+    """On a root daemon a job's LaunchSpec carries its submitter (#5): the container runs
+    as that uid:gid with exactly their groups, and the environment names them."""
+    from gpud.executors.process import job_environment
+
+    alice = JobIdentity("alice", 1001, 1001, "/home/alice", switch=True, groups=(1001, 27))
+    spec = _spec(identity=alice)
+    args = container_spec(spec, image="img", identity=alice,
+                          env=job_environment(spec, alice, "abc"),
+                          runtime_dir=Path("/data/runtime/r1"), instance="abc", devices=[],
+                          network="none", read_only=True, volumes=[])
+    assert args["user"] == "1001:1001" and args["group_add"] == ["1001", "27"]
+    env = args["environment"]
+    assert (env["USER"], env["LOGNAME"], env["HOME"]) == ("alice", "alice", "/tmp")
+    # The executor's default identity (no groups of its own) adds none.
+    assert "group_add" not in container_spec(
+        _spec(), image="img", identity=IDENT, env={}, runtime_dir=Path("/r"), instance="abc",
+        devices=[], network="none", read_only=True, volumes=[])
+
+
+def test_gpu_devices_by_cdi_uuid_exactly_the_jobs() -> None:
+    uuids = ("GPU-aaaa", "GPU-bbbb")
+    assert gpu_devices(uuids, (0, 3), fake=False, cdi=True) == [
+        "nvidia.com/gpu=GPU-aaaa", "nvidia.com/gpu=GPU-bbbb"]
+    assert gpu_devices(uuids, (0, 3), fake=True, cdi=True) == []
+    assert gpu_devices((), (), fake=False, cdi=True) == []
+
+
+def test_gpu_devices_without_cdi_are_device_nodes(tmp_path: Path) -> None:
+    nodes = gpu_devices(("GPU-aaaa",), (3,), fake=False, cdi=False)
+    # Only nodes that exist on this machine are passed (none here without a driver).
+    assert all(n.split(":")[0].startswith("/dev/nvidia") for n in nodes)
+    assert all(os.path.exists(n.split(":")[0]) for n in nodes)
+
+
+def test_cdi_detection(tmp_path: Path) -> None:
+    assert not cdi_has_nvidia([str(tmp_path)])
+    (tmp_path / "nvidia.yaml").write_text("cdiVersion: 0.5.0\nkind: nvidia.com/gpu\n")
+    assert cdi_has_nvidia([str(tmp_path)])
