@@ -198,3 +198,18 @@ def test_a_version_3_ledger_upgrades_keeping_its_jobs(tmp_path: Path) -> None:
     finally:
         led.close()
 
+
+def test_a_prerelease_shared_box_ledger_is_refused_clearly(tmp_path: Path) -> None:
+    """Before the merge, users and accounting were migration 2: such a ledger is refused
+    with a message, not half-upgraded."""
+    from gpud.ledger.schema import SchemaTooNew, migrate
+
+    path = tmp_path / "pre.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for stmt in [*_split(MIGRATIONS[0]), *_split(MIGRATIONS[3])]:
+        conn.execute(stmt)
+    conn.execute("PRAGMA user_version = 2")
+    with pytest.raises(SchemaTooNew, match="pre-release"):
+        migrate(conn)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()

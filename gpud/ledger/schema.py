@@ -163,6 +163,17 @@ def migrate(conn: sqlite3.Connection) -> int:
             f"the ledger has schema version {before}, newer than this gpud knows "
             f"({SCHEMA_VERSION}): run a newer gpud, or restore a backup"
         )
+    if before in (2, 3) and conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'users'").fetchone():
+        # Pre-release builds of the shared-box work (#5) numbered their users and
+        # accounting migration 2, before the Podman and warm-worker migrations were
+        # merged ahead of it: that numbering cannot be upgraded in place.
+        raise SchemaTooNew(
+            f"the ledger has schema version {before} with a users table, as made by a "
+            "pre-release build of gpud's shared-box work, whose migrations were renumbered "
+            "(users and accounting are migration 4 now): move that ledger.db aside and "
+            "start with a fresh one"
+        )
     for version in range(before + 1, SCHEMA_VERSION + 1):
         script = MIGRATIONS[version - 1]
         conn.execute("BEGIN IMMEDIATE")
