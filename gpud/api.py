@@ -1,16 +1,20 @@
 """The HTTP API (ASGI, Starlette on trio via anyio). Bodies are msgspec Structs.
 
 Every error is JSON ``{"error": code, "detail": people-talk}`` with a 4xx that fits:
-400 malformed JSON, 404 no such job/route, 409 not finished, 413 body too large,
-422 a well-formed request the daemon cannot accept. A 500 would be a bug; it is still
-JSON and the traceback goes to the daemon's log, never to the client.
+400 malformed JSON, 401 not authenticated, 403 not allowed, 404 no such job/route, 409 not
+finished, 413 body too large, 422 a well-formed request the daemon cannot accept. A 500
+would be a bug; it is still JSON and the traceback goes to the daemon's log, never to the
+client.
+
+Every request but ``/v1/health`` and ``/openapi.json`` is authenticated first
+(:mod:`gpud.auth`), and every 401 and 403 is logged.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pwd
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -24,11 +28,22 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from gpud import __version__
+from gpud.accounting import BY, Line, report
 from gpud.api_watch import WATCH_DOC, WATCH_PARAMS, watch_routes
+from gpud.auth import (
+    Auth,
+    Forbidden,
+    QuotaExceeded,
+    Unauthenticated,
+    check_job_access,
+    effective_timeout,
+)
 from gpud.domain import FINAL, GpuRequest, Job, JobState
 from gpud.ledger import NewJob, UnknownJob
+from gpud.ledger.usage import attempts_between
 from gpud.safefs import read_regular
 from gpud.service import Daemon, ExecutorDown, SubmitError
+from gpud.users import NoUnixAccount, Principal, run_as
 from gpud_client.models import (
     API_PREFIX,
     BatchSubmitRequest,
@@ -41,7 +56,11 @@ from gpud_client.models import (
     ImageList,
     JobInfo,
     JobList,
+    QuotaInfo,
     SubmitRequest,
+    UsageLine,
+    UsageReport,
+    WhoAmI,
 )
 from gpud_client.models import ImageInfo as ImageInfoModel
 
@@ -78,6 +97,7 @@ def job_info(daemon: Daemon, job: Job) -> JobInfo:
         timeout=job.timeout, retries=job.retries, attempt=job.attempt, batch_id=job.batch_id,
         exit_code=job.exit_code, error=job.error, has_result=job.has_result,
         reason=reason, position=position, python=job.python, image=job.image,
+        wall_seconds=job.wall_seconds, gpu_seconds=job.gpu_seconds,
         memory=job.memory, cpu=job.cpus, keep_warm=job.keep_warm, start_kind=job.start_kind,
         startup=job.startup,
     )
@@ -155,23 +175,22 @@ def _job_id(request: Request) -> int:
     return int(raw)
 
 
-def _owner(request: Request) -> str:
-    # Until users and tokens exist, a daemon run by a user runs everything as that user,
-    # so that is the owner; a root daemon records the name the client claims, for display.
-    if os.geteuid() != 0:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    claimed = request.headers.get("x-gpud-user", "")[:64]
-    return claimed or "unknown"
+def _principal(request: Request) -> Principal:
+    who = request.state.principal
+    assert isinstance(who, Principal)
+    return who
 
 
 async def _new_jobs(
-    daemon: Daemon, request: Request, req: SubmitRequest | BatchSubmitRequest, args: list[bytes]
+    daemon: Daemon, auth: Auth, request: Request, req: SubmitRequest | BatchSubmitRequest,
+    args: list[bytes],
 ) -> list[NewJob]:
+    who = _principal(request)
     try:
         gpu = GpuRequest.parse(req.gpu)
     except ValueError as e:
         raise ApiError(422, "invalid_gpu", str(e)) from None
-    timeout = req.timeout if req.timeout is not None else daemon.config.effective_default_timeout
+    timeout = effective_timeout(who, req.timeout, daemon.config.effective_default_timeout)
     if not 0 <= req.retries <= MAX_RETRIES:
         raise ApiError(422, "invalid_retries", f"retries must be between 0 and {MAX_RETRIES}")
     if not -1000 <= req.priority <= 1000:
@@ -199,10 +218,13 @@ async def _new_jobs(
         raise ApiError(422, "refused", str(e)) from None
     except ExecutorDown as e:
         raise ApiError(503, "executor_unavailable", str(e)) from None
+    queued = sum(1 for j in daemon.active.values()
+                 if j.owner == who.name and j.state is JobState.QUEUED)
+    auth.check_submit(who, priority=req.priority, jobs=len(args), queued=queued)
     import hashlib
 
     code_hash = hashlib.sha256(req.function).hexdigest()
-    owner = _owner(request)
+    owner = who.name
     return [
         NewJob(name=req.name, owner=owner, function_hash=code_hash, args=a, python=req.python,
                timeout=timeout, gpu=gpu, retries=req.retries, priority=req.priority,
@@ -217,6 +239,13 @@ async def _new_jobs(
 
 def create_app(daemon: Daemon) -> Starlette:
     limit = daemon.config.max_body_bytes
+    auth = Auth(daemon.users)
+
+    async def own_job(request: Request, action: str) -> Job:
+        """The job in the path, if the caller may ``action`` it (403 otherwise)."""
+        job = await daemon.get(_job_id(request))
+        check_job_access(_principal(request), job, action)
+        return job
 
     async def health(request: Request) -> Response:
         return _json(Health(status="ok", version=__version__, executor=daemon.executor.name,
@@ -225,7 +254,7 @@ def create_app(daemon: Daemon) -> Starlette:
 
     async def submit(request: Request) -> Response:
         req = _decode(await _body(request, limit), SubmitRequest)
-        jobs = await _new_jobs(daemon, request, req, [req.args])
+        jobs = await _new_jobs(daemon, auth, request, req, [req.args])
         _, made = await daemon.submit(jobs, req.function)
         return _json(job_info(daemon, made[0]), 201)
 
@@ -233,7 +262,7 @@ def create_app(daemon: Daemon) -> Starlette:
         req = _decode(await _body(request, limit), BatchSubmitRequest)
         if not 1 <= len(req.inputs) <= MAX_BATCH:
             raise ApiError(422, "invalid_batch", f"a batch holds 1 to {MAX_BATCH} inputs")
-        jobs = await _new_jobs(daemon, request, req, req.inputs)
+        jobs = await _new_jobs(daemon, auth, request, req, req.inputs)
         batch_id, made = await daemon.submit(jobs, req.function, batch=True)
         assert batch_id is not None
         return _json(BatchSubmitResponse(batch_id=batch_id, job_ids=[j.id for j in made]), 201)
@@ -253,7 +282,9 @@ def create_app(daemon: Daemon) -> Starlette:
         before = _int_param(request, "cursor", 0, 1, 2**62) if cursor else None
         from gpud.ledger.store import Ledger
 
-        owner = request.query_params.get("owner") or None
+        # Users see their own jobs; admins see everyone's (and may filter by owner).
+        who = _principal(request)
+        owner = (request.query_params.get("owner") or None) if who.admin else who.name
         jobs = await daemon.ledger.call(Ledger.list_jobs, states, limit=limit_n, before=before,
                                         owner=owner)
         # The daemon's memory is fresher than a read racing a commit: prefer it.
@@ -262,18 +293,19 @@ def create_app(daemon: Daemon) -> Starlette:
         return _json(JobList(jobs=[job_info(daemon, j) for j in jobs], next_cursor=nxt))
 
     async def get_job(request: Request) -> Response:
-        return _json(job_info(daemon, await daemon.get(_job_id(request))))
+        return _json(job_info(daemon, await own_job(request, "see")))
 
     async def wait_job(request: Request) -> Response:
-        job_id = _job_id(request)
         timeout = _float_param(request, "timeout", 30.0, 0.0, 60.0)
-        return _json(job_info(daemon, await daemon.wait_final(job_id, timeout)))
+        job = await own_job(request, "wait for")
+        return _json(job_info(daemon, await daemon.wait_final(job.id, timeout)))
 
     async def cancel_job(request: Request) -> Response:
-        return _json(job_info(daemon, await daemon.cancel(_job_id(request))))
+        job = await own_job(request, "cancel")
+        return _json(job_info(daemon, await daemon.cancel(job.id)))
 
     async def result(request: Request) -> Response:
-        job = await daemon.get(_job_id(request))
+        job = await own_job(request, "get results of")
         if job.state not in FINAL:
             raise ApiError(409, "not_finished",
                            f"job {job.id} is {job.state.value}; wait for it to finish "
@@ -292,10 +324,9 @@ def create_app(daemon: Daemon) -> Starlette:
                         headers={"x-gpud-job-state": job.state.value})
 
     async def logs(request: Request) -> Response:
-        job_id = _job_id(request)
-        await daemon.get(job_id)  # 404 for an unknown job
         follow = _bool_param(request, "follow")
         offset = _int_param(request, "offset", 0, 0, 2**62)
+        job_id = (await own_job(request, "read logs of")).id  # 404 for an unknown job
         path = daemon.log_path(job_id)
         if not follow:
             data = await trio.to_thread.run_sync(_read_from, path, offset, None)
@@ -324,14 +355,64 @@ def create_app(daemon: Daemon) -> Starlette:
     async def openapi_doc(request: Request) -> Response:
         return _json(openapi())
 
-    def wrap(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    async def whoami(request: Request) -> Response:
+        who = _principal(request)
+        try:
+            runs_as: str | None = run_as(who.name, daemon.identity).user
+        except NoUnixAccount:
+            runs_as = None
+        q = who.quota
+        return _json(WhoAmI(name=who.name, admin=who.admin, via=who.via, uid=who.uid,
+                            quota=QuotaInfo(max_gpus=q.max_gpus, max_queued=q.max_queued,
+                                            max_timeout=q.max_timeout), runs_as=runs_as))
+
+    async def usage(request: Request) -> Response:
+        now = time.time()
+        until = _float_param(request, "until", now, 0.0, 1e11)
+        since = _float_param(request, "since", until - 7 * 86400, 0.0, 1e11)
+        by = request.query_params.get("by") or "user"
+        if by not in BY:
+            raise ApiError(422, "invalid_parameter", f"by must be one of: {', '.join(BY)}")
+        user = request.query_params.get("user") or None
+        attempts = await daemon.ledger.call(attempts_between, since, until, user)
+        r = report(attempts, since=since, until=until, by=by)
+
+        def line(x: Line) -> UsageLine:
+            return UsageLine(key=x.key, jobs=len(x.jobs), attempts=x.attempts,
+                             gpu_seconds=x.gpu_seconds, wall_seconds=x.wall_seconds)
+
+        return _json(UsageReport(since=since, until=until, by=by, user=user,
+                                 lines=[line(x) for x in r.lines], total=line(r.total)))
+
+    def refused(request: Request, status: int, code: str, detail: str,
+                who: Principal | None) -> Response:
+        peer = request.scope.get("client")
+        whom = f"{who.name} ({who.via})" if who else (
+            f"{peer[0]}:{peer[1]}" if peer else "the Unix socket")
+        log.warning("refused %s %s from %s: %s", request.method, request.url.path, whom, detail)
+        resp = _error(status, code, detail)
+        if status == 401:
+            resp.headers["www-authenticate"] = 'Bearer realm="gpud"'
+        return resp
+
+    def wrap(fn: Callable[[Request], Any], public: bool = False) -> Callable[[Request], Any]:
         async def handler(request: Request) -> Response:
+            who: Principal | None = None
             try:
+                if not public:
+                    who = await auth.authenticate(request)
+                    request.state.principal = who
                 return await fn(request)  # type: ignore[no-any-return]
             except ApiError as e:
                 return _error(e.status, e.code, e.detail)
             except UnknownJob as e:
                 return _error(404, "not_found", f"no job {e.job_id}")
+            except Unauthenticated as e:
+                return refused(request, 401, "unauthenticated", str(e), who)
+            except Forbidden as e:
+                return refused(request, 403, "forbidden", str(e), who)
+            except QuotaExceeded as e:
+                return _error(422, "quota_exceeded", str(e))
         return handler
 
     table: list[tuple[str, str, Callable[[Request], Any]]] = [
@@ -345,10 +426,13 @@ def create_app(daemon: Daemon) -> Starlette:
         ("GET", "/jobs/{job_id}/result", result),
         ("POST", "/jobs/{job_id}/cancel", cancel_job),
         ("GET", "/gpus", gpus),
+        ("GET", "/whoami", whoami),
+        ("GET", "/usage", usage),
         ("GET", "/images", images),
         *watch_routes(daemon),
     ]
-    routes = [Route(API_PREFIX + p, wrap(fn), methods=[m]) for m, p, fn in table]
+    routes = [Route(API_PREFIX + p, wrap(fn, public=p == "/health"), methods=[m])
+              for m, p, fn in table]
     routes.append(Route("/openapi.json", openapi_doc, methods=["GET"]))
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -443,6 +527,9 @@ _DOC: list[tuple[str, str, str, type | None, type | None, str]] = [
     ("post", "/jobs/{job_id}/cancel", "Cancel a job; returns once it is final", None, JobInfo,
      ""),
     ("get", "/gpus", "The box's GPUs with holders and foreign processes", None, GpuList, ""),
+    ("get", "/whoami", "Who the daemon takes the caller to be", None, WhoAmI, ""),
+    ("get", "/usage", "GPU-seconds and wall time by user, day or GPU type", None, UsageReport,
+     "since,until,user,by"),
     ("get", "/images", "Local images usable for jobs (Podman executor)", None, ImageList, ""),
     *WATCH_DOC,
 ]
@@ -456,6 +543,10 @@ _PARAMS = {
     "offset": ("integer", "logs: the byte offset to start from; queue: jobs to skip"),
     "owner": ("string", "only jobs of this owner"),
     **WATCH_PARAMS,
+    "since": ("number", "Unix time the report starts at (default: 7 days before until)"),
+    "until": ("number", "Unix time the report ends at (default: now)"),
+    "user": ("string", "only this user's jobs"),
+    "by": ("string", "group by user (default), day or gpu-type"),
 }
 
 
@@ -488,12 +579,18 @@ def openapi() -> dict[str, Any]:
             op["responses"][ok] = {"description": "OK"}
         op["responses"]["4XX"] = {"description": "Error", "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+        if path == "/health":
+            op["security"] = []  # the one endpoint open to anyone who reaches the daemon
         paths.setdefault(API_PREFIX + path, {})[method] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "gpud", "version": __version__},
         "paths": paths,
-        "components": {"schemas": components},
+        # Over TCP every request needs the token; on the Unix socket the kernel's peer
+        # credentials identify the caller instead (docs/api.md).
+        "security": [{"bearer": []}],
+        "components": {"schemas": components, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"}}},
     }
 
 

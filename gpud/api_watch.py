@@ -60,10 +60,11 @@ WATCH_PARAMS = {
 MAX_EVENTS = 1000
 
 
-def _events_page(ledger: Ledger, after: int, limit: int,
-                 job_id: int | None) -> tuple[list[Event], int]:
+def _events_page(ledger: Ledger, after: int, limit: int, job_id: int | None,
+                 owner: str | None) -> tuple[list[Event], int]:
     # One trip to the ledger thread for both, so `latest` is never below the page.
-    return ledger.events_after(after, limit=limit, job_id=job_id), ledger.last_event_id()
+    return (ledger.events_after(after, limit=limit, job_id=job_id, owner=owner),
+            ledger.last_event_id())
 
 
 def _queue_order(daemon: Daemon) -> Callable[[Job], tuple[bool, int, int, int]]:
@@ -77,7 +78,16 @@ def _queue_order(daemon: Daemon) -> Callable[[Job], tuple[bool, int, int, int]]:
 
 def watch_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any]]]:
     # Imported here, not at the top: gpud.api imports this module to build its table.
-    from gpud.api import ApiError, _float_param, _int_param, _job_id, _json, job_info
+    from gpud.api import (
+        ApiError,
+        _float_param,
+        _int_param,
+        _job_id,
+        _json,
+        _principal,
+        job_info,
+    )
+    from gpud.auth import check_job_access
 
     async def queue(request: Request) -> Response:
         offset = _int_param(request, "offset", 0, 0, 2**31)
@@ -93,7 +103,12 @@ def watch_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any
         limit = _int_param(request, "limit", 100, 1, MAX_EVENTS)
         job_id = (_int_param(request, "job_id", 0, 1, 2**62)
                   if request.query_params.get("job_id") else None)
-        evs, latest = await daemon.ledger.call(_events_page, after, limit, job_id)
+        # Users follow their own jobs' events; admins everyone's.
+        who = _principal(request)
+        if job_id is not None:
+            check_job_access(who, await daemon.get(job_id), "follow the events of")
+        owner = None if who.admin else who.name
+        evs, latest = await daemon.ledger.call(_events_page, after, limit, job_id, owner)
         return _json(EventList(
             events=[EventInfo(id=e.id, job_id=e.job_id, at=e.at,
                               from_state=e.from_state.value if e.from_state else None,
@@ -116,6 +131,7 @@ def watch_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any
 
     async def outcome(request: Request) -> Response:
         job = await daemon.get(_job_id(request))
+        check_job_access(_principal(request), job, "see the outcome of")
         if job.state not in FINAL:
             raise ApiError(409, "not_finished", f"job {job.id} is {job.state.value}; its "
                            "outcome exists once it is final")

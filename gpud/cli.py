@@ -84,7 +84,7 @@ def cli() -> None:
 @click.option("--data-dir", default=None, help="Where the ledger and job files live.")
 @click.option("--socket", "socket_path", default=None, help="The Unix socket to listen on.")
 @click.option("--tcp", default=None, metavar="HOST:PORT",
-              help="Also listen on TCP (loopback addresses only).")
+              help="Also listen on TCP (every request there needs a token).")
 @click.option("--fake-gpus", default=None, metavar="TYPES",
               help="Comma-separated fake GPU types, used only where no NVIDIA driver exists.")
 @click.option("--gpus", "gpu_mode", type=click.Choice(["auto", "fake", "none"]), default=None,
@@ -117,14 +117,21 @@ def serve(config_path: str | None, data_dir: str | None, socket_path: str | None
         # journald adds its own timestamps; a plain level prefix keeps lines greppable.
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from gpud import systemd
+
+    if systemd.stderr_is_journal():  # under systemd: levels as journal priorities (#5)
+        for h in logging.getLogger().handlers:
+            h.setFormatter(systemd.JournalFormatter())
 
     async def main() -> None:
         import signal
 
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_server, cfg)
+            served = await nursery.start(run_server, cfg)
+            systemd.notify(f"READY=1\nSTATUS=serving on {served.socket}")
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for sig in signals:
+                    systemd.notify("STOPPING=1")
                     logging.getLogger("gpud").info(
                         "stopping on %s; running jobs keep running and are re-adopted on the "
                         "next start", signal.Signals(sig).name)
@@ -427,6 +434,16 @@ def version(as_json: bool, url: str | None) -> None:
                    f"{daemon['worker_python']}, GPUs from {daemon['gpus']}")
     else:
         click.echo(f"daemon: not reachable ({err})", err=True)
+
+
+# -- the shared box (#5): accounting, identity, administration --------------------------
+
+from gpud.cli_admin import admin  # noqa: E402
+from gpud.cli_usage import usage, whoami  # noqa: E402
+
+cli.add_command(admin)
+cli.add_command(usage)
+cli.add_command(whoami)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from gpud_client.duration import parse_duration
 from gpud_client.paths import default_data_dir, default_socket
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_tcp"]
+__all__ = ["Config", "ConfigError", "is_loopback", "load_config", "parse_tcp"]
 
 #: Used only where NVML finds no NVIDIA driver, and always reported as fake.
 DEFAULT_FAKE_GPUS = ["h100", "h100"]
@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class Config:
     data_dir: Path = field(default_factory=default_data_dir)
     socket: Path = field(default_factory=default_socket)
-    #: "HOST:PORT" to also listen on TCP; loopback only (no authentication exists yet).
+    #: "HOST:PORT" to also listen on TCP; every TCP request needs a token (#5)
     tcp: str | None = None
     #: "process" (plain processes) or "podman" (a container per job)
     executor: str = "process"
@@ -74,6 +74,12 @@ class Config:
     keep_warm_max: float = 3600.0
     gpu_poll_interval: float = 2.0
     log_level: str = "info"
+    #: fair share (#5): usage counts half after this long (Slurm's PriorityDecayHalfLife)
+    fairshare_half_life: float = 7 * 86400.0
+    #: priority = job priority + fairshare_weight * F + age_weight * min(age / max_age, 1)
+    fairshare_weight: float = 1000.0
+    age_weight: float = 100.0
+    max_age: float = 7 * 86400.0
 
     @property
     def ledger_path(self) -> Path:
@@ -94,27 +100,26 @@ class Config:
 
 _ENV_PREFIX = "GPUD_"
 _DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "retry_backoff",
-              "retry_backoff_max", "gpu_poll_interval", "keep_warm_default", "keep_warm_max"}
+              "retry_backoff_max", "gpu_poll_interval", "keep_warm_default", "keep_warm_max",
+              "fairshare_half_life", "max_age"}
+_WEIGHTS = {"fairshare_weight", "age_weight"}
 
 
 def parse_tcp(value: str) -> tuple[str, int]:
-    """Parse "HOST:PORT"; refuse a non-loopback host: until requests are authenticated
-    with tokens, anyone who could reach the port could run code as the job user."""
+    """Parse "HOST:PORT". Any host is accepted since every TCP request needs a token (#5);
+    the server warns about a non-loopback one (tokens then cross the network in clear)."""
     host, sep, port_s = value.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
         raise ConfigError(f"tcp = {value!r}: write HOST:PORT, e.g. '127.0.0.1:7878'")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ConfigError(
-            f"tcp = {value!r} is not a loopback address; gpud listens on loopback only, since "
-            "requests are not authenticated yet: use 127.0.0.1:PORT (and an SSH tunnel to "
-            "reach it from another machine)"
-        )
     return host, int(port_s)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -148,6 +153,11 @@ def _coerce(name: str, value: Any) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError("a list of GPU types, e.g. [\"h100\", \"h100\"]")
             return list(value)
+        if name in _WEIGHTS:
+            w = float(value)
+            if not 0 <= w < float("inf"):
+                raise ValueError("a number >= 0")
+            return w
         if name in ("cpu_slots", "max_body_bytes"):
             n = int(value)
             if n < 1:
@@ -210,4 +220,6 @@ def load_config(
         parse_tcp(cfg.tcp)
     if cfg.default_timeout is not None and cfg.default_timeout > cfg.max_timeout:
         raise ConfigError("default_timeout cannot be larger than max_timeout")
+    if cfg.fairshare_half_life <= 0:
+        raise ConfigError("fairshare_half_life must be positive, e.g. \"7d\"")
     return cfg

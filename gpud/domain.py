@@ -23,6 +23,7 @@ __all__ = [
     "IllegalTransition",
     "Job",
     "JobState",
+    "Quota",
     "Start",
     "Wait",
     "transition",
@@ -237,6 +238,9 @@ class Job:
     keep_warm: float = 0.0  # seconds its worker stays alive for the next call
     start_kind: str | None = None  # how it started: "cold" or "warm"
     startup: float | None = None  # seconds from dispatch to the first line of user code
+    #: accounted over its finished attempts, at 100 ms granularity (issue #5)
+    wall_seconds: float = 0.0
+    gpu_seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,3 +261,21 @@ class Wait:
 
 
 Decision = Start | Wait
+
+
+# ---------------------------------------------------------------------------------------
+# Per-user limits
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """A user's limits on a shared box; None means no limit (issue #5).
+
+    ``max_gpus`` is enforced by the scheduler (a job that would exceed it waits, saying
+    so); ``max_queued`` at submit; ``max_timeout`` at submit and, should the quota be
+    lowered later, by the scheduler.
+    """
+
+    max_gpus: int | None = None
+    max_queued: int | None = None
+    max_timeout: float | None = None

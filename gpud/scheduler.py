@@ -13,16 +13,23 @@ lower-priority jobs cannot keep nibbling them away (the classic way a big job st
 they may still start on GPUs it cannot use. CPU-only jobs are strictly FIFO against the
 CPU-slot limit. Every job that waits gets a reason that names what it waits for and who
 holds it, because honest queueing is what the product promises.
+
+On a shared box (issue #5) the order is the multifactor priority of
+:mod:`gpud.fairshare` (the job's priority, its owner's fair share of decayed GPU-seconds,
+its age) instead of plain priority-then-FIFO, and per-user quotas apply: a job that would
+take its owner over their GPU quota, or whose timeout is over their limit, waits with
+that reason and reserves nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
-from gpud.domain import Decision, Gpu, GpuRequest, Job, Start, Wait
+from gpud.domain import Decision, Gpu, GpuRequest, Job, Quota, Start, Wait
+from gpud.fairshare import Policy, fairshare_factors, job_priority
 
-__all__ = ["decide", "infeasible", "order_key"]
+__all__ = ["decide", "infeasible", "order_key", "scheduling_key"]
 
 # How many job ids or pids a reason lists before it says "and N more": a reason is one
 # line in a table, and a queue of 500 CPU jobs must not produce a 5 kB string.
@@ -38,6 +45,34 @@ def order_key(job: Job) -> tuple[int, float, int]:
     return (-job.priority, job.submitted_at, job.id)
 
 
+def scheduling_key(
+    pending: Sequence[Job],
+    running: Sequence[Job],
+    *,
+    now: float,
+    usage: Mapping[str, float],
+    policy: Policy,
+    owners: Mapping[int, str] | None = None,
+) -> Callable[[Job], tuple[float, float, int]]:
+    """The multifactor order: higher effective priority first, then older, then lower id.
+
+    ``usage`` is each owner's decayed GPU-seconds (running jobs included); the owners of
+    all pending and running jobs are the users in play for the fair-share factor.
+    """
+    owners = owners or {}
+
+    def owner(job: Job) -> str:
+        return job.owner or owners.get(job.id, "")
+
+    factors = fairshare_factors(usage, {owner(j) for j in (*pending, *running)})
+
+    def key(job: Job) -> tuple[float, float, int]:
+        p = job_priority(job, now=now, factor=factors.get(owner(job), 1.0), policy=policy)
+        return (-p, job.submitted_at, job.id)
+
+    return key
+
+
 def decide(
     pending: Sequence[Job],
     running: Sequence[Job],
@@ -46,6 +81,9 @@ def decide(
     cpu_slots: int,
     now: float,
     owners: Mapping[int, str] | None = None,
+    usage: Mapping[str, float] | None = None,
+    policy: Policy | None = None,
+    quotas: Mapping[str, Quota] | None = None,
 ) -> list[Decision]:
     """Decide, for every pending job, whether it starts now (and on which GPUs) or waits.
 
@@ -53,20 +91,34 @@ def decide(
     holding the GPUs named in ``job.gpus`` (a CPU-only one holds one CPU slot). Returns one
     decision per pending job, in scheduling order; a :class:`Wait`'s position is the job's
     1-based place among *all* pending jobs in that order, started ones included.
+
+    With a ``policy``, the order is the multifactor priority over ``usage`` (decayed
+    GPU-seconds by owner); without one, priority then FIFO. ``quotas`` are per owner.
     """
-    round_ = _Round(running, gpus, cpu_slots=cpu_slots, owners=owners or {})
+    key: Callable[[Job], tuple[float, float, int]] = order_key
+    if policy is not None:
+        key = scheduling_key(pending, running, now=now, usage=usage or {}, policy=policy,
+                             owners=owners)
+    round_ = _Round(running, gpus, cpu_slots=cpu_slots, owners=owners or {},
+                    quotas=quotas or {})
     decisions: list[Decision] = []
-    for position, job in enumerate(sorted(pending, key=order_key), start=1):
+    for position, job in enumerate(sorted(pending, key=key), start=1):
         round_.note_job(job)
         if job.not_before > now:
             # A job in backoff neither starts nor reserves nor blocks the CPU line: it
             # failed recently, and holding resources for it would idle them for nothing.
             decisions.append(Wait(job.id, _backoff_reason(job, now), position))
+            continue
+        over, allowed = round_.quota_check(job)
+        if over is not None:
+            # Over quota: it waits, and reserves nothing, or one user's backlog would
+            # keep GPUs idle that others could use.
+            decisions.append(Wait(job.id, over, position))
         elif _cpu_only(job.gpu):
             decisions.append(round_.place_cpu_job(job, position))
         else:
             assert job.gpu is not None  # _cpu_only said so; this is for mypy
-            decisions.append(round_.place_gpu_job(job, job.gpu, position))
+            decisions.append(round_.place_gpu_job(job, job.gpu, position, allowed))
     return decisions
 
 
@@ -111,11 +163,15 @@ class _Round:
         *,
         cpu_slots: int,
         owners: Mapping[int, str],
+        quotas: Mapping[str, Quota],
     ) -> None:
         self.box = _by_index(gpus)
         self.cpu_slots = cpu_slots
         self.owners = owners
+        self.quotas = quotas
         self.owner_of: dict[int, str] = {}
+        # owner -> ids of the jobs holding their GPUs (one entry per GPU), for quotas.
+        self.gpus_held: dict[str, list[int]] = {}
         # uuid -> (kind, job id). "held": by a running job or one started this round;
         # "reserved": kept free for a waiting job that is ahead in the queue.
         self.claims: dict[str, tuple[_ClaimKind, int]] = {}
@@ -129,6 +185,7 @@ class _Round:
             # GPU to two jobs is the one mistake this module must never make.
             for uuid in job.gpus:
                 self.claims[uuid] = ("held", job.id)
+            self.gpus_held.setdefault(self.owner(job), []).extend([job.id] * len(job.gpus))
             if _cpu_only(job.gpu):
                 self.cpu_users.append(job.id)
 
@@ -136,6 +193,9 @@ class _Round:
         owner = job.owner or self.owners.get(job.id, "")
         if owner:
             self.owner_of[job.id] = owner
+
+    def owner(self, job: Job) -> str:
+        return job.owner or self.owners.get(job.id, "")
 
     def label(self, job_id: int) -> str:
         owner = self.owner_of.get(job_id) or self.owners.get(job_id, "")
@@ -145,6 +205,37 @@ class _Round:
         # A GPU with processes gpud did not start is somebody else's: never hand it out,
         # even though no job of ours holds it.
         return gpu.uuid not in self.claims and not gpu.foreign_pids
+
+    # -- quotas ---------------------------------------------------------------------
+
+    def quota_check(self, job: Job) -> tuple[str | None, tuple[tuple[str, int], ...] | None]:
+        """(why the job is over its owner's quota, or None; the GPU options it may use).
+
+        The options are None when the quota restricts nothing; otherwise those fallbacks
+        that fit in what is left of the owner's GPU quota.
+        """
+        owner = self.owner(job)
+        quota = self.quotas.get(owner)
+        if quota is None:
+            return None, None
+        if quota.max_timeout is not None and job.timeout > quota.max_timeout:
+            return (f"its timeout ({_seconds(job.timeout)}) is longer than {owner}'s "
+                    f"max_timeout quota ({_seconds(quota.max_timeout)}): cancel it and "
+                    "submit it again with a shorter timeout"), None
+        if quota.max_gpus is None or _cpu_only(job.gpu):
+            return None, None
+        assert job.gpu is not None
+        held = self.gpus_held.get(owner, [])
+        allowed = tuple((t, n) for t, n in job.gpu.options if len(held) + n <= quota.max_gpus)
+        if allowed:
+            return None, None if allowed == job.gpu.options else allowed
+        if min(n for _, n in job.gpu.options) > quota.max_gpus:
+            return (f"it asks for {job.gpu}, more than {owner}'s GPU quota of "
+                    f"{_gpus(quota.max_gpus)}: ask an admin to raise it, or cancel it"), None
+        holders = sorted(set(held))
+        jobs = "job" if len(holders) == 1 else "jobs"
+        return (f"{owner}'s GPU quota is in use: {len(held)} of {_gpus(quota.max_gpus)} held "
+                f"by {jobs} {_id_list(holders)}"), None
 
     # -- CPU-only jobs --------------------------------------------------------------
 
@@ -170,30 +261,45 @@ class _Round:
 
     # -- GPU jobs -------------------------------------------------------------------
 
-    def place_gpu_job(self, job: Job, request: GpuRequest, position: int) -> Decision:
+    def place_gpu_job(
+        self,
+        job: Job,
+        request: GpuRequest,
+        position: int,
+        allowed: tuple[tuple[str, int], ...] | None = None,
+    ) -> Decision:
+        """Start the job on its first option that fits, or make it wait (and reserve).
+
+        ``allowed``: the options its owner's quota leaves (None: all of them)."""
         problem = infeasible(request, self.box)
         if problem is not None:
             # It can never fit, so it reserves nothing: holding GPUs for a job that can
             # never use them would only idle them.
             return Wait(job.id, problem, position)
-        for gpu_type, count in request.options:
+        options = request.options if allowed is None else allowed
+        for gpu_type, count in options:
             candidates = [g for g in self.box if g.matches(gpu_type) and self.free(g)]
             if len(candidates) >= count:
                 chosen = candidates[:count]  # lowest indices: deterministic, easy to read
                 for g in chosen:
                     self.claims[g.uuid] = ("held", job.id)
+                self.gpus_held.setdefault(self.owner(job), []).extend([job.id] * count)
                 return Start(job.id, tuple(g.uuid for g in chosen))
         # It must wait. Keep the free GPUs of its first option that can ever fit, so that
         # jobs behind it cannot take them one by one and starve it; GPUs it cannot use stay
         # open to them. Only the first such option: reserving for every fallback would
         # lock up far more of the box than the job will ever use.
-        for gpu_type, count in request.options:
+        for gpu_type, count in options:
             if _fits(gpu_type, count, self.box):
                 keep = [g for g in self.box if g.matches(gpu_type) and self.free(g)][:count]
                 for g in keep:
                     self.claims[g.uuid] = ("reserved", job.id)
                 break
-        return Wait(job.id, self.gpu_wait_reason(job.id, request), position)
+        reason = self.gpu_wait_reason(job.id, request)
+        if allowed is not None:
+            over = [f"{n} x {t}" for t, n in request.options if (t, n) not in allowed]
+            reason += f"; {' or '.join(over)} would take {self.owner(job)} over their GPU quota"
+        return Wait(job.id, reason, position)
 
     def gpu_wait_reason(self, job_id: int, request: GpuRequest) -> str:
         """Say, for every GPU the job could use, why it cannot have it now.
@@ -307,3 +413,15 @@ def _backoff_reason(job: Job, now: float) -> str:
         f"retrying after a failure: backoff for another {job.not_before - now:.1f} s "
         f"(attempt {job.attempt + 1} of {job.retries + 1})"
     )
+
+
+def _gpus(n: int) -> str:
+    return f"{n} GPU" if n == 1 else f"{n} GPUs"
+
+
+def _seconds(s: float) -> str:
+    if s >= 3600 and s % 3600 == 0:
+        return f"{int(s // 3600)} h"
+    if s >= 60 and s % 60 == 0:
+        return f"{int(s // 60)} min"
+    return f"{s:g} s"

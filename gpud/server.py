@@ -20,8 +20,9 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from gpud import peercred
 from gpud.api import create_app
-from gpud.config import Config, parse_tcp
+from gpud.config import Config, is_loopback, parse_tcp
 from gpud.executors.base import Executor, ExecutorRefusal
 from gpud.executors.podman import CDI_DIRS
 from gpud.executors.process import (
@@ -117,7 +118,7 @@ async def _make_executor(
         resolve_worker_python, config.python, ident, runtime
     )
     process = ProcessExecutor(python=python, version=version, runtime_dir=runtime,
-                              identity=ident, instance=instance)
+                              identity=ident, instance=instance, configured_python=config.python)
     return process, version, python
 
 
@@ -162,12 +163,19 @@ async def serve(
         if config.tcp:
             host, port = parse_tcp(config.tcp)
             hc.bind.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            if not is_loopback(host):
+                log.warning("tcp = %s is reachable from other machines: every request there "
+                            "needs a token, and tokens cross the network in clear text; put "
+                            "a TLS proxy in front, or use an SSH tunnel", config.tcp)
+        if not peercred.install():
+            log.warning("cannot read peer credentials with this hypercorn: clients on the "
+                        "Unix socket need tokens too")
         hc.accesslog = None
         hc.errorlog = logging.getLogger("gpud.http")
         hc.graceful_timeout = 2.0
         hc.keep_alive_timeout = 75.0
-        # Only the owner (and, for a root daemon, the gpud group) may connect: until
-        # tokens exist, reaching the socket is what authorises a request.
+        # Only the owner (and, for a root daemon, the gpud group) may connect; who it is
+        # exactly comes from the peer credentials (gpud.auth).
         hc.umask = 0o177 if os.geteuid() != 0 else 0o117
 
         async with trio.open_nursery() as nursery:

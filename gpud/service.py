@@ -20,7 +20,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,17 +35,21 @@ from gpud.domain import (
     IllegalTransition,
     Job,
     JobState,
+    Quota,
     Start,
     Wait,
 )
 from gpud.executors.base import Executor, ExecutorRefusal, Handle, LaunchSpec, Outcome
 from gpud.executors.process import JobIdentity
+from gpud.fairshare import DecayedTotals, Policy, interval_usage
 from gpud.gpus import GpuInventory
 from gpud.ledger import LedgerThread, NewJob, Step
 from gpud.ledger.store import Ledger
+from gpud.ledger.usage import finished_gpu_intervals
 from gpud.metrics import HistoryBuffer
 from gpud.safefs import open_append, read_file, write_new
-from gpud.scheduler import decide, infeasible, order_key
+from gpud.scheduler import decide, infeasible, order_key, scheduling_key
+from gpud.users import Directory, run_as
 from gpud.warm import WarmPool, WarmWorker, warm_key
 from gpud_client.jobdir import (
     EXIT_SETUP,
@@ -130,6 +134,12 @@ class Daemon:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.kill_jobs_on_exit = False
+        # Shared box (#5): the users table, the fair-share policy and decayed usage.
+        self.users = Directory(ledger, on_change=self._reschedule)
+        self.policy = Policy(half_life=config.fairshare_half_life,
+                             fairshare_weight=config.fairshare_weight,
+                             age_weight=config.age_weight, max_age=config.max_age)
+        self.usage = DecayedTotals(config.fairshare_half_life, now=time.time())
 
     # -- public operations (called by the API) ------------------------------------------
 
@@ -240,10 +250,13 @@ class Daemon:
             self._nursery = nursery
             try:
                 await self._refresh_gpus()
+                await self.users.refresh()
+                await self._load_usage()
                 if self.warm is not None:
                     await nursery.start(self.warm.serve)
                     nursery.start_soon(self._warm_loop)
                 await self._recover()
+                nursery.start_soon(self.users.run)
                 nursery.start_soon(self._gpu_loop)
                 nursery.start_soon(self._schedule_loop)
                 task_status.started()
@@ -278,10 +291,14 @@ class Daemon:
         now = time.time()
         pending = [j for j in self.active.values() if j.state is JobState.QUEUED]
         running = [j for j in self.active.values() if j.state is not JobState.QUEUED]
-        assigned, held, evictable = self._match_warm(pending, now)
+        usage = self._usage_now(running, now)
+        quotas = self.users.quotas()
+        # Warm workers are matched in the same (fair-share) order the scheduler uses.
+        key = scheduling_key(pending, running, now=now, usage=usage, policy=self.policy)
+        assigned, held, evictable = self._match_warm(pending, now, key, quotas)
         cold = [j for j in pending if j.id not in assigned]
         decisions = decide(cold, running + held, self.gpus, cpu_slots=self.config.cpu_slots,
-                           now=now)
+                           now=now, usage=usage, policy=self.policy, quotas=quotas)
         waits: dict[int, Wait] = {}
         for job_id, w in assigned.items():
             w.busy = job_id  # reserved now: the next round must not hand it out again
@@ -301,14 +318,18 @@ class Daemon:
         return min(backoffs) if backoffs else None
 
     def _match_warm(
-        self, pending: list[Job], now: float
+        self, pending: list[Job], now: float,
+        key: Callable[[Job], tuple[float, float, int]] = order_key,
+        quotas: Mapping[str, Quota] | None = None,
     ) -> tuple[dict[int, WarmWorker], list[Job], list[WarmWorker]]:
         """Which queued jobs run in an idle warm worker of theirs, in scheduling order.
 
         Returns (job -> worker; the idle workers that keep their GPUs this round, as
-        pseudo running jobs for the scheduler; the idle workers a job ahead in the queue
-        may evict). A job that cannot use a warm worker claims the idle workers on GPUs
-        of its type, so a stream of warm calls cannot starve it.
+        pseudo running jobs for the scheduler, owned by their user, so they count
+        against that user's GPU quota; the idle workers a job ahead in the queue may
+        evict). A job that cannot use a warm worker claims the idle workers on GPUs of
+        its type, so a stream of warm calls cannot starve it. A job over its owner's
+        max_timeout quota is left to the scheduler, which says so.
         """
         if self.warm is None:
             return {}, [], []
@@ -317,12 +338,15 @@ class Daemon:
             return {}, [], []
         assigned: dict[int, WarmWorker] = {}
         claimed: set[int] = set()
-        for job in sorted(pending, key=order_key):
+        for job in sorted(pending, key=key):
             if job.not_before > now:
                 continue
-            if job.keep_warm > 0:
-                key = warm_key(job)
-                w = next((w for w in idle if w.key == key and w.id not in claimed
+            quota = (quotas or {}).get(job.owner)
+            over_quota = (quota is not None and quota.max_timeout is not None
+                          and job.timeout > quota.max_timeout)
+            if job.keep_warm > 0 and not over_quota:
+                wanted = warm_key(job)
+                w = next((w for w in idle if w.key == wanted and w.id not in claimed
                           and w not in assigned.values()), None)
                 if w is not None:
                     assigned[job.id] = w
@@ -377,8 +401,10 @@ class Daemon:
         if d.job_id in self._stop_reason:
             self._release_warm(d.job_id)
             return  # cancelled while this round was deciding
+        types = {g.uuid: g.type for g in self.gpus}
+        fields = {"gpus": d.gpus, "gpu_types": tuple(types.get(u, "unknown") for u in d.gpus)}
         try:
-            job = await self._advance(d.job_id, Step(JobState.STARTING, fields={"gpus": d.gpus}),
+            job = await self._advance(d.job_id, Step(JobState.STARTING, fields=fields),
                                       expect=JobState.QUEUED)
         except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)
@@ -483,7 +509,11 @@ class Daemon:
         kind = "warm" if w is not None else "cold"
         try:
             function, args = await self.ledger.call(Ledger.payload, job.id)
-            spec = await trio.to_thread.run_sync(self._prepare_job_dir, job, function, args)
+            # As for a cold job: its submitter's Unix user on a root daemon; the warm
+            # worker is launched with this spec, so it runs as them too.
+            ident = run_as(job.owner, self.identity)
+            spec = await trio.to_thread.run_sync(self._prepare_job_dir, job, function, args,
+                                                 ident)
             if w is None:
                 w = await self._new_warm_worker(job, spec)
         except Exception as e:  # noqa: BLE001 - any start-up failure is the job's failure
@@ -551,16 +581,21 @@ class Daemon:
 
     async def _launch(self, job: Job) -> Handle:
         function, args = await self.ledger.call(Ledger.payload, job.id)
-        spec = await trio.to_thread.run_sync(self._prepare_job_dir, job, function, args)
+        # Its submitter's Unix user on a root daemon (never root); a job whose owner lost
+        # their account since submitting fails here, saying so.
+        ident = run_as(job.owner, self.identity)
+        spec = await trio.to_thread.run_sync(self._prepare_job_dir, job, function, args, ident)
         with trio.CancelScope(shield=True):
             handle = await self.executor.launch(spec)
         return handle
 
-    def _prepare_job_dir(self, job: Job, function: bytes, args: bytes) -> LaunchSpec:
-        """Lay out jobs/<id>/ for this attempt: payload in, log and result out."""
+    def _prepare_job_dir(self, job: Job, function: bytes, args: bytes,
+                         ident: JobIdentity) -> LaunchSpec:
+        """Lay out jobs/<id>/ for this attempt: payload in, log and result out. The
+        directory and its files belong to the user the job runs as, mode 0700/0600."""
         d = self.config.jobs_dir / str(job.id)
         d.mkdir(mode=0o700, exist_ok=True)
-        owner = (self.identity.uid, self.identity.gid)
+        owner = (ident.uid, ident.gid)
         for stale in (RESULT_FILE, STATUS_FILE, STARTED_FILE):
             (d / stale).unlink(missing_ok=True)
         files = job_files(job_id=job.id, name=job.function, python=job.python,
@@ -581,7 +616,7 @@ class Daemon:
         return LaunchSpec(job_id=job.id, attempt=job.attempt, job_dir=d, log_path=log_path,
                           gpus=job.gpus, gpu_indices=tuple(index[u] for u in job.gpus
                                                            if u in index),
-                          env=dict(job.env), image=job.image,
+                          env=dict(job.env), image=job.image, identity=ident,
                           memory=job.memory, cpus=job.cpus)
 
     def _collect(self, job: Job, outcome: Outcome) -> Finished:
@@ -625,6 +660,10 @@ class Daemon:
     async def _finish(self, job: Job, f: Finished) -> Job:
         now = time.time()
         current = await self.get(job.id)
+        if current.gpus and current.state is JobState.RUNNING and current.started_at:
+            # Fair share counts from when the process started, within milliseconds of when
+            # the GPUs were handed out (the ledger's accounting has the exact figure).
+            self.usage.add(current.owner, current.started_at, now, len(current.gpus), now=now)
         fields: dict[str, object] = {
             "ended_at": now, "exit_code": f.exit_code, "error": f.error,
             "has_result": f.has_result,
@@ -645,6 +684,26 @@ class Daemon:
         log.info("job %s %s%s", job.id, f.state.value,
                  f": {f.error}" if f.error else "")
         return new
+
+    # -- fair share -----------------------------------------------------------------------
+
+    async def _load_usage(self) -> None:
+        """Decayed GPU-seconds per user from the ledger (what ended in the last 30
+        half-lives; older usage has decayed below a billionth)."""
+        now = time.time()
+        since = now - 30 * self.config.fairshare_half_life
+        for span in await self.ledger.call(finished_gpu_intervals, since):
+            self.usage.add(span.owner, span.started_at, span.ended_at, 1, now=now)
+
+    def _usage_now(self, running: Sequence[Job], now: float) -> dict[str, float]:
+        """Decayed GPU-seconds per user now: what ended, plus what runs so far."""
+        usage = self.usage.at(now)
+        for j in running:
+            if j.gpus and j.state is JobState.RUNNING and j.started_at is not None:
+                usage[j.owner] = usage.get(j.owner, 0.0) + interval_usage(
+                    j.started_at, now, len(j.gpus), now=now,
+                    half_life=self.config.fairshare_half_life)
+        return usage
 
     # -- GPUs -----------------------------------------------------------------------------
 

@@ -42,8 +42,11 @@ from gpud_client.models import (
     JobOutcome,
     QueuePage,
     SubmitRequest,
+    UsageReport,
+    WhoAmI,
 )
 from gpud_client.paths import normalise_url, resolve_url
+from gpud_client.tokens import load_token
 
 __all__ = ["DEFAULT_TIMEOUT", "MAX_WAIT", "AsyncClient", "Client"]
 
@@ -130,17 +133,29 @@ def _logs_params(follow: bool, offset: int) -> dict[str, str]:
     return {"follow": "true" if follow else "false", "offset": str(offset)}
 
 
+def _usage_params(since: float | None, until: float | None, user: str | None,
+                  by: str) -> dict[str, str]:
+    params = {"by": by}
+    if since is not None:
+        params["since"] = repr(float(since))
+    if until is not None:
+        params["until"] = repr(float(until))
+    if user:
+        params["user"] = user
+    return params
+
+
 # ---------------------------------------------------------------------------------------
 # Connection setup and error mapping
 
 
-def _user() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return ""
+def _headers(token: str | None) -> dict[str, str]:
+    """The headers of every request: the API token, when there is one (#5)."""
+    headers = {"user-agent": _USER_AGENT}
+    token = token or load_token()
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    return headers
 
 
 class _ClosingSyncBackend(httpcore.SyncBackend):
@@ -260,14 +275,17 @@ class Client(_Base):
     """A synchronous connection to one gpud daemon.
 
     ``url`` defaults to :func:`gpud_client.paths.resolve_url` (``$GPUD_URL``, the client
-    config, then the default sockets). Use it as a context manager, or call :meth:`close`.
+    config, then the default sockets); ``token`` to :func:`gpud_client.tokens.load_token`
+    (``$GPUD_TOKEN``, then the token file). Use it as a context manager, or call
+    :meth:`close`.
     """
 
-    def __init__(self, url: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 token: str | None = None) -> None:
         super().__init__(url, timeout)
         self._http = httpx.Client(
             timeout=timeout,
-            headers={"user-agent": _USER_AGENT, "x-gpud-user": _user()},
+            headers=_headers(token),
             **_connection(self.url, _UnixTransport),
         )
         # A Client dropped without close() (a Function copy made by with_options, say)
@@ -381,6 +399,16 @@ class Client(_Base):
         """``GET /v1/gpus``."""
         return self._do(_Call("GET", "/gpus", GpuList))
 
+    def whoami(self) -> WhoAmI:
+        """``GET /v1/whoami``: who the daemon takes this client to be."""
+        return self._do(_Call("GET", "/whoami", WhoAmI))
+
+    def usage(self, *, since: float | None = None, until: float | None = None,
+              user: str | None = None, by: str = "user") -> UsageReport:
+        """``GET /v1/usage``: GPU-seconds and wall time between two Unix times."""
+        return self._do(_Call("GET", "/usage", UsageReport, _usage_params(since, until, user,
+                                                                          by)))
+
     def images(self) -> ImageList:
         """``GET /v1/images``."""
         return self._do(_Call("GET", "/images", ImageList))
@@ -404,11 +432,12 @@ class Client(_Base):
 class AsyncClient(_Base):
     """:class:`Client`'s methods as coroutines, for trio or asyncio programs."""
 
-    def __init__(self, url: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 token: str | None = None) -> None:
         super().__init__(url, timeout)
         self._http = httpx.AsyncClient(
             timeout=timeout,
-            headers={"user-agent": _USER_AGENT, "x-gpud-user": _user()},
+            headers=_headers(token),
             **_connection(self.url, _async_unix_transport),
         )
 
@@ -518,6 +547,14 @@ class AsyncClient(_Base):
 
     async def gpus(self) -> GpuList:
         return await self._do(_Call("GET", "/gpus", GpuList))
+
+    async def whoami(self) -> WhoAmI:
+        return await self._do(_Call("GET", "/whoami", WhoAmI))
+
+    async def usage(self, *, since: float | None = None, until: float | None = None,
+                    user: str | None = None, by: str = "user") -> UsageReport:
+        return await self._do(_Call("GET", "/usage", UsageReport,
+                                    _usage_params(since, until, user, by)))
 
     async def images(self) -> ImageList:
         return await self._do(_Call("GET", "/images", ImageList))

@@ -27,7 +27,11 @@ __all__ = [
     "JobList",
     "JobOutcome",
     "QueuePage",
+    "QuotaInfo",
     "SubmitRequest",
+    "UsageLine",
+    "UsageReport",
+    "WhoAmI",
 ]
 
 API_PREFIX = "/v1"
@@ -113,6 +117,10 @@ class JobInfo(msgspec.Struct, kw_only=True):
     keep_warm: float = 0.0
     start_kind: str | None = None  # "cold" (a new worker) or "warm" (a kept one)
     startup: float | None = None  # seconds from dispatch to the first line of user code
+    #: accounted over its finished attempts, at 100 ms granularity: wall time, and GPU
+    #: time (each GPU held counts, from when it was handed out until it was freed)
+    wall_seconds: float = 0.0
+    gpu_seconds: float = 0.0
 
 
 class JobList(msgspec.Struct, kw_only=True):
@@ -236,3 +244,44 @@ class Health(msgspec.Struct, kw_only=True):
 class ErrorBody(msgspec.Struct, kw_only=True):
     error: str  # a short machine-readable code, e.g. "not_found"
     detail: str  # people-talk: what went wrong and what to do
+
+
+class QuotaInfo(msgspec.Struct, kw_only=True):
+    """A user's limits; null means no limit."""
+
+    max_gpus: int | None = None
+    max_queued: int | None = None
+    max_timeout: float | None = None  # seconds
+
+
+class WhoAmI(msgspec.Struct, kw_only=True):
+    """Who the daemon takes the caller to be (``GET /v1/whoami``)."""
+
+    name: str
+    admin: bool
+    #: "peer" (the Unix socket's peer credentials), "token", or "owner" (a daemon run by
+    #: a user, whose 0600 socket only that user can reach)
+    via: str
+    uid: int | None
+    quota: QuotaInfo
+    #: the Unix user this daemon runs the caller's jobs as
+    runs_as: str | None = None
+
+
+class UsageLine(msgspec.Struct, kw_only=True):
+    key: str  # a user, a day (YYYY-MM-DD, the daemon's local time) or a GPU type
+    jobs: int
+    attempts: int
+    gpu_seconds: float  # 100 ms granularity
+    wall_seconds: float
+
+
+class UsageReport(msgspec.Struct, kw_only=True):
+    """GPU-seconds and wall time of the attempts that overlap [since, until)."""
+
+    since: float
+    until: float
+    by: str  # "user", "day" or "gpu-type"
+    user: str | None  # only this user's jobs, when set
+    lines: list[UsageLine]
+    total: UsageLine

@@ -5,8 +5,11 @@ Two ways to get a daemon:
   tests with the async client);
 * ``daemon`` runs `gpud serve` as a subprocess, as a user would (for the sync client,
   the CLI, and SIGKILL/restart tests).
-Jobs run as real processes. As root (CI) they run as ``nobody``, so data directories are
-made under /tmp with modes that user can traverse.
+Jobs run as real processes, or in Podman containers: ``daemon`` and ``fresh_daemon`` are
+parametrised over both executors. As root (CI) a job runs as its submitter's Unix user,
+and the test itself (root) submits as root, whose jobs run as ``nobody``; so data
+directories are made under /tmp with modes such users can traverse. The shared-box
+fixtures (real Unix users, tokens, TCP) are at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -120,6 +123,8 @@ class DaemonProc:
         env["GPUD_DATA_DIR"] = str(self.data_dir)
         env["GPUD_SOCKET"] = str(self.socket)
         logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        # A restart appends to the same log: look for this start's line only.
+        before = self.log.stat().st_size
         self.proc = subprocess.Popen(GPUD + ["serve"], env=env, stdout=logf, stderr=logf,
                                      cwd=str(REPO))
         logf.close()
@@ -127,7 +132,7 @@ class DaemonProc:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gpud serve exited: {self.log.read_text()}")
-            if b"gpud serving on" in self.log.read_bytes():
+            if b"gpud serving on" in self.log.read_bytes()[before:]:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"gpud serve did not start: {self.log.read_text()}")
@@ -310,3 +315,122 @@ def gpud_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
     return subprocess.run(GPUD + list(args), capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=str(REPO), input=None if input is None else
                           input.decode())
+
+
+# -- the shared box (#5): real Unix users, tokens, TCP ----------------------------------
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="creates real Unix users and runs jobs as them: needs root (CI runs as root)",
+)
+
+
+@dataclass
+class UnixUser:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+
+
+def create_unix_user(prefix: str) -> UnixUser:
+    """A real, throw-away Unix user (root only): gpudt_<prefix>_<random>."""
+    import pwd
+    import secrets
+
+    name = f"gpudt_{prefix}_{secrets.token_hex(3)}"
+    home = Path("/tmp") / f"{name}-home"
+    subprocess.run(["useradd", "--create-home", "--home-dir", str(home), "--shell",
+                    "/bin/sh", "--user-group", name], check=True, capture_output=True)
+    pw = pwd.getpwnam(name)
+    return UnixUser(name, pw.pw_uid, pw.pw_gid, home)
+
+
+def _pids_of(uid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(entry.path).st_uid == uid:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def delete_unix_user(user: UnixUser) -> None:
+    """Remove a test user. userdel refuses while the user has processes, so first stop
+    what the test left running as them (jobs of an aborted test), by pid."""
+    for _ in range(50):
+        pids = _pids_of(user.uid)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    out = subprocess.run(["userdel", "--remove", user.name], capture_output=True, text=True)
+    if out.returncode not in (0, 12):  # 12: no home directory to remove (already gone)
+        import warnings
+
+        warnings.warn(f"could not delete test user {user.name}: {out.stderr}", stacklevel=1)
+    shutil.rmtree(user.home, ignore_errors=True)
+
+
+@pytest.fixture
+def unix_users() -> Iterator[Callable[[str], UnixUser]]:
+    """Make real Unix users (deleted afterwards); skips unless root."""
+    if os.geteuid() != 0:
+        pytest.skip("creates real Unix users: needs root (CI runs as root)")
+    made: list[UnixUser] = []
+
+    def make(prefix: str) -> UnixUser:
+        u = create_unix_user(prefix)
+        made.append(u)
+        return u
+
+    yield make
+    for u in made:
+        delete_unix_user(u)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def add_gpud_user(data_dir: Path, name: str, *, admin: bool = False) -> str:
+    """Register a gpud user straight in the ledger, as `gpud admin user add` does; return
+    the token."""
+    import time as _time
+
+    from gpud.ledger import Ledger
+    from gpud.ledger.users import add_user
+    from gpud.users import hash_token, new_token
+
+    token = new_token()
+    led = Ledger(data_dir / "ledger.db")
+    try:
+        add_user(led, name, admin=admin, token_hash=hash_token(token), now=_time.time())
+    finally:
+        led.close()
+    return token
+
+
+@pytest.fixture
+async def served_tcp(base_dir: Path, nursery):  # type: ignore[no-untyped-def]
+    """Like ``served``, also listening on loopback TCP (where every request needs a token)."""
+    from gpud.config import load_config
+    from gpud.server import serve
+    from gpud.testing import FakeGpuInventory
+
+    env = dict(TEST_SETTINGS)
+    env["GPUD_DATA_DIR"] = str(base_dir / "data")
+    env["GPUD_SOCKET"] = str(base_dir / "gpud.sock")
+    env["GPUD_TCP"] = f"127.0.0.1:{free_port()}"
+    cfg = load_config(env=env)
+    inv = FakeGpuInventory(cfg.fake_gpus)
+    s = await nursery.start(partial(serve, cfg, inventory=inv, kill_jobs_on_exit=True))
+    yield s
+    kill_instance_jobs(cfg.data_dir)

@@ -69,6 +69,42 @@ def test_every_option_is_documented(name: str, command: click.Command) -> None:
             )
 
 
+def _subcommands(group: click.Group, prefix: str) -> list[tuple[str, click.Command]]:
+    out: list[tuple[str, click.Command]] = []
+    for name, sub in sorted(group.commands.items()):
+        path = f"{prefix} {name}"
+        if isinstance(sub, click.Group):
+            out.extend(_subcommands(sub, path))
+        else:
+            out.append((path, sub))
+    return out
+
+
+NESTED = [x for name, c in COMMANDS if isinstance(c, click.Group)
+          for x in _subcommands(c, f"gpud {name}")]
+
+
+def _subsection(text: str, heading: str) -> str:
+    """The body of the `### heading` section, up to the next heading of level 1 to 3."""
+    match = re.search(rf"^### {re.escape(heading)}\s*$(.*?)(?=^#{{1,3}} |\Z)", text, re.M | re.S)
+    assert match is not None, f"docs/cli.md has no '### {heading}' heading"
+    return match.group(1)
+
+
+@pytest.mark.parametrize(("path", "command"), NESTED, ids=[p for p, _ in NESTED])
+def test_every_subcommand_and_its_options_are_documented(path: str,
+                                                         command: click.Command) -> None:
+    """`gpud admin user add` and friends: help text, a ### heading, every option."""
+    assert (command.help or "").strip(), f"`{path}` has no help text"
+    section = _subsection(_read(CLI_MD), path)
+    for param in command.params:
+        if isinstance(param, click.Option):
+            for opt in (*param.opts, *param.secondary_opts):
+                assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", section), (
+                    f"option {opt} of `{path}` is not in its section of docs/cli.md"
+                )
+
+
 def test_every_route_is_documented() -> None:
     text = _read(API_MD)
     headings = _headings(text, 3)
@@ -108,7 +144,8 @@ def test_readme_lists_every_setting() -> None:
 
 def test_docs_link_targets_exist() -> None:
     """Relative links in the docs point at files that exist."""
-    for doc in (README, CLI_MD, API_MD, ROOT / "docs" / "architecture.md", ROOT / "CHANGELOG.md"):
+    for doc in (README, CLI_MD, API_MD, ROOT / "docs" / "architecture.md", ROOT / "CHANGELOG.md",
+                ROOT / "docs" / "operations.md"):
         text = _read(doc)
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
             if "://" in target or target.startswith("mailto:"):

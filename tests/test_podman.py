@@ -185,6 +185,26 @@ def test_container_spec_is_locked_down_and_labelled() -> None:
     assert args["environment"]["GPUD_LOG_FILE"] == "/gpud/job/output.log"
 
 
+def test_container_runs_as_the_submitter_with_their_groups() -> None:
+    """On a root daemon a job's LaunchSpec carries its submitter (#5): the container runs
+    as that uid:gid with exactly their groups, and the environment names them."""
+    from gpud.executors.process import job_environment
+
+    alice = JobIdentity("alice", 1001, 1001, "/home/alice", switch=True, groups=(1001, 27))
+    spec = _spec(identity=alice)
+    args = container_spec(spec, image="img", identity=alice,
+                          env=job_environment(spec, alice, "abc"),
+                          runtime_dir=Path("/data/runtime/r1"), instance="abc", devices=[],
+                          network="none", read_only=True, volumes=[])
+    assert args["user"] == "1001:1001" and args["group_add"] == ["1001", "27"]
+    env = args["environment"]
+    assert (env["USER"], env["LOGNAME"], env["HOME"]) == ("alice", "alice", "/tmp")
+    # The executor's default identity (no groups of its own) adds none.
+    assert "group_add" not in container_spec(
+        _spec(), image="img", identity=IDENT, env={}, runtime_dir=Path("/r"), instance="abc",
+        devices=[], network="none", read_only=True, volumes=[])
+
+
 def test_gpu_devices_by_cdi_uuid_exactly_the_jobs() -> None:
     uuids = ("GPU-aaaa", "GPU-bbbb")
     assert gpu_devices(uuids, (0, 3), fake=False, cdi=True) == [

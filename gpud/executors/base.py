@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from gpud.executors.process import JobIdentity
 
 from gpud.domain import Job
 
@@ -31,6 +34,8 @@ class LaunchSpec:
     gpu_indices: tuple[int, ...] = ()  # their NVML indices (device nodes without CDI)
     env: dict[str, str] = field(default_factory=dict)  # the user's env= (ours win on clash)
     image: str | None = None
+    #: who the job runs as (its submitter, #5); None: the executor's default identity
+    identity: JobIdentity | None = None
     memory: int | None = None  # bytes
     cpus: float | None = None
     #: (hub socket, token): start a warm worker that serves jobs sent through the hub

@@ -119,7 +119,8 @@ def container_spec(
         "environment": {**{k: v for k, v in env.items() if k != "PATH"}, "HOME": "/tmp",
                         "GPUD_LOG_FILE": f"{JOB_MOUNT}/output.log"},
         "working_dir": JOB_MOUNT,
-        # Never root, never more privileges than it started with.
+        # Never root, never more privileges than it started with: the submitter's uid and
+        # gid on a root daemon (#5), with their supplementary groups below.
         "user": f"{identity.uid}:{identity.gid}",
         # (podman-py turns security_opt into SELinux labels: this flag is the real one.)
         "no_new_privileges": True,
@@ -131,6 +132,10 @@ def container_spec(
         "network_mode": network,
         "stdin_open": False,
     }
+    if identity.groups:
+        # Exactly the groups a login of this user has (as for a process job), so that
+        # group-shared datasets mounted with podman_volumes work as in the user's shell.
+        args["group_add"] = [str(g) for g in identity.groups]
     if spec.memory is not None:
         args["mem_limit"] = spec.memory
     if spec.cpus is not None:
@@ -240,7 +245,10 @@ class PodmanExecutor:
         if cached is not None:
             return cached
         # One throwaway container tells us the image's Python and proves the mounted
-        # runtime (and its cloudpickle) imports there.
+        # runtime (and its cloudpickle) imports there. It runs as the executor's default
+        # identity (job_user on a root daemon: unprivileged, no extra groups, never root),
+        # not as the submitter: the answer is cached per image for everyone, and what
+        # that least-privileged user can run, any submitter's uid can run too.
         code = ("import sys; sys.path.insert(0, sys.argv[1]); import cloudpickle; "
                 "print('%d.%d.%d' % sys.version_info[:3])")
         ctr = self._client.containers.create(
@@ -291,10 +299,12 @@ class PodmanExecutor:
         return await trio.to_thread.run_sync(self._launch, spec)
 
     def _launch(self, spec: LaunchSpec) -> Handle:
-        env = job_environment(spec, self.identity, self.instance)
+        # Its submitter on a root daemon (#5); the executor's default identity otherwise.
+        ident = spec.identity or self.identity
+        env = job_environment(spec, ident, self.instance)
         devices = gpu_devices(spec.gpus, spec.gpu_indices, fake=self.fake_gpus, cdi=self.cdi)
         args = container_spec(
-            spec, image=spec.image or self.default_image, identity=self.identity, env=env,
+            spec, image=spec.image or self.default_image, identity=ident, env=env,
             runtime_dir=self.runtime_dir, instance=self.instance, devices=devices,
             network=self.network, read_only=self.read_only, volumes=self.volumes,
             shm_size=self.shm_size,

@@ -6,7 +6,10 @@ straight to the job's log file (not through a pipe to the daemon), so a job keep
 running and logging while the daemon restarts, and is re-adopted afterwards.
 
 Jobs never run as root: a daemon run by a user runs jobs as that user; a daemon run as
-root runs them as ``job_user`` (default ``nobody``).
+root runs each job as its submitter's Unix user (uid, gid and groups; see
+:func:`gpud.users.run_as`), and jobs of root itself as ``job_user`` (default ``nobody``).
+The interpreter is probed once per job user, since each may be able to run a different
+one.
 """
 
 from __future__ import annotations
@@ -52,12 +55,14 @@ class JobIdentity:
     gid: int
     home: str
     switch: bool  # True when the daemon is root and must drop to this user
+    groups: tuple[int, ...] = ()  # supplementary groups (the user's, from os.getgrouplist)
 
     def popen_kwargs(self) -> dict[str, Any]:
-        """What subprocess needs to start a process as this identity (no extra groups)."""
+        """What subprocess needs to start a process as this identity: uid, gid and exactly
+        its supplementary groups (never the daemon's)."""
         if not self.switch:
             return {}
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
 
 
 def job_identity(job_user: str) -> JobIdentity:
@@ -231,13 +236,27 @@ class ProcessExecutor:
         runtime_dir: Path,
         identity: JobIdentity,
         instance: str,
+        configured_python: str | None = None,
     ) -> None:
         self.python = python
         self.version = version
         self.runtime_dir = runtime_dir
         self.identity = identity
         self.instance = instance
+        self.configured_python = configured_python
         self._procs: dict[int, trio.Process] = {}
+        self._pythons: dict[int, str] = {identity.uid: python}  # uid -> interpreter
+
+    async def interpreter_for(self, ident: JobIdentity) -> str:
+        """The interpreter ``ident`` can run, probed the first time (as that user) and then
+        remembered; a failed probe is not, so fixing permissions needs no restart."""
+        found = self._pythons.get(ident.uid)
+        if found is not None:
+            return found
+        path, _ = await trio.to_thread.run_sync(
+            resolve_worker_python, self.configured_python, ident, self.runtime_dir)
+        self._pythons[ident.uid] = path
+        return path
 
     async def start(self) -> None:
         return None
@@ -266,10 +285,11 @@ class ProcessExecutor:
         return None  # a process job leaves nothing behind but its directory
 
     async def launch(self, spec: LaunchSpec) -> Handle:
-        ident = self.identity
+        ident = spec.identity or self.identity
+        python = await self.interpreter_for(ident)
         log_fd = open_append(spec.log_path, (ident.uid, ident.gid))
         try:
-            cmd = worker_command(self.python, self.runtime_dir, spec.job_dir)
+            cmd = worker_command(python, self.runtime_dir, spec.job_dir)
             env = job_environment(spec, ident, self.instance)
             if spec.serve is not None:
                 cmd[-1] = "--serve"

@@ -90,6 +90,62 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN start_kind TEXT;
     ALTER TABLE jobs ADD COLUMN startup REAL;
     """,
+    # 4 (issue #5): users with hashed tokens and quotas; accounting per attempt and GPU.
+    """
+    CREATE TABLE users (
+        name        TEXT PRIMARY KEY,         -- the Unix user name on a root daemon
+        admin       INTEGER NOT NULL DEFAULT 0,
+        token_hash  TEXT UNIQUE,              -- sha256 hex of the API token; never the token
+        created_at  REAL NOT NULL,
+        max_gpus    INTEGER,                  -- quotas; NULL = no limit
+        max_queued  INTEGER,
+        max_timeout REAL
+    );
+    -- Wall time and GPU time in tenths of a second (100 ms granularity, exact integers
+    -- that sum without rounding drift): per attempt, and totalled per job.
+    ALTER TABLE attempts ADD COLUMN wall_ds INTEGER;
+    ALTER TABLE attempts ADD COLUMN gpu_ds INTEGER;
+    ALTER TABLE jobs ADD COLUMN wall_ds INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN gpu_ds INTEGER NOT NULL DEFAULT 0;
+    -- One row per GPU an attempt held, from the moment it was handed out to the moment
+    -- it was freed: by user, by day and by GPU type reports, and fair share, read this.
+    CREATE TABLE gpu_usage (
+        job_id     INTEGER NOT NULL REFERENCES jobs(id),
+        attempt    INTEGER NOT NULL,
+        owner      TEXT NOT NULL,
+        gpu_uuid   TEXT NOT NULL,
+        gpu_type   TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at   REAL,                      -- NULL while the attempt holds the GPU
+        ds         INTEGER,
+        PRIMARY KEY (job_id, attempt, gpu_uuid)
+    );
+    CREATE INDEX gpu_usage_end ON gpu_usage(ended_at);
+    CREATE INDEX attempts_end ON attempts(ended_at);
+    -- Account for what ran before this migration (GPU types were not recorded then).
+    WITH RECURSIVE split(job_id, attempt, uuid, rest, started_at, ended_at) AS (
+        SELECT job_id, attempt, '', gpus || ',', started_at, ended_at
+        FROM attempts WHERE gpus != ''
+        UNION ALL
+        SELECT job_id, attempt, substr(rest, 1, instr(rest, ',') - 1),
+               substr(rest, instr(rest, ',') + 1), started_at, ended_at
+        FROM split WHERE rest != ''
+    )
+    INSERT INTO gpu_usage (job_id, attempt, owner, gpu_uuid, gpu_type, started_at,
+                           ended_at, ds)
+    SELECT s.job_id, s.attempt, j.owner, s.uuid, 'unknown', s.started_at, s.ended_at,
+           CASE WHEN s.ended_at IS NULL THEN NULL
+                ELSE max(0, CAST(round((s.ended_at - s.started_at) * 10) AS INTEGER)) END
+    FROM split s JOIN jobs j ON j.id = s.job_id WHERE s.uuid != '';
+    UPDATE attempts SET
+        wall_ds = max(0, CAST(round((ended_at - started_at) * 10) AS INTEGER)),
+        gpu_ds = (SELECT coalesce(sum(u.ds), 0) FROM gpu_usage u
+                  WHERE u.job_id = attempts.job_id AND u.attempt = attempts.attempt)
+    WHERE ended_at IS NOT NULL;
+    UPDATE jobs SET
+        wall_ds = (SELECT coalesce(sum(a.wall_ds), 0) FROM attempts a WHERE a.job_id = jobs.id),
+        gpu_ds = (SELECT coalesce(sum(a.gpu_ds), 0) FROM attempts a WHERE a.job_id = jobs.id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -106,6 +162,17 @@ def migrate(conn: sqlite3.Connection) -> int:
         raise SchemaTooNew(
             f"the ledger has schema version {before}, newer than this gpud knows "
             f"({SCHEMA_VERSION}): run a newer gpud, or restore a backup"
+        )
+    if before in (2, 3) and conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'users'").fetchone():
+        # Pre-release builds of the shared-box work (#5) numbered their users and
+        # accounting migration 2, before the Podman and warm-worker migrations were
+        # merged ahead of it: that numbering cannot be upgraded in place.
+        raise SchemaTooNew(
+            f"the ledger has schema version {before} with a users table, as made by a "
+            "pre-release build of gpud's shared-box work, whose migrations were renumbered "
+            "(users and accounting are migration 4 now): move that ledger.db aside and "
+            "start with a fresh one"
         )
     for version in range(before + 1, SCHEMA_VERSION + 1):
         script = MIGRATIONS[version - 1]

@@ -20,6 +20,7 @@ from typing import Any
 
 from gpud.domain import FINAL, GpuRequest, IllegalTransition, Job, JobState, transition
 from gpud.ledger.schema import migrate
+from gpud.ledger.usage import close_attempt, open_attempt
 
 __all__ = ["Event", "IllegalTransition", "Ledger", "NewJob", "Step", "UnknownJob"]
 
@@ -76,11 +77,13 @@ class Event:
 _SETTABLE = frozenset({
     "gpus", "not_before", "started_at", "ended_at", "pid", "pid_start",
     "exit_code", "error", "has_result", "start_kind", "startup",
+    "gpu_types",  # not a column: the types of "gpus", for the accounting rows (#5)
 })
 _JOB_COLUMNS = (
     "id, name, owner, state, priority, gpu, timeout, retries, attempt, not_before, gpus, "
     "batch_id, python, image, env, function_hash, submitted_at, started_at, ended_at, pid, "
-    "pid_start, exit_code, error, has_result, memory, cpus, keep_warm, start_kind, startup"
+    "pid_start, exit_code, error, has_result, memory, cpus, keep_warm, start_kind, startup, "
+    "wall_ds, gpu_ds"
 )
 
 
@@ -116,6 +119,8 @@ def _row_to_job(r: sqlite3.Row) -> Job:
         keep_warm=r["keep_warm"],
         start_kind=r["start_kind"],
         startup=r["startup"],
+        wall_seconds=r["wall_ds"] / 10,
+        gpu_seconds=r["gpu_ds"] / 10,
     )
 
 
@@ -214,7 +219,8 @@ class Ledger:
         one commit, so no reader ever sees the job resting in FAILED with a retry due.
         """
         with self._tx() as c:
-            row = c.execute("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = c.execute("SELECT state, attempt, owner FROM jobs WHERE id = ?",
+                            (job_id,)).fetchone()
             if row is None:
                 raise UnknownJob(job_id)
             state, attempt = JobState(row["state"]), int(row["attempt"])
@@ -227,6 +233,8 @@ class Ledger:
                 if bad:
                     raise ValueError(f"a step cannot set {sorted(bad)}")
                 cols = dict(step.fields)
+                gpu_types = cols.pop("gpu_types", ())
+                uuids = tuple(cols.get("gpus", ()))
                 if "gpus" in cols:
                     cols["gpus"] = ",".join(cols["gpus"])
                 if new is JobState.STARTING:
@@ -237,6 +245,7 @@ class Ledger:
                         "VALUES (?, ?, ?, ?)",
                         (job_id, attempt, now, cols.get("gpus", "")),
                     )
+                    open_attempt(c, job_id, attempt, row["owner"], uuids, gpu_types, now)
                 elif new is JobState.RUNNING and "pid" in cols:
                     c.execute(
                         "UPDATE attempts SET pid = ? WHERE job_id = ? AND attempt = ?",
@@ -249,6 +258,8 @@ class Ledger:
                         (cols.get("ended_at", now), new.value, cols.get("exit_code"),
                          cols.get("error", step.reason), job_id, attempt),
                     )
+                    # The attempt's GPUs are freed in this same commit: account for them.
+                    close_attempt(c, job_id, attempt, cols.get("ended_at", now))
                 sets = ", ".join(f"{k} = ?" for k in cols)
                 c.execute(
                     f"UPDATE jobs SET state = ?{', ' + sets if sets else ''} WHERE id = ?",
@@ -338,15 +349,20 @@ class Ledger:
         ]
 
     def events_after(
-        self, after: int, *, limit: int = 100, job_id: int | None = None
+        self, after: int, *, limit: int = 100, job_id: int | None = None,
+        owner: str | None = None,
     ) -> list[Event]:
         """Events with an id above ``after``, oldest first: a cursor over the whole log
-        (ids only grow, and the log is append-only), or over one job's events."""
+        (ids only grow, and the log is append-only), over one job's events, or over one
+        owner's jobs' events."""
         sql = "SELECT id, job_id, at, from_state, to_state, reason FROM events WHERE id > ?"
         params: list[object] = [after]
         if job_id is not None:
             sql += " AND job_id = ?"
             params.append(job_id)
+        if owner is not None:
+            sql += " AND job_id IN (SELECT id FROM jobs WHERE owner = ?)"
+            params.append(owner)
         sql += " ORDER BY id LIMIT ?"
         params.append(limit)
         return [

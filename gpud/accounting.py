@@ -1,0 +1,116 @@
+"""Usage reports (`gpud usage`, ``GET /v1/usage``): pure functions of accounted attempts.
+
+The ledger records, per attempt, when its GPUs were handed out and freed (see
+:mod:`gpud.ledger.usage`); this module turns attempts into a small ``sreport``: GPU
+seconds and wall seconds per user, per day or per GPU type, over a window. An attempt
+that straddles the window's edges (or midnight, for days) counts only for the part
+inside; an attempt still running counts up to the end of the window. Attempts wholly
+inside count at their stored 100 ms granularity, exactly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from gpud.ledger.usage import AttemptUsage
+
+__all__ = ["BY", "Line", "Report", "report"]
+
+#: The ways a report can be grouped.
+BY = ("user", "day", "gpu-type")
+
+
+@dataclass(slots=True)
+class Line:
+    key: str
+    jobs: set[int] = field(default_factory=set)
+    attempts: int = 0
+    gpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    since: float
+    until: float
+    by: str
+    lines: list[Line]
+    total: Line
+
+
+def _days(start: float, end: float, tz: dt.tzinfo | None) -> list[tuple[str, float, float]]:
+    """[start, end) cut at local midnights: (YYYY-MM-DD, piece start, piece end)."""
+    out = []
+    t = start
+    while True:
+        day = dt.datetime.fromtimestamp(t, tz).date()
+        # A naive midnight (tz None) is taken as local time by timestamp(), as wanted.
+        cut = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tz).timestamp()
+        out.append((day.isoformat(), t, min(end, cut)))
+        if cut >= end:
+            return out
+        t = cut
+
+
+def _pieces(a: AttemptUsage, since: float, until: float, by: str,
+            tz: dt.tzinfo | None) -> list[tuple[str, float, float]]:
+    """(key, wall seconds, GPU seconds) of the part of an attempt inside the window."""
+    end = a.ended_at if a.ended_at is not None else until
+    start, stop = max(a.started_at, since), min(end, until)
+    if stop < start:
+        return []
+    whole = start == a.started_at and stop == end and a.wall_ds is not None
+    wall = a.wall_ds / 10 if whole and a.wall_ds is not None else stop - start
+    per_gpu = wall
+    if by == "user":
+        gpu = a.gpu_ds / 10 if whole and a.gpu_ds is not None else per_gpu * len(a.gpu_types)
+        return [(a.owner, wall, gpu)]
+    if by == "gpu-type":
+        if not a.gpu_types:
+            return [("cpu", wall, 0.0)]
+        counts: dict[str, int] = {}
+        for t in a.gpu_types:
+            counts[t] = counts.get(t, 0) + 1
+        return [(t, wall, per_gpu * n) for t, n in sorted(counts.items())]
+    days = _days(start, stop, tz) if stop > start else [
+        (dt.datetime.fromtimestamp(start, tz).date().isoformat(), start, stop)]
+    if len(days) == 1:
+        return [(days[0][0], wall, wall * len(a.gpu_types))]
+    return [(d, e - s, (e - s) * len(a.gpu_types)) for d, s, e in days]
+
+
+def report(attempts: Iterable[AttemptUsage], *, since: float, until: float, by: str = "user",
+           tz: dt.tzinfo | None = None) -> Report:
+    """Group accounted attempts into report lines (see the module docstring).
+
+    Lines by user and GPU type come most GPU-seconds first; by day, in date order.
+    ``tz`` is the zone days are cut in (None: the daemon's local time).
+    """
+    if by not in BY:
+        raise ValueError(f"by must be one of {', '.join(BY)}")
+    lines: dict[str, Line] = {}
+    total = Line("total")
+    for a in attempts:
+        pieces = _pieces(a, since, until, by, tz)
+        if pieces:
+            total.jobs.add(a.job_id)
+            total.attempts += 1
+        for key, wall, gpu in pieces:
+            line = lines.setdefault(key, Line(key))
+            line.jobs.add(a.job_id)
+            line.attempts += 1
+            line.wall_seconds += wall
+            line.gpu_seconds += gpu
+            total.gpu_seconds += gpu
+            if by != "gpu-type" or key == "cpu" or key == pieces[0][0]:
+                total.wall_seconds += wall
+    for line in (*lines.values(), total):
+        line.gpu_seconds = round(line.gpu_seconds, 1)
+        line.wall_seconds = round(line.wall_seconds, 1)
+    if by == "day":
+        ordered = sorted(lines.values(), key=lambda x: x.key)
+    else:
+        ordered = sorted(lines.values(), key=lambda x: (-x.gpu_seconds, x.key))
+    return Report(since=since, until=until, by=by, lines=ordered, total=total)
