@@ -240,8 +240,17 @@ class Daemon:
         return w.reason, w.position
 
     def gpu_holders(self) -> dict[str, Job]:
-        return {u: j for j in self.active.values() if j.state is not JobState.QUEUED
-                for u in j.gpus}
+        """GPU UUID -> the job holding it; an idle warm worker holds its GPUs in the name
+        of the last job it ran (`gpud gpus` shows that job and its owner)."""
+        held: dict[str, Job] = {}
+        for w in self.warm.workers.values() if self.warm is not None else ():
+            if w.idle and w.gpus:
+                last = Job(id=w.last_job, function="(warm worker)", state=JobState.RUNNING,
+                           submitted_at=0.0, owner=w.key[3], gpus=w.gpus)
+                held.update((u, last) for u in w.gpus)
+        held.update((u, j) for j in self.active.values() if j.state is not JobState.QUEUED
+                    for u in j.gpus)
+        return held
 
     # -- the loops ------------------------------------------------------------------------
 

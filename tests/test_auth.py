@@ -224,6 +224,14 @@ async def test_users_act_only_on_their_own_jobs_admins_on_all(
     assert [j["id"] for j in mine] == [jid]
     # An unknown job is still 404, not 403.
     assert (await tcp.get("/v1/jobs/99999", headers=as_bob)).status_code == 404
+    # The live-view endpoints hold to the same rule: bob's event log has none of alice's
+    # job, and he may not follow its events or read its outcome.
+    bob_events = (await tcp.get("/v1/events", headers=as_bob)).json()["events"]
+    assert jid not in [e["job_id"] for e in bob_events]
+    alice_events = (await tcp.get("/v1/events", headers=bearer(a_tok))).json()["events"]
+    assert jid in [e["job_id"] for e in alice_events]
+    for path in (f"/v1/events?job_id={jid}", f"/v1/jobs/{jid}/outcome"):
+        refused(await tcp.get(path, headers=as_bob), 403, "forbidden", f"belongs to {alice}")
 
     # An admin (carol, by token) and root (on the socket) see it; the admin cancels it.
     assert (await tcp.get(f"/v1/jobs/{jid}", headers=bearer(c_tok))).status_code == 200

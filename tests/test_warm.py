@@ -85,8 +85,12 @@ def test_keep_warm_runs_out(wdaemon: DaemonProc) -> None:
 def test_an_idle_warm_worker_gives_its_gpus_to_a_queued_job(wdaemon: DaemonProc) -> None:
     """Two H100s held by an idle warm worker; another job needing one starts at once."""
     holder = _fn(wdaemon, counter, keep_warm=600, gpu="h100:2")
-    kept = holder.remote("hold")
+    hh = holder.spawn("hold")
+    kept = hh.get(timeout=30)
     assert len(kept["gpus"].split(",")) == 2
+    with Client(wdaemon.url) as c:  # the idle worker's GPUs show as held by its last job
+        held = {g.uuid: g.job_id for g in c.gpus().gpus}
+    assert [held[u] for u in kept["gpus"].split(",")] == [hh.id, hh.id]
     needy = _fn(wdaemon, other, gpu="h100")
     h = needy.spawn("n")
     h.get(timeout=30)
