@@ -109,18 +109,9 @@ def _set_pdeathsig() -> None:
 
 
 def _instance_pids(instance: str) -> list[int]:
-    want = f"GPUD_INSTANCE={instance}".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as fh:
-                if want in fh.read().split(b"\0"):
-                    found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    from gpud.executors.process import processes_with_env
+
+    return processes_with_env(f"GPUD_INSTANCE={instance}")
 
 
 @dataclass

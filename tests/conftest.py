@@ -69,18 +69,9 @@ def kill_instance_jobs(data_dir: Path) -> None:
 
 
 def _instance_pids(instance: str) -> list[int]:
-    want = f"GPUD_INSTANCE={instance}".encode()
-    out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as fh:
-                if want in fh.read().split(b"\0"):
-                    out.append(int(entry.name))
-        except OSError:
-            continue
-    return out
+    from gpud.executors.process import processes_with_env
+
+    return processes_with_env(f"GPUD_INSTANCE={instance}")
 
 
 @dataclass

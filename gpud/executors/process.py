@@ -39,6 +39,7 @@ __all__ = [
     "job_environment",
     "job_identity",
     "proc_start_time",
+    "processes_with_env",
     "resolve_worker_python",
 ]
 
@@ -178,14 +179,9 @@ def proc_session(pid: int) -> int | None:
     return int(data[data.rindex(b")") + 2 :].split()[3])
 
 
-def find_job_processes(job_id: int, instance: str) -> list[int]:
-    """Pids whose environment marks them as job ``job_id`` of daemon ``instance``.
-
-    Used on restart for a job the ledger saw STARTING: its process may have been spawned
-    just before the daemon died, before its pid reached the ledger.
-    """
-    want_job = f"GPUD_JOB_ID={job_id}".encode()
-    want_inst = f"GPUD_INSTANCE={instance}".encode()
+def processes_with_env(*entries: str) -> list[int]:
+    """Pids (that we may inspect) whose environment holds every ``NAME=value`` given."""
+    want = [e.encode() for e in entries]
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -195,9 +191,18 @@ def find_job_processes(job_id: int, instance: str) -> list[int]:
                 env = fh.read().split(b"\0")
         except OSError:
             continue
-        if want_job in env and want_inst in env:
+        if all(w in env for w in want):
             found.append(int(entry.name))
     return sorted(found)
+
+
+def find_job_processes(job_id: int, instance: str) -> list[int]:
+    """Pids whose environment marks them as job ``job_id`` of daemon ``instance``.
+
+    Used on restart for a job the ledger saw STARTING: its process may have been spawned
+    just before the daemon died, before its pid reached the ledger.
+    """
+    return processes_with_env(f"GPUD_JOB_ID={job_id}", f"GPUD_INSTANCE={instance}")
 
 
 def _alive(pid: int, pid_start: int | None) -> bool:
