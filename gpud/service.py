@@ -127,7 +127,7 @@ class Daemon:
         self._changed: dict[int, trio.Event] = {}
         self._seq: dict[int, int] = {}  # commit order of each job's latest advance
         #: warm workers (executors that can keep a worker between calls)
-        self.warm: WarmPool | None = (WarmPool(config.data_dir / "hub.sock")
+        self.warm: WarmPool | None = (WarmPool(config.data_dir / "hub" / "hub.sock")
                                       if getattr(executor, "supports_warm", False) else None)
         self._assigned: dict[int, WarmWorker] = {}  # job -> the warm worker it will run in
         self._dispatched: dict[int, float] = {}  # job -> when it was handed to be started
@@ -271,12 +271,16 @@ class Daemon:
                 task_status.started()
                 await trio.sleep_forever()
             finally:
+                with trio.CancelScope(shield=True):
+                    # Idle warm workers end with the daemon (busy ones finish their job,
+                    # which the next daemon collects); a warm container is removed.
+                    for w in list(self.warm.workers.values()) if self.warm else []:
+                        if w.handle is not None and (w.idle or self.kill_jobs_on_exit):
+                            with trio.move_on_after(10):
+                                await trio.to_thread.run_sync(self.executor.reap, w.handle)
                 if self.kill_jobs_on_exit:
                     for h in list(self.handles.values()):
                         self.executor.reap(h)
-                    for w in list(self.warm.workers.values()) if self.warm else []:
-                        if w.handle is not None:
-                            self.executor.reap(w.handle)
 
     def _reschedule(self) -> None:
         self._wake.set()
@@ -543,7 +547,8 @@ class Daemon:
         code: int | None = None
         finished = False
         with scope:
-            code = await self.warm.run(w, job.id, spec.job_dir, keep_warm=job.keep_warm)
+            code = await self.warm.run(w, job.id, self.executor.task_dir(spec.job_dir),
+                                       keep_warm=job.keep_warm)
             finished = True
         if not finished:
             # Cancelled or out of time: the worker goes with the job.

@@ -84,6 +84,8 @@ class WarmPool:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Job users (and containers, which get this directory mounted) must reach it.
+        os.chmod(self.path.parent, 0o755)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -150,13 +152,13 @@ class WarmPool:
                 return w
         return None
 
-    async def run(self, w: WarmWorker, job_id: int, job_dir: Path, *,
+    async def run(self, w: WarmWorker, job_id: int, job_dir: str, *,
                   keep_warm: float) -> int | None:
         """Send one job to the worker and wait for its exit code (None: the worker died).
         Afterwards the worker stays for ``keep_warm`` seconds (the latest job's word)."""
         assert w.stream is not None and w._results is not None
         w.busy, w.last_job, w.keep_warm = job_id, job_id, keep_warm
-        msg = json.dumps({"job_id": job_id, "dir": str(job_dir)}).encode() + b"\n"
+        msg = json.dumps({"job_id": job_id, "dir": job_dir}).encode() + b"\n"
         try:
             await w.stream.send_all(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -224,3 +224,58 @@ def test_cdi_detection(tmp_path: Path) -> None:
     assert not cdi_has_nvidia([str(tmp_path)])
     (tmp_path / "nvidia.yaml").write_text("cdiVersion: 0.5.0\nkind: nvidia.com/gpu\n")
     assert cdi_has_nvidia([str(tmp_path)])
+
+
+# -- warm containers -----------------------------------------------------------------------
+
+
+@gpud.function
+def whereami(tag: str) -> dict:
+    import os
+    import socket
+
+    print(f"tag {tag}")
+    return {"host": socket.gethostname(), "uid": os.getuid(), "tag": tag}
+
+
+def test_warm_container_serves_the_next_call(pdaemon: DaemonProc) -> None:
+    f = whereami.with_options(url=pdaemon.url, keep_warm=2)
+    h1 = f.spawn("a")
+    a = h1.get(timeout=60)
+    h2 = f.spawn("b")
+    b = h2.get(timeout=60)
+    assert b["host"] == a["host"] and b["tag"] == "b"  # the same container
+    assert (h1.status().start_kind, h2.status().start_kind) == ("cold", "warm")
+    assert b["uid"] != 0
+    assert "".join(h2.logs()).strip() == "tag b"  # each job's output in its own log
+    # keep_warm runs out: the container goes, and the next call starts a new one.
+    deadline = time.monotonic() + 30
+    while containers_of(pdaemon) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert containers_of(pdaemon) == []
+    assert f.remote("c")["host"] != a["host"]
+
+
+def test_cancel_ends_the_warm_container(pdaemon: DaemonProc) -> None:
+    @gpud.function
+    def nap(seconds: float) -> str:
+        import socket
+        import time
+
+        time.sleep(seconds)
+        return socket.gethostname()
+
+    f = nap.with_options(url=pdaemon.url, keep_warm=60)
+    host = f.remote(0)
+    h = f.spawn(600)
+    with gpud.Client(pdaemon.url) as c:
+        deadline = time.monotonic() + 30
+        while c.get_job(h.id).state != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert h.status().start_kind == "warm"
+    assert h.cancel().state == "cancelled"
+    deadline = time.monotonic() + 15
+    while containers_of(pdaemon) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert containers_of(pdaemon) == []  # the warm container went with its job
+    assert f.remote(0) != host

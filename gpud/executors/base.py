@@ -85,6 +85,10 @@ class Executor(Protocol):
     async def images(self) -> list[ImageInfo]:
         ...
 
+    def task_dir(self, job_dir: Path) -> str:
+        """Where a warm worker of this executor sees a job directory."""
+        ...
+
     def job_for_pid(self, pid: int, handles: Iterable[Handle]) -> int | None:
         """The job one of whose processes ``pid`` is (to tell our GPU users from others)."""
         ...

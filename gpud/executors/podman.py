@@ -44,6 +44,8 @@ log = logging.getLogger("gpud.podman")
 #: Where the runtime and the job directory appear inside every container.
 RUNTIME_MOUNT = "/gpud/runtime"
 JOB_MOUNT = "/gpud/job"
+JOBS_MOUNT = "/gpud/jobs"  # warm containers: every job directory, by id
+HUB_MOUNT = "/gpud/hub"
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
 LABEL_JOB = "gpud.job"
 LABEL_DAEMON = "gpud.daemon"
@@ -99,11 +101,27 @@ def container_spec(
     mounts: list[dict[str, Any]] = [
         {"type": "bind", "source": str(runtime_dir), "target": RUNTIME_MOUNT,
          "read_only": True},
-        {"type": "bind", "source": str(spec.job_dir), "target": JOB_MOUNT},
         # A writable /tmp (HOME) even on a read-only root: through the API, Podman 4.3
         # does not add one by itself.
         {"type": "tmpfs", "source": "tmpfs", "target": "/tmp"},
     ]
+    command = ["python3", "-u", f"{RUNTIME_MOUNT}/{WORKER_NAME}", JOB_MOUNT]
+    extra_env = {"GPUD_LOG_FILE": f"{JOB_MOUNT}/output.log"}
+    workdir = JOB_MOUNT
+    if spec.serve is None:
+        mounts.append({"type": "bind", "source": str(spec.job_dir), "target": JOB_MOUNT})
+    else:
+        # A warm container takes job after job: it sees the jobs directory (whose other
+        # users' entries are 0700, closed to it) and the daemon's hub socket.
+        hub, token = spec.serve
+        mounts += [
+            {"type": "bind", "source": str(Path(hub).parent), "target": HUB_MOUNT,
+             "read_only": True},
+            {"type": "bind", "source": str(spec.job_dir.parent), "target": JOBS_MOUNT},
+        ]
+        command = [*command[:-1], "--serve"]
+        extra_env = {"GPUD_HUB": f"{HUB_MOUNT}/{Path(hub).name}", "GPUD_WORKER_TOKEN": token}
+        workdir = "/tmp"
     for v in volumes:
         src, _, rest = v.partition(":")
         dst, _, opts = rest.partition(":")
@@ -111,14 +129,14 @@ def container_spec(
                        "read_only": opts == "ro"})
     args: dict[str, Any] = {
         "image": image,
-        "command": ["python3", "-u", f"{RUNTIME_MOUNT}/{WORKER_NAME}", JOB_MOUNT],
+        "command": command,
         "name": f"gpud-{instance}-{spec.job_id}-{spec.attempt}",
         "labels": {LABEL_JOB: str(spec.job_id), LABEL_DAEMON: instance,
                    "gpud.attempt": str(spec.attempt)},
         # The image's own PATH (where its python3 is), not the host's.
         "environment": {**{k: v for k, v in env.items() if k != "PATH"}, "HOME": "/tmp",
-                        "GPUD_LOG_FILE": f"{JOB_MOUNT}/output.log"},
-        "working_dir": JOB_MOUNT,
+                        **extra_env},
+        "working_dir": workdir,
         # Never root, never more privileges than it started with: the submitter's uid and
         # gid on a root daemon (#5), with their supplementary groups below.
         "user": f"{identity.uid}:{identity.gid}",
@@ -148,8 +166,8 @@ def container_spec(
 
 class PodmanExecutor:
     name = "podman"
-    #: warm containers and snapshots are not built yet: every job is a fresh container
-    supports_warm = False
+    #: warm containers (keep_warm); snapshots are not built yet
+    supports_warm = True
 
     def __init__(
         self,
@@ -414,6 +432,9 @@ class PodmanExecutor:
                 log.info("removing container %s left by a job that is over", ctr.name)
                 with contextlib.suppress(Exception):
                     ctr.remove(force=True)
+
+    def task_dir(self, job_dir: Path) -> str:
+        return f"{JOBS_MOUNT}/{job_dir.name}"
 
     def job_for_pid(self, pid: int, handles: Iterable[Handle]) -> int | None:
         """A process is a job's when it lives in that job's container (its cgroup path

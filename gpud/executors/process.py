@@ -278,6 +278,9 @@ class ProcessExecutor:
     async def images(self) -> list[ImageInfo]:
         return []
 
+    def task_dir(self, job_dir: Path) -> str:
+        return str(job_dir)
+
     def job_for_pid(self, pid: int, handles: Iterable[Handle]) -> int | None:
         # Every job is its own session, led by the worker: match by session id.
         sid = proc_session(pid)
