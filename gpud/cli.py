@@ -139,9 +139,10 @@ def serve(config_path: str | None, data_dir: str | None, socket_path: str | None
                     break
 
     from gpud.executors.podman import PodmanUnavailable
+    from gpud.ledger.schema import SchemaTooNew
 
     expected = (AlreadyRunning, WorkerPythonError, GpuInventoryError, ConfigError, ValueError,
-                PodmanUnavailable)
+                PodmanUnavailable, SchemaTooNew)
     try:
         trio.run(main)
     except BaseException as e:  # noqa: BLE001 - trio wraps start-up errors in a group

@@ -141,3 +141,17 @@ def test_serve_startup_error_is_one_clear_line(tmp_path: Path) -> None:
                    timeout=60)
     assert out.returncode == EXIT["error"], out.stderr
     assert "Error:" in out.stderr and "python" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_refuses_a_newer_ledger_in_one_line(tmp_path: Path) -> None:
+    import sqlite3
+
+    data = tmp_path / "d"
+    data.mkdir()
+    conn = sqlite3.connect(data / "ledger.db")
+    conn.execute("PRAGMA user_version = 999")
+    conn.close()
+    out = gpud_cli("serve", "--data-dir", str(data), "--socket", str(tmp_path / "s.sock"),
+                   timeout=60)
+    assert out.returncode == EXIT["error"], out.stderr
+    assert "newer than this gpud knows" in out.stderr and "Traceback" not in out.stderr
