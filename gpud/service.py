@@ -505,14 +505,18 @@ class Daemon:
         with scope:
             outcome = await self.executor.wait(handle)
         if outcome is None:
-            stop_as = self._stop_reason.get(job_id, JobState.TIMED_OUT)
-            await self.executor.stop(handle, self.config.kill_grace)
-            why = ("cancelled" if stop_as is JobState.CANCELLED
-                   else f"timed out after {_fmt_seconds(job.timeout)}")
-            await self._finish(job, Finished(stop_as, why, None, False, False))
+            await self._stop_and_finish(job, handle)
         else:
             await trio.to_thread.run_sync(self.executor.reap, handle)
             await self._finish(job, await trio.to_thread.run_sync(self._collect, job, outcome))
+
+    async def _stop_and_finish(self, job: Job, handle: Handle) -> None:
+        """The job's cancel scope fired: stop it (TERM, grace, KILL) and record why."""
+        stop_as = self._stop_reason.get(job.id, JobState.TIMED_OUT)
+        await self.executor.stop(handle, self.config.kill_grace)
+        why = ("cancelled" if stop_as is JobState.CANCELLED
+               else f"timed out after {_fmt_seconds(job.timeout)}")
+        await self._finish(job, Finished(stop_as, why, None, False, False))
 
     async def _run_warm(self, job: Job, scope: trio.CancelScope) -> None:
         """Run a keep_warm job in a warm worker: the one the scheduler matched, or a new
@@ -552,12 +556,8 @@ class Daemon:
             finished = True
         if not finished:
             # Cancelled or out of time: the worker goes with the job.
-            stop_as = self._stop_reason.get(job.id, JobState.TIMED_OUT)
             self.warm.forget(w)
-            await self.executor.stop(w.handle, self.config.kill_grace)
-            why = ("cancelled" if stop_as is JobState.CANCELLED
-                   else f"timed out after {_fmt_seconds(job.timeout)}")
-            await self._finish(job, Finished(stop_as, why, None, False, False))
+            await self._stop_and_finish(job, w.handle)
             return
         if code is None:  # the worker died during the job
             self.warm.forget(w)
