@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from gpud import __version__
 from gpud.accounting import BY, Line, report
+from gpud.api_snapshots import SNAPSHOT_DOC, snapshot_routes
 from gpud.api_watch import WATCH_DOC, WATCH_PARAMS, watch_routes
 from gpud.auth import (
     Auth,
@@ -98,7 +99,8 @@ def job_info(daemon: Daemon, job: Job) -> JobInfo:
         exit_code=job.exit_code, error=job.error, has_result=job.has_result,
         reason=reason, position=position, python=job.python, image=job.image,
         wall_seconds=job.wall_seconds, gpu_seconds=job.gpu_seconds,
-        memory=job.memory, cpu=job.cpus, keep_warm=job.keep_warm, start_kind=job.start_kind,
+        memory=job.memory, cpu=job.cpus, keep_warm=job.keep_warm, snapshot=job.snapshot,
+        start_kind=job.start_kind,
         startup=job.startup,
     )
 
@@ -229,7 +231,7 @@ async def _new_jobs(
         NewJob(name=req.name, owner=owner, function_hash=code_hash, args=a, python=req.python,
                timeout=timeout, gpu=gpu, retries=req.retries, priority=req.priority,
                image=image, env=dict(req.env), memory=memory, cpus=req.cpu,
-               keep_warm=keep_warm)
+               keep_warm=keep_warm, snapshot=req.snapshot)
         for a in args
     ]
 
@@ -430,6 +432,7 @@ def create_app(daemon: Daemon) -> Starlette:
         ("GET", "/usage", usage),
         ("GET", "/images", images),
         *watch_routes(daemon),
+        *snapshot_routes(daemon),
     ]
     routes = [Route(API_PREFIX + p, wrap(fn, public=p == "/health"), methods=[m])
               for m, p, fn in table]
@@ -532,6 +535,7 @@ _DOC: list[tuple[str, str, str, type | None, type | None, str]] = [
      "since,until,user,by"),
     ("get", "/images", "Local images usable for jobs (Podman executor)", None, ImageList, ""),
     *WATCH_DOC,
+    *SNAPSHOT_DOC,
 ]
 
 _PARAMS = {
@@ -559,9 +563,10 @@ def openapi() -> dict[str, Any]:
     for method, path, summary, body, resp, params in _DOC:
         op: dict[str, Any] = {"summary": summary, "responses": {}}
         parameters = []
-        if "{job_id}" in path:
-            parameters.append({"name": "job_id", "in": "path", "required": True,
-                               "schema": {"type": "integer"}})
+        for name in ("job_id", "snapshot_id"):
+            if "{" + name + "}" in path:
+                parameters.append({"name": name, "in": "path", "required": True,
+                                   "schema": {"type": "integer"}})
         for p in filter(None, params.split(",")):
             typ, desc = _PARAMS[p]
             parameters.append({"name": p, "in": "query", "required": False,

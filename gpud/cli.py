@@ -440,9 +440,11 @@ def version(as_json: bool, url: str | None) -> None:
 # -- the shared box (#5): accounting, identity, administration --------------------------
 
 from gpud.cli_admin import admin  # noqa: E402
+from gpud.cli_snapshots import snapshots  # noqa: E402
 from gpud.cli_usage import usage, whoami  # noqa: E402
 
 cli.add_command(admin)
+cli.add_command(snapshots)
 cli.add_command(usage)
 cli.add_command(whoami)
 

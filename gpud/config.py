@@ -72,6 +72,15 @@ class Config:
     keep_warm_default: float = 0.0
     #: the longest keep_warm a job may ask for
     keep_warm_max: float = 3600.0
+    #: container snapshots (snapshot=True, Podman executor): the most bytes their
+    #: checkpoint images may take together; least recently used ones go first
+    snapshot_max_bytes: int = 10 * 1024**3
+    #: a snapshot that fails this many times in a row (to take or to restore) is not used
+    #: again until `gpud snapshots rm`
+    snapshot_max_failures: int = 3
+    #: a restore not done in this long is killed (CRIU can hang on a damaged snapshot)
+    #: and counted as a failure; the job then starts cold
+    snapshot_restore_timeout: float = 30.0
     gpu_poll_interval: float = 2.0
     log_level: str = "info"
     #: fair share (#5): usage counts half after this long (Slurm's PriorityDecayHalfLife)
@@ -101,7 +110,7 @@ class Config:
 _ENV_PREFIX = "GPUD_"
 _DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "retry_backoff",
               "retry_backoff_max", "gpu_poll_interval", "keep_warm_default", "keep_warm_max",
-              "fairshare_half_life", "max_age"}
+              "fairshare_half_life", "max_age", "snapshot_restore_timeout"}
 _WEIGHTS = {"fairshare_weight", "age_weight"}
 
 
@@ -158,7 +167,12 @@ def _coerce(name: str, value: Any) -> Any:
             if not 0 <= w < float("inf"):
                 raise ValueError("a number >= 0")
             return w
-        if name in ("cpu_slots", "max_body_bytes"):
+        if name == "snapshot_max_bytes" and isinstance(value, str):
+            from gpud_client.duration import parse_size
+
+            return parse_size(value)
+        if name in ("cpu_slots", "max_body_bytes", "snapshot_max_bytes",
+                    "snapshot_max_failures"):
             n = int(value)
             if n < 1:
                 raise ValueError("a whole number >= 1")

@@ -236,6 +236,7 @@ class Job:
     memory: int | None = None  # bytes, a limit (enforced by the Podman executor)
     cpus: float | None = None  # CPUs, a limit (enforced by the Podman executor)
     keep_warm: float = 0.0  # seconds its worker stays alive for the next call
+    snapshot: bool = False  # start it from a container snapshot where one can be had
     start_kind: str | None = None  # how it started: "cold" or "warm"
     startup: float | None = None  # seconds from dispatch to the first line of user code
     #: accounted over its finished attempts, at 100 ms granularity (issue #5)

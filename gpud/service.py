@@ -49,6 +49,7 @@ from gpud.ledger.usage import finished_gpu_intervals
 from gpud.metrics import HistoryBuffer
 from gpud.safefs import open_append, read_file, write_new
 from gpud.scheduler import decide, infeasible, order_key, scheduling_key
+from gpud.snapshotter import Snapshotter
 from gpud.users import Directory, run_as
 from gpud.warm import WarmPool, WarmWorker, warm_key
 from gpud_client.jobdir import (
@@ -130,6 +131,16 @@ class Daemon:
         self.warm: WarmPool | None = (WarmPool(config.data_dir / "hub" / "hub.sock")
                                       if getattr(executor, "supports_warm", False) else None)
         self._assigned: dict[int, WarmWorker] = {}  # job -> the warm worker it will run in
+        #: container snapshots (issue #4), where the executor can take them
+        self.snapshots: Snapshotter | None = None
+        if self.warm is not None and getattr(executor, "supports_snapshots", False):
+            self.snapshots = Snapshotter(
+                ledger=ledger, executor=executor, pool=self.warm,
+                hub_dir=self.warm.path.parent, max_bytes=config.snapshot_max_bytes,
+                max_failures=config.snapshot_max_failures,
+                restore_timeout=config.snapshot_restore_timeout,
+                driver=lambda: inventory.driver_version() or "none",
+                gpu_part=self._snapshot_gpus)
         self._dispatched: dict[int, float] = {}  # job -> when it was handed to be started
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -264,6 +275,8 @@ class Daemon:
                 if self.warm is not None:
                     await nursery.start(self.warm.serve)
                     nursery.start_soon(self._warm_loop)
+                if self.snapshots is not None:
+                    await self.snapshots.reconcile()
                 await self._recover()
                 nursery.start_soon(self.users.run)
                 nursery.start_soon(self._gpu_loop)
@@ -273,11 +286,15 @@ class Daemon:
             finally:
                 with trio.CancelScope(shield=True):
                     # Idle warm workers end with the daemon (busy ones finish their job,
-                    # which the next daemon collects); a warm container is removed.
-                    for w in list(self.warm.workers.values()) if self.warm else []:
-                        if w.handle is not None and (w.idle or self.kill_jobs_on_exit):
-                            with trio.move_on_after(10):
-                                await trio.to_thread.run_sync(self.executor.reap, w.handle)
+                    # which the next daemon collects); a warm container is removed. Chosen
+                    # before the first await: the hub's connections are closing meanwhile.
+                    ending = [w.handle for w in (list(self.warm.workers.values())
+                                                 if self.warm else [])
+                              if w.handle is not None and (w.idle or self.kill_jobs_on_exit)]
+                    ending += self.warm.take_lost() if self.warm else []
+                    for h in ending:
+                        with trio.move_on_after(10):
+                            await trio.to_thread.run_sync(self.executor.reap, h)
                 if self.kill_jobs_on_exit:
                     for h in list(self.handles.values()):
                         self.executor.reap(h)
@@ -357,7 +374,7 @@ class Daemon:
             quota = (quotas or {}).get(job.owner)
             over_quota = (quota is not None and quota.max_timeout is not None
                           and job.timeout > quota.max_timeout)
-            if job.keep_warm > 0 and not over_quota:
+            if _served(job) and not over_quota:
                 wanted = warm_key(job)
                 w = next((w for w in idle if w.key == wanted and w.id not in claimed
                           and w not in assigned.values()), None)
@@ -404,6 +421,8 @@ class Daemon:
         assert self.warm is not None
         while True:
             await trio.sleep(0.5)
+            for h in self.warm.take_lost():  # idle workers that died on their own
+                await trio.to_thread.run_sync(self.executor.reap, h)
             expired = self.warm.expired(time.monotonic())
             for w in expired:
                 await self._end_warm(w, f"idle for {w.keep_warm:g} s")
@@ -474,7 +493,7 @@ class Daemon:
         job_id = job.id
         scope = trio.CancelScope()
         self._scopes[job_id] = scope
-        if handle is None and job.keep_warm > 0 and self.warm is not None \
+        if handle is None and _served(job) and self.warm is not None \
                 and job_id not in self._stop_reason:
             await self._run_warm(job, scope)
             return
@@ -519,11 +538,12 @@ class Daemon:
         await self._finish(job, Finished(stop_as, why, None, False, False))
 
     async def _run_warm(self, job: Job, scope: trio.CancelScope) -> None:
-        """Run a keep_warm job in a warm worker: the one the scheduler matched, or a new
-        one that then stays for the next call."""
+        """Run a keep_warm (or snapshot) job in a warm worker: the one the scheduler
+        matched, one restored from its snapshot, or a new one that then stays for the
+        next call."""
         assert self.warm is not None
         w = self._assigned.pop(job.id, None)
-        kind = "warm" if w is not None else "cold"
+        kind, note, take = "warm" if w is not None else "cold", "", None
         try:
             function, args = await self.ledger.call(Ledger.payload, job.id)
             # As for a cold job: its submitter's Unix user on a root daemon; the warm
@@ -531,18 +551,24 @@ class Daemon:
             ident = run_as(job.owner, self.identity)
             spec = await trio.to_thread.run_sync(self._prepare_job_dir, job, function, args,
                                                  ident)
-            if w is None:
+            if w is None and job.snapshot and self.snapshots is not None:
+                plan = await self.snapshots.plan(job, spec, self._new_warm_worker)
+                w, kind, note, take = plan.worker, plan.kind, plan.note, plan.take
+            elif w is None:
+                if job.snapshot:
+                    note = f"snapshots need the Podman executor, not {self.executor.name}"
                 w = await self._new_warm_worker(job, spec)
         except Exception as e:  # noqa: BLE001 - any start-up failure is the job's failure
             log.exception("job %s could not start", job.id)
-            if w is not None:  # a matched warm worker stays warm for the next job
+            if w is not None and kind == "warm":  # a matched worker stays for the next job
                 w.busy, w.idle_since = None, time.monotonic()
             await self._finish(job, Finished(JobState.FAILED, f"could not start the job: {e}",
                                              None, False, True))
             return
         assert w.handle is not None
         self.handles[job.id] = w.handle
-        job = await self._advance(job.id, Step(JobState.RUNNING, f"running ({kind})", fields={
+        why = f"running ({kind}{': ' + note if note else ''})"
+        job = await self._advance(job.id, Step(JobState.RUNNING, why, fields={
             "pid": w.handle.pid, "pid_start": w.handle.pid_start, "started_at": time.time(),
             "start_kind": kind,
         }))
@@ -550,9 +576,12 @@ class Daemon:
         scope.deadline = trio.current_time() + max(0.0, started + job.timeout - time.time())
         code: int | None = None
         finished = False
+        task_dir = self.executor.task_dir(spec.job_dir)
         with scope:
-            code = await self.warm.run(w, job.id, self.executor.task_dir(spec.job_dir),
-                                       keep_warm=job.keep_warm)
+            if take is not None and self.snapshots is not None:
+                await self.snapshots.take(w, job, take, task_dir)
+            code = await self.warm.run(w, job.id, task_dir, keep_warm=job.keep_warm,
+                                       env=_task_env(job))
             finished = True
         if not finished:
             # Cancelled or out of time: the worker goes with the job.
@@ -566,11 +595,17 @@ class Daemon:
         await self._finish(job, await trio.to_thread.run_sync(self._collect, job, outcome))
         if code is not None and code != 0 and code != 1:
             await self._end_warm(w, f"job {job.id} ended with exit code {code}")
+        elif code is not None and job.keep_warm <= 0:
+            await self._end_warm(w, f"job {job.id} is over and keep_warm is 0")
 
-    async def _new_warm_worker(self, job: Job, spec: LaunchSpec) -> WarmWorker:
+    async def _new_warm_worker(self, job: Job, spec: LaunchSpec,
+                               snapshot: bool = False) -> WarmWorker:
+        """Launch a new warm worker for the job (``snapshot``: its container is to be
+        checkpointed) and wait for its hello."""
         assert self.warm is not None
-        w = self.warm.new_worker(warm_key(job), job.gpus, job.keep_warm)
-        spec = dataclasses.replace(spec, serve=(str(self.warm.path), w.token))
+        w = self.warm.new_worker(warm_key(job), job.gpus, job.keep_warm, busy=job.id)
+        spec = dataclasses.replace(spec, serve=(str(self.warm.path), w.token),
+                                   snapshot=snapshot)
         with trio.CancelScope(shield=True):
             handle = await self.executor.launch(spec)
         w.handle = handle
@@ -592,6 +627,14 @@ class Daemon:
             await trio.to_thread.run_sync(self.executor.reap, handle)
             raise RuntimeError("the worker did not start (its output is in the job's log)")
         return w
+
+    def _snapshot_gpus(self, job: Job) -> str:
+        """The GPU part of a snapshot key: type and count; the UUIDs themselves where real
+        devices go into the container (they are part of what a restore brings back)."""
+        types = {g.uuid: g for g in self.gpus}
+        if job.gpus and not all(types[u].fake for u in job.gpus if u in types):
+            return ",".join(job.gpus)
+        return ",".join(sorted(types[u].type for u in job.gpus if u in types))
 
     async def _launch(self, job: Job) -> Handle:
         function, args = await self.ledger.call(Ledger.payload, job.id)
@@ -749,7 +792,8 @@ class Daemon:
         """Re-adopt what a previous daemon left running; mark the rest lost (then retry)."""
         jobs = await self.ledger.call(Ledger.active)
         assert self._nursery is not None
-        await trio.to_thread.run_sync(self.executor.cleanup, {j.id for j in jobs})
+        await trio.to_thread.run_sync(self.executor.cleanup, {j.id for j in jobs},
+                                      {j.pid for j in jobs if j.pid})
         for job in jobs:
             self.active[job.id] = job
             if job.state is JobState.QUEUED:
@@ -773,6 +817,19 @@ class Daemon:
                     JobState.LOST, "the daemon restarted and the job's process was gone",
                     None, False, True))
 
+
+
+def _served(job: Job) -> bool:
+    """Does the job run in a warm worker (fed through the hub)?"""
+    return job.keep_warm > 0 or job.snapshot
+
+
+def _task_env(job: Job) -> dict[str, str]:
+    """What differs per job in a warm worker's environment: the job, and its GPUs (a
+    restored worker's environment is the snapshot taker's)."""
+    visible = ",".join(job.gpus)
+    return {"GPUD_JOB_ID": str(job.id), "GPUD_ATTEMPT": str(job.attempt),
+            "CUDA_VISIBLE_DEVICES": visible, "NVIDIA_VISIBLE_DEVICES": visible or "void"}
 
 
 def _is_regular(path: Path) -> bool:

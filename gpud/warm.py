@@ -10,7 +10,14 @@ for a cold job. An idle worker is ended when its keep_warm runs out, or at once 
 queued job needs the GPUs it holds (the scheduler's eviction).
 
 Matching is strict: a warm worker serves only jobs with the same key (code hash, image,
-GPU request, owner), so no one's code ever runs in another's process.
+GPU request, owner, env=, limits), so no one's code ever runs in another's process.
+
+Snapshots (issue #4) use the same hub. A snapshot-taking worker is sent ``prepare``,
+runs its setup, says ``ready`` and hangs up; after the checkpoint it, and every
+container restored from the checkpoint, reconnects with the snapshot's token. Those
+copies are identical down to their memory, so the hub tells them apart by what the
+kernel says: the peer's pid (SO_PEERCRED) and that pid's cgroup, which names its
+container; the daemon registers each container it restores with :meth:`expect`.
 """
 
 from __future__ import annotations
@@ -30,17 +37,32 @@ import trio
 
 from gpud.domain import Job
 from gpud.executors.base import Handle
+from gpud.peercred import read_peercred
 
-__all__ = ["WarmKey", "WarmPool", "WarmWorker", "warm_key"]
+__all__ = ["SNAPSHOT_TOKEN_PREFIX", "WarmKey", "WarmPool", "WarmWorker", "warm_key"]
 
 log = logging.getLogger("gpud.warm")
 
-WarmKey = tuple[str, str, str, str]
+WarmKey = tuple[str, str, str, str, str]
+
+#: A snapshot's workers say hello with this and the snapshot's key; the hub knows them
+#: by their container (they are copies of one process, token and all).
+SNAPSHOT_TOKEN_PREFIX = "snap-"
 
 
 def warm_key(job: Job) -> WarmKey:
     gpu = ",".join(job.gpu.to_spec()) if job.gpu else ""
-    return (job.code_hash, job.image or "", gpu, job.owner)
+    # env= and the limits are the worker's (its process, its container) for good.
+    rest = json.dumps([sorted(job.env.items()), job.memory, job.cpus])
+    return (job.code_hash, job.image or "", gpu, job.owner, rest)
+
+
+def _cgroup(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as fh:
+            return fh.read()
+    except OSError:
+        return ""
 
 
 @dataclass(eq=False)
@@ -57,6 +79,12 @@ class WarmWorker:
     stream: trio.SocketStream | None = None
     hello: trio.Event = field(default_factory=trio.Event)
     gone: trio.Event = field(default_factory=trio.Event)
+    #: snapshots: the container it runs in, set when the hub is to expect it by container
+    container: str | None = None
+    prepared: trio.Event = field(default_factory=trio.Event)
+    prepare_error: str | None = None
+    #: it hung up for its checkpoint and will call again: that is not its end
+    rejoining: bool = False
     _done: trio.MemorySendChannel[int | None] | None = None
     _results: trio.MemoryReceiveChannel[int | None] | None = None
 
@@ -78,6 +106,9 @@ class WarmPool:
         self._by_token: dict[str, WarmWorker] = {}
         self._ids = 0
         self._expired = trio.Event()
+        self._expecting: dict[str, WarmWorker] = {}  # container id -> worker
+        self._lost: list[Handle] = []  # idle workers that went away: to be reaped
+        self._registered = trio.Event()
 
     # -- the hub ------------------------------------------------------------------------
 
@@ -110,7 +141,7 @@ class WarmPool:
                     except ValueError:
                         return
                     if worker is None:
-                        worker = self._by_token.pop(str(msg.get("hello", "")), None)
+                        worker = await self._identify(stream, str(msg.get("hello", "")))
                         if worker is None:
                             return  # not a worker we started
                         worker.stream = stream
@@ -119,28 +150,106 @@ class WarmPool:
                         code = msg.get("code")
                         assert worker._done is not None
                         await worker._done.send(code if isinstance(code, int) else None)
+                    elif "ready" in msg:
+                        worker.prepare_error = (None if msg.get("ready") is True
+                                                else str(msg.get("error") or "setup failed"))
+                        worker.rejoining = worker.prepare_error is None
+                        worker.prepared.set()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            if worker is not None:
+            if worker is not None and worker.stream is stream:
                 worker.stream = None
-                worker.gone.set()
-                self.workers.pop(worker.id, None)
+                if not worker.rejoining:
+                    worker.gone.set()
+                    if self.workers.pop(worker.id, None) is not None and worker.busy is None \
+                            and worker.handle is not None:
+                        # Nobody waits on an idle worker: its container is left to reap.
+                        self._lost.append(worker.handle)
+
+    async def _identify(self, stream: trio.SocketStream, token: str) -> WarmWorker | None:
+        """The worker saying hello: by its one-time token, or, for a snapshot's token, by
+        the container its process is in (waiting a little for the daemon to register a
+        container it has just restored: the restored process can be quicker)."""
+        worker = self._by_token.pop(token, None)
+        if worker is not None or not token.startswith(SNAPSHOT_TOKEN_PREFIX):
+            return worker
+        peer = read_peercred(stream.socket)
+        if peer is None:
+            return None
+        cgroup = _cgroup(peer.pid)
+        with trio.move_on_after(60):
+            while True:
+                for cid, w in self._expecting.items():
+                    if cid and cid in cgroup:
+                        del self._expecting[cid]
+                        w.rejoining = False
+                        return w
+                self._registered = trio.Event() if self._registered.is_set() \
+                    else self._registered
+                await self._registered.wait()
+        return None
 
     # -- workers ------------------------------------------------------------------------
 
-    def new_worker(self, key: WarmKey, gpus: tuple[str, ...], keep_warm: float) -> WarmWorker:
+    def new_worker(self, key: WarmKey, gpus: tuple[str, ...], keep_warm: float, *,
+                   busy: int | None = None, restored: bool = False) -> WarmWorker:
+        """A worker about to be started (or restored: it then says hello with its
+        snapshot's token, and :meth:`expect` names its container). ``busy``: the job it
+        is started for, so that no other job is matched to it meanwhile."""
         self._ids += 1
         w = WarmWorker(id=self._ids, key=key, gpus=gpus, keep_warm=keep_warm,
-                       token=secrets.token_urlsafe(24))
+                       token=secrets.token_urlsafe(24), busy=busy, rejoining=restored)
         self.workers[w.id] = w
-        self._by_token[w.token] = w
+        if not restored:
+            self._by_token[w.token] = w
         return w
 
     def forget(self, w: WarmWorker) -> None:
         self.workers.pop(w.id, None)
         self._by_token.pop(w.token, None)
+        if w.container is not None and self._expecting.get(w.container) is w:
+            del self._expecting[w.container]
         w.gone.set()
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def expect(self, w: WarmWorker, container: str) -> None:
+        """The next hello with a snapshot token from inside ``container`` is ``w``."""
+        w.container = container
+        w.hello = trio.Event()
+        self._expecting[container] = w
+        self._registered.set()
+
+    async def prepare(self, w: WarmWorker, job_dir: str, go: str, token: str) -> str | None:
+        """Have the worker load its function and run its snapshot setup; None when it is
+        ready for its checkpoint (and has hung up), else why it is not."""
+        assert w.stream is not None
+        w.prepared = trio.Event()
+        msg = json.dumps({"prepare": job_dir, "go": go, "token": token}).encode() + b"\n"
+        try:
+            await w.stream.send_all(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return "the worker went away"
+        async with trio.open_nursery() as n:
+            async def _death() -> None:
+                await w.gone.wait()
+                n.cancel_scope.cancel()
+
+            async def _ready() -> None:
+                await w.prepared.wait()
+                n.cancel_scope.cancel()
+
+            n.start_soon(_death)
+            n.start_soon(_ready)
+        if not w.prepared.is_set():
+            return "the worker ended during its setup"
+        return w.prepare_error
+
+    def take_lost(self) -> list[Handle]:
+        """The handles of idle workers that went away on their own (to reap)."""
+        lost, self._lost = self._lost, []
+        return lost
 
     def idle(self) -> list[WarmWorker]:
         return [w for w in self.workers.values() if w.idle]
@@ -153,12 +262,12 @@ class WarmPool:
         return None
 
     async def run(self, w: WarmWorker, job_id: int, job_dir: str, *,
-                  keep_warm: float) -> int | None:
+                  keep_warm: float, env: dict[str, str] | None = None) -> int | None:
         """Send one job to the worker and wait for its exit code (None: the worker died).
         Afterwards the worker stays for ``keep_warm`` seconds (the latest job's word)."""
         assert w.stream is not None and w._results is not None
         w.busy, w.last_job, w.keep_warm = job_id, job_id, keep_warm
-        msg = json.dumps({"job_id": job_id, "dir": job_dir}).encode() + b"\n"
+        msg = json.dumps({"job_id": job_id, "dir": job_dir, "env": env or {}}).encode() + b"\n"
         try:
             await w.stream.send_all(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -58,6 +58,7 @@ class FunctionOptions:
     memory: int | None = None  # bytes
     cpu: float | None = None
     keep_warm: float | None = None  # seconds; None: the daemon's default
+    snapshot: bool = False  # restore from a container snapshot (Podman executor)
 
     @classmethod
     def build(
@@ -72,6 +73,7 @@ class FunctionOptions:
         memory: int | str | None = None,
         cpu: float | None = None,
         keep_warm: float | str | None = None,
+        snapshot: bool = False,
     ) -> FunctionOptions:
         """Check the options where they are written (at decoration), not at submit time.
         The GPU spec's syntax is the daemon's to judge: it answers 422 with the rules."""
@@ -105,6 +107,7 @@ class FunctionOptions:
         return cls(
             gpu=gpu, timeout=seconds, retries=retries, env=env_dict, priority=priority,
             image=image, memory=mem, cpu=None if cpu is None else float(cpu), keep_warm=warm,
+            snapshot=bool(snapshot),
         )
 
 
@@ -193,6 +196,7 @@ class App:
         memory: int | str | None = None,
         cpu: float | None = None,
         keep_warm: float | str | None = None,
+        snapshot: bool = False,
         name: str | None = None,
     ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
 
@@ -210,13 +214,14 @@ class App:
         memory: int | str | None = None,
         cpu: float | None = None,
         keep_warm: float | str | None = None,
+        snapshot: bool = False,
         name: str | None = None,
     ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
         """Decorate a function to run on the daemon: ``@app.function`` or
         ``@app.function(gpu="h100", timeout="2h", ...)``."""
         options = FunctionOptions.build(
             gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
-            memory=memory, cpu=cpu, keep_warm=keep_warm,
+            memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot,
         )
 
         def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -259,6 +264,7 @@ def function(
     memory: int | str | None = None,
     cpu: float | None = None,
     keep_warm: float | str | None = None,
+    snapshot: bool = False,
     name: str | None = None,
     url: str | None = None,
 ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
@@ -277,13 +283,14 @@ def function(
     memory: int | str | None = None,
     cpu: float | None = None,
     keep_warm: float | str | None = None,
+    snapshot: bool = False,
     name: str | None = None,
     url: str | None = None,
 ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
     """Like ``App.function`` without an App; the job name is ``module.qualname``."""
     options = FunctionOptions.build(
         gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
-        memory=memory, cpu=cpu, keep_warm=keep_warm,
+        memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot,
     )
 
     def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -387,6 +394,7 @@ class Function(Generic[P, R]):
             "memory": o.memory,
             "cpu": o.cpu,
             "keep_warm": o.keep_warm,
+            "snapshot": o.snapshot,
         }
 
     def submit_request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SubmitRequest:

@@ -41,6 +41,8 @@ from gpud_client.models import (
     JobList,
     JobOutcome,
     QueuePage,
+    SnapshotInfo,
+    SnapshotList,
     SubmitRequest,
     UsageReport,
     WhoAmI,
@@ -412,6 +414,14 @@ class Client(_Base):
     def images(self) -> ImageList:
         """``GET /v1/images``."""
         return self._do(_Call("GET", "/images", ImageList))
+
+    def snapshots(self) -> SnapshotList:
+        """``GET /v1/snapshots``: yours (an admin's: everyone's)."""
+        return self._do(_Call("GET", "/snapshots", SnapshotList))
+
+    def remove_snapshot(self, snapshot_id: int) -> SnapshotInfo:
+        """``DELETE /v1/snapshots/{id}``: the next call of its function takes a new one."""
+        return self._do(_Call("DELETE", f"/snapshots/{snapshot_id}", SnapshotInfo))
     def gpu_history(self, since: float | None = None) -> GpuHistory:
         """``GET /v1/gpus/history``: readings taken after ``since`` (all kept if None)."""
         return self._do(_history_call(since))
@@ -558,6 +568,12 @@ class AsyncClient(_Base):
 
     async def images(self) -> ImageList:
         return await self._do(_Call("GET", "/images", ImageList))
+
+    async def snapshots(self) -> SnapshotList:
+        return await self._do(_Call("GET", "/snapshots", SnapshotList))
+
+    async def remove_snapshot(self, snapshot_id: int) -> SnapshotInfo:
+        return await self._do(_Call("DELETE", f"/snapshots/{snapshot_id}", SnapshotInfo))
     async def gpu_history(self, since: float | None = None) -> GpuHistory:
         return await self._do(_history_call(since))
 

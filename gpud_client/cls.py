@@ -10,9 +10,11 @@
     Embedder().embed.remote("hello")
 
 Each method call is a job whose function builds the instance (running the ``enter``
-methods in definition order) the first time a worker runs it; with ``keep_warm`` the
-worker keeps the instance, so later calls skip the setup. Constructor arguments are
-part of the call: ``Embedder("large")`` and ``Embedder("small")`` never share a worker.
+methods in definition order, ``snap=True`` ones first) the first time a worker runs it;
+with ``keep_warm`` the worker keeps the instance, so later calls skip the setup, and with
+``snapshot=True`` containers restored from a snapshot start with it already built.
+Constructor arguments are part of the call: ``Embedder("large")`` and ``Embedder("small")``
+never share a worker.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ _METHOD = "__gpud_method__"
 
 def enter(*, snap: bool = False) -> Any:
     """Mark a method to run once when a worker makes the instance (setup: imports, a
-    model load). ``snap=True`` marks setup for snapshots; until snapshot support lands it
-    runs like any other ``enter``."""
+    model load). With ``@app.cls(snapshot=True)``, ``snap=True`` setup runs before the
+    snapshot is taken, so its state is in the snapshot and restored containers skip it;
+    plain ``enter`` methods run in every container (after a restore too), after the
+    ``snap=True`` ones: use them for what cannot be snapshotted (opening a connection,
+    moving a model onto a GPU)."""
 
     def mark(fn: Any) -> Any:
         setattr(fn, _ENTER, {"snap": snap})
@@ -55,7 +60,9 @@ class ClsProxy:
     def __init__(self, cls: type, *, make_function: Any) -> None:
         self._cls = cls
         self._make_function = make_function  # (fn, name, anchor) -> Function
-        self._enter = tuple(name for name, attr in vars(cls).items()
+        #: ((name, snap), ...) in definition order
+        self._enter = tuple((name, bool(getattr(attr, _ENTER).get("snap")))
+                            for name, attr in vars(cls).items()
                             if callable(attr) and hasattr(attr, _ENTER))
         self._methods = {name for name, attr in vars(cls).items()
                          if callable(attr) and getattr(attr, _METHOD, False)}
@@ -72,8 +79,10 @@ class ClsProxy:
     def local(self, *args: Any, **kwargs: Any) -> Any:
         """A local instance, with its enter methods run, for tests and debugging."""
         instance = self._cls(*args, **kwargs)
-        for name in self._enter:
-            getattr(instance, name)()
+        for snap in (True, False):  # as in a worker: snapshot setup first
+            for name, snapped in self._enter:
+                if snapped is snap:
+                    getattr(instance, name)()
         return instance
 
 

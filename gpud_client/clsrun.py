@@ -17,19 +17,33 @@ GPUD_PICKLE_BY_VALUE = True
 
 
 def make_method_call(
-    cls: type, method: str, enter: tuple[str, ...], args: tuple[Any, ...],
+    cls: type, method: str, enter: tuple[tuple[str, bool], ...], args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
+    """``enter`` is ((name, snap), ...) in definition order. The ``snap=True`` ones run in
+    ``__gpud_snap__``, which a snapshot-taking worker calls before its checkpoint (so
+    their state is in the snapshot); the others run at the first call in each process,
+    restored ones included."""
     state: dict[str, Any] = {}
 
-    def call(*a: Any, **kw: Any) -> Any:
-        instance = state.get("instance")
-        if instance is None:
+    def snap_setup() -> None:
+        if "instance" not in state:
             instance = cls(*args, **kwargs)
-            for name in enter:
-                getattr(instance, name)()
+            for name, snap in enter:
+                if snap:
+                    getattr(instance, name)()
             state["instance"] = instance
+
+    def call(*a: Any, **kw: Any) -> Any:
+        snap_setup()
+        instance = state["instance"]
+        if not state.get("entered"):
+            for name, snap in enter:
+                if not snap:
+                    getattr(instance, name)()
+            state["entered"] = True
         return getattr(instance, method)(*a, **kw)
 
     call.__name__ = call.__qualname__ = f"{cls.__qualname__}.{method}"
+    call.__gpud_snap__ = snap_setup  # type: ignore[attr-defined]
     return call

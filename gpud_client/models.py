@@ -60,6 +60,9 @@ class SubmitRequest(_Request):
     #: seconds the job's worker stays alive afterwards for the next call of the same
     #: function (None: the daemon's default; capped by its keep_warm_max)
     keep_warm: float | None = None
+    #: start from a container snapshot taken after the function's setup (Podman
+    #: executor; elsewhere it runs as without)
+    snapshot: bool = False
 
 
 class BatchSubmitRequest(_Request):
@@ -81,6 +84,9 @@ class BatchSubmitRequest(_Request):
     #: seconds the job's worker stays alive afterwards for the next call of the same
     #: function (None: the daemon's default; capped by its keep_warm_max)
     keep_warm: float | None = None
+    #: start from a container snapshot taken after the function's setup (Podman
+    #: executor; elsewhere it runs as without)
+    snapshot: bool = False
 
 
 class BatchSubmitResponse(msgspec.Struct, kw_only=True):
@@ -115,7 +121,9 @@ class JobInfo(msgspec.Struct, kw_only=True):
     memory: int | None = None
     cpu: float | None = None
     keep_warm: float = 0.0
-    start_kind: str | None = None  # "cold" (a new worker) or "warm" (a kept one)
+    snapshot: bool = False
+    #: "cold" (a new worker), "warm" (a kept one) or "restored" (from a snapshot)
+    start_kind: str | None = None
     startup: float | None = None  # seconds from dispatch to the first line of user code
     #: accounted over its finished attempts, at 100 ms granularity: wall time, and GPU
     #: time (each GPU held counts, from when it was handed out until it was freed)
@@ -167,6 +175,32 @@ class ImageInfo(msgspec.Struct, kw_only=True):
     size: int
     created: float
     python: str | None  # the image's Python, once gpud has inspected it
+
+
+class SnapshotInfo(msgspec.Struct, kw_only=True):
+    """A container snapshot of one function (issue #4)."""
+
+    id: int
+    function: str
+    owner: str
+    image: str  # the image the function runs in
+    #: taking | ready | retry (the next cold start takes it again) | failed (not used)
+    state: str
+    size: int  # bytes of its checkpoint image
+    created_at: float
+    last_used: float | None
+    restores: int
+    failures: int  # in a row, takes and restores alike
+    last_error: str | None
+    taken_by: int | None  # the job whose container was checkpointed
+
+
+class SnapshotList(msgspec.Struct, kw_only=True):
+    snapshots: list[SnapshotInfo]
+    executor: str
+    max_bytes: int  # snapshot_max_bytes: checkpoint images together take at most this
+    used_bytes: int
+    note: str | None = None
 
 
 class ImageList(msgspec.Struct, kw_only=True):

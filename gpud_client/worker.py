@@ -377,6 +377,47 @@ def _send(sock: Any, message: dict[str, Any]) -> None:
     sock.sendall(json.dumps(message).encode("utf-8") + b"\n")
 
 
+def _connect_hub(hub: str) -> Any:
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(hub)
+    except OSError as e:
+        sock.close()
+        _say(f"cannot reach the daemon's worker hub {hub}: {e}")
+        return None
+    return sock
+
+
+def _prepare(jobdir: Path, fn_cache: dict[str, Any]) -> str | None:
+    """Load a snapshot's function and run its snapshot setup (a class's
+    ``@gpud.enter(snap=True)`` methods); None when that went well, else why not. What
+    it prints goes to the log of the job that takes the snapshot."""
+    try:
+        import cloudpickle
+
+        fn = _load_function(cloudpickle, jobdir / FUNCTION_FILE, fn_cache)
+        setup = getattr(fn, "__gpud_snap__", None)
+        if callable(setup):
+            setup()
+    except BaseException as e:  # noqa: BLE001 - the job's run reports it properly
+        fn_cache.clear()
+        return f"{_type_name(e)}: {e}"
+    return None
+
+
+def _await_go(go: str, limit: float = 3600.0) -> bool:
+    """Wait, holding no connection (CRIU cannot dump one to the outside), until the
+    daemon has checkpointed this process. A restored copy finds the file at once."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(go):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
 def serve(hub: str, token: str) -> int:
     """A warm worker: run job after job sent by the daemon over its hub socket, keeping
     the loaded function (and whatever its module set up) between calls of one function.
@@ -385,27 +426,63 @@ def serve(hub: str, token: str) -> int:
     worker when it has been idle long enough (keep_warm), or needs its GPUs: it closes
     the connection or kills the process. A closed connection also ends it when the
     daemon itself goes away, after the task at hand.
-    """
-    import socket
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(hub)
-    except OSError as e:
-        _say(f"cannot reach the daemon's worker hub {hub}: {e}")
+    A snapshot-taking worker first gets ``{"prepare": dir, "go": path, "token": t}``: it
+    loads the function and runs its snapshot setup, says ``{"ready": ...}``, closes its
+    connection and waits for ``go`` to exist. The daemon checkpoints it meanwhile; then
+    this process and every container restored from the checkpoint reconnect, saying
+    ``{"hello": t}``, and the daemon tells them apart by their container.
+    """
+    sock = _connect_hub(hub)
+    if sock is None:
         return EXIT_SETUP
     _send(sock, {"hello": token, "pid": os.getpid()})
     reader = sock.makefile("rb")
     devnull = os.open(os.devnull, os.O_WRONLY)
     fn_cache: dict[str, Any] = {}
     start_dir = os.getcwd()
-    for line in reader:
+    while True:
+        line = reader.readline()
+        if not line:
+            break
         try:
             task = json.loads(line)
         except ValueError:
             break
-        if not isinstance(task, dict) or "dir" not in task:
+        if not isinstance(task, dict):
             break
+        if "prepare" in task:
+            jobdir = Path(task["prepare"]).resolve()
+            _redirect_output(str(jobdir / "output.log"))
+            try:
+                os.chdir(jobdir)
+                error = _prepare(jobdir, fn_cache)
+            finally:
+                _flush_std()
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+                with contextlib.suppress(OSError):
+                    os.chdir(start_dir)
+            _send(sock, {"ready": error is None, "error": error})
+            if error is not None:
+                continue  # no snapshot; the job itself runs, and reports the error
+            reader.close()
+            sock.close()
+            if not _await_go(str(task["go"])):
+                return EXIT_SETUP
+            sock = _connect_hub(hub)
+            if sock is None:
+                return EXIT_SETUP
+            _send(sock, {"hello": task["token"], "pid": os.getpid()})
+            reader = sock.makefile("rb")
+            continue
+        if "dir" not in task:
+            break
+        # Per job: which job this is, and its GPUs (a restored process has the snapshot
+        # taker's environment).
+        env = task.get("env")
+        if isinstance(env, dict):
+            os.environ.update({str(k): str(v) for k, v in env.items()})
         jobdir = Path(task["dir"]).resolve()
         _redirect_output(str(jobdir / "output.log"))
         try:

@@ -7,7 +7,7 @@ and how to make it stop. Outcomes are read from the job directory by the service
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -41,6 +41,8 @@ class LaunchSpec:
     #: (hub socket, token): start a warm worker that serves jobs sent through the hub
     #: instead of running this one job directory
     serve: tuple[str, str] | None = None
+    #: the container will be checkpointed for a snapshot (issue #4)
+    snapshot: bool = False
 
 
 @dataclass(slots=True)
@@ -93,8 +95,9 @@ class Executor(Protocol):
         """The job one of whose processes ``pid`` is (to tell our GPU users from others)."""
         ...
 
-    def cleanup(self, active: set[int]) -> None:
-        """At start-up: remove what jobs that are over left behind."""
+    def cleanup(self, active: set[int], pids: Collection[int] = ()) -> None:
+        """At start-up: remove what jobs that are over left behind (``active``: the jobs
+        that are not; ``pids``: their recorded processes, e.g. a warm container's)."""
         ...
 
     async def launch(self, spec: LaunchSpec) -> Handle:

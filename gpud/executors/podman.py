@@ -19,7 +19,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from gpud.executors.base import ExecutorRefusal, Handle, ImageInfo, LaunchSpec, 
 from gpud.executors.process import JobIdentity, job_environment, proc_start_time
 from gpud.safefs import open_append
 from gpud_client.jobdir import WORKER_NAME
+from snapshots import podman as snap
 
 __all__ = [
     "CDI_DIRS",
@@ -49,6 +50,7 @@ HUB_MOUNT = "/gpud/hub"
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
 LABEL_JOB = "gpud.job"
 LABEL_DAEMON = "gpud.daemon"
+SNAPSHOT_PREFIX = "localhost/gpud-snap-"
 
 
 class PodmanUnavailable(RuntimeError):
@@ -130,7 +132,7 @@ def container_spec(
     args: dict[str, Any] = {
         "image": image,
         "command": command,
-        "name": f"gpud-{instance}-{spec.job_id}-{spec.attempt}",
+        "name": f"gpud-{instance}-{spec.job_id}-{spec.attempt}",  # = _container_name
         "labels": {LABEL_JOB: str(spec.job_id), LABEL_DAEMON: instance,
                    "gpud.attempt": str(spec.attempt)},
         # The image's own PATH (where its python3 is), not the host's.
@@ -154,6 +156,10 @@ def container_spec(
         # Exactly the groups a login of this user has (as for a process job), so that
         # group-shared datasets mounted with podman_volumes work as in the user's shell.
         args["group_add"] = [str(g) for g in identity.groups]
+    if spec.snapshot:
+        # CRIU can dump it only in a user namespace of root's (see snapshots.podman).
+        args["userns_mode"] = "private"
+        args["idmappings"] = snap.SNAPSHOT_IDMAPPINGS
     if spec.memory is not None:
         args["mem_limit"] = spec.memory
     if spec.cpus is not None:
@@ -166,8 +172,9 @@ def container_spec(
 
 class PodmanExecutor:
     name = "podman"
-    #: warm containers (keep_warm); snapshots are not built yet
+    #: warm containers (keep_warm) and container snapshots (snapshot=True)
     supports_warm = True
+    supports_snapshots = True
 
     def __init__(
         self,
@@ -303,7 +310,7 @@ class PodmanExecutor:
         out = []
         for img in self._client.images.list():
             for tag in img.tags or []:
-                if tag.startswith("localhost/snap-") or "<none>" in tag:
+                if tag.startswith(SNAPSHOT_PREFIX) or "<none>" in tag:
                     continue
                 created = img.attrs.get("Created", 0)
                 out.append(ImageInfo(name=tag, id=img.id, size=int(img.attrs.get("Size", 0)),
@@ -342,6 +349,84 @@ class PodmanExecutor:
         pid = int(ctr.attrs.get("State", {}).get("Pid") or 0)
         return Handle(job_id=spec.job_id, pid=pid, pid_start=proc_start_time(pid) or 0
                       if pid else 0, container=ctr.id)
+
+    def _container_name(self, job_id: int, attempt: int) -> str:
+        return f"gpud-{self.instance}-{job_id}-{attempt}"
+
+    # -- snapshots (issue #4) -------------------------------------------------------------
+
+    hub_mount = HUB_MOUNT
+
+    async def image_id(self, name: str) -> str:
+        """The image's id (content digest), for snapshot keys."""
+        return await trio.to_thread.run_sync(lambda: str(self._client.images.get(name).id))
+
+    @property
+    def snapshot_prefix(self) -> str:
+        """Names of this daemon's checkpoint images start with this."""
+        return f"{SNAPSHOT_PREFIX}{self.instance}-"
+
+    async def checkpoint(self, handle: Handle, image_name: str) -> tuple[str, int]:
+        """Checkpoint a running (warm, idle) container into an image; it runs on.
+        Returns (image id, size in bytes)."""
+        def work() -> tuple[str, int]:
+            image_id = snap.checkpoint_to_image(self._client, str(handle.container), image_name)
+            return image_id, snap.image_size(self._client, image_id)
+        return await trio.to_thread.run_sync(work)
+
+    async def restore(self, image_id: str, job_id: int, attempt: int,
+                      hang_limit: float = 30.0) -> Handle:
+        """A new container for this job, restored from a checkpoint image. CRIU can hang
+        for good on a damaged checkpoint: after ``hang_limit`` seconds the restore is
+        killed and SnapshotError raised."""
+        name = self._container_name(job_id, attempt)
+
+        def work() -> Handle:
+            with contextlib.suppress(Exception):
+                self._client.containers.get(name).remove(force=True)
+            cid = snap.restore_from_image(self._client, image_id, name)
+            ctr = self._client.containers.get(cid)
+            pid = int(ctr.attrs.get("State", {}).get("Pid") or 0)
+            return Handle(job_id=job_id, pid=pid, pid_start=proc_start_time(pid) or 0
+                          if pid else 0, container=cid)
+
+        done = trio.Event()
+        outcome: list[Any] = []
+
+        async def attempt_() -> None:
+            try:
+                outcome.append(await trio.to_thread.run_sync(work))
+            except Exception as e:  # noqa: BLE001 - handed to the caller below
+                outcome.append(e)
+            done.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(attempt_)
+            with trio.move_on_after(hang_limit):
+                await done.wait()
+            if not done.is_set():
+                # Kill CRIU; the restore call then fails and the thread ends.
+                killed = await trio.to_thread.run_sync(snap.kill_restore, name)
+                log.warning("restore of %s hung for %g s: killed %d processes", name,
+                            hang_limit, killed)
+                await done.wait()
+                with contextlib.suppress(Exception):
+                    await trio.to_thread.run_sync(
+                        lambda: self._client.containers.get(name).remove(force=True))
+                outcome[:] = [snap.SnapshotError(
+                    f"restore failed: it hung for {hang_limit:g} s (CRIU could not read the "
+                    "checkpoint: damaged?)")]
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        handle: Handle = outcome[0]
+        return handle
+
+    async def remove_snapshot(self, image_id: str) -> None:
+        await trio.to_thread.run_sync(snap.remove_image, self._client, image_id)
+
+    async def snapshot_images(self) -> dict[str, str]:
+        return await trio.to_thread.run_sync(snap.snapshot_images, self._client,
+                                             self.snapshot_prefix)
 
     async def wait(self, handle: Handle) -> Outcome:
         if handle.pid:
@@ -386,8 +471,27 @@ class PodmanExecutor:
         except podman.errors.NotFound:
             return
         self._keep_early_output(ctr, handle)
-        with contextlib.suppress(podman.errors.NotFound):
+        try:
             ctr.remove(force=True)
+        except podman.errors.NotFound:
+            pass
+        except podman.errors.APIError:
+            # A container restored from a checkpoint cannot be removed while it runs
+            # (Podman 4.3: "unlinkat .../userdata/shm: device or resource busy"): kill it,
+            # let it end, then remove it.
+            with contextlib.suppress(podman.errors.APIError):
+                ctr.kill()
+                ctr.wait(condition=["exited", "stopped"], timeout=30)
+            for delay in (0.0, 0.2, 1.0):
+                time.sleep(delay)
+                try:
+                    ctr.remove(force=True)
+                    return
+                except podman.errors.NotFound:
+                    return
+                except podman.errors.APIError as e:
+                    error = e
+            log.warning("could not remove container %s: %s", handle.container, error)
 
     def _keep_early_output(self, ctr: Any, handle: Handle) -> None:
         """What the container printed before the worker took over its output (an image
@@ -412,7 +516,9 @@ class PodmanExecutor:
         if job.state not in (JobState.STARTING, JobState.RUNNING):
             return None
         for ctr in self._ours():
-            if ctr.labels.get(LABEL_JOB) != str(job.id):
+            # A warm or restored container is labelled with the job it was started for,
+            # not the one it runs now: that one is known by the container's init pid.
+            if ctr.labels.get(LABEL_JOB) != str(job.id) and not self._runs(ctr, job):
                 continue
             ctr.reload()
             state = ctr.attrs.get("State", {})
@@ -425,9 +531,23 @@ class PodmanExecutor:
                 ctr.remove(force=True)
         return None
 
-    def cleanup(self, active: set[int]) -> None:
+    @staticmethod
+    def _pid(ctr: Any) -> int:
+        """The container's init pid (0: not running), from a listing or an inspect."""
+        state = ctr.attrs.get("State")
+        return int((state.get("Pid") if isinstance(state, dict) else ctr.attrs.get("Pid")) or 0)
+
+    def _runs(self, ctr: Any, job: Job) -> bool:
+        """Is this container's init process the job's recorded pid (a warm job)?"""
+        pid = self._pid(ctr)
+        return bool(job.pid) and pid == job.pid and proc_start_time(pid) == job.pid_start
+
+    def cleanup(self, active: set[int], pids: Collection[int] = ()) -> None:
         for ctr in self._ours():
             job = ctr.labels.get(LABEL_JOB)
+            pid = self._pid(ctr)
+            if pid and pid in pids:
+                continue  # a warm container running an active job
             if job is None or int(job) not in active:
                 log.info("removing container %s left by a job that is over", ctr.name)
                 with contextlib.suppress(Exception):

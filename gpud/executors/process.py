@@ -19,7 +19,7 @@ import pwd
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,7 +289,7 @@ class ProcessExecutor:
                 return h.job_id
         return None
 
-    def cleanup(self, active: set[int]) -> None:
+    def cleanup(self, active: set[int], pids: Collection[int] = ()) -> None:
         return None  # a process job leaves nothing behind but its directory
 
     async def launch(self, spec: LaunchSpec) -> Handle:

@@ -146,6 +146,28 @@ MIGRATIONS: list[str] = [
         wall_ds = (SELECT coalesce(sum(a.wall_ds), 0) FROM attempts a WHERE a.job_id = jobs.id),
         gpu_ds = (SELECT coalesce(sum(a.gpu_ds), 0) FROM attempts a WHERE a.job_id = jobs.id);
     """,
+    # 5 (issue #4): snapshot=True jobs, and the container snapshots taken for them.
+    """
+    ALTER TABLE jobs ADD COLUMN snapshot INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE snapshots (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        key         TEXT NOT NULL UNIQUE,     -- sha256 of every part that must match
+        parts       TEXT NOT NULL,            -- those parts, as JSON, to say what changed
+        function    TEXT NOT NULL,
+        owner       TEXT NOT NULL,
+        image       TEXT NOT NULL,            -- the job's image, by name
+        state       TEXT NOT NULL,            -- taking | ready | failed
+        snap_image  TEXT,                     -- the checkpoint image's id in Podman's store
+        size        INTEGER NOT NULL DEFAULT 0,
+        created_at  REAL NOT NULL,
+        last_used   REAL,
+        restores    INTEGER NOT NULL DEFAULT 0,
+        failures    INTEGER NOT NULL DEFAULT 0, -- consecutive; a good restore resets it
+        last_error  TEXT,
+        taken_by    INTEGER                   -- the job whose container was checkpointed
+    );
+    CREATE INDEX snapshots_owner_function ON snapshots(owner, function);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -52,6 +52,7 @@ class NewJob:
     memory: int | None = None
     cpus: float | None = None
     keep_warm: float = 0.0
+    snapshot: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +84,7 @@ _JOB_COLUMNS = (
     "id, name, owner, state, priority, gpu, timeout, retries, attempt, not_before, gpus, "
     "batch_id, python, image, env, function_hash, submitted_at, started_at, ended_at, pid, "
     "pid_start, exit_code, error, has_result, memory, cpus, keep_warm, start_kind, startup, "
-    "wall_ds, gpu_ds"
+    "wall_ds, gpu_ds, snapshot"
 )
 
 
@@ -117,6 +118,7 @@ def _row_to_job(r: sqlite3.Row) -> Job:
         memory=r["memory"],
         cpus=r["cpus"],
         keep_warm=r["keep_warm"],
+        snapshot=bool(r["snapshot"]),
         start_kind=r["start_kind"],
         startup=r["startup"],
         wall_seconds=r["wall_ds"] / 10,
@@ -187,14 +189,14 @@ class Ledger:
                 cur = c.execute(
                     "INSERT INTO jobs (name, owner, state, priority, gpu, timeout, retries, "
                     "batch_id, python, image, env, function_hash, args, submitted_at, memory, "
-                    "cpus, keep_warm) "
-                    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "cpus, keep_warm, snapshot) "
+                    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         j.name, j.owner, j.priority,
                         json.dumps(j.gpu.to_spec()) if j.gpu else None,
                         j.timeout, j.retries, batch_id, j.python, j.image,
                         json.dumps(j.env, sort_keys=True), j.function_hash, j.args, now,
-                        j.memory, j.cpus, j.keep_warm,
+                        j.memory, j.cpus, j.keep_warm, int(j.snapshot),
                     ),
                 )
                 assert cur.lastrowid is not None
