@@ -136,7 +136,8 @@ class Daemon:
         if self.warm is not None and getattr(executor, "supports_snapshots", False):
             self.snapshots = Snapshotter(
                 ledger=ledger, executor=executor, pool=self.warm,
-                hub_dir=self.warm.path.parent, max_bytes=config.snapshot_max_bytes,
+                hub_dir=self.warm.path.parent, root=config.data_dir / "snapshots",
+                max_bytes=config.snapshot_max_bytes,
                 max_failures=config.snapshot_max_failures,
                 restore_timeout=config.snapshot_restore_timeout,
                 driver=lambda: inventory.driver_version() or "none",
@@ -599,9 +600,9 @@ class Daemon:
             await self._end_warm(w, f"job {job.id} is over and keep_warm is 0")
 
     async def _new_warm_worker(self, job: Job, spec: LaunchSpec,
-                               snapshot: bool = False) -> WarmWorker:
+                               snapshot: Path | None = None) -> WarmWorker:
         """Launch a new warm worker for the job (``snapshot``: its container is to be
-        checkpointed) and wait for its hello."""
+        checkpointed into this directory) and wait for its hello."""
         assert self.warm is not None
         w = self.warm.new_worker(warm_key(job), job.gpus, job.keep_warm, busy=job.id)
         spec = dataclasses.replace(spec, serve=(str(self.warm.path), w.token),

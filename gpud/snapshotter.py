@@ -13,8 +13,9 @@ A restore that fails falls back to a cold start that takes the snapshot again, w
 reason in the job's events and in ``gpud snapshots``; after ``snapshot_max_failures``
 failures in a row the snapshot is not used again (see :mod:`gpud.ledger.snapshots`).
 A newly taken snapshot replaces the owner's older ones of the same function (whose key
-changed: new code, image, ...). Checkpoint images take at most ``snapshot_max_bytes``
-together; the least recently used go first, never one being restored.
+changed: new code, image, ...). Snapshots live in ``<data_dir>/snapshots/<key>/`` and
+take at most ``snapshot_max_bytes`` together; the least recently used go first, never
+one being restored.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,7 +38,14 @@ from gpud.executors.base import Handle, LaunchSpec
 from gpud.ledger import LedgerThread
 from gpud.ledger import snapshots as store
 from gpud.warm import SNAPSHOT_TOKEN_PREFIX, WarmPool, WarmWorker, warm_key
-from snapshots import SnapshotError, describe_change, key_of, key_parts
+from snapshots import (
+    SnapshotError,
+    describe_change,
+    key_of,
+    key_parts,
+    remove_dir,
+)
+from snapshots.podman import NS_ROOT
 
 __all__ = ["Plan", "Snapshotter"]
 
@@ -58,13 +67,14 @@ class Plan:
 
 class Snapshotter:
     def __init__(self, *, ledger: LedgerThread, executor: Any, pool: WarmPool,
-                 hub_dir: Path, max_bytes: int, max_failures: int,
+                 hub_dir: Path, root: Path, max_bytes: int, max_failures: int,
                  driver: Callable[[], str], gpu_part: Callable[[Job], str],
                  restore_timeout: float = 30.0) -> None:
         self.ledger = ledger
         self.executor = executor  # a PodmanExecutor (supports_snapshots)
         self.pool = pool
         self.go_dir = hub_dir / "go"
+        self.root = root  # <data_dir>/snapshots
         self.max_bytes = max_bytes
         self.max_failures = max_failures
         self.restore_timeout = restore_timeout
@@ -76,9 +86,11 @@ class Snapshotter:
 
     async def reconcile(self) -> None:
         """Takes a stopped daemon left unfinished are retried; snapshots of another gpud
-        or driver are removed; checkpoint images the ledger does not know are removed."""
+        or driver are removed; snapshot directories the ledger does not know are removed."""
         self.go_dir.mkdir(parents=True, exist_ok=True)
         self.go_dir.chmod(0o755)
+        self.root.mkdir(mode=0o711, exist_ok=True)
+        self.root.chmod(0o711)  # restores (as their namespace's root) reach their own dir
         await self.ledger.call(store.interrupted_takes)
         snaps = await self.ledger.call(store.list_snapshots)
         for s in snaps:
@@ -88,12 +100,11 @@ class Snapshotter:
                 why = describe_change({k: s.parts.get(k, "") for k in stale}, stale)
                 log.info("removing snapshot %s of %s: %s", s.id, s.function, why)
                 await self._drop(s)
-        known = {s.snap_image for s in await self.ledger.call(store.list_snapshots)
-                 if s.snap_image}
-        for image_id, name in (await self.executor.snapshot_images()).items():
-            if image_id not in known:
-                log.info("removing checkpoint image %s that no snapshot uses", name)
-                await self.executor.remove_snapshot(image_id)
+        known = {s.key for s in await self.ledger.call(store.list_snapshots)}
+        for d in sorted(self.root.iterdir()):
+            if d.name not in known:
+                log.info("removing snapshot directory %s that no snapshot uses", d)
+                await trio.to_thread.run_sync(remove_dir, d)
 
     # -- keys --------------------------------------------------------------------------
 
@@ -113,22 +124,35 @@ class Snapshotter:
     def _go(self, key: str) -> Path:
         return self.go_dir / key
 
+    def _dir(self, key: str) -> Path:
+        return self.root / key
+
+    def _fresh_dir(self, key: str) -> Path:
+        """An empty directory for a new snapshot of this key, for the container to mount
+        and for its restores (as the user namespace's root) to read."""
+        d = self._dir(key)
+        remove_dir(d)
+        d.mkdir(mode=0o700)
+        os.chown(d, NS_ROOT, NS_ROOT)
+        return d
+
     # -- starting a job -----------------------------------------------------------------
 
     async def plan(self, job: Job, spec: LaunchSpec,
-                   cold: Callable[[Job, LaunchSpec, bool], Awaitable[WarmWorker]]) -> Plan:
+                   cold: Callable[[Job, LaunchSpec, Path | None], Awaitable[WarmWorker]]
+                   ) -> Plan:
         """Start the job's worker: restored from its snapshot, or cold (``cold`` launches
-        a new warm worker; its bool: the container is to be checkpointed)."""
+        a new warm worker; its path: the directory of the snapshot to take of it)."""
         key, parts = await self.key(job)
         snap = await self.ledger.call(store.get_snapshot, key)
         note = ""
-        if snap is not None and snap.state == "ready" and snap.snap_image:
+        if snap is not None and snap.state == "ready" and snap.location:
             try:
-                w = await self._restore(job, key, snap.snap_image)
+                w = await self._restore(job, key, snap.location)
             except (SnapshotError, OSError) as e:
                 state = await self.ledger.call(store.record_failure, key, str(e),
                                                self.max_failures)
-                await self.executor.remove_snapshot(snap.snap_image)
+                await trio.to_thread.run_sync(remove_dir, Path(snap.location))
                 log.warning("job %s: snapshot %s could not be restored: %s", job.id, snap.id, e)
                 note = f"its snapshot could not be restored: {e}"
                 if state == "failed":
@@ -144,32 +168,38 @@ class Snapshotter:
         take = await self.ledger.call(
             store.claim_take, key, parts, function=job.function, owner=job.owner,
             image=parts["image"], job_id=job.id, now=time.time())
+        where: Path | None = None
         if take:
             self._go(key).unlink(missing_ok=True)
+            where = await trio.to_thread.run_sync(self._fresh_dir, key)
             note = f"{note}; taking a new one" if note else "taking its snapshot"
         try:
-            w = await cold(job, spec, take)
+            w = await cold(job, spec, where)
         except BaseException:
             if take:
                 await self.ledger.call(store.abandon_take, key)
             raise
         return Plan(w, "cold", note, key if take else None)
 
-    async def _restore(self, job: Job, key: str, image_id: str) -> WarmWorker:
+    async def _restore(self, job: Job, key: str, location: str) -> WarmWorker:
         self._in_use[key] += 1
         handle: Handle | None = None
         w = self.pool.new_worker(warm_key(job), job.gpus, job.keep_warm, busy=job.id,
                                  restored=True)
         try:
             self._go(key).touch(mode=0o644)  # a restored worker goes on at once
+            t0 = time.monotonic()
             with trio.CancelScope(shield=True):
-                h: Handle = await self.executor.restore(image_id, job.id, job.attempt,
+                h: Handle = await self.executor.restore(Path(location), job.id, job.attempt,
                                                         hang_limit=self.restore_timeout)
             w.handle = handle = h
+            t1 = time.monotonic()
             self.pool.expect(w, str(h.container))
             if not await self._rejoined(w, h):
                 raise SnapshotError("the restored container did not call the daemon back "
                                     f"within {REJOIN_TIMEOUT:g} s")
+            log.info("job %s: restored in %.3f s, its worker called back %.3f s later",
+                     job.id, t1 - t0, time.monotonic() - t1)
             return w
         except BaseException:
             self.pool.forget(w)
@@ -209,18 +239,19 @@ class Snapshotter:
             await self.ledger.call(store.abandon_take, key)
             return
         self.pool.expect(w, str(w.handle.container))
+        where = self._dir(key)
         try:
-            name = f"{self.executor.snapshot_prefix}{key[:16]}:{time.time_ns()}"
             t0 = time.monotonic()
-            image_id, size = await self.executor.checkpoint(w.handle, name)
+            size = await self.executor.checkpoint(w.handle, where)
         except (SnapshotError, OSError) as e:
+            await trio.to_thread.run_sync(remove_dir, where)
             state = await self.ledger.call(store.record_failure, key, str(e),
                                            self.max_failures)
             log.warning("job %s: snapshot not taken (%s): %s", job.id, state, e)
         else:
             log.info("job %s: snapshot of %s taken in %.2f s (%d MB)", job.id, job.function,
                      time.monotonic() - t0, size // 2**20)
-            await self.ledger.call(store.mark_ready, key, image_id, size, time.time())
+            await self.ledger.call(store.mark_ready, key, str(where), size, time.time())
             await self._after_take(job, key, size)
         finally:
             self._go(key).touch(mode=0o644)  # the worker (and later restores) go on
@@ -235,8 +266,7 @@ class Snapshotter:
             await self.ledger.call(store.record_failure, key,
                                    f"its checkpoint ({size / 2**20:.0f} MB) is larger than "
                                    f"snapshot_max_bytes ({self.max_bytes / 2**20:.0f} MB)", 1)
-            if new.snap_image:
-                await self.executor.remove_snapshot(new.snap_image)
+            await trio.to_thread.run_sync(remove_dir, self._dir(key))
             return
         for old in snaps:
             if old.key != key and old.function == job.function and not self._in_use[old.key] \
@@ -251,7 +281,7 @@ class Snapshotter:
     async def collect(self) -> None:
         """Remove least recently used snapshots until they fit in snapshot_max_bytes."""
         ready = [s for s in await self.ledger.call(store.list_snapshots)
-                 if s.state == "ready" and s.snap_image]
+                 if s.state == "ready" and s.location]
         total = sum(s.size for s in ready)
         for s in sorted(ready, key=lambda s: s.last_used or s.created_at):
             if total <= self.max_bytes:
@@ -267,8 +297,7 @@ class Snapshotter:
         return bool(self._in_use[snap.key])
 
     async def _drop(self, s: store.Snapshot) -> None:
-        if s.snap_image:
-            await self.executor.remove_snapshot(s.snap_image)
+        await trio.to_thread.run_sync(remove_dir, self._dir(s.key))
         with contextlib.suppress(OSError):
             self._go(s.key).unlink()
         await self.ledger.call(store.delete_snapshot, s.id)

@@ -222,19 +222,6 @@ def _finished_jobs_containers(d: DaemonProc) -> list[str]:
     return out
 
 
-def _remove_snapshot_images(d: DaemonProc) -> None:
-    """A test daemon's checkpoint images go with its data directory."""
-    try:
-        instance = (d.data_dir / "instance").read_text().strip()
-    except OSError:
-        return
-    out = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}",
-                          "--filter", f"reference=localhost/gpud-snap-{instance}-*"],
-                         capture_output=True, text=True).stdout.split()
-    if out:
-        subprocess.run(["podman", "rmi", "-f", *out], capture_output=True)
-
-
 def _run_daemon(base: Path, env: dict[str, str] | None = None) -> Iterator[DaemonProc]:
     d = DaemonProc(base, env=dict(env or {}))
     d.start()
@@ -254,7 +241,6 @@ def _run_daemon(base: Path, env: dict[str, str] | None = None) -> Iterator[Daemo
             leftover = containers_of(d)  # incl. running jobs' (a stopped daemon leaves them)
             if leftover:
                 subprocess.run(["podman", "rm", "-f", *leftover], capture_output=True)
-            _remove_snapshot_images(d)
             assert not leaked, f"containers of finished jobs left behind: {leaked}"
 
 

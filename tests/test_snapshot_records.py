@@ -59,7 +59,7 @@ def test_one_take_per_key_and_failures_are_bounded(ledger: Ledger) -> None:
     assert store.record_failure(ledger, "k", "bad 3", 3) == "failed"
     assert not _claim(ledger, job=20)
     [s] = store.list_snapshots(ledger)
-    assert (s.state, s.failures, s.last_error, s.snap_image) == ("failed", 3, "bad 3", None)
+    assert (s.state, s.failures, s.last_error, s.location) == ("failed", 3, "bad 3", None)
 
 
 def test_a_good_restore_resets_failures(ledger: Ledger) -> None:

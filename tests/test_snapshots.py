@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,21 +49,17 @@ def _running_reason(d: DaemonProc, job_id: int) -> str:
     return next(e.reason for e in events if e.to_state == "running")
 
 
-def _image_exists(image_id: str) -> bool:
-    return subprocess.run(["podman", "image", "exists", image_id]).returncode == 0
-
-
-def _snap_image(d: DaemonProc, snapshot_id: int) -> str:
-    """The checkpoint image of a snapshot, from the ledger (the API does not show it)."""
+def _location(d: DaemonProc, snapshot_id: int) -> Path:
+    """Where a snapshot's files are, from the ledger (the API does not show it)."""
     import sqlite3
 
     db = sqlite3.connect(d.data_dir / "ledger.db")
     try:
-        (image,) = db.execute("SELECT snap_image FROM snapshots WHERE id = ?",
+        (image,) = db.execute("SELECT location FROM snapshots WHERE id = ?",
                               (snapshot_id,)).fetchone()
     finally:
         db.close()
-    return str(image)
+    return Path(image)
 
 
 # -- a class whose setup is in the snapshot -------------------------------------------------
@@ -172,32 +167,29 @@ def test_changed_code_invalidates_the_snapshot(sdaemon: DaemonProc) -> None:
     h = one.spawn(2)
     assert h.get(timeout=60) == "v1:2" and _kind(h) == "restored"
     [old] = _of(sdaemon, "calc")
-    old_image = _snap_image(sdaemon, old.id)
+    old_files = _location(sdaemon, old.id)
 
     two = _plain(sdaemon, v2, "calc")  # same function, new code
     h = two.spawn(3)
     assert h.get(timeout=180) == "v2:3" and _kind(h) == "cold"
     [new] = _of(sdaemon, "calc")
     assert new.id != old.id and new.state == "ready"
-    assert not _image_exists(old_image)  # the old checkpoint image is gone
+    assert not old_files.exists()  # the old snapshot's files are gone
     h = two.spawn(4)
     assert h.get(timeout=60) == "v2:4" and _kind(h) == "restored"
 
 
-def corrupt(image_id: str) -> None:
-    """Damage a checkpoint image in Podman's store: truncate CRIU's page dumps."""
-    upper = subprocess.run(
-        ["podman", "image", "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", image_id],
-        capture_output=True, text=True, check=True).stdout.strip()
-    pages = list(Path(upper).rglob("pages-*.img"))
-    assert pages, f"no page dumps under {upper}"
+def corrupt(where: Path) -> None:
+    """Damage a snapshot: truncate CRIU's memory page dumps."""
+    pages = list(where.glob("pages-*.img"))
+    assert pages, f"no page dumps in {where}"
     for p in pages:
         with open(p, "r+b") as fh:
             fh.truncate(100)
 
 
-def missing(image_id: str) -> None:
-    subprocess.run(["podman", "rmi", "-f", image_id], capture_output=True, check=True)
+def missing(where: Path) -> None:
+    shutil.rmtree(where)
 
 
 @pytest.mark.parametrize("damage", [corrupt, missing])
@@ -207,7 +199,7 @@ def test_a_broken_snapshot_falls_back_to_cold_and_says_why(
     f = _plain(sdaemon, tagged(name), name)
     assert f.remote(1) == f"{name}:1"
     [snap] = _of(sdaemon, name)
-    damage(_snap_image(sdaemon, snap.id))  # type: ignore[operator]
+    damage(_location(sdaemon, snap.id))  # type: ignore[operator]
 
     h = f.spawn(2)
     assert h.get(timeout=180) == f"{name}:2"  # the call itself is fine
@@ -217,6 +209,8 @@ def test_a_broken_snapshot_falls_back_to_cold_and_says_why(
     [after] = _of(sdaemon, name)
     assert after.failures == 1 and after.last_error and after.state == "ready"
     assert "restore failed" in after.last_error, after.last_error
+    if damage is missing:
+        assert "gone" in after.last_error
     # The cold start took a new snapshot, and it restores.
     h = f.spawn(3)
     assert h.get(timeout=60) == f"{name}:3" and _kind(h) == "restored"
@@ -227,11 +221,11 @@ def test_snapshots_rm(sdaemon: DaemonProc) -> None:
     f = _plain(sdaemon, tagged("rm"), "to-remove")
     assert f.remote(1) == "rm:1"
     [snap] = _of(sdaemon, "to-remove")
-    image = _snap_image(sdaemon, snap.id)
+    files = _location(sdaemon, snap.id)
     env = {**os.environ, "GPUD_URL": sdaemon.url}
     p = gpud_cli("snapshots", "rm", str(snap.id), env=env)
     assert p.returncode == 0, p.stderr
-    assert _of(sdaemon, "to-remove") == [] and not _image_exists(image)
+    assert _of(sdaemon, "to-remove") == [] and not files.exists()
     p = gpud_cli("snapshots", "rm", "999999", env=env)
     assert p.returncode != 0 and "no snapshot 999999" in p.stderr
     h = f.spawn(2)  # the next call takes a new one
@@ -242,7 +236,7 @@ def test_snapshots_rm(sdaemon: DaemonProc) -> None:
 # -- garbage collection ---------------------------------------------------------------------
 
 
-def test_checkpoint_images_stay_under_the_budget(base_dir: Path) -> None:
+def test_snapshots_stay_under_the_budget(base_dir: Path) -> None:
     # A snapshot of a small function is about 11 MB: the budget holds two, not three.
     env = {**executor_env("podman"), "GPUD_SNAPSHOT_MAX_BYTES": str(30 * 2**20)}
     for d in _run_daemon(base_dir, env):
@@ -255,10 +249,8 @@ def test_checkpoint_images_stay_under_the_budget(base_dir: Path) -> None:
         assert lst.used_bytes <= 30 * 2**20, lst
         assert ready and ready[-1].function == "gc-2"  # the newest stays
         assert len(ready) < 3  # the least recently used went
-        images = subprocess.run(["podman", "images", "-q", "--filter",
-                                 "reference=localhost/gpud-snap-*"], capture_output=True,
-                                text=True).stdout.split()
-        assert not {_snap_image(d, s.id)[:12] for s in ready} - set(images)
+        on_disk = sorted(p.name for p in (d.data_dir / "snapshots").iterdir())
+        assert on_disk == sorted(_location(d, s.id).name for s in ready)
 
 
 # -- restarts ---------------------------------------------------------------------------

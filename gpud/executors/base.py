@@ -41,8 +41,9 @@ class LaunchSpec:
     #: (hub socket, token): start a warm worker that serves jobs sent through the hub
     #: instead of running this one job directory
     serve: tuple[str, str] | None = None
-    #: the container will be checkpointed for a snapshot (issue #4)
-    snapshot: bool = False
+    #: the container will be checkpointed for a snapshot (issue #4) into this directory,
+    #: which it gets mounted
+    snapshot: Path | None = None
 
 
 @dataclass(slots=True)

@@ -50,7 +50,6 @@ HUB_MOUNT = "/gpud/hub"
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
 LABEL_JOB = "gpud.job"
 LABEL_DAEMON = "gpud.daemon"
-SNAPSHOT_PREFIX = "localhost/gpud-snap-"
 
 
 class PodmanUnavailable(RuntimeError):
@@ -124,6 +123,9 @@ def container_spec(
         command = [*command[:-1], "--serve"]
         extra_env = {"GPUD_HUB": f"{HUB_MOUNT}/{Path(hub).name}", "GPUD_WORKER_TOKEN": token}
         workdir = "/tmp"
+    if spec.snapshot is not None:
+        mounts.append({"type": "bind", "source": str(spec.snapshot),
+                       "target": snap.SNAPSHOT_MOUNT, "read_only": True})
     for v in volumes:
         src, _, rest = v.partition(":")
         dst, _, opts = rest.partition(":")
@@ -156,8 +158,9 @@ def container_spec(
         # Exactly the groups a login of this user has (as for a process job), so that
         # group-shared datasets mounted with podman_volumes work as in the user's shell.
         args["group_add"] = [str(g) for g in identity.groups]
-    if spec.snapshot:
-        # CRIU can dump it only in a user namespace of root's (see snapshots.podman).
+    if spec.snapshot is not None:
+        # CRIU can dump it only in a user namespace of root's; its restores read their
+        # memory pages from the snapshot's directory, mounted (see snapshots.podman).
         args["userns_mode"] = "private"
         args["idmappings"] = snap.SNAPSHOT_IDMAPPINGS
     if spec.memory is not None:
@@ -310,7 +313,7 @@ class PodmanExecutor:
         out = []
         for img in self._client.images.list():
             for tag in img.tags or []:
-                if tag.startswith(SNAPSHOT_PREFIX) or "<none>" in tag:
+                if "<none>" in tag:
                     continue
                 created = img.attrs.get("Created", 0)
                 out.append(ImageInfo(name=tag, id=img.id, size=int(img.attrs.get("Size", 0)),
@@ -361,30 +364,23 @@ class PodmanExecutor:
         """The image's id (content digest), for snapshot keys."""
         return await trio.to_thread.run_sync(lambda: str(self._client.images.get(name).id))
 
-    @property
-    def snapshot_prefix(self) -> str:
-        """Names of this daemon's checkpoint images start with this."""
-        return f"{SNAPSHOT_PREFIX}{self.instance}-"
+    async def checkpoint(self, handle: Handle, dest: Path) -> int:
+        """Checkpoint a running (warm, idle) container into ``dest`` (the snapshot
+        directory it has mounted); it runs on. Returns the snapshot's size in bytes."""
+        return await trio.to_thread.run_sync(snap.checkpoint_to_dir, self._client,
+                                             str(handle.container), dest)
 
-    async def checkpoint(self, handle: Handle, image_name: str) -> tuple[str, int]:
-        """Checkpoint a running (warm, idle) container into an image; it runs on.
-        Returns (image id, size in bytes)."""
-        def work() -> tuple[str, int]:
-            image_id = snap.checkpoint_to_image(self._client, str(handle.container), image_name)
-            return image_id, snap.image_size(self._client, image_id)
-        return await trio.to_thread.run_sync(work)
-
-    async def restore(self, image_id: str, job_id: int, attempt: int,
+    async def restore(self, location: Path, job_id: int, attempt: int,
                       hang_limit: float = 30.0) -> Handle:
-        """A new container for this job, restored from a checkpoint image. CRIU can hang
-        for good on a damaged checkpoint: after ``hang_limit`` seconds the restore is
-        killed and SnapshotError raised."""
+        """A new container for this job, restored from a snapshot directory. CRIU can
+        hang for good on a damaged checkpoint: after ``hang_limit`` seconds the restore
+        is killed and SnapshotError raised."""
         name = self._container_name(job_id, attempt)
 
         def work() -> Handle:
             with contextlib.suppress(Exception):
                 self._client.containers.get(name).remove(force=True)
-            cid = snap.restore_from_image(self._client, image_id, name)
+            cid = snap.restore_from_dir(self._client, location, name)
             ctr = self._client.containers.get(cid)
             pid = int(ctr.attrs.get("State", {}).get("Pid") or 0)
             return Handle(job_id=job_id, pid=pid, pid_start=proc_start_time(pid) or 0
@@ -420,13 +416,6 @@ class PodmanExecutor:
             raise outcome[0]
         handle: Handle = outcome[0]
         return handle
-
-    async def remove_snapshot(self, image_id: str) -> None:
-        await trio.to_thread.run_sync(snap.remove_image, self._client, image_id)
-
-    async def snapshot_images(self) -> dict[str, str]:
-        return await trio.to_thread.run_sync(snap.snapshot_images, self._client,
-                                             self.snapshot_prefix)
 
     async def wait(self, handle: Handle) -> Outcome:
         if handle.pid:

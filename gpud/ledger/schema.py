@@ -157,7 +157,7 @@ MIGRATIONS: list[str] = [
         owner       TEXT NOT NULL,
         image       TEXT NOT NULL,            -- the job's image, by name
         state       TEXT NOT NULL,            -- taking | ready | failed
-        snap_image  TEXT,                     -- the checkpoint image's id in Podman's store
+        location    TEXT,                     -- the snapshot's directory (pages + archive)
         size        INTEGER NOT NULL DEFAULT 0,
         created_at  REAL NOT NULL,
         last_used   REAL,

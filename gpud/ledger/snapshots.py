@@ -6,7 +6,7 @@ right (:func:`gpud.snapshots.key_parts`); ``parts`` keeps those parts readable s
 replaced snapshot can say what changed. States:
 
 * ``taking`` - a container is being checkpointed for this key now;
-* ``ready``  - ``snap_image`` restores;
+* ``ready``  - ``location`` restores;
 * ``retry``  - the last take or restore failed (``last_error``): the next cold start
   takes it again;
 * ``failed`` - ``failures`` reached the daemon's limit: not taken or used any more.
@@ -40,7 +40,7 @@ __all__ = [
     "record_failure",
 ]
 
-_COLUMNS = ("id, key, parts, function, owner, image, state, snap_image, size, created_at, "
+_COLUMNS = ("id, key, parts, function, owner, image, state, location, size, created_at, "
             "last_used, restores, failures, last_error, taken_by")
 
 
@@ -53,7 +53,7 @@ class Snapshot:
     owner: str
     image: str
     state: str
-    snap_image: str | None
+    location: str | None
     size: int
     created_at: float
     last_used: float | None
@@ -68,7 +68,7 @@ def _row(r: sqlite3.Row) -> Snapshot:
     return Snapshot(
         id=r["id"], key=r["key"], parts={str(k): str(v) for k, v in parts.items()},
         function=r["function"], owner=r["owner"], image=r["image"], state=r["state"],
-        snap_image=r["snap_image"], size=r["size"], created_at=r["created_at"],
+        location=r["location"], size=r["size"], created_at=r["created_at"],
         last_used=r["last_used"], restores=r["restores"], failures=r["failures"],
         last_error=r["last_error"], taken_by=r["taken_by"],
     )
@@ -100,17 +100,17 @@ def claim_take(ledger: Ledger, key: str, parts: dict[str, str], *, function: str
             (key, json.dumps(parts, sort_keys=True), function, owner, image, now, job_id))
         if cur.rowcount == 1:
             return True
-        cur = c.execute("UPDATE snapshots SET state = 'taking', taken_by = ?, snap_image = NULL, "
+        cur = c.execute("UPDATE snapshots SET state = 'taking', taken_by = ?, location = NULL, "
                         "size = 0 WHERE key = ? AND state = 'retry'", (job_id, key))
         return cur.rowcount == 1
 
 
-def mark_ready(ledger: Ledger, key: str, snap_image: str, size: int, now: float) -> None:
+def mark_ready(ledger: Ledger, key: str, location: str, size: int, now: float) -> None:
     # (failures stays: only a good restore shows that the snapshot works)
     with ledger._tx() as c:
-        c.execute("UPDATE snapshots SET state = 'ready', snap_image = ?, size = ?, "
+        c.execute("UPDATE snapshots SET state = 'ready', location = ?, size = ?, "
                   "created_at = ?, last_used = ? WHERE key = ?",
-                  (snap_image, size, now, now, key))
+                  (location, size, now, now, key))
 
 
 def abandon_take(ledger: Ledger, key: str) -> None:
@@ -118,7 +118,7 @@ def abandon_take(ledger: Ledger, key: str) -> None:
     raised): forget the claim, so that the next call tries again."""
     with ledger._tx() as c:
         c.execute("DELETE FROM snapshots WHERE key = ? AND state = 'taking' "
-                  "AND snap_image IS NULL AND restores = 0 AND failures = 0", (key,))
+                  "AND location IS NULL AND restores = 0 AND failures = 0", (key,))
         c.execute("UPDATE snapshots SET state = 'retry' WHERE key = ? AND state = 'taking'",
                   (key,))
 
@@ -135,7 +135,7 @@ def record_failure(ledger: Ledger, key: str, error: str, max_failures: int) -> s
     removes it)."""
     with ledger._tx() as c:
         c.execute("UPDATE snapshots SET failures = failures + 1, last_error = ?, "
-                  "snap_image = NULL, size = 0, "
+                  "location = NULL, size = 0, "
                   "state = CASE WHEN failures + 1 >= ? THEN 'failed' ELSE 'retry' END "
                   "WHERE key = ?", (error, max_failures, key))
         r = c.execute("SELECT state FROM snapshots WHERE key = ?", (key,)).fetchone()
