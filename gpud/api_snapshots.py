@@ -2,7 +2,7 @@
 
 * ``GET /v1/snapshots`` - the caller's snapshots (an admin's: everyone's), with their
   state, size, restores and the last failure;
-* ``DELETE /v1/snapshots/{id}`` - remove one (its checkpoint image too); the function's
+* ``DELETE /v1/snapshots/{id}`` - remove one (its files too); the function's
   next call takes a new one. A failed snapshot is brought back into use this way.
 """
 
@@ -22,7 +22,7 @@ __all__ = ["SNAPSHOT_DOC", "snapshot_routes"]
 
 SNAPSHOT_DOC: list[tuple[str, str, str, type | None, type | None, str]] = [
     ("get", "/snapshots", "Container snapshots (Podman executor)", None, SnapshotList, ""),
-    ("delete", "/snapshots/{snapshot_id}", "Remove a snapshot and its checkpoint image", None,
+    ("delete", "/snapshots/{snapshot_id}", "Remove a snapshot and its files", None,
      SnapshotInfo, ""),
 ]
 

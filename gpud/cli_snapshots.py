@@ -64,8 +64,8 @@ def snapshots(ctx: click.Context, as_json: bool, url: str | None) -> None:
 @url_option
 @handle_errors
 def rm(ids: tuple[int, ...], url: str | None) -> None:
-    """Remove snapshots (and their checkpoint images); the function's next call takes a
-    new one. This also brings a failed snapshot back into use."""
+    """Remove snapshots (and their files); the function's next call takes a new one.
+    This also brings a failed snapshot back into use."""
     with _client(url) as c:
         for i in ids:
             s = c.remove_snapshot(i)

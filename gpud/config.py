@@ -72,8 +72,8 @@ class Config:
     keep_warm_default: float = 0.0
     #: the longest keep_warm a job may ask for
     keep_warm_max: float = 3600.0
-    #: container snapshots (snapshot=True, Podman executor): the most bytes their
-    #: checkpoint images may take together; least recently used ones go first
+    #: container snapshots (snapshot=True, Podman executor): the most bytes they may
+    #: take together (under <data_dir>/snapshots); least recently used ones go first
     snapshot_max_bytes: int = 10 * 1024**3
     #: a snapshot that fails this many times in a row (to take or to restore) is not used
     #: again until `gpud snapshots rm`

@@ -578,12 +578,16 @@ class Daemon:
         code: int | None = None
         finished = False
         task_dir = self.executor.task_dir(spec.job_dir)
-        with scope:
+        try:
+            with scope:
+                if take is not None and self.snapshots is not None:
+                    await self.snapshots.take(w, job, take, task_dir)
+                code = await self.warm.run(w, job.id, task_dir, keep_warm=job.keep_warm,
+                                           env=_task_env(job))
+                finished = True
+        finally:
             if take is not None and self.snapshots is not None:
-                await self.snapshots.take(w, job, take, task_dir)
-            code = await self.warm.run(w, job.id, task_dir, keep_warm=job.keep_warm,
-                                       env=_task_env(job))
-            finished = True
+                await self.snapshots.settle(take, job.id)
         if not finished:
             # Cancelled or out of time: the worker goes with the job.
             self.warm.forget(w)

@@ -236,6 +236,7 @@ class Snapshotter:
         if error is not None:
             # The user's setup raised (the job will say so), or the worker died.
             log.info("job %s: no snapshot taken: %s", job.id, error)
+            await trio.to_thread.run_sync(remove_dir, self._dir(key))
             await self.ledger.call(store.abandon_take, key)
             return
         self.pool.expect(w, str(w.handle.container))
@@ -258,6 +259,18 @@ class Snapshotter:
         if not await self._rejoined(w, w.handle):
             raise RuntimeError("the job's worker did not call the daemon back after its "
                                "snapshot was taken")
+
+    async def settle(self, key: str, job_id: int) -> None:
+        """After a taking job's start, whatever happened (it may have been cancelled or
+        timed out before or during the take): a claim still open is given up, so the
+        key is not left "taking" until the daemon restarts."""
+        with trio.CancelScope(shield=True):
+            snap = await self.ledger.call(store.get_snapshot, key)
+            if snap is not None and snap.state == "taking" and snap.taken_by == job_id:
+                log.info("job %s ended before its snapshot was taken", job_id)
+                await trio.to_thread.run_sync(remove_dir, self._dir(key))
+                await self.ledger.call(store.abandon_take, key)
+                self._go(key).touch(mode=0o644)  # a worker waiting for it goes on
 
     async def _after_take(self, job: Job, key: str, size: int) -> None:
         snaps = await self.ledger.call(store.list_snapshots, job.owner)
@@ -303,5 +316,5 @@ class Snapshotter:
         await self.ledger.call(store.delete_snapshot, s.id)
 
     async def remove(self, s: store.Snapshot) -> None:
-        """`gpud snapshots rm`: the image and the record; the next call takes a new one."""
+        """`gpud snapshots rm`: the files and the record; the next call takes a new one."""
         await self._drop(s)

@@ -191,10 +191,11 @@ def test_a_version_3_ledger_upgrades_keeping_its_jobs(tmp_path: Path) -> None:
 
     led = Ledger(path)
     try:
-        assert led.conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert led.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         job = led.get(1)
         assert (job.memory, job.cpus, job.keep_warm, job.start_kind, job.startup) == (
             1048576, 0.5, 30.0, "warm", 0.25)
+        assert job.snapshot is False  # migration 5's default for jobs from before it
         assert job.wall_seconds == 1.0 and job.gpu_seconds == 1.0
         assert led.integrity_check() == "ok"
     finally:

@@ -275,3 +275,43 @@ def test_a_job_in_a_restored_container_survives_a_daemon_restart(base_dir: Path)
         assert h.get(timeout=120) == 6.0
         info = h.status()
         assert info.state == "succeeded" and info.attempt == 1
+
+
+# -- setup that fails or runs out of time ----------------------------------------------------
+
+broken_app = gpud.App("snapsetup")
+
+
+@broken_app.cls(snapshot=True)
+class Fragile:
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+
+    @gpud.enter(snap=True)
+    def load(self) -> None:
+        time.sleep(self.wait)
+        if self.wait == 0:
+            raise ValueError("no model here")
+
+    @gpud.method()
+    def run(self) -> str:
+        return "ran"
+
+
+def test_failing_setup_is_the_jobs_error_and_takes_no_snapshot(sdaemon: DaemonProc) -> None:
+    run = Fragile(0.0).run.with_options(url=sdaemon.url)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="no model here"):
+        run.remote()
+    assert _of(sdaemon, "snapsetup.Fragile.run") == []  # the next call tries again
+    with pytest.raises(ValueError, match="no model here"):
+        run.remote()
+    assert _of(sdaemon, "snapsetup.Fragile.run") == []
+
+
+def test_a_job_timed_out_in_its_setup_leaves_no_half_taken_snapshot(
+        sdaemon: DaemonProc) -> None:
+    run = Fragile(60.0).run.with_options(url=sdaemon.url, timeout=4)  # type: ignore
+    h = run.spawn()
+    info = h.wait(timeout=120)
+    assert info.state == "timed_out", info
+    assert _of(sdaemon, "snapsetup.Fragile.run") == []  # not left "taking"
