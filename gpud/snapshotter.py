@@ -81,6 +81,7 @@ class Snapshotter:
         self._driver = driver
         self._gpu_part = gpu_part
         self._in_use: collections.Counter[str] = collections.Counter()  # key -> restores now
+        self._taking: dict[str, Path] = {}  # key -> the directory a take writes into
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -100,9 +101,10 @@ class Snapshotter:
                 why = describe_change({k: s.parts.get(k, "") for k in stale}, stale)
                 log.info("removing snapshot %s of %s: %s", s.id, s.function, why)
                 await self._drop(s)
-        known = {s.key for s in await self.ledger.call(store.list_snapshots)}
+        known = {s.location for s in await self.ledger.call(store.list_snapshots)
+                 if s.location}
         for d in sorted(self.root.iterdir()):
-            if d.name not in known:
+            if str(d) not in known:
                 log.info("removing snapshot directory %s that no snapshot uses", d)
                 await trio.to_thread.run_sync(remove_dir, d)
 
@@ -124,14 +126,11 @@ class Snapshotter:
     def _go(self, key: str) -> Path:
         return self.go_dir / key
 
-    def _dir(self, key: str) -> Path:
-        return self.root / key
-
     def _fresh_dir(self, key: str) -> Path:
         """An empty directory for a new snapshot of this key, for the container to mount
-        and for its restores (as the user namespace's root) to read."""
-        d = self._dir(key)
-        remove_dir(d)
+        and for its restores (as the user namespace's root) to read. Each take gets its
+        own, so a restore of an older one never reads a newer one's half-written files."""
+        d = self.root / f"{key[:32]}.{time.time_ns()}"
         d.mkdir(mode=0o700)
         os.chown(d, NS_ROOT, NS_ROOT)
         return d
@@ -151,8 +150,9 @@ class Snapshotter:
                 w = await self._restore(job, key, snap.location)
             except (SnapshotError, OSError) as e:
                 state = await self.ledger.call(store.record_failure, key, str(e),
-                                               self.max_failures)
-                await trio.to_thread.run_sync(remove_dir, Path(snap.location))
+                                               self.max_failures, snap.location)
+                if not self._in_use[key]:  # (concurrent restores of it may still read it)
+                    await trio.to_thread.run_sync(remove_dir, Path(snap.location))
                 log.warning("job %s: snapshot %s could not be restored: %s", job.id, snap.id, e)
                 note = f"its snapshot could not be restored: {e}"
                 if state == "failed":
@@ -171,13 +171,13 @@ class Snapshotter:
         where: Path | None = None
         if take:
             self._go(key).unlink(missing_ok=True)
-            where = await trio.to_thread.run_sync(self._fresh_dir, key)
+            where = self._taking[key] = await trio.to_thread.run_sync(self._fresh_dir, key)
             note = f"{note}; taking a new one" if note else "taking its snapshot"
         try:
             w = await cold(job, spec, where)
         except BaseException:
             if take:
-                await self.ledger.call(store.abandon_take, key)
+                await self.settle(key, job.id)
             raise
         return Plan(w, "cold", note, key if take else None)
 
@@ -236,15 +236,14 @@ class Snapshotter:
         if error is not None:
             # The user's setup raised (the job will say so), or the worker died.
             log.info("job %s: no snapshot taken: %s", job.id, error)
-            await trio.to_thread.run_sync(remove_dir, self._dir(key))
-            await self.ledger.call(store.abandon_take, key)
-            return
+            return  # settle() gives up the claim
         self.pool.expect(w, str(w.handle.container))
-        where = self._dir(key)
+        where = self._taking[key]
         try:
             t0 = time.monotonic()
             size = await self.executor.checkpoint(w.handle, where)
         except (SnapshotError, OSError) as e:
+            del self._taking[key]
             await trio.to_thread.run_sync(remove_dir, where)
             state = await self.ledger.call(store.record_failure, key, str(e),
                                            self.max_failures)
@@ -252,8 +251,9 @@ class Snapshotter:
         else:
             log.info("job %s: snapshot of %s taken in %.2f s (%d MB)", job.id, job.function,
                      time.monotonic() - t0, size // 2**20)
+            del self._taking[key]
             await self.ledger.call(store.mark_ready, key, str(where), size, time.time())
-            await self._after_take(job, key, size)
+            await self._after_take(job, key, where, size)
         finally:
             self._go(key).touch(mode=0o644)  # the worker (and later restores) go on
         if not await self._rejoined(w, w.handle):
@@ -265,21 +265,23 @@ class Snapshotter:
         timed out before or during the take): a claim still open is given up, so the
         key is not left "taking" until the daemon restarts."""
         with trio.CancelScope(shield=True):
+            where = self._taking.pop(key, None)
+            if where is not None:
+                await trio.to_thread.run_sync(remove_dir, where)
             snap = await self.ledger.call(store.get_snapshot, key)
             if snap is not None and snap.state == "taking" and snap.taken_by == job_id:
-                log.info("job %s ended before its snapshot was taken", job_id)
-                await trio.to_thread.run_sync(remove_dir, self._dir(key))
+                log.info("job %s: no snapshot of it was taken", job_id)
                 await self.ledger.call(store.abandon_take, key)
                 self._go(key).touch(mode=0o644)  # a worker waiting for it goes on
 
-    async def _after_take(self, job: Job, key: str, size: int) -> None:
+    async def _after_take(self, job: Job, key: str, where: Path, size: int) -> None:
         snaps = await self.ledger.call(store.list_snapshots, job.owner)
         new = next(s for s in snaps if s.key == key)
         if size > self.max_bytes:
             await self.ledger.call(store.record_failure, key,
                                    f"its checkpoint ({size / 2**20:.0f} MB) is larger than "
                                    f"snapshot_max_bytes ({self.max_bytes / 2**20:.0f} MB)", 1)
-            await trio.to_thread.run_sync(remove_dir, self._dir(key))
+            await trio.to_thread.run_sync(remove_dir, where)
             return
         for old in snaps:
             if old.key != key and old.function == job.function and not self._in_use[old.key] \
@@ -310,7 +312,8 @@ class Snapshotter:
         return bool(self._in_use[snap.key])
 
     async def _drop(self, s: store.Snapshot) -> None:
-        await trio.to_thread.run_sync(remove_dir, self._dir(s.key))
+        if s.location:
+            await trio.to_thread.run_sync(remove_dir, Path(s.location))
         with contextlib.suppress(OSError):
             self._go(s.key).unlink()
         await self.ledger.call(store.delete_snapshot, s.id)

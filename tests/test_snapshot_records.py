@@ -135,3 +135,13 @@ def test_snapshot_true_runs_on_the_process_executor(process_daemon: DaemonProc) 
         lst = c.snapshots()
     assert "snapshots need the Podman executor" in (reason or "")
     assert lst.snapshots == [] and lst.note and "podman" in lst.note
+
+
+def test_concurrent_failed_restores_of_one_snapshot_count_once(ledger: Ledger) -> None:
+    _claim(ledger)
+    store.mark_ready(ledger, "k", "/snaps/k.1", 10, 1.0)
+    # Three restores of the same (damaged) snapshot fail at once: one failure.
+    states = [store.record_failure(ledger, "k", "bad", 3, "/snaps/k.1") for _ in range(3)]
+    assert states == ["retry", "retry", "retry"]
+    s = store.get_snapshot(ledger, "k")
+    assert s is not None and s.failures == 1 and s.location is None

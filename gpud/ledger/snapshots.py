@@ -129,15 +129,21 @@ def record_restore(ledger: Ledger, key: str, now: float) -> None:
                   "WHERE key = ?", (now, key))
 
 
-def record_failure(ledger: Ledger, key: str, error: str, max_failures: int) -> str:
+def record_failure(ledger: Ledger, key: str, error: str, max_failures: int,
+                   location: str | None = None) -> str:
     """Count a failed take or restore; return the new state: ``retry``, or ``failed``
-    when that was ``max_failures`` in a row. The image is gone either way (the caller
-    removes it)."""
+    when that was ``max_failures`` in a row. The snapshot's files are gone either way
+    (the caller removes them). ``location``: the failed restore's snapshot; when that is
+    not the key's current one (a concurrent restore of it already failed, and counted),
+    nothing changes."""
     with ledger._tx() as c:
+        guard, args = "", [error, max_failures, key]
+        if location is not None:
+            guard, args = " AND state = 'ready' AND location = ?", [*args, location]
         c.execute("UPDATE snapshots SET failures = failures + 1, last_error = ?, "
                   "location = NULL, size = 0, "
                   "state = CASE WHEN failures + 1 >= ? THEN 'failed' ELSE 'retry' END "
-                  "WHERE key = ?", (error, max_failures, key))
+                  f"WHERE key = ?{guard}", args)
         r = c.execute("SELECT state FROM snapshots WHERE key = ?", (key,)).fetchone()
     return str(r[0]) if r is not None else "retry"
 
