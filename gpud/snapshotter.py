@@ -13,9 +13,9 @@ A restore that fails falls back to a cold start that takes the snapshot again, w
 reason in the job's events and in ``gpud snapshots``; after ``snapshot_max_failures``
 failures in a row the snapshot is not used again (see :mod:`gpud.ledger.snapshots`).
 A newly taken snapshot replaces the owner's older ones of the same function (whose key
-changed: new code, image, ...). Snapshots live in ``<data_dir>/snapshots/<key>/`` and
-take at most ``snapshot_max_bytes`` together; the least recently used go first, never
-one being restored.
+changed: new code, image, ...). Snapshots live in ``<data_dir>/snapshots/<key>.<ns>/``
+(a directory per take) and take at most ``snapshot_max_bytes`` together; the least
+recently used go first, never one being restored.
 """
 
 from __future__ import annotations
