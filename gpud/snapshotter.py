@@ -229,7 +229,8 @@ class Snapshotter:
 
     async def take(self, w: WarmWorker, job: Job, key: str, task_dir: str) -> None:
         """Checkpoint the job's new worker after its setup; it then runs the job. Whatever
-        goes wrong with the snapshot, the job runs on (it is the job's cold start)."""
+        goes wrong with the snapshot, the job runs on (it is the job's cold start); if
+        the worker itself is gone, running the job finds that out."""
         assert w.handle is not None and w.stream is not None
         go_in = f"{self.executor.hub_mount}/go/{key}"
         error = await self.pool.prepare(w, task_dir, go_in, SNAPSHOT_TOKEN_PREFIX + key)
@@ -257,8 +258,8 @@ class Snapshotter:
         finally:
             self._go(key).touch(mode=0o644)  # the worker (and later restores) go on
         if not await self._rejoined(w, w.handle):
-            raise RuntimeError("the job's worker did not call the daemon back after its "
-                               "snapshot was taken")
+            log.warning("job %s: its worker did not call back after the checkpoint", job.id)
+            self.pool.forget(w)
 
     async def settle(self, key: str, job_id: int) -> None:
         """After a taking job's start, whatever happened (it may have been cancelled or

@@ -265,7 +265,9 @@ class WarmPool:
                   keep_warm: float, env: dict[str, str] | None = None) -> int | None:
         """Send one job to the worker and wait for its exit code (None: the worker died).
         Afterwards the worker stays for ``keep_warm`` seconds (the latest job's word)."""
-        assert w.stream is not None and w._results is not None
+        assert w._results is not None
+        if w.stream is None:
+            return None  # it went away (e.g. its container died during a snapshot take)
         w.busy, w.last_job, w.keep_warm = job_id, job_id, keep_warm
         msg = json.dumps({"job_id": job_id, "dir": job_dir, "env": env or {}}).encode() + b"\n"
         try:
