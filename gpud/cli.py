@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import click
 
 from gpud import __version__
+from gpud.cli_options import url_option
 
 __all__ = ["EXIT", "main"]
 
@@ -57,13 +58,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(EXIT["interrupted"])
 
     return wrapper
-
-
-url_option = click.option(
-    "--url", envvar="GPUD_URL", default=None, metavar="URL",
-    help="The daemon: unix:///path/to.sock or http://host:port (default: GPUD_URL, then "
-    "~/.config/gpud/client.toml, then the default socket).",
-)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

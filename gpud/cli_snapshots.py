@@ -5,16 +5,9 @@ from __future__ import annotations
 import click
 
 from gpud.cli import _ago, _client, _console, _print_json, handle_errors
+from gpud.cli_options import url_option
 
 __all__ = ["snapshots"]
-
-# The same option as gpud.cli's (declared here so that mypy need not follow the import
-# cycle between the two modules).
-url_option = click.option(
-    "--url", envvar="GPUD_URL", default=None, metavar="URL",
-    help="The daemon: unix:///path/to.sock or http://host:port (default: GPUD_URL, then "
-    "~/.config/gpud/client.toml, then the default socket).",
-)
 
 
 def _mb(n: int) -> str:

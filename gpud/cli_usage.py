@@ -10,16 +10,9 @@ from typing import Any
 import click
 
 from gpud.cli import _client, _print_json, fail, handle_errors
+from gpud.cli_options import url_option
 
 __all__ = ["usage", "whoami"]
-
-# The same option as gpud.cli's (declared here so that mypy need not follow the import
-# cycle between the two modules).
-url_option = click.option(
-    "--url", envvar="GPUD_URL", default=None, metavar="URL",
-    help="The daemon: unix:///path/to.sock or http://host:port (default: GPUD_URL, then "
-    "~/.config/gpud/client.toml, then the default socket).",
-)
 
 
 def parse_since(text: str, now: float) -> float:

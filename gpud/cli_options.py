@@ -1,0 +1,14 @@
+"""Options shared by the `gpud` commands in gpud.cli and its sibling modules (kept apart
+from gpud.cli so that those modules need not follow their import cycle with it for it)."""
+
+from __future__ import annotations
+
+import click
+
+__all__ = ["url_option"]
+
+url_option = click.option(
+    "--url", envvar="GPUD_URL", default=None, metavar="URL",
+    help="The daemon: unix:///path/to.sock or http://host:port (default: GPUD_URL, then "
+    "~/.config/gpud/client.toml, then the default socket).",
+)
