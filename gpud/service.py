@@ -51,7 +51,7 @@ from gpud.safefs import open_append, read_file, write_new
 from gpud.scheduler import decide, infeasible, order_key, scheduling_key
 from gpud.snapshotter import Snapshotter
 from gpud.users import Directory, run_as
-from gpud.warm import WarmPool, WarmWorker, warm_key
+from gpud.warm import WarmPool, WarmWorker, first_of, warm_key
 from gpud_client.jobdir import (
     EXIT_SETUP,
     RESULT_FILE,
@@ -614,19 +614,8 @@ class Daemon:
         with trio.CancelScope(shield=True):
             handle = await self.executor.launch(spec)
         w.handle = handle
-
-        async def died() -> None:
-            await self.executor.wait(handle)
-            n.cancel_scope.cancel()
-
-        async def hello() -> None:
-            await w.hello.wait()
-            n.cancel_scope.cancel()
-
         with trio.move_on_after(60):
-            async with trio.open_nursery() as n:
-                n.start_soon(died)
-                n.start_soon(hello)
+            await first_of(w.hello.wait, lambda: self.executor.wait(handle))
         if not w.hello.is_set():
             self.warm.forget(w)
             await trio.to_thread.run_sync(self.executor.reap, handle)

@@ -37,7 +37,7 @@ from gpud.domain import Job
 from gpud.executors.base import Handle, LaunchSpec
 from gpud.ledger import LedgerThread
 from gpud.ledger import snapshots as store
-from gpud.warm import SNAPSHOT_TOKEN_PREFIX, WarmPool, WarmWorker, warm_key
+from gpud.warm import SNAPSHOT_TOKEN_PREFIX, WarmPool, WarmWorker, first_of, warm_key
 from snapshots import (
     SnapshotError,
     describe_change,
@@ -211,18 +211,8 @@ class Snapshotter:
 
     async def _rejoined(self, w: WarmWorker, handle: Handle) -> bool:
         """Wait for the worker's hello; False if its container ended or it took too long."""
-        async def died() -> None:
-            await self.executor.wait(handle)
-            n.cancel_scope.cancel()
-
-        async def hello() -> None:
-            await w.hello.wait()
-            n.cancel_scope.cancel()
-
         with trio.move_on_after(REJOIN_TIMEOUT):
-            async with trio.open_nursery() as n:
-                n.start_soon(died)
-                n.start_soon(hello)
+            await first_of(w.hello.wait, lambda: self.executor.wait(handle))
         return w.hello.is_set() and w.stream is not None
 
     # -- taking -------------------------------------------------------------------------

@@ -29,17 +29,24 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from gpud.domain import Job
-from gpud.executors.base import Handle
+from gpud.executors.base import Handle, container_of
 from gpud.peercred import read_peercred
 
-__all__ = ["SNAPSHOT_TOKEN_PREFIX", "WarmKey", "WarmPool", "WarmWorker", "warm_key"]
+__all__ = [
+    "SNAPSHOT_TOKEN_PREFIX",
+    "WarmKey",
+    "WarmPool",
+    "WarmWorker",
+    "first_of",
+    "warm_key",
+]
 
 log = logging.getLogger("gpud.warm")
 
@@ -57,12 +64,15 @@ def warm_key(job: Job) -> WarmKey:
     return (job.code_hash, job.image or "", gpu, job.owner, rest)
 
 
-def _cgroup(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as fh:
-            return fh.read()
-    except OSError:
-        return ""
+async def first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Run the waits side by side; return as soon as one of them has returned."""
+    async with trio.open_nursery() as n:
+        async def one(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            n.cancel_scope.cancel()
+
+        for wait in waits:
+            n.start_soon(one, wait)
 
 
 @dataclass(eq=False)
@@ -177,14 +187,13 @@ class WarmPool:
         peer = read_peercred(stream.socket)
         if peer is None:
             return None
-        cgroup = _cgroup(peer.pid)
         with trio.move_on_after(60):
             while True:
-                for cid, w in self._expecting.items():
-                    if cid and cid in cgroup:
-                        del self._expecting[cid]
-                        w.rejoining = False
-                        return w
+                cid = container_of(peer.pid, self._expecting)
+                if cid is not None:
+                    w = self._expecting.pop(cid)
+                    w.rejoining = False
+                    return w
                 self._registered = trio.Event() if self._registered.is_set() \
                     else self._registered
                 await self._registered.wait()
@@ -231,17 +240,7 @@ class WarmPool:
             await w.stream.send_all(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return "the worker went away"
-        async with trio.open_nursery() as n:
-            async def _death() -> None:
-                await w.gone.wait()
-                n.cancel_scope.cancel()
-
-            async def _ready() -> None:
-                await w.prepared.wait()
-                n.cancel_scope.cancel()
-
-            n.start_soon(_death)
-            n.start_soon(_ready)
+        await first_of(w.prepared.wait, w.gone.wait)
         if not w.prepared.is_set():
             return "the worker ended during its setup"
         return w.prepare_error
@@ -274,21 +273,13 @@ class WarmPool:
             await w.stream.send_all(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None
-        async with trio.open_nursery() as n:
-            result: list[int | None] = []
+        result: list[int | None] = []
 
-            async def _result() -> None:
-                assert w._results is not None
-                result.append(await w._results.receive())
-                n.cancel_scope.cancel()
+        async def _result() -> None:
+            assert w._results is not None
+            result.append(await w._results.receive())
 
-            async def _death() -> None:
-                await w.gone.wait()
-                result.append(None)
-                n.cancel_scope.cancel()
-
-            n.start_soon(_result)
-            n.start_soon(_death)
+        await first_of(_result, w.gone.wait)
         w.busy = None
         w.idle_since = time.monotonic()
         return result[0] if result else None

@@ -17,7 +17,26 @@ if TYPE_CHECKING:
 
 from gpud.domain import Job
 
-__all__ = ["Executor", "ExecutorRefusal", "Handle", "ImageInfo", "LaunchSpec", "Outcome"]
+__all__ = [
+    "Executor",
+    "ExecutorRefusal",
+    "Handle",
+    "ImageInfo",
+    "LaunchSpec",
+    "Outcome",
+    "container_of",
+]
+
+
+def container_of(pid: int, containers: Iterable[str]) -> str | None:
+    """Which of these containers (by id) the process ``pid`` lives in: its cgroup path
+    names the container. None if none of them, or no such process."""
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as fh:
+            cgroup = fh.read()
+    except OSError:
+        return None
+    return next((c for c in containers if c and c in cgroup), None)
 
 
 class ExecutorRefusal(ValueError):

@@ -26,7 +26,14 @@ from typing import Any
 import trio
 
 from gpud.domain import Job, JobState
-from gpud.executors.base import ExecutorRefusal, Handle, ImageInfo, LaunchSpec, Outcome
+from gpud.executors.base import (
+    ExecutorRefusal,
+    Handle,
+    ImageInfo,
+    LaunchSpec,
+    Outcome,
+    container_of,
+)
 from gpud.executors.process import JobIdentity, job_environment, proc_start_time
 from gpud.safefs import open_append
 from gpud_client.jobdir import WORKER_NAME
@@ -401,7 +408,9 @@ class PodmanExecutor:
             with trio.move_on_after(hang_limit):
                 await done.wait()
             if not done.is_set():
-                # Kill CRIU; the restore call then fails and the thread ends.
+                # Kill CRIU; the restore call then fails and the thread ends. (Waited
+                # for: its clean-up removes the container by name, which the job's
+                # cold start reuses.)
                 killed = await trio.to_thread.run_sync(snap.kill_restore, name)
                 log.warning("restore of %s hung for %g s: killed %d processes", name,
                             hang_limit, killed)
@@ -546,17 +555,10 @@ class PodmanExecutor:
         return f"{JOBS_MOUNT}/{job_dir.name}"
 
     def job_for_pid(self, pid: int, handles: Iterable[Handle]) -> int | None:
-        """A process is a job's when it lives in that job's container (its cgroup path
-        names the container id)."""
-        try:
-            with open(f"/proc/{pid}/cgroup", encoding="utf-8") as fh:
-                cgroup = fh.read()
-        except OSError:
-            return None
-        for h in handles:
-            if h.container and h.container in cgroup:
-                return h.job_id
-        return None
+        """A process is a job's when it lives in that job's container."""
+        by_container = {h.container: h.job_id for h in handles if h.container}
+        cid = container_of(pid, by_container)
+        return None if cid is None else by_container[cid]
 
     def kill_all(self) -> None:
         for ctr in self._ours():
