@@ -168,7 +168,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX snapshots_owner_function ON snapshots(owner, function);
     """,
+    # #11 (meant as 7, after #10's 6): the interpreter a process-executor job runs
+    # with, as JSON (a PythonEnv)
+    """
+    ALTER TABLE jobs ADD COLUMN python_env TEXT;
+    """,
 ]
+
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
