@@ -723,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Measured against the daemon's interpreter (the baselines run it): jobs use it too,
     # rather than this process's own, which a root daemon's job user may not reach (#11).
-    os.environ.setdefault("GPUD_PYTHON", "daemon")
+    os.environ.setdefault("GPUD_JOB_PYTHON", "daemon")
 
     # SIGTERM (and SIGHUP) unwind like Ctrl-C, so the finally blocks stop the daemons.
     def _terminate(signum: int, frame: Any) -> None:

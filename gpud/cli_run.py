@@ -133,7 +133,7 @@ def _raw(obj: Any) -> Any:
 @click.option("--python", "python", default=None, metavar="PATH",
               help="The interpreter the job runs with (process executor): a path on the "
                    "daemon's machine, or 'daemon' for the admin's. Default: this one, i.e. "
-                   "your venv or conda env ($GPUD_PYTHON overrides).")
+                   "your venv or conda env ($GPUD_JOB_PYTHON overrides).")
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the return value as JSON.")
 @click.option("--url", envvar="GPUD_URL", default=None, metavar="URL")

@@ -216,9 +216,9 @@ class PythonEnv:
     prefix: str  # its sys.prefix
     kind: str  # "venv", "conda", "system" (no environment to activate) or "daemon"
     version: str  # "3.11.7"
-    #: changes when packages are installed into or removed from the environment (the
-    #: mtimes of its site-packages directories): a warm worker of another fingerprint
-    #: has stale imports and is not reused
+    #: changes when packages are installed into or removed from the environment (see
+    #: gpud.interpreters.fingerprint): a warm worker of another fingerprint has stale
+    #: imports and is not reused
     fingerprint: str = ""
 
     def to_json(self) -> dict[str, str]:

@@ -11,8 +11,8 @@ can execute it, it is the Python the caller says it is, and the admin allows it
 per (path, user) for as long as the file is unchanged (inode, mtime, size).
 
 A warm worker keeps its imports for life, so it must not serve a job after packages
-changed under it: :func:`fingerprint` (the mtimes of the environment's site-packages
-directories, which ``pip install`` and ``conda install`` change) goes into its key.
+changed under it: :func:`fingerprint` (what its site-packages directories hold, which
+``pip install`` and ``conda install`` change) goes into its key.
 """
 
 from __future__ import annotations
@@ -93,14 +93,23 @@ def activation_env(env: PythonEnv, base_path: str) -> dict[str, str]:
 
 
 def fingerprint(path: str, site_dirs: tuple[str, ...]) -> str:
-    """Changes when the interpreter or the packages of its environment change."""
+    """Changes when the interpreter, or what is installed in its environment, changes:
+    the names in its site-packages directories (every install or upgrade adds or renames
+    a ``*.dist-info``). Not their mtimes: the first import of a module writes its
+    ``__pycache__`` there, which must not end a warm worker."""
     h = hashlib.sha256()
-    for p in (path, *site_dirs):
+    try:
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_dev}\0{st.st_ino}\0{st.st_mtime_ns}\0".encode())
+    except OSError:
+        h.update(f"{path}\0-\0".encode())
+    for d in site_dirs:
         try:
-            st = os.stat(p)
-            h.update(f"{p}\0{st.st_ino}\0{st.st_mtime_ns}\0".encode())
+            names = sorted(n for n in os.listdir(d) if n != "__pycache__")
         except OSError:
-            h.update(f"{p}\0-\0".encode())
+            names = ["-"]
+        h.update(f"{d}\0{len(names)}\0".encode())
+        h.update("\0".join(names).encode(errors="surrogateescape"))
     return h.hexdigest()[:16]
 
 
@@ -193,8 +202,9 @@ class Interpreters:
         """The environment a job asking for ``requested`` runs in; ExecutorRefusal, with
         the fix, for one that could not run it. ``prefix``: the caller's sys.prefix when
         ``requested`` is its own interpreter (then the full version must match too)."""
-        other = ('submit with python="daemon" (gpud run --python daemon; GPUD_PYTHON=daemon) '
-                 "for the admin's interpreter, or python=PATH naming another one")
+        other = ('submit with python="daemon" (gpud run --python daemon, or '
+                 "GPUD_JOB_PYTHON=daemon) for the admin's interpreter, or python=PATH naming "
+                 "another one")
         if not os.path.isabs(requested):
             raise ExecutorRefusal(
                 f"python={requested!r}: give the absolute path of an interpreter on the "

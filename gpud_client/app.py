@@ -60,7 +60,7 @@ class FunctionOptions:
     keep_warm: float | None = None  # seconds; None: the daemon's default
     snapshot: bool = False  # restore from a container snapshot (Podman executor)
     #: the interpreter jobs run with (process executor): None, this one (the caller's
-    #: venv or conda env; $GPUD_PYTHON overrides); a path; or "daemon", the admin's
+    #: venv or conda env; $GPUD_JOB_PYTHON overrides); a path; or "daemon", the admin's
     python: str | None = None
 
     @classmethod
@@ -131,10 +131,10 @@ def _python_option(python: str | os.PathLike[str] | None) -> str | None:
 
 def _interpreter(option: str | None) -> tuple[str, str | None]:
     """(python_path, python_prefix) for a request: the function's python=, else
-    $GPUD_PYTHON, else this very interpreter, as the venv sees it (a venv's bin/python
+    $GPUD_JOB_PYTHON, else this very interpreter, as the venv sees it (a venv's bin/python
     is a link to the base interpreter; resolving it would lose the venv), with its
     sys.prefix so the daemon can tell it is the same environment."""
-    chosen = option or _python_option(os.environ.get("GPUD_PYTHON") or None)
+    chosen = option or _python_option(os.environ.get("GPUD_JOB_PYTHON") or None)
     if chosen is not None:
         return chosen, None
     return os.path.abspath(sys.executable), sys.prefix

@@ -36,7 +36,7 @@ GPUD = [sys.executable, "-m", "gpud"]
 # repository's .venv, whose base interpreter may sit where a job user cannot go (a pyenv
 # Python under a 0700 /root while root's jobs run as nobody), so the suite's jobs ask for
 # the admin's; tests/test_caller_env.py runs jobs from environments of its own.
-os.environ.setdefault("GPUD_PYTHON", "daemon")
+os.environ.setdefault("GPUD_JOB_PYTHON", "daemon")
 
 # Fast settings for tests: short kill grace and backoff; two fake H100s and an L4.
 TEST_SETTINGS = {
