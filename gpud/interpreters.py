@@ -216,9 +216,24 @@ class Interpreters:
                 f"{', '.join(self.allowed)}): use an interpreter matching one of those, or "
                 'python="daemon" (gpud run --python daemon) for the admin\'s; the admin sets '
                 "allowed_pythons in the daemon's config")
+
+        def cannot_execute() -> ExecutorRefusal:
+            where = _blocked_at(path, ident)
+            fix = (f"; or have the admin set job_user (now {ident.user!r}, who runs "
+                   f"{owner}'s jobs) to a user that can run it"
+                   if ident.user != owner else "")
+            return ExecutorRefusal(
+                f"job user {ident.user!r} cannot execute {path}"
+                f"{' (' + where + ')' if where else ''}: make it reachable for "
+                f"{ident.user!r}, or {other}{fix}")
+
         try:
             os.stat(path)
         except FileNotFoundError:
+            # Behind a directory the job's user cannot enter, "missing" would tell them
+            # what a root daemon can see there: the same answer as for a file that is.
+            if _blocked_at(path, ident) is not None:
+                raise cannot_execute() from None
             raise ExecutorRefusal(
                 f"python {path} does not exist on the daemon's machine (submitting from "
                 f"another machine, or was the environment removed?): {other}") from None
@@ -227,14 +242,7 @@ class Interpreters:
         try:
             probe = self.probe(path, ident)
         except PermissionError:
-            where = _blocked_at(path, ident)
-            fix = (f"; or have the admin set job_user (now {ident.user!r}, who runs "
-                   f"{owner}'s jobs) to a user that can run it"
-                   if ident.user != owner else "")
-            raise ExecutorRefusal(
-                f"job user {ident.user!r} cannot execute {path}"
-                f"{' (' + where + ')' if where else ''}: make it reachable for "
-                f"{ident.user!r}, or {other}{fix}") from None
+            raise cannot_execute() from None
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             raise ExecutorRefusal(
                 f"python {path} does not run as a Python for job user {ident.user!r} "

@@ -8,8 +8,9 @@ running and logging while the daemon restarts, and is re-adopted afterwards.
 Jobs never run as root: a daemon run by a user runs jobs as that user; a daemon run as
 root runs each job as its submitter's Unix user (uid, gid and groups; see
 :func:`gpud.users.run_as`), and jobs of root itself as ``job_user`` (default ``nobody``).
-The interpreter is probed once per job user, since each may be able to run a different
-one.
+By default a job runs with its caller's own interpreter and environment, checked at
+submit (:mod:`gpud.interpreters`, #11); the admin's (``python="daemon"``) is probed
+once per job user, since each may be able to run a different one.
 """
 
 from __future__ import annotations
