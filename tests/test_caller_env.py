@@ -29,7 +29,7 @@ from gpud_client import ApiError, Client
 from gpud_client.models import SubmitRequest
 from gpud_client.payload import dumps_args, dumps_function
 
-from .conftest import REPO, DaemonProc, _run_daemon
+from .conftest import REPO, DaemonProc, UnixUser, _run_daemon, free_port, needs_root
 
 MINOR = "{}.{}".format(*sys.version_info[:2])
 
@@ -242,6 +242,31 @@ def test_pip_install_into_the_venv_gives_the_next_warm_call_a_fresh_worker(
     assert after["new"] == "installed" and after["pid"] != first["pid"]
 
 
+@needs_root
+def test_a_users_venv_on_a_root_daemon_runs_as_them(base_dir: Path, unix_users: object) -> None:
+    """The issue's scenario: a root daemon, a user whose venv has a package the daemon's
+    interpreter lacks; her job runs as her, with her venv."""
+    from .test_shared_box import add_user, tcp_url
+
+    carol: UnixUser = unix_users("carol")  # type: ignore[operator]
+    home = carol.home
+    os.chmod(home, 0o755)
+    python, site = make_venv(home / "venv")
+    (site / "hzmod.py").write_text("def hz(n):\n    return f'{n} Hz, carol'\n")
+    target = write_target(home)
+    subprocess.run(["chown", "-R", f"{carol.uid}:{carol.gid}", str(home)], check=True)
+    for d in _run_daemon(base_dir, {"GPUD_TCP": f"127.0.0.1:{free_port()}"}):
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "GPUD_URL": tcp_url(d),
+               "GPUD_TOKEN": add_user(d, carol.name)}
+        out = subprocess.run([str(python), "-m", "gpud", "run", f"{target}::hz", "--json"],
+                             user=carol.uid, group=carol.gid, extra_groups=[], env=env,
+                             cwd=str(home), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout)
+        assert got["hz"] == "3 Hz, carol" and got["exe"] == str(python)
+        assert got["venv"] == str(home / "venv")
+
+
 # -- refusals: each at submit, each saying what to do --------------------------------
 
 
@@ -278,6 +303,10 @@ def test_an_interpreter_the_job_user_cannot_execute_is_refused(process_daemon: D
     if os.geteuid() == 0:
         assert f"{envs / 'private'} is mode 0700" in str(e)
         assert "job_user" in str(e) and "'nobody'" in str(e)
+        # Whether something is there, behind a directory the job user cannot enter, is
+        # not for that user to learn: the same answer.
+        e = _submit(process_daemon, python_path=str(envs / "private" / "nope" / "python"))
+        assert "cannot execute" in str(e) and "does not exist" not in str(e)
 
 
 def test_a_version_mismatch_is_refused(process_daemon: DaemonProc, envs: Path) -> None:
