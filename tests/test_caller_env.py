@@ -29,7 +29,15 @@ from gpud_client import ApiError, Client
 from gpud_client.models import SubmitRequest
 from gpud_client.payload import dumps_args, dumps_function
 
-from .conftest import REPO, DaemonProc, UnixUser, _run_daemon, free_port, needs_root
+from .conftest import (
+    REPO,
+    DaemonProc,
+    UnixUser,
+    _run_daemon,
+    executor_env,
+    free_port,
+    needs_root,
+)
 
 MINOR = "{}.{}".format(*sys.version_info[:2])
 
@@ -347,6 +355,26 @@ def test_allowed_pythons_restricts_interpreters(base_dir: Path, envs: Path) -> N
         # The admin's own interpreter is always allowed.
         out = gpud_run(python, write_target(envs), d, "--python", "daemon")
         assert "allowed_pythons" not in out.stderr
+
+
+def test_the_podman_executor_runs_the_images_python_whatever_the_caller_runs(
+        base_dir: Path) -> None:
+    """With Podman the caller's interpreter path means nothing (the image's python3
+    runs): a job from an interpreter no job user could run still runs, as before #11."""
+    import gpud_client as gpud
+
+    env = executor_env("podman")  # skips without Podman
+    for d in _run_daemon(base_dir, env):
+        fn = gpud.function(url=d.url, python="/nowhere/bin/python")(_where)
+        assert fn.remote().startswith("/usr/")  # the image's, not /nowhere/bin/python
+        with Client(d.url) as c:
+            assert c.list_jobs(state="succeeded").jobs[0].python_path is None
+
+
+def _where() -> str:
+    import sys
+
+    return sys.executable
 
 
 # -- the parts, without a daemon ------------------------------------------------------
