@@ -7,6 +7,8 @@ from __future__ import annotations
 import shlex
 import shutil
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,3 +182,27 @@ def test_process_executor_says_images_need_podman(process_daemon: DaemonProc) ->
         r = h.post("/v1/images/build", content=msgspec.json.encode(
             {"spec": {"base": BASE, "steps": [{"op": "run", "command": "x", "evil": 1}]}}))
     assert r.status_code == 422  # needs_podman comes first on this daemon
+
+
+def _gpud(d: DaemonProc, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gpud", *args], env=d.client_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_image_build_command_checks_its_target(process_daemon: DaemonProc,
+                                               tmp_path: Path) -> None:
+    src = tmp_path / "defs.py"
+    src.write_text(
+        "import gpud_client as gpud\n"
+        f"image = gpud.Image.base({BASE!r}).pip_install('humanize')\n"
+        "@gpud.function(image='localhost/some:1')\n"
+        "def named(): pass\n"
+        "@gpud.function(image=image)\n"
+        "def built(): pass\n")
+    out = _gpud(process_daemon, "image", "build", f"{src}::named")
+    assert out.returncode == 2 and "nothing to build" in out.stderr
+    out = _gpud(process_daemon, "image", "build", f"{src}::image")
+    assert out.returncode == 1 and "Podman executor" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    out = _gpud(process_daemon, "image", "build", f"{src}::built")
+    assert out.returncode == 1 and "Podman executor" in out.stderr

@@ -227,3 +227,35 @@ def test_collection_spares_images_that_jobs_use(small_daemon: DaemonProc,
     finally:
         for i in (a, b, c):
             subprocess.run(["podman", "rmi", "-f", i.name], capture_output=True)
+
+
+def test_image_build_command_builds_ahead_of_time(idaemon: DaemonProc,
+                                                  tmp_path: Path) -> None:
+    make_wheel(tmp_path / "wheels", "gpudtiny", "4.0", "tiny 4.0")
+    src = tmp_path / "defs.py"
+    src.write_text(
+        "import gpud_client as gpud\n"
+        f"image = (gpud.Image.base({BASE!r})\n"
+        f"         .pip_install('gpudtiny', find_links={str(tmp_path / 'wheels')!r},\n"
+        "                      index=False)\n"
+        f"         .run('echo {RUN}-cli'))\n"
+        "@gpud.function(image=image)\n"
+        "def f():\n"
+        "    import gpudtiny\n"
+        "    return gpudtiny.VALUE\n")
+
+    def gpud_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gpud", *args],
+                              env=idaemon.client_env(), capture_output=True, text=True,
+                              timeout=300)
+
+    first = gpud_cli("image", "build", f"{src}::image")
+    assert first.returncode == 0, first.stderr
+    name = first.stdout.strip()
+    MADE.append(name)
+    assert name.startswith("localhost/gpud-img-") and "STEP" in first.stderr
+    again = gpud_cli("image", "build", f"{src}::f")  # the function's image: the same one
+    assert again.returncode == 0 and again.stdout.strip() == name
+    assert "was built before" in again.stderr and "STEP" not in again.stderr
+    ran = gpud_cli("run", f"{src}::f", "--json")
+    assert ran.returncode == 0 and ran.stdout.strip() == '"tiny 4.0"', ran.stderr
