@@ -330,7 +330,10 @@ class ImageBuilder:
         if running is not None:
             return running, False
         if await self._exists(name, key):
-            await self.ledger.call(store.touch_image, name, time.time())
+            if not await self.ledger.call(store.touch_image, name, time.time()):
+                # Built, but not recorded here: by a build whose daemon stopped before
+                # it could record it. Recorded now (its creator from its label).
+                await self._adopt(name, key, spec)
             b = Build(key=key, name=name, creator=creator)
             b.finish(None)
             return b, True
@@ -353,6 +356,17 @@ class ImageBuilder:
         b = self._builds[key] = Build(key=key, name=name, creator=creator)
         nursery.start_soon(self._run, b, spec, dict(files))
         return b, False
+
+    async def _adopt(self, name: str, key: str, spec: ImageSpec) -> None:
+        def look() -> tuple[str, int]:
+            img = self.executor.client.images.get(name)
+            return ((img.labels or {}).get(LABEL_CREATOR, "?"),
+                    int(img.attrs.get("Size") or 0))
+
+        creator, size = await trio.to_thread.run_sync(look)
+        await self.ledger.call(store.record_build, key=key, name=name, creator=creator,
+                               size=size, seconds=0.0, now=time.time(),
+                               spec=msgspec.json.encode(spec).decode())
 
     async def follow(self, b: Build) -> AsyncIterator[str]:
         """The build's log lines from its start (as far as kept), until it is over."""

@@ -259,3 +259,23 @@ def test_image_build_command_builds_ahead_of_time(idaemon: DaemonProc,
     assert "was built before" in again.stderr and "STEP" not in again.stderr
     ran = gpud_cli("run", f"{src}::f", "--json")
     assert ran.returncode == 0 and ran.stdout.strip() == '"tiny 4.0"', ran.stderr
+
+
+def test_an_image_built_but_not_recorded_is_adopted(idaemon: DaemonProc,
+                                                    tmp_path: Path) -> None:
+    """A build whose daemon stopped before recording it left a complete image: the next
+    ask uses it (no rebuild) and records it, creator from its label."""
+    image = gpud.Image.base(BASE).run(f"echo {RUN}-adopt")
+    MADE.append(image.name)
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "x").write_text("")
+    built = subprocess.run(
+        ["podman", "build", "--network=none", "-q", "-t", image.name,
+         "--label", f"gpud.image.key={image.hash}", "--label", "gpud.image.creator=alice",
+         "-f", "-", str(tmp_path / "ctx")],
+        input=f"FROM {BASE}\nRUN echo {RUN}-adopt\n", text=True, capture_output=True)
+    assert built.returncode == 0, built.stderr
+    with gpud.Client(idaemon.url) as c:
+        assert ensure_image(c, image, out=io.StringIO()).cached
+        [listed] = [i for i in c.images().images if i.name == image.name]
+    assert listed.definition == image.hash and listed.creator == "alice"

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from gpud.ledger.store import Ledger
 
-__all__ = ["BuiltImage", "get_image", "list_images", "record_build", "touch_image",
-           "forget_image"]
+__all__ = ["BuiltImage", "get_image", "list_images", "record_build", "touch_image"]
 
 _COLUMNS = "key, name, creator, created_at, last_used, size, build_seconds, builds, spec"
 
@@ -67,7 +66,3 @@ def touch_image(ledger: Ledger, name: str, now: float) -> bool:
         cur = c.execute("UPDATE images SET last_used = ? WHERE name = ?", (now, name))
         return cur.rowcount == 1
 
-
-def forget_image(ledger: Ledger, key: str) -> None:
-    with ledger._tx() as c:
-        c.execute("DELETE FROM images WHERE key = ?", (key,))
