@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from gpud import __version__
 from gpud.accounting import BY, Line, report
+from gpud.api_images import IMAGE_DOC, image_routes
 from gpud.api_snapshots import SNAPSHOT_DOC, snapshot_routes
 from gpud.api_watch import WATCH_DOC, WATCH_PARAMS, watch_routes
 from gpud.auth import (
@@ -225,6 +226,8 @@ async def _new_jobs(
         raise ApiError(422, "refused", str(e)) from None
     except ExecutorDown as e:
         raise ApiError(503, "executor_unavailable", str(e)) from None
+    if image is not None and daemon.images is not None:
+        await daemon.images.touch(image)  # a use, for garbage collection (#11)
     queued = sum(1 for j in daemon.active.values()
                  if j.owner == who.name and j.state is JobState.QUEUED)
     auth.check_submit(who, priority=req.priority, jobs=len(args), queued=queued)
@@ -355,9 +358,19 @@ def create_app(daemon: Daemon) -> Starlette:
         note = None if daemon.executor.name == "podman" else (
             f"the {daemon.executor.name} executor runs jobs without images (Python "
             f"{daemon.worker_python}); images need executor = \"podman\"")
-        return _json(ImageList(images=[ImageInfoModel(
-            name=i.name, id=i.id, size=i.size, created=i.created, python=i.python)
-            for i in found], executor=daemon.executor.name, default=default, note=note))
+        built = await daemon.images.records() if daemon.images is not None else {}
+
+        def model(i: Any) -> ImageInfoModel:
+            r = built.get(i.name)
+            return ImageInfoModel(name=i.name, id=i.id, size=i.size, created=i.created,
+                                  python=i.python, definition=r.key if r else None,
+                                  creator=r.creator if r else None,
+                                  last_used=r.last_used if r else None)
+
+        return _json(ImageList(images=[model(i) for i in found], executor=daemon.executor.name,
+                               default=default, note=note,
+                               max_bytes=daemon.config.image_max_bytes
+                               if daemon.images is not None else 0))
 
     async def openapi_doc(request: Request) -> Response:
         return _json(openapi())
@@ -438,6 +451,7 @@ def create_app(daemon: Daemon) -> Starlette:
         ("GET", "/images", images),
         *watch_routes(daemon),
         *snapshot_routes(daemon),
+        *image_routes(daemon),
     ]
     routes = [Route(API_PREFIX + p, wrap(fn, public=p == "/health"), methods=[m])
               for m, p, fn in table]
@@ -541,6 +555,7 @@ _DOC: list[tuple[str, str, str, type | None, type | None, str]] = [
     ("get", "/images", "Local images usable for jobs (Podman executor)", None, ImageList, ""),
     *WATCH_DOC,
     *SNAPSHOT_DOC,
+    *IMAGE_DOC,
 ]
 
 _PARAMS = {

@@ -373,7 +373,8 @@ def gpus(as_json: bool, url: str | None) -> None:
 @url_option
 @handle_errors
 def images(as_json: bool, url: str | None) -> None:
-    """List the local images jobs can use (Podman executor), with their Python."""
+    """List the local images jobs can use (Podman executor), with their Python; those
+    gpud built from a gpud.Image with their definition's hash, creator and last use."""
     with _client(url) as c:
         lst = c.images()
     if as_json:
@@ -388,12 +389,17 @@ def images(as_json: bool, url: str | None) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for col in ("IMAGE", "PYTHON", "SIZE", "ID", ""):
+    for col in ("IMAGE", "PYTHON", "SIZE", "ID", "DEFINITION", "CREATOR", "LAST USED", ""):
         table.add_column(col, no_wrap=True)
     for i in lst.images:
         table.add_row(i.name, i.python or "(not inspected yet)", f"{i.size / 1e6:.0f} MB",
-                      i.id[:12], "default" if i.name == lst.default else "")
+                      i.id[:12], (i.definition or "-")[:12], i.creator or "-",
+                      _ago(i.last_used), "default" if i.name == lst.default else "")
     _console().print(table)
+    if lst.max_bytes:
+        built = sum(i.size for i in lst.images if i.definition)
+        click.echo(f"built images: {built / 2**20:.0f} MB of {lst.max_bytes / 2**20:.0f} MB "
+                   "(image_max_bytes)", err=True)
 
 
 @cli.command()
@@ -441,11 +447,13 @@ def version(as_json: bool, url: str | None) -> None:
 # -- the shared box (#5): accounting, identity, administration --------------------------
 
 from gpud.cli_admin import admin  # noqa: E402
+from gpud.cli_images import image  # noqa: E402
 from gpud.cli_snapshots import snapshots  # noqa: E402
 from gpud.cli_usage import usage, whoami  # noqa: E402
 
 cli.add_command(admin)
 cli.add_command(snapshots)
+cli.add_command(image)
 cli.add_command(usage)
 cli.add_command(whoami)
 

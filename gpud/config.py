@@ -85,6 +85,18 @@ class Config:
     #: a restore not done in this long is killed (CRIU can hang on a damaged snapshot)
     #: and counted as a failure; the job then starts cold
     snapshot_restore_timeout: float = 30.0
+    #: images built from gpud.Image definitions (#11, Podman executor): the most bytes
+    #: they may take together; least recently used ones are removed first
+    image_max_bytes: int = 50 * 1024**3
+    #: the network of image builds' RUN steps; None: Podman's default. "host" reaches a
+    #: package mirror on the host's loopback; "none" seals builds off (wheels sent along)
+    image_build_network: str | None = None
+    #: the package index pip uses in builds; None: PIP_INDEX_URL (PIP_EXTRA_INDEX_URL) of
+    #: the daemon's environment, else pip's config files, else pip's default (PyPI)
+    image_pip_index_url: str | None = None
+    image_pip_extra_index_url: str | None = None
+    #: a build not done in this long is stopped and fails
+    image_build_timeout: float = 3600.0
     gpu_poll_interval: float = 2.0
     log_level: str = "info"
     #: fair share (#5): usage counts half after this long (Slurm's PriorityDecayHalfLife)
@@ -114,7 +126,8 @@ class Config:
 _ENV_PREFIX = "GPUD_"
 _DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "retry_backoff",
               "retry_backoff_max", "gpu_poll_interval", "keep_warm_default", "keep_warm_max",
-              "fairshare_half_life", "max_age", "snapshot_restore_timeout"}
+              "fairshare_half_life", "max_age", "snapshot_restore_timeout",
+              "image_build_timeout"}
 _WEIGHTS = {"fairshare_weight", "age_weight"}
 
 
@@ -180,19 +193,20 @@ def _coerce(name: str, value: Any) -> Any:
             if not 0 <= w < float("inf"):
                 raise ValueError("a number >= 0")
             return w
-        if name == "snapshot_max_bytes" and isinstance(value, str):
+        if name in ("snapshot_max_bytes", "image_max_bytes") and isinstance(value, str):
             from gpud_client.duration import parse_size
 
             return parse_size(value)
         if name in ("cpu_slots", "max_body_bytes", "snapshot_max_bytes",
-                    "snapshot_max_failures"):
+                    "snapshot_max_failures", "image_max_bytes"):
             n = int(value)
             if n < 1:
                 raise ValueError("a whole number >= 1")
             return n
         if name == "tcp":
             return str(value) if value not in (None, "", "none") else None
-        if name == "default_image":
+        if name in ("default_image", "image_build_network", "image_pip_index_url",
+                    "image_pip_extra_index_url"):
             return str(value) if value else None
         if name == "python":
             return str(value) if value else None

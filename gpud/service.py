@@ -44,6 +44,7 @@ from gpud.executors.base import Executor, ExecutorRefusal, Handle, LaunchSpec, O
 from gpud.executors.process import JobIdentity, ProcessExecutor
 from gpud.fairshare import DecayedTotals, Policy, interval_usage
 from gpud.gpus import GpuInventory
+from gpud.images import ImageBuilder, pip_index_args
 from gpud.ledger import LedgerThread, NewJob, Step
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import finished_gpu_intervals
@@ -143,6 +144,17 @@ class Daemon:
                 restore_timeout=config.snapshot_restore_timeout,
                 driver=lambda: inventory.driver_version() or "none",
                 gpu_part=self._snapshot_gpus)
+        #: images built from gpud.Image definitions (#11), where the executor is Podman
+        self.images: ImageBuilder | None = None
+        if config.executor == "podman" and hasattr(executor, "client"):
+            self.images = ImageBuilder(
+                ledger=ledger, executor=executor, work_dir=config.data_dir / "image-builds",
+                max_bytes=config.image_max_bytes, network=config.image_build_network,
+                build_args=pip_index_args(config.image_pip_index_url,
+                                          config.image_pip_extra_index_url, os.environ),
+                timeout=config.image_build_timeout,
+                in_use=lambda: {j.image for j in self.active.values()
+                                if j.image and j.state not in FINAL})
         self._dispatched: dict[int, float] = {}  # job -> when it was handed to be started
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -299,6 +311,8 @@ class Daemon:
                     nursery.start_soon(self._warm_loop)
                 if self.snapshots is not None:
                     await self.snapshots.reconcile()
+                if self.images is not None:
+                    await trio.to_thread.run_sync(self.images.reconcile)
                 await self._recover()
                 nursery.start_soon(self.users.run)
                 nursery.start_soon(self._gpu_loop)

@@ -32,6 +32,8 @@ from gpud_client.errors import (
     VersionMismatch,
 )
 from gpud_client.handle import JobHandle
+from gpud_client.image import Image
+from gpud_client.imagebuild import ImageBuildFailed
 
 __version__ = "0.1.0"
 
@@ -44,6 +46,8 @@ __all__ = [
     "Function",
     "FunctionOptions",
     "GpudError",
+    "Image",
+    "ImageBuildFailed",
     "JobCancelled",
     "JobError",
     "JobFailed",

@@ -34,6 +34,8 @@ from gpud_client.cls import ClsProxy
 from gpud_client.duration import parse_duration, parse_size
 from gpud_client.errors import ApiError, DaemonUnavailable, GpudError, VersionMismatch
 from gpud_client.handle import JobHandle
+from gpud_client.image import Image
+from gpud_client.imagebuild import ensure_image
 from gpud_client.models import BatchSubmitRequest, SubmitRequest
 from gpud_client.payload import dumps_args, dumps_function, pickle_by_value
 
@@ -54,7 +56,7 @@ class FunctionOptions:
     retries: int = 0
     env: dict[str, str] = field(default_factory=dict)
     priority: int = 0
-    image: str | None = None
+    image: str | Image | None = None  # a name, or a definition the daemon builds (#11)
     memory: int | None = None  # bytes
     cpu: float | None = None
     keep_warm: float | None = None  # seconds; None: the daemon's default
@@ -72,7 +74,7 @@ class FunctionOptions:
         retries: int = 0,
         env: Mapping[str, str] | None = None,
         priority: int = 0,
-        image: str | None = None,
+        image: str | Image | None = None,
         memory: int | str | None = None,
         cpu: float | None = None,
         keep_warm: float | str | None = None,
@@ -99,8 +101,8 @@ class FunctionOptions:
         for k, v in env_dict.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"env must map strings to strings; got {k!r}: {v!r}")
-        if image is not None and not isinstance(image, str):
-            raise TypeError(f"image must be a string or None, not {image!r}")
+        if image is not None and not isinstance(image, str | Image):
+            raise TypeError(f"image must be an image name, a gpud.Image or None, not {image!r}")
         mem = None if memory is None else parse_size(memory)
         if cpu is not None and (isinstance(cpu, bool) or not isinstance(cpu, int | float)
                                 or cpu <= 0):
@@ -221,7 +223,7 @@ class App:
         retries: int = 0,
         env: Mapping[str, str] | None = None,
         priority: int = 0,
-        image: str | None = None,
+        image: str | Image | None = None,
         memory: int | str | None = None,
         cpu: float | None = None,
         keep_warm: float | str | None = None,
@@ -240,7 +242,7 @@ class App:
         retries: int = 0,
         env: Mapping[str, str] | None = None,
         priority: int = 0,
-        image: str | None = None,
+        image: str | Image | None = None,
         memory: int | str | None = None,
         cpu: float | None = None,
         keep_warm: float | str | None = None,
@@ -291,7 +293,7 @@ def function(
     retries: int = 0,
     env: Mapping[str, str] | None = None,
     priority: int = 0,
-    image: str | None = None,
+    image: str | Image | None = None,
     memory: int | str | None = None,
     cpu: float | None = None,
     keep_warm: float | str | None = None,
@@ -311,7 +313,7 @@ def function(
     retries: int = 0,
     env: Mapping[str, str] | None = None,
     priority: int = 0,
-    image: str | None = None,
+    image: str | Image | None = None,
     memory: int | str | None = None,
     cpu: float | None = None,
     keep_warm: float | str | None = None,
@@ -360,6 +362,7 @@ class Function(Generic[P, R]):
         self._client: Client | None = None
         self._lock = threading.Lock()
         self._checked_client: Client | None = None
+        self._image: str | None = None  # options.image's name once the daemon has it
         # Look like the function to help(), inspect and tracebacks.
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
             if hasattr(fn, attr):
@@ -416,6 +419,10 @@ class Function(Generic[P, R]):
     def _common(self) -> dict[str, Any]:
         o = self.options
         python_path, python_prefix = _interpreter(o.python)
+        image = o.image
+        if isinstance(image, Image):
+            # Its name is known once the daemon has it (spawn and map ask it first).
+            image = self._image or image.name
         return {
             "python_path": python_path,
             "python_prefix": python_prefix,
@@ -426,7 +433,7 @@ class Function(Generic[P, R]):
             "retries": o.retries,
             "env": dict(o.env),
             "priority": o.priority,
-            "image": o.image,
+            "image": image,
             "memory": o.memory,
             "cpu": o.cpu,
             "keep_warm": o.keep_warm,
@@ -457,14 +464,18 @@ class Function(Generic[P, R]):
         if self.options.image is None and daemons and self._checked_client is not client:
             _check_worker_python(client.health().worker_python)
             self._checked_client = client
+        if isinstance(self.options.image, Image):
+            # Asked on every submit (one request when it is built): an image collected
+            # since is rebuilt, with its log on stderr.
+            self._image = ensure_image(client, self.options.image).name
         return client
 
     # -- running on the daemon --------------------------------------------------------
 
     def spawn(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
         """Submit one call and return its handle at once."""
-        request = self.submit_request(args, kwargs)
         client = self._ready_client()
+        request = self.submit_request(args, kwargs)
         info = client.submit(request)
         return JobHandle(info.id, client, info=info)
 
@@ -497,8 +508,8 @@ class Function(Generic[P, R]):
         inputs = [(tuple(args), extra) for args in zip(*iterables, strict=False)]
         if not inputs:
             return iter(())
-        request = self.batch_request(inputs)
         client = self._ready_client()
+        request = self.batch_request(inputs)
         response = client.submit_batch(request)
         handles: list[JobHandle[R]] = [JobHandle(i, client) for i in response.job_ids]
         return _results(handles, return_exceptions)

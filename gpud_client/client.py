@@ -36,6 +36,8 @@ from gpud_client.models import (
     GpuHistory,
     GpuList,
     Health,
+    ImageBuildEvent,
+    ImageBuildRequest,
     ImageList,
     JobInfo,
     JobList,
@@ -418,6 +420,25 @@ class Client(_Base):
     def snapshots(self) -> SnapshotList:
         """``GET /v1/snapshots``: yours (an admin's: everyone's)."""
         return self._do(_Call("GET", "/snapshots", SnapshotList))
+
+    def build_image(self, request: ImageBuildRequest) -> Iterator[ImageBuildEvent]:
+        """``POST /v1/images/build``: the build's events as they come (log lines, then
+        ``done`` or ``error``). Without ``files`` a build that is needed answers ApiError
+        ``missing_files`` (409): send them then (see :mod:`gpud_client.imagebuild`)."""
+        call = _Call("POST", "/images/build", ImageBuildEvent,
+                     body=msgspec.json.encode(request), read_timeout=None)
+        kwargs = _request_kwargs(call, self.timeout)
+        decoder = msgspec.json.Decoder(ImageBuildEvent)
+        try:
+            with self._http.stream("POST", API_PREFIX + call.path, **kwargs) as resp:
+                if not resp.is_success:
+                    resp.read()
+                    raise _api_error(resp)
+                for line in resp.iter_lines():
+                    if line.strip():
+                        yield decoder.decode(line)
+        except httpx.TransportError as e:
+            raise _transport_error(self.url, e) from e
 
     def remove_snapshot(self, snapshot_id: int) -> SnapshotInfo:
         """``DELETE /v1/snapshots/{id}``: the next call of its function takes a new one."""

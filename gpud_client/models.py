@@ -15,14 +15,19 @@ __all__ = [
     "ErrorBody",
     "EventInfo",
     "EventList",
+    "FileRef",
     "GpuHistory",
     "GpuInfo",
     "GpuList",
     "GpuProcessInfo",
     "GpuSeries",
     "Health",
+    "ImageBuildEvent",
+    "ImageBuildRequest",
     "ImageInfo",
     "ImageList",
+    "ImageSpec",
+    "ImageStep",
     "JobInfo",
     "JobList",
     "JobOutcome",
@@ -193,6 +198,11 @@ class ImageInfo(msgspec.Struct, kw_only=True):
     size: int
     created: float
     python: str | None  # the image's Python, once gpud has inspected it
+    #: built by gpud from a gpud.Image (#11): its definition's sha256, who built it first,
+    #: and when a job or build last used it (garbage collection goes by that)
+    definition: str | None = None
+    creator: str | None = None
+    last_used: float | None = None
 
 
 class SnapshotInfo(msgspec.Struct, kw_only=True):
@@ -226,6 +236,65 @@ class ImageList(msgspec.Struct, kw_only=True):
     executor: str
     default: str | None  # the image a job without image= runs in
     note: str | None = None
+    #: image_max_bytes: gpud-built images together take at most this (0: not Podman)
+    max_bytes: int = 0
+
+
+class FileRef(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A local file an image definition carries, by content (#11)."""
+
+    path: str  # relative, with "/"
+    sha256: str
+    executable: bool = False
+
+
+class ImageStep(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One step of an image definition. ``op``: pip (``packages``, wheels in ``files``,
+    ``index``), requirements (``file``), run (``command``), env (``name``, ``value``),
+    copy (``files`` to ``dest``)."""
+
+    op: str
+    packages: list[str] = []
+    file: str | None = None  # sha256 of a requirements file
+    files: list[FileRef] | None = None
+    index: bool = True  # pip may use the package index (else only the given files)
+    command: str | None = None
+    name: str | None = None
+    value: str | None = None
+    dest: str | None = None
+
+
+class ImageSpec(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A canonical image definition: its sha256 names the image (#11)."""
+
+    v: int = 1
+    base: str = ""  # an image in the Podman store; "" with containerfile, or the default
+    containerfile: str | None = None  # sha256 of the Containerfile's text
+    context: list[FileRef] = []  # the Containerfile's build context
+    steps: list[ImageStep] = []
+
+
+class ImageBuildRequest(_Request):
+    """``POST /v1/images/build``: build (or find) the image of a definition. ``files``
+    may be left empty at first: the daemon answers ``missing_files`` (409) when it must
+    build and lacks them."""
+
+    spec: ImageSpec
+    files: dict[str, bytes] = {}
+    python: str | None = None  # the caller's Python, checked against the image's
+
+
+class ImageBuildEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One line of the build stream (NDJSON): ``log`` lines, then ``done`` or ``error``."""
+
+    kind: str  # log | done | error
+    line: str | None = None
+    name: str | None = None  # done: the image to run in
+    key: str | None = None  # done: the definition's hash
+    cached: bool = False  # done: built before, nothing was built now
+    python: str | None = None  # done: the image's Python
+    detail: str | None = None  # error: what went wrong and what to do
+    tail: list[str] = []  # error: the last lines of the build log
 class GpuSeries(msgspec.Struct, kw_only=True):
     """One GPU's recent readings, oldest first, as three columns of equal length."""
 

@@ -222,6 +222,11 @@ class PodmanExecutor:
     # -- the service ------------------------------------------------------------------
 
     @property
+    def client(self) -> Any:
+        """The podman-py client (synchronous: call it from a worker thread)."""
+        return self._client
+
+    @property
     def socket_path(self) -> str:
         return self.url.removeprefix("unix://")
 

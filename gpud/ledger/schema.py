@@ -168,8 +168,24 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX snapshots_owner_function ON snapshots(owner, function);
     """,
-    # #11 (meant as 7, after #10's 6): the interpreter a process-executor job runs
-    # with, as JSON (a PythonEnv)
+    # Images built from gpud.Image definitions (#11). (Migration 8 in the issue's plan:
+    # other branches add theirs first; renumbered on merge.)
+    """
+    CREATE TABLE images (
+        key           TEXT PRIMARY KEY,      -- sha256 of the canonical definition
+        name          TEXT NOT NULL,         -- localhost/gpud-img-<key12>:latest
+        creator       TEXT NOT NULL,         -- who first asked for it
+        created_at    REAL NOT NULL,
+        last_used     REAL NOT NULL,         -- a job or a build asked for it
+        size          INTEGER NOT NULL DEFAULT 0,
+        build_seconds REAL NOT NULL DEFAULT 0,
+        builds        INTEGER NOT NULL DEFAULT 0,  -- > 1: rebuilt after a collection
+        spec          TEXT NOT NULL          -- the definition, as JSON
+    );
+    CREATE UNIQUE INDEX images_name ON images(name);
+    """,
+    # The interpreter a process-executor job runs with, as JSON (a PythonEnv)
+    # (#11, callers' environments; after the images migration)
     """
     ALTER TABLE jobs ADD COLUMN python_env TEXT;
     """,
