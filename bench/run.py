@@ -721,6 +721,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(sizes.__dict__.values()) < 1:
         p.error("every N must be at least 1")
 
+    # Measured against the daemon's interpreter (the baselines run it): jobs use it too,
+    # rather than this process's own, which a root daemon's job user may not reach (#11).
+    os.environ.setdefault("GPUD_JOB_PYTHON", "daemon")
+
     # SIGTERM (and SIGHUP) unwind like Ctrl-C, so the finally blocks stop the daemons.
     def _terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)

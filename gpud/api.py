@@ -103,6 +103,8 @@ def job_info(daemon: Daemon, job: Job) -> JobInfo:
         memory=job.memory, cpu=job.cpus, keep_warm=job.keep_warm, snapshot=job.snapshot,
         start_kind=job.start_kind,
         startup=job.startup,
+        python_path=job.python_env.path if job.python_env else None,
+        python_prefix=job.python_env.prefix if job.python_env else None,
     )
 
 
@@ -216,7 +218,10 @@ async def _new_jobs(
         raise ApiError(422, "invalid_cpu",
                        f"cpu must be between 0.01 and this box's {os.cpu_count()} CPUs")
     try:
-        image = await daemon.check_submittable(gpu, req.python, timeout, req.image)
+        image = await daemon.check_submittable(gpu, req.python, timeout, req.image,
+                                               python_path=req.python_path)
+        python_env = await daemon.resolve_python(who.name, req.python, req.python_path,
+                                                 req.python_prefix)
     except SubmitError as e:
         raise ApiError(422, "refused", str(e)) from None
     except ExecutorDown as e:
@@ -234,7 +239,7 @@ async def _new_jobs(
         NewJob(name=req.name, owner=owner, function_hash=code_hash, args=a, python=req.python,
                timeout=timeout, gpu=gpu, retries=req.retries, priority=req.priority,
                image=image, env=dict(req.env), memory=memory, cpus=req.cpu,
-               keep_warm=keep_warm, snapshot=req.snapshot)
+               keep_warm=keep_warm, snapshot=req.snapshot, python_env=python_env)
         for a in args
     ]
 

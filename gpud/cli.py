@@ -200,6 +200,13 @@ def _start_kind(job: Any) -> str:
     return f"{job.start_kind} {job.startup * 1000:.0f}ms"
 
 
+def _python_of(job: Any) -> str:
+    """Which interpreter ran the job (#11): its path, or the image's for a container."""
+    if job.python_path:
+        return str(job.python_path)
+    return f"image {job.image}" if job.image else "-"
+
+
 def _print_json(obj: Any) -> None:
     import msgspec
 
@@ -229,7 +236,7 @@ def ps(show_all: bool, state: str | None, limit: int, as_json: bool, url: str | 
         return
     table = Table(box=None, pad_edge=False)
     for col in ("ID", "NAME", "STATE", "OWNER", "GPUS", "SUBMITTED", "START", "RUNTIME",
-                "INFO"):
+                "PYTHON", "INFO"):
         table.add_column(col, no_wrap=col != "INFO")
     for j in page.jobs:
         gpus = ",".join(map(str, j.gpu_indices)) if j.gpu_indices else (
@@ -237,7 +244,7 @@ def ps(show_all: bool, state: str | None, limit: int, as_json: bool, url: str | 
         info = (f"{j.reason}; position {j.position}" if j.reason else
                 j.error or (f"attempt {j.attempt}/{j.retries + 1}" if j.retries else ""))
         table.add_row(str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
-                      _start_kind(j), _duration(j), info)
+                      _start_kind(j), _duration(j), _python_of(j), info)
     _console().print(table)
 
 

@@ -130,6 +130,10 @@ def _raw(obj: Any) -> Any:
               help="Memory limit, e.g. 512M or 16G (enforced by the Podman executor).")
 @click.option("--cpu", type=float, default=None,
               help="CPU limit in CPUs, e.g. 2 or 0.5 (enforced by the Podman executor).")
+@click.option("--python", "python", default=None, metavar="PATH",
+              help="The interpreter the job runs with (process executor): a path on the "
+                   "daemon's machine, or 'daemon' for the admin's. Default: this one, i.e. "
+                   "your venv or conda env ($GPUD_JOB_PYTHON overrides).")
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the return value as JSON.")
 @click.option("--url", envvar="GPUD_URL", default=None, metavar="URL")
@@ -137,8 +141,8 @@ def _raw(obj: Any) -> Any:
 @click.pass_context
 def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | None,
         retries: int | None, priority: int | None, env: tuple[str, ...], image: str | None,
-        memory: str | None, cpu: float | None, detach: bool, as_json: bool, url: str | None,
-        show_help: bool) -> None:
+        memory: str | None, cpu: float | None, python: str | None, detach: bool,
+        as_json: bool, url: str | None, show_help: bool) -> None:
     """Run FILE::FN as a job and print its return value.
 
     FN's parameters become options (--my-param VALUE). The job's output streams to
@@ -189,7 +193,10 @@ def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | 
             overrides["priority"] = priority
         if env_map:
             overrides["env"] = {**fn.options.env, **env_map}
-        for key, value in (("image", image), ("memory", memory), ("cpu", cpu)):
+        # A relative path is relative to where `gpud run` was typed.
+        interpreter = python if python in (None, "daemon") else os.path.abspath(python)
+        for key, value in (("image", image), ("memory", memory), ("cpu", cpu),
+                           ("python", interpreter)):
             if value is not None:
                 overrides[key] = value
         if url is not None:

@@ -62,6 +62,10 @@ class Config:
     #: the interpreter that runs jobs; None: the daemon's own, or /usr/bin/python3 when
     #: the job user cannot run the daemon's (e.g. a venv under /root)
     python: str | None = None
+    #: which interpreters jobs may ask for (process executor; glob patterns matched against
+    #: the interpreter's path, ``*`` crosses ``/``); empty: any the job's user can run.
+    #: The admin's own ``python`` is always allowed (a job asks for it with python="daemon")
+    allowed_pythons: list[str] = field(default_factory=list)
     #: seconds between SIGTERM and SIGKILL when a job is cancelled or times out
     kill_grace: float = 10.0
     #: first retry waits this long, doubling per attempt up to retry_backoff_max
@@ -169,6 +173,15 @@ def _coerce(name: str, value: Any) -> Any:
                 if not v.startswith("/") or ":" in v and not v.split(":")[1].startswith("/"):
                     raise ValueError(f"{v!r}: write absolute paths, SRC:DST[:ro]")
             return vols
+        if name == "allowed_pythons":
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+                raise ValueError('a list of glob patterns, e.g. ["/opt/conda/envs/*/bin/python"]')
+            globs = [v.strip() for v in items if v.strip()]
+            for g in globs:
+                if not g.startswith("/"):
+                    raise ValueError(f"{g!r}: write absolute paths (globs allowed)")
+            return globs
         if name == "fake_gpus":
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]

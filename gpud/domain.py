@@ -23,6 +23,7 @@ __all__ = [
     "IllegalTransition",
     "Job",
     "JobState",
+    "PythonEnv",
     "Quota",
     "Start",
     "Wait",
@@ -205,6 +206,31 @@ class Gpu:
 # Jobs
 
 
+@dataclass(frozen=True, slots=True)
+class PythonEnv:
+    """The interpreter a process-executor job runs with (issue #11), as checked at submit:
+    by default the submitter's own (their venv or conda env), else one they named, or the
+    admin's (``python="daemon"``)."""
+
+    path: str  # as the caller gave it (a venv's bin/python, not what it links to)
+    prefix: str  # its sys.prefix
+    kind: str  # "venv", "conda", "system" (no environment to activate) or "daemon"
+    version: str  # "3.11.7"
+    #: changes when packages are installed into or removed from the environment (see
+    #: gpud.interpreters.fingerprint): a warm worker of another fingerprint has stale
+    #: imports and is not reused
+    fingerprint: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.path, "prefix": self.prefix, "kind": self.kind,
+                "version": self.version, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> PythonEnv:
+        return cls(path=data["path"], prefix=data["prefix"], kind=data["kind"],
+                   version=data["version"], fingerprint=data.get("fingerprint", ""))
+
+
 @dataclass(slots=True)
 class Job:
     """A job as the ledger holds it (the payload bytes stay in the ledger)."""
@@ -242,6 +268,8 @@ class Job:
     #: accounted over its finished attempts, at 100 ms granularity (issue #5)
     wall_seconds: float = 0.0
     gpu_seconds: float = 0.0
+    #: the interpreter it runs with (process executor); None: the executor's default
+    python_env: PythonEnv | None = None
 
 
 # ---------------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ async def _make_executor(
         resolve_worker_python, config.python, ident, runtime
     )
     process = ProcessExecutor(python=python, version=version, runtime_dir=runtime,
-                              identity=ident, instance=instance, configured_python=config.python)
+                              identity=ident, instance=instance, configured_python=config.python,
+                              allowed_pythons=config.allowed_pythons)
     return process, version, python
 
 

@@ -35,12 +35,13 @@ from gpud.domain import (
     IllegalTransition,
     Job,
     JobState,
+    PythonEnv,
     Quota,
     Start,
     Wait,
 )
 from gpud.executors.base import Executor, ExecutorRefusal, Handle, LaunchSpec, Outcome
-from gpud.executors.process import JobIdentity
+from gpud.executors.process import JobIdentity, ProcessExecutor
 from gpud.fairshare import DecayedTotals, Policy, interval_usage
 from gpud.gpus import GpuInventory
 from gpud.images import ImageBuilder, pip_index_args
@@ -51,7 +52,7 @@ from gpud.metrics import HistoryBuffer
 from gpud.safefs import open_append, read_file, write_new
 from gpud.scheduler import decide, infeasible, order_key, scheduling_key
 from gpud.snapshotter import Snapshotter
-from gpud.users import Directory, run_as
+from gpud.users import Directory, NoUnixAccount, run_as
 from gpud.warm import WarmPool, WarmWorker, first_of, warm_key
 from gpud_client.jobdir import (
     EXIT_SETUP,
@@ -168,10 +169,12 @@ class Daemon:
     # -- public operations (called by the API) ------------------------------------------
 
     async def check_submittable(
-        self, gpu: GpuRequest | None, python: str, job_timeout: float, image: str | None
+        self, gpu: GpuRequest | None, python: str, job_timeout: float, image: str | None,
+        *, python_path: str | None = None,
     ) -> str | None:
         """Refuse, with the reason and the fix, what could never run here; return the image
-        the job will run in (None for the process executor)."""
+        the job will run in (None for the process executor). A job with its own
+        interpreter (``python_path``, #11) has it checked by :meth:`resolve_python`."""
         why = infeasible(gpu, self.gpus)
         if why is not None:
             raise SubmitError(why)
@@ -187,7 +190,9 @@ class Daemon:
             ) from None
         mine = worker.rsplit(".", 1)[0]
         theirs = python.rsplit(".", 1)[0] if python.count(".") >= 2 else python
-        if theirs != mine:
+        own = python_path not in (None, "daemon") and isinstance(self.executor,
+                                                                 ProcessExecutor)
+        if theirs != mine and not own:
             where = f"image {resolved} has" if resolved else "this daemon's workers run"
             fix = (f"use an image with Python {theirs}" if resolved else
                    f"have the admin set `python` in the daemon's config to a Python {theirs} "
@@ -204,6 +209,22 @@ class Daemon:
         if job_timeout <= 0:
             raise SubmitError("timeout must be positive")
         return resolved or None
+
+    async def resolve_python(self, owner: str, python: str, python_path: str | None,
+                             python_prefix: str | None) -> PythonEnv | None:
+        """The interpreter a job of ``owner`` runs with (process executor, #11), checked
+        as the user it runs as; None where the executor picks it (a container's)."""
+        if not isinstance(self.executor, ProcessExecutor):
+            return None
+        try:
+            ident = run_as(owner, self.identity)
+        except NoUnixAccount as e:
+            raise SubmitError(str(e)) from None
+        try:
+            return await self.executor.resolve_python(
+                python_path, version=python, prefix=python_prefix, ident=ident, owner=owner)
+        except ExecutorRefusal as e:
+            raise SubmitError(str(e)) from None
 
     async def submit(
         self, jobs: Sequence[NewJob], function: bytes, *, batch: bool = False
@@ -682,7 +703,7 @@ class Daemon:
                           gpus=job.gpus, gpu_indices=tuple(index[u] for u in job.gpus
                                                            if u in index),
                           env=dict(job.env), image=job.image, identity=ident,
-                          memory=job.memory, cpus=job.cpus)
+                          memory=job.memory, cpus=job.cpus, python_env=job.python_env)
 
     def _collect(self, job: Job, outcome: Outcome) -> Finished:
         """Read what the worker left (status.json, never the pickle) into an outcome."""

@@ -60,7 +60,11 @@ SNAPSHOT_TOKEN_PREFIX = "snap-"
 def warm_key(job: Job) -> WarmKey:
     gpu = ",".join(job.gpu.to_spec()) if job.gpu else ""
     # env= and the limits are the worker's (its process, its container) for good.
-    rest = json.dumps([sorted(job.env.items()), job.memory, job.cpus])
+    # The interpreter, and its environment's fingerprint: after a `pip install` there the
+    # next call gets a fresh worker rather than one with stale imports (#11).
+    py = job.python_env
+    rest = json.dumps([sorted(job.env.items()), job.memory, job.cpus,
+                       [py.path, py.fingerprint] if py else None])
     return (job.code_hash, job.image or "", gpu, job.owner, rest)
 
 

@@ -61,6 +61,9 @@ class FunctionOptions:
     cpu: float | None = None
     keep_warm: float | None = None  # seconds; None: the daemon's default
     snapshot: bool = False  # restore from a container snapshot (Podman executor)
+    #: the interpreter jobs run with (process executor): None, this one (the caller's
+    #: venv or conda env; $GPUD_JOB_PYTHON overrides); a path; or "daemon", the admin's
+    python: str | None = None
 
     @classmethod
     def build(
@@ -76,6 +79,7 @@ class FunctionOptions:
         cpu: float | None = None,
         keep_warm: float | str | None = None,
         snapshot: bool = False,
+        python: str | os.PathLike[str] | None = None,
     ) -> FunctionOptions:
         """Check the options where they are written (at decoration), not at submit time.
         The GPU spec's syntax is the daemon's to judge: it answers 422 with the rules."""
@@ -109,8 +113,33 @@ class FunctionOptions:
         return cls(
             gpu=gpu, timeout=seconds, retries=retries, env=env_dict, priority=priority,
             image=image, memory=mem, cpu=None if cpu is None else float(cpu), keep_warm=warm,
-            snapshot=bool(snapshot),
+            snapshot=bool(snapshot), python=_python_option(python),
         )
+
+
+def _python_option(python: str | os.PathLike[str] | None) -> str | None:
+    if python is None:
+        return None
+    if not isinstance(python, str | os.PathLike):
+        raise TypeError(f"python must be a path or \"daemon\", not {python!r}")
+    text = os.fspath(python)
+    if text == "daemon":
+        return text
+    if not os.path.isabs(text):
+        raise ValueError(f"python={text!r}: give the interpreter's absolute path (it is the "
+                         "daemon's machine that runs it), or \"daemon\" for the admin's")
+    return os.path.normpath(text)
+
+
+def _interpreter(option: str | None) -> tuple[str, str | None]:
+    """(python_path, python_prefix) for a request: the function's python=, else
+    $GPUD_JOB_PYTHON, else this very interpreter, as the venv sees it (a venv's bin/python
+    is a link to the base interpreter; resolving it would lose the venv), with its
+    sys.prefix so the daemon can tell it is the same environment."""
+    chosen = option or _python_option(os.environ.get("GPUD_JOB_PYTHON") or None)
+    if chosen is not None:
+        return chosen, None
+    return os.path.abspath(sys.executable), sys.prefix
 
 
 def _python() -> str:
@@ -199,6 +228,7 @@ class App:
         cpu: float | None = None,
         keep_warm: float | str | None = None,
         snapshot: bool = False,
+        python: str | os.PathLike[str] | None = None,
         name: str | None = None,
     ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
 
@@ -217,13 +247,14 @@ class App:
         cpu: float | None = None,
         keep_warm: float | str | None = None,
         snapshot: bool = False,
+        python: str | os.PathLike[str] | None = None,
         name: str | None = None,
     ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
         """Decorate a function to run on the daemon: ``@app.function`` or
         ``@app.function(gpu="h100", timeout="2h", ...)``."""
         options = FunctionOptions.build(
             gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
-            memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot,
+            memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
         )
 
         def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -267,6 +298,7 @@ def function(
     cpu: float | None = None,
     keep_warm: float | str | None = None,
     snapshot: bool = False,
+    python: str | os.PathLike[str] | None = None,
     name: str | None = None,
     url: str | None = None,
 ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
@@ -286,13 +318,14 @@ def function(
     cpu: float | None = None,
     keep_warm: float | str | None = None,
     snapshot: bool = False,
+    python: str | os.PathLike[str] | None = None,
     name: str | None = None,
     url: str | None = None,
 ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
     """Like ``App.function`` without an App; the job name is ``module.qualname``."""
     options = FunctionOptions.build(
         gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
-        memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot,
+        memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
     )
 
     def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -360,7 +393,7 @@ class Function(Generic[P, R]):
 
     def with_options(self, **changes: Any) -> Function[P, R]:
         """A copy with some options replaced: the decorator's keywords (gpu, timeout,
-        retries, env, priority, image, name) and ``url``, the daemon to submit to."""
+        retries, env, priority, image, python, name) and ``url``, the daemon to submit to."""
         name = changes.pop("name", None) or self.name
         app, url = self.app, self._url
         if changes.get("url") is not None:
@@ -385,11 +418,14 @@ class Function(Generic[P, R]):
 
     def _common(self) -> dict[str, Any]:
         o = self.options
+        python_path, python_prefix = _interpreter(o.python)
         image = o.image
         if isinstance(image, Image):
             # Its name is known once the daemon has it (spawn and map ask it first).
             image = self._image or image.name
         return {
+            "python_path": python_path,
+            "python_prefix": python_prefix,
             "name": self.name,
             "python": _python(),
             "gpu": o.gpu,
@@ -422,7 +458,10 @@ class Function(Generic[P, R]):
 
     def _ready_client(self) -> Client:
         client = self.client
-        if self.options.image is None and self._checked_client is not client:
+        # Only the admin's interpreter is known up front; the caller's own (the default)
+        # or a named one is checked by the daemon at submit, as the job's user.
+        daemons = _interpreter(self.options.python)[0] == "daemon"
+        if self.options.image is None and daemons and self._checked_client is not client:
             _check_worker_python(client.health().worker_python)
             self._checked_client = client
         if isinstance(self.options.image, Image):

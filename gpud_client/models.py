@@ -68,6 +68,13 @@ class SubmitRequest(_Request):
     #: start from a container snapshot taken after the function's setup (Podman
     #: executor; elsewhere it runs as without)
     snapshot: bool = False
+    #: the interpreter to run the job with (process executor, #11): the caller's own
+    #: ``sys.executable`` (as the venv sees it, not resolved), another absolute path, or
+    #: "daemon" for the admin's configured interpreter; None (older clients): "daemon"
+    python_path: str | None = None
+    #: the caller's ``sys.prefix`` when ``python_path`` is its own interpreter: the daemon
+    #: then checks the path is that same environment, full version included
+    python_prefix: str | None = None
 
 
 class BatchSubmitRequest(_Request):
@@ -92,6 +99,13 @@ class BatchSubmitRequest(_Request):
     #: start from a container snapshot taken after the function's setup (Podman
     #: executor; elsewhere it runs as without)
     snapshot: bool = False
+    #: the interpreter to run the job with (process executor, #11): the caller's own
+    #: ``sys.executable`` (as the venv sees it, not resolved), another absolute path, or
+    #: "daemon" for the admin's configured interpreter; None (older clients): "daemon"
+    python_path: str | None = None
+    #: the caller's ``sys.prefix`` when ``python_path`` is its own interpreter: the daemon
+    #: then checks the path is that same environment, full version included
+    python_prefix: str | None = None
 
 
 class BatchSubmitResponse(msgspec.Struct, kw_only=True):
@@ -134,6 +148,10 @@ class JobInfo(msgspec.Struct, kw_only=True):
     #: time (each GPU held counts, from when it was handed out until it was freed)
     wall_seconds: float = 0.0
     gpu_seconds: float = 0.0
+    #: the interpreter it runs with and its environment (process executor, #11); None
+    #: with the Podman executor (the image's python runs)
+    python_path: str | None = None
+    python_prefix: str | None = None
 
 
 class JobList(msgspec.Struct, kw_only=True):

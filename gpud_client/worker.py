@@ -3,7 +3,9 @@
 The daemon copies this single file, as ``gpud_worker.py``, next to a copy of cloudpickle
 into a runtime directory and runs ``<python> -u <runtime>/gpud_worker.py <jobdir>`` with
 the job directory as the working directory. It therefore imports nothing but the
-standard library and cloudpickle: the job's Python need not have gpud installed.
+standard library and cloudpickle: the job's Python need not have gpud installed. It
+takes cloudpickle from the job's own environment where that has it (the caller's venv,
+#11), and the runtime directory's copy otherwise.
 
 The job directory holds, on entry:
 
@@ -351,7 +353,8 @@ def run_job(jobdir: Path, fn_cache: dict[str, Any] | None = None) -> int:
         _say(str(e))
         return EXIT_SETUP
     except ImportError as e:
-        _say(f"cannot import cloudpickle from the runtime directory: {e}")
+        _say(f"cannot import cloudpickle (from the job's environment, or the runtime "
+             f"directory): {e}")
         return EXIT_SETUP
 
     if mismatch is not None:
@@ -498,8 +501,18 @@ def serve(hub: str, token: str) -> int:
     return EXIT_OK
 
 
+def _runtime_last() -> None:
+    """Move the runtime directory (sys.path[0], this script's) to the end of sys.path:
+    cloudpickle then comes from the job's own environment, the version its caller
+    pickled with, and the runtime's copy is the fallback for an interpreter without it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and sys.path[0] and os.path.abspath(sys.path[0]) == here:
+        sys.path.append(sys.path.pop(0))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
+    _runtime_last()
     if len(argv) == 2 and argv[1] == "--serve":
         hub, token = os.environ.get("GPUD_HUB"), os.environ.pop("GPUD_WORKER_TOKEN", "")
         if not hub or not token:

@@ -32,6 +32,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 GPUD = [sys.executable, "-m", "gpud"]
 
+# Jobs run with their caller's own interpreter by default (#11). This process's is the
+# repository's .venv, whose base interpreter may sit where a job user cannot go (a pyenv
+# Python under a 0700 /root while root's jobs run as nobody), so the suite's jobs ask for
+# the admin's; tests/test_caller_env.py runs jobs from environments of its own.
+os.environ.setdefault("GPUD_JOB_PYTHON", "daemon")
+
 # Fast settings for tests: short kill grace and backoff; two fake H100s and an L4.
 TEST_SETTINGS = {
     "GPUD_GPUS": "fake",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from gpud.executors.process import JobIdentity
 
-from gpud.domain import Job
+from gpud.domain import Job, PythonEnv
 
 __all__ = [
     "Executor",
@@ -63,6 +63,9 @@ class LaunchSpec:
     #: the container will be checkpointed for a snapshot (issue #4) into this directory,
     #: which it gets mounted
     snapshot: Path | None = None
+    #: the interpreter and environment to run the worker with (process executor, #11);
+    #: None: the executor's default
+    python_env: PythonEnv | None = None
 
 
 @dataclass(slots=True)

@@ -8,8 +8,9 @@ running and logging while the daemon restarts, and is re-adopted afterwards.
 Jobs never run as root: a daemon run by a user runs jobs as that user; a daemon run as
 root runs each job as its submitter's Unix user (uid, gid and groups; see
 :func:`gpud.users.run_as`), and jobs of root itself as ``job_user`` (default ``nobody``).
-The interpreter is probed once per job user, since each may be able to run a different
-one.
+By default a job runs with its caller's own interpreter and environment, checked at
+submit (:mod:`gpud.interpreters`, #11); the admin's (``python="daemon"``) is probed
+once per job user, since each may be able to run a different one.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import Any
 
 import trio
 
-from gpud.domain import Job, JobState
+from gpud.domain import Job, JobState, PythonEnv
 from gpud.executors.base import ExecutorRefusal, Handle, ImageInfo, LaunchSpec, Outcome
+from gpud.interpreters import Interpreters, activation_env
 from gpud.safefs import open_append
 from gpud_client.jobdir import worker_command
 
@@ -155,6 +157,10 @@ def job_environment(spec: LaunchSpec, identity: JobIdentity, instance: str) -> d
         "GPUD_ATTEMPT": str(spec.attempt),
         "GPUD_INSTANCE": instance,
     })
+    if spec.python_env is not None:
+        # As `source bin/activate` (or `conda activate`) would: after the user's env=,
+        # whose PATH, if any, it extends.
+        env.update(activation_env(spec.python_env, env["PATH"]))
     return env
 
 
@@ -242,6 +248,7 @@ class ProcessExecutor:
         identity: JobIdentity,
         instance: str,
         configured_python: str | None = None,
+        allowed_pythons: list[str] | None = None,
     ) -> None:
         self.python = python
         self.version = version
@@ -251,6 +258,8 @@ class ProcessExecutor:
         self.configured_python = configured_python
         self._procs: dict[int, trio.Process] = {}
         self._pythons: dict[int, str] = {identity.uid: python}  # uid -> interpreter
+        #: each job's own interpreter (#11), checked as its user at submit
+        self.interpreters = Interpreters(runtime_dir, allowed_pythons)
 
     async def interpreter_for(self, ident: JobIdentity) -> str:
         """The interpreter ``ident`` can run, probed the first time (as that user) and then
@@ -265,6 +274,32 @@ class ProcessExecutor:
 
     async def start(self) -> None:
         return None
+
+    async def resolve_python(self, requested: str | None, *, version: str,
+                             prefix: str | None, ident: JobIdentity,
+                             owner: str) -> PythonEnv:
+        """The interpreter a job of ``owner`` (run as ``ident``) asking for ``requested``
+        runs with: its path ("daemon" or None: the admin's); ExecutorRefusal if none."""
+        if requested in (None, "daemon"):
+            try:
+                path = await self.interpreter_for(ident)
+            except WorkerPythonError as e:
+                raise ExecutorRefusal(str(e)) from None
+
+            def daemons() -> PythonEnv:
+                probe = self.interpreters.probe(path, ident)
+                return self.interpreters.env_for(path, probe, kind="daemon")
+
+            try:
+                return await trio.to_thread.run_sync(daemons)
+            except (OSError, subprocess.SubprocessError, ValueError) as e:
+                raise ExecutorRefusal(
+                    f"the daemon's interpreter {path} no longer runs for {ident.user!r} "
+                    f"({e}): ask the admin to check `python` in the daemon's config") from None
+        assert requested is not None
+        return await trio.to_thread.run_sync(
+            lambda: self.interpreters.check(requested, version=version, prefix=prefix,
+                                            ident=ident, owner=owner))
 
     async def python_for(self, image: str | None) -> tuple[str, str]:
         if image:
@@ -294,7 +329,10 @@ class ProcessExecutor:
 
     async def launch(self, spec: LaunchSpec) -> Handle:
         ident = spec.identity or self.identity
-        python = await self.interpreter_for(ident)
+        if spec.python_env is not None:
+            python = spec.python_env.path
+        else:  # queued before #11, or adopted: the daemon's, as then
+            python = await self.interpreter_for(ident)
         log_fd = open_append(spec.log_path, (ident.uid, ident.gid))
         try:
             cmd = worker_command(python, self.runtime_dir, spec.job_dir)

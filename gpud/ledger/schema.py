@@ -184,7 +184,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX images_name ON images(name);
     """,
+    # The interpreter a process-executor job runs with, as JSON (a PythonEnv)
+    # (#11, callers' environments; after the images migration)
+    """
+    ALTER TABLE jobs ADD COLUMN python_env TEXT;
+    """,
 ]
+
 
 SCHEMA_VERSION = len(MIGRATIONS)
 

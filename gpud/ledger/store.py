@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpud.domain import FINAL, GpuRequest, IllegalTransition, Job, JobState, transition
+from gpud.domain import (
+    FINAL,
+    GpuRequest,
+    IllegalTransition,
+    Job,
+    JobState,
+    PythonEnv,
+    transition,
+)
 from gpud.ledger.schema import migrate
 from gpud.ledger.usage import close_attempt, open_attempt
 
@@ -53,6 +61,7 @@ class NewJob:
     cpus: float | None = None
     keep_warm: float = 0.0
     snapshot: bool = False
+    python_env: PythonEnv | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +93,7 @@ _JOB_COLUMNS = (
     "id, name, owner, state, priority, gpu, timeout, retries, attempt, not_before, gpus, "
     "batch_id, python, image, env, function_hash, submitted_at, started_at, ended_at, pid, "
     "pid_start, exit_code, error, has_result, memory, cpus, keep_warm, start_kind, startup, "
-    "wall_ds, gpu_ds, snapshot"
+    "wall_ds, gpu_ds, snapshot, python_env"
 )
 
 
@@ -123,6 +132,8 @@ def _row_to_job(r: sqlite3.Row) -> Job:
         startup=r["startup"],
         wall_seconds=r["wall_ds"] / 10,
         gpu_seconds=r["gpu_ds"] / 10,
+        python_env=PythonEnv.from_json(json.loads(r["python_env"])) if r["python_env"]
+        else None,
     )
 
 
@@ -189,14 +200,15 @@ class Ledger:
                 cur = c.execute(
                     "INSERT INTO jobs (name, owner, state, priority, gpu, timeout, retries, "
                     "batch_id, python, image, env, function_hash, args, submitted_at, memory, "
-                    "cpus, keep_warm, snapshot) "
-                    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "cpus, keep_warm, snapshot, python_env) "
+                    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         j.name, j.owner, j.priority,
                         json.dumps(j.gpu.to_spec()) if j.gpu else None,
                         j.timeout, j.retries, batch_id, j.python, j.image,
                         json.dumps(j.env, sort_keys=True), j.function_hash, j.args, now,
                         j.memory, j.cpus, j.keep_warm, int(j.snapshot),
+                        json.dumps(j.python_env.to_json()) if j.python_env else None,
                     ),
                 )
                 assert cur.lastrowid is not None
