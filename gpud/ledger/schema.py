@@ -168,6 +168,25 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX snapshots_owner_function ON snapshots(owner, function);
     """,
+    # 6 (issue #10): durable launches and idempotent submits.
+    """
+    -- When the daemon handed this attempt to its executor (set just before the launch):
+    -- on restart, an attempt without it never ran and is started again, one with it ran
+    -- and its process or its outcome is looked for.
+    ALTER TABLE attempts ADD COLUMN launched_at REAL;
+    -- A client's idempotency key per owner: a repeated submit gets the original job
+    -- (job_id) or batch (batch_id) back. Written in the submit's own transaction.
+    CREATE TABLE idempotency (
+        owner       TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,            -- sha256 of what was submitted
+        job_id      INTEGER,                  -- a single submit
+        batch_id    INTEGER,                  -- a batch
+        created_at  REAL NOT NULL,
+        PRIMARY KEY (owner, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX idempotency_created ON idempotency(created_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
