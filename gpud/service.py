@@ -751,6 +751,8 @@ class Daemon:
             why = f"the job's process exited with code {code} without writing a result"
         else:
             why = "the job's process ended without writing a result"
+        if _low_space(self.config.data_dir):
+            why += f" (the disk holding {self.config.data_dir} was full)"
         return Finished(JobState.FAILED, why, code, False, True)
 
     def _user_start(self, job_id: int) -> float | None:
