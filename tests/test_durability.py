@@ -281,3 +281,48 @@ def test_idempotency_keys_are_per_owner_and_expire(tmp_path: Path) -> None:
     assert c not in (a, b)
     assert led.integrity_check() == "ok"
     led.close()
+
+
+def test_attempts_open_at_the_upgrade_count_as_launched(tmp_path: Path) -> None:
+    """A ledger of schema 5 with a STARTING job: the older daemon may have launched it,
+    so after the upgrade the next start looks for it instead of starting it again."""
+    import sqlite3
+
+    from gpud.ledger import Ledger, NewJob, Step
+    from gpud.ledger.schema import MIGRATIONS, _split
+
+    path = tmp_path / "ledger.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for script in MIGRATIONS[:5]:
+        for statement in _split(script):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 5")
+    conn.close()
+    led = Ledger(path)  # migrates to the newest schema
+    try:
+        assert led.conn.execute("PRAGMA user_version").fetchone()[0] >= 6
+        _, (j,) = led.submit([NewJob(name="f", owner="o", function_hash="h", args=b"",
+                                     python="3.11.0", timeout=60)], b"fn", time.time())
+        led.advance(j, [Step(JobState.STARTING)], time.time())
+        assert not led.launched(j, 1)
+        led.mark_launched(j, 1, time.time())
+        assert led.launched(j, 1)
+    finally:
+        led.close()
+    # The same, with the STARTING attempt made before the upgrade.
+    path2 = tmp_path / "old.db"
+    conn = sqlite3.connect(path2, isolation_level=None)
+    for script in MIGRATIONS[:5]:
+        for statement in _split(script):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 5")
+    conn.execute("INSERT INTO jobs (name, owner, state, timeout, python, function_hash, "
+                 "args, submitted_at, attempt) VALUES ('f', 'o', 'starting', 60, '3.11.0', "
+                 "'h', x'', 0, 1)")
+    conn.execute("INSERT INTO attempts (job_id, attempt, started_at) VALUES (1, 1, 5.0)")
+    conn.close()
+    led = Ledger(path2)
+    try:
+        assert led.launched(1, 1)
+    finally:
+        led.close()

@@ -165,11 +165,12 @@ def test_accounting_migration_accounts_for_what_ran_before(tmp_path: Path) -> No
 def test_users_and_accounting_come_after_the_released_migrations() -> None:
     """Migrations 2 (memory, cpus) and 3 (warm workers) were released first; users and
     accounting are 4, appended, so a ledger at version 3 upgrades in place; snapshots
-    (#4) came after, as 5."""
-    assert SCHEMA_VERSION == 5
+    (#4) came after, as 5, then launches and idempotency keys (#10) as 6."""
+    assert SCHEMA_VERSION >= 6
     assert "memory" in MIGRATIONS[1] and "keep_warm" in MIGRATIONS[2]
     assert "CREATE TABLE users" in MIGRATIONS[3]
     assert "CREATE TABLE snapshots" in MIGRATIONS[4]
+    assert "CREATE TABLE idempotency" in MIGRATIONS[5]
 
 
 def test_a_version_3_ledger_upgrades_keeping_its_jobs(tmp_path: Path) -> None:

@@ -174,6 +174,9 @@ MIGRATIONS: list[str] = [
     -- on restart, an attempt without it never ran and is started again, one with it ran
     -- and its process or its outcome is looked for.
     ALTER TABLE attempts ADD COLUMN launched_at REAL;
+    -- Attempts open at the upgrade may have been launched by the older gpud: say they
+    -- were, so that the next start looks for their process and outcome.
+    UPDATE attempts SET launched_at = started_at WHERE ended_at IS NULL;
     -- A client's idempotency key per owner: a repeated submit gets the original job
     -- (job_id) or batch (batch_id) back. Written in the submit's own transaction.
     CREATE TABLE idempotency (
