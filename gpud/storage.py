@@ -71,7 +71,7 @@ def free_bytes(path: Path) -> int:
 
 def full_message(data_dir: Path) -> str:
     return (f"the disk holding gpud's data directory {data_dir} is full: free space there "
-            "(old jobs' directories under jobs/, unused snapshots with `gpud snapshot rm`, "
+            "(old jobs' directories under jobs/, unused snapshots with `gpud snapshots rm`, "
             "anything else on that filesystem), then try again")
 
 
