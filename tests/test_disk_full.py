@@ -10,6 +10,7 @@ import errno
 import os
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,9 +185,18 @@ def test_a_held_write_lock_gets_503_and_the_daemon_carries_on(plain_daemon: Daem
 
     locker = sqlite3.connect(d.data_dir / "ledger.db", isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")  # e.g. an admin's sqlite3 shell left open
+    retried: dict[str, object] = {}
+
+    def submit_with_retries() -> None:
+        # The client's own submit retries the 503 (same key) until the lock is gone.
+        with gpud.Client(d.url) as c:
+            retried["id"] = c.submit(gated.submit_request((str(gate), "/dev/null"), {})).id
+
+    t = threading.Thread(target=submit_with_retries)
     try:
         gate.touch()
         _wait_for(lambda: not _alive(pid))
+        t.start()
         # After the busy timeout (10 s): a clear 503, never a 500 or a crash.
         r = _post(d, "/jobs", gated.submit_request((str(gate), str(pidfile)), {}))
         assert r.status_code == 503, r.text
@@ -200,6 +210,13 @@ def test_a_held_write_lock_gets_503_and_the_daemon_carries_on(plain_daemon: Daem
         locker.close()
     assert handle.get(timeout=60) == "done"
     assert _final_events(d, handle.id) == ["succeeded"]
+    t.join(60)
+    assert isinstance(retried.get("id"), int)
+    with gpud.Client(d.url) as c:
+        assert c.wait(retried["id"], 30).state == "succeeded"  # type: ignore[arg-type]
+    led = d.ledger()
+    assert led.conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2  # not 3
+    led.close()
     gate2 = shared_dir / "go2"
     gate2.touch()
     assert gated.with_options(url=d.url).remote(str(gate2), str(shared_dir / "pid2")) == "done"
