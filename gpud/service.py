@@ -208,7 +208,7 @@ class Daemon:
             batch_id, ids = await self.ledger.call(Ledger.submit, jobs, function, now,
                                                    batch=batch, idempotency=idempotency)
         except Replay as r:
-            return r.batch_id, [await self.get(i) for i in r.ids]
+            return r.batch_id, await self.ledger.call(_get_many, r.ids)
         crash_point("after_submit")
         # Durable now: only after the COMMIT do they exist for anyone else.
         made = await self.ledger.call(_get_many, ids)
@@ -222,7 +222,7 @@ class Daemon:
         try:
             await self.ledger.call(Ledger.replay, key, time.time())
         except Replay as r:
-            return r.batch_id, [await self.get(i) for i in r.ids]
+            return r.batch_id, await self.ledger.call(_get_many, r.ids)
         return None
 
     async def get(self, job_id: int) -> Job:
