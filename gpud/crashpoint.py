@@ -7,7 +7,8 @@ would, so that tests can hit windows a few microseconds wide deterministically (
 
 Points: ``before_launch`` (a job's attempt is STARTING, its launch not yet recorded),
 ``after_mark_launched`` (the launch recorded, the process not yet started),
-``after_launch`` (the process runs, RUNNING not yet recorded), ``before_finish`` (the
+``after_launch`` (the process runs, RUNNING not yet recorded), ``warm_worker_ready`` (a
+warm job's worker is up, the job not yet sent to it nor RUNNING), ``before_finish`` (the
 process ended, its outcome not yet recorded), ``after_submit`` (a submit committed,
 its answer not yet sent).
 """

@@ -618,6 +618,7 @@ class Daemon:
                                              None, False, True))
             return
         assert w.handle is not None
+        crash_point("warm_worker_ready")
         self.handles[job.id] = w.handle
         why = f"running ({kind}{': ' + note if note else ''})"
         job = await self._advance(job.id, Step(JobState.RUNNING, why, fields={

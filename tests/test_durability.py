@@ -95,14 +95,17 @@ def _final_events(d: DaemonProc, job_id: int) -> list[str]:
 POINTS = ["before_launch", "after_mark_launched", "after_launch", "running", "before_finish"]
 
 
+# A warm job's launch is its RUNNING record (no separate launch windows).
+CASES = [(p, False) for p in POINTS] + [
+    ("warm_worker_ready", True), ("running", True), ("before_finish", True)]
+
+
 @pytest.mark.parametrize("crashable", EXECUTORS, indirect=True)
-@pytest.mark.parametrize("point", POINTS)
-@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize(("point", "warm"), CASES,
+                         ids=[f"{p}-{'warm' if w else 'cold'}" for p, w in CASES])
 def test_kill_9_at_each_step_runs_the_job_once(crashable: DaemonProc, shared_dir: Path,
                                                point: str, warm: bool) -> None:
     d = crashable
-    if warm and point in ("before_launch", "after_mark_launched", "after_launch"):
-        pytest.skip("a warm job's launch is its RUNNING record (no separate window)")
     if point != "running":
         d.env["GPUD_TEST_CRASH_AT"] = point
     d.start()
@@ -126,6 +129,13 @@ def test_kill_9_at_each_step_runs_the_job_once(crashable: DaemonProc, shared_dir
     assert info.state == "succeeded" and info.attempt == 1, info
     assert count.read_text() == "run\n", "the job ran more than once"
     assert _final_events(d, handle.id) == ["succeeded"]
+    # ... and recovery took the path meant for that point.
+    said = {"before_launch": "had not been launched", "warm_worker_ready": "had not been launched",
+            "after_mark_launched": "was launched but never began",
+            "after_launch": "finished while the daemon was down",
+            "before_finish": "finished while the daemon was down"}
+    if point in said:
+        assert said[point] in d.log.read_text()
 
 
 def test_an_earlier_attempts_outcome_is_never_taken_for_this_ones(crashable: DaemonProc,
