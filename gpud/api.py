@@ -12,8 +12,10 @@ Every request but ``/v1/health`` and ``/openapi.json`` is authenticated first
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -41,10 +43,11 @@ from gpud.auth import (
     effective_timeout,
 )
 from gpud.domain import FINAL, GpuRequest, Job, JobState
-from gpud.ledger import NewJob, UnknownJob
+from gpud.ledger import IdempotencyKey, KeyReused, NewJob, UnknownJob
 from gpud.ledger.usage import attempts_between
 from gpud.safefs import read_regular
 from gpud.service import Daemon, ExecutorDown, SubmitError
+from gpud.storage import DiskFull, full_message, is_busy, is_full, require_room
 from gpud.users import NoUnixAccount, Principal, run_as
 from gpud_client.models import (
     API_PREFIX,
@@ -109,6 +112,43 @@ def job_info(daemon: Daemon, job: Job) -> JobInfo:
 
 
 # -- request helpers -----------------------------------------------------------------------
+
+
+async def _idempotency(request: Request,
+                       req: SubmitRequest | BatchSubmitRequest) -> IdempotencyKey | None:
+    """The submit's idempotency key, per owner, with a fingerprint of the whole request (a
+    retry sends the same one; another submit reusing the key does not)."""
+    if req.idempotency_key is None:
+        return None
+    kind = type(req).__name__.encode()
+    digest = await trio.to_thread.run_sync(
+        lambda: hashlib.sha256(kind + b"\0" + msgspec.json.encode(req)).hexdigest())
+    return IdempotencyKey(owner=_principal(request).name, key=req.idempotency_key,
+                          fingerprint=digest)
+
+
+def _replayed(obj: Any) -> Response:
+    """The answer to a repeated idempotency key: the first submit's, marked as such."""
+    resp = _json(obj, 201)
+    resp.headers["idempotent-replayed"] = "true"
+    return resp
+
+
+def _storage_error(daemon: Daemon, e: sqlite3.Error | OSError) -> Response:
+    """The ledger or the data directory could not be written: 507 for a full disk, 503
+    for a write lock another process holds; anything else stays a bug (500)."""
+    if is_full(e):
+        log.warning("refused a request: %s", e)
+        return _error(507, "disk_full", full_message(daemon.config.data_dir))
+    if is_busy(e):
+        log.warning("refused a request: the ledger is locked (%s)", e)
+        resp = _error(503, "ledger_busy",
+                      f"the ledger {daemon.config.ledger_path} is locked by another process "
+                      "(a backup, or sqlite3 left open?): try again shortly, or end that "
+                      "process")
+        resp.headers["retry-after"] = "5"
+        return resp
+    raise e
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -263,17 +303,29 @@ def create_app(daemon: Daemon) -> Starlette:
                             pid=os.getpid(), started_at=daemon.started_at))
 
     async def submit(request: Request) -> Response:
-        req = _decode(await _body(request, limit), SubmitRequest)
+        body = await _body(request, limit)
+        req = _decode(body, SubmitRequest)
+        key = await _idempotency(request, req)
+        if key is not None and (seen := await daemon.replay(key)) is not None:
+            return _replayed(job_info(daemon, seen[1][0]))
         jobs = await _new_jobs(daemon, auth, request, req, [req.args])
-        _, made = await daemon.submit(jobs, req.function)
+        require_room(daemon.config.data_dir, len(body))
+        _, made = await daemon.submit(jobs, req.function, idempotency=key)
         return _json(job_info(daemon, made[0]), 201)
 
     async def submit_batch(request: Request) -> Response:
-        req = _decode(await _body(request, limit), BatchSubmitRequest)
+        body = await _body(request, limit)
+        req = _decode(body, BatchSubmitRequest)
         if not 1 <= len(req.inputs) <= MAX_BATCH:
             raise ApiError(422, "invalid_batch", f"a batch holds 1 to {MAX_BATCH} inputs")
+        key = await _idempotency(request, req)
+        if key is not None and (seen := await daemon.replay(key)) is not None:
+            assert seen[0] is not None
+            return _replayed(BatchSubmitResponse(batch_id=seen[0],
+                                                 job_ids=[j.id for j in seen[1]]))
         jobs = await _new_jobs(daemon, auth, request, req, req.inputs)
-        batch_id, made = await daemon.submit(jobs, req.function, batch=True)
+        require_room(daemon.config.data_dir, len(body))
+        batch_id, made = await daemon.submit(jobs, req.function, batch=True, idempotency=key)
         assert batch_id is not None
         return _json(BatchSubmitResponse(batch_id=batch_id, job_ids=[j.id for j in made]), 201)
 
@@ -433,6 +485,12 @@ def create_app(daemon: Daemon) -> Starlette:
                 return refused(request, 403, "forbidden", str(e), who)
             except QuotaExceeded as e:
                 return _error(422, "quota_exceeded", str(e))
+            except KeyReused as e:
+                return _error(422, "idempotency_key_reused", str(e))
+            except DiskFull as e:
+                return _error(507, "disk_full", str(e))
+            except (sqlite3.Error, OSError) as e:
+                return _storage_error(daemon, e)
         return handler
 
     table: list[tuple[str, str, Callable[[Request], Any]]] = [

@@ -18,15 +18,17 @@ import itertools
 import logging
 import os
 import secrets
+import sqlite3
 import stat
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from gpud.config import Config
+from gpud.crashpoint import crash_point
 from gpud.domain import (
     FINAL,
     RETRYABLE,
@@ -45,13 +47,14 @@ from gpud.executors.process import JobIdentity, ProcessExecutor
 from gpud.fairshare import DecayedTotals, Policy, interval_usage
 from gpud.gpus import GpuInventory
 from gpud.images import ImageBuilder, pip_index_args
-from gpud.ledger import LedgerThread, NewJob, Step
+from gpud.ledger import IdempotencyKey, LedgerThread, NewJob, Replay, Step
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import finished_gpu_intervals
 from gpud.metrics import HistoryBuffer
 from gpud.safefs import open_append, read_file, write_new
 from gpud.scheduler import decide, infeasible, order_key, scheduling_key
 from gpud.snapshotter import Snapshotter
+from gpud.storage import RESERVE_BYTES, free_bytes, is_busy, is_full, persist
 from gpud.users import Directory, NoUnixAccount, run_as
 from gpud.warm import WarmPool, WarmWorker, first_of, warm_key
 from gpud_client.jobdir import (
@@ -156,6 +159,7 @@ class Daemon:
                 in_use=lambda: {j.image for j in self.active.values()
                                 if j.image and j.state not in FINAL})
         self._dispatched: dict[int, float] = {}  # job -> when it was handed to be started
+        self._write_blocked = False  # a start could not be recorded (disk full, lock held)
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.kill_jobs_on_exit = False
@@ -227,16 +231,32 @@ class Daemon:
             raise SubmitError(str(e)) from None
 
     async def submit(
-        self, jobs: Sequence[NewJob], function: bytes, *, batch: bool = False
+        self, jobs: Sequence[NewJob], function: bytes, *, batch: bool = False,
+        idempotency: IdempotencyKey | None = None,
     ) -> tuple[int | None, list[Job]]:
+        """Store and queue jobs; with a key its owner used before, return the jobs that
+        key's first submit made instead (nothing new is queued). Raises KeyReused."""
         now = time.time()
-        batch_id, ids = await self.ledger.call(Ledger.submit, jobs, function, now, batch=batch)
+        try:
+            batch_id, ids = await self.ledger.call(Ledger.submit, jobs, function, now,
+                                                   batch=batch, idempotency=idempotency)
+        except Replay as r:
+            return r.batch_id, await self.ledger.call(_get_many, r.ids)
+        crash_point("after_submit")
         # Durable now: only after the COMMIT do they exist for anyone else.
         made = await self.ledger.call(_get_many, ids)
         for j in made:
             self.active[j.id] = j
         self._reschedule()
         return batch_id, made
+
+    async def replay(self, key: IdempotencyKey) -> tuple[int | None, list[Job]] | None:
+        """The jobs an earlier submit with this key made, or None if it is new."""
+        try:
+            await self.ledger.call(Ledger.replay, key, time.time())
+        except Replay as r:
+            return r.batch_id, await self.ledger.call(_get_many, r.ids)
+        return None
 
     async def get(self, job_id: int) -> Job:
         job = self.active.get(job_id)
@@ -251,7 +271,7 @@ class Daemon:
         if job.state is JobState.QUEUED:
             try:
                 return await self._advance(job_id, Step(JobState.CANCELLED, "cancelled"),
-                                           expect=JobState.QUEUED)
+                                           expect=JobState.QUEUED, retry=False)
             except IllegalTransition:
                 pass  # it started in the meantime: stop it instead
         self._stop_reason[job_id] = JobState.CANCELLED
@@ -357,6 +377,13 @@ class Daemon:
         now = time.time()
         pending = [j for j in self.active.values() if j.state is JobState.QUEUED]
         running = [j for j in self.active.values() if j.state is not JobState.QUEUED]
+        if pending and _low_space(self.config.data_dir):
+            # A job could not even lay out its directory: keep what space is left for the
+            # running jobs' state changes, and look again in a while.
+            why = (f"the disk holding {self.config.data_dir} is full: no job starts until "
+                   "space is freed there")
+            self.waits = {j.id: Wait(j.id, why, i) for i, j in enumerate(pending, 1)}
+            return now + 2.0
         usage = self._usage_now(running, now)
         quotas = self.users.quotas()
         # Warm workers are matched in the same (fair-share) order the scheduler uses.
@@ -381,6 +408,9 @@ class Daemon:
                 waits[d.job_id] = d
         self.waits = waits
         backoffs = [j.not_before for j in pending if j.not_before > now and j.id in waits]
+        if self._write_blocked:
+            self._write_blocked = False
+            backoffs.append(now + 1.0)
         return min(backoffs) if backoffs else None
 
     def _match_warm(
@@ -473,17 +503,37 @@ class Daemon:
         fields = {"gpus": d.gpus, "gpu_types": tuple(types.get(u, "unknown") for u in d.gpus)}
         try:
             job = await self._advance(d.job_id, Step(JobState.STARTING, fields=fields),
-                                      expect=JobState.QUEUED)
+                                      expect=JobState.QUEUED, retry=False)
         except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)
+            self._release_warm(d.job_id)
+            return
+        except sqlite3.Error as e:
+            if not (is_full(e) or is_busy(e)):
+                raise
+            # It stays queued; the next round (in 1 s) tries again.
+            if not self._write_blocked:
+                log.warning("job %s not started: the ledger cannot be written (%s)",
+                            d.job_id, e)
+            self._write_blocked = True
             self._release_warm(d.job_id)
             return
         assert self._nursery is not None
         self._dispatched[job.id] = time.time()
         self._nursery.start_soon(self._supervise, job, None)
 
-    async def _advance(self, job_id: int, *steps: Step, expect: JobState | None = None) -> Job:
-        job, seq = await self.ledger.call(_advance_in_order, job_id, steps, time.time(), expect)
+    async def _advance(self, job_id: int, *steps: Step, expect: JobState | None = None,
+                       retry: bool = True) -> Job:
+        """Record state changes, then update memory. With ``retry`` (a job's own life),
+        a full disk or a held write lock is waited out: the change is never dropped."""
+        def write() -> Awaitable[tuple[Job, int]]:
+            return self.ledger.call(_advance_in_order, job_id, steps, time.time(), expect)
+
+        if retry:
+            what = f"job {job_id} going {' then '.join(s.state.value for s in steps)}"
+            job, seq = await persist(write, what)
+        else:
+            job, seq = await write()
         # Two advances of one job can resume here in either order; only the later commit
         # may update memory, or a stale STARTING could outlive the job's end.
         if seq < self._seq.get(job_id, -1):
@@ -562,6 +612,7 @@ class Daemon:
         if outcome is None:
             await self._stop_and_finish(job, handle)
         else:
+            crash_point("before_finish")
             await trio.to_thread.run_sync(self.executor.reap, handle)
             await self._finish(job, await trio.to_thread.run_sync(self._collect, job, outcome))
 
@@ -602,6 +653,7 @@ class Daemon:
                                              None, False, True))
             return
         assert w.handle is not None
+        crash_point("warm_worker_ready")
         self.handles[job.id] = w.handle
         why = f"running ({kind}{': ' + note if note else ''})"
         job = await self._advance(job.id, Step(JobState.RUNNING, why, fields={
@@ -620,6 +672,7 @@ class Daemon:
                 code = await self.warm.run(w, job.id, task_dir, keep_warm=job.keep_warm,
                                            env=_task_env(job))
                 finished = True
+                crash_point("before_finish")
         finally:
             if take is not None and self.snapshots is not None:
                 await self.snapshots.settle(take, job.id)
@@ -671,8 +724,15 @@ class Daemon:
         # their account since submitting fails here, saying so.
         ident = run_as(job.owner, self.identity)
         spec = await trio.to_thread.run_sync(self._prepare_job_dir, job, function, args, ident)
+        crash_point("before_launch")
+        # Durable before anything starts: after a crash, an attempt without this record
+        # never ran (start it), one with it may have (look for its process and outcome).
+        await persist(lambda: self.ledger.call(Ledger.mark_launched, job.id, job.attempt,
+                                               time.time()), f"the launch of job {job.id}")
+        crash_point("after_mark_launched")
         with trio.CancelScope(shield=True):
             handle = await self.executor.launch(spec)
+        crash_point("after_launch")
         return handle
 
     def _prepare_job_dir(self, job: Job, function: bytes, args: bytes,
@@ -685,7 +745,7 @@ class Daemon:
         for stale in (RESULT_FILE, STATUS_FILE, STARTED_FILE):
             (d / stale).unlink(missing_ok=True)
         files = job_files(job_id=job.id, name=job.function, python=job.python,
-                          function=function, args=args)
+                          function=function, args=args, attempt=job.attempt)
         for name, data in files.items():
             write_new(d / name, data, owner)
         log_path = d / "output.log"
@@ -710,6 +770,8 @@ class Daemon:
         d = self.config.jobs_dir / str(job.id)
         has_result = _is_regular(d / RESULT_FILE)
         status = self._read_status(job.id)
+        if status is not None and status.attempt is not None and status.attempt != job.attempt:
+            status = None  # an earlier attempt's (stale files are removed at launch)
         code = outcome.exit_code
         if status is not None and status.ok and has_result:
             return Finished(JobState.SUCCEEDED, None, code, True, False)
@@ -725,6 +787,8 @@ class Daemon:
             why = f"the job's process exited with code {code} without writing a result"
         else:
             why = "the job's process ended without writing a result"
+        if _low_space(self.config.data_dir):
+            why += f" (the disk holding {self.config.data_dir} was full)"
         return Finished(JobState.FAILED, why, code, False, True)
 
     def _user_start(self, job_id: int) -> float | None:
@@ -818,34 +882,81 @@ class Daemon:
     # -- restart --------------------------------------------------------------------------
 
     async def _recover(self) -> None:
-        """Re-adopt what a previous daemon left running; mark the rest lost (then retry)."""
+        """Re-adopt what a previous daemon left running, collect what finished while it was
+        away, start what it never launched; mark the rest lost (then retry).
+
+        Whatever the ledger last recorded (STARTING or RUNNING), the attempt's process or
+        outcome is looked for: its launch is recorded before the executor starts anything
+        (attempts.launched_at), and the worker's status.json names its attempt."""
         jobs = await self.ledger.call(Ledger.active)
         assert self._nursery is not None
         await trio.to_thread.run_sync(self.executor.cleanup, {j.id for j in jobs},
                                       {j.pid for j in jobs if j.pid})
         for job in jobs:
             self.active[job.id] = job
-            if job.state is JobState.QUEUED:
-                continue
-            handle = await trio.to_thread.run_sync(self.executor.adopt, job)
-            if handle is not None:
-                if job.state is JobState.STARTING:
-                    job = await self._advance(job.id, Step(JobState.RUNNING, "adopted", fields={
-                        "pid": handle.pid, "pid_start": handle.pid_start,
-                        "started_at": time.time()}))
-                log.info("job %s adopted after restart (pid %s)", job.id, handle.pid)
-                self._nursery.start_soon(self._supervise, job, handle)
-                continue
-            status = await trio.to_thread.run_sync(self._read_status, job.id)
-            if job.state is JobState.RUNNING and status is not None:
-                # It finished while we were away: collect its result as usual.
-                done = await trio.to_thread.run_sync(self._collect, job, Outcome(exit_code=None))
-                await self._finish(job, done)
-            else:
-                await self._finish(job, Finished(
-                    JobState.LOST, "the daemon restarted and the job's process was gone",
-                    None, False, True))
+            if job.state is not JobState.QUEUED:
+                await self._recover_job(job)
 
+    async def _recover_job(self, job: Job) -> None:
+        assert self._nursery is not None
+        launched = job.state is JobState.RUNNING or await self.ledger.call(
+            Ledger.launched, job.id, job.attempt)
+        handle = await trio.to_thread.run_sync(self.executor.adopt, job)
+        if not launched:
+            # Never handed to the executor, so none of the user's code ran. A process
+            # with the job's mark is a warm worker started for it that never got the
+            # job: end it, and start the attempt over.
+            if handle is not None:
+                await trio.to_thread.run_sync(self.executor.reap, handle)
+                with trio.move_on_after(5):
+                    await self.executor.wait(handle)
+            log.info("job %s had not been launched before the restart: starting it", job.id)
+            self._resume_start(job)
+            return
+        if handle is not None:
+            if job.state is JobState.STARTING:
+                job = await self._advance(job.id, Step(JobState.RUNNING, "adopted", fields={
+                    "pid": handle.pid, "pid_start": handle.pid_start,
+                    "started_at": time.time()}))
+            log.info("job %s adopted after restart (pid %s)", job.id, handle.pid)
+            self._nursery.start_soon(self._supervise, job, handle)
+            return
+        status = await trio.to_thread.run_sync(self._read_status, job.id)
+        if status is not None and status.attempt == job.attempt:
+            # It finished while no daemon watched: collect its outcome as usual.
+            if job.state is JobState.STARTING:
+                began = await trio.to_thread.run_sync(self._user_start, job.id)
+                job = await self._advance(job.id, Step(
+                    JobState.RUNNING, "ran while the daemon was down",
+                    fields={"started_at": began or time.time(), "start_kind": "cold"}))
+            done = await trio.to_thread.run_sync(self._collect, job, Outcome(exit_code=None))
+            log.info("job %s finished while the daemon was down: collected", job.id)
+            await self._finish(job, done)
+            return
+        if job.state is JobState.STARTING and await trio.to_thread.run_sync(
+                self._user_start, job.id) is None:
+            # Launched, gone, and the user's code never began (the worker writes
+            # `started` first thing; the launch removed an earlier attempt's): start again.
+            log.info("job %s was launched but never began before the restart: starting it",
+                     job.id)
+            self._resume_start(job)
+            return
+        await self._finish(job, Finished(
+            JobState.LOST, "the daemon restarted and the job's process was gone",
+            None, False, True))
+
+    def _resume_start(self, job: Job) -> None:
+        """Carry on starting a STARTING job (its GPUs are still its own) from the launch."""
+        assert self._nursery is not None
+        self._dispatched[job.id] = time.time()
+        self._nursery.start_soon(self._supervise, job, None)
+
+
+def _low_space(data_dir: Path) -> bool:
+    try:
+        return free_bytes(data_dir) < RESERVE_BYTES
+    except OSError:
+        return False
 
 
 def _served(job: Job) -> bool:

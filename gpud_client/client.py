@@ -15,12 +15,15 @@ from __future__ import annotations
 import codecs
 import os
 import socket
+import time
+import uuid
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
+import anyio
 import httpcore
 import httpx
 import msgspec
@@ -52,7 +55,7 @@ from gpud_client.models import (
 from gpud_client.paths import normalise_url, resolve_url
 from gpud_client.tokens import load_token
 
-__all__ = ["DEFAULT_TIMEOUT", "MAX_WAIT", "AsyncClient", "Client"]
+__all__ = ["DEFAULT_TIMEOUT", "MAX_WAIT", "SUBMIT_RETRY", "AsyncClient", "Client"]
 
 T = TypeVar("T")
 
@@ -63,6 +66,11 @@ MAX_WAIT = 60.0
 #: How long ``cancel`` may take by default: the daemon answers once the job is final,
 #: which includes the grace period it gives a process to exit after SIGTERM.
 CANCEL_TIMEOUT = 120.0
+#: How long a submit keeps trying, with one idempotency key, once it may have reached the
+#: daemon (the connection dropped, or no answer came): long enough for a daemon restart.
+SUBMIT_RETRY = 60.0
+#: ... and when it never connected (no daemon, or one restarting): fail fast-ish.
+SUBMIT_CONNECT_RETRY = 5.0
 _JSON_HEADERS = {"content-type": "application/json"}
 _USER_AGENT = "gpud-client"
 
@@ -250,6 +258,49 @@ def _decode(url: str, resp: httpx.Response, model: type[T]) -> T:
         ) from e
 
 
+_Req = TypeVar("_Req", SubmitRequest, BatchSubmitRequest)
+
+
+def _keyed(request: _Req) -> _Req:
+    """The request with an idempotency key (a new random one unless the caller chose
+    one): every retry of this submit sends the same key, so the daemon makes its jobs
+    once (docs/api.md, "Idempotent submits")."""
+    if request.idempotency_key is not None:
+        return request
+    return msgspec.structs.replace(request, idempotency_key=uuid.uuid4().hex)
+
+
+class _SubmitRetry:
+    """When to try a submit again: on a connection error or a 503, within SUBMIT_RETRY
+    seconds (SUBMIT_CONNECT_RETRY while no connection was ever made), backing off from
+    0.1 s to 2 s, or to the daemon's Retry-After."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.reached = False
+        self.delay = 0.1
+
+    def after_error(self, e: httpx.TransportError) -> float | None:
+        if not isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
+            self.reached = True  # it may have gone in: only the key can tell now
+        return self._next(None)
+
+    def after_response(self, resp: httpx.Response) -> float | None:
+        if resp.status_code != 503:
+            return None
+        self.reached = True
+        after = resp.headers.get("retry-after", "")
+        return self._next(float(after) if after.isdigit() else None)
+
+    def _next(self, wanted: float | None) -> float | None:
+        budget = SUBMIT_RETRY if self.reached else SUBMIT_CONNECT_RETRY
+        delay = min(wanted, 10.0) if wanted is not None else self.delay
+        if time.monotonic() + delay - self.start > budget:
+            return None
+        self.delay = min(self.delay * 2, 2.0)
+        return delay
+
+
 def _request_kwargs(call: _Call[Any], client_timeout: float) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"params": call.params}
     if call.body is not None:
@@ -318,6 +369,21 @@ class Client(_Base):
     def _do(self, call: _Call[T]) -> T:
         return _decode(self.url, self._send(call), call.model)
 
+    def _submit(self, call: _Call[T]) -> T:
+        """Send an idempotent submit, again while the daemon cannot be reached."""
+        retry = _SubmitRetry()
+        while True:
+            try:
+                resp = self._http.request(
+                    call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout))
+            except httpx.TransportError as e:
+                if (delay := retry.after_error(e)) is None:
+                    raise _transport_error(self.url, e) from e
+            else:
+                if (delay := retry.after_response(resp)) is None:
+                    return _decode(self.url, resp, call.model)
+            time.sleep(delay)
+
     # -- endpoints ------------------------------------------------------------------
 
     def health(self) -> Health:
@@ -325,13 +391,16 @@ class Client(_Base):
         return self._do(_Call("GET", "/health", Health))
 
     def submit(self, request: SubmitRequest) -> JobInfo:
-        """``POST /v1/jobs``: queue one job."""
-        return self._do(_Call("POST", "/jobs", JobInfo, body=msgspec.json.encode(request)))
+        """``POST /v1/jobs``: queue one job, exactly once (an idempotency key is added,
+        and the submit retried with it while the daemon cannot be reached)."""
+        body = msgspec.json.encode(_keyed(request))
+        return self._submit(_Call("POST", "/jobs", JobInfo, body=body))
 
     def submit_batch(self, request: BatchSubmitRequest) -> BatchSubmitResponse:
-        """``POST /v1/jobs/batch``: queue one job per input; ids come in input order."""
-        body = msgspec.json.encode(request)
-        return self._do(_Call("POST", "/jobs/batch", BatchSubmitResponse, body=body))
+        """``POST /v1/jobs/batch``: queue one job per input; ids come in input order.
+        Exactly once, as :meth:`submit`."""
+        body = msgspec.json.encode(_keyed(request))
+        return self._submit(_Call("POST", "/jobs/batch", BatchSubmitResponse, body=body))
 
     def list_jobs(
         self,
@@ -494,15 +563,30 @@ class AsyncClient(_Base):
     async def _do(self, call: _Call[T]) -> T:
         return _decode(self.url, await self._send(call), call.model)
 
+    async def _submit(self, call: _Call[T]) -> T:
+        retry = _SubmitRetry()
+        while True:
+            try:
+                resp = await self._http.request(
+                    call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout))
+            except httpx.TransportError as e:
+                if (delay := retry.after_error(e)) is None:
+                    raise _transport_error(self.url, e) from e
+            else:
+                if (delay := retry.after_response(resp)) is None:
+                    return _decode(self.url, resp, call.model)
+            await anyio.sleep(delay)
+
     async def health(self) -> Health:
         return await self._do(_Call("GET", "/health", Health))
 
     async def submit(self, request: SubmitRequest) -> JobInfo:
-        return await self._do(_Call("POST", "/jobs", JobInfo, body=msgspec.json.encode(request)))
+        body = msgspec.json.encode(_keyed(request))
+        return await self._submit(_Call("POST", "/jobs", JobInfo, body=body))
 
     async def submit_batch(self, request: BatchSubmitRequest) -> BatchSubmitResponse:
-        body = msgspec.json.encode(request)
-        return await self._do(_Call("POST", "/jobs/batch", BatchSubmitResponse, body=body))
+        body = msgspec.json.encode(_keyed(request))
+        return await self._submit(_Call("POST", "/jobs/batch", BatchSubmitResponse, body=body))
 
     async def list_jobs(
         self,

@@ -70,6 +70,8 @@ class WorkerStatus:
     message: str | None
     traceback: str | None
     python: str
+    #: the attempt that wrote it (None: a worker runtime from before gpud recorded it)
+    attempt: int | None = None
 
 
 def _cloudpickle_dir() -> Path:
@@ -123,10 +125,11 @@ def worker_command(python: str | os.PathLike[str], runtime: Path, jobdir: Path) 
 
 
 def job_files(
-    *, job_id: int, name: str, python: str, function: bytes, args: bytes
+    *, job_id: int, name: str, python: str, function: bytes, args: bytes, attempt: int = 0
 ) -> dict[str, bytes]:
-    """The files a job directory holds for the worker, by name."""
-    meta = {"job_id": job_id, "name": name, "python": python}
+    """The files a job directory holds for the worker, by name. The worker copies
+    ``attempt`` into its status.json."""
+    meta = {"job_id": job_id, "name": name, "python": python, "attempt": attempt}
     return {
         FUNCTION_FILE: function,
         ARGS_FILE: args,
@@ -172,4 +175,5 @@ def read_status(jobdir: Path) -> WorkerStatus | None:
         message=text("message"),
         traceback=text("traceback"),
         python=text("python") or "",
+        attempt=data["attempt"] if type(data.get("attempt")) is int else None,
     )

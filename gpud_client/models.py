@@ -6,6 +6,8 @@ msgspec Structs: request bodies forbid unknown fields, so a typo in a field name
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 __all__ = [
@@ -41,6 +43,14 @@ __all__ = [
 
 API_PREFIX = "/v1"
 
+#: A client-made key for one submit (docs/api.md): 8 to 128 letters, digits, "-", "_",
+#: "." or ":", e.g. a random UUID. A retry with the same key gets the first try's jobs.
+IdempotencyKey = Annotated[str, msgspec.Meta(
+    min_length=8, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
+    description="a key the client makes up for this submit (e.g. a random UUID); a retry "
+                "with the same key, by the same user, within 24 h gets the jobs of the "
+                "first try instead of new ones")]
+
 
 class _Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
@@ -75,6 +85,8 @@ class SubmitRequest(_Request):
     #: the caller's ``sys.prefix`` when ``python_path`` is its own interpreter: the daemon
     #: then checks the path is that same environment, full version included
     python_prefix: str | None = None
+    #: makes a retried submit exactly-once (docs/api.md, "Idempotent submits")
+    idempotency_key: IdempotencyKey | None = None
 
 
 class BatchSubmitRequest(_Request):
@@ -106,6 +118,8 @@ class BatchSubmitRequest(_Request):
     #: the caller's ``sys.prefix`` when ``python_path`` is its own interpreter: the daemon
     #: then checks the path is that same environment, full version included
     python_prefix: str | None = None
+    #: makes a retried submit exactly-once (docs/api.md, "Idempotent submits")
+    idempotency_key: IdempotencyKey | None = None
 
 
 class BatchSubmitResponse(msgspec.Struct, kw_only=True):

@@ -287,9 +287,12 @@ def _clean(text: str | None, limit: int) -> str | None:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _status(outcome: Outcome) -> bytes:
+def _status(outcome: Outcome, attempt: object = None) -> bytes:
     ok = bool(outcome["ok"])
     status = {
+        # Which attempt wrote this (from job.json): a restarted daemon must never take
+        # an earlier attempt's status for the current one's.
+        "attempt": attempt if isinstance(attempt, int) else None,
         "ok": ok,
         "type": None if ok else outcome["type"],
         "message": None if ok else _clean(outcome["message"], _STATUS_MESSAGE_MAX),
@@ -369,7 +372,7 @@ def run_job(jobdir: Path, fn_cache: dict[str, Any] | None = None) -> int:
     if code == EXIT_OK and not outcome["ok"]:
         code = EXIT_ERROR  # the value could not be pickled
     try:
-        _write_outcome(jobdir, data, _status(outcome))
+        _write_outcome(jobdir, data, _status(outcome, job.get("attempt")))
     except OSError as e:
         _say(f"cannot write the job's result into {jobdir}: {e}")
         return EXIT_SETUP

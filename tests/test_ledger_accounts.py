@@ -165,12 +165,15 @@ def test_accounting_migration_accounts_for_what_ran_before(tmp_path: Path) -> No
 def test_users_and_accounting_come_after_the_released_migrations() -> None:
     """Migrations 2 (memory, cpus) and 3 (warm workers) were released first; users and
     accounting are 4, appended, so a ledger at version 3 upgrades in place; snapshots
-    (#4) came after, as 5."""
-    assert SCHEMA_VERSION == 7
+    (#4) came after, as 5; images (#11) 6, the job's interpreter (#11) 7, launches and
+    idempotency keys (#10) 8."""
+    assert SCHEMA_VERSION == 8
     assert "memory" in MIGRATIONS[1] and "keep_warm" in MIGRATIONS[2]
     assert "CREATE TABLE users" in MIGRATIONS[3]
     assert "CREATE TABLE snapshots" in MIGRATIONS[4]
-    assert "python_env" in MIGRATIONS[-1]
+    assert "CREATE TABLE images" in MIGRATIONS[5]
+    assert "python_env" in MIGRATIONS[6]
+    assert "CREATE TABLE idempotency" in MIGRATIONS[7]
 
 
 def test_a_version_3_ledger_upgrades_keeping_its_jobs(tmp_path: Path) -> None:

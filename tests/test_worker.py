@@ -154,7 +154,8 @@ def test_success(runtime: Path, tmp_path: Path) -> None:
     assert proc.returncode == EXIT_OK, proc.stderr
     assert (proc.stdout, proc.stderr) == ("", "")
     assert status_of(jobdir) == WorkerStatus(
-        ok=True, type=None, message=None, traceback=None, python=platform.python_version()
+        ok=True, type=None, message=None, traceback=None, python=platform.python_version(),
+        attempt=0,  # job.json's attempt, copied so a restarted daemon can tell attempts apart
     )
     value = result_of(jobdir)
     assert value == {"sum": 5, "argv": [JOB_NAME], "cwd": str(jobdir), "gpud_modules": []}

@@ -202,13 +202,17 @@ def processes_with_env(*entries: str) -> list[int]:
     return sorted(found)
 
 
-def find_job_processes(job_id: int, instance: str) -> list[int]:
-    """Pids whose environment marks them as job ``job_id`` of daemon ``instance``.
+def find_job_processes(job_id: int, instance: str, attempt: int | None = None) -> list[int]:
+    """Pids whose environment marks them as job ``job_id`` of daemon ``instance`` (and
+    of that attempt, if given).
 
     Used on restart for a job the ledger saw STARTING: its process may have been spawned
     just before the daemon died, before its pid reached the ledger.
     """
-    return processes_with_env(f"GPUD_JOB_ID={job_id}", f"GPUD_INSTANCE={instance}")
+    marks = [f"GPUD_JOB_ID={job_id}", f"GPUD_INSTANCE={instance}"]
+    if attempt is not None:
+        marks.append(f"GPUD_ATTEMPT={attempt}")
+    return processes_with_env(*marks)
 
 
 def _alive(pid: int, pid_start: int | None) -> bool:
@@ -406,7 +410,7 @@ class ProcessExecutor:
             return Handle(job_id=job_id, pid=pid, pid_start=pid_start or 0, adopted=True)
         if pid is None:
             # Spawned but never recorded: look for it by its environment.
-            for p in find_job_processes(job_id, self.instance):
+            for p in find_job_processes(job_id, self.instance, job.attempt):
                 if proc_session(p) == p:  # the session leader is the worker itself
                     return Handle(job_id=job_id, pid=p, pid_start=proc_start_time(p) or 0,
                                   adopted=True)

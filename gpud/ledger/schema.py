@@ -189,6 +189,28 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN python_env TEXT;
     """,
+    # 8 (issue #10): durable launches and idempotent submits.
+    """
+    -- When the daemon handed this attempt to its executor (set just before the launch):
+    -- on restart, an attempt without it never ran and is started again, one with it ran
+    -- and its process or its outcome is looked for.
+    ALTER TABLE attempts ADD COLUMN launched_at REAL;
+    -- Attempts open at the upgrade may have been launched by the older gpud: say they
+    -- were, so that the next start looks for their process and outcome.
+    UPDATE attempts SET launched_at = started_at WHERE ended_at IS NULL;
+    -- A client's idempotency key per owner: a repeated submit gets the original job
+    -- (job_id) or batch (batch_id) back. Written in the submit's own transaction.
+    CREATE TABLE idempotency (
+        owner       TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,            -- sha256 of what was submitted
+        job_id      INTEGER,                  -- a single submit
+        batch_id    INTEGER,                  -- a batch
+        created_at  REAL NOT NULL,
+        PRIMARY KEY (owner, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX idempotency_created ON idempotency(created_at);
+    """,
 ]
 
 

@@ -30,7 +30,22 @@ from gpud.domain import (
 from gpud.ledger.schema import migrate
 from gpud.ledger.usage import close_attempt, open_attempt
 
-__all__ = ["Event", "IllegalTransition", "Ledger", "NewJob", "Step", "UnknownJob"]
+__all__ = [
+    "IDEMPOTENCY_TTL",
+    "Event",
+    "IdempotencyKey",
+    "IllegalTransition",
+    "KeyReused",
+    "Ledger",
+    "NewJob",
+    "Replay",
+    "Step",
+    "UnknownJob",
+]
+
+#: How long an idempotency key answers with its original jobs (a client retries for
+#: minutes at most; a day leaves room for a laptop that slept through a retry).
+IDEMPOTENCY_TTL = 24 * 3600.0
 
 
 class UnknownJob(KeyError):
@@ -40,6 +55,28 @@ class UnknownJob(KeyError):
 
     def __str__(self) -> str:
         return f"no job {self.job_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """A client's key for one submit, per owner; ``fingerprint`` tells a retry of the same
+    submit from another submit that reused the key."""
+
+    owner: str
+    key: str
+    fingerprint: str
+
+
+class Replay(Exception):  # noqa: N818 - not an error: the answer to a repeated key
+    """The key was seen: these are the jobs its first submit made (nothing was written)."""
+
+    def __init__(self, batch_id: int | None, ids: list[int]) -> None:
+        super().__init__(batch_id, ids)
+        self.batch_id, self.ids = batch_id, ids
+
+
+class KeyReused(ValueError):
+    """The key was seen with a different submit: a client bug, refused (422)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,12 +216,20 @@ class Ledger:
     # -- writes --------------------------------------------------------------------------
 
     def submit(
-        self, jobs: Sequence[NewJob], function: bytes, now: float, *, batch: bool = False
+        self, jobs: Sequence[NewJob], function: bytes, now: float, *, batch: bool = False,
+        idempotency: IdempotencyKey | None = None,
     ) -> tuple[int | None, list[int]]:
-        """Store jobs (all of one function) durably; return (batch id, job ids in order)."""
+        """Store jobs (all of one function) durably; return (batch id, job ids in order).
+
+        With an idempotency key: raise :class:`Replay` with the original jobs if the key
+        was used by its owner in the last IDEMPOTENCY_TTL seconds (:class:`KeyReused` if
+        for another submit); else the key is stored in the same transaction as the jobs,
+        so a submit whose answer was lost is found by its retry, across restarts."""
         if not jobs:
             return None, []
         with self._tx() as c:
+            if idempotency is not None:
+                self._check_key(c, idempotency, now)
             c.execute(
                 "INSERT OR IGNORE INTO blobs (hash, data, created_at) VALUES (?, ?, ?)",
                 (jobs[0].function_hash, function, now),
@@ -218,7 +263,55 @@ class Ledger:
                 "VALUES (?, ?, NULL, 'queued', 'submitted')",
                 [(i, now) for i in ids],
             )
+            if idempotency is not None:
+                c.execute(
+                    "INSERT INTO idempotency (owner, key, fingerprint, job_id, batch_id, "
+                    "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (idempotency.owner, idempotency.key, idempotency.fingerprint,
+                     None if batch else ids[0], batch_id, now),
+                )
         return batch_id, ids
+
+    def _check_key(self, c: sqlite3.Connection, k: IdempotencyKey, now: float,
+                   prune: bool = True) -> None:
+        if prune:
+            # Expired keys go here, in a transaction that writes anyway (indexed: cheap).
+            c.execute("DELETE FROM idempotency WHERE created_at < ?", (now - IDEMPOTENCY_TTL,))
+        row = c.execute(
+            "SELECT fingerprint, job_id, batch_id FROM idempotency "
+            "WHERE owner = ? AND key = ? AND created_at >= ?",
+            (k.owner, k.key, now - IDEMPOTENCY_TTL),
+        ).fetchone()
+        if row is None:
+            return
+        if row["fingerprint"] != k.fingerprint:
+            raise KeyReused(
+                f"idempotency key {k.key!r} was already used for a different submit: "
+                "use a new key for each new submit, the same key only to retry one"
+            )
+        if row["batch_id"] is not None:
+            ids = [r[0] for r in c.execute(
+                "SELECT id FROM jobs WHERE batch_id = ? ORDER BY id", (row["batch_id"],))]
+            raise Replay(row["batch_id"], ids)
+        raise Replay(None, [row["job_id"]])
+
+    def replay(self, k: IdempotencyKey, now: float) -> None:
+        """Raise Replay (or KeyReused) if the key was used; a read (no lock taken), for the
+        API to answer a retry before it checks quotas the original jobs now count against."""
+        self._check_key(self.conn, k, now, prune=False)
+
+    def mark_launched(self, job_id: int, attempt: int, now: float) -> None:
+        """Durably note that this attempt is being handed to the executor (just before the
+        launch): a restart then knows it may have run, and looks for it."""
+        with self._tx() as c:
+            c.execute("UPDATE attempts SET launched_at = ? WHERE job_id = ? AND attempt = ?",
+                      (now, job_id, attempt))
+
+    def launched(self, job_id: int, attempt: int) -> bool:
+        r = self.conn.execute(
+            "SELECT launched_at FROM attempts WHERE job_id = ? AND attempt = ?",
+            (job_id, attempt)).fetchone()
+        return r is not None and r[0] is not None
 
     def advance(
         self, job_id: int, steps: Iterable[Step], now: float, *, expect: JobState | None = None
@@ -260,10 +353,12 @@ class Ledger:
                         (job_id, attempt, now, cols.get("gpus", "")),
                     )
                     open_attempt(c, job_id, attempt, row["owner"], uuids, gpu_types, now)
-                elif new is JobState.RUNNING and "pid" in cols:
+                elif new is JobState.RUNNING:
+                    # RUNNING implies launched (a warm job's task is sent right after).
                     c.execute(
-                        "UPDATE attempts SET pid = ? WHERE job_id = ? AND attempt = ?",
-                        (cols["pid"], job_id, attempt),
+                        "UPDATE attempts SET pid = coalesce(?, pid), "
+                        "launched_at = coalesce(launched_at, ?) WHERE job_id = ? AND attempt = ?",
+                        (cols.get("pid"), now, job_id, attempt),
                     )
                 elif new in FINAL and attempt > 0 and state is not JobState.QUEUED:
                     c.execute(
@@ -411,7 +506,18 @@ class _Tx:
 
     def __exit__(self, et: object, e: object, tb: object) -> None:
         if et is None:
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error:
+                # E.g. SQLITE_FULL or SQLITE_BUSY at COMMIT: SQLite may leave the
+                # transaction open; roll it back so the connection stays usable.
+                self._rollback()
+                raise
         else:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
 

@@ -1,0 +1,31 @@
+"""Test-only fault injection: make the daemon die at one exact point of a job's life.
+
+``GPUD_TEST_CRASH_AT=after_launch`` (a comma-separated list of points) makes the daemon
+SIGKILL itself the first time it reaches that point, as a power cut or an OOM kill
+would, so that tests can hit windows a few microseconds wide deterministically (issue
+#10). Never set it in production; unset, :func:`crash_point` is a set lookup.
+
+Points: ``before_launch`` (a job's attempt is STARTING, its launch not yet recorded),
+``after_mark_launched`` (the launch recorded, the process not yet started),
+``after_launch`` (the process runs, RUNNING not yet recorded), ``warm_worker_ready`` (a
+warm job's worker is up, the job not yet sent to it nor RUNNING), ``before_finish`` (the
+process ended, its outcome not yet recorded), ``after_submit`` (a submit committed,
+its answer not yet sent).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+__all__ = ["ENV", "crash_point"]
+
+ENV = "GPUD_TEST_CRASH_AT"
+
+_POINTS = frozenset(p.strip() for p in os.environ.get(ENV, "").split(",") if p.strip())
+
+
+def crash_point(name: str) -> None:
+    """Die here, at once and without cleanup, if the test asked for it."""
+    if name in _POINTS:
+        os.kill(os.getpid(), signal.SIGKILL)
