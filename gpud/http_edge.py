@@ -238,7 +238,14 @@ def install() -> bool:
                 limit = edge.header_timeout if reason.startswith("no") else edge.body_timeout
                 log.info("closed a connection from %s: %s in %g s (header_timeout/"
                          "body_timeout)", _peer_name(self), reason, limit)
+                # Closed outright: a request half received gets no answer to hang on to.
+                with contextlib.suppress(Exception):
+                    await self.stream.aclose()
             await self.protocol.handle(Closed())
+            # Nothing more will be read. hypercorn leaves the keep-alive timer running
+            # here, and it held every connection that closed between requests (or before
+            # its first one) open, task and socket, for keep_alive_timeout.
+            await self.idle_task.stop()
 
     run_module.TCPServer = EdgeServer  # type: ignore[attr-defined]
     return True

@@ -13,8 +13,11 @@ refuses connections is :class:`DaemonUnavailable`, whose message says how to sta
 from __future__ import annotations
 
 import codecs
+import errno
 import os
+import random
 import socket
+import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -227,6 +230,43 @@ def _transport_error(url: str, e: httpx.TransportError) -> GpudError:
     return DaemonUnavailable(url, reason)
 
 
+#: A daemon over its budget for request bodies answers 503 with Retry-After (#10): wait
+#: and send again, at most this many times and this long in all.
+BUSY_RETRIES = 8
+BUSY_WAIT_MAX = 60.0
+#: A Unix socket whose listen backlog is full refuses connect() with EAGAIN: a burst, not
+#: a missing daemon. Try again for this long before saying nobody answers.
+CONNECT_RETRY_FOR = 5.0
+
+
+def _busy_delay(resp: httpx.Response, attempt: int, waited: float) -> float | None:
+    """Seconds to wait before sending again, or None to take this answer as it is."""
+    if resp.status_code != 503 or attempt >= BUSY_RETRIES:
+        return None
+    raw = resp.headers.get("retry-after", "")
+    try:
+        after = float(raw)
+    except ValueError:
+        return None  # no Retry-After (the executor is down): say so at once
+    # Back off further on every refusal, with jitter so that refused clients spread out.
+    delay = min(max(after, 0.1) * (1.5**attempt), 10.0) * random.uniform(0.8, 1.2)
+    return delay if waited + delay <= BUSY_WAIT_MAX else None
+
+
+def _connect_busy(e: httpx.TransportError) -> bool:
+    """True for a connect() refused with EAGAIN (the daemon's backlog is full)."""
+    if not isinstance(e, httpx.ConnectError):
+        return False
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno == errno.EAGAIN:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "Resource temporarily unavailable" in str(e)
+
+
 def _api_error(resp: httpx.Response) -> ApiError:
     try:
         body = msgspec.json.decode(resp.content, type=ErrorBody)
@@ -308,12 +348,24 @@ class Client(_Base):
         self._finalizer()
 
     def _send(self, call: _Call[Any]) -> httpx.Response:
-        try:
-            return self._http.request(
-                call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
-            )
-        except httpx.TransportError as e:
-            raise _transport_error(self.url, e) from e
+        waited, attempt, started = 0.0, 0, time.monotonic()
+        while True:
+            try:
+                resp = self._http.request(
+                    call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
+                )
+            except httpx.TransportError as e:
+                if _connect_busy(e) and time.monotonic() - started < CONNECT_RETRY_FOR:
+                    time.sleep(random.uniform(0.02, 0.1))
+                    continue
+                raise _transport_error(self.url, e) from e
+            delay = _busy_delay(resp, attempt, waited)
+            if delay is None:
+                return resp
+            resp.close()
+            time.sleep(delay)
+            waited += delay
+            attempt += 1
 
     def _do(self, call: _Call[T]) -> T:
         return _decode(self.url, self._send(call), call.model)
@@ -484,12 +536,26 @@ class AsyncClient(_Base):
         await self._http.aclose()
 
     async def _send(self, call: _Call[Any]) -> httpx.Response:
-        try:
-            return await self._http.request(
-                call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
-            )
-        except httpx.TransportError as e:
-            raise _transport_error(self.url, e) from e
+        import anyio  # httpx's own dependency: sleeps under trio and asyncio alike
+
+        waited, attempt, started = 0.0, 0, time.monotonic()
+        while True:
+            try:
+                resp = await self._http.request(
+                    call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
+                )
+            except httpx.TransportError as e:
+                if _connect_busy(e) and time.monotonic() - started < CONNECT_RETRY_FOR:
+                    await anyio.sleep(random.uniform(0.02, 0.1))
+                    continue
+                raise _transport_error(self.url, e) from e
+            delay = _busy_delay(resp, attempt, waited)
+            if delay is None:
+                return resp
+            await resp.aclose()
+            await anyio.sleep(delay)
+            waited += delay
+            attempt += 1
 
     async def _do(self, call: _Call[T]) -> T:
         return _decode(self.url, await self._send(call), call.model)
