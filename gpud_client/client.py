@@ -232,8 +232,8 @@ def _transport_error(url: str, e: httpx.TransportError) -> GpudError:
 
 #: A daemon over its budget for request bodies answers 503 with Retry-After (#10): wait
 #: and send again, at most this many times and this long in all.
-BUSY_RETRIES = 8
-BUSY_WAIT_MAX = 60.0
+BUSY_RETRIES = 16
+BUSY_WAIT_MAX = 120.0
 #: A Unix socket whose listen backlog is full refuses connect() with EAGAIN: a burst, not
 #: a missing daemon. Try again for this long before saying nobody answers.
 CONNECT_RETRY_FOR = 5.0
