@@ -15,7 +15,8 @@ Three things live here, between the socket and the Starlette app:
   logs it (rate-limited) and ends that connection only.
 * **Read timeouts.** A request head must arrive within ``header_timeout`` of the
   connection opening (or of its first byte, on a kept-alive connection), and a body may
-  not stall for longer than ``body_timeout`` between two reads. hypercorn's own
+  not stall for longer than ``body_timeout`` between two reads; nor may a client stop
+  reading an answer for longer than that. hypercorn's own
   ``read_timeout`` cannot express this: it also applies while the app works on a
   request, which would cut the ``/wait`` long polls.
 * **A budget for request bodies in flight** (:class:`BodyBudget`, the ASGI middleware
@@ -169,18 +170,33 @@ def install() -> bool:
                     await self.stream.aclose()
 
         async def protocol_send(self, event: Any) -> None:
-            try:
+            edge: EdgeSettings | None = getattr(self.config, "gpud_edge", None)
+            if not isinstance(event, RawData) or edge is None:
                 await super().protocol_send(event)
-            except trio.BusyResourceError:
-                # Another task is closing this stream: the peer is gone either way.
-                with contextlib.suppress(Exception):
+                return
+            # hypercorn's send, with a deadline: its send_all is shielded with none, so a
+            # client that stops reading held the connection, and the send lock that
+            # closing it now takes, for ever.
+            async with self.send_lock:
+                try:
+                    with trio.CancelScope(shield=True) as scope:
+                        scope.deadline = trio.current_time() + edge.body_timeout
+                        await self.stream.send_all(event.data)
+                    if scope.cancelled_caught:  # half sent: the stream is unusable
+                        with contextlib.suppress(Exception):
+                            await self.stream.aclose()
+                        raise trio.BrokenResourceError("the client stopped reading")
+                except (trio.BrokenResourceError, trio.ClosedResourceError,
+                        trio.BusyResourceError):
+                    # Busy: another task is closing this stream; gone either way.
                     await self.protocol.handle(Closed())
 
         async def _close(self) -> None:
             # Half-close under the send lock, as every send is: trio's send_eof checkpoints
             # inside the stream's send guard, so without the lock another task's send_all
             # in that window raised BusyResourceError (#10). The lock is not re-entrant;
-            # a task that already holds it (a failed send closing up) just goes on.
+            # a task that already holds it (a failed send closing up) just goes on. A
+            # send holds it for body_timeout at most (protocol_send).
             lock: trio.Lock = self.send_lock
             if lock.statistics().owner is trio.lowlevel.current_task():
                 await super()._close()

@@ -409,3 +409,48 @@ def test_edge_settings_parse_and_are_checked() -> None:
         load_config(env={"GPUD_MAX_BODY_IN_FLIGHT": "1M"})
     with pytest.raises(ConfigError, match="listen_backlog"):
         load_config(env={"GPUD_LISTEN_BACKLOG": "0"})
+
+
+def test_the_client_retries_a_connect_refused_with_eagain(tmp_path: Path) -> None:
+    """A full backlog on a Unix socket refuses connect() with EAGAIN: a burst, not a
+    missing daemon. The client tries again for a few seconds instead of giving up."""
+    path = str(tmp_path / "busy.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(0)
+    fillers = []
+    for _ in range(64):  # fill the backlog until the kernel refuses
+        f = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        f.setblocking(False)
+        try:
+            f.connect(path)
+        except BlockingIOError:
+            f.close()
+            break
+        fillers.append(f)
+    else:
+        pytest.fail("the backlog never filled")
+
+    def serve_late() -> None:
+        time.sleep(0.8)
+        for f in fillers:  # the burst drains
+            f.close()
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                request = conn.recv(65536)
+                if b"/v1/health" in request:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+                    return
+
+    t = threading.Thread(target=serve_late, daemon=True)
+    t.start()
+    try:
+        t0 = time.monotonic()
+        with Client(f"unix://{path}") as c:
+            assert c._do(_Call("GET", "/health", dict)) == {}  # type: ignore[arg-type]
+        assert time.monotonic() - t0 > 0.7
+    finally:
+        t.join(5)
+        server.close()
