@@ -270,6 +270,27 @@ def test_stalled_requests_are_closed_after_the_timeouts(edge: attack.Daemon) -> 
     assert "no complete request head in 1 s" in edge.log.read_text()
 
 
+def test_a_client_that_stops_reading_is_dropped(edge: attack.Daemon) -> None:
+    """hypercorn's sends have no deadline: a client that asked for a large answer and
+    stopped reading held its connection for ever. Now body_timeout (2 s) bounds them."""
+    size = 8 * MiB
+    body = msgspec.json.encode(SubmitRequest(
+        name="t.print", function=cloudpickle.dumps(print),
+        args=cloudpickle.dumps((("x" * size,), {})),
+        python="{}.{}.{}".format(*sys.version_info[:3])))
+    with Client(f"unix://{edge.socket}") as c:
+        job = c._do(_Call("POST", "/jobs", dict, body=body))  # type: ignore[arg-type]
+        assert c.wait(job["id"], timeout=30).state == "succeeded"
+    with edge.connect("unix", timeout=10) as s:
+        s.sendall(f"GET /v1/jobs/{job['id']}/logs HTTP/1.1\r\nHost: gpud\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        time.sleep(4)  # not reading: the daemon's send stalls past body_timeout
+        got = _read_response(s)
+    assert _status(got) == 200
+    assert len(got) < size, "the whole answer waited for a client that stopped reading"
+    assert edge.health() == 200
+
+
 def test_connections_closed_without_a_request_are_let_go(edge: attack.Daemon) -> None:
     """hypercorn kept a connection that closed before (or between) requests open, task and
     socket, until its keep-alive timeout (75 s): a connect-and-close flood held them all."""
