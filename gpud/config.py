@@ -72,6 +72,15 @@ class Config:
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
     max_body_bytes: int = 256 * 1024 * 1024
+    #: the request bodies of all requests being received or handled together; more gets
+    #: 503 with Retry-After (gpud's client waits and retries). At least max_body_bytes
+    max_body_in_flight: int = 256 * 1024 * 1024
+    #: connections waiting to be accepted (capped by the kernel's net.core.somaxconn)
+    listen_backlog: int = 2048
+    #: a request's head (method, path, headers) must arrive within this long
+    header_timeout: float = 10.0
+    #: a request body may not stall for longer than this between two reads
+    body_timeout: float = 60.0
     #: keep_warm of a job that does not set one (0: its worker ends with it)
     keep_warm_default: float = 0.0
     #: the longest keep_warm a job may ask for
@@ -127,7 +136,7 @@ _ENV_PREFIX = "GPUD_"
 _DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "retry_backoff",
               "retry_backoff_max", "gpu_poll_interval", "keep_warm_default", "keep_warm_max",
               "fairshare_half_life", "max_age", "snapshot_restore_timeout",
-              "image_build_timeout"}
+              "image_build_timeout", "header_timeout", "body_timeout"}
 _WEIGHTS = {"fairshare_weight", "age_weight"}
 
 
@@ -193,12 +202,15 @@ def _coerce(name: str, value: Any) -> Any:
             if not 0 <= w < float("inf"):
                 raise ValueError("a number >= 0")
             return w
-        if name in ("snapshot_max_bytes", "image_max_bytes") and isinstance(value, str):
+        if name in ("snapshot_max_bytes", "image_max_bytes", "max_body_bytes",
+                    "max_body_in_flight") and isinstance(value, str) \
+                and not value.strip().isdigit():
             from gpud_client.duration import parse_size
 
             return parse_size(value)
         if name in ("cpu_slots", "max_body_bytes", "snapshot_max_bytes",
-                    "snapshot_max_failures", "image_max_bytes"):
+                    "snapshot_max_failures", "image_max_bytes", "max_body_in_flight",
+                    "listen_backlog"):
             n = int(value)
             if n < 1:
                 raise ValueError("a whole number >= 1")
@@ -261,6 +273,13 @@ def load_config(
         parse_tcp(cfg.tcp)
     if cfg.default_timeout is not None and cfg.default_timeout > cfg.max_timeout:
         raise ConfigError("default_timeout cannot be larger than max_timeout")
+    if cfg.max_body_in_flight < cfg.max_body_bytes:
+        raise ConfigError(
+            f"max_body_in_flight ({cfg.max_body_in_flight}) is smaller than max_body_bytes "
+            f"({cfg.max_body_bytes}): a request of the largest allowed size could never be "
+            "taken; raise max_body_in_flight or lower max_body_bytes")
+    if cfg.header_timeout <= 0 or cfg.body_timeout <= 0:
+        raise ConfigError("header_timeout and body_timeout must be positive, e.g. \"10s\"")
     if cfg.fairshare_half_life <= 0:
         raise ConfigError("fairshare_half_life must be positive, e.g. \"7d\"")
     return cfg

@@ -20,7 +20,7 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from gpud import peercred
+from gpud import http_edge, peercred
 from gpud.api import create_app
 from gpud.config import Config, is_loopback, parse_tcp
 from gpud.executors.base import Executor, ExecutorRefusal
@@ -123,6 +123,29 @@ async def _make_executor(
     return process, version, python
 
 
+def _check_backlog(backlog: int) -> None:
+    """The kernel silently caps a listen backlog at net.core.somaxconn: say so."""
+    try:
+        cap = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return
+    if cap < backlog:
+        log.warning("listen_backlog = %d but the kernel caps it at net.core.somaxconn = %d: "
+                    "raise that (sysctl -w net.core.somaxconn=%d) for bursts of connections",
+                    backlog, cap, backlog)
+
+
+def _raise_fd_limit() -> None:
+    """Every connection is a file descriptor; a soft limit of 1024 (the usual default)
+    would refuse a burst that the backlog lets in. Raise it to the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve(
     config: Config,
     *,
@@ -171,17 +194,30 @@ async def serve(
         if not peercred.install():
             log.warning("cannot read peer credentials with this hypercorn: clients on the "
                         "Unix socket need tokens too")
+        if not http_edge.install():
+            raise RuntimeError("this hypercorn lacks what gpud.http_edge needs to keep one "
+                               "connection's failure from ending the daemon: install the "
+                               "hypercorn version pyproject.toml names")
         hc.accesslog = None
         hc.errorlog = logging.getLogger("gpud.http")
         hc.graceful_timeout = 2.0
         hc.keep_alive_timeout = 75.0
+        # The limits at the edge (#10): backlog, read timeouts (gpud.http_edge).
+        hc.backlog = config.listen_backlog
+        hc.gpud_edge = http_edge.EdgeSettings(  # type: ignore[attr-defined]
+            header_timeout=config.header_timeout, body_timeout=config.body_timeout)
+        _check_backlog(config.listen_backlog)
+        _raise_fd_limit()
+        budget = http_edge.BodyBudget(config.max_body_in_flight)
+        app = http_edge.BodyBudgetMiddleware(create_app(daemon), budget,
+                                             config.max_body_bytes)
         # Only the owner (and, for a root daemon, the gpud group) may connect; who it is
         # exactly comes from the peer credentials (gpud.auth).
         hc.umask = 0o177 if os.geteuid() != 0 else 0o117
 
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
-            binds = await nursery.start(hypercorn_serve, create_app(daemon), hc)
+            binds = await nursery.start(hypercorn_serve, app, hc)
             if os.geteuid() == 0:
                 with contextlib.suppress(KeyError):
                     os.chown(sock_path, 0, grp.getgrnam("gpud").gr_gid)

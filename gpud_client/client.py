@@ -13,7 +13,9 @@ refuses connections is :class:`DaemonUnavailable`, whose message says how to sta
 from __future__ import annotations
 
 import codecs
+import errno
 import os
+import random
 import socket
 import time
 import uuid
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
-import anyio
+import anyio  # httpx's own dependency: sleeps under trio and asyncio alike
 import httpcore
 import httpx
 import msgspec
@@ -235,6 +237,43 @@ def _transport_error(url: str, e: httpx.TransportError) -> GpudError:
     return DaemonUnavailable(url, reason)
 
 
+#: A daemon over its budget for request bodies answers 503 with Retry-After (#10): wait
+#: and send again, at most this many times and this long in all.
+BUSY_RETRIES = 16
+BUSY_WAIT_MAX = 120.0
+#: A Unix socket whose listen backlog is full refuses connect() with EAGAIN: a burst, not
+#: a missing daemon. Try again for this long before saying nobody answers.
+CONNECT_RETRY_FOR = 5.0
+
+
+def _busy_delay(resp: httpx.Response, attempt: int, waited: float) -> float | None:
+    """Seconds to wait before sending again, or None to take this answer as it is."""
+    if resp.status_code != 503 or attempt >= BUSY_RETRIES:
+        return None
+    raw = resp.headers.get("retry-after", "")
+    try:
+        after = float(raw)
+    except ValueError:
+        return None  # no Retry-After (the executor is down): say so at once
+    # Back off further on every refusal, with jitter so that refused clients spread out.
+    delay = min(max(after, 0.1) * (1.5**attempt), 10.0) * random.uniform(0.8, 1.2)
+    return delay if waited + delay <= BUSY_WAIT_MAX else None
+
+
+def _connect_busy(e: httpx.TransportError) -> bool:
+    """True for a connect() refused with EAGAIN (the daemon's backlog is full)."""
+    if not isinstance(e, httpx.ConnectError):
+        return False
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno == errno.EAGAIN:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "Resource temporarily unavailable" in str(e)
+
+
 def _api_error(resp: httpx.Response) -> ApiError:
     try:
         body = msgspec.json.decode(resp.content, type=ErrorBody)
@@ -270,31 +309,49 @@ def _keyed(request: _Req) -> _Req:
     return msgspec.structs.replace(request, idempotency_key=uuid.uuid4().hex)
 
 
-class _SubmitRetry:
-    """When to try a submit again: on a connection error or a 503, within SUBMIT_RETRY
-    seconds (SUBMIT_CONNECT_RETRY while no connection was ever made), backing off from
-    0.1 s to 2 s, or to the daemon's Retry-After."""
+class _Retry:
+    """When to send a request again, one policy for every request.
 
-    def __init__(self) -> None:
+    Any request: a connect() refused with EAGAIN (a full backlog) within
+    CONNECT_RETRY_FOR, and a 503 with Retry-After (a daemon over its body budget, a
+    locked ledger), backing off as :func:`_busy_delay` says. An idempotent submit (it
+    carries its key) also on any other connection error or 503, within SUBMIT_RETRY
+    seconds (SUBMIT_CONNECT_RETRY while no connection was ever made), backing off from
+    0.1 s to 2 s."""
+
+    def __init__(self, *, idempotent: bool) -> None:
+        self.idempotent = idempotent
         self.start = time.monotonic()
         self.reached = False
         self.delay = 0.1
+        self.attempt = 0
+        self.waited = 0.0
 
     def after_error(self, e: httpx.TransportError) -> float | None:
+        if _connect_busy(e) and time.monotonic() - self.start < CONNECT_RETRY_FOR:
+            return random.uniform(0.02, 0.1)
+        if not self.idempotent:
+            return None
         if not isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
             self.reached = True  # it may have gone in: only the key can tell now
-        return self._next(None)
+        return self._next()
 
     def after_response(self, resp: httpx.Response) -> float | None:
         if resp.status_code != 503:
             return None
+        busy = _busy_delay(resp, self.attempt, self.waited)
+        if busy is not None:
+            self.attempt += 1
+            self.waited += busy
+            return busy
+        if not self.idempotent:
+            return None
         self.reached = True
-        after = resp.headers.get("retry-after", "")
-        return self._next(float(after) if after.isdigit() else None)
+        return self._next()
 
-    def _next(self, wanted: float | None) -> float | None:
+    def _next(self) -> float | None:
         budget = SUBMIT_RETRY if self.reached else SUBMIT_CONNECT_RETRY
-        delay = min(wanted, 10.0) if wanted is not None else self.delay
+        delay = self.delay
         if time.monotonic() + delay - self.start > budget:
             return None
         self.delay = min(self.delay * 2, 2.0)
@@ -358,31 +415,28 @@ class Client(_Base):
     def close(self) -> None:
         self._finalizer()
 
-    def _send(self, call: _Call[Any]) -> httpx.Response:
-        try:
-            return self._http.request(
-                call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
-            )
-        except httpx.TransportError as e:
-            raise _transport_error(self.url, e) from e
+    def _send(self, call: _Call[Any], *, idempotent: bool = False) -> httpx.Response:
+        retry = _Retry(idempotent=idempotent)
+        while True:
+            try:
+                resp = self._http.request(
+                    call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
+                )
+            except httpx.TransportError as e:
+                if (delay := retry.after_error(e)) is None:
+                    raise _transport_error(self.url, e) from e
+            else:
+                if (delay := retry.after_response(resp)) is None:
+                    return resp
+                resp.close()
+            time.sleep(delay)
 
     def _do(self, call: _Call[T]) -> T:
         return _decode(self.url, self._send(call), call.model)
 
     def _submit(self, call: _Call[T]) -> T:
         """Send an idempotent submit, again while the daemon cannot be reached."""
-        retry = _SubmitRetry()
-        while True:
-            try:
-                resp = self._http.request(
-                    call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout))
-            except httpx.TransportError as e:
-                if (delay := retry.after_error(e)) is None:
-                    raise _transport_error(self.url, e) from e
-            else:
-                if (delay := retry.after_response(resp)) is None:
-                    return _decode(self.url, resp, call.model)
-            time.sleep(delay)
+        return _decode(self.url, self._send(call, idempotent=True), call.model)
 
     # -- endpoints ------------------------------------------------------------------
 
@@ -552,30 +606,27 @@ class AsyncClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, call: _Call[Any]) -> httpx.Response:
-        try:
-            return await self._http.request(
-                call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
-            )
-        except httpx.TransportError as e:
-            raise _transport_error(self.url, e) from e
-
-    async def _do(self, call: _Call[T]) -> T:
-        return _decode(self.url, await self._send(call), call.model)
-
-    async def _submit(self, call: _Call[T]) -> T:
-        retry = _SubmitRetry()
+    async def _send(self, call: _Call[Any], *, idempotent: bool = False) -> httpx.Response:
+        retry = _Retry(idempotent=idempotent)
         while True:
             try:
                 resp = await self._http.request(
-                    call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout))
+                    call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
+                )
             except httpx.TransportError as e:
                 if (delay := retry.after_error(e)) is None:
                     raise _transport_error(self.url, e) from e
             else:
                 if (delay := retry.after_response(resp)) is None:
-                    return _decode(self.url, resp, call.model)
+                    return resp
+                await resp.aclose()
             await anyio.sleep(delay)
+
+    async def _do(self, call: _Call[T]) -> T:
+        return _decode(self.url, await self._send(call), call.model)
+
+    async def _submit(self, call: _Call[T]) -> T:
+        return _decode(self.url, await self._send(call, idempotent=True), call.model)
 
     async def health(self) -> Health:
         return await self._do(_Call("GET", "/health", Health))
