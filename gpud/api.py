@@ -271,17 +271,22 @@ async def _new_jobs(
     try:
         image = await daemon.check_submittable(gpu, req.python, timeout, req.image,
                                                python_path=req.python_path)
-        python_env = await daemon.resolve_python(who.name, req.python, req.python_path,
-                                                 req.python_prefix)
     except SubmitError as e:
         raise ApiError(422, "refused", str(e)) from None
     except ExecutorDown as e:
         raise ApiError(503, "executor_unavailable", str(e)) from None
-    if image is not None and daemon.images is not None:
-        await daemon.images.touch(image)  # a use, for garbage collection (#11)
     queued = sum(1 for j in daemon.active.values()
                  if j.owner == who.name and j.state is JobState.QUEUED)
+    # Who may submit at all (a Unix account to run as, quotas: 403) before which
+    # interpreter their job runs with (422).
     auth.check_submit(who, priority=req.priority, jobs=len(args), queued=queued)
+    try:
+        python_env = await daemon.resolve_python(who.name, req.python, req.python_path,
+                                                 req.python_prefix)
+    except SubmitError as e:
+        raise ApiError(422, "refused", str(e)) from None
+    if image is not None and daemon.images is not None:
+        await daemon.images.touch(image)  # a use, for garbage collection (#11)
     import hashlib
 
     code_hash = hashlib.sha256(req.function).hexdigest()
