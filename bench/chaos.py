@@ -422,7 +422,7 @@ def run_round(r: int, args: argparse.Namespace, rnd: random.Random, d: Daemon, t
     elif fault in PODMAN_FAULTS:
         detail = kill_container(rnd, d.instance(), kills, conmon=fault == "conmon")
     elif fault == "sqlite_lock":
-        hold = rnd.uniform(0.5, 3.0)
+        hold = rnd.uniform(0.5, args.lock_seconds)
         holder = hold_sqlite_lock(d.data_dir / "ledger.db", hold)
         detail = f"{hold:.1f} s"
     elif fault == "disk_full" and fs is not None:
@@ -518,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--executor", choices=("process", "podman"), default="process")
     ap.add_argument("--calm", type=float, default=0.2,
                     help="the share of rounds without the kill -9 (faults alone)")
+    ap.add_argument("--lock-seconds", type=float, default=3.0,
+                    help="the longest the second process holds the SQLite write lock (the "
+                    "daemon's busy timeout is 10 s)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--no-disk", action="store_true",
                     help="no tmpfs data directory, so no disk-full fault (also when not root)")

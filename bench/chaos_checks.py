@@ -98,6 +98,7 @@ class Tally:
     retries_of_lost: int = 0
     reruns_after_killed_done: int = 0
     final_states: Counter[str] = field(default_factory=Counter)
+    start_kinds: Counter[str] = field(default_factory=Counter)  # of the succeeded jobs
     unacknowledged_submits: int = 0
     client_errors: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
@@ -148,6 +149,8 @@ def check_job(t: Tally, job: Acked, info: Any, events: list[Any], marks: list[Ma
     """Check one acknowledged job once it is final (``info``: its JobInfo)."""
     jid = job.id
     t.final_states[info.state] += 1
+    if info.state == "succeeded":
+        t.start_kinds[getattr(info, "start_kind", None) or "none"] += 1
     finals = sum(1 for e in events if e.to_state in FINAL)
     retried = sum(1 for e in events if e.from_state in ("failed", "lost")
                   and e.to_state == "queued")
@@ -223,7 +226,9 @@ def summary(t: Tally, meta: dict[str, Any]) -> str:
         f"done mark {t.reruns_after_killed_done}, phantom jobs (committed but not "
         f"acknowledged) {len(t.phantom_jobs)}, unacknowledged submits "
         f"{t.unacknowledged_submits}",
-        "  final states: " + ", ".join(f"{k} {n}" for k, n in sorted(t.final_states.items())),
+        "  final states: " + ", ".join(f"{k} {n}" for k, n in sorted(t.final_states.items()))
+        + " (succeeded: " + ", ".join(f"{k} {n}" for k, n in sorted(t.start_kinds.items()))
+        + ")",
         "  faults: " + ", ".join(f"{k} {n}" for k, n in sorted(t.faults.items())),
         f"  daemon log: {t.tracebacks} tracebacks, "
         f"{sum(t.log_errors.values())} error lines/traceback ends",
@@ -259,6 +264,7 @@ def as_json(t: Tally, meta: dict[str, Any]) -> dict[str, Any]:
         "phantom_jobs": t.phantom_jobs,
         "unacknowledged_submits": t.unacknowledged_submits,
         "final_states": dict(t.final_states),
+        "start_kinds_of_succeeded": dict(t.start_kinds),
         "faults": dict(t.faults),
         "fault_log": t.fault_log,
         "client_errors": dict(t.client_errors),
