@@ -115,7 +115,7 @@ class Daemon:
         env.pop("GPUD_CONFIG", None)
         env.update({
             "GPUD_DATA_DIR": str(self.data_dir), "GPUD_SOCKET": str(self.socket),
-            "GPUD_GPUS": "fake", "GPUD_FAKE_GPUS": "h100,h100,l4", "GPUD_CPU_SLOTS": "4",
+            "GPUD_GPUS": "fake", "GPUD_FAKE_GPUS": "h100,h100,l4", "GPUD_CPU_SLOTS": "6",
             "GPUD_KILL_GRACE": "1", "GPUD_RETRY_BACKOFF": "0.2", "GPUD_LOG_LEVEL": "info",
             "GPUD_GPU_POLL_INTERVAL": "0.5",
             "PYTHONPATH": os.pathsep.join([str(REPO)] + (
@@ -272,11 +272,29 @@ class Load:
         elif kind == "fail":
             opts["retries"] = 1
             args = (self.marks, name, secs, True)
-        handle = base.with_options(**opts).spawn(*args)
+        fn = base.with_options(**opts)
+        handle = fn.spawn(*args)
         self._ack([handle.id], kind, name)
+        if kind == "warm":
+            # Calls in a row, each once the previous ended: the next one can run in the
+            # warm worker the previous left (a lone call would always start cold).
+            for _ in range(rnd.randint(1, 3)):
+                if self.stop.is_set() or not _wait_final(handle, 4.0):
+                    break
+                handle = fn.spawn(self.marks, name, rnd.uniform(0.05, 0.5))
+                self._ack([handle.id], kind, name)
         if kind == "cancel":
             self.stop.wait(rnd.uniform(0.0, 0.8))
             handle.cancel()
+
+
+def _wait_final(handle: Any, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if handle.status().state in checks.FINAL:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 # -- faults ---------------------------------------------------------------------------------
