@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 FINAL = {"succeeded", "failed", "cancelled", "timed_out", "lost"}
+#: a log line's level: first (gpud's format, "ERROR gpud: ..."), or after a timestamp
+_LEVEL = re.compile(r"^(?:[\d:,.T-]+ )*(ERROR|CRITICAL) ")
 
 
 @dataclass
@@ -207,11 +209,11 @@ def scan_log(t: Tally, text: str) -> None:
                                                "The above exception")):
                     t.log_errors[f"traceback: {nxt[:160]}"] += 1
                     break
-        elif " ERROR " in line or " CRITICAL " in line:
-            # "2026-12-01 ... ERROR gpud.service: message": keep the message, not the time
-            msg = line.split(" ERROR ", 1)[-1].split(" CRITICAL ", 1)[-1]
-            msg = re.sub(r"\d+", "N", msg)
-            t.log_errors[f"error: {msg[:160]}"] += 1
+        elif m := _LEVEL.search(line):
+            # "ERROR gpud: internal error while supervising job 12": the message with its
+            # numbers folded, so that one kind of error is counted as one
+            msg = re.sub(r"\d+", "N", line[m.end():])
+            t.log_errors[f"{m.group(1).lower()}: {msg[:160]}"] += 1
 
 
 def summary(t: Tally, meta: dict[str, Any]) -> str:

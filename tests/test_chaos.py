@@ -82,10 +82,11 @@ def test_concurrent_attempts_two_finals_and_results_from_nowhere_are_flagged() -
 def test_tracebacks_in_the_daemon_log_are_counted() -> None:
     t = checks.Tally()
     checks.scan_log(t, "INFO gpud: fine\nTraceback (most recent call last):\n  File \"x\"\n"
-                       "ValueError: boom\n2026-12-01 ERROR gpud.service: job 12 broke\n")
+                       "ValueError: boom\nERROR gpud: job 12 broke\nERROR gpud: job 3 broke\n"
+                       "2026-12-01 CRITICAL gpud.http: down\nINFO gpud: an ERROR in a name\n")
     assert t.tracebacks == 1
-    assert t.log_errors == {"traceback: ValueError: boom": 1,
-                            "error: gpud.service: job N broke": 1}
+    assert t.log_errors == {"traceback: ValueError: boom": 1, "error: gpud: job N broke": 2,
+                            "critical: gpud.http: down": 1}
 
 
 def test_short_chaos_run_has_no_violations(tmp_path: Path) -> None:
