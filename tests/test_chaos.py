@@ -116,8 +116,11 @@ def test_short_chaos_run_has_no_violations(tmp_path: Path) -> None:
     assert set(r["violating_jobs"]["run_twice"]) <= known, out.stdout
     v["finished_marked_lost"] = v["run_twice"] = 0
     assert not any(v.values()), out.stdout
-    assert r["log"]["tracebacks"] == 0 or set(r["log"]["errors"]) <= {
-        # The disk-full fault: SQLite and the job files refuse writes while it lasts.
+    # The only tracebacks allowed are the disk-full fault's: SQLite and the job files
+    # refuse writes while it lasts, and today the daemon logs them as internal errors (a
+    # submit gets a 500). TODO(#10): none at all once the disk-full policy lands.
+    tracebacks = {k for k in r["log"]["errors"] if k.startswith("traceback: ")}
+    assert tracebacks <= {
         "traceback: sqlite3.OperationalError: database or disk is full",
         "traceback: OSError: [Errno 28] No space left on device",
     }, out.stdout
