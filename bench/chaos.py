@@ -527,6 +527,9 @@ def mount_tmpfs(path: Path, size_mb: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The jobs run with the daemon's interpreter, as bench/run.py's do: a root daemon's job
+    # user may not reach this process's own (a venv under a 0700 /root, #11).
+    os.environ.setdefault("GPUD_JOB_PYTHON", "daemon")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--max-seconds", type=float, default=1800.0,
@@ -604,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run(["umount", "-l", str(fs)], capture_output=True)
             shutil.rmtree(base, ignore_errors=True)
     meta["seconds"] = time.monotonic() - started
+    if error is None and t.jobs == 0:
+        error = "no submit was acknowledged: the run tested nothing (see the client errors)"
     meta["error"] = error
     print(checks.summary(t, meta))
     if args.report is not None:
