@@ -224,26 +224,27 @@ def _invalid(model: type[Any], e: msgspec.ValidationError) -> ApiError:
     return ApiError(422, _FIELD_CODES.get(field, "invalid_request"), detail)
 
 
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e16 else f"{v:g}"
+
+
 def _field_range(model: type[Any], field: str) -> str | None:
     import msgspec.inspect as mi
 
-    info = mi.type_info(model)
-    for f in getattr(info, "fields", ()):
+    for f in mi.type_info(model).fields:  # type: ignore[attr-defined]
         if f.name != field:
             continue
         parts = []
         for t in getattr(f.type, "types", (f.type,)):
-            lo = getattr(t, "ge", None) if getattr(t, "ge", None) is not None else getattr(
-                t, "gt", None)
-            hi = getattr(t, "le", None)
-            if lo is not None or hi is not None:
-                above = "above" if getattr(t, "gt", None) is not None else "from"
-                parts.append(f"{above} {lo:g} to {hi:g}" if isinstance(lo, float) else
-                             f"{above} {lo} to {hi}")
-            if getattr(t, "max_length", None) is not None:
-                parts.append(f"{t.min_length or 0} to {t.max_length} "
-                             f"{'characters' if isinstance(t, mi.StrType) else 'items'}")
-            if isinstance(t, mi.NoneType):
+            t = t.type if isinstance(t, mi.Metadata) else t
+            if isinstance(t, mi.IntType | mi.FloatType) and (t.le is not None):
+                low = t.ge if t.ge is not None else (t.gt or 0)
+                word = "above" if t.gt is not None else "from"
+                parts.append(f"{word} {_num(low)} to {_num(t.le)}")
+            elif isinstance(t, mi.StrType | mi.ListType) and t.max_length is not None:
+                unit = "characters" if isinstance(t, mi.StrType) else "items"
+                parts.append(f"{t.min_length or 0} to {t.max_length} {unit}")
+            elif isinstance(t, mi.NoneType) and parts:
                 parts.append("or null")
         return " ".join(parts) or None
     return None

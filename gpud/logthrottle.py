@@ -48,7 +48,7 @@ class TracebackThrottle(logging.Filter):
         exc = record.exc_info
         if not exc or exc[0] is None:
             return True
-        site = _site(exc)  # type: ignore[arg-type]
+        site = _site(exc)
         if site is None:
             return True
         now = self.clock()

@@ -23,7 +23,7 @@ SECRET_ENV = "hunter2-env-value"
 async def _queue_settled(tcp: httpx.AsyncClient, token: str, n: int) -> list[dict]:  # noqa: F811
     """The queue once the scheduler has placed all ``n`` queued jobs."""
     with trio.fail_after(20):
-        while True:
+        while True:  # noqa: ASYNC110 - polling the API
             page = (await tcp.get("/v1/queue", headers=bearer(token))).json()
             if page["total"] == n and all(j["position"] for j in page["jobs"]):
                 return list(page["jobs"])
@@ -48,8 +48,8 @@ async def test_others_see_the_queue_but_not_what_is_private(
     assert r.status_code == 201, r.text
     b_queued = r.json()["id"]
     with trio.fail_after(20):
-        while (await tcp.get(f"/v1/jobs/{held}", headers=bearer(a_tok))).json()["state"] \
-                != "running":
+        while (await tcp.get(f"/v1/jobs/{held}",  # noqa: ASYNC110 - polling the API
+                             headers=bearer(a_tok))).json()["state"] != "running":
             await trio.sleep(0.05)
 
     # bob sees the whole queue, so his position makes sense (fair share puts his job
