@@ -669,6 +669,22 @@ def _narrow(components: dict[str, Any], field: str, maximum: float) -> None:
                 alt["maximum"] = min(alt.get("maximum", maximum), maximum)
 
 
+#: Standard base64 with padding, as msgspec decodes ``bytes`` fields: "contentEncoding"
+#: alone is an annotation that validators and generators ignore.
+_BASE64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+def _base64_patterns(node: Any) -> None:
+    if isinstance(node, dict):
+        if node.get("contentEncoding") == "base64":
+            node["pattern"] = _BASE64
+        for v in node.values():
+            _base64_patterns(v)
+    elif isinstance(node, list):
+        for v in node:
+            _base64_patterns(v)
+
+
 def openapi(daemon: Daemon | None = None) -> dict[str, Any]:
     """The API as OpenAPI 3.1. Every range in it comes from the constraints the daemon
     enforces: body fields from the msgspec models, query parameters from their
@@ -678,6 +694,7 @@ def openapi(daemon: Daemon | None = None) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
         models, ref_template="#/components/schemas/{name}"
     )
+    _base64_patterns(components)
     if daemon is not None:
         cfg = daemon.config
         _narrow(components, "timeout", min(cfg.max_timeout, MAX_SECONDS))
