@@ -179,3 +179,29 @@ def test_the_throttle_remembers_a_bounded_number_of_sites() -> None:
                                              sys.exc_info()))
     assert all(throttle.filter(r) for r in records)
     assert len(throttle._sites) == 3
+
+
+def test_install_throttles_what_every_logger_propagates() -> None:
+    """`gpud serve` installs it on the root logger's handlers, so gpud's own tracebacks
+    and hypercorn's (its errorlog is the gpud.http logger) are both held back."""
+    import io
+
+    from gpud import logthrottle
+
+    top = logging.getLogger("throttle-test")
+    top.propagate = False
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    top.addHandler(handler)
+    try:
+        logthrottle.install(60.0, logger=top)
+        for name in ("throttle-test.api", "throttle-test.http"):
+            for _ in range(50):
+                try:
+                    _fail_here()
+                except RuntimeError:
+                    logging.getLogger(name).exception("internal error")
+    finally:
+        top.removeHandler(handler)
+    # One site, whichever logger reported it: one traceback in all.
+    assert out.getvalue().count("Traceback (most recent call last)") == 1
