@@ -47,6 +47,8 @@ class Report:
     requests: int = 0
     by_status: Counter[int] = field(default_factory=Counter)
     by_operation: Counter[str] = field(default_factory=Counter)
+    #: seconds spent waiting for answers, per operation (where a slow run spends its time)
+    wait_s: Counter[str] = field(default_factory=Counter)
     failures: list[dict[str, Any]] = field(default_factory=list)
     transport_errors: int = 0
     accepted: int = 0  # submits that got into the ledger (201)
@@ -71,7 +73,9 @@ class Report:
                 "transport_errors": self.transport_errors, "accepted": self.accepted,
                 "daemon_alive": self.daemon_alive, "log_bytes": self.log_bytes,
                 "log_tracebacks": self.log_tracebacks,
-                "by_operation": dict(sorted(self.by_operation.items())), "ok": self.ok}
+                "by_operation": dict(sorted(self.by_operation.items())),
+                "wait_s": {k: round(v, 2) for k, v in self.wait_s.most_common()},
+                "ok": self.ok}
 
 
 def _problem(resp: Any) -> str | None:
@@ -132,12 +136,14 @@ def fuzz(base_url: str, token: str, seconds: float, *, examples: int = 30,
             return
         _tame(case)
         label = f"{case.method} {case.path}"
+        t0 = time.monotonic()
         try:
             resp = case.call(base_url=base_url, session=session, headers=headers, timeout=30)
         except requests.RequestException as e:
             report.transport_errors += 1
             report.failures.append({"operation": label, "problem": f"no answer: {e}"})
             return
+        report.wait_s[label] += time.monotonic() - t0
         report.requests += 1
         report.by_status[resp.status_code] += 1
         report.by_operation[label] += 1

