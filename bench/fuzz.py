@@ -101,14 +101,15 @@ def _problem(resp: Any) -> str | None:
 def _tame(case: Any) -> None:
     """Keep a case from waiting on purpose: the long poll and a followed log stream last
     as long as a job does; fuzzing them at full length would spend the run waiting."""
-    query = case.query if isinstance(case.query, dict) else None
-    if query is None:
-        return
-    if case.path.endswith("/wait") and "timeout" in query:
+    if case.path.endswith("/wait"):
+        if not isinstance(case.query, dict):
+            case.query = {}
+        # Absent, the daemon waits its default 30 s; a value it refuses stays as it is.
+        case.query.setdefault("timeout", 0.2)
         with contextlib.suppress(TypeError, ValueError):
-            query["timeout"] = min(float(query["timeout"]), 0.2)
-    if case.path.endswith("/logs") and "follow" in query:
-        query["follow"] = "false"
+            case.query["timeout"] = min(float(case.query["timeout"]), 0.2)
+    if case.path.endswith("/logs") and isinstance(case.query, dict) and "follow" in case.query:
+        case.query["follow"] = "false"
 
 
 def fuzz(base_url: str, token: str, seconds: float, *, examples: int = 30,

@@ -487,7 +487,7 @@ def create_app(daemon: Daemon) -> Starlette:
         by = _param(request, BY_PARAM)
         user = _param(request, USER)
         attempts = await daemon.ledger.call(attempts_between, since, until, user)
-        r = report(attempts, since=since, until=until, by=by)
+        r = report(attempts, since=since, until=until, by=by, now=now)
 
         def line(x: Line) -> UsageLine:
             return UsageLine(key=x.key, jobs=len(x.jobs), attempts=x.attempts,

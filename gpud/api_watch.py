@@ -94,9 +94,10 @@ def others_view(info: JobInfo) -> JobInfo:
     names, arguments, logs and results; here also its Python and its path, image, limits
     and errors)."""
     return msgspec.structs.replace(
-        info, name=OTHERS_JOB, python="", python_path=None, python_prefix=None, image=None, memory=None, cpu=None, keep_warm=0.0,
-        snapshot=False, error=None, exit_code=None, has_result=False, batch_id=None,
-        start_kind=None, startup=None, wall_seconds=0.0, gpu_seconds=0.0, private=True)
+        info, name=OTHERS_JOB, python="", python_path=None, python_prefix=None, image=None,
+        memory=None, cpu=None, keep_warm=0.0, snapshot=False, error=None, exit_code=None,
+        has_result=False, batch_id=None, start_kind=None, startup=None, wall_seconds=0.0,
+        gpu_seconds=0.0, private=True)
 
 
 def watch_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any]]]:

@@ -205,3 +205,39 @@ def test_install_throttles_what_every_logger_propagates() -> None:
         top.removeHandler(handler)
     # One site, whichever logger reported it: one traceback in all.
     assert out.getvalue().count("Traceback (most recent call last)") == 1
+
+
+def test_usage_by_day_of_a_running_job_ends_now_not_at_a_far_until() -> None:
+    """`GET /v1/usage?by=day&until=1e11` cut a running attempt into 1.1 million days
+    (12 s on the event loop, a 100 MB answer) before the report took `now` (#10)."""
+    import time
+
+    from gpud.accounting import report
+    from gpud.ledger.usage import AttemptUsage
+
+    now = time.time()
+    running = AttemptUsage(1, 0, "alice", now - 10, None, ("h100",), None, None)
+    t0 = time.monotonic()
+    r = report([running], since=0, until=1e11, by="day", now=now)
+    assert time.monotonic() - t0 < 1 and 1 <= len(r.lines) <= 2
+    assert abs(r.total.wall_seconds - 10) < 0.2 and abs(r.total.gpu_seconds - 10) < 0.2
+
+
+async def test_usage_by_day_with_a_far_until_answers_at_once(http: httpx.AsyncClient) -> None:
+    import time
+
+    import trio
+
+    from .test_auth import body
+
+    r = await http.post("/v1/jobs", content=body(seconds=30))
+    assert r.status_code == 201, r.text
+    jid = r.json()["id"]
+    with trio.fail_after(20):
+        while (await http.get(f"/v1/jobs/{jid}")).json()["state"] != "running":  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    t0 = time.monotonic()
+    r = await http.get("/v1/usage?by=day&since=0&until=1e11")
+    assert r.status_code == 200 and time.monotonic() - t0 < 2
+    assert len(r.json()["lines"]) <= 2
+    await http.post(f"/v1/jobs/{jid}/cancel")
