@@ -65,6 +65,7 @@ async def test_others_see_the_queue_but_not_what_is_private(
     # ... and nothing private to alice: no name, Python, limits.
     assert theirs["name"] == OTHERS_JOB
     assert (theirs["python"], theirs["memory"], theirs["has_result"]) == ("", None, False)
+    assert theirs["python_path"] is None and theirs["python_prefix"] is None
     # bob's own entry is whole; it names the job holding the GPUs by id and owner.
     assert mine["name"] == "bob.eval" and mine["private"] is False
     assert f"job {held} ({alice})" in mine["reason"]
@@ -94,6 +95,7 @@ async def test_others_see_the_queue_but_not_what_is_private(
     # alice sees her own jobs in full, bob's as another user's; the admin sees all in full.
     a_view = {j["id"]: j for j in await _queue_settled(tcp, a_tok, 2)}
     assert a_view[a_queued]["name"] == SECRET_NAME and a_view[a_queued]["memory"] == 2**30
+    assert a_view[a_queued]["python_path"]  # the interpreter bob's view left out
     assert a_view[b_queued]["name"] == OTHERS_JOB and a_view[b_queued]["owner"] == bob
     c_view = await _queue_settled(tcp, c_tok, 2)
     assert {j["name"] for j in c_view} == {SECRET_NAME, "bob.eval"}
