@@ -55,9 +55,12 @@ def _days(start: float, end: float, tz: dt.tzinfo | None) -> list[tuple[str, flo
 
 
 def _pieces(a: AttemptUsage, since: float, until: float, by: str,
-            tz: dt.tzinfo | None) -> list[tuple[str, float, float]]:
+            tz: dt.tzinfo | None, now: float | None) -> list[tuple[str, float, float]]:
     """(key, wall seconds, GPU seconds) of the part of an attempt inside the window."""
-    end = a.ended_at if a.ended_at is not None else until
+    # An attempt still running has run until now, not until a window's end in the future:
+    # `until=1e11` by day would otherwise cut it into a million days (#10).
+    end = a.ended_at if a.ended_at is not None else (until if now is None else
+                                                     min(until, max(now, a.started_at)))
     start, stop = max(a.started_at, since), min(end, until)
     if stop < start:
         return []
@@ -82,18 +85,19 @@ def _pieces(a: AttemptUsage, since: float, until: float, by: str,
 
 
 def report(attempts: Iterable[AttemptUsage], *, since: float, until: float, by: str = "user",
-           tz: dt.tzinfo | None = None) -> Report:
+           tz: dt.tzinfo | None = None, now: float | None = None) -> Report:
     """Group accounted attempts into report lines (see the module docstring).
 
     Lines by user and GPU type come most GPU-seconds first; by day, in date order.
-    ``tz`` is the zone days are cut in (None: the daemon's local time).
+    ``tz`` is the zone days are cut in (None: the daemon's local time). ``now`` ends the
+    attempts still running (None: they run to ``until``).
     """
     if by not in BY:
         raise ValueError(f"by must be one of {', '.join(BY)}")
     lines: dict[str, Line] = {}
     total = Line("total")
     for a in attempts:
-        pieces = _pieces(a, since, until, by, tz)
+        pieces = _pieces(a, since, until, by, tz, now)
         if pieces:
             total.jobs.add(a.job_id)
             total.attempts += 1

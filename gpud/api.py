@@ -32,8 +32,9 @@ from starlette.routing import Route
 from gpud import __version__
 from gpud.accounting import BY, Line, report
 from gpud.api_images import IMAGE_DOC, image_routes
+from gpud.api_params import Param, ParamError, parse_id
 from gpud.api_snapshots import SNAPSHOT_DOC, snapshot_routes
-from gpud.api_watch import WATCH_DOC, WATCH_PARAMS, watch_routes
+from gpud.api_watch import WATCH_DOC, watch_routes
 from gpud.auth import (
     Auth,
     Forbidden,
@@ -52,6 +53,8 @@ from gpud.storage import DiskFull, full_message, is_busy, is_full, require_room
 from gpud.users import NoUnixAccount, Principal, run_as
 from gpud_client.models import (
     API_PREFIX,
+    MAX_ID,
+    MAX_SECONDS,
     BatchSubmitRequest,
     BatchSubmitResponse,
     ErrorBody,
@@ -74,8 +77,22 @@ __all__ = ["ApiError", "ROUTES", "create_app", "job_info", "openapi"]
 
 log = logging.getLogger("gpud.api")
 
-MAX_RETRIES = 20
-MAX_BATCH = 100_000
+# The query parameters of the routes below, each with the range the daemon enforces (and
+# /openapi.json documents). Those of the live-view routes are in gpud.api_watch.
+STATE = Param("state", "string",
+              "comma-separated states: " + ", ".join(s.value for s in JobState))
+OWNER = Param("owner", "string", "only jobs of this owner (admins; others see their own)")
+LIMIT = Param("limit", "integer", "page size", 1, 1000, 50)
+CURSOR = Param("cursor", "integer", "next_cursor of the previous page", 1, MAX_ID)
+WAIT_TIMEOUT = Param("timeout", "number", "seconds to wait", 0.0, 60.0, 30.0)
+FOLLOW = Param("follow", "boolean", "keep streaming until the job is final", default=False)
+LOG_OFFSET = Param("offset", "integer", "the byte offset to start from", 0, 2**62, 0)
+SINCE = Param("since", "number",
+              "Unix time the report starts at (default: 7 days before until)", 0.0, 1e11)
+UNTIL = Param("until", "number", "Unix time the report ends at (default: now)", 0.0, 1e11)
+USER = Param("user", "string", "only this user's jobs")
+BY_PARAM = Param("by", "string", "group by user (default), day or gpu-type", default="user",
+                 choices=tuple(BY))
 
 
 class ApiError(Exception):
@@ -184,51 +201,69 @@ def _decode(data: bytes | bytearray, model: type[Any]) -> Any:
     try:
         return msgspec.json.decode(data, type=model)
     except msgspec.ValidationError as e:
-        raise ApiError(422, "invalid_request", f"{model.__name__}: {e}") from None
+        raise _invalid(model, e) from None
     except msgspec.DecodeError as e:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
 
 
-def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
+# Body fields whose violations keep the error code they had before the ranges moved into
+# the wire models (clients and docs/api.md name them).
+_FIELD_CODES = {"name": "invalid_name", "retries": "invalid_retries", "env": "invalid_env",
+                "priority": "invalid_priority", "memory": "invalid_memory",
+                "cpu": "invalid_cpu", "keep_warm": "invalid_keep_warm",
+                "inputs": "invalid_batch", "timeout": "invalid_timeout"}
+
+
+def _invalid(model: type[Any], e: msgspec.ValidationError) -> ApiError:
+    """A 422 naming the field, what was wrong and, from the model's own constraints, the
+    whole valid range ("retries: from 0 to 20"), not only the bound that was crossed."""
+    text = str(e)
+    field = text.rsplit("`$.", 1)[1].split("`")[0].split("[")[0] if "`$." in text else ""
+    valid = _field_range(model, field)
+    detail = f"{model.__name__}: {text}" + (f" ({field}: {valid})" if valid else "")
+    return ApiError(422, _FIELD_CODES.get(field, "invalid_request"), detail)
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e16 else f"{v:g}"
+
+
+def _field_range(model: type[Any], field: str) -> str | None:
+    import msgspec.inspect as mi
+
+    for f in mi.type_info(model).fields:  # type: ignore[attr-defined]
+        if f.name != field:
+            continue
+        parts = []
+        for t in getattr(f.type, "types", (f.type,)):
+            t = t.type if isinstance(t, mi.Metadata) else t
+            if isinstance(t, mi.IntType | mi.FloatType) and (t.le is not None):
+                low = t.ge if t.ge is not None else (t.gt or 0)
+                word = "above" if t.gt is not None else "from"
+                parts.append(f"{word} {_num(low)} to {_num(t.le)}")
+            elif isinstance(t, mi.StrType | mi.ListType) and t.max_length is not None:
+                unit = "characters" if isinstance(t, mi.StrType) else "items"
+                parts.append(f"{t.min_length or 0} to {t.max_length} {unit}")
+            elif isinstance(t, mi.NoneType) and parts:
+                parts.append("or null")
+        return " ".join(parts) or None
+    return None
+
+
+def _param(request: Request, param: Param) -> Any:
     try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(422, "invalid_parameter", f"{name} must be a whole number") from None
-    if not lo <= value <= hi:
-        raise ApiError(422, "invalid_parameter", f"{name} must be between {lo} and {hi}")
-    return value
-
-
-def _float_param(request: Request, name: str, default: float, lo: float, hi: float) -> float:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ApiError(422, "invalid_parameter", f"{name} must be a number of seconds") from None
-    if not lo <= value <= hi:
-        raise ApiError(422, "invalid_parameter", f"{name} must be between {lo:g} and {hi:g}")
-    return value
-
-
-def _bool_param(request: Request, name: str) -> bool:
-    raw = request.query_params.get(name, "false").lower()
-    if raw in ("1", "true", "yes"):
-        return True
-    if raw in ("0", "false", "no", ""):
-        return False
-    raise ApiError(422, "invalid_parameter", f"{name} must be true or false")
+        return param.get(request)
+    except ParamError as e:
+        raise ApiError(422, "invalid_parameter", str(e)) from None
 
 
 def _job_id(request: Request) -> int:
     raw = request.path_params["job_id"]
-    if not raw.isdigit():
-        raise ApiError(404, "not_found", f"no job {raw!r}: job ids are whole numbers")
-    return int(raw)
+    job_id = parse_id(raw)
+    if job_id is None:
+        raise ApiError(404, "not_found", f"no job {raw[:40]!r}: job ids are whole numbers "
+                       f"from 1 to {MAX_ID}")
+    return job_id
 
 
 def _principal(request: Request) -> Principal:
@@ -247,18 +282,10 @@ async def _new_jobs(
     except ValueError as e:
         raise ApiError(422, "invalid_gpu", str(e)) from None
     timeout = effective_timeout(who, req.timeout, daemon.config.effective_default_timeout)
-    if not 0 <= req.retries <= MAX_RETRIES:
-        raise ApiError(422, "invalid_retries", f"retries must be between 0 and {MAX_RETRIES}")
-    if not -1000 <= req.priority <= 1000:
-        raise ApiError(422, "invalid_priority", "priority must be between -1000 and 1000")
-    for k, v in req.env.items():
-        if not k or "=" in k or "\0" in k or "\0" in v:
-            raise ApiError(422, "invalid_env", f"env name {k!r} is not a valid variable name")
-    if not req.name or len(req.name) > 512:
-        raise ApiError(422, "invalid_name", "name must be 1 to 512 characters")
+    # The ranges of retries, priority, env, name, memory and the batch size were checked
+    # as the body was decoded (gpud_client.models); what depends on this daemon's config
+    # and box is checked here.
     memory = req.memory
-    if memory is not None and memory < 16 * 1024 * 1024:
-        raise ApiError(422, "invalid_memory", "memory must be at least 16 MiB (in bytes)")
     cfg = daemon.config
     keep_warm = cfg.keep_warm_default if req.keep_warm is None else req.keep_warm
     if not 0 <= keep_warm <= cfg.keep_warm_max:
@@ -332,8 +359,6 @@ def create_app(daemon: Daemon) -> Starlette:
     async def submit_batch(request: Request) -> Response:
         body = await _body(request, limit)
         req = _decode(body, BatchSubmitRequest)
-        if not 1 <= len(req.inputs) <= MAX_BATCH:
-            raise ApiError(422, "invalid_batch", f"a batch holds 1 to {MAX_BATCH} inputs")
         key = await _idempotency(request, req)
         if key is not None and (seen := await daemon.replay(key)) is not None:
             assert seen[0] is not None
@@ -347,7 +372,7 @@ def create_app(daemon: Daemon) -> Starlette:
 
     async def list_jobs(request: Request) -> Response:
         states = None
-        raw = request.query_params.get("state")
+        raw = _param(request, STATE)
         if raw:
             try:
                 states = [JobState(s.strip()) for s in raw.split(",") if s.strip()]
@@ -355,14 +380,13 @@ def create_app(daemon: Daemon) -> Starlette:
                 valid = ", ".join(s.value for s in JobState)
                 raise ApiError(422, "invalid_parameter",
                                f"state must be a comma-separated list of: {valid}") from None
-        limit_n = _int_param(request, "limit", 50, 1, 1000)
-        cursor = request.query_params.get("cursor")
-        before = _int_param(request, "cursor", 0, 1, 2**62) if cursor else None
+        limit_n = _param(request, LIMIT)
+        before = _param(request, CURSOR)
         from gpud.ledger.store import Ledger
 
         # Users see their own jobs; admins see everyone's (and may filter by owner).
         who = _principal(request)
-        owner = (request.query_params.get("owner") or None) if who.admin else who.name
+        owner = _param(request, OWNER) if who.admin else who.name
         jobs = await daemon.ledger.call(Ledger.list_jobs, states, limit=limit_n, before=before,
                                         owner=owner)
         # The daemon's memory is fresher than a read racing a commit: prefer it.
@@ -374,7 +398,7 @@ def create_app(daemon: Daemon) -> Starlette:
         return _json(job_info(daemon, await own_job(request, "see")))
 
     async def wait_job(request: Request) -> Response:
-        timeout = _float_param(request, "timeout", 30.0, 0.0, 60.0)
+        timeout = _param(request, WAIT_TIMEOUT)
         job = await own_job(request, "wait for")
         return _json(job_info(daemon, await daemon.wait_final(job.id, timeout)))
 
@@ -402,8 +426,8 @@ def create_app(daemon: Daemon) -> Starlette:
                         headers={"x-gpud-job-state": job.state.value})
 
     async def logs(request: Request) -> Response:
-        follow = _bool_param(request, "follow")
-        offset = _int_param(request, "offset", 0, 0, 2**62)
+        follow = _param(request, FOLLOW)
+        offset = _param(request, LOG_OFFSET)
         job_id = (await own_job(request, "read logs of")).id  # 404 for an unknown job
         path = daemon.log_path(job_id)
         if not follow:
@@ -441,7 +465,7 @@ def create_app(daemon: Daemon) -> Starlette:
                                if daemon.images is not None else 0))
 
     async def openapi_doc(request: Request) -> Response:
-        return _json(openapi())
+        return _json(openapi(daemon))
 
     async def whoami(request: Request) -> Response:
         who = _principal(request)
@@ -456,14 +480,14 @@ def create_app(daemon: Daemon) -> Starlette:
 
     async def usage(request: Request) -> Response:
         now = time.time()
-        until = _float_param(request, "until", now, 0.0, 1e11)
-        since = _float_param(request, "since", until - 7 * 86400, 0.0, 1e11)
-        by = request.query_params.get("by") or "user"
-        if by not in BY:
-            raise ApiError(422, "invalid_parameter", f"by must be one of: {', '.join(BY)}")
-        user = request.query_params.get("user") or None
+        until = _param(request, UNTIL)
+        until = now if until is None else until
+        since = _param(request, SINCE)
+        since = until - 7 * 86400 if since is None else since
+        by = _param(request, BY_PARAM)
+        user = _param(request, USER)
         attempts = await daemon.ledger.call(attempts_between, since, until, user)
-        r = report(attempts, since=since, until=until, by=by)
+        r = report(attempts, since=since, until=until, by=by, now=now)
 
         def line(x: Line) -> UsageLine:
             return UsageLine(key=x.key, jobs=len(x.jobs), attempts=x.attempts,
@@ -607,52 +631,75 @@ def gpu_list(daemon: Daemon) -> GpuList:
 
 # -- OpenAPI -------------------------------------------------------------------------------
 
-_DOC: list[tuple[str, str, str, type | None, type | None, str]] = [
-    ("get", "/health", "Daemon health and version", None, Health, ""),
-    ("post", "/jobs", "Submit one job", SubmitRequest, JobInfo, ""),
+_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = [
+    ("get", "/health", "Daemon health and version", None, Health, ()),
+    ("post", "/jobs", "Submit one job", SubmitRequest, JobInfo, ()),
     ("post", "/jobs/batch", "Submit many jobs of one function (.map)", BatchSubmitRequest,
-     BatchSubmitResponse, ""),
-    ("get", "/jobs", "List jobs, newest first", None, JobList, "state,owner,limit,cursor"),
-    ("get", "/jobs/{job_id}", "One job", None, JobInfo, ""),
+     BatchSubmitResponse, ()),
+    ("get", "/jobs", "List jobs, newest first", None, JobList, (STATE, OWNER, LIMIT, CURSOR)),
+    ("get", "/jobs/{job_id}", "One job", None, JobInfo, ()),
     ("get", "/jobs/{job_id}/wait", "Wait until the job is final (long poll)", None, JobInfo,
-     "timeout"),
+     (WAIT_TIMEOUT,)),
     ("get", "/jobs/{job_id}/logs", "The job's combined stdout+stderr (text/plain, streamed "
-     "with follow=true)", None, None, "follow,offset"),
+     "with follow=true)", None, None, (FOLLOW, LOG_OFFSET)),
     ("get", "/jobs/{job_id}/result", "The worker's result.pkl (application/octet-stream)",
-     None, None, ""),
+     None, None, ()),
     ("post", "/jobs/{job_id}/cancel", "Cancel a job; returns once it is final", None, JobInfo,
-     ""),
-    ("get", "/gpus", "The box's GPUs with holders and foreign processes", None, GpuList, ""),
-    ("get", "/whoami", "Who the daemon takes the caller to be", None, WhoAmI, ""),
+     ()),
+    ("get", "/gpus", "The box's GPUs with holders and foreign processes", None, GpuList, ()),
+    ("get", "/whoami", "Who the daemon takes the caller to be", None, WhoAmI, ()),
     ("get", "/usage", "GPU-seconds and wall time by user, day or GPU type", None, UsageReport,
-     "since,until,user,by"),
-    ("get", "/images", "Local images usable for jobs (Podman executor)", None, ImageList, ""),
+     (SINCE, UNTIL, USER, BY_PARAM)),
+    ("get", "/images", "Local images usable for jobs (Podman executor)", None, ImageList, ()),
     *WATCH_DOC,
     *SNAPSHOT_DOC,
     *IMAGE_DOC,
 ]
 
-_PARAMS = {
-    "state": ("string", "comma-separated states: " + ", ".join(s.value for s in JobState)),
-    "limit": ("integer", "page size, 1-1000 (default 50)"),
-    "cursor": ("integer", "next_cursor of the previous page"),
-    "timeout": ("number", "seconds to wait, 0-60 (default 30)"),
-    "follow": ("boolean", "keep streaming until the job is final"),
-    "offset": ("integer", "logs: the byte offset to start from; queue: jobs to skip"),
-    "owner": ("string", "only jobs of this owner"),
-    **WATCH_PARAMS,
-    "since": ("number", "Unix time the report starts at (default: 7 days before until)"),
-    "until": ("number", "Unix time the report ends at (default: now)"),
-    "user": ("string", "only this user's jobs"),
-    "by": ("string", "group by user (default), day or gpu-type"),
-}
+#: Path ids are SQLite INTEGERs; any other value is 404 (gpud.api_params.parse_id).
+_PATH_ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
 
 
-def openapi() -> dict[str, Any]:
+def _narrow(components: dict[str, Any], field: str, maximum: float) -> None:
+    """Lower a submit field's documented maximum to this daemon's configured one."""
+    for model in (SubmitRequest, BatchSubmitRequest):
+        prop = components[model.__name__]["properties"][field]
+        for alt in prop.get("anyOf", [prop]):
+            if alt.get("type") in ("number", "integer"):
+                alt["maximum"] = min(alt.get("maximum", maximum), maximum)
+
+
+#: Standard base64 with padding, as msgspec decodes ``bytes`` fields: "contentEncoding"
+#: alone is an annotation that validators and generators ignore.
+_BASE64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+def _base64_patterns(node: Any) -> None:
+    if isinstance(node, dict):
+        if node.get("contentEncoding") == "base64":
+            node["pattern"] = _BASE64
+        for v in node.values():
+            _base64_patterns(v)
+    elif isinstance(node, list):
+        for v in node:
+            _base64_patterns(v)
+
+
+def openapi(daemon: Daemon | None = None) -> dict[str, Any]:
+    """The API as OpenAPI 3.1. Every range in it comes from the constraints the daemon
+    enforces: body fields from the msgspec models, query parameters from their
+    :class:`Param`. Given the daemon, the ranges its configuration narrows (max_timeout,
+    keep_warm_max, the box's CPUs) are its own."""
     models = [m for row in _DOC for m in (row[3], row[4]) if m is not None] + [ErrorBody]
     _, components = msgspec.json.schema_components(
         models, ref_template="#/components/schemas/{name}"
     )
+    _base64_patterns(components)
+    if daemon is not None:
+        cfg = daemon.config
+        _narrow(components, "timeout", min(cfg.max_timeout, MAX_SECONDS))
+        _narrow(components, "keep_warm", cfg.keep_warm_max)
+        _narrow(components, "cpu", float(os.cpu_count() or 1))
     paths: dict[str, Any] = {}
     for method, path, summary, body, resp, params in _DOC:
         op: dict[str, Any] = {"summary": summary, "responses": {}}
@@ -660,11 +707,8 @@ def openapi() -> dict[str, Any]:
         for name in ("job_id", "snapshot_id"):
             if "{" + name + "}" in path:
                 parameters.append({"name": name, "in": "path", "required": True,
-                                   "schema": {"type": "integer"}})
-        for p in filter(None, params.split(",")):
-            typ, desc = _PARAMS[p]
-            parameters.append({"name": p, "in": "query", "required": False,
-                               "description": desc, "schema": {"type": typ}})
+                                   "schema": dict(_PATH_ID)})
+        parameters += [p.schema() for p in params]
         if parameters:
             op["parameters"] = parameters
         if body is not None:

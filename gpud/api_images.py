@@ -22,6 +22,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from gpud.api_params import Param
 from gpud.executors.base import ExecutorRefusal
 from gpud.images import Build, BuildRefused, MissingFiles, event, tail
 from gpud.service import Daemon
@@ -29,9 +30,9 @@ from gpud_client.models import ImageBuildEvent, ImageBuildRequest
 
 __all__ = ["IMAGE_DOC", "image_routes"]
 
-IMAGE_DOC: list[tuple[str, str, str, type | None, type | None, str]] = [
+IMAGE_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = [
     ("post", "/images/build", "Build (or find) the image of a gpud.Image definition; the "
-     "answer streams ImageBuildEvent lines (NDJSON)", ImageBuildRequest, ImageBuildEvent, ""),
+     "answer streams ImageBuildEvent lines (NDJSON)", ImageBuildRequest, ImageBuildEvent, ()),
 ]
 
 

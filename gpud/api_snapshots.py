@@ -14,16 +14,17 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gpud.api_params import MAX_ID, Param, parse_id
 from gpud.ledger import snapshots as store
 from gpud.service import Daemon
 from gpud_client.models import SnapshotInfo, SnapshotList
 
 __all__ = ["SNAPSHOT_DOC", "snapshot_routes"]
 
-SNAPSHOT_DOC: list[tuple[str, str, str, type | None, type | None, str]] = [
-    ("get", "/snapshots", "Container snapshots (Podman executor)", None, SnapshotList, ""),
+SNAPSHOT_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = [
+    ("get", "/snapshots", "Container snapshots (Podman executor)", None, SnapshotList, ()),
     ("delete", "/snapshots/{snapshot_id}", "Remove a snapshot and its files", None,
-     SnapshotInfo, ""),
+     SnapshotInfo, ()),
 ]
 
 
@@ -52,12 +53,14 @@ def snapshot_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], 
 
     async def remove_snapshot(request: Request) -> Response:
         raw = request.path_params["snapshot_id"]
-        if not raw.isdigit():
+        snapshot_id = parse_id(raw)
+        if snapshot_id is None:
             raise ApiError(422, "invalid_snapshot_id",
-                           f"{raw!r} is not a snapshot id: see `gpud snapshots`")
+                           f"{raw[:40]!r} is not a snapshot id (a whole number from 1 to "
+                           f"{MAX_ID}): see `gpud snapshots`")
         who = _principal(request)
         found = [s for s in await daemon.ledger.call(store.list_snapshots)
-                 if s.id == int(raw)]
+                 if s.id == snapshot_id]
         if not found or not (who.admin or found[0].owner == who.name):
             # Others' snapshots are as unknown as missing ones.
             raise ApiError(404, "not_found", f"no snapshot {raw} of yours: see "

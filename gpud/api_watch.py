@@ -18,10 +18,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import trio
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gpud.api_params import MAX_ID, Param
 from gpud.domain import FINAL, Job, JobState
 from gpud.ledger import Event
 from gpud.ledger.store import Ledger
@@ -32,32 +34,37 @@ from gpud_client.models import (
     EventList,
     GpuHistory,
     GpuSeries,
+    JobInfo,
     JobOutcome,
     QueuePage,
 )
 
-__all__ = ["WATCH_DOC", "WATCH_PARAMS", "watch_routes"]
+__all__ = ["OTHERS_JOB", "WATCH_DOC", "others_view", "watch_routes"]
+
+MAX_EVENTS = 1000
+
+# The query parameters of these routes, with the ranges enforced (and documented).
+QUEUE_OFFSET = Param("offset", "integer", "queued jobs to skip", 0, 2**31, 0)
+QUEUE_LIMIT = Param("limit", "integer", "page size", 1, 1000, 50)
+AFTER = Param("after", "integer",
+              "only events with a higher id: the cursor of the previous answer", 0, MAX_ID, 0)
+EVENTS_LIMIT = Param("limit", "integer", "events at most", 1, MAX_EVENTS, 100)
+EVENTS_JOB = Param("job_id", "integer", "only this job's events", 1, MAX_ID)
+HISTORY_SINCE = Param("since", "number",
+                      "only readings taken after this Unix time (default: all kept)", 0.0, 1e12)
 
 #: (method, path, summary, request model, response model, query parameters), as in
 #: gpud.api's table, which appends these.
-WATCH_DOC: list[tuple[str, str, str, type | None, type | None, str]] = [
-    ("get", "/queue", "Queued jobs in scheduling order", None, QueuePage, "offset,limit"),
+WATCH_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = [
+    ("get", "/queue", "Queued jobs in scheduling order (others' without their private "
+     "fields)", None, QueuePage, (QUEUE_OFFSET, QUEUE_LIMIT)),
     ("get", "/events", "The ledger's event log after a cursor", None, EventList,
-     "after,limit,job_id"),
+     (AFTER, EVENTS_LIMIT, EVENTS_JOB)),
     ("get", "/gpus/history", "Recent utilisation and memory readings of every GPU", None,
-     GpuHistory, "since"),
+     GpuHistory, (HISTORY_SINCE,)),
     ("get", "/jobs/{job_id}/outcome", "How a finished job's function ended, with its "
-     "traceback", None, JobOutcome, ""),
+     "traceback", None, JobOutcome, ()),
 ]
-
-#: Query parameters not in gpud.api's table (it documents ``offset`` and ``limit``).
-WATCH_PARAMS = {
-    "after": ("integer", "only events with a higher id: the cursor of the previous answer"),
-    "job_id": ("integer", "only this job's events"),
-    "since": ("number", "only readings taken after this Unix time (default: all kept)"),
-}
-
-MAX_EVENTS = 1000
 
 
 def _events_page(ledger: Ledger, after: int, limit: int, job_id: int | None,
@@ -76,33 +83,52 @@ def _queue_order(daemon: Daemon) -> Callable[[Job], tuple[bool, int, int, int]]:
     return key
 
 
+#: What another user's queued job is called in ``/v1/queue``.
+OTHERS_JOB = "another user's job"
+
+
+def others_view(info: JobInfo) -> JobInfo:
+    """Another user's job as the queue shows it: where it stands and what it asks for
+    (owner, GPUs, priority, timeout, times, position and why it waits, whose reason names
+    only job ids and owners), without what is private to its owner (docs/architecture.md:
+    names, arguments, logs and results; here also its Python and its path, image, limits
+    and errors)."""
+    return msgspec.structs.replace(
+        info, name=OTHERS_JOB, python="", python_path=None, python_prefix=None, image=None,
+        memory=None, cpu=None, keep_warm=0.0, snapshot=False, error=None, exit_code=None,
+        has_result=False, batch_id=None, start_kind=None, startup=None, wall_seconds=0.0,
+        gpu_seconds=0.0, private=True)
+
+
 def watch_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any]]]:
     # Imported here, not at the top: gpud.api imports this module to build its table.
     from gpud.api import (
         ApiError,
-        _float_param,
-        _int_param,
         _job_id,
         _json,
+        _param,
         _principal,
         job_info,
     )
     from gpud.auth import check_job_access
 
     async def queue(request: Request) -> Response:
-        offset = _int_param(request, "offset", 0, 0, 2**31)
-        limit = _int_param(request, "limit", 50, 1, 1000)
+        offset = _param(request, QUEUE_OFFSET)
+        limit = _param(request, QUEUE_LIMIT)
         pending = [j for j in daemon.active.values() if j.state is JobState.QUEUED]
         # A page from a queue of 100,000 without sorting all of it.
         page = heapq.nsmallest(offset + limit, pending, key=_queue_order(daemon))[offset:]
-        return _json(QueuePage(jobs=[job_info(daemon, j) for j in page], total=len(pending),
-                               offset=offset))
+        # Everyone sees the whole queue, so that positions add up; others' jobs in it
+        # without their private fields.
+        who = _principal(request)
+        infos = [job_info(daemon, j) for j in page]
+        infos = [i if who.admin or i.owner == who.name else others_view(i) for i in infos]
+        return _json(QueuePage(jobs=infos, total=len(pending), offset=offset))
 
     async def events(request: Request) -> Response:
-        after = _int_param(request, "after", 0, 0, 2**62)
-        limit = _int_param(request, "limit", 100, 1, MAX_EVENTS)
-        job_id = (_int_param(request, "job_id", 0, 1, 2**62)
-                  if request.query_params.get("job_id") else None)
+        after = _param(request, AFTER)
+        limit = _param(request, EVENTS_LIMIT)
+        job_id = _param(request, EVENTS_JOB)
         # Users follow their own jobs' events; admins everyone's.
         who = _principal(request)
         if job_id is not None:
@@ -117,8 +143,7 @@ def watch_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any
         ))
 
     async def gpu_history(request: Request) -> Response:
-        since = (_float_param(request, "since", 0.0, 0.0, 1e12)
-                 if request.query_params.get("since") else None)
+        since = _param(request, HISTORY_SINCE)
         hist = daemon.gpu_history
         series = [
             GpuSeries(index=g.index, uuid=g.uuid, memory_total=g.memory_total,

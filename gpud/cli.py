@@ -116,6 +116,10 @@ def serve(config_path: str | None, data_dir: str | None, socket_path: str | None
     if systemd.stderr_is_journal():  # under systemd: levels as journal priorities (#5)
         for h in logging.getLogger().handlers:
             h.setFormatter(systemd.JournalFormatter())
+    from gpud import logthrottle
+
+    # A request that trips a bug can be repeated: one traceback per place a minute (#10).
+    logthrottle.install(interval=60.0)
 
     async def main() -> None:
         import signal

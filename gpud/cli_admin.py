@@ -47,8 +47,17 @@ class _Where:
         except ConfigError as e:
             _fail(str(e))
         if not cfg.data_dir.is_dir():
-            _fail(f"there is no gpud data directory at {cfg.data_dir}: pass the daemon's "
-                  "--data-dir or --config, or start the daemon once to create it")
+            # Before the daemon's first start (setting up a box): create the data directory
+            # as the daemon would, modes included, so the ledger made here is the one it opens.
+            from gpud.server import prepare_dirs
+
+            try:
+                prepare_dirs(cfg)
+            except OSError as e:
+                _fail(f"cannot create the gpud data directory {cfg.data_dir}: {e}. Pass the "
+                      "daemon's --data-dir or --config, or run gpud admin as the daemon's user")
+            click.echo(f"created the gpud data directory {cfg.data_dir} (the daemon uses it "
+                       "when it starts)", err=True)
         return cfg.ledger_path
 
 

@@ -66,7 +66,9 @@ def _socket_in_use(path: Path) -> bool:
         s.close()
 
 
-def _prepare_dirs(config: Config) -> None:
+def prepare_dirs(config: Config) -> None:
+    """Create the data and jobs directories with the modes the daemon needs (also used by
+    `gpud admin`, which may run before the daemon ever has)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     config.jobs_dir.mkdir(exist_ok=True)
     # Job users must traverse into their own job directory (0700, theirs) but not list
@@ -162,7 +164,7 @@ async def serve(
             raise AlreadyRunning(
                 f"another gpud already answers on {sock_path}: stop it, or set another socket"
             )
-        _prepare_dirs(config)
+        prepare_dirs(config)
         ident = job_identity(config.job_user)
         # Where any job user can read it, whoever installed gpud where.
         runtime = install_runtime(config.runtime_dir)

@@ -70,7 +70,12 @@ def _parse_str(text: str) -> float:
 def format_duration(seconds: float) -> str:
     """The compact form :func:`parse_duration` reads back: ``"45s"``, ``"1h30m"``, ``"2d"``."""
     if seconds < 60:
-        return f"{seconds:.3g}s" if seconds != int(seconds) else f"{int(seconds)}s"
+        if seconds == int(seconds):
+            return f"{int(seconds)}s"
+        text = f"{seconds:.3g}"
+        if "e" in text:  # "1.19e-07s" would not parse back: tiny values in plain digits
+            text = f"{seconds:.6f}".rstrip("0").rstrip(".")
+        return f"{text}s"
     rest = round(seconds)
     parts = []
     for unit in _ORDER:
@@ -100,7 +105,10 @@ def parse_size(value: int | str) -> int:
             f"not a size: {value!r}; write bytes or a number with K, M, G or T "
             "(powers of 1024), e.g. '512M' or '16GiB'"
         )
-    size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    number = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if not math.isfinite(number):  # "9" * 400 is a float, but no int (#10)
+        raise ValueError(f"not a size: {value!r} is too large")
+    size = int(number)
     if size <= 0:
         raise ValueError(f"a size must be positive, not {value!r}")
     return size

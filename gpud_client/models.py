@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
 __all__ = [
     "API_PREFIX",
@@ -33,6 +34,9 @@ __all__ = [
     "JobInfo",
     "JobList",
     "JobOutcome",
+    "MAX_BATCH",
+    "MAX_ID",
+    "MAX_SECONDS",
     "QueuePage",
     "QuotaInfo",
     "SubmitRequest",
@@ -51,6 +55,34 @@ IdempotencyKey = Annotated[str, msgspec.Meta(
                 "with the same key, by the same user, within 24 h gets the jobs of the "
                 "first try instead of new ones")]
 
+# The ranges the daemon accepts, declared once here: msgspec enforces them while it decodes
+# a body, the OpenAPI document (gpud.api.openapi) is generated from them, and the daemon's
+# error messages quote them. Limits that depend on the daemon's configuration (max_timeout,
+# keep_warm_max, the box's CPU count) are checked by the daemon on top, and its served
+# /openapi.json narrows these ranges to its own.
+
+#: Ids are SQLite INTEGERs: 1 to 2**63 - 1.
+MAX_ID = 2**63 - 1
+#: Inputs in one batch (``.map``).
+MAX_BATCH = 100_000
+#: No duration in the API may be longer than ten years.
+MAX_SECONDS = 10 * 365 * 86400.0
+MAX_RETRIES = 20
+
+Name = Annotated[str, Meta(min_length=1, max_length=512, description="display name")]
+PythonVersion = Annotated[str, Meta(min_length=1, max_length=64,
+                                    description='the caller\'s Python, e.g. "3.11.7"')]
+Timeout = Annotated[float, Meta(gt=0, le=MAX_SECONDS, description="seconds")]
+Retries = Annotated[int, Meta(ge=0, le=MAX_RETRIES)]
+Priority = Annotated[int, Meta(ge=-1000, le=1000, description="higher runs first")]
+EnvName = Annotated[str, Meta(min_length=1, max_length=4096, pattern="^[^=\x00]+$")]
+EnvValue = Annotated[str, Meta(pattern="^[^\x00]*$")]
+ImageName = Annotated[str, Meta(max_length=1024)]
+Memory = Annotated[int, Meta(ge=16 * 1024 * 1024, le=2**53, description="bytes")]
+Cpus = Annotated[float, Meta(ge=0.01, le=4096, description="CPUs")]
+KeepWarm = Annotated[float, Meta(ge=0, le=MAX_SECONDS, description="seconds")]
+Inputs = Annotated[list[bytes], Meta(min_length=1, max_length=MAX_BATCH)]
+
 
 class _Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
@@ -60,21 +92,21 @@ class SubmitRequest(_Request):
     """One job. ``function`` is the cloudpickled function (by value), ``args`` the
     cloudpickled ``(args, kwargs)``; the daemon stores both and never unpickles them."""
 
-    name: str  # display name, e.g. "hello.square"
+    name: Name  # display name, e.g. "hello.square"
     function: bytes
     args: bytes
-    python: str  # the caller's Python, "3.11.7"; workers must match major.minor
+    python: PythonVersion  # the caller's Python, "3.11.7"; workers must match major.minor
     gpu: str | list[str] | None = None
-    timeout: float | None = None  # seconds; None: the daemon's default
-    retries: int = 0
-    env: dict[str, str] = {}
-    priority: int = 0
-    image: str | None = None
-    memory: int | None = None  # bytes (a container limit with the Podman executor)
-    cpu: float | None = None  # CPUs (a container limit with the Podman executor)
+    timeout: Timeout | None = None  # seconds; None: the daemon's default
+    retries: Retries = 0
+    env: dict[EnvName, EnvValue] = {}
+    priority: Priority = 0
+    image: ImageName | None = None
+    memory: Memory | None = None  # bytes (a container limit with the Podman executor)
+    cpu: Cpus | None = None  # CPUs (a container limit with the Podman executor)
     #: seconds the job's worker stays alive afterwards for the next call of the same
     #: function (None: the daemon's default; capped by its keep_warm_max)
-    keep_warm: float | None = None
+    keep_warm: KeepWarm | None = None
     #: start from a container snapshot taken after the function's setup (Podman
     #: executor; elsewhere it runs as without)
     snapshot: bool = False
@@ -93,21 +125,21 @@ class BatchSubmitRequest(_Request):
     """Many jobs of one function (``.map``): the function travels once, one ``args``
     payload per input. Acknowledged in one durable transaction."""
 
-    name: str
+    name: Name
     function: bytes
-    inputs: list[bytes]
-    python: str
+    inputs: Inputs
+    python: PythonVersion
     gpu: str | list[str] | None = None
-    timeout: float | None = None
-    retries: int = 0
-    env: dict[str, str] = {}
-    priority: int = 0
-    image: str | None = None
-    memory: int | None = None  # bytes (a container limit with the Podman executor)
-    cpu: float | None = None  # CPUs (a container limit with the Podman executor)
+    timeout: Timeout | None = None
+    retries: Retries = 0
+    env: dict[EnvName, EnvValue] = {}
+    priority: Priority = 0
+    image: ImageName | None = None
+    memory: Memory | None = None  # bytes (a container limit with the Podman executor)
+    cpu: Cpus | None = None  # CPUs (a container limit with the Podman executor)
     #: seconds the job's worker stays alive afterwards for the next call of the same
     #: function (None: the daemon's default; capped by its keep_warm_max)
-    keep_warm: float | None = None
+    keep_warm: KeepWarm | None = None
     #: start from a container snapshot taken after the function's setup (Podman
     #: executor; elsewhere it runs as without)
     snapshot: bool = False
@@ -166,6 +198,10 @@ class JobInfo(msgspec.Struct, kw_only=True):
     #: with the Podman executor (the image's python runs)
     python_path: str | None = None
     python_prefix: str | None = None
+    #: True for another user's job in ``/v1/queue``: its id, owner, state, GPU request,
+    #: priority, timeout, times and place in the queue are shown, and the fields private to
+    #: its owner (name, Python, image, limits, errors, results) are left out (#10)
+    private: bool = False
 
 
 class JobList(msgspec.Struct, kw_only=True):

@@ -15,7 +15,7 @@ from gpud.cli import EXIT
 from gpud.ledger.schema import SCHEMA_VERSION
 from gpud_client import Client
 
-from .conftest import DaemonProc, UnixUser, gpud_cli
+from .conftest import DaemonProc, UnixUser, free_port, gpud_cli
 
 
 def _square(x: int) -> int:
@@ -65,9 +65,32 @@ def test_user_add_list_quota_rotate_remove(fresh_daemon: DaemonProc) -> None:
     assert "no users" in admin(d, "user", "list").stderr
 
 
-def test_admin_needs_the_data_directory(tmp_path: Path) -> None:
-    out = gpud_cli("admin", "--data-dir", str(tmp_path / "nope"), "user", "list")
-    assert out.returncode == EXIT["error"] and "no gpud data directory" in out.stderr
+def test_admin_works_before_the_daemon_first_starts(base_dir: Path) -> None:
+    """docs/cli.md: set up a box's users before its daemon ever ran (#10)."""
+    port = free_port()
+    d = DaemonProc(base_dir, env={"GPUD_TCP": f"127.0.0.1:{port}"})
+    assert not d.data_dir.exists()
+    out = admin(d, "user", "add", "alice", "--admin", "--no-token-file")
+    assert out.returncode == 0, out.stderr
+    assert f"created the gpud data directory {d.data_dir}" in out.stderr
+    token = out.stdout.strip()
+    # The modes the daemon gives them: traversable, not listable, by job users as root.
+    want = 0o711 if os.geteuid() == 0 else 0o700
+    for p in (d.data_dir, d.data_dir / "jobs"):
+        assert stat.S_IMODE(p.stat().st_mode) == want, p
+    assert stat.S_IMODE((d.data_dir / "ledger.db").stat().st_mode) == 0o600
+    # The daemon then starts on that directory and knows alice.
+    d.start()
+    try:
+        # Over TCP, where the token says who is calling.
+        assert Client(f"http://127.0.0.1:{port}", token=token).whoami().name == "alice"
+    finally:
+        d.stop()
+    # A data directory that cannot be made is a clear error.
+    (base_dir / "file").write_text("")
+    out = gpud_cli("admin", "--data-dir", str(base_dir / "file" / "data"), "user", "list")
+    assert out.returncode == EXIT["error"]
+    assert "cannot create the gpud data directory" in out.stderr
 
 
 def test_user_add_writes_the_token_file_as_the_user(fresh_daemon: DaemonProc,

@@ -71,7 +71,11 @@ async def test_malformed_json_is_400(http: httpx.AsyncClient) -> None:
 @pytest.mark.parametrize("body, code", [
     (b'{"name": "x"}', "invalid_request"),
     (submit_body(gpu="h100:0"), "invalid_gpu"),
-    (submit_body(timeout=10 ** 9), "refused"),
+    (submit_body(timeout=10 ** 6), "refused"),  # above this daemon's max_timeout
+    (submit_body(timeout=10 ** 12), "invalid_timeout"),  # above any daemon's (#10)
+    (submit_body(timeout=0), "invalid_timeout"),
+    (submit_body(memory=2 ** 80), "invalid_memory"),  # was a 500 from SQLite (#10)
+    (submit_body(priority=-(2 ** 70)), "invalid_priority"),
     (submit_body(gpu="h100:3"), "refused"),
     (submit_body(gpu="a100"), "refused"),
     (submit_body(python="2.7.18"), "refused"),
