@@ -431,3 +431,22 @@ async def served_tcp(base_dir: Path, nursery):  # type: ignore[no-untyped-def]
     s = await nursery.start(partial(serve, cfg, inventory=inv, kill_jobs_on_exit=True))
     yield s
     kill_instance_jobs(cfg.data_dir)
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll ``pred`` every 50 ms until it is true; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def pid_alive(pid: int) -> bool:
+    """Is the process there and not a zombie?"""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

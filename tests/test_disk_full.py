@@ -22,7 +22,7 @@ import pytest
 import gpud_client as gpud
 from gpud.domain import FINAL
 
-from .conftest import DaemonProc, kill_instance_jobs, needs_root
+from .conftest import DaemonProc, kill_instance_jobs, needs_root, pid_alive, wait_for
 
 app = gpud.App("diskfull")
 
@@ -40,21 +40,6 @@ def gated(gate: str, pidfile: str) -> str:
     return "done"
 
 
-def _wait_for(pred, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _post(d: DaemonProc, path: str, body: object) -> httpx.Response:
@@ -127,7 +112,7 @@ def test_full_disk_refuses_submits_holds_state_changes_and_recovers(
     d.start()
     gate, pidfile = shared_dir / "go", shared_dir / "pid"
     handle = gated.with_options(url=d.url).spawn(str(gate), str(pidfile))
-    _wait_for(lambda: pidfile.exists() and pidfile.read_text())
+    wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=30)
     pid = int(pidfile.read_text())
     # Empty the WAL, so that the next ledger write needs new space, then fill the disk.
     conn = sqlite3.connect(d.data_dir / "ledger.db")
@@ -142,7 +127,7 @@ def test_full_disk_refuses_submits_holds_state_changes_and_recovers(
     assert str(d.data_dir) in r.json()["detail"] and "free space" in r.json()["detail"]
 
     gate.touch()  # the job ends while nothing can be written
-    _wait_for(lambda: not _alive(pid))
+    wait_for(lambda: not pid_alive(pid), timeout=30)
     time.sleep(1.0)  # let the daemon try (and fail) to record it
     assert _state(d, handle.id) == "running"  # held, not lost, not written half
     assert d.proc is not None and d.proc.poll() is None  # the daemon carries on
@@ -150,7 +135,7 @@ def test_full_disk_refuses_submits_holds_state_changes_and_recovers(
         assert c.health().status == "ok"
 
     ballast.unlink()  # space returns: the held change is written
-    _wait_for(lambda: _state(d, handle.id) in {s.value for s in FINAL}, timeout=60)
+    wait_for(lambda: _state(d, handle.id) in {s.value for s in FINAL}, timeout=60)
     assert len(_final_events(d, handle.id)) == 1
     # Its worker could not write its result either: the error says why.
     info = handle.status()
@@ -180,7 +165,7 @@ def test_a_held_write_lock_gets_503_and_the_daemon_carries_on(plain_daemon: Daem
     d.start()
     gate, pidfile = shared_dir / "go", shared_dir / "pid"
     handle = gated.with_options(url=d.url).spawn(str(gate), str(pidfile))
-    _wait_for(lambda: pidfile.exists() and pidfile.read_text())
+    wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=30)
     pid = int(pidfile.read_text())
 
     locker = sqlite3.connect(d.data_dir / "ledger.db", isolation_level=None)
@@ -195,7 +180,7 @@ def test_a_held_write_lock_gets_503_and_the_daemon_carries_on(plain_daemon: Daem
     t = threading.Thread(target=submit_with_retries)
     try:
         gate.touch()
-        _wait_for(lambda: not _alive(pid))
+        wait_for(lambda: not pid_alive(pid), timeout=30)
         t.start()
         # After the busy timeout (10 s): a clear 503, never a 500 or a crash.
         r = _post(d, "/jobs", gated.submit_request((str(gate), str(pidfile)), {}))

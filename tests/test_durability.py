@@ -21,7 +21,7 @@ from gpud.domain import FINAL, JobState
 from gpud_client import Client
 from gpud_client.models import SubmitRequest
 
-from .conftest import EXECUTORS, DaemonProc, executor_env, kill_instance_jobs
+from .conftest import EXECUTORS, DaemonProc, executor_env, kill_instance_jobs, wait_for
 
 app = gpud.App("durability")
 
@@ -46,14 +46,6 @@ def counted_warm(path: str, seconds: float) -> str:
     time.sleep(seconds)
     return "done"
 
-
-def _wait_for(pred, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture
@@ -115,13 +107,13 @@ def test_kill_9_at_each_step_runs_the_job_once(crashable: DaemonProc, shared_dir
     seconds = 3.0 if point == "running" else 0.3
     handle = fn.with_options(url=d.url).spawn(str(count), seconds)
     if point == "running":
-        _wait_for(lambda: count.exists())
+        wait_for(lambda: count.exists(), timeout=20)
         d.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
     _died(d)
     if point in ("after_launch", "before_finish", "running"):
         # The job goes on without its daemon and writes its outcome meanwhile.
-        _wait_for(lambda: (d.data_dir / "jobs" / str(handle.id) / "status.json").exists(),
-                  timeout=60)
+        wait_for(lambda: (d.data_dir / "jobs" / str(handle.id) / "status.json").exists(),
+                 timeout=60)
     d.env.pop("GPUD_TEST_CRASH_AT", None)
     d.start()
     assert handle.get(timeout=60) == "done"
@@ -170,7 +162,7 @@ def _rewound_attempt_runs(d: DaemonProc, shared_dir: Path) -> None:
     (jobdir / "started").unlink()  # attempt 2's worker never began
     count.write_text("")
     d.start()
-    _wait_for(lambda: handle.status().state == "succeeded", timeout=60)
+    wait_for(lambda: handle.status().state == "succeeded", timeout=60)
     assert handle.status().attempt == 2
     assert count.read_text() == "run\n"  # attempt 2 really ran
     assert json.loads((jobdir / "status.json").read_text())["attempt"] == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 import gpud_client as gpud
 from gpud_client import Client, JobCancelled, JobFailed, JobTimedOut
 
-from .conftest import DaemonProc, containers_of
+from .conftest import DaemonProc, containers_of, pid_alive, wait_for
 
 app = gpud.App("e2e")
 
@@ -89,20 +88,13 @@ def flaky(marker: str, fail_times: int) -> int:
     return n
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
 
 def job_alive(daemon: DaemonProc, job_id: int, pids: list[int]) -> bool:
     """Is anything of the job still running? A Podman job's pids are its container's own
     (namespaced), so there the container tells: removed means every process is gone."""
     if daemon.executor == "podman":
         return bool(containers_of(daemon, job_id))
-    return any(_alive(p) for p in pids)
+    return any(pid_alive(p) for p in pids)
 
 
 def kill_behind_daemons_back(daemon: DaemonProc, job_id: int, leader: int) -> None:
@@ -114,16 +106,8 @@ def kill_behind_daemons_back(daemon: DaemonProc, job_id: int, leader: int) -> No
                        capture_output=True)
     else:
         os.killpg(leader, signal.SIGKILL)
-        _wait_for(lambda: not _alive(leader))
+        wait_for(lambda: not pid_alive(leader))
 
-
-def _wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 # -- the basics ----------------------------------------------------------------------------
@@ -195,10 +179,10 @@ def test_gpu_job_sees_exactly_its_gpu_by_uuid(daemon: DaemonProc) -> None:
 def test_two_gpu_jobs_never_share_and_a_third_waits_with_a_reason(daemon: DaemonProc) -> None:
     a, b = one_h100.spawn(3.0), one_h100.spawn(3.0)
     with Client() as c:
-        _wait_for(lambda: c.get_job(a.id).state == "running" and
+        wait_for(lambda: c.get_job(a.id).state == "running" and
                   c.get_job(b.id).state == "running")
         third = one_h100.spawn(0.0)
-        _wait_for(lambda: c.get_job(third.id).reason is not None)
+        wait_for(lambda: c.get_job(third.id).reason is not None)
         info = c.get_job(third.id)
         assert info.state == "queued" and info.position == 1
         assert "waiting for 1 x h100" in info.reason and f"job {a.id}" in info.reason
@@ -228,13 +212,13 @@ def test_cancel_running_job_kills_its_whole_process_group(daemon: DaemonProc,
                                                           shared_dir: Path) -> None:
     pidfile = shared_dir / "pids"
     handle = sleeper.with_options(gpu="h100").spawn(600, str(pidfile))
-    _wait_for(pidfile.exists)
-    _wait_for(lambda: pidfile.read_text().endswith("\n"))
+    wait_for(pidfile.exists)
+    wait_for(lambda: pidfile.read_text().endswith("\n"))
     leader, child = map(int, pidfile.read_text().split())
     assert job_alive(daemon, handle.id, [leader]) and job_alive(daemon, handle.id, [child])
     info = handle.cancel()
     assert info.state == "cancelled"
-    _wait_for(lambda: not job_alive(daemon, handle.id, [leader, child]), timeout=5)
+    wait_for(lambda: not job_alive(daemon, handle.id, [leader, child]), timeout=5)
     with pytest.raises(JobCancelled):
         handle.get(timeout=5)
     with Client() as c:
@@ -256,7 +240,7 @@ def test_timeout_kills_the_job(daemon: DaemonProc, shared_dir: Path) -> None:
     with pytest.raises(JobTimedOut, match="timed out"):
         handle.get(timeout=30)
     leader, child = map(int, pidfile.read_text().split())
-    _wait_for(lambda: not job_alive(daemon, handle.id, [leader, child]), timeout=5)
+    wait_for(lambda: not job_alive(daemon, handle.id, [leader, child]), timeout=5)
     assert handle.status().state == "timed_out"
 
 
@@ -307,7 +291,7 @@ def test_sigkill_daemon_mid_job_then_restart_adopts_and_collects(fresh_daemon: D
 
     pidfile = shared_dir / "pids"
     handle = sleeper.with_options(url=fresh_daemon.url).spawn(3.0, str(pidfile))
-    _wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
     leader = int(pidfile.read_text().split()[0])
     fresh_daemon.stop(signal.SIGKILL)
     assert job_alive(fresh_daemon, handle.id, [leader])  # the job outlives its daemon
@@ -327,14 +311,14 @@ def test_job_gone_after_restart_is_lost_then_retried(fresh_daemon: DaemonProc,
 
     pidfile = shared_dir / "pids"
     handle = sleeper.with_options(retries=1, url=fresh_daemon.url).spawn(600, str(pidfile))
-    _wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
     leader = int(pidfile.read_text().split()[0])
     fresh_daemon.stop(signal.SIGKILL)
     kill_behind_daemons_back(fresh_daemon, handle.id, leader)  # dies while nobody watches
     pidfile.unlink()
     fresh_daemon.start()
     # Lost, then retried: a second attempt runs (and writes the pidfile again).
-    _wait_for(lambda: pidfile.exists(), timeout=30)
+    wait_for(lambda: pidfile.exists(), timeout=30)
     job = handle.status()
     assert job.attempt == 2 and job.state in ("starting", "running")
     led = fresh_daemon.ledger()
@@ -349,7 +333,7 @@ def test_job_gone_without_retries_stays_lost(fresh_daemon: DaemonProc, shared_di
 
     pidfile = shared_dir / "pids"
     handle = sleeper.with_options(url=fresh_daemon.url).spawn(600, str(pidfile))
-    _wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
     leader = int(pidfile.read_text().split()[0])
     fresh_daemon.stop(signal.SIGKILL)
     kill_behind_daemons_back(fresh_daemon, handle.id, leader)
