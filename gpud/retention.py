@@ -368,4 +368,4 @@ def files_gone(config: Config, job: Job) -> str | None:
         why += (" or " if why else "") + "when the jobs directory is over retention_max_bytes"
     return (f"job {job.id}'s directory (its log and result) was removed"
             + (f" by retention: {why}" if why else "")
-            + f"; `gpud ps --all` still shows how it ended")
+            + "; `gpud ps --all` still shows how it ended")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import to_ds
 
