@@ -12,7 +12,7 @@ import click
 from gpud.cli import EXIT, _client, _print_json, fail, handle_errors
 from gpud.cli_options import url_option
 
-__all__ = ["gc"]
+__all__ = ["gc_command"]
 
 
 def _size(n: int) -> str:
@@ -30,13 +30,13 @@ def _setting(value: float | int | None, size: bool = False) -> str:
     return _size(int(value)) if size else format_duration(float(value))
 
 
-@click.command()
+@click.command("gc")
 @click.option("--dry-run", "-n", is_flag=True,
               help="Only say what would be removed, and how many bytes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @url_option
 @handle_errors
-def gc(dry_run: bool, as_json: bool, url: str | None) -> None:
+def gc_command(dry_run: bool, as_json: bool, url: str | None) -> None:
     """Remove finished jobs' directories and old records now, as the retention settings
     say (admins). The daemon also does this by itself every retention_interval; jobs'
     usage is rolled up first, so `gpud usage` keeps its totals."""
