@@ -521,3 +521,18 @@ async def test_only_admins_run_gc(served_tcp, base_dir: Path) -> None:  # type: 
     out = await trio.to_thread.run_sync(lambda: gpud_cli("gc", env=env))
     assert out.returncode == 1 and "only admins run gc" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_window_inside_a_rolled_up_hour_counts_it_pro_rata() -> None:
+    from gpud.ledger.usage import UsageBucket
+
+    h = 3600 * 100
+    b = [UsageBucket("alice", h, "*", 2, 3, 36000, 72000),
+         UsageBucket("alice", h, "h100", 2, 3, 36000, 72000)]
+    half = report([], since=h + 1800, until=h + 7200, buckets=b)
+    assert (half.total.gpu_seconds, half.total.wall_seconds) == (3600.0, 1800.0)
+    assert (half.total.job_count, half.total.attempts) == (0, 0)  # counted where it began
+    whole = report([], since=h, until=h + 3600, by="gpu-type", buckets=b)
+    assert [(x.key, x.job_count, x.attempts, x.gpu_seconds) for x in whole.lines] == [
+        ("h100", 2, 3, 7200.0)]
+    assert (whole.total.job_count, whole.total.wall_seconds) == (2, 3600.0)
