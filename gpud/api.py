@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from gpud import __version__
 from gpud.accounting import BY, Line, report
+from gpud.api_admin import ADMIN_DOC, admin_routes
 from gpud.api_images import IMAGE_DOC, image_routes
 from gpud.api_params import Param, ParamError, parse_id
 from gpud.api_snapshots import SNAPSHOT_DOC, snapshot_routes
@@ -46,7 +47,8 @@ from gpud.auth import (
 from gpud.domain import FINAL, GpuRequest, Job, JobState
 from gpud.http_edge import OverBudget
 from gpud.ledger import IdempotencyKey, KeyReused, NewJob, UnknownJob
-from gpud.ledger.usage import attempts_between
+from gpud.ledger.usage import attempts_between, buckets_between
+from gpud.retention import files_gone
 from gpud.safefs import read_regular
 from gpud.service import Daemon, ExecutorDown, SubmitError
 from gpud.storage import DiskFull, full_message, is_busy, is_full, require_room
@@ -420,15 +422,18 @@ def create_app(daemon: Daemon) -> Starlette:
                 data = b""
         if not data:
             why = job.error or job.state.value
-            raise ApiError(404, "no_result", f"job {job.id} ended {job.state.value} without a "
-                           f"result: {why}")
+            raise ApiError(404, "no_result", (job.has_result and files_gone(daemon.config, job))
+                           or f"job {job.id} ended {job.state.value} without a result: {why}")
         return Response(data, media_type="application/octet-stream",
                         headers={"x-gpud-job-state": job.state.value})
 
     async def logs(request: Request) -> Response:
         follow = _param(request, FOLLOW)
         offset = _param(request, LOG_OFFSET)
-        job_id = (await own_job(request, "read logs of")).id  # 404 for an unknown job
+        job = await own_job(request, "read logs of")  # 404 for an unknown job
+        if (gone := files_gone(daemon.config, job)) is not None:
+            raise ApiError(404, "files_removed", gone)
+        job_id = job.id
         path = daemon.log_path(job_id)
         if not follow:
             data = await trio.to_thread.run_sync(_read_from, path, offset, None)
@@ -487,10 +492,11 @@ def create_app(daemon: Daemon) -> Starlette:
         by = _param(request, BY_PARAM)
         user = _param(request, USER)
         attempts = await daemon.ledger.call(attempts_between, since, until, user)
-        r = report(attempts, since=since, until=until, by=by, now=now)
+        buckets = await daemon.ledger.call(buckets_between, since, until, user)
+        r = report(attempts, since=since, until=until, by=by, now=now, buckets=buckets)
 
         def line(x: Line) -> UsageLine:
-            return UsageLine(key=x.key, jobs=len(x.jobs), attempts=x.attempts,
+            return UsageLine(key=x.key, jobs=x.job_count, attempts=x.attempts,
                              gpu_seconds=x.gpu_seconds, wall_seconds=x.wall_seconds)
 
         return _json(UsageReport(since=since, until=until, by=by, user=user,
@@ -518,7 +524,7 @@ def create_app(daemon: Daemon) -> Starlette:
             except ApiError as e:
                 return _error(e.status, e.code, e.detail)
             except UnknownJob as e:
-                return _error(404, "not_found", f"no job {e.job_id}")
+                return _error(404, "not_found", str(e))
             except Unauthenticated as e:
                 return refused(request, 401, "unauthenticated", str(e), who)
             except Forbidden as e:
@@ -550,6 +556,7 @@ def create_app(daemon: Daemon) -> Starlette:
         *watch_routes(daemon),
         *snapshot_routes(daemon),
         *image_routes(daemon),
+        *admin_routes(daemon),
     ]
     routes = [Route(API_PREFIX + p, wrap(fn, public=p == "/health"), methods=[m])
               for m, p, fn in table]
@@ -654,6 +661,7 @@ _DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = 
     *WATCH_DOC,
     *SNAPSHOT_DOC,
     *IMAGE_DOC,
+    *ADMIN_DOC,
 ]
 
 #: Path ids are SQLite INTEGERs; any other value is 404 (gpud.api_params.parse_id).

@@ -451,6 +451,7 @@ def version(as_json: bool, url: str | None) -> None:
 # -- the shared box (#5): accounting, identity, administration --------------------------
 
 from gpud.cli_admin import admin  # noqa: E402
+from gpud.cli_gc import gc_command  # noqa: E402
 from gpud.cli_images import image  # noqa: E402
 from gpud.cli_snapshots import snapshots  # noqa: E402
 from gpud.cli_usage import usage, whoami  # noqa: E402
@@ -460,6 +461,7 @@ cli.add_command(snapshots)
 cli.add_command(image)
 cli.add_command(usage)
 cli.add_command(whoami)
+cli.add_command(gc_command)
 
 
 def main() -> None:

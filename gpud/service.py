@@ -51,6 +51,7 @@ from gpud.ledger import IdempotencyKey, LedgerThread, NewJob, Replay, Step
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import finished_gpu_intervals
 from gpud.metrics import HistoryBuffer
+from gpud.retention import run as retention_loop
 from gpud.safefs import open_append, read_file, write_new
 from gpud.scheduler import decide, infeasible, order_key, scheduling_key
 from gpud.snapshotter import Snapshotter
@@ -337,6 +338,7 @@ class Daemon:
                 nursery.start_soon(self.users.run)
                 nursery.start_soon(self._gpu_loop)
                 nursery.start_soon(self._schedule_loop)
+                nursery.start_soon(retention_loop, self)
                 task_status.started()
                 await trio.sleep_forever()
             finally:
