@@ -302,8 +302,7 @@ async def _new_jobs(
         raise ApiError(422, "refused", str(e)) from None
     except ExecutorDown as e:
         raise ApiError(503, "executor_unavailable", str(e)) from None
-    queued = sum(1 for j in daemon.active.values()
-                 if j.owner == who.name and j.state is JobState.QUEUED)
+    queued = daemon.queued_count(who.name)
     # Who may submit at all (a Unix account to run as, quotas: 403) before which
     # interpreter their job runs with (422).
     auth.check_submit(who, priority=req.priority, jobs=len(args), queued=queued)
@@ -390,7 +389,7 @@ def create_app(daemon: Daemon) -> Starlette:
         jobs = await daemon.ledger.call(Ledger.list_jobs, states, limit=limit_n, before=before,
                                         owner=owner)
         # The daemon's memory is fresher than a read racing a commit: prefer it.
-        jobs = [daemon.active.get(j.id, j) for j in jobs]
+        jobs = daemon.fresher(jobs)
         nxt = jobs[-1].id if len(jobs) == limit_n and jobs[-1].id > 1 else None
         return _json(JobList(jobs=[job_info(daemon, j) for j in jobs], next_cursor=nxt))
 
@@ -597,14 +596,14 @@ async def _follow(daemon: Daemon, job_id: int, path: Path,
             if tail:
                 yield tail
             return
-        ev = daemon._changed.setdefault(job_id, trio.Event())
+        ev = daemon.changed(job_id)
         with trio.move_on_after(0.1):
             await ev.wait()
 
 
 def gpu_list(daemon: Daemon) -> GpuList:
     holders = daemon.gpu_holders()
-    handles = list(daemon.handles.values())
+    handles = daemon.handles()
     out = []
     for g in daemon.gpus:
         holder = holders.get(g.uuid)

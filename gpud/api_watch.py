@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gpud.api_params import MAX_ID, Param
-from gpud.domain import FINAL, Job, JobState
+from gpud.domain import FINAL, Job
 from gpud.ledger import Event
 from gpud.ledger.store import Ledger
 from gpud.service import Daemon
@@ -76,7 +76,7 @@ def _events_page(ledger: Ledger, after: int, limit: int, job_id: int | None,
 
 def _queue_order(daemon: Daemon) -> Callable[[Job], tuple[bool, int, int, int]]:
     def key(job: Job) -> tuple[bool, int, int, int]:
-        w = daemon.waits.get(job.id)
+        w = daemon.wait_of(job.id)
         # Jobs submitted since the last scheduling round have no position yet: they go
         # last, in the order the scheduler will see them.
         return (w is None, w.position if w else 0, -job.priority, job.id)
@@ -115,7 +115,7 @@ def watch_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any
     async def queue(request: Request) -> Response:
         offset = _param(request, QUEUE_OFFSET)
         limit = _param(request, QUEUE_LIMIT)
-        pending = [j for j in daemon.active.values() if j.state is JobState.QUEUED]
+        pending = daemon.queued()
         # A page from a queue of 100,000 without sorting all of it.
         page = heapq.nsmallest(offset + limit, pending, key=_queue_order(daemon))[offset:]
         # Everyone sees the whole queue, so that positions add up; others' jobs in it

@@ -1,10 +1,10 @@
 """The trio shell around the pure core: load state -> decide -> apply, and supervise jobs.
 
 One :class:`Daemon` per data directory (a file lock makes sure of it). The ledger is the
-truth; ``Daemon.active`` is a cache of its queued/starting/running jobs, changed only
-after the ledger committed the change. Every job that starts gets a supervisor task in
-the daemon's nursery, whose cancel scope carries the job's deadline; cancelling that
-scope is how cancel and timeout reach a running job.
+truth; ``Daemon.jobs`` holds one :class:`JobRecord` per queued/starting/running job, whose
+``job`` changes only after the ledger committed the change. Every job that starts gets a
+supervisor task in the daemon's nursery, whose cancel scope carries the job's deadline;
+cancelling that scope is how cancel and timeout reach a running job.
 
 When the daemon stops, running jobs are left running (their processes are in their own
 sessions and write their own logs), and the next daemon re-adopts them.
@@ -94,6 +94,31 @@ class Finished:
     retryable: bool
 
 
+@dataclass(slots=True, eq=False)
+class JobRecord:
+    """All the daemon keeps in memory about one active (queued, starting or running) job:
+    made when the job is submitted or recovered, dropped when it is final. The ledger is
+    the truth; ``job`` is its latest committed row."""
+
+    job: Job
+    #: why it waits and where it stands in the queue (the last round's answer)
+    wait: Wait | None = None
+    #: the running process (cold) or warm worker it runs in
+    handle: Handle | None = None
+    #: cancelling it stops the job; it carries the job's deadline
+    scope: trio.CancelScope | None = None
+    #: set by cancel: the job is stopped as this, not as timed out
+    stop_reason: JobState | None = None
+    #: set (and replaced) on each change of the job; made only when someone waits
+    changed: trio.Event | None = None
+    #: the commit order of the latest advance applied to ``job``
+    seq: int = -1
+    #: the idle warm worker the scheduler reserved for it, until it runs there
+    assigned: WarmWorker | None = None
+    #: when it was handed to be started (for the startup figure)
+    dispatched_at: float | None = None
+
+
 def _fmt_seconds(s: float) -> str:
     if s >= 3600 and s % 3600 == 0:
         return f"{int(s // 3600)} h"
@@ -122,20 +147,14 @@ class Daemon:
         self.worker_python = worker_python
         self.instance = instance
         self.started_at = time.time()
-        self.active: dict[int, Job] = {}
-        self.waits: dict[int, Wait] = {}
+        #: one record per active job (queued, starting, running)
+        self.jobs: dict[int, JobRecord] = {}
         self.gpus: list[Gpu] = []
         #: the last minutes of GPU readings, for the TUI's sparklines
         self.gpu_history = HistoryBuffer(interval=config.gpu_poll_interval)
-        self.handles: dict[int, Handle] = {}
-        self._scopes: dict[int, trio.CancelScope] = {}
-        self._stop_reason: dict[int, JobState] = {}
-        self._changed: dict[int, trio.Event] = {}
-        self._seq: dict[int, int] = {}  # commit order of each job's latest advance
         #: warm workers (executors that can keep a worker between calls)
         self.warm: WarmPool | None = (WarmPool(config.data_dir / "hub" / "hub.sock")
                                       if getattr(executor, "supports_warm", False) else None)
-        self._assigned: dict[int, WarmWorker] = {}  # job -> the warm worker it will run in
         #: container snapshots (issue #4), where the executor can take them
         self.snapshots: Snapshotter | None = None
         if self.warm is not None and getattr(executor, "supports_snapshots", False):
@@ -156,9 +175,7 @@ class Daemon:
                 build_args=pip_index_args(config.image_pip_index_url,
                                           config.image_pip_extra_index_url, os.environ),
                 timeout=config.image_build_timeout,
-                in_use=lambda: {j.image for j in self.active.values()
-                                if j.image and j.state not in FINAL})
-        self._dispatched: dict[int, float] = {}  # job -> when it was handed to be started
+                in_use=lambda: {r.job.image for r in self.jobs.values() if r.job.image})
         self._write_blocked = False  # a start could not be recorded (disk full, lock held)
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -246,7 +263,7 @@ class Daemon:
         # Durable now: only after the COMMIT do they exist for anyone else.
         made = await self.ledger.call(_get_many, ids)
         for j in made:
-            self.active[j.id] = j
+            self.jobs.setdefault(j.id, JobRecord(j))
         self._reschedule()
         return batch_id, made
 
@@ -259,9 +276,9 @@ class Daemon:
         return None
 
     async def get(self, job_id: int) -> Job:
-        job = self.active.get(job_id)
-        if job is not None:
-            return job
+        rec = self.jobs.get(job_id)
+        if rec is not None:
+            return rec.job
         return await self.ledger.call(Ledger.get, job_id)
 
     async def cancel(self, job_id: int) -> Job:
@@ -274,10 +291,14 @@ class Daemon:
                                            expect=JobState.QUEUED, retry=False)
             except IllegalTransition:
                 pass  # it started in the meantime: stop it instead
-        self._stop_reason[job_id] = JobState.CANCELLED
-        scope = self._scopes.get(job_id)
-        if scope is not None:
-            scope.cancel()
+        rec = self.jobs.get(job_id)
+        if rec is None:  # it ended in the meantime
+            return await self.get(job_id)
+        # Between the start decision and its supervisor's first step there is no scope
+        # yet: the supervisor sees stop_reason and does not start the job.
+        rec.stop_reason = JobState.CANCELLED
+        if rec.scope is not None:
+            rec.scope.cancel()
         return await self.wait_final(job_id, self.config.kill_grace + 15)
 
     async def wait_final(self, job_id: int, within: float) -> Job:
@@ -286,7 +307,7 @@ class Daemon:
             job = await self.get(job_id)
             if job.state in FINAL:
                 return job
-            ev = self._changed.setdefault(job_id, trio.Event())
+            ev = self.changed(job_id)
             with trio.move_on_at(deadline) as cs:
                 await ev.wait()
             if cs.cancelled_caught:
@@ -298,11 +319,42 @@ class Daemon:
     def result_path(self, job_id: int) -> Path:
         return self.config.jobs_dir / str(job_id) / RESULT_FILE
 
+    def changed(self, job_id: int) -> trio.Event:
+        """An event set at the job's next change. For a job not in memory (final, or
+        not yet recorded) it is already set: the caller reads the job again."""
+        rec = self.jobs.get(job_id)
+        if rec is None:
+            ev = trio.Event()
+            ev.set()
+            return ev
+        if rec.changed is None:
+            rec.changed = trio.Event()
+        return rec.changed
+
     def reason(self, job_id: int) -> tuple[str | None, int | None]:
-        w = self.waits.get(job_id)
+        rec = self.jobs.get(job_id)
+        w = rec.wait if rec is not None else None
         if w is None:
             return None, None
         return w.reason, w.position
+
+    def wait_of(self, job_id: int) -> Wait | None:
+        """Why a queued job waits and its position, as of the last scheduling round."""
+        rec = self.jobs.get(job_id)
+        return rec.wait if rec is not None else None
+
+    def queued(self) -> list[Job]:
+        """The queued jobs in memory (submitted, not yet started)."""
+        return [r.job for r in self.jobs.values() if r.job.state is JobState.QUEUED]
+
+    def queued_count(self, owner: str) -> int:
+        return sum(1 for r in self.jobs.values()
+                   if r.job.owner == owner and r.job.state is JobState.QUEUED)
+
+    def fresher(self, jobs: Sequence[Job]) -> list[Job]:
+        """Jobs read from the ledger, each replaced by the daemon's own copy where it has
+        one: memory is fresher than a read racing a commit."""
+        return [r.job if (r := self.jobs.get(j.id)) is not None else j for j in jobs]
 
     def gpu_holders(self) -> dict[str, Job]:
         """GPU UUID -> the job holding it; an idle warm worker holds its GPUs in the name
@@ -313,8 +365,8 @@ class Daemon:
                 last = Job(id=w.last_job, function="(warm worker)", state=JobState.RUNNING,
                            submitted_at=0.0, owner=w.key[3], gpus=w.gpus)
                 held.update((u, last) for u in w.gpus)
-        held.update((u, j) for j in self.active.values() if j.state is not JobState.QUEUED
-                    for u in j.gpus)
+        held.update((u, r.job) for r in self.jobs.values()
+                    if r.job.state is not JobState.QUEUED for u in r.job.gpus)
         return held
 
     # -- the loops ------------------------------------------------------------------------
@@ -352,8 +404,12 @@ class Daemon:
                         with trio.move_on_after(10):
                             await trio.to_thread.run_sync(self.executor.reap, h)
                 if self.kill_jobs_on_exit:
-                    for h in list(self.handles.values()):
+                    for h in self.handles():
                         self.executor.reap(h)
+
+    def handles(self) -> list[Handle]:
+        """The processes (and warm workers) of the jobs being supervised."""
+        return [r.handle for r in self.jobs.values() if r.handle is not None]
 
     def _reschedule(self) -> None:
         self._wake.set()
@@ -375,14 +431,14 @@ class Daemon:
     async def _schedule_once(self) -> float | None:
         """One round of decide -> apply. Returns when a backoff next expires, if any."""
         now = time.time()
-        pending = [j for j in self.active.values() if j.state is JobState.QUEUED]
-        running = [j for j in self.active.values() if j.state is not JobState.QUEUED]
+        pending = [r.job for r in self.jobs.values() if r.job.state is JobState.QUEUED]
+        running = [r.job for r in self.jobs.values() if r.job.state is not JobState.QUEUED]
         if pending and _low_space(self.config.data_dir):
             # A job could not even lay out its directory: keep what space is left for the
             # running jobs' state changes, and look again in a while.
             why = (f"the disk holding {self.config.data_dir} is full: no job starts until "
                    "space is freed there")
-            self.waits = {j.id: Wait(j.id, why, i) for i, j in enumerate(pending, 1)}
+            self._set_waits({j.id: Wait(j.id, why, i) for i, j in enumerate(pending, 1)})
             return now + 2.0
         usage = self._usage_now(running, now)
         quotas = self.users.quotas()
@@ -394,8 +450,11 @@ class Daemon:
                            now=now, usage=usage, policy=self.policy, quotas=quotas)
         waits: dict[int, Wait] = {}
         for job_id, w in assigned.items():
+            rec = self.jobs.get(job_id)
+            if rec is None:
+                continue  # ended (cancelled) during this round's earlier starts
             w.busy = job_id  # reserved now: the next round must not hand it out again
-            self._assigned[job_id] = w
+            rec.assigned = w
             await self._start(Start(job_id, w.gpus))
         for d in decisions:
             if isinstance(d, Start):
@@ -406,12 +465,16 @@ class Daemon:
                 await self._start(d)
             else:
                 waits[d.job_id] = d
-        self.waits = waits
+        self._set_waits(waits)
         backoffs = [j.not_before for j in pending if j.not_before > now and j.id in waits]
         if self._write_blocked:
             self._write_blocked = False
             backoffs.append(now + 1.0)
         return min(backoffs) if backoffs else None
+
+    def _set_waits(self, waits: Mapping[int, Wait]) -> None:
+        for job_id, rec in self.jobs.items():
+            rec.wait = waits.get(job_id)
 
     def _match_warm(
         self, pending: list[Job], now: float,
@@ -466,10 +529,11 @@ class Daemon:
                                 gpus=w.gpus))
         return assigned, held, evictable
 
-    def _release_warm(self, job_id: int) -> None:
-        """A job matched to a warm worker did not start after all: the worker is free."""
-        w = self._assigned.pop(job_id, None)
-        if w is not None and w.busy == job_id:
+    def _release_warm(self, rec: JobRecord) -> None:
+        """A job matched to a warm worker did not start in it after all: the worker is
+        free. Takes the record itself: the job may have ended (and left ``jobs``)."""
+        w, rec.assigned = rec.assigned, None
+        if w is not None and w.busy == rec.job.id:
             w.busy = None
             w.idle_since = time.monotonic()
 
@@ -496,8 +560,11 @@ class Daemon:
                 self._reschedule()
 
     async def _start(self, d: Start) -> None:
-        if d.job_id in self._stop_reason:
-            self._release_warm(d.job_id)
+        rec = self.jobs.get(d.job_id)
+        if rec is None:
+            return  # ended while this round was deciding
+        if rec.stop_reason is not None:
+            self._release_warm(rec)
             return  # cancelled while this round was deciding
         types = {g.uuid: g.type for g in self.gpus}
         fields = {"gpus": d.gpus, "gpu_types": tuple(types.get(u, "unknown") for u in d.gpus)}
@@ -506,7 +573,7 @@ class Daemon:
                                       expect=JobState.QUEUED, retry=False)
         except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)
-            self._release_warm(d.job_id)
+            self._release_warm(rec)
             return
         except sqlite3.Error as e:
             if not (is_full(e) or is_busy(e)):
@@ -516,10 +583,10 @@ class Daemon:
                 log.warning("job %s not started: the ledger cannot be written (%s)",
                             d.job_id, e)
             self._write_blocked = True
-            self._release_warm(d.job_id)
+            self._release_warm(rec)
             return
         assert self._nursery is not None
-        self._dispatched[job.id] = time.time()
+        rec.dispatched_at = time.time()
         self._nursery.start_soon(self._supervise, job, None)
 
     async def _advance(self, job_id: int, *steps: Step, expect: JobState | None = None,
@@ -536,17 +603,17 @@ class Daemon:
             job, seq = await write()
         # Two advances of one job can resume here in either order; only the later commit
         # may update memory, or a stale STARTING could outlive the job's end.
-        if seq < self._seq.get(job_id, -1):
+        rec = self.jobs.get(job_id)
+        if rec is None or seq < rec.seq:
+            # Not in memory: already final (a later commit dropped it), so this one is
+            # stale too. Jobs enter memory only at submit and recovery.
             return job
-        self._seq[job_id] = seq
+        rec.seq, rec.job = seq, job
         if job.state in FINAL:
-            self.active.pop(job_id, None)
-            self.waits.pop(job_id, None)
-        else:
-            self.active[job_id] = job
-        ev = self._changed.pop(job_id, None)
+            del self.jobs[job_id]
+        ev, rec.changed = rec.changed, None
         if ev is not None:
-            ev.set()
+            ev.set()  # a record dropped above still wakes its waiters, who read the ledger
         self._reschedule()
         return job
 
@@ -554,11 +621,18 @@ class Daemon:
 
     async def _supervise(self, job: Job, handle: Handle | None) -> None:
         """Run one job to its end; an unexpected error fails the job, never the daemon."""
+        rec = self.jobs.get(job.id)
+        if rec is None:
+            return  # it ended before its supervisor began
+        # This supervisor's own scope and warm reservation: after a retry the job may be
+        # started again (a new supervisor) before this one's cleanup runs.
+        scope = rec.scope = trio.CancelScope()
+        assigned = rec.assigned
         try:
-            await self._run_job(job, handle)
+            await self._run_job(job, handle, scope)
         except Exception:  # noqa: BLE001
             log.exception("internal error while supervising job %s", job.id)
-            live = self.handles.get(job.id) or handle
+            live = rec.handle or handle
             if live is not None:
                 await trio.to_thread.run_sync(self.executor.reap, live)
             try:
@@ -570,21 +644,20 @@ class Daemon:
             except Exception:  # noqa: BLE001
                 log.exception("could not record the failure of job %s", job.id)
         finally:
-            self._release_warm(job.id)  # matched to a warm worker but never ran in it
-            self._scopes.pop(job.id, None)
-            self.handles.pop(job.id, None)
-            self._stop_reason.pop(job.id, None)
+            if assigned is not None and rec.assigned is assigned:
+                self._release_warm(rec)  # matched to a warm worker but never ran in it
+            if rec.scope is scope:
+                rec.scope, rec.handle, rec.stop_reason = None, None, None
 
-    async def _run_job(self, job: Job, handle: Handle | None) -> None:
+    async def _run_job(self, job: Job, handle: Handle | None, scope: trio.CancelScope) -> None:
         job_id = job.id
-        scope = trio.CancelScope()
-        self._scopes[job_id] = scope
+        rec = self.jobs[job_id]
         if handle is None and _served(job) and self.warm is not None \
-                and job_id not in self._stop_reason:
+                and rec.stop_reason is None:
             await self._run_warm(job, scope)
             return
         if handle is None:
-            if job_id in self._stop_reason:
+            if rec.stop_reason is not None:
                 await self._finish(job, Finished(JobState.CANCELLED, "cancelled", None,
                                                  False, False))
                 return
@@ -596,14 +669,14 @@ class Daemon:
                                                  f"could not start the job: {e}", None,
                                                  False, True))
                 return
-            self.handles[job_id] = handle
+            rec.handle = handle
             job = await self._advance(job_id, Step(JobState.RUNNING, "running", fields={
                 "pid": handle.pid, "pid_start": handle.pid_start, "started_at": time.time(),
                 "start_kind": "cold",
             }))
             log.info("job %s started: pid %s, gpus %s", job_id, handle.pid,
                      ",".join(job.gpus) or "none")
-        self.handles[job_id] = handle
+        rec.handle = handle
         started = job.started_at or time.time()
         scope.deadline = trio.current_time() + max(0.0, started + job.timeout - time.time())
         outcome: Outcome | None = None
@@ -618,7 +691,8 @@ class Daemon:
 
     async def _stop_and_finish(self, job: Job, handle: Handle) -> None:
         """The job's cancel scope fired: stop it (TERM, grace, KILL) and record why."""
-        stop_as = self._stop_reason.get(job.id, JobState.TIMED_OUT)
+        rec = self.jobs.get(job.id)
+        stop_as = (rec.stop_reason if rec is not None else None) or JobState.TIMED_OUT
         await self.executor.stop(handle, self.config.kill_grace)
         why = ("cancelled" if stop_as is JobState.CANCELLED
                else f"timed out after {_fmt_seconds(job.timeout)}")
@@ -629,7 +703,8 @@ class Daemon:
         matched, one restored from its snapshot, or a new one that then stays for the
         next call."""
         assert self.warm is not None
-        w = self._assigned.pop(job.id, None)
+        rec = self.jobs[job.id]
+        w, rec.assigned = rec.assigned, None
         kind, note, take = "warm" if w is not None else "cold", "", None
         try:
             function, args = await self.ledger.call(Ledger.payload, job.id)
@@ -654,7 +729,7 @@ class Daemon:
             return
         assert w.handle is not None
         crash_point("warm_worker_ready")
-        self.handles[job.id] = w.handle
+        rec.handle = w.handle
         why = f"running ({kind}{': ' + note if note else ''})"
         job = await self._advance(job.id, Step(JobState.RUNNING, why, fields={
             "pid": w.handle.pid, "pid_start": w.handle.pid_start, "started_at": time.time(),
@@ -818,7 +893,10 @@ class Daemon:
             "ended_at": now, "exit_code": f.exit_code, "error": f.error,
             "has_result": f.has_result,
         }
-        dispatched = self._dispatched.pop(job.id, None)
+        rec = self.jobs.get(job.id)
+        dispatched = rec.dispatched_at if rec is not None else None
+        if rec is not None:
+            rec.dispatched_at = None
         user_start = await trio.to_thread.run_sync(self._user_start, job.id)
         if dispatched is not None and user_start is not None:
             fields["startup"] = round(max(0.0, user_start - dispatched), 6)
@@ -867,7 +945,7 @@ class Daemon:
 
     async def _refresh_gpus(self) -> None:
         snap = await trio.to_thread.run_sync(self.inventory.snapshot)
-        handles = list(self.handles.values())
+        handles = self.handles()
         out = []
         for g in snap:
             foreign = tuple(p.pid for p in g.processes
@@ -893,7 +971,8 @@ class Daemon:
         await trio.to_thread.run_sync(self.executor.cleanup, {j.id for j in jobs},
                                       {j.pid for j in jobs if j.pid})
         for job in jobs:
-            self.active[job.id] = job
+            self.jobs[job.id] = JobRecord(job)
+        for job in jobs:
             if job.state is not JobState.QUEUED:
                 await self._recover_job(job)
 
@@ -948,7 +1027,7 @@ class Daemon:
     def _resume_start(self, job: Job) -> None:
         """Carry on starting a STARTING job (its GPUs are still its own) from the launch."""
         assert self._nursery is not None
-        self._dispatched[job.id] = time.time()
+        self.jobs[job.id].dispatched_at = time.time()
         self._nursery.start_soon(self._supervise, job, None)
 
 

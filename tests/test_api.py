@@ -192,7 +192,7 @@ async def test_cancel_right_after_submit_never_leaves_a_ghost(  # type: ignore[n
         assert r.status_code == 200, r.text
         assert r.json()["state"] in ("cancelled", "succeeded"), r.json()
     with trio.fail_after(20):
-        while served.daemon.active:  # noqa: ASYNC110 - polling the daemon's own state
+        while served.daemon.jobs:  # noqa: ASYNC110 - polling the daemon's own state
             await trio.sleep(0.05)
     led_states = {(await http.get(f"/v1/jobs/{i}")).json()["state"] for i in ids}
     assert led_states <= {"cancelled", "succeeded"}
