@@ -22,6 +22,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from gpud import http_edge, peercred
 from gpud.api import create_app
+from gpud.clock import Clock
 from gpud.config import Config, is_loopback, parse_tcp
 from gpud.executors.base import Executor, ExecutorRefusal
 from gpud.executors.podman import CDI_DIRS
@@ -153,6 +154,7 @@ async def serve(
     *,
     inventory: GpuInventory | None = None,
     kill_jobs_on_exit: bool = False,
+    clock: Clock | None = None,
     task_status: trio.TaskStatus[Served] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     lock_fd = lock_data_dir(config.data_dir)
@@ -179,7 +181,8 @@ async def serve(
         executor, version, python = await _make_executor(config, inventory, ident, runtime,
                                                          instance)
         daemon = Daemon(config, ledger=ledger, inventory=inventory, executor=executor,
-                        identity=ident, worker_python=version, instance=instance)
+                        identity=ident, worker_python=version, instance=instance,
+                        clock=clock)
         daemon.kill_jobs_on_exit = kill_jobs_on_exit
 
         hc = HyperConfig()
