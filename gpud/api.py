@@ -43,12 +43,12 @@ from gpud.auth import (
     check_job_access,
     effective_timeout,
 )
+from gpud.daemon.port import JobService
+from gpud.daemon.record import ExecutorDown, SubmitError
 from gpud.domain import FINAL, GpuRequest, Job, JobState
 from gpud.http_edge import OverBudget
 from gpud.ledger import IdempotencyKey, KeyReused, NewJob, UnknownJob
-from gpud.ledger.usage import attempts_between
 from gpud.safefs import read_regular
-from gpud.service import Daemon, ExecutorDown, SubmitError
 from gpud.storage import DiskFull, full_message, is_busy, is_full, require_room
 from gpud.users import NoUnixAccount, Principal, run_as
 from gpud_client.models import (
@@ -109,7 +109,7 @@ def _error(status: int, code: str, detail: str) -> Response:
     return _json(ErrorBody(error=code, detail=detail), status)
 
 
-def job_info(daemon: Daemon, job: Job) -> JobInfo:
+def job_info(daemon: JobService, job: Job) -> JobInfo:
     index = {g.uuid: g.index for g in daemon.gpus}
     reason, position = daemon.reason(job.id) if job.state is JobState.QUEUED else (None, None)
     return JobInfo(
@@ -152,7 +152,7 @@ def _replayed(obj: Any) -> Response:
     return resp
 
 
-def _storage_error(daemon: Daemon, e: sqlite3.Error | OSError) -> Response:
+def _storage_error(daemon: JobService, e: sqlite3.Error | OSError) -> Response:
     """The ledger or the data directory could not be written: 507 for a full disk, 503
     for a write lock another process holds; anything else stays a bug (500)."""
     if is_full(e):
@@ -273,7 +273,7 @@ def _principal(request: Request) -> Principal:
 
 
 async def _new_jobs(
-    daemon: Daemon, auth: Auth, request: Request, req: SubmitRequest | BatchSubmitRequest,
+    daemon: JobService, auth: Auth, request: Request, req: SubmitRequest | BatchSubmitRequest,
     args: list[bytes],
 ) -> list[NewJob]:
     who = _principal(request)
@@ -329,7 +329,7 @@ async def _new_jobs(
 # -- routes ----------------------------------------------------------------------------
 
 
-def create_app(daemon: Daemon) -> Starlette:
+def create_app(daemon: JobService) -> Starlette:
     limit = daemon.config.max_body_bytes
     auth = Auth(daemon.users)
 
@@ -381,15 +381,11 @@ def create_app(daemon: Daemon) -> Starlette:
                                f"state must be a comma-separated list of: {valid}") from None
         limit_n = _param(request, LIMIT)
         before = _param(request, CURSOR)
-        from gpud.ledger.store import Ledger
-
         # Users see their own jobs; admins see everyone's (and may filter by owner).
         who = _principal(request)
         owner = _param(request, OWNER) if who.admin else who.name
-        jobs = await daemon.ledger.call(Ledger.list_jobs, states, limit=limit_n, before=before,
-                                        owner=owner)
-        # The daemon's memory is fresher than a read racing a commit: prefer it.
-        jobs = daemon.fresher(jobs)
+        # Each in its freshest version (the daemon's memory beats a read racing a commit).
+        jobs = await daemon.list_jobs(states, limit=limit_n, before=before, owner=owner)
         nxt = jobs[-1].id if len(jobs) == limit_n and jobs[-1].id > 1 else None
         return _json(JobList(jobs=[job_info(daemon, j) for j in jobs], next_cursor=nxt))
 
@@ -485,7 +481,7 @@ def create_app(daemon: Daemon) -> Starlette:
         since = until - 7 * 86400 if since is None else since
         by = _param(request, BY_PARAM)
         user = _param(request, USER)
-        attempts = await daemon.ledger.call(attempts_between, since, until, user)
+        attempts = await daemon.attempts_between(since, until, user)
         r = report(attempts, since=since, until=until, by=by, now=now)
 
         def line(x: Line) -> UsageLine:
@@ -578,7 +574,7 @@ def _read_from(path: Path, offset: int, limit: int | None) -> bytes:
         return b""  # not a regular file: a job planted something there; show nothing
 
 
-async def _follow(daemon: Daemon, job_id: int, path: Path,
+async def _follow(daemon: JobService, job_id: int, path: Path,
                   offset: int) -> AsyncIterator[bytes]:
     """Stream a job's log until it is final and everything was sent.
 
@@ -601,7 +597,7 @@ async def _follow(daemon: Daemon, job_id: int, path: Path,
             await ev.wait()
 
 
-def gpu_list(daemon: Daemon) -> GpuList:
+def gpu_list(daemon: JobService) -> GpuList:
     holders = daemon.gpu_holders()
     handles = daemon.handles()
     out = []
@@ -684,7 +680,7 @@ def _base64_patterns(node: Any) -> None:
             _base64_patterns(v)
 
 
-def openapi(daemon: Daemon | None = None) -> dict[str, Any]:
+def openapi(daemon: JobService | None = None) -> dict[str, Any]:
     """The API as OpenAPI 3.1. Every range in it comes from the constraints the daemon
     enforces: body fields from the msgspec models, query parameters from their
     :class:`Param`. Given the daemon, the ranges its configuration narrows (max_timeout,

@@ -24,6 +24,7 @@ from gpud import http_edge, peercred
 from gpud.api import create_app
 from gpud.clock import Clock
 from gpud.config import Config, is_loopback, parse_tcp
+from gpud.daemon import AlreadyRunning, Daemon, instance_id, lock_data_dir
 from gpud.executors.base import Executor, ExecutorRefusal
 from gpud.executors.podman import CDI_DIRS
 from gpud.executors.process import (
@@ -34,7 +35,6 @@ from gpud.executors.process import (
 )
 from gpud.gpus import GpuInventory, NoGpuInventory, open_inventory
 from gpud.ledger import LedgerThread
-from gpud.service import AlreadyRunning, Daemon, instance_id, lock_data_dir
 from gpud_client.jobdir import install_runtime
 
 __all__ = ["Served", "serve"]

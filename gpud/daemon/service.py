@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import trio
@@ -31,13 +31,18 @@ from gpud.domain import (
 )
 from gpud.executors.base import ExecutorRefusal
 from gpud.executors.process import ProcessExecutor
-from gpud.ledger import IdempotencyKey, NewJob, Replay, Step
+from gpud.images import Build
+from gpud.ledger import Event, IdempotencyKey, NewJob, Replay, Step
+from gpud.ledger import snapshots as snapshot_store
+from gpud.ledger.snapshots import Snapshot
 from gpud.ledger.store import Ledger
+from gpud.ledger.usage import AttemptUsage, attempts_between
 from gpud.scheduler import infeasible
 from gpud.users import NoUnixAccount, run_as
 from gpud_client.jobdir import (
     RESULT_FILE,
 )
+from gpud_client.models import ImageSpec
 
 log = logging.getLogger("gpud")
 
@@ -192,6 +197,38 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         one: memory is fresher than a read racing a commit."""
         return [r.job if (r := self.jobs.get(j.id)) is not None else j for j in jobs]
 
+    # -- reads the API makes of the ledger (it never calls the ledger itself) -------------
+
+    async def list_jobs(self, states: Iterable[JobState] | None, *, limit: int,
+                        before: int | None, owner: str | None) -> list[Job]:
+        """A page of jobs, newest first, each in its freshest version."""
+        jobs = await self.ledger.call(Ledger.list_jobs, states, limit=limit, before=before,
+                                      owner=owner)
+        return self.fresher(jobs)
+
+    async def events_page(self, after: int, limit: int, job_id: int | None,
+                          owner: str | None) -> tuple[list[Event], int]:
+        """Events after a cursor, and the newest event's id (never below the page)."""
+        return await self.ledger.call(_events_page, after, limit, job_id, owner)
+
+    async def attempts_between(self, since: float, until: float,
+                               owner: str | None) -> list[AttemptUsage]:
+        return await self.ledger.call(attempts_between, since, until, owner)
+
+    async def snapshot_records(self, owner: str | None = None) -> list[Snapshot]:
+        """The snapshots in the ledger (of one owner, or all)."""
+        return await self.ledger.call(snapshot_store.list_snapshots, owner)
+
+    async def delete_snapshot_record(self, snapshot_id: int) -> None:
+        """Forget a snapshot the ledger holds (where no snapshotter manages its files)."""
+        await self.ledger.call(snapshot_store.delete_snapshot, snapshot_id)
+
+    async def ensure_image(self, spec: ImageSpec, files: Mapping[str, bytes],
+                           creator: str) -> tuple[Build, bool]:
+        """Start (or find) the build of an image definition, in the daemon's nursery."""
+        assert self.images is not None and self._nursery is not None
+        return await self.images.ensure(spec, files, creator, self._nursery)
+
     def gpu_holders(self) -> dict[str, Job]:
         """GPU UUID -> the job holding it; an idle warm worker holds its GPUs in the name
         of the last job it ran (`gpud gpus` shows that job and its owner)."""
@@ -240,3 +277,10 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                 if self.kill_jobs_on_exit:
                     for h in self.handles():
                         self.executor.reap(h)
+
+
+def _events_page(ledger: Ledger, after: int, limit: int, job_id: int | None,
+                 owner: str | None) -> tuple[list[Event], int]:
+    # One trip to the ledger thread for both, so `latest` is never below the page.
+    return (ledger.events_after(after, limit=limit, job_id=job_id, owner=owner),
+            ledger.last_event_id())
