@@ -44,13 +44,13 @@ from gpud.auth import (
     check_job_access,
     effective_timeout,
 )
+from gpud.daemon.port import JobService
+from gpud.daemon.record import ExecutorDown, SubmitError
 from gpud.domain import FINAL, GpuRequest, Job, JobState
 from gpud.http_edge import OverBudget
 from gpud.ledger import IdempotencyKey, KeyReused, NewJob, UnknownJob
-from gpud.ledger.usage import attempts_between, buckets_between
 from gpud.retention import files_gone
 from gpud.safefs import read_regular
-from gpud.service import Daemon, ExecutorDown, SubmitError
 from gpud.storage import DiskFull, full_message, is_busy, is_full, require_room
 from gpud.users import NoUnixAccount, Principal, run_as
 from gpud_client.models import (
@@ -111,7 +111,7 @@ def _error(status: int, code: str, detail: str) -> Response:
     return _json(ErrorBody(error=code, detail=detail), status)
 
 
-def job_info(daemon: Daemon, job: Job) -> JobInfo:
+def job_info(daemon: JobService, job: Job) -> JobInfo:
     index = {g.uuid: g.index for g in daemon.gpus}
     reason, position = daemon.reason(job.id) if job.state is JobState.QUEUED else (None, None)
     return JobInfo(
@@ -154,7 +154,7 @@ def _replayed(obj: Any) -> Response:
     return resp
 
 
-def _storage_error(daemon: Daemon, e: sqlite3.Error | OSError) -> Response:
+def _storage_error(daemon: JobService, e: sqlite3.Error | OSError) -> Response:
     """The ledger or the data directory could not be written: 507 for a full disk, 503
     for a write lock another process holds; anything else stays a bug (500)."""
     if is_full(e):
@@ -275,7 +275,7 @@ def _principal(request: Request) -> Principal:
 
 
 async def _new_jobs(
-    daemon: Daemon, auth: Auth, request: Request, req: SubmitRequest | BatchSubmitRequest,
+    daemon: JobService, auth: Auth, request: Request, req: SubmitRequest | BatchSubmitRequest,
     args: list[bytes],
 ) -> list[NewJob]:
     who = _principal(request)
@@ -304,8 +304,7 @@ async def _new_jobs(
         raise ApiError(422, "refused", str(e)) from None
     except ExecutorDown as e:
         raise ApiError(503, "executor_unavailable", str(e)) from None
-    queued = sum(1 for j in daemon.active.values()
-                 if j.owner == who.name and j.state is JobState.QUEUED)
+    queued = daemon.queued_count(who.name)
     # Who may submit at all (a Unix account to run as, quotas: 403) before which
     # interpreter their job runs with (422).
     auth.check_submit(who, priority=req.priority, jobs=len(args), queued=queued)
@@ -332,7 +331,7 @@ async def _new_jobs(
 # -- routes ----------------------------------------------------------------------------
 
 
-def create_app(daemon: Daemon) -> Starlette:
+def create_app(daemon: JobService) -> Starlette:
     limit = daemon.config.max_body_bytes
     auth = Auth(daemon.users)
 
@@ -384,15 +383,11 @@ def create_app(daemon: Daemon) -> Starlette:
                                f"state must be a comma-separated list of: {valid}") from None
         limit_n = _param(request, LIMIT)
         before = _param(request, CURSOR)
-        from gpud.ledger.store import Ledger
-
         # Users see their own jobs; admins see everyone's (and may filter by owner).
         who = _principal(request)
         owner = _param(request, OWNER) if who.admin else who.name
-        jobs = await daemon.ledger.call(Ledger.list_jobs, states, limit=limit_n, before=before,
-                                        owner=owner)
-        # The daemon's memory is fresher than a read racing a commit: prefer it.
-        jobs = [daemon.active.get(j.id, j) for j in jobs]
+        # Each in its freshest version (the daemon's memory beats a read racing a commit).
+        jobs = await daemon.list_jobs(states, limit=limit_n, before=before, owner=owner)
         nxt = jobs[-1].id if len(jobs) == limit_n and jobs[-1].id > 1 else None
         return _json(JobList(jobs=[job_info(daemon, j) for j in jobs], next_cursor=nxt))
 
@@ -491,8 +486,8 @@ def create_app(daemon: Daemon) -> Starlette:
         since = until - 7 * 86400 if since is None else since
         by = _param(request, BY_PARAM)
         user = _param(request, USER)
-        attempts = await daemon.ledger.call(attempts_between, since, until, user)
-        buckets = await daemon.ledger.call(buckets_between, since, until, user)
+        attempts = await daemon.attempts_between(since, until, user)
+        buckets = await daemon.buckets_between(since, until, user)
         r = report(attempts, since=since, until=until, by=by, now=now, buckets=buckets)
 
         def line(x: Line) -> UsageLine:
@@ -586,7 +581,7 @@ def _read_from(path: Path, offset: int, limit: int | None) -> bytes:
         return b""  # not a regular file: a job planted something there; show nothing
 
 
-async def _follow(daemon: Daemon, job_id: int, path: Path,
+async def _follow(daemon: JobService, job_id: int, path: Path,
                   offset: int) -> AsyncIterator[bytes]:
     """Stream a job's log until it is final and everything was sent.
 
@@ -604,14 +599,14 @@ async def _follow(daemon: Daemon, job_id: int, path: Path,
             if tail:
                 yield tail
             return
-        ev = daemon._changed.setdefault(job_id, trio.Event())
+        ev = daemon.changed(job_id)
         with trio.move_on_after(0.1):
             await ev.wait()
 
 
-def gpu_list(daemon: Daemon) -> GpuList:
+def gpu_list(daemon: JobService) -> GpuList:
     holders = daemon.gpu_holders()
-    handles = list(daemon.handles.values())
+    handles = daemon.handles()
     out = []
     for g in daemon.gpus:
         holder = holders.get(g.uuid)
@@ -693,7 +688,7 @@ def _base64_patterns(node: Any) -> None:
             _base64_patterns(v)
 
 
-def openapi(daemon: Daemon | None = None) -> dict[str, Any]:
+def openapi(daemon: JobService | None = None) -> dict[str, Any]:
     """The API as OpenAPI 3.1. Every range in it comes from the constraints the daemon
     enforces: body fields from the msgspec models, query parameters from their
     :class:`Param`. Given the daemon, the ranges its configuration narrows (max_timeout,

@@ -13,10 +13,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gpud import retention
 from gpud.api_params import Param
 from gpud.auth import Forbidden
-from gpud.service import Daemon
+from gpud.daemon.port import JobService
 from gpud_client.models import GcReport, GcRequest
 
 __all__ = ["ADMIN_DOC", "admin_routes"]
@@ -27,7 +26,7 @@ ADMIN_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]
 ]
 
 
-def admin_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any]]]:
+def admin_routes(daemon: JobService) -> list[tuple[str, str, Callable[[Request], Any]]]:
     # Imported here, not at the top: gpud.api imports this module to build its table.
     from gpud.api import _body, _decode, _json, _principal
 
@@ -39,6 +38,6 @@ def admin_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any
                             "or run `sudo gpud gc` on the box")
         body = await _body(request, 4096)
         req = _decode(body, GcRequest) if body.strip() else GcRequest()
-        return _json(await retention.for_daemon(daemon).collect(dry_run=req.dry_run))
+        return _json(await daemon.collect_garbage(dry_run=req.dry_run))
 
     return [("POST", "/admin/gc", gc)]

@@ -94,10 +94,10 @@ def serve(config_path: str | None, data_dir: str | None, socket_path: str | None
     import trio
 
     from gpud.config import ConfigError, load_config
+    from gpud.daemon import AlreadyRunning
     from gpud.executors.process import WorkerPythonError
     from gpud.gpus import GpuInventoryError
     from gpud.server import serve as run_server
-    from gpud.service import AlreadyRunning
 
     try:
         cfg = load_config(config_path, data_dir=data_dir, socket=socket_path, tcp=tcp,
