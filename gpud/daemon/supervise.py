@@ -26,7 +26,7 @@ from gpud.domain import (
 from gpud.executors.base import Handle, LaunchSpec, Outcome
 from gpud.ledger import Step
 from gpud.ledger.store import Ledger
-from gpud.storage import persist
+from gpud.storage import is_full, persist
 from gpud.users import run_as
 from gpud.warm import WarmWorker, first_of, warm_key
 
@@ -79,7 +79,7 @@ class Supervision(DaemonCore):
             try:
                 handle = await self._launch(job)
             except Exception as e:  # noqa: BLE001 - any launch failure is the job's failure
-                log.exception("job %s could not start", job_id)
+                _log_start_failure(job_id, e)
                 await self._finish(job, Finished(JobState.FAILED,
                                                  f"could not start the job: {e}", None,
                                                  False, True))
@@ -135,7 +135,7 @@ class Supervision(DaemonCore):
                     note = f"snapshots need the Podman executor, not {self.executor.name}"
                 w = await self._new_warm_worker(job, spec)
         except Exception as e:  # noqa: BLE001 - any start-up failure is the job's failure
-            log.exception("job %s could not start", job.id)
+            _log_start_failure(job.id, e)
             if w is not None and kind == "warm":  # a matched worker stays for the next job
                 w.busy, w.idle_since = None, self.clock.monotonic()
             await self._finish(job, Finished(JobState.FAILED, f"could not start the job: {e}",
@@ -228,3 +228,12 @@ class Supervision(DaemonCore):
                 await self._end_warm(w, f"idle for {w.keep_warm:g} s")
             if expired:
                 self._reschedule()
+
+
+def _log_start_failure(job_id: int, e: Exception) -> None:
+    """A full disk is the admin's to fix, not a bug: one line, no traceback (the job's
+    error says the same); anything else gets its traceback."""
+    if is_full(e):
+        log.warning("job %s could not start: %s", job_id, e)
+    else:
+        log.exception("job %s could not start", job_id)
