@@ -33,7 +33,8 @@ from gpud.executors.process import (
     job_identity,
     resolve_worker_python,
 )
-from gpud.gpus import GpuInventory, NoGpuInventory, open_inventory
+from gpud.gpus import GpuInventory, NoGpuInventory
+from gpud.inventory import open_inventory
 from gpud.ledger import LedgerThread
 from gpud_client.jobdir import install_runtime
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from gpud.executors.process import JobIdentity
+from typing import Protocol
 
 from gpud.domain import Job, PythonEnv
+from gpud.identity import JobIdentity
 
 __all__ = [
     "Executor",
