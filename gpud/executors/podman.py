@@ -186,6 +186,7 @@ class PodmanExecutor:
     #: warm containers (keep_warm) and container snapshots (snapshot=True)
     supports_warm = True
     supports_snapshots = True
+    supports_image_builds = True  # gpud.Image definitions (#11), into its image store
 
     def __init__(
         self,
