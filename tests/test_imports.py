@@ -201,7 +201,8 @@ def test_checker_finds_each_kind_of_cycle(tmp_path: Path) -> None:
         "pkg/sub/__init__.py": "",
         "pkg/sub/d.py": "from .. import c\n",
         # a type-only one: e -> f -> e
-        "pkg/e.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.f import F\n",
+        "pkg/e.py": ("from typing import TYPE_CHECKING\n"
+                     "if TYPE_CHECKING:\n    from pkg.f import F\n"),
         "pkg/f.py": "from pkg import e\n",
         # no cycle: g -> h, and imports of things outside the package
         "pkg/g.py": "import os\nfrom pkg import h\n",
