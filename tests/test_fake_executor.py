@@ -6,6 +6,7 @@ Podman executors, is in test_executor_contract.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -17,10 +18,11 @@ import pytest
 import trio
 
 from gpud.config import Config, load_config
+from gpud.executors.base import ExecutorRefusal, LaunchSpec, Outcome
 from gpud.server import Served, serve
 from gpud.testing import FakeExecutor, FakeGpuInventory, FakeMachine, Script
 from gpud_client import AsyncClient
-from gpud_client.jobdir import EXIT_SETUP
+from gpud_client.jobdir import EXIT_SETUP, read_status
 from gpud_client.models import JobInfo, SubmitRequest
 
 from .conftest import TEST_SETTINGS
@@ -168,3 +170,43 @@ async def test_a_restarted_daemon_adopts_the_running_job(base_dir: Path) -> None
             info = await finished(c, job.id)
             assert (info.state, info.has_result, info.attempt) == ("succeeded", True, 1)
         n.cancel_scope.cancel()
+
+
+# -- the fake on its own, in trio's mock time ------------------------------------------------
+
+
+def _spec(tmp_path: Path, job_id: int, attempt: int = 1) -> LaunchSpec:
+    d = tmp_path / str(job_id)
+    d.mkdir(exist_ok=True)
+    return LaunchSpec(job_id=job_id, attempt=attempt, job_dir=d, log_path=d / "output.log",
+                      gpus=())
+
+
+async def test_scripted_time_is_trios(tmp_path: Path, autojump_clock: object) -> None:
+    """An hour-long job ends at once under a MockClock, at the hour, in order."""
+    fake = FakeExecutor()
+    fake.plan(1, Script(after=3600, exit_code=5))
+    fake.plan(2, Script(after=60, signal=signal.SIGKILL))
+    start = trio.current_time()
+    h1 = await fake.launch(_spec(tmp_path, 1))
+    h2 = await fake.launch(_spec(tmp_path, 2))
+    assert (await fake.wait(h2)) == Outcome(exit_code=None, signal=signal.SIGKILL)
+    assert trio.current_time() - start == pytest.approx(60)
+    assert (await fake.wait(h1)).exit_code == 5
+    assert trio.current_time() - start == pytest.approx(3600)
+    status = read_status(tmp_path / "1")
+    assert status is not None and not status.ok  # exit 5 without a result is a failure
+    assert read_status(tmp_path / "2") is None  # killed: it wrote nothing
+
+
+async def test_plans_go_one_per_attempt_and_the_last_repeats(tmp_path: Path) -> None:
+    fake = FakeExecutor(default=Script(exit_code=9))
+    fake.plan(7, Script(exit_code=1), Script(exit_code=0))
+    codes = []
+    for attempt in (1, 2, 3):
+        h = await fake.launch(_spec(tmp_path, 7, attempt))
+        codes.append((await fake.wait(h)).exit_code)
+    h = await fake.launch(_spec(tmp_path, 8))
+    assert codes == [1, 0, 0] and (await fake.wait(h)).exit_code == 9
+    with pytest.raises(ExecutorRefusal):
+        await fake.launch(dataclasses.replace(_spec(tmp_path, 9), serve=("hub", "token")))
