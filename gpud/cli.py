@@ -18,12 +18,12 @@ import click
 
 from gpud import __version__
 from gpud.cli_admin import admin
-from gpud.cli_gc import gc_command
 from gpud.cli_common import EXIT, fail, handle_errors, load_job_value, print_value
 from gpud.cli_common import ago as _ago
 from gpud.cli_common import client as _client
 from gpud.cli_common import console as _console
 from gpud.cli_common import print_json as _print_json
+from gpud.cli_gc import gc_command
 from gpud.cli_images import image
 from gpud.cli_options import url_option
 from gpud.cli_run import run  # in its own module: it is the largest command
