@@ -25,7 +25,7 @@ import msgspec
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
@@ -33,7 +33,7 @@ from gpud import __version__
 from gpud.accounting import BY, Line, report
 from gpud.api_admin import ADMIN_DOC, admin_routes
 from gpud.api_images import IMAGE_DOC, image_routes
-from gpud.api_params import Param, ParamError, parse_id
+from gpud.api_params import Param
 from gpud.api_snapshots import SNAPSHOT_DOC, snapshot_routes
 from gpud.api_watch import WATCH_DOC, watch_routes
 from gpud.auth import (
@@ -47,7 +47,14 @@ from gpud.auth import (
 from gpud.daemon.port import JobService
 from gpud.daemon.record import ExecutorDown, SubmitError
 from gpud.domain import FINAL, GpuRequest, Job, JobState
-from gpud.http_edge import OverBudget
+from gpud.http_common import ApiError, job_info
+from gpud.http_common import decode_body as _decode
+from gpud.http_common import error_response as _error
+from gpud.http_common import json_response as _json
+from gpud.http_common import path_job_id as _job_id
+from gpud.http_common import principal as _principal
+from gpud.http_common import query_param as _param
+from gpud.http_common import read_body as _body
 from gpud.ledger import IdempotencyKey, KeyReused, NewJob, UnknownJob
 from gpud.retention import files_gone
 from gpud.safefs import read_regular
@@ -97,40 +104,6 @@ BY_PARAM = Param("by", "string", "group by user (default), day or gpu-type", def
                  choices=tuple(BY))
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
-
-
-def _json(obj: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
-
-
-def _error(status: int, code: str, detail: str) -> Response:
-    return _json(ErrorBody(error=code, detail=detail), status)
-
-
-def job_info(daemon: JobService, job: Job) -> JobInfo:
-    index = {g.uuid: g.index for g in daemon.gpus}
-    reason, position = daemon.reason(job.id) if job.state is JobState.QUEUED else (None, None)
-    return JobInfo(
-        id=job.id, name=job.function, state=job.state.value, owner=job.owner,
-        priority=job.priority, gpu=job.gpu.to_spec() if job.gpu else None,
-        gpus=list(job.gpus), gpu_indices=[index[u] for u in job.gpus if u in index],
-        submitted_at=job.submitted_at, started_at=job.started_at, ended_at=job.ended_at,
-        timeout=job.timeout, retries=job.retries, attempt=job.attempt, batch_id=job.batch_id,
-        exit_code=job.exit_code, error=job.error, has_result=job.has_result,
-        reason=reason, position=position, python=job.python, image=job.image,
-        wall_seconds=job.wall_seconds, gpu_seconds=job.gpu_seconds,
-        memory=job.memory, cpu=job.cpus, keep_warm=job.keep_warm, snapshot=job.snapshot,
-        start_kind=job.start_kind,
-        startup=job.startup,
-        python_path=job.python_env.path if job.python_env else None,
-        python_prefix=job.python_env.prefix if job.python_env else None,
-    )
-
-
 # -- request helpers -----------------------------------------------------------------------
 
 
@@ -169,109 +142,6 @@ def _storage_error(daemon: JobService, e: sqlite3.Error | OSError) -> Response:
         resp.headers["retry-after"] = "5"
         return resp
     raise e
-
-
-async def _body(request: Request, limit: int) -> bytes | bytearray:
-    declared = request.headers.get("content-length")
-    too_big = ApiError(
-        413, "body_too_large",
-        f"the request body is larger than this daemon accepts ({limit} bytes): send a smaller "
-        "payload (pass large data by path or URL instead of by value), or raise max_body_bytes",
-    )
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_big
-    # One buffer, grown as chunks come: a list of chunks joined at the end held every
-    # body twice at its peak (#10). msgspec decodes a bytearray without copying it.
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            if len(body) + len(chunk) > limit:
-                raise too_big
-            body += chunk
-    except ClientDisconnect:
-        # The client went away mid-body: nobody is left to answer, and it is no bug.
-        log.debug("%s %s: the client closed the connection before the whole body came",
-                  request.method, request.url.path)
-        raise ApiError(400, "incomplete_body", "the connection closed before the whole "
-                       "request body arrived; send it again") from None
-    except OverBudget as e:
-        raise ApiError(503, "busy", str(e)) from None
-    return body
-
-
-def _decode(data: bytes | bytearray, model: type[Any]) -> Any:
-    try:
-        return msgspec.json.decode(data, type=model)
-    except msgspec.ValidationError as e:
-        raise _invalid(model, e) from None
-    except msgspec.DecodeError as e:
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
-
-
-# Body fields whose violations keep the error code they had before the ranges moved into
-# the wire models (clients and docs/api.md name them).
-_FIELD_CODES = {"name": "invalid_name", "retries": "invalid_retries", "env": "invalid_env",
-                "priority": "invalid_priority", "memory": "invalid_memory",
-                "cpu": "invalid_cpu", "keep_warm": "invalid_keep_warm",
-                "inputs": "invalid_batch", "timeout": "invalid_timeout"}
-
-
-def _invalid(model: type[Any], e: msgspec.ValidationError) -> ApiError:
-    """A 422 naming the field, what was wrong and, from the model's own constraints, the
-    whole valid range ("retries: from 0 to 20"), not only the bound that was crossed."""
-    text = str(e)
-    field = text.rsplit("`$.", 1)[1].split("`")[0].split("[")[0] if "`$." in text else ""
-    valid = _field_range(model, field)
-    detail = f"{model.__name__}: {text}" + (f" ({field}: {valid})" if valid else "")
-    return ApiError(422, _FIELD_CODES.get(field, "invalid_request"), detail)
-
-
-def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() and abs(v) < 1e16 else f"{v:g}"
-
-
-def _field_range(model: type[Any], field: str) -> str | None:
-    import msgspec.inspect as mi
-
-    for f in mi.type_info(model).fields:  # type: ignore[attr-defined]
-        if f.name != field:
-            continue
-        parts = []
-        for t in getattr(f.type, "types", (f.type,)):
-            t = t.type if isinstance(t, mi.Metadata) else t
-            if isinstance(t, mi.IntType | mi.FloatType) and (t.le is not None):
-                low = t.ge if t.ge is not None else (t.gt or 0)
-                word = "above" if t.gt is not None else "from"
-                parts.append(f"{word} {_num(low)} to {_num(t.le)}")
-            elif isinstance(t, mi.StrType | mi.ListType) and t.max_length is not None:
-                unit = "characters" if isinstance(t, mi.StrType) else "items"
-                parts.append(f"{t.min_length or 0} to {t.max_length} {unit}")
-            elif isinstance(t, mi.NoneType) and parts:
-                parts.append("or null")
-        return " ".join(parts) or None
-    return None
-
-
-def _param(request: Request, param: Param) -> Any:
-    try:
-        return param.get(request)
-    except ParamError as e:
-        raise ApiError(422, "invalid_parameter", str(e)) from None
-
-
-def _job_id(request: Request) -> int:
-    raw = request.path_params["job_id"]
-    job_id = parse_id(raw)
-    if job_id is None:
-        raise ApiError(404, "not_found", f"no job {raw[:40]!r}: job ids are whole numbers "
-                       f"from 1 to {MAX_ID}")
-    return job_id
-
-
-def _principal(request: Request) -> Principal:
-    who = request.state.principal
-    assert isinstance(who, Principal)
-    return who
 
 
 async def _new_jobs(

@@ -16,6 +16,10 @@ from starlette.responses import Response
 from gpud.api_params import Param
 from gpud.auth import Forbidden
 from gpud.daemon.port import JobService
+from gpud.http_common import decode_body as _decode
+from gpud.http_common import json_response as _json
+from gpud.http_common import principal as _principal
+from gpud.http_common import read_body as _body
 from gpud_client.models import GcReport, GcRequest
 
 __all__ = ["ADMIN_DOC", "admin_routes"]
@@ -27,9 +31,6 @@ ADMIN_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]
 
 
 def admin_routes(daemon: JobService) -> list[tuple[str, str, Callable[[Request], Any]]]:
-    # Imported here, not at the top: gpud.api imports this module to build its table.
-    from gpud.api import _body, _decode, _json, _principal
-
     async def gc(request: Request) -> Response:
         who = _principal(request)
         if not who.admin:

@@ -25,6 +25,10 @@ from starlette.responses import Response, StreamingResponse
 from gpud.api_params import Param
 from gpud.daemon.port import JobService
 from gpud.executors.base import ExecutorRefusal
+from gpud.http_common import ApiError
+from gpud.http_common import decode_body as _decode
+from gpud.http_common import principal as _principal
+from gpud.http_common import read_body as _body
 from gpud.images import Build, BuildRefused, MissingFiles, event, tail
 from gpud_client.models import ImageBuildEvent, ImageBuildRequest
 
@@ -37,9 +41,6 @@ IMAGE_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]
 
 
 def image_routes(daemon: JobService) -> list[tuple[str, str, Callable[[Request], Any]]]:
-    # Imported here, not at the top: gpud.api imports this module to build its table.
-    from gpud.api import ApiError, _body, _decode, _principal
-
     async def build(request: Request) -> Response:
         who = _principal(request)
         if daemon.images is None:

@@ -16,6 +16,9 @@ from starlette.responses import Response
 
 from gpud.api_params import MAX_ID, Param, parse_id
 from gpud.daemon.port import JobService
+from gpud.http_common import ApiError
+from gpud.http_common import json_response as _json
+from gpud.http_common import principal as _principal
 from gpud.ledger import snapshots as store
 from gpud_client.models import SnapshotInfo, SnapshotList
 
@@ -36,9 +39,6 @@ def info(s: store.Snapshot) -> SnapshotInfo:
 
 
 def snapshot_routes(daemon: JobService) -> list[tuple[str, str, Callable[[Request], Any]]]:
-    # Imported here, not at the top: gpud.api imports this module to build its table.
-    from gpud.api import ApiError, _json, _principal
-
     async def list_snapshots(request: Request) -> Response:
         who = _principal(request)
         snaps = await daemon.snapshot_records(None if who.admin else who.name)

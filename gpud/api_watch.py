@@ -26,6 +26,11 @@ from starlette.responses import Response
 from gpud.api_params import MAX_ID, Param
 from gpud.daemon.port import JobService
 from gpud.domain import FINAL, Job
+from gpud.http_common import ApiError, job_info
+from gpud.http_common import json_response as _json
+from gpud.http_common import path_job_id as _job_id
+from gpud.http_common import principal as _principal
+from gpud.http_common import query_param as _param
 from gpud_client.jobdir import read_status
 from gpud_client.models import (
     EventInfo,
@@ -92,15 +97,6 @@ def others_view(info: JobInfo) -> JobInfo:
 
 
 def watch_routes(daemon: JobService) -> list[tuple[str, str, Callable[[Request], Any]]]:
-    # Imported here, not at the top: gpud.api imports this module to build its table.
-    from gpud.api import (
-        ApiError,
-        _job_id,
-        _json,
-        _param,
-        _principal,
-        job_info,
-    )
     from gpud.auth import check_job_access
 
     async def queue(request: Request) -> Response:

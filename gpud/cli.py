@@ -8,57 +8,29 @@ was cancelled or lost), 130 interrupted.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from gpud import __version__
+from gpud.cli_admin import admin
+from gpud.cli_common import EXIT, fail, handle_errors, load_job_value, print_value
+from gpud.cli_common import ago as _ago
+from gpud.cli_common import client as _client
+from gpud.cli_common import console as _console
+from gpud.cli_common import print_json as _print_json
+from gpud.cli_gc import gc_command
+from gpud.cli_images import image
 from gpud.cli_options import url_option
+from gpud.cli_run import run  # in its own module: it is the largest command
+from gpud.cli_snapshots import snapshots
+from gpud.cli_usage import usage, whoami
 
 __all__ = ["EXIT", "main"]
-
-EXIT = {"ok": 0, "error": 1, "usage": 2, "unavailable": 3, "job_failed": 4, "interrupted": 130}
-
-
-def fail(message: str, code: int = EXIT["error"]) -> NoReturn:
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(code)
-
-
-def _client(url: str | None) -> Any:
-    from gpud_client import Client
-
-    return Client(url)
-
-
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the client's exceptions into one clear line and the documented exit code."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from gpud_client import ApiError, DaemonUnavailable, GpudError
-
-        try:
-            return fn(*args, **kwargs)
-        except DaemonUnavailable as e:
-            fail(str(e), EXIT["unavailable"])
-        except ApiError as e:
-            fail(e.detail)
-        except GpudError as e:
-            fail(str(e))
-        except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
-            sys.exit(EXIT["interrupted"])
-
-    return wrapper
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="gpud")
@@ -162,18 +134,10 @@ def _first_leaf(e: BaseException) -> BaseException:
 
 # -- run -----------------------------------------------------------------------------------
 
-from gpud.cli_run import run  # noqa: E402  (kept in its own module: it is the largest command)
-
 cli.add_command(run)
 
 
 # -- read commands -------------------------------------------------------------------------
-
-
-def _ago(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _duration(job: Any) -> str:
@@ -186,13 +150,6 @@ def _duration(job: Any) -> str:
     if s < 3600:
         return f"{int(s // 60)}m{int(s % 60):02d}s"
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    # Piped output keeps whole rows (no wrapping at 80 columns), for grep and awk.
-    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 250)
 
 
 def _start_kind(job: Any) -> str:
@@ -209,12 +166,6 @@ def _python_of(job: Any) -> str:
     if job.python_path:
         return str(job.python_path)
     return f"image {job.image}" if job.image else "-"
-
-
-def _print_json(obj: Any) -> None:
-    import msgspec
-
-    click.echo(msgspec.json.encode(obj).decode())
 
 
 @cli.command()
@@ -284,27 +235,6 @@ def result(job_id: int, as_json: bool, url: str | None) -> None:
                  EXIT["job_failed"])
         data = c.result(job_id)
     print_value(load_job_value(load_result, data, job), as_json)
-
-
-def load_job_value(loader: Callable[..., Any], data: bytes, job: Any) -> Any:
-    try:
-        return loader(data, job)
-    except Exception as e:  # noqa: BLE001 - the job's own exception, re-raised here
-        import traceback
-
-        notes = "\n".join(getattr(e, "__notes__", []))
-        click.echo(notes or "".join(traceback.format_exception_only(e)), err=True)
-        fail(f"job {job.id} failed: {type(e).__name__}: {e}", EXIT["job_failed"])
-
-
-def print_value(value: Any, as_json: bool) -> None:
-    if as_json:
-        try:
-            click.echo(json.dumps(value))
-        except (TypeError, ValueError) as e:
-            fail(f"the result cannot be printed as JSON ({e}); drop --json to print its repr")
-    else:
-        click.echo(repr(value))
 
 
 @cli.command()
@@ -449,12 +379,6 @@ def version(as_json: bool, url: str | None) -> None:
 
 
 # -- the shared box (#5): accounting, identity, administration --------------------------
-
-from gpud.cli_admin import admin  # noqa: E402
-from gpud.cli_gc import gc_command  # noqa: E402
-from gpud.cli_images import image  # noqa: E402
-from gpud.cli_snapshots import snapshots  # noqa: E402
-from gpud.cli_usage import usage, whoami  # noqa: E402
 
 cli.add_command(admin)
 cli.add_command(snapshots)

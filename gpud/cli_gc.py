@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import click
 
-from gpud.cli import EXIT, _client, _print_json, fail, handle_errors
+from gpud.cli_common import EXIT, fail, handle_errors
+from gpud.cli_common import client as _client
+from gpud.cli_common import print_json as _print_json
 from gpud.cli_options import url_option
 
 __all__ = ["gc_command"]

@@ -6,7 +6,9 @@ from typing import Any
 
 import click
 
-from gpud.cli import _client, _print_json, handle_errors
+from gpud.cli_common import client as _client
+from gpud.cli_common import handle_errors
+from gpud.cli_common import print_json as _print_json
 from gpud.cli_options import url_option
 
 __all__ = ["image"]

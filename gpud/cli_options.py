@@ -1,5 +1,5 @@
-"""Options shared by the `gpud` commands in gpud.cli and its sibling modules (kept apart
-from gpud.cli so that those modules need not follow their import cycle with it for it)."""
+"""Options shared by the `gpud` commands in gpud.cli and its sibling modules (below them
+all, as gpud.cli_common is: none of them imports gpud.cli)."""
 
 from __future__ import annotations
 

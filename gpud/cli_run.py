@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from gpud.cli_common import EXIT, fail, handle_errors, load_job_value, print_value
+
 __all__ = ["load_target", "params_command", "run"]
 
 _SCALARS: dict[Any, click.ParamType[Any]] = {int: click.INT, float: click.FLOAT, str: click.STRING}
@@ -148,8 +150,6 @@ def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | 
     FN's parameters become options (--my-param VALUE). The job's output streams to
     stderr; Ctrl-C cancels the job. Options given here override @app.function(...).
     """
-    from gpud.cli import EXIT, fail, handle_errors, load_job_value, print_value
-
     if target is None:
         if show_help:
             click.echo(ctx.get_help())

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import click
 
-from gpud.cli import _ago, _client, _console, _print_json, handle_errors
+from gpud.cli_common import ago as _ago
+from gpud.cli_common import client as _client
+from gpud.cli_common import console as _console
+from gpud.cli_common import handle_errors
+from gpud.cli_common import print_json as _print_json
 from gpud.cli_options import url_option
 
 __all__ = ["snapshots"]

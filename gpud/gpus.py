@@ -7,8 +7,9 @@ of seconds from a worker thread. Three inventories exist:
 * ``gpud.testing.FakeGpuInventory`` invents GPUs, for machines without an NVIDIA driver;
 * :class:`NoGpuInventory` has no GPUs: gpud then runs CPU-only jobs only.
 
-:func:`open_inventory` picks one. Fakes are only ever used on a box with no NVIDIA driver:
-on a box with a driver, fake GPUs would let two jobs share one real GPU unnoticed.
+:func:`gpud.inventory.open_inventory` picks one. Fakes are only ever used on a box with
+no NVIDIA driver: on a box with a driver, fake GPUs would let two jobs share one real GPU
+unnoticed.
 
 GPU types are short names users write in ``gpu="h100:2"``; :func:`normalize_name` derives
 them from the marketing name NVML reports.
@@ -34,7 +35,6 @@ __all__ = [
     "NvmlInventory",
     "aliases_for_type",
     "normalize_name",
-    "open_inventory",
 ]
 
 log = logging.getLogger(__name__)
@@ -312,48 +312,3 @@ def _compute_processes(handle: object) -> list[Any]:
         return list(pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
     except pynvml.NVMLLibraryMismatchError:
         return list(pynvml.nvmlDeviceGetComputeRunningProcesses_v2(handle))
-
-
-def open_inventory(fake_types: list[str]) -> GpuInventory:
-    """The inventory for this box.
-
-    * NVIDIA driver with GPUs -> :class:`NvmlInventory` (``fake_types`` is ignored);
-    * NVIDIA driver without GPUs -> :class:`NoGpuInventory`, with a note;
-    * no NVIDIA driver -> ``FakeGpuInventory(fake_types)`` if any, else
-      :class:`NoGpuInventory`.
-
-    Raises :class:`GpuInventoryError` when the driver is there but broken: falling back to
-    fakes or to no GPUs would hide the fault, or let jobs pile onto busy GPUs.
-    Raises ValueError for a fake type that is not a valid GPU type.
-    """
-    # Imported here: gpud.testing imports this module.
-    from gpud.testing.fake_gpus import FakeGpuInventory, check_fake_types
-
-    # Checked on every box, so a typo in the config fails everywhere, not only without GPUs.
-    types = check_fake_types(fake_types)
-    ignored = "fake_gpus in the config is ignored: this machine has an NVIDIA driver"
-    try:
-        inventory = NvmlInventory(note=ignored if types else None)
-    except NvidiaDriverNotFound:
-        if types:
-            return FakeGpuInventory(
-                types, note="no NVIDIA driver found; these GPUs are FAKE (fake_gpus in the config)"
-            )
-        return NoGpuInventory(
-            note="no NVIDIA driver found; only CPU-only jobs run (set fake_gpus in the "
-            "config to try GPU jobs on fake GPUs)"
-        )
-    try:
-        count = inventory.device_count()
-    except GpuInventoryError:
-        inventory.close()
-        raise
-    if count == 0:
-        version = inventory.driver_version()
-        inventory.close()
-        return NoGpuInventory(
-            note=f"the NVIDIA driver ({version or 'version unknown'}) reports no GPUs; only "
-            "CPU-only jobs run" + (f"; {ignored}" if types else ""),
-            driver_version=version,
-        )
-    return inventory

@@ -341,8 +341,8 @@ class BodyBudgetMiddleware:
 
     A declared ``Content-Length`` is reserved up front, so an over-budget request is
     refused before a byte of its body is read. A chunked body is counted as it arrives;
-    going over raises :class:`OverBudget` from ``receive`` (``gpud.api._body`` turns it
-    into the same 503). Bodies over ``max_body`` pass untouched: the app refuses them
+    going over raises :class:`OverBudget` from ``receive`` (``gpud.http_common.read_body``
+    turns it into the same 503). Bodies over ``max_body`` pass untouched: the app refuses them
     with 413 from the header alone. The budget's 503s carry ``Retry-After``.
     """
 

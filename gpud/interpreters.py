@@ -26,13 +26,10 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from gpud.domain import PythonEnv
 from gpud.executors.base import ExecutorRefusal
-
-if TYPE_CHECKING:
-    from gpud.executors.process import JobIdentity
+from gpud.identity import JobIdentity
 
 __all__ = ["Interpreters", "Probe", "activation_env", "fingerprint"]
 

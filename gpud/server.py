@@ -33,7 +33,8 @@ from gpud.executors.process import (
     job_identity,
     resolve_worker_python,
 )
-from gpud.gpus import GpuInventory, NoGpuInventory, open_inventory
+from gpud.gpus import GpuInventory, NoGpuInventory
+from gpud.inventory import open_inventory
 from gpud.ledger import LedgerThread
 from gpud_client.jobdir import install_runtime
 
@@ -153,6 +154,7 @@ async def serve(
     config: Config,
     *,
     inventory: GpuInventory | None = None,
+    executor: Executor | None = None,
     kill_jobs_on_exit: bool = False,
     clock: Clock | None = None,
     task_status: trio.TaskStatus[Served] = trio.TASK_STATUS_IGNORED,
@@ -178,8 +180,12 @@ async def serve(
                     "%s", inventory.note)
         ledger = LedgerThread(config.ledger_path)
         instance = instance_id(config.data_dir)
-        executor, version, python = await _make_executor(config, inventory, ident, runtime,
-                                                         instance)
+        if executor is None:
+            executor, version, python = await _make_executor(config, inventory, ident,
+                                                             runtime, instance)
+        else:  # given (tests: gpud.testing.FakeExecutor), ready
+            python = executor.name
+            _, version = await executor.python_for(None)
         daemon = Daemon(config, ledger=ledger, inventory=inventory, executor=executor,
                         identity=ident, worker_python=version, instance=instance,
                         clock=clock)

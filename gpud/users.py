@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import trio
 
 from gpud.domain import Quota
-from gpud.executors.process import JobIdentity
+from gpud.identity import JobIdentity
 from gpud.ledger import LedgerThread
 from gpud.ledger.users import User, list_users
 

@@ -513,9 +513,27 @@ def _runtime_last() -> None:
         sys.path.append(sys.path.pop(0))
 
 
+def _term_as_init() -> None:
+    """As a container's first process (pid 1), SIGTERM would be ignored: the kernel
+    drops signals to a namespace's init that it has no handler for. Then `podman stop`
+    (cancel, timeout) waited out the whole grace and killed the job, and `podman rm -f`
+    waited 10 s. End as a process killed by SIGTERM ends instead; a job that sets its
+    own SIGTERM handler replaces this one, as it would the default."""
+    if os.getpid() != 1:
+        return
+    import signal
+
+    def end(signum: int, frame: object) -> None:
+        _flush_std()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, end)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     _runtime_last()
+    _term_as_init()
     if len(argv) == 2 and argv[1] == "--serve":
         hub, token = os.environ.get("GPUD_HUB"), os.environ.pop("GPUD_WORKER_TOKEN", "")
         if not hub or not token:

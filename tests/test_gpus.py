@@ -25,8 +25,8 @@ from gpud.gpus import (
     NvmlInventory,
     aliases_for_type,
     normalize_name,
-    open_inventory,
 )
+from gpud.inventory import open_inventory
 from gpud.testing import FakeGpuInventory
 from gpud.testing.fake_gpus import check_fake_types, fake_uuid
 

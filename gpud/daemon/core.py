@@ -24,7 +24,7 @@ from gpud.domain import (
     Job,
     JobState,
 )
-from gpud.executors.base import Executor, Handle, LaunchSpec, Outcome
+from gpud.executors.base import Executor, Handle, LaunchSpec, Outcome, capabilities
 from gpud.executors.process import JobIdentity
 from gpud.fairshare import DecayedTotals, Policy, interval_usage
 from gpud.gpus import GpuInventory
@@ -70,12 +70,14 @@ class DaemonCore:
         self.gpus: list[Gpu] = []
         #: the last minutes of GPU readings, for the TUI's sparklines
         self.gpu_history = HistoryBuffer(interval=config.gpu_poll_interval)
+        #: what the executor can do, checked once (#12)
+        self.caps = capabilities(executor)
         #: warm workers (executors that can keep a worker between calls)
         self.warm: WarmPool | None = (WarmPool(config.data_dir / "hub" / "hub.sock", self.clock)
-                                      if getattr(executor, "supports_warm", False) else None)
+                                      if self.caps.warm else None)
         #: container snapshots (issue #4), where the executor can take them
         self.snapshots: Snapshotter | None = None
-        if self.warm is not None and getattr(executor, "supports_snapshots", False):
+        if self.warm is not None and self.caps.snapshots:
             self.snapshots = Snapshotter(
                 ledger=ledger, executor=executor, pool=self.warm,
                 hub_dir=self.warm.path.parent, root=config.data_dir / "snapshots",
@@ -86,7 +88,7 @@ class DaemonCore:
                 gpu_part=self._snapshot_gpus)
         #: images built from gpud.Image definitions (#11), where the executor is Podman
         self.images: ImageBuilder | None = None
-        if config.executor == "podman" and hasattr(executor, "client"):
+        if self.caps.image_builds:
             self.images = ImageBuilder(
                 ledger=ledger, executor=executor, work_dir=config.data_dir / "image-builds",
                 max_bytes=config.image_max_bytes, network=config.image_build_network,

@@ -3,6 +3,14 @@
 The service owns scheduling, the ledger and timeouts; an executor only knows how to run
 the worker runtime for one prepared job directory somewhere (a process, a container)
 and how to make it stop. Outcomes are read from the job directory by the service.
+
+What an executor can do beyond that is declared, not guessed (#12): :class:`Executor` is
+what every one has; :class:`WarmCapable` ones keep a worker between calls, and
+:class:`CheckpointCapable` ones can snapshot and restore it; :class:`ImageBuildCapable`
+ones build gpud.Image definitions. :func:`capabilities` checks an executor against them
+once, when the daemon is built, and fails there (not in the middle of a job) when a class
+declares a capability it does not implement. tests/test_executor_contract.py holds every
+executor, gpud.testing.FakeExecutor included, to the behaviour the daemon relies on.
 """
 
 from __future__ import annotations
@@ -10,15 +18,18 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from gpud.executors.process import JobIdentity
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from gpud.domain import Job, PythonEnv
+from gpud.identity import JobIdentity
 
 __all__ = [
+    "Caps",
+    "CheckpointCapable",
     "Executor",
+    "ImageBuildCapable",
+    "WarmCapable",
+    "capabilities",
     "ExecutorRefusal",
     "Handle",
     "ImageInfo",
@@ -94,7 +105,10 @@ class ImageInfo:
     python: str | None  # known once the image was inspected for a job
 
 
+@runtime_checkable
 class Executor(Protocol):
+    """What the daemon needs of every executor."""
+
     name: str
 
     async def start(self) -> None:
@@ -111,7 +125,8 @@ class Executor(Protocol):
         ...
 
     def task_dir(self, job_dir: Path) -> str:
-        """Where a warm worker of this executor sees a job directory."""
+        """Where a worker of this executor sees a job directory (a warm worker is told
+        each of its jobs by it)."""
         ...
 
     def job_for_pid(self, pid: int, handles: Iterable[Handle]) -> int | None:
@@ -124,11 +139,14 @@ class Executor(Protocol):
         ...
 
     async def launch(self, spec: LaunchSpec) -> Handle:
-        """Start the worker for a prepared job directory; return once it is running."""
+        """Start the worker for a prepared job directory; return once it is running.
+        Raises if it cannot (the job then fails, saying why)."""
         ...
 
     async def wait(self, handle: Handle) -> Outcome:
-        """Wait until the job's leader process has exited."""
+        """Wait until the job's leader process has exited: its exit code, or the signal
+        that ended it (a container reports that as exit code 128 + N); exit_code None
+        where it cannot be known (an adopted process is not our child). Cancellable."""
         ...
 
     async def stop(self, handle: Handle, grace: float) -> None:
@@ -140,5 +158,110 @@ class Executor(Protocol):
         ...
 
     def adopt(self, job: Job) -> Handle | None:
-        """Find a job left running by a previous daemon; None if it is gone."""
+        """Find a job left running by a previous daemon (this object may be new: nothing
+        but the ledger's record and the machine is known); None if it is gone."""
         ...
+
+
+@runtime_checkable
+class WarmCapable(Executor, Protocol):
+    """Keeps a worker between calls (keep_warm): :meth:`Executor.launch` of a spec with
+    ``serve`` set starts a worker that takes job after job through the daemon's hub, and
+    :meth:`Executor.task_dir` says where that worker sees each job's directory. Nothing
+    in the shape of the class shows that it honours ``serve``: the class declares it."""
+
+    supports_warm: ClassVar[bool]
+
+
+@runtime_checkable
+class CheckpointCapable(WarmCapable, Protocol):
+    """Checkpoints an idle warm worker and restores new ones from it (snapshot=True, #4)."""
+
+    supports_snapshots: ClassVar[bool]
+    #: the image a job without image= runs in (part of a snapshot's key)
+    default_image: str
+    #: where a worker sees the hub's directory (snapshot hand-over files go there)
+    hub_mount: str
+
+    async def image_id(self, name: str) -> str:
+        """The image's id (content digest), for snapshot keys."""
+        ...
+
+    async def checkpoint(self, handle: Handle, dest: Path) -> int:
+        """Checkpoint the running worker into ``dest``; it runs on. Its size in bytes."""
+        ...
+
+    async def restore(self, location: Path, job_id: int, attempt: int,
+                      hang_limit: float = 30.0) -> Handle:
+        """A new worker for this job, restored from a checkpoint directory."""
+        ...
+
+
+@runtime_checkable
+class ImageBuildCapable(Executor, Protocol):
+    """Builds gpud.Image definitions into its image store (#11): gpud.images.ImageBuilder
+    drives the store through ``client`` and ``podman --remote --url``."""
+
+    supports_image_builds: ClassVar[bool]
+    url: str
+    default_image: str
+
+    @property
+    def client(self) -> Any:
+        """The image store's (synchronous) client."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Caps:
+    """What one executor can do, found once (:func:`capabilities`)."""
+
+    warm: bool = False
+    snapshots: bool = False
+    image_builds: bool = False
+
+
+#: declaration -> the Protocol whose members it promises
+_DECLARED = (("supports_warm", WarmCapable), ("supports_snapshots", CheckpointCapable),
+             ("supports_image_builds", ImageBuildCapable))
+
+
+def capabilities(executor: object) -> Caps:
+    """What ``executor`` can do: each capability its class declares (``supports_warm =
+    True`` and so on), checked against the Protocol that says what it takes. Raises
+    TypeError, naming what is missing, for an executor that is not one at all or that
+    declares a capability without its methods: a daemon must not start on a promise
+    that would break at a job's first use of it."""
+    missing = _missing(executor, Executor)
+    if missing:
+        raise TypeError(f"{type(executor).__name__} is not an executor: it lacks "
+                        + ", ".join(missing))
+    found: dict[str, bool] = {}
+    for flag, proto in _DECLARED:
+        declared = getattr(type(executor), flag, False)
+        if declared is not True and declared is not False:
+            raise TypeError(f"{type(executor).__name__}.{flag} must be True or False, "
+                            f"not {declared!r}")
+        if declared:
+            missing = _missing(executor, proto)
+            if missing:
+                raise TypeError(f"{type(executor).__name__} declares {flag} but lacks "
+                                + ", ".join(missing))
+        found[flag] = declared
+    if found["supports_snapshots"] and not found["supports_warm"]:
+        # A snapshot is of a warm worker: there is nothing to checkpoint without one.
+        raise TypeError(f"{type(executor).__name__} declares supports_snapshots but not "
+                        "supports_warm")
+    return Caps(warm=found["supports_warm"], snapshots=found["supports_snapshots"],
+                image_builds=found["supports_image_builds"])
+
+
+def _missing(obj: object, proto: type) -> list[str]:
+    """The members of ``proto`` (and the Protocols it extends) ``obj`` does not have."""
+    names: set[str] = set()
+    for klass in proto.__mro__:
+        if klass is object or klass is Protocol or not getattr(klass, "_is_protocol", False):
+            continue
+        names |= {n for n in vars(klass) if not n.startswith("_")}
+        names |= set(getattr(klass, "__annotations__", {}))
+    return sorted(n for n in names if not hasattr(obj, n))

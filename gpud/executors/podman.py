@@ -34,7 +34,8 @@ from gpud.executors.base import (
     Outcome,
     container_of,
 )
-from gpud.executors.process import JobIdentity, job_environment, proc_start_time
+from gpud.executors.process import job_environment, proc_start_time
+from gpud.identity import JobIdentity
 from gpud.safefs import open_append
 from gpud_client.jobdir import WORKER_NAME
 from snapshots import podman as snap
@@ -185,6 +186,7 @@ class PodmanExecutor:
     #: warm containers (keep_warm) and container snapshots (snapshot=True)
     supports_warm = True
     supports_snapshots = True
+    supports_image_builds = True  # gpud.Image definitions (#11), into its image store
 
     def __init__(
         self,

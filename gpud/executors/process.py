@@ -21,14 +21,13 @@ import signal
 import subprocess
 import sys
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from gpud.domain import Job, JobState, PythonEnv
 from gpud.executors.base import ExecutorRefusal, Handle, ImageInfo, LaunchSpec, Outcome
+from gpud.identity import JobIdentity  # re-exported: the daemon and tests import it here
 from gpud.interpreters import Interpreters, activation_env
 from gpud.safefs import open_append
 from gpud_client.jobdir import worker_command
@@ -47,25 +46,6 @@ __all__ = [
 
 class WorkerPythonError(RuntimeError):
     """No interpreter the job user can run was found."""
-
-
-@dataclass(frozen=True, slots=True)
-class JobIdentity:
-    """The Unix identity jobs run as."""
-
-    user: str
-    uid: int
-    gid: int
-    home: str
-    switch: bool  # True when the daemon is root and must drop to this user
-    groups: tuple[int, ...] = ()  # supplementary groups (the user's, from os.getgrouplist)
-
-    def popen_kwargs(self) -> dict[str, Any]:
-        """What subprocess needs to start a process as this identity: uid, gid and exactly
-        its supplementary groups (never the daemon's)."""
-        if not self.switch:
-            return {}
-        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
 
 
 def job_identity(job_user: str) -> JobIdentity:

@@ -13,13 +13,19 @@ import math
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from gpud.ledger.store import Ledger
+from typing import Protocol
 
 __all__ = ["AttemptUsage", "GpuInterval", "UsageBucket", "attempts_between", "buckets_between",
            "close_attempt", "finished_gpu_intervals", "open_attempt", "to_ds"]
+
+
+class Ledger(Protocol):
+    """What the reports below need of a :class:`gpud.ledger.store.Ledger`: its connection.
+    (A Protocol, not the class: the store imports this module to write the accounting in
+    its own transactions, #12.)"""
+
+    @property
+    def conn(self) -> sqlite3.Connection: ...
 
 
 def to_ds(seconds: float) -> int:

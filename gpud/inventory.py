@@ -1,0 +1,60 @@
+"""Which GPU inventory this box gets: NVML's, fake GPUs, or none.
+
+Above both gpud.gpus (NVML, the names) and gpud.testing.fake_gpus, which imports
+gpud.gpus (#12: this lived in gpud.gpus, which then imported the fakes back).
+"""
+
+from __future__ import annotations
+
+from gpud.gpus import (
+    GpuInventory,
+    GpuInventoryError,
+    NoGpuInventory,
+    NvidiaDriverNotFound,
+    NvmlInventory,
+)
+from gpud.testing.fake_gpus import FakeGpuInventory, check_fake_types
+
+__all__ = ["open_inventory"]
+
+
+def open_inventory(fake_types: list[str]) -> GpuInventory:
+    """The inventory for this box.
+
+    * NVIDIA driver with GPUs -> :class:`NvmlInventory` (``fake_types`` is ignored);
+    * NVIDIA driver without GPUs -> :class:`NoGpuInventory`, with a note;
+    * no NVIDIA driver -> ``FakeGpuInventory(fake_types)`` if any, else
+      :class:`NoGpuInventory`.
+
+    Raises :class:`GpuInventoryError` when the driver is there but broken: falling back to
+    fakes or to no GPUs would hide the fault, or let jobs pile onto busy GPUs.
+    Raises ValueError for a fake type that is not a valid GPU type.
+    """
+    # Checked on every box, so a typo in the config fails everywhere, not only without GPUs.
+    types = check_fake_types(fake_types)
+    ignored = "fake_gpus in the config is ignored: this machine has an NVIDIA driver"
+    try:
+        inventory = NvmlInventory(note=ignored if types else None)
+    except NvidiaDriverNotFound:
+        if types:
+            return FakeGpuInventory(
+                types, note="no NVIDIA driver found; these GPUs are FAKE (fake_gpus in the config)"
+            )
+        return NoGpuInventory(
+            note="no NVIDIA driver found; only CPU-only jobs run (set fake_gpus in the "
+            "config to try GPU jobs on fake GPUs)"
+        )
+    try:
+        count = inventory.device_count()
+    except GpuInventoryError:
+        inventory.close()
+        raise
+    if count == 0:
+        version = inventory.driver_version()
+        inventory.close()
+        return NoGpuInventory(
+            note=f"the NVIDIA driver ({version or 'version unknown'}) reports no GPUs; only "
+            "CPU-only jobs run" + (f"; {ignored}" if types else ""),
+            driver_version=version,
+        )
+    return inventory
