@@ -76,6 +76,21 @@ def sleeper(seconds: float, pidfile: str = "") -> str:
     return "slept"
 
 
+@app.function()
+def holder(pidfile: str, release: str) -> str:
+    """Runs until ``release`` exists (at most 2 minutes): a job that is surely still
+    running when the test wants it to be, however loaded the machine."""
+    import os
+    import time
+
+    with open(pidfile, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return "released"
+
+
 @app.function(retries=2)
 def flaky(marker: str, fail_times: int) -> int:
     import os
@@ -289,8 +304,8 @@ def test_sigkill_daemon_mid_job_then_restart_adopts_and_collects(fresh_daemon: D
                                                                  shared_dir: Path) -> None:
     import signal
 
-    pidfile = shared_dir / "pids"
-    handle = sleeper.with_options(url=fresh_daemon.url).spawn(3.0, str(pidfile))
+    pidfile, release = shared_dir / "pids", shared_dir / "release"
+    handle = holder.with_options(url=fresh_daemon.url).spawn(str(pidfile), str(release))
     wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"))
     leader = int(pidfile.read_text().split()[0])
     fresh_daemon.stop(signal.SIGKILL)
@@ -299,10 +314,12 @@ def test_sigkill_daemon_mid_job_then_restart_adopts_and_collects(fresh_daemon: D
     assert led.integrity_check() == "ok" and led.get(handle.id).state.value == "running"
     led.close()
     fresh_daemon.start()
-    assert handle.get(timeout=30) == "slept"
+    # Still running when the new daemon looks: it must adopt it, then see it end.
+    wait_for(lambda: f"job {handle.id} adopted" in fresh_daemon.log.read_text(), timeout=30)
+    release.touch()
+    assert handle.get(timeout=30) == "released"
     job = handle.status()
     assert job.state == "succeeded" and job.attempt == 1  # adopted, not re-run
-    assert "adopted" in fresh_daemon.log.read_text()
 
 
 def test_job_gone_after_restart_is_lost_then_retried(fresh_daemon: DaemonProc,
