@@ -469,25 +469,43 @@ class Ledger:
         before: int | None = None,
         owner: str | None = None,
     ) -> list[Job]:
-        """Jobs newest first; ``before`` is the cursor (only ids below it)."""
+        """Jobs newest first; ``before`` is the cursor (only ids below it).
+
+        Each form walks an index down from the cursor and stops after ``limit`` rows, so
+        a page costs the same on a ledger of a million jobs (tests/test_ledger_pages.py
+        checks the plans): no filter, the table itself; an owner, ``jobs_owner``; states,
+        one walk per state (``jobs_state``, or ``jobs_owner_state`` with an owner),
+        merged here. An ``IN (states)`` would make SQLite collect every row of those
+        states and sort them, which is what a million finished jobs cannot afford.
+        """
+        if states is None:
+            rows = self._page(None, owner, before, limit)
+        else:
+            walks = [self._page(s.value, owner, before, limit)
+                     for s in dict.fromkeys(states)]
+            rows = list(itertools.islice(
+                heapq.merge(*walks, key=lambda r: -r["id"]), limit))
+        return [_row_to_job(r) for r in rows]
+
+    def _page(self, state: str | None, owner: str | None, before: int | None,
+              limit: int) -> list[sqlite3.Row]:
         where: list[str] = []
         params: list[object] = []
-        if states is not None:
-            sl = [s.value for s in states]
-            where.append(f"state IN ({','.join('?' * len(sl))})")
-            params.extend(sl)
-        if before is not None:
-            where.append("id < ?")
-            params.append(before)
         if owner is not None:
             where.append("owner = ?")
             params.append(owner)
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if before is not None:
+            where.append("id < ?")
+            params.append(before)
         sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
-        return [_row_to_job(r) for r in self.conn.execute(sql, params)]
+        return self.conn.execute(sql, params).fetchall()
 
     def active(self) -> list[Job]:
         rows = self.conn.execute(

@@ -138,6 +138,14 @@ class LedgerThread:
 
     def _run_group(self, ledger: Ledger, group: list[_Call]) -> None:
         conn = ledger.conn
+        if self._max == 1:  # no group commit: each call alone, as before #12
+            for c in group:
+                try:
+                    c.result = c.fn(ledger, *c.args, **c.kwargs)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    c.error = e
+                _answer(c)
+            return
         pending: list[_Call] = []  # ran inside the group's transaction: answered after it
         ledger.begin_group()
         for c in group:
