@@ -52,8 +52,12 @@ async def in_one_group(t: LedgerThread, calls: list[Callable[[], Any]],
     """Run ``calls`` (each an awaitable factory) so that they land in one group: the ledger
     thread is held busy until every one of them is queued. Returns each result or error;
     checks that ``groups_made`` groups were committed (None: do not check)."""
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     out: list[Any] = [None] * len(calls)
+
+    def hold(_led: Ledger) -> None:
+        entered.set()  # the thread has taken its group: what comes now waits for the next
+        gate.wait(10)
 
     async def run(i: int) -> None:
         try:
@@ -62,8 +66,8 @@ async def in_one_group(t: LedgerThread, calls: list[Callable[[], Any]],
             out[i] = e
 
     async with trio.open_nursery() as n:
-        n.start_soon(t.call, lambda _led: gate.wait(10))
-        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(t.call, hold)
+        await trio.to_thread.run_sync(entered.wait, 10)
         for i in range(len(calls)):
             n.start_soon(run, i)
             await trio.testing.wait_all_tasks_blocked()  # queued behind the gate, in order
