@@ -4,6 +4,7 @@ jobs are added."""
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from collections.abc import Iterator
@@ -168,20 +169,24 @@ async def test_api_pages_by_cursor_while_a_batch_is_added(served: Any) -> None:
 
     async with AsyncClient(served.url) as c:
         first = (await c.submit_batch(batch(25))).job_ids
+        made = list(first)
         seen: list[int] = []
         cursor = None
         while True:
             page = await c.list_jobs(limit=6, cursor=cursor)
             seen.extend(j.id for j in page.jobs)
             if not seen or len(seen) < 12:
-                await c.submit_batch(batch(3))  # newer jobs: above every later page
+                # Newer jobs: above every later page.
+                made += (await c.submit_batch(batch(3))).job_ids
             if page.next_cursor is None:
                 break
             cursor = page.next_cursor
         assert sorted(seen) == sorted(set(seen)), "a job was shown twice"
         assert set(first) <= set(seen)
-        for job_id in first:
+        for job_id in made:  # none left running past the test
             await c.cancel(job_id)
+        for job_id in made:
+            assert (await c.wait(job_id)).state == "cancelled"
 
 
 def test_list_jobs_rejects_nothing_it_used_to_take(ledger: Ledger) -> None:
@@ -190,3 +195,27 @@ def test_list_jobs_rejects_nothing_it_used_to_take(ledger: Ledger) -> None:
     assert len(ledger.list_jobs(iter([Q]), limit=1)) == 1
     assert len(ledger.list_jobs(None, limit=1, before=None, owner=None)) == 1
     assert ledger.list_jobs([], limit=5) == []  # no states: no jobs, as IN () gave
+
+
+def test_gpud_ps_pages_with_before_as_its_last_line_says(daemon: Any) -> None:
+    from .conftest import gpud_cli
+
+    env = daemon.client_env()
+    made = [int(gpud_cli("run", "-d", "examples/hello.py::square", "--x", str(x),
+                         env=env).stdout) for x in range(3)]
+    args = ["ps", "--all", "--limit", "2"]
+    seen: list[int] = []
+    for _ in range(10):
+        out = gpud_cli(*args, env=env)
+        assert out.returncode == 0, out.stderr
+        seen += [int(line.split()[0]) for line in out.stdout.splitlines()[1:]
+                 if line.split() and line.split()[0].isdigit()]
+        more = [ln for ln in out.stderr.splitlines() if ln.startswith("older jobs: gpud ")]
+        if not more:
+            break
+        args = more[0].removeprefix("older jobs: gpud ").split()
+        assert args[:4] == ["ps", "--all", "--limit", "2"] and args[4] == "--before"
+    assert sorted(seen) == sorted(set(seen)) and set(made) <= set(seen)
+    js = json.loads(gpud_cli("ps", "--all", "--before", str(max(made)), "--json",
+                             env=env).stdout)
+    assert max(made) not in [j["id"] for j in js] and min(made) in [j["id"] for j in js]
