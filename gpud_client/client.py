@@ -38,6 +38,8 @@ from gpud_client.models import (
     BatchSubmitResponse,
     ErrorBody,
     EventList,
+    GcReport,
+    GcRequest,
     GpuHistory,
     GpuList,
     Health,
@@ -141,6 +143,12 @@ def _wait_call(job_id: int, timeout: float, client_timeout: float) -> _Call[JobI
         {"timeout": f"{wait:g}"},
         read_timeout=wait + client_timeout,
     )
+
+
+def _gc_call(dry_run: bool) -> _Call[GcReport]:
+    # A first collection on a box with a long history can take minutes: no read timeout.
+    return _Call("POST", "/admin/gc", GcReport,
+                 body=msgspec.json.encode(GcRequest(dry_run=dry_run)), read_timeout=None)
 
 
 def _logs_params(follow: bool, offset: int) -> dict[str, str]:
@@ -582,6 +590,11 @@ class Client(_Base):
         """``GET /v1/jobs/{id}/outcome``: how a finished job's function ended."""
         return self._do(_Call("GET", f"/jobs/{job_id}/outcome", JobOutcome))
 
+    def gc(self, *, dry_run: bool = False) -> GcReport:
+        """``POST /v1/admin/gc`` (admins): apply the retention settings now, or with
+        ``dry_run`` say what that would remove."""
+        return self._do(_gc_call(dry_run))
+
 
 class AsyncClient(_Base):
     """:class:`Client`'s methods as coroutines, for trio or asyncio programs."""
@@ -743,3 +756,6 @@ class AsyncClient(_Base):
 
     async def outcome(self, job_id: int) -> JobOutcome:
         return await self._do(_Call("GET", f"/jobs/{job_id}/outcome", JobOutcome))
+
+    async def gc(self, *, dry_run: bool = False) -> GcReport:
+        return await self._do(_gc_call(dry_run))
