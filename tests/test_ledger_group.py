@@ -38,7 +38,8 @@ def submit(led: Ledger, name: str = "m.f") -> int:
 
 @pytest.fixture
 def lt(tmp_path: Path) -> Iterator[LedgerThread]:
-    t = LedgerThread(tmp_path / "ledger.db")
+    # A long time budget: under a loaded test box a group must not be cut by the clock.
+    t = LedgerThread(tmp_path / "ledger.db", group_seconds=30.0)
     yield t
     t.close()
 
@@ -279,6 +280,53 @@ def test_alone_each_call_is_its_own_transaction(tmp_path: Path) -> None:
         assert out[2].state is R
     finally:
         t.close()
+
+
+def test_a_group_takes_on_calls_only_within_its_time_budget(tmp_path: Path) -> None:
+    """With no time budget a group is its first call: the budget is what bounds how long
+    a write (or a read queued behind it) waits for its answer."""
+    t = LedgerThread(tmp_path / "ledger.db", group_seconds=0.0)
+    try:
+        a, b = t.call_sync(submit), t.call_sync(submit)
+        before = t.groups
+        out = trio.run(in_one_group, t, [
+            lambda: t.call(Ledger.advance, a, [Step(ST)], 2.0),
+            lambda: t.call(Ledger.advance, b, [Step(ST)], 2.0),
+            lambda: t.call(Ledger.advance, a, [Step(R)], 2.0),
+        ], None)
+        assert [o.state for o in out] == [ST, ST, R]
+        assert t.groups - before == 3
+    finally:
+        t.close()
+
+
+def test_reads_do_not_wait_behind_a_group_and_see_only_commits(lt: LedgerThread) -> None:
+    """LedgerThread.read runs on a second connection: while a group holds the writer
+    (here: a call that blocks inside its write), a read answers at once, without the
+    uncommitted change; afterwards it sees it. Writes there are refused."""
+    a = lt.call_sync(submit)
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_write(led: Ledger) -> Any:
+        job = led.advance(a, [Step(ST)], 2.0)
+        inside.set()
+        release.wait(10)
+        return job
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(lt.call, slow_write)
+            await trio.to_thread.run_sync(inside.wait, 10)
+            seen = await lt.read(Ledger.get, a)  # the writer is mid-group
+            assert seen.state is Q
+            release.set()
+        assert (await lt.read(Ledger.get, a)).state is ST
+        assert [j.id for j in await lt.read(Ledger.list_jobs)] == [a]
+        with pytest.raises(sqlite3.OperationalError, match="readonly|read-only|query_only"):
+            await lt.read(Ledger.advance, a, [Step(R)], 3.0)
+
+    trio.run(main)
+    assert lt.call_sync(Ledger.get, a).state is ST
 
 
 _WRITER = textwrap.dedent("""

@@ -209,7 +209,9 @@ class Ledger:
     """Synchronous access to the ledger. Not thread-safe by design: one thread owns it
     (the daemon's :class:`gpud.ledger.LedgerThread`; a CLI or a test may own one too)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, query_only: bool = False) -> None:
+        """Open (creating and migrating) the ledger. ``query_only``: a connection for
+        reads only (LedgerThread.read), on which any write fails."""
         self.path = Path(path)
         self._owner = threading.get_ident()
         _make_private(self.path)
@@ -224,6 +226,8 @@ class Ledger:
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.execute("PRAGMA busy_timeout=10000")
         migrate(self.conn)
+        if query_only:
+            self.conn.execute("PRAGMA query_only=ON")
         # Group commit state, driven by the LedgerThread (see gpud.ledger.thread).
         self._grouping = False  #: a group is being run: _tx joins its transaction
         self._call_savepoint = False  #: the current call's own SAVEPOINT is open

@@ -8,7 +8,8 @@ completion callback sets through the trio token; the loop never blocks on SQLite
 Group commit (#12). A job costs about four writes, and each write alone is a COMMIT
 with its own fsync, which is what bounded the daemon's throughput. So the thread takes
 every call queued at the moment it is free (up to :data:`MAX_GROUP`) and runs them as one
-group: the first write opens ``BEGIN IMMEDIATE``, each call runs in its own SAVEPOINT (a
+group (taking on calls that come meanwhile, up to :data:`GROUP_SECONDS`): the first
+write opens ``BEGIN IMMEDIATE``, each call runs in its own SAVEPOINT (a
 call that raises, e.g. IllegalTransition, is undone alone and its error goes to its
 caller only), and one COMMIT, one fsync, ends the group. Nobody who ran inside the group's
 transaction is answered before that COMMIT returns, so an acknowledged submit is still on
@@ -28,6 +29,7 @@ import concurrent.futures
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +39,15 @@ import trio
 
 from gpud.ledger.store import Ledger
 
-__all__ = ["MAX_GROUP", "LedgerThread"]
+__all__ = ["GROUP_SECONDS", "MAX_GROUP", "LedgerThread"]
 
 T = TypeVar("T")
 
-#: The most calls in one group: bounds how long the first of them waits for its answer.
+#: The most calls in one group, and the longest a group takes on new calls: together
+#: they bound how long the first call of a group (a submit, a read behind it) waits for
+#: its answer, while a group still carries far more writes than its one fsync costs.
 MAX_GROUP = 512
+GROUP_SECONDS = 0.025
 
 
 @dataclass(slots=True)
@@ -60,9 +65,13 @@ class LedgerThread:
     """The ledger's own thread. ``group_commit=False`` runs each call in its own
     transaction, as before #12 (the benchmark's baseline)."""
 
-    def __init__(self, path: str | Path, *, group_commit: bool = True) -> None:
+    def __init__(self, path: str | Path, *, group_commit: bool = True,
+                 group_seconds: float = GROUP_SECONDS) -> None:
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._max = MAX_GROUP if group_commit else 1
+        self._seconds = group_seconds
+        self._reader: concurrent.futures.ThreadPoolExecutor | None = None
+        self._read_ledger: Ledger | None = None
         self._ledger: Ledger | None = None
         #: Groups committed and calls run in them, for the benchmark and the tests.
         self.groups = 0
@@ -96,6 +105,28 @@ class LedgerThread:
             await done.wait()
         return c.future.result()  # type: ignore[no-any-return]
 
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a read-only ``fn(ledger, *args, **kwargs)`` on a second connection, on a
+        thread of its own, so that it never waits behind a group of writes: it sees what
+        was committed when it starts (WAL readers are not blocked by the writer). The
+        connection is ``query_only``: a write there fails. Opened on first use."""
+        assert self._ledger is not None, "ledger is closed"
+        if self._reader is None:
+            self._reader = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="gpud-ledger-read")
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        fut = self._reader.submit(self._read, fn, args, kwargs)
+        fut.add_done_callback(lambda _f: token.run_sync_soon(done.set))
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        return fut.result()
+
+    def _read(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        if self._read_ledger is None:
+            self._read_ledger = Ledger(self.path, query_only=True)
+        return fn(self._read_ledger, *args, **kwargs)
+
     def call_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """For start-up and shutdown code outside trio."""
         assert self._ledger is not None, "ledger is closed"
@@ -105,6 +136,14 @@ class LedgerThread:
 
     def close(self) -> None:
         """Run what is queued, then close the connection and end the thread."""
+        if self._reader is not None:
+            def close_reader() -> None:
+                if self._read_ledger is not None:
+                    self._read_ledger.close()
+                    self._read_ledger = None
+            self._reader.submit(close_reader).result()
+            self._reader.shutdown(wait=True)
+            self._reader = None
         if self._ledger is not None:
             self._ledger = None
             self._queue.put(None)
@@ -124,31 +163,36 @@ class LedgerThread:
             if first is None:
                 ledger.close()
                 return
-            group = [first]
-            while len(group) < self._max:
+            if self._max == 1:  # no group commit: each call alone, as before #12
                 try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # stop after this group
-                    break
-                group.append(nxt)
-            self._run_group(ledger, group)
-
-    def _run_group(self, ledger: Ledger, group: list[_Call]) -> None:
-        conn = ledger.conn
-        if self._max == 1:  # no group commit: each call alone, as before #12
-            for c in group:
-                try:
-                    c.result = c.fn(ledger, *c.args, **c.kwargs)
+                    first.result = first.fn(ledger, *first.args, **first.kwargs)
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
-                    c.error = e
-                _answer(c)
-            return
+                    first.error = e
+                _answer(first)
+                continue
+            self._run_group(ledger, first)
+
+    def _more(self, count: int, deadline: float) -> _Call | None:
+        """The next call queued now, if the group has room and time left for it."""
+        if count >= self._max or time.monotonic() >= deadline:
+            return None
+        try:
+            nxt = self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        if nxt is None:
+            self._queue.put(None)  # stop after this group
+        return nxt
+
+    def _run_group(self, ledger: Ledger, first: _Call) -> None:
+        conn = ledger.conn
+        deadline = time.monotonic() + self._seconds
         pending: list[_Call] = []  # ran inside the group's transaction: answered after it
         ledger.begin_group()
-        for c in group:
+        c: _Call | None = first
+        count = 0
+        while c is not None:
+            count += 1
             was_open = conn.in_transaction
             before = conn.total_changes
             try:
@@ -172,6 +216,7 @@ class LedgerThread:
                 pending.append(c)
             else:
                 _answer(c)
+            c = self._more(count, deadline)
         try:
             ledger.end_group()
         except sqlite3.Error as e:
