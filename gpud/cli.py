@@ -172,22 +172,27 @@ def _python_of(job: Any) -> str:
 @click.option("--all", "show_all", is_flag=True, help="Include finished jobs.")
 @click.option("--state", default=None, help="Only these states (comma-separated).")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--before", type=click.IntRange(min=1), default=None, metavar="ID",
+              help="Only jobs with a lower id: the next page, as the last line says.")
 @click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON.")
 @url_option
 @handle_errors
-def ps(show_all: bool, state: str | None, limit: int, as_json: bool, url: str | None) -> None:
+def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_json: bool,
+       url: str | None) -> None:
     """List jobs: queued and running ones (with why they wait), or --all."""
+    asked = state
     if state is None and not show_all:
         state = "queued,starting,running"
     with _client(url) as c:
-        page = c.list_jobs(state=state, limit=limit)
+        page = c.list_jobs(state=state, limit=limit, cursor=before)
     if as_json:
         _print_json(page.jobs)
         return
     from rich.table import Table
 
     if not page.jobs:
-        click.echo("no jobs" + ("" if show_all else " queued or running (see --all)"), err=True)
+        click.echo("no jobs" + (f" below id {before}" if before else "" if show_all
+                                else " queued or running (see --all)"), err=True)
         return
     table = Table(box=None, pad_edge=False)
     for col in ("ID", "NAME", "STATE", "OWNER", "GPUS", "SUBMITTED", "START", "RUNTIME",
@@ -201,6 +206,12 @@ def ps(show_all: bool, state: str | None, limit: int, as_json: bool, url: str | 
         table.add_row(str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
                       _start_kind(j), _duration(j), _python_of(j), info)
     _console().print(table)
+    if page.next_cursor is not None:
+        # A page, never the whole ledger (a million jobs): say how to get the next one.
+        opts = " --all" if show_all and asked is None else ""
+        opts += f" --state {asked}" if asked else ""
+        opts += f" --limit {limit}" if limit != 50 else ""
+        click.echo(f"older jobs: gpud ps{opts} --before {page.next_cursor}", err=True)
 
 
 @cli.command()

@@ -204,7 +204,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
     async def list_jobs(self, states: Iterable[JobState] | None, *, limit: int,
                         before: int | None, owner: str | None) -> list[Job]:
         """A page of jobs, newest first, each in its freshest version."""
-        jobs = await self.ledger.call(Ledger.list_jobs, states, limit=limit, before=before,
+        jobs = await self.ledger.read(Ledger.list_jobs, states, limit=limit, before=before,
                                       owner=owner)
         return self.fresher(jobs)
 

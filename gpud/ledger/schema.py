@@ -259,6 +259,16 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_function ON jobs(function_hash);
     CREATE INDEX jobs_batch ON jobs(batch_id) WHERE batch_id IS NOT NULL;
     """,
+    # 10 (#12): every listing is a walk down an index from its cursor, never a scan and
+    # sort of a million rows. `gpud ps` and GET /v1/jobs read one state at a time
+    # (newest first, from the cursor down) and merge: jobs_state for an admin,
+    # jobs_owner_state for a user. jobs_owner (owner, id) still serves --all of one
+    # owner. jobs_state covers the partial index of the active states, which goes.
+    """
+    CREATE INDEX jobs_state ON jobs(state, id);
+    CREATE INDEX jobs_owner_state ON jobs(owner, state, id);
+    DROP INDEX jobs_active;
+    """,
 ]
 
 

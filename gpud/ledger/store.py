@@ -2,18 +2,25 @@
 
 Durability: WAL with ``synchronous=FULL``, so a transaction is on disk when COMMIT
 returns; a submit is acknowledged only after its COMMIT. Every state change goes through
-:func:`gpud.domain.transition` inside a ``BEGIN IMMEDIATE`` transaction that also
-appends to the event log, so the table and its history cannot disagree.
+:func:`gpud.domain.transition` inside one transaction that also appends to the event log,
+so the table and its history cannot disagree.
+
+Group commit (#12): the daemon's :class:`gpud.ledger.LedgerThread` runs the writes queued
+at one moment inside one ``BEGIN IMMEDIATE ... COMMIT`` (one fsync), each call in its own
+SAVEPOINT. :meth:`Ledger._tx` is what makes a method work both alone (its own
+transaction) and inside such a group (a savepoint of the group's transaction).
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,7 +209,9 @@ class Ledger:
     """Synchronous access to the ledger. Not thread-safe by design: one thread owns it
     (the daemon's :class:`gpud.ledger.LedgerThread`; a CLI or a test may own one too)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, query_only: bool = False) -> None:
+        """Open (creating and migrating) the ledger. ``query_only``: a connection for
+        reads only (LedgerThread.read), on which any write fails."""
         self.path = Path(path)
         self._owner = threading.get_ident()
         _make_private(self.path)
@@ -217,14 +226,70 @@ class Ledger:
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.execute("PRAGMA busy_timeout=10000")
         migrate(self.conn)
+        if query_only:
+            self.conn.execute("PRAGMA query_only=ON")
+        # Group commit state, driven by the LedgerThread (see gpud.ledger.thread).
+        self._grouping = False  #: a group is being run: _tx joins its transaction
+        self._call_savepoint = False  #: the current call's own SAVEPOINT is open
+        self._names = itertools.count()
 
     def close(self) -> None:
         self.conn.close()
 
     # -- transactions --------------------------------------------------------------------
 
-    def _tx(self) -> _Tx:
-        return _Tx(self.conn)
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction around the block, rolled back on any error (including
+        IllegalTransition), which is raised.
+
+        Alone it is ``BEGIN IMMEDIATE ... COMMIT``. Inside an open transaction (a group,
+        or another ``_tx``) it is a SAVEPOINT: an error undoes only this block, and the
+        COMMIT (with its fsync) is the group's. In a group the first write opens the
+        group's transaction, and the running call's own savepoint, so that a call that
+        fails after several writes is undone as a whole.
+        """
+        if self._grouping:
+            if not self.conn.in_transaction:
+                self.conn.execute("BEGIN IMMEDIATE")
+            if not self._call_savepoint:
+                self.conn.execute("SAVEPOINT gpud_call")
+                self._call_savepoint = True
+        if not self.conn.in_transaction:
+            with _Tx(self.conn) as c:
+                yield c
+            return
+        name = f"gpud_tx{next(self._names)}"
+        self.conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield self.conn
+        except BaseException:
+            _undo(self.conn, name)
+            raise
+        self.conn.execute(f"RELEASE {name}")
+
+    def begin_group(self) -> None:
+        """From now on writes join one transaction, opened by the first of them; see
+        gpud.ledger.thread. Not for use by anything but the ledger's thread."""
+        self._grouping = True
+
+    def end_call(self, ok: bool) -> None:
+        """Close the current call's savepoint in a group: kept if the call returned,
+        undone if it raised."""
+        if self._call_savepoint:
+            self._call_savepoint = False
+            if ok:
+                self.conn.execute("RELEASE gpud_call")
+            else:
+                _undo(self.conn, "gpud_call")
+
+    def end_group(self) -> None:
+        """COMMIT the group's transaction, if any call wrote; on failure it is rolled back
+        (nothing of the group is kept) and the error raised."""
+        self._grouping = False
+        self._call_savepoint = False
+        if self.conn.in_transaction:
+            _Tx(self.conn).__exit__(None, None, None)
 
     # -- writes --------------------------------------------------------------------------
 
@@ -421,25 +486,43 @@ class Ledger:
         before: int | None = None,
         owner: str | None = None,
     ) -> list[Job]:
-        """Jobs newest first; ``before`` is the cursor (only ids below it)."""
+        """Jobs newest first; ``before`` is the cursor (only ids below it).
+
+        Each form walks an index down from the cursor and stops after ``limit`` rows, so
+        a page costs the same on a ledger of a million jobs (tests/test_ledger_pages.py
+        checks the plans): no filter, the table itself; an owner, ``jobs_owner``; states,
+        one walk per state (``jobs_state``, or ``jobs_owner_state`` with an owner),
+        merged here. An ``IN (states)`` would make SQLite collect every row of those
+        states and sort them, which is what a million finished jobs cannot afford.
+        """
+        if states is None:
+            rows = self._page(None, owner, before, limit)
+        else:
+            walks = [self._page(s.value, owner, before, limit)
+                     for s in dict.fromkeys(states)]
+            rows = list(itertools.islice(
+                heapq.merge(*walks, key=lambda r: -r["id"]), limit))
+        return [_row_to_job(r) for r in rows]
+
+    def _page(self, state: str | None, owner: str | None, before: int | None,
+              limit: int) -> list[sqlite3.Row]:
         where: list[str] = []
         params: list[object] = []
-        if states is not None:
-            sl = [s.value for s in states]
-            where.append(f"state IN ({','.join('?' * len(sl))})")
-            params.extend(sl)
-        if before is not None:
-            where.append("id < ?")
-            params.append(before)
         if owner is not None:
             where.append("owner = ?")
             params.append(owner)
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if before is not None:
+            where.append("id < ?")
+            params.append(before)
         sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
-        return [_row_to_job(r) for r in self.conn.execute(sql, params)]
+        return self.conn.execute(sql, params).fetchall()
 
     def active(self) -> list[Job]:
         rows = self.conn.execute(
@@ -505,6 +588,15 @@ class Ledger:
 
     def integrity_check(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def _undo(conn: sqlite3.Connection, name: str) -> None:
+    """Roll back to a savepoint and drop it. After SQLITE_FULL and the like SQLite may
+    have rolled the whole transaction back already: then there is nothing to undo."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute(f"ROLLBACK TO {name}")
+            conn.execute(f"RELEASE {name}")
 
 
 class _Tx:
