@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from gpud import __version__
 from gpud.accounting import BY, Line, report
+from gpud.api_batch import BATCH_DOC, batch_routes
 from gpud.api_images import IMAGE_DOC, image_routes
 from gpud.api_params import Param, ParamError, parse_id
 from gpud.api_snapshots import SNAPSHOT_DOC, snapshot_routes
@@ -366,7 +367,8 @@ def create_app(daemon: Daemon) -> Starlette:
                                                  job_ids=[j.id for j in seen[1]]))
         jobs = await _new_jobs(daemon, auth, request, req, req.inputs)
         require_room(daemon.config.data_dir, len(body))
-        batch_id, made = await daemon.submit(jobs, req.function, batch=True, idempotency=key)
+        batch_id, made = await daemon.submit(jobs, req.function, batch=True, idempotency=key,
+                                             max_concurrency=req.max_concurrency)
         assert batch_id is not None
         return _json(BatchSubmitResponse(batch_id=batch_id, job_ids=[j.id for j in made]), 201)
 
@@ -533,10 +535,12 @@ def create_app(daemon: Daemon) -> Starlette:
                 return _storage_error(daemon, e)
         return handler
 
+    batch = batch_routes(daemon, auth)  # the hot path's endpoints (#12)
     table: list[tuple[str, str, Callable[[Request], Any]]] = [
         ("GET", "/health", health),
         ("POST", "/jobs", submit),
         ("POST", "/jobs/batch", submit_batch),
+        *batch[:1],  # POST /jobs/run, before /jobs/{job_id}
         ("GET", "/jobs", list_jobs),
         ("GET", "/jobs/{job_id}", get_job),
         ("GET", "/jobs/{job_id}/wait", wait_job),
@@ -550,6 +554,7 @@ def create_app(daemon: Daemon) -> Starlette:
         *watch_routes(daemon),
         *snapshot_routes(daemon),
         *image_routes(daemon),
+        *batch[1:],
     ]
     routes = [Route(API_PREFIX + p, wrap(fn, public=p == "/health"), methods=[m])
               for m, p, fn in table]
@@ -654,6 +659,7 @@ _DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = 
     *WATCH_DOC,
     *SNAPSHOT_DOC,
     *IMAGE_DOC,
+    *BATCH_DOC,
 ]
 
 #: Path ids are SQLite INTEGERs; any other value is 404 (gpud.api_params.parse_id).
@@ -704,7 +710,7 @@ def openapi(daemon: Daemon | None = None) -> dict[str, Any]:
     for method, path, summary, body, resp, params in _DOC:
         op: dict[str, Any] = {"summary": summary, "responses": {}}
         parameters = []
-        for name in ("job_id", "snapshot_id"):
+        for name in ("job_id", "snapshot_id", "batch_id"):
             if "{" + name + "}" in path:
                 parameters.append({"name": name, "in": "path", "required": True,
                                    "schema": dict(_PATH_ID)})

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import trio
 
+from gpud.batches import BatchLimits
 from gpud.config import Config
 from gpud.crashpoint import crash_point
 from gpud.domain import (
@@ -169,6 +170,7 @@ class Daemon:
                              fairshare_weight=config.fairshare_weight,
                              age_weight=config.age_weight, max_age=config.max_age)
         self.usage = DecayedTotals(config.fairshare_half_life, now=time.time())
+        self.batches = BatchLimits(ledger)  # max_concurrency of .map batches (#12)
 
     # -- public operations (called by the API) ------------------------------------------
 
@@ -232,14 +234,15 @@ class Daemon:
 
     async def submit(
         self, jobs: Sequence[NewJob], function: bytes, *, batch: bool = False,
-        idempotency: IdempotencyKey | None = None,
+        idempotency: IdempotencyKey | None = None, max_concurrency: int | None = None,
     ) -> tuple[int | None, list[Job]]:
         """Store and queue jobs; with a key its owner used before, return the jobs that
         key's first submit made instead (nothing new is queued). Raises KeyReused."""
         now = time.time()
         try:
             batch_id, ids = await self.ledger.call(Ledger.submit, jobs, function, now,
-                                                   batch=batch, idempotency=idempotency)
+                                                   batch=batch, idempotency=idempotency,
+                                                   max_concurrency=max_concurrency)
         except Replay as r:
             return r.batch_id, await self.ledger.call(_get_many, r.ids)
         crash_point("after_submit")
@@ -377,6 +380,7 @@ class Daemon:
         now = time.time()
         pending = [j for j in self.active.values() if j.state is JobState.QUEUED]
         running = [j for j in self.active.values() if j.state is not JobState.QUEUED]
+        pending = await self.batches.admit(pending, running)  # max_concurrency (#12)
         if pending and _low_space(self.config.data_dir):
             # A job could not even lay out its directory: keep what space is left for the
             # running jobs' state changes, and look again in a while.

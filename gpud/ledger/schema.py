@@ -211,6 +211,12 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX idempotency_created ON idempotency(created_at);
     """,
+    # 11 (issue #12; 9 and 10 are retention's and the ledger helper's, merged ahead of
+    # it): a batch's concurrency limit, and finding a batch's jobs without a full scan.
+    """
+    ALTER TABLE batches ADD COLUMN max_concurrency INTEGER;
+    CREATE INDEX jobs_batch ON jobs(batch_id, id) WHERE batch_id IS NOT NULL;
+    """,
 ]
 
 

@@ -1,0 +1,279 @@
+"""The hot-path endpoints of #12: a call in one request, and a batch's results in one.
+
+* ``POST /v1/jobs/run`` - submit one job and follow it on the same connection: an NDJSON
+  stream of :class:`~gpud_client.models.JobEvent` (the job, its log, its end with the
+  result inline). ``.remote()`` is this one request (it was four: submit, wait, log,
+  result);
+* ``GET /v1/jobs/{id}/stream`` - the same stream for an existing job (a client whose
+  connection dropped picks up here, from a log offset);
+* ``GET /v1/batches/{id}`` - a batch's size, limit and counts of its jobs by state;
+* ``GET /v1/batches/{id}/results?order=input|completion`` - the results of a batch as its
+  jobs end, NDJSON :class:`~gpud_client.models.BatchResult` lines;
+* ``POST /v1/batches/{id}/cancel`` - cancel every job of a batch that is not over.
+
+Results are the worker's pickle, passed through as bytes: the daemon never unpickles
+them. One of more than :data:`~gpud_client.models.INLINE_RESULT_MAX` bytes is not inlined
+(its size is given; the client fetches ``/v1/jobs/{id}/result``). Another user's batch is
+404, as if it did not exist.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from gpud.api_params import Param, parse_id
+from gpud.auth import Auth, check_job_access
+from gpud.domain import FINAL, Job, JobState
+from gpud.ledger.batches import BatchRow, batch_job_ids, batch_jobs, batch_row, batch_states
+from gpud.service import Daemon
+from gpud.storage import require_room
+from gpud_client.models import (
+    INLINE_RESULT_MAX,
+    MAX_BATCH,
+    MAX_ID,
+    BatchCounts,
+    BatchInfo,
+    BatchResult,
+    JobEvent,
+    SubmitRequest,
+)
+
+__all__ = ["BATCH_DOC", "batch_routes"]
+
+NDJSON = "application/x-ndjson"
+
+RUN_LOGS = Param("logs", "boolean", "stream the job's output as well (default true)",
+                 default=True)
+STREAM_OFFSET = Param("offset", "integer", "the log byte offset to start from", 0, 2**62, 0)
+ORDER = Param("order", "string", "input (default): in input order; completion: as the jobs "
+              "end", default="input", choices=("input", "completion"))
+AFTER_INDEX = Param("after", "integer", "leave out the inputs before this index (a "
+                    "reconnecting reader in input order)", 0, MAX_BATCH, 0)
+WITH_JOBS = Param("jobs", "boolean", "include the jobs' ids in input order", default=False)
+
+#: (method, path, summary, request model, response model, query parameters), as in
+#: gpud.api's table, which appends these.
+BATCH_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = [
+    ("post", "/jobs/run", "Submit one job and stream its log and outcome (NDJSON JobEvent "
+     "lines: job, log..., end with the result inline)", SubmitRequest, JobEvent, (RUN_LOGS,)),
+    ("get", "/jobs/{job_id}/stream", "Stream a job's log and outcome (NDJSON JobEvent "
+     "lines)", None, JobEvent, (RUN_LOGS, STREAM_OFFSET)),
+    ("get", "/batches/{batch_id}", "A batch: size, limit, its jobs' counts by state", None,
+     BatchInfo, (WITH_JOBS,)),
+    ("get", "/batches/{batch_id}/results", "A batch's results as its jobs end (NDJSON "
+     "BatchResult lines)", None, BatchResult, (ORDER, AFTER_INDEX)),
+    ("post", "/batches/{batch_id}/cancel", "Cancel the batch's jobs that are not over; "
+     "returns once they are final", None, BatchInfo, ()),
+]
+
+#: Jobs whose results are read (one ledger trip, one file-reading thread trip) at a time.
+_CHUNK = 128
+#: How long a completion-order reader waits on one job before looking at all again.
+_RESCAN = 0.05
+#: How often a log stream looks for new output while the job runs.
+_LOG_POLL = 0.1
+
+_encoder = msgspec.json.Encoder()
+
+
+def _line(obj: Any) -> bytes:
+    return _encoder.encode(obj) + b"\n"
+
+
+def _read_result(path: Path) -> tuple[bytes | None, int]:
+    """(the result's bytes if small enough to inline, its size); (None, 0) when there is
+    none or it is not a regular file (a job may plant anything in its directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None, 0
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return None, 0
+        if st.st_size > INLINE_RESULT_MAX:
+            return None, st.st_size
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(INLINE_RESULT_MAX + 1)
+        return (data, len(data)) if len(data) <= INLINE_RESULT_MAX else (None, len(data))
+    finally:
+        os.close(fd)
+
+
+def _read_log(path: Path, offset: int, limit: int | None) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return b""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        os.lseek(fd, offset, os.SEEK_SET)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            return fh.read() if limit is None else fh.read(limit)
+    finally:
+        os.close(fd)
+
+
+def _tail_and_result(daemon: Daemon, job: Job, offset: int,
+                     logs: bool) -> tuple[bytes, bytes | None, int]:
+    """In one thread trip: the log from ``offset`` to its end, and the result."""
+    tail = _read_log(daemon.log_path(job.id), offset, None) if logs else b""
+    result, size = _read_result(daemon.result_path(job.id)) if job.has_result else (None, 0)
+    return tail, result, size
+
+
+def batch_routes(daemon: Daemon, auth: Auth) -> list[tuple[str, str, Callable[[Request], Any]]]:
+    # Imported here, not at the top: gpud.api imports this module to build its table.
+    from gpud.api import (
+        ApiError,
+        _body,
+        _decode,
+        _idempotency,
+        _job_id,
+        _json,
+        _new_jobs,
+        _param,
+        _principal,
+        job_info,
+    )
+
+    limit = daemon.config.max_body_bytes
+
+    async def job_stream(job: Job, logs: bool, offset: int) -> AsyncIterator[bytes]:
+        yield _line(JobEvent(kind="job", job=job_info(daemon, job)))
+        path, pos = daemon.log_path(job.id), offset
+        while True:
+            job = await daemon.get(job.id)
+            if job.state in FINAL:
+                break
+            if logs:
+                data = await trio.to_thread.run_sync(_read_log, path, pos, 1 << 20)
+                if data:
+                    pos += len(data)
+                    yield _line(JobEvent(kind="log", data=data))
+                    continue
+            # Returns at once when the job ends; with a log to follow, looks again soon.
+            await daemon.wait_final(job.id, _LOG_POLL if logs else 30.0)
+        tail, result, size = await trio.to_thread.run_sync(_tail_and_result, daemon, job, pos,
+                                                           logs)
+        for i in range(0, len(tail), 1 << 20):
+            yield _line(JobEvent(kind="log", data=tail[i:i + (1 << 20)]))
+        yield _line(JobEvent(kind="end", job=job_info(daemon, job), result=result,
+                             result_size=size))
+
+    async def run(request: Request) -> Response:
+        logs = _param(request, RUN_LOGS)
+        body = await _body(request, limit)
+        req = _decode(body, SubmitRequest)
+        key = await _idempotency(request, req)
+        if key is not None and (seen := await daemon.replay(key)) is not None:
+            job = seen[1][0]  # a retry: follow the job the first try made
+        else:
+            jobs = await _new_jobs(daemon, auth, request, req, [req.args])
+            require_room(daemon.config.data_dir, len(body))
+            _, made = await daemon.submit(jobs, req.function, idempotency=key)
+            job = made[0]
+        return StreamingResponse(job_stream(job, logs, 0), status_code=201, media_type=NDJSON)
+
+    async def stream(request: Request) -> Response:
+        logs = _param(request, RUN_LOGS)
+        offset = _param(request, STREAM_OFFSET)
+        job = await daemon.get(_job_id(request))
+        check_job_access(_principal(request), job, "follow")
+        return StreamingResponse(job_stream(job, logs, offset), media_type=NDJSON)
+
+    async def own_batch(request: Request) -> BatchRow:
+        raw = request.path_params["batch_id"]
+        batch_id = parse_id(raw)
+        row = None if batch_id is None else await daemon.ledger.call(batch_row, batch_id)
+        who = _principal(request)
+        # Another user's batch is as good as missing: its existence is theirs to know.
+        if row is None or not (who.admin or row.owner == who.name):
+            raise ApiError(404, "not_found", f"no batch {raw[:40]!r} of yours: batch ids are "
+                           f"whole numbers from 1 to {MAX_ID}, as .map/.spawn_map returned")
+        return row
+
+    async def info(row: BatchRow, with_jobs: bool) -> BatchInfo:
+        states = await daemon.ledger.call(batch_states, row.id)
+        ids = await daemon.ledger.call(batch_job_ids, row.id) if with_jobs else None
+        counts = BatchCounts(**{s.value: states.get(s.value, 0) for s in JobState})
+        return BatchInfo(id=row.id, owner=row.owner, name=row.name, size=row.size,
+                         submitted_at=row.submitted_at, max_concurrency=row.max_concurrency,
+                         counts=counts, done=sum(n for s, n in states.items()
+                                                 if JobState(s) in FINAL), job_ids=ids)
+
+    async def get_batch(request: Request) -> Response:
+        with_jobs = _param(request, WITH_JOBS)
+        return _json(await info(await own_batch(request), with_jobs))
+
+    def over(job_id: int) -> bool:
+        # Daemon.active holds every job that is not final (the ledger's queued, starting
+        # and running jobs), so one that is not in it is over.
+        return job_id not in daemon.active
+
+    async def results_of(ids: list[int], order: str, after: int) -> AsyncIterator[bytes]:
+        index = {jid: i for i, jid in enumerate(ids)}
+        waiting = ids[after:] if order == "input" else list(ids)
+        while waiting:
+            if order == "input":
+                n = 0
+                while n < len(waiting) and n < _CHUNK and over(waiting[n]):
+                    n += 1
+                ready, waiting = waiting[:n], waiting[n:]
+            else:
+                ready, rest = [], []
+                for jid in waiting:
+                    (ready if over(jid) and len(ready) < _CHUNK else rest).append(jid)
+                waiting = rest
+            if not ready:
+                await daemon.wait_final(waiting[0], 30.0 if order == "input" else _RESCAN)
+                continue
+            jobs = await daemon.ledger.call(batch_jobs, ready)
+            found = await trio.to_thread.run_sync(
+                lambda js=jobs: [_read_result(daemon.result_path(j.id)) if j.has_result
+                                 else (None, 0) for j in js])
+            yield b"".join(
+                _line(BatchResult(index=index[j.id], job=job_info(daemon, j), result=r,
+                                  result_size=size))
+                for j, (r, size) in zip(jobs, found, strict=True))
+
+    async def results(request: Request) -> Response:
+        order = _param(request, ORDER)
+        after = _param(request, AFTER_INDEX)
+        row = await own_batch(request)
+        ids = await daemon.ledger.call(batch_job_ids, row.id)
+        return StreamingResponse(results_of(ids, order, after), media_type=NDJSON)
+
+    async def cancel_batch(request: Request) -> Response:
+        row = await own_batch(request)
+        ids = await daemon.ledger.call(batch_job_ids, row.id)
+        live = [daemon.active[i] for i in ids if i in daemon.active]
+        async with trio.open_nursery() as nursery:
+            # Running jobs stop in parallel (each may take its grace period); queued ones
+            # are cancelled one by one meanwhile, newest first, so that the scheduler is
+            # not handed the rest of the batch while this goes on.
+            for j in live:
+                if j.state is not JobState.QUEUED:
+                    nursery.start_soon(daemon.cancel, j.id)
+            for j in reversed(live):
+                if j.state is JobState.QUEUED:
+                    await daemon.cancel(j.id)
+        return _json(await info(row, False))
+
+    return [
+        ("POST", "/jobs/run", run),
+        ("GET", "/jobs/{job_id}/stream", stream),
+        ("GET", "/batches/{batch_id}", get_batch),
+        ("GET", "/batches/{batch_id}/results", results),
+        ("POST", "/batches/{batch_id}/cancel", cancel_batch),
+    ]
