@@ -18,6 +18,7 @@ stopped, with their jobs, at the end.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -95,6 +96,10 @@ def rows(quick: bool, progress: Progress) -> list[Row]:
     n_remote = 10 if quick else 50
     n_queued = 5_000 if quick else 100_000
     base = Path(tempfile.mkdtemp(prefix="gpud-hotcalls-", dir="/tmp"))
+    os.chmod(base, 0o755)  # the job user (nobody) reads the worker runtime under it
+    # As bench/run.py: jobs run with the daemon's interpreter (this venv may sit where the
+    # job user cannot reach it).
+    os.environ.setdefault("GPUD_JOB_PYTHON", "daemon")
     bench = Bench(base)
     out: list[Row] = []
     try:
