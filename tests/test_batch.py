@@ -339,3 +339,19 @@ def test_a_stream_file_path_is_not_followed(tmp_path: Path) -> None:
     assert _read_result(link) == (None, 0)
     target.write_bytes(b"")
     assert _read_result(target) == (None, 0)
+
+
+def test_remote_and_map_ride_out_a_daemon_restart(process_daemon: DaemonProc) -> None:
+    import threading
+
+    f = nap.with_options(url=process_daemon.url)
+    batch = f.spawn_map([2.0, 2.0])
+    got: list[Any] = []
+    call = threading.Thread(target=lambda: got.append(f.remote(2.0)))
+    call.start()
+    wait_for(lambda: batch.progress().running == 2, timeout=20)
+    process_daemon.stop()  # the jobs keep running; the next daemon adopts them
+    process_daemon.start()
+    assert list(batch) == [2.0, 2.0]
+    call.join(60)
+    assert got == [2.0]
