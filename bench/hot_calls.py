@@ -18,6 +18,7 @@ stopped, with their jobs, at the end.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shutil
 import sys
@@ -59,15 +60,7 @@ def _rss(d: Daemon) -> int:
 def _old_remote(f: gpud.Function[..., Any]) -> Any:
     """``.remote()`` as it was before #12: submit, then wait, the log stream (its own
     connection) and the result: four requests."""
-    return f.spawn(1).get(log_to=_Null())
-
-
-class _Null:
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
+    return f.spawn(1).get(log_to=io.StringIO())
 
 
 def _map_rate(f: gpud.Function[..., Any], n: int) -> float:
@@ -83,7 +76,7 @@ def _old_map_rate(f: gpud.Function[..., Any], n: int) -> float:
     """The way .map fetched results before #12: one wait and one result per job."""
     t0 = time.perf_counter()
     batch = f.spawn_map(range(n))
-    out = [JobHandle(i, f.client).get() for i in batch.job_ids()]
+    out: list[Any] = [JobHandle(i, f.client).get() for i in batch.job_ids()]
     wall = time.perf_counter() - t0
     if out != list(range(n)):
         raise RuntimeError("the per-job fetch returned wrong results")

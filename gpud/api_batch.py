@@ -124,6 +124,11 @@ def _read_log(path: Path, offset: int, limit: int | None) -> bytes:
         os.close(fd)
 
 
+def _read_results(daemon: Daemon, jobs: list[Job]) -> list[tuple[bytes | None, int]]:
+    return [_read_result(daemon.result_path(j.id)) if j.has_result else (None, 0)
+            for j in jobs]
+
+
 def _tail_and_result(daemon: Daemon, job: Job, offset: int,
                      logs: bool) -> tuple[bytes, bytes | None, int]:
     """In one thread trip: the log from ``offset`` to its end, and the result."""
@@ -223,25 +228,27 @@ def batch_routes(daemon: Daemon, auth: Auth) -> list[tuple[str, str, Callable[[R
 
     async def results_of(ids: list[int], order: str, after: int) -> AsyncIterator[bytes]:
         index = {jid: i for i, jid in enumerate(ids)}
-        waiting = ids[after:] if order == "input" else list(ids)
-        while waiting:
+        pos = after  # input order: the next index to send
+        waiting = [] if order == "input" else list(ids)  # completion order: not sent yet
+        while (pos < len(ids)) if order == "input" else waiting:
+            ready: list[int] = []
             if order == "input":
-                n = 0
-                while n < len(waiting) and n < _CHUNK and over(waiting[n]):
-                    n += 1
-                ready, waiting = waiting[:n], waiting[n:]
+                while pos < len(ids) and len(ready) < _CHUNK and over(ids[pos]):
+                    ready.append(ids[pos])
+                    pos += 1
+                if not ready:
+                    await daemon.wait_final(ids[pos], 30.0)
+                    continue
             else:
-                ready, rest = [], []
+                rest: list[int] = []
                 for jid in waiting:
                     (ready if over(jid) and len(ready) < _CHUNK else rest).append(jid)
                 waiting = rest
-            if not ready:
-                await daemon.wait_final(waiting[0], 30.0 if order == "input" else _RESCAN)
-                continue
+                if not ready:
+                    await daemon.wait_final(waiting[0], _RESCAN)
+                    continue
             jobs = await daemon.ledger.call(batch_jobs, ready)
-            found = await trio.to_thread.run_sync(
-                lambda js=jobs: [_read_result(daemon.result_path(j.id)) if j.has_result
-                                 else (None, 0) for j in js])
+            found = await trio.to_thread.run_sync(_read_results, daemon, jobs)
             yield b"".join(
                 _line(BatchResult(index=index[j.id], job=job_info(daemon, j), result=r,
                                   result_size=size))
