@@ -32,7 +32,7 @@ def render(rows: Sequence[Row]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(5)]
     out = []
     for n, line in enumerate(lines):
-        out.append("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+        out.append("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)

@@ -6,6 +6,10 @@ seconds and wall seconds per user, per day or per GPU type, over a window. An at
 that straddles the window's edges (or midnight, for days) counts only for the part
 inside; an attempt still running counts up to the end of the window. Attempts wholly
 inside count at their stored 100 ms granularity, exactly.
+
+Jobs removed by retention (#12) count through their rolled-up hours (``buckets``): the
+same totals for a window that holds them whole; an hour cut by the window's edge counts
+pro rata, and its jobs and attempts count in the window that holds the hour's start.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from gpud.ledger.usage import AttemptUsage
+from gpud.ledger.usage import AttemptUsage, UsageBucket
 
 __all__ = ["BY", "Line", "Report", "report"]
 
@@ -29,6 +33,12 @@ class Line:
     attempts: int = 0
     gpu_seconds: float = 0.0
     wall_seconds: float = 0.0
+    #: jobs counted from rolled-up hours (removed by retention: no ids left to tell apart)
+    rolled_jobs: int = 0
+
+    @property
+    def job_count(self) -> int:
+        return len(self.jobs) + self.rolled_jobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +94,37 @@ def _pieces(a: AttemptUsage, since: float, until: float, by: str,
     return [(d, e - s, (e - s) * len(a.gpu_types)) for d, s, e in days]
 
 
+def _add_buckets(buckets: Iterable[UsageBucket], lines: dict[str, Line], total: Line, *,
+                 since: float, until: float, by: str, tz: dt.tzinfo | None) -> None:
+    for b in buckets:
+        lo, hi = max(float(b.hour), since), min(float(b.hour + 3600), until)
+        if hi <= lo:
+            continue
+        share = (hi - lo) / 3600
+        counted = since <= b.hour < until
+        if by == "gpu-type":
+            key = None if b.kind == "*" else b.kind
+        elif b.kind != "*":
+            continue
+        else:
+            key = b.owner if by == "user" else \
+                dt.datetime.fromtimestamp(b.hour, tz).date().isoformat()
+        targets = [total] if key is None else [lines.setdefault(key, Line(key))]
+        if by != "gpu-type":
+            targets.append(total)
+        for line in targets:
+            line.wall_seconds += b.wall_ds / 10 * share
+            line.gpu_seconds += b.gpu_ds / 10 * share
+            if counted:
+                line.rolled_jobs += b.jobs
+                line.attempts += b.attempts
+
+
 def report(attempts: Iterable[AttemptUsage], *, since: float, until: float, by: str = "user",
-           tz: dt.tzinfo | None = None, now: float | None = None) -> Report:
-    """Group accounted attempts into report lines (see the module docstring).
+           tz: dt.tzinfo | None = None, now: float | None = None,
+           buckets: Iterable[UsageBucket] = ()) -> Report:
+    """Group accounted attempts, and the rolled-up hours of jobs removed by retention,
+    into report lines (see the module docstring).
 
     Lines by user and GPU type come most GPU-seconds first; by day, in date order.
     ``tz`` is the zone days are cut in (None: the daemon's local time). ``now`` ends the
@@ -110,6 +148,7 @@ def report(attempts: Iterable[AttemptUsage], *, since: float, until: float, by: 
             total.gpu_seconds += gpu
             if by != "gpu-type" or key == "cpu" or key == pieces[0][0]:
                 total.wall_seconds += wall
+    _add_buckets(buckets, lines, total, since=since, until=until, by=by, tz=tz)
     for line in (*lines.values(), total):
         line.gpu_seconds = round(line.gpu_seconds, 1)
         line.wall_seconds = round(line.wall_seconds, 1)

@@ -32,6 +32,7 @@ from starlette.routing import Route
 from gpud import __version__
 from gpud.accounting import BY, Line, report
 from gpud.api_batch import BATCH_DOC, batch_routes
+from gpud.api_admin import ADMIN_DOC, admin_routes
 from gpud.api_images import IMAGE_DOC, image_routes
 from gpud.api_params import Param, ParamError, parse_id
 from gpud.api_snapshots import SNAPSHOT_DOC, snapshot_routes
@@ -44,12 +45,13 @@ from gpud.auth import (
     check_job_access,
     effective_timeout,
 )
+from gpud.daemon.port import JobService
+from gpud.daemon.record import ExecutorDown, SubmitError
 from gpud.domain import FINAL, GpuRequest, Job, JobState
 from gpud.http_edge import OverBudget
 from gpud.ledger import IdempotencyKey, KeyReused, NewJob, UnknownJob
-from gpud.ledger.usage import attempts_between
+from gpud.retention import files_gone
 from gpud.safefs import read_regular
-from gpud.service import Daemon, ExecutorDown, SubmitError
 from gpud.storage import DiskFull, full_message, is_busy, is_full, require_room
 from gpud.users import NoUnixAccount, Principal, run_as
 from gpud_client.models import (
@@ -110,7 +112,7 @@ def _error(status: int, code: str, detail: str) -> Response:
     return _json(ErrorBody(error=code, detail=detail), status)
 
 
-def job_info(daemon: Daemon, job: Job) -> JobInfo:
+def job_info(daemon: JobService, job: Job) -> JobInfo:
     index = {g.uuid: g.index for g in daemon.gpus}
     reason, position = daemon.reason(job.id) if job.state is JobState.QUEUED else (None, None)
     return JobInfo(
@@ -153,7 +155,7 @@ def _replayed(obj: Any) -> Response:
     return resp
 
 
-def _storage_error(daemon: Daemon, e: sqlite3.Error | OSError) -> Response:
+def _storage_error(daemon: JobService, e: sqlite3.Error | OSError) -> Response:
     """The ledger or the data directory could not be written: 507 for a full disk, 503
     for a write lock another process holds; anything else stays a bug (500)."""
     if is_full(e):
@@ -274,7 +276,7 @@ def _principal(request: Request) -> Principal:
 
 
 async def _new_jobs(
-    daemon: Daemon, auth: Auth, request: Request, req: SubmitRequest | BatchSubmitRequest,
+    daemon: JobService, auth: Auth, request: Request, req: SubmitRequest | BatchSubmitRequest,
     args: list[bytes],
 ) -> list[NewJob]:
     who = _principal(request)
@@ -303,8 +305,7 @@ async def _new_jobs(
         raise ApiError(422, "refused", str(e)) from None
     except ExecutorDown as e:
         raise ApiError(503, "executor_unavailable", str(e)) from None
-    queued = sum(1 for j in daemon.active.values()
-                 if j.owner == who.name and j.state is JobState.QUEUED)
+    queued = daemon.queued_count(who.name)
     # Who may submit at all (a Unix account to run as, quotas: 403) before which
     # interpreter their job runs with (422).
     auth.check_submit(who, priority=req.priority, jobs=len(args), queued=queued)
@@ -331,7 +332,7 @@ async def _new_jobs(
 # -- routes ----------------------------------------------------------------------------
 
 
-def create_app(daemon: Daemon) -> Starlette:
+def create_app(daemon: JobService) -> Starlette:
     limit = daemon.config.max_body_bytes
     auth = Auth(daemon.users)
 
@@ -384,15 +385,11 @@ def create_app(daemon: Daemon) -> Starlette:
                                f"state must be a comma-separated list of: {valid}") from None
         limit_n = _param(request, LIMIT)
         before = _param(request, CURSOR)
-        from gpud.ledger.store import Ledger
-
         # Users see their own jobs; admins see everyone's (and may filter by owner).
         who = _principal(request)
         owner = _param(request, OWNER) if who.admin else who.name
-        jobs = await daemon.ledger.call(Ledger.list_jobs, states, limit=limit_n, before=before,
-                                        owner=owner)
-        # The daemon's memory is fresher than a read racing a commit: prefer it.
-        jobs = [daemon.active.get(j.id, j) for j in jobs]
+        # Each in its freshest version (the daemon's memory beats a read racing a commit).
+        jobs = await daemon.list_jobs(states, limit=limit_n, before=before, owner=owner)
         nxt = jobs[-1].id if len(jobs) == limit_n and jobs[-1].id > 1 else None
         return _json(JobList(jobs=[job_info(daemon, j) for j in jobs], next_cursor=nxt))
 
@@ -422,15 +419,18 @@ def create_app(daemon: Daemon) -> Starlette:
                 data = b""
         if not data:
             why = job.error or job.state.value
-            raise ApiError(404, "no_result", f"job {job.id} ended {job.state.value} without a "
-                           f"result: {why}")
+            raise ApiError(404, "no_result", (job.has_result and files_gone(daemon.config, job))
+                           or f"job {job.id} ended {job.state.value} without a result: {why}")
         return Response(data, media_type="application/octet-stream",
                         headers={"x-gpud-job-state": job.state.value})
 
     async def logs(request: Request) -> Response:
         follow = _param(request, FOLLOW)
         offset = _param(request, LOG_OFFSET)
-        job_id = (await own_job(request, "read logs of")).id  # 404 for an unknown job
+        job = await own_job(request, "read logs of")  # 404 for an unknown job
+        if (gone := files_gone(daemon.config, job)) is not None:
+            raise ApiError(404, "files_removed", gone)
+        job_id = job.id
         path = daemon.log_path(job_id)
         if not follow:
             data = await trio.to_thread.run_sync(_read_from, path, offset, None)
@@ -488,11 +488,12 @@ def create_app(daemon: Daemon) -> Starlette:
         since = until - 7 * 86400 if since is None else since
         by = _param(request, BY_PARAM)
         user = _param(request, USER)
-        attempts = await daemon.ledger.call(attempts_between, since, until, user)
-        r = report(attempts, since=since, until=until, by=by, now=now)
+        attempts = await daemon.attempts_between(since, until, user)
+        buckets = await daemon.buckets_between(since, until, user)
+        r = report(attempts, since=since, until=until, by=by, now=now, buckets=buckets)
 
         def line(x: Line) -> UsageLine:
-            return UsageLine(key=x.key, jobs=len(x.jobs), attempts=x.attempts,
+            return UsageLine(key=x.key, jobs=x.job_count, attempts=x.attempts,
                              gpu_seconds=x.gpu_seconds, wall_seconds=x.wall_seconds)
 
         return _json(UsageReport(since=since, until=until, by=by, user=user,
@@ -520,7 +521,7 @@ def create_app(daemon: Daemon) -> Starlette:
             except ApiError as e:
                 return _error(e.status, e.code, e.detail)
             except UnknownJob as e:
-                return _error(404, "not_found", f"no job {e.job_id}")
+                return _error(404, "not_found", str(e))
             except Unauthenticated as e:
                 return refused(request, 401, "unauthenticated", str(e), who)
             except Forbidden as e:
@@ -555,6 +556,7 @@ def create_app(daemon: Daemon) -> Starlette:
         *snapshot_routes(daemon),
         *image_routes(daemon),
         *batch[1:],
+        *admin_routes(daemon),
     ]
     routes = [Route(API_PREFIX + p, wrap(fn, public=p == "/health"), methods=[m])
               for m, p, fn in table]
@@ -584,7 +586,7 @@ def _read_from(path: Path, offset: int, limit: int | None) -> bytes:
         return b""  # not a regular file: a job planted something there; show nothing
 
 
-async def _follow(daemon: Daemon, job_id: int, path: Path,
+async def _follow(daemon: JobService, job_id: int, path: Path,
                   offset: int) -> AsyncIterator[bytes]:
     """Stream a job's log until it is final and everything was sent.
 
@@ -602,14 +604,14 @@ async def _follow(daemon: Daemon, job_id: int, path: Path,
             if tail:
                 yield tail
             return
-        ev = daemon._changed.setdefault(job_id, trio.Event())
+        ev = daemon.changed(job_id)
         with trio.move_on_after(0.1):
             await ev.wait()
 
 
-def gpu_list(daemon: Daemon) -> GpuList:
+def gpu_list(daemon: JobService) -> GpuList:
     holders = daemon.gpu_holders()
-    handles = list(daemon.handles.values())
+    handles = daemon.handles()
     out = []
     for g in daemon.gpus:
         holder = holders.get(g.uuid)
@@ -660,6 +662,7 @@ _DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = 
     *SNAPSHOT_DOC,
     *IMAGE_DOC,
     *BATCH_DOC,
+    *ADMIN_DOC,
 ]
 
 #: Path ids are SQLite INTEGERs; any other value is 404 (gpud.api_params.parse_id).
@@ -691,7 +694,7 @@ def _base64_patterns(node: Any) -> None:
             _base64_patterns(v)
 
 
-def openapi(daemon: Daemon | None = None) -> dict[str, Any]:
+def openapi(daemon: JobService | None = None) -> dict[str, Any]:
     """The API as OpenAPI 3.1. Every range in it comes from the constraints the daemon
     enforces: body fields from the msgspec models, query parameters from their
     :class:`Param`. Given the daemon, the ranges its configuration narrows (max_timeout,

@@ -33,8 +33,8 @@ from starlette.responses import Response, StreamingResponse
 from gpud.api_params import Param, parse_id
 from gpud.auth import Auth, check_job_access
 from gpud.domain import FINAL, Job, JobState
-from gpud.ledger.batches import BatchRow, batch_job_ids, batch_jobs, batch_row, batch_states
-from gpud.service import Daemon
+from gpud.daemon.port import JobService
+from gpud.ledger.batches import BatchRow
 from gpud.storage import require_room
 from gpud_client.models import (
     INLINE_RESULT_MAX,
@@ -124,12 +124,12 @@ def _read_log(path: Path, offset: int, limit: int | None) -> bytes:
         os.close(fd)
 
 
-def _read_results(daemon: Daemon, jobs: list[Job]) -> list[tuple[bytes | None, int]]:
+def _read_results(daemon: JobService, jobs: list[Job]) -> list[tuple[bytes | None, int]]:
     return [_read_result(daemon.result_path(j.id)) if j.has_result else (None, 0)
             for j in jobs]
 
 
-def _tail_and_result(daemon: Daemon, job: Job, offset: int,
+def _tail_and_result(daemon: JobService, job: Job, offset: int,
                      logs: bool) -> tuple[bytes, bytes | None, int]:
     """In one thread trip: the log from ``offset`` to its end, and the result."""
     tail = _read_log(daemon.log_path(job.id), offset, None) if logs else b""
@@ -137,7 +137,7 @@ def _tail_and_result(daemon: Daemon, job: Job, offset: int,
     return tail, result, size
 
 
-def batch_routes(daemon: Daemon, auth: Auth) -> list[tuple[str, str, Callable[[Request], Any]]]:
+def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callable[[Request], Any]]]:
     # Imported here, not at the top: gpud.api imports this module to build its table.
     from gpud.api import (
         ApiError,
@@ -200,7 +200,7 @@ def batch_routes(daemon: Daemon, auth: Auth) -> list[tuple[str, str, Callable[[R
     async def own_batch(request: Request) -> BatchRow:
         raw = request.path_params["batch_id"]
         batch_id = parse_id(raw)
-        row = None if batch_id is None else await daemon.ledger.call(batch_row, batch_id)
+        row = None if batch_id is None else await daemon.batch_row(batch_id)
         who = _principal(request)
         # Another user's batch is as good as missing: its existence is theirs to know.
         if row is None or not (who.admin or row.owner == who.name):
@@ -209,8 +209,8 @@ def batch_routes(daemon: Daemon, auth: Auth) -> list[tuple[str, str, Callable[[R
         return row
 
     async def info(row: BatchRow, with_jobs: bool) -> BatchInfo:
-        states = await daemon.ledger.call(batch_states, row.id)
-        ids = await daemon.ledger.call(batch_job_ids, row.id) if with_jobs else None
+        states = await daemon.batch_states(row.id)
+        ids = await daemon.batch_job_ids(row.id) if with_jobs else None
         counts = BatchCounts(**{s.value: states.get(s.value, 0) for s in JobState})
         return BatchInfo(id=row.id, owner=row.owner, name=row.name, size=row.size,
                          submitted_at=row.submitted_at, max_concurrency=row.max_concurrency,
@@ -222,9 +222,9 @@ def batch_routes(daemon: Daemon, auth: Auth) -> list[tuple[str, str, Callable[[R
         return _json(await info(await own_batch(request), with_jobs))
 
     def over(job_id: int) -> bool:
-        # Daemon.active holds every job that is not final (the ledger's queued, starting
-        # and running jobs), so one that is not in it is over.
-        return job_id not in daemon.active
+        # The daemon holds every job that is not final (the ledger's queued, starting and
+        # running jobs) in memory, so one that it does not hold is over.
+        return daemon.active_job(job_id) is None
 
     async def results_of(ids: list[int], order: str, after: int) -> AsyncIterator[bytes]:
         index = {jid: i for i, jid in enumerate(ids)}
@@ -247,7 +247,7 @@ def batch_routes(daemon: Daemon, auth: Auth) -> list[tuple[str, str, Callable[[R
                 if not ready:
                     await daemon.wait_final(waiting[0], _RESCAN)
                     continue
-            jobs = await daemon.ledger.call(batch_jobs, ready)
+            jobs = await daemon.batch_jobs(ready)
             found = await trio.to_thread.run_sync(_read_results, daemon, jobs)
             yield b"".join(
                 _line(BatchResult(index=index[j.id], job=job_info(daemon, j), result=r,
@@ -258,13 +258,13 @@ def batch_routes(daemon: Daemon, auth: Auth) -> list[tuple[str, str, Callable[[R
         order = _param(request, ORDER)
         after = _param(request, AFTER_INDEX)
         row = await own_batch(request)
-        ids = await daemon.ledger.call(batch_job_ids, row.id)
+        ids = await daemon.batch_job_ids(row.id)
         return StreamingResponse(results_of(ids, order, after), media_type=NDJSON)
 
     async def cancel_batch(request: Request) -> Response:
         row = await own_batch(request)
-        ids = await daemon.ledger.call(batch_job_ids, row.id)
-        live = [daemon.active[i] for i in ids if i in daemon.active]
+        ids = await daemon.batch_job_ids(row.id)
+        live = [j for i in ids if (j := daemon.active_job(i)) is not None]
         async with trio.open_nursery() as nursery:
             # Running jobs stop in parallel (each may take its grace period); queued ones
             # are cancelled one by one meanwhile, newest first, so that the scheduler is

@@ -23,9 +23,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from gpud.api_params import Param
+from gpud.daemon.port import JobService
 from gpud.executors.base import ExecutorRefusal
 from gpud.images import Build, BuildRefused, MissingFiles, event, tail
-from gpud.service import Daemon
 from gpud_client.models import ImageBuildEvent, ImageBuildRequest
 
 __all__ = ["IMAGE_DOC", "image_routes"]
@@ -36,7 +36,7 @@ IMAGE_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]
 ]
 
 
-def image_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any]]]:
+def image_routes(daemon: JobService) -> list[tuple[str, str, Callable[[Request], Any]]]:
     # Imported here, not at the top: gpud.api imports this module to build its table.
     from gpud.api import ApiError, _body, _decode, _principal
 
@@ -50,10 +50,8 @@ def image_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any
                 "executor = \"podman\", or drop image= (jobs here run in the daemon's Python "
                 f"{daemon.worker_python})")
         req = _decode(await _body(request, daemon.config.max_body_bytes), ImageBuildRequest)
-        assert daemon._nursery is not None
         try:
-            b, cached = await daemon.images.ensure(req.spec, req.files, who.name,
-                                                   daemon._nursery)
+            b, cached = await daemon.ensure_image(req.spec, req.files, who.name)
         except BuildRefused as e:
             raise ApiError(422, "invalid_image", str(e)) from None
         except MissingFiles as e:
@@ -71,7 +69,7 @@ def image_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any
     return [("POST", "/images/build", build)]
 
 
-async def _stream(daemon: Daemon, b: Build, cached: bool,
+async def _stream(daemon: JobService, b: Build, cached: bool,
                   python: str | None) -> AsyncIterator[bytes]:
     assert daemon.images is not None
     async for line in daemon.images.follow(b):

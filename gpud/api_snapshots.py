@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gpud.api_params import MAX_ID, Param, parse_id
+from gpud.daemon.port import JobService
 from gpud.ledger import snapshots as store
-from gpud.service import Daemon
 from gpud_client.models import SnapshotInfo, SnapshotList
 
 __all__ = ["SNAPSHOT_DOC", "snapshot_routes"]
@@ -35,13 +35,13 @@ def info(s: store.Snapshot) -> SnapshotInfo:
                         last_error=s.last_error, taken_by=s.taken_by)
 
 
-def snapshot_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any]]]:
+def snapshot_routes(daemon: JobService) -> list[tuple[str, str, Callable[[Request], Any]]]:
     # Imported here, not at the top: gpud.api imports this module to build its table.
     from gpud.api import ApiError, _json, _principal
 
     async def list_snapshots(request: Request) -> Response:
         who = _principal(request)
-        snaps = await daemon.ledger.call(store.list_snapshots, None if who.admin else who.name)
+        snaps = await daemon.snapshot_records(None if who.admin else who.name)
         note = None if daemon.snapshots is not None else (
             f"the {daemon.executor.name} executor takes no snapshots: snapshot=True jobs run "
             "as without; snapshots need executor = \"podman\"")
@@ -59,7 +59,7 @@ def snapshot_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], 
                            f"{raw[:40]!r} is not a snapshot id (a whole number from 1 to "
                            f"{MAX_ID}): see `gpud snapshots`")
         who = _principal(request)
-        found = [s for s in await daemon.ledger.call(store.list_snapshots)
+        found = [s for s in await daemon.snapshot_records()
                  if s.id == snapshot_id]
         if not found or not (who.admin or found[0].owner == who.name):
             # Others' snapshots are as unknown as missing ones.
@@ -67,7 +67,7 @@ def snapshot_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], 
                            "`gpud snapshots`")
         s = found[0]
         if daemon.snapshots is None:
-            await daemon.ledger.call(store.delete_snapshot, s.id)
+            await daemon.delete_snapshot_record(s.id)
         else:
             if daemon.snapshots.in_use(s) or s.state == "taking":
                 raise ApiError(409, "in_use", f"snapshot {s.id} is being "

@@ -24,10 +24,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gpud.api_params import MAX_ID, Param
-from gpud.domain import FINAL, Job, JobState
-from gpud.ledger import Event
-from gpud.ledger.store import Ledger
-from gpud.service import Daemon
+from gpud.daemon.port import JobService
+from gpud.domain import FINAL, Job
 from gpud_client.jobdir import read_status
 from gpud_client.models import (
     EventInfo,
@@ -67,16 +65,9 @@ WATCH_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]
 ]
 
 
-def _events_page(ledger: Ledger, after: int, limit: int, job_id: int | None,
-                 owner: str | None) -> tuple[list[Event], int]:
-    # One trip to the ledger thread for both, so `latest` is never below the page.
-    return (ledger.events_after(after, limit=limit, job_id=job_id, owner=owner),
-            ledger.last_event_id())
-
-
-def _queue_order(daemon: Daemon) -> Callable[[Job], tuple[bool, int, int, int]]:
+def _queue_order(daemon: JobService) -> Callable[[Job], tuple[bool, int, int, int]]:
     def key(job: Job) -> tuple[bool, int, int, int]:
-        w = daemon.waits.get(job.id)
+        w = daemon.wait_of(job.id)
         # Jobs submitted since the last scheduling round have no position yet: they go
         # last, in the order the scheduler will see them.
         return (w is None, w.position if w else 0, -job.priority, job.id)
@@ -100,7 +91,7 @@ def others_view(info: JobInfo) -> JobInfo:
         gpu_seconds=0.0, private=True)
 
 
-def watch_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any]]]:
+def watch_routes(daemon: JobService) -> list[tuple[str, str, Callable[[Request], Any]]]:
     # Imported here, not at the top: gpud.api imports this module to build its table.
     from gpud.api import (
         ApiError,
@@ -115,7 +106,7 @@ def watch_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any
     async def queue(request: Request) -> Response:
         offset = _param(request, QUEUE_OFFSET)
         limit = _param(request, QUEUE_LIMIT)
-        pending = [j for j in daemon.active.values() if j.state is JobState.QUEUED]
+        pending = daemon.queued()
         # A page from a queue of 100,000 without sorting all of it.
         page = heapq.nsmallest(offset + limit, pending, key=_queue_order(daemon))[offset:]
         # Everyone sees the whole queue, so that positions add up; others' jobs in it
@@ -134,7 +125,7 @@ def watch_routes(daemon: Daemon) -> list[tuple[str, str, Callable[[Request], Any
         if job_id is not None:
             check_job_access(who, await daemon.get(job_id), "follow the events of")
         owner = None if who.admin else who.name
-        evs, latest = await daemon.ledger.call(_events_page, after, limit, job_id, owner)
+        evs, latest = await daemon.events_page(after, limit, job_id, owner)
         return _json(EventList(
             events=[EventInfo(id=e.id, job_id=e.job_id, at=e.at,
                               from_state=e.from_state.value if e.from_state else None,

@@ -94,10 +94,10 @@ def serve(config_path: str | None, data_dir: str | None, socket_path: str | None
     import trio
 
     from gpud.config import ConfigError, load_config
+    from gpud.daemon import AlreadyRunning
     from gpud.executors.process import WorkerPythonError
     from gpud.gpus import GpuInventoryError
     from gpud.server import serve as run_server
-    from gpud.service import AlreadyRunning
 
     try:
         cfg = load_config(config_path, data_dir=data_dir, socket=socket_path, tcp=tcp,
@@ -469,6 +469,7 @@ def version(as_json: bool, url: str | None) -> None:
 # -- the shared box (#5): accounting, identity, administration --------------------------
 
 from gpud.cli_admin import admin  # noqa: E402
+from gpud.cli_gc import gc_command  # noqa: E402
 from gpud.cli_images import image  # noqa: E402
 from gpud.cli_snapshots import snapshots  # noqa: E402
 from gpud.cli_usage import usage, whoami  # noqa: E402
@@ -478,6 +479,7 @@ cli.add_command(snapshots)
 cli.add_command(image)
 cli.add_command(usage)
 cli.add_command(whoami)
+cli.add_command(gc_command)
 
 
 def main() -> None:

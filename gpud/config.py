@@ -115,6 +115,17 @@ class Config:
     age_weight: float = 100.0
     max_age: float = 7 * 86400.0
 
+    #: retention (#12): a finished job's directory (payload, log, result) is removed this
+    #: long after it ended; None keeps them
+    retention_job_dirs: float | None = 7 * 86400.0
+    #: ... and its records in the ledger (its usage is rolled up first); None keeps them
+    retention_jobs: float | None = 90 * 86400.0
+    #: the most bytes the jobs directory may hold; over it, finished jobs' directories go
+    #: oldest first (None: no cap; measuring walks every job directory)
+    retention_max_bytes: int | None = None
+    #: how often the daemon collects by itself; None: only `gpud gc` does
+    retention_interval: float | None = 600.0
+
     @property
     def ledger_path(self) -> Path:
         return self.data_dir / "ledger.db"
@@ -136,7 +147,12 @@ _ENV_PREFIX = "GPUD_"
 _DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "retry_backoff",
               "retry_backoff_max", "gpu_poll_interval", "keep_warm_default", "keep_warm_max",
               "fairshare_half_life", "max_age", "snapshot_restore_timeout",
-              "image_build_timeout", "header_timeout", "body_timeout"}
+              "image_build_timeout", "header_timeout", "body_timeout", "retention_job_dirs",
+              "retention_jobs", "retention_interval"}
+#: Durations that "none" (or "") turns off.
+_OPTIONAL = {"default_timeout", "retention_job_dirs", "retention_jobs", "retention_interval"}
+#: The shortest retention: a client fetches a job's result and log after it ends.
+MIN_RETENTION = 60.0
 _WEIGHTS = {"fairshare_weight", "age_weight"}
 
 
@@ -161,9 +177,13 @@ def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML or environment value into the field's type, with a clear error."""
     try:
         if name in _DURATIONS:
-            if value is None or (name == "default_timeout" and value in ("", "none")):
+            if value is None or (name in _OPTIONAL and str(value).strip().lower()
+                                 in ("", "none")):
                 return None
-            return parse_duration(value)
+            seconds = parse_duration(value)
+            if name == "retention_interval" and seconds == 0:
+                return None
+            return seconds
         if name in ("data_dir", "socket"):
             return Path(os.path.expanduser(str(value)))
         if name in ("podman_start_service", "podman_read_only"):
@@ -202,15 +222,18 @@ def _coerce(name: str, value: Any) -> Any:
             if not 0 <= w < float("inf"):
                 raise ValueError("a number >= 0")
             return w
+        if name == "retention_max_bytes" and (value is None or str(value).strip().lower()
+                                              in ("", "none")):
+            return None
         if name in ("snapshot_max_bytes", "image_max_bytes", "max_body_bytes",
-                    "max_body_in_flight") and isinstance(value, str) \
+                    "max_body_in_flight", "retention_max_bytes") and isinstance(value, str) \
                 and not value.strip().isdigit():
             from gpud_client.duration import parse_size
 
             return parse_size(value)
         if name in ("cpu_slots", "max_body_bytes", "snapshot_max_bytes",
                     "snapshot_max_failures", "image_max_bytes", "max_body_in_flight",
-                    "listen_backlog"):
+                    "listen_backlog", "retention_max_bytes"):
             n = int(value)
             if n < 1:
                 raise ValueError("a whole number >= 1")
@@ -282,4 +305,27 @@ def load_config(
         raise ConfigError("header_timeout and body_timeout must be positive, e.g. \"10s\"")
     if cfg.fairshare_half_life <= 0:
         raise ConfigError("fairshare_half_life must be positive, e.g. \"7d\"")
+    _check_retention(cfg)
     return cfg
+
+
+def _check_retention(cfg: Config) -> None:
+    from gpud_client.duration import format_duration
+
+    for name in ("retention_job_dirs", "retention_jobs"):
+        value = getattr(cfg, name)
+        if value is not None and value < MIN_RETENTION:
+            raise ConfigError(
+                f"{name} = {format_duration(value)} is too short: clients fetch a job's "
+                f"result and log after it ends; use at least {format_duration(MIN_RETENTION)}"
+                f" (e.g. \"7d\"), or \"none\" to keep them")
+    dirs, jobs = cfg.retention_job_dirs, cfg.retention_jobs
+    if jobs is not None and (dirs is None or dirs > jobs):
+        raise ConfigError(
+            f"retention_jobs ({format_duration(jobs)}) is shorter than retention_job_dirs "
+            f"({'none' if dirs is None else format_duration(dirs)}): a job's record would go "
+            "before its directory. Make retention_jobs at least as long, or set it to "
+            "\"none\"")
+    if cfg.retention_interval is not None and cfg.retention_interval < 1:
+        raise ConfigError("retention_interval must be at least 1s (e.g. \"10m\"), or "
+                          "\"none\" to collect only on `gpud gc`")

@@ -22,7 +22,9 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from gpud import http_edge, peercred
 from gpud.api import create_app
+from gpud.clock import Clock
 from gpud.config import Config, is_loopback, parse_tcp
+from gpud.daemon import AlreadyRunning, Daemon, instance_id, lock_data_dir
 from gpud.executors.base import Executor, ExecutorRefusal
 from gpud.executors.podman import CDI_DIRS
 from gpud.executors.process import (
@@ -33,7 +35,6 @@ from gpud.executors.process import (
 )
 from gpud.gpus import GpuInventory, NoGpuInventory, open_inventory
 from gpud.ledger import LedgerThread
-from gpud.service import AlreadyRunning, Daemon, instance_id, lock_data_dir
 from gpud_client.jobdir import install_runtime
 
 __all__ = ["Served", "serve"]
@@ -153,6 +154,7 @@ async def serve(
     *,
     inventory: GpuInventory | None = None,
     kill_jobs_on_exit: bool = False,
+    clock: Clock | None = None,
     task_status: trio.TaskStatus[Served] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     lock_fd = lock_data_dir(config.data_dir)
@@ -179,7 +181,8 @@ async def serve(
         executor, version, python = await _make_executor(config, inventory, ident, runtime,
                                                          instance)
         daemon = Daemon(config, ledger=ledger, inventory=inventory, executor=executor,
-                        identity=ident, worker_python=version, instance=instance)
+                        identity=ident, worker_python=version, instance=instance,
+                        clock=clock)
         daemon.kill_jobs_on_exit = kill_jobs_on_exit
 
         hc = HyperConfig()

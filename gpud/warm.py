@@ -28,13 +28,13 @@ import logging
 import os
 import secrets
 import socket
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
+from gpud.clock import Clock, SystemClock
 from gpud.domain import Job
 from gpud.executors.base import Handle, container_of
 from gpud.peercred import read_peercred
@@ -89,7 +89,7 @@ class WarmWorker:
     handle: Handle | None = None
     last_job: int = 0
     busy: int | None = None  # the job it runs now
-    idle_since: float = field(default_factory=time.monotonic)
+    idle_since: float = 0.0  # on the pool's clock (set when made and after each job)
     stream: trio.SocketStream | None = None
     hello: trio.Event = field(default_factory=trio.Event)
     gone: trio.Event = field(default_factory=trio.Event)
@@ -114,8 +114,9 @@ class WarmWorker:
 class WarmPool:
     """The hub socket and the warm workers behind it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Clock | None = None) -> None:
         self.path = path
+        self.clock: Clock = clock or SystemClock()
         self.workers: dict[int, WarmWorker] = {}
         self._by_token: dict[str, WarmWorker] = {}
         self._ids = 0
@@ -212,7 +213,8 @@ class WarmPool:
         is started for, so that no other job is matched to it meanwhile."""
         self._ids += 1
         w = WarmWorker(id=self._ids, key=key, gpus=gpus, keep_warm=keep_warm,
-                       token=secrets.token_urlsafe(24), busy=busy, rejoining=restored)
+                       token=secrets.token_urlsafe(24), busy=busy, rejoining=restored,
+                       idle_since=self.clock.monotonic())
         self.workers[w.id] = w
         if not restored:
             self._by_token[w.token] = w
@@ -285,7 +287,7 @@ class WarmPool:
 
         await first_of(_result, w.gone.wait)
         w.busy = None
-        w.idle_since = time.monotonic()
+        w.idle_since = self.clock.monotonic()
         return result[0] if result else None
 
     def expired(self, now: float) -> list[WarmWorker]:

@@ -41,6 +41,8 @@ from gpud_client.models import (
     BatchSubmitResponse,
     ErrorBody,
     EventList,
+    GcReport,
+    GcRequest,
     GpuHistory,
     GpuList,
     Health,
@@ -149,6 +151,12 @@ def _wait_call(job_id: int, timeout: float, client_timeout: float) -> _Call[JobI
 
 def _bool(flag: bool) -> str:
     return "true" if flag else "false"
+
+
+def _gc_call(dry_run: bool) -> _Call[GcReport]:
+    # A first collection on a box with a long history can take minutes: no read timeout.
+    return _Call("POST", "/admin/gc", GcReport,
+                 body=msgspec.json.encode(GcRequest(dry_run=dry_run)), read_timeout=None)
 
 
 def _logs_params(follow: bool, offset: int) -> dict[str, str]:
@@ -665,6 +673,11 @@ class Client(_Base):
         """``GET /v1/jobs/{id}/outcome``: how a finished job's function ended."""
         return self._do(_Call("GET", f"/jobs/{job_id}/outcome", JobOutcome))
 
+    def gc(self, *, dry_run: bool = False) -> GcReport:
+        """``POST /v1/admin/gc`` (admins): apply the retention settings now, or with
+        ``dry_run`` say what that would remove."""
+        return self._do(_gc_call(dry_run))
+
 
 class AsyncClient(_Base):
     """:class:`Client`'s methods as coroutines, for trio or asyncio programs."""
@@ -834,3 +847,7 @@ class AsyncClient(_Base):
     async def cancel_batch(self, batch_id: int) -> BatchInfo:
         return await self._do(_Call("POST", f"/batches/{batch_id}/cancel", BatchInfo,
                                     read_timeout=None))
+
+
+    async def gc(self, *, dry_run: bool = False) -> GcReport:
+        return await self._do(_gc_call(dry_run))

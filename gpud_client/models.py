@@ -22,6 +22,8 @@ __all__ = [
     "EventInfo",
     "EventList",
     "FileRef",
+    "GcReport",
+    "GcRequest",
     "GpuHistory",
     "GpuInfo",
     "GpuList",
@@ -521,3 +523,28 @@ class BatchInfo(msgspec.Struct, kw_only=True):
     done: int  # jobs that are final
     #: the jobs' ids in input order, with ``?jobs=true``
     job_ids: list[int] | None = None
+class GcRequest(_Request):
+    """``POST /v1/admin/gc``: apply the daemon's retention settings now."""
+
+    dry_run: bool = False  # only say what would be removed
+
+
+class GcReport(msgspec.Struct, kw_only=True):
+    """What a collection removed (or, dry, would remove), under which settings (#12)."""
+
+    dry_run: bool
+    #: the settings applied, in seconds and bytes; null: that kind is kept
+    retention_job_dirs: float | None
+    retention_jobs: float | None
+    retention_max_bytes: int | None
+    job_dirs: int  # finished jobs' directories removed
+    job_dir_bytes: int  # disk space they took (allocated blocks, as du counts)
+    over_cap_dirs: int  # of those, removed to get under retention_max_bytes
+    jobs_dir_bytes: int | None  # what the jobs directory holds after (measured with a cap)
+    jobs: int  # jobs whose records were removed, their usage rolled up
+    attempts: int
+    events: int
+    payloads: int  # function payloads no remaining job refers to
+    ledger_bytes: int  # the ledger's used pages after (freed pages are reused by new jobs)
+    seconds: float
+    errors: list[str]  # what could not be removed (logged too); gc carries on past them

@@ -47,6 +47,9 @@ TEST_SETTINGS = {
     "GPUD_CPU_SLOTS": "4",
     "GPUD_GPU_POLL_INTERVAL": "0.2",
     "GPUD_LOG_LEVEL": "info",
+    # No collection behind a test's back (tests write jobs with old times into ledgers);
+    # tests/test_retention.py runs `gpud gc` and the periodic loop itself.
+    "GPUD_RETENTION_INTERVAL": "none",
 }
 
 

@@ -166,14 +166,16 @@ def test_users_and_accounting_come_after_the_released_migrations() -> None:
     """Migrations 2 (memory, cpus) and 3 (warm workers) were released first; users and
     accounting are 4, appended, so a ledger at version 3 upgrades in place; snapshots
     (#4) came after, as 5; images (#11) 6, the job's interpreter (#11) 7, launches and
-    idempotency keys (#10) 8."""
-    assert SCHEMA_VERSION == 9  # 11 once retention's 9 and ledger's 10 are in
+    idempotency keys (#10) 8, retention (#12) 9, batch limits (#12) 11 (after the ledger
+    helper's 10)."""
+    assert SCHEMA_VERSION == 10  # 11 once the ledger helper's 10 is in
     assert "memory" in MIGRATIONS[1] and "keep_warm" in MIGRATIONS[2]
     assert "CREATE TABLE users" in MIGRATIONS[3]
     assert "CREATE TABLE snapshots" in MIGRATIONS[4]
     assert "CREATE TABLE images" in MIGRATIONS[5]
     assert "python_env" in MIGRATIONS[6]
     assert "CREATE TABLE idempotency" in MIGRATIONS[7]
+    assert "CREATE TABLE usage_rollup" in MIGRATIONS[8]  # retention (#12)
 
 
 def test_a_version_3_ledger_upgrades_keeping_its_jobs(tmp_path: Path) -> None:

@@ -211,11 +211,58 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX idempotency_created ON idempotency(created_at);
     """,
-    # 11 (issue #12; 9 and 10 are retention's and the ledger helper's, merged ahead of
-    # it): a batch's concurrency limit, and finding a batch's jobs without a full scan.
+    # 9 (issue #12): retention. `gpud gc` (and the daemon, periodically) removes the rows
+    # of jobs that ended more than retention_jobs ago, after rolling their accounting up.
+    """
+    -- What the removed jobs used, per owner, per UTC hour and per kind ('*': every
+    -- attempt; a GPU type; 'cpu': attempts without GPUs), so usage reports and fair share
+    -- give the same totals after the clean-up (gpud.ledger.retention has the details).
+    CREATE TABLE usage_rollup (
+        hour     INTEGER NOT NULL,           -- Unix time of the UTC hour's start
+        owner    TEXT NOT NULL,
+        kind     TEXT NOT NULL,
+        jobs     INTEGER NOT NULL DEFAULT 0, -- counted in the hour their last attempt ended
+        attempts INTEGER NOT NULL DEFAULT 0, -- counted in the hour they ended
+        wall_ds  INTEGER NOT NULL DEFAULT 0, -- spread over the hours the attempts ran in
+        gpu_ds   INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (hour, owner, kind)
+    ) WITHOUT ROWID;
+    -- One row: the highest job id removed so far (a missing id at or below it was removed
+    -- by retention: ids are never reused) and how many were.
+    CREATE TABLE retention_state (
+        id             INTEGER PRIMARY KEY CHECK (id = 1),
+        pruned_through INTEGER NOT NULL DEFAULT 0,
+        pruned_jobs    INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO retention_state (id) VALUES (1);
+    -- The jobs the running gc transaction removes; empty outside it. Only a final job
+    -- may be entered, and only the events and rows of jobs entered here may be deleted:
+    -- the database itself keeps the event log append-only for every other job.
+    CREATE TABLE retention_pruning (job_id INTEGER PRIMARY KEY);
+    CREATE TRIGGER retention_pruning_final BEFORE INSERT ON retention_pruning
+        WHEN coalesce((SELECT state FROM jobs WHERE id = NEW.job_id), '')
+             NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out', 'lost')
+        BEGIN SELECT RAISE(ABORT, 'only final jobs are removed by retention'); END;
+    DROP TRIGGER events_no_delete;
+    CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+        WHEN NOT EXISTS (SELECT 1 FROM retention_pruning WHERE job_id = OLD.job_id)
+        BEGIN SELECT RAISE(ABORT, 'events are append-only (only gc removes them, with their job)');
+        END;
+    CREATE TRIGGER jobs_no_delete BEFORE DELETE ON jobs
+        WHEN NOT EXISTS (SELECT 1 FROM retention_pruning WHERE job_id = OLD.id)
+        BEGIN SELECT RAISE(ABORT, 'jobs are removed only by gc, once final'); END;
+    -- gc finds the jobs that ended longest ago without a scan (a job cancelled while
+    -- queued has no ended_at: it ended when it was submitted, as far as retention goes),
+    -- and the payloads and batches no job refers to any more.
+    CREATE INDEX jobs_final_end ON jobs(coalesce(ended_at, submitted_at))
+        WHERE state IN ('succeeded', 'failed', 'cancelled', 'timed_out', 'lost');
+    CREATE INDEX jobs_function ON jobs(function_hash);
+    CREATE INDEX jobs_batch ON jobs(batch_id) WHERE batch_id IS NOT NULL;
+    """,
+    # 11 (issue #12; 10 is the ledger helper's, merged ahead of it): a batch's concurrency
+    # limit (retention's migration 9 already indexes jobs by batch).
     """
     ALTER TABLE batches ADD COLUMN max_concurrency INTEGER;
-    CREATE INDEX jobs_batch ON jobs(batch_id, id) WHERE batch_id IS NOT NULL;
     """,
 ]
 

@@ -49,12 +49,25 @@ IDEMPOTENCY_TTL = 24 * 3600.0
 
 
 class UnknownJob(KeyError):
-    def __init__(self, job_id: int) -> None:
+    def __init__(self, job_id: int, *, removed: bool = False) -> None:
         super().__init__(job_id)
         self.job_id = job_id
+        #: the job existed, and retention removed it (#12)
+        self.removed = removed
 
     def __str__(self) -> str:
+        if self.removed:
+            return (f"no job {self.job_id}: it was removed by retention (finished jobs' "
+                    "records are kept for the daemon's retention_jobs; see `gpud usage` for "
+                    "what it used)")
         return f"no job {self.job_id}"
+
+
+def _was_pruned(conn: sqlite3.Connection, job_id: int) -> bool:
+    """Is this missing job one that retention removed? Ids are never reused, so a missing
+    id at or below the highest one removed was removed (gpud.ledger.retention)."""
+    r = conn.execute("SELECT pruned_through FROM retention_state WHERE id = 1").fetchone()
+    return r is not None and 0 < job_id <= int(r[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +411,7 @@ class Ledger:
     def get(self, job_id: int) -> Job:
         r = self.conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if r is None:
-            raise UnknownJob(job_id)
+            raise UnknownJob(job_id, removed=_was_pruned(self.conn, job_id))
         return _row_to_job(r)
 
     def list_jobs(

@@ -1,0 +1,242 @@
+"""The daemon's state and the steps every role shares: one record per active job,
+recording a change (ledger first, then memory), finishing an attempt, fair share."""
+
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Sequence
+
+import trio
+
+from gpud.batches import BatchLimits
+from gpud.clock import Clock, SystemClock
+from gpud.config import Config
+from gpud.daemon import jobfiles
+from gpud.daemon.record import (
+    Finished,
+    JobRecord,
+    _advance_in_order,
+)
+from gpud.domain import (
+    FINAL,
+    Gpu,
+    Job,
+    JobState,
+)
+from gpud.executors.base import Executor, Handle, LaunchSpec, Outcome
+from gpud.executors.process import JobIdentity
+from gpud.fairshare import DecayedTotals, Policy, interval_usage
+from gpud.gpus import GpuInventory
+from gpud.images import ImageBuilder, pip_index_args
+from gpud.ledger import LedgerThread, Step
+from gpud.ledger.store import Ledger
+from gpud.ledger.usage import finished_gpu_intervals
+from gpud.metrics import HistoryBuffer
+from gpud.retry import RetryPolicy, after
+from gpud.snapshotter import Snapshotter
+from gpud.storage import persist
+from gpud.users import Directory
+from gpud.warm import WarmPool, WarmWorker
+
+log = logging.getLogger("gpud")
+
+
+class DaemonCore:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        ledger: LedgerThread,
+        inventory: GpuInventory,
+        executor: Executor,
+        identity: JobIdentity,
+        worker_python: str,
+        instance: str,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        #: the one source of time (gpud.clock); tests pass a gpud.testing.FakeClock
+        self.clock: Clock = clock or SystemClock()
+        self.ledger = ledger
+        self.inventory = inventory
+        self.executor = executor
+        self.identity = identity
+        self.worker_python = worker_python
+        self.instance = instance
+        self.started_at = self.clock.time()
+        #: one record per active job (queued, starting, running)
+        self.jobs: dict[int, JobRecord] = {}
+        self.gpus: list[Gpu] = []
+        #: the last minutes of GPU readings, for the TUI's sparklines
+        self.gpu_history = HistoryBuffer(interval=config.gpu_poll_interval)
+        #: warm workers (executors that can keep a worker between calls)
+        self.warm: WarmPool | None = (WarmPool(config.data_dir / "hub" / "hub.sock", self.clock)
+                                      if getattr(executor, "supports_warm", False) else None)
+        #: container snapshots (issue #4), where the executor can take them
+        self.snapshots: Snapshotter | None = None
+        if self.warm is not None and getattr(executor, "supports_snapshots", False):
+            self.snapshots = Snapshotter(
+                ledger=ledger, executor=executor, pool=self.warm,
+                hub_dir=self.warm.path.parent, root=config.data_dir / "snapshots",
+                max_bytes=config.snapshot_max_bytes,
+                max_failures=config.snapshot_max_failures,
+                restore_timeout=config.snapshot_restore_timeout,
+                driver=lambda: inventory.driver_version() or "none",
+                gpu_part=self._snapshot_gpus)
+        #: images built from gpud.Image definitions (#11), where the executor is Podman
+        self.images: ImageBuilder | None = None
+        if config.executor == "podman" and hasattr(executor, "client"):
+            self.images = ImageBuilder(
+                ledger=ledger, executor=executor, work_dir=config.data_dir / "image-builds",
+                max_bytes=config.image_max_bytes, network=config.image_build_network,
+                build_args=pip_index_args(config.image_pip_index_url,
+                                          config.image_pip_extra_index_url, os.environ),
+                timeout=config.image_build_timeout,
+                in_use=lambda: {r.job.image for r in self.jobs.values() if r.job.image})
+        self._write_blocked = False  # a start could not be recorded (disk full, lock held)
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.kill_jobs_on_exit = False
+        # Shared box (#5): the users table, the fair-share policy and decayed usage.
+        self.users = Directory(ledger, on_change=self._reschedule)
+        self.policy = Policy(half_life=config.fairshare_half_life,
+                             fairshare_weight=config.fairshare_weight,
+                             age_weight=config.age_weight, max_age=config.max_age)
+        self.retry_policy = RetryPolicy(config.retry_backoff, config.retry_backoff_max)
+        self.usage = DecayedTotals(config.fairshare_half_life, now=self.clock.time())
+        self.batches = BatchLimits(ledger)  # max_concurrency of .map batches (#12)
+
+    async def get(self, job_id: int) -> Job:
+        rec = self.jobs.get(job_id)
+        if rec is not None:
+            return rec.job
+        return await self.ledger.call(Ledger.get, job_id)
+
+    def changed(self, job_id: int) -> trio.Event:
+        """An event set at the job's next change. For a job not in memory (final, or
+        not yet recorded) it is already set: the caller reads the job again."""
+        rec = self.jobs.get(job_id)
+        if rec is None:
+            ev = trio.Event()
+            ev.set()
+            return ev
+        if rec.changed is None:
+            rec.changed = trio.Event()
+        return rec.changed
+
+    def handles(self) -> list[Handle]:
+        """The processes (and warm workers) of the jobs being supervised."""
+        return [r.handle for r in self.jobs.values() if r.handle is not None]
+
+    def _reschedule(self) -> None:
+        self._wake.set()
+
+    async def _advance(self, job_id: int, *steps: Step, expect: JobState | None = None,
+                       retry: bool = True) -> Job:
+        """Record state changes, then update memory. With ``retry`` (a job's own life),
+        a full disk or a held write lock is waited out: the change is never dropped."""
+        def write() -> Awaitable[tuple[Job, int]]:
+            return self.ledger.call(_advance_in_order, job_id, steps, self.clock.time(), expect)
+
+        if retry:
+            what = f"job {job_id} going {' then '.join(s.state.value for s in steps)}"
+            job, seq = await persist(write, what)
+        else:
+            job, seq = await write()
+        # Two advances of one job can resume here in either order; only the later commit
+        # may update memory, or a stale STARTING could outlive the job's end.
+        rec = self.jobs.get(job_id)
+        if rec is None or seq < rec.seq:
+            # Not in memory: already final (a later commit dropped it), so this one is
+            # stale too. Jobs enter memory only at submit and recovery.
+            return job
+        rec.seq, rec.job = seq, job
+        if job.state in FINAL:
+            del self.jobs[job_id]
+        ev, rec.changed = rec.changed, None
+        if ev is not None:
+            ev.set()  # a record dropped above still wakes its waiters, who read the ledger
+        self._reschedule()
+        return job
+
+    async def _finish(self, job: Job, f: Finished) -> Job:
+        now = self.clock.time()
+        current = await self.get(job.id)
+        if current.gpus and current.state is JobState.RUNNING and current.started_at:
+            # Fair share counts from when the process started, within milliseconds of when
+            # the GPUs were handed out (the ledger's accounting has the exact figure).
+            self.usage.add(current.owner, current.started_at, now, len(current.gpus), now=now)
+        fields: dict[str, object] = {}
+        rec = self.jobs.get(job.id)
+        dispatched = rec.dispatched_at if rec is not None else None
+        if rec is not None:
+            rec.dispatched_at = None
+        user_start = await self._user_start(job.id)
+        if dispatched is not None and user_start is not None:
+            fields["startup"] = round(max(0.0, user_start - dispatched), 6)
+        steps = after(current, f, now, self.retry_policy, fields=fields)
+        new = await self._advance(job.id, *steps)
+        log.info("job %s %s%s", job.id, f.state.value,
+                 f": {f.error}" if f.error else "")
+        return new
+
+    # -- job files, on a worker thread (gpud.daemon.jobfiles) ------------------------------
+
+    async def _prepare_job_dir(self, job: Job, function: bytes, args: bytes,
+                               ident: JobIdentity) -> LaunchSpec:
+        return await trio.to_thread.run_sync(jobfiles.prepare_job_dir, self.config.jobs_dir,
+                                             job, function, args, ident, self.gpus)
+
+    async def _collect(self, job: Job, outcome: Outcome) -> Finished:
+        return await trio.to_thread.run_sync(jobfiles.collect, self.config.jobs_dir,
+                                             self.config.data_dir, job, outcome)
+
+    async def _user_start(self, job_id: int) -> float | None:
+        return await trio.to_thread.run_sync(jobfiles.user_start, self.config.jobs_dir, job_id)
+
+    # -- warm workers -----------------------------------------------------------------------
+
+    def _release_warm(self, rec: JobRecord) -> None:
+        """A job matched to a warm worker did not start in it after all: the worker is
+        free. Takes the record itself: the job may have ended (and left ``jobs``)."""
+        w, rec.assigned = rec.assigned, None
+        if w is not None and w.busy == rec.job.id:
+            w.busy = None
+            w.idle_since = self.clock.monotonic()
+
+    async def _end_warm(self, w: WarmWorker, why: str) -> None:
+        assert self.warm is not None
+        log.info("ending warm worker %s (last job %s): %s", w.id, w.last_job, why)
+        await self.warm.close(w)
+        if w.handle is not None:
+            await trio.to_thread.run_sync(self.executor.reap, w.handle)
+            with trio.move_on_after(5):
+                await self.executor.wait(w.handle)  # collect it: no zombie left behind
+
+    def _snapshot_gpus(self, job: Job) -> str:
+        """The GPU part of a snapshot key: type and count; the UUIDs themselves where real
+        devices go into the container (they are part of what a restore brings back)."""
+        types = {g.uuid: g for g in self.gpus}
+        if job.gpus and not all(types[u].fake for u in job.gpus if u in types):
+            return ",".join(job.gpus)
+        return ",".join(sorted(types[u].type for u in job.gpus if u in types))
+
+    async def _load_usage(self) -> None:
+        """Decayed GPU-seconds per user from the ledger (what ended in the last 30
+        half-lives; older usage has decayed below a billionth)."""
+        now = self.clock.time()
+        since = now - 30 * self.config.fairshare_half_life
+        for span in await self.ledger.call(finished_gpu_intervals, since):
+            self.usage.add(span.owner, span.started_at, span.ended_at, 1, now=now)
+
+    def _usage_now(self, running: Sequence[Job], now: float) -> dict[str, float]:
+        """Decayed GPU-seconds per user now: what ended, plus what runs so far."""
+        usage = self.usage.at(now)
+        for j in running:
+            if j.gpus and j.state is JobState.RUNNING and j.started_at is not None:
+                usage[j.owner] = usage.get(j.owner, 0.0) + interval_usage(
+                    j.started_at, now, len(j.gpus), now=now,
+                    half_life=self.config.fairshare_half_life)
+        return usage

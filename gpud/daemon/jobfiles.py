@@ -1,0 +1,118 @@
+"""A job's directory: laid out before each attempt, read (never unpickled) after it."""
+
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from gpud.daemon.record import Finished
+from gpud.domain import (
+    Gpu,
+    Job,
+    JobState,
+)
+from gpud.executors.base import LaunchSpec, Outcome
+from gpud.executors.process import JobIdentity
+from gpud.safefs import open_append, read_file, write_new
+from gpud.storage import RESERVE_BYTES, free_bytes
+from gpud_client.jobdir import (
+    EXIT_SETUP,
+    RESULT_FILE,
+    STARTED_FILE,
+    STATUS_FILE,
+    WorkerStatus,
+    job_files,
+    read_status,
+)
+
+log = logging.getLogger("gpud")
+
+
+
+def prepare_job_dir(jobs_dir: Path, job: Job, function: bytes, args: bytes,
+                    ident: JobIdentity, gpus: Sequence[Gpu]) -> LaunchSpec:
+    """Lay out jobs/<id>/ for this attempt: payload in, log and result out. The
+    directory and its files belong to the user the job runs as, mode 0700/0600."""
+    d = jobs_dir / str(job.id)
+    d.mkdir(mode=0o700, exist_ok=True)
+    owner = (ident.uid, ident.gid)
+    for stale in (RESULT_FILE, STATUS_FILE, STARTED_FILE):
+        (d / stale).unlink(missing_ok=True)
+    files = job_files(job_id=job.id, name=job.function, python=job.python,
+                      function=function, args=args, attempt=job.attempt)
+    for name, data in files.items():
+        write_new(d / name, data, owner)
+    log_path = d / "output.log"
+    fd = open_append(log_path, owner)
+    try:
+        if job.attempt > 1:
+            os.write(fd, f"[gpud] attempt {job.attempt} of {job.retries + 1}\n".encode())
+    finally:
+        os.close(fd)
+    if os.geteuid() == 0:
+        os.chown(d, *owner, follow_symlinks=False)
+    os.chmod(d, 0o700, follow_symlinks=False)
+    index = {g.uuid: g.index for g in gpus}
+    return LaunchSpec(job_id=job.id, attempt=job.attempt, job_dir=d, log_path=log_path,
+                      gpus=job.gpus, gpu_indices=tuple(index[u] for u in job.gpus
+                                                       if u in index),
+                      env=dict(job.env), image=job.image, identity=ident,
+                      memory=job.memory, cpus=job.cpus, python_env=job.python_env)
+
+def collect(jobs_dir: Path, data_dir: Path, job: Job, outcome: Outcome) -> Finished:
+    """Read what the worker left (status.json, never the pickle) into an outcome."""
+    d = jobs_dir / str(job.id)
+    has_result = is_regular(d / RESULT_FILE)
+    status = worker_status(jobs_dir, job.id)
+    if status is not None and status.attempt is not None and status.attempt != job.attempt:
+        status = None  # an earlier attempt's (stale files are removed at launch)
+    code = outcome.exit_code
+    if status is not None and status.ok and has_result:
+        return Finished(JobState.SUCCEEDED, None, code, True, False)
+    if status is not None and not status.ok:
+        msg = f"{(status.type or 'Error').rsplit('.', 1)[-1]}: {status.message or ''}".strip()
+        setup = code == EXIT_SETUP
+        return Finished(JobState.FAILED, msg, code, has_result, not setup)
+    if outcome.signal is not None:
+        hint = " (out of memory?)" if outcome.signal == 9 else ""
+        why = f"the job's process was killed by signal {outcome.signal}{hint} before it " \
+              "wrote a result"
+    elif code is not None:
+        why = f"the job's process exited with code {code} without writing a result"
+    else:
+        why = "the job's process ended without writing a result"
+    if low_space(data_dir):
+        why += f" (the disk holding {data_dir} was full)"
+    return Finished(JobState.FAILED, why, code, False, True)
+
+def user_start(jobs_dir: Path, job_id: int) -> float | None:
+    """When the worker began the user's code (it writes the time down), if it did."""
+    raw = read_file(jobs_dir / str(job_id) / STARTED_FILE, 64)
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        return None
+
+def worker_status(jobs_dir: Path, job_id: int) -> WorkerStatus | None:
+    """The worker's status.json (plain JSON, never a pickle); None if absent or not
+    the worker's (a job could write anything there)."""
+    try:
+        return read_status(jobs_dir / str(job_id))
+    except (OSError, ValueError):
+        return None
+
+def low_space(data_dir: Path) -> bool:
+    try:
+        return free_bytes(data_dir) < RESERVE_BYTES
+    except OSError:
+        return False
+
+def is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False

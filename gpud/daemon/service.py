@@ -1,0 +1,320 @@
+"""The daemon: the operations the API calls, and run(), which starts every role."""
+
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import trio
+
+from gpud.crashpoint import crash_point
+from gpud.daemon.gpupoll import GpuPolling
+from gpud.daemon.loop import SchedulingLoop
+from gpud.daemon.record import (
+    ExecutorDown,
+    JobRecord,
+    SubmitError,
+    _fmt_seconds,
+    _get_many,
+)
+from gpud.daemon.recovery import Recovery
+from gpud.domain import (
+    FINAL,
+    GpuRequest,
+    IllegalTransition,
+    Job,
+    JobState,
+    PythonEnv,
+    Wait,
+)
+from gpud.executors.base import ExecutorRefusal
+from gpud.executors.process import ProcessExecutor
+from gpud.images import Build
+from gpud.ledger import Event, IdempotencyKey, NewJob, Replay, Step
+from gpud.ledger import snapshots as snapshot_store
+from gpud.ledger.batches import BatchRow, batch_job_ids, batch_jobs, batch_row, batch_states
+from gpud.ledger.snapshots import Snapshot
+from gpud.ledger.store import Ledger
+from gpud.ledger.usage import AttemptUsage, UsageBucket, attempts_between, buckets_between
+from gpud.retention import for_daemon as retention_for
+from gpud.retention import run as retention_loop
+from gpud.scheduler import infeasible
+from gpud.users import NoUnixAccount, run_as
+from gpud_client.jobdir import (
+    RESULT_FILE,
+)
+from gpud_client.models import GcReport, ImageSpec
+
+log = logging.getLogger("gpud")
+
+
+class Daemon(SchedulingLoop, Recovery, GpuPolling):
+    async def check_submittable(
+        self, gpu: GpuRequest | None, python: str, job_timeout: float, image: str | None,
+        *, python_path: str | None = None,
+    ) -> str | None:
+        """Refuse, with the reason and the fix, what could never run here; return the image
+        the job will run in (None for the process executor). A job with its own
+        interpreter (``python_path``, #11) has it checked by :meth:`resolve_python`."""
+        why = infeasible(gpu, self.gpus)
+        if why is not None:
+            raise SubmitError(why)
+        try:
+            resolved, worker = await self.executor.python_for(image)
+        except ExecutorRefusal as e:
+            raise SubmitError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - e.g. the Podman service went away
+            log.exception("the %s executor could not check image %r", self.executor.name, image)
+            raise ExecutorDown(
+                f"the {self.executor.name} executor cannot check this job's image right now "
+                f"({type(e).__name__}: {e}); try again, or ask the admin to check it"
+            ) from None
+        mine = worker.rsplit(".", 1)[0]
+        theirs = python.rsplit(".", 1)[0] if python.count(".") >= 2 else python
+        own = python_path not in (None, "daemon") and isinstance(self.executor,
+                                                                 ProcessExecutor)
+        if theirs != mine and not own:
+            where = f"image {resolved} has" if resolved else "this daemon's workers run"
+            fix = (f"use an image with Python {theirs}" if resolved else
+                   f"have the admin set `python` in the daemon's config to a Python {theirs} "
+                   "interpreter")
+            raise SubmitError(
+                f"this job was pickled by Python {python}, but {where} Python {worker}: "
+                f"submit from Python {mine}, or {fix}"
+            )
+        if job_timeout > self.config.max_timeout:
+            raise SubmitError(
+                f"timeout {_fmt_seconds(job_timeout)} is longer than this daemon's max_timeout "
+                f"({_fmt_seconds(self.config.max_timeout)}): ask for less"
+            )
+        if job_timeout <= 0:
+            raise SubmitError("timeout must be positive")
+        return resolved or None
+
+    async def resolve_python(self, owner: str, python: str, python_path: str | None,
+                             python_prefix: str | None) -> PythonEnv | None:
+        """The interpreter a job of ``owner`` runs with (process executor, #11), checked
+        as the user it runs as; None where the executor picks it (a container's)."""
+        if not isinstance(self.executor, ProcessExecutor):
+            return None
+        try:
+            ident = run_as(owner, self.identity)
+        except NoUnixAccount as e:
+            raise SubmitError(str(e)) from None
+        try:
+            return await self.executor.resolve_python(
+                python_path, version=python, prefix=python_prefix, ident=ident, owner=owner)
+        except ExecutorRefusal as e:
+            raise SubmitError(str(e)) from None
+
+    async def submit(
+        self, jobs: Sequence[NewJob], function: bytes, *, batch: bool = False,
+        idempotency: IdempotencyKey | None = None, max_concurrency: int | None = None,
+    ) -> tuple[int | None, list[Job]]:
+        """Store and queue jobs; with a key its owner used before, return the jobs that
+        key's first submit made instead (nothing new is queued). Raises KeyReused."""
+        now = self.clock.time()
+        try:
+            batch_id, ids = await self.ledger.call(Ledger.submit, jobs, function, now,
+                                                   batch=batch, idempotency=idempotency,
+                                                   max_concurrency=max_concurrency)
+        except Replay as r:
+            return r.batch_id, await self.ledger.call(_get_many, r.ids)
+        crash_point("after_submit")
+        # Durable now: only after the COMMIT do they exist for anyone else.
+        made = await self.ledger.call(_get_many, ids)
+        for j in made:
+            self.jobs.setdefault(j.id, JobRecord(j))
+        self._reschedule()
+        return batch_id, made
+
+    async def replay(self, key: IdempotencyKey) -> tuple[int | None, list[Job]] | None:
+        """The jobs an earlier submit with this key made, or None if it is new."""
+        try:
+            await self.ledger.call(Ledger.replay, key, self.clock.time())
+        except Replay as r:
+            return r.batch_id, await self.ledger.call(_get_many, r.ids)
+        return None
+
+    async def cancel(self, job_id: int) -> Job:
+        job = await self.get(job_id)
+        if job.state in FINAL:
+            return job
+        if job.state is JobState.QUEUED:
+            try:
+                return await self._advance(job_id, Step(JobState.CANCELLED, "cancelled"),
+                                           expect=JobState.QUEUED, retry=False)
+            except IllegalTransition:
+                pass  # it started in the meantime: stop it instead
+        rec = self.jobs.get(job_id)
+        if rec is None:  # it ended in the meantime
+            return await self.get(job_id)
+        # Between the start decision and its supervisor's first step there is no scope
+        # yet: the supervisor sees stop_reason and does not start the job.
+        rec.stop_reason = JobState.CANCELLED
+        if rec.scope is not None:
+            rec.scope.cancel()
+        return await self.wait_final(job_id, self.config.kill_grace + 15)
+
+    async def wait_final(self, job_id: int, within: float) -> Job:
+        deadline = trio.current_time() + within
+        while True:
+            job = await self.get(job_id)
+            if job.state in FINAL:
+                return job
+            ev = self.changed(job_id)
+            with trio.move_on_at(deadline) as cs:
+                await ev.wait()
+            if cs.cancelled_caught:
+                return await self.get(job_id)
+
+    def log_path(self, job_id: int) -> Path:
+        return self.config.jobs_dir / str(job_id) / "output.log"
+
+    def result_path(self, job_id: int) -> Path:
+        return self.config.jobs_dir / str(job_id) / RESULT_FILE
+
+    def reason(self, job_id: int) -> tuple[str | None, int | None]:
+        rec = self.jobs.get(job_id)
+        w = rec.wait if rec is not None else None
+        if w is None:
+            return None, None
+        return w.reason, w.position
+
+    def wait_of(self, job_id: int) -> Wait | None:
+        """Why a queued job waits and its position, as of the last scheduling round."""
+        rec = self.jobs.get(job_id)
+        return rec.wait if rec is not None else None
+
+    def active_job(self, job_id: int) -> Job | None:
+        """The job if it is queued, starting or running (every such job is in memory);
+        None once it is final, or if there is no such job."""
+        rec = self.jobs.get(job_id)
+        return rec.job if rec is not None else None
+
+    def queued(self) -> list[Job]:
+        """The queued jobs in memory (submitted, not yet started)."""
+        return [r.job for r in self.jobs.values() if r.job.state is JobState.QUEUED]
+
+    def queued_count(self, owner: str) -> int:
+        return sum(1 for r in self.jobs.values()
+                   if r.job.owner == owner and r.job.state is JobState.QUEUED)
+
+    def fresher(self, jobs: Sequence[Job]) -> list[Job]:
+        """Jobs read from the ledger, each replaced by the daemon's own copy where it has
+        one: memory is fresher than a read racing a commit."""
+        return [r.job if (r := self.jobs.get(j.id)) is not None else j for j in jobs]
+
+    # -- reads the API makes of the ledger (it never calls the ledger itself) -------------
+
+    async def list_jobs(self, states: Iterable[JobState] | None, *, limit: int,
+                        before: int | None, owner: str | None) -> list[Job]:
+        """A page of jobs, newest first, each in its freshest version."""
+        jobs = await self.ledger.call(Ledger.list_jobs, states, limit=limit, before=before,
+                                      owner=owner)
+        return self.fresher(jobs)
+
+    async def batch_row(self, batch_id: int) -> BatchRow | None:
+        return await self.ledger.call(batch_row, batch_id)
+
+    async def batch_job_ids(self, batch_id: int) -> list[int]:
+        """A batch's jobs' ids, in input order."""
+        return await self.ledger.call(batch_job_ids, batch_id)
+
+    async def batch_states(self, batch_id: int) -> dict[str, int]:
+        return await self.ledger.call(batch_states, batch_id)
+
+    async def batch_jobs(self, ids: list[int]) -> list[Job]:
+        """These jobs (as committed), in the order given, in one trip to the ledger."""
+        return await self.ledger.call(batch_jobs, ids)
+
+    async def events_page(self, after: int, limit: int, job_id: int | None,
+                          owner: str | None) -> tuple[list[Event], int]:
+        """Events after a cursor, and the newest event's id (never below the page)."""
+        return await self.ledger.call(_events_page, after, limit, job_id, owner)
+
+    async def attempts_between(self, since: float, until: float,
+                               owner: str | None) -> list[AttemptUsage]:
+        return await self.ledger.call(attempts_between, since, until, owner)
+
+    async def buckets_between(self, since: float, until: float,
+                              owner: str | None) -> list[UsageBucket]:
+        """Usage rolled up when retention removed the jobs it came from (#12)."""
+        return await self.ledger.call(buckets_between, since, until, owner)
+
+    async def collect_garbage(self, *, dry_run: bool) -> GcReport:
+        """Apply the retention settings now (`gpud gc`), or say what that would remove."""
+        return await retention_for(self).collect(dry_run=dry_run)
+
+    async def snapshot_records(self, owner: str | None = None) -> list[Snapshot]:
+        """The snapshots in the ledger (of one owner, or all)."""
+        return await self.ledger.call(snapshot_store.list_snapshots, owner)
+
+    async def delete_snapshot_record(self, snapshot_id: int) -> None:
+        """Forget a snapshot the ledger holds (where no snapshotter manages its files)."""
+        await self.ledger.call(snapshot_store.delete_snapshot, snapshot_id)
+
+    async def ensure_image(self, spec: ImageSpec, files: Mapping[str, bytes],
+                           creator: str) -> tuple[Build, bool]:
+        """Start (or find) the build of an image definition, in the daemon's nursery."""
+        assert self.images is not None and self._nursery is not None
+        return await self.images.ensure(spec, files, creator, self._nursery)
+
+    def gpu_holders(self) -> dict[str, Job]:
+        """GPU UUID -> the job holding it; an idle warm worker holds its GPUs in the name
+        of the last job it ran (`gpud gpus` shows that job and its owner)."""
+        held: dict[str, Job] = {}
+        for w in self.warm.workers.values() if self.warm is not None else ():
+            if w.idle and w.gpus:
+                last = Job(id=w.last_job, function="(warm worker)", state=JobState.RUNNING,
+                           submitted_at=0.0, owner=w.key[3], gpus=w.gpus)
+                held.update((u, last) for u in w.gpus)
+        held.update((u, r.job) for r in self.jobs.values()
+                    if r.job.state is not JobState.QUEUED for u in r.job.gpus)
+        return held
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await self._refresh_gpus()
+                await self.users.refresh()
+                await self._load_usage()
+                if self.warm is not None:
+                    await nursery.start(self.warm.serve)
+                    nursery.start_soon(self._warm_loop)
+                if self.snapshots is not None:
+                    await self.snapshots.reconcile()
+                if self.images is not None:
+                    await trio.to_thread.run_sync(self.images.reconcile)
+                await self._recover()
+                nursery.start_soon(self.users.run)
+                nursery.start_soon(self._gpu_loop)
+                nursery.start_soon(self._schedule_loop)
+                nursery.start_soon(retention_loop, self)
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    # Idle warm workers end with the daemon (busy ones finish their job,
+                    # which the next daemon collects); a warm container is removed. Chosen
+                    # before the first await: the hub's connections are closing meanwhile.
+                    ending = [w.handle for w in (list(self.warm.workers.values())
+                                                 if self.warm else [])
+                              if w.handle is not None and (w.idle or self.kill_jobs_on_exit)]
+                    ending += self.warm.take_lost() if self.warm else []
+                    for h in ending:
+                        with trio.move_on_after(10):
+                            await trio.to_thread.run_sync(self.executor.reap, h)
+                if self.kill_jobs_on_exit:
+                    for h in self.handles():
+                        self.executor.reap(h)
+
+
+def _events_page(ledger: Ledger, after: int, limit: int, job_id: int | None,
+                 owner: str | None) -> tuple[list[Event], int]:
+    # One trip to the ledger thread for both, so `latest` is never below the page.
+    return (ledger.events_after(after, limit=limit, job_id=job_id, owner=owner),
+            ledger.last_event_id())

@@ -1,0 +1,230 @@
+"""Supervision: one task per started job runs it to its end (a cold process or a warm
+worker), stops it on cancel or timeout, and records how it ended."""
+
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import trio
+
+from gpud.crashpoint import crash_point
+from gpud.daemon.core import DaemonCore
+from gpud.daemon.record import (
+    Finished,
+    _fmt_seconds,
+    _served,
+    _task_env,
+)
+from gpud.domain import (
+    FINAL,
+    Job,
+    JobState,
+)
+from gpud.executors.base import Handle, LaunchSpec, Outcome
+from gpud.ledger import Step
+from gpud.ledger.store import Ledger
+from gpud.storage import persist
+from gpud.users import run_as
+from gpud.warm import WarmWorker, first_of, warm_key
+
+log = logging.getLogger("gpud")
+
+
+class Supervision(DaemonCore):
+    async def _supervise(self, job: Job, handle: Handle | None) -> None:
+        """Run one job to its end; an unexpected error fails the job, never the daemon."""
+        rec = self.jobs.get(job.id)
+        if rec is None:
+            return  # it ended before its supervisor began
+        # This supervisor's own scope and warm reservation: after a retry the job may be
+        # started again (a new supervisor) before this one's cleanup runs.
+        scope = rec.scope = trio.CancelScope()
+        assigned = rec.assigned
+        try:
+            await self._run_job(job, handle, scope)
+        except Exception:  # noqa: BLE001
+            log.exception("internal error while supervising job %s", job.id)
+            live = rec.handle or handle
+            if live is not None:
+                await trio.to_thread.run_sync(self.executor.reap, live)
+            try:
+                current = await self.get(job.id)
+                if current.state not in FINAL and current.state is not JobState.QUEUED:
+                    await self._finish(current, Finished(
+                        JobState.FAILED, "gpud hit an internal error while running this job; "
+                        "see the daemon's log", None, False, False))
+            except Exception:  # noqa: BLE001
+                log.exception("could not record the failure of job %s", job.id)
+        finally:
+            if assigned is not None and rec.assigned is assigned:
+                self._release_warm(rec)  # matched to a warm worker but never ran in it
+            if rec.scope is scope:
+                rec.scope, rec.handle, rec.stop_reason = None, None, None
+
+    async def _run_job(self, job: Job, handle: Handle | None, scope: trio.CancelScope) -> None:
+        job_id = job.id
+        rec = self.jobs[job_id]
+        if handle is None and _served(job) and self.warm is not None \
+                and rec.stop_reason is None:
+            await self._run_warm(job, scope)
+            return
+        if handle is None:
+            if rec.stop_reason is not None:
+                await self._finish(job, Finished(JobState.CANCELLED, "cancelled", None,
+                                                 False, False))
+                return
+            try:
+                handle = await self._launch(job)
+            except Exception as e:  # noqa: BLE001 - any launch failure is the job's failure
+                log.exception("job %s could not start", job_id)
+                await self._finish(job, Finished(JobState.FAILED,
+                                                 f"could not start the job: {e}", None,
+                                                 False, True))
+                return
+            rec.handle = handle
+            job = await self._advance(job_id, Step(JobState.RUNNING, "running", fields={
+                "pid": handle.pid, "pid_start": handle.pid_start, "started_at": self.clock.time(),
+                "start_kind": "cold",
+            }))
+            log.info("job %s started: pid %s, gpus %s", job_id, handle.pid,
+                     ",".join(job.gpus) or "none")
+        rec.handle = handle
+        started = job.started_at or self.clock.time()
+        scope.deadline = trio.current_time() + max(0.0, started + job.timeout - self.clock.time())
+        outcome: Outcome | None = None
+        with scope:
+            outcome = await self.executor.wait(handle)
+        if outcome is None:
+            await self._stop_and_finish(job, handle)
+        else:
+            crash_point("before_finish")
+            await trio.to_thread.run_sync(self.executor.reap, handle)
+            await self._finish(job, await self._collect(job, outcome))
+
+    async def _stop_and_finish(self, job: Job, handle: Handle) -> None:
+        """The job's cancel scope fired: stop it (TERM, grace, KILL) and record why."""
+        rec = self.jobs.get(job.id)
+        stop_as = (rec.stop_reason if rec is not None else None) or JobState.TIMED_OUT
+        await self.executor.stop(handle, self.config.kill_grace)
+        why = ("cancelled" if stop_as is JobState.CANCELLED
+               else f"timed out after {_fmt_seconds(job.timeout)}")
+        await self._finish(job, Finished(stop_as, why, None, False, False))
+
+    async def _run_warm(self, job: Job, scope: trio.CancelScope) -> None:
+        """Run a keep_warm (or snapshot) job in a warm worker: the one the scheduler
+        matched, one restored from its snapshot, or a new one that then stays for the
+        next call."""
+        assert self.warm is not None
+        rec = self.jobs[job.id]
+        w, rec.assigned = rec.assigned, None
+        kind, note, take = "warm" if w is not None else "cold", "", None
+        try:
+            function, args = await self.ledger.call(Ledger.payload, job.id)
+            # As for a cold job: its submitter's Unix user on a root daemon; the warm
+            # worker is launched with this spec, so it runs as them too.
+            ident = run_as(job.owner, self.identity)
+            spec = await self._prepare_job_dir(job, function, args, ident)
+            if w is None and job.snapshot and self.snapshots is not None:
+                plan = await self.snapshots.plan(job, spec, self._new_warm_worker)
+                w, kind, note, take = plan.worker, plan.kind, plan.note, plan.take
+            elif w is None:
+                if job.snapshot:
+                    note = f"snapshots need the Podman executor, not {self.executor.name}"
+                w = await self._new_warm_worker(job, spec)
+        except Exception as e:  # noqa: BLE001 - any start-up failure is the job's failure
+            log.exception("job %s could not start", job.id)
+            if w is not None and kind == "warm":  # a matched worker stays for the next job
+                w.busy, w.idle_since = None, self.clock.monotonic()
+            await self._finish(job, Finished(JobState.FAILED, f"could not start the job: {e}",
+                                             None, False, True))
+            return
+        assert w.handle is not None
+        crash_point("warm_worker_ready")
+        rec.handle = w.handle
+        why = f"running ({kind}{': ' + note if note else ''})"
+        job = await self._advance(job.id, Step(JobState.RUNNING, why, fields={
+            "pid": w.handle.pid, "pid_start": w.handle.pid_start, "started_at": self.clock.time(),
+            "start_kind": kind,
+        }))
+        started = job.started_at or self.clock.time()
+        scope.deadline = trio.current_time() + max(0.0, started + job.timeout - self.clock.time())
+        code: int | None = None
+        finished = False
+        task_dir = self.executor.task_dir(spec.job_dir)
+        try:
+            with scope:
+                if take is not None and self.snapshots is not None:
+                    await self.snapshots.take(w, job, take, task_dir)
+                code = await self.warm.run(w, job.id, task_dir, keep_warm=job.keep_warm,
+                                           env=_task_env(job))
+                finished = True
+                crash_point("before_finish")
+        finally:
+            if take is not None and self.snapshots is not None:
+                await self.snapshots.settle(take, job.id)
+        if not finished:
+            # Cancelled or out of time: the worker goes with the job.
+            self.warm.forget(w)
+            await self._stop_and_finish(job, w.handle)
+            return
+        if code is None:  # the worker died during the job
+            self.warm.forget(w)
+            await trio.to_thread.run_sync(self.executor.reap, w.handle)
+        outcome = Outcome(exit_code=code)
+        await self._finish(job, await self._collect(job, outcome))
+        if code is not None and code != 0 and code != 1:
+            await self._end_warm(w, f"job {job.id} ended with exit code {code}")
+        elif code is not None and job.keep_warm <= 0:
+            await self._end_warm(w, f"job {job.id} is over and keep_warm is 0")
+
+    async def _new_warm_worker(self, job: Job, spec: LaunchSpec,
+                               snapshot: Path | None = None) -> WarmWorker:
+        """Launch a new warm worker for the job (``snapshot``: its container is to be
+        checkpointed into this directory) and wait for its hello."""
+        assert self.warm is not None
+        w = self.warm.new_worker(warm_key(job), job.gpus, job.keep_warm, busy=job.id)
+        spec = dataclasses.replace(spec, serve=(str(self.warm.path), w.token),
+                                   snapshot=snapshot)
+        with trio.CancelScope(shield=True):
+            handle = await self.executor.launch(spec)
+        w.handle = handle
+        with trio.move_on_after(60):
+            await first_of(w.hello.wait, lambda: self.executor.wait(handle))
+        if not w.hello.is_set():
+            self.warm.forget(w)
+            await trio.to_thread.run_sync(self.executor.reap, handle)
+            raise RuntimeError("the worker did not start (its output is in the job's log)")
+        return w
+
+    async def _launch(self, job: Job) -> Handle:
+        function, args = await self.ledger.call(Ledger.payload, job.id)
+        # Its submitter's Unix user on a root daemon (never root); a job whose owner lost
+        # their account since submitting fails here, saying so.
+        ident = run_as(job.owner, self.identity)
+        spec = await self._prepare_job_dir(job, function, args, ident)
+        crash_point("before_launch")
+        # Durable before anything starts: after a crash, an attempt without this record
+        # never ran (start it), one with it may have (look for its process and outcome).
+        await persist(lambda: self.ledger.call(Ledger.mark_launched, job.id, job.attempt,
+                                               self.clock.time()), f"the launch of job {job.id}")
+        crash_point("after_mark_launched")
+        with trio.CancelScope(shield=True):
+            handle = await self.executor.launch(spec)
+        crash_point("after_launch")
+        return handle
+
+    async def _warm_loop(self) -> None:
+        """End warm workers whose keep_warm ran out."""
+        assert self.warm is not None
+        while True:
+            await trio.sleep(0.5)
+            for h in self.warm.take_lost():  # idle workers that died on their own
+                await trio.to_thread.run_sync(self.executor.reap, h)
+            expired = self.warm.expired(self.clock.monotonic())
+            for w in expired:
+                await self._end_warm(w, f"idle for {w.keep_warm:g} s")
+            if expired:
+                self._reschedule()
