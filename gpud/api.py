@@ -31,8 +31,8 @@ from starlette.routing import Route
 
 from gpud import __version__
 from gpud.accounting import BY, Line, report
-from gpud.api_batch import BATCH_DOC, batch_routes
 from gpud.api_admin import ADMIN_DOC, admin_routes
+from gpud.api_batch import BATCH_DOC, batch_routes
 from gpud.api_images import IMAGE_DOC, image_routes
 from gpud.api_params import Param, ParamError, parse_id
 from gpud.api_snapshots import SNAPSHOT_DOC, snapshot_routes

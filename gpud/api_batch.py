@@ -32,8 +32,8 @@ from starlette.responses import Response, StreamingResponse
 
 from gpud.api_params import Param, parse_id
 from gpud.auth import Auth, check_job_access
-from gpud.domain import FINAL, Job, JobState
 from gpud.daemon.port import JobService
+from gpud.domain import FINAL, Job, JobState
 from gpud.ledger.batches import BatchRow
 from gpud.storage import require_room
 from gpud_client.models import (
@@ -58,19 +58,23 @@ ORDER = Param("order", "string", "input (default): in input order; completion: a
               "end", default="input", choices=("input", "completion"))
 AFTER_INDEX = Param("after", "integer", "leave out the inputs before this index (a "
                     "reconnecting reader in input order)", 0, MAX_BATCH, 0)
+FOLLOW_FOR = Param("timeout", "number", "follow for at most this many seconds, then end the "
+                   "stream early (a reader resumes with /stream or after=; default: until "
+                   "done)", 0.0, 86400.0)
 WITH_JOBS = Param("jobs", "boolean", "include the jobs' ids in input order", default=False)
 
 #: (method, path, summary, request model, response model, query parameters), as in
 #: gpud.api's table, which appends these.
 BATCH_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = [
     ("post", "/jobs/run", "Submit one job and stream its log and outcome (NDJSON JobEvent "
-     "lines: job, log..., end with the result inline)", SubmitRequest, JobEvent, (RUN_LOGS,)),
+     "lines: job, log..., end with the result inline)", SubmitRequest, JobEvent,
+     (RUN_LOGS, FOLLOW_FOR)),
     ("get", "/jobs/{job_id}/stream", "Stream a job's log and outcome (NDJSON JobEvent "
-     "lines)", None, JobEvent, (RUN_LOGS, STREAM_OFFSET)),
+     "lines)", None, JobEvent, (RUN_LOGS, STREAM_OFFSET, FOLLOW_FOR)),
     ("get", "/batches/{batch_id}", "A batch: size, limit, its jobs' counts by state", None,
      BatchInfo, (WITH_JOBS,)),
     ("get", "/batches/{batch_id}/results", "A batch's results as its jobs end (NDJSON "
-     "BatchResult lines)", None, BatchResult, (ORDER, AFTER_INDEX)),
+     "BatchResult lines)", None, BatchResult, (ORDER, AFTER_INDEX, FOLLOW_FOR)),
     ("post", "/batches/{batch_id}/cancel", "Cancel the batch's jobs that are not over; "
      "returns once they are final", None, BatchInfo, ()),
 ]
@@ -87,6 +91,15 @@ _encoder = msgspec.json.Encoder()
 
 def _line(obj: Any) -> bytes:
     return _encoder.encode(obj) + b"\n"
+
+
+def _until(timeout: float | None) -> float:
+    """The trio time a stream with this ``timeout`` parameter ends at (inf: none)."""
+    return float("inf") if timeout is None else trio.current_time() + timeout
+
+
+def _bounded(wait: float, until: float) -> float:
+    return max(0.0, min(wait, until - trio.current_time()))
 
 
 def _read_result(path: Path) -> tuple[bytes | None, int]:
@@ -154,13 +167,16 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
 
     limit = daemon.config.max_body_bytes
 
-    async def job_stream(job: Job, logs: bool, offset: int) -> AsyncIterator[bytes]:
+    async def job_stream(job: Job, logs: bool, offset: int,
+                         until: float) -> AsyncIterator[bytes]:
         yield _line(JobEvent(kind="job", job=job_info(daemon, job)))
         path, pos = daemon.log_path(job.id), offset
         while True:
             job = await daemon.get(job.id)
             if job.state in FINAL:
                 break
+            if trio.current_time() >= until:
+                return  # the caller's timeout: no `end`, it follows again with /stream
             if logs:
                 data = await trio.to_thread.run_sync(_read_log, path, pos, 1 << 20)
                 if data:
@@ -168,7 +184,7 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
                     yield _line(JobEvent(kind="log", data=data))
                     continue
             # Returns at once when the job ends; with a log to follow, looks again soon.
-            await daemon.wait_final(job.id, _LOG_POLL if logs else 30.0)
+            await daemon.wait_final(job.id, _bounded(_LOG_POLL if logs else 30.0, until))
         tail, result, size = await trio.to_thread.run_sync(_tail_and_result, daemon, job, pos,
                                                            logs)
         for i in range(0, len(tail), 1 << 20):
@@ -178,6 +194,7 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
 
     async def run(request: Request) -> Response:
         logs = _param(request, RUN_LOGS)
+        until = _until(_param(request, FOLLOW_FOR))
         body = await _body(request, limit)
         req = _decode(body, SubmitRequest)
         key = await _idempotency(request, req)
@@ -188,14 +205,16 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
             require_room(daemon.config.data_dir, len(body))
             _, made = await daemon.submit(jobs, req.function, idempotency=key)
             job = made[0]
-        return StreamingResponse(job_stream(job, logs, 0), status_code=201, media_type=NDJSON)
+        return StreamingResponse(job_stream(job, logs, 0, until), status_code=201,
+                                 media_type=NDJSON)
 
     async def stream(request: Request) -> Response:
         logs = _param(request, RUN_LOGS)
         offset = _param(request, STREAM_OFFSET)
+        until = _until(_param(request, FOLLOW_FOR))
         job = await daemon.get(_job_id(request))
         check_job_access(_principal(request), job, "follow")
-        return StreamingResponse(job_stream(job, logs, offset), media_type=NDJSON)
+        return StreamingResponse(job_stream(job, logs, offset, until), media_type=NDJSON)
 
     async def own_batch(request: Request) -> BatchRow:
         raw = request.path_params["batch_id"]
@@ -226,18 +245,21 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
         # running jobs) in memory, so one that it does not hold is over.
         return daemon.active_job(job_id) is None
 
-    async def results_of(ids: list[int], order: str, after: int) -> AsyncIterator[bytes]:
+    async def results_of(ids: list[int], order: str, after: int,
+                         until: float) -> AsyncIterator[bytes]:
         index = {jid: i for i, jid in enumerate(ids)}
         pos = after  # input order: the next index to send
         waiting = [] if order == "input" else list(ids)  # completion order: not sent yet
         while (pos < len(ids)) if order == "input" else waiting:
+            if trio.current_time() >= until:
+                return  # the caller's timeout: it reads on with after= (or skips by index)
             ready: list[int] = []
             if order == "input":
                 while pos < len(ids) and len(ready) < _CHUNK and over(ids[pos]):
                     ready.append(ids[pos])
                     pos += 1
                 if not ready:
-                    await daemon.wait_final(ids[pos], 30.0)
+                    await daemon.wait_final(ids[pos], _bounded(30.0, until))
                     continue
             else:
                 rest: list[int] = []
@@ -245,7 +267,7 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
                     (ready if over(jid) and len(ready) < _CHUNK else rest).append(jid)
                 waiting = rest
                 if not ready:
-                    await daemon.wait_final(waiting[0], _RESCAN)
+                    await daemon.wait_final(waiting[0], _bounded(_RESCAN, until))
                     continue
             jobs = await daemon.batch_jobs(ready)
             found = await trio.to_thread.run_sync(_read_results, daemon, jobs)
@@ -257,9 +279,10 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
     async def results(request: Request) -> Response:
         order = _param(request, ORDER)
         after = _param(request, AFTER_INDEX)
+        until = _until(_param(request, FOLLOW_FOR))
         row = await own_batch(request)
         ids = await daemon.batch_job_ids(row.id)
-        return StreamingResponse(results_of(ids, order, after), media_type=NDJSON)
+        return StreamingResponse(results_of(ids, order, after, until), media_type=NDJSON)
 
     async def cancel_batch(request: Request) -> Response:
         row = await own_batch(request)

@@ -355,3 +355,17 @@ def test_remote_and_map_ride_out_a_daemon_restart(process_daemon: DaemonProc) ->
     assert list(batch) == [2.0, 2.0]
     call.join(60)
     assert got == [2.0]
+
+
+def test_a_stream_with_a_timeout_ends_early_and_is_resumed(daemon: DaemonProc) -> None:
+    handle = nap.spawn(1.5)
+    early = list(app.client._ndjson(gpud.client._Call(
+        "GET", f"/jobs/{handle.id}/stream", gpud.models.JobEvent, {"timeout": "0.2"},
+        read_timeout=None)))
+    assert [e.kind for e in early] == ["job"]  # no end: the job is still running
+    batch = nap.spawn_map([1.5, 0.1])
+    lines = list(app.client._ndjson(gpud.client._Call(
+        "GET", f"/batches/{batch.id}/results", gpud.models.BatchResult,
+        {"timeout": "0.3", "order": "completion"}, read_timeout=None)))
+    assert len(lines) <= 1  # the short one at most
+    assert list(batch) == [1.5, 0.1] and handle.get(timeout=30) == 1.5
