@@ -108,6 +108,13 @@ def _tame(case: Any) -> None:
         case.query.setdefault("timeout", 0.2)
         with contextlib.suppress(TypeError, ValueError):
             case.query["timeout"] = min(float(case.query["timeout"]), 0.2)
+    if case.path.endswith(("/jobs/run", "/stream", "/results")):
+        # These follow a job or a batch to its end: bound them as the long poll above.
+        if not isinstance(case.query, dict):
+            case.query = {}
+        case.query.setdefault("timeout", 0.2)
+        with contextlib.suppress(TypeError, ValueError):
+            case.query["timeout"] = min(float(case.query["timeout"]), 0.2)
     if case.path.endswith("/logs") and isinstance(case.query, dict) and "follow" in case.query:
         case.query["follow"] = "false"
 

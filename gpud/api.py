@@ -12,7 +12,6 @@ Every request but ``/v1/health`` and ``/openapi.json`` is authenticated first
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sqlite3
@@ -32,9 +31,14 @@ from starlette.routing import Route
 from gpud import __version__
 from gpud.accounting import BY, Line, report
 from gpud.api_admin import ADMIN_DOC, admin_routes
+from gpud.api_batch import BATCH_DOC, batch_routes
 from gpud.api_images import IMAGE_DOC, image_routes
 from gpud.api_params import Param
 from gpud.api_snapshots import SNAPSHOT_DOC, snapshot_routes
+from gpud.api_submit import idempotency as _idempotency
+from gpud.api_submit import new_jobs as _new_jobs
+from gpud.api_submit import replayed as _replayed
+from gpud.api_submit import storage_error as _storage_error
 from gpud.api_watch import WATCH_DOC, watch_routes
 from gpud.auth import (
     Auth,
@@ -42,11 +46,9 @@ from gpud.auth import (
     QuotaExceeded,
     Unauthenticated,
     check_job_access,
-    effective_timeout,
 )
 from gpud.daemon.port import JobService
-from gpud.daemon.record import ExecutorDown, SubmitError
-from gpud.domain import FINAL, GpuRequest, Job, JobState
+from gpud.domain import FINAL, Job, JobState
 from gpud.http_common import ApiError, job_info
 from gpud.http_common import decode_body as _decode
 from gpud.http_common import error_response as _error
@@ -55,10 +57,10 @@ from gpud.http_common import path_job_id as _job_id
 from gpud.http_common import principal as _principal
 from gpud.http_common import query_param as _param
 from gpud.http_common import read_body as _body
-from gpud.ledger import IdempotencyKey, KeyReused, NewJob, UnknownJob
+from gpud.ledger import KeyReused, UnknownJob
 from gpud.retention import files_gone
 from gpud.safefs import read_regular
-from gpud.storage import DiskFull, full_message, is_busy, is_full, require_room
+from gpud.storage import DiskFull, require_room
 from gpud.users import NoUnixAccount, Principal, run_as
 from gpud_client.models import (
     API_PREFIX,
@@ -107,97 +109,6 @@ BY_PARAM = Param("by", "string", "group by user (default), day or gpu-type", def
 # -- request helpers -----------------------------------------------------------------------
 
 
-async def _idempotency(request: Request,
-                       req: SubmitRequest | BatchSubmitRequest) -> IdempotencyKey | None:
-    """The submit's idempotency key, per owner, with a fingerprint of the whole request (a
-    retry sends the same one; another submit reusing the key does not)."""
-    if req.idempotency_key is None:
-        return None
-    kind = type(req).__name__.encode()
-    digest = await trio.to_thread.run_sync(
-        lambda: hashlib.sha256(kind + b"\0" + msgspec.json.encode(req)).hexdigest())
-    return IdempotencyKey(owner=_principal(request).name, key=req.idempotency_key,
-                          fingerprint=digest)
-
-
-def _replayed(obj: Any) -> Response:
-    """The answer to a repeated idempotency key: the first submit's, marked as such."""
-    resp = _json(obj, 201)
-    resp.headers["idempotent-replayed"] = "true"
-    return resp
-
-
-def _storage_error(daemon: JobService, e: sqlite3.Error | OSError) -> Response:
-    """The ledger or the data directory could not be written: 507 for a full disk, 503
-    for a write lock another process holds; anything else stays a bug (500)."""
-    if is_full(e):
-        log.warning("refused a request: %s", e)
-        return _error(507, "disk_full", full_message(daemon.config.data_dir))
-    if is_busy(e):
-        log.warning("refused a request: the ledger is locked (%s)", e)
-        resp = _error(503, "ledger_busy",
-                      f"the ledger {daemon.config.ledger_path} is locked by another process "
-                      "(a backup, or sqlite3 left open?): try again shortly, or end that "
-                      "process")
-        resp.headers["retry-after"] = "5"
-        return resp
-    raise e
-
-
-async def _new_jobs(
-    daemon: JobService, auth: Auth, request: Request, req: SubmitRequest | BatchSubmitRequest,
-    args: list[bytes],
-) -> list[NewJob]:
-    who = _principal(request)
-    try:
-        gpu = GpuRequest.parse(req.gpu)
-    except ValueError as e:
-        raise ApiError(422, "invalid_gpu", str(e)) from None
-    timeout = effective_timeout(who, req.timeout, daemon.config.effective_default_timeout)
-    # The ranges of retries, priority, env, name, memory and the batch size were checked
-    # as the body was decoded (gpud_client.models); what depends on this daemon's config
-    # and box is checked here.
-    memory = req.memory
-    cfg = daemon.config
-    keep_warm = cfg.keep_warm_default if req.keep_warm is None else req.keep_warm
-    if not 0 <= keep_warm <= cfg.keep_warm_max:
-        raise ApiError(422, "invalid_keep_warm",
-                       f"keep_warm must be between 0 and this daemon's keep_warm_max "
-                       f"({cfg.keep_warm_max:g} s)")
-    if req.cpu is not None and not 0.01 <= req.cpu <= (os.cpu_count() or 1):
-        raise ApiError(422, "invalid_cpu",
-                       f"cpu must be between 0.01 and this box's {os.cpu_count()} CPUs")
-    try:
-        image = await daemon.check_submittable(gpu, req.python, timeout, req.image,
-                                               python_path=req.python_path)
-    except SubmitError as e:
-        raise ApiError(422, "refused", str(e)) from None
-    except ExecutorDown as e:
-        raise ApiError(503, "executor_unavailable", str(e)) from None
-    queued = daemon.queued_count(who.name)
-    # Who may submit at all (a Unix account to run as, quotas: 403) before which
-    # interpreter their job runs with (422).
-    auth.check_submit(who, priority=req.priority, jobs=len(args), queued=queued)
-    try:
-        python_env = await daemon.resolve_python(who.name, req.python, req.python_path,
-                                                 req.python_prefix)
-    except SubmitError as e:
-        raise ApiError(422, "refused", str(e)) from None
-    if image is not None and daemon.images is not None:
-        await daemon.images.touch(image)  # a use, for garbage collection (#11)
-    import hashlib
-
-    code_hash = hashlib.sha256(req.function).hexdigest()
-    owner = who.name
-    return [
-        NewJob(name=req.name, owner=owner, function_hash=code_hash, args=a, python=req.python,
-               timeout=timeout, gpu=gpu, retries=req.retries, priority=req.priority,
-               image=image, env=dict(req.env), memory=memory, cpus=req.cpu,
-               keep_warm=keep_warm, snapshot=req.snapshot, python_env=python_env)
-        for a in args
-    ]
-
-
 # -- routes ----------------------------------------------------------------------------
 
 
@@ -237,7 +148,8 @@ def create_app(daemon: JobService) -> Starlette:
                                                  job_ids=[j.id for j in seen[1]]))
         jobs = await _new_jobs(daemon, auth, request, req, req.inputs)
         require_room(daemon.config.data_dir, len(body))
-        batch_id, made = await daemon.submit(jobs, req.function, batch=True, idempotency=key)
+        batch_id, made = await daemon.submit(jobs, req.function, batch=True, idempotency=key,
+                                             max_concurrency=req.max_concurrency)
         assert batch_id is not None
         return _json(BatchSubmitResponse(batch_id=batch_id, job_ids=[j.id for j in made]), 201)
 
@@ -404,10 +316,12 @@ def create_app(daemon: JobService) -> Starlette:
                 return _storage_error(daemon, e)
         return handler
 
+    batch = batch_routes(daemon, auth)  # the hot path's endpoints (#12)
     table: list[tuple[str, str, Callable[[Request], Any]]] = [
         ("GET", "/health", health),
         ("POST", "/jobs", submit),
         ("POST", "/jobs/batch", submit_batch),
+        *batch[:1],  # POST /jobs/run, before /jobs/{job_id}
         ("GET", "/jobs", list_jobs),
         ("GET", "/jobs/{job_id}", get_job),
         ("GET", "/jobs/{job_id}/wait", wait_job),
@@ -421,6 +335,7 @@ def create_app(daemon: JobService) -> Starlette:
         *watch_routes(daemon),
         *snapshot_routes(daemon),
         *image_routes(daemon),
+        *batch[1:],
         *admin_routes(daemon),
     ]
     routes = [Route(API_PREFIX + p, wrap(fn, public=p == "/health"), methods=[m])
@@ -526,6 +441,7 @@ _DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = 
     *WATCH_DOC,
     *SNAPSHOT_DOC,
     *IMAGE_DOC,
+    *BATCH_DOC,
     *ADMIN_DOC,
 ]
 
@@ -577,7 +493,7 @@ def openapi(daemon: JobService | None = None) -> dict[str, Any]:
     for method, path, summary, body, resp, params in _DOC:
         op: dict[str, Any] = {"summary": summary, "responses": {}}
         parameters = []
-        for name in ("job_id", "snapshot_id"):
+        for name in ("job_id", "snapshot_id", "batch_id"):
             if "{" + name + "}" in path:
                 parameters.append({"name": name, "in": "path", "required": True,
                                    "schema": dict(_PATH_ID)})

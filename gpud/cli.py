@@ -249,16 +249,34 @@ def result(job_id: int, as_json: bool, url: str | None) -> None:
 
 
 @cli.command()
-@click.argument("job_ids", type=int, nargs=-1, required=True)
+@click.argument("job_ids", type=int, nargs=-1)
+@click.option("--batch", "batch_ids", type=int, multiple=True, metavar="ID",
+              help="Cancel the jobs of this batch (a .map) that are not over.")
 @click.option("--json", "as_json", is_flag=True)
 @url_option
 @handle_errors
-def cancel(job_ids: tuple[int, ...], as_json: bool, url: str | None) -> None:
+def cancel(job_ids: tuple[int, ...], batch_ids: tuple[int, ...], as_json: bool,
+           url: str | None) -> None:
     """Cancel jobs: queued ones at once, running ones are stopped (TERM, then KILL)."""
     from gpud_client import ApiError
 
-    out, failed = [], False
+    if not job_ids and not batch_ids:
+        fail("name the jobs to cancel (gpud cancel 12 13) or a batch (gpud cancel --batch 3)")
+    out: list[Any] = []
+    failed = False
     with _client(url) as c:
+        for bid in batch_ids:
+            try:
+                batch = c.cancel_batch(bid)
+            except ApiError as e:
+                click.echo(f"Error: batch {bid}: {e.detail}", err=True)
+                failed = True
+                continue
+            out.append(batch)
+            if not as_json:
+                n = batch.counts
+                click.echo(f"batch {bid}: {n.cancelled} cancelled, {batch.done - n.cancelled} "
+                           f"ended otherwise, of {batch.size}", err=True)
         for jid in job_ids:
             try:
                 job = c.cancel(jid)

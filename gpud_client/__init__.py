@@ -16,6 +16,7 @@ This package never imports the daemon (``gpud``): it is all a job's caller needs
 """
 
 from gpud_client.app import App, Function, FunctionOptions, function
+from gpud_client.batch import BatchHandle
 from gpud_client.client import AsyncClient, Client
 from gpud_client.cls import enter, method
 from gpud_client.duration import format_duration, parse_duration, parse_size
@@ -41,6 +42,7 @@ __all__ = [
     "ApiError",
     "App",
     "AsyncClient",
+    "BatchHandle",
     "Client",
     "DaemonUnavailable",
     "Function",

@@ -12,6 +12,8 @@
     train.remote(lr=3e-4)          # run on the daemon, stream its log, return the value
     handle = train.spawn(lr=1e-3)  # submit and return at once: a JobHandle
     list(train.map([1e-3, 1e-4]))  # one job per input, results in input order
+    list(train.starmap([(1, 2)]))  # inputs that are argument tuples
+    batch = train.spawn_map([1e-3, 1e-4])  # submit and return at once: a BatchHandle
     train(lr=1e-3)                 # run here, as a plain call
 """
 
@@ -29,10 +31,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
+from gpud_client.batch import BatchHandle, run_call
 from gpud_client.client import Client
 from gpud_client.cls import ClsProxy
 from gpud_client.duration import parse_duration, parse_size
-from gpud_client.errors import ApiError, DaemonUnavailable, GpudError, VersionMismatch
+from gpud_client.errors import VersionMismatch
 from gpud_client.handle import JobHandle
 from gpud_client.image import Image
 from gpud_client.imagebuild import ensure_image
@@ -448,13 +451,15 @@ class Function(Generic[P, R]):
         return SubmitRequest(function=function_bytes, args=args_bytes, **self._common())
 
     def batch_request(
-        self, inputs: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
+        self, inputs: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
+        max_concurrency: int | None = None,
     ) -> BatchSubmitRequest:
         """The request that submits one job per ``(args, kwargs)``, the function once."""
         with pickle_by_value(self._anchor):
             function_bytes, _ = dumps_function(self._fn)
             payloads = [dumps_args(a, kw) for a, kw in inputs]
-        return BatchSubmitRequest(function=function_bytes, inputs=payloads, **self._common())
+        return BatchSubmitRequest(function=function_bytes, inputs=payloads,
+                                  max_concurrency=max_concurrency, **self._common())
 
     def _ready_client(self) -> Client:
         client = self.client
@@ -481,53 +486,90 @@ class Function(Generic[P, R]):
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the call as a job and return its value (or raise its exception), copying
-        the job's log to ``sys.stderr`` meanwhile. Ctrl-C cancels the job."""
-        handle = self.spawn(*args, **kwargs)
-        try:
-            return handle.get(log_to=sys.stderr)
-        except KeyboardInterrupt:
-            handle.cancel_quietly()
-            print(f"gpud: cancelled job {handle.id}", file=sys.stderr, flush=True)
-            raise
+        the job's log to ``sys.stderr`` meanwhile. Ctrl-C cancels the job.
+
+        One request (``POST /v1/jobs/run``) carries the submit, the log and the outcome."""
+        client = self._ready_client()
+        value: R = run_call(client, self.submit_request(args, kwargs), log_to=sys.stderr)
+        return value
+
+    def spawn_map(
+        self,
+        *iterables: Iterable[Any],
+        kwargs: Mapping[str, Any] | None = None,
+        max_concurrency: int | None = None,
+    ) -> BatchHandle[R]:
+        """Submit one job per tuple of ``zip(*iterables)`` (one batch, one request) and
+        return its :class:`BatchHandle` at once. ``max_concurrency``: at most this many
+        of them run at the same time (like Slurm's ``%N``)."""
+        if not iterables:
+            raise TypeError("spawn_map() needs at least one iterable")
+        return self._spawn_batch(zip(*iterables, strict=False), kwargs, max_concurrency)
+
+    def _spawn_batch(
+        self, arg_tuples: Iterable[Iterable[Any]], kwargs: Mapping[str, Any] | None,
+        max_concurrency: int | None,
+    ) -> BatchHandle[R]:
+        if max_concurrency is not None and (isinstance(max_concurrency, bool)
+                                            or not isinstance(max_concurrency, int)
+                                            or max_concurrency < 1):
+            raise ValueError(f"max_concurrency must be a whole number >= 1 (or None for no "
+                             f"limit), not {max_concurrency!r}")
+        extra = dict(kwargs or {})
+        inputs = [(tuple(args), extra) for args in arg_tuples]
+        if not inputs:
+            raise ValueError("no inputs: a batch needs at least one")
+        client = self._ready_client()
+        response = client.submit_batch(self.batch_request(inputs, max_concurrency))
+        return BatchHandle(response.batch_id, client, size=len(response.job_ids),
+                           name=self.name)
 
     def map(
         self,
         *iterables: Iterable[Any],
         kwargs: Mapping[str, Any] | None = None,
         return_exceptions: bool = False,
+        order_outputs: bool = True,
+        max_concurrency: int | None = None,
+        progress: bool | None = None,
     ) -> Iterator[R]:
         """Like the builtin ``map``: one job per tuple of ``zip(*iterables)``, all
-        submitted at once (now, not when iterated); results in input order.
+        submitted at once (now, not when iterated) as one batch; results in input order,
+        or as the jobs end with ``order_outputs=False``, over one streaming request.
 
         With ``return_exceptions`` a job's exception is yielded instead of raised (errors
-        talking to the daemon are still raised). Ctrl-C cancels the jobs not yet done.
+        talking to the daemon are still raised). ``max_concurrency``: at most this many
+        jobs of the batch run at once. A progress bar goes to stderr when it is a terminal
+        and there are 10 inputs or more (``progress`` True/False forces it). Ctrl-C
+        cancels the jobs not yet done.
         """
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        extra = dict(kwargs or {})
-        inputs = [(tuple(args), extra) for args in zip(*iterables, strict=False)]
-        if not inputs:
+        return self._map(zip(*iterables, strict=False), kwargs, return_exceptions,
+                         order_outputs, max_concurrency, progress)
+
+    def starmap(
+        self,
+        input_iterator: Iterable[Iterable[Any]],
+        *,
+        kwargs: Mapping[str, Any] | None = None,
+        return_exceptions: bool = False,
+        order_outputs: bool = True,
+        max_concurrency: int | None = None,
+        progress: bool | None = None,
+    ) -> Iterator[R]:
+        """Like :meth:`map`, but each input is a tuple of positional arguments, spread
+        (``itertools.starmap``): ``f.starmap([(1, 2), (3, 4)])`` calls ``f(1, 2)`` and
+        ``f(3, 4)``."""
+        return self._map(input_iterator, kwargs, return_exceptions, order_outputs,
+                         max_concurrency, progress)
+
+    def _map(self, arg_tuples: Iterable[Iterable[Any]], kwargs: Mapping[str, Any] | None,
+             return_exceptions: bool, order_outputs: bool, max_concurrency: int | None,
+             progress: bool | None) -> Iterator[R]:
+        arg_list = list(arg_tuples)
+        if not arg_list:
             return iter(())
-        client = self._ready_client()
-        request = self.batch_request(inputs)
-        response = client.submit_batch(request)
-        handles: list[JobHandle[R]] = [JobHandle(i, client) for i in response.job_ids]
-        return _results(handles, return_exceptions)
-
-
-def _results(handles: list[JobHandle[R]], return_exceptions: bool) -> Iterator[Any]:
-    for i, handle in enumerate(handles):
-        try:
-            value = handle.get()
-        except KeyboardInterrupt:
-            for rest in handles[i:]:
-                rest.cancel_quietly()
-            raise
-        except Exception as e:
-            # Trouble talking to the daemon is not the job's outcome: always raise it.
-            daemon_trouble = isinstance(e, DaemonUnavailable | ApiError) or type(e) is GpudError
-            if daemon_trouble or not return_exceptions:
-                raise
-            yield e
-            continue
-        yield value
+        batch = self._spawn_batch(arg_list, kwargs, max_concurrency)
+        return batch.results(order_outputs=order_outputs, return_exceptions=return_exceptions,
+                             progress=progress)

@@ -13,6 +13,7 @@ refuses connections is :class:`DaemonUnavailable`, whose message says how to sta
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import os
 import random
@@ -34,6 +35,8 @@ from httpcore._backends.sync import SyncStream
 from gpud_client.errors import ApiError, DaemonUnavailable, GpudError
 from gpud_client.models import (
     API_PREFIX,
+    BatchInfo,
+    BatchResult,
     BatchSubmitRequest,
     BatchSubmitResponse,
     ErrorBody,
@@ -46,6 +49,7 @@ from gpud_client.models import (
     ImageBuildEvent,
     ImageBuildRequest,
     ImageList,
+    JobEvent,
     JobInfo,
     JobList,
     JobOutcome,
@@ -143,6 +147,10 @@ def _wait_call(job_id: int, timeout: float, client_timeout: float) -> _Call[JobI
         {"timeout": f"{wait:g}"},
         read_timeout=wait + client_timeout,
     )
+
+
+def _bool(flag: bool) -> str:
+    return "true" if flag else "false"
 
 
 def _gc_call(dry_run: bool) -> _Call[GcReport]:
@@ -442,6 +450,45 @@ class Client(_Base):
     def _do(self, call: _Call[T]) -> T:
         return _decode(self.url, self._send(call), call.model)
 
+    @contextlib.contextmanager
+    def _stream(self, call: _Call[Any], *, idempotent: bool = False) -> Iterator[httpx.Response]:
+        """A streamed answer, sent again as :meth:`_send` does until its status came;
+        a dropped connection after that raises DaemonUnavailable (the caller resumes)."""
+        retry = _Retry(idempotent=idempotent)
+        while True:
+            try:
+                request = self._http.build_request(
+                    call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout))
+                resp = self._http.send(request, stream=True)
+            except httpx.TransportError as e:
+                if (delay := retry.after_error(e)) is None:
+                    raise _transport_error(self.url, e) from e
+            else:
+                if (delay := retry.after_response(resp)) is None:
+                    break
+                resp.close()
+            time.sleep(delay)
+        try:
+            if not resp.is_success:
+                resp.read()
+                raise _api_error(resp)
+            yield resp
+        except httpx.TransportError as e:
+            raise _transport_error(self.url, e) from e
+        finally:
+            resp.close()
+
+    def _ndjson(self, call: _Call[T], *, idempotent: bool = False) -> Iterator[T]:
+        decoder = msgspec.json.Decoder(call.model)
+        with self._stream(call, idempotent=idempotent) as resp:
+            for line in resp.iter_lines():
+                if line.strip():
+                    try:
+                        yield decoder.decode(line)
+                    except msgspec.DecodeError as e:
+                        raise GpudError(f"unexpected line from the gpud daemon at {self.url} "
+                                        f"on {call.path}: {e}") from e
+
     def _submit(self, call: _Call[T]) -> T:
         """Send an idempotent submit, again while the daemon cannot be reached."""
         return _decode(self.url, self._send(call, idempotent=True), call.model)
@@ -463,6 +510,42 @@ class Client(_Base):
         Exactly once, as :meth:`submit`."""
         body = msgspec.json.encode(_keyed(request))
         return self._submit(_Call("POST", "/jobs/batch", BatchSubmitResponse, body=body))
+
+    def run(self, request: SubmitRequest, *, logs: bool = True) -> Iterator[JobEvent]:
+        """``POST /v1/jobs/run``: submit one job (exactly once, as :meth:`submit`) and
+        follow it on the same connection: a ``job`` event, its ``log`` chunks (with
+        ``logs``), then ``end`` with the result inline. If the stream breaks after the
+        ``job`` event, follow the job with :meth:`job_stream`."""
+        body = msgspec.json.encode(_keyed(request))
+        call = _Call("POST", "/jobs/run", JobEvent, {"logs": _bool(logs)}, body=body,
+                     read_timeout=None)
+        return self._ndjson(call, idempotent=True)
+
+    def job_stream(self, job_id: int, *, logs: bool = True,
+                   offset: int = 0) -> Iterator[JobEvent]:
+        """``GET /v1/jobs/{id}/stream``: as :meth:`run`, for an existing job, its log from
+        byte ``offset``."""
+        return self._ndjson(_Call("GET", f"/jobs/{job_id}/stream", JobEvent,
+                                  {"logs": _bool(logs), "offset": str(offset)},
+                                  read_timeout=None))
+
+    def batch(self, batch_id: int, *, jobs: bool = False) -> BatchInfo:
+        """``GET /v1/batches/{id}``: the batch's size, limit and progress (with ``jobs``,
+        its jobs' ids in input order)."""
+        return self._do(_Call("GET", f"/batches/{batch_id}", BatchInfo, {"jobs": _bool(jobs)}))
+
+    def batch_results(self, batch_id: int, *, order: str = "input",
+                      after: int = 0) -> Iterator[BatchResult]:
+        """``GET /v1/batches/{id}/results``: one line per finished job as they end, in
+        ``order`` "input" (from index ``after``) or "completion"."""
+        return self._ndjson(_Call("GET", f"/batches/{batch_id}/results", BatchResult,
+                                  {"order": order, "after": str(after)}, read_timeout=None))
+
+    def cancel_batch(self, batch_id: int) -> BatchInfo:
+        """``POST /v1/batches/{id}/cancel``: cancel the jobs not over; returns once they
+        are final."""
+        return self._do(_Call("POST", f"/batches/{batch_id}/cancel", BatchInfo,
+                              read_timeout=None))
 
     def list_jobs(
         self,
@@ -756,6 +839,15 @@ class AsyncClient(_Base):
 
     async def outcome(self, job_id: int) -> JobOutcome:
         return await self._do(_Call("GET", f"/jobs/{job_id}/outcome", JobOutcome))
+
+    async def batch(self, batch_id: int, *, jobs: bool = False) -> BatchInfo:
+        return await self._do(_Call("GET", f"/batches/{batch_id}", BatchInfo,
+                                    {"jobs": _bool(jobs)}))
+
+    async def cancel_batch(self, batch_id: int) -> BatchInfo:
+        return await self._do(_Call("POST", f"/batches/{batch_id}/cancel", BatchInfo,
+                                    read_timeout=None))
+
 
     async def gc(self, *, dry_run: bool = False) -> GcReport:
         return await self._do(_gc_call(dry_run))

@@ -13,6 +13,9 @@ from msgspec import Meta
 
 __all__ = [
     "API_PREFIX",
+    "BatchCounts",
+    "BatchInfo",
+    "BatchResult",
     "BatchSubmitRequest",
     "BatchSubmitResponse",
     "ErrorBody",
@@ -33,9 +36,11 @@ __all__ = [
     "ImageList",
     "ImageSpec",
     "ImageStep",
+    "JobEvent",
     "JobInfo",
     "JobList",
     "JobOutcome",
+    "INLINE_RESULT_MAX",
     "MAX_BATCH",
     "MAX_ID",
     "MAX_SECONDS",
@@ -84,6 +89,12 @@ Memory = Annotated[int, Meta(ge=16 * 1024 * 1024, le=2**53, description="bytes")
 Cpus = Annotated[float, Meta(ge=0.01, le=4096, description="CPUs")]
 KeepWarm = Annotated[float, Meta(ge=0, le=MAX_SECONDS, description="seconds")]
 Inputs = Annotated[list[bytes], Meta(min_length=1, max_length=MAX_BATCH)]
+MaxConcurrency = Annotated[int, Meta(ge=1, le=MAX_BATCH,
+                                     description="at most this many of the batch's jobs run "
+                                                 "at once")]
+#: Results up to this size travel inline in ``/v1/jobs/run``, ``/v1/jobs/{id}/stream`` and
+#: ``/v1/batches/{id}/results`` (#12); a larger one is fetched from ``/v1/jobs/{id}/result``.
+INLINE_RESULT_MAX = 1 << 20
 
 
 class _Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -154,6 +165,8 @@ class BatchSubmitRequest(_Request):
     python_prefix: str | None = None
     #: makes a retried submit exactly-once (docs/api.md, "Idempotent submits")
     idempotency_key: IdempotencyKey | None = None
+    #: at most this many of the batch's jobs run at once (Slurm's ``%N``); None: no limit
+    max_concurrency: MaxConcurrency | None = None
 
 
 class BatchSubmitResponse(msgspec.Struct, kw_only=True):
@@ -460,6 +473,56 @@ class UsageReport(msgspec.Struct, kw_only=True):
     total: UsageLine
 
 
+class JobEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One line of the NDJSON stream of ``POST /v1/jobs/run`` and ``GET
+    /v1/jobs/{id}/stream`` (#12): ``job`` first (the job as submitted), then ``log``
+    chunks of its combined output, then ``end`` once it is final, with its result inline
+    when it has one of at most :data:`INLINE_RESULT_MAX` bytes (the worker's pickle,
+    passed through as bytes: the daemon never unpickles it)."""
+
+    kind: str  # job | log | end
+    job: JobInfo | None = None  # job, end
+    data: bytes = b""  # log: raw bytes of the job's output (base64 in JSON)
+    result: bytes | None = None  # end: the result pickle, when inline
+    result_size: int = 0  # end: its size in bytes (0: none); > 0 with result null: fetch it
+
+
+class BatchResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One line of ``GET /v1/batches/{id}/results`` (NDJSON): a finished job of the batch,
+    by its input index, with its result inline as in :class:`JobEvent`."""
+
+    index: int  # the input's place in the batch, from 0
+    job: JobInfo
+    result: bytes | None = None
+    result_size: int = 0
+
+
+class BatchCounts(msgspec.Struct, kw_only=True):
+    """How many of a batch's jobs are in each state."""
+
+    queued: int = 0
+    starting: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    timed_out: int = 0
+    lost: int = 0
+
+
+class BatchInfo(msgspec.Struct, kw_only=True):
+    """A batch (one ``.map``): its size, owner, limit and progress (#12)."""
+
+    id: int
+    owner: str
+    name: str
+    size: int
+    submitted_at: float
+    max_concurrency: int | None
+    counts: BatchCounts
+    done: int  # jobs that are final
+    #: the jobs' ids in input order, with ``?jobs=true``
+    job_ids: list[int] | None = None
 class GcRequest(_Request):
     """``POST /v1/admin/gc``: apply the daemon's retention settings now."""
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Sequence
 
 import trio
 
+from gpud.batches import BatchLimits
 from gpud.clock import Clock, SystemClock
 from gpud.config import Config
 from gpud.daemon import jobfiles
@@ -107,6 +108,7 @@ class DaemonCore:
                              age_weight=config.age_weight, max_age=config.max_age)
         self.retry_policy = RetryPolicy(config.retry_backoff, config.retry_backoff_max)
         self.usage = DecayedTotals(config.fairshare_half_life, now=self.clock.time())
+        self.batches = BatchLimits(ledger)  # max_concurrency of .map batches (#12)
 
     async def get(self, job_id: int) -> Job:
         rec = self.jobs.get(job_id)

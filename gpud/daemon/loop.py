@@ -51,6 +51,7 @@ class SchedulingLoop(Supervision):
         now = self.clock.time()
         pending = [r.job for r in self.jobs.values() if r.job.state is JobState.QUEUED]
         running = [r.job for r in self.jobs.values() if r.job.state is not JobState.QUEUED]
+        pending = await self.batches.admit(pending, running)  # max_concurrency (#12)
         if pending and jobfiles.low_space(self.config.data_dir):
             # A job could not even lay out its directory: keep what space is left for the
             # running jobs' state changes, and look again in a while.

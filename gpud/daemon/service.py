@@ -34,6 +34,7 @@ from gpud.executors.process import ProcessExecutor
 from gpud.images import Build
 from gpud.ledger import Event, IdempotencyKey, NewJob, Replay, Step
 from gpud.ledger import snapshots as snapshot_store
+from gpud.ledger.batches import BatchRow, batch_job_ids, batch_jobs, batch_row, batch_states
 from gpud.ledger.snapshots import Snapshot
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import AttemptUsage, UsageBucket, attempts_between, buckets_between
@@ -110,14 +111,15 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
 
     async def submit(
         self, jobs: Sequence[NewJob], function: bytes, *, batch: bool = False,
-        idempotency: IdempotencyKey | None = None,
+        idempotency: IdempotencyKey | None = None, max_concurrency: int | None = None,
     ) -> tuple[int | None, list[Job]]:
         """Store and queue jobs; with a key its owner used before, return the jobs that
         key's first submit made instead (nothing new is queued). Raises KeyReused."""
         now = self.clock.time()
         try:
             batch_id, ids = await self.ledger.call(Ledger.submit, jobs, function, now,
-                                                   batch=batch, idempotency=idempotency)
+                                                   batch=batch, idempotency=idempotency,
+                                                   max_concurrency=max_concurrency)
         except Replay as r:
             return r.batch_id, await self.ledger.call(_get_many, r.ids)
         crash_point("after_submit")
@@ -186,6 +188,12 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         rec = self.jobs.get(job_id)
         return rec.wait if rec is not None else None
 
+    def active_job(self, job_id: int) -> Job | None:
+        """The job if it is queued, starting or running (every such job is in memory);
+        None once it is final, or if there is no such job."""
+        rec = self.jobs.get(job_id)
+        return rec.job if rec is not None else None
+
     def queued(self) -> list[Job]:
         """The queued jobs in memory (submitted, not yet started)."""
         return [r.job for r in self.jobs.values() if r.job.state is JobState.QUEUED]
@@ -207,6 +215,20 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         jobs = await self.ledger.read(Ledger.list_jobs, states, limit=limit, before=before,
                                       owner=owner)
         return self.fresher(jobs)
+
+    async def batch_row(self, batch_id: int) -> BatchRow | None:
+        return await self.ledger.call(batch_row, batch_id)
+
+    async def batch_job_ids(self, batch_id: int) -> list[int]:
+        """A batch's jobs' ids, in input order."""
+        return await self.ledger.call(batch_job_ids, batch_id)
+
+    async def batch_states(self, batch_id: int) -> dict[str, int]:
+        return await self.ledger.call(batch_states, batch_id)
+
+    async def batch_jobs(self, ids: list[int]) -> list[Job]:
+        """These jobs (as committed), in the order given, in one trip to the ledger."""
+        return await self.ledger.call(batch_jobs, ids)
 
     async def events_page(self, after: int, limit: int, job_id: int | None,
                           owner: str | None) -> tuple[list[Event], int]:

@@ -269,6 +269,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_owner_state ON jobs(owner, state, id);
     DROP INDEX jobs_active;
     """,
+    # 11 (#12): a batch's concurrency limit (migration 9 already indexes jobs by batch).
+    """
+    ALTER TABLE batches ADD COLUMN max_concurrency INTEGER;
+    """,
 ]
 
 

@@ -295,7 +295,7 @@ class Ledger:
 
     def submit(
         self, jobs: Sequence[NewJob], function: bytes, now: float, *, batch: bool = False,
-        idempotency: IdempotencyKey | None = None,
+        idempotency: IdempotencyKey | None = None, max_concurrency: int | None = None,
     ) -> tuple[int | None, list[int]]:
         """Store jobs (all of one function) durably; return (batch id, job ids in order).
 
@@ -315,7 +315,8 @@ class Ledger:
             batch_id: int | None = None
             if batch:
                 cur = c.execute(
-                    "INSERT INTO batches (submitted_at, size) VALUES (?, ?)", (now, len(jobs))
+                    "INSERT INTO batches (submitted_at, size, max_concurrency) VALUES (?, ?, ?)",
+                    (now, len(jobs), max_concurrency),
                 )
                 batch_id = cur.lastrowid
             ids: list[int] = []

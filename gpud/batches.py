@@ -1,0 +1,69 @@
+"""Batch concurrency limits (#12, like Slurm's ``%N`` on an array job).
+
+A ``.map`` may say ``max_concurrency=N``: at most N of its jobs are starting or running at
+once. The scheduling round hands :func:`admit` its queued and its running jobs, and only
+the queued jobs it returns are considered for a start; the others wait for one of their
+batch to end (which starts the next round).
+
+:func:`limit_concurrency` is the pure rule; :class:`BatchLimits` keeps each live batch's
+limit in memory, reading the ledger only for a batch it has not seen (after a restart, or
+the first round after its submit), and forgetting batches that have no active job left.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+
+from gpud.domain import Job
+from gpud.ledger.batches import batch_limits
+from gpud.ledger.thread import LedgerThread
+
+__all__ = ["BatchLimits", "limit_concurrency"]
+
+
+def limit_concurrency(pending: Sequence[Job], running: Iterable[Job],
+                      limits: Mapping[int, int | None]) -> list[Job]:
+    """The queued jobs that may be considered for a start: all of them, except that of a
+    batch with a limit N and R jobs starting or running, only its N - R oldest.
+
+    Within a batch every job has the same owner, priority and request, so the oldest
+    (lowest id) are the ones the scheduler would pick first anyway: FIFO is kept. The
+    order of ``pending`` is kept too."""
+    limited: dict[int, list[Job]] = defaultdict(list)
+    for j in pending:
+        if j.batch_id is not None and limits.get(j.batch_id) is not None:
+            limited[j.batch_id].append(j)
+    if not limited:
+        return list(pending)
+    busy = Counter(j.batch_id for j in running if j.batch_id in limited)
+    allowed: set[int] = set()
+    for batch_id, jobs in limited.items():
+        room = (limits[batch_id] or 0) - busy[batch_id]
+        if room > 0:
+            allowed.update(j.id for j in heapq.nsmallest(room, jobs, key=lambda j: j.id))
+    return [j for j in pending
+            if j.batch_id not in limited or j.id in allowed]
+
+
+class BatchLimits:
+    """The limits of the batches with active jobs, cached from the ledger."""
+
+    def __init__(self, ledger: LedgerThread) -> None:
+        self._ledger = ledger
+        self._limits: dict[int, int | None] = {}
+
+    async def admit(self, pending: Sequence[Job], running: Sequence[Job]) -> list[Job]:
+        """:func:`limit_concurrency` with the limits of every batch in the round."""
+        live = {j.batch_id for j in pending if j.batch_id is not None}
+        unknown = [b for b in live if b not in self._limits]
+        if unknown:
+            self._limits.update(await self._ledger.call(batch_limits, sorted(unknown)))
+        if len(self._limits) > 2 * len(live) + 64:
+            # Batches whose jobs all ended: forget them (a retried job brings its batch
+            # back, read again then).
+            self._limits = {b: n for b, n in self._limits.items() if b in live}
+        if not any(self._limits.get(b) is not None for b in live):
+            return list(pending)
+        return limit_concurrency(pending, running, self._limits)
