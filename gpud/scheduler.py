@@ -208,6 +208,12 @@ class Plan:
         """Every job's decision, in scheduling order (as :func:`decide` returns them)."""
         return self.waits.decisions()
 
+    def decided(self) -> int:
+        """How many of :meth:`decisions` this round made; the rest (past its depth) are
+        the previous plan's waits."""
+        self.waits.decisions()
+        return self.waits.decided
+
 
 # ---------------------------------------------------------------------------------------
 # The order, merged lazily
@@ -292,6 +298,7 @@ class _Lazy:
         self.skip = skip
         self.cut = cut
         self.previous = previous
+        self.decided = 0
 
     def decisions(self) -> list[Decision]:
         """Replay the round over every job, in order: the same starts (the round is a
@@ -299,6 +306,7 @@ class _Lazy:
         rnd = self.setup.round()
         out: list[Decision] = []
         position = 0
+        self.decided = 0
         for job, gi, k in _Merge(self.groups, self.key, self.skip):
             position += 1
             if self.cut is not None and k >= self.cut:
@@ -306,6 +314,7 @@ class _Lazy:
                 out.append(Wait(job.id, why or _NOT_YET, position))
                 continue
             rnd.step(job, self.groups[gi].owner)
+            self.decided = position
             if rnd.last_start is not None:
                 out.append(rnd.last_start)
             else:
@@ -327,11 +336,13 @@ class _Waits(Mapping[int, Wait]):
         self._decisions: list[Decision] | None = None
         self._waits: dict[int, Wait] | None = None
         self._gone: set[int] = set()
+        self.decided = 0
 
     def decisions(self) -> list[Decision]:
         if self._decisions is None:
             assert self._lazy is not None
             self._decisions = self._lazy.decisions()
+            self.decided = self._lazy.decided
         return self._decisions
 
     def _all(self) -> dict[int, Wait]:
