@@ -146,9 +146,13 @@ def plan(
         return job.owner or owners.get(job.id, "")
 
     running_owners = {owner(j) for j in running}
-    key = _keyer(usage or {}, policy, {*index.owners(), *running_owners}, now)
-    assigned, held, evictable = match_warm(
-        _Merge(groups, key), idle_workers, gpus, now=now, quotas=quotas)
+    key = _Keyer(usage or {}, policy, {*index.owners(), *running_owners}, now)
+    assigned: dict[int, int] = {}
+    held: list[Job] = []
+    evictable: list[int] = []
+    if idle_workers:
+        assigned, held, evictable = match_warm(
+            _Merge(groups, key), idle_workers, gpus, now=now, quotas=quotas)
     # The round's order is that of the jobs left after warm matching, with the idle
     # workers that keep their GPUs among the running (the service always did it so).
     if assigned and policy is not None:
@@ -157,10 +161,10 @@ def plan(
             if any(j.id in assigned for j in g.jobs):
                 gone[g.owner] = gone.get(g.owner, 0) + sum(j.id in assigned for j in g.jobs)
         left = {o for o in index.owners() if index.queued_by(o) > gone.get(o, 0)}
-        key = _keyer(usage or {}, policy, {*left, *running_owners,
+        key = _Keyer(usage or {}, policy, {*left, *running_owners,
                                            *(owner(j) for j in held)}, now)
     elif held and policy is not None:
-        key = _keyer(usage or {}, policy, {*index.owners(), *running_owners,
+        key = _Keyer(usage or {}, policy, {*index.owners(), *running_owners,
                                            *(owner(j) for j in held)}, now)
     setup = _Setup(running=[*running, *held], gpus=gpus, cpu_slots=cpu_slots, now=now,
                    owners=owners, quotas=quotas)
@@ -219,17 +223,34 @@ class Plan:
 # The order, merged lazily
 
 
-def _keyer(usage: Mapping[str, float], policy: Policy | None, users: set[str],
-           now: float) -> Callable[[Job, str], Key]:
-    if policy is None:
-        return lambda job, owner: (-job.priority, job.submitted_at, job.id)
-    factors = fairshare_factors(usage, users)
+class _Keyer:
+    """The scheduling order's key of a job (of a group's owner), one or a group at once."""
 
-    def key(job: Job, owner: str) -> Key:
-        p = job_priority(job, now=now, factor=factors.get(owner, 1.0), policy=policy)
+    def __init__(self, usage: Mapping[str, float], policy: Policy | None, users: set[str],
+                 now: float) -> None:
+        self.policy = policy
+        self.now = now
+        self.factors = fairshare_factors(usage, users) if policy is not None else {}
+
+    def __call__(self, job: Job, owner: str) -> Key:
+        if self.policy is None:
+            return (-job.priority, job.submitted_at, job.id)
+        p = job_priority(job, now=self.now, factor=self.factors.get(owner, 1.0),
+                         policy=self.policy)
         return (-p, job.submitted_at, job.id)
 
-    return key
+    def group(self, g: Group) -> list[Key]:
+        """Every key of a group; the same numbers as job_priority, computed inline (this
+        is the one place a round touches every queued job, when its waits are read)."""
+        pol, now = self.policy, self.now
+        if pol is None:
+            return [(-j.priority, j.submitted_at, j.id) for j in g.jobs]
+        base = pol.fairshare_weight * self.factors.get(g.owner, 1.0)
+        aw, ma = pol.age_weight, pol.max_age
+        if ma <= 0:
+            return [(-(j.priority + base + aw * 1.0), j.submitted_at, j.id) for j in g.jobs]
+        return [(-(j.priority + base + aw * min(1.0, max(0.0, now - j.submitted_at) / ma)),
+                 j.submitted_at, j.id) for j in g.jobs]
 
 
 class _Merge:
@@ -290,7 +311,7 @@ class _Setup:
 
 
 class _Lazy:
-    def __init__(self, setup: _Setup, groups: list[Group], key: Callable[[Job, str], Key],
+    def __init__(self, setup: _Setup, groups: list[Group], key: _Keyer,
                  skip: set[int], cut: Key | None, previous: _Waits | None) -> None:
         self.setup = setup
         self.groups = groups
@@ -307,7 +328,16 @@ class _Lazy:
         out: list[Decision] = []
         position = 0
         self.decided = 0
-        for job, gi, k in _Merge(self.groups, self.key, self.skip):
+        # Every job is looked at here, so one sort of all keys (the groups are sorted
+        # runs, which the sort merges) beats a merge that steps job by job.
+        order = [(k, gi, i) for gi, g in enumerate(self.groups)
+                 for i, k in enumerate(self.key.group(g))]
+        order.sort()
+        groups, skip = self.groups, self.skip
+        for k, gi, i in order:
+            job = groups[gi].jobs[i]
+            if job.id in skip:
+                continue
             position += 1
             if self.cut is not None and k >= self.cut:
                 why = self.previous.why(job.id) if self.previous is not None else None
