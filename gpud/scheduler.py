@@ -44,7 +44,7 @@ from gpud.reasons import Text
 from gpud.sched_round import Round, infeasible
 from gpud.warm_match import match_warm
 
-__all__ = ["Plan", "decide", "infeasible", "order_key", "plan", "scheduling_key"]
+__all__ = ["Plan", "Waits", "decide", "infeasible", "order_key", "plan", "scheduling_key"]
 
 Key = tuple[float, float, int]
 
@@ -206,7 +206,7 @@ class Plan:
         self.looked_at = looked_at  # jobs the round looked at
         self.complete = lazy.cut is None  # False: depth stopped it before the end
         self.base = base  # the complete plan a cut one takes its later reasons from
-        self.waits = _Waits(lazy)
+        self.waits = Waits(lazy)
 
     def decisions(self) -> list[Decision]:
         """Every job's decision, in scheduling order (as :func:`decide` returns them)."""
@@ -312,7 +312,7 @@ class _Setup:
 
 class _Lazy:
     def __init__(self, setup: _Setup, groups: list[Group], key: _Keyer,
-                 skip: set[int], cut: Key | None, previous: _Waits | None) -> None:
+                 skip: set[int], cut: Key | None, previous: Waits | None) -> None:
         self.setup = setup
         self.groups = groups
         self.key = key
@@ -358,7 +358,7 @@ class _Lazy:
 _NOT_YET = Text("queued: the scheduler looks this far down the queue at its next full pass")
 
 
-class _Waits(Mapping[int, Wait]):
+class Waits(Mapping[int, Wait]):
     """Job id -> Wait, worked out on first reading; jobs popped since are gone."""
 
     def __init__(self, lazy: _Lazy) -> None:
