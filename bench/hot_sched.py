@@ -23,14 +23,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import hotrows  # noqa: E402
-from gpud.domain import Gpu, GpuRequest, Job, JobState, Quota  # noqa: E402
+from gpud.domain import Decision, Gpu, GpuRequest, Job, JobState, Quota  # noqa: E402
 from gpud.fairshare import Policy  # noqa: E402
 from gpud.pending import ActiveJobs  # noqa: E402
-from gpud.scheduler import plan  # noqa: E402
+from gpud.scheduler import Plan, plan  # noqa: E402
 from gpud.testing import sched_reference as ref  # noqa: E402
 
 NOW = 1_000_000.0
@@ -79,50 +80,57 @@ def ms(s: float) -> str:
 def rows(quick: bool, progress: hotrows.Progress) -> list[hotrows.Row]:
     out: list[hotrows.Row] = []
     for queued, target in ((10_000, 0.010), (100_000, 0.100)):
-        progress(f"scheduler: building a queue of {queued:,} jobs")
-        active, running, gpus = snapshot(queued)
-        pending = list(active.pending)
+        out += _measure(queued, target, quick, progress)
+    return out
 
-        def old() -> object:
-            key = ref.scheduling_key(pending, running, now=NOW, usage=KW["usage"],  # type: ignore[arg-type]
-                                     policy=KW["policy"])  # type: ignore[arg-type]
-            ref.match_warm(pending, [], gpus, now=NOW, key=key)
-            return ref.decide(pending, running, gpus, **KW)  # type: ignore[arg-type]
 
-        def full() -> object:
-            return plan(active.pending, running, gpus, **KW)  # type: ignore[arg-type]
+def _measure(queued: int, target: float, quick: bool,
+             progress: hotrows.Progress) -> list[hotrows.Row]:
+    progress(f"scheduler: building a queue of {queued:,} jobs")
+    active, running, gpus = snapshot(queued)
+    pending = list(active.pending)
+    kw: dict[str, Any] = dict(KW)
 
-        def event() -> object:
-            return plan(active.pending, running, gpus, depth=100, **KW)  # type: ignore[arg-type]
+    def old() -> list[Decision]:
+        key = ref.scheduling_key(pending, running, now=NOW, usage=kw["usage"],
+                                 policy=kw["policy"])
+        ref.match_warm(pending, [], gpus, now=NOW, key=key)
+        return ref.decide(pending, running, gpus, **kw)
 
-        def read() -> object:
-            p = plan(active.pending, running, gpus, **KW)  # type: ignore[arg-type]
-            return [w.reason for w in p.waits.values()]
+    def full() -> Plan:
+        return plan(active.pending, running, gpus, **kw)
 
-        # Same decisions, or the comparison means nothing.
-        a = [(type(d).__name__, d.job_id) for d in ref.decide(pending, running, gpus, **KW)]  # type: ignore[arg-type]
-        b = [(type(d).__name__, d.job_id) for d in full().decisions()]  # type: ignore[attr-defined]
-        assert a == b, "plan() and the reference disagree"
-        progress(f"scheduler: timing {queued:,} queued (old algorithm)")
-        base = timed(old, 1 if quick or queued > 10_000 else 3)
-        progress(f"scheduler: timing {queued:,} queued (plan)")
-        n = 5 if quick else 21
-        t_full, t_event, t_read = timed(full, n), timed(event, n), timed(read, 3 if quick else 5)
-        looked = full().looked_at  # type: ignore[attr-defined]
-        what = f"{queued:,} queued jobs on 8 GPUs in 16 shapes"
-        out.append(hotrows.Row(
-            f"plan(), full pass, {what}", ms(t_full), f"old decide {ms(base)} "
-            f"({base / t_full:.0f}x; looked at {looked} jobs)", f"< {ms(target)}",
-            t_full < target, {"plan_s": t_full, "old_s": base, "looked_at": looked}))
-        out.append(hotrows.Row(
+    def event() -> Plan:
+        return plan(active.pending, running, gpus, depth=100, **kw)
+
+    def read() -> list[str]:
+        return [w.reason for w in full().waits.values()]
+
+    # Same decisions, or the comparison means nothing.
+    want = [(type(d).__name__, d.job_id) for d in ref.decide(pending, running, gpus, **kw)]
+    got = [(type(d).__name__, d.job_id) for d in full().decisions()]
+    assert want == got, "plan() and the reference disagree"
+    progress(f"scheduler: timing {queued:,} queued (old algorithm)")
+    base = timed(old, 1 if quick or queued > 10_000 else 3)
+    progress(f"scheduler: timing {queued:,} queued (plan)")
+    n = 5 if quick else 21
+    t_full, t_event, t_read = timed(full, n), timed(event, n), timed(read, 3 if quick else 5)
+    looked = full().looked_at
+    return [
+        hotrows.Row(
+            f"plan(), full pass, {queued:,} queued jobs on 8 GPUs in 16 shapes", ms(t_full),
+            f"old decide {ms(base)} ({base / t_full:.0f}x; looked at {looked} jobs)",
+            f"< {ms(target)}", t_full < target,
+            {"plan_s": t_full, "old_s": base, "looked_at": looked}),
+        hotrows.Row(
             f"plan(), event round (depth 100), {queued:,} queued", ms(t_event),
             f"old decide {ms(base)}", f"< {ms(target)}", t_event < target,
-            {"plan_s": t_event, "old_s": base}))
-        out.append(hotrows.Row(
+            {"plan_s": t_event, "old_s": base}),
+        hotrows.Row(
             f"plan() + every wait's reason read once, {queued:,} queued", ms(t_read),
             f"old decide {ms(base)}", "(info: paid by the first read)", True,
-            {"read_s": t_read, "old_s": base}))
-    return out
+            {"read_s": t_read, "old_s": base}),
+    ]
 
 
 def main() -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpud.config import ConfigError, load_config
 from gpud.domain import (
     Decision,
     Gpu,
@@ -94,7 +96,7 @@ def test_a_shape_that_waits_again_later_says_what_changed_meanwhile() -> None:
     pending = [job(1, "h100:2,a100:2"), job(2, "a100", owner="bob"), job(3, "h100:2,a100:2")]
     ds = decide(pending, run, box, cpu_slots=0, now=NOW)
     assert flat(ds) == flat(ref.decide(pending, run, box, cpu_slots=0, now=NOW))
-    assert ds[2] == Wait(3, ds[2].why, 3) and ds[2].reason == (
+    assert isinstance(ds[2], Wait) and ds[2].position == 3 and ds[2].reason == (
         "waiting for 2 x h100 or 2 x a100: GPUs 0,3 held by job 9, GPU 1 reserved for job 1 "
         "(ahead in the queue), GPU 2 held by job 2 (bob)")
 
@@ -242,13 +244,13 @@ def test_property_incremental_plan_equals_full_recomputation(data: st.DataObject
         # The bounded round agrees up to where it stopped; past it, the previous reasons.
         assert (cut.assigned, cut.evictable) == (full.assigned, full.evictable)
         n = cut.decided()
-        assert n >= min(depth, len(want[3]))  # type: ignore[arg-type]
-        assert flat(cut.decisions())[:n] == want[3][:n]  # type: ignore[index]
+        assert n >= min(depth, len(want[3]))
+        assert flat(cut.decisions())[:n] == want[3][:n]
         assert [s.job_id for s in cut.starts] == [
-            d[1] for d in want[3][:n] if d[0] == "start"]  # type: ignore[index]
+            d[1] for d in want[3][:n] if d[0] == "start"]
         for d in flat(cut.decisions())[n:]:
             assert d[0] == "wait"
-            before = previous.waits.get(d[1]) if previous is not None else None  # type: ignore[arg-type]
+            before = previous.waits.get(d[1]) if previous is not None else None
             if before is not None:
                 assert d[2] == before.reason
         previous = full
@@ -268,6 +270,17 @@ def test_property_incremental_plan_equals_full_recomputation(data: st.DataObject
 
 
 def _running(j: Job, gpus: tuple[str, ...]) -> Job:
-    r = Job(**{f: getattr(j, f) for f in Job.__slots__})  # type: ignore[attr-defined]
+    r = Job(**{f: getattr(j, f) for f in Job.__slots__})
     r.state, r.gpus = JobState.RUNNING, gpus
     return r
+
+
+def test_the_depth_and_interval_settings() -> None:
+    cfg = load_config(env={"GPUD_SCHED_QUEUE_DEPTH": "20", "GPUD_SCHED_INTERVAL": "2s"})
+    assert (cfg.sched_queue_depth, cfg.sched_interval) == (20, 2.0)
+    assert (load_config(env={}).sched_queue_depth, load_config(env={}).sched_interval) == (
+        100, 5.0)
+    with pytest.raises(ConfigError, match="sched_queue_depth = '0' is not valid"):
+        load_config(env={"GPUD_SCHED_QUEUE_DEPTH": "0"})
+    with pytest.raises(ConfigError, match="sched_interval must be positive"):
+        load_config(env={"GPUD_SCHED_INTERVAL": "0s"})
