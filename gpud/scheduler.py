@@ -333,23 +333,37 @@ class _Lazy:
         order = [(k, gi, i) for gi, g in enumerate(self.groups)
                  for i, k in enumerate(self.key.group(g))]
         order.sort()
-        groups, skip = self.groups, self.skip
+        groups, skip, cut, now = self.groups, self.skip, self.cut, self.setup.now
+        quotas = self.setup.quotas
+        # A GPU group whose shape waits: its reason at the round's version. Later jobs of
+        # the group share it while the version stays (a quota'd owner's jobs are checked
+        # one by one, for their max_timeout).
+        waiting: dict[int, tuple[int, Reason]] = {}
+        decided = 0
         for k, gi, i in order:
-            job = groups[gi].jobs[i]
+            g = groups[gi]
+            job = g.jobs[i]
             if job.id in skip:
                 continue
             position += 1
-            if self.cut is not None and k >= self.cut:
+            if cut is not None and k >= cut:
                 why = self.previous.why(job.id) if self.previous is not None else None
                 out.append(Wait(job.id, why or _NOT_YET, position))
                 continue
-            rnd.step(job, self.groups[gi].owner)
-            self.decided = position
+            decided = position
+            hit = waiting.get(gi)
+            if hit is not None and hit[0] == rnd.version and job.not_before <= now:
+                out.append(Wait(job.id, hit[1], position))
+                continue
+            blocked = rnd.step(job, g.owner)
             if rnd.last_start is not None:
                 out.append(rnd.last_start)
-            else:
-                assert rnd.last_reason is not None
-                out.append(Wait(job.id, rnd.last_reason, position))
+                continue
+            assert rnd.last_reason is not None
+            out.append(Wait(job.id, rnd.last_reason, position))
+            if blocked and g.gpu is not None and g.owner not in quotas:
+                waiting[gi] = (rnd.version, rnd.last_reason)
+        self.decided = decided
         return out
 
 
