@@ -157,9 +157,10 @@ def plan(
     # workers that keep their GPUs among the running (the service always did it so).
     if assigned and policy is not None:
         gone: dict[str, int] = {}
-        for g in groups:
-            if any(j.id in assigned for j in g.jobs):
-                gone[g.owner] = gone.get(g.owner, 0) + sum(j.id in assigned for j in g.jobs)
+        for job_id in assigned:
+            j = index.get(job_id)
+            assert j is not None
+            gone[index.owner(j)] = gone.get(index.owner(j), 0) + 1
         left = {o for o in index.owners() if index.queued_by(o) > gone.get(o, 0)}
         key = _Keyer(usage or {}, policy, {*left, *running_owners,
                                            *(owner(j) for j in held)}, now)
