@@ -41,11 +41,11 @@ SHAPES = ["h100", "h100:2", "h100:3", "h100:4", "a100", "a100:2", "a100:3", "a10
 USERS = ["ann", "bob", "cy", "dee"]
 
 
-def snapshot(queued: int, seed: int = 12) -> tuple[ActiveJobs, list[Job], list[Gpu]]:
+def snapshot(queued: int, seed: int = 12) -> tuple[ActiveJobs[Job], list[Job], list[Gpu]]:
     rnd = random.Random(seed)
     gpus = [Gpu(index=i, uuid=f"GPU-{i}", name=t, type=t)
             for i, t in enumerate(["h100"] * 4 + ["a100"] * 4)]
-    active = ActiveJobs()
+    active: ActiveJobs[Job] = ActiveJobs(lambda j: j)
     for i, held in enumerate([("GPU-0", "GPU-1"), ("GPU-2",), ("GPU-4", "GPU-5", "GPU-6")]):
         active[900_000 + i] = Job(id=900_000 + i, function="m:f", state=JobState.RUNNING,
                                   submitted_at=NOW - 100, owner=USERS[i], gpus=held,

@@ -12,14 +12,15 @@ The index also answers "how many jobs does this user have queued" in O(1) (the
 ``max_queued`` quota check at every submit) and "when does the next retry backoff end".
 
 Pure data structures: no clock, no I/O. :class:`ActiveJobs` is the daemon's dict of
-active jobs, which keeps a :class:`PendingIndex` of its QUEUED jobs as jobs come and go.
+active jobs' records, which keeps a :class:`PendingIndex` of its QUEUED jobs as jobs come,
+change state and go.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Hashable, Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 from gpud.domain import GpuRequest, Job, JobState, served, warm_key
 
@@ -150,20 +151,26 @@ class PendingIndex:
             yield from g.jobs
 
 
-class ActiveJobs(dict[int, Job]):
-    """The daemon's active jobs by id, with the queued ones indexed (:attr:`pending`)
-    and the others (starting, running) in :attr:`running`, kept in step on every change.
+V = TypeVar("V")
 
-    Jobs are replaced, never changed in place, when their state changes (the ledger hands
-    back a new Job), so watching assignments and removals is enough."""
 
-    def __init__(self) -> None:
+class ActiveJobs(dict[int, V]):
+    """The daemon's active jobs by id (each a record holding its latest Job, or the Job
+    itself), with the queued ones indexed in :attr:`pending` and the others (starting,
+    running) in :attr:`running`, kept in step as records come, change and go.
+
+    A record's job is replaced, never changed in place, when its state changes (the
+    ledger hands back a new Job); whoever replaces it calls :meth:`refile`."""
+
+    def __init__(self, job_of: Callable[[V], Job]) -> None:
         super().__init__()
+        self._job_of = job_of
         self.pending = PendingIndex()
         self.running: dict[int, Job] = {}
 
-    def __setitem__(self, job_id: int, job: Job) -> None:
-        super().__setitem__(job_id, job)
+    def refile(self, job_id: int) -> None:
+        """File the job of ``job_id``'s record again (its state may have changed)."""
+        job = self._job_of(self[job_id])
         if job.state is JobState.QUEUED:
             self.running.pop(job_id, None)
             self.pending.add(job)
@@ -171,32 +178,37 @@ class ActiveJobs(dict[int, Job]):
             self.pending.discard(job_id)
             self.running[job_id] = job
 
-    def __delitem__(self, job_id: int) -> None:
-        super().__delitem__(job_id)
+    def _forget(self, job_id: int) -> None:
         self.pending.discard(job_id)
         self.running.pop(job_id, None)
 
+    def __setitem__(self, job_id: int, value: V) -> None:
+        super().__setitem__(job_id, value)
+        self.refile(job_id)
+
+    def __delitem__(self, job_id: int) -> None:
+        super().__delitem__(job_id)
+        self._forget(job_id)
+
     def pop(self, job_id: int, *default: Any) -> Any:
-        self.pending.discard(job_id)
-        self.running.pop(job_id, None)
+        self._forget(job_id)
         return super().pop(job_id, *default)
+
+    def setdefault(self, job_id: int, default: V) -> V:
+        if job_id not in self:
+            self[job_id] = default
+        return self[job_id]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for k, v in dict(*args, **kwargs).items():
+            self[k] = v
 
     def clear(self) -> None:
         super().clear()
         self.pending = PendingIndex()
         self.running.clear()
 
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        for k, v in dict(*args, **kwargs).items():
-            self[k] = v
-
-    def setdefault(self, job_id: int, default: Job) -> Job:
-        if job_id not in self:
-            self[job_id] = default
-        return self[job_id]
-
-    def popitem(self) -> tuple[int, Job]:
-        job_id, job = super().popitem()
-        self.pending.discard(job_id)
-        self.running.pop(job_id, None)
-        return job_id, job
+    def popitem(self) -> tuple[int, V]:
+        job_id, value = super().popitem()
+        self._forget(job_id)
+        return job_id, value

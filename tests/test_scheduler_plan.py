@@ -9,6 +9,7 @@ words and positions included; and a depth-bounded round agrees with it up to its
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import pytest
@@ -141,7 +142,7 @@ def test_popped_waits_are_gone_without_working_the_rest_out() -> None:
 
 
 def test_the_index_counts_queued_jobs_per_owner_and_finds_the_next_backoff() -> None:
-    active = ActiveJobs()
+    active: ActiveJobs[Job] = ActiveJobs(lambda j: j)
     for i in range(1, 6):
         active[i] = job(i, owner="ann" if i % 2 else "bob", not_before=NOW + i)
     assert active.pending.queued_by("ann") == 3 and active.pending.queued_by("bob") == 2
@@ -154,6 +155,23 @@ def test_the_index_counts_queued_jobs_per_owner_and_finds_the_next_backoff() -> 
     active[1] = job(1, owner="ann", state=JobState.QUEUED, not_before=NOW + 9)  # a retry
     assert active.pending.queued_by("ann") == 3 and not active.running
     assert active.pending.get(1) is active[1]
+
+
+def test_records_are_refiled_when_their_job_changes() -> None:
+    # The daemon keeps records whose job it replaces on each commit (gpud.daemon.core).
+    @dataclasses.dataclass
+    class Rec:
+        job: Job
+
+    active: ActiveJobs[Rec] = ActiveJobs(lambda r: r.job)
+    active[1] = Rec(job(1, owner="ann"))
+    active.setdefault(2, Rec(job(2, owner="ann")))
+    assert active.pending.queued_by("ann") == 2
+    active[1].job = job(1, owner="ann", state=JobState.STARTING)
+    active.refile(1)
+    assert active.pending.queued_by("ann") == 1 and list(active.running) == [1]
+    del active[1]
+    assert not active.running and 1 not in active.pending
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,7 +207,7 @@ def test_property_incremental_plan_equals_full_recomputation(data: st.DataObject
         Quota, max_gpus=st.sampled_from([None, 0, 1, 2]),
         max_timeout=st.sampled_from([None, 100.0])), max_size=2))
     usage: dict[str, float] = {}
-    active = ActiveJobs()
+    active: ActiveJobs[Job] = ActiveJobs(lambda j: j)
     idle: list[IdleWorker] = []
     warm_of: dict[int, IdleWorker] = {}  # running job -> the worker it runs in
     now, next_id, next_worker = NOW, 1, 1
