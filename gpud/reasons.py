@@ -91,9 +91,13 @@ class GpuWait:
     over_quota: tuple[str, ...] = ()  # options that would take the owner over quota
     owner: str = ""
     _words: str | None = field(default=None, repr=False)
+    _reservers: frozenset[int] = field(default=frozenset(), repr=False)
+
+    def __post_init__(self) -> None:
+        self._reservers = frozenset(p.job for p in self.parts if p.kind == "reserved")
 
     def text(self, job_id: int) -> str:
-        if any(p.kind == "reserved" and p.job == job_id for p in self.parts):
+        if job_id in self._reservers:
             return self._format(job_id)
         if self._words is None:
             self._words = self._format(0)

@@ -34,6 +34,7 @@ that both decide the same.
 
 from __future__ import annotations
 
+import gc
 import heapq
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -386,7 +387,16 @@ class Waits(Mapping[int, Wait]):
     def decisions(self) -> list[Decision]:
         if self._decisions is None:
             assert self._lazy is not None
-            self._decisions = self._lazy.decisions()
+            # Hundreds of thousands of small objects that all survive: left on, the cyclic
+            # GC would walk the whole heap several times over (~45% of the time at
+            # 100,000 queued). Nothing made here forms a cycle.
+            was = gc.isenabled()
+            gc.disable()
+            try:
+                self._decisions = self._lazy.decisions()
+            finally:
+                if was:
+                    gc.enable()
             self.decided = self._lazy.decided
         return self._decisions
 
