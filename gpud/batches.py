@@ -53,6 +53,20 @@ class BatchLimits:
     def __init__(self, ledger: LedgerThread) -> None:
         self._ledger = ledger
         self._limits: dict[int, int | None] = {}
+        #: the batches with a limit that had queued jobs at the last admit, or were
+        #: submitted since; until the first admit (after a restart) unknown: look.
+        self._limited: set[int] = set()
+        self._seeded = False
+
+    def any_limited(self) -> bool:
+        """Must the round filter its queue? Not while no limited batch has queued jobs,
+        which keeps a round's cost independent of the queue's length (#12)."""
+        return not self._seeded or bool(self._limited)
+
+    def note(self, batch_id: int, limit: int) -> None:
+        """A batch with a limit was just submitted."""
+        self._limits[batch_id] = limit
+        self._limited.add(batch_id)
 
     async def admit(self, pending: Sequence[Job], running: Sequence[Job]) -> list[Job]:
         """:func:`limit_concurrency` with the limits of every batch in the round."""
@@ -64,6 +78,8 @@ class BatchLimits:
             # Batches whose jobs all ended: forget them (a retried job brings its batch
             # back, read again then).
             self._limits = {b: n for b, n in self._limits.items() if b in live}
-        if not any(self._limits.get(b) is not None for b in live):
+        self._seeded = True
+        self._limited = {b for b in live if self._limits.get(b) is not None}
+        if not self._limited:
             return list(pending)
         return limit_concurrency(pending, running, self._limits)

@@ -107,6 +107,12 @@ class Config:
     #: a build not done in this long is stopped and fails
     image_build_timeout: float = 3600.0
     gpu_poll_interval: float = 2.0
+    #: how many queued jobs (in scheduling order) a round triggered by an event looks at
+    #: (Slurm's default_queue_depth); the jobs past them wait for the next full pass (#12)
+    sched_queue_depth: int = 100
+    #: a full scheduling pass over the whole queue at least this often while jobs are
+    #: queued (Slurm's sched_interval)
+    sched_interval: float = 5.0
     log_level: str = "info"
     #: fair share (#5): usage counts half after this long (Slurm's PriorityDecayHalfLife)
     fairshare_half_life: float = 7 * 86400.0
@@ -148,7 +154,7 @@ _DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "retry_backoff",
               "retry_backoff_max", "gpu_poll_interval", "keep_warm_default", "keep_warm_max",
               "fairshare_half_life", "max_age", "snapshot_restore_timeout",
               "image_build_timeout", "header_timeout", "body_timeout", "retention_job_dirs",
-              "retention_jobs", "retention_interval"}
+              "retention_jobs", "retention_interval", "sched_interval"}
 #: Durations that "none" (or "") turns off.
 _OPTIONAL = {"default_timeout", "retention_job_dirs", "retention_jobs", "retention_interval"}
 #: The shortest retention: a client fetches a job's result and log after it ends.
@@ -233,7 +239,7 @@ def _coerce(name: str, value: Any) -> Any:
             return parse_size(value)
         if name in ("cpu_slots", "max_body_bytes", "snapshot_max_bytes",
                     "snapshot_max_failures", "image_max_bytes", "max_body_in_flight",
-                    "listen_backlog", "retention_max_bytes"):
+                    "listen_backlog", "retention_max_bytes", "sched_queue_depth"):
             n = int(value)
             if n < 1:
                 raise ValueError("a whole number >= 1")
@@ -305,6 +311,9 @@ def load_config(
         raise ConfigError("header_timeout and body_timeout must be positive, e.g. \"10s\"")
     if cfg.fairshare_half_life <= 0:
         raise ConfigError("fairshare_half_life must be positive, e.g. \"7d\"")
+    if cfg.sched_interval <= 0:
+        # 0 would make the scheduler loop spin; a tenth of a second is already eager.
+        raise ConfigError("sched_interval must be positive, e.g. \"5s\"")
     _check_retention(cfg)
     return cfg
 

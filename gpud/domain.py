@@ -7,9 +7,11 @@ without a daemon. The ledger changes a job's state only through :func:`transitio
 from __future__ import annotations
 
 import enum
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 __all__ = [
     "ACTIVE",
@@ -20,14 +22,19 @@ __all__ = [
     "Gpu",
     "GpuProcess",
     "GpuRequest",
+    "IdleWorker",
     "IllegalTransition",
     "Job",
     "JobState",
     "PythonEnv",
     "Quota",
+    "Reason",
     "Start",
     "Wait",
+    "WarmKey",
+    "served",
     "transition",
+    "warm_key",
 ]
 
 
@@ -282,11 +289,25 @@ class Start:
     gpus: tuple[str, ...]  # UUIDs, in the order the job will see them
 
 
+class Reason(Protocol):
+    """Why a job waits, kept as data: formatted only when someone reads it (#12).
+
+    A scheduling round over 100,000 queued jobs would otherwise spend most of its time
+    building strings nobody looks at; one reason object is shared by every job of a
+    request shape that waits for the same thing."""
+
+    def text(self, job_id: int) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Wait:
     job_id: int
-    reason: str
+    why: str | Reason  # a ready string, or a structured reason formatted on reading
     position: int  # 1-based place among pending jobs, in scheduling order
+
+    @property
+    def reason(self) -> str:
+        return self.why if isinstance(self.why, str) else self.why.text(self.job_id)
 
 
 Decision = Start | Wait
@@ -308,3 +329,38 @@ class Quota:
     max_gpus: int | None = None
     max_queued: int | None = None
     max_timeout: float | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Warm workers, as the scheduler sees them
+
+#: What a warm worker can run: jobs of the same code, image, GPU request, owner and
+#: environment (see :func:`warm_key`).
+WarmKey = tuple[str, str, str, str, str]
+
+
+def served(job: Job) -> bool:
+    """Does the job run in a warm worker (fed through the hub)?"""
+    return job.keep_warm > 0 or job.snapshot
+
+
+def warm_key(job: Job) -> WarmKey:
+    gpu = ",".join(job.gpu.to_spec()) if job.gpu else ""
+    # env= and the limits are the worker's (its process, its container) for good.
+    # The interpreter, and its environment's fingerprint: after a `pip install` there the
+    # next call gets a fresh worker rather than one with stale imports (#11).
+    py = job.python_env
+    rest = json.dumps([sorted(job.env.items()), job.memory, job.cpus,
+                       [py.path, py.fingerprint] if py else None])
+    return (job.code_hash, job.image or "", gpu, job.owner, rest)
+
+
+@dataclass(frozen=True, slots=True)
+class IdleWorker:
+    """An idle warm worker as plain data, for the pure scheduler."""
+
+    id: int
+    key: Hashable  # its WarmKey
+    gpus: tuple[str, ...]
+    last_job: int  # it holds its GPUs in this job's name
+    owner: str

@@ -1,9 +1,9 @@
 """The scheduling policy: which queued jobs start now, on which GPUs, and why the rest wait.
 
 This module is pure: it reads no clock, does no I/O and keeps no state between calls. The
-service hands it a snapshot (queued jobs, running jobs, the GPU inventory, the time) and
-applies the decisions it returns, so the whole policy can be tested, and property-tested,
-without a daemon.
+service hands it a snapshot (queued jobs, running jobs, the GPU inventory, idle warm
+workers, the time) and applies the plan it returns, so the whole policy can be tested,
+and property-tested, without a daemon.
 
 The policy, in one paragraph: jobs are considered in scheduling order (priority, then
 FIFO). A job in retry backoff waits without getting in anyone's way. A GPU job takes the
@@ -19,21 +19,35 @@ On a shared box (issue #5) the order is the multifactor priority of
 its age) instead of plain priority-then-FIFO, and per-user quotas apply: a job that would
 take its owner over their GPU quota, or whose timeout is over their limit, waits with
 that reason and reserves nothing.
+
+What a round costs (issue #12): the queue comes indexed in groups of one owner, priority
+and request (:mod:`gpud.pending`), which the round merges lazily in scheduling order. Once
+a request shape waits, every later job of that shape waits too (free GPUs only get fewer
+in a round), so its group leaves the merge; the round ends when every group has, after
+looking at roughly one job per group plus one per start. The waits' reasons and positions
+are worked out only when read (:class:`Plan`). ``depth`` bounds how many jobs an
+event-triggered round looks at (Slurm's default_queue_depth); jobs past it keep the
+reason of the last complete plan until the next full pass. The straightforward algorithm
+this replaced is kept in :mod:`gpud.testing.sched_reference`; the property tests check
+that both decide the same.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal
+import gc
+import heapq
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from gpud.domain import Decision, Gpu, GpuRequest, Job, Quota, Start, Wait
+from gpud.domain import Decision, Gpu, IdleWorker, Job, Quota, Reason, Start, Wait
 from gpud.fairshare import Policy, fairshare_factors, job_priority
+from gpud.pending import Group, PendingIndex
+from gpud.reasons import Text
+from gpud.sched_round import Round, infeasible
+from gpud.warm_match import match_warm
 
-__all__ = ["decide", "infeasible", "order_key", "scheduling_key"]
+__all__ = ["Plan", "Waits", "decide", "infeasible", "order_key", "plan", "scheduling_key"]
 
-# How many job ids or pids a reason lists before it says "and N more": a reason is one
-# line in a table, and a queue of 500 CPU jobs must not produce a 5 kB string.
-_MAX_LISTED = 5
+Key = tuple[float, float, int]
 
 
 def order_key(job: Job) -> tuple[int, float, int]:
@@ -95,333 +109,318 @@ def decide(
     With a ``policy``, the order is the multifactor priority over ``usage`` (decayed
     GPU-seconds by owner); without one, priority then FIFO. ``quotas`` are per owner.
     """
-    key: Callable[[Job], tuple[float, float, int]] = order_key
-    if policy is not None:
-        key = scheduling_key(pending, running, now=now, usage=usage or {}, policy=policy,
-                             owners=owners)
-    round_ = _Round(running, gpus, cpu_slots=cpu_slots, owners=owners or {},
-                    quotas=quotas or {})
-    decisions: list[Decision] = []
-    for position, job in enumerate(sorted(pending, key=key), start=1):
-        round_.note_job(job)
-        if job.not_before > now:
-            # A job in backoff neither starts nor reserves nor blocks the CPU line: it
-            # failed recently, and holding resources for it would idle them for nothing.
-            decisions.append(Wait(job.id, _backoff_reason(job, now), position))
-            continue
-        over, allowed = round_.quota_check(job)
-        if over is not None:
-            # Over quota: it waits, and reserves nothing, or one user's backlog would
-            # keep GPUs idle that others could use.
-            decisions.append(Wait(job.id, over, position))
-        elif _cpu_only(job.gpu):
-            decisions.append(round_.place_cpu_job(job, position))
-        else:
-            assert job.gpu is not None  # _cpu_only said so; this is for mypy
-            decisions.append(round_.place_gpu_job(job, job.gpu, position, allowed))
-    return decisions
+    return plan(PendingIndex.of(pending, owners), running, gpus, cpu_slots=cpu_slots,
+                now=now, owners=owners, usage=usage, policy=policy,
+                quotas=quotas).decisions()
 
 
-def infeasible(request: GpuRequest | None, gpus: Sequence[Gpu]) -> str | None:
-    """Why this box could never run ``request``, even with every GPU free; None if it could.
+def plan(
+    pending: PendingIndex | Sequence[Job],
+    running: Sequence[Job],
+    gpus: Sequence[Gpu],
+    idle_workers: Sequence[IdleWorker] = (),
+    *,
+    cpu_slots: int,
+    now: float,
+    usage: Mapping[str, float] | None = None,
+    policy: Policy | None = None,
+    quotas: Mapping[str, Quota] | None = None,
+    owners: Mapping[int, str] | None = None,
+    depth: int | None = None,
+    previous: Plan | None = None,
+) -> Plan:
+    """One scheduling round: warm matching, then :func:`decide`'s decisions, as a Plan.
 
-    Every GPU counts, busy or not: this answers "will it ever fit here", which is what the
-    service checks at submit time so that nobody's job queues forever.
+    ``pending`` is best the daemon's :class:`PendingIndex` (kept up to date as jobs come
+    and go); a plain list is indexed first, in O(n). Idle warm workers go first to queued
+    jobs of their key, in scheduling order; a GPU job that cannot use one claims the idle
+    workers on GPUs of its type (they become evictable), and the others keep their GPUs
+    (as running pseudo-jobs owned by their user). With ``depth``, at most that many jobs
+    are looked at; jobs past them keep their reason from ``previous`` (a complete plan).
     """
-    if _cpu_only(request):
-        return None
-    assert request is not None
-    box = _by_index(gpus)
-    if not box:
-        return "this box has no GPUs: run CPU-only (no gpu=) or submit to a machine with GPUs"
-    if any(_fits(gpu_type, count, box) for gpu_type, count in request.options):
-        return None
-    have = _inventory(box)
-    known = [t for t, _ in request.options if any(g.matches(t) for g in box)]
-    if not known:
-        # Nothing asked for exists here at all: most likely a typo or the wrong machine, so
-        # list the names this box does answer to.
-        wanted = " or ".join(_dedupe(t for t, _ in request.options))
-        names = ", ".join([*_dedupe(n for g in box for n in (g.type, *g.aliases)), "any"])
-        return f"this box has no {wanted}: it has {have}; ask for one of: {names}"
-    return f"this box cannot run {request}: it has {have}"
+    index = pending if isinstance(pending, PendingIndex) else PendingIndex.of(pending, owners)
+    quotas = quotas or {}
+    owners = owners or {}
+    groups = [g.snapshot() for g in index.groups()]
+
+    def owner(job: Job) -> str:
+        return job.owner or owners.get(job.id, "")
+
+    running_owners = {owner(j) for j in running}
+    key = _Keyer(usage or {}, policy, {*index.owners(), *running_owners}, now)
+    assigned: dict[int, int] = {}
+    held: list[Job] = []
+    evictable: list[int] = []
+    if idle_workers:
+        assigned, held, evictable = match_warm(
+            _Merge(groups, key), idle_workers, gpus, now=now, quotas=quotas)
+    # The round's order is that of the jobs left after warm matching, with the idle
+    # workers that keep their GPUs among the running (the service always did it so).
+    if assigned and policy is not None:
+        gone: dict[str, int] = {}
+        for job_id in assigned:
+            j = index.get(job_id)
+            assert j is not None
+            gone[index.owner(j)] = gone.get(index.owner(j), 0) + 1
+        left = {o for o in index.owners() if index.queued_by(o) > gone.get(o, 0)}
+        key = _Keyer(usage or {}, policy, {*left, *running_owners,
+                                           *(owner(j) for j in held)}, now)
+    elif held and policy is not None:
+        key = _Keyer(usage or {}, policy, {*index.owners(), *running_owners,
+                                           *(owner(j) for j in held)}, now)
+    setup = _Setup(running=[*running, *held], gpus=gpus, cpu_slots=cpu_slots, now=now,
+                   owners=owners, quotas=quotas)
+    rnd = setup.round()
+    merge = _Merge(groups, key, skip=set(assigned))
+    seen = 0
+    cut: Key | None = None
+    while (item := merge.pop()) is not None:
+        job, gi, k = item
+        if depth is not None and seen >= depth:
+            cut = k  # this job and every later one keep their previous reason
+            break
+        seen += 1
+        done = rnd.step(job, groups[gi].owner)
+        if done:
+            # Its request shape waits: so will every later job of the group.
+            merge.drop(gi)
+    # Jobs past a cut keep their reason from the last complete plan (never a chain).
+    base = previous if previous is None or previous.complete else previous.base
+    return Plan(starts=rnd.starts, assigned=assigned, held=held, evictable=evictable,
+                next_backoff=index.next_backoff(now), looked_at=seen,
+                lazy=_Lazy(setup, groups, key, set(assigned), cut,
+                           base.waits if base is not None and cut is not None else None),
+                base=base if cut is not None else None)
+
+
+class Plan:
+    """A round's outcome. ``starts`` are in scheduling order; ``waits`` (job id -> Wait,
+    position and reason) is worked out when first read, once."""
+
+    def __init__(self, *, starts: list[Start], assigned: dict[int, int], held: list[Job],
+                 evictable: list[int], next_backoff: float | None, looked_at: int,
+                 lazy: _Lazy, base: Plan | None) -> None:
+        self.starts = starts
+        self.assigned = assigned  # job id -> id of the idle warm worker it runs in
+        self.held = held  # idle warm workers keeping their GPUs, as running pseudo-jobs
+        self.evictable = evictable  # ids of idle warm workers a start may end
+        self.next_backoff = next_backoff  # when the first running backoff ends, if any
+        self.looked_at = looked_at  # jobs the round looked at
+        self.complete = lazy.cut is None  # False: depth stopped it before the end
+        self.base = base  # the complete plan a cut one takes its later reasons from
+        self.waits = Waits(lazy)
+
+    def decisions(self) -> list[Decision]:
+        """Every job's decision, in scheduling order (as :func:`decide` returns them)."""
+        return self.waits.decisions()
+
+    def decided(self) -> int:
+        """How many of :meth:`decisions` this round made; the rest (past its depth) are
+        the previous plan's waits."""
+        self.waits.decisions()
+        return self.waits.decided
 
 
 # ---------------------------------------------------------------------------------------
-# One scheduling round
-
-_ClaimKind = Literal["held", "reserved"]
+# The order, merged lazily
 
 
-class _Round:
-    """The mutable bookkeeping of one :func:`decide` call: who holds or reserves what."""
+class _Keyer:
+    """The scheduling order's key of a job (of a group's owner), one or a group at once."""
 
-    def __init__(
-        self,
-        running: Sequence[Job],
-        gpus: Sequence[Gpu],
-        *,
-        cpu_slots: int,
-        owners: Mapping[int, str],
-        quotas: Mapping[str, Quota],
-    ) -> None:
-        self.box = _by_index(gpus)
+    def __init__(self, usage: Mapping[str, float], policy: Policy | None, users: set[str],
+                 now: float) -> None:
+        self.policy = policy
+        self.now = now
+        self.factors = fairshare_factors(usage, users) if policy is not None else {}
+
+    def __call__(self, job: Job, owner: str) -> Key:
+        if self.policy is None:
+            return (-job.priority, job.submitted_at, job.id)
+        p = job_priority(job, now=self.now, factor=self.factors.get(owner, 1.0),
+                         policy=self.policy)
+        return (-p, job.submitted_at, job.id)
+
+    def group(self, g: Group) -> list[Key]:
+        """Every key of a group; the same numbers as job_priority, computed inline (this
+        is the one place a round touches every queued job, when its waits are read)."""
+        pol, now = self.policy, self.now
+        if pol is None:
+            return [(-j.priority, j.submitted_at, j.id) for j in g.jobs]
+        base = pol.fairshare_weight * self.factors.get(g.owner, 1.0)
+        aw, ma = pol.age_weight, pol.max_age
+        if ma <= 0:
+            return [(-(j.priority + base + aw * 1.0), j.submitted_at, j.id) for j in g.jobs]
+        return [(-(j.priority + base + aw * min(1.0, max(0.0, now - j.submitted_at) / ma)),
+                 j.submitted_at, j.id) for j in g.jobs]
+
+
+class _Merge:
+    """The groups' jobs in scheduling order, one at a time; a dropped group's jobs are
+    never looked at. Within a group the order is (submit time, id), which the scheduling
+    order agrees with, so only the groups' heads are compared."""
+
+    def __init__(self, groups: Sequence[Group], key: Callable[[Job, str], Key],
+                 skip: set[int] | None = None) -> None:
+        self.groups = groups
+        self.key = key
+        self.skip = skip or set()
+        self.dropped: set[int] = set()
+        self.heap = [(key(g.jobs[0], g.owner), gi, 0) for gi, g in enumerate(groups) if g.jobs]
+        heapq.heapify(self.heap)
+
+    def pop(self) -> tuple[Job, int, Key] | None:
+        while self.heap:
+            k, gi, i = heapq.heappop(self.heap)
+            if gi in self.dropped:
+                continue
+            g = self.groups[gi]
+            if i + 1 < len(g.jobs):
+                heapq.heappush(self.heap, (self.key(g.jobs[i + 1], g.owner), gi, i + 1))
+            job = g.jobs[i]
+            if job.id in self.skip:
+                continue
+            return job, gi, k
+        return None
+
+    def drop(self, gi: int) -> None:
+        self.dropped.add(gi)
+
+    def __iter__(self) -> Iterator[tuple[Job, int, Key]]:
+        while (item := self.pop()) is not None:
+            yield item
+
+
+# ---------------------------------------------------------------------------------------
+# The waits, worked out on reading
+
+
+class _Setup:
+    """What a round starts from, kept so that the round can be replayed on reading."""
+
+    def __init__(self, *, running: Sequence[Job], gpus: Sequence[Gpu], cpu_slots: int,
+                 now: float, owners: Mapping[int, str], quotas: Mapping[str, Quota]) -> None:
+        self.running = running
+        self.gpus = gpus
         self.cpu_slots = cpu_slots
+        self.now = now
         self.owners = owners
         self.quotas = quotas
-        self.owner_of: dict[int, str] = {}
-        # owner -> ids of the jobs holding their GPUs (one entry per GPU), for quotas.
-        self.gpus_held: dict[str, list[int]] = {}
-        # uuid -> (kind, job id). "held": by a running job or one started this round;
-        # "reserved": kept free for a waiting job that is ahead in the queue.
-        self.claims: dict[str, tuple[_ClaimKind, int]] = {}
-        # Jobs using a CPU slot: running CPU-only jobs and those started this round.
-        self.cpu_users: list[int] = []
-        # CPU-only jobs already told to wait; everyone after them waits too (FIFO).
-        self.cpu_line: list[int] = []
-        for job in running:
-            self.note_job(job)
-            # Anything a running job lists is held, whatever its request says: handing a
-            # GPU to two jobs is the one mistake this module must never make.
-            for uuid in job.gpus:
-                self.claims[uuid] = ("held", job.id)
-            self.gpus_held.setdefault(self.owner(job), []).extend([job.id] * len(job.gpus))
-            if _cpu_only(job.gpu):
-                self.cpu_users.append(job.id)
 
-    def note_job(self, job: Job) -> None:
-        owner = job.owner or self.owners.get(job.id, "")
-        if owner:
-            self.owner_of[job.id] = owner
+    def round(self) -> Round:
+        return Round(self.running, self.gpus, cpu_slots=self.cpu_slots, now=self.now,
+                     owners=self.owners, quotas=self.quotas)
 
-    def owner(self, job: Job) -> str:
-        return job.owner or self.owners.get(job.id, "")
 
-    def label(self, job_id: int) -> str:
-        owner = self.owner_of.get(job_id) or self.owners.get(job_id, "")
-        return f"job {job_id} ({owner})" if owner else f"job {job_id}"
+class _Lazy:
+    def __init__(self, setup: _Setup, groups: list[Group], key: _Keyer,
+                 skip: set[int], cut: Key | None, previous: Waits | None) -> None:
+        self.setup = setup
+        self.groups = groups
+        self.key = key
+        self.skip = skip
+        self.cut = cut
+        self.previous = previous
+        self.decided = 0
 
-    def free(self, gpu: Gpu) -> bool:
-        # A GPU with processes gpud did not start is somebody else's: never hand it out,
-        # even though no job of ours holds it.
-        return gpu.uuid not in self.claims and not gpu.foreign_pids
-
-    # -- quotas ---------------------------------------------------------------------
-
-    def quota_check(self, job: Job) -> tuple[str | None, tuple[tuple[str, int], ...] | None]:
-        """(why the job is over its owner's quota, or None; the GPU options it may use).
-
-        The options are None when the quota restricts nothing; otherwise those fallbacks
-        that fit in what is left of the owner's GPU quota.
-        """
-        owner = self.owner(job)
-        quota = self.quotas.get(owner)
-        if quota is None:
-            return None, None
-        if quota.max_timeout is not None and job.timeout > quota.max_timeout:
-            return (f"its timeout ({_seconds(job.timeout)}) is longer than {owner}'s "
-                    f"max_timeout quota ({_seconds(quota.max_timeout)}): cancel it and "
-                    "submit it again with a shorter timeout"), None
-        if quota.max_gpus is None or _cpu_only(job.gpu):
-            return None, None
-        assert job.gpu is not None
-        held = self.gpus_held.get(owner, [])
-        allowed = tuple((t, n) for t, n in job.gpu.options if len(held) + n <= quota.max_gpus)
-        if allowed:
-            return None, None if allowed == job.gpu.options else allowed
-        if min(n for _, n in job.gpu.options) > quota.max_gpus:
-            return (f"it asks for {job.gpu}, more than {owner}'s GPU quota of "
-                    f"{_gpus(quota.max_gpus)}: ask an admin to raise it, or cancel it"), None
-        holders = sorted(set(held))
-        jobs = "job" if len(holders) == 1 else "jobs"
-        return (f"{owner}'s GPU quota is in use: {len(held)} of {_gpus(quota.max_gpus)} held "
-                f"by {jobs} {_id_list(holders)}"), None
-
-    # -- CPU-only jobs --------------------------------------------------------------
-
-    def place_cpu_job(self, job: Job, position: int) -> Decision:
-        if self.cpu_line:
-            # Strict FIFO: a younger CPU job must not slip into a slot that frees up
-            # while an older one is waiting for exactly that.
-            reason = f"waiting behind {_jobs_ahead(self.cpu_line)} for a CPU slot"
-        elif len(self.cpu_users) < self.cpu_slots:
-            self.cpu_users.append(job.id)
-            return Start(job.id, ())
-        elif self.cpu_slots <= 0:
-            reason = "waiting for a CPU slot: this daemon runs no CPU-only jobs (cpu_slots = 0)"
-        else:
-            users = _id_list(sorted(self.cpu_users))
-            jobs = "job" if len(self.cpu_users) == 1 else "jobs"
-            reason = (
-                f"waiting for a CPU slot: {len(self.cpu_users)} of {self.cpu_slots} in use "
-                f"({jobs} {users})"
-            )
-        self.cpu_line.append(job.id)
-        return Wait(job.id, reason, position)
-
-    # -- GPU jobs -------------------------------------------------------------------
-
-    def place_gpu_job(
-        self,
-        job: Job,
-        request: GpuRequest,
-        position: int,
-        allowed: tuple[tuple[str, int], ...] | None = None,
-    ) -> Decision:
-        """Start the job on its first option that fits, or make it wait (and reserve).
-
-        ``allowed``: the options its owner's quota leaves (None: all of them)."""
-        problem = infeasible(request, self.box)
-        if problem is not None:
-            # It can never fit, so it reserves nothing: holding GPUs for a job that can
-            # never use them would only idle them.
-            return Wait(job.id, problem, position)
-        options = request.options if allowed is None else allowed
-        for gpu_type, count in options:
-            candidates = [g for g in self.box if g.matches(gpu_type) and self.free(g)]
-            if len(candidates) >= count:
-                chosen = candidates[:count]  # lowest indices: deterministic, easy to read
-                for g in chosen:
-                    self.claims[g.uuid] = ("held", job.id)
-                self.gpus_held.setdefault(self.owner(job), []).extend([job.id] * count)
-                return Start(job.id, tuple(g.uuid for g in chosen))
-        # It must wait. Keep the free GPUs of its first option that can ever fit, so that
-        # jobs behind it cannot take them one by one and starve it; GPUs it cannot use stay
-        # open to them. Only the first such option: reserving for every fallback would
-        # lock up far more of the box than the job will ever use.
-        for gpu_type, count in options:
-            if _fits(gpu_type, count, self.box):
-                keep = [g for g in self.box if g.matches(gpu_type) and self.free(g)][:count]
-                for g in keep:
-                    self.claims[g.uuid] = ("reserved", job.id)
-                break
-        reason = self.gpu_wait_reason(job.id, request)
-        if allowed is not None:
-            over = [f"{n} x {t}" for t, n in request.options if (t, n) not in allowed]
-            reason += f"; {' or '.join(over)} would take {self.owner(job)} over their GPU quota"
-        return Wait(job.id, reason, position)
-
-    def gpu_wait_reason(self, job_id: int, request: GpuRequest) -> str:
-        """Say, for every GPU the job could use, why it cannot have it now.
-
-        GPUs in the same situation are grouped ("GPUs 0,1 held by job 41 (alice)"), and
-        the groups are listed in the order of their lowest GPU index.
-        """
-        groups: dict[tuple[str, int], list[Gpu]] = {}
-        for g in self.box:
-            if not any(g.matches(t) for t, _ in request.options):
+    def decisions(self) -> list[Decision]:
+        """Replay the round over every job, in order: the same starts (the round is a
+        function of the order), and each wait's reason at its place in the queue."""
+        rnd = self.setup.round()
+        out: list[Decision] = []
+        position = 0
+        self.decided = 0
+        # Every job is looked at here, so one sort of all keys (the groups are sorted
+        # runs, which the sort merges) beats a merge that steps job by job.
+        order = [(k, gi, i) for gi, g in enumerate(self.groups)
+                 for i, k in enumerate(self.key.group(g))]
+        order.sort()
+        groups, skip, cut, now = self.groups, self.skip, self.cut, self.setup.now
+        quotas = self.setup.quotas
+        # A GPU group whose shape waits: its reason at the round's version. Later jobs of
+        # the group share it while the version stays (a quota'd owner's jobs are checked
+        # one by one, for their max_timeout).
+        waiting: dict[int, tuple[int, Reason]] = {}
+        decided = 0
+        for k, gi, i in order:
+            g = groups[gi]
+            job = g.jobs[i]
+            if job.id in skip:
                 continue
-            claim = self.claims.get(g.uuid)
-            key: tuple[str, int]
-            if claim is not None and claim[0] == "held":
-                key = ("held", claim[1])
-            elif g.foreign_pids:
-                key = ("foreign", 0)
-            elif claim is not None and claim[1] != job_id:
-                key = ("reserved", claim[1])
-            elif claim is not None:
-                key = ("mine", 0)
-            else:
-                key = ("free", 0)
-            groups.setdefault(key, []).append(g)
-        parts: list[str] = []
-        for (kind, other), members in groups.items():
-            where = _gpu_list(g.index for g in members)
-            if kind == "held":
-                parts.append(f"{where} held by {self.label(other)}")
-            elif kind == "foreign":
-                pids = sorted({p for g in members for p in g.foreign_pids})
-                noun = "pid" if len(pids) == 1 else "pids"
-                parts.append(
-                    f"{where} busy with processes gpud did not start ({noun} {_id_list(pids)})"
-                )
-            elif kind == "reserved":
-                owner = self.owner_of.get(other) or self.owners.get(other, "")
-                ahead = f"{owner}, ahead in the queue" if owner else "ahead in the queue"
-                parts.append(f"{where} reserved for job {other} ({ahead})")
-            elif kind == "mine":
-                parts.append(f"{where} free and kept for this job")
-            else:
-                parts.append(f"{where} free")
-        # Fallback options the box can never hold are worth saying, or a user will wonder
-        # why "4 x h100" never happens on a box with two of them.
-        never = [f"{n} x {t}" for t, n in request.options if not _fits(t, n, self.box)]
-        reason = f"waiting for {request}: " + ", ".join(parts)
-        if never:
-            reason += f"; this box can never fit {' or '.join(never)}"
-        return reason
+            position += 1
+            if cut is not None and k >= cut:
+                why = self.previous.why(job.id) if self.previous is not None else None
+                out.append(Wait(job.id, why or _NOT_YET, position))
+                continue
+            decided = position
+            hit = waiting.get(gi)
+            if hit is not None and hit[0] == rnd.version and job.not_before <= now:
+                out.append(Wait(job.id, hit[1], position))
+                continue
+            blocked = rnd.step(job, g.owner)
+            if rnd.last_start is not None:
+                out.append(rnd.last_start)
+                continue
+            assert rnd.last_reason is not None
+            out.append(Wait(job.id, rnd.last_reason, position))
+            if blocked and g.gpu is not None and g.owner not in quotas:
+                waiting[gi] = (rnd.version, rnd.last_reason)
+        self.decided = decided
+        return out
 
 
-# ---------------------------------------------------------------------------------------
-# Helpers
+#: The reason of a job past the depth of event-triggered rounds, submitted since the
+#: last complete one: it is looked at in the next full pass.
+_NOT_YET = Text("queued: the scheduler looks this far down the queue at its next full pass")
 
 
-def _cpu_only(request: GpuRequest | None) -> bool:
-    # GpuRequest.parse never builds one without options, but a hand-built one would
-    # otherwise crash max_count and friends; it asks for no GPU, so it is CPU-only.
-    return request is None or not request.options
+class Waits(Mapping[int, Wait]):
+    """Job id -> Wait, worked out on first reading; jobs popped since are gone."""
 
+    def __init__(self, lazy: _Lazy) -> None:
+        self._lazy: _Lazy | None = lazy
+        self._decisions: list[Decision] | None = None
+        self._waits: dict[int, Wait] | None = None
+        self._gone: set[int] = set()
+        self.decided = 0
 
-def _by_index(gpus: Iterable[Gpu]) -> list[Gpu]:
-    return sorted(gpus, key=lambda g: (g.index, g.uuid))
+    def decisions(self) -> list[Decision]:
+        if self._decisions is None:
+            assert self._lazy is not None
+            # Hundreds of thousands of small objects that all survive: left on, the cyclic
+            # GC would walk the whole heap several times over (~45% of the time at
+            # 100,000 queued). Nothing made here forms a cycle.
+            was = gc.isenabled()
+            gc.disable()
+            try:
+                self._decisions = self._lazy.decisions()
+            finally:
+                if was:
+                    gc.enable()
+            self.decided = self._lazy.decided
+        return self._decisions
 
+    def _all(self) -> dict[int, Wait]:
+        if self._waits is None:
+            self._waits = {d.job_id: d for d in self.decisions() if isinstance(d, Wait)}
+        return self._waits
 
-def _fits(gpu_type: str, count: int, box: Sequence[Gpu]) -> bool:
-    """Whether the box has enough GPUs of this type, busy or not."""
-    return sum(1 for g in box if g.matches(gpu_type)) >= count
+    def why(self, job_id: int) -> str | Reason | None:
+        w = self._all().get(job_id)
+        return None if w is None else w.why
 
+    def __getitem__(self, job_id: int) -> Wait:
+        if job_id in self._gone:
+            raise KeyError(job_id)
+        return self._all()[job_id]
 
-def _gpu_list(indices: Iterable[int]) -> str:
-    ids = list(indices)
-    return ("GPU " if len(ids) == 1 else "GPUs ") + ",".join(str(i) for i in ids)
+    def __iter__(self) -> Iterator[int]:
+        return (i for i in self._all() if i not in self._gone)
 
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
-def _id_list(ids: Sequence[int]) -> str:
-    shown = ", ".join(str(i) for i in ids[:_MAX_LISTED])
-    if len(ids) > _MAX_LISTED:
-        shown += f" and {len(ids) - _MAX_LISTED} more"
-    return shown
-
-
-def _jobs_ahead(line: Sequence[int]) -> str:
-    # Name the head of the line: it is the job that will take the next slot.
-    if len(line) == 1:
-        return f"job {line[0]}"
-    others = len(line) - 1
-    return f"job {line[0]} and {others} other CPU job{'s' if others > 1 else ''}"
-
-
-def _dedupe(items: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(items))
-
-
-def _inventory(box: Sequence[Gpu]) -> str:
-    """'2 x h100 (GPUs 0,1) and 1 x l4 (GPU 2)': what a box has, by type, in index order."""
-    by_type: dict[str, list[int]] = {}
-    for g in box:
-        by_type.setdefault(g.type, []).append(g.index)
-    parts = [f"{len(ix)} x {t} ({_gpu_list(ix)})" for t, ix in by_type.items()]
-    if len(parts) == 1:
-        return parts[0]
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def _backoff_reason(job: Job, now: float) -> str:
-    # job.attempt counts attempts started so far, so the one being waited for is the next;
-    # a job may run 1 + retries times in all.
-    return (
-        f"retrying after a failure: backoff for another {job.not_before - now:.1f} s "
-        f"(attempt {job.attempt + 1} of {job.retries + 1})"
-    )
-
-
-def _gpus(n: int) -> str:
-    return f"{n} GPU" if n == 1 else f"{n} GPUs"
-
-
-def _seconds(s: float) -> str:
-    if s >= 3600 and s % 3600 == 0:
-        return f"{int(s // 3600)} h"
-    if s >= 60 and s % 60 == 0:
-        return f"{int(s // 60)} min"
-    return f"{s:g} s"
+    def pop(self, job_id: int, default: Wait | None = None) -> Wait | None:
+        """Forget a job (it ended): no need to work the waits out for that."""
+        self._gone.add(job_id)
+        return default

@@ -35,7 +35,7 @@ from pathlib import Path
 import trio
 
 from gpud.clock import Clock, SystemClock
-from gpud.domain import Job
+from gpud.domain import WarmKey, warm_key  # re-exported: the key is pure (#12)
 from gpud.executors.base import Handle, container_of
 from gpud.peercred import read_peercred
 
@@ -50,22 +50,9 @@ __all__ = [
 
 log = logging.getLogger("gpud.warm")
 
-WarmKey = tuple[str, str, str, str, str]
-
 #: A snapshot's workers say hello with this and the snapshot's key; the hub knows them
 #: by their container (they are copies of one process, token and all).
 SNAPSHOT_TOKEN_PREFIX = "snap-"
-
-
-def warm_key(job: Job) -> WarmKey:
-    gpu = ",".join(job.gpu.to_spec()) if job.gpu else ""
-    # env= and the limits are the worker's (its process, its container) for good.
-    # The interpreter, and its environment's fingerprint: after a `pip install` there the
-    # next call gets a fresh worker rather than one with stale imports (#11).
-    py = job.python_env
-    rest = json.dumps([sorted(job.env.items()), job.memory, job.cpus,
-                       [py.path, py.fingerprint] if py else None])
-    return (job.code_hash, job.image or "", gpu, job.owner, rest)
 
 
 async def first_of(*waits: Callable[[], Awaitable[object]]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 
 import trio
 
@@ -24,6 +24,7 @@ from gpud.domain import (
     Gpu,
     Job,
     JobState,
+    Wait,
 )
 from gpud.executors.base import Executor, Handle, LaunchSpec, Outcome, capabilities
 from gpud.executors.process import JobIdentity
@@ -34,7 +35,9 @@ from gpud.ledger import LedgerThread, Step
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import finished_gpu_intervals
 from gpud.metrics import HistoryBuffer
+from gpud.pending import ActiveJobs
 from gpud.retry import RetryPolicy, after
+from gpud.scheduler import Plan
 from gpud.snapshotter import Snapshotter
 from gpud.storage import persist
 from gpud.users import Directory
@@ -67,7 +70,11 @@ class DaemonCore:
         self.instance = instance
         self.started_at = self.clock.time()
         #: one record per active job (queued, starting, running)
-        self.jobs: dict[int, JobRecord] = {}
+        #: ... with the queued ones indexed for the scheduler (gpud.pending, #12)
+        self.jobs: ActiveJobs[JobRecord] = ActiveJobs(lambda r: r.job)
+        #: the last round's waits, worked out when first read (#12)
+        self.waits: Mapping[int, Wait] = {}
+        self.plan: Plan | None = None  # the last round's, for the next bounded one
         self.gpus: list[Gpu] = []
         #: the last minutes of GPU readings, for the TUI's sparklines
         self.gpu_history = HistoryBuffer(interval=config.gpu_poll_interval)
@@ -157,6 +164,8 @@ class DaemonCore:
         rec.seq, rec.job = seq, job
         if job.state in FINAL:
             del self.jobs[job_id]
+        else:
+            self.jobs.refile(job_id)  # the queue index follows the job's state (#12)
         ev, rec.changed = rec.changed, None
         if ev is not None:
             ev.set()  # a record dropped above still wakes its waiters, who read the ledger

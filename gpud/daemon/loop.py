@@ -5,148 +5,100 @@ event; however many arrive during a round, they make one next round (coalesced).
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
-from collections.abc import Callable, Mapping
 
 import trio
 
 from gpud.daemon import jobfiles
-from gpud.daemon.record import (
-    _served,
-)
 from gpud.daemon.supervise import Supervision
 from gpud.domain import (
-    IllegalTransition,
+    IdleWorker,
     Job,
+    IllegalTransition,
     JobState,
-    Quota,
     Start,
     Wait,
 )
 from gpud.ledger import Step
-from gpud.scheduler import decide, order_key, scheduling_key
+from gpud.pending import PendingIndex
+from gpud.scheduler import plan
 from gpud.storage import is_busy, is_full
-from gpud.warm import WarmWorker, warm_key
 
 log = logging.getLogger("gpud")
 
 
 class SchedulingLoop(Supervision):
     async def _schedule_loop(self) -> None:
+        last_full = -math.inf
         while True:
             self._wake = trio.Event()
+            # Rounds started by events look sched_queue_depth jobs deep; the whole queue
+            # is looked at every sched_interval while jobs are queued (Slurm's
+            # default_queue_depth and sched_interval, #12).
+            full = self.clock.time() - last_full >= self.config.sched_interval
             try:
-                next_due = await self._schedule_once()
+                next_due = await self._schedule_once(full=full)
             except Exception:  # noqa: BLE001 - a bug in one round must not stop the daemon
                 log.exception("a scheduling round failed; retrying in 1 s")
                 next_due = self.clock.time() + 1.0
+            if full:
+                last_full = self.clock.time()
+            if len(self.jobs.pending):
+                due_full = last_full + self.config.sched_interval
+                next_due = due_full if next_due is None else min(next_due, due_full)
             if next_due is None:
                 await self._wake.wait()
             else:
                 with trio.move_on_after(max(0.0, next_due - self.clock.time())):
                     await self._wake.wait()
 
-    async def _schedule_once(self) -> float | None:
-        """One round of decide -> apply. Returns when a backoff next expires, if any."""
+    async def _schedule_once(self, *, full: bool = True) -> float | None:
+        """One round of plan -> apply. Returns when a backoff next expires, if any."""
         now = self.clock.time()
-        pending = [r.job for r in self.jobs.values() if r.job.state is JobState.QUEUED]
-        running = [r.job for r in self.jobs.values() if r.job.state is not JobState.QUEUED]
-        pending = await self.batches.admit(pending, running)  # max_concurrency (#12)
+        pending: PendingIndex | list[Job] = self.jobs.pending
+        running = list(self.jobs.running.values())
+        if self.batches.any_limited():
+            # max_concurrency (#12): O(queued) only while a limited batch has queued jobs.
+            pending = await self.batches.admit(list(pending), running)
         if pending and jobfiles.low_space(self.config.data_dir):
             # A job could not even lay out its directory: keep what space is left for the
             # running jobs' state changes, and look again in a while.
             why = (f"the disk holding {self.config.data_dir} is full: no job starts until "
                    "space is freed there")
-            self._set_waits({j.id: Wait(j.id, why, i) for i, j in enumerate(pending, 1)})
+            self.waits = {j.id: Wait(j.id, why, i) for i, j in enumerate(pending, 1)}
             return now + 2.0
         usage = self._usage_now(running, now)
-        quotas = self.users.quotas()
-        # Warm workers are matched in the same (fair-share) order the scheduler uses.
-        key = scheduling_key(pending, running, now=now, usage=usage, policy=self.policy)
-        assigned, held, evictable = self._match_warm(pending, now, key, quotas)
-        cold = [j for j in pending if j.id not in assigned]
-        decisions = decide(cold, running + held, self.gpus, cpu_slots=self.config.cpu_slots,
-                           now=now, usage=usage, policy=self.policy, quotas=quotas)
-        waits: dict[int, Wait] = {}
-        for job_id, w in assigned.items():
+        idle = self.warm.idle() if self.warm is not None else []
+        # Warm matching is part of the pure plan, in the same (fair-share) order (#12).
+        p = plan(pending, running, self.gpus,
+                 [IdleWorker(w.id, w.key, w.gpus, w.last_job, w.key[3]) for w in idle],
+                 cpu_slots=self.config.cpu_slots, now=now, usage=usage, policy=self.policy,
+                 quotas=self.users.quotas(),
+                 depth=None if full else self.config.sched_queue_depth, previous=self.plan)
+        self.plan = p
+        workers = {w.id: w for w in idle}
+        evictable = [workers[i] for i in p.evictable]
+        for job_id, worker_id in p.assigned.items():
             rec = self.jobs.get(job_id)
             if rec is None:
                 continue  # ended (cancelled) during this round's earlier starts
+            w = workers[worker_id]
             w.busy = job_id  # reserved now: the next round must not hand it out again
             rec.assigned = w
             await self._start(Start(job_id, w.gpus))
-        for d in decisions:
-            if isinstance(d, Start):
-                # Idle warm workers on these GPUs give way to the job (eviction).
-                for w in [w for w in evictable if set(w.gpus) & set(d.gpus)]:
-                    evictable.remove(w)
-                    await self._end_warm(w, f"its GPUs are needed by job {d.job_id}")
-                await self._start(d)
-            else:
-                waits[d.job_id] = d
-        self._set_waits(waits)
-        backoffs = [j.not_before for j in pending if j.not_before > now and j.id in waits]
+        for d in p.starts:
+            # Idle warm workers on these GPUs give way to the job (eviction).
+            for w in [w for w in evictable if set(w.gpus) & set(d.gpus)]:
+                evictable.remove(w)
+                await self._end_warm(w, f"its GPUs are needed by job {d.job_id}")
+            await self._start(d)
+        self.waits = p.waits  # worked out when first read (#12)
+        backoffs = [p.next_backoff] if p.next_backoff is not None else []
         if self._write_blocked:
             self._write_blocked = False
             backoffs.append(now + 1.0)
         return min(backoffs) if backoffs else None
-
-    def _set_waits(self, waits: Mapping[int, Wait]) -> None:
-        for job_id, rec in self.jobs.items():
-            rec.wait = waits.get(job_id)
-
-    def _match_warm(
-        self, pending: list[Job], now: float,
-        key: Callable[[Job], tuple[float, float, int]] = order_key,
-        quotas: Mapping[str, Quota] | None = None,
-    ) -> tuple[dict[int, WarmWorker], list[Job], list[WarmWorker]]:
-        """Which queued jobs run in an idle warm worker of theirs, in scheduling order.
-
-        Returns (job -> worker; the idle workers that keep their GPUs this round, as
-        pseudo running jobs for the scheduler, owned by their user, so they count
-        against that user's GPU quota; the idle workers a job ahead in the queue may
-        evict). A job that cannot use a warm worker claims the idle workers on GPUs of
-        its type, so a stream of warm calls cannot starve it. A job over its owner's
-        max_timeout quota is left to the scheduler, which says so.
-        """
-        if self.warm is None:
-            return {}, [], []
-        idle = self.warm.idle()
-        if not idle:
-            return {}, [], []
-        assigned: dict[int, WarmWorker] = {}
-        claimed: set[int] = set()
-        for job in sorted(pending, key=key):
-            if job.not_before > now:
-                continue
-            quota = (quotas or {}).get(job.owner)
-            over_quota = (quota is not None and quota.max_timeout is not None
-                          and job.timeout > quota.max_timeout)
-            if _served(job) and not over_quota:
-                wanted = warm_key(job)
-                w = next((w for w in idle if w.key == wanted and w.id not in claimed
-                          and w not in assigned.values()), None)
-                if w is not None:
-                    assigned[job.id] = w
-                    continue
-            if job.gpu is not None:
-                index = {g.uuid: g for g in self.gpus}
-                for w in idle:
-                    if w.gpus and w not in assigned.values() and any(
-                            index[u].matches(t) for u in w.gpus if u in index
-                            for t, _ in job.gpu.options):
-                        claimed.add(w.id)
-        held, evictable = [], []
-        for w in idle:
-            if w in assigned.values() or not w.gpus:
-                continue
-            if w.id in claimed:
-                evictable.append(w)
-            else:
-                held.append(Job(id=w.last_job, function="(warm worker)",
-                                state=JobState.RUNNING, submitted_at=0.0, owner=w.key[3],
-                                gpus=w.gpus))
-        return assigned, held, evictable
 
     async def _start(self, d: Start) -> None:
         rec = self.jobs.get(d.job_id)

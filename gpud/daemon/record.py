@@ -13,7 +13,6 @@ import trio
 from gpud.domain import (
     Job,
     JobState,
-    Wait,
 )
 from gpud.executors.base import Handle
 from gpud.ledger import Step
@@ -45,8 +44,6 @@ class JobRecord:
     the truth; ``job`` is its latest committed row."""
 
     job: Job
-    #: why it waits and where it stands in the queue (the last round's answer)
-    wait: Wait | None = None
     #: the running process (cold) or warm worker it runs in
     handle: Handle | None = None
     #: cancelling it stops the job; it carries the job's deadline

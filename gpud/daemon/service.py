@@ -123,6 +123,8 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         except Replay as r:
             return r.batch_id, await self.ledger.call(_get_many, r.ids)
         crash_point("after_submit")
+        if batch_id is not None and max_concurrency is not None:
+            self.batches.note(batch_id, max_concurrency)
         # Durable now: only after the COMMIT do they exist for anyone else.
         made = await self.ledger.call(_get_many, ids)
         for j in made:
@@ -177,16 +179,18 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         return self.config.jobs_dir / str(job_id) / RESULT_FILE
 
     def reason(self, job_id: int) -> tuple[str | None, int | None]:
-        rec = self.jobs.get(job_id)
-        w = rec.wait if rec is not None else None
+        w = self.wait_of(job_id)
         if w is None:
             return None, None
         return w.reason, w.position
 
     def wait_of(self, job_id: int) -> Wait | None:
         """Why a queued job waits and its position, as of the last scheduling round."""
-        rec = self.jobs.get(job_id)
-        return rec.wait if rec is not None else None
+        # The last round's waits, worked out on the first read after it (#12); a job no
+        # longer queued has none.
+        if job_id not in self.jobs.pending:
+            return None
+        return self.waits.get(job_id)
 
     def active_job(self, job_id: int) -> Job | None:
         """The job if it is queued, starting or running (every such job is in memory);
@@ -199,8 +203,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         return [r.job for r in self.jobs.values() if r.job.state is JobState.QUEUED]
 
     def queued_count(self, owner: str) -> int:
-        return sum(1 for r in self.jobs.values()
-                   if r.job.owner == owner and r.job.state is JobState.QUEUED)
+        return self.jobs.pending.queued_by(owner)  # O(1): kept by the queue index (#12)
 
     def fresher(self, jobs: Sequence[Job]) -> list[Job]:
         """Jobs read from the ledger, each replaced by the daemon's own copy where it has

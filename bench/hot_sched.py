@@ -1,0 +1,142 @@
+"""Hot path (#12), the scheduler: one round over 10,000 and 100,000 queued jobs.
+
+The box has 8 GPUs (4 x h100, 4 x a100), 6 of them held by running jobs; the queue has
+jobs of 16 request shapes from 4 users under fair share, one of them with a GPU quota.
+Each figure is the median of a few rounds, beside the old algorithm
+(gpud.testing.sched_reference: sort everything, decide every job, format every reason)
+measured in the same run on the same snapshot:
+
+* ``plan()``, full pass: what the daemon runs every ``sched_interval`` (and on events
+  while the queue is shorter than ``sched_queue_depth``), over its kept index;
+* ``plan()``, event round at depth 100 (Slurm's default_queue_depth);
+* reading every wait once (what the first ``gpud ps`` after a round pays; later ones
+  read the cached words), for information.
+
+Run: ``.venv/bin/python bench/hot_sched.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import hotrows  # noqa: E402
+from gpud.domain import Decision, Gpu, GpuRequest, Job, JobState, Quota  # noqa: E402
+from gpud.fairshare import Policy  # noqa: E402
+from gpud.pending import ActiveJobs  # noqa: E402
+from gpud.scheduler import Plan, plan  # noqa: E402
+from gpud.testing import sched_reference as ref  # noqa: E402
+
+NOW = 1_000_000.0
+SHAPES = ["h100", "h100:2", "h100:3", "h100:4", "a100", "a100:2", "a100:3", "a100:4",
+          "any", "any:2", "any:4", "any:8", "h100:2,a100:2", "h100,a100", "a100:4,h100:4",
+          None]
+USERS = ["ann", "bob", "cy", "dee"]
+
+
+def snapshot(queued: int, seed: int = 12) -> tuple[ActiveJobs[Job], list[Job], list[Gpu]]:
+    rnd = random.Random(seed)
+    gpus = [Gpu(index=i, uuid=f"GPU-{i}", name=t, type=t)
+            for i, t in enumerate(["h100"] * 4 + ["a100"] * 4)]
+    active: ActiveJobs[Job] = ActiveJobs(lambda j: j)
+    for i, held in enumerate([("GPU-0", "GPU-1"), ("GPU-2",), ("GPU-4", "GPU-5", "GPU-6")]):
+        active[900_000 + i] = Job(id=900_000 + i, function="m:f", state=JobState.RUNNING,
+                                  submitted_at=NOW - 100, owner=USERS[i], gpus=held,
+                                  gpu=GpuRequest.parse(f"any:{len(held)}"))
+    for i in range(1, queued + 1):
+        active[i] = Job(id=i, function="m:f", state=JobState.QUEUED,
+                        submitted_at=NOW - queued + i, owner=rnd.choice(USERS),
+                        priority=rnd.choice([0, 0, 0, -1]),
+                        gpu=GpuRequest.parse(rnd.choice(SHAPES)),
+                        not_before=NOW + 5 if rnd.random() < 0.01 else 0.0)
+    return active, list(active.running.values()), gpus
+
+
+KW: dict[str, object] = dict(
+    cpu_slots=2, now=NOW, usage={"ann": 5e5, "bob": 1e4, "cy": 0.0, "dee": 2e5},
+    policy=Policy(), quotas={"dee": Quota(max_gpus=2)})
+
+
+def timed(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def ms(s: float) -> str:
+    return f"{s * 1000:.1f} ms" if s < 10 else f"{s:.1f} s"
+
+
+def rows(quick: bool, progress: hotrows.Progress) -> list[hotrows.Row]:
+    out: list[hotrows.Row] = []
+    for queued, target in ((10_000, 0.010), (100_000, 0.100)):
+        out += _measure(queued, target, quick, progress)
+    return out
+
+
+def _measure(queued: int, target: float, quick: bool,
+             progress: hotrows.Progress) -> list[hotrows.Row]:
+    progress(f"scheduler: building a queue of {queued:,} jobs")
+    active, running, gpus = snapshot(queued)
+    pending = list(active.pending)
+    kw: dict[str, Any] = dict(KW)
+
+    def old() -> list[Decision]:
+        key = ref.scheduling_key(pending, running, now=NOW, usage=kw["usage"],
+                                 policy=kw["policy"])
+        ref.match_warm(pending, [], gpus, now=NOW, key=key)
+        return ref.decide(pending, running, gpus, **kw)
+
+    def full() -> Plan:
+        return plan(active.pending, running, gpus, **kw)
+
+    def event() -> Plan:
+        return plan(active.pending, running, gpus, depth=100, **kw)
+
+    def read() -> list[str]:
+        return [w.reason for w in full().waits.values()]
+
+    # Same decisions, or the comparison means nothing.
+    want = [(type(d).__name__, d.job_id) for d in ref.decide(pending, running, gpus, **kw)]
+    got = [(type(d).__name__, d.job_id) for d in full().decisions()]
+    assert want == got, "plan() and the reference disagree"
+    progress(f"scheduler: timing {queued:,} queued (old algorithm)")
+    base = timed(old, 1 if quick or queued > 10_000 else 3)
+    progress(f"scheduler: timing {queued:,} queued (plan)")
+    n = 5 if quick else 21
+    t_full, t_event, t_read = timed(full, n), timed(event, n), timed(read, 3 if quick else 5)
+    looked = full().looked_at
+    return [
+        hotrows.Row(
+            f"plan(), full pass, {queued:,} queued jobs on 8 GPUs in 16 shapes", ms(t_full),
+            f"old decide {ms(base)} ({base / t_full:.0f}x; looked at {looked} jobs)",
+            f"< {ms(target)}", t_full < target,
+            {"plan_s": t_full, "old_s": base, "looked_at": looked}),
+        hotrows.Row(
+            f"plan(), event round (depth 100), {queued:,} queued", ms(t_event),
+            f"old decide {ms(base)}", f"< {ms(target)}", t_event < target,
+            {"plan_s": t_event, "old_s": base}),
+        hotrows.Row(
+            f"plan() + every wait's reason read once, {queued:,} queued", ms(t_read),
+            f"old decide {ms(base)}", "(info: paid by the first read)", True,
+            {"read_s": t_read, "old_s": base}),
+    ]
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv[1:]
+    print(hotrows.render(rows(quick, lambda s: print(s, file=sys.stderr))))
+
+
+if __name__ == "__main__":
+    main()
