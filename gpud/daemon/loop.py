@@ -14,8 +14,8 @@ from gpud.daemon import jobfiles
 from gpud.daemon.supervise import Supervision
 from gpud.domain import (
     IdleWorker,
-    Job,
     IllegalTransition,
+    Job,
     JobState,
     Start,
     Wait,
