@@ -5,6 +5,7 @@ recording a change (ledger first, then memory), finishing an attempt, fair share
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Awaitable, Mapping, Sequence
 
@@ -74,6 +75,12 @@ class DaemonCore:
         self.jobs: ActiveJobs[JobRecord] = ActiveJobs(lambda r: r.job)
         #: the last round's waits, worked out when first read (#12)
         self.waits: Mapping[int, Wait] = {}
+        #: the waits readers are shown: the latest round's, or, while working those out
+        #: would cost too much too often (a sweep of 100,000 starts a round per state
+        #: change), an earlier round's a few seconds old (#12)
+        self._shown: Mapping[int, Wait] = {}
+        self._shown_at = -math.inf
+        self._shown_cost = 0.0
         self.plan: Plan | None = None  # the last round's, for the next bounded one
         self.gpus: list[Gpu] = []
         #: the last minutes of GPU readings, for the TUI's sparklines
