@@ -385,3 +385,34 @@ def test_kill_9_after_acks_keeps_every_acknowledged_write(tmp_path: Path) -> Non
         assert led.integrity_check() == "ok"
     finally:
         led.close()
+
+
+def test_a_second_connection_in_the_daemon_keeps_the_wal_of_the_first(tmp_path: Path) -> None:
+    """Opening the read connection (LedgerThread.read) while the writer runs must not
+    drop the writer's POSIX locks: else another process's connection, closing, believes
+    it is the last one and deletes the -wal under the daemon, whose later commits are
+    then invisible to everyone else (and lost). Found by the TUI's cancel test."""
+    t = LedgerThread(tmp_path / "ledger.db")
+    try:
+        first = t.call_sync(submit, "before")
+
+        async def read_once() -> None:
+            await t.read(Ledger.get, first)  # opens the second connection, lazily
+
+        trio.run(read_once)
+        # Another process opens the ledger and closes it (a test, `gpud admin`, a backup).
+        subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+            import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+            from gpud.ledger import Ledger
+            Ledger({str(tmp_path / "ledger.db")!r}).close()
+        """)], check=True, timeout=60)
+        assert (tmp_path / "ledger.db-wal").exists(), "the daemon's -wal was deleted"
+        later = t.call_sync(submit, "after")
+        fresh = sqlite3.connect(tmp_path / "ledger.db")
+        try:
+            ids = {r[0] for r in fresh.execute("SELECT id FROM jobs")}
+        finally:
+            fresh.close()
+        assert {first, later} <= ids, "a commit of the daemon is invisible to other processes"
+    finally:
+        t.close()

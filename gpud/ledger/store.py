@@ -198,8 +198,13 @@ def _make_private(path: Path) -> None:
     """The ledger holds every job's payload and env: readable by the daemon's user only.
     SQLite creates the -wal and -shm files with the database file's mode, so creating the
     database 0600 up front covers them; an older ledger is tightened in place."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.close(fd)
+    # Never open and close the file once it exists: closing any descriptor of it drops
+    # every POSIX lock this process holds on it, SQLite's included, and a connection of
+    # another process that then closes believes it is the last one and deletes the -wal
+    # and -shm files under a live daemon (its later commits would then be invisible, and
+    # lost). Created here only when it does not exist yet (no locks to lose then).
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(p, 0o600)
