@@ -60,6 +60,10 @@ class PendingIndex:
         self._where: dict[int, tuple[GroupKey, float]] = {}  # id -> (group, submitted_at)
         self._queued: dict[str, int] = {}  # owner -> queued jobs
         self._backoffs: list[tuple[float, int]] = []  # (not_before, id), sorted
+        # id -> when it was queued (a count of adds), oldest first: which jobs came since
+        # a plan was made, without a scan (a job replaced in place keeps its place).
+        self._added: dict[int, int] = {}
+        self.seq = 0
 
     @classmethod
     def of(cls, jobs: Iterable[Job], owners: Mapping[int, str] | None = None) -> PendingIndex:
@@ -74,7 +78,10 @@ class PendingIndex:
     def add(self, job: Job) -> None:
         """Queue ``job``, or replace the queued job of the same id."""
         if job.id in self._where:
-            self.discard(job.id)
+            self._remove(job.id)
+        else:
+            self.seq += 1
+            self._added[job.id] = self.seq
         owner = self.owner(job)
         # The warm key is computed once here, not in every round (it serialises the env).
         gk: GroupKey = (owner, job.priority, job.gpu, warm_key(job) if served(job) else None)
@@ -96,6 +103,10 @@ class PendingIndex:
 
     def discard(self, job_id: int) -> Job | None:
         """Take the job out of the queue (started, cancelled...); None if it was not in."""
+        self._added.pop(job_id, None)
+        return self._remove(job_id)
+
+    def _remove(self, job_id: int) -> Job | None:
         where = self._where.pop(job_id, None)
         if where is None:
             return None
@@ -123,6 +134,21 @@ class PendingIndex:
             return None
         g = self._groups[where[0]]
         return g.jobs[bisect_left(g.keys, (where[1], job_id))]
+
+    def added_since(self, seq: int) -> list[int]:
+        """Ids of the jobs queued after the add count was ``seq`` (and still queued):
+        O(their number)."""
+        out = []
+        for job_id, s in reversed(self._added.items()):
+            if s <= seq:
+                break
+            out.append(job_id)
+        return out
+
+    def in_backoff(self, now: float) -> list[Job]:
+        """The queued jobs whose retry backoff still runs at ``now``."""
+        i = bisect_right(self._backoffs, (now, float("inf")))
+        return [j for _, job_id in self._backoffs[i:] if (j := self.get(job_id)) is not None]
 
     def queued_by(self, owner: str) -> int:
         """How many jobs ``owner`` has queued: O(1), for the max_queued check at submit."""
