@@ -25,7 +25,7 @@ and request (:mod:`gpud.pending`), which the round merges lazily in scheduling o
 a request shape waits, every later job of that shape waits too (free GPUs only get fewer
 in a round), so its group leaves the merge; the round ends when every group has, after
 looking at roughly one job per group plus one per start. The waits' reasons and positions
-are worked out only when read (:class:`Plan`). ``depth`` bounds how many jobs an
+are worked out only when read, one job's or one page's at a time (:mod:`gpud.sched_read`). ``depth`` bounds how many jobs an
 event-triggered round looks at (Slurm's default_queue_depth); jobs past it keep the
 reason of the last complete plan until the next full pass. The straightforward algorithm
 this replaced is kept in :mod:`gpud.testing.sched_reference`; the property tests check
