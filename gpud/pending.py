@@ -32,7 +32,7 @@ GroupKey = tuple[str, int, GpuRequest | None, Hashable]
 class Group:
     """Queued jobs of one owner, priority, GPU request and warm key, oldest first."""
 
-    __slots__ = ("gpu", "jobs", "keys", "owner", "priority", "wkey")
+    __slots__ = ("backoff", "gpu", "jobs", "keys", "owner", "priority", "wkey")
 
     def __init__(self, owner: str, priority: int, gpu: GpuRequest | None,
                  wkey: Hashable) -> None:
@@ -42,12 +42,14 @@ class Group:
         self.wkey = wkey  # the warm key of its jobs (None: they do not run warm)
         self.keys: list[tuple[float, int]] = []  # (submitted_at, id), sorted
         self.jobs: list[Job] = []  # parallel to keys
+        self.backoff: dict[int, Job] = {}  # its jobs with a retry backoff (not_before > 0)
 
     def snapshot(self) -> Group:
         """A copy whose job list later adds and removals do not touch (a plan reads it
         after the round, when its waits are first read)."""
         g = Group(self.owner, self.priority, self.gpu, self.wkey)
         g.jobs = list(self.jobs)
+        g.backoff = dict(self.backoff)
         return g
 
 
@@ -100,6 +102,7 @@ class PendingIndex:
         self._queued[owner] = self._queued.get(owner, 0) + 1
         if job.not_before > 0:
             insort(self._backoffs, (job.not_before, job.id))
+            g.backoff[job.id] = job
 
     def discard(self, job_id: int) -> Job | None:
         """Take the job out of the queue (started, cancelled...); None if it was not in."""
@@ -126,6 +129,7 @@ class PendingIndex:
         if job.not_before > 0:
             j = bisect_left(self._backoffs, (job.not_before, job_id))
             del self._backoffs[j]
+            g.backoff.pop(job_id, None)
         return job
 
     def get(self, job_id: int) -> Job | None:
@@ -144,11 +148,6 @@ class PendingIndex:
                 break
             out.append(job_id)
         return out
-
-    def in_backoff(self, now: float) -> list[Job]:
-        """The queued jobs whose retry backoff still runs at ``now``."""
-        i = bisect_right(self._backoffs, (now, float("inf")))
-        return [j for _, job_id in self._backoffs[i:] if (j := self.get(job_id)) is not None]
 
     def queued_by(self, owner: str) -> int:
         """How many jobs ``owner`` has queued: O(1), for the max_queued check at submit."""

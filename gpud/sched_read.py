@@ -53,7 +53,7 @@ class Reader:
                  quotas: Mapping[str, Quota],
                  skip_keys: Sequence[Key], looked: list[Looked], kept: dict[int, Round],
                  dropped: dict[int, Key],
-                 in_backoff: Sequence[Job], cut: Key | None,
+                 cut: Key | None,
                  before_cut: Callable[[Job], Wait | None] | None,
                  not_yet: Reason) -> None:
         self.groups = groups
@@ -67,7 +67,6 @@ class Reader:
         self.looked_keys = [x[0] for x in looked]
         self.looked_at = {x[2].id: n for n, x in enumerate(looked)}
         self.dropped = dropped  # group -> the key at which its shape waited
-        self.in_backoff = in_backoff
         self.cut = cut
         self.before_cut = before_cut  # the last complete plan's wait, past a cut
         self.not_yet = not_yet
@@ -217,8 +216,7 @@ class Reader:
         if hit is not None:
             return hit
         g, key = self.groups[gi], self._key(gi)
-        keys = {key(j) for j in self.in_backoff
-                if (at := self.locate(j)) is not None and at[0] == gi}
+        keys = {key(j) for j in g.backoff.values() if j.not_before > self.now}
         quota = self.quotas.get(g.owner)
         if quota is not None and quota.max_timeout is not None:
             limit = quota.max_timeout

@@ -25,9 +25,10 @@ and request (:mod:`gpud.pending`), which the round merges lazily in scheduling o
 a request shape waits, every later job of that shape waits too (free GPUs only get fewer
 in a round), so its group leaves the merge; the round ends when every group has, after
 looking at roughly one job per group plus one per start. The waits' reasons and positions
-are worked out only when read, one job's or one page's at a time (:mod:`gpud.sched_read`). ``depth`` bounds how many jobs an
-event-triggered round looks at (Slurm's default_queue_depth); jobs past it keep the
-reason of the last complete plan until the next full pass. The straightforward algorithm
+are worked out only when read, one job's or one page's at a time (:mod:`gpud.sched_read`).
+``depth`` bounds how many jobs an event-triggered round looks at (Slurm's
+default_queue_depth); jobs past it keep the reason of the last complete plan until the
+next full pass. The straightforward algorithm
 this replaced is kept in :mod:`gpud.testing.sched_reference`; the property tests check
 that both decide the same.
 """
@@ -201,7 +202,7 @@ def plan(
         groups=groups, key=key.of, new_round=setup.round,
         new_merge=lambda: iter(_Merge(groups, key, skip=set(assigned))), now=now,
         quotas=quotas, skip_keys=[key(j, index.owner(j)) for j in skipped if j is not None],
-        looked=looked, kept=kept, dropped=dropped, in_backoff=index.in_backoff(now), cut=cut,
+        looked=looked, kept=kept, dropped=dropped, cut=cut,
         before_cut=base.waits.of if base is not None and cut is not None else None,
         not_yet=_NOT_YET)
     return Plan(starts=rnd.starts, assigned=assigned, held=held, evictable=evictable,
