@@ -9,14 +9,21 @@ measured in the same run on the same snapshot:
 * ``plan()``, full pass: what the daemon runs every ``sched_interval`` (and on events
   while the queue is shorter than ``sched_queue_depth``), over its kept index;
 * ``plan()``, event round at depth 100 (Slurm's default_queue_depth);
-* reading every wait once (what the first ``gpud ps`` after a round pays; later ones
-  read the cached words), for information.
+* reading every wait once (the whole mapping: what a reader paid before waits were read
+  job by job), for information;
+* one job's reason and position read on their own, right after a round (what ``gpud ps``
+  or ``GET /v1/jobs/{id}`` pays per job), and a page of 50 of ``/v1/queue`` (at offset 0
+  and deep in the queue), against the API-latency target of #12 (p99 < 50 ms); each read
+  on a new plan, so that nothing a previous read worked out is kept (and after a
+  garbage collection, so that the figure is the read's, not a collection that the
+  plan's garbage sets off).
 
 Run: ``.venv/bin/python bench/hot_sched.py [--quick]``.
 """
 
 from __future__ import annotations
 
+import gc
 import random
 import statistics
 import sys
@@ -31,6 +38,7 @@ from bench import hotrows  # noqa: E402
 from gpud.domain import Decision, Gpu, GpuRequest, Job, JobState, Quota  # noqa: E402
 from gpud.fairshare import Policy  # noqa: E402
 from gpud.pending import ActiveJobs  # noqa: E402
+from gpud.queue_view import page  # noqa: E402
 from gpud.scheduler import Plan, plan  # noqa: E402
 from gpud.testing import sched_reference as ref  # noqa: E402
 
@@ -116,6 +124,29 @@ def _measure(queued: int, target: float, quick: bool,
     n = 5 if quick else 21
     t_full, t_event, t_read = timed(full, n), timed(event, n), timed(read, 3 if quick else 5)
     looked = full().looked_at
+    progress(f"scheduler: timing reads at {queued:,} queued")
+    pick = random.Random(7)
+    ids = [j.id for j in pending]
+    one_t: list[float] = []
+    for _ in range(10 if quick else 40):
+        p, job = full(), active.pending.get(pick.choice(ids))
+        assert job is not None
+        gc.collect()  # not a collection the plan's garbage sets off: the read's own cost
+        t = time.perf_counter()
+        w = p.waits.of(job)
+        if w is not None:
+            assert w.reason and w.position > 0
+        one_t.append(time.perf_counter() - t)
+    page_t: dict[int, list[float]] = {0: [], queued // 2: []}
+    for offset, times in page_t.items():
+        for _ in range(3 if quick else 10):
+            p = full()
+            gc.collect()
+            t = time.perf_counter()
+            jobs, _ = page(p.waits, active.pending, offset, 50)
+            assert all(w.reason for _, w in jobs if w is not None)
+            times.append(time.perf_counter() - t)
+    t_one, t_page0, t_pagem = max(one_t), max(page_t[0]), max(page_t[queued // 2])
     return [
         hotrows.Row(
             f"plan(), full pass, {queued:,} queued jobs on 8 GPUs in 16 shapes", ms(t_full),
@@ -130,6 +161,20 @@ def _measure(queued: int, target: float, quick: bool,
             f"plan() + every wait's reason read once, {queued:,} queued", ms(t_read),
             f"old decide {ms(base)}", "(info: paid by the first read)", True,
             {"read_s": t_read, "old_s": base}),
+        hotrows.Row(
+            f"one job's reason+position read after a round, {queued:,} queued (worst of "
+            f"{len(one_t)})", ms(t_one), f"every wait read {ms(t_read)} ({t_read / t_one:.0f}x; "
+            f"median {ms(statistics.median(one_t))})",
+            "< 50.0 ms", t_one < 0.050, {"read_one_s": t_one, "read_all_s": t_read,
+                                         "median_s": statistics.median(one_t)}),
+        hotrows.Row(
+            f"a /v1/queue page of 50 at offset 0 after a round, {queued:,} queued",
+            ms(t_page0), f"every wait read {ms(t_read)} ({t_read / t_page0:.0f}x)",
+            "< 50.0 ms", t_page0 < 0.050, {"page_s": t_page0, "read_all_s": t_read}),
+        hotrows.Row(
+            f"a /v1/queue page of 50 at offset {queued // 2:,} after a round, {queued:,} "
+            "queued", ms(t_pagem), f"every wait read {ms(t_read)}", "(info: walks to the "
+            "offset)", True, {"page_s": t_pagem, "read_all_s": t_read}),
     ]
 
 

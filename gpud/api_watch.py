@@ -13,7 +13,6 @@ request helpers and error handling.
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ from starlette.responses import Response
 
 from gpud.api_params import MAX_ID, Param
 from gpud.daemon.port import JobService
-from gpud.domain import FINAL, Job
+from gpud.domain import FINAL
 from gpud.http_common import ApiError, job_info
 from gpud.http_common import json_response as _json
 from gpud.http_common import path_job_id as _job_id
@@ -70,15 +69,6 @@ WATCH_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]
 ]
 
 
-def _queue_order(daemon: JobService) -> Callable[[Job], tuple[bool, int, int, int]]:
-    def key(job: Job) -> tuple[bool, int, int, int]:
-        w = daemon.wait_of(job.id)
-        # Jobs submitted since the last scheduling round have no position yet: they go
-        # last, in the order the scheduler will see them.
-        return (w is None, w.position if w else 0, -job.priority, job.id)
-    return key
-
-
 #: What another user's queued job is called in ``/v1/queue``.
 OTHERS_JOB = "another user's job"
 
@@ -102,15 +92,14 @@ def watch_routes(daemon: JobService) -> list[tuple[str, str, Callable[[Request],
     async def queue(request: Request) -> Response:
         offset = _param(request, QUEUE_OFFSET)
         limit = _param(request, QUEUE_LIMIT)
-        pending = daemon.queued()
-        # A page from a queue of 100,000 without sorting all of it.
-        page = heapq.nsmallest(offset + limit, pending, key=_queue_order(daemon))[offset:]
+        # A page from a queue of 100,000 without looking at the rest of it (#12).
+        page, total = daemon.queue_page(offset, limit)
         # Everyone sees the whole queue, so that positions add up; others' jobs in it
         # without their private fields.
         who = _principal(request)
-        infos = [job_info(daemon, j) for j in page]
+        infos = [job_info(daemon, j, w) for j, w in page]
         infos = [i if who.admin or i.owner == who.name else others_view(i) for i in infos]
-        return _json(QueuePage(jobs=infos, total=len(pending), offset=offset))
+        return _json(QueuePage(jobs=infos, total=total, offset=offset))
 
     async def events(request: Request) -> Response:
         after = _param(request, AFTER)

@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gpud.api_params import Param, ParamError, parse_id
-from gpud.domain import Job, JobState
+from gpud.domain import Job, JobState, Wait
 from gpud.http_edge import OverBudget
 from gpud.users import Principal
 from gpud_client.models import MAX_ID, ErrorBody, JobInfo
@@ -53,9 +53,15 @@ def error_response(status: int, code: str, detail: str) -> Response:
     return json_response(ErrorBody(error=code, detail=detail), status)
 
 
-def job_info(daemon: JobService, job: Job) -> JobInfo:
+def job_info(daemon: JobService, job: Job, wait: Wait | None | bool = True) -> JobInfo:
+    """``wait``: the job's wait when the caller has it already (a page of the queue);
+    True (the default) to ask the daemon."""
     index = {g.uuid: g.index for g in daemon.gpus}
-    reason, position = daemon.reason(job.id) if job.state is JobState.QUEUED else (None, None)
+    if wait is True:
+        reason, position = (daemon.reason(job.id) if job.state is JobState.QUEUED
+                            else (None, None))
+    else:
+        reason, position = (wait.reason, wait.position) if wait else (None, None)
     return JobInfo(
         id=job.id, name=job.function, state=job.state.value, owner=job.owner,
         priority=job.priority, gpu=job.gpu.to_spec() if job.gpu else None,

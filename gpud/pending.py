@@ -32,7 +32,7 @@ GroupKey = tuple[str, int, GpuRequest | None, Hashable]
 class Group:
     """Queued jobs of one owner, priority, GPU request and warm key, oldest first."""
 
-    __slots__ = ("gpu", "jobs", "keys", "owner", "priority", "wkey")
+    __slots__ = ("backoff", "gpu", "jobs", "keys", "owner", "priority", "wkey")
 
     def __init__(self, owner: str, priority: int, gpu: GpuRequest | None,
                  wkey: Hashable) -> None:
@@ -42,12 +42,14 @@ class Group:
         self.wkey = wkey  # the warm key of its jobs (None: they do not run warm)
         self.keys: list[tuple[float, int]] = []  # (submitted_at, id), sorted
         self.jobs: list[Job] = []  # parallel to keys
+        self.backoff: dict[int, Job] = {}  # its jobs with a retry backoff (not_before > 0)
 
     def snapshot(self) -> Group:
         """A copy whose job list later adds and removals do not touch (a plan reads it
         after the round, when its waits are first read)."""
         g = Group(self.owner, self.priority, self.gpu, self.wkey)
         g.jobs = list(self.jobs)
+        g.backoff = dict(self.backoff)
         return g
 
 
@@ -60,6 +62,10 @@ class PendingIndex:
         self._where: dict[int, tuple[GroupKey, float]] = {}  # id -> (group, submitted_at)
         self._queued: dict[str, int] = {}  # owner -> queued jobs
         self._backoffs: list[tuple[float, int]] = []  # (not_before, id), sorted
+        # id -> when it was queued (a count of adds), oldest first: which jobs came since
+        # a plan was made, without a scan (a job replaced in place keeps its place).
+        self._added: dict[int, int] = {}
+        self.seq = 0
 
     @classmethod
     def of(cls, jobs: Iterable[Job], owners: Mapping[int, str] | None = None) -> PendingIndex:
@@ -74,7 +80,10 @@ class PendingIndex:
     def add(self, job: Job) -> None:
         """Queue ``job``, or replace the queued job of the same id."""
         if job.id in self._where:
-            self.discard(job.id)
+            self._remove(job.id)
+        else:
+            self.seq += 1
+            self._added[job.id] = self.seq
         owner = self.owner(job)
         # The warm key is computed once here, not in every round (it serialises the env).
         gk: GroupKey = (owner, job.priority, job.gpu, warm_key(job) if served(job) else None)
@@ -93,9 +102,14 @@ class PendingIndex:
         self._queued[owner] = self._queued.get(owner, 0) + 1
         if job.not_before > 0:
             insort(self._backoffs, (job.not_before, job.id))
+            g.backoff[job.id] = job
 
     def discard(self, job_id: int) -> Job | None:
         """Take the job out of the queue (started, cancelled...); None if it was not in."""
+        self._added.pop(job_id, None)
+        return self._remove(job_id)
+
+    def _remove(self, job_id: int) -> Job | None:
         where = self._where.pop(job_id, None)
         if where is None:
             return None
@@ -115,6 +129,7 @@ class PendingIndex:
         if job.not_before > 0:
             j = bisect_left(self._backoffs, (job.not_before, job_id))
             del self._backoffs[j]
+            g.backoff.pop(job_id, None)
         return job
 
     def get(self, job_id: int) -> Job | None:
@@ -123,6 +138,16 @@ class PendingIndex:
             return None
         g = self._groups[where[0]]
         return g.jobs[bisect_left(g.keys, (where[1], job_id))]
+
+    def added_since(self, seq: int) -> list[int]:
+        """Ids of the jobs queued after the add count was ``seq`` (and still queued):
+        O(their number)."""
+        out = []
+        for job_id, s in reversed(self._added.items()):
+            if s <= seq:
+                break
+            out.append(job_id)
+        return out
 
     def queued_by(self, owner: str) -> int:
         """How many jobs ``owner`` has queued: O(1), for the max_queued check at submit."""

@@ -113,6 +113,18 @@ class Round:
             if cpu_only(job.gpu):
                 self.cpu_users.append(job.id)
 
+    def copy(self) -> Round:
+        """A round in the same state, to step on apart (the GPU indexes and the reasons
+        memoized by version are shared: a version means the same state in both)."""
+        r = Round.__new__(Round)
+        r.__dict__.update(self.__dict__)
+        r.claims = dict(self.claims)
+        r.gpus_held = {o: list(ids) for o, ids in self.gpus_held.items()}
+        r.cpu_users = list(self.cpu_users)
+        r.blocked = dict(self.blocked)
+        r.starts = list(self.starts)
+        return r
+
     def step(self, job: Job, owner: str) -> bool:
         """Start ``job`` or make it wait; True when every later job of its group (same
         owner, priority and request) will wait too."""

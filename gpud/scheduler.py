@@ -25,9 +25,10 @@ and request (:mod:`gpud.pending`), which the round merges lazily in scheduling o
 a request shape waits, every later job of that shape waits too (free GPUs only get fewer
 in a round), so its group leaves the merge; the round ends when every group has, after
 looking at roughly one job per group plus one per start. The waits' reasons and positions
-are worked out only when read (:class:`Plan`). ``depth`` bounds how many jobs an
-event-triggered round looks at (Slurm's default_queue_depth); jobs past it keep the
-reason of the last complete plan until the next full pass. The straightforward algorithm
+are worked out only when read, one job's or one page's at a time (:mod:`gpud.sched_read`).
+``depth`` bounds how many jobs an event-triggered round looks at (Slurm's
+default_queue_depth); jobs past it keep the reason of the last complete plan until the
+next full pass. The straightforward algorithm
 this replaced is kept in :mod:`gpud.testing.sched_reference`; the property tests check
 that both decide the same.
 """
@@ -42,6 +43,7 @@ from gpud.domain import Decision, Gpu, IdleWorker, Job, Quota, Reason, Start, Wa
 from gpud.fairshare import Policy, fairshare_factors, job_priority
 from gpud.pending import Group, PendingIndex
 from gpud.reasons import Text
+from gpud.sched_read import KEEP_EVERY, Looked, Reader, Walked
 from gpud.sched_round import Round, infeasible
 from gpud.warm_match import match_warm
 
@@ -174,23 +176,40 @@ def plan(
     merge = _Merge(groups, key, skip=set(assigned))
     seen = 0
     cut: Key | None = None
+    # What the round did, kept so that one job's wait can be read without the others.
+    looked: list[Looked] = []
+    dropped: dict[int, Key] = {}
+    kept: dict[int, Round] = {}
     while (item := merge.pop()) is not None:
         job, gi, k = item
         if depth is not None and seen >= depth:
             cut = k  # this job and every later one keep their previous reason
             break
+        if seen and seen % KEEP_EVERY == 0:
+            kept[seen] = rnd.copy()  # where a read replays the round from
         seen += 1
         done = rnd.step(job, groups[gi].owner)
+        looked.append((k, gi, job, rnd.last_start if rnd.last_start is not None
+                       else rnd.last_reason))  # type: ignore[arg-type]
         if done:
             # Its request shape waits: so will every later job of the group.
             merge.drop(gi)
+            dropped[gi] = k
     # Jobs past a cut keep their reason from the last complete plan (never a chain).
     base = previous if previous is None or previous.complete else previous.base
+    skipped = [index.get(i) for i in assigned]
+    reader = Reader(
+        groups=groups, key=key.of, new_round=setup.round,
+        new_merge=lambda: iter(_Merge(groups, key, skip=set(assigned))), now=now,
+        quotas=quotas, skip_keys=[key(j, index.owner(j)) for j in skipped if j is not None],
+        looked=looked, kept=kept, dropped=dropped, cut=cut,
+        before_cut=base.waits.of if base is not None and cut is not None else None,
+        not_yet=_NOT_YET)
     return Plan(starts=rnd.starts, assigned=assigned, held=held, evictable=evictable,
                 next_backoff=index.next_backoff(now), looked_at=seen,
                 lazy=_Lazy(setup, groups, key, set(assigned), cut,
                            base.waits if base is not None and cut is not None else None),
-                base=base if cut is not None else None)
+                base=base if cut is not None else None, reader=reader, seq=index.seq)
 
 
 class Plan:
@@ -199,7 +218,7 @@ class Plan:
 
     def __init__(self, *, starts: list[Start], assigned: dict[int, int], held: list[Job],
                  evictable: list[int], next_backoff: float | None, looked_at: int,
-                 lazy: _Lazy, base: Plan | None) -> None:
+                 lazy: _Lazy, base: Plan | None, reader: Reader, seq: int) -> None:
         self.starts = starts
         self.assigned = assigned  # job id -> id of the idle warm worker it runs in
         self.held = held  # idle warm workers keeping their GPUs, as running pseudo-jobs
@@ -208,7 +227,7 @@ class Plan:
         self.looked_at = looked_at  # jobs the round looked at
         self.complete = lazy.cut is None  # False: depth stopped it before the end
         self.base = base  # the complete plan a cut one takes its later reasons from
-        self.waits = Waits(lazy)
+        self.waits = Waits(lazy, reader, seq, {s.job_id for s in starts} | set(assigned))
 
     def decisions(self) -> list[Decision]:
         """Every job's decision, in scheduling order (as :func:`decide` returns them)."""
@@ -242,17 +261,22 @@ class _Keyer:
         return (-p, job.submitted_at, job.id)
 
     def group(self, g: Group) -> list[Key]:
-        """Every key of a group; the same numbers as job_priority, computed inline (this
-        is the one place a round touches every queued job, when its waits are read)."""
+        """Every key of a group (the one place a round touches every queued job, when all
+        its waits are read)."""
+        return list(map(self.of(g.owner), g.jobs))
+
+    def of(self, owner: str) -> Callable[[Job], Key]:
+        """The key of a job of ``owner``: the same numbers as job_priority, computed
+        inline, for the many keys a read bisects or a full read sorts."""
         pol, now = self.policy, self.now
         if pol is None:
-            return [(-j.priority, j.submitted_at, j.id) for j in g.jobs]
-        base = pol.fairshare_weight * self.factors.get(g.owner, 1.0)
+            return lambda j: (-j.priority, j.submitted_at, j.id)
+        base = pol.fairshare_weight * self.factors.get(owner, 1.0)
         aw, ma = pol.age_weight, pol.max_age
         if ma <= 0:
-            return [(-(j.priority + base + aw * 1.0), j.submitted_at, j.id) for j in g.jobs]
-        return [(-(j.priority + base + aw * min(1.0, max(0.0, now - j.submitted_at) / ma)),
-                 j.submitted_at, j.id) for j in g.jobs]
+            return lambda j: (-(j.priority + base + aw * 1.0), j.submitted_at, j.id)
+        return lambda j: (-(j.priority + base + aw * min(1.0, max(0.0, now - j.submitted_at)
+                                                         / ma)), j.submitted_at, j.id)
 
 
 class _Merge:
@@ -375,10 +399,15 @@ _NOT_YET = Text("queued: the scheduler looks this far down the queue at its next
 
 
 class Waits(Mapping[int, Wait]):
-    """Job id -> Wait, worked out on first reading; jobs popped since are gone."""
+    """Job id -> Wait, all worked out on first reading as a mapping (O(queued)); jobs
+    popped since are gone. :meth:`of` reads one job's without the others
+    (:mod:`gpud.sched_read`), :meth:`order` walks them in order."""
 
-    def __init__(self, lazy: _Lazy) -> None:
+    def __init__(self, lazy: _Lazy, reader: Reader, seq: int, no_wait: set[int]) -> None:
         self._lazy: _Lazy | None = lazy
+        self.reader = reader
+        self.seq = seq  # the queue index's add count when the plan was made
+        self.no_wait = no_wait  # the jobs it started or gave to warm workers
         self._decisions: list[Decision] | None = None
         self._waits: dict[int, Wait] | None = None
         self._gone: set[int] = set()
@@ -404,6 +433,25 @@ class Waits(Mapping[int, Wait]):
         if self._waits is None:
             self._waits = {d.job_id: d for d in self.decisions() if isinstance(d, Wait)}
         return self._waits
+
+    def of(self, job: Job) -> Wait | None:
+        """``job``'s wait, found on its own: O(groups · log queued)."""
+        if job.id in self._gone:
+            return None
+        if self._waits is not None:
+            return self._waits.get(job.id)
+        return self.reader.wait(job)
+
+    def order(self) -> Iterator[Walked]:
+        """The plan's queued jobs in scheduling order with their positions, lazily
+        (jobs that went to warm workers left out; started ones still in); a walked job's
+        wait is :meth:`wait_at`."""
+        return self.reader.order()
+
+    def wait_at(self, item: Walked) -> Wait | None:
+        if item[0].id in self._gone:
+            return None
+        return self.reader.wait_at(item)
 
     def why(self, job_id: int) -> str | Reason | None:
         w = self._all().get(job_id)

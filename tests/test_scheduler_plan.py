@@ -10,7 +10,8 @@ words and positions included; and a depth-bounded round agrees with it up to its
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -31,7 +32,7 @@ from gpud.domain import (
 )
 from gpud.fairshare import Policy
 from gpud.pending import ActiveJobs, PendingIndex
-from gpud.scheduler import decide, plan
+from gpud.scheduler import Plan, decide, plan
 from gpud.testing import sched_reference as ref
 
 NOW = 1000.0
@@ -271,6 +272,11 @@ def test_property_incremental_plan_equals_full_recomputation(data: st.DataObject
             before = previous.waits.get(d[1]) if previous is not None else None
             if before is not None:
                 assert d[2] == before.reason
+        check_read_on_demand(plan(active.pending, running, box, idle, previous=cut, **kw),
+                             list(active.pending), draw)  # type: ignore[arg-type]
+        check_read_on_demand(plan(active.pending, running, box, idle, depth=depth,
+                                  previous=previous, **kw),  # type: ignore[arg-type]
+                             list(active.pending), draw)
         previous = full
         # Apply it, as the daemon does: warm jobs go to their workers, others start cold,
         # starts on an evictable worker's GPUs end that worker.
@@ -285,6 +291,22 @@ def test_property_incremental_plan_equals_full_recomputation(data: st.DataObject
                 del workers[wid]
             active[s.job_id] = _running(active[s.job_id], s.gpus)
         idle = list(workers.values())
+
+
+def check_read_on_demand(p: Plan, pending: list[Job], draw: Callable[..., Any]) -> None:
+    """One job's wait read on its own (in any order), and the plan's order walked
+    lazily, equal the materialised waits (#12)."""
+    ids = draw(st.permutations([j.id for j in pending]))
+    by_id = {j.id: j for j in pending}
+    alone = {i: p.waits.of(by_id[i]) for i in ids}
+    walk = [(job.id, position) for job, _, _, position in p.waits.order()]
+    every = p.decisions()
+    want: dict[int, tuple[str, int] | None] = dict.fromkeys(ids)  # warm: no wait
+    want.update({d.job_id: (d.reason, d.position) for d in every if isinstance(d, Wait)})
+    assert {i: (w.reason, w.position) if w else None for i, w in alone.items()} == want
+    assert [i for i, _ in walk] == [d.job_id for d in every]
+    assert [(d.job_id, d.position) for d in every if isinstance(d, Wait)] == [
+        x for x in walk if x[0] not in p.waits.no_wait]
 
 
 def _running(j: Job, gpus: tuple[str, ...]) -> Job:

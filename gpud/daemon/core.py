@@ -5,7 +5,6 @@ recording a change (ledger first, then memory), finishing an attempt, fair share
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Awaitable, Mapping, Sequence
 
@@ -38,7 +37,7 @@ from gpud.ledger.usage import finished_gpu_intervals
 from gpud.metrics import HistoryBuffer
 from gpud.pending import ActiveJobs
 from gpud.retry import RetryPolicy, after
-from gpud.scheduler import Plan
+from gpud.scheduler import Plan, Waits
 from gpud.snapshotter import Snapshotter
 from gpud.storage import persist
 from gpud.users import Directory
@@ -73,14 +72,8 @@ class DaemonCore:
         #: one record per active job (queued, starting, running)
         #: ... with the queued ones indexed for the scheduler (gpud.pending, #12)
         self.jobs: ActiveJobs[JobRecord] = ActiveJobs(lambda r: r.job)
-        #: the last round's waits, worked out when first read (#12)
-        self.waits: Mapping[int, Wait] = {}
-        #: the waits readers are shown: the latest round's, or, while working those out
-        #: would cost too much too often (a sweep of 100,000 starts a round per state
-        #: change), an earlier round's a few seconds old (#12)
-        self._shown: Mapping[int, Wait] = {}
-        self._shown_at = -math.inf
-        self._shown_cost = 0.0
+        #: the last round's waits, each read on its own (gpud.queue_view, #12)
+        self.waits: Mapping[int, Wait] | Waits = {}
         self.plan: Plan | None = None  # the last round's, for the next bounded one
         self.gpus: list[Gpu] = []
         #: the last minutes of GPU readings, for the TUI's sparklines

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import trio
 
+from gpud import queue_view
 from gpud.crashpoint import crash_point
 from gpud.daemon.gpupoll import GpuPolling
 from gpud.daemon.loop import SchedulingLoop
@@ -186,31 +186,14 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         return w.reason, w.position
 
     def wait_of(self, job_id: int) -> Wait | None:
-        """Why a queued job waits and its position, as of the last scheduling round."""
-        # The last round's waits, worked out on the first read after it (#12); a job no
-        # longer queued has none.
-        if job_id not in self.jobs.pending:
-            return None
-        return self._waits_shown().get(job_id)
+        """Why a queued job waits and its position, as of the last scheduling round:
+        read on its own, without working out the rest of the queue's (#12)."""
+        return queue_view.wait_of(self.waits, self.jobs.pending, job_id)
 
-    def _waits_shown(self) -> Mapping[int, Wait]:
-        """The waits to show. Working out a round's waits is O(queued) (about 0.5 s at
-        100,000); a new round's are worked out only once the last ones are older than 20
-        times what they cost (at least 1 s), so that reads never take more than about 5%
-        of the daemon's time; a short queue's (under 5 ms) are always the latest. A job
-        submitted since shows no reason until then."""
-        if self._shown is self.waits:
-            return self._shown
-        # A cost, not a policy: measured on the process's own clock, not the injected one.
-        now = time.perf_counter()
-        cost = self._shown_cost
-        if cost > 0.005 and now - self._shown_at < max(1.0, 20 * cost):
-            return self._shown
-        latest = self.waits
-        next(iter(latest), None)  # work them out now, and time it
-        self._shown, self._shown_at = latest, now
-        self._shown_cost = time.perf_counter() - now
-        return latest
+    def queue_page(self, offset: int, limit: int) -> tuple[list[tuple[Job, Wait | None]], int]:
+        """A page of the queue in scheduling order, each job with its wait, and how many
+        are queued: O(offset + limit), not O(queued) (#12)."""
+        return queue_view.page(self.waits, self.jobs.pending, offset, limit)
 
     def active_job(self, job_id: int) -> Job | None:
         """The job if it is queued, starting or running (every such job is in memory);
