@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from gpud.crashpoint import crash_point
+from gpud.daemon import jobfiles
 from gpud.daemon.core import DaemonCore
 from gpud.daemon.record import (
     Finished,
@@ -28,7 +29,8 @@ from gpud.ledger import Step
 from gpud.ledger.store import Ledger
 from gpud.storage import is_full, persist
 from gpud.users import run_as
-from gpud.warm import WarmWorker, first_of, warm_key
+from gpud.warm import Done, WarmWorker, first_of, warm_key
+from gpud_client.jobdir import WorkerStatus, parse_status
 
 log = logging.getLogger("gpud")
 
@@ -126,7 +128,10 @@ class Supervision(DaemonCore):
             # As for a cold job: its submitter's Unix user on a root daemon; the warm
             # worker is launched with this spec, so it runs as them too.
             ident = run_as(job.owner, self.identity)
-            spec = await self._prepare_job_dir(job, function, args, ident)
+            # The payload goes to the worker over the hub (#12); a snapshot's worker
+            # still loads its function from the directory for its setup.
+            spec = await self._prepare_job_dir(job, function, args, ident,
+                                               payload_files=job.snapshot)
             if w is None and job.snapshot and self.snapshots is not None:
                 plan = await self.snapshots.plan(job, spec, self._new_warm_worker)
                 w, kind, note, take = plan.worker, plan.kind, plan.note, plan.take
@@ -151,15 +156,17 @@ class Supervision(DaemonCore):
         }))
         started = job.started_at or self.clock.time()
         scope.deadline = trio.current_time() + max(0.0, started + job.timeout - self.clock.time())
-        code: int | None = None
+        done: Done | None = None
         finished = False
         task_dir = self.executor.task_dir(spec.job_dir)
+        meta = {"job_id": job.id, "name": job.function, "python": job.python,
+                "attempt": job.attempt}
         try:
             with scope:
                 if take is not None and self.snapshots is not None:
                     await self.snapshots.take(w, job, take, task_dir)
-                code = await self.warm.run(w, job.id, task_dir, keep_warm=job.keep_warm,
-                                           env=_task_env(job))
+                done = await self.warm.run(w, job.id, task_dir, keep_warm=job.keep_warm,
+                                           env=_task_env(job), payload=(meta, function, args))
                 finished = True
                 crash_point("before_finish")
         finally:
@@ -170,11 +177,21 @@ class Supervision(DaemonCore):
             self.warm.forget(w)
             await self._stop_and_finish(job, w.handle)
             return
+        code = done.code if done is not None else None
         if code is None:  # the worker died during the job
             self.warm.forget(w)
             await trio.to_thread.run_sync(self.executor.reap, w.handle)
         outcome = Outcome(exit_code=code)
-        await self._finish(job, await self._collect(job, outcome))
+        status = _inline_status(done, job)
+        if status is not None:
+            # Said inline, after the worker wrote and synced result.pkl and status.json:
+            # no file to read back, no thread hop (#12).
+            _f = jobfiles.judge(self.config.data_dir, status, True, outcome)
+            assert done is not None
+            await self._finish(job, _f, began=done.started, began_known=True)
+        else:
+            _f = await self._collect(job, outcome)
+            await self._finish(job, _f)
         if code is not None and code != 0 and code != 1:
             await self._end_warm(w, f"job {job.id} ended with exit code {code}")
         elif code is not None and job.keep_warm <= 0:
@@ -228,6 +245,17 @@ class Supervision(DaemonCore):
                 await self._end_warm(w, f"idle for {w.keep_warm:g} s")
             if expired:
                 self._reschedule()
+
+
+def _inline_status(done: Done | None, job: Job) -> WorkerStatus | None:
+    """The status a warm worker sent with its answer, if it is this attempt's."""
+    if done is None or done.code is None or done.status is None:
+        return None
+    try:
+        status = parse_status(done.status, f"job {job.id}'s inline status")
+    except ValueError:
+        return None
+    return status if status.attempt == job.attempt else None
 
 
 def _log_start_failure(job_id: int, e: Exception) -> None:
