@@ -4,9 +4,11 @@ call of the same function without a new process (issue: fast cold starts).
 A function submitted with ``keep_warm=N`` runs in a worker started in *serve* mode
 (``gpud_worker.py --serve``). The worker connects back to the daemon's hub, a Unix
 socket in the data directory, and announces itself with the one-time token it was
-started with. The hub then sends it job directories, one at a time, and the worker
-answers with each job's exit code; results travel through the job directory exactly as
-for a cold job. An idle worker is ended when its keep_warm runs out, or at once when a
+started with. The hub then sends it jobs, one at a time, each with its function's and
+arguments' pickles on the connection (#12), and the worker answers with each job's exit
+code, start time and status; it writes (and syncs) result.pkl and status.json into the
+job directory first, as a cold job does, so a restarted daemon can still collect them.
+An idle worker is ended when its keep_warm runs out, or at once when a
 queued job needs the GPUs it holds (the scheduler's eviction).
 
 Matching is strict: a warm worker serves only jobs with the same key (code hash, image,
@@ -41,6 +43,7 @@ from gpud.peercred import read_peercred
 
 __all__ = [
     "SNAPSHOT_TOKEN_PREFIX",
+    "Done",
     "WarmKey",
     "WarmPool",
     "WarmWorker",
@@ -66,6 +69,17 @@ async def first_of(*waits: Callable[[], Awaitable[object]]) -> None:
             n.start_soon(one, wait)
 
 
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A worker's answer to a task: its exit code (None: not a number), and, for a task
+    sent inline, when the user's code began and the status it wrote (plain JSON, never
+    the pickle) - so the daemon reads no file back (#12)."""
+
+    code: int | None
+    started: float | None = None
+    status: dict[str, object] | None = None
+
+
 @dataclass(eq=False)
 class WarmWorker:
     id: int
@@ -86,8 +100,8 @@ class WarmWorker:
     prepare_error: str | None = None
     #: it hung up for its checkpoint and will call again: that is not its end
     rejoining: bool = False
-    _done: trio.MemorySendChannel[int | None] | None = None
-    _results: trio.MemoryReceiveChannel[int | None] | None = None
+    _done: trio.MemorySendChannel[Done] | None = None
+    _results: trio.MemoryReceiveChannel[Done] | None = None
 
     def __post_init__(self) -> None:
         self._done, self._results = trio.open_memory_channel(1)
@@ -150,8 +164,12 @@ class WarmPool:
                         worker.hello.set()
                     elif "done" in msg:
                         code = msg.get("code")
+                        started, status = msg.get("started"), msg.get("status")
                         assert worker._done is not None
-                        await worker._done.send(code if isinstance(code, int) else None)
+                        await worker._done.send(Done(
+                            code if isinstance(code, int) else None,
+                            float(started) if isinstance(started, (int, float)) else None,
+                            status if isinstance(status, dict) else None))
                     elif "ready" in msg:
                         worker.prepare_error = (None if msg.get("ready") is True
                                                 else str(msg.get("error") or "setup failed"))
@@ -254,19 +272,32 @@ class WarmPool:
         return None
 
     async def run(self, w: WarmWorker, job_id: int, job_dir: str, *,
-                  keep_warm: float, env: dict[str, str] | None = None) -> int | None:
-        """Send one job to the worker and wait for its exit code (None: the worker died).
-        Afterwards the worker stays for ``keep_warm`` seconds (the latest job's word)."""
+                  keep_warm: float, env: dict[str, str] | None = None,
+                  payload: tuple[dict[str, object], bytes, bytes] | None = None
+                  ) -> Done | None:
+        """Send one job to the worker and wait for its answer (None: the worker died).
+        Afterwards the worker stays for ``keep_warm`` seconds (the latest job's word).
+
+        ``payload``: the job's description (job.json's content) and its function's and
+        arguments' pickles, sent on the connection after the task's line instead of
+        through files in the job directory (#12). The daemon passes the bytes through; it
+        never unpickles them."""
         assert w._results is not None
         if w.stream is None:
             return None  # it went away (e.g. its container died during a snapshot take)
         w.busy, w.last_job, w.keep_warm = job_id, job_id, keep_warm
-        msg = json.dumps({"job_id": job_id, "dir": job_dir, "env": env or {}}).encode() + b"\n"
+        task: dict[str, object] = {"job_id": job_id, "dir": job_dir, "env": env or {}}
+        tail = b""
+        if payload is not None:
+            meta, function, args = payload
+            task["job"], task["payload"] = meta, [len(function), len(args)]
+            tail = function + args
+        msg = json.dumps(task).encode() + b"\n" + tail
         try:
             await w.stream.send_all(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None
-        result: list[int | None] = []
+        result: list[Done] = []
 
         async def _result() -> None:
             assert w._results is not None

@@ -161,9 +161,14 @@ def read_status(jobdir: Path) -> WorkerStatus | None:
         raw = fh.read(MAX_STATUS_BYTES + 1)
     if len(raw) > MAX_STATUS_BYTES:
         raise ValueError(f"{jobdir / STATUS_FILE} is larger than a worker status can be")
-    data = json.loads(raw)
+    return parse_status(json.loads(raw), str(jobdir / STATUS_FILE))
+
+
+def parse_status(data: object, where: str = "the status") -> WorkerStatus:
+    """A worker status from its JSON (status.json's, or sent inline over the hub);
+    ValueError if it is not one."""
     if not isinstance(data, dict) or not isinstance(data.get("ok"), bool):
-        raise ValueError(f"{jobdir / STATUS_FILE} is not a gpud worker status")
+        raise ValueError(f"{where} is not a gpud worker status")
 
     def text(key: str) -> str | None:
         value = data.get(key)

@@ -88,6 +88,16 @@ _STATUS_TRACEBACK_MAX = 64_000
 Outcome = dict[str, Any]
 
 
+class Inline:
+    """A warm task's payload, sent over the hub instead of through job.json,
+    function.pkl and args.pkl (#12); ``started`` and ``status`` go back with the answer."""
+
+    def __init__(self, job: Any, function: bytes, args: bytes) -> None:
+        self.job, self.function, self.args = job, function, args
+        self.started: float | None = None
+        self.status: bytes | None = None
+
+
 class _SetupError(Exception):
     pass
 
@@ -161,11 +171,14 @@ def _exception_outcome(cloudpickle: ModuleType, exc: BaseException, note: str | 
     return _failure(_type_name(exc), str(exc), tb, _dump_exception(cloudpickle, exc))
 
 
-def _read_job(jobdir: Path) -> dict[str, Any]:
-    try:
-        job = json.loads((jobdir / JOB_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise _SetupError(f"cannot read {jobdir / JOB_FILE}: {e}") from None
+def _read_job(jobdir: Path, inline: Inline | None = None) -> dict[str, Any]:
+    if inline is not None:
+        job: Any = inline.job  # sent over the hub with the task (#12)
+    else:
+        try:
+            job = json.loads((jobdir / JOB_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise _SetupError(f"cannot read {jobdir / JOB_FILE}: {e}") from None
     if not isinstance(job, dict):
         raise _SetupError(f"{jobdir / JOB_FILE} is not a JSON object")
     for key, kind in (("job_id", int), ("name", str), ("python", str)):
@@ -199,12 +212,16 @@ def _load(cloudpickle: ModuleType, path: Path) -> Any:
 
 def _run(
     cloudpickle: ModuleType, jobdir: Path, job: dict[str, Any],
-    fn_cache: dict[str, Any] | None = None,
+    fn_cache: dict[str, Any] | None = None, inline: Inline | None = None,
 ) -> tuple[Outcome, int]:
     name = job["name"]
     try:
-        fn = _load_function(cloudpickle, jobdir / FUNCTION_FILE, fn_cache)
-        args, kwargs = _load(cloudpickle, jobdir / ARGS_FILE)
+        if inline is not None:
+            fn = _function_from(cloudpickle, inline.function, fn_cache)
+            args, kwargs = cloudpickle.loads(inline.args)
+        else:
+            fn = _load_function(cloudpickle, jobdir / FUNCTION_FILE, fn_cache)
+            args, kwargs = _load(cloudpickle, jobdir / ARGS_FILE)
     except Exception as e:
         where = getattr(e, "name", None) if isinstance(e, ImportError) else None
         hint = (
@@ -213,7 +230,11 @@ def _run(
         note = f"while loading the function and arguments of gpud job {job['job_id']}{hint}"
         return _exception_outcome(cloudpickle, e, note), EXIT_ERROR
 
-    _mark_user_start(jobdir)
+    if inline is not None:
+        # The start time goes back with the outcome, over the hub: no file, no fsync.
+        inline.started = time.time()
+    else:
+        _mark_user_start(jobdir)
     try:
         value = fn(*args, **kwargs)
     except SystemExit as e:
@@ -235,9 +256,14 @@ def _load_function(cloudpickle: ModuleType, path: Path, cache: dict[str, Any] | 
     module-level setup (imports, a loaded model) survives to its next call."""
     if cache is None:
         return _load(cloudpickle, path)
+    return _function_from(cloudpickle, path.read_bytes(), cache)
+
+
+def _function_from(cloudpickle: ModuleType, data: bytes, cache: dict[str, Any] | None) -> Any:
+    if cache is None:
+        return cloudpickle.loads(data)
     import hashlib
 
-    data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest not in cache:
         cache.clear()
@@ -346,10 +372,12 @@ def _redirect_output(path: str | None) -> None:
     os.close(fd)
 
 
-def run_job(jobdir: Path, fn_cache: dict[str, Any] | None = None) -> int:
-    """Run the job in ``jobdir`` to its end: result files written, exit code returned."""
+def run_job(jobdir: Path, fn_cache: dict[str, Any] | None = None,
+            inline: Inline | None = None) -> int:
+    """Run the job in ``jobdir`` to its end: result files written, exit code returned.
+    ``inline``: the job and its payload came over the hub, not as files."""
     try:
-        job = _read_job(jobdir)
+        job = _read_job(jobdir, inline)
         mismatch = _version_mismatch(job["python"])
         import cloudpickle  # type: ignore[import-untyped]
     except _SetupError as e:
@@ -366,16 +394,19 @@ def run_job(jobdir: Path, fn_cache: dict[str, Any] | None = None) -> int:
         _say(mismatch)
     else:
         sys.argv = [job["name"]]
-        outcome, code = _run(cloudpickle, jobdir, job, fn_cache)
+        outcome, code = _run(cloudpickle, jobdir, job, fn_cache, inline)
         _flush_std()
     outcome, data = _dump_outcome(cloudpickle, outcome, job["name"])
     if code == EXIT_OK and not outcome["ok"]:
         code = EXIT_ERROR  # the value could not be pickled
+    status = _status(outcome, job.get("attempt"))
     try:
-        _write_outcome(jobdir, data, _status(outcome, job.get("attempt")))
+        _write_outcome(jobdir, data, status)
     except OSError as e:
         _say(f"cannot write the job's result into {jobdir}: {e}")
         return EXIT_SETUP
+    if inline is not None:
+        inline.status = status  # written and synced: the daemon may rely on it
     return code
 
 
@@ -428,7 +459,10 @@ def serve(hub: str, token: str) -> int:
     """A warm worker: run job after job sent by the daemon over its hub socket, keeping
     the loaded function (and whatever its module set up) between calls of one function.
 
-    Each task is a job directory; output goes to that job's log. The daemon ends the
+    Each task names a job directory (output goes to that job's log) and, with
+    ``"payload": [n, m]``, is followed by n bytes of the function's pickle and m of the
+    arguments' (job.json's content comes as ``"job"``); the answer then carries the
+    start time and status.json's content as well as the exit code. The daemon ends the
     worker when it has been idle long enough (keep_warm), or needs its GPUs: it closes
     the connection or kills the process. A closed connection also ends it when the
     daemon itself goes away, after the task at hand.
@@ -490,18 +524,40 @@ def serve(hub: str, token: str) -> int:
         if isinstance(env, dict):
             os.environ.update({str(k): str(v) for k, v in env.items()})
         jobdir = Path(task["dir"]).resolve()
+        try:
+            inline = _read_inline(reader, task)
+        except EOFError:
+            break
         _redirect_output(str(jobdir / "output.log"))
         try:
             os.chdir(jobdir)
-            code = run_job(jobdir, fn_cache)
+            code = run_job(jobdir, fn_cache, inline)
         finally:
             _flush_std()
             os.dup2(devnull, 1)  # between jobs, nothing reaches a job's log
             os.dup2(devnull, 2)
             with contextlib.suppress(OSError):
                 os.chdir(start_dir)
-        _send(sock, {"done": task.get("job_id"), "code": code})
+        done: dict[str, Any] = {"done": task.get("job_id"), "code": code}
+        if inline is not None:
+            # The outcome inline (#12): the daemon need not read status.json back.
+            done["started"] = inline.started
+            done["status"] = None if inline.status is None else json.loads(inline.status)
+        _send(sock, done)
     return EXIT_OK
+
+
+def _read_inline(reader: Any, task: dict[str, Any]) -> Inline | None:
+    """A task with ``"payload": [n_function, n_args]`` is followed on the connection by
+    that many bytes of the function's pickle, then of the arguments'."""
+    sizes = task.get("payload")
+    if not (isinstance(sizes, list) and len(sizes) == 2
+            and all(isinstance(n, int) and n >= 0 for n in sizes)):
+        return None
+    function, args = reader.read(sizes[0]), reader.read(sizes[1])
+    if len(function) != sizes[0] or len(args) != sizes[1]:
+        raise EOFError("the daemon hung up in the middle of a task")
+    return Inline(task.get("job"), function, args)
 
 
 def _runtime_last() -> None:

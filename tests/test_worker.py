@@ -308,3 +308,54 @@ def test_install_runtime_is_idempotent(runtime: Path) -> None:
     assert install_runtime(runtime.parent) == runtime
     assert (runtime / "gpud_worker.py").read_bytes() == WORKER_SOURCE.read_bytes()
     assert (runtime / "cloudpickle" / "__init__.py").is_file()
+
+
+def test_warm_worker_takes_its_payload_inline_and_answers_with_its_status(
+        runtime: Path, tmp_path: Path) -> None:
+    """A served task with ``payload`` (#12): no job.json, function.pkl or args.pkl in the
+    directory; the answer carries the status and start time, and the result files are
+    still written for a daemon that restarts meanwhile."""
+    import json
+    import socket
+
+    hub = tmp_path / "hub.sock"
+    jobdir = tmp_path / "job"
+    jobdir.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(hub))
+    listener.listen(1)
+    listener.settimeout(60)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(GPUD_HUB=str(hub), GPUD_WORKER_TOKEN="t0ken")
+    proc = subprocess.Popen([sys.executable, "-u", str(runtime / "gpud_worker.py"), "--serve"],
+                            env=env, cwd=tmp_path)
+    try:
+        conn, _ = listener.accept()
+        conn.settimeout(60)
+        reader = conn.makefile("rb")
+        assert json.loads(reader.readline())["hello"] == "t0ken"
+        function, _ = dumps_function(add)
+        answers = []
+        for attempt, (a, b) in enumerate([(2, 3), (4, 5)], 1):
+            args = dumps_args((a,), {"b": b}, fn=add)
+            meta = {"job_id": JOB_ID, "name": JOB_NAME, "python": platform.python_version(),
+                    "attempt": attempt}
+            task = {"job_id": JOB_ID, "dir": str(jobdir), "env": {}, "job": meta,
+                    "payload": [len(function), len(args)]}
+            conn.sendall(json.dumps(task).encode() + b"\n" + function + args)
+            answers.append(json.loads(reader.readline()))
+            assert result_of(jobdir)["sum"] == a + b
+        for attempt, done in enumerate(answers, 1):
+            assert done["done"] == JOB_ID and done["code"] == 0
+            assert isinstance(done["started"], float)
+            assert done["status"]["ok"] is True and done["status"]["attempt"] == attempt
+        assert read_status(jobdir) == WorkerStatus(**{**answers[-1]["status"]})
+        assert not {"job.json", "function.pkl", "args.pkl", "started"} & {
+            p.name for p in jobdir.iterdir()}
+        reader.close()
+        conn.close()
+        assert proc.wait(timeout=30) == 0  # the hub hung up: the worker ends
+    finally:
+        proc.kill()
+        proc.wait()
+        listener.close()

@@ -172,7 +172,10 @@ class DaemonCore:
         self._reschedule()
         return job
 
-    async def _finish(self, job: Job, f: Finished) -> Job:
+    async def _finish(self, job: Job, f: Finished, *, began: float | None = None,
+                      began_known: bool = False) -> Job:
+        """Record how an attempt ended. ``began_known``: ``began`` is when the user's
+        code began (a warm worker says so inline), so the job's files are not read."""
         now = self.clock.time()
         current = await self.get(job.id)
         if current.gpus and current.state is JobState.RUNNING and current.started_at:
@@ -184,7 +187,7 @@ class DaemonCore:
         dispatched = rec.dispatched_at if rec is not None else None
         if rec is not None:
             rec.dispatched_at = None
-        user_start = await self._user_start(job.id)
+        user_start = began if began_known else await self._user_start(job.id)
         if dispatched is not None and user_start is not None:
             fields["startup"] = round(max(0.0, user_start - dispatched), 6)
         steps = after(current, f, now, self.retry_policy, fields=fields)
@@ -196,9 +199,10 @@ class DaemonCore:
     # -- job files, on a worker thread (gpud.daemon.jobfiles) ------------------------------
 
     async def _prepare_job_dir(self, job: Job, function: bytes, args: bytes,
-                               ident: JobIdentity) -> LaunchSpec:
-        return await trio.to_thread.run_sync(jobfiles.prepare_job_dir, self.config.jobs_dir,
-                                             job, function, args, ident, self.gpus)
+                               ident: JobIdentity, *, payload_files: bool = True) -> LaunchSpec:
+        return await trio.to_thread.run_sync(
+            lambda: jobfiles.prepare_job_dir(self.config.jobs_dir, job, function, args, ident,
+                                             self.gpus, payload_files=payload_files))
 
     async def _collect(self, job: Job, outcome: Outcome) -> Finished:
         return await trio.to_thread.run_sync(jobfiles.collect, self.config.jobs_dir,

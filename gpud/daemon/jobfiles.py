@@ -34,18 +34,22 @@ log = logging.getLogger("gpud")
 
 
 def prepare_job_dir(jobs_dir: Path, job: Job, function: bytes, args: bytes,
-                    ident: JobIdentity, gpus: Sequence[Gpu]) -> LaunchSpec:
+                    ident: JobIdentity, gpus: Sequence[Gpu], *,
+                    payload_files: bool = True) -> LaunchSpec:
     """Lay out jobs/<id>/ for this attempt: payload in, log and result out. The
-    directory and its files belong to the user the job runs as, mode 0700/0600."""
+    directory and its files belong to the user the job runs as, mode 0700/0600.
+    Without ``payload_files`` (a warm worker gets the payload over the hub, #12) the
+    function, arguments and job.json are not written."""
     d = jobs_dir / str(job.id)
     d.mkdir(mode=0o700, exist_ok=True)
     owner = (ident.uid, ident.gid)
     for stale in (RESULT_FILE, STATUS_FILE, STARTED_FILE):
         (d / stale).unlink(missing_ok=True)
-    files = job_files(job_id=job.id, name=job.function, python=job.python,
-                      function=function, args=args, attempt=job.attempt)
-    for name, data in files.items():
-        write_new(d / name, data, owner)
+    if payload_files:
+        files = job_files(job_id=job.id, name=job.function, python=job.python,
+                          function=function, args=args, attempt=job.attempt)
+        for name, data in files.items():
+            write_new(d / name, data, owner)
     log_path = d / "output.log"
     fd = open_append(log_path, owner)
     try:
@@ -70,6 +74,13 @@ def collect(jobs_dir: Path, data_dir: Path, job: Job, outcome: Outcome) -> Finis
     status = worker_status(jobs_dir, job.id)
     if status is not None and status.attempt is not None and status.attempt != job.attempt:
         status = None  # an earlier attempt's (stale files are removed at launch)
+    return judge(data_dir, status, has_result, outcome)
+
+
+def judge(data_dir: Path, status: WorkerStatus | None, has_result: bool,
+          outcome: Outcome) -> Finished:
+    """How an attempt ended, from the worker's status (read from status.json, or sent
+    inline by a warm worker once it had written and synced its result) and exit."""
     code = outcome.exit_code
     if status is not None and status.ok and has_result:
         return Finished(JobState.SUCCEEDED, None, code, True, False)

@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from gpud.crashpoint import crash_point
+from gpud.daemon import jobfiles
 from gpud.daemon.core import DaemonCore
 from gpud.daemon.record import (
     Finished,
@@ -24,11 +25,13 @@ from gpud.domain import (
     JobState,
 )
 from gpud.executors.base import Handle, LaunchSpec, Outcome
+from gpud.executors.process import JobIdentity
 from gpud.ledger import Step
 from gpud.ledger.store import Ledger
 from gpud.storage import is_full, persist
 from gpud.users import run_as
-from gpud.warm import WarmWorker, first_of, warm_key
+from gpud.warm import Done, WarmWorker, first_of, warm_key
+from gpud_client.jobdir import WorkerStatus, parse_status
 
 log = logging.getLogger("gpud")
 
@@ -121,19 +124,28 @@ class Supervision(DaemonCore):
         rec = self.jobs[job.id]
         w, rec.assigned = rec.assigned, None
         kind, note, take = "warm" if w is not None else "cold", "", None
+        running: Job | None = None
         try:
             function, args = await self.ledger.call(Ledger.payload, job.id)
             # As for a cold job: its submitter's Unix user on a root daemon; the warm
             # worker is launched with this spec, so it runs as them too.
             ident = run_as(job.owner, self.identity)
-            spec = await self._prepare_job_dir(job, function, args, ident)
-            if w is None and job.snapshot and self.snapshots is not None:
-                plan = await self.snapshots.plan(job, spec, self._new_warm_worker)
-                w, kind, note, take = plan.worker, plan.kind, plan.note, plan.take
-            elif w is None:
-                if job.snapshot:
-                    note = f"snapshots need the Podman executor, not {self.executor.name}"
-                w = await self._new_warm_worker(job, spec)
+            if w is not None:
+                crash_point("warm_worker_ready")
+                spec, running = await self._lay_out_while_running(job, function, args,
+                                                                  ident, w)
+            else:
+                # The payload goes to the worker over the hub (#12); a snapshot's worker
+                # still loads its function from the directory for its setup.
+                spec = await self._prepare_job_dir(job, function, args, ident,
+                                                   payload_files=job.snapshot)
+                if job.snapshot and self.snapshots is not None:
+                    plan = await self.snapshots.plan(job, spec, self._new_warm_worker)
+                    w, kind, note, take = plan.worker, plan.kind, plan.note, plan.take
+                else:
+                    if job.snapshot:
+                        note = f"snapshots need the Podman executor, not {self.executor.name}"
+                    w = await self._new_warm_worker(job, spec)
         except Exception as e:  # noqa: BLE001 - any start-up failure is the job's failure
             _log_start_failure(job.id, e)
             if w is not None and kind == "warm":  # a matched worker stays for the next job
@@ -142,24 +154,25 @@ class Supervision(DaemonCore):
                                              None, False, True))
             return
         assert w.handle is not None
-        crash_point("warm_worker_ready")
-        rec.handle = w.handle
-        why = f"running ({kind}{': ' + note if note else ''})"
-        job = await self._advance(job.id, Step(JobState.RUNNING, why, fields={
-            "pid": w.handle.pid, "pid_start": w.handle.pid_start, "started_at": self.clock.time(),
-            "start_kind": kind,
-        }))
+        if running is not None:
+            job = running
+        else:
+            crash_point("warm_worker_ready")
+            rec.handle = w.handle
+            job = await self._advance(job.id, self._running_step(w, kind, note))
         started = job.started_at or self.clock.time()
         scope.deadline = trio.current_time() + max(0.0, started + job.timeout - self.clock.time())
-        code: int | None = None
+        done: Done | None = None
         finished = False
         task_dir = self.executor.task_dir(spec.job_dir)
+        meta = {"job_id": job.id, "name": job.function, "python": job.python,
+                "attempt": job.attempt}
         try:
             with scope:
                 if take is not None and self.snapshots is not None:
                     await self.snapshots.take(w, job, take, task_dir)
-                code = await self.warm.run(w, job.id, task_dir, keep_warm=job.keep_warm,
-                                           env=_task_env(job))
+                done = await self.warm.run(w, job.id, task_dir, keep_warm=job.keep_warm,
+                                           env=_task_env(job), payload=(meta, function, args))
                 finished = True
                 crash_point("before_finish")
         finally:
@@ -170,15 +183,63 @@ class Supervision(DaemonCore):
             self.warm.forget(w)
             await self._stop_and_finish(job, w.handle)
             return
+        code = done.code if done is not None else None
         if code is None:  # the worker died during the job
             self.warm.forget(w)
             await trio.to_thread.run_sync(self.executor.reap, w.handle)
         outcome = Outcome(exit_code=code)
-        await self._finish(job, await self._collect(job, outcome))
+        status = _inline_status(done, job)
+        if status is not None:
+            # Said inline, after the worker wrote and synced result.pkl and status.json:
+            # no file to read back, no thread hop (#12).
+            _f = jobfiles.judge(self.config.data_dir, status, True, outcome)
+            assert done is not None
+            await self._finish(job, _f, began=done.started, began_known=True)
+        else:
+            _f = await self._collect(job, outcome)
+            await self._finish(job, _f)
         if code is not None and code != 0 and code != 1:
             await self._end_warm(w, f"job {job.id} ended with exit code {code}")
         elif code is not None and job.keep_warm <= 0:
             await self._end_warm(w, f"job {job.id} is over and keep_warm is 0")
+
+    def _running_step(self, w: WarmWorker, kind: str, note: str) -> Step:
+        assert w.handle is not None
+        why = f"running ({kind}{': ' + note if note else ''})"
+        return Step(JobState.RUNNING, why, fields={
+            "pid": w.handle.pid, "pid_start": w.handle.pid_start,
+            "started_at": self.clock.time(), "start_kind": kind})
+
+    async def _lay_out_while_running(self, job: Job, function: bytes, args: bytes,
+                                     ident: JobIdentity, w: WarmWorker) -> tuple[LaunchSpec, Job]:
+        """For a job matched to an idle warm worker, whose pid is known already: record
+        RUNNING while its directory is laid out, side by side (#12). The task is sent only
+        once both are done, so the ledger still has the change before it is acted on; a
+        crash in between leaves a RUNNING job that never reached the worker, as a crash
+        between the two steps in turn did."""
+        self.jobs[job.id].handle = w.handle
+        step = self._running_step(w, "warm", "")
+        recorded: list[Job] = []
+        errors: list[Exception] = []
+
+        async def record() -> None:
+            try:
+                recorded.append(await self._advance(job.id, step))
+            except Exception as e:  # noqa: BLE001 - raised below, outside the nursery
+                errors.append(e)
+
+        spec: LaunchSpec | None = None
+        async with trio.open_nursery() as n:
+            n.start_soon(record)
+            try:
+                spec = await self._prepare_job_dir(job, function, args, ident,
+                                                   payload_files=False)
+            except Exception as e:  # noqa: BLE001 - raised below, outside the nursery
+                errors.append(e)
+        if errors:
+            raise errors[0]
+        assert spec is not None
+        return spec, recorded[0]
 
     async def _new_warm_worker(self, job: Job, spec: LaunchSpec,
                                snapshot: Path | None = None) -> WarmWorker:
@@ -228,6 +289,17 @@ class Supervision(DaemonCore):
                 await self._end_warm(w, f"idle for {w.keep_warm:g} s")
             if expired:
                 self._reschedule()
+
+
+def _inline_status(done: Done | None, job: Job) -> WorkerStatus | None:
+    """The status a warm worker sent with its answer, if it is this attempt's."""
+    if done is None or done.code is None or done.status is None:
+        return None
+    try:
+        status = parse_status(done.status, f"job {job.id}'s inline status")
+    except ValueError:
+        return None
+    return status if status.attempt == job.attempt else None
 
 
 def _log_start_failure(job_id: int, e: Exception) -> None:
