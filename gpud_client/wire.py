@@ -140,7 +140,7 @@ class Response:
             self._transport._put(conn)
         else:
             self._raw.close()
-            conn.close()
+            self._transport._drop(conn)
 
 
 class _mapped:
@@ -171,6 +171,10 @@ class Transport:
         #: called with (method, path) before each request is sent (tests count requests)
         self.on_request: list[Callable[[str, str], None]] = []
         self._idle: list[http.client.HTTPConnection] = []
+        # Connections in use, kept here too: a stream abandoned in a reference cycle (a
+        # generator kept by a traceback) is then closed by the generator's finalizer,
+        # never found unclosed by the socket's own (a ResourceWarning) first.
+        self._busy: set[http.client.HTTPConnection] = set()
         self._lock = threading.Lock()
         self._closed = False
         if url.startswith("unix://"):
@@ -196,15 +200,22 @@ class Transport:
                 # A keep-alive connection the daemon closed while it sat idle reads as
                 # ready (EOF): drop it rather than send a request into it.
                 if conn.sock is not None and not select.select([conn.sock], [], [], 0)[0]:
+                    self._busy.add(conn)
                     return conn
                 conn.close()
         return None
 
     def _put(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
+            self._busy.discard(conn)
             if not self._closed and len(self._idle) < MAX_IDLE:
                 self._idle.append(conn)
                 return
+        conn.close()
+
+    def _drop(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._busy.discard(conn)
         conn.close()
 
     def _connect(self, connect_timeout: float | None) -> http.client.HTTPConnection:
@@ -217,6 +228,8 @@ class Transport:
         except OSError as e:
             conn.close()
             raise ConnectError(str(e)) from e
+        with self._lock:
+            self._busy.add(conn)
         return conn
 
     def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
@@ -246,11 +259,15 @@ class Transport:
                 else:
                     raw = conn.getresponse()
         except BaseException:
-            conn.close()
+            self._drop(conn)
             raise
         resp = Response(self, conn, raw)
         if not stream:
-            resp.read()
+            try:
+                resp.read()
+            except BaseException:
+                resp.close()
+                raise
         return resp
 
     def close(self) -> None:
@@ -258,4 +275,4 @@ class Transport:
             self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
-            conn.close()
+            conn.close()  # (those in use are closed as their answers are)
