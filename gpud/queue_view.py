@@ -119,21 +119,26 @@ def _jump(waits: Waits, pending: PendingIndex, offset: int,
     for fifos in newer.values():
         fifos.sort()
     end = (math.inf, 0)
+    lo = [0] * len(groups)
+    hi = [len(g.jobs) for g in groups]
 
-    def rank(k: Key) -> int:
-        """How many jobs the walk shows before key ``k``."""
+    def rank(k: Key) -> tuple[int, list[int]]:
+        """How many jobs the walk shows before key ``k``, and where ``k`` falls in each
+        group (found within the groups' candidate ranges, where it must fall)."""
         n = -bisect_left(hidden, k)
+        at = []
         for gi, g in enumerate(groups):
-            b = bisect_left(g.jobs, k, key=keys[gi])
+            b = bisect_left(g.jobs, k, lo[gi], hi[gi], key=keys[gi])
+            at.append(b)
             if b:
                 f = (g.jobs[b].submitted_at, g.jobs[b].id) if b < len(g.jobs) else end
                 n += pending.count_before(g, f) - bisect_left(newer.get(gi, ()), f)
-        return n
+        return n, at
 
-    lo = [0] * len(groups)
-    hi = [len(g.jobs) for g in groups]
     start: Key | None = None
     shown = 0
+    # The job at the offset is in the candidates, [lo, hi) of each group: at or after
+    # `start` (the walk shows `shown` jobs before it) and before the last pivot too far.
     for _ in range(64 * max(1, len(groups))):  # a bound; each step drops >= 1 candidate
         left = sum(hi) - sum(lo)
         if left <= max(narrow, 2):
@@ -146,12 +151,9 @@ def _jump(waits: Waits, pending: PendingIndex, offset: int,
             if 2 * acc >= left:
                 pivot = k
                 break
-        r = rank(pivot)
+        r, at = rank(pivot)
         if r <= offset:  # the job at the offset is at or after the pivot
-            start, shown = pivot, r
-            lo = [max(lo[gi], bisect_left(g.jobs, pivot, key=keys[gi]))
-                  for gi, g in enumerate(groups)]
+            start, shown, lo = pivot, r, at
         else:
-            hi = [min(hi[gi], bisect_left(g.jobs, pivot, key=keys[gi]))
-                  for gi, g in enumerate(groups)]
+            hi = at
     return start, shown
