@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import click
@@ -69,7 +69,7 @@ def ago(ts: float | None) -> str:
     return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def print_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """Columns padded to their widest cell, two spaces apart, the header bold on a
     terminal. Plain text rather than rich's Table (#12): importing rich cost `gpud ps`
     ~30 ms. Rows are never wrapped or cut, on a terminal or in a pipe (grep, awk)."""
@@ -77,7 +77,7 @@ def print_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
 
-    def line(cells: tuple[str, ...]) -> str:
+    def line(cells: Sequence[str]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
     header = line(columns)

@@ -75,8 +75,8 @@ def page(waits: Shown, pending: PendingIndex, offset: int, limit: int, *,
     walked = total - len(tail)
     out: list[tuple[Job, Wait | None]] = []
     if offset < walked:
-        start, n = _jump(waits, pending, offset, narrow) if offset >= walk_under else (None, 0)
-        for item in waits.order() if start is None else waits.reader.order_from(start):
+        begin, n = _jump(waits, pending, offset, narrow) if offset >= walk_under else (None, 0)
+        for item in waits.order() if begin is None else waits.reader.order_from(begin):
             job_id = item[0].id
             if job_id in waits.no_wait:
                 continue
@@ -103,8 +103,8 @@ def _jump(waits: Waits, pending: PendingIndex, offset: int,
     # Still queued but not shown: the round's started and warm-assigned jobs.
     hidden: list[Key] = []
     for job_id in waits.no_wait:
-        if (j := pending.get(job_id)) is not None and (at := reader.locate(j)) is not None:
-            hidden.append(keys[at[0]](groups[at[0]].jobs[at[1]]))
+        if (j := pending.get(job_id)) is not None and (where := reader.locate(j)) is not None:
+            hidden.append(keys[where[0]](groups[where[0]].jobs[where[1]]))
     hidden.sort()
     # Queued since the round, so not in its snapshot: the live counts include them.
     kinds = {(g.owner, g.priority, g.gpu, g.wkey): gi for gi, g in enumerate(groups)}

@@ -192,8 +192,11 @@ class _Answer(Protocol):
     """What the shared error mapping reads of an answer: a wire.Response or an
     httpx.Response."""
 
-    status_code: int
-    reason_phrase: str
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def reason_phrase(self) -> str: ...
 
     @property
     def headers(self) -> Any: ...
