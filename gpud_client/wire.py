@@ -249,14 +249,30 @@ class Transport:
         target = self._prefix + path + (f"?{urlencode(params)}" if params else "")
         for hook in self.on_request:
             hook(method, self._prefix + path)
-        conn = self._take() or self._connect(connect_timeout)
         all_headers = {**self.headers, **(headers or {})}
+        reused = self._take()
+        if reused is not None and method == "GET":
+            try:
+                return self._exchange(reused, method, target, body, all_headers,
+                                      read_timeout, stream)
+            except RemoteProtocolError as e:
+                # A keep-alive connection the daemon closed just as it was taken (its
+                # idle timeout): nothing was answered, and a GET is safe to send again.
+                if not isinstance(e.__cause__, OSError | http.client.RemoteDisconnected):
+                    raise
+        conn = reused if reused is not None and method != "GET" else None
+        return self._exchange(conn or self._connect(connect_timeout), method, target, body,
+                              all_headers, read_timeout, stream)
+
+    def _exchange(self, conn: http.client.HTTPConnection, method: str, target: str,
+                  body: bytes | None, headers: dict[str, str], read_timeout: float | None,
+                  stream: bool) -> Response:
         try:
             assert conn.sock is not None
             conn.sock.settimeout(read_timeout)
             with _mapped():
                 try:
-                    conn.request(method, target, body=body, headers=all_headers)
+                    conn.request(method, target, body=body, headers=headers)
                 except OSError as unsent:
                     # The daemon may have answered before it read the whole body, and
                     # closed: a 503 for a body over its budget (#10). Read that answer.
