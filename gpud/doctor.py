@@ -583,8 +583,12 @@ def check_interpreter(cfg: Config) -> Check:
         if cp.returncode != 0:
             errors.append(f"{python}: {_last_line(cp)}")
             continue
+        # As the daemon: its own interpreter if the job user can run it, else python3.
+        skipped = f" (not {'; '.join(errors)})" if errors else ""
         return Check(
-            "job interpreter", OK, f"{ident.user} runs {python} (Python {cp.stdout.strip()})"
+            "job interpreter",
+            OK,
+            f"{ident.user} runs {python} (Python {cp.stdout.strip()}){skipped}",
         )
     return Check(
         "job interpreter",
@@ -635,6 +639,15 @@ def check_ledger(cfg: Config, timeout: float = 2.0) -> Check:
     path = cfg.ledger_path
     if not path.exists():
         return Check("ledger", NA, f"no ledger yet at {path} (gpud serve creates it)")
+    owner = path.stat().st_uid
+    if os.geteuid() not in (0, owner):
+        # Not a damaged ledger: this user may not read it (nor make its -shm).
+        return Check(
+            "ledger",
+            NA,
+            f"{path} belongs to uid {owner}: only its owner or root can check it",
+            "run `sudo gpud doctor` (as the daemon's user)",
+        )
     uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=timeout)
