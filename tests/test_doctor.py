@@ -407,3 +407,16 @@ def test_doctor_reads_settings_as_serve_does(base_dir: Path) -> None:
     assert checks["nvml"]["status"] == "n/a"  # GPUD_GPUS=fake from the environment
     bad = gpud_cli("doctor", "--config", str(base_dir / "missing.toml"), env=env)
     assert bad.returncode == 1 and "does not exist" in bad.stderr
+
+
+def test_podman_and_runtimes_missing_from_path_fail(
+    base_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(base_dir))  # an empty directory: nothing is installed
+    cfg = cfg_for(base_dir, executor="podman")
+    c = doctor.check_podman(cfg)
+    assert c.status == "fail" and "not installed" in c.message and "apt-get" in c.fix
+    c = doctor.check_runtime(cfg, conf=base_dir / "none.conf")
+    assert c.status == "fail" and "neither runc nor crun" in c.message
+    # The process executor needs neither.
+    assert doctor.check_podman(cfg_for(base_dir)).status == "n/a"
