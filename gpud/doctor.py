@@ -15,7 +15,6 @@ executor: with ``executor = "process"`` what they find is reported as ``n/a``.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pwd
 import re
@@ -42,8 +41,6 @@ COMMAND_TIMEOUT = 10.0
 #: Below this much free space in the data dir's filesystem: a warning (fail below the
 #: daemon's own reserve, under which it refuses submits: gpud.storage.RESERVE_BYTES).
 LOW_FREE_BYTES = 1024**3
-#: The first driver whose libcuda can checkpoint a process's GPU state (issue #13).
-CUDA_CHECKPOINT_MIN_DRIVER = 550
 NVIDIA_PROC_VERSION = Path("/proc/driver/nvidia/version")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
@@ -166,39 +163,27 @@ def check_cdi(
     )
 
 
-def check_cuda_checkpoint(cfg: Config, proc_version: Path = NVIDIA_PROC_VERSION) -> Check:
-    """libcuda and a driver that can checkpoint GPU state (cuCheckpointProcess*, #13)."""
+def check_cuda_checkpoint(
+    cfg: Config, proc_version: Path = NVIDIA_PROC_VERSION, libcuda: str = "libcuda.so.1"
+) -> Check:
+    """The driver's CUDA checkpoint API (#13), as the daemon finds it (gpud.cudackpt):
+    libcuda loads, and its CUDA version has cuCheckpointProcess*. No cuInit is made."""
     driver = driver_version(proc_version)
     reason = _gpus_not_applicable(cfg, driver, proc_version)
     if reason:
         return Check("cuda checkpoint", NA, reason)
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError as e:
-        return Check(
-            "cuda checkpoint",
-            WARN,
-            f"libcuda.so.1 cannot be loaded: {e}",
-            "install the driver's CUDA library (Debian: libcuda1); without it GPU "
-            "jobs cannot be parked, suspended or snapshotted with their GPU state",
-        )
-    major = int(driver.split(".")[0]) if driver and driver[0].isdigit() else 0
-    if major < CUDA_CHECKPOINT_MIN_DRIVER:
-        return Check(
-            "cuda checkpoint",
-            WARN,
-            f"driver {driver} is older than {CUDA_CHECKPOINT_MIN_DRIVER}",
-            f"upgrade the NVIDIA driver to {CUDA_CHECKPOINT_MIN_DRIVER} or newer to "
-            "checkpoint GPU jobs",
-        )
-    if not hasattr(lib, "cuCheckpointProcessLock"):
-        return Check(
-            "cuda checkpoint",
-            WARN,
-            f"libcuda of driver {driver} has no cuCheckpointProcessLock",
-            "upgrade the NVIDIA driver (and its libcuda) to a current release",
-        )
-    return Check("cuda checkpoint", OK, f"libcuda.so.1 with checkpoint support, driver {driver}")
+    from gpud.cudackpt import MIN_DRIVER, open_cuda_checkpointer
+
+    _, support = open_cuda_checkpointer(driver, path=libcuda)
+    if support.ok:
+        return Check("cuda checkpoint", OK, support.reason)
+    return Check(
+        "cuda checkpoint",
+        WARN,
+        support.reason,
+        f"install or upgrade the NVIDIA driver to >= {MIN_DRIVER} with its libcuda.so.1; "
+        "without it idle GPU workers cannot be parked, nor GPU jobs suspended",
+    )
 
 
 # -- Podman, CRIU, runtime, cgroups -------------------------------------------------------

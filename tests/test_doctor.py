@@ -341,8 +341,8 @@ def test_a_driver_without_its_libraries(base_dir: Path) -> None:
     assert doctor.check_driver(cfg, proc).message == "kernel module 535.104.05"
     nvml = doctor.check_nvml(cfg, proc)
     assert nvml.status == "fail" and "libnvidia-ml" in nvml.fix
-    ckpt = doctor.check_cuda_checkpoint(cfg, proc)
-    assert ckpt.status == "warn" and "libcuda" in ckpt.message
+    ckpt = doctor.check_cuda_checkpoint(cfg, proc, libcuda=str(base_dir / "libcuda.so.1"))
+    assert ckpt.status == "warn" and "not found" in ckpt.message and ">= 570" in ckpt.fix
     cdi = doctor.check_cdi(cfg, dirs=(str(base_dir / "cdi"),), proc_version=proc)
     assert cdi.status == "warn" and "nvidia-ctk cdi generate" in cdi.fix
     (base_dir / "cdi").mkdir()
@@ -420,3 +420,19 @@ def test_podman_and_runtimes_missing_from_path_fail(
     assert c.status == "fail" and "neither runc nor crun" in c.message
     # The process executor needs neither.
     assert doctor.check_podman(cfg_for(base_dir)).status == "n/a"
+
+
+def test_cuda_checkpoint_support_as_the_daemon_finds_it(base_dir: Path) -> None:
+    """Over the compiled stand-in libcuda of tests/test_cudackpt.py: a driver with the API
+    is ok; one without it (CUDA 12.2) warns and says which driver is needed."""
+    from tests.test_cudackpt import _build_stub
+
+    proc = base_dir / "version"
+    proc.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04  Thu\n")
+    cfg = cfg_for(base_dir)
+    good = doctor.check_cuda_checkpoint(cfg, proc, libcuda=str(_build_stub(base_dir)))
+    assert good.status == "ok" and "CUDA 13.0" in good.message
+    (base_dir / "old").mkdir()
+    old = _build_stub(base_dir / "old", "-DOLD_DRIVER", "-DCUDA_VERSION_STUB=12020")
+    bad = doctor.check_cuda_checkpoint(cfg, proc, libcuda=str(old))
+    assert bad.status == "warn" and "no CUDA checkpoint API" in bad.message
