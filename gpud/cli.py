@@ -23,6 +23,7 @@ from gpud.cli_common import ago as _ago
 from gpud.cli_common import client as _client
 from gpud.cli_common import console as _console
 from gpud.cli_common import print_json as _print_json
+from gpud.cli_doctor import doctor
 from gpud.cli_gc import gc_command
 from gpud.cli_images import image
 from gpud.cli_options import url_option
@@ -429,6 +430,7 @@ cli.add_command(image)
 cli.add_command(usage)
 cli.add_command(whoami)
 cli.add_command(gc_command)
+cli.add_command(doctor)
 
 
 def main() -> None:
