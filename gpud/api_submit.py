@@ -24,8 +24,9 @@ from gpud.http_common import error_response as _error
 from gpud.http_common import json_response as _json
 from gpud.http_common import principal as _principal
 from gpud.ledger import IdempotencyKey, NewJob
-from gpud.notify import NOTIFY_STATES, check_url
+from gpud.notify import NOTIFY_STATES
 from gpud.storage import full_message, is_busy, is_full
+from gpud.webhooks import check_url
 from gpud_client.models import BatchSubmitRequest, SubmitRequest
 
 __all__ = ["idempotency", "new_jobs", "replayed", "storage_error"]

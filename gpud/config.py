@@ -228,7 +228,7 @@ def _coerce(name: str, value: Any) -> Any:
                     raise ValueError(f"{g!r}: write absolute paths (globs allowed)")
             return globs
         if name == "webhooks":
-            from gpud.notify import parse_webhooks
+            from gpud.webhooks import parse_webhooks
 
             return parse_webhooks(value)
         if name == "fake_gpus":

@@ -11,10 +11,8 @@ Notifications are kept in memory only: one still being retried when the daemon s
 is not sent by the next one (its log says so). A job that ended while no daemon ran is
 collected at the restart, and notified then.
 
-Who may be notified is the admin's: ``webhooks = "off"`` (the default), ``"any"``, or a
-list of hosts. A daemon often runs as root on a shared box, where anyone who can submit
-could otherwise make it POST to services listening only on its loopback or the internal
-network (server-side request forgery); the admin opts in, host by host where it matters.
+Who may be notified is the admin's (gpud.webhooks): ``webhooks = "off"`` (the default),
+``"any"``, or a list of hosts: see there why.
 """
 
 from __future__ import annotations
@@ -22,17 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import trio
 
 from gpud.config import Config
 from gpud.domain import FINAL, Job
 
-__all__ = ["NOTIFY_STATES", "Notifier", "body", "check_url", "parse_webhooks"]
+__all__ = ["NOTIFY_STATES", "Notifier", "body"]
 
 log = logging.getLogger("gpud.notify")
 
@@ -42,43 +37,7 @@ NOTIFY_STATES: tuple[str, ...] = tuple(s.value for s in sorted(FINAL, key=lambda
 QUEUE_MAX = 10_000
 #: How many are being sent (or waiting to be retried) at once.
 SENDING_MAX = 64
-_HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$|^\[[0-9a-f:.]+\]$|^[0-9a-f:.]+$")
 _MAX_WAIT = 300.0
-
-
-def parse_webhooks(value: object) -> str | list[str]:
-    """The ``webhooks`` setting: "off", "any", or hosts (a list, or comma-separated)."""
-    if isinstance(value, str) and value.strip().lower() in ("off", "any", "none", ""):
-        v = value.strip().lower()
-        return "any" if v == "any" else "off"
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(h, str) for h in items):
-        raise ValueError('"off", "any", or a list of host names, e.g. ["hooks.slack.com"]')
-    hosts = [h.strip().lower() for h in items if h.strip()]
-    for h in hosts:
-        if not _HOST_RE.match(h):
-            raise ValueError(f"{h!r} is not a host name (write the host only, no scheme, "
-                             "port or path)")
-    return hosts or "off"
-
-
-def check_url(url: str, setting: str | Sequence[str]) -> str | None:
-    """Why a job may not have this webhook here (None: it may)."""
-    if setting == "off":
-        return ("webhooks are off on this daemon: ask its admin to allow your webhook's "
-                'host (webhooks = ["HOST"] in its config), or use --notify bell with '
-                "gpud run in the foreground")
-    try:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-    except ValueError:
-        parts, host = None, ""
-    if parts is None or parts.scheme not in ("http", "https") or not host:
-        return f"notify={url!r} is not a webhook URL: write http(s)://HOST/PATH"
-    if setting != "any" and host not in setting:
-        return (f"this daemon sends webhooks only to {', '.join(setting)}, not to {host}: "
-                "ask its admin to add that host to its webhooks setting")
-    return None
 
 
 def body(job: Job) -> bytes:

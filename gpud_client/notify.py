@@ -17,7 +17,7 @@ FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "lost")
 def parse_states(states: str | Sequence[str]) -> tuple[str, ...]:
     """Final states from a list or a comma-separated string ("failed,timed_out")."""
     items = states.split(",") if isinstance(states, str) else list(states)
-    out = []
+    out: list[str] = []
     for s in items:
         if not isinstance(s, str):
             raise TypeError(f"notify_on takes state names, not {s!r}")

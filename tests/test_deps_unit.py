@@ -12,7 +12,7 @@ import pytest
 import gpud_client as gpud
 from gpud.deps import DepIndex, check_after
 from gpud.domain import Job, JobState
-from gpud.notify import check_url, parse_webhooks
+from gpud.webhooks import check_url, parse_webhooks
 from gpud_client.deps import job_ids, result_refs
 from gpud_client.notify import parse_states
 from gpud_client.worker import _resolve_results

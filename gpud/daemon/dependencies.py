@@ -10,19 +10,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Container, Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from gpud.deps import Doomed
+import trio
+
+from gpud.deps import DepIndex, Doomed
 from gpud.domain import FINAL, IllegalTransition, Job, JobState
-from gpud.ledger import Step
+from gpud.ledger import LedgerThread, Step
 from gpud.ledger.deps import owners_and_states
-
-if TYPE_CHECKING:
-    from gpud.daemon.core import DaemonCore
+from gpud.pending import ActiveJobs
 
 __all__ = ["admit", "cancel_doomed", "job_ended"]
 
 log = logging.getLogger("gpud")
+
+
+class DaemonCore(Protocol):
+    """What of gpud.daemon.core.DaemonCore this module uses (no import: core calls in)."""
+
+    deps: DepIndex
+    ledger: LedgerThread
+    _nursery: trio.Nursery | None
+
+    @property
+    def jobs(self) -> ActiveJobs[Any]: ...
+    def _reschedule(self) -> None: ...
+    async def _advance(self, job_id: int, *steps: Step, expect: JobState | None = None,
+                       retry: bool = True) -> Job: ...
 
 
 async def admit(core: DaemonCore, jobs: Sequence[Job],
