@@ -205,7 +205,8 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
     for j in page.jobs:
         gpus = ",".join(map(str, j.gpu_indices)) if j.gpu_indices else (
             "/".join(j.gpu) if j.gpu else "cpu")
-        info = (f"{j.reason}; position {j.position}" if j.reason else
+        info = ((f"{j.reason}; position {j.position}" if j.position else j.reason)
+                if j.reason else
                 j.error or (f"attempt {j.attempt}/{j.retries + 1}" if j.retries else ""))
         table.add_row(str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
                       _start_kind(j), _duration(j), _python_of(j), info)

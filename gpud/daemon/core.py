@@ -13,12 +13,13 @@ import trio
 from gpud.batches import BatchLimits
 from gpud.clock import Clock, SystemClock
 from gpud.config import Config
-from gpud.daemon import jobfiles
+from gpud.daemon import dependencies, jobfiles
 from gpud.daemon.record import (
     Finished,
     JobRecord,
     _advance_in_order,
 )
+from gpud.deps import DepIndex
 from gpud.domain import (
     FINAL,
     Gpu,
@@ -35,6 +36,7 @@ from gpud.ledger import LedgerThread, Step
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import finished_gpu_intervals
 from gpud.metrics import HistoryBuffer
+from gpud.notify import Notifier
 from gpud.pending import ActiveJobs
 from gpud.retry import RetryPolicy, after
 from gpud.scheduler import Plan, Waits
@@ -116,6 +118,11 @@ class DaemonCore:
         self.retry_policy = RetryPolicy(config.retry_backoff, config.retry_backoff_max)
         self.usage = DecayedTotals(config.fairshare_half_life, now=self.clock.time())
         self.batches = BatchLimits(ledger)  # max_concurrency of .map batches (#12)
+        #: jobs waiting for dependencies, kept out of the scheduler's queue (#14)
+        self.deps = DepIndex()
+        self.jobs.held = self.deps
+        #: webhooks told of jobs' ends, by a task of their own (#14)
+        self.notifier = Notifier(config)
 
     async def get(self, job_id: int) -> Job:
         rec = self.jobs.get(job_id)
@@ -164,6 +171,8 @@ class DaemonCore:
         rec.seq, rec.job = seq, job
         if job.state in FINAL:
             del self.jobs[job_id]
+            dependencies.job_ended(self, job)  # its waiters go on or are cancelled (#14)
+            self.notifier.job_ended(job)
         else:
             self.jobs.refile(job_id)  # the queue index follows the job's state (#12)
         ev, rec.changed = rec.changed, None

@@ -9,6 +9,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from gpud.daemon.depfiles import link_results
 from gpud.daemon.record import Finished
 from gpud.domain import (
     Gpu,
@@ -50,6 +51,7 @@ def prepare_job_dir(jobs_dir: Path, job: Job, function: bytes, args: bytes,
                           function=function, args=args, attempt=job.attempt)
         for name, data in files.items():
             write_new(d / name, data, owner)
+    link_results(jobs_dir, d, job.deps, owner)  # for gpud.result_of (#14)
     log_path = d / "output.log"
     fd = open_append(log_path, owner)
     try:

@@ -273,6 +273,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE batches ADD COLUMN max_concurrency INTEGER;
     """,
+    # 14 (#14): dependencies (comma-separated ids, fixed at submit: the ids existed then,
+    # so no cycle can be made) and the webhook told when the job ends.
+    """
+    ALTER TABLE jobs ADD COLUMN deps TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN deps_any INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN notify TEXT;
+    """,
 ]
 
 
