@@ -116,6 +116,7 @@ async def new_jobs(
         NewJob(name=req.name, owner=owner, function_hash=code_hash, args=a, python=req.python,
                timeout=timeout, gpu=gpu, retries=req.retries, priority=req.priority,
                image=image, env=dict(req.env), memory=memory, cpus=req.cpu,
-               keep_warm=keep_warm, snapshot=req.snapshot, python_env=python_env)
+               keep_warm=keep_warm, snapshot=req.snapshot, python_env=python_env,
+               preemptible=req.preemptible)
         for a in args
     ]

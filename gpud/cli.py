@@ -28,6 +28,7 @@ from gpud.cli_images import image
 from gpud.cli_options import url_option
 from gpud.cli_run import run  # in its own module: it is the largest command
 from gpud.cli_snapshots import snapshots
+from gpud.cli_suspend import resume, suspend
 from gpud.cli_usage import usage, whoami
 
 __all__ = ["EXIT", "main"]
@@ -182,7 +183,7 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
     """List jobs: queued and running ones (with why they wait), or --all."""
     asked = state
     if state is None and not show_all:
-        state = "queued,starting,running"
+        state = "queued,starting,running,suspended"
     with _client(url) as c:
         page = c.list_jobs(state=state, limit=limit, cursor=before)
     if as_json:
@@ -201,7 +202,8 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
     for j in page.jobs:
         gpus = ",".join(map(str, j.gpu_indices)) if j.gpu_indices else (
             "/".join(j.gpu) if j.gpu else "cpu")
-        info = (f"{j.reason}; position {j.position}" if j.reason else
+        info = ((f"{j.reason}; position {j.position}" if j.position else j.reason)
+                if j.reason else
                 j.error or (f"attempt {j.attempt}/{j.retries + 1}" if j.retries else ""))
         table.add_row(str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
                       _start_kind(j), _duration(j), _python_of(j), info)
@@ -415,6 +417,8 @@ cli.add_command(image)
 cli.add_command(usage)
 cli.add_command(whoami)
 cli.add_command(gc_command)
+cli.add_command(suspend)
+cli.add_command(resume)
 
 
 def main() -> None:

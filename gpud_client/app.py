@@ -64,6 +64,8 @@ class FunctionOptions:
     cpu: float | None = None
     keep_warm: float | None = None  # seconds; None: the daemon's default
     snapshot: bool = False  # restore from a container snapshot (Podman executor)
+    #: may the daemon suspend its jobs for higher-priority ones (preempt_after, #13)
+    preemptible: bool = True
     #: the interpreter jobs run with (process executor): None, this one (the caller's
     #: venv or conda env; $GPUD_JOB_PYTHON overrides); a path; or "daemon", the admin's
     python: str | None = None
@@ -83,6 +85,7 @@ class FunctionOptions:
         keep_warm: float | str | None = None,
         snapshot: bool = False,
         python: str | os.PathLike[str] | None = None,
+        preemptible: bool = True,
     ) -> FunctionOptions:
         """Check the options where they are written (at decoration), not at submit time.
         The GPU spec's syntax is the daemon's to judge: it answers 422 with the rules."""
@@ -117,6 +120,7 @@ class FunctionOptions:
             gpu=gpu, timeout=seconds, retries=retries, env=env_dict, priority=priority,
             image=image, memory=mem, cpu=None if cpu is None else float(cpu), keep_warm=warm,
             snapshot=bool(snapshot), python=_python_option(python),
+            preemptible=bool(preemptible),
         )
 
 
@@ -232,6 +236,7 @@ class App:
         keep_warm: float | str | None = None,
         snapshot: bool = False,
         python: str | os.PathLike[str] | None = None,
+        preemptible: bool = True,
         name: str | None = None,
     ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
 
@@ -251,6 +256,7 @@ class App:
         keep_warm: float | str | None = None,
         snapshot: bool = False,
         python: str | os.PathLike[str] | None = None,
+        preemptible: bool = True,
         name: str | None = None,
     ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
         """Decorate a function to run on the daemon: ``@app.function`` or
@@ -258,6 +264,7 @@ class App:
         options = FunctionOptions.build(
             gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
             memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
+            preemptible=preemptible,
         )
 
         def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -302,6 +309,7 @@ def function(
     keep_warm: float | str | None = None,
     snapshot: bool = False,
     python: str | os.PathLike[str] | None = None,
+    preemptible: bool = True,
     name: str | None = None,
     url: str | None = None,
 ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
@@ -322,6 +330,7 @@ def function(
     keep_warm: float | str | None = None,
     snapshot: bool = False,
     python: str | os.PathLike[str] | None = None,
+    preemptible: bool = True,
     name: str | None = None,
     url: str | None = None,
 ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
@@ -329,6 +338,7 @@ def function(
     options = FunctionOptions.build(
         gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
         memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
+        preemptible=preemptible,
     )
 
     def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -441,6 +451,7 @@ class Function(Generic[P, R]):
             "cpu": o.cpu,
             "keep_warm": o.keep_warm,
             "snapshot": o.snapshot,
+            "preemptible": o.preemptible,
         }
 
     def submit_request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SubmitRequest:
