@@ -96,8 +96,9 @@ class SchedulingLoop(Supervision):
                 await self._end_warm(w, f"its GPUs are needed by job {d.job_id}")
             await self._start(d)
         self.waits = p.waits  # worked out when first read (#12)
-        await self.preempt_round(p, running, now)  # #13, with preempt_after set
+        due = await self.preempt_round(p, running, now)  # #13, with preempt_after set
         backoffs = [p.next_backoff] if p.next_backoff is not None else []
+        backoffs += [due] if due is not None else []  # a job's wait reaches preempt_after
         if self._write_blocked:
             self._write_blocked = False
             backoffs.append(now + 1.0)

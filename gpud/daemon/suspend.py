@@ -198,16 +198,18 @@ class Suspending(DaemonCore):
         book.reserved = [u for j in r.reserved for u in j.gpus]
         return [*active, *r.reserved]
 
-    async def preempt_round(self, p: Plan, running: list[Job], now: float) -> None:
-        """Suspend running jobs for queued ones that waited past preempt_after."""
+    async def preempt_round(self, p: Plan, running: list[Job], now: float) -> float | None:
+        """Suspend running jobs for queued ones that waited past preempt_after. Returns
+        when the next queued job that outranks a running one reaches preempt_after (the
+        loop holds a round then), if one will."""
         after = self.config.preempt_after
         if after is None:
-            return
+            return None
         started = {s.job_id for s in p.starts} | set(p.assigned)
         low = min((j.priority for j in running
                    if j.state is JobState.RUNNING and j.preemptible), default=None)
         if low is None:
-            return
+            return None
         # The oldest not-started job of each group that outranks some victim: O(groups).
         queued: list[Job] = []
         for g in self.jobs.pending.groups():
@@ -217,8 +219,10 @@ class Suspending(DaemonCore):
             if first is not None:
                 queued.append(first)
         if not queued:
-            return
+            return None
         queued.sort(key=preempt.order)
+        later = [preempt.waited_since(j) + after for j in queued]
+        due = min((t for t in later if t > now), default=None)
         holding = [j for j in self.jobs.running.values()
                    if j.state in (JobState.STARTING, JobState.RUNNING)]
         waiting_for = {a for a in self.suspensions.wanted.values() if a is not None}
@@ -236,6 +240,7 @@ class Suspending(DaemonCore):
                 log.info("job %s not preempted for job %s: %s", c.victim, c.for_job, e)
         if choices:
             self._reschedule()  # the next round hands the freed GPUs out
+        return due
 
     # -- recovery (gpud.daemon.recovery calls this for a SUSPENDED job) ----------------------
 
