@@ -131,7 +131,7 @@ def test_suspend_and_resume_are_events_with_their_reasons(box: DaemonProc,
         moves = [(e.from_state, e.to_state, e.reason) for e in led.events(h.id)]
     finally:
         led.close()
-    assert ("running", "suspended") == tuple(str(s) for s in moves[3][:2])
+    assert tuple(str(s) for s in moves[3][:2]) == ("running", "suspended")
     assert moves[3][2].startswith("suspended by ")
     assert (str(moves[4][0]), str(moves[4][1]), moves[4][2]) == ("suspended", "running",
                                                                  "resumed")
