@@ -241,7 +241,7 @@ def result(job_id: int, as_json: bool, url: str | None) -> None:
 
     with _client(url) as c:
         job = c.get_job(job_id)
-        if job.state in ("queued", "starting", "running"):
+        if job.state in ("queued", "starting", "running", "suspended"):
             fail(f"job {job_id} is {job.state}; wait for it (gpud logs {job_id} -f) and retry")
         if not job.has_result:
             fail(f"job {job_id} ended {job.state} without a result: {job.error or job.state}",

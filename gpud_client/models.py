@@ -514,6 +514,7 @@ class BatchCounts(msgspec.Struct, kw_only=True):
     queued: int = 0
     starting: int = 0
     running: int = 0
+    suspended: int = 0  # #13
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0

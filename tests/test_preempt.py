@@ -248,3 +248,10 @@ def test_suspended_jobs_all_resume_once_the_work_ends(evs: list[tuple]) -> None:
         else:
             box.apply(("tick", 1.0))
     assert not box.of(S), "a suspended job never resumed"
+
+
+def test_every_state_has_a_count_in_a_batch() -> None:
+    from gpud_client.models import BatchCounts
+
+    counts = BatchCounts(**{s.value: 1 for s in JobState})
+    assert counts.suspended == 1
