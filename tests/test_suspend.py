@@ -21,6 +21,7 @@ from .conftest import (
     DaemonProc,
     _run_daemon,
     add_gpud_user,
+    executor_env,
     free_port,
     gpud_cli,
     kill_instance_jobs,
@@ -51,6 +52,16 @@ def gpu_counter(path: str, lines: int, pause: float) -> int:
             fh.write(f"{i}\n")
         time.sleep(pause)
     return lines
+
+
+@app.function(gpu="h100")
+def gpu_holder(release: str) -> str:
+    import os
+    import time
+
+    while not os.path.exists(release):
+        time.sleep(0.05)
+    return "released"
 
 
 def _lines(p: Path) -> int:
@@ -272,3 +283,46 @@ def test_a_restart_marks_a_suspended_job_whose_process_is_gone_lost(
         wait_for(lambda: c.get_job(h.id).state == "lost", timeout=20)
         assert "suspended" in (c.get_job(h.id).error or "")
     assert os.path.exists(out)
+
+
+def test_podman_pauses_and_unpauses_a_job_container(base_dir: Path, shared_dir: Path) -> None:
+    """The Podman executor suspends with `podman pause` (the cgroup freezer)."""
+    env = executor_env("podman")
+    out = shared_dir / "count.txt"
+    for d in _run_daemon(base_dir, env):
+        app.close()
+        h = counter.spawn(str(out), 30, 0.05)
+        wait_for(lambda: _lines(out) >= 3, timeout=60)
+        with Client(url=d.url) as c:
+            assert c.suspend(h.id).state == "suspended"
+            time.sleep(0.3)
+            frozen = _lines(out)
+            time.sleep(1.0)
+            assert _lines(out) == frozen
+            assert c.resume(h.id).state == "running"
+        assert h.get(timeout=60) == 30
+        app.close()
+
+
+def test_resume_waits_for_its_gpu_ahead_of_newer_work(box: DaemonProc,
+                                                      shared_dir: Path) -> None:
+    """One fake H100. A suspended job's GPU goes to another job; asked to resume, it waits
+    for it (saying so), and gets it back before a job queued after it."""
+    low_out, release = shared_dir / "low.txt", shared_dir / "release"
+    low = gpu_counter.with_options(preemptible=False).spawn(str(low_out), 60, 0.05)
+    wait_for(lambda: _lines(low_out) >= 2, timeout=30)
+    with Client(url=box.url) as c:
+        c.suspend(low.id)
+        mid = gpu_holder.with_options(preemptible=False).spawn(str(release))
+        wait_for(lambda: c.get_job(mid.id).state == "running", timeout=20)
+        job = c.resume(low.id)  # answers after 10 s, still waiting
+        assert job.state == "suspended"
+        assert job.reason is not None and job.reason.endswith(
+            "; resumes when its GPUs free up"), job.reason
+        newer = gpu_counter.spawn(str(shared_dir / "new.txt"), 1, 0.0)
+        release.touch()
+        assert mid.get(timeout=60) == "released"
+        wait_for(lambda: c.get_job(low.id).state != "suspended", timeout=20)
+        assert c.get_job(newer.id).state == "queued"
+    assert low.get(timeout=60) == 60
+    assert newer.get(timeout=60) == 1
