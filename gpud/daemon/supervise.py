@@ -114,6 +114,8 @@ class Supervision(Suspending):
         await self.stop_signal_hook(job, handle)  # a suspended job must see its SIGTERM
         await self.executor.stop(handle, self.config.kill_grace)
         why = ("cancelled" if stop_as is JobState.CANCELLED
+               else "its GPU state could not be brought back after a suspension (see the "
+               "daemon's log)" if stop_as is JobState.FAILED  # gpud.daemon.suspend (#13)
                else f"timed out after {_fmt_seconds(job.timeout)}")
         await self._finish(job, Finished(stop_as, why, None, False, False))
 

@@ -11,6 +11,8 @@ process), never one it calls running while it is stopped for ever.
 GPU state: a job whose GPUs are real keeps its GPU memory when stopped, so it can be
 suspended only where a :class:`GpuStateParker` moves that state to host memory (the CUDA
 checkpoint module, #13 item 1); without one, only CPU jobs and jobs on fake GPUs can be.
+Where a parker is set (the real one, or gpud.testing's fake), every GPU job's state goes
+through it, fake GPUs included, so that the fake drives the same path in CPU-only tests.
 """
 
 from __future__ import annotations
@@ -279,7 +281,7 @@ class Suspending(DaemonCore):
     async def _stop_processes(self, rec: JobRecord, job: Job) -> None:
         assert rec.handle is not None
         await self._signal(rec.handle, stop=True)
-        if job.gpus and self.gpu_parker is not None and not self._all_fake(job):
+        if job.gpus and self.gpu_parker is not None:
             try:
                 await self.gpu_parker.park(job, rec.handle)
             except BaseException:
@@ -290,7 +292,7 @@ class Suspending(DaemonCore):
         """Continue a suspended job's processes (GPU state first), then record RUNNING."""
         job = rec.job
         if rec.handle is not None:
-            if job.gpus and self.gpu_parker is not None and not self._all_fake(job):
+            if job.gpus and self.gpu_parker is not None:
                 try:
                     await self.gpu_parker.unpark(job, rec.handle)
                 except Exception as e:  # noqa: BLE001 - it cannot run without its state
@@ -310,10 +312,6 @@ class Suspending(DaemonCore):
             rec.scope.deadline = deadline(job, self.clock.time(), trio.current_time())
         log.info("job %s %s", job.id, why)
         return job
-
-    def _all_fake(self, job: Job) -> bool:
-        fake = {g.uuid for g in self.gpus if g.fake}
-        return set(job.gpus) <= fake
 
     async def _signal(self, handle: Handle, *, stop: bool) -> None:
         if handle.container is not None and self.executor.name == "podman":
