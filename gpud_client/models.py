@@ -17,6 +17,7 @@ __all__ = [
     "BatchInfo",
     "BatchResult",
     "BatchSubmitRequest",
+    "CheckpointInfo",
     "BatchSubmitResponse",
     "ErrorBody",
     "EventInfo",
@@ -262,10 +263,22 @@ class GpuInfo(msgspec.Struct, kw_only=True):
     owner: str | None
 
 
+class CheckpointInfo(msgspec.Struct, kw_only=True):
+    """GPU checkpointing (#13): can a process's GPU state be parked in host memory here?"""
+
+    available: bool
+    kind: str  # "cuda" (the driver's API), "fake" (fake GPUs: nothing moves) or "none"
+    reason: str  # what works, or why not and what to do
+    driver_version: str | None = None  # the display driver's, e.g. "580.159.04"
+    cuda_version: str | None = None  # the CUDA version the driver implements, e.g. "13.0"
+    remap: bool = False  # restore onto another GPU of the same type
+
+
 class GpuList(msgspec.Struct, kw_only=True):
     gpus: list[GpuInfo]
     source: str  # "nvml", "fake" or "none"
     note: str | None = None
+    checkpoint: CheckpointInfo | None = None  # None from daemons older than #13
 
 
 class ImageInfo(msgspec.Struct, kw_only=True):
