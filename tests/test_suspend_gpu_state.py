@@ -122,3 +122,29 @@ async def test_a_failed_restore_ends_the_job_saying_why(served, shared_dir: Path
             return gone()
 
         await _until(ended, 10)
+
+
+async def test_the_daemon_parks_through_its_fake_checkpointer(served, shared_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """On fake GPUs the daemon holds gpud.testing's fake CUDA checkpointer (the real park
+    and unpark logic over a fake driver): a suspend locks and checkpoints the job's process
+    before stopping it, a resume restores and unlocks it."""
+    from gpud.daemon.gpustate import CheckpointParker
+
+    parker = served.daemon.gpu_parker
+    assert isinstance(parker, CheckpointParker)
+    calls = parker.checkpointer.driver.calls
+    out = shared_dir / "count.txt"
+    async with AsyncClient(f"unix://{served.socket}") as c:
+        job = await c.submit(_request(str(out), 20, 0.05))
+
+        async def counting() -> bool:
+            return _lines(out) >= 2
+
+        await _until(counting)
+        pid = served.daemon.active_job(job.id).pid
+        await c.suspend(job.id)
+        assert [s for s, p in calls if p == pid and s != "state"] == ["lock", "checkpoint"]
+        await c.resume(job.id)
+        assert [s for s, p in calls if p == pid and s != "state"] == [
+            "lock", "checkpoint", "restore", "unlock"]
+        assert (await c.wait(job.id, timeout=60)).state == "succeeded"

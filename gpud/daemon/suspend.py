@@ -106,7 +106,7 @@ class Suspending(DaemonCore):
         fake = {g.uuid for g in self.gpus if g.fake}
         if job.gpus and not set(job.gpus) <= fake and self.gpu_parker is None:
             return (f"job {job.id} holds GPUs, and this daemon cannot move GPU state to "
-                    "host memory (the CUDA checkpoint API needs driver 550 or later; see "
+                    "host memory (the CUDA checkpoint API needs driver 570 or later; see "
                     "`gpud gpus`): only jobs without GPU state can be suspended here")
         return None
 
@@ -279,14 +279,12 @@ class Suspending(DaemonCore):
         return rec is not None and rec.job.state is JobState.QUEUED
 
     async def _stop_processes(self, rec: JobRecord, job: Job) -> None:
+        """GPU state first (the driver's lock waits for the CUDA work in flight, which a
+        stopped process still has), then SIGSTOP."""
         assert rec.handle is not None
-        await self._signal(rec.handle, stop=True)
         if job.gpus and self.gpu_parker is not None:
-            try:
-                await self.gpu_parker.park(job, rec.handle)
-            except BaseException:
-                await self._signal(rec.handle, stop=False)
-                raise
+            await self.gpu_parker.park(job, rec.handle)
+        await self._signal(rec.handle, stop=True)
 
     async def _continue(self, rec: JobRecord, why: str) -> Job:
         """Continue a suspended job's processes (GPU state first), then record RUNNING."""
