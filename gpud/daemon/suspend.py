@@ -239,6 +239,8 @@ class Suspending(DaemonCore):
             try:
                 await self.suspend(c.victim, c.reason, for_job=c.for_job)
             except NotSuspendable as e:
+                # Not tried again for this job (every round would otherwise).
+                self.suspensions.history.add((c.victim, c.for_job))
                 log.info("job %s not preempted for job %s: %s", c.victim, c.for_job, e)
         if choices:
             self._reschedule()  # the next round hands the freed GPUs out
