@@ -292,7 +292,8 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                            submitted_at=0.0, owner=w.key[3], gpus=w.gpus)
                 held.update((u, last) for u in w.gpus)
         held.update((u, r.job) for r in self.jobs.values()
-                    if r.job.state is not JobState.QUEUED for u in r.job.gpus)
+                    if r.job.state not in (JobState.QUEUED, JobState.SUSPENDED)
+                    for u in r.job.gpus)
         return held
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
