@@ -171,6 +171,8 @@ class RealHarness(Harness):
 class ProcessHarness(RealHarness):
     name = "process"
     caps = Caps(warm=True)
+    #: how a root daemon switches to the job user: setpriv (vfork, #12) if found
+    setpriv: bool = True
 
     def __init__(self, base: Path) -> None:
         super().__init__(base, job_identity("nobody"), f"contract-{os.getpid()}")
@@ -181,10 +183,17 @@ class ProcessHarness(RealHarness):
     def _new(self) -> ProcessExecutor:
         return ProcessExecutor(python=self.python, version=self.version,
                                runtime_dir=self.runtime, identity=self.ident,
-                               instance=self.instance)
+                               instance=self.instance, setpriv=self.setpriv)
 
     async def restart(self) -> Any:
         return self._new()
+
+
+class ProcessForkHarness(ProcessHarness):
+    """The user switch done inside subprocess (a fork), where setpriv is missing."""
+
+    name = "process-fork"
+    setpriv = False
 
 
 class PodmanHarness(RealHarness):
@@ -251,7 +260,7 @@ def _python() -> str:
     return "{}.{}.{}".format(*sys.version_info[:3])
 
 
-@pytest.fixture(scope="module", params=["process", "podman", "fake"])
+@pytest.fixture(scope="module", params=["process", "process-fork", "podman", "fake"])
 def machine(request: pytest.FixtureRequest) -> Iterator[Harness]:
     if request.param == "podman":
         require_podman()
@@ -259,7 +268,8 @@ def machine(request: pytest.FixtureRequest) -> Iterator[Harness]:
         pytest.skip("runs jobs as the job user 'nobody': needs root (CI runs as root)")
     base = Path(tempfile.mkdtemp(prefix="gpud-contract-", dir="/tmp"))
     os.chmod(base, 0o755)
-    kinds = {"process": ProcessHarness, "podman": PodmanHarness, "fake": FakeHarness}
+    kinds = {"process": ProcessHarness, "process-fork": ProcessForkHarness,
+             "podman": PodmanHarness, "fake": FakeHarness}
     h = kinds[request.param](base)
     try:
         yield h

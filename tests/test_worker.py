@@ -23,6 +23,7 @@ from gpud_client.jobdir import (
     EXIT_OK,
     EXIT_SETUP,
     JOB_FILE,
+    LAUNCHER_SOURCE,
     RESULT_FILE,
     STATUS_FILE,
     WORKER_SOURCE,
@@ -306,8 +307,23 @@ def test_worker_imports_only_stdlib_and_cloudpickle() -> None:
 
 def test_install_runtime_is_idempotent(runtime: Path) -> None:
     assert install_runtime(runtime.parent) == runtime
-    assert (runtime / "gpud_worker.py").read_bytes() == WORKER_SOURCE.read_bytes()
+    assert (runtime / "gpud_runtime.py").read_bytes() == WORKER_SOURCE.read_bytes()
+    assert (runtime / "gpud_worker.py").read_text() == LAUNCHER_SOURCE
     assert (runtime / "cloudpickle" / "__init__.py").is_file()
+
+
+def test_runtime_is_compiled_and_readable_by_every_job_user(runtime: Path) -> None:
+    """Jobs run as users who cannot write the runtime directory: without the compiled
+    modules in it, every cold job compiled the worker and cloudpickle afresh (#12)."""
+    tag = sys.implementation.cache_tag
+    for module in (runtime / "gpud_runtime.py", runtime / "cloudpickle" / "cloudpickle.py"):
+        pyc = module.parent / "__pycache__" / f"{module.stem}.{tag}.pyc"
+        assert pyc.is_file(), pyc
+        assert pyc.stat().st_mode & 0o444 == 0o444
+    assert not (runtime / "__pycache__" / f"gpud_worker.{tag}.pyc").exists()  # a script
+    for path in [runtime, *runtime.rglob("*")]:
+        want = 0o755 if path.is_dir() else 0o644
+        assert path.stat().st_mode & 0o777 == want, path
 
 
 def test_warm_worker_takes_its_payload_inline_and_answers_with_its_status(
