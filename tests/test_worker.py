@@ -163,6 +163,20 @@ def test_success(runtime: Path, tmp_path: Path) -> None:
     assert not list(jobdir.glob(".*.tmp"))  # the atomic writes left no temp files
 
 
+def test_a_cold_job_imports_no_pathlib(runtime: Path) -> None:
+    """Whatever the worker imports, every cold job pays for (#12): pathlib, with the
+    urllib.parse and ipaddress it pulls in, was ~3 ms of CPU a job on this box. (-S: a
+    venv's site may import it, as this one's editable install does; the worker cannot
+    help that.)"""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import gpud_runtime, cloudpickle; "
+            "print(' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(runtime)], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    loaded = set(out.split())
+    assert {"gpud_runtime", "cloudpickle"} <= loaded
+    assert not {"pathlib", "urllib.parse", "ipaddress"} & loaded
+
+
 def test_exception_comes_back_with_its_traceback(runtime: Path, tmp_path: Path) -> None:
     jobdir = make_job(tmp_path, boom)
     proc = run_worker(runtime, jobdir)
