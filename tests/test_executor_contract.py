@@ -170,7 +170,7 @@ class RealHarness(Harness):
 
 class ProcessHarness(RealHarness):
     name = "process"
-    caps = Caps(warm=True)
+    caps = Caps(warm=True, job_python=True)
     #: how a root daemon switches to the job user: setpriv (vfork, #12) if found
     setpriv: bool = True
 
@@ -488,6 +488,18 @@ class _Declares(FakeExecutor):
 
 class _Flagged(FakeExecutor):
     supports_warm = "yes"  # type: ignore[assignment]
+
+
+class _OwnPython(FakeExecutor):
+    supports_job_python = True  # without resolve_python
+
+
+def test_per_job_interpreters_are_a_declared_capability() -> None:
+    """Whether a submit's python= is checked by the executor (#11) is a capability, no
+    longer ``isinstance(executor, ProcessExecutor)`` (#12)."""
+    with pytest.raises(TypeError, match="declares supports_job_python but lacks .*resolve_python"):
+        capabilities(_OwnPython())
+    assert not capabilities(FakeExecutor()).job_python
 
 
 def test_capabilities_refuses_a_promise_without_its_methods() -> None:

@@ -261,6 +261,7 @@ def _killpg(pgid: int, sig: int) -> bool:
 class ProcessExecutor:
     name = "process"
     supports_warm = True
+    supports_job_python = True  # each job's own interpreter (#11): InterpreterCapable
 
     def __init__(
         self,
