@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gpud.daemon.depfiles import link_results
@@ -77,6 +77,15 @@ def collect(jobs_dir: Path, data_dir: Path, job: Job, outcome: Outcome) -> Finis
     if status is not None and status.attempt is not None and status.attempt != job.attempt:
         status = None  # an earlier attempt's (stale files are removed at launch)
     return judge(data_dir, status, has_result, outcome)
+
+
+def reap_and_collect(reap: Callable[[], None], jobs_dir: Path, data_dir: Path, job: Job,
+                     outcome: Outcome) -> tuple[Finished, float | None]:
+    """After a cold job's process ended: kill what it left (``reap``), read its outcome
+    and when the user's code began. One trip to a worker thread where there were three,
+    on the way from the process's exit to the caller's answer (#12)."""
+    reap()
+    return collect(jobs_dir, data_dir, job, outcome), user_start(jobs_dir, job.id)
 
 
 def judge(data_dir: Path, status: WorkerStatus | None, has_result: bool,
