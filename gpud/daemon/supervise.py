@@ -263,7 +263,9 @@ class Supervision(DaemonCore):
         return w
 
     async def _launch(self, job: Job) -> Handle:
-        function, args = await self.ledger.call(Ledger.payload, job.id)
+        # On the read connection: not behind the writer's group of commits (#12). The
+        # payload was committed with the submit, long before.
+        function, args = await self.ledger.read(Ledger.payload, job.id)
         # Its submitter's Unix user on a root daemon (never root); a job whose owner lost
         # their account since submitting fails here, saying so.
         ident = run_as(job.owner, self.identity)
