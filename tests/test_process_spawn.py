@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gpud.executors.base import ExecutorRefusal
+from gpud.daemon.jobfiles import judge
+from gpud.executors.base import ExecutorRefusal, Outcome
 from gpud.executors.process import (
     ProcessExecutor,
     find_setpriv,
@@ -82,3 +83,19 @@ def test_a_daemon_that_is_not_root_switches_nobody(tmp_path: Path) -> None:
     ex = ProcessExecutor(python=sys.executable, version="3", runtime_dir=tmp_path,
                          identity=me, instance="i")
     assert ex.setpriv is None
+
+
+@pytest.mark.parametrize("python", ["/nonexistent/python3", "/root/.gpud-no-such-dir/python3"])
+def test_an_interpreter_setpriv_cannot_exec_fails_the_job_saying_so(
+        python: str, tmp_path: Path) -> None:
+    """Through setpriv, an interpreter the job user cannot execute is an exit code (126
+    or 127, setpriv's message in the job's log), not an error raised at the spawn."""
+    setpriv = _needs_root_and_setpriv()
+    ident = job_identity("nobody")
+    out = subprocess.run(switch_user_command(setpriv, ident, [python, "-c", "pass"]),
+                         capture_output=True, text=True, cwd="/")
+    assert out.returncode in (126, 127)
+    assert "setpriv" in out.stderr and python in out.stderr
+    ended = judge(tmp_path, None, False, Outcome(exit_code=out.returncode))
+    assert ended.error == (f"the job's interpreter could not be started (exit code "
+                           f"{out.returncode}); its log says why")

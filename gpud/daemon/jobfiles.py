@@ -103,6 +103,11 @@ def judge(data_dir: Path, status: WorkerStatus | None, has_result: bool,
         hint = " (out of memory?)" if outcome.signal == 9 else ""
         why = f"the job's process was killed by signal {outcome.signal}{hint} before it " \
               "wrote a result"
+    elif code in (126, 127):
+        # setpriv (a root daemon's user switch, #12) could not exec the interpreter: its
+        # message is the first line of the job's log.
+        why = f"the job's interpreter could not be started (exit code {code}); its log " \
+              "says why"
     elif code is not None:
         why = f"the job's process exited with code {code} without writing a result"
     else:
