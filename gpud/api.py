@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import trio
@@ -50,6 +50,7 @@ from gpud.auth import (
 from gpud.daemon.port import JobService
 from gpud.daemon.suspend import NotSuspendable
 from gpud.domain import FINAL, Job, JobState
+from gpud.executors.base import ImageBuildCapable
 from gpud.http_common import ApiError, job_info
 from gpud.http_common import decode_body as _decode
 from gpud.http_common import error_response as _error
@@ -246,7 +247,9 @@ def create_app(daemon: JobService) -> Starlette:
             raise ApiError(503, "executor_unavailable",
                            f"the {daemon.executor.name} executor cannot list images right now: "
                            f"{e}") from None
-        default = getattr(daemon.executor, "default_image", None)
+        # Declared by image-building and checkpointing executors (capabilities, #12).
+        default = (cast(ImageBuildCapable, daemon.executor).default_image
+                   if daemon.caps.image_builds or daemon.caps.snapshots else None)
         note = None if daemon.executor.name == "podman" else (
             f"the {daemon.executor.name} executor runs jobs without images (Python "
             f"{daemon.worker_python}); images need executor = \"podman\"")

@@ -16,7 +16,7 @@ import trio
 from gpud.clock import Clock
 from gpud.config import Config
 from gpud.domain import Gpu, GpuRequest, Job, JobState, PythonEnv, Wait
-from gpud.executors.base import Executor, Handle
+from gpud.executors.base import Caps, Executor, Handle
 from gpud.executors.process import JobIdentity
 from gpud.gpus import GpuInventory
 from gpud.images import Build, ImageBuilder
@@ -38,6 +38,8 @@ class JobService(Protocol):
     def config(self) -> Config: ...
     @property
     def executor(self) -> Executor: ...
+    @property
+    def caps(self) -> Caps: ...
     @property
     def inventory(self) -> GpuInventory: ...
     @property

@@ -104,8 +104,10 @@ class Supervision(Suspending):
             await self._stop_and_finish(job, handle)
         else:
             crash_point("before_finish")
-            await trio.to_thread.run_sync(self.executor.reap, handle)
-            await self._finish(job, await self._collect(job, outcome))
+            ended, began = await trio.to_thread.run_sync(
+                jobfiles.reap_and_collect, lambda: self.executor.reap(handle),
+                self.config.jobs_dir, self.config.data_dir, job, outcome)
+            await self._finish(job, ended, began=began, began_known=True)
 
     async def _stop_and_finish(self, job: Job, handle: Handle) -> None:
         """The job's cancel scope fired: stop it (TERM, grace, KILL) and record why."""
@@ -263,7 +265,9 @@ class Supervision(Suspending):
         return w
 
     async def _launch(self, job: Job) -> Handle:
-        function, args = await self.ledger.call(Ledger.payload, job.id)
+        # On the read connection: not behind the writer's group of commits (#12). The
+        # payload was committed with the submit, long before.
+        function, args = await self.ledger.read(Ledger.payload, job.id)
         # Its submitter's Unix user on a root daemon (never root); a job whose owner lost
         # their account since submitting fails here, saying so.
         ident = run_as(job.owner, self.identity)
