@@ -3,7 +3,7 @@
 completes with every result correct, while ANOTHER user's `gpud ps` (`GET /v1/jobs`) and
 `.remote()` keep answering.
 
-    .venv/bin/python bench/hot_sweep.py [--quick] [--inputs N]
+    .venv/bin/python bench/hot_sweep.py [--quick] [--inputs N] [--raw out.json]
 
 The sweep runs as this process's user on the daemon's Unix socket (root here: an admin).
 The other user is a second gpud user, `nobody` on a root daemon (a real Unix account, so
@@ -14,7 +14,8 @@ GIL and no connection with the sweep): a first page of its jobs every 0.2 s, and
 the sweep's user is far over its share, so fair share must give the other user's job the
 next free CPU slot: its figure is a cold start on a busy box, not a wait behind the sweep.
 The queue wait of each of its jobs (QUEUED -> STARTING, from the ledger) is reported
-beside it. The listing's p99 is the API target.
+beside it. The listing's p99 is the API target. ``--raw`` writes every sample with its
+time (seconds from the sweep's start), to see when the slow ones happened.
 """
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ def ping(x: int) -> int:
 def probe(interval: float) -> int:
     """Run as the other user (GPUD_URL and GPUD_TOKEN in the environment) until stdin
     closes; then print what it measured as one JSON line."""
-    lat: list[float] = []
-    remote: list[float] = []
+    lat: list[tuple[float, float]] = []  # (when, ms)
+    remote: list[tuple[float, float]] = []
     errors: list[str] = []
     stop = threading.Event()
 
@@ -74,7 +75,7 @@ def probe(interval: float) -> int:
                 t = time.perf_counter()
                 try:
                     c.list_jobs(limit=50)
-                    lat.append((time.perf_counter() - t) * 1000.0)
+                    lat.append((time.time(), (time.perf_counter() - t) * 1000.0))
                 except Exception as e:  # noqa: BLE001 - reported as a row's failure
                     errors.append(f"list: {type(e).__name__}: {e}")
                 stop.wait(0.2)
@@ -86,7 +87,7 @@ def probe(interval: float) -> int:
             try:
                 if f.remote(7) != 7:
                     errors.append("the other user's .remote() was wrong")
-                remote.append((time.perf_counter() - t) * 1000.0)
+                remote.append((time.time(), (time.perf_counter() - t) * 1000.0))
             except Exception as e:  # noqa: BLE001 - reported as a row's failure
                 errors.append(f"remote: {type(e).__name__}: {e}")
             stop.wait(interval)
@@ -116,8 +117,9 @@ def _add_user(data_dir: Path) -> tuple[str, str]:
     return name, out.stdout.strip()
 
 
-def _queue_waits(ledger: Path, owner: str) -> list[float]:
-    """Milliseconds each of ``owner``'s jobs waited in the queue (QUEUED -> STARTING)."""
+def _queue_waits(ledger: Path, owner: str) -> list[tuple[float, float]]:
+    """When each of ``owner``'s jobs was queued, and how many milliseconds it waited in
+    the queue (QUEUED -> STARTING)."""
     con = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     try:
         rows = con.execute(
@@ -126,16 +128,18 @@ def _queue_waits(ledger: Path, owner: str) -> list[float]:
     finally:
         con.close()
     queued: dict[int, float] = {}
-    out: list[float] = []
+    out: list[tuple[float, float]] = []
     for job_id, state, at in rows:
         if state == "queued":
             queued.setdefault(job_id, at)
         elif state == "starting" and job_id in queued:
-            out.append((at - queued.pop(job_id)) * 1000.0)
+            q = queued.pop(job_id)
+            out.append((q, (at - q) * 1000.0))
     return out
 
 
-def rows(quick: bool, progress: Progress, inputs: int | None = None) -> list[Row]:
+def rows(quick: bool, progress: Progress, inputs: int | None = None,
+         raw: Path | None = None) -> list[Row]:
     os.environ.setdefault("GPUD_JOB_PYTHON", "daemon")
     n = inputs if inputs is not None else (2_000 if quick else 100_000)
     base = Path(tempfile.mkdtemp(prefix="gpud-hotsweep-", dir="/tmp"))
@@ -157,13 +161,14 @@ def rows(quick: bool, progress: Progress, inputs: int | None = None) -> list[Row
             sq.remote(1)  # a warm worker up before the clock starts
             progress(f"sweep: .map of {n:,} no-ops on warm workers, 2 slots; user {owner} "
                      "probes over TCP")
-            t0 = time.perf_counter()
+            t0, wall0 = time.perf_counter(), time.time()
             wrong = sum(1 for i, r in enumerate(sq.map(range(n), progress=False))
                         if r != i * i)
             wall = time.perf_counter() - t0
             out, _ = other.communicate(timeout=180)
             sq.client.close()
-            waits = _queue_waits(d.data_dir / "ledger.db", owner)
+            timed_waits = _queue_waits(d.data_dir / "ledger.db", owner)
+            progress(f"sweep done in {wall:.0f} s; removing its {n:,} jobs' directories")
     finally:
         if other is not None and other.poll() is None:
             other.send_signal(signal.SIGKILL)
@@ -171,8 +176,15 @@ def rows(quick: bool, progress: Progress, inputs: int | None = None) -> list[Row
         bench.stop_all()
         shutil.rmtree(base, ignore_errors=True)
     got: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    lat: list[float] = got["lat"]
-    remote: list[float] = got["remote"]
+    if raw is not None:
+        raw.write_text(json.dumps({
+            "inputs": n, "wall_s": wall, "wrong": wrong, "errors": got["errors"],
+            **{k: [(round(at - wall0, 3), round(ms, 2)) for at, ms in v]
+               for k, v in (("list_ms", got["lat"]), ("remote_ms", got["remote"]),
+                            ("queued_ms", timed_waits))}}))
+    lat: list[float] = [ms for _, ms in got["lat"]]
+    remote: list[float] = [ms for _, ms in got["remote"]]
+    waits = [ms for _, ms in timed_waits]
     errors: list[str] = got["errors"]
     p99 = pct(lat, 99) if lat else float("inf")
     return [
@@ -188,7 +200,8 @@ def rows(quick: bool, progress: Progress, inputs: int | None = None) -> list[Row
             numbers={"p50_ms": pct(lat, 50) if lat else 0.0, "p99_ms": p99,
                      "max_ms": max(lat) if lat else 0.0, "requests": float(len(lat))}),
         Row(measure="  meanwhile its .remote() (a cold start, fair share first)",
-            figure=(f"p50 {pct(remote, 50):.0f} / max {max(remote):.0f} ms "
+            figure=(f"p50 {pct(remote, 50):.0f} / p90 {pct(remote, 90):.0f} / "
+                    f"max {max(remote):.0f} ms "
                     f"({len(remote)} calls)" if remote else "no call")
                    + (f"; errors: {errors[0]}" if errors else ""),
             baseline="-", target="answers, correct", ok=bool(remote) and not errors,
@@ -196,7 +209,8 @@ def rows(quick: bool, progress: Progress, inputs: int | None = None) -> list[Row
                      "p50_ms": pct(remote, 50) if remote else 0.0,
                      "max_ms": max(remote) if remote else 0.0}),
         Row(measure="    of which queued (QUEUED -> STARTING)",
-            figure=(f"p50 {pct(waits, 50):.0f} / max {max(waits):.0f} ms "
+            figure=(f"p50 {pct(waits, 50):.0f} / p90 {pct(waits, 90):.0f} / "
+                    f"max {max(waits):.0f} ms "
                     f"({len(waits)} jobs)" if waits else "no job"),
             baseline="-", target="not behind the sweep (< 1 s)",
             ok=bool(waits) and max(waits) < 1000.0,
@@ -209,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--inputs", type=int, default=None)
+    p.add_argument("--raw", type=Path, default=None,
+                   help="write every sample, with its time, to this JSON file")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.probe:
         return probe(a.interval)
-    result: Any = rows(a.quick, lambda s: print(s, file=sys.stderr), a.inputs)
+    result: Any = rows(a.quick, lambda s: print(s, file=sys.stderr), a.inputs, a.raw)
     print(render(result))
     return 0
 
