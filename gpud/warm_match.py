@@ -11,10 +11,10 @@ become evictable (a start on their GPUs ends them). The other idle workers keep 
 this round, as pseudo running jobs owned by their user, so they count against that user's
 GPU quota. A job over its owner's max_timeout quota is left to the round, which says so.
 A ready CPU job that no idle worker takes shuts warm matching for the CPU jobs after it
-(given CPU slots): warm workers are not counted against the slots, so a sweep's workers,
-refilled first every round, would keep the slots full and another user's cold job ahead of
-them in fair-share order would never get one (#12). It waits a round or two for the
-sweep's running calls to end instead.
+(given CPU slots): handing a job to an idle worker is not checked against the slots, so a
+sweep's workers, refilled first every round, kept the slots full (often over), and another
+user's cold job ahead of them in fair-share order waited for the whole sweep (#12). Now the
+sweep's running calls end, and the slot they free is its.
 
 Pure: no clock, no I/O.
 """

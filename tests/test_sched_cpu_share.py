@@ -1,6 +1,7 @@
 """Another user's CPU job during a sweep (#12): fair share counts GPU-seconds only, so
 without these two rules one user's 100,000 CPU jobs kept every other user's CPU job behind
-all of them, and warm workers (not counted against the CPU slots) kept the slots full.
+all of them, and idle warm workers (handed jobs without a check against the CPU slots)
+kept the slots full.
 
 * a CPU job whose owner holds no CPU slot goes ahead of those whose owner holds one
   (``Policy.cpu_share_weight``);
