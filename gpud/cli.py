@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,6 +23,9 @@ from gpud.cli_common import print_json as _print_json
 from gpud.cli_common import print_table as _print_table
 from gpud.cli_lazy import LazyGroup
 from gpud.cli_options import url_option
+
+if TYPE_CHECKING:
+    from gpud_client.models import CheckpointInfo
 
 __all__ = ["EXIT", "main"]
 
@@ -37,6 +40,9 @@ LAZY = {
     "usage": "gpud.cli_usage:usage",
     "whoami": "gpud.cli_usage:whoami",
     "gc": "gpud.cli_gc:gc_command",
+    "suspend": "gpud.cli_suspend:suspend",  # #13
+    "resume": "gpud.cli_suspend:resume",
+    "doctor": "gpud.cli_doctor:doctor",
 }
 
 
@@ -187,7 +193,7 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
     """List jobs: queued and running ones (with why they wait), or --all."""
     asked = state
     if state is None and not show_all:
-        state = "queued,starting,running"
+        state = "queued,starting,running,suspended"
     with _client(url) as c:
         page = c.list_jobs(state=state, limit=limit, cursor=before)
     if as_json:
@@ -201,7 +207,8 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
     for j in page.jobs:
         gpus = ",".join(map(str, j.gpu_indices)) if j.gpu_indices else (
             "/".join(j.gpu) if j.gpu else "cpu")
-        info = (f"{j.reason}; position {j.position}" if j.reason else
+        info = ((f"{j.reason}; position {j.position}" if j.position else j.reason)
+                if j.reason else
                 j.error or (f"attempt {j.attempt}/{j.retries + 1}" if j.retries else ""))
         rows.append((str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
                      _start_kind(j), _duration(j), _python_of(j), info))
@@ -240,7 +247,7 @@ def result(job_id: int, as_json: bool, url: str | None) -> None:
 
     with _client(url) as c:
         job = c.get_job(job_id)
-        if job.state in ("queued", "starting", "running"):
+        if job.state in ("queued", "starting", "running", "suspended"):
             fail(f"job {job_id} is {job.state}; wait for it (gpud logs {job_id} -f) and retry")
         if not job.has_result:
             fail(f"job {job_id} ended {job.state} without a result: {job.error or job.state}",
@@ -308,6 +315,8 @@ def gpus(as_json: bool, url: str | None) -> None:
         return
     if lst.note:
         click.echo(lst.note, err=True)
+    if lst.checkpoint is not None:
+        click.echo(_checkpoint_line(lst.checkpoint), err=True)
     if not lst.gpus:
         click.echo("no GPUs", err=True)
         return
@@ -327,6 +336,15 @@ def gpus(as_json: bool, url: str | None) -> None:
         ))
     _print_table(("IDX", "TYPE", "NAME", "MEMORY", "UTIL", "TEMP", "POWER", "HELD BY", "UUID"),
                  rows)
+
+
+def _checkpoint_line(c: CheckpointInfo) -> str:
+    """#13: whether idle GPU state can be parked in host memory, and if not why."""
+    if c.kind == "fake":
+        return f"GPU checkpointing: FAKE ({c.reason})"
+    if c.available:
+        return f"GPU checkpointing: available ({c.reason})"
+    return f"GPU checkpointing: unavailable: {c.reason}"
 
 
 @cli.command()

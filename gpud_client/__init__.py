@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from gpud_client.batch import BatchHandle
     from gpud_client.client import AsyncClient, Client
     from gpud_client.cls import enter, method
+    from gpud_client.deps import result_of
     from gpud_client.duration import format_duration, parse_duration, parse_size
     from gpud_client.errors import (
         ApiError,
@@ -54,6 +55,7 @@ _WHERE = {
     "BatchHandle": "batch",
     "AsyncClient": "client", "Client": "client",
     "enter": "cls", "method": "cls",
+    "result_of": "deps",
     "format_duration": "duration", "parse_duration": "duration", "parse_size": "duration",
     "ApiError": "errors", "DaemonUnavailable": "errors", "GpudError": "errors",
     "JobCancelled": "errors", "JobError": "errors", "JobFailed": "errors",
@@ -84,6 +86,7 @@ __all__ = [
     "JobTimedOut",
     "RemoteError",
     "VersionMismatch",
+    "result_of",
     "__version__",
     "enter",
     "format_duration",

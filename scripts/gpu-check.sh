@@ -19,6 +19,15 @@
 # 5. a torch function with gpu="any" returns torch's UUID of cuda:0 and its
 #    CUDA_VISIBLE_DEVICES, and the job saw exactly the GPU it was assigned: the one UUID
 #    in its `gpus` (from `gpud ps --all --json`) equals both, and torch counts 1 device.
+# 2b. (#13, before the daemon starts) scripts/gpu_ckpt_check.py: a child holding
+#    GPU_CKPT_GIB GiB (default 8) is parked and unparked with gpud.cudackpt; NVML shows the
+#    memory freed, its checksum is intact; park/unpark seconds and GB/s against the PCIe
+#    limit are printed (bounded to ~3 minutes); the daemon's log then says "GPU
+#    checkpointing: available".
+# 6. (#13) scripts/gpu_preempt_check.py: with preempt_after 3s, a priority-0 torch loop
+#    holding GPU_PREEMPT_GIB GiB (default 4) is suspended for a priority-10 job (its GPU
+#    state parked: NVML shows the memory freed, no progress meanwhile), which succeeds;
+#    the loop then resumes and finishes with the right checksum (bounded to ~4 minutes).
 #
 # Prints PASS/FAIL lines; exits 0 only when every check passed. The daemon is stopped,
 # its jobs killed and the temporary directory removed on exit, also on Ctrl-C.
@@ -123,6 +132,19 @@ if ! err="$(deps_ok)"; then
 fi
 pass "gpud and its dependencies import with $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
 
+# -- 2b. CUDA checkpoint (#13): park and unpark a process holding GPU memory ---------------
+echo "----- scripts/gpu_ckpt_check.py"
+ckpt_out="$(timeout 200 "$PY" "$REPO/scripts/gpu_ckpt_check.py" --gib "${GPU_CKPT_GIB:-8}" \
+            --timeout 170 2>&1)"
+ckpt_rc=$?
+echo "$ckpt_out"
+passed=$((passed + $(echo "$ckpt_out" | grep -c '^PASS:')))
+failed=$((failed + $(echo "$ckpt_out" | grep -c '^FAIL:')))
+if [ $ckpt_rc -ne 0 ] && ! echo "$ckpt_out" | grep -q '^FAIL:'; then
+  fail "scripts/gpu_ckpt_check.py exited $ckpt_rc without a FAIL line (timed out?)"
+fi
+echo "-----"
+
 # -- 3. the daemon ----------------------------------------------------------------------------
 BASE="$(mktemp -d /tmp/gpud-gpucheck-XXXXXX)"
 chmod 0755 "$BASE"  # a root daemon's jobs run as nobody, who must traverse it
@@ -167,7 +189,7 @@ export GPUD_URL="unix://$SOCK"
 # Not resolved through links: a venv's python must stay the venv's.
 JOB_PY="${JOB_PYTHON:-$("$PY" -c 'import sys; print(sys.executable)')}"
 serve_env=(GPUD_DATA_DIR="$BASE/data" GPUD_SOCKET="$SOCK" GPUD_GPUS=auto GPUD_KILL_GRACE=2
-           GPUD_GPU_POLL_INTERVAL=1)
+           GPUD_GPU_POLL_INTERVAL=1 GPUD_PREEMPT_AFTER=3s)
 if [ "$EXECUTOR" = podman ]; then
   serve_env+=(GPUD_EXECUTOR=podman GPUD_PODMAN_START_SERVICE=1)
   [ -n "$IMAGE" ] && serve_env+=(GPUD_DEFAULT_IMAGE="$IMAGE")
@@ -217,6 +239,11 @@ if [ $started = 0 ]; then
   finish
 fi
 pass "gpud serve started (jobs as $JOB_USER): $(grep -o 'gpud serving on.*' "$BASE/daemon.log")"
+if grep -q "GPU checkpointing: available" "$BASE/daemon.log"; then
+  pass "the daemon found GPU checkpointing: $(grep -o 'GPU checkpointing: .*' "$BASE/daemon.log")"
+else
+  fail "the daemon did not find GPU checkpointing: $(grep -o 'GPU checkpointing: .*' "$BASE/daemon.log")"
+fi
 if grep -q "GPUs: nvml" "$BASE/daemon.log"; then
   pass "the daemon's GPU inventory is NVML"
 else
@@ -365,6 +392,20 @@ failed=$((failed + $(echo "$check_out" | grep -c '^FAIL:')))
 if ! echo "$check_out" | grep -qE '^(PASS|FAIL):'; then
   fail "checking the job failed: $check_out"
 fi
+
+# -- 6. preemption (#13): a priority-0 torch loop is suspended (GPU state parked) for a
+#    priority-10 job, then resumes and finishes with the right checksum --------------------
+echo "----- scripts/gpu_preempt_check.py"
+pre_out="$(timeout 300 "$PY" "$REPO/scripts/gpu_preempt_check.py" --gib "${GPU_PREEMPT_GIB:-4}" \
+           --timeout 240 2>&1)"
+pre_rc=$?
+echo "$pre_out"
+passed=$((passed + $(echo "$pre_out" | grep -c '^PASS:')))
+failed=$((failed + $(echo "$pre_out" | grep -c '^FAIL:')))
+if [ $pre_rc -ne 0 ] && ! echo "$pre_out" | grep -q '^FAIL:'; then
+  fail "scripts/gpu_preempt_check.py exited $pre_rc without a FAIL line (timed out?)"
+fi
+echo "-----"
 if [ "$failed" -ne 0 ]; then
   echo "----- daemon log (last 30 lines)"
   tail -30 "$BASE/daemon.log"
