@@ -445,18 +445,27 @@ class PodmanExecutor:
                         await trio.lowlevel.wait_readable(fd)
                 finally:
                     os.close(fd)
-        code = await trio.to_thread.run_sync(self._exit_code, handle, abandon_on_cancel=True)
-        return Outcome(exit_code=code)
+        return await trio.to_thread.run_sync(self._outcome, handle, abandon_on_cancel=True)
 
-    def _exit_code(self, handle: Handle) -> int | None:
+    def _outcome(self, handle: Handle) -> Outcome:
         import podman.errors
 
         try:
             ctr = self._client.containers.get(handle.container)
             code = ctr.wait(condition=["exited", "stopped"], timeout=3600 * 24 * 365)
-            return int(code) if isinstance(code, int) else None
         except podman.errors.NotFound:
-            return None
+            return Outcome(exit_code=None)
+        code = int(code) if isinstance(code, int) else None
+        # An OOM kill shows as exit 137, like any SIGKILL: only the container's state
+        # tells them apart (#16). Read after the wait, when Podman has recorded it.
+        try:
+            ctr.reload()
+            state, host = ctr.attrs.get("State") or {}, ctr.attrs.get("HostConfig") or {}
+        except podman.errors.NotFound:
+            return Outcome(exit_code=code)
+        limit = host.get("Memory")
+        return Outcome(exit_code=code, oom_killed=bool(state.get("OOMKilled")),
+                       memory_limit=int(limit) if isinstance(limit, int) and limit > 0 else None)
 
     async def stop(self, handle: Handle, grace: float) -> None:
         await trio.to_thread.run_sync(self._stop, handle, grace)
