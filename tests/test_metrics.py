@@ -233,3 +233,11 @@ def test_render_escapes_and_histograms_are_cumulative() -> None:
     assert 't_seconds_count{kind="cold"} 4' in text and 't_seconds_sum{kind="cold"} 6.05' in text
     with pytest.raises(ValueError):
         f.add(1)
+
+
+def test_the_endpoint_reads_the_daemon_only_through_its_port() -> None:
+    from .test_imports import import_graph
+
+    graph = import_graph(ROOT, ("gpud",))
+    daemon_parts = {m for m in graph["gpud.api_metrics"] if m.startswith("gpud.daemon")}
+    assert daemon_parts == {"gpud.daemon.port"}, daemon_parts

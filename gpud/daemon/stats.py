@@ -192,17 +192,17 @@ async def collect(stats: JobStats, *, jobs: ActiveJobs[Any], deps: DepIndex, gpu
     total = _gauge("gpud_gpu_memory_total_bytes", "GPU memory in all", labels)
     temp = _gauge("gpud_gpu_temperature_celsius", "GPU temperature", labels)
     power = _gauge("gpud_gpu_power_watts", "GPU power draw", labels)
-    for g in gpus:
-        holder = holders.get(g.uuid)
-        lv = (str(g.index), g.type, holder.owner if holder is not None else "")
-        if g.utilization is not None:
-            util.add(g.utilization, *lv)
-        mem.add(g.memory_used, *lv)
-        total.add(g.memory_total, *lv)
-        if g.temperature is not None:
-            temp.add(g.temperature, *lv)
-        if g.power_w is not None:
-            power.add(g.power_w, *lv)
+    for gpu in gpus:
+        holder = holders.get(gpu.uuid)
+        lv = (str(gpu.index), gpu.type, holder.owner if holder is not None else "")
+        if gpu.utilization is not None:
+            util.add(gpu.utilization, *lv)
+        mem.add(gpu.memory_used, *lv)
+        total.add(gpu.memory_total, *lv)
+        if gpu.temperature is not None:
+            temp.add(gpu.temperature, *lv)
+        if gpu.power_w is not None:
+            power.add(gpu.power_w, *lv)
     fams += [util, mem, total, temp, power]
 
     share = _gauge("gpud_fairshare_usage_gpu_seconds",
