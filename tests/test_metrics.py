@@ -136,6 +136,14 @@ def test_scrape_passes_promtool_and_shows_the_start_kind(mdaemon: DaemonProc) ->
     assert value(after, "gpud_process_resident_memory_bytes") > 10 * 1024**2
 
 
+def test_a_warm_start_is_counted_as_warm(mdaemon: DaemonProc) -> None:
+    f = square.with_options(url=mdaemon.url, keep_warm=30)
+    assert [f.remote(2), f.remote(3)] == [4, 9]
+    s = parse(curl_metrics(mdaemon))
+    assert value(s, "gpud_jobs_ended_total", state="succeeded", start_kind="warm") >= 1
+    assert value(s, "gpud_job_startup_seconds_count", start_kind="warm") >= 1
+
+
 def test_queue_and_running_jobs_by_shape_and_user(mdaemon: DaemonProc) -> None:
     me = whoami(mdaemon)
     hold = square.with_options(url=mdaemon.url, gpu="h100:2")
