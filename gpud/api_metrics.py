@@ -46,29 +46,40 @@ def metrics_endpoint(daemon: JobService, auth: Auth) -> Callable[[Request], Any]
         if request.scope.get("client") is None:
             return None  # the Unix socket
         given = _bearer(request)
-        if token is not None and given is not None and hmac.compare_digest(
-                given.encode(), token.encode()):
+        if (
+            token is not None
+            and given is not None
+            and hmac.compare_digest(given.encode(), token.encode())
+        ):
             return None
         peer = request.scope["client"]
         try:
             who = await auth.authenticate(request)
         except Unauthenticated as e:
             log.warning("refused GET /metrics from %s:%s: %s", peer[0], peer[1], e)
-            how = ("the scraper's metrics_token or an admin's token" if token is not None
-                   else "an admin's token (or set metrics_token in the daemon's config for "
-                        "a scraper)")
-            resp = _error(401, "unauthenticated",
-                          f"GET /metrics over TCP needs a bearer token: {how}; "
-                          "on the Unix socket it needs none")
+            how = (
+                "the scraper's metrics_token or an admin's token"
+                if token is not None
+                else "an admin's token (or set metrics_token in the daemon's config for a scraper)"
+            )
+            resp = _error(
+                401,
+                "unauthenticated",
+                f"GET /metrics over TCP needs a bearer token: {how}; "
+                "on the Unix socket it needs none",
+            )
             resp.headers["www-authenticate"] = 'Bearer realm="gpud"'
             return resp
         if who.admin:
             return None
         log.warning("refused GET /metrics from %s (token): not an admin", who.name)
-        return _error(403, "forbidden",
-                      f"{who.name} is not an admin: over TCP /metrics is for admins and the "
-                      "scraper holding metrics_token; ask an admin for it, or read it on "
-                      "the Unix socket")
+        return _error(
+            403,
+            "forbidden",
+            f"{who.name} is not an admin: over TCP /metrics is for admins and the "
+            "scraper holding metrics_token; ask an admin for it, or read it on "
+            "the Unix socket",
+        )
 
     async def metrics(request: Request) -> Response:
         refused = await refuse(request)

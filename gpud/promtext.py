@@ -44,8 +44,9 @@ class Family:
 class Histogram:
     """A histogram kept live in the daemon: cumulative bucket counts per label set."""
 
-    def __init__(self, name: str, help: str, labels: tuple[str, ...],
-                 buckets: Sequence[float]) -> None:
+    def __init__(
+        self, name: str, help: str, labels: tuple[str, ...], buckets: Sequence[float]
+    ) -> None:
         if list(buckets) != sorted(buckets) or not buckets:
             raise ValueError("histogram buckets must be given in increasing order")
         self.name, self.help, self.labels = name, help, labels
@@ -81,8 +82,9 @@ def render(families: Iterable[Family]) -> bytes:
         for suffix, values, value in f.samples:
             names = (*f.labels, "le") if suffix == "_bucket" else f.labels
             if names:
-                pairs = ",".join(f'{n}="{_escape_label(v)}"' for n, v in zip(names, values,
-                                                                             strict=True))
+                pairs = ",".join(
+                    f'{n}="{_escape_label(v)}"' for n, v in zip(names, values, strict=True)
+                )
                 out.append(f"{f.name}{suffix}{{{pairs}}} {_number(value)}")
             else:
                 out.append(f"{f.name}{suffix} {_number(value)}")

@@ -30,9 +30,19 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "docs" / "grafana-gpud.json"
 METRICS_TOKEN = "scraper-token-0123456789abcdef"
 #: every label /metrics may use: none of them can hold a job id
-LABELS = {"state", "user", "start_kind", "gpu_shape", "gpu", "type", "file", "le", "version",
-          "executor"}
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+LABELS = {
+    "state",
+    "user",
+    "start_kind",
+    "gpu_shape",
+    "gpu",
+    "type",
+    "file",
+    "le",
+    "version",
+    "executor",
+}
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -73,8 +83,12 @@ def whoami(d: DaemonProc) -> str:
 
 def curl_metrics(d: DaemonProc) -> str:
     """What the acceptance line does: curl --unix-socket ... /metrics."""
-    out = subprocess.run(["curl", "-sS", "--fail", "--unix-socket", str(d.socket),
-                          "http://gpud/metrics"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["curl", "-sS", "--fail", "--unix-socket", str(d.socket), "http://gpud/metrics"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -96,8 +110,9 @@ def families(text: str) -> set[str]:
 
 
 def value(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
-    got = [v for n, ls, v in samples if n == name and all(ls.get(k) == x
-                                                        for k, x in labels.items())]
+    got = [
+        v for n, ls, v in samples if n == name and all(ls.get(k) == x for k, x in labels.items())
+    ]
     return sum(got)
 
 
@@ -117,20 +132,29 @@ def test_scrape_passes_promtool_and_shows_the_start_kind(mdaemon: DaemonProc) ->
     me = whoami(mdaemon)
     assert square.with_options(url=mdaemon.url).remote(7) == 49
     text = curl_metrics(mdaemon)
-    check = subprocess.run([tool, "check", "metrics"], input=text, capture_output=True,
-                           text=True, timeout=30)
+    check = subprocess.run(
+        [tool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     after = parse(text)
     ended = {"state": "succeeded", "user": me, "start_kind": "cold"}
-    assert value(after, "gpud_jobs_ended_total", **ended) == value(
-        before, "gpud_jobs_ended_total", **ended) + 1
+    assert (
+        value(after, "gpud_jobs_ended_total", **ended)
+        == value(before, "gpud_jobs_ended_total", **ended) + 1
+    )
     assert value(after, "gpud_job_startup_seconds_count", start_kind="cold") >= 1
     assert value(after, "gpud_job_run_seconds_count", start_kind="cold") >= 1
     # The rest of what the issue asks for is there (fair share: once a GPU job has run).
     names = families(text)
-    for name in ("gpud_gpu_memory_total_bytes", "gpud_fairshare_usage_gpu_seconds",
-                 "gpud_snapshot_store_bytes", "gpud_image_store_bytes", "gpud_ledger_bytes",
-                 "gpud_process_resident_memory_bytes", "gpud_event_loop_lag_seconds"):
+    for name in (
+        "gpud_gpu_memory_total_bytes",
+        "gpud_fairshare_usage_gpu_seconds",
+        "gpud_snapshot_store_bytes",
+        "gpud_image_store_bytes",
+        "gpud_ledger_bytes",
+        "gpud_process_resident_memory_bytes",
+        "gpud_event_loop_lag_seconds",
+    ):
         assert name in names, name
     assert value(after, "gpud_ledger_bytes", file="db") > 0
     assert value(after, "gpud_process_resident_memory_bytes") > 10 * 1024**2
@@ -152,8 +176,10 @@ def test_queue_and_running_jobs_by_shape_and_user(mdaemon: DaemonProc) -> None:
     try:
         for _ in range(200):
             s = parse(curl_metrics(mdaemon))
-            if value(s, "gpud_queue_length", gpu_shape="h100:2") >= 1 and value(
-                    s, "gpud_jobs", state="running", user=me) >= 1:
+            if (
+                value(s, "gpud_queue_length", gpu_shape="h100:2") >= 1
+                and value(s, "gpud_jobs", state="running", user=me) >= 1
+            ):
                 break
             time.sleep(0.1)
         assert value(s, "gpud_queue_length", gpu_shape="h100:2") == 1
@@ -192,8 +218,10 @@ def test_tcp_needs_the_metrics_token_or_an_admin(mdaemon: DaemonProc) -> None:
         assert ok.status_code == 200 and "gpud_jobs" in ok.text
         assert ok.headers["content-type"].startswith("text/plain; version=0.0.4")
         # The metrics token is good for /metrics only.
-        assert c.get("/v1/jobs", headers={
-            "authorization": f"Bearer {METRICS_TOKEN}"}).status_code == 401
+        assert (
+            c.get("/v1/jobs", headers={"authorization": f"Bearer {METRICS_TOKEN}"}).status_code
+            == 401
+        )
 
         def get(token: str) -> httpx.Response:
             for _ in range(50):  # the daemon re-reads its users table every second
@@ -202,6 +230,7 @@ def test_tcp_needs_the_metrics_token_or_an_admin(mdaemon: DaemonProc) -> None:
                     return r
                 time.sleep(0.1)
             return r
+
         denied = get(user)
         assert denied.status_code == 403 and "not an admin" in denied.json()["detail"]
         assert get(admin).status_code == 200
@@ -218,22 +247,26 @@ def test_the_dashboard_uses_only_metrics_a_scrape_has(mdaemon: DaemonProc) -> No
     # A family a scrape declares exists even where it has no sample now (fake GPUs report
     # no temperature; the queue is empty); a histogram's series have their suffixes.
     names = {n for n, _, _ in parse(text)} | families(text)
-    names |= {f"{line.split()[2]}{suffix}" for line in text.splitlines()
-              if line.startswith("# TYPE ") and line.endswith(" histogram")
-              for suffix in ("_bucket", "_sum", "_count")}
+    names |= {
+        f"{line.split()[2]}{suffix}"
+        for line in text.splitlines()
+        if line.startswith("# TYPE ") and line.endswith(" histogram")
+        for suffix in ("_bucket", "_sum", "_count")
+    }
     assert used and not used - names, f"the dashboard uses unknown metrics: {used - names}"
 
 
 # -- the exposition itself, without a daemon ---------------------------------------------
 
+
 def test_render_escapes_and_histograms_are_cumulative() -> None:
-    f = Family("x_total", "counter", 'help with \\ and\nnewline', ("user",))
+    f = Family("x_total", "counter", "help with \\ and\nnewline", ("user",))
     f.add(3, 'a"b\\c\nd')
     h = Histogram("t_seconds", "times", ("kind",), (0.1, 1.0))
     for v in (0.05, 0.5, 0.5, 5.0):
         h.observe(v, "cold")
     text = render([f, h.family()]).decode()
-    assert '# HELP x_total help with \\\\ and\\nnewline' in text
+    assert "# HELP x_total help with \\\\ and\\nnewline" in text
     assert 'x_total{user="a\\"b\\\\c\\nd"} 3' in text
     assert 't_seconds_bucket{kind="cold",le="0.1"} 1' in text
     assert 't_seconds_bucket{kind="cold",le="1"} 3' in text

@@ -37,11 +37,21 @@ from gpud.promtext import Family, Histogram
 __all__ = ["JobStats", "collect", "gpu_shape"]
 
 #: startup: from a warm call's milliseconds to a cold container's tens of seconds
-STARTUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                   120.0)
+STARTUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 #: run time: from a quick .map element to the 24 h max_timeout
-RUN_BUCKETS = (0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 12 * 3600.0,
-               24 * 3600.0)
+RUN_BUCKETS = (
+    0.1,
+    1.0,
+    5.0,
+    15.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    4 * 3600.0,
+    12 * 3600.0,
+    24 * 3600.0,
+)
 #: event-loop lag: a healthy loop stays under a millisecond or two
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: how often the lag is measured
@@ -60,15 +70,22 @@ class JobStats:
         self.startup = Histogram(
             "gpud_job_startup_seconds",
             "Seconds from a job's dispatch to the first line of its code, by how it started "
-            "(cold, warm, restored)", ("start_kind",), STARTUP_BUCKETS)
+            "(cold, warm, restored)",
+            ("start_kind",),
+            STARTUP_BUCKETS,
+        )
         self.run = Histogram(
             "gpud_job_run_seconds",
             "Seconds finished jobs ran (their last attempt), by how they started",
-            ("start_kind",), RUN_BUCKETS)
+            ("start_kind",),
+            RUN_BUCKETS,
+        )
         self.lag = Histogram(
             "gpud_event_loop_lag_seconds",
             f"How late the daemon's event loop woke a task sleeping {LAG_INTERVAL} s",
-            (), LAG_BUCKETS)
+            (),
+            LAG_BUCKETS,
+        )
         self.last_lag = 0.0
 
     def job_ended(self, job: Job) -> None:
@@ -103,8 +120,9 @@ def gpu_shape(gpu: GpuRequest | None) -> str:
 
 def _stores(ledger: Ledger) -> tuple[int, int, int, int]:
     c = ledger.conn
-    snaps = c.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM snapshots "
-                      "WHERE state = 'ready'").fetchone()
+    snaps = c.execute(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM snapshots WHERE state = 'ready'"
+    ).fetchone()
     imgs = c.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM images").fetchone()
     return int(snaps[0]), int(snaps[1]), int(imgs[0]), int(imgs[1])
 
@@ -128,14 +146,25 @@ def _file_size(path: Path) -> int:
         return 0
 
 
-async def collect(stats: JobStats, *, jobs: ActiveJobs[Any], deps: DepIndex, gpus: list[Gpu],
-                  holders: Mapping[str, Job], usage: Mapping[str, float],
-                  ledger: LedgerThread, now: float, started_at: float,
-                  version: str, executor: str) -> list[Family]:
+async def collect(
+    stats: JobStats,
+    *,
+    jobs: ActiveJobs[Any],
+    deps: DepIndex,
+    gpus: list[Gpu],
+    holders: Mapping[str, Job],
+    usage: Mapping[str, float],
+    ledger: LedgerThread,
+    now: float,
+    started_at: float,
+    version: str,
+    executor: str,
+) -> list[Family]:
     """Every family of a scrape. O(users x states + GPU shapes + active non-queued jobs)."""
     fams: list[Family] = []
-    info = _gauge("gpud_build_info", "gpud's version and executor (always 1)",
-                  ("version", "executor"))
+    info = _gauge(
+        "gpud_build_info", "gpud's version and executor (always 1)", ("version", "executor")
+    )
     info.add(1, version, executor)
     fams.append(info)
     up = _gauge("gpud_start_time_seconds", "Unix time the daemon started")
@@ -143,8 +172,11 @@ async def collect(stats: JobStats, *, jobs: ActiveJobs[Any], deps: DepIndex, gpu
     fams.append(up)
 
     # -- jobs --------------------------------------------------------------------------
-    active = _gauge("gpud_jobs", "Active jobs now, by state, user and how they started",
-                    ("state", "user", "start_kind"))
+    active = _gauge(
+        "gpud_jobs",
+        "Active jobs now, by state, user and how they started",
+        ("state", "user", "start_kind"),
+    )
     queued: dict[str, int] = {o: jobs.pending.queued_by(o) for o in jobs.pending.owners()}
     for owner, n in deps.held_owners().items():
         queued[owner] = queued.get(owner, 0) + n
@@ -158,20 +190,30 @@ async def collect(stats: JobStats, *, jobs: ActiveJobs[Any], deps: DepIndex, gpu
     for key, n in sorted(others.items()):
         active.add(n, *key)
     fams.append(active)
-    ended = Family("gpud_jobs_ended_total", "counter",
-                   "Jobs that reached a final state since the daemon started, by state, user "
-                   "and how they started", ("state", "user", "start_kind"))
+    ended = Family(
+        "gpud_jobs_ended_total",
+        "counter",
+        "Jobs that reached a final state since the daemon started, by state, user "
+        "and how they started",
+        ("state", "user", "start_kind"),
+    )
     for key, n in sorted(stats.ended.items()):
         ended.add(n, *key)
     fams.append(ended)
     fams += [stats.startup.family(), stats.run.family()]
 
     # -- the queue, by GPU shape -------------------------------------------------------
-    length = _gauge("gpud_queue_length", "Jobs waiting for the scheduler, by GPU shape "
-                    "(jobs waiting for dependencies are not in it)", ("gpu_shape",))
-    oldest = _gauge("gpud_queue_oldest_wait_seconds",
-                    "How long the longest-waiting queued job of each GPU shape has waited",
-                    ("gpu_shape",))
+    length = _gauge(
+        "gpud_queue_length",
+        "Jobs waiting for the scheduler, by GPU shape "
+        "(jobs waiting for dependencies are not in it)",
+        ("gpu_shape",),
+    )
+    oldest = _gauge(
+        "gpud_queue_oldest_wait_seconds",
+        "How long the longest-waiting queued job of each GPU shape has waited",
+        ("gpu_shape",),
+    )
     by_shape: dict[str, tuple[int, float]] = {}
     for g in jobs.pending.groups():
         if not g.keys:
@@ -186,8 +228,11 @@ async def collect(stats: JobStats, *, jobs: ActiveJobs[Any], deps: DepIndex, gpu
 
     # -- GPUs ----------------------------------------------------------------------------
     labels = ("gpu", "type", "user")
-    util = _gauge("gpud_gpu_utilization_percent", "GPU utilisation (NVML), with the user "
-                  "of the job holding it (\"\" when free)", labels)
+    util = _gauge(
+        "gpud_gpu_utilization_percent",
+        'GPU utilisation (NVML), with the user of the job holding it ("" when free)',
+        labels,
+    )
     mem = _gauge("gpud_gpu_memory_used_bytes", "GPU memory in use", labels)
     total = _gauge("gpud_gpu_memory_total_bytes", "GPU memory in all", labels)
     temp = _gauge("gpud_gpu_temperature_celsius", "GPU temperature", labels)
@@ -205,8 +250,11 @@ async def collect(stats: JobStats, *, jobs: ActiveJobs[Any], deps: DepIndex, gpu
             power.add(gpu.power_w, *lv)
     fams += [util, mem, total, temp, power]
 
-    share = _gauge("gpud_fairshare_usage_gpu_seconds",
-                   "Each user's decayed GPU-seconds, as fair share weighs them now", ("user",))
+    share = _gauge(
+        "gpud_fairshare_usage_gpu_seconds",
+        "Each user's decayed GPU-seconds, as fair share weighs them now",
+        ("user",),
+    )
     for user, v in sorted(usage.items()):
         share.add(v, user)
     fams.append(share)
@@ -214,10 +262,11 @@ async def collect(stats: JobStats, *, jobs: ActiveJobs[Any], deps: DepIndex, gpu
     # -- stores, the ledger, the process ---------------------------------------------------
     n_snaps, snap_bytes, n_imgs, img_bytes = await ledger.read(_stores)
     for name, help, v in (
-            ("gpud_snapshots", "Container snapshots ready to restore", n_snaps),
-            ("gpud_snapshot_store_bytes", "Bytes the ready snapshots take", snap_bytes),
-            ("gpud_images", "Images built from gpud.Image definitions", n_imgs),
-            ("gpud_image_store_bytes", "Bytes the built images take", img_bytes)):
+        ("gpud_snapshots", "Container snapshots ready to restore", n_snaps),
+        ("gpud_snapshot_store_bytes", "Bytes the ready snapshots take", snap_bytes),
+        ("gpud_images", "Images built from gpud.Image definitions", n_imgs),
+        ("gpud_image_store_bytes", "Bytes the built images take", img_bytes),
+    ):
         f = _gauge(name, help)
         f.add(v)
         fams.append(f)
