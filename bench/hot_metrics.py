@@ -1,16 +1,18 @@
-"""GET /metrics (#16): one scrape's collect + render with 100 and with 100,000 jobs queued.
+"""GET /metrics (#16): one scrape's collect + render with 1,000 and with 100,000 jobs queued.
 
 The scrape must stay O(states x users + GPU shapes): it reads the queue index's per-owner
 counts and groups, never the jobs. The figure is the fastest of many scrapes with 100,000 queued
 (16 GPU shapes, 4 users, on the scheduler benchmark's snapshot); the baseline is the same
-scrape with 100 queued, measured in the same run. Target: within 2x of it (a walk over
-the jobs would be ~1000x) and under 10 ms.
+scrape with 1,000 queued (enough to fill every group of the queue index: the scrape's cost
+follows the groups, users x priorities x shapes, not the jobs), measured in the same run.
+Target: within 2x of it (a walk over the jobs would be ~100x) and under 10 ms.
 
 Run: ``.venv/bin/python bench/hot_metrics.py [--quick]``.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 import tempfile
 import time
@@ -56,17 +58,23 @@ def _scrape_times(queued: int, repeat: int, ledger: LedgerThread) -> tuple[float
             if n >= 3:
                 times.append(time.perf_counter() - t)
 
-    trio.run(main)
+    # A collection that 100,000 jobs' garbage sets off is not the scrape's cost.
+    gc.collect()
+    gc.disable()
+    try:
+        trio.run(main)
+    finally:
+        gc.enable()
     return min(times), size  # the least disturbed run: the machine is shared and noisy
 
 
 def rows(quick: bool, progress: hotrows.Progress) -> list[hotrows.Row]:
-    repeat = 20 if quick else 100
+    repeat = 50 if quick else 200
     with tempfile.TemporaryDirectory() as d:
         ledger = LedgerThread(Path(d) / "ledger.db")
         try:
-            progress("metrics: a scrape with 100 queued")
-            base, base_size = _scrape_times(100, repeat, ledger)
+            progress("metrics: a scrape with 1,000 queued")
+            base, base_size = _scrape_times(1_000, repeat, ledger)
             progress("metrics: a scrape with 100,000 queued")
             big, big_size = _scrape_times(100_000, repeat, ledger)
         finally:
@@ -76,8 +84,8 @@ def rows(quick: bool, progress: hotrows.Progress) -> list[hotrows.Row]:
         hotrows.Row(
             measure="GET /metrics collect+render, 100,000 queued (16 shapes, 4 users)",
             figure=f"{big * 1000:.2f} ms ({big_size:,} bytes)",
-            baseline=f"100 queued {base * 1000:.2f} ms ({base_size:,} bytes); x{ratio:.2f}",
-            target="< 2x the 100-queued scrape, < 10 ms",
+            baseline=f"1,000 queued {base * 1000:.2f} ms ({base_size:,} bytes); x{ratio:.2f}",
+            target="< 2x the 1,000-queued scrape, < 10 ms",
             ok=ratio < 2.0 and big < 0.010,
             numbers={"scrape_100k_s": big, "scrape_100_s": base, "ratio": ratio},
         )
