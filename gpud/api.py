@@ -33,6 +33,7 @@ from gpud.accounting import BY, Line, report
 from gpud.api_admin import ADMIN_DOC, admin_routes
 from gpud.api_batch import BATCH_DOC, batch_routes
 from gpud.api_images import IMAGE_DOC, image_routes
+from gpud.api_metrics import metrics_endpoint
 from gpud.api_params import Param
 from gpud.api_snapshots import SNAPSHOT_DOC, snapshot_routes
 from gpud.api_submit import idempotency as _idempotency
@@ -364,6 +365,7 @@ def create_app(daemon: JobService) -> Starlette:
     routes = [Route(API_PREFIX + p, wrap(fn, public=p == "/health"), methods=[m])
               for m, p, fn in table]
     routes.append(Route("/openapi.json", openapi_doc, methods=["GET"]))
+    routes.append(Route("/metrics", metrics_endpoint(daemon, auth), methods=["GET"]))  # #16
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -19,6 +19,7 @@ from gpud.daemon.record import (
     JobRecord,
     _advance_in_order,
 )
+from gpud.daemon.stats import JobStats
 from gpud.deps import DepIndex
 from gpud.domain import (
     FINAL,
@@ -123,6 +124,8 @@ class DaemonCore:
         self.jobs.held = self.deps
         #: webhooks told of jobs' ends, by a task of their own (#14)
         self.notifier = Notifier(config)
+        #: what /metrics counts as jobs end (#16, gpud.daemon.stats)
+        self.stats = JobStats()
 
     async def get(self, job_id: int) -> Job:
         rec = self.jobs.get(job_id)
@@ -173,6 +176,7 @@ class DaemonCore:
             del self.jobs[job_id]
             dependencies.job_ended(self, job)  # its waiters go on or are cancelled (#14)
             self.notifier.job_ended(job)
+            self.stats.job_ended(job)  # /metrics' counters (#16)
         else:
             self.jobs.refile(job_id)  # the queue index follows the job's state (#12)
         ev, rec.changed = rec.changed, None

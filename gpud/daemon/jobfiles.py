@@ -99,7 +99,11 @@ def judge(data_dir: Path, status: WorkerStatus | None, has_result: bool,
         msg = f"{(status.type or 'Error').rsplit('.', 1)[-1]}: {status.message or ''}".strip()
         setup = code == EXIT_SETUP
         return Finished(JobState.FAILED, msg, code, has_result, not setup)
-    if outcome.signal is not None:
+    if outcome.oom_killed:
+        why = "out of memory" + (f" (limit {_size(outcome.memory_limit)})"
+                                 if outcome.memory_limit else "")
+        why += ": the kernel killed the job at its memory limit; ask for more with memory="
+    elif outcome.signal is not None:
         hint = " (out of memory?)" if outcome.signal == 9 else ""
         why = f"the job's process was killed by signal {outcome.signal}{hint} before it " \
               "wrote a result"
@@ -115,6 +119,13 @@ def judge(data_dir: Path, status: WorkerStatus | None, has_result: bool,
     if low_space(data_dir):
         why += f" (the disk holding {data_dir} was full)"
     return Finished(JobState.FAILED, why, code, False, True)
+
+def _size(n: int) -> str:
+    """Bytes as the memory= a user wrote, in Podman's units: 67108864 -> "64m"."""
+    for unit, mult in (("t", 1024**4), ("g", 1024**3), ("m", 1024**2), ("k", 1024)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return f"{n}b" if n < 1024 else f"{n / 1024**2:.1f}m"
 
 def user_start(jobs_dir: Path, job_id: int) -> float | None:
     """When the worker began the user's code (it writes the time down), if it did."""

@@ -25,6 +25,7 @@ from gpud.ledger.batches import BatchRow
 from gpud.ledger.snapshots import Snapshot
 from gpud.ledger.usage import AttemptUsage, UsageBucket
 from gpud.metrics import HistoryBuffer
+from gpud.promtext import Family
 from gpud.snapshotter import Snapshotter
 from gpud.users import Directory
 from gpud_client.models import GcReport, ImageSpec
@@ -98,6 +99,7 @@ class JobService(Protocol):
                                                            int]: ...
     def handles(self) -> list[Handle]: ...
     def gpu_holders(self) -> dict[str, Job]: ...
+    async def metrics(self) -> list[Family]: ...
 
     # -- the ledger's other reads -------------------------------------------------------
     async def events_page(self, after: int, limit: int, job_id: int | None,

@@ -10,9 +10,9 @@ from typing import cast
 
 import trio
 
-from gpud import queue_view
+from gpud import __version__, queue_view
 from gpud.crashpoint import crash_point
-from gpud.daemon import dependencies
+from gpud.daemon import dependencies, stats
 from gpud.daemon.gpupoll import GpuPolling
 from gpud.daemon.loop import SchedulingLoop
 from gpud.daemon.record import (
@@ -42,6 +42,7 @@ from gpud.ledger.deps import owners_and_states
 from gpud.ledger.snapshots import Snapshot
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import AttemptUsage, UsageBucket, attempts_between, buckets_between
+from gpud.promtext import Family
 from gpud.retention import for_daemon as retention_for
 from gpud.retention import run as retention_loop
 from gpud.scheduler import infeasible
@@ -297,6 +298,17 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                     for u in r.job.gpus)
         return held
 
+    async def metrics(self) -> list[Family]:
+        """What GET /metrics shows (#16): read from indexes and counters, never a scan of
+        the queued jobs (gpud.daemon.stats)."""
+        now = self.clock.time()
+        return await stats.collect(
+            self.stats, jobs=self.jobs, deps=self.deps, gpus=self.gpus,
+            holders=self.gpu_holders(),
+            usage=self._usage_now(list(self.jobs.running.values()), now), ledger=self.ledger,
+            now=now, started_at=self.started_at, version=__version__,
+            executor=self.executor.name)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -317,6 +329,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                 nursery.start_soon(self._schedule_loop)
                 nursery.start_soon(retention_loop, self)
                 nursery.start_soon(self.notifier.run)
+                nursery.start_soon(self.stats.watch_lag)  # /metrics' event-loop lag (#16)
                 task_status.started()
                 await trio.sleep_forever()
             finally:
