@@ -111,7 +111,7 @@ class SchedulingLoop(Supervision):
         fields = {"gpus": d.gpus, "gpu_types": tuple(types.get(u, "unknown") for u in d.gpus)}
         try:
             job = await self._advance(d.job_id, Step(JobState.STARTING, fields=fields),
-                                      expect=JobState.QUEUED, retry=False)
+                                      expect=JobState.QUEUED, retry=False, synced=False)
         except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)
             self._release_warm(rec)

@@ -91,7 +91,7 @@ class Supervision(DaemonCore):
             job = await self._advance(job_id, Step(JobState.RUNNING, "running", fields={
                 "pid": handle.pid, "pid_start": handle.pid_start, "started_at": self.clock.time(),
                 "start_kind": "cold",
-            }))
+            }), synced=False)
             log.info("job %s started: pid %s, gpus %s", job_id, handle.pid,
                      ",".join(job.gpus) or "none")
         rec.handle = handle
@@ -159,7 +159,7 @@ class Supervision(DaemonCore):
         else:
             crash_point("warm_worker_ready")
             rec.handle = w.handle
-            job = await self._advance(job.id, self._running_step(w, kind, note))
+            job = await self._advance(job.id, self._running_step(w, kind, note), synced=False)
         started = job.started_at or self.clock.time()
         scope.deadline = trio.current_time() + max(0.0, started + job.timeout - self.clock.time())
         done: Done | None = None
@@ -194,7 +194,13 @@ class Supervision(DaemonCore):
             # no file to read back, no thread hop (#12).
             _f = jobfiles.judge(self.config.data_dir, status, True, outcome)
             assert done is not None
-            await self._finish(job, _f, began=done.started, began_known=True)
+            await self._finish(job, _f, began=done.started, began_known=True,
+                               result=done.result)
+            if done.result is not None:
+                # Stored with the job's end: the worker may forget it. Had this daemon
+                # died before the commit, the worker would have written result.pkl and
+                # status.json for the next one to collect (gpud_client.worker.serve).
+                await self.warm.ack(w, job.id)
         else:
             _f = await self._collect(job, outcome)
             await self._finish(job, _f)
@@ -224,7 +230,7 @@ class Supervision(DaemonCore):
 
         async def record() -> None:
             try:
-                recorded.append(await self._advance(job.id, step))
+                recorded.append(await self._advance(job.id, step, synced=False))
             except Exception as e:  # noqa: BLE001 - raised below, outside the nursery
                 errors.append(e)
 
