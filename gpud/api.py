@@ -68,6 +68,7 @@ from gpud_client.models import (
     MAX_SECONDS,
     BatchSubmitRequest,
     BatchSubmitResponse,
+    CheckpointInfo,
     ErrorBody,
     GpuInfo,
     GpuList,
@@ -412,7 +413,18 @@ def gpu_list(daemon: JobService) -> GpuList:
                     "only, without the driver's libraries; run `nvidia-ctk cdi generate "
                     "--output=/etc/cdi/nvidia.yaml`")
         note = f"{note}; {fallback}" if note else fallback
-    return GpuList(gpus=out, source=daemon.inventory.source, note=note)
+    return GpuList(gpus=out, source=daemon.inventory.source, note=note,
+                   checkpoint=_checkpoint_info(daemon))
+
+
+def _checkpoint_info(daemon: JobService) -> CheckpointInfo | None:
+    # gpud.server sets it (#13); a daemon built without serve() (unit tests) has none.
+    s = getattr(daemon, "checkpoint_support", None)
+    if s is None:
+        return None
+    return CheckpointInfo(available=s.ok, kind=s.kind, reason=s.reason,
+                          driver_version=s.driver_version, cuda_version=s.cuda_version,
+                          remap=s.remap)
 
 
 # -- OpenAPI -------------------------------------------------------------------------------

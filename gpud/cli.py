@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,12 +23,16 @@ from gpud.cli_common import ago as _ago
 from gpud.cli_common import client as _client
 from gpud.cli_common import console as _console
 from gpud.cli_common import print_json as _print_json
+from gpud.cli_doctor import doctor
 from gpud.cli_gc import gc_command
 from gpud.cli_images import image
 from gpud.cli_options import url_option
 from gpud.cli_run import run  # in its own module: it is the largest command
 from gpud.cli_snapshots import snapshots
 from gpud.cli_usage import usage, whoami
+
+if TYPE_CHECKING:
+    from gpud_client.models import CheckpointInfo
 
 __all__ = ["EXIT", "main"]
 
@@ -201,7 +205,8 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
     for j in page.jobs:
         gpus = ",".join(map(str, j.gpu_indices)) if j.gpu_indices else (
             "/".join(j.gpu) if j.gpu else "cpu")
-        info = (f"{j.reason}; position {j.position}" if j.reason else
+        info = ((f"{j.reason}; position {j.position}" if j.position else j.reason)
+                if j.reason else
                 j.error or (f"attempt {j.attempt}/{j.retries + 1}" if j.retries else ""))
         table.add_row(str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
                       _start_kind(j), _duration(j), _python_of(j), info)
@@ -309,6 +314,8 @@ def gpus(as_json: bool, url: str | None) -> None:
 
     if lst.note:
         click.echo(lst.note, err=True)
+    if lst.checkpoint is not None:
+        click.echo(_checkpoint_line(lst.checkpoint), err=True)
     if not lst.gpus:
         click.echo("no GPUs", err=True)
         return
@@ -329,6 +336,15 @@ def gpus(as_json: bool, url: str | None) -> None:
             "-" if g.power_w is None else f"{g.power_w:.0f}W", held, g.uuid,
         )
     _console().print(table)
+
+
+def _checkpoint_line(c: CheckpointInfo) -> str:
+    """#13: whether idle GPU state can be parked in host memory, and if not why."""
+    if c.kind == "fake":
+        return f"GPU checkpointing: FAKE ({c.reason})"
+    if c.available:
+        return f"GPU checkpointing: available ({c.reason})"
+    return f"GPU checkpointing: unavailable: {c.reason}"
 
 
 @cli.command()
@@ -415,6 +431,7 @@ cli.add_command(image)
 cli.add_command(usage)
 cli.add_command(whoami)
 cli.add_command(gc_command)
+cli.add_command(doctor)
 
 
 def main() -> None:

@@ -132,6 +132,15 @@ class Config:
     #: how often the daemon collects by itself; None: only `gpud gc` does
     retention_interval: float | None = 600.0
 
+    #: webhooks (#14, notify=): "off" (the default: a daemon, often root on a shared box,
+    #: must not be made to POST to internal services by whoever can submit), "any", or
+    #: the hosts jobs may name, e.g. ["hooks.slack.com"]
+    webhooks: str | list[str] = "off"
+    #: a webhook that does not answer 2xx is tried again, the waits doubling from
+    #: webhook_backoff up to 5 min, for at most this long after the job ended
+    webhook_retry_for: float = 3600.0
+    webhook_backoff: float = 2.0
+
     @property
     def ledger_path(self) -> Path:
         return self.data_dir / "ledger.db"
@@ -154,7 +163,8 @@ _DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "retry_backoff",
               "retry_backoff_max", "gpu_poll_interval", "keep_warm_default", "keep_warm_max",
               "fairshare_half_life", "max_age", "snapshot_restore_timeout",
               "image_build_timeout", "header_timeout", "body_timeout", "retention_job_dirs",
-              "retention_jobs", "retention_interval", "sched_interval"}
+              "retention_jobs", "retention_interval", "sched_interval",
+              "webhook_retry_for", "webhook_backoff"}
 #: Durations that "none" (or "") turns off.
 _OPTIONAL = {"default_timeout", "retention_job_dirs", "retention_jobs", "retention_interval"}
 #: The shortest retention: a client fetches a job's result and log after it ends.
@@ -217,6 +227,10 @@ def _coerce(name: str, value: Any) -> Any:
                 if not g.startswith("/"):
                     raise ValueError(f"{g!r}: write absolute paths (globs allowed)")
             return globs
+        if name == "webhooks":
+            from gpud.webhooks import parse_webhooks
+
+            return parse_webhooks(value)
         if name == "fake_gpus":
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]

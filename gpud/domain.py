@@ -277,6 +277,13 @@ class Job:
     gpu_seconds: float = 0.0
     #: the interpreter it runs with (process executor); None: the executor's default
     python_env: PythonEnv | None = None
+    #: the jobs it starts after (#14): all of them succeeded (afterok), or with
+    #: ``deps_any``, all of them ended however they ended (afterany); see gpud.deps
+    deps: tuple[int, ...] = ()
+    deps_any: bool = False
+    #: a webhook URL told when the job ends in one of ``notify_on`` (#14, gpud.notify)
+    notify: str | None = None
+    notify_on: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ def job_info(daemon: JobService, job: Job, wait: Wait | None | bool = True) -> J
         startup=job.startup,
         python_path=job.python_env.path if job.python_env else None,
         python_prefix=job.python_env.prefix if job.python_env else None,
+        after=list(job.deps), after_any=job.deps_any,
     )
 
 

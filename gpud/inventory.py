@@ -6,6 +6,7 @@ gpud.gpus (#12: this lived in gpud.gpus, which then imported the fakes back).
 
 from __future__ import annotations
 
+from gpud.cudackpt import Checkpointer, Support, open_cuda_checkpointer
 from gpud.gpus import (
     GpuInventory,
     GpuInventoryError,
@@ -13,9 +14,10 @@ from gpud.gpus import (
     NvidiaDriverNotFound,
     NvmlInventory,
 )
+from gpud.testing.fake_cudackpt import fake_checkpointer
 from gpud.testing.fake_gpus import FakeGpuInventory, check_fake_types
 
-__all__ = ["open_inventory"]
+__all__ = ["open_checkpointer", "open_inventory"]
 
 
 def open_inventory(fake_types: list[str]) -> GpuInventory:
@@ -58,3 +60,25 @@ def open_inventory(fake_types: list[str]) -> GpuInventory:
             driver_version=version,
         )
     return inventory
+
+
+def open_checkpointer(inventory: GpuInventory) -> tuple[Checkpointer | None, Support]:
+    """The GPU checkpointer that goes with ``inventory`` (#13), and what to report about it.
+
+    * real GPUs (NVML) -> the driver's CUDA checkpoint API, if this driver has it;
+    * fake GPUs -> the real checkpoint logic over a fake driver, reported as "fake";
+    * no GPUs -> none.
+
+    Never raises: a driver without the API is reported (with what to do), not an error,
+    because everything but parking works without it.
+    """
+    if inventory.source == "fake":
+        ckpt = fake_checkpointer()
+        return ckpt, ckpt.supported()
+    if inventory.source == "nvml":
+        return open_cuda_checkpointer(inventory.driver_version())
+    version = inventory.driver_version()
+    return None, Support(
+        ok=False, kind="none", driver_version=version,
+        reason="no GPUs" + (f" (driver {version})" if version else "") + ": nothing to park",
+    )

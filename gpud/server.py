@@ -24,6 +24,7 @@ from gpud import http_edge, peercred
 from gpud.api import create_app
 from gpud.clock import Clock
 from gpud.config import Config, is_loopback, parse_tcp
+from gpud.cudackpt import ckpt_text
 from gpud.daemon import AlreadyRunning, Daemon, instance_id, lock_data_dir
 from gpud.executors.base import Executor, ExecutorRefusal
 from gpud.executors.podman import CDI_DIRS
@@ -34,7 +35,7 @@ from gpud.executors.process import (
     resolve_worker_python,
 )
 from gpud.gpus import GpuInventory, NoGpuInventory
-from gpud.inventory import open_inventory
+from gpud.inventory import open_checkpointer, open_inventory
 from gpud.ledger import LedgerThread
 from gpud_client.jobdir import install_runtime
 
@@ -178,6 +179,8 @@ async def serve(
         if inventory.note:
             log.log(logging.INFO if inventory.source == "nvml" else logging.WARNING,
                     "%s", inventory.note)
+        checkpointer, ckpt_support = open_checkpointer(inventory)
+        log.info("GPU checkpointing: %s", ckpt_text(ckpt_support))
         ledger = LedgerThread(config.ledger_path)
         instance = instance_id(config.data_dir)
         if executor is None:
@@ -190,6 +193,9 @@ async def serve(
                         identity=ident, worker_python=version, instance=instance,
                         clock=clock)
         daemon.kill_jobs_on_exit = kill_jobs_on_exit
+        # #13: held here for `gpud gpus` until parking is wired into the daemon itself.
+        daemon.checkpointer = checkpointer  # type: ignore[attr-defined]
+        daemon.checkpoint_support = ckpt_support  # type: ignore[attr-defined]
 
         hc = HyperConfig()
         sock_path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ msgspec Structs: request bodies forbid unknown fields, so a typo in a field name
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -17,6 +17,7 @@ __all__ = [
     "BatchInfo",
     "BatchResult",
     "BatchSubmitRequest",
+    "CheckpointInfo",
     "BatchSubmitResponse",
     "ErrorBody",
     "EventInfo",
@@ -92,6 +93,14 @@ Inputs = Annotated[list[bytes], Meta(min_length=1, max_length=MAX_BATCH)]
 MaxConcurrency = Annotated[int, Meta(ge=1, le=MAX_BATCH,
                                      description="at most this many of the batch's jobs run "
                                                  "at once")]
+JobId = Annotated[int, Meta(ge=1, le=MAX_ID)]
+After = Annotated[list[JobId], Meta(max_length=1000, description=(
+    "ids of your own jobs this one starts after (#14): when all have succeeded, or "
+    "with after_any when all have ended"))]
+NotifyUrl = Annotated[str, Meta(min_length=1, max_length=2048, description=(
+    "a webhook URL POSTed to when the job ends (if the daemon's admin allows its host)"))]
+NotifyState = Literal["succeeded", "failed", "cancelled", "timed_out", "lost"]
+
 #: Results up to this size travel inline in ``/v1/jobs/run``, ``/v1/jobs/{id}/stream`` and
 #: ``/v1/batches/{id}/results`` (#12); a larger one is fetched from ``/v1/jobs/{id}/result``.
 INLINE_RESULT_MAX = 1 << 20
@@ -132,6 +141,13 @@ class SubmitRequest(_Request):
     python_prefix: str | None = None
     #: makes a retried submit exactly-once (docs/api.md, "Idempotent submits")
     idempotency_key: IdempotencyKey | None = None
+    #: dependencies (#14): start only after these jobs of yours have succeeded (or,
+    #: with ``after_any``, ended however); one that fails cancels this job
+    after: After = []
+    after_any: bool = False
+    #: a webhook told when the job ends in one of ``notify_on`` (None: any final state)
+    notify: NotifyUrl | None = None
+    notify_on: list[NotifyState] | None = None
 
 
 class BatchSubmitRequest(_Request):
@@ -167,6 +183,13 @@ class BatchSubmitRequest(_Request):
     idempotency_key: IdempotencyKey | None = None
     #: at most this many of the batch's jobs run at once (Slurm's ``%N``); None: no limit
     max_concurrency: MaxConcurrency | None = None
+    #: dependencies (#14): start only after these jobs of yours have succeeded (or,
+    #: with ``after_any``, ended however); one that fails cancels this job
+    after: After = []
+    after_any: bool = False
+    #: a webhook told when the job ends in one of ``notify_on`` (None: any final state)
+    notify: NotifyUrl | None = None
+    notify_on: list[NotifyState] | None = None
 
 
 class BatchSubmitResponse(msgspec.Struct, kw_only=True):
@@ -217,6 +240,9 @@ class JobInfo(msgspec.Struct, kw_only=True):
     #: priority, timeout, times and place in the queue are shown, and the fields private to
     #: its owner (name, Python, image, limits, errors, results) are left out (#10)
     private: bool = False
+    #: the jobs it starts after (#14), and whether any end of theirs will do
+    after: list[int] = []
+    after_any: bool = False
 
 
 class JobList(msgspec.Struct, kw_only=True):
@@ -251,10 +277,22 @@ class GpuInfo(msgspec.Struct, kw_only=True):
     owner: str | None
 
 
+class CheckpointInfo(msgspec.Struct, kw_only=True):
+    """GPU checkpointing (#13): can a process's GPU state be parked in host memory here?"""
+
+    available: bool
+    kind: str  # "cuda" (the driver's API), "fake" (fake GPUs: nothing moves) or "none"
+    reason: str  # what works, or why not and what to do
+    driver_version: str | None = None  # the display driver's, e.g. "580.159.04"
+    cuda_version: str | None = None  # the CUDA version the driver implements, e.g. "13.0"
+    remap: bool = False  # restore onto another GPU of the same type
+
+
 class GpuList(msgspec.Struct, kw_only=True):
     gpus: list[GpuInfo]
     source: str  # "nvml", "fake" or "none"
     note: str | None = None
+    checkpoint: CheckpointInfo | None = None  # None from daemons older than #13
 
 
 class ImageInfo(msgspec.Struct, kw_only=True):

@@ -72,6 +72,11 @@ JOB_FILE = "job.json"
 RESULT_FILE = "result.pkl"
 STATUS_FILE = "status.json"
 STARTED_FILE = "started"
+#: Where the daemon puts the results of the jobs a job ran after (#14): deps/<id>.pkl
+DEPS_DIR = "deps"
+#: ``gpud.result_of(job)`` pickles as ``slice(RESULT_OF_TAG, job_id, None)`` (see
+#: gpud_client.deps): replaced here, in the job's own process, by that job's value.
+RESULT_OF_TAG = "gpud.result_of"
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -227,6 +232,7 @@ def _run(
         else:
             fn = _load_function(cloudpickle, jobdir / FUNCTION_FILE, fn_cache)
             args, kwargs = _load(cloudpickle, jobdir / ARGS_FILE)
+        args, kwargs = _resolve_results(cloudpickle, jobdir, args, kwargs)
     except Exception as e:
         where = getattr(e, "name", None) if isinstance(e, ImportError) else None
         hint = (
@@ -254,6 +260,52 @@ def _run(
     except BaseException as e:
         return _exception_outcome(cloudpickle, _skip_worker_frame(e), None), EXIT_ERROR
     return {"ok": True, "value": value}, EXIT_OK
+
+
+def _resolve_results(cloudpickle: ModuleType, jobdir: Path, args: Any,
+                     kwargs: Any) -> tuple[Any, Any]:
+    """Replace ``gpud.result_of(job)`` placeholders (in the arguments, and in lists,
+    tuples and dicts inside them, 4 levels deep) by that job's return value (#14)."""
+    values: dict[int, Any] = {}
+
+    def value_of(job_id: int) -> Any:
+        if job_id not in values:
+            path = jobdir / DEPS_DIR / f"{job_id}.pkl"
+            try:
+                outcome = _load(cloudpickle, path)
+            except FileNotFoundError:
+                raise LookupError(
+                    f"gpud.result_of({job_id}): job {job_id} left no result for this job "
+                    f"(name it in after=, and let it succeed)") from None
+            if not outcome.get("ok"):
+                raise RuntimeError(
+                    f"gpud.result_of({job_id}): job {job_id} failed "
+                    f"({outcome.get('type')}: {outcome.get('message')}), so it has no value "
+                    "to pass on")
+            values[job_id] = outcome["value"]
+        return values[job_id]
+
+    def sub(v: Any, depth: int) -> tuple[Any, bool]:
+        t = type(v)
+        if t is slice and v.start == RESULT_OF_TAG and type(v.stop) is int:
+            return value_of(v.stop), True
+        if depth >= 4 or t not in (list, tuple, dict):
+            return v, False
+        if t is dict:
+            pairs = [(k, sub(x, depth + 1)) for k, x in v.items()]
+            if any(c for _, (_, c) in pairs):
+                return {k: x for k, (x, _) in pairs}, True
+            return v, False
+        items = [sub(x, depth + 1) for x in v]
+        if any(c for _, c in items):
+            return t(x for x, _ in items), True
+        return v, False
+
+    new_args, changed = sub(tuple(args), 0)
+    new_kwargs, changed_kw = sub(dict(kwargs), 0)
+    if not changed and not changed_kw:
+        return args, kwargs
+    return new_args, new_kwargs
 
 
 def _load_function(cloudpickle: ModuleType, path: Path, cache: dict[str, Any] | None) -> Any:

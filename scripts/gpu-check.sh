@@ -19,6 +19,11 @@
 # 5. a torch function with gpu="any" returns torch's UUID of cuda:0 and its
 #    CUDA_VISIBLE_DEVICES, and the job saw exactly the GPU it was assigned: the one UUID
 #    in its `gpus` (from `gpud ps --all --json`) equals both, and torch counts 1 device.
+# 2b. (#13, before the daemon starts) scripts/gpu_ckpt_check.py: a child holding
+#    GPU_CKPT_GIB GiB (default 8) is parked and unparked with gpud.cudackpt; NVML shows the
+#    memory freed, its checksum is intact; park/unpark seconds and GB/s against the PCIe
+#    limit are printed (bounded to ~3 minutes); the daemon's log then says "GPU
+#    checkpointing: available".
 #
 # Prints PASS/FAIL lines; exits 0 only when every check passed. The daemon is stopped,
 # its jobs killed and the temporary directory removed on exit, also on Ctrl-C.
@@ -123,6 +128,19 @@ if ! err="$(deps_ok)"; then
 fi
 pass "gpud and its dependencies import with $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
 
+# -- 2b. CUDA checkpoint (#13): park and unpark a process holding GPU memory ---------------
+echo "----- scripts/gpu_ckpt_check.py"
+ckpt_out="$(timeout 200 "$PY" "$REPO/scripts/gpu_ckpt_check.py" --gib "${GPU_CKPT_GIB:-8}" \
+            --timeout 170 2>&1)"
+ckpt_rc=$?
+echo "$ckpt_out"
+passed=$((passed + $(echo "$ckpt_out" | grep -c '^PASS:')))
+failed=$((failed + $(echo "$ckpt_out" | grep -c '^FAIL:')))
+if [ $ckpt_rc -ne 0 ] && ! echo "$ckpt_out" | grep -q '^FAIL:'; then
+  fail "scripts/gpu_ckpt_check.py exited $ckpt_rc without a FAIL line (timed out?)"
+fi
+echo "-----"
+
 # -- 3. the daemon ----------------------------------------------------------------------------
 BASE="$(mktemp -d /tmp/gpud-gpucheck-XXXXXX)"
 chmod 0755 "$BASE"  # a root daemon's jobs run as nobody, who must traverse it
@@ -217,6 +235,11 @@ if [ $started = 0 ]; then
   finish
 fi
 pass "gpud serve started (jobs as $JOB_USER): $(grep -o 'gpud serving on.*' "$BASE/daemon.log")"
+if grep -q "GPU checkpointing: available" "$BASE/daemon.log"; then
+  pass "the daemon found GPU checkpointing: $(grep -o 'GPU checkpointing: .*' "$BASE/daemon.log")"
+else
+  fail "the daemon did not find GPU checkpointing: $(grep -o 'GPU checkpointing: .*' "$BASE/daemon.log")"
+fi
 if grep -q "GPUs: nvml" "$BASE/daemon.log"; then
   pass "the daemon's GPU inventory is NVML"
 else

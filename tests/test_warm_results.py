@@ -92,3 +92,20 @@ def test_a_warm_result_is_not_written_to_files(daemon: DaemonProc, shared_dir: P
         {"x": x, "pad": "r" * 100} for x in (9, 10)]
     assert not (d.data_dir / "jobs" / str(h.id) / "result.pkl").exists()
     assert not (d.data_dir / "jobs" / str(h.id) / "status.json").exists()
+
+
+@app.function()
+def doubled(value: dict[str, object]) -> object:
+    return value["x"] * 2  # type: ignore[operator]
+
+
+def test_result_of_a_warm_job_reaches_the_next_one(daemon: DaemonProc,
+                                                   shared_dir: Path) -> None:
+    """A dependency's result kept in the ledger, not in a result.pkl, is still passed on
+    to a job that takes it with gpud.result_of (#14)."""
+    d = daemon
+    d.start()
+    up = counted_value.with_options(url=d.url).spawn(str(shared_dir / "runs"), 21)
+    down = doubled.with_options(url=d.url).spawn(gpud.result_of(up))
+    assert down.get(timeout=60) == 42
+    assert not (d.data_dir / "jobs" / str(up.id) / "result.pkl").exists()

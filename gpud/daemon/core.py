@@ -13,13 +13,14 @@ import trio
 from gpud.batches import BatchLimits
 from gpud.clock import Clock, SystemClock
 from gpud.config import Config
-from gpud.daemon import jobfiles
+from gpud.daemon import dependencies, jobfiles
 from gpud.daemon.record import (
     Finished,
     JobRecord,
     _advance_in_order,
 )
-from gpud.daemon.results import RecentResults
+from gpud.daemon.results import RecentResults, deps_results
+from gpud.deps import DepIndex
 from gpud.domain import (
     FINAL,
     Gpu,
@@ -36,6 +37,7 @@ from gpud.ledger import LedgerThread, Step
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import finished_gpu_intervals
 from gpud.metrics import HistoryBuffer
+from gpud.notify import Notifier
 from gpud.pending import ActiveJobs
 from gpud.retry import RetryPolicy, after
 from gpud.scheduler import Plan, Waits
@@ -117,6 +119,11 @@ class DaemonCore:
         self.retry_policy = RetryPolicy(config.retry_backoff, config.retry_backoff_max)
         self.usage = DecayedTotals(config.fairshare_half_life, now=self.clock.time())
         self.batches = BatchLimits(ledger)  # max_concurrency of .map batches (#12)
+        #: jobs waiting for dependencies, kept out of the scheduler's queue (#14)
+        self.deps = DepIndex()
+        self.jobs.held = self.deps
+        #: webhooks told of jobs' ends, by a task of their own (#14)
+        self.notifier = Notifier(config)
         #: results just stored with a job's end, for the caller waiting on it (#12)
         self.recent = RecentResults()
 
@@ -179,6 +186,8 @@ class DaemonCore:
         rec.seq, rec.job = seq, job
         if job.state in FINAL:
             del self.jobs[job_id]
+            dependencies.job_ended(self, job)  # its waiters go on or are cancelled (#14)
+            self.notifier.job_ended(job)
         else:
             self.jobs.refile(job_id)  # the queue index follows the job's state (#12)
         ev, rec.changed = rec.changed, None
@@ -216,9 +225,12 @@ class DaemonCore:
 
     async def _prepare_job_dir(self, job: Job, function: bytes, args: bytes,
                                ident: JobIdentity, *, payload_files: bool = True) -> LaunchSpec:
+        # A dependency's small warm result is in the ledger, not in a result.pkl (#12).
+        stored = (await self.ledger.read(deps_results, list(job.deps))) if job.deps else None
         return await trio.to_thread.run_sync(
             lambda: jobfiles.prepare_job_dir(self.config.jobs_dir, job, function, args, ident,
-                                             self.gpus, payload_files=payload_files))
+                                             self.gpus, payload_files=payload_files,
+                                             stored=stored))
 
     async def _collect(self, job: Job, outcome: Outcome) -> Finished:
         return await trio.to_thread.run_sync(jobfiles.collect, self.config.jobs_dir,

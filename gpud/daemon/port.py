@@ -57,6 +57,7 @@ class JobService(Protocol):
     def gpu_history(self) -> HistoryBuffer: ...
 
     # -- submitting ---------------------------------------------------------------------
+    async def check_after(self, owner: str, ids: Sequence[int]) -> str | None: ...
     async def check_submittable(
         self, gpu: GpuRequest | None, python: str, job_timeout: float, image: str | None,
         *, python_path: str | None = None,

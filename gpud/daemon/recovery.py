@@ -8,7 +8,7 @@ import logging
 
 import trio
 
-from gpud.daemon import jobfiles
+from gpud.daemon import dependencies, jobfiles
 from gpud.daemon.record import (
     Finished,
     JobRecord,
@@ -37,8 +37,11 @@ class Recovery(Supervision):
         assert self._nursery is not None
         await trio.to_thread.run_sync(self.executor.cleanup, {j.id for j in jobs},
                                       {j.pid for j in jobs if j.pid})
+        # Jobs waiting for dependencies are held again before they enter (#14).
+        doomed = await dependencies.admit(self, jobs, active={j.id for j in jobs})
         for job in jobs:
             self.jobs[job.id] = JobRecord(job)
+        dependencies.cancel_doomed(self, doomed)
         for job in jobs:
             if job.state is not JobState.QUEUED:
                 await self._recover_job(job)

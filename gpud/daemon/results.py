@@ -30,7 +30,7 @@ from gpud_client.jobdir import RESULT_FILE
 if TYPE_CHECKING:
     from gpud.ledger.thread import LedgerThread
 
-__all__ = ["RecentResults", "read_file", "read_results", "stored_results"]
+__all__ = ["RecentResults", "deps_results", "read_file", "read_results", "stored_results"]
 
 #: What RecentResults holds at most: enough for every result a .map's reader has not yet
 #: fetched at full speed, small against the daemon's memory target.
@@ -74,6 +74,20 @@ def stored_results(ledger: Ledger, wanted: Sequence[tuple[int, int]]) -> dict[in
                 list(part)):
             if part.get(job_id) == attempt:
                 out[job_id] = bytes(data)
+    return out
+
+
+def deps_results(ledger: Ledger, ids: Sequence[int]) -> dict[int, bytes]:
+    """The results stored in the ledger for these jobs' current attempts (gpud.result_of
+    of a warm job, #14)."""
+    out: dict[int, bytes] = {}
+    for i in range(0, len(ids), 500):
+        part = list(ids[i:i + 500])
+        marks = ",".join("?" * len(part))
+        for job_id, data in ledger.conn.execute(
+                f"SELECT r.job_id, r.data FROM results r JOIN jobs j ON j.id = r.job_id "
+                f"AND j.attempt = r.attempt WHERE r.job_id IN ({marks})", part):
+            out[job_id] = bytes(data)
     return out
 
 

@@ -11,6 +11,7 @@ import trio
 
 from gpud import queue_view
 from gpud.crashpoint import crash_point
+from gpud.daemon import dependencies
 from gpud.daemon.gpupoll import GpuPolling
 from gpud.daemon.loop import SchedulingLoop
 from gpud.daemon.record import (
@@ -22,6 +23,7 @@ from gpud.daemon.record import (
 )
 from gpud.daemon.recovery import Recovery
 from gpud.daemon.results import read_results
+from gpud.deps import check_after
 from gpud.domain import (
     FINAL,
     GpuRequest,
@@ -37,6 +39,7 @@ from gpud.images import Build
 from gpud.ledger import Event, IdempotencyKey, NewJob, Replay, Step
 from gpud.ledger import snapshots as snapshot_store
 from gpud.ledger.batches import BatchRow, batch_job_ids, batch_jobs, batch_row, batch_states
+from gpud.ledger.deps import owners_and_states
 from gpud.ledger.snapshots import Snapshot
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import AttemptUsage, UsageBucket, attempts_between, buckets_between
@@ -111,6 +114,11 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         except ExecutorRefusal as e:
             raise SubmitError(str(e)) from None
 
+    async def check_after(self, owner: str, ids: Sequence[int]) -> str | None:
+        """Why a submit may not name these jobs in ``after`` (#14; None: it may)."""
+        found = await self.ledger.call(owners_and_states, ids)
+        return check_after(owner, ids, found)
+
     async def submit(
         self, jobs: Sequence[NewJob], function: bytes, *, batch: bool = False,
         idempotency: IdempotencyKey | None = None, max_concurrency: int | None = None,
@@ -130,8 +138,10 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         if batch_id is not None and max_concurrency is not None:
             self.batches.note(batch_id, max_concurrency)
         # Durable now: only after the COMMIT do they exist for anyone else.
+        doomed = await dependencies.admit(self, made)  # held before they enter (#14)
         for j in made:
             self.jobs.setdefault(j.id, JobRecord(j))
+        dependencies.cancel_doomed(self, doomed)
         self._reschedule()
         return batch_id, made
 
@@ -189,6 +199,9 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                                   limit)
 
     def reason(self, job_id: int) -> tuple[str | None, int | None]:
+        held = self.deps.reason(job_id)
+        if held is not None:
+            return held, None  # not in the scheduler's queue yet: no place in it (#14)
         w = self.wait_of(job_id)
         if w is None:
             return None, None
@@ -215,7 +228,8 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         return [r.job for r in self.jobs.values() if r.job.state is JobState.QUEUED]
 
     def queued_count(self, owner: str) -> int:
-        return self.jobs.pending.queued_by(owner)  # O(1): kept by the queue index (#12)
+        # O(1): kept by the queue index (#12) and the dependency index (#14)
+        return self.jobs.pending.queued_by(owner) + self.deps.held_by(owner)
 
     def fresher(self, jobs: Sequence[Job]) -> list[Job]:
         """Jobs read from the ledger, each replaced by the daemon's own copy where it has
@@ -309,6 +323,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                 nursery.start_soon(self._gpu_loop)
                 nursery.start_soon(self._schedule_loop)
                 nursery.start_soon(retention_loop, self)
+                nursery.start_soon(self.notifier.run)
                 task_status.started()
                 await trio.sleep_forever()
             finally:

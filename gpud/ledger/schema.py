@@ -273,7 +273,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE batches ADD COLUMN max_concurrency INTEGER;
     """,
-    # 12 here; 13 once #13's SUSPENDED migration lands before it (#12): a warm job's small
+    # 14 (#14): dependencies (comma-separated ids, fixed at submit: the ids existed then,
+    # so no cycle can be made) and the webhook told when the job ends.
+    """
+    ALTER TABLE jobs ADD COLUMN deps TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN deps_any INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN notify TEXT;
+    """,
+    # 13 here (after #14's, which is 12 here) (#12): a warm job's small
     # result, stored in the same commit as the job's end instead of a synced file
     # (gpud.daemon.results). One row per job: a later attempt's result replaces it, and
     # readers take it only for the job's current attempt.

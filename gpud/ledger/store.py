@@ -122,6 +122,10 @@ class NewJob:
     keep_warm: float = 0.0
     snapshot: bool = False
     python_env: PythonEnv | None = None
+    deps: tuple[int, ...] = ()  # #14: checked at submit (they exist, they are the owner's)
+    deps_any: bool = False
+    notify: str | None = None
+    notify_on: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +157,7 @@ _JOB_COLUMNS = (
     "id, name, owner, state, priority, gpu, timeout, retries, attempt, not_before, gpus, "
     "batch_id, python, image, env, function_hash, submitted_at, started_at, ended_at, pid, "
     "pid_start, exit_code, error, has_result, memory, cpus, keep_warm, start_kind, startup, "
-    "wall_ds, gpu_ds, snapshot, python_env"
+    "wall_ds, gpu_ds, snapshot, python_env, deps, deps_any, notify"
 )
 
 
@@ -194,7 +198,18 @@ def _row_to_job(r: sqlite3.Row) -> Job:
         gpu_seconds=r["gpu_ds"] / 10,
         python_env=PythonEnv.from_json(json.loads(r["python_env"])) if r["python_env"]
         else None,
+        deps=tuple(int(i) for i in r["deps"].split(",") if i),
+        deps_any=bool(r["deps_any"]),
+        **_notify_fields(r["notify"]),
     )
+
+
+def _notify_fields(raw: str | None) -> dict[str, Any]:
+    """The notify column: JSON {"url": ..., "on": [...]} (#14)."""
+    if not raw:
+        return {}
+    data = json.loads(raw)
+    return {"notify": data["url"], "notify_on": tuple(data["on"])}
 
 
 def _make_private(path: Path) -> None:
@@ -350,8 +365,9 @@ class Ledger:
                 cur = c.execute(
                     "INSERT INTO jobs (name, owner, state, priority, gpu, timeout, retries, "
                     "batch_id, python, image, env, function_hash, args, submitted_at, memory, "
-                    "cpus, keep_warm, snapshot, python_env) "
-                    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "cpus, keep_warm, snapshot, python_env, deps, deps_any, notify) "
+                    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                    "?, ?, ?)",
                     (
                         j.name, j.owner, j.priority,
                         json.dumps(j.gpu.to_spec()) if j.gpu else None,
@@ -359,6 +375,9 @@ class Ledger:
                         json.dumps(j.env, sort_keys=True), j.function_hash, j.args, now,
                         j.memory, j.cpus, j.keep_warm, int(j.snapshot),
                         json.dumps(j.python_env.to_json()) if j.python_env else None,
+                        ",".join(map(str, j.deps)), int(j.deps_any),
+                        json.dumps({"url": j.notify, "on": list(j.notify_on)})
+                        if j.notify else None,
                     ),
                 )
                 assert cur.lastrowid is not None
