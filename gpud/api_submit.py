@@ -140,6 +140,7 @@ async def new_jobs(
                timeout=timeout, gpu=gpu, retries=req.retries, priority=req.priority,
                image=image, env=dict(req.env), memory=memory, cpus=req.cpu,
                keep_warm=keep_warm, snapshot=req.snapshot, python_env=python_env,
-               deps=deps, deps_any=req.after_any, notify=req.notify, notify_on=notify_on)
+               deps=deps, deps_any=req.after_any, notify=req.notify, notify_on=notify_on,
+               preemptible=req.preemptible)
         for a in args
     ]

@@ -29,6 +29,7 @@ from gpud.cli_images import image
 from gpud.cli_options import url_option
 from gpud.cli_run import run  # in its own module: it is the largest command
 from gpud.cli_snapshots import snapshots
+from gpud.cli_suspend import resume, suspend
 from gpud.cli_usage import usage, whoami
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
     """List jobs: queued and running ones (with why they wait), or --all."""
     asked = state
     if state is None and not show_all:
-        state = "queued,starting,running"
+        state = "queued,starting,running,suspended"
     with _client(url) as c:
         page = c.list_jobs(state=state, limit=limit, cursor=before)
     if as_json:
@@ -244,7 +245,7 @@ def result(job_id: int, as_json: bool, url: str | None) -> None:
 
     with _client(url) as c:
         job = c.get_job(job_id)
-        if job.state in ("queued", "starting", "running"):
+        if job.state in ("queued", "starting", "running", "suspended"):
             fail(f"job {job_id} is {job.state}; wait for it (gpud logs {job_id} -f) and retry")
         if not job.has_result:
             fail(f"job {job_id} ended {job.state} without a result: {job.error or job.state}",
@@ -431,6 +432,8 @@ cli.add_command(image)
 cli.add_command(usage)
 cli.add_command(whoami)
 cli.add_command(gc_command)
+cli.add_command(suspend)
+cli.add_command(resume)
 cli.add_command(doctor)
 
 

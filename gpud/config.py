@@ -113,6 +113,9 @@ class Config:
     #: a full scheduling pass over the whole queue at least this often while jobs are
     #: queued (Slurm's sched_interval)
     sched_interval: float = 5.0
+    #: preemption (#13): a queued job that has waited this long may have running jobs of
+    #: a lower priority suspended for it; None (the default) never preempts
+    preempt_after: float | None = None
     log_level: str = "info"
     #: fair share (#5): usage counts half after this long (Slurm's PriorityDecayHalfLife)
     fairshare_half_life: float = 7 * 86400.0
@@ -164,9 +167,10 @@ _DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "retry_backoff",
               "fairshare_half_life", "max_age", "snapshot_restore_timeout",
               "image_build_timeout", "header_timeout", "body_timeout", "retention_job_dirs",
               "retention_jobs", "retention_interval", "sched_interval",
-              "webhook_retry_for", "webhook_backoff"}
+              "webhook_retry_for", "webhook_backoff", "preempt_after"}
 #: Durations that "none" (or "") turns off.
-_OPTIONAL = {"default_timeout", "retention_job_dirs", "retention_jobs", "retention_interval"}
+_OPTIONAL = {"default_timeout", "retention_job_dirs", "retention_jobs", "retention_interval",
+             "preempt_after"}
 #: The shortest retention: a client fetches a job's result and log after it ends.
 MIN_RETENTION = 60.0
 _WEIGHTS = {"fairshare_weight", "age_weight"}
@@ -328,6 +332,8 @@ def load_config(
     if cfg.sched_interval <= 0:
         # 0 would make the scheduler loop spin; a tenth of a second is already eager.
         raise ConfigError("sched_interval must be positive, e.g. \"5s\"")
+    if cfg.preempt_after is not None and cfg.preempt_after < 0:
+        raise ConfigError("preempt_after must be a duration, e.g. \"10m\", or \"none\"")
     _check_retention(cfg)
     return cfg
 

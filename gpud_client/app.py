@@ -67,6 +67,8 @@ class FunctionOptions:
     cpu: float | None = None
     keep_warm: float | None = None  # seconds; None: the daemon's default
     snapshot: bool = False  # restore from a container snapshot (Podman executor)
+    #: may the daemon suspend its jobs for higher-priority ones (preempt_after, #13)
+    preemptible: bool = True
     #: the interpreter jobs run with (process executor): None, this one (the caller's
     #: venv or conda env; $GPUD_JOB_PYTHON overrides); a path; or "daemon", the admin's
     python: str | None = None
@@ -98,6 +100,7 @@ class FunctionOptions:
         after_any: bool = False,
         notify: str | None = None,
         notify_on: str | Sequence[str] | None = None,
+        preemptible: bool = True,
     ) -> FunctionOptions:
         """Check the options where they are written (at decoration), not at submit time.
         The GPU spec's syntax is the daemon's to judge: it answers 422 with the rules."""
@@ -133,6 +136,7 @@ class FunctionOptions:
             image=image, memory=mem, cpu=None if cpu is None else float(cpu), keep_warm=warm,
             snapshot=bool(snapshot), python=_python_option(python),
             after=job_ids(after), after_any=bool(after_any), **notify_options(notify, notify_on),
+            preemptible=bool(preemptible),
         )
 
 
@@ -250,6 +254,7 @@ class App:
         python: str | os.PathLike[str] | None = None,
         notify: str | None = None,
         notify_on: str | Sequence[str] | None = None,
+        preemptible: bool = True,
         name: str | None = None,
     ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
 
@@ -271,6 +276,7 @@ class App:
         python: str | os.PathLike[str] | None = None,
         notify: str | None = None,
         notify_on: str | Sequence[str] | None = None,
+        preemptible: bool = True,
         name: str | None = None,
     ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
         """Decorate a function to run on the daemon: ``@app.function`` or
@@ -279,6 +285,7 @@ class App:
             gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
             memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
             notify=notify, notify_on=notify_on,
+            preemptible=preemptible,
         )
 
         def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -325,6 +332,7 @@ def function(
     python: str | os.PathLike[str] | None = None,
     notify: str | None = None,
     notify_on: str | Sequence[str] | None = None,
+    preemptible: bool = True,
     name: str | None = None,
     url: str | None = None,
 ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
@@ -347,6 +355,7 @@ def function(
     python: str | os.PathLike[str] | None = None,
     notify: str | None = None,
     notify_on: str | Sequence[str] | None = None,
+    preemptible: bool = True,
     name: str | None = None,
     url: str | None = None,
 ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
@@ -355,6 +364,7 @@ def function(
         gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
         memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
         notify=notify, notify_on=notify_on,
+        preemptible=preemptible,
     )
 
     def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -471,6 +481,7 @@ class Function(Generic[P, R]):
             "after_any": o.after_any,
             "notify": o.notify,
             "notify_on": list(o.notify_on) if o.notify_on is not None else None,
+            "preemptible": o.preemptible,
         }
 
     def submit_request(self, args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -132,6 +132,9 @@ class SubmitRequest(_Request):
     #: start from a container snapshot taken after the function's setup (Podman
     #: executor; elsewhere it runs as without)
     snapshot: bool = False
+    #: may the daemon suspend it for a higher-priority job (its preempt_after, #13); a
+    #: suspended job continues where it stopped, so only time is lost
+    preemptible: bool = True
     #: the interpreter to run the job with (process executor, #11): the caller's own
     #: ``sys.executable`` (as the venv sees it, not resolved), another absolute path, or
     #: "daemon" for the admin's configured interpreter; None (older clients): "daemon"
@@ -172,6 +175,9 @@ class BatchSubmitRequest(_Request):
     #: start from a container snapshot taken after the function's setup (Podman
     #: executor; elsewhere it runs as without)
     snapshot: bool = False
+    #: may the daemon suspend it for a higher-priority job (its preempt_after, #13); a
+    #: suspended job continues where it stopped, so only time is lost
+    preemptible: bool = True
     #: the interpreter to run the job with (process executor, #11): the caller's own
     #: ``sys.executable`` (as the venv sees it, not resolved), another absolute path, or
     #: "daemon" for the admin's configured interpreter; None (older clients): "daemon"
@@ -236,6 +242,11 @@ class JobInfo(msgspec.Struct, kw_only=True):
     #: with the Podman executor (the image's python runs)
     python_path: str | None = None
     python_prefix: str | None = None
+    #: may the scheduler suspend it for a higher-priority job (#13)
+    preemptible: bool = True
+    #: seconds its current attempt has spent suspended (its timeout moves by them; no GPU
+    #: time is charged for them); for a suspended job, ``reason`` says why it is
+    suspended_seconds: float = 0.0
     #: True for another user's job in ``/v1/queue``: its id, owner, state, GPU request,
     #: priority, timeout, times and place in the queue are shown, and the fields private to
     #: its owner (name, Python, image, limits, errors, results) are left out (#10)
@@ -541,6 +552,7 @@ class BatchCounts(msgspec.Struct, kw_only=True):
     queued: int = 0
     starting: int = 0
     running: int = 0
+    suspended: int = 0  # #13
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0

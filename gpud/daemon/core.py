@@ -203,10 +203,13 @@ class DaemonCore:
         ``result``: the result a warm worker sent inline, stored with the end (#12)."""
         now = self.clock.time()
         current = await self.get(job.id)
-        if current.gpus and current.state is JobState.RUNNING and current.started_at:
+        if current.gpus and current.state in (JobState.RUNNING, JobState.SUSPENDED) \
+                and current.started_at:
             # Fair share counts from when the process started, within milliseconds of when
-            # the GPUs were handed out (the ledger's accounting has the exact figure).
-            self.usage.add(current.owner, current.started_at, now, len(current.gpus), now=now)
+            # the GPUs were handed out (the ledger's accounting has the exact figure),
+            # less its suspended time (#13).
+            self.usage.add(current.owner, _charged_from(current, now), now,
+                           len(current.gpus), now=now)
         fields: dict[str, object] = {}
         rec = self.jobs.get(job.id)
         dispatched = rec.dispatched_at if rec is not None else None
@@ -280,6 +283,14 @@ class DaemonCore:
         for j in running:
             if j.gpus and j.state is JobState.RUNNING and j.started_at is not None:
                 usage[j.owner] = usage.get(j.owner, 0.0) + interval_usage(
-                    j.started_at, now, len(j.gpus), now=now,
+                    _charged_from(j, now), now, len(j.gpus), now=now,
                     half_life=self.config.fairshare_half_life)
         return usage
+
+
+def _charged_from(job: Job, now: float) -> float:
+    """Where a job's charged GPU time starts: its start, moved by its suspended time so far
+    (#13), as if it had been suspended before it ran (decay places it a little early)."""
+    assert job.started_at is not None
+    suspended = job.suspended_s + (now - job.suspended_at if job.suspended_at else 0.0)
+    return min(now, job.started_at + suspended)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from gpud.daemon.depfiles import link_results
@@ -80,6 +80,15 @@ def collect(jobs_dir: Path, data_dir: Path, job: Job, outcome: Outcome) -> Finis
     return judge(data_dir, status, has_result, outcome)
 
 
+def reap_and_collect(reap: Callable[[], None], jobs_dir: Path, data_dir: Path, job: Job,
+                     outcome: Outcome) -> tuple[Finished, float | None]:
+    """After a cold job's process ended: kill what it left (``reap``), read its outcome
+    and when the user's code began. One trip to a worker thread where there were three,
+    on the way from the process's exit to the caller's answer (#12)."""
+    reap()
+    return collect(jobs_dir, data_dir, job, outcome), user_start(jobs_dir, job.id)
+
+
 def judge(data_dir: Path, status: WorkerStatus | None, has_result: bool,
           outcome: Outcome) -> Finished:
     """How an attempt ended, from the worker's status (read from status.json, or sent
@@ -95,6 +104,11 @@ def judge(data_dir: Path, status: WorkerStatus | None, has_result: bool,
         hint = " (out of memory?)" if outcome.signal == 9 else ""
         why = f"the job's process was killed by signal {outcome.signal}{hint} before it " \
               "wrote a result"
+    elif code in (126, 127):
+        # setpriv (a root daemon's user switch, #12) could not exec the interpreter: its
+        # message is the first line of the job's log.
+        why = f"the job's interpreter could not be started (exit code {code}); its log " \
+              "says why"
     elif code is not None:
         why = f"the job's process exited with code {code} without writing a result"
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import trio
 
@@ -33,8 +34,7 @@ from gpud.domain import (
     PythonEnv,
     Wait,
 )
-from gpud.executors.base import ExecutorRefusal
-from gpud.executors.process import ProcessExecutor
+from gpud.executors.base import ExecutorRefusal, InterpreterCapable
 from gpud.images import Build
 from gpud.ledger import Event, IdempotencyKey, NewJob, Replay, Step
 from gpud.ledger import snapshots as snapshot_store
@@ -78,8 +78,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
             ) from None
         mine = worker.rsplit(".", 1)[0]
         theirs = python.rsplit(".", 1)[0] if python.count(".") >= 2 else python
-        own = python_path not in (None, "daemon") and isinstance(self.executor,
-                                                                 ProcessExecutor)
+        own = python_path not in (None, "daemon") and self.caps.job_python
         if theirs != mine and not own:
             where = f"image {resolved} has" if resolved else "this daemon's workers run"
             fix = (f"use an image with Python {theirs}" if resolved else
@@ -102,14 +101,15 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                              python_prefix: str | None) -> PythonEnv | None:
         """The interpreter a job of ``owner`` runs with (process executor, #11), checked
         as the user it runs as; None where the executor picks it (a container's)."""
-        if not isinstance(self.executor, ProcessExecutor):
+        if not self.caps.job_python:
             return None
+        executor = cast(InterpreterCapable, self.executor)
         try:
             ident = run_as(owner, self.identity)
         except NoUnixAccount as e:
             raise SubmitError(str(e)) from None
         try:
-            return await self.executor.resolve_python(
+            return await executor.resolve_python(
                 python_path, version=python, prefix=python_prefix, ident=ident, owner=owner)
         except ExecutorRefusal as e:
             raise SubmitError(str(e)) from None
@@ -301,7 +301,8 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                            submitted_at=0.0, owner=w.key[3], gpus=w.gpus)
                 held.update((u, last) for u in w.gpus)
         held.update((u, r.job) for r in self.jobs.values()
-                    if r.job.state is not JobState.QUEUED for u in r.job.gpus)
+                    if r.job.state not in (JobState.QUEUED, JobState.SUSPENDED)
+                    for u in r.job.gpus)
         return held
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

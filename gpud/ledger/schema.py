@@ -273,14 +273,25 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE batches ADD COLUMN max_concurrency INTEGER;
     """,
-    # 14 (#14): dependencies (comma-separated ids, fixed at submit: the ids existed then,
+    # 12 (#13): suspend, resume and preemption. The event log has every suspend and resume
+    # with its reason; these columns are what the daemon needs without reading it back.
+    """
+    ALTER TABLE jobs ADD COLUMN preemptible INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN suspended_at REAL;      -- the current suspension's start
+    ALTER TABLE jobs ADD COLUMN suspend_reason TEXT;    -- "suspended by alice", ...
+    ALTER TABLE jobs ADD COLUMN suspended_for INTEGER;  -- the job it was preempted for
+    ALTER TABLE jobs ADD COLUMN suspended_s REAL NOT NULL DEFAULT 0; -- this attempt's, ended
+    -- Tenths of a second a GPU holding spent suspended: not charged (ds leaves them out).
+    ALTER TABLE gpu_usage ADD COLUMN suspended_ds INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 13 (#14): dependencies (comma-separated ids, fixed at submit: the ids existed then,
     # so no cycle can be made) and the webhook told when the job ends.
     """
     ALTER TABLE jobs ADD COLUMN deps TEXT NOT NULL DEFAULT '';
     ALTER TABLE jobs ADD COLUMN deps_any INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN notify TEXT;
     """,
-    # 13 here (after #14's, which is 12 here) (#12): a warm job's small
+    # 14 (#12): a warm job's small
     # result, stored in the same commit as the job's end instead of a synced file
     # (gpud.daemon.results). One row per job: a later attempt's result replaces it, and
     # readers take it only for the job's current attempt.

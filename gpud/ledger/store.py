@@ -38,6 +38,7 @@ from gpud.domain import (
     transition,
 )
 from gpud.ledger.schema import migrate
+from gpud.ledger.suspension import SUSPENSION_COLUMNS, on_step
 from gpud.ledger.usage import close_attempt, open_attempt
 
 __all__ = [
@@ -126,6 +127,7 @@ class NewJob:
     deps_any: bool = False
     notify: str | None = None
     notify_on: tuple[str, ...] = ()
+    preemptible: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,12 +154,14 @@ _SETTABLE = frozenset({
     "gpus", "not_before", "started_at", "ended_at", "pid", "pid_start",
     "exit_code", "error", "has_result", "start_kind", "startup",
     "gpu_types",  # not a column: the types of "gpus", for the accounting rows (#5)
+    *SUSPENSION_COLUMNS,
 })
 _JOB_COLUMNS = (
     "id, name, owner, state, priority, gpu, timeout, retries, attempt, not_before, gpus, "
     "batch_id, python, image, env, function_hash, submitted_at, started_at, ended_at, pid, "
     "pid_start, exit_code, error, has_result, memory, cpus, keep_warm, start_kind, startup, "
-    "wall_ds, gpu_ds, snapshot, python_env, deps, deps_any, notify"
+    "wall_ds, gpu_ds, snapshot, python_env, deps, deps_any, notify, preemptible, "
+    "suspended_at, suspend_reason, suspended_for, suspended_s"
 )
 
 
@@ -201,6 +205,11 @@ def _row_to_job(r: sqlite3.Row) -> Job:
         deps=tuple(int(i) for i in r["deps"].split(",") if i),
         deps_any=bool(r["deps_any"]),
         **_notify_fields(r["notify"]),
+        preemptible=bool(r["preemptible"]),
+        suspended_at=r["suspended_at"],
+        suspend_reason=r["suspend_reason"],
+        suspended_for=r["suspended_for"],
+        suspended_s=r["suspended_s"],
     )
 
 
@@ -365,9 +374,10 @@ class Ledger:
                 cur = c.execute(
                     "INSERT INTO jobs (name, owner, state, priority, gpu, timeout, retries, "
                     "batch_id, python, image, env, function_hash, args, submitted_at, memory, "
-                    "cpus, keep_warm, snapshot, python_env, deps, deps_any, notify) "
+                    "cpus, keep_warm, snapshot, python_env, deps, deps_any, notify, "
+                    "preemptible) "
                     "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                    "?, ?, ?)",
+                    "?, ?, ?, ?)",
                     (
                         j.name, j.owner, j.priority,
                         json.dumps(j.gpu.to_spec()) if j.gpu else None,
@@ -378,6 +388,7 @@ class Ledger:
                         ",".join(map(str, j.deps)), int(j.deps_any),
                         json.dumps({"url": j.notify, "on": list(j.notify_on)})
                         if j.notify else None,
+                        int(j.preemptible),
                     ),
                 )
                 assert cur.lastrowid is not None
@@ -472,6 +483,7 @@ class Ledger:
                 uuids = tuple(cols.get("gpus", ()))
                 if "gpus" in cols:
                     cols["gpus"] = ",".join(cols["gpus"])
+                on_step(c, job_id, attempt, state, new, now, cols)  # suspensions (#13)
                 if new is JobState.STARTING:
                     attempt += 1
                     cols["attempt"] = attempt
@@ -580,7 +592,7 @@ class Ledger:
     def active(self) -> list[Job]:
         rows = self.conn.execute(
             f"SELECT {_JOB_COLUMNS} FROM jobs "
-            "WHERE state IN ('queued', 'starting', 'running') ORDER BY id"
+            "WHERE state IN ('queued', 'starting', 'running', 'suspended') ORDER BY id"
         )
         return [_row_to_job(r) for r in rows]
 
