@@ -572,14 +572,14 @@ def serve(hub: str, token: str) -> int:
     fn_cache: dict[str, Any] = {}
     #: results sent inline that the daemon has not yet said it stored: job id ->
     #: (job directory, result pickle, status.json's bytes)
-    unacked: dict[Any, tuple[Path, bytes, bytes]] = {}
+    unacked: dict[Any, tuple[str, bytes, bytes]] = {}
     try:
         return _serve_loop(hub, sock, reader, devnull, fn_cache, unacked)
     finally:
         _write_unacked(unacked)
 
 
-def _write_unacked(unacked: dict[Any, tuple[Path, bytes, bytes]]) -> None:
+def _write_unacked(unacked: dict[Any, tuple[str, bytes, bytes]]) -> None:
     """The daemon went away before storing these results: write them where the next
     daemon's recovery looks (result.pkl, status.json), synced, as a cold job would."""
     for jobdir, data, status in unacked.values():
@@ -591,7 +591,7 @@ def _write_unacked(unacked: dict[Any, tuple[Path, bytes, bytes]]) -> None:
 
 
 def _serve_loop(hub: str, sock: Any, reader: Any, devnull: int, fn_cache: dict[str, Any],
-                unacked: dict[Any, tuple[Path, bytes, bytes]]) -> int:
+                unacked: dict[Any, tuple[str, bytes, bytes]]) -> int:
     start_dir = os.getcwd()
     while True:
         try:
