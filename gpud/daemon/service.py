@@ -210,7 +210,8 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
     def wait_of(self, job_id: int) -> Wait | None:
         """Why a queued job waits and its position, as of the last scheduling round:
         read on its own, without working out the rest of the queue's (#12)."""
-        return queue_view.wait_of(self.waits, self.jobs.pending, job_id)
+        return (queue_view.wait_of(self.waits, self.jobs.pending, job_id)
+                or self.batches.wait_of(job_id, len(self.jobs.pending)))
 
     def queue_page(self, offset: int, limit: int) -> tuple[list[tuple[Job, Wait | None]], int]:
         """A page of the queue in scheduling order, each job with its wait, and how many
