@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from gpud.daemon.depfiles import link_results
@@ -36,7 +36,8 @@ log = logging.getLogger("gpud")
 
 def prepare_job_dir(jobs_dir: Path, job: Job, function: bytes, args: bytes,
                     ident: JobIdentity, gpus: Sequence[Gpu], *,
-                    payload_files: bool = True) -> LaunchSpec:
+                    payload_files: bool = True,
+                    stored: Mapping[int, bytes] | None = None) -> LaunchSpec:
     """Lay out jobs/<id>/ for this attempt: payload in, log and result out. The
     directory and its files belong to the user the job runs as, mode 0700/0600.
     Without ``payload_files`` (a warm worker gets the payload over the hub, #12) the
@@ -51,7 +52,7 @@ def prepare_job_dir(jobs_dir: Path, job: Job, function: bytes, args: bytes,
                           function=function, args=args, attempt=job.attempt)
         for name, data in files.items():
             write_new(d / name, data, owner)
-    link_results(jobs_dir, d, job.deps, owner)  # for gpud.result_of (#14)
+    link_results(jobs_dir, d, job.deps, owner, stored)  # for gpud.result_of (#14)
     log_path = d / "output.log"
     fd = open_append(log_path, owner)
     try:

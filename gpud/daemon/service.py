@@ -23,6 +23,7 @@ from gpud.daemon.record import (
     _get_many,
 )
 from gpud.daemon.recovery import Recovery
+from gpud.daemon.results import read_results
 from gpud.deps import check_after
 from gpud.domain import (
     FINAL,
@@ -127,16 +128,17 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         key's first submit made instead (nothing new is queued). Raises KeyReused."""
         now = self.clock.time()
         try:
-            batch_id, ids = await self.ledger.call(Ledger.submit, jobs, function, now,
-                                                   batch=batch, idempotency=idempotency,
-                                                   max_concurrency=max_concurrency)
+            # The jobs are read back in the same trip, inside the submit's transaction
+            # (#12); the answer still comes only after its synced COMMIT.
+            batch_id, made = await self.ledger.call(_submit_and_get, jobs, function, now,
+                                                    batch=batch, idempotency=idempotency,
+                                                    max_concurrency=max_concurrency)
         except Replay as r:
             return r.batch_id, await self.ledger.call(_get_many, r.ids)
         crash_point("after_submit")
         if batch_id is not None and max_concurrency is not None:
             self.batches.note(batch_id, max_concurrency)
         # Durable now: only after the COMMIT do they exist for anyone else.
-        made = await self.ledger.call(_get_many, ids)
         doomed = await dependencies.admit(self, made)  # held before they enter (#14)
         for j in made:
             self.jobs.setdefault(j.id, JobRecord(j))
@@ -189,6 +191,13 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
 
     def result_path(self, job_id: int) -> Path:
         return self.config.jobs_dir / str(job_id) / RESULT_FILE
+
+    async def read_results(self, jobs: Sequence[Job], limit: int | None
+                           ) -> list[tuple[bytes | None, int]]:
+        """Each job's (result, if at most ``limit`` bytes; its size): from memory, the
+        ledger (a warm job's small result, #12) or the job's result.pkl."""
+        return await read_results(self.ledger, self.recent, self.config.jobs_dir, jobs,
+                                  limit)
 
     def reason(self, job_id: int) -> tuple[str | None, int | None]:
         held = self.deps.reason(job_id)
@@ -347,6 +356,12 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                 if self.kill_jobs_on_exit:
                     for h in self.handles():
                         self.executor.reap(h)
+
+
+def _submit_and_get(ledger: Ledger, jobs: Sequence[NewJob], function: bytes, now: float,
+                    **kw: object) -> tuple[int | None, list[Job]]:
+    batch_id, ids = ledger.submit(jobs, function, now, **kw)  # type: ignore[arg-type]
+    return batch_id, _get_many(ledger, ids)
 
 
 def _events_page(ledger: Ledger, after: int, limit: int, job_id: int | None,
