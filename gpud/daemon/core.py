@@ -19,8 +19,8 @@ from gpud.daemon.record import (
     JobRecord,
     _advance_in_order,
 )
-from gpud.daemon.stats import JobStats
 from gpud.daemon.results import RecentResults, deps_results
+from gpud.daemon.stats import JobStats
 from gpud.deps import DepIndex
 from gpud.domain import (
     FINAL,
