@@ -10,6 +10,7 @@ import sqlite3
 
 import trio
 
+from gpud.crashpoint import crash_point
 from gpud.daemon import jobfiles
 from gpud.daemon.supervise import Supervision
 from gpud.domain import (
@@ -121,8 +122,15 @@ class SchedulingLoop(Supervision):
             return  # cancelled while this round was deciding
         types = {g.uuid: g.type for g in self.gpus}
         fields = {"gpus": d.gpus, "gpu_types": tuple(types.get(u, "unknown") for u in d.gpus)}
+        steps = [Step(JobState.STARTING, fields=fields)]
+        w = rec.assigned
+        if w is not None and w.handle is not None and w.stream is not None:
+            # Matched to an idle warm worker, whose pid is known: STARTING and RUNNING in
+            # one commit (#12), recorded before the task is sent (gpud.daemon.supervise).
+            crash_point("warm_worker_ready")
+            steps.append(self._running_step(w, "warm", ""))
         try:
-            job = await self._advance(d.job_id, Step(JobState.STARTING, fields=fields),
+            job = await self._advance(d.job_id, *steps,
                                       expect=JobState.QUEUED, retry=False, synced=False)
         except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)
@@ -139,5 +147,7 @@ class SchedulingLoop(Supervision):
             self._release_warm(rec)
             return
         assert self._nursery is not None
+        if job.state is JobState.RUNNING and w is not None:
+            rec.handle = w.handle
         rec.dispatched_at = self.clock.time()
         self._nursery.start_soon(self._supervise, job, None)

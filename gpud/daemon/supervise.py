@@ -134,9 +134,13 @@ class Supervision(Suspending):
         try:
             # As for a cold job: its submitter's Unix user on a root daemon; the warm
             # worker is launched with this spec, so it runs as them too.
-            ident = run_as(job.owner, self.identity)
+            # A matched worker runs as the user it was started for (same owner, by its
+            # key): no account lookup per call (#12).
+            ident = w.ident if w is not None and isinstance(w.ident, JobIdentity) \
+                else run_as(job.owner, self.identity)
             if w is not None:
-                crash_point("warm_worker_ready")
+                if job.state is not JobState.RUNNING:
+                    crash_point("warm_worker_ready")  # else it was hit before the commit
                 spec, running, (function, args) = await self._lay_out_while_running(
                     job, ident, w)
             else:
@@ -152,6 +156,7 @@ class Supervision(Suspending):
                     if job.snapshot:
                         note = f"snapshots need the Podman executor, not {self.executor.name}"
                     w = await self._new_warm_worker(job, spec)
+                w.ident = ident
         except Exception as e:  # noqa: BLE001 - any start-up failure is the job's failure
             _log_start_failure(job.id, e)
             if w is not None and kind == "warm":  # a matched worker stays for the next job
@@ -236,6 +241,9 @@ class Supervision(Suspending):
         errors: list[Exception] = []
 
         async def record() -> None:
+            if job.state is JobState.RUNNING:
+                recorded.append(job)  # committed with STARTING (gpud.daemon.loop)
+                return
             try:
                 recorded.append(await self._advance(job.id, step, synced=False))
             except Exception as e:  # noqa: BLE001 - raised below, outside the nursery
