@@ -122,16 +122,17 @@ class SchedulingLoop(Supervision):
             return  # cancelled while this round was deciding
         types = {g.uuid: g.type for g in self.gpus}
         fields = {"gpus": d.gpus, "gpu_types": tuple(types.get(u, "unknown") for u in d.gpus)}
-        steps = [Step(JobState.STARTING, fields=fields)]
+        step = Step(JobState.STARTING, fields=fields)
         w = rec.assigned
-        if w is not None and w.handle is not None and w.stream is not None:
-            # Matched to an idle warm worker, whose pid is known: STARTING and RUNNING in
-            # one commit (#12), recorded before the task is sent (gpud.daemon.supervise).
-            crash_point("warm_worker_ready")
-            steps.append(self._running_step(w, "warm", ""))
         try:
-            job = await self._advance(d.job_id, *steps,
-                                      expect=JobState.QUEUED, retry=False, synced=False)
+            if w is not None and w.handle is not None and w.stream is not None:
+                # Matched to an idle warm worker, whose pid is known: STARTING and RUNNING
+                # in one commit, its directory and payload made ready meanwhile (#12).
+                crash_point("warm_worker_ready")
+                job = await self._start_warm(rec, w, step, d.gpus)
+            else:
+                job = await self._advance(d.job_id, step,
+                                          expect=JobState.QUEUED, retry=False, synced=False)
         except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)
             self._release_warm(rec)
