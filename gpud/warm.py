@@ -109,6 +109,9 @@ class WarmWorker:
     prepare_error: str | None = None
     #: it hung up for its checkpoint and will call again: that is not its end
     rejoining: bool = False
+    #: the identity (gpud.executors.process.JobIdentity) it runs as: its key's owner's,
+    #: looked up once when it was started
+    ident: object | None = None
     #: one sender at a time on the stream: a task and an ack can be sent side by side
     sending: trio.Lock = field(default_factory=trio.Lock)
     _done: trio.MemorySendChannel[Done] | None = None

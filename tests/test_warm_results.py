@@ -109,3 +109,34 @@ def test_result_of_a_warm_job_reaches_the_next_one(daemon: DaemonProc,
     down = doubled.with_options(url=d.url).spawn(gpud.result_of(up))
     assert down.get(timeout=60) == 42
     assert not (d.data_dir / "jobs" / str(up.id) / "result.pkl").exists()
+
+
+@app.function(keep_warm=30, retries=1)
+def fails_first(path: str) -> int:
+    """Fails the first time it runs (a line in ``path`` per run), then returns its pid."""
+    import os
+
+    with open(path, "a") as fh:
+        fh.write("run\n")
+    with open(path) as fh:
+        if len(fh.readlines()) == 1:
+            raise RuntimeError("first run fails")
+    return os.getpid()
+
+
+def test_a_retry_handed_to_the_idle_warm_worker_is_its_next_attempt(
+        daemon: DaemonProc, shared_dir: Path) -> None:
+    """The retry of a warm call goes to the worker that ran attempt 1, its directory laid
+    out while its start commits (#12): it runs as attempt 2, and says so in its log."""
+    d = daemon
+    d.start()
+    count = shared_dir / "runs"
+    h = fails_first.with_options(url=d.url).spawn(str(count))
+    pid = h.get(timeout=60)
+    info = h.status()
+    assert info.state == "succeeded" and info.attempt == 2, info
+    assert info.start_kind == "warm", info
+    assert count.read_text() == "run\nrun\n"
+    assert isinstance(pid, int)
+    log = (d.data_dir / "jobs" / str(h.id) / "output.log").read_text()
+    assert "attempt 2 of 2" in log, log

@@ -10,6 +10,7 @@ import sqlite3
 
 import trio
 
+from gpud.crashpoint import crash_point
 from gpud.daemon import jobfiles
 from gpud.daemon.supervise import Supervision
 from gpud.domain import (
@@ -121,9 +122,17 @@ class SchedulingLoop(Supervision):
             return  # cancelled while this round was deciding
         types = {g.uuid: g.type for g in self.gpus}
         fields = {"gpus": d.gpus, "gpu_types": tuple(types.get(u, "unknown") for u in d.gpus)}
+        step = Step(JobState.STARTING, fields=fields)
+        w = rec.assigned
         try:
-            job = await self._advance(d.job_id, Step(JobState.STARTING, fields=fields),
-                                      expect=JobState.QUEUED, retry=False, synced=False)
+            if w is not None and w.handle is not None and w.stream is not None:
+                # Matched to an idle warm worker, whose pid is known: STARTING and RUNNING
+                # in one commit, its directory and payload made ready meanwhile (#12).
+                crash_point("warm_worker_ready")
+                job = await self._start_warm(rec, w, step, d.gpus)
+            else:
+                job = await self._advance(d.job_id, step,
+                                          expect=JobState.QUEUED, retry=False, synced=False)
         except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)
             self._release_warm(rec)
@@ -139,5 +148,7 @@ class SchedulingLoop(Supervision):
             self._release_warm(rec)
             return
         assert self._nursery is not None
+        if job.state is JobState.RUNNING and w is not None:
+            rec.handle = w.handle
         rec.dispatched_at = self.clock.time()
         self._nursery.start_soon(self._supervise, job, None)

@@ -58,6 +58,10 @@ class JobRecord:
     assigned: WarmWorker | None = None
     #: when it was handed to be started (for the startup figure)
     dispatched_at: float | None = None
+    #: a job started in a matched warm worker: its directory and payload, got ready while
+    #: its start was committed (gpud.daemon.supervise._start_warm), or why they could not
+    #: be; taken by its supervisor
+    staged: object | None = None
 
 def _fmt_seconds(s: float) -> str:
     if s >= 3600 and s % 3600 == 0:

@@ -148,10 +148,14 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
 
     async def replay(self, key: IdempotencyKey) -> tuple[int | None, list[Job]] | None:
         """The jobs an earlier submit with this key made, or None if it is new."""
+        # A read, on the read connection: not behind the writer's group of commits and
+        # its fsync (#12). A key committed before this read began is seen; one committed
+        # meanwhile (two submits with one key at once) is caught by the submit itself,
+        # which checks the key again under the write lock.
         try:
-            await self.ledger.call(Ledger.replay, key, self.clock.time())
+            await self.ledger.read(Ledger.replay, key, self.clock.time())
         except Replay as r:
-            return r.batch_id, await self.ledger.call(_get_many, r.ids)
+            return r.batch_id, await self.ledger.read(_get_many, r.ids)
         return None
 
     async def cancel(self, job_id: int) -> Job:

@@ -14,6 +14,7 @@ from gpud.crashpoint import crash_point
 from gpud.daemon import jobfiles
 from gpud.daemon.record import (
     Finished,
+    JobRecord,
     _fmt_seconds,
     _served,
     _task_env,
@@ -66,6 +67,7 @@ class Supervision(Suspending):
                 self._release_warm(rec)  # matched to a warm worker but never ran in it
             if rec.scope is scope:
                 rec.scope, rec.handle, rec.stop_reason = None, None, None
+                rec.staged = None
 
     async def _run_job(self, job: Job, handle: Handle | None, scope: trio.CancelScope) -> None:
         job_id = job.id
@@ -134,8 +136,18 @@ class Supervision(Suspending):
         try:
             # As for a cold job: its submitter's Unix user on a root daemon; the warm
             # worker is launched with this spec, so it runs as them too.
-            ident = run_as(job.owner, self.identity)
-            if w is not None:
+            # A matched worker runs as the user it was started for (same owner, by its
+            # key): no account lookup per call (#12).
+            ident = w.ident if w is not None and isinstance(w.ident, JobIdentity) \
+                else run_as(job.owner, self.identity)
+            staged, rec.staged = rec.staged, None
+            if isinstance(staged, Exception):
+                raise staged
+            if w is not None and isinstance(staged, tuple):
+                # Got ready while its start was committed (_start_warm).
+                spec, (function, args) = staged
+                running = job
+            elif w is not None:
                 crash_point("warm_worker_ready")
                 spec, running, (function, args) = await self._lay_out_while_running(
                     job, ident, w)
@@ -152,6 +164,7 @@ class Supervision(Suspending):
                     if job.snapshot:
                         note = f"snapshots need the Podman executor, not {self.executor.name}"
                     w = await self._new_warm_worker(job, spec)
+                w.ident = ident
         except Exception as e:  # noqa: BLE001 - any start-up failure is the job's failure
             _log_start_failure(job.id, e)
             if w is not None and kind == "warm":  # a matched worker stays for the next job
@@ -220,6 +233,54 @@ class Supervision(Suspending):
         return Step(JobState.RUNNING, why, fields={
             "pid": w.handle.pid, "pid_start": w.handle.pid_start,
             "started_at": self.clock.time(), "start_kind": kind})
+
+    async def _start_warm(self, rec: JobRecord, w: WarmWorker, starting: Step,
+                          gpus: tuple[str, ...]) -> Job:
+        """Start a queued job in the idle warm worker matched to it: STARTING and RUNNING
+        in one commit (``expect`` QUEUED: its errors are the caller's, as for any start),
+        while its directory is laid out (a worker thread) and its payload read (the
+        ledger's read connection), side by side (#12). Those two's result, or their error
+        (the job's failure to start, told by its supervisor), is left in ``rec.staged``.
+        The task is sent only after the commit, so the ledger has the change before it is
+        acted on; a crash in between leaves a RUNNING job that never reached the worker,
+        recovered as any running job whose daemon died."""
+        # As the STARTING step will make it: its GPUs, and its next attempt.
+        job = dataclasses.replace(rec.job, gpus=gpus, attempt=rec.job.attempt + 1)
+        payload: list[tuple[bytes, bytes]] = []
+        spec: list[LaunchSpec] = []
+        errors: list[Exception] = []
+
+        async def read_payload() -> None:
+            try:
+                payload.append(await self.ledger.read(Ledger.payload, job.id))
+            except Exception as e:  # noqa: BLE001 - told by the supervisor
+                errors.append(e)
+
+        async def lay_out() -> None:
+            try:
+                ident = w.ident if isinstance(w.ident, JobIdentity) \
+                    else run_as(job.owner, self.identity)
+                # The payload goes over the hub: no payload files to write.
+                spec.append(await self._prepare_job_dir(job, b"", b"", ident,
+                                                        payload_files=False))
+            except Exception as e:  # noqa: BLE001 - told by the supervisor
+                errors.append(e)
+
+        started: list[Job] = []
+        failed: list[Exception] = []
+        async with trio.open_nursery() as n:
+            n.start_soon(read_payload)
+            n.start_soon(lay_out)
+            try:
+                started.append(await self._advance(
+                    job.id, starting, self._running_step(w, "warm", ""),
+                    expect=JobState.QUEUED, retry=False, synced=False))
+            except Exception as e:  # noqa: BLE001 - raised below, outside the nursery
+                failed.append(e)
+        if failed:
+            raise failed[0]
+        rec.staged = errors[0] if errors else (spec[0], payload[0])
+        return started[0]
 
     async def _lay_out_while_running(self, job: Job, ident: JobIdentity, w: WarmWorker
                                      ) -> tuple[LaunchSpec, Job, tuple[bytes, bytes]]:
