@@ -29,6 +29,7 @@ from gpud.cli_images import image
 from gpud.cli_options import url_option
 from gpud.cli_run import run  # in its own module: it is the largest command
 from gpud.cli_snapshots import snapshots
+from gpud.cli_state import state
 from gpud.cli_usage import usage, whoami
 
 if TYPE_CHECKING:
@@ -426,6 +427,7 @@ def version(as_json: bool, url: str | None) -> None:
 
 cli.add_command(admin)
 cli.add_command(snapshots)
+cli.add_command(state)
 cli.add_command(image)
 cli.add_command(usage)
 cli.add_command(whoami)

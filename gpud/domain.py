@@ -277,6 +277,10 @@ class Job:
     gpu_seconds: float = 0.0
     #: the interpreter it runs with (process executor); None: the executor's default
     python_env: PythonEnv | None = None
+    #: #14: send ``signal`` (None: SIGUSR1) this many seconds before the timeout
+    signal_before: float | None = None
+    signal: str | None = None
+    grace: float | None = None  # TERM-to-KILL seconds on a stop; None: the daemon's
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ This package never imports the daemon (``gpud``): it is all a job's caller needs
 from gpud_client.app import App, Function, FunctionOptions, function
 from gpud_client.batch import BatchHandle
 from gpud_client.client import AsyncClient, Client
-from gpud_client.cls import enter, method
+from gpud_client.cls import enter, exit, method
 from gpud_client.duration import format_duration, parse_duration, parse_size
 from gpud_client.errors import (
     ApiError,
@@ -35,6 +35,7 @@ from gpud_client.errors import (
 from gpud_client.handle import JobHandle
 from gpud_client.image import Image
 from gpud_client.imagebuild import ImageBuildFailed
+from gpud_client.state import state_dir
 
 __version__ = "0.1.0"
 
@@ -60,9 +61,11 @@ __all__ = [
     "VersionMismatch",
     "__version__",
     "enter",
+    "exit",
     "format_duration",
     "function",
     "method",
     "parse_duration",
     "parse_size",
+    "state_dir",
 ]

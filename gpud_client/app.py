@@ -67,6 +67,11 @@ class FunctionOptions:
     #: the interpreter jobs run with (process executor): None, this one (the caller's
     #: venv or conda env; $GPUD_JOB_PYTHON overrides); a path; or "daemon", the admin's
     python: str | None = None
+    #: #14: send ``signal`` (None: SIGUSR1) this many seconds before the timeout, and
+    #: wait ``grace`` seconds (None: the daemon's kill_grace) between SIGTERM and SIGKILL
+    signal_before: float | None = None
+    signal: str | None = None
+    grace: float | None = None
 
     @classmethod
     def build(
@@ -83,6 +88,9 @@ class FunctionOptions:
         keep_warm: float | str | None = None,
         snapshot: bool = False,
         python: str | os.PathLike[str] | None = None,
+        signal_before: float | str | None = None,
+        signal: str | None = None,
+        grace: float | str | None = None,
     ) -> FunctionOptions:
         """Check the options where they are written (at decoration), not at submit time.
         The GPU spec's syntax is the daemon's to judge: it answers 422 with the rules."""
@@ -113,7 +121,24 @@ class FunctionOptions:
         warm = None if keep_warm is None else parse_duration(keep_warm)
         if warm is not None and warm < 0:
             raise ValueError(f"keep_warm must be >= 0 seconds, not {keep_warm!r}")
+        before = None if signal_before is None else parse_duration(signal_before)
+        if before is not None and before <= 0:
+            raise ValueError(f"signal_before must be a positive duration such as \"5m\", "
+                             f"not {signal_before!r}")
+        if before is not None and seconds is not None and before >= seconds:
+            raise ValueError(f"signal_before ({signal_before!r}) must be shorter than the "
+                             f"timeout ({timeout!r}): lower it, or raise timeout")
+        if signal is not None and not isinstance(signal, str):
+            raise TypeError(f"signal must be a signal's name such as \"SIGUSR1\", not "
+                            f"{signal!r}")
+        if signal is not None and before is None:
+            raise ValueError(f"signal={signal!r} needs signal_before= (how long before the "
+                             "timeout to send it), e.g. signal_before=\"5m\"")
+        grace_s = None if grace is None else parse_duration(grace)
+        if grace_s is not None and grace_s < 0:
+            raise ValueError(f"grace must be >= 0 seconds, not {grace!r}")
         return cls(
+            signal_before=before, signal=signal, grace=grace_s,
             gpu=gpu, timeout=seconds, retries=retries, env=env_dict, priority=priority,
             image=image, memory=mem, cpu=None if cpu is None else float(cpu), keep_warm=warm,
             snapshot=bool(snapshot), python=_python_option(python),
@@ -232,6 +257,9 @@ class App:
         keep_warm: float | str | None = None,
         snapshot: bool = False,
         python: str | os.PathLike[str] | None = None,
+        signal_before: float | str | None = None,
+        signal: str | None = None,
+        grace: float | str | None = None,
         name: str | None = None,
     ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
 
@@ -251,6 +279,9 @@ class App:
         keep_warm: float | str | None = None,
         snapshot: bool = False,
         python: str | os.PathLike[str] | None = None,
+        signal_before: float | str | None = None,
+        signal: str | None = None,
+        grace: float | str | None = None,
         name: str | None = None,
     ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
         """Decorate a function to run on the daemon: ``@app.function`` or
@@ -258,6 +289,7 @@ class App:
         options = FunctionOptions.build(
             gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
             memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
+        signal_before=signal_before, signal=signal, grace=grace,
         )
 
         def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -302,6 +334,9 @@ def function(
     keep_warm: float | str | None = None,
     snapshot: bool = False,
     python: str | os.PathLike[str] | None = None,
+    signal_before: float | str | None = None,
+    signal: str | None = None,
+    grace: float | str | None = None,
     name: str | None = None,
     url: str | None = None,
 ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
@@ -322,6 +357,9 @@ def function(
     keep_warm: float | str | None = None,
     snapshot: bool = False,
     python: str | os.PathLike[str] | None = None,
+    signal_before: float | str | None = None,
+    signal: str | None = None,
+    grace: float | str | None = None,
     name: str | None = None,
     url: str | None = None,
 ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
@@ -329,6 +367,7 @@ def function(
     options = FunctionOptions.build(
         gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
         memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
+        signal_before=signal_before, signal=signal, grace=grace,
     )
 
     def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -441,6 +480,9 @@ class Function(Generic[P, R]):
             "cpu": o.cpu,
             "keep_warm": o.keep_warm,
             "snapshot": o.snapshot,
+            "signal_before": o.signal_before,
+            "signal": o.signal,
+            "grace": o.grace,
         }
 
     def submit_request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SubmitRequest:

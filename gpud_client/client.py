@@ -25,6 +25,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, I
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
+from urllib.parse import quote
 
 import anyio  # httpx's own dependency: sleeps under trio and asyncio alike
 import httpcore
@@ -56,6 +57,7 @@ from gpud_client.models import (
     QueuePage,
     SnapshotInfo,
     SnapshotList,
+    StateList,
     SubmitRequest,
     UsageReport,
     WhoAmI,
@@ -612,6 +614,25 @@ class Client(_Base):
     def cancel(self, job_id: int, *, timeout: float | None = CANCEL_TIMEOUT) -> JobInfo:
         """``POST /v1/jobs/{id}/cancel``: returns once the job is final."""
         return self._do(_Call("POST", f"/jobs/{job_id}/cancel", JobInfo, read_timeout=timeout))
+
+    def state_files(self, job_id: int) -> StateList:
+        """``GET /v1/jobs/{id}/state``: the files in the job's state directory (#14)."""
+        return self._do(_Call("GET", f"/jobs/{job_id}/state", StateList))
+
+    def state_file(self, job_id: int, path: str) -> Iterator[bytes]:
+        """``GET /v1/jobs/{id}/state/{path}``: one file of the job's state directory,
+        in chunks as they arrive."""
+        call = _Call("GET", f"/jobs/{job_id}/state/{quote(path)}", bytes, read_timeout=None)
+        try:
+            with self._http.stream(
+                "GET", API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
+            ) as resp:
+                if not resp.is_success:
+                    resp.read()
+                    raise _api_error(resp)
+                yield from resp.iter_bytes()
+        except httpx.TransportError as e:
+            raise _transport_error(self.url, e) from e
 
     def gpus(self) -> GpuList:
         """``GET /v1/gpus``."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from gpud import longrun
 from gpud.crashpoint import crash_point
 from gpud.daemon import jobfiles
 from gpud.daemon.core import DaemonCore
@@ -98,8 +99,12 @@ class Supervision(DaemonCore):
         started = job.started_at or self.clock.time()
         scope.deadline = trio.current_time() + max(0.0, started + job.timeout - self.clock.time())
         outcome: Outcome | None = None
+        warn = longrun.start_warning(self._nursery, self.executor, job, handle, scope,
+                                     self.config.jobs_dir / str(job_id) / "output.log")
         with scope:
             outcome = await self.executor.wait(handle)
+        if warn is not None:
+            warn.cancel()
         if outcome is None:
             await self._stop_and_finish(job, handle)
         else:
@@ -111,9 +116,11 @@ class Supervision(DaemonCore):
         """The job's cancel scope fired: stop it (TERM, grace, KILL) and record why."""
         rec = self.jobs.get(job.id)
         stop_as = (rec.stop_reason if rec is not None else None) or JobState.TIMED_OUT
-        await self.executor.stop(handle, self.config.kill_grace)
+        grace = longrun.grace_of(job, self.config)
+        killed = await self.executor.stop(handle, grace)
         why = ("cancelled" if stop_as is JobState.CANCELLED
                else f"timed out after {_fmt_seconds(job.timeout)}")
+        why = longrun.stop_text(why, stop_as, killed, grace)  # which signal ended it (#14)
         await self._finish(job, Finished(stop_as, why, None, False, False))
 
     async def _run_warm(self, job: Job, scope: trio.CancelScope) -> None:
@@ -167,15 +174,21 @@ class Supervision(DaemonCore):
         task_dir = self.executor.task_dir(spec.job_dir)
         meta = {"job_id": job.id, "name": job.function, "python": job.python,
                 "attempt": job.attempt}
+        warn = longrun.start_warning(self._nursery, self.executor, job, w.handle, scope,
+                                     spec.log_path)
         try:
             with scope:
                 if take is not None and self.snapshots is not None:
                     await self.snapshots.take(w, job, take, task_dir)
                 done = await self.warm.run(w, job.id, task_dir, keep_warm=job.keep_warm,
-                                           env=_task_env(job), payload=(meta, function, args))
+                                           env={**_task_env(job),
+                                                **longrun.task_env(job, task_dir)},
+                                           payload=(meta, function, args))
                 finished = True
                 crash_point("before_finish")
         finally:
+            if warn is not None:
+                warn.cancel()
             if take is not None and self.snapshots is not None:
                 await self.snapshots.settle(take, job.id)
         if not finished:

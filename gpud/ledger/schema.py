@@ -273,6 +273,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE batches ADD COLUMN max_concurrency INTEGER;
     """,
+    # 15 (#14, helper longrun; renumber on merge): the early warning before a job's
+    # timeout and its stop grace. NULL: none / the daemon's defaults.
+    """
+    ALTER TABLE jobs ADD COLUMN signal_before REAL;
+    ALTER TABLE jobs ADD COLUMN signal TEXT;
+    ALTER TABLE jobs ADD COLUMN grace REAL;
+    """,
 ]
 
 

@@ -119,6 +119,9 @@ class NewJob:
     keep_warm: float = 0.0
     snapshot: bool = False
     python_env: PythonEnv | None = None
+    signal_before: float | None = None  # #14: the early warning, seconds before timeout
+    signal: str | None = None
+    grace: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +153,7 @@ _JOB_COLUMNS = (
     "id, name, owner, state, priority, gpu, timeout, retries, attempt, not_before, gpus, "
     "batch_id, python, image, env, function_hash, submitted_at, started_at, ended_at, pid, "
     "pid_start, exit_code, error, has_result, memory, cpus, keep_warm, start_kind, startup, "
-    "wall_ds, gpu_ds, snapshot, python_env"
+    "wall_ds, gpu_ds, snapshot, python_env, signal_before, signal, grace"
 )
 
 
@@ -191,6 +194,9 @@ def _row_to_job(r: sqlite3.Row) -> Job:
         gpu_seconds=r["gpu_ds"] / 10,
         python_env=PythonEnv.from_json(json.loads(r["python_env"])) if r["python_env"]
         else None,
+        signal_before=r["signal_before"],
+        signal=r["signal"],
+        grace=r["grace"],
     )
 
 
@@ -329,8 +335,9 @@ class Ledger:
                 cur = c.execute(
                     "INSERT INTO jobs (name, owner, state, priority, gpu, timeout, retries, "
                     "batch_id, python, image, env, function_hash, args, submitted_at, memory, "
-                    "cpus, keep_warm, snapshot, python_env) "
-                    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "cpus, keep_warm, snapshot, python_env, signal_before, signal, grace) "
+                    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                    "?, ?, ?)",
                     (
                         j.name, j.owner, j.priority,
                         json.dumps(j.gpu.to_spec()) if j.gpu else None,
@@ -338,6 +345,7 @@ class Ledger:
                         json.dumps(j.env, sort_keys=True), j.function_hash, j.args, now,
                         j.memory, j.cpus, j.keep_warm, int(j.snapshot),
                         json.dumps(j.python_env.to_json()) if j.python_env else None,
+                        j.signal_before, j.signal, j.grace,
                     ),
                 )
                 assert cur.lastrowid is not None
