@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from gpud import queue_view
+from gpud import longrun, queue_view
 from gpud.crashpoint import crash_point
 from gpud.daemon.gpupoll import GpuPolling
 from gpud.daemon.loop import SchedulingLoop
@@ -159,7 +159,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         rec.stop_reason = JobState.CANCELLED
         if rec.scope is not None:
             rec.scope.cancel()
-        return await self.wait_final(job_id, self.config.kill_grace + 15)
+        return await self.wait_final(job_id, longrun.grace_of(job, self.config) + 15)
 
     async def wait_final(self, job_id: int, within: float) -> Job:
         deadline = trio.current_time() + within

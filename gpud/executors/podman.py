@@ -121,10 +121,12 @@ def container_spec(
     if spec.serve is None:
         mounts.append({"type": "bind", "source": str(spec.job_dir), "target": JOB_MOUNT})
         # The job's state directory (#14), at one fixed path; a warm container finds
-        # each job's under /gpud/jobs (its task's GPUD_STATE_DIR says where).
-        mounts.append({"type": "bind", "source": str(spec.job_dir / "state"),
-                       "target": STATE_MOUNT})
-        extra_env["GPUD_STATE_DIR"] = STATE_MOUNT
+        # each job's under /gpud/jobs (its task's GPUD_STATE_DIR says where). The daemon
+        # always lays one out; a job directory made by other means may have none.
+        if (spec.job_dir / "state").is_dir():
+            mounts.append({"type": "bind", "source": str(spec.job_dir / "state"),
+                           "target": STATE_MOUNT})
+            extra_env["GPUD_STATE_DIR"] = STATE_MOUNT
     else:
         # A warm container takes job after job: it sees the jobs directory (whose other
         # users' entries are 0700, closed to it) and the daemon's hub socket.
