@@ -108,14 +108,18 @@ def stop_text(why: str, stop_as: JobState, killed: bool | None, grace: float) ->
 def job_env(job: Job, state_dir: str) -> dict[str, str]:
     """What a job's environment gets from its long-run options (and its state
     directory, where its worker sees it)."""
-    return {"GPUD_STATE_DIR": state_dir,
-            "GPUD_SIGNAL": (job.signal or DEFAULT_SIGNAL) if job.signal_before else "",
-            "GPUD_SIGNAL_BEFORE": f"{job.signal_before:g}" if job.signal_before else ""}
+    env = {"GPUD_STATE_DIR": state_dir}
+    if job.signal_before:
+        env["GPUD_SIGNAL"] = job.signal or DEFAULT_SIGNAL
+        env["GPUD_SIGNAL_BEFORE"] = f"{job.signal_before:g}"
+    return env
 
 
 def task_env(job: Job, task_dir: str) -> dict[str, str]:
-    """The same, per task of a warm worker (which sees the job directory at task_dir)."""
-    return job_env(job, f"{task_dir}/state")
+    """The same, per task of a warm worker (which sees the job directory at task_dir):
+    empty values clear what an earlier job of the worker had."""
+    return {"GPUD_SIGNAL": "", "GPUD_SIGNAL_BEFORE": "",
+            **job_env(job, f"{task_dir}/state")}
 
 
 def start_warning(nursery: trio.Nursery | None, executor: object, job: Job, handle: Handle,

@@ -580,7 +580,15 @@ def _on_term() -> None:
     import atexit
     import signal
 
+    worker = os.getpid()
+
     def end(signum: int, frame: object) -> None:
+        if os.getpid() != worker:
+            # A child the job forked (multiprocessing) inherits this handler and a copy
+            # of the exit hooks, which are the worker's to run, once: end as by default.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         signal.signal(signum, signal.SIG_IGN)  # a second TERM must not cut the hooks short
         try:
             atexit._run_exitfuncs()

@@ -99,6 +99,30 @@ def patient(pidfile: str) -> None:
         time.sleep(0.05)
 
 
+@app.function()
+def forks(pidfile: str) -> None:
+    """Its exit hook must run once, in the worker, not in the child it forked too."""
+    import atexit
+    import os
+    import time
+
+    d = os.environ["GPUD_STATE_DIR"]
+
+    def hook() -> None:
+        with open(os.path.join(d, "hooks.txt"), "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+
+    atexit.register(hook)
+    child = os.fork()
+    if child == 0:
+        while True:
+            time.sleep(0.05)
+    with open(pidfile, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+    while True:
+        time.sleep(0.05)
+
+
 @app.cls()
 class Trainer:
     @gpud.method()
@@ -133,8 +157,10 @@ def test_training_resumes_from_its_last_checkpoint_on_attempt_2(daemon: DaemonPr
     assert listing.total_bytes == sum(f.size for f in listing.files) > 0
 
 
-def test_signal_before_the_timeout_lets_the_job_save_its_state(daemon: DaemonProc) -> None:
-    handle = warned.spawn()
+@pytest.mark.parametrize("keep_warm", [0, 2], ids=["cold", "warm"])
+def test_signal_before_the_timeout_lets_the_job_save_its_state(daemon: DaemonProc,
+                                                               keep_warm: float) -> None:
+    handle = warned.with_options(keep_warm=keep_warm).spawn()
     with pytest.raises(JobTimedOut):
         handle.get(timeout=60)
     info = handle.status()
@@ -176,6 +202,17 @@ def test_a_cancel_that_sigterm_ends_says_so(daemon: DaemonProc, shared_dir: Path
         assert c.events(job_id=handle.id).events[-1].reason == info.error
     with pytest.raises(JobCancelled):
         handle.get(timeout=5)
+
+
+def test_sigterm_runs_exit_hooks_once_in_the_worker_not_its_forks(daemon: DaemonProc,
+                                                                  shared_dir: Path) -> None:
+    pidfile = shared_dir / "pid"
+    handle = forks.spawn(str(pidfile))
+    wait_for(pidfile.exists, timeout=30)
+    wait_for(lambda: pidfile.read_text().endswith("\n"))
+    info = handle.cancel()
+    assert info.error == "cancelled: ended by SIGTERM after cancel"
+    assert _state(handle.id, "hooks.txt") == pidfile.read_bytes()
 
 
 def test_exit_methods_run_when_the_worker_ends(daemon: DaemonProc) -> None:

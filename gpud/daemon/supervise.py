@@ -101,10 +101,12 @@ class Supervision(DaemonCore):
         outcome: Outcome | None = None
         warn = longrun.start_warning(self._nursery, self.executor, job, handle, scope,
                                      self.config.jobs_dir / str(job_id) / "output.log")
-        with scope:
-            outcome = await self.executor.wait(handle)
-        if warn is not None:
-            warn.cancel()
+        try:
+            with scope:
+                outcome = await self.executor.wait(handle)
+        finally:
+            if warn is not None:
+                warn.cancel()
         if outcome is None:
             await self._stop_and_finish(job, handle)
         else:
