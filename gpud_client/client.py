@@ -622,7 +622,12 @@ class Client(_Base):
     def state_file(self, job_id: int, path: str) -> Iterator[bytes]:
         """``GET /v1/jobs/{id}/state/{path}``: one file of the job's state directory,
         in chunks as they arrive."""
-        call = _Call("GET", f"/jobs/{job_id}/state/{quote(path)}", bytes, read_timeout=None)
+        # Each part encoded, dot-segments too: an HTTP client would resolve "../x"
+        # before sending it, and the daemon is the one to refuse it, saying why.
+        parts = [quote(p, safe="").replace(".", "%2E") if p in (".", "..") else
+                 quote(p, safe="") for p in path.split("/")]
+        call = _Call("GET", f"/jobs/{job_id}/state/{'/'.join(parts)}", bytes,
+                     read_timeout=None)
         try:
             with self._http.stream(
                 "GET", API_PREFIX + call.path, **_request_kwargs(call, self.timeout)

@@ -14,7 +14,7 @@ import pytest
 import gpud_client as gpud
 from gpud_client import Client, JobCancelled, JobTimedOut
 
-from .conftest import DaemonProc, wait_for
+from .conftest import DaemonProc, gpud_cli, wait_for
 
 app = gpud.App("longrun")
 
@@ -247,3 +247,42 @@ def test_state_dir_is_private_and_kept_where_the_job_saw_it(daemon: DaemonProc) 
         assert out["dir"] == "/gpud/state"
     else:
         assert out["dir"].endswith("/state") and Path(out["dir"]).parent.name.isdigit()
+
+
+def test_gpud_state_lists_and_fetches(daemon: DaemonProc, tmp_path: Path) -> None:
+    handle = train.spawn(2, 0)
+    assert handle.get(timeout=60)["ran"] == [1, 2]
+    env = daemon.client_env()
+    out = gpud_cli("state", str(handle.id), env=env)
+    assert out.returncode == 0, out.stderr
+    assert [line.split()[0] for line in out.stdout.splitlines()] == ["ckpt.json", "steps.log"]
+    out = gpud_cli("state", str(handle.id), "steps.log", env=env)
+    assert (out.returncode, out.stdout) == (0, "1\n2\n")
+    dest = tmp_path / "ckpt.json"
+    out = gpud_cli("state", str(handle.id), "ckpt.json", "-o", str(dest), env=env)
+    assert out.returncode == 0 and json.loads(dest.read_text()) == {"step": 2}
+    out = gpud_cli("state", str(handle.id), "../output.log", env=env)
+    assert out.returncode == 1 and "gpud state JOB" in out.stderr
+    out = gpud_cli("state", str(handle.id), "nothing", env=env)
+    assert out.returncode == 1 and "has no file 'nothing'" in out.stderr
+    out = gpud_cli("state", str(handle.id), "--json", env=env)
+    assert json.loads(out.stdout)["total_bytes"] > 0
+
+
+def test_gpud_run_takes_the_long_run_options(daemon: DaemonProc) -> None:
+    env = daemon.client_env()
+    out = gpud_cli("run", "--detach", "--timeout", "1m", "--signal-before", "10s",
+                   "--signal", "usr2", "--grace", "3s", "examples/hello.py::square",
+                   "--x", "3", env=env)
+    assert out.returncode == 0, out.stderr
+    with Client() as c:
+        info = c.get_job(int(out.stdout))
+    assert (info.signal_before, info.signal, info.grace) == (10.0, "SIGUSR2", 3.0)
+    out = gpud_cli("run", "--signal-before", "soon", "examples/hello.py::square", "--x", "3",
+                   env=env)
+    assert out.returncode == 2 and "invalid duration 'soon'" in out.stderr
+    out = gpud_cli("run", "--timeout", "10s", "--signal-before", "1m",
+                   "examples/hello.py::square", "--x", "3", env=env)
+    assert out.returncode == 2 and "shorter than the timeout" in out.stderr
+    out = gpud_cli("run", "--grace", "1h", "examples/hello.py::square", "--x", "3", env=env)
+    assert out.returncode != 0 and "max_grace" in out.stderr
