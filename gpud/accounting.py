@@ -76,7 +76,13 @@ def _pieces(a: AttemptUsage, since: float, until: float, by: str,
         return []
     whole = start == a.started_at and stop == end and a.wall_ds is not None
     wall = a.wall_ds / 10 if whole and a.wall_ds is not None else stop - start
-    per_gpu = wall
+    # GPU time charged per second of wall time: 1, or less for an attempt that was
+    # suspended for part of its run (#13: suspended time is not charged). Where the
+    # suspensions fell inside the attempt is not kept: they are spread over it evenly.
+    charged = 1.0
+    if a.gpu_ds is not None and a.wall_ds and a.gpu_types:
+        charged = min(1.0, a.gpu_ds / (a.wall_ds * len(a.gpu_types)))
+    per_gpu = wall * charged
     if by == "user":
         gpu = a.gpu_ds / 10 if whole and a.gpu_ds is not None else per_gpu * len(a.gpu_types)
         return [(a.owner, wall, gpu)]
@@ -90,8 +96,8 @@ def _pieces(a: AttemptUsage, since: float, until: float, by: str,
     days = _days(start, stop, tz) if stop > start else [
         (dt.datetime.fromtimestamp(start, tz).date().isoformat(), start, stop)]
     if len(days) == 1:
-        return [(days[0][0], wall, wall * len(a.gpu_types))]
-    return [(d, e - s, (e - s) * len(a.gpu_types)) for d, s, e in days]
+        return [(days[0][0], wall, per_gpu * len(a.gpu_types))]
+    return [(d, e - s, (e - s) * charged * len(a.gpu_types)) for d, s, e in days]
 
 
 def _add_buckets(buckets: Iterable[UsageBucket], lines: dict[str, Line], total: Line, *,

@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import trio
@@ -49,7 +49,9 @@ from gpud.auth import (
     check_job_access,
 )
 from gpud.daemon.port import JobService
+from gpud.daemon.suspend import NotSuspendable
 from gpud.domain import FINAL, Job, JobState
+from gpud.executors.base import ImageBuildCapable
 from gpud.http_common import ApiError, job_info
 from gpud.http_common import decode_body as _decode
 from gpud.http_common import error_response as _error
@@ -187,6 +189,22 @@ def create_app(daemon: JobService) -> Starlette:
         job = await own_job(request, "cancel")
         return _json(job_info(daemon, await daemon.cancel(job.id)))
 
+    async def suspend_job(request: Request) -> Response:
+        job = await own_job(request, "suspend")
+        try:
+            done = await daemon.suspend(job.id, f"suspended by {_principal(request).name}")
+        except NotSuspendable as e:
+            raise ApiError(409, "not_suspendable", str(e)) from None
+        return _json(job_info(daemon, done))
+
+    async def resume_job(request: Request) -> Response:
+        job = await own_job(request, "resume")
+        try:
+            done = await daemon.resume(job.id)
+        except NotSuspendable as e:
+            raise ApiError(409, "not_suspended", str(e)) from None
+        return _json(job_info(daemon, done))
+
     async def result(request: Request) -> Response:
         job = await own_job(request, "get results of")
         if job.state not in FINAL:
@@ -230,7 +248,9 @@ def create_app(daemon: JobService) -> Starlette:
             raise ApiError(503, "executor_unavailable",
                            f"the {daemon.executor.name} executor cannot list images right now: "
                            f"{e}") from None
-        default = getattr(daemon.executor, "default_image", None)
+        # Declared by image-building and checkpointing executors (capabilities, #12).
+        default = (cast(ImageBuildCapable, daemon.executor).default_image
+                   if daemon.caps.image_builds or daemon.caps.snapshots else None)
         note = None if daemon.executor.name == "podman" else (
             f"the {daemon.executor.name} executor runs jobs without images (Python "
             f"{daemon.worker_python}); images need executor = \"podman\"")
@@ -330,6 +350,8 @@ def create_app(daemon: JobService) -> Starlette:
         ("GET", "/jobs/{job_id}/logs", logs),
         ("GET", "/jobs/{job_id}/result", result),
         ("POST", "/jobs/{job_id}/cancel", cancel_job),
+        ("POST", "/jobs/{job_id}/suspend", suspend_job),
+        ("POST", "/jobs/{job_id}/resume", resume_job),
         ("GET", "/gpus", gpus),
         ("GET", "/whoami", whoami),
         ("GET", "/usage", usage),
@@ -446,6 +468,11 @@ _DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = 
     ("get", "/jobs/{job_id}/result", "The worker's result.pkl (application/octet-stream)",
      None, None, ()),
     ("post", "/jobs/{job_id}/cancel", "Cancel a job; returns once it is final", None, JobInfo,
+     ()),
+    ("post", "/jobs/{job_id}/suspend", "Suspend a running job: its processes stop, its GPUs "
+     "are freed, its timeout clock stops (409 if it is not running)", None, JobInfo, ()),
+    ("post", "/jobs/{job_id}/resume", "Resume a suspended job when its GPUs are free; "
+     "answers once it runs, or after 10 s with the reason it still waits", None, JobInfo,
      ()),
     ("get", "/gpus", "The box's GPUs with holders and foreign processes", None, GpuList, ()),
     ("get", "/whoami", "Who the daemon takes the caller to be", None, WhoAmI, ()),

@@ -25,7 +25,9 @@ from gpud.http_common import error_response as _error
 from gpud.http_common import json_response as _json
 from gpud.http_common import principal as _principal
 from gpud.ledger import IdempotencyKey, NewJob
+from gpud.notify import NOTIFY_STATES
 from gpud.storage import full_message, is_busy, is_full
+from gpud.webhooks import check_url
 from gpud_client.models import BatchSubmitRequest, SubmitRequest
 
 __all__ = ["idempotency", "new_jobs", "replayed", "storage_error"]
@@ -114,6 +116,17 @@ async def new_jobs(
                                                  req.python_prefix)
     except SubmitError as e:
         raise ApiError(422, "refused", str(e)) from None
+    deps = tuple(dict.fromkeys(req.after))
+    if deps:
+        why = await daemon.check_after(who.name, deps)
+        if why is not None:
+            raise ApiError(400, "unknown_dependency", why)
+    notify_on: tuple[str, ...] = ()
+    if req.notify is not None:
+        why = check_url(req.notify, cfg.webhooks)
+        if why is not None:
+            raise ApiError(400, "webhook_refused", why)
+        notify_on = tuple(dict.fromkeys(req.notify_on)) if req.notify_on else NOTIFY_STATES
     if image is not None and daemon.images is not None:
         await daemon.images.touch(image)  # a use, for garbage collection (#11)
     code_hash = hashlib.sha256(req.function).hexdigest()
@@ -123,6 +136,8 @@ async def new_jobs(
                timeout=timeout, gpu=gpu, retries=req.retries, priority=req.priority,
                image=image, env=dict(req.env), memory=memory, cpus=req.cpu,
                keep_warm=keep_warm, snapshot=req.snapshot, python_env=python_env,
+               deps=deps, deps_any=req.after_any, notify=req.notify, notify_on=notify_on,
+               preemptible=req.preemptible,
                signal_before=req.signal_before, signal=signal, grace=grace)
         for a in args
     ]

@@ -30,6 +30,7 @@ from gpud.cli_options import url_option
 from gpud.cli_run import run  # in its own module: it is the largest command
 from gpud.cli_snapshots import snapshots
 from gpud.cli_state import state
+from gpud.cli_suspend import resume, suspend
 from gpud.cli_usage import usage, whoami
 
 if TYPE_CHECKING:
@@ -187,7 +188,7 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
     """List jobs: queued and running ones (with why they wait), or --all."""
     asked = state
     if state is None and not show_all:
-        state = "queued,starting,running"
+        state = "queued,starting,running,suspended"
     with _client(url) as c:
         page = c.list_jobs(state=state, limit=limit, cursor=before)
     if as_json:
@@ -206,7 +207,8 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
     for j in page.jobs:
         gpus = ",".join(map(str, j.gpu_indices)) if j.gpu_indices else (
             "/".join(j.gpu) if j.gpu else "cpu")
-        info = (f"{j.reason}; position {j.position}" if j.reason else
+        info = ((f"{j.reason}; position {j.position}" if j.position else j.reason)
+                if j.reason else
                 j.error or (f"attempt {j.attempt}/{j.retries + 1}" if j.retries else ""))
         table.add_row(str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
                       _start_kind(j), _duration(j), _python_of(j), info)
@@ -244,7 +246,7 @@ def result(job_id: int, as_json: bool, url: str | None) -> None:
 
     with _client(url) as c:
         job = c.get_job(job_id)
-        if job.state in ("queued", "starting", "running"):
+        if job.state in ("queued", "starting", "running", "suspended"):
             fail(f"job {job_id} is {job.state}; wait for it (gpud logs {job_id} -f) and retry")
         if not job.has_result:
             fail(f"job {job_id} ended {job.state} without a result: {job.error or job.state}",
@@ -432,6 +434,8 @@ cli.add_command(image)
 cli.add_command(usage)
 cli.add_command(whoami)
 cli.add_command(gc_command)
+cli.add_command(suspend)
+cli.add_command(resume)
 cli.add_command(doctor)
 
 

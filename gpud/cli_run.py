@@ -7,6 +7,7 @@ default. `gpud run FILE::FN --help` lists them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import json
@@ -20,7 +21,7 @@ import click
 
 from gpud.cli_common import EXIT, fail, handle_errors, load_job_value, print_value
 
-__all__ = ["load_target", "params_command", "run"]
+__all__ = ["load_target", "params_command", "ring", "run"]
 
 _SCALARS: dict[Any, click.ParamType[Any]] = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
@@ -114,6 +115,20 @@ def params_command(fn: Any, name: str) -> click.Command:
                          help=inspect.getdoc(fn) or None, add_help_option=False)
 
 
+def ring(text: str) -> None:
+    """--notify bell: the terminal's bell and a line on stderr, and a desktop notice where
+    notify-send is installed (best effort: a missing one is no error)."""
+    click.echo(f"\a{text}", err=True)
+    import shutil
+    import subprocess
+
+    desktop = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if desktop and shutil.which("notify-send"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["notify-send", "gpud", text], timeout=5, check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _raw(obj: Any) -> Any:
     return getattr(obj, "raw", getattr(obj, "__wrapped__", obj))
 
@@ -142,6 +157,17 @@ def _raw(obj: Any) -> Any:
               help="The early warning's signal (default SIGUSR1).")
 @click.option("--grace", default=None, metavar="DURATION",
               help="Between SIGTERM and SIGKILL on cancel or timeout (default 10s).")
+@click.option("--after", "after", default=None, metavar="IDS",
+              help="Start after these jobs of yours (comma-separated ids) have succeeded; "
+                   "if one does not, this job is cancelled.")
+@click.option("--after-any", is_flag=True,
+              help="With --after: start once they have ended, however they ended.")
+@click.option("--notify", "notify", default=None, metavar="URL|bell",
+              help="When the job ends: POST to this webhook URL (if the daemon's admin "
+                   "allows its host), or 'bell': ring the terminal (in the foreground).")
+@click.option("--notify-on", "notify_on", default=None, metavar="STATES",
+              help="The final states that notify (comma-separated, e.g. failed,timed_out; "
+                   "default: all).")
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the return value as JSON.")
 @click.option("--url", envvar="GPUD_URL", default=None, metavar="URL")
@@ -150,7 +176,9 @@ def _raw(obj: Any) -> Any:
 def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | None,
         retries: int | None, priority: int | None, env: tuple[str, ...], image: str | None,
         memory: str | None, cpu: float | None, python: str | None,
-        signal_before: str | None, signal_name: str | None, grace: str | None, detach: bool,
+        signal_before: str | None, signal_name: str | None, grace: str | None,
+        after: str | None, after_any: bool, notify: str | None, notify_on: str | None,
+        detach: bool,
         as_json: bool, url: str | None, show_help: bool) -> None:
     """Run FILE::FN as a job and print its return value.
 
@@ -176,6 +204,18 @@ def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | 
         kwargs = cmd.main(args=list(ctx.args), standalone_mode=False, prog_name=cmd.name)
     except click.ClickException as e:
         raise click.UsageError(f"{e.format_message()} (see: gpud run {target} --help)") from None
+    bell = notify is not None and notify.strip().lower() == "bell"
+    if bell and detach:
+        raise click.UsageError("--notify bell rings this terminal, so it needs gpud run in "
+                               "the foreground: drop --detach, or give a webhook URL")
+    if after_any and not after:
+        raise click.UsageError("--after-any goes with --after IDS")
+    from gpud_client.notify import FINAL_STATES, parse_states
+
+    try:
+        ring_on = parse_states(notify_on) if notify_on is not None else FINAL_STATES
+    except ValueError as e:
+        raise click.UsageError(f"--notify-on: {e}") from None
     env_map = {}
     for item in env:
         k, sep, v = item.partition("=")
@@ -209,6 +249,13 @@ def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | 
                 overrides[key] = value
         if url is not None:
             overrides["url"] = url
+        if after:
+            overrides["after"] = after
+            overrides["after_any"] = after_any
+        if notify is not None and not bell:
+            overrides["notify"] = notify
+            if notify_on is not None:
+                overrides["notify_on"] = ring_on
         try:
             fn = fn.with_options(**overrides) if overrides else fn
         except (TypeError, ValueError) as e:
@@ -229,6 +276,8 @@ def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | 
             handle.cancel()
             click.echo(f"\ncancelled job {handle.id}", err=True)
             sys.exit(EXIT["interrupted"])
+        if bell and job.state in ring_on:
+            ring(f"gpud job {handle.id} {job.state.replace('_', ' ')}")
         if job.state == "succeeded" or job.has_result:
             value = load_job_value(load_result, handle.client.result(handle.id), job)
             print_value(value, as_json)

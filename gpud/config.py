@@ -115,6 +115,9 @@ class Config:
     #: a full scheduling pass over the whole queue at least this often while jobs are
     #: queued (Slurm's sched_interval)
     sched_interval: float = 5.0
+    #: preemption (#13): a queued job that has waited this long may have running jobs of
+    #: a lower priority suspended for it; None (the default) never preempts
+    preempt_after: float | None = None
     log_level: str = "info"
     #: fair share (#5): usage counts half after this long (Slurm's PriorityDecayHalfLife)
     fairshare_half_life: float = 7 * 86400.0
@@ -133,6 +136,15 @@ class Config:
     retention_max_bytes: int | None = None
     #: how often the daemon collects by itself; None: only `gpud gc` does
     retention_interval: float | None = 600.0
+
+    #: webhooks (#14, notify=): "off" (the default: a daemon, often root on a shared box,
+    #: must not be made to POST to internal services by whoever can submit), "any", or
+    #: the hosts jobs may name, e.g. ["hooks.slack.com"]
+    webhooks: str | list[str] = "off"
+    #: a webhook that does not answer 2xx is tried again, the waits doubling from
+    #: webhook_backoff up to 5 min, for at most this long after the job ended
+    webhook_retry_for: float = 3600.0
+    webhook_backoff: float = 2.0
 
     @property
     def ledger_path(self) -> Path:
@@ -156,9 +168,11 @@ _DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "max_grace", "retr
               "retry_backoff_max", "gpu_poll_interval", "keep_warm_default", "keep_warm_max",
               "fairshare_half_life", "max_age", "snapshot_restore_timeout",
               "image_build_timeout", "header_timeout", "body_timeout", "retention_job_dirs",
-              "retention_jobs", "retention_interval", "sched_interval"}
+              "retention_jobs", "retention_interval", "sched_interval",
+              "webhook_retry_for", "webhook_backoff", "preempt_after"}
 #: Durations that "none" (or "") turns off.
-_OPTIONAL = {"default_timeout", "retention_job_dirs", "retention_jobs", "retention_interval"}
+_OPTIONAL = {"default_timeout", "retention_job_dirs", "retention_jobs", "retention_interval",
+             "preempt_after"}
 #: The shortest retention: a client fetches a job's result and log after it ends.
 MIN_RETENTION = 60.0
 _WEIGHTS = {"fairshare_weight", "age_weight"}
@@ -219,6 +233,10 @@ def _coerce(name: str, value: Any) -> Any:
                 if not g.startswith("/"):
                     raise ValueError(f"{g!r}: write absolute paths (globs allowed)")
             return globs
+        if name == "webhooks":
+            from gpud.webhooks import parse_webhooks
+
+            return parse_webhooks(value)
         if name == "fake_gpus":
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
@@ -316,6 +334,8 @@ def load_config(
     if cfg.sched_interval <= 0:
         # 0 would make the scheduler loop spin; a tenth of a second is already eager.
         raise ConfigError("sched_interval must be positive, e.g. \"5s\"")
+    if cfg.preempt_after is not None and cfg.preempt_after < 0:
+        raise ConfigError("preempt_after must be a duration, e.g. \"10m\", or \"none\"")
     _check_retention(cfg)
     return cfg
 

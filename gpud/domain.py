@@ -17,6 +17,7 @@ __all__ = [
     "ACTIVE",
     "FINAL",
     "RETRYABLE",
+    "SUSPENDABLE_FROM",
     "TRANSITIONS",
     "Decision",
     "Gpu",
@@ -42,6 +43,9 @@ class JobState(enum.StrEnum):
     QUEUED = "queued"
     STARTING = "starting"
     RUNNING = "running"
+    #: stopped in place (SIGSTOP of its process group, #13): its GPUs are free for others,
+    #: its timeout clock is stopped and no GPU time is charged until it resumes
+    SUSPENDED = "suspended"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -49,7 +53,7 @@ class JobState(enum.StrEnum):
     LOST = "lost"
 
 
-Q, ST, R = JobState.QUEUED, JobState.STARTING, JobState.RUNNING
+Q, ST, R, S = JobState.QUEUED, JobState.STARTING, JobState.RUNNING, JobState.SUSPENDED
 OK, F, C, T, L = (
     JobState.SUCCEEDED,
     JobState.FAILED,
@@ -61,10 +65,14 @@ OK, F, C, T, L = (
 #: Every legal move. FAILED -> QUEUED and LOST -> QUEUED are the retry edges: the ledger
 #: takes them in the same transaction as the failure, so a job is never seen resting in
 #: FAILED or LOST while a retry is still due.
+#: RUNNING <-> SUSPENDED is suspend and resume (#13). A suspended job can also end where it
+#: is: cancelled, lost (its process gone at a restart), or its process ended on its own
+#: (killed while stopped, or continued by its owner's own SIGCONT), recorded as it ended.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     Q: frozenset({ST, C}),
     ST: frozenset({R, F, C, T, L}),
-    R: frozenset({OK, F, C, T, L}),
+    R: frozenset({OK, F, C, T, L, S}),
+    S: frozenset({R, OK, F, C, T, L}),
     F: frozenset({Q}),
     L: frozenset({Q}),
     OK: frozenset(),
@@ -72,13 +80,18 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     T: frozenset(),
 }
 
-#: States in which a job holds (or is about to hold) resources.
-ACTIVE: frozenset[JobState] = frozenset({Q, ST, R})
+#: States in which a job holds (or is about to hold) resources; a suspended job holds its
+#: stopped processes (and gets its GPUs back when it resumes).
+ACTIVE: frozenset[JobState] = frozenset({Q, ST, R, S})
 #: States a job rests in once it is over (FAILED and LOST only when no retry is left).
 FINAL: frozenset[JobState] = frozenset({OK, F, C, T, L})
 #: Outcomes the retry policy applies to. Timeouts and cancels are never retried: a job
 #: that ran out of time would most likely run out again, and a cancel is a user's word.
 RETRYABLE: frozenset[JobState] = frozenset({F, L})
+
+
+#: Only a running job can be suspended (a starting one has no process to stop yet).
+SUSPENDABLE_FROM: frozenset[JobState] = frozenset({R})
 
 
 class IllegalTransition(ValueError):
@@ -277,6 +290,23 @@ class Job:
     gpu_seconds: float = 0.0
     #: the interpreter it runs with (process executor); None: the executor's default
     python_env: PythonEnv | None = None
+    #: the jobs it starts after (#14): all of them succeeded (afterok), or with
+    #: ``deps_any``, all of them ended however they ended (afterany); see gpud.deps
+    deps: tuple[int, ...] = ()
+    deps_any: bool = False
+    #: a webhook URL told when the job ends in one of ``notify_on`` (#14, gpud.notify)
+    notify: str | None = None
+    notify_on: tuple[str, ...] = ()
+    #: may the scheduler suspend it for a higher-priority job (preempt_after, #13)
+    preemptible: bool = True
+    #: while SUSPENDED: when this suspension began, why ("suspended by alice", "suspended
+    #: for job 812 (priority 10 > 0)") and the job it was suspended for, if any
+    suspended_at: float | None = None
+    suspend_reason: str | None = None
+    suspended_for: int | None = None
+    #: seconds this attempt spent suspended in suspensions that ended (its deadline moves
+    #: by them; no GPU time is charged for them)
+    suspended_s: float = 0.0
     #: #14: send ``signal`` (None: SIGUSR1) this many seconds before the timeout
     signal_before: float | None = None
     signal: str | None = None

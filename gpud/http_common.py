@@ -62,6 +62,10 @@ def job_info(daemon: JobService, job: Job, wait: Wait | None | bool = True) -> J
                             else (None, None))
     else:
         reason, position = (wait.reason, wait.position) if wait else (None, None)
+    if job.state is JobState.SUSPENDED:
+        reason = daemon.suspended_note(job)  # "suspended for job 812 (priority 10 > 0)"
+    suspended = job.suspended_s + (daemon.clock.time() - job.suspended_at
+                                   if job.suspended_at is not None else 0.0)
     return JobInfo(
         id=job.id, name=job.function, state=job.state.value, owner=job.owner,
         priority=job.priority, gpu=job.gpu.to_spec() if job.gpu else None,
@@ -76,6 +80,8 @@ def job_info(daemon: JobService, job: Job, wait: Wait | None | bool = True) -> J
         startup=job.startup,
         python_path=job.python_env.path if job.python_env else None,
         python_prefix=job.python_env.prefix if job.python_env else None,
+        after=list(job.deps), after_any=job.deps_any,
+        preemptible=job.preemptible, suspended_seconds=round(suspended, 3),
         signal_before=job.signal_before, signal=job.signal, grace=job.grace,
     )
 

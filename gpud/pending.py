@@ -19,7 +19,7 @@ change state and go.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Hashable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from gpud.domain import GpuRequest, Job, JobState, served, warm_key
@@ -192,13 +192,18 @@ class ActiveJobs(dict[int, V]):
         self._job_of = job_of
         self.pending = PendingIndex()
         self.running: dict[int, Job] = {}
+        #: queued jobs kept out of :attr:`pending`: those waiting for dependencies (#14)
+        self.held: Container[int] = ()
 
     def refile(self, job_id: int) -> None:
         """File the job of ``job_id``'s record again (its state may have changed)."""
         job = self._job_of(self[job_id])
         if job.state is JobState.QUEUED:
             self.running.pop(job_id, None)
-            self.pending.add(job)
+            if job_id in self.held:
+                self.pending.discard(job_id)
+            else:
+                self.pending.add(job)
         else:
             self.pending.discard(job_id)
             self.running[job_id] = job

@@ -26,6 +26,7 @@ from gpud.clock import Clock
 from gpud.config import Config, is_loopback, parse_tcp
 from gpud.cudackpt import ckpt_text
 from gpud.daemon import AlreadyRunning, Daemon, instance_id, lock_data_dir
+from gpud.daemon.gpustate import CheckpointParker
 from gpud.executors.base import Executor, ExecutorRefusal
 from gpud.executors.podman import CDI_DIRS
 from gpud.executors.process import (
@@ -196,6 +197,8 @@ async def serve(
         # #13: held here for `gpud gpus` until parking is wired into the daemon itself.
         daemon.checkpointer = checkpointer  # type: ignore[attr-defined]
         daemon.checkpoint_support = ckpt_support  # type: ignore[attr-defined]
+        if checkpointer is not None and ckpt_support.ok:
+            daemon.gpu_parker = CheckpointParker(checkpointer)  # suspend parks GPU state
 
         hc = HyperConfig()
         sock_path.parent.mkdir(parents=True, exist_ok=True)

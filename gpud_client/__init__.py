@@ -19,6 +19,7 @@ from gpud_client.app import App, Function, FunctionOptions, function
 from gpud_client.batch import BatchHandle
 from gpud_client.client import AsyncClient, Client
 from gpud_client.cls import enter, exit, method
+from gpud_client.deps import result_of
 from gpud_client.duration import format_duration, parse_duration, parse_size
 from gpud_client.errors import (
     ApiError,
@@ -59,6 +60,7 @@ __all__ = [
     "JobTimedOut",
     "RemoteError",
     "VersionMismatch",
+    "result_of",
     "__version__",
     "enter",
     "exit",

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import operator
 import os
 import platform
@@ -34,12 +35,14 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from gpud_client.batch import BatchHandle, run_call
 from gpud_client.client import Client
 from gpud_client.cls import ClsProxy
+from gpud_client.deps import job_ids, result_refs
 from gpud_client.duration import parse_duration, parse_size
 from gpud_client.errors import VersionMismatch
 from gpud_client.handle import JobHandle
 from gpud_client.image import Image
 from gpud_client.imagebuild import ensure_image
 from gpud_client.models import BatchSubmitRequest, SubmitRequest
+from gpud_client.notify import notify_options
 from gpud_client.payload import dumps_args, dumps_function, pickle_by_value
 
 __all__ = ["App", "Function", "FunctionOptions", "function"]
@@ -64,6 +67,8 @@ class FunctionOptions:
     cpu: float | None = None
     keep_warm: float | None = None  # seconds; None: the daemon's default
     snapshot: bool = False  # restore from a container snapshot (Podman executor)
+    #: may the daemon suspend its jobs for higher-priority ones (preempt_after, #13)
+    preemptible: bool = True
     #: the interpreter jobs run with (process executor): None, this one (the caller's
     #: venv or conda env; $GPUD_JOB_PYTHON overrides); a path; or "daemon", the admin's
     python: str | None = None
@@ -72,6 +77,14 @@ class FunctionOptions:
     signal_before: float | None = None
     signal: str | None = None
     grace: float | None = None
+    #: dependencies (#14): job ids (or handles) whose success this job waits for (with
+    #: after_any: their end, however they end)
+    after: tuple[int, ...] = ()
+    after_any: bool = False
+    #: a webhook URL the daemon POSTs to when a job ends in one of notify_on (None: all
+    #: final states)
+    notify: str | None = None
+    notify_on: tuple[str, ...] | None = None
 
     @classmethod
     def build(
@@ -91,6 +104,11 @@ class FunctionOptions:
         signal_before: float | str | None = None,
         signal: str | None = None,
         grace: float | str | None = None,
+        after: Any = None,
+        after_any: bool = False,
+        notify: str | None = None,
+        notify_on: str | Sequence[str] | None = None,
+        preemptible: bool = True,
     ) -> FunctionOptions:
         """Check the options where they are written (at decoration), not at submit time.
         The GPU spec's syntax is the daemon's to judge: it answers 422 with the rules."""
@@ -142,6 +160,8 @@ class FunctionOptions:
             gpu=gpu, timeout=seconds, retries=retries, env=env_dict, priority=priority,
             image=image, memory=mem, cpu=None if cpu is None else float(cpu), keep_warm=warm,
             snapshot=bool(snapshot), python=_python_option(python),
+            after=job_ids(after), after_any=bool(after_any), **notify_options(notify, notify_on),
+            preemptible=bool(preemptible),
         )
 
 
@@ -260,6 +280,9 @@ class App:
         signal_before: float | str | None = None,
         signal: str | None = None,
         grace: float | str | None = None,
+        notify: str | None = None,
+        notify_on: str | Sequence[str] | None = None,
+        preemptible: bool = True,
         name: str | None = None,
     ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
 
@@ -282,6 +305,9 @@ class App:
         signal_before: float | str | None = None,
         signal: str | None = None,
         grace: float | str | None = None,
+        notify: str | None = None,
+        notify_on: str | Sequence[str] | None = None,
+        preemptible: bool = True,
         name: str | None = None,
     ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
         """Decorate a function to run on the daemon: ``@app.function`` or
@@ -290,6 +316,8 @@ class App:
             gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
             memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
         signal_before=signal_before, signal=signal, grace=grace,
+            notify=notify, notify_on=notify_on,
+            preemptible=preemptible,
         )
 
         def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -337,6 +365,9 @@ def function(
     signal_before: float | str | None = None,
     signal: str | None = None,
     grace: float | str | None = None,
+    notify: str | None = None,
+    notify_on: str | Sequence[str] | None = None,
+    preemptible: bool = True,
     name: str | None = None,
     url: str | None = None,
 ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
@@ -360,6 +391,9 @@ def function(
     signal_before: float | str | None = None,
     signal: str | None = None,
     grace: float | str | None = None,
+    notify: str | None = None,
+    notify_on: str | Sequence[str] | None = None,
+    preemptible: bool = True,
     name: str | None = None,
     url: str | None = None,
 ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
@@ -368,6 +402,8 @@ def function(
         gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
         memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
         signal_before=signal_before, signal=signal, grace=grace,
+        notify=notify, notify_on=notify_on,
+        preemptible=preemptible,
     )
 
     def wrap(f: Callable[P, R]) -> Function[P, R]:
@@ -483,14 +519,35 @@ class Function(Generic[P, R]):
             "signal_before": o.signal_before,
             "signal": o.signal,
             "grace": o.grace,
+            "after": list(o.after),
+            "after_any": o.after_any,
+            "notify": o.notify,
+            "notify_on": list(o.notify_on) if o.notify_on is not None else None,
+            "preemptible": o.preemptible,
         }
 
-    def submit_request(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SubmitRequest:
-        """The request that submits one call (the function pickled by value)."""
+    def submit_request(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                       after: Any = None) -> SubmitRequest:
+        """The request that submits one call (the function pickled by value). ``after``:
+        more dependencies; those its arguments' ``gpud.result_of`` name are implied."""
         with pickle_by_value(self._anchor):
             function_bytes, _ = dumps_function(self._fn)
             args_bytes = dumps_args(args, kwargs)
-        return SubmitRequest(function=function_bytes, args=args_bytes, **self._common())
+        common = self._common()
+        deps = (*common["after"], *job_ids(after), *result_refs(args, kwargs))
+        common["after"] = list(dict.fromkeys(deps))
+        return SubmitRequest(function=function_bytes, args=args_bytes, **common)
+
+    def _split_after(self, kwargs: dict[str, Any]) -> Any:
+        """``after=`` given to spawn/remote is gpud's, unless the function itself has a
+        parameter of that name (then set it with ``.with_options(after=...)``)."""
+        if "after" not in kwargs:
+            return None
+        try:
+            own = "after" in inspect.signature(self._fn).parameters
+        except (TypeError, ValueError):
+            own = False
+        return None if own else kwargs.pop("after")
 
     def batch_request(
         self, inputs: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
@@ -521,8 +578,9 @@ class Function(Generic[P, R]):
 
     def spawn(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
         """Submit one call and return its handle at once."""
+        after = self._split_after(kwargs)
         client = self._ready_client()
-        request = self.submit_request(args, kwargs)
+        request = self.submit_request(args, kwargs, after)
         info = client.submit(request)
         return JobHandle(info.id, client, info=info)
 
@@ -531,8 +589,10 @@ class Function(Generic[P, R]):
         the job's log to ``sys.stderr`` meanwhile. Ctrl-C cancels the job.
 
         One request (``POST /v1/jobs/run``) carries the submit, the log and the outcome."""
+        after = self._split_after(kwargs)
         client = self._ready_client()
-        value: R = run_call(client, self.submit_request(args, kwargs), log_to=sys.stderr)
+        value: R = run_call(client, self.submit_request(args, kwargs, after),
+                            log_to=sys.stderr)
         return value
 
     def spawn_map(

@@ -615,6 +615,14 @@ class Client(_Base):
         """``POST /v1/jobs/{id}/cancel``: returns once the job is final."""
         return self._do(_Call("POST", f"/jobs/{job_id}/cancel", JobInfo, read_timeout=timeout))
 
+    def suspend(self, job_id: int) -> JobInfo:
+        """``POST /v1/jobs/{id}/suspend``: stop a running job where it is (#13)."""
+        return self._do(_Call("POST", f"/jobs/{job_id}/suspend", JobInfo))
+
+    def resume(self, job_id: int) -> JobInfo:
+        """``POST /v1/jobs/{id}/resume``: continue a suspended job once its GPUs are free;
+        answers when it runs, or after 10 s with the reason it still waits."""
+        return self._do(_Call("POST", f"/jobs/{job_id}/resume", JobInfo, read_timeout=30.0))
     def state_files(self, job_id: int) -> StateList:
         """``GET /v1/jobs/{id}/state``: the files in the job's state directory (#14)."""
         return self._do(_Call("GET", f"/jobs/{job_id}/state", StateList))
@@ -832,6 +840,13 @@ class AsyncClient(_Base):
         return await self._do(
             _Call("POST", f"/jobs/{job_id}/cancel", JobInfo, read_timeout=timeout)
         )
+
+    async def suspend(self, job_id: int) -> JobInfo:
+        return await self._do(_Call("POST", f"/jobs/{job_id}/suspend", JobInfo))
+
+    async def resume(self, job_id: int) -> JobInfo:
+        return await self._do(_Call("POST", f"/jobs/{job_id}/resume", JobInfo,
+                                    read_timeout=30.0))
 
     async def gpus(self) -> GpuList:
         return await self._do(_Call("GET", "/gpus", GpuList))

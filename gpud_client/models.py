@@ -6,7 +6,7 @@ msgspec Structs: request bodies forbid unknown fields, so a typo in a field name
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -100,6 +100,14 @@ Inputs = Annotated[list[bytes], Meta(min_length=1, max_length=MAX_BATCH)]
 MaxConcurrency = Annotated[int, Meta(ge=1, le=MAX_BATCH,
                                      description="at most this many of the batch's jobs run "
                                                  "at once")]
+JobId = Annotated[int, Meta(ge=1, le=MAX_ID)]
+After = Annotated[list[JobId], Meta(max_length=1000, description=(
+    "ids of your own jobs this one starts after (#14): when all have succeeded, or "
+    "with after_any when all have ended"))]
+NotifyUrl = Annotated[str, Meta(min_length=1, max_length=2048, description=(
+    "a webhook URL POSTed to when the job ends (if the daemon's admin allows its host)"))]
+NotifyState = Literal["succeeded", "failed", "cancelled", "timed_out", "lost"]
+
 #: Results up to this size travel inline in ``/v1/jobs/run``, ``/v1/jobs/{id}/stream`` and
 #: ``/v1/batches/{id}/results`` (#12); a larger one is fetched from ``/v1/jobs/{id}/result``.
 INLINE_RESULT_MAX = 1 << 20
@@ -131,6 +139,9 @@ class SubmitRequest(_Request):
     #: start from a container snapshot taken after the function's setup (Podman
     #: executor; elsewhere it runs as without)
     snapshot: bool = False
+    #: may the daemon suspend it for a higher-priority job (its preempt_after, #13); a
+    #: suspended job continues where it stopped, so only time is lost
+    preemptible: bool = True
     #: the interpreter to run the job with (process executor, #11): the caller's own
     #: ``sys.executable`` (as the venv sees it, not resolved), another absolute path, or
     #: "daemon" for the admin's configured interpreter; None (older clients): "daemon"
@@ -140,6 +151,13 @@ class SubmitRequest(_Request):
     python_prefix: str | None = None
     #: makes a retried submit exactly-once (docs/api.md, "Idempotent submits")
     idempotency_key: IdempotencyKey | None = None
+    #: dependencies (#14): start only after these jobs of yours have succeeded (or,
+    #: with ``after_any``, ended however); one that fails cancels this job
+    after: After = []
+    after_any: bool = False
+    #: a webhook told when the job ends in one of ``notify_on`` (None: any final state)
+    notify: NotifyUrl | None = None
+    notify_on: list[NotifyState] | None = None
     #: send ``signal`` this many seconds before the job's timeout (#14); None: no warning
     signal_before: SignalBefore | None = None
     #: the early-warning signal's name; None: SIGUSR1
@@ -171,6 +189,9 @@ class BatchSubmitRequest(_Request):
     #: start from a container snapshot taken after the function's setup (Podman
     #: executor; elsewhere it runs as without)
     snapshot: bool = False
+    #: may the daemon suspend it for a higher-priority job (its preempt_after, #13); a
+    #: suspended job continues where it stopped, so only time is lost
+    preemptible: bool = True
     #: the interpreter to run the job with (process executor, #11): the caller's own
     #: ``sys.executable`` (as the venv sees it, not resolved), another absolute path, or
     #: "daemon" for the admin's configured interpreter; None (older clients): "daemon"
@@ -182,6 +203,13 @@ class BatchSubmitRequest(_Request):
     idempotency_key: IdempotencyKey | None = None
     #: at most this many of the batch's jobs run at once (Slurm's ``%N``); None: no limit
     max_concurrency: MaxConcurrency | None = None
+    #: dependencies (#14): start only after these jobs of yours have succeeded (or,
+    #: with ``after_any``, ended however); one that fails cancels this job
+    after: After = []
+    after_any: bool = False
+    #: a webhook told when the job ends in one of ``notify_on`` (None: any final state)
+    notify: NotifyUrl | None = None
+    notify_on: list[NotifyState] | None = None
     #: send ``signal`` this many seconds before the job's timeout (#14); None: no warning
     signal_before: SignalBefore | None = None
     #: the early-warning signal's name; None: SIGUSR1
@@ -235,10 +263,18 @@ class JobInfo(msgspec.Struct, kw_only=True):
     #: with the Podman executor (the image's python runs)
     python_path: str | None = None
     python_prefix: str | None = None
+    #: may the scheduler suspend it for a higher-priority job (#13)
+    preemptible: bool = True
+    #: seconds its current attempt has spent suspended (its timeout moves by them; no GPU
+    #: time is charged for them); for a suspended job, ``reason`` says why it is
+    suspended_seconds: float = 0.0
     #: True for another user's job in ``/v1/queue``: its id, owner, state, GPU request,
     #: priority, timeout, times and place in the queue are shown, and the fields private to
     #: its owner (name, Python, image, limits, errors, results) are left out (#10)
     private: bool = False
+    #: the jobs it starts after (#14), and whether any end of theirs will do
+    after: list[int] = []
+    after_any: bool = False
     #: the early warning (#14): seconds before the timeout, and the signal's name
     signal_before: float | None = None
     signal: str | None = None
@@ -542,6 +578,7 @@ class BatchCounts(msgspec.Struct, kw_only=True):
     queued: int = 0
     starting: int = 0
     running: int = 0
+    suspended: int = 0  # #13
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0

@@ -24,6 +24,10 @@
 #    memory freed, its checksum is intact; park/unpark seconds and GB/s against the PCIe
 #    limit are printed (bounded to ~3 minutes); the daemon's log then says "GPU
 #    checkpointing: available".
+# 6. (#13) scripts/gpu_preempt_check.py: with preempt_after 3s, a priority-0 torch loop
+#    holding GPU_PREEMPT_GIB GiB (default 4) is suspended for a priority-10 job (its GPU
+#    state parked: NVML shows the memory freed, no progress meanwhile), which succeeds;
+#    the loop then resumes and finishes with the right checksum (bounded to ~4 minutes).
 #
 # Prints PASS/FAIL lines; exits 0 only when every check passed. The daemon is stopped,
 # its jobs killed and the temporary directory removed on exit, also on Ctrl-C.
@@ -185,7 +189,7 @@ export GPUD_URL="unix://$SOCK"
 # Not resolved through links: a venv's python must stay the venv's.
 JOB_PY="${JOB_PYTHON:-$("$PY" -c 'import sys; print(sys.executable)')}"
 serve_env=(GPUD_DATA_DIR="$BASE/data" GPUD_SOCKET="$SOCK" GPUD_GPUS=auto GPUD_KILL_GRACE=2
-           GPUD_GPU_POLL_INTERVAL=1)
+           GPUD_GPU_POLL_INTERVAL=1 GPUD_PREEMPT_AFTER=3s)
 if [ "$EXECUTOR" = podman ]; then
   serve_env+=(GPUD_EXECUTOR=podman GPUD_PODMAN_START_SERVICE=1)
   [ -n "$IMAGE" ] && serve_env+=(GPUD_DEFAULT_IMAGE="$IMAGE")
@@ -388,6 +392,20 @@ failed=$((failed + $(echo "$check_out" | grep -c '^FAIL:')))
 if ! echo "$check_out" | grep -qE '^(PASS|FAIL):'; then
   fail "checking the job failed: $check_out"
 fi
+
+# -- 6. preemption (#13): a priority-0 torch loop is suspended (GPU state parked) for a
+#    priority-10 job, then resumes and finishes with the right checksum --------------------
+echo "----- scripts/gpu_preempt_check.py"
+pre_out="$(timeout 300 "$PY" "$REPO/scripts/gpu_preempt_check.py" --gib "${GPU_PREEMPT_GIB:-4}" \
+           --timeout 240 2>&1)"
+pre_rc=$?
+echo "$pre_out"
+passed=$((passed + $(echo "$pre_out" | grep -c '^PASS:')))
+failed=$((failed + $(echo "$pre_out" | grep -c '^FAIL:')))
+if [ $pre_rc -ne 0 ] && ! echo "$pre_out" | grep -q '^FAIL:'; then
+  fail "scripts/gpu_preempt_check.py exited $pre_rc without a FAIL line (timed out?)"
+fi
+echo "-----"
 if [ "$failed" -ne 0 ]; then
   echo "----- daemon log (last 30 lines)"
   tail -30 "$BASE/daemon.log"

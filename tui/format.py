@@ -26,15 +26,16 @@ __all__ = [
     "state_text",
 ]
 
-STATES = ("queued", "starting", "running", "succeeded", "failed", "cancelled", "timed_out",
-          "lost")
-ACTIVE_STATES = ("queued", "starting", "running")
+STATES = ("queued", "starting", "running", "suspended", "succeeded", "failed", "cancelled",
+          "timed_out", "lost")
+ACTIVE_STATES = ("queued", "starting", "running", "suspended")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "lost")
 
 _STATE_STYLE = {
     "queued": "yellow",
     "starting": "cyan",
     "running": "bold green",
+    "suspended": "blue",
     "succeeded": "green",
     "failed": "bold red",
     "cancelled": "magenta",

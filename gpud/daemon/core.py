@@ -13,12 +13,13 @@ import trio
 from gpud.batches import BatchLimits
 from gpud.clock import Clock, SystemClock
 from gpud.config import Config
-from gpud.daemon import jobfiles
+from gpud.daemon import dependencies, jobfiles
 from gpud.daemon.record import (
     Finished,
     JobRecord,
     _advance_in_order,
 )
+from gpud.deps import DepIndex
 from gpud.domain import (
     FINAL,
     Gpu,
@@ -35,6 +36,7 @@ from gpud.ledger import LedgerThread, Step
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import finished_gpu_intervals
 from gpud.metrics import HistoryBuffer
+from gpud.notify import Notifier
 from gpud.pending import ActiveJobs
 from gpud.retry import RetryPolicy, after
 from gpud.scheduler import Plan, Waits
@@ -116,6 +118,11 @@ class DaemonCore:
         self.retry_policy = RetryPolicy(config.retry_backoff, config.retry_backoff_max)
         self.usage = DecayedTotals(config.fairshare_half_life, now=self.clock.time())
         self.batches = BatchLimits(ledger)  # max_concurrency of .map batches (#12)
+        #: jobs waiting for dependencies, kept out of the scheduler's queue (#14)
+        self.deps = DepIndex()
+        self.jobs.held = self.deps
+        #: webhooks told of jobs' ends, by a task of their own (#14)
+        self.notifier = Notifier(config)
 
     async def get(self, job_id: int) -> Job:
         rec = self.jobs.get(job_id)
@@ -164,6 +171,8 @@ class DaemonCore:
         rec.seq, rec.job = seq, job
         if job.state in FINAL:
             del self.jobs[job_id]
+            dependencies.job_ended(self, job)  # its waiters go on or are cancelled (#14)
+            self.notifier.job_ended(job)
         else:
             self.jobs.refile(job_id)  # the queue index follows the job's state (#12)
         ev, rec.changed = rec.changed, None
@@ -178,10 +187,13 @@ class DaemonCore:
         code began (a warm worker says so inline), so the job's files are not read."""
         now = self.clock.time()
         current = await self.get(job.id)
-        if current.gpus and current.state is JobState.RUNNING and current.started_at:
+        if current.gpus and current.state in (JobState.RUNNING, JobState.SUSPENDED) \
+                and current.started_at:
             # Fair share counts from when the process started, within milliseconds of when
-            # the GPUs were handed out (the ledger's accounting has the exact figure).
-            self.usage.add(current.owner, current.started_at, now, len(current.gpus), now=now)
+            # the GPUs were handed out (the ledger's accounting has the exact figure),
+            # less its suspended time (#13).
+            self.usage.add(current.owner, _charged_from(current, now), now,
+                           len(current.gpus), now=now)
         fields: dict[str, object] = {}
         rec = self.jobs.get(job.id)
         dispatched = rec.dispatched_at if rec is not None else None
@@ -256,6 +268,14 @@ class DaemonCore:
         for j in running:
             if j.gpus and j.state is JobState.RUNNING and j.started_at is not None:
                 usage[j.owner] = usage.get(j.owner, 0.0) + interval_usage(
-                    j.started_at, now, len(j.gpus), now=now,
+                    _charged_from(j, now), now, len(j.gpus), now=now,
                     half_life=self.config.fairshare_half_life)
         return usage
+
+
+def _charged_from(job: Job, now: float) -> float:
+    """Where a job's charged GPU time starts: its start, moved by its suspended time so far
+    (#13), as if it had been suspended before it ran (decay places it a little early)."""
+    assert job.started_at is not None
+    suspended = job.suspended_s + (now - job.suspended_at if job.suspended_at else 0.0)
+    return min(now, job.started_at + suspended)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gpud import longrun, statedir
+from gpud.daemon.depfiles import link_results
 from gpud.daemon.record import Finished
 from gpud.domain import (
     Gpu,
@@ -52,6 +53,7 @@ def prepare_job_dir(jobs_dir: Path, job: Job, function: bytes, args: bytes,
                           function=function, args=args, attempt=job.attempt)
         for name, data in files.items():
             write_new(d / name, data, owner)
+    link_results(jobs_dir, d, job.deps, owner)  # for gpud.result_of (#14)
     log_path = d / "output.log"
     fd = open_append(log_path, owner)
     try:
@@ -80,6 +82,15 @@ def collect(jobs_dir: Path, data_dir: Path, job: Job, outcome: Outcome) -> Finis
     return judge(data_dir, status, has_result, outcome)
 
 
+def reap_and_collect(reap: Callable[[], None], jobs_dir: Path, data_dir: Path, job: Job,
+                     outcome: Outcome) -> tuple[Finished, float | None]:
+    """After a cold job's process ended: kill what it left (``reap``), read its outcome
+    and when the user's code began. One trip to a worker thread where there were three,
+    on the way from the process's exit to the caller's answer (#12)."""
+    reap()
+    return collect(jobs_dir, data_dir, job, outcome), user_start(jobs_dir, job.id)
+
+
 def judge(data_dir: Path, status: WorkerStatus | None, has_result: bool,
           outcome: Outcome) -> Finished:
     """How an attempt ended, from the worker's status (read from status.json, or sent
@@ -95,6 +106,11 @@ def judge(data_dir: Path, status: WorkerStatus | None, has_result: bool,
         hint = " (out of memory?)" if outcome.signal == 9 else ""
         why = f"the job's process was killed by signal {outcome.signal}{hint} before it " \
               "wrote a result"
+    elif code in (126, 127):
+        # setpriv (a root daemon's user switch, #12) could not exec the interpreter: its
+        # message is the first line of the job's log.
+        why = f"the job's interpreter could not be started (exit code {code}); its log " \
+              "says why"
     elif code is not None:
         why = f"the job's process exited with code {code} without writing a result"
     else:

@@ -68,8 +68,10 @@ class SchedulingLoop(Supervision):
                    "space is freed there")
             self.waits = {j.id: Wait(j.id, why, i) for i, j in enumerate(pending, 1)}
             return now + 2.0
-        usage = self._usage_now(running, now)
         idle = self.warm.idle() if self.warm is not None else []
+        # Suspended jobs hold no GPUs; those due to resume get theirs first (#13).
+        running = await self.resume_round(running, [u for w in idle for u in w.gpus])
+        usage = self._usage_now(running, now)
         # Warm matching is part of the pure plan, in the same (fair-share) order (#12).
         p = plan(pending, running, self.gpus,
                  [IdleWorker(w.id, w.key, w.gpus, w.last_job, w.key[3]) for w in idle],
@@ -94,7 +96,9 @@ class SchedulingLoop(Supervision):
                 await self._end_warm(w, f"its GPUs are needed by job {d.job_id}")
             await self._start(d)
         self.waits = p.waits  # worked out when first read (#12)
+        due = await self.preempt_round(p, running, now)  # #13, with preempt_after set
         backoffs = [p.next_backoff] if p.next_backoff is not None else []
+        backoffs += [due] if due is not None else []  # a job's wait reaches preempt_after
         if self._write_blocked:
             self._write_blocked = False
             backoffs.append(now + 1.0)

@@ -4,11 +4,12 @@ daemon left."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import trio
 
-from gpud.daemon import jobfiles
+from gpud.daemon import dependencies, jobfiles
 from gpud.daemon.record import (
     Finished,
     JobRecord,
@@ -37,10 +38,15 @@ class Recovery(Supervision):
         assert self._nursery is not None
         await trio.to_thread.run_sync(self.executor.cleanup, {j.id for j in jobs},
                                       {j.pid for j in jobs if j.pid})
+        # Jobs waiting for dependencies are held again before they enter (#14).
+        doomed = await dependencies.admit(self, jobs, active={j.id for j in jobs})
         for job in jobs:
             self.jobs[job.id] = JobRecord(job)
+        dependencies.cancel_doomed(self, doomed)
         for job in jobs:
-            if job.state is not JobState.QUEUED:
+            if job.state is JobState.SUSPENDED:
+                await self._recover_suspended(job)  # #13
+            elif job.state is not JobState.QUEUED:
                 await self._recover_job(job)
 
     async def _recover_job(self, job: Job) -> None:
@@ -90,6 +96,20 @@ class Recovery(Supervision):
         await self._finish(job, Finished(
             JobState.LOST, "the daemon restarted and the job's process was gone",
             None, False, True))
+
+    async def _recover_suspended(self, job: Job) -> None:
+        """A job suspended when the daemon stopped: its stopped processes are adopted and
+        resumed when its GPUs are free; if they are gone, it is lost (#13)."""
+        assert self._nursery is not None
+        handle = await trio.to_thread.run_sync(
+            self.executor.adopt, dataclasses.replace(job, state=JobState.RUNNING))
+        if await self.recover_suspended(job, handle):
+            assert handle is not None
+            self._nursery.start_soon(self._supervise, job, handle)
+            return
+        await self._finish(job, Finished(
+            JobState.LOST, "the daemon restarted while the job was suspended, and its "
+            "process was gone", None, False, True))
 
     def _resume_start(self, job: Job) -> None:
         """Carry on starting a STARTING job (its GPUs are still its own) from the launch."""

@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import trio
 
 from gpud import longrun, queue_view
 from gpud.crashpoint import crash_point
+from gpud.daemon import dependencies
 from gpud.daemon.gpupoll import GpuPolling
 from gpud.daemon.loop import SchedulingLoop
 from gpud.daemon.record import (
@@ -21,6 +23,7 @@ from gpud.daemon.record import (
     _get_many,
 )
 from gpud.daemon.recovery import Recovery
+from gpud.deps import check_after
 from gpud.domain import (
     FINAL,
     GpuRequest,
@@ -30,12 +33,12 @@ from gpud.domain import (
     PythonEnv,
     Wait,
 )
-from gpud.executors.base import ExecutorRefusal
-from gpud.executors.process import ProcessExecutor
+from gpud.executors.base import ExecutorRefusal, InterpreterCapable
 from gpud.images import Build
 from gpud.ledger import Event, IdempotencyKey, NewJob, Replay, Step
 from gpud.ledger import snapshots as snapshot_store
 from gpud.ledger.batches import BatchRow, batch_job_ids, batch_jobs, batch_row, batch_states
+from gpud.ledger.deps import owners_and_states
 from gpud.ledger.snapshots import Snapshot
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import AttemptUsage, UsageBucket, attempts_between, buckets_between
@@ -74,8 +77,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
             ) from None
         mine = worker.rsplit(".", 1)[0]
         theirs = python.rsplit(".", 1)[0] if python.count(".") >= 2 else python
-        own = python_path not in (None, "daemon") and isinstance(self.executor,
-                                                                 ProcessExecutor)
+        own = python_path not in (None, "daemon") and self.caps.job_python
         if theirs != mine and not own:
             where = f"image {resolved} has" if resolved else "this daemon's workers run"
             fix = (f"use an image with Python {theirs}" if resolved else
@@ -98,17 +100,23 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                              python_prefix: str | None) -> PythonEnv | None:
         """The interpreter a job of ``owner`` runs with (process executor, #11), checked
         as the user it runs as; None where the executor picks it (a container's)."""
-        if not isinstance(self.executor, ProcessExecutor):
+        if not self.caps.job_python:
             return None
+        executor = cast(InterpreterCapable, self.executor)
         try:
             ident = run_as(owner, self.identity)
         except NoUnixAccount as e:
             raise SubmitError(str(e)) from None
         try:
-            return await self.executor.resolve_python(
+            return await executor.resolve_python(
                 python_path, version=python, prefix=python_prefix, ident=ident, owner=owner)
         except ExecutorRefusal as e:
             raise SubmitError(str(e)) from None
+
+    async def check_after(self, owner: str, ids: Sequence[int]) -> str | None:
+        """Why a submit may not name these jobs in ``after`` (#14; None: it may)."""
+        found = await self.ledger.call(owners_and_states, ids)
+        return check_after(owner, ids, found)
 
     async def submit(
         self, jobs: Sequence[NewJob], function: bytes, *, batch: bool = False,
@@ -128,8 +136,10 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
             self.batches.note(batch_id, max_concurrency)
         # Durable now: only after the COMMIT do they exist for anyone else.
         made = await self.ledger.call(_get_many, ids)
+        doomed = await dependencies.admit(self, made)  # held before they enter (#14)
         for j in made:
             self.jobs.setdefault(j.id, JobRecord(j))
+        dependencies.cancel_doomed(self, doomed)
         self._reschedule()
         return batch_id, made
 
@@ -180,6 +190,9 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         return self.config.jobs_dir / str(job_id) / RESULT_FILE
 
     def reason(self, job_id: int) -> tuple[str | None, int | None]:
+        held = self.deps.reason(job_id)
+        if held is not None:
+            return held, None  # not in the scheduler's queue yet: no place in it (#14)
         w = self.wait_of(job_id)
         if w is None:
             return None, None
@@ -188,7 +201,8 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
     def wait_of(self, job_id: int) -> Wait | None:
         """Why a queued job waits and its position, as of the last scheduling round:
         read on its own, without working out the rest of the queue's (#12)."""
-        return queue_view.wait_of(self.waits, self.jobs.pending, job_id)
+        return (queue_view.wait_of(self.waits, self.jobs.pending, job_id)
+                or self.batches.wait_of(job_id, len(self.jobs.pending)))
 
     def queue_page(self, offset: int, limit: int) -> tuple[list[tuple[Job, Wait | None]], int]:
         """A page of the queue in scheduling order, each job with its wait, and how many
@@ -206,7 +220,8 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         return [r.job for r in self.jobs.values() if r.job.state is JobState.QUEUED]
 
     def queued_count(self, owner: str) -> int:
-        return self.jobs.pending.queued_by(owner)  # O(1): kept by the queue index (#12)
+        # O(1): kept by the queue index (#12) and the dependency index (#14)
+        return self.jobs.pending.queued_by(owner) + self.deps.held_by(owner)
 
     def fresher(self, jobs: Sequence[Job]) -> list[Job]:
         """Jobs read from the ledger, each replaced by the daemon's own copy where it has
@@ -278,7 +293,8 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                            submitted_at=0.0, owner=w.key[3], gpus=w.gpus)
                 held.update((u, last) for u in w.gpus)
         held.update((u, r.job) for r in self.jobs.values()
-                    if r.job.state is not JobState.QUEUED for u in r.job.gpus)
+                    if r.job.state not in (JobState.QUEUED, JobState.SUSPENDED)
+                    for u in r.job.gpus)
         return held
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -300,6 +316,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                 nursery.start_soon(self._gpu_loop)
                 nursery.start_soon(self._schedule_loop)
                 nursery.start_soon(retention_loop, self)
+                nursery.start_soon(self.notifier.run)
                 task_status.started()
                 await trio.sleep_forever()
             finally:

@@ -13,13 +13,13 @@ import trio
 from gpud import longrun
 from gpud.crashpoint import crash_point
 from gpud.daemon import jobfiles
-from gpud.daemon.core import DaemonCore
 from gpud.daemon.record import (
     Finished,
     _fmt_seconds,
     _served,
     _task_env,
 )
+from gpud.daemon.suspend import Suspending, deadline
 from gpud.domain import (
     FINAL,
     Job,
@@ -37,7 +37,7 @@ from gpud_client.jobdir import WorkerStatus, parse_status
 log = logging.getLogger("gpud")
 
 
-class Supervision(DaemonCore):
+class Supervision(Suspending):
     async def _supervise(self, job: Job, handle: Handle | None) -> None:
         """Run one job to its end; an unexpected error fails the job, never the daemon."""
         rec = self.jobs.get(job.id)
@@ -96,8 +96,8 @@ class Supervision(DaemonCore):
             log.info("job %s started: pid %s, gpus %s", job_id, handle.pid,
                      ",".join(job.gpus) or "none")
         rec.handle = handle
-        started = job.started_at or self.clock.time()
-        scope.deadline = trio.current_time() + max(0.0, started + job.timeout - self.clock.time())
+        # Moved by its suspended time; none while it is suspended (#13).
+        scope.deadline = deadline(rec.job, self.clock.time(), trio.current_time())
         outcome: Outcome | None = None
         warn = longrun.start_warning(self._nursery, self.executor, job, handle, scope,
                                      self.config.jobs_dir / str(job_id) / "output.log")
@@ -111,16 +111,21 @@ class Supervision(DaemonCore):
             await self._stop_and_finish(job, handle)
         else:
             crash_point("before_finish")
-            await trio.to_thread.run_sync(self.executor.reap, handle)
-            await self._finish(job, await self._collect(job, outcome))
+            ended, began = await trio.to_thread.run_sync(
+                jobfiles.reap_and_collect, lambda: self.executor.reap(handle),
+                self.config.jobs_dir, self.config.data_dir, job, outcome)
+            await self._finish(job, ended, began=began, began_known=True)
 
     async def _stop_and_finish(self, job: Job, handle: Handle) -> None:
         """The job's cancel scope fired: stop it (TERM, grace, KILL) and record why."""
         rec = self.jobs.get(job.id)
         stop_as = (rec.stop_reason if rec is not None else None) or JobState.TIMED_OUT
+        await self.stop_signal_hook(job, handle)  # a suspended job must see its SIGTERM
         grace = longrun.grace_of(job, self.config)
         killed = await self.executor.stop(handle, grace)
         why = ("cancelled" if stop_as is JobState.CANCELLED
+               else "its GPU state could not be brought back after a suspension (see the "
+               "daemon's log)" if stop_as is JobState.FAILED  # gpud.daemon.suspend (#13)
                else f"timed out after {_fmt_seconds(job.timeout)}")
         why = longrun.stop_text(why, stop_as, killed, grace)  # which signal ended it (#14)
         await self._finish(job, Finished(stop_as, why, None, False, False))
@@ -169,8 +174,7 @@ class Supervision(DaemonCore):
             crash_point("warm_worker_ready")
             rec.handle = w.handle
             job = await self._advance(job.id, self._running_step(w, kind, note))
-        started = job.started_at or self.clock.time()
-        scope.deadline = trio.current_time() + max(0.0, started + job.timeout - self.clock.time())
+        scope.deadline = deadline(rec.job, self.clock.time(), trio.current_time())
         done: Done | None = None
         finished = False
         task_dir = self.executor.task_dir(spec.job_dir)
@@ -276,7 +280,9 @@ class Supervision(DaemonCore):
         return w
 
     async def _launch(self, job: Job) -> Handle:
-        function, args = await self.ledger.call(Ledger.payload, job.id)
+        # On the read connection: not behind the writer's group of commits (#12). The
+        # payload was committed with the submit, long before.
+        function, args = await self.ledger.read(Ledger.payload, job.id)
         # Its submitter's Unix user on a root daemon (never root); a job whose owner lost
         # their account since submitting fails here, saying so.
         ident = run_as(job.owner, self.identity)

@@ -273,8 +273,26 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE batches ADD COLUMN max_concurrency INTEGER;
     """,
-    # 15 (#14, helper longrun; renumber on merge): the early warning before a job's
-    # timeout and its stop grace. NULL: none / the daemon's defaults.
+    # 12 (#13): suspend, resume and preemption. The event log has every suspend and resume
+    # with its reason; these columns are what the daemon needs without reading it back.
+    """
+    ALTER TABLE jobs ADD COLUMN preemptible INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN suspended_at REAL;      -- the current suspension's start
+    ALTER TABLE jobs ADD COLUMN suspend_reason TEXT;    -- "suspended by alice", ...
+    ALTER TABLE jobs ADD COLUMN suspended_for INTEGER;  -- the job it was preempted for
+    ALTER TABLE jobs ADD COLUMN suspended_s REAL NOT NULL DEFAULT 0; -- this attempt's, ended
+    -- Tenths of a second a GPU holding spent suspended: not charged (ds leaves them out).
+    ALTER TABLE gpu_usage ADD COLUMN suspended_ds INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 13 (#14): dependencies (comma-separated ids, fixed at submit: the ids existed then,
+    # so no cycle can be made) and the webhook told when the job ends.
+    """
+    ALTER TABLE jobs ADD COLUMN deps TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN deps_any INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN notify TEXT;
+    """,
+    # 14 (#14): the early warning before a job's timeout and its stop grace. NULL: none /
+    # the daemon's defaults.
     """
     ALTER TABLE jobs ADD COLUMN signal_before REAL;
     ALTER TABLE jobs ADD COLUMN signal TEXT;

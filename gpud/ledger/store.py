@@ -35,6 +35,7 @@ from gpud.domain import (
     transition,
 )
 from gpud.ledger.schema import migrate
+from gpud.ledger.suspension import SUSPENSION_COLUMNS, on_step
 from gpud.ledger.usage import close_attempt, open_attempt
 
 __all__ = [
@@ -119,6 +120,11 @@ class NewJob:
     keep_warm: float = 0.0
     snapshot: bool = False
     python_env: PythonEnv | None = None
+    deps: tuple[int, ...] = ()  # #14: checked at submit (they exist, they are the owner's)
+    deps_any: bool = False
+    notify: str | None = None
+    notify_on: tuple[str, ...] = ()
+    preemptible: bool = True
     signal_before: float | None = None  # #14: the early warning, seconds before timeout
     signal: str | None = None
     grace: float | None = None
@@ -148,12 +154,14 @@ _SETTABLE = frozenset({
     "gpus", "not_before", "started_at", "ended_at", "pid", "pid_start",
     "exit_code", "error", "has_result", "start_kind", "startup",
     "gpu_types",  # not a column: the types of "gpus", for the accounting rows (#5)
+    *SUSPENSION_COLUMNS,
 })
 _JOB_COLUMNS = (
     "id, name, owner, state, priority, gpu, timeout, retries, attempt, not_before, gpus, "
     "batch_id, python, image, env, function_hash, submitted_at, started_at, ended_at, pid, "
     "pid_start, exit_code, error, has_result, memory, cpus, keep_warm, start_kind, startup, "
-    "wall_ds, gpu_ds, snapshot, python_env, signal_before, signal, grace"
+    "wall_ds, gpu_ds, snapshot, python_env, deps, deps_any, notify, preemptible, "
+    "suspended_at, suspend_reason, suspended_for, suspended_s, signal_before, signal, grace"
 )
 
 
@@ -194,10 +202,26 @@ def _row_to_job(r: sqlite3.Row) -> Job:
         gpu_seconds=r["gpu_ds"] / 10,
         python_env=PythonEnv.from_json(json.loads(r["python_env"])) if r["python_env"]
         else None,
+        deps=tuple(int(i) for i in r["deps"].split(",") if i),
+        deps_any=bool(r["deps_any"]),
+        **_notify_fields(r["notify"]),
+        preemptible=bool(r["preemptible"]),
+        suspended_at=r["suspended_at"],
+        suspend_reason=r["suspend_reason"],
+        suspended_for=r["suspended_for"],
+        suspended_s=r["suspended_s"],
         signal_before=r["signal_before"],
         signal=r["signal"],
         grace=r["grace"],
     )
+
+
+def _notify_fields(raw: str | None) -> dict[str, Any]:
+    """The notify column: JSON {"url": ..., "on": [...]} (#14)."""
+    if not raw:
+        return {}
+    data = json.loads(raw)
+    return {"notify": data["url"], "notify_on": tuple(data["on"])}
 
 
 def _make_private(path: Path) -> None:
@@ -335,9 +359,10 @@ class Ledger:
                 cur = c.execute(
                     "INSERT INTO jobs (name, owner, state, priority, gpu, timeout, retries, "
                     "batch_id, python, image, env, function_hash, args, submitted_at, memory, "
-                    "cpus, keep_warm, snapshot, python_env, signal_before, signal, grace) "
+                    "cpus, keep_warm, snapshot, python_env, deps, deps_any, notify, "
+                    "preemptible, signal_before, signal, grace) "
                     "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                    "?, ?, ?)",
+                    "?, ?, ?, ?, ?, ?, ?)",
                     (
                         j.name, j.owner, j.priority,
                         json.dumps(j.gpu.to_spec()) if j.gpu else None,
@@ -345,6 +370,10 @@ class Ledger:
                         json.dumps(j.env, sort_keys=True), j.function_hash, j.args, now,
                         j.memory, j.cpus, j.keep_warm, int(j.snapshot),
                         json.dumps(j.python_env.to_json()) if j.python_env else None,
+                        ",".join(map(str, j.deps)), int(j.deps_any),
+                        json.dumps({"url": j.notify, "on": list(j.notify_on)})
+                        if j.notify else None,
+                        int(j.preemptible),
                         j.signal_before, j.signal, j.grace,
                     ),
                 )
@@ -436,6 +465,7 @@ class Ledger:
                 uuids = tuple(cols.get("gpus", ()))
                 if "gpus" in cols:
                     cols["gpus"] = ",".join(cols["gpus"])
+                on_step(c, job_id, attempt, state, new, now, cols)  # suspensions (#13)
                 if new is JobState.STARTING:
                     attempt += 1
                     cols["attempt"] = attempt
@@ -541,7 +571,7 @@ class Ledger:
     def active(self) -> list[Job]:
         rows = self.conn.execute(
             f"SELECT {_JOB_COLUMNS} FROM jobs "
-            "WHERE state IN ('queued', 'starting', 'running') ORDER BY id"
+            "WHERE state IN ('queued', 'starting', 'running', 'suspended') ORDER BY id"
         )
         return [_row_to_job(r) for r in rows]
 

@@ -55,12 +55,13 @@ def close_attempt(c: sqlite3.Connection, job_id: int, attempt: int, ended_at: fl
         return
     wall = to_ds(ended_at - row[0])
     gpu = 0
-    for uuid, started in c.execute(
-        "SELECT gpu_uuid, started_at FROM gpu_usage "
+    for uuid, started, suspended in c.execute(
+        "SELECT gpu_uuid, started_at, suspended_ds FROM gpu_usage "
         "WHERE job_id = ? AND attempt = ? AND ended_at IS NULL",
         (job_id, attempt),
     ).fetchall():
-        d = to_ds(ended_at - started)
+        # Suspended time (#13) held no GPU: it is not charged.
+        d = max(0, to_ds(ended_at - started) - int(suspended or 0))
         gpu += d
         c.execute(
             "UPDATE gpu_usage SET ended_at = ?, ds = ? "
@@ -123,8 +124,10 @@ class GpuInterval:
 def finished_gpu_intervals(ledger: Ledger, since: float) -> list[GpuInterval]:
     """Every finished GPU holding that ended after ``since`` (one row per GPU), for the
     fair-share totals the daemon loads at start-up."""
+    # A holding's suspended time (#13) is not usage: its interval starts that much later.
     rows = ledger.conn.execute(
-        "SELECT owner, started_at, ended_at FROM gpu_usage "
+        "SELECT owner, min(ended_at, started_at + suspended_ds / 10.0), ended_at "
+        "FROM gpu_usage "
         "WHERE ended_at IS NOT NULL AND ended_at > ? ORDER BY ended_at",
         (since,),
     )

@@ -47,19 +47,19 @@ _COLUMNS = [
 #: The state filters `f` cycles through: (label, states or None for all).
 FILTERS: list[tuple[str, tuple[str, ...] | None]] = [
     ("all states", None),
-    ("active", ("queued", "starting", "running")),
+    ("active", ("queued", "starting", "running", "suspended")),
     ("running", ("starting", "running")),
     ("succeeded", ("succeeded",)),
     ("failed", ("failed", "timed_out", "lost")),
     ("cancelled", ("cancelled",)),
 ]
 
-_ACTIVE_RANK = {"running": 0, "starting": 1, "queued": 2}
+_ACTIVE_RANK = {"running": 0, "starting": 1, "suspended": 2, "queued": 3}
 
 
 def _default_key(now: float) -> Callable[[JobInfo], Any]:
     # Running jobs first (they are what people look for), then newest first.
-    return lambda j: (_ACTIVE_RANK.get(j.state, 3), -j.id)
+    return lambda j: (_ACTIVE_RANK.get(j.state, 4), -j.id)
 
 
 #: The sorts `s` cycles through (and a click on a column header picks): name -> key.
