@@ -33,6 +33,7 @@ from gpud.accounting import BY, Line, report
 from gpud.api_admin import ADMIN_DOC, admin_routes
 from gpud.api_batch import BATCH_DOC, batch_routes
 from gpud.api_images import IMAGE_DOC, image_routes
+from gpud.api_metrics import metrics_endpoint
 from gpud.api_params import Param
 from gpud.api_snapshots import SNAPSHOT_DOC, snapshot_routes
 from gpud.api_state import STATE_DOC, state_routes
@@ -213,10 +214,9 @@ def create_app(daemon: JobService) -> Starlette:
                            f"(GET {API_PREFIX}/jobs/{job.id}/wait)")
         data = b""
         if job.has_result:
-            try:
-                data = await trio.to_thread.run_sync(read_regular, daemon.result_path(job.id))
-            except OSError:
-                data = b""
+            # From the ledger (a warm job's small result, #12) or the job's result.pkl.
+            [(found, _)] = await daemon.read_results([job], None)
+            data = found or b""
         if not data:
             why = job.error or job.state.value
             raise ApiError(404, "no_result", (job.has_result and files_gone(daemon.config, job))
@@ -366,6 +366,7 @@ def create_app(daemon: JobService) -> Starlette:
     routes = [Route(API_PREFIX + p, wrap(fn, public=p == "/health"), methods=[m])
               for m, p, fn in table]
     routes.append(Route("/openapi.json", openapi_doc, methods=["GET"]))
+    routes.append(Route("/metrics", metrics_endpoint(daemon, auth), methods=["GET"]))  # #16
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

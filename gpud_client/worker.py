@@ -100,10 +100,15 @@ class Inline:
     """A warm task's payload, sent over the hub instead of through job.json,
     function.pkl and args.pkl (#12); ``started`` and ``status`` go back with the answer."""
 
-    def __init__(self, job: Any, function: bytes, args: bytes) -> None:
+    def __init__(self, job: Any, function: bytes, args: bytes,
+                 result_max: int | None = None) -> None:
         self.job, self.function, self.args = job, function, args
         self.started: float | None = None
         self.status: bytes | None = None
+        #: a result pickle up to this size goes back over the hub, not into files (#12)
+        self.result_max = result_max
+        #: that result, when it went back inline (then no file was written)
+        self.result: bytes | None = None
 
 
 class _SetupError(Exception):
@@ -474,6 +479,12 @@ def run_job(jobdir: str, fn_cache: dict[str, Any] | None = None,
     if code == EXIT_OK and not outcome["ok"]:
         code = EXIT_ERROR  # the value could not be pickled
     status = _status(outcome, job.get("attempt"))
+    if inline is not None and inline.result_max is not None and len(data) <= inline.result_max:
+        # A small result goes back over the hub, and the daemon stores it with the job's
+        # end in one commit (#12): no file, no fsync. serve() writes the files after all
+        # if the daemon goes away before it says it has it.
+        inline.result, inline.status = data, status
+        return code
     try:
         _write_outcome(jobdir, data, status)
     except OSError as e:
@@ -541,6 +552,12 @@ def serve(hub: str, token: str) -> int:
     the connection or kills the process. A closed connection also ends it when the
     daemon itself goes away, after the task at hand.
 
+    A task with ``"result_max": n`` may have its result pickle (up to n bytes) sent back
+    after the answer's line (``"result": size``) instead of written to files (#12). The
+    worker keeps it until the daemon says ``{"ack": job_id}`` (it has stored it); should
+    the connection end before that, the worker writes the files, as it would have at
+    once, so that the next daemon collects the job's outcome from them.
+
     A snapshot-taking worker first gets ``{"prepare": dir, "go": path, "token": t}``: it
     loads the function and runs its snapshot setup, says ``{"ready": ...}``, closes its
     connection and waits for ``go`` to exist. The daemon checkpoints it meanwhile; then
@@ -554,9 +571,34 @@ def serve(hub: str, token: str) -> int:
     reader = sock.makefile("rb")
     devnull = os.open(os.devnull, os.O_WRONLY)
     fn_cache: dict[str, Any] = {}
+    #: results sent inline that the daemon has not yet said it stored: job id ->
+    #: (job directory, result pickle, status.json's bytes)
+    unacked: dict[Any, tuple[str, bytes, bytes]] = {}
+    try:
+        return _serve_loop(hub, sock, reader, devnull, fn_cache, unacked)
+    finally:
+        _write_unacked(unacked)
+
+
+def _write_unacked(unacked: dict[Any, tuple[str, bytes, bytes]]) -> None:
+    """The daemon went away before storing these results: write them where the next
+    daemon's recovery looks (result.pkl, status.json), synced, as a cold job would."""
+    for jobdir, data, status in unacked.values():
+        try:
+            _write_outcome(jobdir, data, status)
+        except OSError as e:
+            _say(f"cannot write the job's result into {jobdir}: {e}")
+    unacked.clear()
+
+
+def _serve_loop(hub: str, sock: Any, reader: Any, devnull: int, fn_cache: dict[str, Any],
+                unacked: dict[Any, tuple[str, bytes, bytes]]) -> int:
     start_dir = os.getcwd()
     while True:
-        line = reader.readline()
+        try:
+            line = reader.readline()
+        except OSError:
+            break  # the daemon went away (a reset connection)
         if not line:
             break
         try:
@@ -565,6 +607,9 @@ def serve(hub: str, token: str) -> int:
             break
         if not isinstance(task, dict):
             break
+        if "ack" in task:
+            unacked.pop(task["ack"], None)
+            continue
         if "prepare" in task:
             jobdir = os.path.realpath(task["prepare"])
             _redirect_output(os.path.join(jobdir, "output.log"))
@@ -613,11 +658,18 @@ def serve(hub: str, token: str) -> int:
             with contextlib.suppress(OSError):
                 os.chdir(start_dir)
         done: dict[str, Any] = {"done": task.get("job_id"), "code": code}
+        tail = b""
         if inline is not None:
             # The outcome inline (#12): the daemon need not read status.json back.
             done["started"] = inline.started
             done["status"] = None if inline.status is None else json.loads(inline.status)
-        _send(sock, done)
+            if inline.result is not None and inline.status is not None:
+                done["result"], tail = len(inline.result), inline.result
+                unacked[task.get("job_id")] = (jobdir, inline.result, inline.status)
+        try:
+            sock.sendall(json.dumps(done).encode("utf-8") + b"\n" + tail)
+        except OSError:
+            break  # the daemon went away: the finally of serve() writes the files
     return EXIT_OK
 
 
@@ -631,7 +683,9 @@ def _read_inline(reader: Any, task: dict[str, Any]) -> Inline | None:
     function, args = reader.read(sizes[0]), reader.read(sizes[1])
     if len(function) != sizes[0] or len(args) != sizes[1]:
         raise EOFError("the daemon hung up in the middle of a task")
-    return Inline(task.get("job"), function, args)
+    limit = task.get("result_max")
+    return Inline(task.get("job"), function, args,
+                  limit if isinstance(limit, int) and limit >= 0 else None)
 
 
 def _runtime_last() -> None:

@@ -91,18 +91,18 @@ def big(n: int) -> bytes:
 
 
 class _Counter:
-    """Counts the HTTP requests a Client sends (httpx's request hook), but for the
-    once-per-function check of the daemon's Python (GET /v1/health, with the tests'
+    """Counts the HTTP requests a Client sends (its transport's request hook), but for
+    the once-per-function check of the daemon's Python (GET /v1/health, with the tests'
     GPUD_JOB_PYTHON=daemon)."""
 
     def __init__(self, client: gpud.Client) -> None:
         self.requests: list[str] = []
 
-        def seen(r: httpx.Request) -> None:
-            if r.url.path != "/v1/health":
-                self.requests.append(f"{r.method} {r.url.path}")
+        def seen(method: str, path: str) -> None:
+            if path != "/v1/health":
+                self.requests.append(f"{method} {path}")
 
-        client._http.event_hooks["request"].append(seen)
+        client._http.on_request.append(seen)
 
 
 # -- .remote() -----------------------------------------------------------------------------

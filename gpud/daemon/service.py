@@ -10,9 +10,9 @@ from typing import cast
 
 import trio
 
-from gpud import longrun, queue_view
+from gpud import __version__, longrun, queue_view
 from gpud.crashpoint import crash_point
-from gpud.daemon import dependencies
+from gpud.daemon import dependencies, stats
 from gpud.daemon.gpupoll import GpuPolling
 from gpud.daemon.loop import SchedulingLoop
 from gpud.daemon.record import (
@@ -23,6 +23,7 @@ from gpud.daemon.record import (
     _get_many,
 )
 from gpud.daemon.recovery import Recovery
+from gpud.daemon.results import read_results
 from gpud.deps import check_after
 from gpud.domain import (
     FINAL,
@@ -42,6 +43,7 @@ from gpud.ledger.deps import owners_and_states
 from gpud.ledger.snapshots import Snapshot
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import AttemptUsage, UsageBucket, attempts_between, buckets_between
+from gpud.promtext import Family
 from gpud.retention import for_daemon as retention_for
 from gpud.retention import run as retention_loop
 from gpud.scheduler import infeasible
@@ -126,16 +128,17 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         key's first submit made instead (nothing new is queued). Raises KeyReused."""
         now = self.clock.time()
         try:
-            batch_id, ids = await self.ledger.call(Ledger.submit, jobs, function, now,
-                                                   batch=batch, idempotency=idempotency,
-                                                   max_concurrency=max_concurrency)
+            # The jobs are read back in the same trip, inside the submit's transaction
+            # (#12); the answer still comes only after its synced COMMIT.
+            batch_id, made = await self.ledger.call(_submit_and_get, jobs, function, now,
+                                                    batch=batch, idempotency=idempotency,
+                                                    max_concurrency=max_concurrency)
         except Replay as r:
             return r.batch_id, await self.ledger.call(_get_many, r.ids)
         crash_point("after_submit")
         if batch_id is not None and max_concurrency is not None:
             self.batches.note(batch_id, max_concurrency)
         # Durable now: only after the COMMIT do they exist for anyone else.
-        made = await self.ledger.call(_get_many, ids)
         doomed = await dependencies.admit(self, made)  # held before they enter (#14)
         for j in made:
             self.jobs.setdefault(j.id, JobRecord(j))
@@ -188,6 +191,13 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
 
     def result_path(self, job_id: int) -> Path:
         return self.config.jobs_dir / str(job_id) / RESULT_FILE
+
+    async def read_results(self, jobs: Sequence[Job], limit: int | None
+                           ) -> list[tuple[bytes | None, int]]:
+        """Each job's (result, if at most ``limit`` bytes; its size): from memory, the
+        ledger (a warm job's small result, #12) or the job's result.pkl."""
+        return await read_results(self.ledger, self.recent, self.config.jobs_dir, jobs,
+                                  limit)
 
     def reason(self, job_id: int) -> tuple[str | None, int | None]:
         held = self.deps.reason(job_id)
@@ -297,6 +307,17 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                     for u in r.job.gpus)
         return held
 
+    async def metrics(self) -> list[Family]:
+        """What GET /metrics shows (#16): read from indexes and counters, never a scan of
+        the queued jobs (gpud.daemon.stats)."""
+        now = self.clock.time()
+        return await stats.collect(
+            self.stats, jobs=self.jobs, deps=self.deps, gpus=self.gpus,
+            holders=self.gpu_holders(),
+            usage=self._usage_now(list(self.jobs.running.values()), now), ledger=self.ledger,
+            now=now, started_at=self.started_at, version=__version__,
+            executor=self.executor.name)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -317,6 +338,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                 nursery.start_soon(self._schedule_loop)
                 nursery.start_soon(retention_loop, self)
                 nursery.start_soon(self.notifier.run)
+                nursery.start_soon(self.stats.watch_lag)  # /metrics' event-loop lag (#16)
                 task_status.started()
                 await trio.sleep_forever()
             finally:
@@ -334,6 +356,12 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                 if self.kill_jobs_on_exit:
                     for h in self.handles():
                         self.executor.reap(h)
+
+
+def _submit_and_get(ledger: Ledger, jobs: Sequence[NewJob], function: bytes, now: float,
+                    **kw: object) -> tuple[int | None, list[Job]]:
+    batch_id, ids = ledger.submit(jobs, function, now, **kw)  # type: ignore[arg-type]
+    return batch_id, _get_many(ledger, ids)
 
 
 def _events_page(ledger: Ledger, after: int, limit: int, job_id: int | None,

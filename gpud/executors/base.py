@@ -96,6 +96,9 @@ class Handle:
 class Outcome:
     exit_code: int | None  # None when not knowable (an adopted process is not our child)
     signal: int | None = None
+    #: the kernel's OOM killer ended it at its memory limit (a container's OOMKilled, #16)
+    oom_killed: bool = False
+    memory_limit: int | None = None  # that limit, in bytes, where known
 
 
 @dataclass(frozen=True, slots=True)
