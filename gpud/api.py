@@ -36,6 +36,7 @@ from gpud.api_images import IMAGE_DOC, image_routes
 from gpud.api_metrics import metrics_endpoint
 from gpud.api_params import Param
 from gpud.api_snapshots import SNAPSHOT_DOC, snapshot_routes
+from gpud.api_state import STATE_DOC, state_routes
 from gpud.api_submit import idempotency as _idempotency
 from gpud.api_submit import new_jobs as _new_jobs
 from gpud.api_submit import replayed as _replayed
@@ -357,6 +358,7 @@ def create_app(daemon: JobService) -> Starlette:
         ("GET", "/images", images),
         *watch_routes(daemon),
         *snapshot_routes(daemon),
+        *state_routes(daemon),
         *image_routes(daemon),
         *batch[1:],
         *admin_routes(daemon),
@@ -480,6 +482,7 @@ _DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = 
     ("get", "/images", "Local images usable for jobs (Podman executor)", None, ImageList, ()),
     *WATCH_DOC,
     *SNAPSHOT_DOC,
+    *STATE_DOC,
     *IMAGE_DOC,
     *BATCH_DOC,
     *ADMIN_DOC,
@@ -537,6 +540,9 @@ def openapi(daemon: JobService | None = None) -> dict[str, Any]:
             if "{" + name + "}" in path:
                 parameters.append({"name": name, "in": "path", "required": True,
                                    "schema": dict(_PATH_ID)})
+        if "{path}" in path:  # a state directory's file (#14), "/"-separated
+            parameters.append({"name": "path", "in": "path", "required": True,
+                               "schema": {"type": "string", "minLength": 1}})
         parameters += [p.schema() for p in params]
         if parameters:
             op["parameters"] = parameters

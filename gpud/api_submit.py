@@ -15,6 +15,7 @@ import trio
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gpud import longrun
 from gpud.auth import Auth, effective_timeout
 from gpud.daemon.port import JobService
 from gpud.daemon.record import ExecutorDown, SubmitError
@@ -105,6 +106,11 @@ async def new_jobs(
         raise ApiError(422, "invalid_cpu",
                        f"cpu must be between 0.01 and this box's {os.cpu_count()} CPUs")
     try:
+        signal, grace = longrun.check_options(cfg, timeout, req.signal_before, req.signal,
+                                              req.grace)
+    except longrun.LongRunError as e:
+        raise ApiError(422, e.code, str(e)) from None
+    try:
         image = await daemon.check_submittable(gpu, req.python, timeout, req.image,
                                                python_path=req.python_path)
     except SubmitError as e:
@@ -141,6 +147,7 @@ async def new_jobs(
                image=image, env=dict(req.env), memory=memory, cpus=req.cpu,
                keep_warm=keep_warm, snapshot=req.snapshot, python_env=python_env,
                deps=deps, deps_any=req.after_any, notify=req.notify, notify_on=notify_on,
-               preemptible=req.preemptible)
+               preemptible=req.preemptible,
+               signal_before=req.signal_before, signal=signal, grace=grace)
         for a in args
     ]

@@ -36,6 +36,7 @@ LAZY = {
     # the shared box (#5): accounting, identity, administration
     "admin": "gpud.cli_admin:admin",
     "snapshots": "gpud.cli_snapshots:snapshots",
+    "state": "gpud.cli_state:state",  # #14
     "image": "gpud.cli_images:image",
     "usage": "gpud.cli_usage:usage",
     "whoami": "gpud.cli_usage:whoami",

@@ -151,6 +151,12 @@ def _raw(obj: Any) -> Any:
               help="The interpreter the job runs with (process executor): a path on the "
                    "daemon's machine, or 'daemon' for the admin's. Default: this one, i.e. "
                    "your venv or conda env ($GPUD_JOB_PYTHON overrides).")
+@click.option("--signal-before", "signal_before", default=None, metavar="DURATION",
+              help="Send --signal (SIGUSR1) this long before the timeout, e.g. 5m.")
+@click.option("--signal", "signal_name", default=None, metavar="NAME",
+              help="The early warning's signal (default SIGUSR1).")
+@click.option("--grace", default=None, metavar="DURATION",
+              help="Between SIGTERM and SIGKILL on cancel or timeout (default 10s).")
 @click.option("--after", "after", default=None, metavar="IDS",
               help="Start after these jobs of yours (comma-separated ids) have succeeded; "
                    "if one does not, this job is cancelled.")
@@ -169,8 +175,10 @@ def _raw(obj: Any) -> Any:
 @click.pass_context
 def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | None,
         retries: int | None, priority: int | None, env: tuple[str, ...], image: str | None,
-        memory: str | None, cpu: float | None, python: str | None, after: str | None,
-        after_any: bool, notify: str | None, notify_on: str | None, detach: bool,
+        memory: str | None, cpu: float | None, python: str | None,
+        signal_before: str | None, signal_name: str | None, grace: str | None,
+        after: str | None, after_any: bool, notify: str | None, notify_on: str | None,
+        detach: bool,
         as_json: bool, url: str | None, show_help: bool) -> None:
     """Run FILE::FN as a job and print its return value.
 
@@ -235,7 +243,8 @@ def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | 
         # A relative path is relative to where `gpud run` was typed.
         interpreter = python if python in (None, "daemon") else os.path.abspath(python)
         for key, value in (("image", image), ("memory", memory), ("cpu", cpu),
-                           ("python", interpreter)):
+                           ("python", interpreter), ("signal_before", signal_before),
+                           ("signal", signal_name), ("grace", grace)):
             if value is not None:
                 overrides[key] = value
         if url is not None:

@@ -68,6 +68,8 @@ class Config:
     allowed_pythons: list[str] = field(default_factory=list)
     #: seconds between SIGTERM and SIGKILL when a job is cancelled or times out
     kill_grace: float = 10.0
+    #: the longest grace= a job may ask for (#14): its SIGTERM-to-SIGKILL seconds
+    max_grace: float = 300.0
     #: first retry waits this long, doubling per attempt up to retry_backoff_max
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
@@ -166,7 +168,7 @@ class Config:
 
 
 _ENV_PREFIX = "GPUD_"
-_DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "retry_backoff",
+_DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "max_grace", "retry_backoff",
               "retry_backoff_max", "gpu_poll_interval", "keep_warm_default", "keep_warm_max",
               "fairshare_half_life", "max_age", "snapshot_restore_timeout",
               "image_build_timeout", "header_timeout", "body_timeout", "retention_job_dirs",

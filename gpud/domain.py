@@ -307,6 +307,10 @@ class Job:
     #: seconds this attempt spent suspended in suspensions that ended (its deadline moves
     #: by them; no GPU time is charged for them)
     suspended_s: float = 0.0
+    #: #14: send ``signal`` (None: SIGUSR1) this many seconds before the timeout
+    signal_before: float | None = None
+    signal: str | None = None
+    grace: float | None = None  # TERM-to-KILL seconds on a stop; None: the daemon's
 
 
 # ---------------------------------------------------------------------------------------

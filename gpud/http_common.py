@@ -82,6 +82,7 @@ def job_info(daemon: JobService, job: Job, wait: Wait | None | bool = True) -> J
         python_prefix=job.python_env.prefix if job.python_env else None,
         after=list(job.deps), after_any=job.deps_any,
         preemptible=job.preemptible, suspended_seconds=round(suspended, 3),
+        signal_before=job.signal_before, signal=job.signal, grace=job.grace,
     )
 
 
@@ -128,7 +129,9 @@ def decode_body(data: bytes | bytearray, model: type[Any]) -> Any:
 _FIELD_CODES = {"name": "invalid_name", "retries": "invalid_retries", "env": "invalid_env",
                 "priority": "invalid_priority", "memory": "invalid_memory",
                 "cpu": "invalid_cpu", "keep_warm": "invalid_keep_warm",
-                "inputs": "invalid_batch", "timeout": "invalid_timeout"}
+                "inputs": "invalid_batch", "timeout": "invalid_timeout",
+                "signal_before": "invalid_signal_before", "signal": "invalid_signal",
+                "grace": "invalid_grace"}
 
 
 def _invalid(model: type[Any], e: msgspec.ValidationError) -> ApiError:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from gpud_client.app import App, Function, FunctionOptions, function
     from gpud_client.batch import BatchHandle
     from gpud_client.client import AsyncClient, Client
-    from gpud_client.cls import enter, method
+    from gpud_client.cls import enter, exit, method
     from gpud_client.deps import result_of
     from gpud_client.duration import format_duration, parse_duration, parse_size
     from gpud_client.errors import (
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from gpud_client.handle import JobHandle
     from gpud_client.image import Image
     from gpud_client.imagebuild import ImageBuildFailed
+    from gpud_client.state import state_dir
 
 __version__ = "0.1.0"
 
@@ -54,7 +55,7 @@ _WHERE = {
     "App": "app", "Function": "app", "FunctionOptions": "app", "function": "app",
     "BatchHandle": "batch",
     "AsyncClient": "client", "Client": "client",
-    "enter": "cls", "method": "cls",
+    "enter": "cls", "exit": "cls", "method": "cls",
     "result_of": "deps",
     "format_duration": "duration", "parse_duration": "duration", "parse_size": "duration",
     "ApiError": "errors", "DaemonUnavailable": "errors", "GpudError": "errors",
@@ -64,6 +65,7 @@ _WHERE = {
     "JobHandle": "handle",
     "Image": "image",
     "ImageBuildFailed": "imagebuild",
+    "state_dir": "state",
 }
 
 __all__ = [
@@ -89,11 +91,13 @@ __all__ = [
     "result_of",
     "__version__",
     "enter",
+    "exit",
     "format_duration",
     "function",
     "method",
     "parse_duration",
     "parse_size",
+    "state_dir",
 ]
 
 

@@ -72,6 +72,11 @@ class FunctionOptions:
     #: the interpreter jobs run with (process executor): None, this one (the caller's
     #: venv or conda env; $GPUD_JOB_PYTHON overrides); a path; or "daemon", the admin's
     python: str | None = None
+    #: #14: send ``signal`` (None: SIGUSR1) this many seconds before the timeout, and
+    #: wait ``grace`` seconds (None: the daemon's kill_grace) between SIGTERM and SIGKILL
+    signal_before: float | None = None
+    signal: str | None = None
+    grace: float | None = None
     #: dependencies (#14): job ids (or handles) whose success this job waits for (with
     #: after_any: their end, however they end)
     after: tuple[int, ...] = ()
@@ -96,6 +101,9 @@ class FunctionOptions:
         keep_warm: float | str | None = None,
         snapshot: bool = False,
         python: str | os.PathLike[str] | None = None,
+        signal_before: float | str | None = None,
+        signal: str | None = None,
+        grace: float | str | None = None,
         after: Any = None,
         after_any: bool = False,
         notify: str | None = None,
@@ -131,7 +139,24 @@ class FunctionOptions:
         warm = None if keep_warm is None else parse_duration(keep_warm)
         if warm is not None and warm < 0:
             raise ValueError(f"keep_warm must be >= 0 seconds, not {keep_warm!r}")
+        before = None if signal_before is None else parse_duration(signal_before)
+        if before is not None and before <= 0:
+            raise ValueError(f"signal_before must be a positive duration such as \"5m\", "
+                             f"not {signal_before!r}")
+        if before is not None and seconds is not None and before >= seconds:
+            raise ValueError(f"signal_before ({signal_before!r}) must be shorter than the "
+                             f"timeout ({timeout!r}): lower it, or raise timeout")
+        if signal is not None and not isinstance(signal, str):
+            raise TypeError(f"signal must be a signal's name such as \"SIGUSR1\", not "
+                            f"{signal!r}")
+        if signal is not None and before is None:
+            raise ValueError(f"signal={signal!r} needs signal_before= (how long before the "
+                             "timeout to send it), e.g. signal_before=\"5m\"")
+        grace_s = None if grace is None else parse_duration(grace)
+        if grace_s is not None and grace_s < 0:
+            raise ValueError(f"grace must be >= 0 seconds, not {grace!r}")
         return cls(
+            signal_before=before, signal=signal, grace=grace_s,
             gpu=gpu, timeout=seconds, retries=retries, env=env_dict, priority=priority,
             image=image, memory=mem, cpu=None if cpu is None else float(cpu), keep_warm=warm,
             snapshot=bool(snapshot), python=_python_option(python),
@@ -252,6 +277,9 @@ class App:
         keep_warm: float | str | None = None,
         snapshot: bool = False,
         python: str | os.PathLike[str] | None = None,
+        signal_before: float | str | None = None,
+        signal: str | None = None,
+        grace: float | str | None = None,
         notify: str | None = None,
         notify_on: str | Sequence[str] | None = None,
         preemptible: bool = True,
@@ -274,6 +302,9 @@ class App:
         keep_warm: float | str | None = None,
         snapshot: bool = False,
         python: str | os.PathLike[str] | None = None,
+        signal_before: float | str | None = None,
+        signal: str | None = None,
+        grace: float | str | None = None,
         notify: str | None = None,
         notify_on: str | Sequence[str] | None = None,
         preemptible: bool = True,
@@ -284,6 +315,7 @@ class App:
         options = FunctionOptions.build(
             gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
             memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
+        signal_before=signal_before, signal=signal, grace=grace,
             notify=notify, notify_on=notify_on,
             preemptible=preemptible,
         )
@@ -330,6 +362,9 @@ def function(
     keep_warm: float | str | None = None,
     snapshot: bool = False,
     python: str | os.PathLike[str] | None = None,
+    signal_before: float | str | None = None,
+    signal: str | None = None,
+    grace: float | str | None = None,
     notify: str | None = None,
     notify_on: str | Sequence[str] | None = None,
     preemptible: bool = True,
@@ -353,6 +388,9 @@ def function(
     keep_warm: float | str | None = None,
     snapshot: bool = False,
     python: str | os.PathLike[str] | None = None,
+    signal_before: float | str | None = None,
+    signal: str | None = None,
+    grace: float | str | None = None,
     notify: str | None = None,
     notify_on: str | Sequence[str] | None = None,
     preemptible: bool = True,
@@ -363,6 +401,7 @@ def function(
     options = FunctionOptions.build(
         gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
         memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
+        signal_before=signal_before, signal=signal, grace=grace,
         notify=notify, notify_on=notify_on,
         preemptible=preemptible,
     )
@@ -477,6 +516,9 @@ class Function(Generic[P, R]):
             "cpu": o.cpu,
             "keep_warm": o.keep_warm,
             "snapshot": o.snapshot,
+            "signal_before": o.signal_before,
+            "signal": o.signal,
+            "grace": o.grace,
             "after": list(o.after),
             "after_any": o.after_any,
             "notify": o.notify,

@@ -25,6 +25,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
+from urllib.parse import quote
 
 import msgspec
 
@@ -53,6 +54,7 @@ from gpud_client.models import (
     QueuePage,
     SnapshotInfo,
     SnapshotList,
+    StateList,
     SubmitRequest,
     UsageReport,
     WhoAmI,
@@ -607,6 +609,21 @@ class Client(_Base):
         """``POST /v1/jobs/{id}/resume``: continue a suspended job once its GPUs are free;
         answers when it runs, or after 10 s with the reason it still waits."""
         return self._do(_Call("POST", f"/jobs/{job_id}/resume", JobInfo, read_timeout=30.0))
+    def state_files(self, job_id: int) -> StateList:
+        """``GET /v1/jobs/{id}/state``: the files in the job's state directory (#14)."""
+        return self._do(_Call("GET", f"/jobs/{job_id}/state", StateList))
+
+    def state_file(self, job_id: int, path: str) -> Iterator[bytes]:
+        """``GET /v1/jobs/{id}/state/{path}``: one file of the job's state directory,
+        in chunks as they arrive."""
+        # Each part encoded, dot-segments too: an HTTP client would resolve "../x"
+        # before sending it, and the daemon is the one to refuse it, saying why.
+        parts = [quote(p, safe="").replace(".", "%2E") if p in (".", "..") else
+                 quote(p, safe="") for p in path.split("/")]
+        call = _Call("GET", f"/jobs/{job_id}/state/{'/'.join(parts)}", bytes,
+                     read_timeout=None)
+        with self._stream(call) as resp:
+            yield from resp.iter_bytes()
 
     def gpus(self) -> GpuList:
         """``GET /v1/gpus``."""

@@ -23,9 +23,10 @@ from typing import Any
 
 from gpud_client.clsrun import make_method_call
 
-__all__ = ["ClsProxy", "enter", "method"]
+__all__ = ["ClsProxy", "enter", "exit", "method"]
 
 _ENTER = "__gpud_enter__"
+_EXIT = "__gpud_exit__"
 _METHOD = "__gpud_method__"
 
 
@@ -39,6 +40,21 @@ def enter(*, snap: bool = False) -> Any:
 
     def mark(fn: Any) -> Any:
         setattr(fn, _ENTER, {"snap": snap})
+        return fn
+
+    return mark
+
+
+def exit() -> Any:  # noqa: A001 - gpud.exit, as modal.exit
+    """Mark a method to run when the worker that made the instance ends (#14): a cold
+    job's process after its call, a warm worker when it is let go, and any worker on
+    SIGTERM (a cancel, or the timeout), within the job's grace before SIGKILL. For
+    flushing logs, saving a last checkpoint to ``gpud.state_dir()``, closing
+    connections. Exit methods run in definition order; one that raises does not stop
+    the others."""
+
+    def mark(fn: Any) -> Any:
+        setattr(fn, _EXIT, True)
         return fn
 
     return mark
@@ -64,6 +80,8 @@ class ClsProxy:
         self._enter = tuple((name, bool(getattr(attr, _ENTER).get("snap")))
                             for name, attr in vars(cls).items()
                             if callable(attr) and hasattr(attr, _ENTER))
+        self._exit = tuple(name for name, attr in vars(cls).items()
+                           if callable(attr) and getattr(attr, _EXIT, False))
         self._methods = {name for name, attr in vars(cls).items()
                          if callable(attr) and getattr(attr, _METHOD, False)}
         if not self._methods:
@@ -98,5 +116,6 @@ class _RemoteInstance:
             known = ", ".join(sorted(proxy._methods))
             raise AttributeError(f"{proxy._cls.__qualname__}.{name} is not a @gpud.method() "
                                  f"(remote methods: {known})")
-        call = make_method_call(proxy._cls, name, proxy._enter, self._args, self._kwargs)
+        call = make_method_call(proxy._cls, name, proxy._enter, self._args, self._kwargs,
+                                proxy._exit)
         return proxy._make_function(call, f"{proxy._cls.__qualname__}.{name}", proxy._cls)

@@ -18,12 +18,14 @@ GPUD_PICKLE_BY_VALUE = True
 
 def make_method_call(
     cls: type, method: str, enter: tuple[tuple[str, bool], ...], args: tuple[Any, ...],
-    kwargs: dict[str, Any],
+    kwargs: dict[str, Any], exits: tuple[str, ...] = (),
 ) -> Any:
     """``enter`` is ((name, snap), ...) in definition order. The ``snap=True`` ones run in
     ``__gpud_snap__``, which a snapshot-taking worker calls before its checkpoint (so
     their state is in the snapshot); the others run at the first call in each process,
-    restored ones included."""
+    restored ones included. ``exits``: the ``@gpud.exit`` methods, run through
+    ``atexit`` when the worker process ends (the worker's SIGTERM handler runs them
+    too, #14)."""
     state: dict[str, Any] = {}
 
     def snap_setup() -> None:
@@ -33,6 +35,10 @@ def make_method_call(
                 if snap:
                     getattr(instance, name)()
             state["instance"] = instance
+            if exits:
+                import atexit
+
+                atexit.register(_run_exits, instance, exits)
 
     def call(*a: Any, **kw: Any) -> Any:
         snap_setup()
@@ -47,3 +53,17 @@ def make_method_call(
     call.__name__ = call.__qualname__ = f"{cls.__qualname__}.{method}"
     call.__gpud_snap__ = snap_setup  # type: ignore[attr-defined]
     return call
+
+
+def _run_exits(instance: Any, exits: tuple[str, ...]) -> None:
+    import sys
+    import traceback
+
+    for name in exits:
+        try:
+            getattr(instance, name)()
+        except BaseException:  # noqa: BLE001 - one failing exit method must not stop the rest
+            print(f"gpud: @gpud.exit method {name} raised:", file=sys.stderr)
+            traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()

@@ -47,6 +47,8 @@ __all__ = [
     "MAX_SECONDS",
     "QueuePage",
     "QuotaInfo",
+    "StateFileInfo",
+    "StateList",
     "SubmitRequest",
     "UsageLine",
     "UsageReport",
@@ -89,6 +91,11 @@ ImageName = Annotated[str, Meta(max_length=1024)]
 Memory = Annotated[int, Meta(ge=16 * 1024 * 1024, le=2**53, description="bytes")]
 Cpus = Annotated[float, Meta(ge=0.01, le=4096, description="CPUs")]
 KeepWarm = Annotated[float, Meta(ge=0, le=MAX_SECONDS, description="seconds")]
+#: Early warning and stop grace (#14): seconds; the signal by name ("SIGUSR1", "USR2").
+SignalBefore = Annotated[float, Meta(gt=0, le=MAX_SECONDS, description="seconds")]
+Grace = Annotated[float, Meta(ge=0, le=MAX_SECONDS, description="seconds")]
+SignalName = Annotated[str, Meta(min_length=1, max_length=16, pattern="^[A-Za-z0-9+-]+$",
+                                 description="a signal name, e.g. SIGUSR1")]
 Inputs = Annotated[list[bytes], Meta(min_length=1, max_length=MAX_BATCH)]
 MaxConcurrency = Annotated[int, Meta(ge=1, le=MAX_BATCH,
                                      description="at most this many of the batch's jobs run "
@@ -151,6 +158,13 @@ class SubmitRequest(_Request):
     #: a webhook told when the job ends in one of ``notify_on`` (None: any final state)
     notify: NotifyUrl | None = None
     notify_on: list[NotifyState] | None = None
+    #: send ``signal`` this many seconds before the job's timeout (#14); None: no warning
+    signal_before: SignalBefore | None = None
+    #: the early-warning signal's name; None: SIGUSR1
+    signal: SignalName | None = None
+    #: seconds between SIGTERM and SIGKILL on cancel and timeout; None: the daemon's
+    #: kill_grace (capped by its max_grace)
+    grace: Grace | None = None
 
 
 class BatchSubmitRequest(_Request):
@@ -196,6 +210,13 @@ class BatchSubmitRequest(_Request):
     #: a webhook told when the job ends in one of ``notify_on`` (None: any final state)
     notify: NotifyUrl | None = None
     notify_on: list[NotifyState] | None = None
+    #: send ``signal`` this many seconds before the job's timeout (#14); None: no warning
+    signal_before: SignalBefore | None = None
+    #: the early-warning signal's name; None: SIGUSR1
+    signal: SignalName | None = None
+    #: seconds between SIGTERM and SIGKILL on cancel and timeout; None: the daemon's
+    #: kill_grace (capped by its max_grace)
+    grace: Grace | None = None
 
 
 class BatchSubmitResponse(msgspec.Struct, kw_only=True):
@@ -254,6 +275,11 @@ class JobInfo(msgspec.Struct, kw_only=True):
     #: the jobs it starts after (#14), and whether any end of theirs will do
     after: list[int] = []
     after_any: bool = False
+    #: the early warning (#14): seconds before the timeout, and the signal's name
+    signal_before: float | None = None
+    signal: str | None = None
+    #: seconds between SIGTERM and SIGKILL when it is stopped
+    grace: float | None = None
 
 
 class JobList(msgspec.Struct, kw_only=True):
@@ -598,3 +624,21 @@ class GcReport(msgspec.Struct, kw_only=True):
     ledger_bytes: int  # the ledger's used pages after (freed pages are reused by new jobs)
     seconds: float
     errors: list[str]  # what could not be removed (logged too); gc carries on past them
+
+
+class StateFileInfo(msgspec.Struct, kw_only=True):
+    """One file in a job's state directory (#14)."""
+
+    path: str  # relative to the state directory, "/"-separated
+    size: int
+    mtime: float
+
+
+class StateList(msgspec.Struct, kw_only=True):
+    """``GET /v1/jobs/{id}/state``: the files a job saved in its state directory."""
+
+    job_id: int
+    files: list[StateFileInfo]
+    total_bytes: int
+    #: the listing stopped at 10,000 files
+    truncated: bool = False

@@ -466,6 +466,7 @@ def run_job(jobdir: str, fn_cache: dict[str, Any] | None = None,
              f"directory): {e}")
         return EXIT_SETUP
 
+    _early_warning()
     if mismatch is not None:
         outcome: Outcome = _failure(VERSION_MISMATCH_TYPE, mismatch, None)
         code = EXIT_SETUP
@@ -696,27 +697,67 @@ def _runtime_last() -> None:
         sys.path.append(sys.path.pop(0))
 
 
-def _term_as_init() -> None:
-    """As a container's first process (pid 1), SIGTERM would be ignored: the kernel
-    drops signals to a namespace's init that it has no handler for. Then `podman stop`
-    (cancel, timeout) waited out the whole grace and killed the job, and `podman rm -f`
-    waited 10 s. End as a process killed by SIGTERM ends instead; a job that sets its
-    own SIGTERM handler replaces this one, as it would the default."""
-    if os.getpid() != 1:
-        return
+def _on_term() -> None:
+    """SIGTERM (a cancel or a timeout; SIGKILL follows after the job's grace) runs the
+    exit hooks first: ``@gpud.exit`` methods and the job's own ``atexit`` functions
+    (#14). Then it ends as a process killed by SIGTERM; as a container's first process
+    (pid 1), whose unhandled signals the kernel drops, with exit code 128 + 15, or
+    `podman stop` waited out the whole grace. A job that sets its own SIGTERM handler
+    replaces this one, as it would the default."""
+    import atexit
     import signal
 
+    worker = os.getpid()
+
     def end(signum: int, frame: object) -> None:
-        _flush_std()
-        os._exit(128 + signum)
+        if os.getpid() != worker:
+            # A child the job forked (multiprocessing) inherits this handler and a copy
+            # of the exit hooks, which are the worker's to run, once: end as by default.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        signal.signal(signum, signal.SIG_IGN)  # a second TERM must not cut the hooks short
+        try:
+            atexit._run_exitfuncs()
+        finally:
+            _flush_std()
+            if os.getpid() == 1:
+                os._exit(128 + signum)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, end)
+
+
+def _early_warning() -> None:
+    """With signal_before= (#14) the daemon sends $GPUD_SIGNAL that long before the
+    timeout. Left at its default action, SIGUSR1 would kill the job at once: say so in
+    the log instead, unless the job set its own handler (which this never replaces)."""
+    import signal
+
+    name = os.environ.get("GPUD_SIGNAL") or ""
+    sig = getattr(signal, name, None) if name.startswith("SIG") else None
+    if sig is None:
+        return
+    current = signal.getsignal(sig)
+    if current not in (signal.SIG_DFL, None) and not getattr(current, "_gpud_note", False):
+        return
+
+    def note(signum: int, frame: object) -> None:
+        before = os.environ.get("GPUD_SIGNAL_BEFORE", "?")
+        _say(f"{name}: this job's timeout is {before} s away; it will then get SIGTERM. "
+             f"Save what it needs to $GPUD_STATE_DIR (set a handler for {name} to act on it)")
+
+    note._gpud_note = True  # type: ignore[attr-defined]
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(sig, note)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     _runtime_last()
-    _term_as_init()
+    _on_term()
     if len(argv) == 2 and argv[1] == "--serve":
         hub, token = os.environ.get("GPUD_HUB"), os.environ.pop("GPUD_WORKER_TOKEN", "")
         if not hub or not token:

@@ -376,7 +376,7 @@ async def test_stop_ends_a_job_that_obeys_sigterm_without_waiting_the_grace(h: H
         spec, handle = await h.launch("hold_with_child")
         await h.ready(spec)
         start = trio.current_time()
-        await h.executor.stop(handle, 30.0)
+        assert await h.executor.stop(handle, 30.0) is False  # ended by the TERM (#14)
         assert trio.current_time() - start < 20
         assert await h.gone(spec.job_id)  # its child too
 
@@ -386,7 +386,7 @@ async def test_stop_kills_a_job_that_ignores_sigterm_after_the_grace(h: Harness)
         spec, handle = await h.launch("ignore_term")
         await h.ready(spec)
         start = trio.current_time()
-        await h.executor.stop(handle, GRACE)
+        assert await h.executor.stop(handle, GRACE) is True  # took the KILL (#14)
         took = trio.current_time() - start
         assert GRACE * 0.9 <= took < GRACE + 20
         assert await h.gone(spec.job_id)

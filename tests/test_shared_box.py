@@ -113,7 +113,9 @@ def test_jobs_run_as_their_submitter_and_their_files_are_private(
     for p in jobdir.iterdir():
         fst = p.lstat()
         assert (fst.st_uid, fst.st_gid) == (alice.uid, alice.gid), p
-        if p.name != "note.txt":  # the job's own file has the job's umask
+        if p.name == "state":  # its state directory (#14): alice's, private too
+            assert stat.S_IMODE(fst.st_mode) == 0o700, p
+        elif p.name != "note.txt":  # the job's own file has the job's umask
             assert stat.S_IMODE(fst.st_mode) == 0o600, p
 
     # bob can read none of it from the file system ...

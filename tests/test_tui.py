@@ -240,7 +240,8 @@ def test_cancel_from_the_tui_cancels_in_the_ledger(process_daemon: DaemonProc,
 
     run_tui(url, scenario)
     assert process_daemon.ledger().get(other.id).state.value == "cancelled"
-    assert Client(url).get_job(running.id).error == "cancelled"
+    # #14: it says which signal ended it ("cancelled: ended by SIGTERM after cancel")
+    assert Client(url).get_job(running.id).error.startswith("cancelled: ")
 
 
 def test_failed_job_shows_the_remote_traceback(daemon: DaemonProc) -> None:

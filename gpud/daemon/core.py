@@ -261,6 +261,10 @@ class DaemonCore:
         log.info("ending warm worker %s (last job %s): %s", w.id, w.last_job, why)
         await self.warm.close(w)
         if w.handle is not None:
+            # Closed, it ends on its own after its @gpud.exit methods (#14): give it the
+            # stop grace for them before the kill.
+            with trio.move_on_after(min(self.config.kill_grace, 10.0)):
+                await self.executor.wait(w.handle)
             await trio.to_thread.run_sync(self.executor.reap, w.handle)
             with trio.move_on_after(5):
                 await self.executor.wait(w.handle)  # collect it: no zombie left behind

@@ -9,6 +9,7 @@ import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from gpud import longrun, statedir
 from gpud.daemon.depfiles import link_results
 from gpud.daemon.record import Finished
 from gpud.domain import (
@@ -45,6 +46,7 @@ def prepare_job_dir(jobs_dir: Path, job: Job, function: bytes, args: bytes,
     d = jobs_dir / str(job.id)
     d.mkdir(mode=0o700, exist_ok=True)
     owner = (ident.uid, ident.gid)
+    statedir.ensure(d, owner)  # kept across attempts (#14)
     for stale in (RESULT_FILE, STATUS_FILE, STARTED_FILE):
         (d / stale).unlink(missing_ok=True)
     if payload_files:
@@ -67,7 +69,8 @@ def prepare_job_dir(jobs_dir: Path, job: Job, function: bytes, args: bytes,
     return LaunchSpec(job_id=job.id, attempt=job.attempt, job_dir=d, log_path=log_path,
                       gpus=job.gpus, gpu_indices=tuple(index[u] for u in job.gpus
                                                        if u in index),
-                      env=dict(job.env), image=job.image, identity=ident,
+                      env={**job.env, **longrun.job_env(job, str(d / statedir.NAME))},
+                      image=job.image, identity=ident,
                       memory=job.memory, cpus=job.cpus, python_env=job.python_env)
 
 def collect(jobs_dir: Path, data_dir: Path, job: Job, outcome: Outcome) -> Finished:

@@ -10,7 +10,7 @@ from typing import cast
 
 import trio
 
-from gpud import __version__, queue_view
+from gpud import __version__, longrun, queue_view
 from gpud.crashpoint import crash_point
 from gpud.daemon import dependencies, stats
 from gpud.daemon.gpupoll import GpuPolling
@@ -176,7 +176,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         rec.stop_reason = JobState.CANCELLED
         if rec.scope is not None:
             rec.scope.cancel()
-        return await self.wait_final(job_id, self.config.kill_grace + 15)
+        return await self.wait_final(job_id, longrun.grace_of(job, self.config) + 15)
 
     async def wait_final(self, job_id: int, within: float) -> Job:
         deadline = trio.current_time() + within

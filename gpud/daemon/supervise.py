@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from gpud import longrun
 from gpud.crashpoint import crash_point
 from gpud.daemon import jobfiles
 from gpud.daemon.record import (
@@ -100,8 +101,14 @@ class Supervision(Suspending):
         # Moved by its suspended time; none while it is suspended (#13).
         scope.deadline = deadline(rec.job, self.clock.time(), trio.current_time())
         outcome: Outcome | None = None
-        with scope:
-            outcome = await self.executor.wait(handle)
+        warn = longrun.start_warning(self._nursery, self.executor, job, handle, scope,
+                                     self.config.jobs_dir / str(job_id) / "output.log")
+        try:
+            with scope:
+                outcome = await self.executor.wait(handle)
+        finally:
+            if warn is not None:
+                warn.cancel()
         if outcome is None:
             await self._stop_and_finish(job, handle)
         else:
@@ -116,11 +123,13 @@ class Supervision(Suspending):
         rec = self.jobs.get(job.id)
         stop_as = (rec.stop_reason if rec is not None else None) or JobState.TIMED_OUT
         await self.stop_signal_hook(job, handle)  # a suspended job must see its SIGTERM
-        await self.executor.stop(handle, self.config.kill_grace)
+        grace = longrun.grace_of(job, self.config)
+        killed = await self.executor.stop(handle, grace)
         why = ("cancelled" if stop_as is JobState.CANCELLED
                else "its GPU state could not be brought back after a suspension (see the "
                "daemon's log)" if stop_as is JobState.FAILED  # gpud.daemon.suspend (#13)
                else f"timed out after {_fmt_seconds(job.timeout)}")
+        why = longrun.stop_text(why, stop_as, killed, grace)  # which signal ended it (#14)
         await self._finish(job, Finished(stop_as, why, None, False, False))
 
     async def _run_warm(self, job: Job, scope: trio.CancelScope) -> None:
@@ -185,15 +194,21 @@ class Supervision(Suspending):
         task_dir = self.executor.task_dir(spec.job_dir)
         meta = {"job_id": job.id, "name": job.function, "python": job.python,
                 "attempt": job.attempt}
+        warn = longrun.start_warning(self._nursery, self.executor, job, w.handle, scope,
+                                     spec.log_path)
         try:
             with scope:
                 if take is not None and self.snapshots is not None:
                     await self.snapshots.take(w, job, take, task_dir)
                 done = await self.warm.run(w, job.id, task_dir, keep_warm=job.keep_warm,
-                                           env=_task_env(job), payload=(meta, function, args))
+                                           env={**_task_env(job),
+                                                **longrun.task_env(job, task_dir)},
+                                           payload=(meta, function, args))
                 finished = True
                 crash_point("before_finish")
         finally:
+            if warn is not None:
+                warn.cancel()
             if take is not None and self.snapshots is not None:
                 await self.snapshots.settle(take, job.id)
         if not finished:

@@ -154,8 +154,9 @@ class Executor(Protocol):
         where it cannot be known (an adopted process is not our child). Cancellable."""
         ...
 
-    async def stop(self, handle: Handle, grace: float) -> None:
-        """TERM the whole job, wait up to ``grace`` s, then KILL whatever is left."""
+    async def stop(self, handle: Handle, grace: float) -> bool | None:
+        """TERM the whole job, wait up to ``grace`` s, then KILL whatever is left.
+        True if it took the KILL, False if it ended on the TERM, None if not known."""
         ...
 
     def reap(self, handle: Handle) -> None:

@@ -57,6 +57,7 @@ RUNTIME_MOUNT = "/gpud/runtime"
 JOB_MOUNT = "/gpud/job"
 JOBS_MOUNT = "/gpud/jobs"  # warm containers: every job directory, by id
 HUB_MOUNT = "/gpud/hub"
+STATE_MOUNT = "/gpud/state"
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
 LABEL_JOB = "gpud.job"
 LABEL_DAEMON = "gpud.daemon"
@@ -121,6 +122,13 @@ def container_spec(
     workdir = JOB_MOUNT
     if spec.serve is None:
         mounts.append({"type": "bind", "source": str(spec.job_dir), "target": JOB_MOUNT})
+        # The job's state directory (#14), at one fixed path; a warm container finds
+        # each job's under /gpud/jobs (its task's GPUD_STATE_DIR says where). The daemon
+        # always lays one out; a job directory made by other means may have none.
+        if (spec.job_dir / "state").is_dir():
+            mounts.append({"type": "bind", "source": str(spec.job_dir / "state"),
+                           "target": STATE_MOUNT})
+            extra_env["GPUD_STATE_DIR"] = STATE_MOUNT
     else:
         # A warm container takes job after job: it sees the jobs directory (whose other
         # users' entries are 0700, closed to it) and the daemon's hub socket.
@@ -479,14 +487,30 @@ class PodmanExecutor:
         return Outcome(exit_code=code, oom_killed=bool(state.get("OOMKilled")),
                        memory_limit=int(limit) if isinstance(limit, int) and limit > 0 else None)
 
-    async def stop(self, handle: Handle, grace: float) -> None:
-        await trio.to_thread.run_sync(self._stop, handle, grace)
+    async def stop(self, handle: Handle, grace: float) -> bool | None:
+        return await trio.to_thread.run_sync(self._stop, handle, grace)
 
-    def _stop(self, handle: Handle, grace: float) -> None:
+    def _stop(self, handle: Handle, grace: float) -> bool | None:
+        killed: bool | None = None
         with contextlib.suppress(Exception):
             # podman stop: SIGTERM to the container's processes, SIGKILL after `timeout`.
-            self._client.containers.get(handle.container).stop(timeout=max(1, round(grace)))
+            ctr = self._client.containers.get(handle.container)
+            ctr.stop(timeout=max(1, round(grace)))
+            ctr.reload()
+            # 137 = 128 + SIGKILL: the grace ran out (#14: the job's events say which).
+            killed = int(ctr.attrs.get("State", {}).get("ExitCode", -1)) == 137
         self.reap(handle)
+        return killed
+
+    async def send_signal(self, handle: Handle, sig: int) -> bool:
+        """Signal the container's first process, the worker (#14's early warning)."""
+        def send() -> bool:
+            try:
+                self._client.containers.get(handle.container).kill(signal=int(sig))
+            except Exception:  # noqa: BLE001 - gone, or stopping: no warning to give
+                return False
+            return True
+        return await trio.to_thread.run_sync(send)
 
     def reap(self, handle: Handle) -> None:
         """Remove the container (killing anything left in it); outputs are in the job dir."""

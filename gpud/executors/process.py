@@ -410,8 +410,9 @@ class ProcessExecutor:
             os.close(fd)
         return Outcome(exit_code=None)
 
-    async def stop(self, handle: Handle, grace: float) -> None:
+    async def stop(self, handle: Handle, grace: float) -> bool:
         _killpg(handle.pid, signal.SIGTERM)
+        ended = False
         with trio.move_on_after(grace):
             while _alive(handle.pid, handle.pid_start):
                 proc = self._procs.get(handle.pid)
@@ -419,6 +420,7 @@ class ProcessExecutor:
                     await proc.wait()
                     break
                 await trio.sleep(0.05)
+            ended = True
         self.reap(handle)
         proc = self._procs.get(handle.pid)
         if proc is not None:
@@ -426,6 +428,17 @@ class ProcessExecutor:
             with trio.move_on_after(5):
                 await proc.wait()
             self._procs.pop(handle.pid, None)
+        return not ended  # True: it took SIGKILL (#14: the job's events say which)
+
+    async def send_signal(self, handle: Handle, sig: int) -> bool:
+        """Signal the job's leader, the worker (#14's early warning); False if gone."""
+        if not _alive(handle.pid, handle.pid_start):
+            return False
+        try:
+            os.kill(handle.pid, sig)
+        except OSError:
+            return False
+        return True
 
     def reap(self, handle: Handle) -> None:
         # SIGKILL the whole group: a job's stray children never outlive it.

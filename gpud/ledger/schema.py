@@ -302,6 +302,13 @@ MIGRATIONS: list[str] = [
         data BLOB NOT NULL
     );
     """,
+    # 15 (#14): the early warning before a job's timeout and its stop grace. NULL: none /
+    # the daemon's defaults.
+    """
+    ALTER TABLE jobs ADD COLUMN signal_before REAL;
+    ALTER TABLE jobs ADD COLUMN signal TEXT;
+    ALTER TABLE jobs ADD COLUMN grace REAL;
+    """,
 ]
 
 

@@ -128,6 +128,9 @@ class NewJob:
     notify: str | None = None
     notify_on: tuple[str, ...] = ()
     preemptible: bool = True
+    signal_before: float | None = None  # #14: the early warning, seconds before timeout
+    signal: str | None = None
+    grace: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +164,7 @@ _JOB_COLUMNS = (
     "batch_id, python, image, env, function_hash, submitted_at, started_at, ended_at, pid, "
     "pid_start, exit_code, error, has_result, memory, cpus, keep_warm, start_kind, startup, "
     "wall_ds, gpu_ds, snapshot, python_env, deps, deps_any, notify, preemptible, "
-    "suspended_at, suspend_reason, suspended_for, suspended_s"
+    "suspended_at, suspend_reason, suspended_for, suspended_s, signal_before, signal, grace"
 )
 
 
@@ -210,6 +213,9 @@ def _row_to_job(r: sqlite3.Row) -> Job:
         suspend_reason=r["suspend_reason"],
         suspended_for=r["suspended_for"],
         suspended_s=r["suspended_s"],
+        signal_before=r["signal_before"],
+        signal=r["signal"],
+        grace=r["grace"],
     )
 
 
@@ -375,9 +381,9 @@ class Ledger:
                     "INSERT INTO jobs (name, owner, state, priority, gpu, timeout, retries, "
                     "batch_id, python, image, env, function_hash, args, submitted_at, memory, "
                     "cpus, keep_warm, snapshot, python_env, deps, deps_any, notify, "
-                    "preemptible) "
+                    "preemptible, signal_before, signal, grace) "
                     "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                    "?, ?, ?, ?)",
+                    "?, ?, ?, ?, ?, ?, ?)",
                     (
                         j.name, j.owner, j.priority,
                         json.dumps(j.gpu.to_spec()) if j.gpu else None,
@@ -389,6 +395,7 @@ class Ledger:
                         json.dumps({"url": j.notify, "on": list(j.notify_on)})
                         if j.notify else None,
                         int(j.preemptible),
+                        j.signal_before, j.signal, j.grace,
                     ),
                 )
                 assert cur.lastrowid is not None

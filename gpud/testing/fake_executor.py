@@ -307,17 +307,21 @@ class FakeExecutor:
             return Outcome(exit_code=None)
         return p.outcome
 
-    async def stop(self, handle: Handle, grace: float) -> None:
+    async def stop(self, handle: Handle, grace: float) -> bool:
         self.stopped.append((handle.job_id, grace))
         p = self.machine.processes.get(handle.pid)
+        killed = False
         if p is not None and p.outcome is None:
             p.terms += 1
             if p.script.on_term == "exit":
                 self.machine.end(p, Outcome(exit_code=None, signal=signals.SIGTERM))
             else:
+                killed = True
                 with trio.move_on_after(grace):
                     await p.ended.wait()
+                    killed = False
         self.reap(handle)
+        return killed
 
     def reap(self, handle: Handle) -> None:
         p = self.machine.processes.get(handle.pid)
