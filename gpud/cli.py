@@ -198,6 +198,8 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
     if not page.jobs:
         click.echo("no jobs" + (f" below id {before}" if before else "" if show_all
                                 else " queued or running (see --all)"), err=True)
+        for line in _parked_lines(page.parked):
+            click.echo(line)
         return
     table = Table(box=None, pad_edge=False)
     for col in ("ID", "NAME", "STATE", "OWNER", "GPUS", "SUBMITTED", "START", "RUNTIME",
@@ -212,6 +214,8 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
         table.add_row(str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
                       _start_kind(j), _duration(j), _python_of(j), info)
     _console().print(table)
+    for line in _parked_lines(page.parked):
+        click.echo(line)
     if page.next_cursor is not None:
         # A page, never the whole ledger (a million jobs): say how to get the next one.
         opts = " --all" if show_all and asked is None else ""
@@ -337,6 +341,23 @@ def gpus(as_json: bool, url: str | None) -> None:
             "-" if g.power_w is None else f"{g.power_w:.0f}W", held, g.uuid,
         )
     _console().print(table)
+    for line in _parked_lines(lst.parked, lst.park_max_bytes):
+        click.echo(line)
+
+
+def _parked_lines(parked: list[Any], budget: int | None = None) -> list[str]:
+    """#13: idle warm workers whose GPU state waits in host memory for their next call."""
+    if not parked:
+        return []
+    gib = 1024**3
+    used = sum(p.bytes for p in parked)
+    head = f"parked warm workers: {len(parked)}, {used / gib:.1f} GiB in host memory"
+    if budget:
+        head += f" of {budget / gib:.1f} GiB (park_max_bytes)"
+    return [head] + [
+        f"  worker {p.worker_id}: {p.function} (job {p.job_id}, {p.owner}), "
+        f"{p.bytes / gib:.1f} GiB from GPU {','.join(map(str, p.gpus)) or '-'}, "
+        f"parked {_ago(p.parked_at)}" for p in parked]
 
 
 def _checkpoint_line(c: CheckpointInfo) -> str:

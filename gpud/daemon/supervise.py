@@ -133,10 +133,17 @@ class Supervision(Suspending):
             # As for a cold job: its submitter's Unix user on a root daemon; the warm
             # worker is launched with this spec, so it runs as them too.
             ident = run_as(job.owner, self.identity)
+            if w is not None and self.parking.holds(w):
+                # Parked in host memory (#13): restore its GPU state first; a worker that
+                # cannot be brought back is ended and the call starts cold.
+                kind = "unparked"
+                why = await self.parking.unpark(self, w)
+                if why is not None:
+                    w, kind, note = None, "cold", why
             if w is not None:
                 crash_point("warm_worker_ready")
                 spec, running = await self._lay_out_while_running(job, function, args,
-                                                                  ident, w)
+                                                                  ident, w, kind)
             else:
                 # The payload goes to the worker over the hub (#12); a snapshot's worker
                 # still loads its function from the directory for its setup.
@@ -151,7 +158,7 @@ class Supervision(Suspending):
                     w = await self._new_warm_worker(job, spec)
         except Exception as e:  # noqa: BLE001 - any start-up failure is the job's failure
             _log_start_failure(job.id, e)
-            if w is not None and kind == "warm":  # a matched worker stays for the next job
+            if w is not None and kind in ("warm", "unparked"):  # it stays for the next job
                 w.busy, w.idle_since = None, self.clock.monotonic()
             await self._finish(job, Finished(JobState.FAILED, f"could not start the job: {e}",
                                              None, False, True))
@@ -213,14 +220,15 @@ class Supervision(Suspending):
             "started_at": self.clock.time(), "start_kind": kind})
 
     async def _lay_out_while_running(self, job: Job, function: bytes, args: bytes,
-                                     ident: JobIdentity, w: WarmWorker) -> tuple[LaunchSpec, Job]:
+                                     ident: JobIdentity, w: WarmWorker,
+                                     kind: str = "warm") -> tuple[LaunchSpec, Job]:
         """For a job matched to an idle warm worker, whose pid is known already: record
         RUNNING while its directory is laid out, side by side (#12). The task is sent only
         once both are done, so the ledger still has the change before it is acted on; a
         crash in between leaves a RUNNING job that never reached the worker, as a crash
         between the two steps in turn did."""
         self.jobs[job.id].handle = w.handle
-        step = self._running_step(w, "warm", "")
+        step = self._running_step(w, kind, "")
         recorded: list[Job] = []
         errors: list[Exception] = []
 
@@ -286,6 +294,7 @@ class Supervision(Suspending):
             await trio.sleep(0.5)
             for h in self.warm.take_lost():  # idle workers that died on their own
                 await trio.to_thread.run_sync(self.executor.reap, h)
+            await self.parking.tick(self)  # parked ones that died or ran out (#13)
             expired = self.warm.expired(self.clock.monotonic())
             for w in expired:
                 await self._end_warm(w, f"idle for {w.keep_warm:g} s")
