@@ -169,6 +169,16 @@ def test_with_remap_the_call_runs_on_another_gpu_of_its_type() -> None:
         hog.cancel()
 
 
+def test_with_parking_off_the_worker_is_ended_as_before() -> None:
+    for d in _daemon(GPUD_FAKE_GPUS="h100", GPUD_PARK_MAX_BYTES="0"):
+        pid = _fn(d, model, keep_warm=600, gpu="h100").remote("load")["pid"]
+        _fn(d, other, gpu="h100").remote(0)
+        _until(lambda: not _alive(pid))
+        assert _parked(d) == []
+        with Client(d.url) as c:
+            assert c.gpus().park_max_bytes == 0
+
+
 @pytest.fixture
 def failing_park() -> Iterator[DaemonProc]:
     yield from _daemon(GPUD_FAKE_GPUS="h100",
