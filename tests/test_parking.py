@@ -4,8 +4,10 @@ the real checkpoint logic over real worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +45,7 @@ def other(seconds: float) -> str:
     return os.environ["CUDA_VISIBLE_DEVICES"]
 
 
+@contextlib.contextmanager
 def _daemon(**env: str) -> Iterator[DaemonProc]:
     base = make_base_dir()
     try:
@@ -53,7 +56,8 @@ def _daemon(**env: str) -> Iterator[DaemonProc]:
 
 @pytest.fixture
 def one_gpu() -> Iterator[DaemonProc]:
-    yield from _daemon(GPUD_FAKE_GPUS="h100", GPUD_PARK_MAX_BYTES="1.5GiB")
+    with _daemon(GPUD_FAKE_GPUS="h100", GPUD_PARK_MAX_BYTES="1.5GiB") as d:
+        yield d
 
 
 def _fn(d: DaemonProc, f: Callable[..., object], **options: object) -> gpud.Function:
@@ -128,7 +132,8 @@ def test_budget_ends_the_least_recently_parked(one_gpu: DaemonProc) -> None:
 
 @pytest.fixture
 def no_remap() -> Iterator[DaemonProc]:
-    yield from _daemon(GPUD_FAKE_GPUS="h100,h100", GPUD_FAKE_CKPT_REMAP="0")
+    with _daemon(GPUD_FAKE_GPUS="h100,h100", GPUD_FAKE_CKPT_REMAP="0") as d:
+        yield d
 
 
 def test_without_remap_the_call_waits_for_its_gpu(no_remap: DaemonProc) -> None:
@@ -153,7 +158,7 @@ def test_without_remap_the_call_waits_for_its_gpu(no_remap: DaemonProc) -> None:
 
 
 def test_with_remap_the_call_runs_on_another_gpu_of_its_type() -> None:
-    for d in _daemon(GPUD_FAKE_GPUS="h100,h100"):
+    with _daemon(GPUD_FAKE_GPUS="h100,h100") as d:
         warm = _fn(d, model, keep_warm=600, gpu="h100")
         first = warm.remote("load")
         both = _fn(d, other, gpu="h100:2").spawn(0)  # parks the worker, then ends
@@ -161,16 +166,20 @@ def test_with_remap_the_call_runs_on_another_gpu_of_its_type() -> None:
         hog = _fn(d, other, gpu="h100").spawn(600)
         with Client(d.url) as c:
             _until(lambda: c.get_job(hog.id).state == "running")
-            hog_gpu = c.get_job(hog.id).gpu_indices
+            hog_gpus = c.get_job(hog.id).gpus
+        # The lowest free GPU: the worker's own (it ran first on an empty box).
+        assert hog_gpus == [first["gpus"]]
         h = warm.spawn("again")
         got = h.get(timeout=30)
-        assert got["pid"] == first["pid"] and h.status().start_kind == "unparked"
-        assert h.status().gpu_indices != hog_gpu
+        assert (got["pid"], got["calls"]) == (first["pid"], first["calls"] + 1)
+        assert h.status().start_kind == "unparked"
+        assert got["gpus"] != first["gpus"] and h.status().gpus == [got["gpus"]]
+        assert f", onto {got['gpus']}" in d.log.read_text()
         hog.cancel()
 
 
 def test_with_parking_off_the_worker_is_ended_as_before() -> None:
-    for d in _daemon(GPUD_FAKE_GPUS="h100", GPUD_PARK_MAX_BYTES="0"):
+    with _daemon(GPUD_FAKE_GPUS="h100", GPUD_PARK_MAX_BYTES="0") as d:
         pid = _fn(d, model, keep_warm=600, gpu="h100").remote("load")["pid"]
         _fn(d, other, gpu="h100").remote(0)
         _until(lambda: not _alive(pid))
@@ -181,8 +190,9 @@ def test_with_parking_off_the_worker_is_ended_as_before() -> None:
 
 @pytest.fixture
 def failing_park() -> Iterator[DaemonProc]:
-    yield from _daemon(GPUD_FAKE_GPUS="h100",
-                       GPUD_FAKE_CKPT_FAULTS="checkpoint:CUDA_ERROR_UNKNOWN:1")
+    with _daemon(GPUD_FAKE_GPUS="h100",
+                 GPUD_FAKE_CKPT_FAULTS="checkpoint:CUDA_ERROR_UNKNOWN:1") as d:
+        yield d
 
 
 def test_a_failed_park_ends_the_worker_as_before(failing_park: DaemonProc) -> None:
@@ -199,8 +209,8 @@ def test_a_failed_park_ends_the_worker_as_before(failing_park: DaemonProc) -> No
 
 
 def test_a_failed_unpark_starts_the_call_cold() -> None:
-    for d in _daemon(GPUD_FAKE_GPUS="h100",
-                     GPUD_FAKE_CKPT_FAULTS="restore:CUDA_ERROR_OUT_OF_MEMORY:1"):
+    with _daemon(GPUD_FAKE_GPUS="h100",
+                 GPUD_FAKE_CKPT_FAULTS="restore:CUDA_ERROR_OUT_OF_MEMORY:1") as d:
         warm = _fn(d, model, keep_warm=600, gpu="h100")
         pid = warm.remote("load")["pid"]
         _fn(d, other, gpu="h100").remote(0)
@@ -243,3 +253,16 @@ def test_a_restarted_daemon_kills_parked_workers_left_behind(tmp_path: Path) -> 
         for p in (orphan, bystander):
             p.kill()
             p.wait()
+
+
+def test_the_gpu_check_script_runs_on_fake_gpus(one_gpu: DaemonProc) -> None:
+    """scripts/gpu_park_check.py (the GPU machine's parking check) on fake GPUs: its state
+    is host memory there, but the parking path and the figures it prints are the same."""
+    env = one_gpu.client_env()
+    r = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "scripts" /
+                                            "gpu_park_check.py"), "--gib", "0.1",
+                        "--log", str(one_gpu.log), "--timeout", "120"],
+                       capture_output=True, text=True, env=env, timeout=150)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("PASS:") == 4 and "FAIL" not in r.stdout
+    assert re.search(r"unparked: 1\.00 GiB in [\d.]+ s = [\d.]+ GB/s", r.stdout), r.stdout

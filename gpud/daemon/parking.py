@@ -132,6 +132,7 @@ class ParkingLot:
             return
         assert self.checkpointer is not None and core.warm is not None
         w.busy = -job_id  # neither idle nor matchable while its state moves
+        t0 = core.clock.monotonic()
         try:
             pids, size = await trio.to_thread.run_sync(self._park, h.pid)
         except (CudaCheckpointError, OSError, RuntimeError) as e:
@@ -153,9 +154,11 @@ class ParkingLot:
         # Out of the pool: nothing there matches, expires or counts it any more.
         core.warm.workers.pop(w.id, None)
         self.parked[w.id] = ParkedWorker(w, pids, size, core.clock.time(), w.gpus, function)
+        took = core.clock.monotonic() - t0
         log.info("parked warm worker %s (last job %s, pid %s): %d MiB of GPU state in host "
-                 "memory, its GPUs %s go to job %s", w.id, w.last_job, h.pid, size >> 20,
-                 ",".join(w.gpus), job_id)
+                 "memory in %.2f s (%.1f GB/s), its GPUs %s go to job %s", w.id, w.last_job,
+                 h.pid, size >> 20, took, size / max(took, 1e-9) / 1e9, ",".join(w.gpus),
+                 job_id)
         await self._evict(core, keep=w.id)
         self._save()
 
@@ -279,6 +282,7 @@ class ParkingLot:
         p = self.parked.pop(w.id, None)
         assert p is not None and self.checkpointer is not None and core.warm is not None
         gpu_map = dict(zip(p.home, w.gpus, strict=True)) if w.gpus != p.home else None
+        t0 = core.clock.monotonic()
         try:
             await trio.to_thread.run_sync(self._unpark, p.pids, gpu_map)
         except (CudaCheckpointError, OSError, RuntimeError, ValueError) as e:
@@ -289,8 +293,10 @@ class ParkingLot:
             await self._kill(core, w)
             return "its parked worker had gone"
         core.warm.workers[w.id] = w
-        log.info("unparked warm worker %s (pid %s)%s", w.id, w.handle and w.handle.pid,
-                 f" onto {','.join(w.gpus)}" if gpu_map else "")
+        took = core.clock.monotonic() - t0
+        log.info("unparked warm worker %s (pid %s): %d MiB in %.2f s (%.1f GB/s)%s", w.id,
+                 w.handle and w.handle.pid, p.bytes >> 20, took,
+                 p.bytes / max(took, 1e-9) / 1e9, f", onto {','.join(w.gpus)}" if gpu_map else "")
         self._save()
         return None
 
