@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -16,7 +15,7 @@ from gpud.clock import Clock, SystemClock
 from gpud.config import Config
 from gpud.cudackpt import Checkpointer, Support
 from gpud.daemon import dependencies, jobfiles
-from gpud.daemon.gpustate import CheckpointParker
+from gpud.daemon.gpustate import CheckpointParker, GpuStateParker
 from gpud.daemon.parking import ParkingLot
 from gpud.daemon.record import (
     Finished,
@@ -48,9 +47,6 @@ from gpud.snapshotter import Snapshotter
 from gpud.storage import persist
 from gpud.users import Directory
 from gpud.warm import WarmPool, WarmWorker
-
-if TYPE_CHECKING:
-    from gpud.daemon.suspend import GpuStateParker
 
 log = logging.getLogger("gpud")
 

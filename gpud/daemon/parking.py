@@ -34,19 +34,36 @@ import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import trio
 
+from gpud.clock import Clock
 from gpud.cudackpt import Checkpointer, CudaCheckpointError, ProcessState, Support
 from gpud.daemon.gpustate import LOCK_TIMEOUT, group_pids
 from gpud.domain import Gpu, Job, Wait
-from gpud.executors.base import Handle
+from gpud.executors.base import Executor, Handle
 from gpud.executors.process import proc_start_time
-from gpud.warm import WarmWorker
+from gpud.pending import ActiveJobs
+from gpud.warm import WarmPool, WarmWorker
 
-if TYPE_CHECKING:
-    from gpud.daemon.core import DaemonCore
+
+class DaemonCore(Protocol):
+    """What the lot uses of the daemon (gpud.daemon.core.DaemonCore), without importing
+    it (the core holds the lot)."""
+
+    @property
+    def warm(self) -> WarmPool | None: ...
+    @property
+    def executor(self) -> Executor: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def jobs(self) -> ActiveJobs[Any]: ...
+    @property
+    def gpus(self) -> list[Gpu]: ...
+    async def get(self, job_id: int) -> Job: ...
+    async def _end_warm(self, w: WarmWorker, why: str) -> None: ...
 
 __all__ = ["ParkedWorker", "ParkingLot", "default_park_max_bytes", "kill_leftovers"]
 
