@@ -43,6 +43,7 @@ from gpud.notify import Notifier
 from gpud.pending import ActiveJobs
 from gpud.retry import RetryPolicy, after
 from gpud.scheduler import Plan, Waits
+from gpud.snapgpu import SnapshotGpuState
 from gpud.snapshotter import Snapshotter
 from gpud.storage import persist
 from gpud.users import Directory
@@ -111,7 +112,9 @@ class DaemonCore:
                 max_failures=config.snapshot_max_failures,
                 restore_timeout=config.snapshot_restore_timeout,
                 driver=lambda: inventory.driver_version() or "none",
-                gpu_part=self._snapshot_gpus)
+                gpu_part=self._snapshot_gpus,
+                gpu_state=SnapshotGpuState(checkpointer) if self.gpu_parker is not None
+                and checkpointer is not None else None)
         #: images built from gpud.Image definitions (#11), where the executor is Podman
         self.images: ImageBuilder | None = None
         if self.caps.image_builds:
