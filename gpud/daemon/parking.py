@@ -235,7 +235,11 @@ class ParkingLot:
         self.waits = {}
         if not self.parked:
             return []
-        keys = {g.wkey for g in core.jobs.pending.groups() if g.jobs}
+        # Only keys with a call ready now: a worker offered for a call in its retry backoff
+        # would hold its GPUs in the plan this round for nothing.
+        now = core.clock.time()
+        keys = {g.wkey for g in core.jobs.pending.groups()
+                if g.wkey is not None and any(j.not_before <= now for j in g.jobs)}
         by_uuid = {g.uuid: g for g in core.gpus}
         taken = set(holders)
         out: list[WarmWorker] = []
