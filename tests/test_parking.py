@@ -21,9 +21,13 @@ import pytest
 import gpud_client as gpud
 from gpud_client import Client
 
+from . import test_clock
 from .conftest import DaemonProc, _run_daemon, make_base_dir
+from .test_clock import _body, _pid, _run
 
 GIB = 1024**3
+#: the in-process daemon on an injected clock (a fixture of tests/test_clock.py)
+clocked = test_clock.clocked
 _calls = 0
 
 
@@ -266,3 +270,23 @@ def test_the_gpu_check_script_runs_on_fake_gpus(one_gpu: DaemonProc) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("PASS:") == 4 and "FAIL" not in r.stdout
     assert re.search(r"unparked: 1\.00 GiB in [\d.]+ s = [\d.]+ GB/s", r.stdout), r.stdout
+
+
+async def test_a_parked_worker_ends_when_its_keep_warm_runs_out(clocked) -> None:  # type: ignore[no-untyped-def]
+    """On the daemon's injected clock (tests/test_clock.py's in-process daemon): parked,
+    its keep_warm still counts from its last call, and then it is ended."""
+    import trio
+
+    http, clock = clocked
+    first = await _run(http, _body(_pid, keep_warm=5, gpu="h100:2"))
+    pid = first["value"]["value"]
+    await _run(http, _body(_pid, gpu="h100"))  # needs one of the worker's GPUs: parks it
+    parked = (await http.get("/v1/gpus")).json()["parked"]
+    assert [p["job_id"] for p in parked] == [first["id"]] and _alive(pid)
+    await trio.sleep(0.7)  # the warm loop runs; the clock stands still: still parked
+    assert _alive(pid)
+    clock.advance(6.0)
+    with trio.fail_after(10):  # the warm loop looks twice a second
+        while _alive(pid):  # noqa: ASYNC110 - waiting for a process of the daemon's to end
+            await trio.sleep(0.05)
+    assert (await http.get("/v1/gpus")).json()["parked"] == []
