@@ -105,6 +105,10 @@ def test_idle_worker_is_parked_and_its_next_call_unparks_it(one_gpu: DaemonProc)
                          text=True, env=one_gpu.client_env(), timeout=30)
     assert "parked warm workers: 1, 1.0 GiB in host memory of 1.5 GiB" in out.stdout
     assert f"(job {h1.id}," in out.stdout
+    ps = subprocess.run([sys.executable, "-m", "gpud", "ps"], capture_output=True,
+                        text=True, env=one_gpu.client_env(), timeout=30)
+    assert "parked warm workers: 1, 1.0 GiB in host memory" in ps.stdout, ps
+    assert f"worker {parked[0].worker_id}: " in ps.stdout and "from GPU 0" in ps.stdout
     # The next call brings it back: same process, its in-memory state still there.
     h3 = warm.spawn("again")
     third = h3.get(timeout=30)

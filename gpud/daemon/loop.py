@@ -71,7 +71,7 @@ class SchedulingLoop(Supervision):
         idle = self.warm.idle() if self.warm is not None else []
         # Suspended jobs hold no GPUs; those due to resume get theirs first (#13).
         running = await self.resume_round(running, [u for w in idle for u in w.gpus])
-        idle += self.parking.offer(self, self.gpu_holders())  # parked, with a call queued
+        idle += self.parking.offer(self, self.gpu_holders)  # parked, with a call queued
         usage = self._usage_now(running, now)
         # Warm matching is part of the pure plan, in the same (fair-share) order (#12).
         p = plan(pending, running, self.gpus,

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -227,14 +227,16 @@ class ParkingLot:
 
     # -- the scheduling round -----------------------------------------------------------
 
-    def offer(self, core: DaemonCore, holders: Mapping[str, Job]) -> list[WarmWorker]:
+    def offer(self, core: DaemonCore,
+              holders_now: Callable[[], Mapping[str, Job]]) -> list[WarmWorker]:
         """Parked workers with a queued call of their key, as idle workers for this round.
         Each goes with its own GPUs where they are free, or with free GPUs of the same
         types where the driver can remap; else with its own (held) GPUs and a reason: the
         plan then matches the call to it, and :meth:`blocked` keeps the call queued."""
         self.waits = {}
         if not self.parked:
-            return []
+            return []  # the common case: O(1), nothing of the round's hot path
+        holders = holders_now()
         # Only keys with a call ready now: a worker offered for a call in its retry backoff
         # would hold its GPUs in the plan this round for nothing.
         now = core.clock.time()
