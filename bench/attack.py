@@ -22,9 +22,7 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from gpud.testing.daemon_proc import DaemonProc  # noqa: E402
 
 #: What a test daemon needs: fake GPUs, short timers, info logging.
 DAEMON_ENV = {
@@ -49,12 +51,6 @@ HEADERS = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process, from /proc/PID/status (VmRSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -63,56 +59,12 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-@dataclass
-class Daemon:
-    """A `gpud serve` subprocess on a Unix socket and a loopback TCP port."""
+class Daemon(DaemonProc):
+    """A `gpud serve` subprocess (gpud.testing.daemon_proc) on a Unix socket and a loopback
+    TCP port."""
 
-    base: Path
-    extra_env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-    port: int = 0
-
-    @property
-    def socket(self) -> Path:
-        return self.base / "gpud.sock"
-
-    @property
-    def log(self) -> Path:
-        return self.base / "daemon.log"
-
-    def start(self, timeout: float = 60.0) -> None:
-        self.port = free_port()
-        env = dict(os.environ)
-        env.update(DAEMON_ENV)
-        env.update(self.extra_env)
-        env["GPUD_DATA_DIR"] = str(self.base / "data")
-        env["GPUD_SOCKET"] = str(self.socket)
-        env["GPUD_TCP"] = f"127.0.0.1:{self.port}"
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen([sys.executable, "-m", "gpud", "serve"], env=env,
-                                         stdout=logf, stderr=logf, cwd=str(REPO))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gpud serve exited: {self.log.read_text()}")
-            if b"gpud serving on" in self.log.read_bytes():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"gpud serve did not start: {self.log.read_text()}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def __init__(self, base: Path, extra_env: dict[str, str] | None = None) -> None:
+        super().__init__(base, env=dict(extra_env or {}), settings=DAEMON_ENV, tcp=True)
 
     def connect(self, over: str, timeout: float = 5.0) -> socket.socket:
         if over == "unix":

@@ -40,14 +40,10 @@ for p in (str(REPO), str(Path(__file__).resolve().parent)):
 
 import chaos_checks as checks  # noqa: E402
 from chaos_checks import Acked, Kill, Tally  # noqa: E402
-from run import (  # noqa: E402  (bench/run.py: the benchmark's daemon helpers)
-    _remove_containers,
-    _set_pdeathsig,
-    _stop_podman_service,
-    podman_problem,
-)
+from run import podman_problem  # noqa: E402  (bench/run.py)
 
 import gpud_client as gpud  # noqa: E402
+from gpud.testing.daemon_proc import DaemonProc  # noqa: E402
 from gpud_client import GpudError  # noqa: E402
 from gpud_client.client import Client  # noqa: E402
 
@@ -98,87 +94,27 @@ def chaos_job(marks: str, tag: str, seconds: float, fail: bool = False) -> str:
 # -- the daemon -----------------------------------------------------------------------------
 
 
-class Daemon:
+#: The chaos run's daemon settings: fake GPUs, six CPU slots, fast retries.
+CHAOS_SETTINGS = {
+    "GPUD_GPUS": "fake", "GPUD_FAKE_GPUS": "h100,h100,l4", "GPUD_CPU_SLOTS": "6",
+    "GPUD_KILL_GRACE": "1", "GPUD_RETRY_BACKOFF": "0.2", "GPUD_LOG_LEVEL": "info",
+    "GPUD_GPU_POLL_INTERVAL": "0.5",
+}
+
+
+class Daemon(DaemonProc):
+    """The daemon under chaos (gpud.testing.daemon_proc), in a session of its own; its data
+    directory may be on a small tmpfs. Stopping it also ends its jobs and containers."""
+
     def __init__(self, base: Path, data_dir: Path, env: dict[str, str]) -> None:
-        self.base, self.data_dir, self.env = base, data_dir, env
-        self.socket = base / "gpud.sock"
-        self.log = base / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_seen = 0
+        super().__init__(base, env=env, settings=CHAOS_SETTINGS, data_dir=data_dir,
+                         own_session=True)
 
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket}"
-
-    def start(self, timeout: float = 60.0) -> None:
-        env = dict(os.environ)
-        env.pop("GPUD_CONFIG", None)
-        env.update({
-            "GPUD_DATA_DIR": str(self.data_dir), "GPUD_SOCKET": str(self.socket),
-            "GPUD_GPUS": "fake", "GPUD_FAKE_GPUS": "h100,h100,l4", "GPUD_CPU_SLOTS": "6",
-            "GPUD_KILL_GRACE": "1", "GPUD_RETRY_BACKOFF": "0.2", "GPUD_LOG_LEVEL": "info",
-            "GPUD_GPU_POLL_INTERVAL": "0.5",
-            "PYTHONPATH": os.pathsep.join([str(REPO)] + (
-                [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
-        })
-        env.update(self.env)
-        before = self.log.stat().st_size if self.log.exists() else 0
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gpud", "serve"], env=env, stdout=logf, stderr=logf,
-                stdin=subprocess.DEVNULL, cwd=str(REPO), start_new_session=True,
-                preexec_fn=_set_pdeathsig)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gpud serve exited ({self.proc.returncode}):\n"
-                                   + self.log.read_bytes()[before:].decode(errors="replace"))
-            if b"gpud serving on" in self.log.read_bytes()[before:]:
-                return
-            time.sleep(0.02)
-        raise RuntimeError("gpud serve did not start in time")
-
-    def exited(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def kill9(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def new_log(self) -> str:
-        data = self.log.read_bytes()
-        new, self.log_seen = data[self.log_seen:], len(data)
-        return new.decode(errors="replace")
-
-    def instance(self) -> str | None:
-        try:
-            return (self.data_dir / "instance").read_text().strip()
-        except OSError:
-            return None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-        self.proc = None
-        instance = self.instance()
-        if instance is None:
-            return
-        from gpud.executors.process import processes_with_env
-
-        for pid in processes_with_env(f"GPUD_INSTANCE={instance}"):
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-        if self.env.get("GPUD_EXECUTOR") == "podman":
-            _remove_containers(instance)
-            if url := self.env.get("GPUD_PODMAN_URL"):
-                _stop_podman_service(url)
+    def stop(self, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
+        super().stop(sig, grace)
+        self.kill_jobs()
+        if self.executor == "podman":
+            self.remove_containers()
 
 
 # -- the load -------------------------------------------------------------------------------

@@ -233,24 +233,10 @@ def _fuzz_user(data_dir: Path) -> tuple[str, str]:
     return name, out.stdout.strip()
 
 
-class _Daemon(Daemon):
-    """bench/run.py's daemon, on a data directory prepared beforehand (by gpud admin)."""
-
-    @property
-    def data_dir(self) -> Path:
-        return self.base / "data"
-
-
 def run(seconds: float, *, examples: int = 30, progress: Any = None) -> Report:
-    import socket
-
     base = Path(tempfile.mkdtemp(prefix="gpud-fuzz-", dir="/tmp"))
     os.chmod(base, 0o755)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    d = _Daemon(base, "fuzz", cpu_slots=2, env={
-        "GPUD_TCP": f"127.0.0.1:{port}",
+    d = Daemon(base, "fuzz", cpu_slots=2, tcp=True, env={
         # Jobs that get through are garbage and fail at once; keep them short anyway.
         "GPUD_MAX_TIMEOUT": "30", "GPUD_RETRY_BACKOFF": "0.1",
     })
@@ -258,9 +244,9 @@ def run(seconds: float, *, examples: int = 30, progress: Any = None) -> Report:
     try:
         _, token = _fuzz_user(d.data_dir)
         d.start()
-        fuzz(f"http://127.0.0.1:{port}", token, seconds, examples=examples, report=report,
+        fuzz(d.tcp_url, token, seconds, examples=examples, report=report,
              progress=progress)
-        report.daemon_alive = d.proc is not None and d.proc.poll() is None
+        report.daemon_alive = d.alive()
         log = d.log.read_bytes()
         report.log_bytes = len(log)
         report.log_tracebacks = log.count(b"Traceback (most recent call last)")

@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:
 from bench.hotrows import Row, render  # noqa: E402
 
 #: The modules, in the order of the issue's table.
-MODULES = ("sched", "api", "calls", "ledger", "retention", "sweep")
+MODULES = ("sched", "api", "calls", "ledger", "retention", "sweep", "metrics")
 
 
 def main(argv: list[str] | None = None) -> int:

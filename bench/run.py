@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ if str(REPO) not in sys.path:
 import cloudpickle  # type: ignore[import-untyped]  # noqa: E402
 
 import gpud_client as gpud  # noqa: E402
+from gpud.testing.daemon_proc import DaemonProc  # noqa: E402
 from gpud_client.client import Client  # noqa: E402
 
 #: The issue's later target for `.map` throughput of no-op jobs.
@@ -101,109 +101,38 @@ def timed(fn: Callable[[], Any], n: int) -> list[float]:
 # -- daemons ----------------------------------------------------------------------------
 
 
-def _set_pdeathsig() -> None:
-    """In the daemon child: get SIGTERM if the benchmark dies without cleaning up."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+#: The benchmarks' daemon settings: fake GPUs, a short kill grace.
+BENCH_SETTINGS = {
+    "GPUD_GPUS": "fake",
+    "GPUD_FAKE_GPUS": "h100,h100",
+    "GPUD_KILL_GRACE": "1",
+    "GPUD_LOG_LEVEL": "info",
+}
 
 
-def _instance_pids(instance: str) -> list[int]:
-    from gpud.executors.process import processes_with_env
+class Daemon(DaemonProc):
+    """One `gpud serve` subprocess (gpud.testing.daemon_proc) with fake GPUs on its own
+    directory ``base/name``, in a session of its own. Stopping it also ends what it left:
+    its jobs, and its containers and Podman service."""
 
-    return processes_with_env(f"GPUD_INSTANCE={instance}")
-
-
-@dataclass
-class Daemon:
-    """One `gpud serve` subprocess with fake GPUs on its own data directory."""
-
-    base: Path
-    name: str
-    cpu_slots: int
-    proc: subprocess.Popen[bytes] | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    def __init__(self, base: Path, name: str, cpu_slots: int,
+                 env: dict[str, str] | None = None, *, tcp: bool = False) -> None:
+        super().__init__(base / name, env=dict(env or {}),
+                         settings={**BENCH_SETTINGS, "GPUD_CPU_SLOTS": str(cpu_slots)},
+                         own_session=True, tcp=tcp)
+        self.name = name
+        self.cpu_slots = cpu_slots
 
     @property
     def dir(self) -> Path:
-        return self.base / self.name
+        return self.base
 
-    @property
-    def data_dir(self) -> Path:
-        return self.dir / "data"
-
-    @property
-    def socket(self) -> Path:
-        return self.dir / "gpud.sock"
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket}"
-
-    @property
-    def log(self) -> Path:
-        return self.dir / "daemon.log"
-
-    def start(self, timeout: float = 60.0) -> None:
-        self.dir.mkdir(parents=True)
-        os.chmod(self.dir, 0o755)
-        env = dict(os.environ)
-        env.pop("GPUD_CONFIG", None)
-        env.update({
-            "GPUD_DATA_DIR": str(self.data_dir),
-            "GPUD_SOCKET": str(self.socket),
-            "GPUD_GPUS": "fake",
-            "GPUD_FAKE_GPUS": "h100,h100",
-            "GPUD_CPU_SLOTS": str(self.cpu_slots),
-            "GPUD_KILL_GRACE": "1",
-            "GPUD_LOG_LEVEL": "info",
-            "PYTHONPATH": os.pathsep.join(
-                [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
-                               else [])),
-        })
-        env.update(self.env)
-        with open(self.log, "ab") as logf:
-            # Its own session: a Ctrl-C in the terminal reaches the benchmark only, which
-            # then stops the daemon itself (after cancelling what it left behind).
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gpud", "serve"], env=env, stdout=logf, stderr=logf,
-                stdin=subprocess.DEVNULL, cwd=str(REPO), start_new_session=True,
-                preexec_fn=_set_pdeathsig,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gpud serve exited ({self.proc.returncode}):\n"
-                                   + self.log.read_text(errors="replace"))
-            if b"gpud serving on" in self.log.read_bytes():
-                return
-            time.sleep(0.02)
-        raise RuntimeError("gpud serve did not start in time:\n"
-                           + self.log.read_text(errors="replace"))
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        # Jobs outlive a stopped daemon by design (the next one re-adopts them): kill any
-        # this daemon left, by the instance id in their environment.
-        try:
-            instance = (self.data_dir / "instance").read_text().strip()
-        except OSError:
-            return
-        for pid in _instance_pids(instance):
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-        if self.env.get("GPUD_EXECUTOR") == "podman":
-            _remove_containers(instance)
-            url = self.env.get("GPUD_PODMAN_URL")
-            if url:
-                _stop_podman_service(url)
+    def stop(self, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
+        super().stop(sig, grace)
+        # Jobs outlive a stopped daemon by design (the next one re-adopts them).
+        self.kill_jobs()
+        if self.executor == "podman":
+            self.remove_containers()
 
 
 def podman_problem() -> str | None:
@@ -223,50 +152,15 @@ def podman_problem() -> str | None:
     return None
 
 
-def _remove_containers(instance: str) -> None:
-    """Containers a Podman daemon of ours left (none after a clean run)."""
-    with contextlib.suppress(Exception):
-        ids = subprocess.run(
-            ["podman", "ps", "-a", "-q", "--filter", f"label=gpud.daemon={instance}"],
-            capture_output=True, text=True, timeout=60).stdout.split()
-        if ids:
-            subprocess.run(["podman", "rm", "-f", *ids], capture_output=True, timeout=120)
-
-
-def _stop_podman_service(url: str) -> None:
-    """The `podman system service` our daemon started on its private socket (it outlives
-    the daemon by design): found by its exact command line, stopped by pid."""
-    want = ["podman", "system", "service", "--time=0", url]
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
-                argv = fh.read().decode(errors="replace").split("\0")[:-1]
-        except OSError:
-            continue
-        if argv == want:
-            pid = int(entry.name)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGTERM)
-            for _ in range(50):
-                if not os.path.exists(f"/proc/{pid}"):
-                    break
-                time.sleep(0.1)
-            else:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-
-
 class Bench:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.daemons: list[Daemon] = []
 
     @contextlib.contextmanager
-    def daemon(self, name: str, cpu_slots: int,
-               env: dict[str, str] | None = None) -> Iterator[Daemon]:
-        d = Daemon(self.base, name, cpu_slots, env=dict(env or {}))
+    def daemon(self, name: str, cpu_slots: int, env: dict[str, str] | None = None, *,
+               tcp: bool = False) -> Iterator[Daemon]:
+        d = Daemon(self.base, name, cpu_slots, env, tcp=tcp)
         self.daemons.append(d)
         try:
             d.start()

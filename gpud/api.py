@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import trio
@@ -33,6 +33,7 @@ from gpud.accounting import BY, Line, report
 from gpud.api_admin import ADMIN_DOC, admin_routes
 from gpud.api_batch import BATCH_DOC, batch_routes
 from gpud.api_images import IMAGE_DOC, image_routes
+from gpud.api_metrics import metrics_endpoint
 from gpud.api_params import Param
 from gpud.api_snapshots import SNAPSHOT_DOC, snapshot_routes
 from gpud.api_submit import idempotency as _idempotency
@@ -50,6 +51,7 @@ from gpud.auth import (
 from gpud.daemon.port import JobService
 from gpud.daemon.suspend import NotSuspendable
 from gpud.domain import FINAL, Job, JobState
+from gpud.executors.base import ImageBuildCapable
 from gpud.http_common import ApiError, job_info
 from gpud.http_common import decode_body as _decode
 from gpud.http_common import error_response as _error
@@ -213,10 +215,9 @@ def create_app(daemon: JobService) -> Starlette:
                            f"(GET {API_PREFIX}/jobs/{job.id}/wait)")
         data = b""
         if job.has_result:
-            try:
-                data = await trio.to_thread.run_sync(read_regular, daemon.result_path(job.id))
-            except OSError:
-                data = b""
+            # From the ledger (a warm job's small result, #12) or the job's result.pkl.
+            [(found, _)] = await daemon.read_results([job], None)
+            data = found or b""
         if not data:
             why = job.error or job.state.value
             raise ApiError(404, "no_result", (job.has_result and files_gone(daemon.config, job))
@@ -248,7 +249,9 @@ def create_app(daemon: JobService) -> Starlette:
             raise ApiError(503, "executor_unavailable",
                            f"the {daemon.executor.name} executor cannot list images right now: "
                            f"{e}") from None
-        default = getattr(daemon.executor, "default_image", None)
+        # Declared by image-building and checkpointing executors (capabilities, #12).
+        default = (cast(ImageBuildCapable, daemon.executor).default_image
+                   if daemon.caps.image_builds or daemon.caps.snapshots else None)
         note = None if daemon.executor.name == "podman" else (
             f"the {daemon.executor.name} executor runs jobs without images (Python "
             f"{daemon.worker_python}); images need executor = \"podman\"")
@@ -363,6 +366,7 @@ def create_app(daemon: JobService) -> Starlette:
     routes = [Route(API_PREFIX + p, wrap(fn, public=p == "/health"), methods=[m])
               for m, p, fn in table]
     routes.append(Route("/openapi.json", openapi_doc, methods=["GET"]))
+    routes.append(Route("/metrics", metrics_endpoint(daemon, auth), methods=["GET"]))  # #16
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -35,6 +35,7 @@ from gpud.api_submit import idempotency as _idempotency
 from gpud.api_submit import new_jobs as _new_jobs
 from gpud.auth import Auth, check_job_access
 from gpud.daemon.port import JobService
+from gpud.daemon.results import read_file
 from gpud.domain import FINAL, Job, JobState
 from gpud.http_common import ApiError, job_info
 from gpud.http_common import decode_body as _decode
@@ -112,23 +113,18 @@ def _bounded(wait: float, until: float) -> float:
 
 
 def _read_result(path: Path) -> tuple[bytes | None, int]:
-    """(the result's bytes if small enough to inline, its size); (None, 0) when there is
-    none or it is not a regular file (a job may plant anything in its directory)."""
+    """(the result file's bytes if small enough to inline, its size); (None, 0) when there
+    is none or it is not a regular file (a job may plant anything in its directory)."""
+    return read_file(path, INLINE_RESULT_MAX)
+
+
+def _log_size(path: Path) -> int:
+    """The log's size now (a stat, no thread trip): there is nothing to read in a thread
+    while it has not grown (#12)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        return os.stat(path, follow_symlinks=False).st_size
     except OSError:
-        return None, 0
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-            return None, 0
-        if st.st_size > INLINE_RESULT_MAX:
-            return None, st.st_size
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            data = fh.read(INLINE_RESULT_MAX + 1)
-        return (data, len(data)) if len(data) <= INLINE_RESULT_MAX else (None, len(data))
-    finally:
-        os.close(fd)
+        return 0
 
 
 def _read_log(path: Path, offset: int, limit: int | None) -> bytes:
@@ -146,19 +142,6 @@ def _read_log(path: Path, offset: int, limit: int | None) -> bytes:
         os.close(fd)
 
 
-def _read_results(daemon: JobService, jobs: list[Job]) -> list[tuple[bytes | None, int]]:
-    return [_read_result(daemon.result_path(j.id)) if j.has_result else (None, 0)
-            for j in jobs]
-
-
-def _tail_and_result(daemon: JobService, job: Job, offset: int,
-                     logs: bool) -> tuple[bytes, bytes | None, int]:
-    """In one thread trip: the log from ``offset`` to its end, and the result."""
-    tail = _read_log(daemon.log_path(job.id), offset, None) if logs else b""
-    result, size = _read_result(daemon.result_path(job.id)) if job.has_result else (None, 0)
-    return tail, result, size
-
-
 def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callable[[Request], Any]]]:
     limit = daemon.config.max_body_bytes
 
@@ -172,7 +155,7 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
                 break
             if trio.current_time() >= until:
                 return  # the caller's timeout: no `end`, it follows again with /stream
-            if logs:
+            if logs and _log_size(path) > pos:
                 data = await trio.to_thread.run_sync(_read_log, path, pos, 1 << 20)
                 if data:
                     pos += len(data)
@@ -180,8 +163,9 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
                     continue
             # Returns at once when the job ends; with a log to follow, looks again soon.
             await daemon.wait_final(job.id, _bounded(_LOG_POLL if logs else 30.0, until))
-        tail, result, size = await trio.to_thread.run_sync(_tail_and_result, daemon, job, pos,
-                                                           logs)
+        tail = (await trio.to_thread.run_sync(_read_log, path, pos, None)
+                if logs and _log_size(path) > pos else b"")
+        [(result, size)] = await daemon.read_results([job], INLINE_RESULT_MAX)
         for i in range(0, len(tail), 1 << 20):
             yield _line(JobEvent(kind="log", data=tail[i:i + (1 << 20)]))
         yield _line(JobEvent(kind="end", job=job_info(daemon, job), result=result,
@@ -265,7 +249,7 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
                     await daemon.wait_final(waiting[0], _bounded(_RESCAN, until))
                     continue
             jobs = await daemon.batch_jobs(ready)
-            found = await trio.to_thread.run_sync(_read_results, daemon, jobs)
+            found = await daemon.read_results(jobs, INLINE_RESULT_MAX)
             yield b"".join(
                 _line(BatchResult(index=index[j.id], job=job_info(daemon, j), result=r,
                                   result_size=size))

@@ -8,6 +8,8 @@ batch to end (which starts the next round).
 :func:`limit_concurrency` is the pure rule; :class:`BatchLimits` keeps each live batch's
 limit in memory, reading the ledger only for a batch it has not seen (after a restart, or
 the first round after its submit), and forgetting batches that have no active job left.
+The jobs it held back in the last round wait with a reason of their own (:meth:`wait_of`):
+the round never sees them, so it gives them none.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import heapq
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
-from gpud.domain import Job
+from gpud.domain import Job, Wait
 from gpud.ledger.batches import batch_limits
 from gpud.ledger.thread import LedgerThread
+from gpud.reasons import BatchLimit
 
 __all__ = ["BatchLimits", "limit_concurrency"]
 
@@ -57,6 +60,8 @@ class BatchLimits:
         #: submitted since; until the first admit (after a restart) unknown: look.
         self._limited: set[int] = set()
         self._seeded = False
+        #: the jobs the last admit held back: job id -> (its reason, its place among them)
+        self._held: dict[int, tuple[BatchLimit, int]] = {}
 
     def any_limited(self) -> bool:
         """Must the round filter its queue? Not while no limited batch has queued jobs,
@@ -81,5 +86,33 @@ class BatchLimits:
         self._seeded = True
         self._limited = {b for b in live if self._limits.get(b) is not None}
         if not self._limited:
+            self._held = {}
             return list(pending)
-        return limit_concurrency(pending, running, self._limits)
+        admitted = limit_concurrency(pending, running, self._limits)
+        self._held = held_back(pending, admitted, self._limits)
+        return admitted
+
+    def wait_of(self, job_id: int, queued: int) -> Wait | None:
+        """The wait of a queued job the last round's admit held back (else None); it
+        comes after the ``queued`` jobs the round placed (oldest batch job first)."""
+        held = self._held.get(job_id)
+        if held is None:
+            return None
+        why, place = held
+        return Wait(job_id, why, queued - len(self._held) + place)
+
+
+def held_back(pending: Sequence[Job], admitted: Sequence[Job],
+              limits: Mapping[int, int | None]) -> dict[int, tuple[BatchLimit, int]]:
+    """The jobs of ``pending`` not ``admitted``, each with its reason (one object per
+    batch) and its 1-based place among them, oldest first."""
+    kept = {j.id for j in admitted}
+    reasons: dict[int, BatchLimit] = {}
+    out: dict[int, tuple[BatchLimit, int]] = {}
+    for j in sorted((j for j in pending if j.id not in kept), key=lambda j: j.id):
+        assert j.batch_id is not None
+        why = reasons.get(j.batch_id)
+        if why is None:
+            why = reasons[j.batch_id] = BatchLimit(j.batch_id, limits[j.batch_id] or 0)
+        out[j.id] = (why, len(out) + 1)
+    return out

@@ -9,7 +9,6 @@ was cancelled or lost), 130 interrupted.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -17,27 +16,37 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from gpud import __version__
-from gpud.cli_admin import admin
 from gpud.cli_common import EXIT, fail, handle_errors, load_job_value, print_value
 from gpud.cli_common import ago as _ago
 from gpud.cli_common import client as _client
-from gpud.cli_common import console as _console
 from gpud.cli_common import print_json as _print_json
-from gpud.cli_doctor import doctor
-from gpud.cli_gc import gc_command
-from gpud.cli_images import image
+from gpud.cli_common import print_table as _print_table
+from gpud.cli_lazy import LazyGroup
 from gpud.cli_options import url_option
-from gpud.cli_run import run  # in its own module: it is the largest command
-from gpud.cli_snapshots import snapshots
-from gpud.cli_suspend import resume, suspend
-from gpud.cli_usage import usage, whoami
 
 if TYPE_CHECKING:
     from gpud_client.models import CheckpointInfo
 
 __all__ = ["EXIT", "main"]
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: Commands in their own modules, imported only when run (#12: `gpud ps` should not pay
+#: for sqlite3, inspect or the usage report). tests/test_imports.py keeps it so.
+LAZY = {
+    "run": "gpud.cli_run:run",  # the largest command
+    # the shared box (#5): accounting, identity, administration
+    "admin": "gpud.cli_admin:admin",
+    "snapshots": "gpud.cli_snapshots:snapshots",
+    "image": "gpud.cli_images:image",
+    "usage": "gpud.cli_usage:usage",
+    "whoami": "gpud.cli_usage:whoami",
+    "gc": "gpud.cli_gc:gc_command",
+    "suspend": "gpud.cli_suspend:suspend",  # #13
+    "resume": "gpud.cli_suspend:resume",
+    "doctor": "gpud.cli_doctor:doctor",
+}
+
+
+@click.group(cls=LazyGroup, lazy=LAZY, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="gpud")
 def cli() -> None:
     """gpud: run Python functions on this machine's GPUs.
@@ -68,6 +77,8 @@ def serve(config_path: str | None, data_dir: str | None, socket_path: str | None
           log_level: str | None) -> None:
     """Run the daemon in the foreground (Ctrl-C or SIGTERM stops it; jobs keep running
     and are re-adopted by the next start)."""
+    import logging
+
     import trio
 
     from gpud.config import ConfigError, load_config
@@ -137,11 +148,6 @@ def _first_leaf(e: BaseException) -> BaseException:
     return e
 
 
-# -- run -----------------------------------------------------------------------------------
-
-cli.add_command(run)
-
-
 # -- read commands -------------------------------------------------------------------------
 
 
@@ -193,27 +199,23 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
     if as_json:
         _print_json(page.jobs)
         return
-    from rich.table import Table
-
     if not page.jobs:
         click.echo("no jobs" + (f" below id {before}" if before else "" if show_all
                                 else " queued or running (see --all)"), err=True)
         for line in _parked_lines(page.parked):
             click.echo(line)
         return
-    table = Table(box=None, pad_edge=False)
-    for col in ("ID", "NAME", "STATE", "OWNER", "GPUS", "SUBMITTED", "START", "RUNTIME",
-                "PYTHON", "INFO"):
-        table.add_column(col, no_wrap=col != "INFO")
+    rows = []
     for j in page.jobs:
         gpus = ",".join(map(str, j.gpu_indices)) if j.gpu_indices else (
             "/".join(j.gpu) if j.gpu else "cpu")
         info = ((f"{j.reason}; position {j.position}" if j.position else j.reason)
                 if j.reason else
                 j.error or (f"attempt {j.attempt}/{j.retries + 1}" if j.retries else ""))
-        table.add_row(str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
-                      _start_kind(j), _duration(j), _python_of(j), info)
-    _console().print(table)
+        rows.append((str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
+                     _start_kind(j), _duration(j), _python_of(j), info))
+    _print_table(("ID", "NAME", "STATE", "OWNER", "GPUS", "SUBMITTED", "START", "RUNTIME",
+                  "PYTHON", "INFO"), rows)
     for line in _parked_lines(page.parked):
         click.echo(line)
     if page.next_cursor is not None:
@@ -315,8 +317,6 @@ def gpus(as_json: bool, url: str | None) -> None:
     if as_json:
         _print_json(lst)
         return
-    from rich.table import Table
-
     if lst.note:
         click.echo(lst.note, err=True)
     if lst.checkpoint is not None:
@@ -324,23 +324,22 @@ def gpus(as_json: bool, url: str | None) -> None:
     if not lst.gpus:
         click.echo("no GPUs", err=True)
         return
-    table = Table(box=None, pad_edge=False)
-    for col in ("IDX", "TYPE", "NAME", "MEMORY", "UTIL", "TEMP", "POWER", "HELD BY", "UUID"):
-        table.add_column(col, no_wrap=True)
+    rows = []
     gib = 1024**3
     for g in lst.gpus:
         held = (f"job {g.job_id} ({g.owner})" if g.job_id is not None else
                 "other processes: " + ",".join(str(p.pid) for p in g.processes
                                                if p.job_id is None)
                 if g.busy_foreign else "-")
-        table.add_row(
+        rows.append((
             str(g.index), g.type + (" (FAKE)" if g.fake else ""), g.name,
             f"{g.memory_used / gib:.1f}/{g.memory_total / gib:.0f} GiB",
             "-" if g.utilization is None else f"{g.utilization}%",
             "-" if g.temperature is None else f"{g.temperature}C",
             "-" if g.power_w is None else f"{g.power_w:.0f}W", held, g.uuid,
-        )
-    _console().print(table)
+        ))
+    _print_table(("IDX", "TYPE", "NAME", "MEMORY", "UTIL", "TEMP", "POWER", "HELD BY", "UUID"),
+                 rows)
     for line in _parked_lines(lst.parked, lst.park_max_bytes):
         click.echo(line)
 
@@ -387,16 +386,12 @@ def images(as_json: bool, url: str | None) -> None:
         if lst.executor == "podman":
             click.echo("no images: build one (podman build) first; gpud never pulls", err=True)
         return
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False)
-    for col in ("IMAGE", "PYTHON", "SIZE", "ID", "DEFINITION", "CREATOR", "LAST USED", ""):
-        table.add_column(col, no_wrap=True)
-    for i in lst.images:
-        table.add_row(i.name, i.python or "(not inspected yet)", f"{i.size / 1e6:.0f} MB",
-                      i.id[:12], (i.definition or "-")[:12], i.creator or "-",
-                      _ago(i.last_used), "default" if i.name == lst.default else "")
-    _console().print(table)
+    rows = [(i.name, i.python or "(not inspected yet)", f"{i.size / 1e6:.0f} MB",
+             i.id[:12], (i.definition or "-")[:12], i.creator or "-",
+             _ago(i.last_used), "default" if i.name == lst.default else "")
+            for i in lst.images]
+    _print_table(("IMAGE", "PYTHON", "SIZE", "ID", "DEFINITION", "CREATOR", "LAST USED", ""),
+                 rows)
     if lst.max_bytes:
         built = sum(i.size for i in lst.images if i.definition)
         click.echo(f"built images: {built / 2**20:.0f} MB of {lst.max_bytes / 2**20:.0f} MB "
@@ -443,19 +438,6 @@ def version(as_json: bool, url: str | None) -> None:
                    f"{daemon['worker_python']}, GPUs from {daemon['gpus']}")
     else:
         click.echo(f"daemon: not reachable ({err})", err=True)
-
-
-# -- the shared box (#5): accounting, identity, administration --------------------------
-
-cli.add_command(admin)
-cli.add_command(snapshots)
-cli.add_command(image)
-cli.add_command(usage)
-cli.add_command(whoami)
-cli.add_command(gc_command)
-cli.add_command(suspend)
-cli.add_command(resume)
-cli.add_command(doctor)
 
 
 def main() -> None:

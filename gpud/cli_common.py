@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import click
@@ -18,11 +18,11 @@ __all__ = [
     "EXIT",
     "ago",
     "client",
-    "console",
     "fail",
     "handle_errors",
     "load_job_value",
     "print_json",
+    "print_table",
     "print_value",
 ]
 
@@ -69,11 +69,21 @@ def ago(ts: float | None) -> str:
     return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def console() -> Any:
-    from rich.console import Console
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Columns padded to their widest cell, two spaces apart, the header bold on a
+    terminal. Plain text rather than rich's Table (#12): importing rich cost `gpud ps`
+    ~30 ms. Rows are never wrapped or cut, on a terminal or in a pipe (grep, awk)."""
+    import os
 
-    # Piped output keeps whole rows (no wrapping at 80 columns), for grep and awk.
-    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 250)
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    header = line(columns)
+    if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+        header = f"\x1b[1m{header}\x1b[0m"
+    click.echo("\n".join([header, *(line(r) for r in rows)]))
 
 
 def print_json(obj: Any) -> None:

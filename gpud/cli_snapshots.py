@@ -6,9 +6,9 @@ import click
 
 from gpud.cli_common import ago as _ago
 from gpud.cli_common import client as _client
-from gpud.cli_common import console as _console
 from gpud.cli_common import handle_errors
 from gpud.cli_common import print_json as _print_json
+from gpud.cli_common import print_table as _print_table
 from gpud.cli_options import url_option
 
 __all__ = ["snapshots"]
@@ -39,19 +39,15 @@ def snapshots(ctx: click.Context, as_json: bool, url: str | None) -> None:
         click.echo("no snapshots: a function run with snapshot=True gets one at its first "
                    "call", err=True)
         return
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False)
-    for col in ("ID", "FUNCTION", "OWNER", "IMAGE", "STATE", "SIZE", "CREATED", "RESTORES",
-                "LAST USED", "INFO"):
-        table.add_column(col, no_wrap=col != "INFO")
+    rows = []
     for s in lst.snapshots:
         info = s.last_error or ""
         if s.failures:
             info = f"{s.failures} failure{'s' if s.failures > 1 else ''} in a row: {info}"
-        table.add_row(str(s.id), s.function, s.owner, s.image, s.state, _mb(s.size),
-                      _ago(s.created_at), str(s.restores), _ago(s.last_used), info)
-    _console().print(table)
+        rows.append((str(s.id), s.function, s.owner, s.image, s.state, _mb(s.size),
+                     _ago(s.created_at), str(s.restores), _ago(s.last_used), info))
+    _print_table(("ID", "FUNCTION", "OWNER", "IMAGE", "STATE", "SIZE", "CREATED", "RESTORES",
+                  "LAST USED", "INFO"), rows)
     click.echo(f"{_mb(lst.used_bytes)} of {_mb(lst.max_bytes)} (snapshot_max_bytes) used",
                err=True)
 

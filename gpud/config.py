@@ -147,6 +147,10 @@ class Config:
     #: webhook_backoff up to 5 min, for at most this long after the job ended
     webhook_retry_for: float = 3600.0
     webhook_backoff: float = 2.0
+    #: GET /metrics over TCP (#16): a bearer token of its own for a Prometheus scraper
+    #: (at least 16 characters); admins' tokens work too. None: admins only. The Unix
+    #: socket needs no token
+    metrics_token: str | None = None
 
     @property
     def ledger_path(self) -> Path:
@@ -278,6 +282,13 @@ def _coerce(name: str, value: Any) -> Any:
             return n
         if name == "tcp":
             return str(value) if value not in (None, "", "none") else None
+        if name == "metrics_token":
+            if value in (None, ""):
+                return None
+            if not isinstance(value, str) or len(value) < 16 or any(c.isspace() for c in value):
+                raise ValueError("a token of at least 16 characters without spaces, e.g. "
+                                 "the output of `openssl rand -hex 16`")
+            return value
         if name in ("default_image", "image_build_network", "image_pip_index_url",
                     "image_pip_extra_index_url"):
             return str(value) if value else None

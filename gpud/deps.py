@@ -92,6 +92,10 @@ class DepIndex:
     def __len__(self) -> int:
         return len(self.waiting)
 
+    def held_owners(self) -> dict[str, int]:
+        """Owner -> how many of their queued jobs wait for dependencies (for /metrics)."""
+        return dict(self._held_by)
+
     def held_by(self, owner: str) -> int:
         """How many of ``owner``'s queued jobs wait for dependencies (max_queued counts
         them with the rest)."""

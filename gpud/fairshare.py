@@ -13,6 +13,11 @@ Modelled on Slurm's multifactor priority plugin, cut down to what one shared box
   closed form, so a job's usage is exact whatever its length.
 * ``A`` is the job's age (time since submit) over ``max_age``, capped at 1, so a job
   that waited long enough overtakes fresher ones of higher priority, and nobody starves.
+* A CPU-only job whose owner holds no CPU slot now gets ``cpu_share_weight`` more (#12).
+  Usage counts GPU-seconds only, so without it CPU jobs were plain FIFO: one user's
+  100,000-job sweep kept every other user's CPU job behind all of it. With it, a user with
+  no CPU job running takes the next free slot; two users who both hold one are in FIFO
+  order again (small against the fair-share weight, so GPU usage still decides first).
 
 Nothing here reads a clock: ``now`` is always passed in, so decay and ageing are tested
 in zero real time.
@@ -45,6 +50,8 @@ class Policy:
     fairshare_weight: float = 1000.0
     age_weight: float = 100.0
     max_age: float = 7 * _DAY
+    #: what a CPU-only job gets when its owner holds no CPU slot now (see the module doc)
+    cpu_share_weight: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.half_life > 0:

@@ -149,6 +149,18 @@ class PendingIndex:
             out.append(job_id)
         return out
 
+    def kind(self, job_id: int) -> GroupKey | None:
+        """The group (owner, priority, request, warm key) a queued job is in."""
+        where = self._where.get(job_id)
+        return None if where is None else where[0]
+
+    def count_before(self, group: Group, key: tuple[float, int]) -> int:
+        """How many queued jobs of ``group``'s kind (owner, priority, request, warm key:
+        a plan's snapshot of it, say) come before ``key`` (submit time, id): O(log n).
+        A deep page of /v1/queue counts the jobs that left since the plan with it."""
+        g = self._groups.get((group.owner, group.priority, group.gpu, group.wkey))
+        return 0 if g is None else bisect_left(g.keys, key)
+
     def queued_by(self, owner: str) -> int:
         """How many jobs ``owner`` has queued: O(1), for the max_queued check at submit."""
         return self._queued.get(owner, 0)

@@ -18,6 +18,7 @@ from gpud.domain import Gpu, GpuRequest
 
 __all__ = [
     "Backoff",
+    "BatchLimit",
     "CpuBehind",
     "GpuPart",
     "GpuWait",
@@ -53,6 +54,18 @@ class Backoff:
     def text(self, job_id: int) -> str:
         return (f"retrying after a failure: backoff for another {self.remaining:.1f} s "
                 f"(attempt {self.attempt} of {self.of})")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimit:
+    """Held back by its batch's ``max_concurrency`` (gpud.batches): a job of a batch that
+    has that many starting or running never reaches the round."""
+
+    batch_id: int
+    limit: int
+
+    def text(self, job_id: int) -> str:
+        return f"batch {self.batch_id} at its max_concurrency of {self.limit}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ Pure: no clock, no I/O.
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -78,6 +79,7 @@ class Reader:
         self._memo: dict[tuple[int, int, bool], Reason] = {}
         self._keys: dict[int, Callable[[Job], Key]] = {}
         self._not_in_line: dict[int, list[Key]] = {}
+        self._skip_ids: set[int] | None = None
 
     # -- finding a job ------------------------------------------------------------------
 
@@ -136,6 +138,10 @@ class Reader:
             jobs = self.groups[gi].jobs
             ahead += len(jobs) if ends[1] < k else bisect_left(jobs, k, key=self._key(gi))
         return ahead + 1
+
+    def key_in(self, gi: int) -> Callable[[Job], Key]:
+        """The scheduling key of a job of group ``gi``."""
+        return self._key(gi)
 
     def _key(self, gi: int) -> Callable[[Job], Key]:
         f = self._keys.get(gi)
@@ -237,6 +243,32 @@ class Reader:
         position: the walk a page of the queue takes, as far as the page goes."""
         for position, (job, gi, k) in enumerate(self.new_merge(), 1):
             yield job, gi, k, position
+
+    def order_from(self, start: Key) -> Iterator[Walked]:
+        """:meth:`order` from the first job whose key is ``start`` or more: each group
+        is entered by bisection and the position of the first counted from the groups'
+        sizes, so a deep page of the queue does not walk to its offset."""
+        if self._skip_ids is None:
+            self._skip_ids = {k[2] for k in self.skip_keys}  # a key ends with the job id
+        skip = self._skip_ids
+        heap = []
+        for gi, g in enumerate(self.groups):
+            key = self._key(gi)
+            i = bisect_left(g.jobs, start, key=key)
+            if i < len(g.jobs):
+                heap.append((key(g.jobs[i]), gi, i))
+        heapq.heapify(heap)
+        position = self.position(start)
+        while heap:
+            k, gi, i = heapq.heappop(heap)
+            jobs = self.groups[gi].jobs
+            if i + 1 < len(jobs):
+                heapq.heappush(heap, (self._key(gi)(jobs[i + 1]), gi, i + 1))
+            job = jobs[i]
+            if job.id in skip:
+                continue
+            yield job, gi, k, position
+            position += 1
 
 
 #: How often the replay of a round keeps a copy of its state, so that reading a job

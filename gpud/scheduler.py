@@ -81,12 +81,21 @@ def scheduling_key(
         return job.owner or owners.get(job.id, "")
 
     factors = fairshare_factors(usage, {owner(j) for j in (*pending, *running)})
+    holders = cpu_holders(running, owner)
 
     def key(job: Job) -> tuple[float, float, int]:
         p = job_priority(job, now=now, factor=factors.get(owner(job), 1.0), policy=policy)
+        if job.gpu is None and owner(job) not in holders:
+            p += policy.cpu_share_weight
         return (-p, job.submitted_at, job.id)
 
     return key
+
+
+def cpu_holders(running: Sequence[Job], owner: Callable[[Job], str]) -> frozenset[str]:
+    """Owners holding a CPU slot now (a running job with no GPUs): their CPU jobs get no
+    CPU share bonus (gpud.fairshare, #12)."""
+    return frozenset(owner(j) for j in running if not j.gpus and j.gpu is None)
 
 
 def decide(
@@ -149,13 +158,15 @@ def plan(
         return job.owner or owners.get(job.id, "")
 
     running_owners = {owner(j) for j in running}
-    key = _Keyer(usage or {}, policy, {*index.owners(), *running_owners}, now)
+    holders = cpu_holders(running, owner)
+    key = _Keyer(usage or {}, policy, {*index.owners(), *running_owners}, now, holders)
     assigned: dict[int, int] = {}
     held: list[Job] = []
     evictable: list[int] = []
     if idle_workers:
         assigned, held, evictable = match_warm(
-            _Merge(groups, key), idle_workers, gpus, now=now, quotas=quotas)
+            _Merge(groups, key), idle_workers, gpus, now=now, quotas=quotas,
+            cpu_slots=cpu_slots)
     # The round's order is that of the jobs left after warm matching, with the idle
     # workers that keep their GPUs among the running (the service always did it so).
     if assigned and policy is not None:
@@ -166,10 +177,10 @@ def plan(
             gone[index.owner(j)] = gone.get(index.owner(j), 0) + 1
         left = {o for o in index.owners() if index.queued_by(o) > gone.get(o, 0)}
         key = _Keyer(usage or {}, policy, {*left, *running_owners,
-                                           *(owner(j) for j in held)}, now)
+                                           *(owner(j) for j in held)}, now, holders)
     elif held and policy is not None:
         key = _Keyer(usage or {}, policy, {*index.owners(), *running_owners,
-                                           *(owner(j) for j in held)}, now)
+                                           *(owner(j) for j in held)}, now, holders)
     setup = _Setup(running=[*running, *held], gpus=gpus, cpu_slots=cpu_slots, now=now,
                    owners=owners, quotas=quotas)
     rnd = setup.round()
@@ -248,16 +259,19 @@ class _Keyer:
     """The scheduling order's key of a job (of a group's owner), one or a group at once."""
 
     def __init__(self, usage: Mapping[str, float], policy: Policy | None, users: set[str],
-                 now: float) -> None:
+                 now: float, cpu_holders: frozenset[str] = frozenset()) -> None:
         self.policy = policy
         self.now = now
         self.factors = fairshare_factors(usage, users) if policy is not None else {}
+        self.cpu_holders = cpu_holders
 
     def __call__(self, job: Job, owner: str) -> Key:
         if self.policy is None:
             return (-job.priority, job.submitted_at, job.id)
         p = job_priority(job, now=self.now, factor=self.factors.get(owner, 1.0),
                          policy=self.policy)
+        if job.gpu is None and owner not in self.cpu_holders:
+            p += self.policy.cpu_share_weight
         return (-p, job.submitted_at, job.id)
 
     def group(self, g: Group) -> list[Key]:
@@ -272,11 +286,17 @@ class _Keyer:
         if pol is None:
             return lambda j: (-j.priority, j.submitted_at, j.id)
         base = pol.fairshare_weight * self.factors.get(owner, 1.0)
+        # A group's jobs share a request, so all or none of them get the CPU share bonus.
+        cpu = 0.0 if owner in self.cpu_holders else pol.cpu_share_weight
         aw, ma = pol.age_weight, pol.max_age
+        # Summed in job_priority's order, then the bonus, as __call__ and the reference do:
+        # the same floats, so the same order.
         if ma <= 0:
-            return lambda j: (-(j.priority + base + aw * 1.0), j.submitted_at, j.id)
-        return lambda j: (-(j.priority + base + aw * min(1.0, max(0.0, now - j.submitted_at)
-                                                         / ma)), j.submitted_at, j.id)
+            return lambda j: (-(j.priority + base + aw * 1.0
+                                + (cpu if j.gpu is None else 0.0)), j.submitted_at, j.id)
+        return lambda j: (-(j.priority + base
+                            + aw * min(1.0, max(0.0, now - j.submitted_at) / ma)
+                            + (cpu if j.gpu is None else 0.0)), j.submitted_at, j.id)
 
 
 class _Merge:

@@ -42,6 +42,7 @@ from gpud.executors.base import Handle, container_of
 from gpud.peercred import read_peercred
 
 __all__ = [
+    "RESULT_INLINE_MAX",
     "SNAPSHOT_TOKEN_PREFIX",
     "Done",
     "WarmKey",
@@ -56,6 +57,11 @@ log = logging.getLogger("gpud.warm")
 #: A snapshot's workers say hello with this and the snapshot's key; the hub knows them
 #: by their container (they are copies of one process, token and all).
 SNAPSHOT_TOKEN_PREFIX = "snap-"
+
+#: A warm job's result pickle up to this size comes back over the hub and is stored in the
+#: ledger with the job's end (#12): no file and no fsync in the worker. A larger one is
+#: written (and synced) to result.pkl as before: the ledger is not a store for big blobs.
+RESULT_INLINE_MAX = 64 * 1024
 
 
 async def first_of(*waits: Callable[[], Awaitable[object]]) -> None:
@@ -78,6 +84,9 @@ class Done:
     code: int | None
     started: float | None = None
     status: dict[str, object] | None = None
+    #: the result pickle, sent after the answer's line instead of written to a file (#12);
+    #: the worker keeps it until :meth:`WarmPool.ack`
+    result: bytes | None = None
 
 
 @dataclass(eq=False)
@@ -100,6 +109,8 @@ class WarmWorker:
     prepare_error: str | None = None
     #: it hung up for its checkpoint and will call again: that is not its end
     rejoining: bool = False
+    #: one sender at a time on the stream: a task and an ack can be sent side by side
+    sending: trio.Lock = field(default_factory=trio.Lock)
     _done: trio.MemorySendChannel[Done] | None = None
     _results: trio.MemoryReceiveChannel[Done] | None = None
 
@@ -156,6 +167,8 @@ class WarmPool:
                         msg = json.loads(line)
                     except ValueError:
                         return
+                    if not isinstance(msg, dict):
+                        return
                     if worker is None:
                         worker = await self._identify(stream, str(msg.get("hello", "")))
                         if worker is None:
@@ -165,11 +178,22 @@ class WarmPool:
                     elif "done" in msg:
                         code = msg.get("code")
                         started, status = msg.get("started"), msg.get("status")
+                        size = msg.get("result")
+                        result: bytes | None = None
+                        if isinstance(size, int) and 0 <= size <= RESULT_INLINE_MAX:
+                            while len(buf) < size:  # the result's bytes follow the line
+                                more = await stream.receive_some()
+                                if not more:
+                                    return
+                                buf += more
+                            result, buf = buf[:size], buf[size:]
+                        elif size is not None:
+                            return  # not what this daemon asked for: not a worker of ours
                         assert worker._done is not None
                         await worker._done.send(Done(
                             code if isinstance(code, int) else None,
                             float(started) if isinstance(started, (int, float)) else None,
-                            status if isinstance(status, dict) else None))
+                            status if isinstance(status, dict) else None, result))
                     elif "ready" in msg:
                         worker.prepare_error = (None if msg.get("ready") is True
                                                 else str(msg.get("error") or "setup failed"))
@@ -291,10 +315,12 @@ class WarmPool:
         if payload is not None:
             meta, function, args = payload
             task["job"], task["payload"] = meta, [len(function), len(args)]
+            task["result_max"] = RESULT_INLINE_MAX
             tail = function + args
         msg = json.dumps(task).encode() + b"\n" + tail
         try:
-            await w.stream.send_all(msg)
+            async with w.sending:
+                await w.stream.send_all(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None
         result: list[Done] = []
@@ -307,6 +333,17 @@ class WarmPool:
         w.busy = None
         w.idle_since = self.clock.monotonic()
         return result[0] if result else None
+
+    async def ack(self, w: WarmWorker, job_id: int) -> None:
+        """Tell the worker that the job's inline result is stored (committed with its
+        end): it may forget it. Until then it writes the result to files should the
+        connection end, for the next daemon to collect (#12)."""
+        stream = w.stream
+        if stream is None:
+            return
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async with w.sending:
+                await stream.send_all(json.dumps({"ack": job_id}).encode() + b"\n")
 
     def expired(self, now: float) -> list[WarmWorker]:
         return [w for w in self.workers.values()

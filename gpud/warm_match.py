@@ -10,6 +10,11 @@ workers on GPUs of its type, so a stream of warm calls cannot starve it: those w
 become evictable (a start on their GPUs ends them). The other idle workers keep their GPUs
 this round, as pseudo running jobs owned by their user, so they count against that user's
 GPU quota. A job over its owner's max_timeout quota is left to the round, which says so.
+A ready CPU job that no idle worker takes shuts warm matching for the CPU jobs after it
+(given CPU slots): handing a job to an idle worker is not checked against the slots, so a
+sweep's workers, refilled first every round, kept the slots full (often over), and another
+user's cold job ahead of them in fair-share order waited for the whole sweep (#12). Now the
+sweep's running calls end, and the slot they free is its.
 
 Pure: no clock, no I/O.
 """
@@ -42,6 +47,7 @@ def match_warm(
     *,
     now: float,
     quotas: Mapping[str, Quota],
+    cpu_slots: int = 0,
 ) -> tuple[dict[int, int], list[Job], list[int]]:
     """(job id -> worker id, in matching order; the idle workers keeping their GPUs, as
     pseudo running jobs; the ids of the idle workers a start may evict)."""
@@ -55,6 +61,7 @@ def match_warm(
     taken: set[int] = set()  # workers assigned to a job
     claimed: set[int] = set()  # workers a job ahead may evict
     unsettled = len(idle)  # neither taken nor claimed: either can still happen to them
+    cpu_shut = False  # a cold CPU job waits ahead: later CPU jobs get no idle worker
     while unsettled and (item := order.pop()) is not None:
         job, gi, _ = item
         if job.not_before > now:
@@ -63,7 +70,7 @@ def match_warm(
         quota = quotas.get(job.owner)
         over = (quota is not None and quota.max_timeout is not None
                 and job.timeout > quota.max_timeout)
-        if served(job) and not over:
+        if served(job) and not over and not (cpu_shut and job.gpu is None):
             mine = next((w for w in free_by_key.get(group.wkey, ())
                          if w.id not in claimed and w.id not in taken), None)
             if mine is not None:
@@ -71,6 +78,9 @@ def match_warm(
                 taken.add(mine.id)
                 unsettled -= 1
                 continue
+        if job.gpu is None and not over and cpu_slots > 0 and not cpu_shut:
+            cpu_shut = True
+            unsettled -= sum(1 for w in idle if not w.gpus and w.id not in taken)
         if job.gpu is not None:
             options = job.gpu.options
             for w in idle:

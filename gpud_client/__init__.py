@@ -13,31 +13,58 @@
     print(square.remote(4))
 
 This package never imports the daemon (``gpud``): it is all a job's caller needs.
+
+Its names are imported when first used (PEP 562), not here: `gpud ps` needs the client
+and its errors, not the decorator API, cloudpickle or the worker (#12: a short command's
+start-up is its imports). ``from gpud_client import X`` works as before.
 """
 
-from gpud_client.app import App, Function, FunctionOptions, function
-from gpud_client.batch import BatchHandle
-from gpud_client.client import AsyncClient, Client
-from gpud_client.cls import enter, method
-from gpud_client.deps import result_of
-from gpud_client.duration import format_duration, parse_duration, parse_size
-from gpud_client.errors import (
-    ApiError,
-    DaemonUnavailable,
-    GpudError,
-    JobCancelled,
-    JobError,
-    JobFailed,
-    JobLost,
-    JobTimedOut,
-    RemoteError,
-    VersionMismatch,
-)
-from gpud_client.handle import JobHandle
-from gpud_client.image import Image
-from gpud_client.imagebuild import ImageBuildFailed
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gpud_client.app import App, Function, FunctionOptions, function
+    from gpud_client.batch import BatchHandle
+    from gpud_client.client import AsyncClient, Client
+    from gpud_client.cls import enter, method
+    from gpud_client.deps import result_of
+    from gpud_client.duration import format_duration, parse_duration, parse_size
+    from gpud_client.errors import (
+        ApiError,
+        DaemonUnavailable,
+        GpudError,
+        JobCancelled,
+        JobError,
+        JobFailed,
+        JobLost,
+        JobTimedOut,
+        RemoteError,
+        VersionMismatch,
+    )
+    from gpud_client.handle import JobHandle
+    from gpud_client.image import Image
+    from gpud_client.imagebuild import ImageBuildFailed
 
 __version__ = "0.1.0"
+
+#: Each public name and the module it lives in.
+_WHERE = {
+    "App": "app", "Function": "app", "FunctionOptions": "app", "function": "app",
+    "BatchHandle": "batch",
+    "AsyncClient": "client", "Client": "client",
+    "enter": "cls", "method": "cls",
+    "result_of": "deps",
+    "format_duration": "duration", "parse_duration": "duration", "parse_size": "duration",
+    "ApiError": "errors", "DaemonUnavailable": "errors", "GpudError": "errors",
+    "JobCancelled": "errors", "JobError": "errors", "JobFailed": "errors",
+    "JobLost": "errors", "JobTimedOut": "errors", "RemoteError": "errors",
+    "VersionMismatch": "errors",
+    "JobHandle": "handle",
+    "Image": "image",
+    "ImageBuildFailed": "imagebuild",
+}
 
 __all__ = [
     "ApiError",
@@ -68,3 +95,16 @@ __all__ = [
     "parse_duration",
     "parse_size",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gpud_client' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"gpud_client.{module}"), name)
+    globals()[name] = value  # once: later reads are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

@@ -1,9 +1,12 @@
 """Thin HTTP clients for the gpud daemon's API, one method per endpoint.
 
-:class:`Client` is synchronous (the decorator API and the CLI use it); :class:`AsyncClient`
-has the same methods as coroutines (the TUI uses it, under trio: httpx reaches trio
-through anyio). Both speak to a Unix socket (``unix:///run/gpud/gpud.sock``) or TCP
-(``http://host:port``). Bodies are the msgspec models of :mod:`gpud_client.models`.
+:class:`Client` is synchronous (the decorator API and the CLI use it), over the standard
+library (:mod:`gpud_client.wire`: importing httpx would cost every `gpud ps` ~0.3 s, #12);
+:class:`AsyncClient` has the same methods as coroutines (the TUI uses it, under trio:
+httpx reaches trio through anyio), and imports httpx when it is first made. Both share
+one error mapping and one retry policy. Both speak to a Unix socket
+(``unix:///run/gpud/gpud.sock``) or TCP (``http://host:port``). Bodies are the msgspec
+models of :mod:`gpud_client.models`.
 
 Failures become :class:`~gpud_client.errors.GpudError` subclasses: an error status is an
 :class:`ApiError` built from the daemon's JSON error body; a socket that is missing or
@@ -16,22 +19,16 @@ import codecs
 import contextlib
 import errno
 import os
-import random
-import socket
 import time
-import uuid
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
-import anyio  # httpx's own dependency: sleeps under trio and asyncio alike
-import httpcore
-import httpx
 import msgspec
-from httpcore._backends.sync import SyncStream
 
+from gpud_client import wire
 from gpud_client.errors import ApiError, DaemonUnavailable, GpudError
 from gpud_client.models import (
     API_PREFIX,
@@ -62,6 +59,9 @@ from gpud_client.models import (
 )
 from gpud_client.paths import normalise_url, resolve_url
 from gpud_client.tokens import load_token
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["DEFAULT_TIMEOUT", "MAX_WAIT", "SUBMIT_RETRY", "AsyncClient", "Client"]
 
@@ -188,64 +188,61 @@ def _headers(token: str | None) -> dict[str, str]:
     return headers
 
 
-class _ClosingSyncBackend(httpcore.SyncBackend):
-    """httpcore's sync backend leaks the socket when connecting to a Unix socket fails
-    (daemon down or restarting); a client that waits out a daemon restart would leak one
-    per retry. Close it on failure."""
+class _Answer(Protocol):
+    """What the shared error mapping reads of an answer: a wire.Response or an
+    httpx.Response."""
 
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Any = None) -> Any:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            for option in socket_options or ():
-                sock.setsockopt(*option)
-            sock.settimeout(timeout)
-            sock.connect(path)
-        except TimeoutError as e:
-            sock.close()
-            raise httpcore.ConnectTimeout(str(e)) from e
-        except OSError as e:
-            sock.close()
-            raise httpcore.ConnectError(str(e)) from e
-        return SyncStream(sock)
+    @property
+    def status_code(self) -> int: ...
 
+    @property
+    def reason_phrase(self) -> str: ...
 
-class _UnixTransport(httpx.HTTPTransport):
-    def __init__(self, uds: str) -> None:
-        # verify=False: there is no TLS over a Unix socket, and loading the CA bundle for
-        # nothing costs ~25 ms per client (every .remote() makes one for its log stream).
-        super().__init__(uds=uds, verify=False)
-        self._pool = httpcore.ConnectionPool(uds=uds, network_backend=_ClosingSyncBackend())
+    @property
+    def headers(self) -> Any: ...
+
+    @property
+    def content(self) -> bytes: ...
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def is_success(self) -> bool: ...
 
 
-def _async_unix_transport(uds: str) -> httpx.AsyncHTTPTransport:
-    return httpx.AsyncHTTPTransport(uds=uds, verify=False)  # no TLS over a Unix socket
-
-
-def _connection(url: str, transport_class: Callable[..., Any]) -> dict[str, Any]:
-    if url.startswith("unix://"):
-        # The host part is never used for routing over a Unix socket; "gpud" makes the
-        # Host header and any logged URL recognisable.
-        return {
-            "transport": transport_class(uds=url.removeprefix("unix://")),
-            "base_url": "http://gpud",
-        }
-    return {"base_url": url.rstrip("/")}
-
-
-def _timeout(call: _Call[Any], client_timeout: float) -> httpx.Timeout | None:
+def _timeouts(call: _Call[Any], client_timeout: float) -> tuple[float, float | None]:
+    """(connect, read) seconds for this call; a read of None has no limit."""
     if call.read_timeout is False:
-        return None  # the client's default
-    read = None if call.read_timeout is None else float(call.read_timeout)
-    return httpx.Timeout(client_timeout, read=read)
+        return client_timeout, client_timeout
+    return client_timeout, None if call.read_timeout is None else float(call.read_timeout)
 
 
-def _transport_error(url: str, e: httpx.TransportError) -> GpudError:
-    if isinstance(e, httpx.TimeoutException) and not isinstance(e, httpx.ConnectTimeout):
+def _from_httpx(e: httpx.TransportError) -> wire.TransportError:
+    """The async client's httpx error as the transport's own kind, so that one mapping
+    (below) and one retry policy serve both clients; the cause chain (the OSError) stays."""
+    import httpx
+
+    kind: type[wire.TransportError]
+    if isinstance(e, httpx.ConnectTimeout):
+        kind = wire.ConnectTimeout
+    elif isinstance(e, httpx.ConnectError):
+        kind = wire.ConnectError
+    elif isinstance(e, httpx.TimeoutException):
+        kind = wire.ReadTimeout
+    else:
+        kind = wire.RemoteProtocolError
+    out = kind(str(e))
+    out.__cause__ = e
+    return out
+
+
+def _transport_error(url: str, e: wire.TransportError) -> GpudError:
+    if isinstance(e, wire.TimeoutException) and not isinstance(e, wire.ConnectTimeout):
         return GpudError(f"the gpud daemon at {url} did not answer in time ({type(e).__name__})")
     if url.startswith("unix://") and not os.path.exists(url.removeprefix("unix://")):
         reason = "the socket does not exist"
-    elif isinstance(e, httpx.ConnectError):
+    elif isinstance(e, wire.ConnectError):
         reason = str(e) or "connection failed"
     else:
         # The connection was made and then dropped: the daemon died or restarted.
@@ -262,7 +259,7 @@ BUSY_WAIT_MAX = 120.0
 CONNECT_RETRY_FOR = 5.0
 
 
-def _busy_delay(resp: httpx.Response, attempt: int, waited: float) -> float | None:
+def _busy_delay(resp: _Answer, attempt: int, waited: float) -> float | None:
     """Seconds to wait before sending again, or None to take this answer as it is."""
     if resp.status_code != 503 or attempt >= BUSY_RETRIES:
         return None
@@ -272,13 +269,15 @@ def _busy_delay(resp: httpx.Response, attempt: int, waited: float) -> float | No
     except ValueError:
         return None  # no Retry-After (the executor is down): say so at once
     # Back off further on every refusal, with jitter so that refused clients spread out.
+    import random  # here: only a refused request needs it (#12: start-up of `gpud ps`)
+
     delay = min(max(after, 0.1) * (1.5**attempt), 10.0) * random.uniform(0.8, 1.2)
     return delay if waited + delay <= BUSY_WAIT_MAX else None
 
 
-def _connect_busy(e: httpx.TransportError) -> bool:
+def _connect_busy(e: wire.TransportError) -> bool:
     """True for a connect() refused with EAGAIN (the daemon's backlog is full)."""
-    if not isinstance(e, httpx.ConnectError):
+    if not isinstance(e, wire.ConnectError):
         return False
     seen: BaseException | None = e
     for _ in range(8):
@@ -290,7 +289,7 @@ def _connect_busy(e: httpx.TransportError) -> bool:
     return "Resource temporarily unavailable" in str(e)
 
 
-def _api_error(resp: httpx.Response) -> ApiError:
+def _api_error(resp: _Answer) -> ApiError:
     try:
         body = msgspec.json.decode(resp.content, type=ErrorBody)
     except msgspec.DecodeError:
@@ -300,7 +299,7 @@ def _api_error(resp: httpx.Response) -> ApiError:
     return ApiError(resp.status_code, body.error, body.detail)
 
 
-def _decode(url: str, resp: httpx.Response, model: type[T]) -> T:
+def _decode(url: str, call: _Call[Any], resp: _Answer, model: type[T]) -> T:
     if not resp.is_success:
         raise _api_error(resp)
     try:
@@ -308,7 +307,7 @@ def _decode(url: str, resp: httpx.Response, model: type[T]) -> T:
     except msgspec.DecodeError as e:
         raise GpudError(
             f"unexpected answer from the gpud daemon at {url} to "
-            f"{resp.request.method} {resp.request.url.path}: {e} "
+            f"{call.method} {API_PREFIX}{call.path}: {e} "
             "(are the client and the daemon the same version?)"
         ) from e
 
@@ -322,6 +321,8 @@ def _keyed(request: _Req) -> _Req:
     once (docs/api.md, "Idempotent submits")."""
     if request.idempotency_key is not None:
         return request
+    import uuid  # here: only a submit needs it
+
     return msgspec.structs.replace(request, idempotency_key=uuid.uuid4().hex)
 
 
@@ -343,16 +344,18 @@ class _Retry:
         self.attempt = 0
         self.waited = 0.0
 
-    def after_error(self, e: httpx.TransportError) -> float | None:
+    def after_error(self, e: wire.TransportError) -> float | None:
         if _connect_busy(e) and time.monotonic() - self.start < CONNECT_RETRY_FOR:
+            import random
+
             return random.uniform(0.02, 0.1)
         if not self.idempotent:
             return None
-        if not isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
+        if not isinstance(e, wire.ConnectError | wire.ConnectTimeout):
             self.reached = True  # it may have gone in: only the key can tell now
         return self._next()
 
-    def after_response(self, resp: httpx.Response) -> float | None:
+    def after_response(self, resp: _Answer) -> float | None:
         if resp.status_code != 503:
             return None
         busy = _busy_delay(resp, self.attempt, self.waited)
@@ -375,12 +378,15 @@ class _Retry:
 
 
 def _request_kwargs(call: _Call[Any], client_timeout: float) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"params": call.params}
+    """The async client's httpx arguments for this call."""
+    import httpx
+
+    connect, read = _timeouts(call, client_timeout)
+    kwargs: dict[str, Any] = {"params": call.params,
+                              "timeout": httpx.Timeout(connect, read=read)}
     if call.body is not None:
         kwargs["content"] = call.body
         kwargs["headers"] = _JSON_HEADERS
-    if (timeout := _timeout(call, client_timeout)) is not None:
-        kwargs["timeout"] = timeout
     return kwargs
 
 
@@ -411,11 +417,7 @@ class Client(_Base):
     def __init__(self, url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  token: str | None = None) -> None:
         super().__init__(url, timeout)
-        self._http = httpx.Client(
-            timeout=timeout,
-            headers=_headers(token),
-            **_connection(self.url, _UnixTransport),
-        )
+        self._http = wire.Transport(self.url, _headers(token))
         # A Client dropped without close() (a Function copy made by with_options, say)
         # still returns its connections when it is garbage-collected.
         self._finalizer = weakref.finalize(self, self._http.close)
@@ -431,14 +433,19 @@ class Client(_Base):
     def close(self) -> None:
         self._finalizer()
 
-    def _send(self, call: _Call[Any], *, idempotent: bool = False) -> httpx.Response:
+    def _send(self, call: _Call[Any], *, idempotent: bool = False,
+              stream: bool = False) -> wire.Response:
+        """Send ``call`` (again while the retry policy says so) and return its answer,
+        whole or (``stream``) with its body unread."""
         retry = _Retry(idempotent=idempotent)
+        connect, read = _timeouts(call, self.timeout)
         while True:
             try:
                 resp = self._http.request(
-                    call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
-                )
-            except httpx.TransportError as e:
+                    call.method, API_PREFIX + call.path, params=call.params, body=call.body,
+                    headers=_JSON_HEADERS if call.body is not None else None,
+                    connect_timeout=connect, read_timeout=read, stream=stream)
+            except wire.TransportError as e:
                 if (delay := retry.after_error(e)) is None:
                     raise _transport_error(self.url, e) from e
             else:
@@ -448,32 +455,19 @@ class Client(_Base):
             time.sleep(delay)
 
     def _do(self, call: _Call[T]) -> T:
-        return _decode(self.url, self._send(call), call.model)
+        return _decode(self.url, call, self._send(call), call.model)
 
     @contextlib.contextmanager
-    def _stream(self, call: _Call[Any], *, idempotent: bool = False) -> Iterator[httpx.Response]:
+    def _stream(self, call: _Call[Any], *, idempotent: bool = False) -> Iterator[wire.Response]:
         """A streamed answer, sent again as :meth:`_send` does until its status came;
         a dropped connection after that raises DaemonUnavailable (the caller resumes)."""
-        retry = _Retry(idempotent=idempotent)
-        while True:
-            try:
-                request = self._http.build_request(
-                    call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout))
-                resp = self._http.send(request, stream=True)
-            except httpx.TransportError as e:
-                if (delay := retry.after_error(e)) is None:
-                    raise _transport_error(self.url, e) from e
-            else:
-                if (delay := retry.after_response(resp)) is None:
-                    break
-                resp.close()
-            time.sleep(delay)
+        resp = self._send(call, idempotent=idempotent, stream=True)
         try:
             if not resp.is_success:
                 resp.read()
                 raise _api_error(resp)
             yield resp
-        except httpx.TransportError as e:
+        except wire.TransportError as e:
             raise _transport_error(self.url, e) from e
         finally:
             resp.close()
@@ -491,7 +485,7 @@ class Client(_Base):
 
     def _submit(self, call: _Call[T]) -> T:
         """Send an idempotent submit, again while the daemon cannot be reached."""
-        return _decode(self.url, self._send(call, idempotent=True), call.model)
+        return _decode(self.url, call, self._send(call, idempotent=True), call.model)
 
     # -- endpoints ------------------------------------------------------------------
 
@@ -579,16 +573,8 @@ class Client(_Base):
             _logs_params(follow, offset),
             read_timeout=read_timeout,
         )
-        try:
-            with self._http.stream(
-                "GET", API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
-            ) as resp:
-                if not resp.is_success:
-                    resp.read()
-                    raise _api_error(resp)
-                yield from resp.iter_bytes()
-        except httpx.TransportError as e:
-            raise _transport_error(self.url, e) from e
+        with self._stream(call) as resp:
+            yield from resp.iter_bytes()
 
     def logs(self, job_id: int, *, follow: bool = False, offset: int = 0) -> Iterator[str]:
         """Like :meth:`log_bytes`, decoded as UTF-8 (invalid bytes replaced). Yields
@@ -650,18 +636,11 @@ class Client(_Base):
         ``missing_files`` (409): send them then (see :mod:`gpud_client.imagebuild`)."""
         call = _Call("POST", "/images/build", ImageBuildEvent,
                      body=msgspec.json.encode(request), read_timeout=None)
-        kwargs = _request_kwargs(call, self.timeout)
         decoder = msgspec.json.Decoder(ImageBuildEvent)
-        try:
-            with self._http.stream("POST", API_PREFIX + call.path, **kwargs) as resp:
-                if not resp.is_success:
-                    resp.read()
-                    raise _api_error(resp)
-                for line in resp.iter_lines():
-                    if line.strip():
-                        yield decoder.decode(line)
-        except httpx.TransportError as e:
-            raise _transport_error(self.url, e) from e
+        with self._stream(call) as resp:
+            for line in resp.iter_lines():
+                if line.strip():
+                    yield decoder.decode(line)
 
     def remove_snapshot(self, snapshot_id: int) -> SnapshotInfo:
         """``DELETE /v1/snapshots/{id}``: the next call of its function takes a new one."""
@@ -694,11 +673,15 @@ class AsyncClient(_Base):
     def __init__(self, url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  token: str | None = None) -> None:
         super().__init__(url, timeout)
-        self._http = httpx.AsyncClient(
-            timeout=timeout,
-            headers=_headers(token),
-            **_connection(self.url, _async_unix_transport),
-        )
+        import httpx  # here, not at the top: only the async client needs it (#12)
+
+        connection: dict[str, Any] = {"base_url": self.url.rstrip("/")}
+        if self.url.startswith("unix://"):
+            # The host part is never used for routing over a Unix socket; "gpud" makes
+            # the Host header recognisable. verify=False: no TLS over a Unix socket.
+            connection = {"base_url": "http://gpud", "transport": httpx.AsyncHTTPTransport(
+                uds=self.url.removeprefix("unix://"), verify=False)}
+        self._http = httpx.AsyncClient(timeout=timeout, headers=_headers(token), **connection)
 
     async def __aenter__(self) -> Self:
         return self
@@ -712,6 +695,9 @@ class AsyncClient(_Base):
         await self._http.aclose()
 
     async def _send(self, call: _Call[Any], *, idempotent: bool = False) -> httpx.Response:
+        import anyio  # httpx's own dependency: sleeps under trio and asyncio alike
+        import httpx
+
         retry = _Retry(idempotent=idempotent)
         while True:
             try:
@@ -719,8 +705,9 @@ class AsyncClient(_Base):
                     call.method, API_PREFIX + call.path, **_request_kwargs(call, self.timeout)
                 )
             except httpx.TransportError as e:
-                if (delay := retry.after_error(e)) is None:
-                    raise _transport_error(self.url, e) from e
+                err = _from_httpx(e)
+                if (delay := retry.after_error(err)) is None:
+                    raise _transport_error(self.url, err) from e
             else:
                 if (delay := retry.after_response(resp)) is None:
                     return resp
@@ -728,10 +715,10 @@ class AsyncClient(_Base):
             await anyio.sleep(delay)
 
     async def _do(self, call: _Call[T]) -> T:
-        return _decode(self.url, await self._send(call), call.model)
+        return _decode(self.url, call, await self._send(call), call.model)
 
     async def _submit(self, call: _Call[T]) -> T:
-        return _decode(self.url, await self._send(call, idempotent=True), call.model)
+        return _decode(self.url, call, await self._send(call, idempotent=True), call.model)
 
     async def health(self) -> Health:
         return await self._do(_Call("GET", "/health", Health))
@@ -766,6 +753,8 @@ class AsyncClient(_Base):
     ) -> AsyncGenerator[bytes, None]:
         """See :meth:`Client.log_bytes`. Close it with ``contextlib.aclosing`` when you
         stop early: trio does not finalise abandoned async generators for you."""
+        import httpx
+
         read_timeout: float | None | bool = None if follow else False
         call = _Call(
             "GET",
@@ -784,7 +773,7 @@ class AsyncClient(_Base):
                 async for chunk in resp.aiter_bytes():
                     yield chunk
         except httpx.TransportError as e:
-            raise _transport_error(self.url, e) from e
+            raise _transport_error(self.url, _from_httpx(e)) from e
 
     async def logs(
         self, job_id: int, *, follow: bool = False, offset: int = 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tomllib
 from pathlib import Path
 
 from gpud_client.errors import GpudError
@@ -83,10 +82,16 @@ def normalise_url(url: str, source: str = "the url argument") -> str:
 def _config_url() -> str | None:
     path = client_config_path()
     try:
-        with path.open("rb") as f:
-            config = tomllib.load(f)
+        f = path.open("rb")
     except FileNotFoundError:
-        return None
+        return None  # the common case: no config, and no TOML parser to import (#12)
+    except OSError as e:
+        raise GpudError(f"cannot read the gpud client config {path}: {e}") from e
+    import tomllib
+
+    try:
+        with f:
+            config = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         # A broken config is reported, not skipped: silently falling back to another
         # daemon than the one configured would be far more confusing.

@@ -1,8 +1,10 @@
 """gpud's worker runtime: runs one job's function in the job's own process.
 
-The daemon copies this single file, as ``gpud_worker.py``, next to a copy of cloudpickle
-into a runtime directory and runs ``<python> -u <runtime>/gpud_worker.py <jobdir>`` with
-the job directory as the working directory. It therefore imports nothing but the
+The daemon copies this single file, as ``gpud_runtime.py``, next to a copy of cloudpickle
+and a three-line launcher ``gpud_worker.py`` that imports it, into a runtime directory,
+compiles them there, and runs ``<python> -u <runtime>/gpud_worker.py <jobdir>`` with the
+job directory as the working directory (imported, this module is loaded compiled; a script
+would be compiled at every job's start). It therefore imports nothing but the
 standard library and cloudpickle: the job's Python need not have gpud installed. It
 takes cloudpickle from the job's own environment where that has it (the caller's venv,
 #11), and the runtime directory's copy otherwise.
@@ -41,6 +43,8 @@ is a failure too. Neither is sent as an exception object, so the caller gets a
 
 from __future__ import annotations
 
+# No pathlib (#12): with what it imports (urllib.parse, ipaddress, fnmatch) it cost every
+# cold job ~3 ms of CPU over the subprocess+cloudpickle baseline; paths here are strings.
 import contextlib
 import json
 import os
@@ -48,7 +52,6 @@ import pickle
 import sys
 import time
 import traceback
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -97,10 +100,15 @@ class Inline:
     """A warm task's payload, sent over the hub instead of through job.json,
     function.pkl and args.pkl (#12); ``started`` and ``status`` go back with the answer."""
 
-    def __init__(self, job: Any, function: bytes, args: bytes) -> None:
+    def __init__(self, job: Any, function: bytes, args: bytes,
+                 result_max: int | None = None) -> None:
         self.job, self.function, self.args = job, function, args
         self.started: float | None = None
         self.status: bytes | None = None
+        #: a result pickle up to this size goes back over the hub, not into files (#12)
+        self.result_max = result_max
+        #: that result, when it went back inline (then no file was written)
+        self.result: bytes | None = None
 
 
 class _SetupError(Exception):
@@ -176,19 +184,20 @@ def _exception_outcome(cloudpickle: ModuleType, exc: BaseException, note: str | 
     return _failure(_type_name(exc), str(exc), tb, _dump_exception(cloudpickle, exc))
 
 
-def _read_job(jobdir: Path, inline: Inline | None = None) -> dict[str, Any]:
+def _read_job(jobdir: str, inline: Inline | None = None) -> dict[str, Any]:
+    where = os.path.join(jobdir, JOB_FILE)
     if inline is not None:
         job: Any = inline.job  # sent over the hub with the task (#12)
     else:
         try:
-            job = json.loads((jobdir / JOB_FILE).read_text(encoding="utf-8"))
+            job = json.loads(_read_bytes(where).decode("utf-8"))
         except (OSError, ValueError) as e:
-            raise _SetupError(f"cannot read {jobdir / JOB_FILE}: {e}") from None
+            raise _SetupError(f"cannot read {where}: {e}") from None
     if not isinstance(job, dict):
-        raise _SetupError(f"{jobdir / JOB_FILE} is not a JSON object")
+        raise _SetupError(f"{where} is not a JSON object")
     for key, kind in (("job_id", int), ("name", str), ("python", str)):
         if not isinstance(job.get(key), kind):
-            raise _SetupError(f"{jobdir / JOB_FILE}: {key!r} is missing or not a {kind.__name__}")
+            raise _SetupError(f"{where}: {key!r} is missing or not a {kind.__name__}")
     return job
 
 
@@ -210,13 +219,18 @@ def _version_mismatch(job_python: str) -> str | None:
     )
 
 
-def _load(cloudpickle: ModuleType, path: Path) -> Any:
-    with path.open("rb") as f:
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _load(cloudpickle: ModuleType, path: str) -> Any:
+    with open(path, "rb") as f:
         return cloudpickle.load(f)
 
 
 def _run(
-    cloudpickle: ModuleType, jobdir: Path, job: dict[str, Any],
+    cloudpickle: ModuleType, jobdir: str, job: dict[str, Any],
     fn_cache: dict[str, Any] | None = None, inline: Inline | None = None,
 ) -> tuple[Outcome, int]:
     name = job["name"]
@@ -225,8 +239,8 @@ def _run(
             fn = _function_from(cloudpickle, inline.function, fn_cache)
             args, kwargs = cloudpickle.loads(inline.args)
         else:
-            fn = _load_function(cloudpickle, jobdir / FUNCTION_FILE, fn_cache)
-            args, kwargs = _load(cloudpickle, jobdir / ARGS_FILE)
+            fn = _load_function(cloudpickle, os.path.join(jobdir, FUNCTION_FILE), fn_cache)
+            args, kwargs = _load(cloudpickle, os.path.join(jobdir, ARGS_FILE))
         args, kwargs = _resolve_results(cloudpickle, jobdir, args, kwargs)
     except Exception as e:
         where = getattr(e, "name", None) if isinstance(e, ImportError) else None
@@ -257,7 +271,7 @@ def _run(
     return {"ok": True, "value": value}, EXIT_OK
 
 
-def _resolve_results(cloudpickle: ModuleType, jobdir: Path, args: Any,
+def _resolve_results(cloudpickle: ModuleType, jobdir: str, args: Any,
                      kwargs: Any) -> tuple[Any, Any]:
     """Replace ``gpud.result_of(job)`` placeholders (in the arguments, and in lists,
     tuples and dicts inside them, 4 levels deep) by that job's return value (#14)."""
@@ -265,7 +279,7 @@ def _resolve_results(cloudpickle: ModuleType, jobdir: Path, args: Any,
 
     def value_of(job_id: int) -> Any:
         if job_id not in values:
-            path = jobdir / DEPS_DIR / f"{job_id}.pkl"
+            path = os.path.join(jobdir, DEPS_DIR, f"{job_id}.pkl")
             try:
                 outcome = _load(cloudpickle, path)
             except FileNotFoundError:
@@ -303,12 +317,12 @@ def _resolve_results(cloudpickle: ModuleType, jobdir: Path, args: Any,
     return new_args, new_kwargs
 
 
-def _load_function(cloudpickle: ModuleType, path: Path, cache: dict[str, Any] | None) -> Any:
+def _load_function(cloudpickle: ModuleType, path: str, cache: dict[str, Any] | None) -> Any:
     """The job's function; a warm worker keeps the one it loaded last, so a function's
     module-level setup (imports, a loaded model) survives to its next call."""
     if cache is None:
         return _load(cloudpickle, path)
-    return _function_from(cloudpickle, path.read_bytes(), cache)
+    return _function_from(cloudpickle, _read_bytes(path), cache)
 
 
 def _function_from(cloudpickle: ModuleType, data: bytes, cache: dict[str, Any] | None) -> Any:
@@ -323,10 +337,20 @@ def _function_from(cloudpickle: ModuleType, data: bytes, cache: dict[str, Any] |
     return cache[digest]
 
 
-def _mark_user_start(jobdir: Path) -> None:
-    """When the user's code starts, for the daemon's startup-latency record."""
+def _mark_user_start(jobdir: str) -> None:
+    """When the user's code starts: for the daemon's startup-latency record, and for a
+    restarted daemon, which starts again a job that never began (no such file) rather
+    than marking it lost.
+
+    Not synced (#12: an fsync here cost 4-5 ms of every cold job on this box). A daemon
+    killed (-9) at any step loses nothing of it: the file is in the page cache, which a
+    process's death does not touch. Only a machine crash can lose it, and then the job's
+    process is gone as well: the restarted daemon starts the job again rather than marking
+    it LOST, as it did before whenever the rename (never synced: no fsync of the
+    directory) had not reached the disk."""
     with contextlib.suppress(OSError):
-        _write_atomic(jobdir / STARTED_FILE, repr(time.time()).encode())
+        _write_atomic(os.path.join(jobdir, STARTED_FILE), repr(time.time()).encode(),
+                      sync=False)
 
 
 def _skip_worker_frame(exc: BaseException) -> BaseException:
@@ -380,24 +404,26 @@ def _status(outcome: Outcome, attempt: object = None) -> bytes:
     return json.dumps(status).encode("utf-8")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def _write_atomic(path: str, data: bytes, sync: bool = True) -> None:
+    head, name = os.path.split(path)
+    tmp = os.path.join(head, f".{name}.tmp")
     # Private like the rest of the job directory: a result is the job owner's business.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
 
 
-def _write_outcome(jobdir: Path, result: bytes, status: bytes) -> None:
+def _write_outcome(jobdir: str, result: bytes, status: bytes) -> None:
     # status.json last: once it exists, result.pkl is complete.
-    _write_atomic(jobdir / RESULT_FILE, result)
-    _write_atomic(jobdir / STATUS_FILE, status)
+    _write_atomic(os.path.join(jobdir, RESULT_FILE), result)
+    _write_atomic(os.path.join(jobdir, STATUS_FILE), status)
     fd = os.open(jobdir, os.O_RDONLY)
     try:
         os.fsync(fd)  # make the renames themselves durable
@@ -424,7 +450,7 @@ def _redirect_output(path: str | None) -> None:
     os.close(fd)
 
 
-def run_job(jobdir: Path, fn_cache: dict[str, Any] | None = None,
+def run_job(jobdir: str, fn_cache: dict[str, Any] | None = None,
             inline: Inline | None = None) -> int:
     """Run the job in ``jobdir`` to its end: result files written, exit code returned.
     ``inline``: the job and its payload came over the hub, not as files."""
@@ -452,6 +478,12 @@ def run_job(jobdir: Path, fn_cache: dict[str, Any] | None = None,
     if code == EXIT_OK and not outcome["ok"]:
         code = EXIT_ERROR  # the value could not be pickled
     status = _status(outcome, job.get("attempt"))
+    if inline is not None and inline.result_max is not None and len(data) <= inline.result_max:
+        # A small result goes back over the hub, and the daemon stores it with the job's
+        # end in one commit (#12): no file, no fsync. serve() writes the files after all
+        # if the daemon goes away before it says it has it.
+        inline.result, inline.status = data, status
+        return code
     try:
         _write_outcome(jobdir, data, status)
     except OSError as e:
@@ -479,14 +511,14 @@ def _connect_hub(hub: str) -> Any:
     return sock
 
 
-def _prepare(jobdir: Path, fn_cache: dict[str, Any]) -> str | None:
+def _prepare(jobdir: str, fn_cache: dict[str, Any]) -> str | None:
     """Load a snapshot's function and run its snapshot setup (a class's
     ``@gpud.enter(snap=True)`` methods); None when that went well, else why not. What
     it prints goes to the log of the job that takes the snapshot."""
     try:
         import cloudpickle
 
-        fn = _load_function(cloudpickle, jobdir / FUNCTION_FILE, fn_cache)
+        fn = _load_function(cloudpickle, os.path.join(jobdir, FUNCTION_FILE), fn_cache)
         setup = getattr(fn, "__gpud_snap__", None)
         if callable(setup):
             setup()
@@ -519,6 +551,12 @@ def serve(hub: str, token: str) -> int:
     the connection or kills the process. A closed connection also ends it when the
     daemon itself goes away, after the task at hand.
 
+    A task with ``"result_max": n`` may have its result pickle (up to n bytes) sent back
+    after the answer's line (``"result": size``) instead of written to files (#12). The
+    worker keeps it until the daemon says ``{"ack": job_id}`` (it has stored it); should
+    the connection end before that, the worker writes the files, as it would have at
+    once, so that the next daemon collects the job's outcome from them.
+
     A snapshot-taking worker first gets ``{"prepare": dir, "go": path, "token": t}``: it
     loads the function and runs its snapshot setup, says ``{"ready": ...}``, closes its
     connection and waits for ``go`` to exist. The daemon checkpoints it meanwhile; then
@@ -532,9 +570,34 @@ def serve(hub: str, token: str) -> int:
     reader = sock.makefile("rb")
     devnull = os.open(os.devnull, os.O_WRONLY)
     fn_cache: dict[str, Any] = {}
+    #: results sent inline that the daemon has not yet said it stored: job id ->
+    #: (job directory, result pickle, status.json's bytes)
+    unacked: dict[Any, tuple[str, bytes, bytes]] = {}
+    try:
+        return _serve_loop(hub, sock, reader, devnull, fn_cache, unacked)
+    finally:
+        _write_unacked(unacked)
+
+
+def _write_unacked(unacked: dict[Any, tuple[str, bytes, bytes]]) -> None:
+    """The daemon went away before storing these results: write them where the next
+    daemon's recovery looks (result.pkl, status.json), synced, as a cold job would."""
+    for jobdir, data, status in unacked.values():
+        try:
+            _write_outcome(jobdir, data, status)
+        except OSError as e:
+            _say(f"cannot write the job's result into {jobdir}: {e}")
+    unacked.clear()
+
+
+def _serve_loop(hub: str, sock: Any, reader: Any, devnull: int, fn_cache: dict[str, Any],
+                unacked: dict[Any, tuple[str, bytes, bytes]]) -> int:
     start_dir = os.getcwd()
     while True:
-        line = reader.readline()
+        try:
+            line = reader.readline()
+        except OSError:
+            break  # the daemon went away (a reset connection)
         if not line:
             break
         try:
@@ -543,9 +606,12 @@ def serve(hub: str, token: str) -> int:
             break
         if not isinstance(task, dict):
             break
+        if "ack" in task:
+            unacked.pop(task["ack"], None)
+            continue
         if "prepare" in task:
-            jobdir = Path(task["prepare"]).resolve()
-            _redirect_output(str(jobdir / "output.log"))
+            jobdir = os.path.realpath(task["prepare"])
+            _redirect_output(os.path.join(jobdir, "output.log"))
             try:
                 os.chdir(jobdir)
                 error = _prepare(jobdir, fn_cache)
@@ -575,12 +641,12 @@ def serve(hub: str, token: str) -> int:
         env = task.get("env")
         if isinstance(env, dict):
             os.environ.update({str(k): str(v) for k, v in env.items()})
-        jobdir = Path(task["dir"]).resolve()
+        jobdir = os.path.realpath(task["dir"])
         try:
             inline = _read_inline(reader, task)
         except EOFError:
             break
-        _redirect_output(str(jobdir / "output.log"))
+        _redirect_output(os.path.join(jobdir, "output.log"))
         try:
             os.chdir(jobdir)
             code = run_job(jobdir, fn_cache, inline)
@@ -591,11 +657,18 @@ def serve(hub: str, token: str) -> int:
             with contextlib.suppress(OSError):
                 os.chdir(start_dir)
         done: dict[str, Any] = {"done": task.get("job_id"), "code": code}
+        tail = b""
         if inline is not None:
             # The outcome inline (#12): the daemon need not read status.json back.
             done["started"] = inline.started
             done["status"] = None if inline.status is None else json.loads(inline.status)
-        _send(sock, done)
+            if inline.result is not None and inline.status is not None:
+                done["result"], tail = len(inline.result), inline.result
+                unacked[task.get("job_id")] = (jobdir, inline.result, inline.status)
+        try:
+            sock.sendall(json.dumps(done).encode("utf-8") + b"\n" + tail)
+        except OSError:
+            break  # the daemon went away: the finally of serve() writes the files
     return EXIT_OK
 
 
@@ -609,7 +682,9 @@ def _read_inline(reader: Any, task: dict[str, Any]) -> Inline | None:
     function, args = reader.read(sizes[0]), reader.read(sizes[1])
     if len(function) != sizes[0] or len(args) != sizes[1]:
         raise EOFError("the daemon hung up in the middle of a task")
-    return Inline(task.get("job"), function, args)
+    limit = task.get("result_max")
+    return Inline(task.get("job"), function, args,
+                  limit if isinstance(limit, int) and limit >= 0 else None)
 
 
 def _runtime_last() -> None:
@@ -653,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         _say("usage: gpud_worker.py JOBDIR | --serve")
         return EXIT_SETUP
     # Absolute, so a function that calls os.chdir() does not move where results go.
-    return run_job(Path(argv[1]).resolve())
+    return run_job(os.path.realpath(argv[1]))
 
 
 if __name__ == "__main__":

@@ -22,12 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import pytest
+
+from gpud.testing.daemon_proc import DaemonProc as _DaemonProc
+from gpud.testing.daemon_proc import free_port, kill_instance_jobs
 
 REPO = Path(__file__).resolve().parent.parent
 GPUD = [sys.executable, "-m", "gpud"]
@@ -66,93 +69,11 @@ def base_dir() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def kill_instance_jobs(data_dir: Path) -> None:
-    """Kill every job process a test daemon left (they run in their own sessions)."""
-    try:
-        instance = (data_dir / "instance").read_text().strip()
-    except OSError:
-        return
-    for pid in _instance_pids(instance):
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
-
-
-def _instance_pids(instance: str) -> list[int]:
-    from gpud.executors.process import processes_with_env
-
-    return processes_with_env(f"GPUD_INSTANCE={instance}")
-
-
 @dataclass
-class DaemonProc:
-    """`gpud serve` in a subprocess."""
+class DaemonProc(_DaemonProc):
+    """`gpud serve` in a subprocess (gpud.testing.daemon_proc), with the tests' settings."""
 
-    base: Path
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def executor(self) -> str:
-        return self.env.get("GPUD_EXECUTOR", "process")
-
-    @property
-    def data_dir(self) -> Path:
-        return self.base / "data"
-
-    @property
-    def socket(self) -> Path:
-        return self.base / "gpud.sock"
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket}"
-
-    @property
-    def log(self) -> Path:
-        return self.base / "daemon.log"
-
-    def client_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["GPUD_URL"] = self.url
-        return env
-
-    def start(self, timeout: float = 30.0) -> None:
-        env = dict(os.environ)
-        env.update(TEST_SETTINGS)
-        env.update(self.env)
-        env["GPUD_DATA_DIR"] = str(self.data_dir)
-        env["GPUD_SOCKET"] = str(self.socket)
-        logf = open(self.log, "ab")  # noqa: SIM115 - handed to the child
-        # A restart appends to the same log: look for this start's line only.
-        before = self.log.stat().st_size
-        self.proc = subprocess.Popen(GPUD + ["serve"], env=env, stdout=logf, stderr=logf,
-                                     cwd=str(REPO))
-        logf.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gpud serve exited: {self.log.read_text()}")
-            if b"gpud serving on" in self.log.read_bytes()[before:]:
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"gpud serve did not start: {self.log.read_text()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def ledger(self):  # type: ignore[no-untyped-def]
-        from gpud.ledger import Ledger
-
-        return Ledger(self.data_dir / "ledger.db")
+    settings: Mapping[str, str] = field(default_factory=lambda: dict(TEST_SETTINGS))
 
 
 EXECUTORS = ["process", "podman"]
@@ -390,14 +311,6 @@ def unix_users() -> Iterator[Callable[[str], UnixUser]]:
     yield make
     for u in made:
         delete_unix_user(u)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def add_gpud_user(data_dir: Path, name: str, *, admin: bool = False) -> str:

@@ -91,18 +91,18 @@ def big(n: int) -> bytes:
 
 
 class _Counter:
-    """Counts the HTTP requests a Client sends (httpx's request hook), but for the
-    once-per-function check of the daemon's Python (GET /v1/health, with the tests'
+    """Counts the HTTP requests a Client sends (its transport's request hook), but for
+    the once-per-function check of the daemon's Python (GET /v1/health, with the tests'
     GPUD_JOB_PYTHON=daemon)."""
 
     def __init__(self, client: gpud.Client) -> None:
         self.requests: list[str] = []
 
-        def seen(r: httpx.Request) -> None:
-            if r.url.path != "/v1/health":
-                self.requests.append(f"{r.method} {r.url.path}")
+        def seen(method: str, path: str) -> None:
+            if path != "/v1/health":
+                self.requests.append(f"{method} {path}")
 
-        client._http.event_hooks["request"].append(seen)
+        client._http.on_request.append(seen)
 
 
 # -- .remote() -----------------------------------------------------------------------------
@@ -242,6 +242,12 @@ def test_max_concurrency_is_never_exceeded(daemon: DaemonProc) -> None:
 def test_cancel_the_rest_from_the_cli(daemon: DaemonProc) -> None:
     batch = nap.spawn_map([30.0] * 5, max_concurrency=1)
     wait_for(lambda: batch.progress().running == 1, timeout=20)
+    # The jobs held back by the limit say so (the round never sees them).
+    held = [s for s in (h.status() for h in batch.handles()) if s.state == "queued"]
+    assert len(held) == 4
+    assert {s.reason for s in held} == {f"batch {batch.id} at its max_concurrency of 1"}
+    positions = [s.position for s in held]
+    assert None not in positions and len(set(positions)) == 4
     out = gpud_cli("cancel", "--batch", str(batch.id))
     assert out.returncode == 0, out.stderr
     assert f"batch {batch.id}: 5 cancelled" in out.stderr
@@ -369,3 +375,21 @@ def test_a_stream_with_a_timeout_ends_early_and_is_resumed(daemon: DaemonProc) -
         {"timeout": "0.3", "order": "completion"}, read_timeout=None)))
     assert len(lines) <= 1  # the short one at most
     assert list(batch) == [1.5, 0.1] and handle.get(timeout=30) == 1.5
+
+
+def test_jobs_held_back_by_max_concurrency_have_their_batchs_reason() -> None:
+    from gpud.batches import held_back, limit_concurrency
+    from gpud.domain import Job, JobState
+
+    def job(i: int, batch: int | None, state: JobState = JobState.QUEUED) -> Job:
+        return Job(id=i, function="m:f", state=state, submitted_at=float(i), batch_id=batch)
+
+    pending = [job(i, 7) for i in range(2, 7)] + [job(9, None), job(10, 8)]
+    running = [job(1, 7, JobState.RUNNING)]
+    limits = {7: 2, 8: None}
+    admitted = limit_concurrency(pending, running, limits)
+    assert [j.id for j in admitted] == [2, 9, 10]
+    held = held_back(pending, admitted, limits)
+    assert {i: place for i, (_, place) in held.items()} == {3: 1, 4: 2, 5: 3, 6: 4}
+    assert len({id(why) for why, _ in held.values()}) == 1  # one reason per batch
+    assert held[3][0].text(3) == "batch 7 at its max_concurrency of 2"

@@ -40,8 +40,6 @@ def gated(gate: str, pidfile: str) -> str:
     return "done"
 
 
-
-
 def _post(d: DaemonProc, path: str, body: object) -> httpx.Response:
     transport = httpx.HTTPTransport(uds=str(d.socket))
     with httpx.Client(transport=transport, base_url="http://gpud", timeout=60) as h:
@@ -74,6 +72,16 @@ def _integrity(d: DaemonProc) -> str:
         conn.close()
 
 
+@contextlib.contextmanager
+def _stopped_after(d: DaemonProc) -> Iterator[DaemonProc]:
+    """Stop the daemon and kill the jobs it left, whatever the test did."""
+    try:
+        yield d
+    finally:
+        d.stop()
+        kill_instance_jobs(d.data_dir)
+
+
 @pytest.fixture
 def tmpfs_daemon(base_dir: Path) -> Iterator[DaemonProc]:
     """A daemon whose data directory is a 16 MiB tmpfs of its own."""
@@ -82,11 +90,34 @@ def tmpfs_daemon(base_dir: Path) -> Iterator[DaemonProc]:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs",
                     str(d.data_dir)], check=True)
     try:
-        yield d
+        with _stopped_after(d):
+            yield d
     finally:
-        d.stop()
-        kill_instance_jobs(d.data_dir)
         subprocess.run(["umount", "-l", str(d.data_dir)], check=False)
+
+
+@pytest.fixture
+def plain_daemon(base_dir: Path) -> Iterator[DaemonProc]:
+    with _stopped_after(DaemonProc(base_dir)) as d:
+        yield d
+
+
+def _start_with_a_gated_job(d: DaemonProc, shared: Path) -> tuple[gpud.JobHandle, Path, int]:
+    """Start the daemon and a job that runs until the returned gate file exists; its pid."""
+    d.start()
+    gate, pidfile = shared / "go", shared / "pid"
+    handle = gated.with_options(url=d.url).spawn(str(gate), str(pidfile))
+    wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=30)
+    return handle, gate, int(pidfile.read_text())
+
+
+def _works_as_before_and_ledger_intact(d: DaemonProc, shared: Path) -> None:
+    gate2 = shared / "go2"
+    gate2.touch()
+    assert gated.with_options(url=d.url).remote(str(gate2), str(shared / "pid2")) == "done"
+    d.stop()
+    assert _integrity(d) == "ok"
+    assert "Traceback" not in d.log.read_text()
 
 
 def _fill(path: Path) -> None:
@@ -109,11 +140,7 @@ def _fill(path: Path) -> None:
 def test_full_disk_refuses_submits_holds_state_changes_and_recovers(
         tmpfs_daemon: DaemonProc, shared_dir: Path) -> None:
     d = tmpfs_daemon
-    d.start()
-    gate, pidfile = shared_dir / "go", shared_dir / "pid"
-    handle = gated.with_options(url=d.url).spawn(str(gate), str(pidfile))
-    wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=30)
-    pid = int(pidfile.read_text())
+    handle, gate, pid = _start_with_a_gated_job(d, shared_dir)
     # Empty the WAL, so that the next ledger write needs new space, then fill the disk.
     conn = sqlite3.connect(d.data_dir / "ledger.db")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -121,7 +148,7 @@ def test_full_disk_refuses_submits_holds_state_changes_and_recovers(
     ballast = d.data_dir / "ballast"
     _fill(ballast)
 
-    r = _post(d, "/jobs", gated.submit_request((str(gate), str(pidfile)), {}))
+    r = _post(d, "/jobs", gated.submit_request((str(gate), "/dev/null"), {}))
     assert r.status_code == 507, r.text
     assert r.json()["error"] == "disk_full"
     assert str(d.data_dir) in r.json()["detail"] and "free space" in r.json()["detail"]
@@ -130,7 +157,7 @@ def test_full_disk_refuses_submits_holds_state_changes_and_recovers(
     wait_for(lambda: not pid_alive(pid), timeout=30)
     time.sleep(1.0)  # let the daemon try (and fail) to record it
     assert _state(d, handle.id) == "running"  # held, not lost, not written half
-    assert d.proc is not None and d.proc.poll() is None  # the daemon carries on
+    assert d.alive()  # the daemon carries on
     with gpud.Client(d.url) as c:
         assert c.health().status == "ok"
 
@@ -140,33 +167,13 @@ def test_full_disk_refuses_submits_holds_state_changes_and_recovers(
     # Its worker could not write its result either: the error says why.
     info = handle.status()
     assert info.state == "succeeded" or "disk" in (info.error or ""), info
-    # And the daemon works as before.
-    gate2 = shared_dir / "go2"
-    gate2.touch()
-    assert gated.with_options(url=d.url).remote(str(gate2), str(shared_dir / "pid2")) == "done"
-    d.stop()
-    assert _integrity(d) == "ok"
-    assert "Traceback" not in d.log.read_text()
-
-
-@pytest.fixture
-def plain_daemon(base_dir: Path) -> Iterator[DaemonProc]:
-    d = DaemonProc(base_dir)
-    try:
-        yield d
-    finally:
-        d.stop()
-        kill_instance_jobs(d.data_dir)
+    _works_as_before_and_ledger_intact(d, shared_dir)
 
 
 def test_a_held_write_lock_gets_503_and_the_daemon_carries_on(plain_daemon: DaemonProc,
                                                               shared_dir: Path) -> None:
     d = plain_daemon
-    d.start()
-    gate, pidfile = shared_dir / "go", shared_dir / "pid"
-    handle = gated.with_options(url=d.url).spawn(str(gate), str(pidfile))
-    wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=30)
-    pid = int(pidfile.read_text())
+    handle, gate, pid = _start_with_a_gated_job(d, shared_dir)
 
     locker = sqlite3.connect(d.data_dir / "ledger.db", isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")  # e.g. an admin's sqlite3 shell left open
@@ -183,12 +190,12 @@ def test_a_held_write_lock_gets_503_and_the_daemon_carries_on(plain_daemon: Daem
         wait_for(lambda: not pid_alive(pid), timeout=30)
         t.start()
         # After the busy timeout (10 s): a clear 503, never a 500 or a crash.
-        r = _post(d, "/jobs", gated.submit_request((str(gate), str(pidfile)), {}))
+        r = _post(d, "/jobs", gated.submit_request((str(gate), "/dev/null"), {}))
         assert r.status_code == 503, r.text
         assert r.json()["error"] == "ledger_busy" and "locked" in r.json()["detail"]
         assert r.headers["retry-after"]
         assert _state(d, handle.id) == "running"  # its end is held meanwhile
-        assert d.proc is not None and d.proc.poll() is None
+        assert d.alive()
     finally:
         with contextlib.suppress(sqlite3.Error):
             locker.execute("ROLLBACK")
@@ -202,9 +209,4 @@ def test_a_held_write_lock_gets_503_and_the_daemon_carries_on(plain_daemon: Daem
     led = d.ledger()
     assert led.conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2  # not 3
     led.close()
-    gate2 = shared_dir / "go2"
-    gate2.touch()
-    assert gated.with_options(url=d.url).remote(str(gate2), str(shared_dir / "pid2")) == "done"
-    d.stop()
-    assert _integrity(d) == "ok"
-    assert "Traceback" not in d.log.read_text()
+    _works_as_before_and_ledger_intact(d, shared_dir)

@@ -23,7 +23,7 @@ README = ROOT / "README.md"
 CLI_MD = ROOT / "docs" / "cli.md"
 API_MD = ROOT / "docs" / "api.md"
 
-COMMANDS = sorted(cli.commands.items())
+COMMANDS = sorted(cli.all_commands().items())  # the lazy ones too (#12)
 
 
 def _read(path: Path) -> str:

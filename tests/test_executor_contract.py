@@ -170,7 +170,9 @@ class RealHarness(Harness):
 
 class ProcessHarness(RealHarness):
     name = "process"
-    caps = Caps(warm=True)
+    caps = Caps(warm=True, job_python=True)
+    #: how a root daemon switches to the job user: setpriv (vfork, #12) if found
+    setpriv: bool = True
 
     def __init__(self, base: Path) -> None:
         super().__init__(base, job_identity("nobody"), f"contract-{os.getpid()}")
@@ -181,10 +183,17 @@ class ProcessHarness(RealHarness):
     def _new(self) -> ProcessExecutor:
         return ProcessExecutor(python=self.python, version=self.version,
                                runtime_dir=self.runtime, identity=self.ident,
-                               instance=self.instance)
+                               instance=self.instance, setpriv=self.setpriv)
 
     async def restart(self) -> Any:
         return self._new()
+
+
+class ProcessForkHarness(ProcessHarness):
+    """The user switch done inside subprocess (a fork), where setpriv is missing."""
+
+    name = "process-fork"
+    setpriv = False
 
 
 class PodmanHarness(RealHarness):
@@ -251,7 +260,7 @@ def _python() -> str:
     return "{}.{}.{}".format(*sys.version_info[:3])
 
 
-@pytest.fixture(scope="module", params=["process", "podman", "fake"])
+@pytest.fixture(scope="module", params=["process", "process-fork", "podman", "fake"])
 def machine(request: pytest.FixtureRequest) -> Iterator[Harness]:
     if request.param == "podman":
         require_podman()
@@ -259,7 +268,8 @@ def machine(request: pytest.FixtureRequest) -> Iterator[Harness]:
         pytest.skip("runs jobs as the job user 'nobody': needs root (CI runs as root)")
     base = Path(tempfile.mkdtemp(prefix="gpud-contract-", dir="/tmp"))
     os.chmod(base, 0o755)
-    kinds = {"process": ProcessHarness, "podman": PodmanHarness, "fake": FakeHarness}
+    kinds = {"process": ProcessHarness, "process-fork": ProcessForkHarness,
+             "podman": PodmanHarness, "fake": FakeHarness}
     h = kinds[request.param](base)
     try:
         yield h
@@ -478,6 +488,18 @@ class _Declares(FakeExecutor):
 
 class _Flagged(FakeExecutor):
     supports_warm = "yes"  # type: ignore[assignment]
+
+
+class _OwnPython(FakeExecutor):
+    supports_job_python = True  # without resolve_python
+
+
+def test_per_job_interpreters_are_a_declared_capability() -> None:
+    """Whether a submit's python= is checked by the executor (#11) is a capability, no
+    longer ``isinstance(executor, ProcessExecutor)`` (#12)."""
+    with pytest.raises(TypeError, match="declares supports_job_python but lacks .*resolve_python"):
+        capabilities(_OwnPython())
+    assert not capabilities(FakeExecutor()).job_python
 
 
 def test_capabilities_refuses_a_promise_without_its_methods() -> None:

@@ -167,8 +167,9 @@ def test_users_and_accounting_come_after_the_released_migrations() -> None:
     accounting are 4, appended, so a ledger at version 3 upgrades in place; snapshots
     (#4) came after, as 5; images (#11) 6, the job's interpreter (#11) 7, launches and
     idempotency keys (#10) 8, retention (#12) 9, the listing indexes (#12) 10, batch
-    limits (#12) 11, suspensions (#13) 12, dependencies and notifications (#14) 13."""
-    assert SCHEMA_VERSION == 13
+    limits (#12) 11, suspensions (#13) 12, dependencies and notifications (#14) 13, warm
+    results (#12) 14."""
+    assert SCHEMA_VERSION == 14
     assert "memory" in MIGRATIONS[1] and "keep_warm" in MIGRATIONS[2]
     assert "CREATE TABLE users" in MIGRATIONS[3]
     assert "CREATE TABLE snapshots" in MIGRATIONS[4]

@@ -416,3 +416,43 @@ def test_a_second_connection_in_the_daemon_keeps_the_wal_of_the_first(tmp_path: 
         assert {first, later} <= ids, "a commit of the daemon is invisible to other processes"
     finally:
         t.close()
+
+
+# -- durability per transaction (#12) -----------------------------------------------------
+
+
+def _write_and_level(led: Ledger, name: str) -> int:
+    """Submit a job (a write) and say the synchronous level it commits with: 2 FULL,
+    1 NORMAL."""
+    led.submit([new_job(name)], b"fn", 1.0)
+    return int(led.conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def test_an_unsynced_call_commits_without_fsync_and_a_synced_one_with(
+        lt: LedgerThread) -> None:
+    async def main() -> tuple[int, int, int]:
+        a = await lt.call_unsynced(_write_and_level, "m.a")
+        b = await lt.call(_write_and_level, "m.b")
+        c = await lt.call_unsynced(_write_and_level, "m.c")
+        return a, b, c
+
+    assert trio.run(main) == (1, 2, 1)
+    led = reopen(lt)  # another connection sees all three, unsynced ones included
+    try:
+        assert [j.function for j in led.list_jobs(None, limit=10)] == ["m.c", "m.b", "m.a"]
+    finally:
+        led.close()
+
+
+def test_a_synced_call_never_joins_an_unsynced_group(lt: LedgerThread) -> None:
+    """Queued behind an unsynced write, a synced write must not be answered after that
+    group's unsynced COMMIT: it starts a synced group of its own. An unsynced write
+    queued behind a synced one joins its group (and is synced with it)."""
+    async def main() -> list[Any]:
+        return await in_one_group(lt, [
+            lambda: lt.call_unsynced(_write_and_level, "m.u1"),
+            lambda: lt.call(_write_and_level, "m.s1"),
+            lambda: lt.call_unsynced(_write_and_level, "m.u2"),
+        ], groups_made=2)
+
+    assert trio.run(main) == [1, 2, 2]

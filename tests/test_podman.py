@@ -23,7 +23,7 @@ from gpud.executors.base import LaunchSpec
 from gpud.executors.podman import cdi_has_nvidia, container_spec, gpu_devices
 from gpud.executors.process import JobIdentity
 
-from .conftest import DaemonProc, _run_daemon, containers_of, executor_env, make_base_dir
+from .conftest import GPUD, DaemonProc, _run_daemon, containers_of, executor_env, make_base_dir
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +279,63 @@ def test_cancel_ends_the_warm_container(pdaemon: DaemonProc) -> None:
         time.sleep(0.1)
     assert containers_of(pdaemon) == []  # the warm container went with its job
     assert f.remote(0) != host
+
+
+@gpud.function
+def hog(mb: int) -> int:
+    block = b"x" * (mb * 1024 * 1024)  # written, so every page is really used
+    return len(block)
+
+
+def test_a_container_killed_for_memory_says_so(pdaemon: DaemonProc) -> None:
+    """#16: an OOM kill is exit 137 like any SIGKILL; the container's OOMKilled tells."""
+    handle = hog.with_options(url=pdaemon.url, memory="64m").spawn(256)
+    info = handle.wait(timeout=120)
+    assert info.state == "failed"
+    assert info.error is not None and info.error.startswith("out of memory (limit 64m)"), \
+        info.error
+    out = subprocess.run([*GPUD, "ps", "--all"], env=pdaemon.client_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    [row] = [line for line in out.stdout.splitlines() if line.split()[:1] == [str(handle.id)]]
+    assert "out of memory (limit 64m)" in row, out.stdout
+
+
+@gpud.function
+def exit_137() -> None:
+    import os
+
+    # What a SIGKILL looks like from outside (the job is pid 1 in its container, which
+    # signals from inside cannot kill).
+    os._exit(137)
+
+
+def test_exit_137_under_a_memory_limit_is_not_called_out_of_memory(
+        pdaemon: DaemonProc) -> None:
+    info = exit_137.with_options(url=pdaemon.url, memory="64m").spawn().wait(timeout=120)
+    assert info.state == "failed" and info.error is not None
+    assert "out of memory" not in info.error and "137" in info.error, info.error
+
+
+def test_the_outcome_names_the_limit_only_for_an_oom_kill(tmp_path: Path) -> None:
+    from gpud.daemon.jobfiles import judge
+    from gpud.executors.base import Outcome
+
+    oom = judge(tmp_path, None, False, Outcome(137, oom_killed=True, memory_limit=64 << 20))
+    assert oom.error is not None and oom.error.startswith("out of memory (limit 64m)")
+    big = judge(tmp_path, None, False, Outcome(137, oom_killed=True, memory_limit=4 << 30))
+    assert big.error is not None and big.error.startswith("out of memory (limit 4g)")
+    plain = judge(tmp_path, None, False, Outcome(137))
+    assert plain.error == "the job's process exited with code 137 without writing a result"
+
+
+def test_the_oom_counter_of_cgroup_v1_and_v2(tmp_path: Path) -> None:
+    from gpud.executors import oom
+
+    v1 = tmp_path / "memory.oom_control"
+    v1.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    v2 = tmp_path / "memory.events"
+    v2.write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\noom_group_kill 0\n")
+    assert (oom.kills(v1), oom.kills(v2), oom.kills(tmp_path / "gone")) == (2, 1, None)
+    me = oom.counter_file(os.getpid())  # this process's own memory cgroup, where one is
+    assert me is None or oom.kills(me) is not None

@@ -190,7 +190,7 @@ def reference_plan(pending: list[Job], running: list[Job], gpus: list[Gpu],
     key = (ref.scheduling_key(pending, running, now=now, usage=usage, policy=policy)
            if policy is not None else ref.order_key)
     assigned, held, evictable = ref.match_warm(pending, idle, gpus, now=now, key=key,
-                                               quotas=quotas)
+                                               quotas=quotas, cpu_slots=cpu_slots)
     cold = [j for j in pending if j.id not in assigned]
     ds = ref.decide(cold, running + held, gpus, cpu_slots=cpu_slots, now=now, usage=usage,
                     policy=policy, quotas=quotas)

@@ -23,6 +23,7 @@ from gpud_client.jobdir import (
     EXIT_OK,
     EXIT_SETUP,
     JOB_FILE,
+    LAUNCHER_SOURCE,
     RESULT_FILE,
     STATUS_FILE,
     WORKER_SOURCE,
@@ -160,6 +161,20 @@ def test_success(runtime: Path, tmp_path: Path) -> None:
     value = result_of(jobdir)
     assert value == {"sum": 5, "argv": [JOB_NAME], "cwd": str(jobdir), "gpud_modules": []}
     assert not list(jobdir.glob(".*.tmp"))  # the atomic writes left no temp files
+
+
+def test_a_cold_job_imports_no_pathlib(runtime: Path) -> None:
+    """Whatever the worker imports, every cold job pays for (#12): pathlib, with the
+    urllib.parse and ipaddress it pulls in, was ~3 ms of CPU a job on this box. (-S: a
+    venv's site may import it, as this one's editable install does; the worker cannot
+    help that.)"""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import gpud_runtime, cloudpickle; "
+            "print(' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(runtime)], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    loaded = set(out.split())
+    assert {"gpud_runtime", "cloudpickle"} <= loaded
+    assert not {"pathlib", "urllib.parse", "ipaddress"} & loaded
 
 
 def test_exception_comes_back_with_its_traceback(runtime: Path, tmp_path: Path) -> None:
@@ -306,8 +321,23 @@ def test_worker_imports_only_stdlib_and_cloudpickle() -> None:
 
 def test_install_runtime_is_idempotent(runtime: Path) -> None:
     assert install_runtime(runtime.parent) == runtime
-    assert (runtime / "gpud_worker.py").read_bytes() == WORKER_SOURCE.read_bytes()
+    assert (runtime / "gpud_runtime.py").read_bytes() == WORKER_SOURCE.read_bytes()
+    assert (runtime / "gpud_worker.py").read_text() == LAUNCHER_SOURCE
     assert (runtime / "cloudpickle" / "__init__.py").is_file()
+
+
+def test_runtime_is_compiled_and_readable_by_every_job_user(runtime: Path) -> None:
+    """Jobs run as users who cannot write the runtime directory: without the compiled
+    modules in it, every cold job compiled the worker and cloudpickle afresh (#12)."""
+    tag = sys.implementation.cache_tag
+    for module in (runtime / "gpud_runtime.py", runtime / "cloudpickle" / "cloudpickle.py"):
+        pyc = module.parent / "__pycache__" / f"{module.stem}.{tag}.pyc"
+        assert pyc.is_file(), pyc
+        assert pyc.stat().st_mode & 0o444 == 0o444
+    assert not (runtime / "__pycache__" / f"gpud_worker.{tag}.pyc").exists()  # a script
+    for path in [runtime, *runtime.rglob("*")]:
+        want = 0o755 if path.is_dir() else 0o644
+        assert path.stat().st_mode & 0o777 == want, path
 
 
 def test_warm_worker_takes_its_payload_inline_and_answers_with_its_status(

@@ -22,6 +22,8 @@ from gpud.daemon.record import (
     JobRecord,
     _advance_in_order,
 )
+from gpud.daemon.results import RecentResults, deps_results
+from gpud.daemon.stats import JobStats
 from gpud.deps import DepIndex
 from gpud.domain import (
     FINAL,
@@ -142,6 +144,10 @@ class DaemonCore:
         self.jobs.held = self.deps
         #: webhooks told of jobs' ends, by a task of their own (#14)
         self.notifier = Notifier(config)
+        #: what /metrics counts as jobs end (#16, gpud.daemon.stats)
+        self.stats = JobStats()
+        #: results just stored with a job's end, for the caller waiting on it (#12)
+        self.recent = RecentResults()
 
     async def get(self, job_id: int) -> Job:
         rec = self.jobs.get(job_id)
@@ -169,17 +175,29 @@ class DaemonCore:
         self._wake.set()
 
     async def _advance(self, job_id: int, *steps: Step, expect: JobState | None = None,
-                       retry: bool = True) -> Job:
+                       retry: bool = True, synced: bool = True,
+                       result: bytes | None = None) -> Job:
         """Record state changes, then update memory. With ``retry`` (a job's own life),
-        a full disk or a held write lock is waited out: the change is never dropped."""
+        a full disk or a held write lock is waited out: the change is never dropped.
+
+        ``synced=False``: a step the daemon takes on its own (STARTING, RUNNING, a job's
+        end) is committed without an fsync (#12; gpud.ledger.thread). A kill -9 keeps it;
+        a power cut may take the ledger back to an earlier step (the job is then found
+        RUNNING and recovered, or LOST and retried: at least once, on a power cut only).
+        Whoever is answered after this returns was answered after the COMMIT.
+        ``result``: a warm job's inline result, stored in the same commit (#12)."""
+        call = self.ledger.call if synced else self.ledger.call_unsynced
+
         def write() -> Awaitable[tuple[Job, int]]:
-            return self.ledger.call(_advance_in_order, job_id, steps, self.clock.time(), expect)
+            return call(_advance_in_order, job_id, steps, self.clock.time(), expect, result)
 
         if retry:
             what = f"job {job_id} going {' then '.join(s.state.value for s in steps)}"
             job, seq = await persist(write, what)
         else:
             job, seq = await write()
+        if result is not None:
+            self.recent.put(job_id, job.attempt, result)  # the waiting caller reads it here
         # Two advances of one job can resume here in either order; only the later commit
         # may update memory, or a stale STARTING could outlive the job's end.
         rec = self.jobs.get(job_id)
@@ -192,6 +210,7 @@ class DaemonCore:
             del self.jobs[job_id]
             dependencies.job_ended(self, job)  # its waiters go on or are cancelled (#14)
             self.notifier.job_ended(job)
+            self.stats.job_ended(job)  # /metrics' counters (#16)
         else:
             self.jobs.refile(job_id)  # the queue index follows the job's state (#12)
         ev, rec.changed = rec.changed, None
@@ -201,9 +220,10 @@ class DaemonCore:
         return job
 
     async def _finish(self, job: Job, f: Finished, *, began: float | None = None,
-                      began_known: bool = False) -> Job:
+                      began_known: bool = False, result: bytes | None = None) -> Job:
         """Record how an attempt ended. ``began_known``: ``began`` is when the user's
-        code began (a warm worker says so inline), so the job's files are not read."""
+        code began (a warm worker says so inline), so the job's files are not read.
+        ``result``: the result a warm worker sent inline, stored with the end (#12)."""
         now = self.clock.time()
         current = await self.get(job.id)
         if current.gpus and current.state in (JobState.RUNNING, JobState.SUSPENDED) \
@@ -222,7 +242,7 @@ class DaemonCore:
         if dispatched is not None and user_start is not None:
             fields["startup"] = round(max(0.0, user_start - dispatched), 6)
         steps = after(current, f, now, self.retry_policy, fields=fields)
-        new = await self._advance(job.id, *steps)
+        new = await self._advance(job.id, *steps, synced=False, result=result)
         log.info("job %s %s%s", job.id, f.state.value,
                  f": {f.error}" if f.error else "")
         return new
@@ -231,9 +251,12 @@ class DaemonCore:
 
     async def _prepare_job_dir(self, job: Job, function: bytes, args: bytes,
                                ident: JobIdentity, *, payload_files: bool = True) -> LaunchSpec:
+        # A dependency's small warm result is in the ledger, not in a result.pkl (#12).
+        stored = (await self.ledger.read(deps_results, list(job.deps))) if job.deps else None
         return await trio.to_thread.run_sync(
             lambda: jobfiles.prepare_job_dir(self.config.jobs_dir, job, function, args, ident,
-                                             self.gpus, payload_files=payload_files))
+                                             self.gpus, payload_files=payload_files,
+                                             stored=stored))
 
     async def _collect(self, job: Job, outcome: Outcome) -> Finished:
         return await trio.to_thread.run_sync(jobfiles.collect, self.config.jobs_dir,

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gpud.safefs import read_file
@@ -27,8 +27,10 @@ log = logging.getLogger("gpud")
 
 
 def link_results(jobs_dir: Path, job_dir: Path, deps: Sequence[int],
-                 owner: tuple[int, int]) -> None:
+                 owner: tuple[int, int], stored: Mapping[int, bytes] | None = None) -> None:
     """Give ``job_dir`` the results its dependencies left (those that left one).
+    ``stored``: results kept in the ledger instead of a result.pkl (a warm job's small
+    result, #12), written out as the file would have been linked.
 
     The job directory is writable by the job's user, who may have left anything there
     (a symlink named deps, say): everything below it is reached through a directory
@@ -38,7 +40,11 @@ def link_results(jobs_dir: Path, job_dir: Path, deps: Sequence[int],
     fd = _open_deps_dir(job_dir / DEPS_DIR, owner)
     try:
         for dep in deps:
-            _pass_on(jobs_dir / str(dep) / RESULT_FILE, f"{dep}.pkl", fd, owner, dep)
+            data = (stored or {}).get(dep)
+            if data is not None:
+                _write(data, f"{dep}.pkl", fd, owner)
+            else:
+                _pass_on(jobs_dir / str(dep) / RESULT_FILE, f"{dep}.pkl", fd, owner, dep)
     finally:
         os.close(fd)
 
@@ -83,6 +89,12 @@ def _pass_on(src: Path, name: str, dir_fd: int, owner: tuple[int, int], dep: int
     if data is None or len(data) > _COPY_MAX:
         log.warning("job %s's result could not be copied (over %d bytes?)", dep, _COPY_MAX)
         return
+    _write(data, name, dir_fd, owner)
+
+
+def _write(data: bytes, name: str, dir_fd: int, owner: tuple[int, int]) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
                  dir_fd=dir_fd)
     with os.fdopen(fd, "wb") as f:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from gpud.daemon.depfiles import link_results
@@ -36,7 +36,8 @@ log = logging.getLogger("gpud")
 
 def prepare_job_dir(jobs_dir: Path, job: Job, function: bytes, args: bytes,
                     ident: JobIdentity, gpus: Sequence[Gpu], *,
-                    payload_files: bool = True) -> LaunchSpec:
+                    payload_files: bool = True,
+                    stored: Mapping[int, bytes] | None = None) -> LaunchSpec:
     """Lay out jobs/<id>/ for this attempt: payload in, log and result out. The
     directory and its files belong to the user the job runs as, mode 0700/0600.
     Without ``payload_files`` (a warm worker gets the payload over the hub, #12) the
@@ -51,7 +52,7 @@ def prepare_job_dir(jobs_dir: Path, job: Job, function: bytes, args: bytes,
                           function=function, args=args, attempt=job.attempt)
         for name, data in files.items():
             write_new(d / name, data, owner)
-    link_results(jobs_dir, d, job.deps, owner)  # for gpud.result_of (#14)
+    link_results(jobs_dir, d, job.deps, owner, stored)  # for gpud.result_of (#14)
     log_path = d / "output.log"
     fd = open_append(log_path, owner)
     try:
@@ -79,6 +80,15 @@ def collect(jobs_dir: Path, data_dir: Path, job: Job, outcome: Outcome) -> Finis
     return judge(data_dir, status, has_result, outcome)
 
 
+def reap_and_collect(reap: Callable[[], None], jobs_dir: Path, data_dir: Path, job: Job,
+                     outcome: Outcome) -> tuple[Finished, float | None]:
+    """After a cold job's process ended: kill what it left (``reap``), read its outcome
+    and when the user's code began. One trip to a worker thread where there were three,
+    on the way from the process's exit to the caller's answer (#12)."""
+    reap()
+    return collect(jobs_dir, data_dir, job, outcome), user_start(jobs_dir, job.id)
+
+
 def judge(data_dir: Path, status: WorkerStatus | None, has_result: bool,
           outcome: Outcome) -> Finished:
     """How an attempt ended, from the worker's status (read from status.json, or sent
@@ -90,10 +100,19 @@ def judge(data_dir: Path, status: WorkerStatus | None, has_result: bool,
         msg = f"{(status.type or 'Error').rsplit('.', 1)[-1]}: {status.message or ''}".strip()
         setup = code == EXIT_SETUP
         return Finished(JobState.FAILED, msg, code, has_result, not setup)
-    if outcome.signal is not None:
+    if outcome.oom_killed:
+        why = "out of memory" + (f" (limit {_size(outcome.memory_limit)})"
+                                 if outcome.memory_limit else "")
+        why += ": the kernel killed the job at its memory limit; ask for more with memory="
+    elif outcome.signal is not None:
         hint = " (out of memory?)" if outcome.signal == 9 else ""
         why = f"the job's process was killed by signal {outcome.signal}{hint} before it " \
               "wrote a result"
+    elif code in (126, 127):
+        # setpriv (a root daemon's user switch, #12) could not exec the interpreter: its
+        # message is the first line of the job's log.
+        why = f"the job's interpreter could not be started (exit code {code}); its log " \
+              "says why"
     elif code is not None:
         why = f"the job's process exited with code {code} without writing a result"
     else:
@@ -101,6 +120,13 @@ def judge(data_dir: Path, status: WorkerStatus | None, has_result: bool,
     if low_space(data_dir):
         why += f" (the disk holding {data_dir} was full)"
     return Finished(JobState.FAILED, why, code, False, True)
+
+def _size(n: int) -> str:
+    """Bytes as the memory= a user wrote, in Podman's units: 67108864 -> "64m"."""
+    for unit, mult in (("t", 1024**4), ("g", 1024**3), ("m", 1024**2), ("k", 1024)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return f"{n}b" if n < 1024 else f"{n / 1024**2:.1f}m"
 
 def user_start(jobs_dir: Path, job_id: int) -> float | None:
     """When the worker began the user's code (it writes the time down), if it did."""

@@ -82,6 +82,7 @@ class SchedulingLoop(Supervision):
         self.plan = p
         workers = {w.id: w for w in idle}
         evictable = [workers[i] for i in p.evictable if not self.parking.holds(workers[i])]
+        starts: list[Start] = []
         for job_id, worker_id in p.assigned.items():
             rec = self.jobs.get(job_id)
             if rec is None:
@@ -91,13 +92,20 @@ class SchedulingLoop(Supervision):
                 continue  # its GPUs are held: the call waits, saying so (#13)
             w.busy = job_id  # reserved now: the next round must not hand it out again
             rec.assigned = w
-            await self._start(Start(job_id, w.gpus))
+            starts.append(Start(job_id, w.gpus))
         for d in p.starts:
-            # Idle warm workers on these GPUs give way to the job (eviction).
+            # Idle warm workers on these GPUs give way to the job (eviction), first.
             for w in [w for w in evictable if set(w.gpus) & set(d.gpus)]:
                 evictable.remove(w)
                 await self.parking.give_way(self, w, d.job_id)  # parked, or ended (#13)
-            await self._start(d)
+            starts.append(d)
+        if len(starts) == 1:
+            await self._start(starts[0])
+        elif starts:
+            # Side by side, so that their STARTING commits share one group (#12).
+            async with trio.open_nursery() as n:
+                for d in starts:
+                    n.start_soon(self._start, d)
         self.waits = p.waits  # worked out when first read (#12)
         due = await self.preempt_round(p, running, now)  # #13, with preempt_after set
         backoffs = [p.next_backoff] if p.next_backoff is not None else []
@@ -118,7 +126,7 @@ class SchedulingLoop(Supervision):
         fields = {"gpus": d.gpus, "gpu_types": tuple(types.get(u, "unknown") for u in d.gpus)}
         try:
             job = await self._advance(d.job_id, Step(JobState.STARTING, fields=fields),
-                                      expect=JobState.QUEUED, retry=False)
+                                      expect=JobState.QUEUED, retry=False, synced=False)
         except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)
             self._release_warm(rec)

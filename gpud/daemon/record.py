@@ -81,10 +81,10 @@ _commits = itertools.count()
 
 
 def _advance_in_order(ledger: Ledger, job_id: int, steps: Sequence[Step], now: float,
-                      expect: JobState | None) -> tuple[Job, int]:
+                      expect: JobState | None, result: bytes | None = None) -> tuple[Job, int]:
     """Ledger.advance plus a sequence number taken on the ledger thread, i.e. in commit
     order."""
-    return ledger.advance(job_id, steps, now, expect=expect), next(_commits)
+    return ledger.advance(job_id, steps, now, expect=expect, result=result), next(_commits)
 
 def _get_many(ledger: Ledger, ids: list[int]) -> list[Job]:
     return [ledger.get(i) for i in ids]

@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import trio
 
-from gpud import queue_view
+from gpud import __version__, queue_view
 from gpud.crashpoint import crash_point
-from gpud.daemon import dependencies
+from gpud.daemon import dependencies, stats
 from gpud.daemon.gpupoll import GpuPolling
 from gpud.daemon.loop import SchedulingLoop
 from gpud.daemon.parking import kill_leftovers
@@ -23,6 +24,7 @@ from gpud.daemon.record import (
     _get_many,
 )
 from gpud.daemon.recovery import Recovery
+from gpud.daemon.results import read_results
 from gpud.deps import check_after
 from gpud.domain import (
     FINAL,
@@ -33,8 +35,7 @@ from gpud.domain import (
     PythonEnv,
     Wait,
 )
-from gpud.executors.base import ExecutorRefusal
-from gpud.executors.process import ProcessExecutor
+from gpud.executors.base import ExecutorRefusal, InterpreterCapable
 from gpud.images import Build
 from gpud.ledger import Event, IdempotencyKey, NewJob, Replay, Step
 from gpud.ledger import snapshots as snapshot_store
@@ -43,6 +44,7 @@ from gpud.ledger.deps import owners_and_states
 from gpud.ledger.snapshots import Snapshot
 from gpud.ledger.store import Ledger
 from gpud.ledger.usage import AttemptUsage, UsageBucket, attempts_between, buckets_between
+from gpud.promtext import Family
 from gpud.retention import for_daemon as retention_for
 from gpud.retention import run as retention_loop
 from gpud.scheduler import infeasible
@@ -78,8 +80,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
             ) from None
         mine = worker.rsplit(".", 1)[0]
         theirs = python.rsplit(".", 1)[0] if python.count(".") >= 2 else python
-        own = python_path not in (None, "daemon") and isinstance(self.executor,
-                                                                 ProcessExecutor)
+        own = python_path not in (None, "daemon") and self.caps.job_python
         if theirs != mine and not own:
             where = f"image {resolved} has" if resolved else "this daemon's workers run"
             fix = (f"use an image with Python {theirs}" if resolved else
@@ -102,14 +103,15 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                              python_prefix: str | None) -> PythonEnv | None:
         """The interpreter a job of ``owner`` runs with (process executor, #11), checked
         as the user it runs as; None where the executor picks it (a container's)."""
-        if not isinstance(self.executor, ProcessExecutor):
+        if not self.caps.job_python:
             return None
+        executor = cast(InterpreterCapable, self.executor)
         try:
             ident = run_as(owner, self.identity)
         except NoUnixAccount as e:
             raise SubmitError(str(e)) from None
         try:
-            return await self.executor.resolve_python(
+            return await executor.resolve_python(
                 python_path, version=python, prefix=python_prefix, ident=ident, owner=owner)
         except ExecutorRefusal as e:
             raise SubmitError(str(e)) from None
@@ -127,16 +129,17 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         key's first submit made instead (nothing new is queued). Raises KeyReused."""
         now = self.clock.time()
         try:
-            batch_id, ids = await self.ledger.call(Ledger.submit, jobs, function, now,
-                                                   batch=batch, idempotency=idempotency,
-                                                   max_concurrency=max_concurrency)
+            # The jobs are read back in the same trip, inside the submit's transaction
+            # (#12); the answer still comes only after its synced COMMIT.
+            batch_id, made = await self.ledger.call(_submit_and_get, jobs, function, now,
+                                                    batch=batch, idempotency=idempotency,
+                                                    max_concurrency=max_concurrency)
         except Replay as r:
             return r.batch_id, await self.ledger.call(_get_many, r.ids)
         crash_point("after_submit")
         if batch_id is not None and max_concurrency is not None:
             self.batches.note(batch_id, max_concurrency)
         # Durable now: only after the COMMIT do they exist for anyone else.
-        made = await self.ledger.call(_get_many, ids)
         doomed = await dependencies.admit(self, made)  # held before they enter (#14)
         for j in made:
             self.jobs.setdefault(j.id, JobRecord(j))
@@ -190,6 +193,13 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
     def result_path(self, job_id: int) -> Path:
         return self.config.jobs_dir / str(job_id) / RESULT_FILE
 
+    async def read_results(self, jobs: Sequence[Job], limit: int | None
+                           ) -> list[tuple[bytes | None, int]]:
+        """Each job's (result, if at most ``limit`` bytes; its size): from memory, the
+        ledger (a warm job's small result, #12) or the job's result.pkl."""
+        return await read_results(self.ledger, self.recent, self.config.jobs_dir, jobs,
+                                  limit)
+
     def reason(self, job_id: int) -> tuple[str | None, int | None]:
         held = self.deps.reason(job_id)
         if held is not None:
@@ -202,9 +212,9 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
     def wait_of(self, job_id: int) -> Wait | None:
         """Why a queued job waits and its position, as of the last scheduling round:
         read on its own, without working out the rest of the queue's (#12)."""
-        parked = self.parking.wait_of(job_id)  # its call waits to unpark a worker (#13)
-        return parked if parked is not None else queue_view.wait_of(self.waits,
-                                                                      self.jobs.pending, job_id)
+        return (self.parking.wait_of(job_id)  # its call waits to unpark a worker (#13)
+                or queue_view.wait_of(self.waits, self.jobs.pending, job_id)
+                or self.batches.wait_of(job_id, len(self.jobs.pending)))
 
     def queue_page(self, offset: int, limit: int) -> tuple[list[tuple[Job, Wait | None]], int]:
         """A page of the queue in scheduling order, each job with its wait, and how many
@@ -288,6 +298,17 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         assert self.images is not None and self._nursery is not None
         return await self.images.ensure(spec, files, creator, self._nursery)
 
+    async def metrics(self) -> list[Family]:
+        """What GET /metrics shows (#16): read from indexes and counters, never a scan of
+        the queued jobs (gpud.daemon.stats)."""
+        now = self.clock.time()
+        return await stats.collect(
+            self.stats, jobs=self.jobs, deps=self.deps, gpus=self.gpus,
+            holders=self.gpu_holders(),
+            usage=self._usage_now(list(self.jobs.running.values()), now), ledger=self.ledger,
+            now=now, started_at=self.started_at, version=__version__,
+            executor=self.executor.name)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -309,6 +330,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                 nursery.start_soon(self._schedule_loop)
                 nursery.start_soon(retention_loop, self)
                 nursery.start_soon(self.notifier.run)
+                nursery.start_soon(self.stats.watch_lag)  # /metrics' event-loop lag (#16)
                 task_status.started()
                 await trio.sleep_forever()
             finally:
@@ -327,6 +349,12 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                 if self.kill_jobs_on_exit:
                     for h in self.handles():
                         self.executor.reap(h)
+
+
+def _submit_and_get(ledger: Ledger, jobs: Sequence[NewJob], function: bytes, now: float,
+                    **kw: object) -> tuple[int | None, list[Job]]:
+    batch_id, ids = ledger.submit(jobs, function, now, **kw)  # type: ignore[arg-type]
+    return batch_id, _get_many(ledger, ids)
 
 
 def _events_page(ledger: Ledger, after: int, limit: int, job_id: int | None,

@@ -91,7 +91,7 @@ class Supervision(Suspending):
             job = await self._advance(job_id, Step(JobState.RUNNING, "running", fields={
                 "pid": handle.pid, "pid_start": handle.pid_start, "started_at": self.clock.time(),
                 "start_kind": "cold",
-            }))
+            }), synced=False)
             log.info("job %s started: pid %s, gpus %s", job_id, handle.pid,
                      ",".join(job.gpus) or "none")
         rec.handle = handle
@@ -104,8 +104,10 @@ class Supervision(Suspending):
             await self._stop_and_finish(job, handle)
         else:
             crash_point("before_finish")
-            await trio.to_thread.run_sync(self.executor.reap, handle)
-            await self._finish(job, await self._collect(job, outcome))
+            ended, began = await trio.to_thread.run_sync(
+                jobfiles.reap_and_collect, lambda: self.executor.reap(handle),
+                self.config.jobs_dir, self.config.data_dir, job, outcome)
+            await self._finish(job, ended, began=began, began_known=True)
 
     async def _stop_and_finish(self, job: Job, handle: Handle) -> None:
         """The job's cancel scope fired: stop it (TERM, grace, KILL) and record why."""
@@ -128,8 +130,8 @@ class Supervision(Suspending):
         w, rec.assigned = rec.assigned, None
         kind, note, take = "warm" if w is not None else "cold", "", None
         running: Job | None = None
+        function = args = b""
         try:
-            function, args = await self.ledger.call(Ledger.payload, job.id)
             # As for a cold job: its submitter's Unix user on a root daemon; the warm
             # worker is launched with this spec, so it runs as them too.
             ident = run_as(job.owner, self.identity)
@@ -142,9 +144,10 @@ class Supervision(Suspending):
                     w, kind, note = None, "cold", why
             if w is not None:
                 crash_point("warm_worker_ready")
-                spec, running = await self._lay_out_while_running(job, function, args,
-                                                                  ident, w, kind)
+                spec, running, (function, args) = await self._lay_out_while_running(
+                    job, ident, w, kind)
             else:
+                function, args = await self.ledger.call(Ledger.payload, job.id)
                 # The payload goes to the worker over the hub (#12); a snapshot's worker
                 # still loads its function from the directory for its setup.
                 spec = await self._prepare_job_dir(job, function, args, ident,
@@ -169,7 +172,7 @@ class Supervision(Suspending):
         else:
             crash_point("warm_worker_ready")
             rec.handle = w.handle
-            job = await self._advance(job.id, self._running_step(w, kind, note))
+            job = await self._advance(job.id, self._running_step(w, kind, note), synced=False)
         scope.deadline = deadline(rec.job, self.clock.time(), trio.current_time())
         done: Done | None = None
         finished = False
@@ -203,7 +206,13 @@ class Supervision(Suspending):
             # no file to read back, no thread hop (#12).
             _f = jobfiles.judge(self.config.data_dir, status, True, outcome)
             assert done is not None
-            await self._finish(job, _f, began=done.started, began_known=True)
+            await self._finish(job, _f, began=done.started, began_known=True,
+                               result=done.result)
+            if done.result is not None:
+                # Stored with the job's end: the worker may forget it. Had this daemon
+                # died before the commit, the worker would have written result.pkl and
+                # status.json for the next one to collect (gpud_client.worker.serve).
+                await self.warm.ack(w, job.id)
         else:
             _f = await self._collect(job, outcome)
             await self._finish(job, _f)
@@ -219,37 +228,46 @@ class Supervision(Suspending):
             "pid": w.handle.pid, "pid_start": w.handle.pid_start,
             "started_at": self.clock.time(), "start_kind": kind})
 
-    async def _lay_out_while_running(self, job: Job, function: bytes, args: bytes,
-                                     ident: JobIdentity, w: WarmWorker,
-                                     kind: str = "warm") -> tuple[LaunchSpec, Job]:
+    async def _lay_out_while_running(self, job: Job, ident: JobIdentity, w: WarmWorker,
+                                     kind: str = "warm"
+                                     ) -> tuple[LaunchSpec, Job, tuple[bytes, bytes]]:
         """For a job matched to an idle warm worker, whose pid is known already: record
-        RUNNING while its directory is laid out, side by side (#12). The task is sent only
-        once both are done, so the ledger still has the change before it is acted on; a
-        crash in between leaves a RUNNING job that never reached the worker, as a crash
-        between the two steps in turn did."""
+        RUNNING while its directory is laid out and its payload read (on the ledger's read
+        connection), side by side (#12). The task is sent only once all are done, so the
+        ledger still has the change before it is acted on; a crash in between leaves a
+        RUNNING job that never reached the worker, as a crash between the two steps in
+        turn did."""
         self.jobs[job.id].handle = w.handle
         step = self._running_step(w, kind, "")
         recorded: list[Job] = []
+        payload: list[tuple[bytes, bytes]] = []
         errors: list[Exception] = []
 
         async def record() -> None:
             try:
-                recorded.append(await self._advance(job.id, step))
+                recorded.append(await self._advance(job.id, step, synced=False))
+            except Exception as e:  # noqa: BLE001 - raised below, outside the nursery
+                errors.append(e)
+
+        async def read_payload() -> None:
+            try:
+                payload.append(await self.ledger.read(Ledger.payload, job.id))
             except Exception as e:  # noqa: BLE001 - raised below, outside the nursery
                 errors.append(e)
 
         spec: LaunchSpec | None = None
         async with trio.open_nursery() as n:
             n.start_soon(record)
+            n.start_soon(read_payload)
             try:
-                spec = await self._prepare_job_dir(job, function, args, ident,
-                                                   payload_files=False)
+                # The payload goes over the hub: no payload files to write.
+                spec = await self._prepare_job_dir(job, b"", b"", ident, payload_files=False)
             except Exception as e:  # noqa: BLE001 - raised below, outside the nursery
                 errors.append(e)
         if errors:
             raise errors[0]
         assert spec is not None
-        return spec, recorded[0]
+        return spec, recorded[0], payload[0]
 
     async def _new_warm_worker(self, job: Job, spec: LaunchSpec,
                                snapshot: Path | None = None) -> WarmWorker:
@@ -271,7 +289,9 @@ class Supervision(Suspending):
         return w
 
     async def _launch(self, job: Job) -> Handle:
-        function, args = await self.ledger.call(Ledger.payload, job.id)
+        # On the read connection: not behind the writer's group of commits (#12). The
+        # payload was committed with the submit, long before.
+        function, args = await self.ledger.read(Ledger.payload, job.id)
         # Its submitter's Unix user on a root daemon (never root); a job whose owner lost
         # their account since submitting fails here, saying so.
         ident = run_as(job.owner, self.identity)

@@ -7,7 +7,8 @@ and how to make it stop. Outcomes are read from the job directory by the service
 What an executor can do beyond that is declared, not guessed (#12): :class:`Executor` is
 what every one has; :class:`WarmCapable` ones keep a worker between calls, and
 :class:`CheckpointCapable` ones can snapshot and restore it; :class:`ImageBuildCapable`
-ones build gpud.Image definitions. :func:`capabilities` checks an executor against them
+ones build gpud.Image definitions; :class:`InterpreterCapable` ones run each job with an
+interpreter of its own. :func:`capabilities` checks an executor against them
 once, when the daemon is built, and fails there (not in the middle of a job) when a class
 declares a capability it does not implement. tests/test_executor_contract.py holds every
 executor, gpud.testing.FakeExecutor included, to the behaviour the daemon relies on.
@@ -28,6 +29,7 @@ __all__ = [
     "CheckpointCapable",
     "Executor",
     "ImageBuildCapable",
+    "InterpreterCapable",
     "WarmCapable",
     "capabilities",
     "ExecutorRefusal",
@@ -94,6 +96,9 @@ class Handle:
 class Outcome:
     exit_code: int | None  # None when not knowable (an adopted process is not our child)
     signal: int | None = None
+    #: the kernel's OOM killer ended it at its memory limit (a container's OOMKilled, #16)
+    oom_killed: bool = False
+    memory_limit: int | None = None  # that limit, in bytes, where known
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +217,22 @@ class ImageBuildCapable(Executor, Protocol):
         ...
 
 
+@runtime_checkable
+class InterpreterCapable(Executor, Protocol):
+    """Runs each job with an interpreter of its own, checked as the job's user at submit
+    (the caller's venv or conda environment, #11), where a container's image decides it
+    for the others."""
+
+    supports_job_python: ClassVar[bool]
+
+    async def resolve_python(self, requested: str | None, *, version: str,
+                             prefix: str | None, ident: JobIdentity,
+                             owner: str) -> PythonEnv:
+        """The interpreter a job of ``owner`` (run as ``ident``) asking for ``requested``
+        runs with ("daemon" or None: the admin's); ExecutorRefusal if none."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Caps:
     """What one executor can do, found once (:func:`capabilities`)."""
@@ -219,11 +240,13 @@ class Caps:
     warm: bool = False
     snapshots: bool = False
     image_builds: bool = False
+    job_python: bool = False
 
 
 #: declaration -> the Protocol whose members it promises
 _DECLARED = (("supports_warm", WarmCapable), ("supports_snapshots", CheckpointCapable),
-             ("supports_image_builds", ImageBuildCapable))
+             ("supports_image_builds", ImageBuildCapable),
+             ("supports_job_python", InterpreterCapable))
 
 
 def capabilities(executor: object) -> Caps:
@@ -253,7 +276,8 @@ def capabilities(executor: object) -> Caps:
         raise TypeError(f"{type(executor).__name__} declares supports_snapshots but not "
                         "supports_warm")
     return Caps(warm=found["supports_warm"], snapshots=found["supports_snapshots"],
-                image_builds=found["supports_image_builds"])
+                image_builds=found["supports_image_builds"],
+                job_python=found["supports_job_python"])
 
 
 def _missing(obj: object, proto: type) -> list[str]:

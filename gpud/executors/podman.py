@@ -14,6 +14,7 @@ the same for a container adopted after a restart.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import logging
 import os
@@ -26,6 +27,7 @@ from typing import Any
 import trio
 
 from gpud.domain import Job, JobState
+from gpud.executors import oom
 from gpud.executors.base import (
     ExecutorRefusal,
     Handle,
@@ -434,6 +436,7 @@ class PodmanExecutor:
         return handle
 
     async def wait(self, handle: Handle) -> Outcome:
+        counter, before, after = None, None, None  # the cgroup's OOM kills (gpud.executors.oom)
         if handle.pid:
             try:
                 fd = os.pidfd_open(handle.pid)
@@ -442,21 +445,39 @@ class PodmanExecutor:
             if fd >= 0:
                 try:
                     if proc_start_time(handle.pid) == handle.pid_start:
+                        counter = oom.counter_file(handle.pid)
+                        before = oom.kills(counter)
                         await trio.lowlevel.wait_readable(fd)
+                        after = oom.kills(counter)  # now: Podman's cleanup removes it
                 finally:
                     os.close(fd)
-        code = await trio.to_thread.run_sync(self._exit_code, handle, abandon_on_cancel=True)
-        return Outcome(exit_code=code)
+        outcome = await trio.to_thread.run_sync(self._outcome, handle, abandon_on_cancel=True)
+        # A fresh container's cgroup starts at 0 kills (its process may be killed before
+        # this wait begins); an adopted one's count may hold kills of earlier children.
+        base = before if handle.adopted else 0
+        if not outcome.oom_killed and base is not None and after is not None and after > base:
+            outcome = dataclasses.replace(outcome, oom_killed=True)
+        return outcome
 
-    def _exit_code(self, handle: Handle) -> int | None:
+    def _outcome(self, handle: Handle) -> Outcome:
         import podman.errors
 
         try:
             ctr = self._client.containers.get(handle.container)
             code = ctr.wait(condition=["exited", "stopped"], timeout=3600 * 24 * 365)
-            return int(code) if isinstance(code, int) else None
         except podman.errors.NotFound:
-            return None
+            return Outcome(exit_code=None)
+        code = int(code) if isinstance(code, int) else None
+        # An OOM kill shows as exit 137, like any SIGKILL: only the container's state
+        # tells them apart (#16). Read after the wait, when Podman has recorded it.
+        try:
+            ctr.reload()
+            state, host = ctr.attrs.get("State") or {}, ctr.attrs.get("HostConfig") or {}
+        except podman.errors.NotFound:
+            return Outcome(exit_code=code)
+        limit = host.get("Memory")
+        return Outcome(exit_code=code, oom_killed=bool(state.get("OOMKilled")),
+                       memory_limit=int(limit) if isinstance(limit, int) and limit > 0 else None)
 
     async def stop(self, handle: Handle, grace: float) -> None:
         await trio.to_thread.run_sync(self._stop, handle, grace)

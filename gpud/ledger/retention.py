@@ -187,6 +187,7 @@ def prune(ledger: Ledger, before: float, limit: int = 2000) -> Pruned:
         c.execute(f"DELETE FROM gpu_usage WHERE job_id IN ({pruning})")
         attempts = c.execute(f"DELETE FROM attempts WHERE job_id IN ({pruning})").rowcount
         c.execute(f"DELETE FROM idempotency WHERE job_id IN ({pruning})")
+        c.execute(f"DELETE FROM results WHERE job_id IN ({pruning})")  # #12
         c.execute(f"DELETE FROM jobs WHERE id IN ({pruning})")
         blobs = 0
         for h in hashes:

@@ -291,6 +291,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN deps_any INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN notify TEXT;
     """,
+    # 14 (#12): a warm job's small
+    # result, stored in the same commit as the job's end instead of a synced file
+    # (gpud.daemon.results). One row per job: a later attempt's result replaces it, and
+    # readers take it only for the job's current attempt.
+    """
+    CREATE TABLE results (
+        job_id INTEGER PRIMARY KEY,
+        attempt INTEGER NOT NULL,
+        data BLOB NOT NULL
+    );
+    """,
 ]
 
 

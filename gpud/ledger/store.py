@@ -1,7 +1,10 @@
 """The job ledger: one SQLite file, one connection, used from one thread.
 
 Durability: WAL with ``synchronous=FULL``, so a transaction is on disk when COMMIT
-returns; a submit is acknowledged only after its COMMIT. Every state change goes through
+returns; a submit is acknowledged only after its COMMIT. The daemon's thread may commit a
+job's later steps (STARTING, RUNNING, its end) with ``synchronous=NORMAL`` instead
+(:meth:`Ledger.set_synced`, #12): those survive a kill -9 of the daemon, and are lost on
+a power cut only until the next synced COMMIT. Every state change goes through
 :func:`gpud.domain.transition` inside one transaction that also appends to the event log,
 so the table and its history cannot disagree.
 
@@ -261,6 +264,8 @@ class Ledger:
         self._grouping = False  #: a group is being run: _tx joins its transaction
         self._call_savepoint = False  #: the current call's own SAVEPOINT is open
         self._names = itertools.count()
+        #: the connection's synchronous level: FULL (True) or NORMAL (False); see synced()
+        self._synced = True
 
     def close(self) -> None:
         self.conn.close()
@@ -296,6 +301,22 @@ class Ledger:
             _undo(self.conn, name)
             raise
         self.conn.execute(f"RELEASE {name}")
+
+    @property
+    def synced(self) -> bool:
+        """Is the next transaction committed with ``synchronous=FULL`` (on disk when its
+        COMMIT returns)? Else ``NORMAL``: in the WAL in the page cache, kept across a
+        kill -9 of any process, lost on a power cut until a later synced COMMIT (or a
+        checkpoint) syncs the WAL, which holds every earlier frame too (#12)."""
+        return self._synced
+
+    def set_synced(self, synced: bool) -> None:
+        """Choose how the next transaction commits. SQLite refuses the change inside a
+        transaction, so this is for the ledger's thread between transactions only."""
+        if synced != self._synced:
+            assert not self.conn.in_transaction, "synchronous set inside a transaction"
+            self.conn.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
+            self._synced = synced
 
     def begin_group(self) -> None:
         """From now on writes join one transaction, opened by the first of them; see
@@ -428,7 +449,8 @@ class Ledger:
         return r is not None and r[0] is not None
 
     def advance(
-        self, job_id: int, steps: Iterable[Step], now: float, *, expect: JobState | None = None
+        self, job_id: int, steps: Iterable[Step], now: float, *, expect: JobState | None = None,
+        result: bytes | None = None,
     ) -> Job:
         """Apply one or more state-machine steps in one transaction; return the job after.
 
@@ -438,6 +460,9 @@ class Ledger:
 
         Several steps at once is how a retry is recorded: RUNNING -> FAILED -> QUEUED is
         one commit, so no reader ever sees the job resting in FAILED with a retry due.
+
+        ``result``: the attempt's result pickle (a warm job's, sent inline, #12), stored
+        in the same transaction: the job's end and its result are kept or lost together.
         """
         with self._tx() as c:
             row = c.execute("SELECT state, attempt, owner FROM jobs WHERE id = ?",
@@ -495,6 +520,9 @@ class Ledger:
                     (job_id, now, state.value, new.value, step.reason),
                 )
                 state = new
+            if result is not None:
+                c.execute("INSERT OR REPLACE INTO results (job_id, attempt, data) "
+                          "VALUES (?, ?, ?)", (job_id, attempt, result))
             out = c.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row_to_job(out)
 

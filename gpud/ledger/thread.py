@@ -21,6 +21,17 @@ callers' retry policy (:func:`gpud.storage.persist`) sees the same exceptions as
 A call that only read inside the group is run again after the rollback, so it answers
 from what is committed. Calls that ran before the group's first write (reads, mostly)
 are answered at once: they saw only committed rows.
+
+Durability per transaction (#12). :meth:`LedgerThread.call` is synced: its caller is
+answered after a ``synchronous=FULL`` COMMIT, on disk. :meth:`LedgerThread.call_unsynced`
+(a job's STARTING, RUNNING and end, which the daemon records on its own) is answered after
+a ``synchronous=NORMAL`` COMMIT: written to the WAL, so a kill -9 of the daemon keeps it,
+but not yet synced. A group takes the level of the call that opens its transaction; an
+unsynced call joins a synced group (and is synced with it), while a synced call that finds
+an unsynced transaction open first commits it and opens a synced group of its own. The WAL
+is sequential and its frames' checksums chain: a power cut keeps a prefix of the commits,
+and a synced COMMIT makes every earlier unsynced one durable too. So an acknowledged
+submit is on disk; a job's later step is on disk by the next synced commit.
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ class _Call:
     result: Any = None
     error: BaseException | None = None
     wrote: bool = False  #: opened a savepoint or changed a row
+    synced: bool = True  #: answered only after a synchronous=FULL COMMIT
 
 
 class LedgerThread:
@@ -95,15 +107,23 @@ class LedgerThread:
         Shielded from cancellation: a write that started is seen through, so the daemon's
         memory never disagrees with what the ledger committed.
         """
+        return await self._call(_Call(fn, args, kwargs))
+
+    async def call_unsynced(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """As :meth:`call`, answered once committed with ``synchronous=NORMAL``: kept by a
+        crash of any process, on disk by the next synced commit (see the module's text).
+        For what the daemon can lose to a power cut: a job's steps after its submit."""
+        return await self._call(_Call(fn, args, kwargs, synced=False))
+
+    async def _call(self, c: _Call) -> Any:
         assert self._ledger is not None, "ledger is closed"
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
-        c = _Call(fn, args, kwargs)
         c.future.add_done_callback(lambda _f: token.run_sync_soon(done.set))
         self._queue.put(c)
         with trio.CancelScope(shield=True):
             await done.wait()
-        return c.future.result()  # type: ignore[no-any-return]
+        return c.future.result()
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a read-only ``fn(ledger, *args, **kwargs)`` on a second connection, on a
@@ -158,8 +178,9 @@ class LedgerThread:
             opened.set_exception(e)
             return
         opened.set_result(ledger)
+        nxt: _Call | None = None
         while True:
-            first = self._queue.get()
+            first, nxt = (nxt if nxt is not None else self._queue.get()), None
             if first is None:
                 ledger.close()
                 return
@@ -170,7 +191,7 @@ class LedgerThread:
                     first.error = e
                 _answer(first)
                 continue
-            self._run_group(ledger, first)
+            nxt = self._run_group(ledger, first)
 
     def _more(self, count: int, deadline: float) -> _Call | None:
         """The next call queued now, if the group has room and time left for it."""
@@ -184,14 +205,22 @@ class LedgerThread:
             self._queue.put(None)  # stop after this group
         return nxt
 
-    def _run_group(self, ledger: Ledger, first: _Call) -> None:
+    def _run_group(self, ledger: Ledger, first: _Call) -> _Call | None:
+        """Run a group from ``first``; return a call that must start the next group (a
+        synced one that found this group's transaction unsynced), if any."""
         conn = ledger.conn
         deadline = time.monotonic() + self._seconds
         pending: list[_Call] = []  # ran inside the group's transaction: answered after it
         ledger.begin_group()
         c: _Call | None = first
+        leftover: _Call | None = None
         count = 0
         while c is not None:
+            if not conn.in_transaction:
+                ledger.set_synced(c.synced)  # the transaction it may open takes its level
+            elif c.synced and not ledger.synced:
+                leftover = c  # it must not be answered after an unsynced COMMIT
+                break
             count += 1
             was_open = conn.in_transaction
             before = conn.total_changes
@@ -221,12 +250,13 @@ class LedgerThread:
             ledger.end_group()
         except sqlite3.Error as e:
             self._fail(ledger, pending, e)
-            return
+            return leftover
         if pending:
             self.groups += 1
             self.grouped_calls += len(pending)
         for c in pending:
             _answer(c)
+        return leftover
 
     @staticmethod
     def _fail(ledger: Ledger, calls: list[_Call], cause: BaseException) -> None:

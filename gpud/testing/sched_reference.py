@@ -405,26 +405,31 @@ def match_warm(
     now: float,
     key: Callable[[Job], tuple[float, float, int]] = order_key,
     quotas: Mapping[str, Quota] | None = None,
+    cpu_slots: int = 0,
 ) -> tuple[dict[int, int], list[Job], list[int]]:
     """(job id -> worker id; idle workers keeping their GPUs, as pseudo running jobs;
-    ids of the idle workers a job ahead in the queue may evict)."""
+    ids of the idle workers a job ahead in the queue may evict). With CPU slots, a ready
+    CPU job no idle worker takes leaves the later CPU jobs without one (#12)."""
     if not idle:
         return {}, [], []
     assigned: dict[int, IdleWorker] = {}
     claimed: set[int] = set()
+    cpu_shut = False
     for job in sorted(pending, key=key):
         if job.not_before > now:
             continue
         quota = (quotas or {}).get(job.owner)
         over_quota = (quota is not None and quota.max_timeout is not None
                       and job.timeout > quota.max_timeout)
-        if served(job) and not over_quota:
+        if served(job) and not over_quota and not (cpu_shut and job.gpu is None):
             wanted = warm_key(job)
             w = next((w for w in idle if w.key == wanted and w.id not in claimed
                       and w not in assigned.values()), None)
             if w is not None:
                 assigned[job.id] = w
                 continue
+        if job.gpu is None and not over_quota and cpu_slots > 0:
+            cpu_shut = True
         if job.gpu is not None:
             index = {g.uuid: g for g in gpus}
             for w in idle:

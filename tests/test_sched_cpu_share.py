@@ -1,0 +1,108 @@
+"""Another user's CPU job during a sweep (#12): fair share counts GPU-seconds only, so
+without these two rules one user's 100,000 CPU jobs kept every other user's CPU job behind
+all of them, and idle warm workers (handed jobs without a check against the CPU slots)
+kept the slots full.
+
+* a CPU job whose owner holds no CPU slot goes ahead of those whose owner holds one
+  (``Policy.cpu_share_weight``);
+* a ready CPU job that no idle warm worker takes leaves the later CPU jobs without one, so
+  the slots drain to it instead of being refilled by the sweep first.
+
+The Hypothesis property that the incremental plan equals the reference, with both rules,
+is tests/test_scheduler_plan.py's.
+"""
+
+from __future__ import annotations
+
+from gpud.domain import IdleWorker, Job, JobState, Quota, Start, Wait, warm_key
+from gpud.fairshare import Policy
+from gpud.scheduler import decide, plan
+from gpud.testing import sched_reference as ref
+
+NOW = 1000.0
+
+
+def job(id: int, owner: str, **kw: object) -> Job:
+    j = Job(id=id, function="m:f", state=JobState.QUEUED, submitted_at=float(id), owner=owner)
+    for k, v in kw.items():
+        setattr(j, k, v)
+    return j
+
+
+def running(id: int, owner: str, **kw: object) -> Job:
+    return job(id, owner, state=JobState.RUNNING, started_at=float(id), **kw)
+
+
+def sweep(n: int, start: int = 100) -> list[Job]:
+    return [job(i, "root", keep_warm=300.0) for i in range(start, start + n)]
+
+
+def test_a_user_holding_no_cpu_slot_goes_before_a_sweep_holding_them() -> None:
+    other = job(5000, "nobody")  # submitted after the whole sweep
+    pending = [*sweep(1000), other]
+    ds = decide(pending, [running(1, "root")], [], cpu_slots=2, now=NOW, policy=Policy())
+    assert isinstance(ds[0], Start) and ds[0].job_id == other.id
+    # Without a policy (plain priority, then FIFO) nothing changes.
+    ds = decide(pending, [running(1, "root")], [], cpu_slots=2, now=NOW)
+    assert ds[0].job_id == 100
+
+
+def test_two_users_both_holding_a_slot_are_in_fifo_order() -> None:
+    pending = [job(10, "ann"), job(11, "bob")]
+    run = [running(1, "ann"), running(2, "bob")]
+    ds = decide(pending, run, [], cpu_slots=4, now=NOW, policy=Policy())
+    assert [d.job_id for d in ds] == [10, 11]
+
+
+def test_gpu_usage_still_decides_before_the_cpu_bonus() -> None:
+    # bob used GPUs; ann holds a CPU slot: ann's fair share (1000 points) outweighs the
+    # 10-point bonus bob's CPU job gets for holding no slot.
+    pending = [job(10, "bob"), job(11, "ann")]
+    ds = decide(pending, [running(1, "ann")], [], cpu_slots=2, now=NOW,
+                usage={"bob": 3600.0}, policy=Policy())
+    assert [d.job_id for d in ds] == [11, 10]
+
+
+def test_idle_sweep_workers_do_not_take_the_slot_another_users_job_waits_for() -> None:
+    jobs = sweep(50)
+    key = warm_key(jobs[0])
+    # Five of the sweep's calls run in warm workers on 2 slots; two more workers are idle.
+    run = [running(i, "root", keep_warm=300.0) for i in range(1, 6)]
+    idle = [IdleWorker(1, key, (), 1, "root"), IdleWorker(2, key, (), 2, "root")]
+    other = job(5000, "nobody")
+    p = plan([*jobs, other], run, [], idle, cpu_slots=2, now=NOW, policy=Policy())
+    # The other user's job is first; the slots are full, so it waits, and no idle worker
+    # gets a sweep job meanwhile: the slots drain to it.
+    assert p.assigned == {} and p.starts == []
+    w = p.waits.of(other)
+    assert w is not None and w.position == 1 and "CPU slot" in w.reason
+    # Once all but one of the running calls ended, it starts; the idle workers wait.
+    p = plan([*jobs, other], run[:1], [], idle, cpu_slots=2, now=NOW, policy=Policy())
+    assert [s.job_id for s in p.starts] == [other.id] and p.assigned == {}
+    # With the other user's job running, the sweep gets its idle workers back.
+    p = plan(jobs, [running(5000, "nobody")], [], idle, cpu_slots=2, now=NOW,
+             policy=Policy())
+    assert sorted(p.assigned) == [100, 101]
+
+
+def test_the_rule_is_the_references_too() -> None:
+    jobs = sweep(5)
+    idle = [IdleWorker(1, warm_key(jobs[0]), (), 1, "root")]
+    pending = [*jobs, job(5000, "nobody")]
+    run = [running(1, "root", keep_warm=300.0)]
+    key = ref.scheduling_key(pending, run, now=NOW, usage={}, policy=Policy())
+    assert ref.match_warm(pending, idle, [], now=NOW, key=key, cpu_slots=2)[0] == {}
+    # Without CPU slots the cold job can never start: it must not shut warm matching.
+    assert ref.match_warm(pending, idle, [], now=NOW, key=key, cpu_slots=0)[0] == {100: 1}
+    p = plan(pending, run, [], idle, cpu_slots=0, now=NOW, policy=Policy())
+    assert p.assigned == {100: 1}
+
+
+def test_a_job_over_its_timeout_quota_does_not_shut_warm_matching() -> None:
+    jobs = sweep(3)
+    idle = [IdleWorker(1, warm_key(jobs[0]), (), 1, "root")]
+    stuck = job(5000, "nobody", timeout=600.0)
+    p = plan([*jobs, stuck], [], [], idle, cpu_slots=2, now=NOW, policy=Policy(),
+             quotas={"nobody": Quota(max_timeout=60.0)})
+    assert p.assigned == {100: 1}
+    assert isinstance(p.waits.of(stuck), Wait)
