@@ -81,6 +81,7 @@ from gpud_client.models import (
     ImageList,
     JobInfo,
     JobList,
+    ParkedWorkerInfo,
     QuotaInfo,
     SubmitRequest,
     UsageLine,
@@ -176,7 +177,8 @@ def create_app(daemon: JobService) -> Starlette:
         # Each in its freshest version (the daemon's memory beats a read racing a commit).
         jobs = await daemon.list_jobs(states, limit=limit_n, before=before, owner=owner)
         nxt = jobs[-1].id if len(jobs) == limit_n and jobs[-1].id > 1 else None
-        return _json(JobList(jobs=[job_info(daemon, j) for j in jobs], next_cursor=nxt))
+        return _json(JobList(jobs=[job_info(daemon, j) for j in jobs], next_cursor=nxt,
+                             parked=parked_info(daemon, owner)))
 
     async def get_job(request: Request) -> Response:
         return _json(job_info(daemon, await own_job(request, "see")))
@@ -440,12 +442,22 @@ def gpu_list(daemon: JobService) -> GpuList:
                     "--output=/etc/cdi/nvidia.yaml`")
         note = f"{note}; {fallback}" if note else fallback
     return GpuList(gpus=out, source=daemon.inventory.source, note=note,
-                   checkpoint=_checkpoint_info(daemon))
+                   checkpoint=_checkpoint_info(daemon), parked=parked_info(daemon, None),
+                   park_max_bytes=daemon.parking.max_bytes if daemon.parking.enabled else 0)
+
+
+def parked_info(daemon: JobService, owner: str | None) -> list[ParkedWorkerInfo]:
+    """The parked warm workers (#13), of ``owner`` or of everyone."""
+    index = {g.uuid: g.index for g in daemon.gpus}
+    return [ParkedWorkerInfo(worker_id=p.worker.id, job_id=p.worker.last_job,
+                             function=p.function,
+                             owner=who, gpus=[index[u] for u in p.home if u in index],
+                             bytes=p.bytes, parked_at=p.parked_at)
+            for p, who in daemon.parking.rows() if owner is None or who == owner]
 
 
 def _checkpoint_info(daemon: JobService) -> CheckpointInfo | None:
-    # gpud.server sets it (#13); a daemon built without serve() (unit tests) has none.
-    s = getattr(daemon, "checkpoint_support", None)
+    s = daemon.checkpoint_support  # None: a daemon built without serve() (unit tests)
     if s is None:
         return None
     return CheckpointInfo(available=s.ok, kind=s.kind, reason=s.reason,

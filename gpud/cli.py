@@ -203,6 +203,8 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
     if not page.jobs:
         click.echo("no jobs" + (f" below id {before}" if before else "" if show_all
                                 else " queued or running (see --all)"), err=True)
+        for line in _parked_lines(page.parked):
+            click.echo(line)
         return
     rows = []
     for j in page.jobs:
@@ -215,6 +217,8 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
                      _start_kind(j), _duration(j), _python_of(j), info))
     _print_table(("ID", "NAME", "STATE", "OWNER", "GPUS", "SUBMITTED", "START", "RUNTIME",
                   "PYTHON", "INFO"), rows)
+    for line in _parked_lines(page.parked):
+        click.echo(line)
     if page.next_cursor is not None:
         # A page, never the whole ledger (a million jobs): say how to get the next one.
         opts = " --all" if show_all and asked is None else ""
@@ -337,6 +341,23 @@ def gpus(as_json: bool, url: str | None) -> None:
         ))
     _print_table(("IDX", "TYPE", "NAME", "MEMORY", "UTIL", "TEMP", "POWER", "HELD BY", "UUID"),
                  rows)
+    for line in _parked_lines(lst.parked, lst.park_max_bytes):
+        click.echo(line)
+
+
+def _parked_lines(parked: list[Any], budget: int | None = None) -> list[str]:
+    """#13: idle warm workers whose GPU state waits in host memory for their next call."""
+    if not parked:
+        return []
+    gib = 1024**3
+    used = sum(p.bytes for p in parked)
+    head = f"parked warm workers: {len(parked)}, {used / gib:.1f} GiB in host memory"
+    if budget:
+        head += f" of {budget / gib:.1f} GiB (park_max_bytes)"
+    return [head] + [
+        f"  worker {p.worker_id}: {p.function} (job {p.job_id}, {p.owner}), "
+        f"{p.bytes / gib:.1f} GiB from GPU {','.join(map(str, p.gpus)) or '-'}, "
+        f"parked {_ago(p.parked_at)}" for p in parked]
 
 
 def _checkpoint_line(c: CheckpointInfo) -> str:

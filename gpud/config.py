@@ -90,6 +90,10 @@ class Config:
     #: container snapshots (snapshot=True, Podman executor): the most bytes they may
     #: take together (under <data_dir>/snapshots); least recently used ones go first
     snapshot_max_bytes: int = 10 * 1024**3
+    #: idle warm workers parked in host memory (#13): the most bytes of GPU state they may
+    #: hold there together; least recently parked ones are ended first. None: half of
+    #: the host's memory; 0: never park (an idle worker whose GPUs are needed is ended)
+    park_max_bytes: int | None = None
     #: a snapshot that fails this many times in a row (to take or to restore) is not used
     #: again until `gpud snapshots rm`
     snapshot_max_failures: int = 3
@@ -255,6 +259,16 @@ def _coerce(name: str, value: Any) -> Any:
         if name == "retention_max_bytes" and (value is None or str(value).strip().lower()
                                               in ("", "none")):
             return None
+        if name == "park_max_bytes":
+            text = str(value).strip().lower() if value is not None else "auto"
+            if text in ("", "auto"):
+                return None
+            from gpud_client.duration import parse_size
+
+            n = int(text) if text.isdigit() else parse_size(text)
+            if n < 0:
+                raise ValueError("a size, e.g. \"64GiB\", 0 (never park) or \"auto\"")
+            return n
         if name in ("snapshot_max_bytes", "image_max_bytes", "max_body_bytes",
                     "max_body_in_flight", "retention_max_bytes") and isinstance(value, str) \
                 and not value.strip().isdigit():

@@ -6,6 +6,8 @@ gpud.gpus (#12: this lived in gpud.gpus, which then imported the fakes back).
 
 from __future__ import annotations
 
+import os
+
 from gpud.cudackpt import Checkpointer, Support, open_cuda_checkpointer
 from gpud.gpus import (
     GpuInventory,
@@ -14,7 +16,7 @@ from gpud.gpus import (
     NvidiaDriverNotFound,
     NvmlInventory,
 )
-from gpud.testing.fake_cudackpt import fake_checkpointer
+from gpud.testing.fake_cudackpt import fake_checkpointer_from_env
 from gpud.testing.fake_gpus import FakeGpuInventory, check_fake_types
 
 __all__ = ["open_checkpointer", "open_inventory"]
@@ -73,7 +75,7 @@ def open_checkpointer(inventory: GpuInventory) -> tuple[Checkpointer | None, Sup
     because everything but parking works without it.
     """
     if inventory.source == "fake":
-        ckpt = fake_checkpointer()
+        ckpt = fake_checkpointer_from_env(os.environ)
         return ckpt, ckpt.supported()
     if inventory.source == "nvml":
         return open_cuda_checkpointer(inventory.driver_version())

@@ -26,7 +26,6 @@ from gpud.clock import Clock
 from gpud.config import Config, is_loopback, parse_tcp
 from gpud.cudackpt import ckpt_text
 from gpud.daemon import AlreadyRunning, Daemon, instance_id, lock_data_dir
-from gpud.daemon.gpustate import CheckpointParker
 from gpud.executors.base import Executor, ExecutorRefusal
 from gpud.executors.podman import CDI_DIRS
 from gpud.executors.process import (
@@ -192,13 +191,8 @@ async def serve(
             _, version = await executor.python_for(None)
         daemon = Daemon(config, ledger=ledger, inventory=inventory, executor=executor,
                         identity=ident, worker_python=version, instance=instance,
-                        clock=clock)
+                        clock=clock, checkpointer=checkpointer, checkpoint_support=ckpt_support)
         daemon.kill_jobs_on_exit = kill_jobs_on_exit
-        # #13: held here for `gpud gpus` until parking is wired into the daemon itself.
-        daemon.checkpointer = checkpointer  # type: ignore[attr-defined]
-        daemon.checkpoint_support = ckpt_support  # type: ignore[attr-defined]
-        if checkpointer is not None and ckpt_support.ok:
-            daemon.gpu_parker = CheckpointParker(checkpointer)  # suspend parks GPU state
 
         hc = HyperConfig()
         sock_path.parent.mkdir(parents=True, exist_ok=True)

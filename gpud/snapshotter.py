@@ -37,6 +37,7 @@ from gpud.domain import Job
 from gpud.executors.base import Handle, LaunchSpec
 from gpud.ledger import LedgerThread
 from gpud.ledger import snapshots as store
+from gpud.snapgpu import SnapshotGpuState
 from gpud.warm import SNAPSHOT_TOKEN_PREFIX, WarmPool, WarmWorker, first_of, warm_key
 from snapshots import (
     SnapshotError,
@@ -69,8 +70,12 @@ class Snapshotter:
     def __init__(self, *, ledger: LedgerThread, executor: Any, pool: WarmPool,
                  hub_dir: Path, root: Path, max_bytes: int, max_failures: int,
                  driver: Callable[[], str], gpu_part: Callable[[Job], str],
-                 restore_timeout: float = 30.0) -> None:
+                 restore_timeout: float = 30.0,
+                 gpu_state: SnapshotGpuState | None = None) -> None:
         self.ledger = ledger
+        #: the CUDA checkpoint around CRIU's dump and restore of GPU jobs (#13), where the
+        #: driver has it; None: a GPU job's snapshot holds its host memory only
+        self.gpu_state = gpu_state
         self.executor = executor  # a PodmanExecutor (supports_snapshots)
         self.pool = pool
         self.go_dir = hub_dir / "go"
@@ -193,6 +198,10 @@ class Snapshotter:
                 h: Handle = await self.executor.restore(Path(location), job.id, job.attempt,
                                                         hang_limit=self.restore_timeout)
             w.handle = handle = h
+            if self.gpu_state is not None and job.gpus:
+                # CRIU brought back the parked state the dump caught: unpark it (#13).
+                n = await self.gpu_state.after_restore(h)
+                log.info("job %s: GPU state of %d restored process(es) unparked", job.id, n)
             t1 = time.monotonic()
             self.pool.expect(w, str(h.container))
             if not await self._rejoined(w, h):
@@ -232,7 +241,7 @@ class Snapshotter:
         where = self._taking[key]
         try:
             t0 = time.monotonic()
-            size = await self.executor.checkpoint(w.handle, where)
+            size = await self._dump(w, job, where)
         except (SnapshotError, OSError) as e:
             del self._taking[key]
             await trio.to_thread.run_sync(remove_dir, where)
@@ -250,6 +259,26 @@ class Snapshotter:
         if not await self._rejoined(w, w.handle):
             log.warning("job %s: its worker did not call back after the checkpoint", job.id)
             self.pool.forget(w)
+
+    async def _dump(self, w: WarmWorker, job: Job, where: Path) -> int:
+        """CRIU's dump, with a GPU job's CUDA state parked around it (#13): CRIU then
+        dumps the GPU memory as part of the host memory; the original is unparked after."""
+        assert w.handle is not None
+        if self.gpu_state is None or not job.gpus:
+            return int(await self.executor.checkpoint(w.handle, where))
+        pids = await self.gpu_state.before_dump(w.handle)
+        log.info("job %s: GPU state of %d process(es) parked for the dump", job.id, len(pids))
+        try:
+            return int(await self.executor.checkpoint(w.handle, where))
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.gpu_state.after_dump(pids)
+                except OSError as e:
+                    # Its GPU state is lost to it: end it (the job then fails as a worker
+                    # that died), never leave it parked for a call to hang on.
+                    log.error("job %s: after its snapshot, %s; ending its worker", job.id, e)
+                    await trio.to_thread.run_sync(self.executor.reap, w.handle)
 
     async def settle(self, key: str, job_id: int) -> None:
         """After a taking job's start, whatever happened (it may have been cancelled or

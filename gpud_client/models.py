@@ -45,6 +45,7 @@ __all__ = [
     "MAX_BATCH",
     "MAX_ID",
     "MAX_SECONDS",
+    "ParkedWorkerInfo",
     "QueuePage",
     "QuotaInfo",
     "StateFileInfo",
@@ -282,10 +283,25 @@ class JobInfo(msgspec.Struct, kw_only=True):
     grace: float | None = None
 
 
+class ParkedWorkerInfo(msgspec.Struct, kw_only=True):
+    """An idle warm worker whose GPU state is parked in host memory (#13): its process
+    lives on, its GPUs are free, and the next call of its function unparks it."""
+
+    worker_id: int
+    job_id: int  # the last job it ran
+    function: str  # that job's function name
+    owner: str
+    gpus: list[int]  # the indices of the GPUs it was parked from
+    bytes: int  # GPU state held in host memory (the driver's estimate)
+    parked_at: float
+
+
 class JobList(msgspec.Struct, kw_only=True):
     jobs: list[JobInfo]
     #: pass as ``cursor`` to get the next (older) page; None when there is none
     next_cursor: int | None
+    #: the caller's parked warm workers (an admin's: everyone's), #13
+    parked: list[ParkedWorkerInfo] = []
 
 
 class GpuProcessInfo(msgspec.Struct, kw_only=True):
@@ -330,6 +346,9 @@ class GpuList(msgspec.Struct, kw_only=True):
     source: str  # "nvml", "fake" or "none"
     note: str | None = None
     checkpoint: CheckpointInfo | None = None  # None from daemons older than #13
+    #: idle warm workers parked in host memory (#13), and the budget they share
+    parked: list[ParkedWorkerInfo] = []
+    park_max_bytes: int | None = None
 
 
 class ImageInfo(msgspec.Struct, kw_only=True):

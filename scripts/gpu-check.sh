@@ -28,6 +28,11 @@
 #    holding GPU_PREEMPT_GIB GiB (default 4) is suspended for a priority-10 job (its GPU
 #    state parked: NVML shows the memory freed, no progress meanwhile), which succeeds;
 #    the loop then resumes and finishes with the right checksum (bounded to ~4 minutes).
+# 7. (#13) scripts/gpu_park_check.py: a keep_warm torch function holding GPU_PARK_GIB GiB
+#    (default 8) is parked when another job needs its GPU (NVML shows the memory freed);
+#    the next call unparks the same process (start_kind "unparked") with its checksum
+#    intact in < 2 s, against a cold call loading the same state; park/unpark seconds and
+#    GB/s against the PCIe limit are printed from the daemon's log (bounded to ~4 minutes).
 #
 # Prints PASS/FAIL lines; exits 0 only when every check passed. The daemon is stopped,
 # its jobs killed and the temporary directory removed on exit, also on Ctrl-C.
@@ -44,7 +49,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --executor) EXECUTOR="${2:-}"; shift 2 ;;
     --image) IMAGE="${2:-}"; shift 2 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -404,6 +409,19 @@ passed=$((passed + $(echo "$pre_out" | grep -c '^PASS:')))
 failed=$((failed + $(echo "$pre_out" | grep -c '^FAIL:')))
 if [ $pre_rc -ne 0 ] && ! echo "$pre_out" | grep -q '^FAIL:'; then
   fail "scripts/gpu_preempt_check.py exited $pre_rc without a FAIL line (timed out?)"
+fi
+
+# -- 7. parking (#13): an idle keep_warm torch worker holding GPU_PARK_GIB GiB is parked when
+#    another job needs its GPU, and the next call unparks it with its tensor intact --------
+echo "----- scripts/gpu_park_check.py"
+park_out="$(timeout 300 "$PY" "$REPO/scripts/gpu_park_check.py" --gib "${GPU_PARK_GIB:-8}" \
+            --log "$BASE/daemon.log" --timeout 240 2>&1)"
+park_rc=$?
+echo "$park_out"
+passed=$((passed + $(echo "$park_out" | grep -c '^PASS:')))
+failed=$((failed + $(echo "$park_out" | grep -c '^FAIL:')))
+if [ $park_rc -ne 0 ] && ! echo "$park_out" | grep -q '^FAIL:'; then
+  fail "scripts/gpu_park_check.py exited $park_rc without a FAIL line (timed out?)"
 fi
 echo "-----"
 if [ "$failed" -ne 0 ]; then

@@ -246,3 +246,21 @@ def test_sparkline() -> None:
 ])
 def test_fmt_duration(seconds: float | None, text: str) -> None:
     assert fmt_duration(seconds) == text
+
+
+def test_parked_warm_workers_show_in_the_gpu_table_title() -> None:
+    """#13: idle warm workers whose GPU state is parked in host memory hold no GPU, so no
+    row says so: the GPU table's title does."""
+    from gpud_client.models import ParkedWorkerInfo
+
+    gpus, history, jobs = demo()
+    gpus.parked = [ParkedWorkerInfo(worker_id=3, job_id=41, function="llm.generate",
+                                    owner="alice", gpus=[1], bytes=8 * 2**30,
+                                    parked_at=NOW - 60)]
+
+    async def scenario(tui: GpudTui, pilot: Pilot[None]) -> None:
+        await until(pilot, "the demo data", loaded(tui, 4, 10))
+        title = str(tui.query_one(GpuTable).border_title)
+        assert "parked warm workers: 1, 8.0 GiB in host memory" in title
+
+    run_fake(FakeClient(gpus, history, jobs), scenario)

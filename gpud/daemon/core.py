@@ -13,7 +13,10 @@ import trio
 from gpud.batches import BatchLimits
 from gpud.clock import Clock, SystemClock
 from gpud.config import Config
+from gpud.cudackpt import Checkpointer, Support
 from gpud.daemon import dependencies, jobfiles
+from gpud.daemon.gpustate import CheckpointParker, GpuStateParker
+from gpud.daemon.parking import ParkingLot
 from gpud.daemon.record import (
     Finished,
     JobRecord,
@@ -42,6 +45,7 @@ from gpud.notify import Notifier
 from gpud.pending import ActiveJobs
 from gpud.retry import RetryPolicy, after
 from gpud.scheduler import Plan, Waits
+from gpud.snapgpu import SnapshotGpuState
 from gpud.snapshotter import Snapshotter
 from gpud.storage import persist
 from gpud.users import Directory
@@ -62,6 +66,8 @@ class DaemonCore:
         worker_python: str,
         instance: str,
         clock: Clock | None = None,
+        checkpointer: Checkpointer | None = None,
+        checkpoint_support: Support | None = None,
     ) -> None:
         self.config = config
         #: the one source of time (gpud.clock); tests pass a gpud.testing.FakeClock
@@ -87,6 +93,17 @@ class DaemonCore:
         #: warm workers (executors that can keep a worker between calls)
         self.warm: WarmPool | None = (WarmPool(config.data_dir / "hub" / "hub.sock", self.clock)
                                       if self.caps.warm else None)
+        #: GPU checkpointing (#13): what `gpud gpus` reports, what suspend and parking use
+        self.checkpointer = checkpointer
+        self.checkpoint_support = checkpoint_support
+        #: suspend parks a job's GPU state through this (tests may set another)
+        self.gpu_parker: GpuStateParker | None = None
+        if checkpointer is not None and checkpoint_support is not None and checkpoint_support.ok:
+            self.gpu_parker = CheckpointParker(checkpointer)
+        #: idle warm workers parked in host memory (#13 item 2)
+        self.parking = ParkingLot(
+            checkpointer if self.warm is not None else None, checkpoint_support,
+            config.park_max_bytes, config.data_dir / "hub" / "parked.json")
         #: container snapshots (issue #4), where the executor can take them
         self.snapshots: Snapshotter | None = None
         if self.warm is not None and self.caps.snapshots:
@@ -97,7 +114,9 @@ class DaemonCore:
                 max_failures=config.snapshot_max_failures,
                 restore_timeout=config.snapshot_restore_timeout,
                 driver=lambda: inventory.driver_version() or "none",
-                gpu_part=self._snapshot_gpus)
+                gpu_part=self._snapshot_gpus,
+                gpu_state=SnapshotGpuState(checkpointer) if self.gpu_parker is not None
+                and checkpointer is not None else None)
         #: images built from gpud.Image definitions (#11), where the executor is Podman
         self.images: ImageBuilder | None = None
         if self.caps.image_builds:
@@ -268,6 +287,20 @@ class DaemonCore:
             await trio.to_thread.run_sync(self.executor.reap, w.handle)
             with trio.move_on_after(5):
                 await self.executor.wait(w.handle)  # collect it: no zombie left behind
+
+    def gpu_holders(self) -> dict[str, Job]:
+        """GPU UUID -> the job holding it; an idle warm worker holds its GPUs in the name
+        of the last job it ran (`gpud gpus` shows that job and its owner)."""
+        held: dict[str, Job] = {}
+        for w in self.warm.workers.values() if self.warm is not None else ():
+            if w.idle and w.gpus:
+                last = Job(id=w.last_job, function="(warm worker)", state=JobState.RUNNING,
+                           submitted_at=0.0, owner=w.key[3], gpus=w.gpus)
+                held.update((u, last) for u in w.gpus)
+        held.update((u, r.job) for r in self.jobs.values()
+                    if r.job.state not in (JobState.QUEUED, JobState.SUSPENDED)
+                    for u in r.job.gpus)
+        return held
 
     def _snapshot_gpus(self, job: Job) -> str:
         """The GPU part of a snapshot key: type and count; the UUIDs themselves where real

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Protocol
 
 import trio
 
@@ -23,10 +24,20 @@ from gpud.cudackpt import Checkpointer, CudaCheckpointError, ProcessState
 from gpud.domain import Job
 from gpud.executors.base import Handle
 
-__all__ = ["CheckpointParker", "group_pids"]
+__all__ = ["CheckpointParker", "GpuStateParker", "group_pids"]
 
 #: How long the lock may wait for a process's CUDA work in flight.
 LOCK_TIMEOUT = 30.0
+
+
+class GpuStateParker(Protocol):
+    """Moves a stopped job's GPU state to host memory and back (the CUDA checkpoint
+    module's side; gpud.testing has a fake). Each raises with a message on failure,
+    leaving the process as it found it."""
+
+    async def park(self, job: Job, handle: Handle) -> None: ...
+    async def unpark(self, job: Job, handle: Handle) -> None: ...
+
 
 
 def group_pids(pgid: int) -> list[int]:

@@ -72,6 +72,7 @@ class SchedulingLoop(Supervision):
         idle = self.warm.idle() if self.warm is not None else []
         # Suspended jobs hold no GPUs; those due to resume get theirs first (#13).
         running = await self.resume_round(running, [u for w in idle for u in w.gpus])
+        idle += self.parking.offer(self, self.gpu_holders)  # parked, with a call queued
         usage = self._usage_now(running, now)
         # Warm matching is part of the pure plan, in the same (fair-share) order (#12).
         p = plan(pending, running, self.gpus,
@@ -81,13 +82,15 @@ class SchedulingLoop(Supervision):
                  depth=None if full else self.config.sched_queue_depth, previous=self.plan)
         self.plan = p
         workers = {w.id: w for w in idle}
-        evictable = [workers[i] for i in p.evictable]
+        evictable = [workers[i] for i in p.evictable if not self.parking.holds(workers[i])]
         starts: list[Start] = []
         for job_id, worker_id in p.assigned.items():
             rec = self.jobs.get(job_id)
             if rec is None:
                 continue  # ended (cancelled) during this round's earlier starts
             w = workers[worker_id]
+            if self.parking.blocked(w, job_id, len(self.parking.waits) + 1):
+                continue  # its GPUs are held: the call waits, saying so (#13)
             w.busy = job_id  # reserved now: the next round must not hand it out again
             rec.assigned = w
             starts.append(Start(job_id, w.gpus))
@@ -95,7 +98,7 @@ class SchedulingLoop(Supervision):
             # Idle warm workers on these GPUs give way to the job (eviction), first.
             for w in [w for w in evictable if set(w.gpus) & set(d.gpus)]:
                 evictable.remove(w)
-                await self._end_warm(w, f"its GPUs are needed by job {d.job_id}")
+                await self.parking.give_way(self, w, d.job_id)  # parked, or ended (#13)
             starts.append(d)
         if len(starts) == 1:
             await self._start(starts[0])
@@ -125,9 +128,11 @@ class SchedulingLoop(Supervision):
         step = Step(JobState.STARTING, fields=fields)
         w = rec.assigned
         try:
-            if w is not None and w.handle is not None and w.stream is not None:
+            if (w is not None and w.handle is not None and w.stream is not None
+                    and not self.parking.holds(w)):
                 # Matched to an idle warm worker, whose pid is known: STARTING and RUNNING
-                # in one commit, its directory and payload made ready meanwhile (#12).
+                # in one commit, its directory and payload made ready meanwhile (#12). A
+                # parked one (#13) is unparked first, by its supervisor, before RUNNING.
                 crash_point("warm_worker_ready")
                 job = await self._start_warm(rec, w, step, d.gpus)
             else:

@@ -15,6 +15,8 @@ import trio
 
 from gpud.clock import Clock
 from gpud.config import Config
+from gpud.cudackpt import Support
+from gpud.daemon.parking import ParkingLot
 from gpud.domain import Gpu, GpuRequest, Job, JobState, PythonEnv, Wait
 from gpud.executors.base import Caps, Executor, Handle
 from gpud.executors.process import JobIdentity
@@ -61,6 +63,10 @@ class JobService(Protocol):
     def gpu_history(self) -> HistoryBuffer: ...
     @property
     def clock(self) -> Clock: ...
+    @property
+    def checkpoint_support(self) -> Support | None: ...
+    @property
+    def parking(self) -> ParkingLot: ...
 
     # -- submitting ---------------------------------------------------------------------
     async def check_after(self, owner: str, ids: Sequence[int]) -> str | None: ...

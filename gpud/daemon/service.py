@@ -15,6 +15,7 @@ from gpud.crashpoint import crash_point
 from gpud.daemon import dependencies, stats
 from gpud.daemon.gpupoll import GpuPolling
 from gpud.daemon.loop import SchedulingLoop
+from gpud.daemon.parking import kill_leftovers
 from gpud.daemon.record import (
     ExecutorDown,
     JobRecord,
@@ -215,13 +216,17 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
     def wait_of(self, job_id: int) -> Wait | None:
         """Why a queued job waits and its position, as of the last scheduling round:
         read on its own, without working out the rest of the queue's (#12)."""
-        return (queue_view.wait_of(self.waits, self.jobs.pending, job_id)
+        return (self.parking.wait_of(job_id)  # its call waits to unpark a worker (#13)
+                or queue_view.wait_of(self.waits, self.jobs.pending, job_id)
                 or self.batches.wait_of(job_id, len(self.jobs.pending)))
 
     def queue_page(self, offset: int, limit: int) -> tuple[list[tuple[Job, Wait | None]], int]:
         """A page of the queue in scheduling order, each job with its wait, and how many
         are queued: O(offset + limit), not O(queued) (#12)."""
-        return queue_view.page(self.waits, self.jobs.pending, offset, limit)
+        rows, total = queue_view.page(self.waits, self.jobs.pending, offset, limit)
+        if self.parking.waits:  # calls waiting to unpark a worker (#13)
+            rows = [(j, self.parking.wait_of(j.id) or w) for j, w in rows]
+        return rows, total
 
     def active_job(self, job_id: int) -> Job | None:
         """The job if it is queued, starting or running (every such job is in memory);
@@ -297,20 +302,6 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         assert self.images is not None and self._nursery is not None
         return await self.images.ensure(spec, files, creator, self._nursery)
 
-    def gpu_holders(self) -> dict[str, Job]:
-        """GPU UUID -> the job holding it; an idle warm worker holds its GPUs in the name
-        of the last job it ran (`gpud gpus` shows that job and its owner)."""
-        held: dict[str, Job] = {}
-        for w in self.warm.workers.values() if self.warm is not None else ():
-            if w.idle and w.gpus:
-                last = Job(id=w.last_job, function="(warm worker)", state=JobState.RUNNING,
-                           submitted_at=0.0, owner=w.key[3], gpus=w.gpus)
-                held.update((u, last) for u in w.gpus)
-        held.update((u, r.job) for r in self.jobs.values()
-                    if r.job.state not in (JobState.QUEUED, JobState.SUSPENDED)
-                    for u in r.job.gpus)
-        return held
-
     async def metrics(self) -> list[Family]:
         """What GET /metrics shows (#16): read from indexes and counters, never a scan of
         the queued jobs (gpud.daemon.stats)."""
@@ -330,6 +321,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                 await self.users.refresh()
                 await self._load_usage()
                 if self.warm is not None:
+                    kill_leftovers(self.parking.state_file)  # a dead daemon's parked (#13)
                     await nursery.start(self.warm.serve)
                     nursery.start_soon(self._warm_loop)
                 if self.snapshots is not None:
@@ -354,6 +346,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                                                  if self.warm else [])
                               if w.handle is not None and (w.idle or self.kill_jobs_on_exit)]
                     ending += self.warm.take_lost() if self.warm else []
+                    ending += self.parking.end_all()  # killed, never left locked (#13)
                     for h in ending:
                         with trio.move_on_after(10):
                             await trio.to_thread.run_sync(self.executor.reap, h)

@@ -156,10 +156,19 @@ class Supervision(Suspending):
                 # Got ready while its start was committed (_start_warm).
                 spec, (function, args) = staged
                 running = job
+            elif w is not None and self.parking.holds(w):
+                # Parked in host memory (#13): restore its GPU state first; a worker that
+                # cannot be brought back is ended and the call starts cold.
+                kind = "unparked"
+                why = await self.parking.unpark(self, w)
+                if why is not None:
+                    w, kind, note = None, "cold", why
+            if running is not None:
+                pass
             elif w is not None:
                 crash_point("warm_worker_ready")
                 spec, running, (function, args) = await self._lay_out_while_running(
-                    job, ident, w)
+                    job, ident, w, kind)
             else:
                 function, args = await self.ledger.call(Ledger.payload, job.id)
                 # The payload goes to the worker over the hub (#12); a snapshot's worker
@@ -176,7 +185,7 @@ class Supervision(Suspending):
                 w.ident = ident
         except Exception as e:  # noqa: BLE001 - any start-up failure is the job's failure
             _log_start_failure(job.id, e)
-            if w is not None and kind == "warm":  # a matched worker stays for the next job
+            if w is not None and kind in ("warm", "unparked"):  # it stays for the next job
                 w.busy, w.idle_since = None, self.clock.monotonic()
             await self._finish(job, Finished(JobState.FAILED, f"could not start the job: {e}",
                                              None, False, True))
@@ -297,7 +306,8 @@ class Supervision(Suspending):
         rec.staged = errors[0] if errors else (spec[0], payload[0])
         return started[0]
 
-    async def _lay_out_while_running(self, job: Job, ident: JobIdentity, w: WarmWorker
+    async def _lay_out_while_running(self, job: Job, ident: JobIdentity, w: WarmWorker,
+                                     kind: str = "warm"
                                      ) -> tuple[LaunchSpec, Job, tuple[bytes, bytes]]:
         """For a job matched to an idle warm worker, whose pid is known already: record
         RUNNING while its directory is laid out and its payload read (on the ledger's read
@@ -306,7 +316,7 @@ class Supervision(Suspending):
         RUNNING job that never reached the worker, as a crash between the two steps in
         turn did."""
         self.jobs[job.id].handle = w.handle
-        step = self._running_step(w, "warm", "")
+        step = self._running_step(w, kind, "")
         recorded: list[Job] = []
         payload: list[tuple[bytes, bytes]] = []
         errors: list[Exception] = []
@@ -382,6 +392,7 @@ class Supervision(Suspending):
             await trio.sleep(0.5)
             for h in self.warm.take_lost():  # idle workers that died on their own
                 await trio.to_thread.run_sync(self.executor.reap, h)
+            await self.parking.tick(self)  # parked ones that died or ran out (#13)
             expired = self.warm.expired(self.clock.monotonic())
             for w in expired:
                 await self._end_warm(w, f"idle for {w.keep_warm:g} s")

@@ -21,12 +21,12 @@ import logging
 import math
 import os
 import signal
-from typing import Protocol
 
 import trio
 
 from gpud import preempt
 from gpud.daemon.core import DaemonCore
+from gpud.daemon.gpustate import GpuStateParker
 from gpud.daemon.record import JobRecord
 from gpud.domain import SUSPENDABLE_FROM, IllegalTransition, Job, JobState, served
 from gpud.executors.base import Handle
@@ -44,15 +44,6 @@ RESUME_WAIT = 10.0
 
 class NotSuspendable(ValueError):
     """A suspend or resume the job's state or kind does not allow (409); says why."""
-
-
-class GpuStateParker(Protocol):
-    """Moves a stopped job's GPU state to host memory and back (the CUDA checkpoint
-    module's side; gpud.testing has a fake). Each raises with a message on failure,
-    leaving the process as it found it."""
-
-    async def park(self, job: Job, handle: Handle) -> None: ...
-    async def unpark(self, job: Job, handle: Handle) -> None: ...
 
 
 class SuspendBook:

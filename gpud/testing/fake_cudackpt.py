@@ -16,10 +16,11 @@ process of ``default_bytes``, so real worker processes can be parked.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from gpud.cudackpt import (
@@ -29,7 +30,8 @@ from gpud.cudackpt import (
     Support,
 )
 
-__all__ = ["FakeCudaDriver", "FakeProcess", "fake_checkpointer", "FAKE_SUPPORT"]
+__all__ = ["FAKE_SUPPORT", "FakeCudaDriver", "FakeProcess", "fake_checkpointer",
+           "fake_checkpointer_from_env"]
 
 _GIB = 1024**3
 STEPS = ("state", "lock", "checkpoint", "restore", "unlock")
@@ -199,7 +201,30 @@ def _alive(pid: int) -> bool:
 
 
 def fake_checkpointer(driver: FakeCudaDriver | None = None, *,
-                      clock: Callable[[], float] = time.monotonic) -> DriverCheckpointer:
+                      clock: Callable[[], float] = time.monotonic,
+                      support: Support = FAKE_SUPPORT) -> DriverCheckpointer:
     """The real checkpoint logic over a fake driver, declared fake in its Support."""
     drv = driver if driver is not None else FakeCudaDriver(auto_processes=True)
-    return DriverCheckpointer(drv, FAKE_SUPPORT, memory_of=drv.memory_of, clock=clock)
+    return DriverCheckpointer(drv, support, memory_of=drv.memory_of, clock=clock)
+
+
+def fake_checkpointer_from_env(env: Mapping[str, str]) -> DriverCheckpointer:
+    """The fake a daemon on fake GPUs gets, shaped by test settings in its environment
+    (tests drive a daemon subprocess, so they cannot reach its fake otherwise):
+
+    * ``GPUD_FAKE_CKPT_BYTES``: the GPU memory every process is taken to hold (1 GiB);
+    * ``GPUD_FAKE_CKPT_REMAP=0``: the fake driver cannot restore onto other GPUs;
+    * ``GPUD_FAKE_CKPT_FAULTS``: ``step:RESULT:times`` items, comma separated, made to
+      fail (see :meth:`FakeCudaDriver.fail`).
+    """
+    drv = FakeCudaDriver(auto_processes=True)
+    if env.get("GPUD_FAKE_CKPT_BYTES"):
+        drv.default_bytes = int(env["GPUD_FAKE_CKPT_BYTES"])
+    for item in filter(None, (env.get("GPUD_FAKE_CKPT_FAULTS") or "").split(",")):
+        step, _, rest = item.strip().partition(":")
+        result, _, times = rest.partition(":")
+        drv.fail(step, result or "CUDA_ERROR_UNKNOWN", times=int(times or 1))
+    support = FAKE_SUPPORT
+    if env.get("GPUD_FAKE_CKPT_REMAP") == "0":
+        support = dataclasses.replace(FAKE_SUPPORT, remap=False)
+    return fake_checkpointer(drv, support=support)

@@ -66,5 +66,8 @@ class GpuTable(LiveTable):
         self.sync([(str(g.index), gpu_row(g, history.get(g.uuid))) for g in gpus.gpus])
         self.note = gpus.note
         title = f"GPUs ({len(gpus.gpus)}, {gpus.source})"
+        if gpus.parked:  # idle warm workers parked in host memory (#13)
+            size = sum(p.bytes for p in gpus.parked) / 2**30
+            title += f" - parked warm workers: {len(gpus.parked)}, {size:.1f} GiB in host memory"
         self.border_title = title if gpus.gpus else f"{title}: none, CPU-only jobs run"
         self.border_subtitle = gpus.note or ""
