@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from gpud_client.imagebuild import ImageBuildFailed
     from gpud_client.state import state_dir
 
-__version__ = "0.1.0"
 
 #: Each public name and the module it lives in.
 _WHERE = {
@@ -101,7 +100,22 @@ __all__ = [
 ]
 
 
+def _version() -> str:
+    # The installed distribution's version (setuptools-scm, #16), looked up on first use:
+    # gpud_client may not import gpud (tests/test_imports.py), and importlib.metadata
+    # costs a few ms that `import gpud_client` should not pay.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gpud")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0.0.0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()[name] = v = _version()
+        return v
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'gpud_client' has no attribute {name!r}")

@@ -237,8 +237,9 @@ def test_snapshots_rm(sdaemon: DaemonProc) -> None:
 
 
 def test_snapshots_stay_under_the_budget(base_dir: Path) -> None:
-    # A snapshot of a small function is 10-11 MB: the budget holds two, not three.
-    budget = 25 * 2**20
+    # A snapshot of a small function is 8.5-11 MB (8.5 since the job runtime is compiled
+    # at install, #12): a budget of 22 MiB holds two, not three.
+    budget = 22 * 2**20
     env = {**executor_env("podman"), "GPUD_SNAPSHOT_MAX_BYTES": str(budget)}
     for d in _run_daemon(base_dir, env):
         fns = [_plain(d, tagged(f"gc-{i}"), f"gc-{i}") for i in range(3)]

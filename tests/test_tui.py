@@ -143,7 +143,7 @@ def test_gpu_table_shows_the_configured_gpus(daemon: DaemonProc) -> None:
         assert column(gpus, 8) == ["free", "free", "free"]
         assert "fake" in str(gpus.border_title) and "FAKE" in str(gpus.border_subtitle)
         assert not banner(tui).has_class("-shown")
-        assert "daemon 0.1.0" in tui.sub_title
+        assert f"daemon {gpud.__version__}" in tui.sub_title
 
     run_tui(daemon.url, scenario)
 
