@@ -212,8 +212,12 @@ def large_bodies(d: Daemon, submits: int = 3, body_mb: int = 200) -> BodiesRepor
     pid = d.proc.pid
     # The job is len() of the payload: by reference, nothing of this script travels.
     args = cloudpickle.dumps(((b"x" * (body_mb * 2**20 // 4 * 3),), {}))  # base64: 4/3
-    request = SubmitRequest(name="attack.large", function=cloudpickle.dumps(len), args=args,
-                            python="{}.{}.{}".format(*sys.version_info[:3]))
+    request = SubmitRequest(
+        name="attack.large",
+        function=cloudpickle.dumps(len),
+        args=args,
+        python="{}.{}.{}".format(*sys.version_info[:3]),
+    )
     rep = BodiesReport(submits, body_mb, rss_before_mb=_vm_mb(pid, "VmRSS"))
     hwm_before = _vm_mb(pid, "VmHWM")
     lock = threading.Lock()
@@ -250,11 +254,19 @@ def large_bodies(d: Daemon, submits: int = 3, body_mb: int = 200) -> BodiesRepor
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=200,
-                    help="attacks per transport (Unix socket and TCP each); default 200")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=200,
+        help="attacks per transport (Unix socket and TCP each); default 200",
+    )
     ap.add_argument("--max-rss-growth-mb", type=float, default=20.0)
-    ap.add_argument("--bodies", type=int, default=3,
-                    help="then this many concurrent large submits (0: none); default 3")
+    ap.add_argument(
+        "--bodies",
+        type=int,
+        default=3,
+        help="then this many concurrent large submits (0: none); default 3",
+    )
     ap.add_argument("--body-mb", type=int, default=200)
     ap.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = ap.parse_args(argv)
@@ -263,23 +275,32 @@ def main(argv: list[str] | None = None) -> int:
         rep = run(d, args.rounds)
         if args.bodies and rep.died_after is None:
             bodies = large_bodies(d, args.bodies, args.body_mb)
-    ok = rep.died_after is None and rep.unanswered == 0 and \
-        rep.rss_growth_mb <= args.max_rss_growth_mb and \
-        (bodies is None or (bodies.ok == bodies.submits and not bodies.errors))
-    print(f"attacks: {rep.tries} ({args.rounds} over the Unix socket, {args.rounds} over TCP) "
-          f"in {rep.seconds:.1f} s")
+    ok = (
+        rep.died_after is None
+        and rep.unanswered == 0
+        and rep.rss_growth_mb <= args.max_rss_growth_mb
+        and (bodies is None or (bodies.ok == bodies.submits and not bodies.errors))
+    )
+    print(
+        f"attacks: {rep.tries} ({args.rounds} over the Unix socket, {args.rounds} over TCP) "
+        f"in {rep.seconds:.1f} s"
+    )
     if rep.died_after is not None:
         print(f"DAEMON DIED after {rep.died_after} attacks, exit status {rep.exit_code}")
         print(rep.log_tail)
     else:
         print(f"daemon alive; health checks unanswered: {rep.unanswered}")
-        print(f"RSS before {rep.rss_before_mb:.1f} MB, after {rep.rss_after_mb:.1f} MB, "
-              f"growth {rep.rss_growth_mb:+.1f} MB (limit {args.max_rss_growth_mb:.0f} MB)")
+        print(
+            f"RSS before {rep.rss_before_mb:.1f} MB, after {rep.rss_after_mb:.1f} MB, "
+            f"growth {rep.rss_growth_mb:+.1f} MB (limit {args.max_rss_growth_mb:.0f} MB)"
+        )
     if bodies is not None:
-        print(f"{bodies.submits} concurrent submits of {bodies.body_mb} MB: {bodies.ok} "
-              f"accepted in {bodies.seconds:.1f} s; daemon RSS {bodies.rss_before_mb:.0f} MB "
-              f"before, peak +{bodies.peak_growth_mb:.0f} MB, {bodies.rss_after_mb:.0f} MB once "
-              f"the jobs ran (#10 measured a 1.34 GB peak, 780 MB held 10 s later)")
+        print(
+            f"{bodies.submits} concurrent submits of {bodies.body_mb} MB: {bodies.ok} "
+            f"accepted in {bodies.seconds:.1f} s; daemon RSS {bodies.rss_before_mb:.0f} MB "
+            f"before, peak +{bodies.peak_growth_mb:.0f} MB, {bodies.rss_after_mb:.0f} MB once "
+            f"the jobs ran (#10 measured a 1.34 GB peak, 780 MB held 10 s later)"
+        )
         for e in bodies.errors:
             print(f"  error: {e}")
     if args.json:

@@ -96,8 +96,12 @@ def chaos_job(marks: str, tag: str, seconds: float, fail: bool = False) -> str:
 
 #: The chaos run's daemon settings: fake GPUs, six CPU slots, fast retries.
 CHAOS_SETTINGS = {
-    "GPUD_GPUS": "fake", "GPUD_FAKE_GPUS": "h100,h100,l4", "GPUD_CPU_SLOTS": "6",
-    "GPUD_KILL_GRACE": "1", "GPUD_RETRY_BACKOFF": "0.2", "GPUD_LOG_LEVEL": "info",
+    "GPUD_GPUS": "fake",
+    "GPUD_FAKE_GPUS": "h100,h100,l4",
+    "GPUD_CPU_SLOTS": "6",
+    "GPUD_KILL_GRACE": "1",
+    "GPUD_RETRY_BACKOFF": "0.2",
+    "GPUD_LOG_LEVEL": "info",
     "GPUD_GPU_POLL_INTERVAL": "0.5",
 }
 
@@ -107,8 +111,9 @@ class Daemon(DaemonProc):
     directory may be on a small tmpfs. Stopping it also ends its jobs and containers."""
 
     def __init__(self, base: Path, data_dir: Path, env: dict[str, str]) -> None:
-        super().__init__(base, env=env, settings=CHAOS_SETTINGS, data_dir=data_dir,
-                         own_session=True)
+        super().__init__(
+            base, env=env, settings=CHAOS_SETTINGS, data_dir=data_dir, own_session=True
+        )
 
     def stop(self, sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
         super().stop(sig, grace)
@@ -123,19 +128,35 @@ class Daemon(DaemonProc):
 class Load:
     """Client threads submitting a mix of jobs until stopped; acknowledged ids recorded."""
 
-    KINDS = (("cpu", 4), ("gpu", 2), ("batch", 2), ("cancel", 1), ("timeout", 1),
-             ("warm", 2), ("fail", 1))
+    KINDS = (
+        ("cpu", 4),
+        ("gpu", 2),
+        ("batch", 2),
+        ("cancel", 1),
+        ("timeout", 1),
+        ("warm", 2),
+        ("fail", 1),
+    )
 
-    def __init__(self, url: str, marks: Path, rnd: random.Random, round_no: int,
-                 tally: Tally, threads: int = 3) -> None:
+    def __init__(
+        self,
+        url: str,
+        marks: Path,
+        rnd: random.Random,
+        round_no: int,
+        tally: Tally,
+        threads: int = 3,
+    ) -> None:
         self.url, self.marks, self.rnd, self.round = url, str(marks), rnd, round_no
         self.tally = tally
         self.acked: list[Acked] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.seq = 0
-        self.threads = [threading.Thread(target=self._loop, args=(random.Random(rnd.random()),),
-                                         daemon=True) for _ in range(threads)]
+        self.threads = [
+            threading.Thread(target=self._loop, args=(random.Random(rnd.random()),), daemon=True)
+            for _ in range(threads)
+        ]
 
     def start(self) -> None:
         for t in self.threads:
@@ -189,8 +210,9 @@ class Load:
         if kind == "batch":
             fn = base.with_options(name=name, retries=retries)
             n = rnd.randint(2, 6)
-            req = fn.batch_request([((self.marks, name, rnd.uniform(0.05, 0.8)), {})
-                                    for _ in range(n)])
+            req = fn.batch_request(
+                [((self.marks, name, rnd.uniform(0.05, 0.8)), {}) for _ in range(n)]
+            )
             resp = fn.client.submit_batch(req)
             self._ack(list(resp.job_ids), kind, name)
             return
@@ -257,39 +279,51 @@ def kill_worker(rnd: random.Random, marks: Path, ids: list[int], kills: list[Kil
     return f"job {m.job} attempt {m.attempt} pid {m.pid}"
 
 
-def kill_container(rnd: random.Random, instance: str | None, kills: list[Kill],
-                   conmon: bool) -> str:
+def kill_container(
+    rnd: random.Random, instance: str | None, kills: list[Kill], conmon: bool
+) -> str:
     """SIGKILL a container of this daemon (a job's or a warm worker's), or its conmon."""
     if instance is None:
         return "no instance"
-    ids = subprocess.run(["podman", "ps", "-q", "--no-trunc", "--filter",
-                          f"label=gpud.daemon={instance}"], capture_output=True, text=True,
-                         timeout=30).stdout.split()
+    ids = subprocess.run(
+        ["podman", "ps", "-q", "--no-trunc", "--filter", f"label=gpud.daemon={instance}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.split()
     if not ids:
         return "no container"
     cid = rnd.choice(ids)
     kills.append(Kill(time.time(), host=cid[:12]))
     if conmon:
-        pid = subprocess.run(["podman", "inspect", "--format", "{{.State.ConmonPid}}", cid],
-                             capture_output=True, text=True, timeout=30).stdout.strip()
+        pid = subprocess.run(
+            ["podman", "inspect", "--format", "{{.State.ConmonPid}}", cid],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
         if pid.isdigit():
             with contextlib.suppress(OSError):
                 os.kill(int(pid), signal.SIGKILL)
         return f"conmon {pid} of {cid[:12]}"
-    subprocess.run(["podman", "kill", "--signal", "KILL", cid], capture_output=True,
-                   timeout=30)
+    subprocess.run(["podman", "kill", "--signal", "KILL", cid], capture_output=True, timeout=30)
     return f"container {cid[:12]}"
 
 
 def hold_sqlite_lock(db: Path, seconds: float) -> subprocess.Popen[bytes]:
     """A second process that takes the ledger's write lock (BEGIN IMMEDIATE) for a while."""
-    code = ("import sqlite3, sys, time\n"
-            "c = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)\n"
-            "c.execute('BEGIN IMMEDIATE')\n"
-            "time.sleep(float(sys.argv[2]))\n"
-            "c.execute('ROLLBACK')\n")
-    return subprocess.Popen([sys.executable, "-c", code, str(db), str(seconds)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = (
+        "import sqlite3, sys, time\n"
+        "c = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)\n"
+        "c.execute('BEGIN IMMEDIATE')\n"
+        "time.sleep(float(sys.argv[2]))\n"
+        "c.execute('ROLLBACK')\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(db), str(seconds)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def fill_disk(fs: Path) -> Path | None:
@@ -312,9 +346,13 @@ def fill_disk(fs: Path) -> Path | None:
 
 
 def ps_json(url: str) -> list[dict[str, Any]]:
-    out = subprocess.run([sys.executable, "-m", "gpud", "ps", "--all", "--json", "--limit",
-                          "1000", "--url", url], capture_output=True, text=True, timeout=60,
-                         cwd=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-m", "gpud", "ps", "--all", "--json", "--limit", "1000", "--url", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(REPO),
+    )
     if out.returncode != 0:
         raise RuntimeError(f"gpud ps failed: {out.stderr.strip()}")
     return json.loads(out.stdout)
@@ -355,14 +393,21 @@ def job_events(client: Client, job_id: int) -> list[Any]:
         after = page.cursor
 
 
-def run_round(r: int, args: argparse.Namespace, rnd: random.Random, d: Daemon, t: Tally,
-              marks: Path, fs: Path | None, kills: list[Kill]) -> None:
+def run_round(
+    r: int,
+    args: argparse.Namespace,
+    rnd: random.Random,
+    d: Daemon,
+    t: Tally,
+    marks: Path,
+    fs: Path | None,
+    kills: list[Kill],
+) -> None:
     t0 = time.monotonic()
     load = Load(d.url, marks, rnd, r, t)
     load.start()
     time.sleep(rnd.uniform(0.3, 1.5))
-    faults = list(args.faults or (FAULTS + (PODMAN_FAULTS if args.executor == "podman"
-                                            else ())))
+    faults = list(args.faults or (FAULTS + (PODMAN_FAULTS if args.executor == "podman" else ())))
     if fs is None and "disk_full" in faults:
         faults.remove("disk_full")
     fault = rnd.choice(faults)
@@ -411,8 +456,10 @@ def run_round(r: int, args: argparse.Namespace, rnd: random.Random, d: Daemon, t
                 t.note(f"round {r}: acknowledged job {-jid} unknown to the daemon")
             else:
                 t.stuck.append(jid)
-                t.note(f"round {r}: job {jid} not final {args.bound:.0f} s after the "
-                       + ("round's load (calm round)" if calm else "restart"))
+                t.note(
+                    f"round {r}: job {jid} not final {args.bound:.0f} s after the "
+                    + ("round's load (calm round)" if calm else "restart")
+                )
                 with contextlib.suppress(GpudError):
                     client.cancel(jid)
         for a in load.acked:
@@ -426,8 +473,9 @@ def run_round(r: int, args: argparse.Namespace, rnd: random.Random, d: Daemon, t
                 with contextlib.suppress(GpudError):
                     out = cloudpickle.loads(client.result(a.id))
                     result = out.get("value") if isinstance(out, dict) else out
-            checks.check_job(t, a, info, job_events(client, a.id),
-                             checks.read_marks(marks, a.id), kills, result)
+            checks.check_job(
+                t, a, info, job_events(client, a.id), checks.read_marks(marks, a.id), kills, result
+            )
         t.jobs += len(load.acked)
         # Jobs the daemon holds under this round's names that the client never got: a
         # submit whose answer was lost went in anyway.
@@ -437,18 +485,23 @@ def run_round(r: int, args: argparse.Namespace, rnd: random.Random, d: Daemon, t
         for j in api:
             if j.name.startswith(f"chaos.r{r}.") and j.id not in acked_ids:
                 t.phantom_jobs.append(j.id)
-                t.note(f"round {r}: job {j.id} ({j.name}) committed but never acknowledged"
-                       + (" (its name was acknowledged for other ids)" if j.name in names
-                          else ""))
+                t.note(
+                    f"round {r}: job {j.id} ({j.name}) committed but never acknowledged"
+                    + (" (its name was acknowledged for other ids)" if j.name in names else "")
+                )
         # With every job final nothing moves: the CLI must show what the API shows.
         cli = {j["id"]: j["state"] for j in ps_json(d.url)}
         api_states = {j.id: j.state for j in client.list_jobs(limit=1000).jobs}
         # A job that is not final in one of the two reads (one the harness started
         # itself, outside this round's acknowledged load) may move between them; only a
         # disagreement about settled jobs is one.
-        diff = {k: (cli.get(k), api_states.get(k)) for k in set(cli) | set(api_states)
-                if cli.get(k) != api_states.get(k)
-                and cli.get(k) in checks.FINAL and api_states.get(k) in checks.FINAL}
+        diff = {
+            k: (cli.get(k), api_states.get(k))
+            for k in set(cli) | set(api_states)
+            if cli.get(k) != api_states.get(k)
+            and cli.get(k) in checks.FINAL
+            and api_states.get(k) in checks.FINAL
+        }
         if diff:
             t.ps_disagreements.append(f"round {r}: {dict(list(diff.items())[:5])}")
     checks.scan_log(t, d.new_log())
@@ -461,8 +514,11 @@ def run_round(r: int, args: argparse.Namespace, rnd: random.Random, d: Daemon, t
 
 def mount_tmpfs(path: Path, size_mb: int) -> bool:
     path.mkdir(parents=True)
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755",
-                          "tmpfs", str(path)], capture_output=True, text=True)
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     return out.returncode == 0
 
 
@@ -472,22 +528,45 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GPUD_JOB_PYTHON", "daemon")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--max-seconds", type=float, default=1800.0,
-                    help="start no round after this many seconds (the run stays bounded)")
-    ap.add_argument("--bound", type=float, default=45.0,
-                    help="seconds after a restart for every job to be final, else stuck")
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=1800.0,
+        help="start no round after this many seconds (the run stays bounded)",
+    )
+    ap.add_argument(
+        "--bound",
+        type=float,
+        default=45.0,
+        help="seconds after a restart for every job to be final, else stuck",
+    )
     ap.add_argument("--executor", choices=("process", "podman"), default="process")
-    ap.add_argument("--calm", type=float, default=0.2,
-                    help="the share of rounds without the kill -9 (faults alone)")
-    ap.add_argument("--lock-seconds", type=float, default=3.0,
-                    help="the longest the second process holds the SQLite write lock (the "
-                    "daemon's busy timeout is 10 s)")
+    ap.add_argument(
+        "--calm",
+        type=float,
+        default=0.2,
+        help="the share of rounds without the kill -9 (faults alone)",
+    )
+    ap.add_argument(
+        "--lock-seconds",
+        type=float,
+        default=3.0,
+        help="the longest the second process holds the SQLite write lock (the "
+        "daemon's busy timeout is 10 s)",
+    )
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--no-disk", action="store_true",
-                    help="no tmpfs data directory, so no disk-full fault (also when not root)")
-    ap.add_argument("--faults", type=lambda v: v.split(","), default=None,
-                    help="the extra faults to draw from, comma-separated (default: all of "
-                    f"{','.join(FAULTS + PODMAN_FAULTS)} that apply)")
+    ap.add_argument(
+        "--no-disk",
+        action="store_true",
+        help="no tmpfs data directory, so no disk-full fault (also when not root)",
+    )
+    ap.add_argument(
+        "--faults",
+        type=lambda v: v.split(","),
+        default=None,
+        help="the extra faults to draw from, comma-separated (default: all of "
+        f"{','.join(FAULTS + PODMAN_FAULTS)} that apply)",
+    )
     ap.add_argument("--tmpfs-mb", type=int, default=256)
     ap.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     args = ap.parse_args(argv)
@@ -508,15 +587,23 @@ def main(argv: list[str] | None = None) -> int:
     env: dict[str, str] = {}
     if args.executor == "podman":
         (base / "podman").mkdir()
-        env = {"GPUD_EXECUTOR": "podman", "GPUD_PODMAN_START_SERVICE": "1",
-               "GPUD_PODMAN_URL": f"unix://{base / 'podman' / 'podman.sock'}",
-               "GPUD_PODMAN_VOLUMES": f"{marks}:{marks}"}
+        env = {
+            "GPUD_EXECUTOR": "podman",
+            "GPUD_PODMAN_START_SERVICE": "1",
+            "GPUD_PODMAN_URL": f"unix://{base / 'podman' / 'podman.sock'}",
+            "GPUD_PODMAN_VOLUMES": f"{marks}:{marks}",
+        }
     d = Daemon(base, data_dir, env)
     t = Tally()
     kills: list[Kill] = []
-    meta: dict[str, Any] = {"executor": args.executor, "seed": seed, "disk_fault": fs is not None,
-                            "rounds_asked": args.rounds, "python": sys.version.split()[0],
-                            "cores": os.cpu_count()}
+    meta: dict[str, Any] = {
+        "executor": args.executor,
+        "seed": seed,
+        "disk_fault": fs is not None,
+        "rounds_asked": args.rounds,
+        "python": sys.version.split()[0],
+        "cores": os.cpu_count(),
+    }
     started = time.monotonic()
     error: str | None = None
     try:
@@ -527,8 +614,11 @@ def main(argv: list[str] | None = None) -> int:
                 break
             run_round(r, args, rnd, d, t, marks, fs, kills)
             v = t.violations()
-            print(f"round {r + 1}/{args.rounds}: {t.jobs} jobs, "
-                  + ", ".join(f"{k} {n}" for k, n in v.items() if n), file=sys.stderr)
+            print(
+                f"round {r + 1}/{args.rounds}: {t.jobs} jobs, "
+                + ", ".join(f"{k} {n}" for k, n in v.items() if n),
+                file=sys.stderr,
+            )
     except KeyboardInterrupt:
         error = "interrupted"
     except Exception as e:  # noqa: BLE001 - reported, with what was measured so far

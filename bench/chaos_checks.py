@@ -54,8 +54,9 @@ def read_marks(marks_dir: Path, job_id: int) -> list[Mark]:
         parts = line.split()
         if len(parts) != 6:
             continue  # a line torn by a kill mid-write: the job's own record is partial
-        out.append(Mark(parts[0], int(parts[1]), int(parts[2]), int(parts[3]), parts[4],
-                        float(parts[5])))
+        out.append(
+            Mark(parts[0], int(parts[1]), int(parts[2]), int(parts[3]), parts[4], float(parts[5]))
+        )
     return out
 
 
@@ -146,22 +147,31 @@ def _killed(m: Mark, kills: list[Kill]) -> bool:
     return False
 
 
-def check_job(t: Tally, job: Acked, info: Any, events: list[Any], marks: list[Mark],
-              kills: list[Kill], result: Any) -> None:
+def check_job(
+    t: Tally,
+    job: Acked,
+    info: Any,
+    events: list[Any],
+    marks: list[Mark],
+    kills: list[Kill],
+    result: Any,
+) -> None:
     """Check one acknowledged job once it is final (``info``: its JobInfo)."""
     jid = job.id
     t.final_states[info.state] += 1
     if info.state == "succeeded":
         t.start_kinds[getattr(info, "start_kind", None) or "none"] += 1
     finals = sum(1 for e in events if e.to_state in FINAL)
-    retried = sum(1 for e in events if e.from_state in ("failed", "lost")
-                  and e.to_state == "queued")
-    t.retries_of_lost += sum(1 for e in events if e.from_state == "lost"
-                             and e.to_state == "queued")
+    retried = sum(
+        1 for e in events if e.from_state in ("failed", "lost") and e.to_state == "queued"
+    )
+    t.retries_of_lost += sum(1 for e in events if e.from_state == "lost" and e.to_state == "queued")
     if finals - retried != 1 or not events or events[-1].to_state != info.state:
         t.not_one_final_state.append(jid)
-        t.note(f"job {jid} ({job.kind}): {finals} final states, {retried} retries, "
-               f"last event {events[-1].to_state if events else None}, state {info.state}")
+        t.note(
+            f"job {jid} ({job.kind}): {finals} final states, {retried} retries, "
+            f"last event {events[-1].to_state if events else None}, state {info.state}"
+        )
     done = [m for m in marks if m.what == "done"]
     clean_done = [m for m in done if not _killed(m, kills)]
     starts = [m for m in marks if m.what == "start"]
@@ -181,13 +191,17 @@ def check_job(t: Tally, job: Acked, info: Any, events: list[Any], marks: list[Ma
             t.finished_marked_lost.append(jid)
             if lost_after[0].from_state == "starting":
                 t.lost_while_starting.append(jid)
-            t.note(f"job {jid} ({job.kind}): attempt {clean_done[0].attempt} completed at "
-                   f"{first:.3f}, then marked lost at {lost_after[0].at:.3f} "
-                   f"({lost_after[0].reason}); now {info.state}")
+            t.note(
+                f"job {jid} ({job.kind}): attempt {clean_done[0].attempt} completed at "
+                f"{first:.3f}, then marked lost at {lost_after[0].at:.3f} "
+                f"({lost_after[0].reason}); now {info.state}"
+            )
     if twice:
         t.run_twice.append(jid)
-        t.note(f"job {jid} ({job.kind}) ran twice: " + "; ".join(
-            f"{m.what}#{m.attempt}@{m.at:.3f}" for m in marks))
+        t.note(
+            f"job {jid} ({job.kind}) ran twice: "
+            + "; ".join(f"{m.what}#{m.attempt}@{m.at:.3f}" for m in marks)
+        )
     if info.state == "succeeded":
         if not done:
             t.succeeded_without_running.append(jid)
@@ -205,14 +219,15 @@ def scan_log(t: Tally, text: str) -> None:
             t.tracebacks += 1
             for j in range(i + 1, min(i + 200, len(lines))):
                 nxt = lines[j]
-                if nxt and not nxt.startswith((" ", "Traceback", "During handling",
-                                               "The above exception")):
+                if nxt and not nxt.startswith(
+                    (" ", "Traceback", "During handling", "The above exception")
+                ):
                     t.log_errors[f"traceback: {nxt[:160]}"] += 1
                     break
         elif m := _LEVEL.search(line):
             # "ERROR gpud: internal error while supervising job 12": the message with its
             # numbers folded, so that one kind of error is counted as one
-            msg = re.sub(r"\d+", "N", line[m.end():])
+            msg = re.sub(r"\d+", "N", line[m.end() :])
             t.log_errors[f"{m.group(1).lower()}: {msg[:160]}"] += 1
 
 
@@ -228,8 +243,10 @@ def summary(t: Tally, meta: dict[str, Any]) -> str:
         f"done mark {t.reruns_after_killed_done}, phantom jobs (committed but not "
         f"acknowledged) {len(t.phantom_jobs)}, unacknowledged submits "
         f"{t.unacknowledged_submits}",
-        "  final states: " + ", ".join(f"{k} {n}" for k, n in sorted(t.final_states.items()))
-        + " (succeeded: " + ", ".join(f"{k} {n}" for k, n in sorted(t.start_kinds.items()))
+        "  final states: "
+        + ", ".join(f"{k} {n}" for k, n in sorted(t.final_states.items()))
+        + " (succeeded: "
+        + ", ".join(f"{k} {n}" for k, n in sorted(t.start_kinds.items()))
         + ")",
         "  faults: " + ", ".join(f"{k} {n}" for k, n in sorted(t.faults.items())),
         f"  daemon log: {t.tracebacks} tracebacks, "
@@ -238,8 +255,9 @@ def summary(t: Tally, meta: dict[str, Any]) -> str:
     for k, n in t.log_errors.most_common(12):
         lines.append(f"    {n:5d} × {k}")
     if t.client_errors:
-        lines.append("  client errors: " + ", ".join(
-            f"{k} {n}" for k, n in t.client_errors.most_common(8)))
+        lines.append(
+            "  client errors: " + ", ".join(f"{k} {n}" for k, n in t.client_errors.most_common(8))
+        )
     for e in t.examples[:15]:
         lines.append(f"  - {e}")
     return "\n".join(lines)
@@ -252,7 +270,9 @@ def as_json(t: Tally, meta: dict[str, Any]) -> dict[str, Any]:
         "jobs": t.jobs,
         "violations": t.violations(),
         "violating_jobs": {
-            "lost": t.lost, "stuck": t.stuck, "run_twice": t.run_twice,
+            "lost": t.lost,
+            "stuck": t.stuck,
+            "run_twice": t.run_twice,
             "finished_marked_lost": t.finished_marked_lost,
             "finished_marked_lost_while_starting": t.lost_while_starting,
             "not_one_final_state": t.not_one_final_state,
@@ -271,8 +291,9 @@ def as_json(t: Tally, meta: dict[str, Any]) -> dict[str, Any]:
         "fault_log": t.fault_log,
         "client_errors": dict(t.client_errors),
         "log": {"tracebacks": t.tracebacks, "errors": dict(t.log_errors)},
-        "round_seconds": {"mean": (sum(t.round_seconds) / len(t.round_seconds))
-                          if t.round_seconds else 0.0,
-                          "max": max(t.round_seconds, default=0.0)},
+        "round_seconds": {
+            "mean": (sum(t.round_seconds) / len(t.round_seconds)) if t.round_seconds else 0.0,
+            "max": max(t.round_seconds, default=0.0),
+        },
         "examples": t.examples,
     }

@@ -87,23 +87,39 @@ def build_state(seed: int = 0) -> dict[str, Any]:
     whiten = np.linalg.cholesky(np.linalg.inv(emb.T @ emb / len(emb)))
     # Tabular: 2M rows (80 MB) and per-key aggregates.
     n = 2_000_000
-    df = pd.DataFrame({"key": rng.integers(0, 1000, n), "a": rng.standard_normal(n),
-                       "b": rng.exponential(1.0, n), "c": rng.uniform(-1, 1, n)})
+    df = pd.DataFrame(
+        {
+            "key": rng.integers(0, 1000, n),
+            "a": rng.standard_normal(n),
+            "b": rng.exponential(1.0, n),
+            "c": rng.uniform(-1, 1, n),
+        }
+    )
     df["d"] = df["a"] * df["b"] + df["c"]
     stats = df.groupby("key")[["a", "b", "d"]].agg(["mean", "std"])
     # Sparse: a 200k x 50k CSR matrix with 8M non-zeros (~100 MB).
     nnz, rows, cols = 8_000_000, 200_000, 50_000
-    graph = sp.csr_matrix((rng.standard_normal(nnz), (rng.integers(0, rows, nnz),
-                           rng.integers(0, cols, nnz))), shape=(rows, cols))
+    graph = sp.csr_matrix(
+        (rng.standard_normal(nnz), (rng.integers(0, rows, nnz), rng.integers(0, cols, nnz))),
+        shape=(rows, cols),
+    )
     return {"emb": emb, "whiten": whiten, "df": df, "stats": stats, "graph": graph}
 
 
 def state_mb(state: dict[str, Any]) -> float:
     g = state["graph"]
-    return float(state["emb"].nbytes + state["whiten"].nbytes + g.data.nbytes
-                 + g.indices.nbytes + g.indptr.nbytes
-                 + int(state["df"].memory_usage(index=True).sum())
-                 + int(state["stats"].memory_usage(index=True).sum())) / 1e6
+    return (
+        float(
+            state["emb"].nbytes
+            + state["whiten"].nbytes
+            + g.data.nbytes
+            + g.indices.nbytes
+            + g.indptr.nbytes
+            + int(state["df"].memory_usage(index=True).sum())
+            + int(state["stats"].memory_usage(index=True).sum())
+        )
+        / 1e6
+    )
 
 
 def score(state: dict[str, Any], x: int) -> float:
@@ -140,42 +156,101 @@ def prepare(rebuild: bool, progress: Any) -> dict[str, Any]:
     ctx, site = CACHE / "context", CACHE / "baseline-site-py{}.{}".format(*sys.version_info)
     wheels, reqs = ctx / "wheels", (HERE / "requirements.txt").read_text()
     digest = hashlib.sha256((HERE / "Containerfile").read_bytes() + reqs.encode()).hexdigest()
-    if rebuild or not (wheels / "requirements.txt").exists() \
-            or (wheels / "requirements.txt").read_text() != reqs:
+    if (
+        rebuild
+        or not (wheels / "requirements.txt").exists()
+        or (wheels / "requirements.txt").read_text() != reqs
+    ):
         shutil.rmtree(CACHE, ignore_errors=True)
     t0 = time.perf_counter()
     if not wheels.exists():
         progress(f"downloading the wheels of {HERE / 'requirements.txt'} into {wheels}")
         wheels.mkdir(parents=True)
-        sh(sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-           "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-           "--abi", "cp311", "--platform", "manylinux_2_28_x86_64", "--platform",
-           "manylinux2014_x86_64", "-r", str(HERE / "requirements.txt"), "-d", str(wheels))
+        sh(
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            "--abi",
+            "cp311",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--platform",
+            "manylinux2014_x86_64",
+            "-r",
+            str(HERE / "requirements.txt"),
+            "-d",
+            str(wheels),
+        )
         (wheels / "requirements.txt").write_text(reqs)
-    old = sh("podman", "image", "inspect", "--format", '{{.Id}} {{index .Labels "gpud.bench"}}',
-             IMAGE, check=False, capture_output=True).stdout.split()
+    old = sh(
+        "podman",
+        "image",
+        "inspect",
+        "--format",
+        '{{.Id}} {{index .Labels "gpud.bench"}}',
+        IMAGE,
+        check=False,
+        capture_output=True,
+    ).stdout.split()
     label = old[1] if len(old) > 1 else ""
     if rebuild or label != digest:
         if sh("podman", "image", "exists", BASE_IMAGE, check=False).returncode != 0:
-            raise RuntimeError(f"the base image {BASE_IMAGE} is not in the local Podman store "
-                               "(../shared/ci/podman-host-setup.sh --image builds it)")
+            raise RuntimeError(
+                f"the base image {BASE_IMAGE} is not in the local Podman store "
+                "(../shared/ci/podman-host-setup.sh --image builds it)"
+            )
         progress(f"building {IMAGE} (podman build --network none)")
-        sh("podman", "build", "--quiet", "--network", "none", "--label", f"gpud.bench={digest}",
-           *(["--no-cache"] if rebuild else []), "-f", str(HERE / "Containerfile"),
-           "-t", IMAGE, str(ctx), stdout=subprocess.DEVNULL)
+        sh(
+            "podman",
+            "build",
+            "--quiet",
+            "--network",
+            "none",
+            "--label",
+            f"gpud.bench={digest}",
+            *(["--no-cache"] if rebuild else []),
+            "-f",
+            str(HERE / "Containerfile"),
+            "-t",
+            IMAGE,
+            str(ctx),
+            stdout=subprocess.DEVNULL,
+        )
         info["build_s"] = time.perf_counter() - t0  # download + build
-        new = sh("podman", "image", "inspect", "--format", "{{.Id}}", IMAGE,
-                 capture_output=True).stdout.strip()
+        new = sh(
+            "podman", "image", "inspect", "--format", "{{.Id}}", IMAGE, capture_output=True
+        ).stdout.strip()
         if old and old[0] != new:  # the image this one replaced, untagged now
             sh("podman", "rmi", old[0], check=False, capture_output=True)
-    size = sh("podman", "image", "inspect", "--format", "{{.Size}}", IMAGE,
-              capture_output=True).stdout.strip()
+    size = sh(
+        "podman", "image", "inspect", "--format", "{{.Size}}", IMAGE, capture_output=True
+    ).stdout.strip()
     info["image_mb"] = int(size) / 1e6
     if not site.exists():
         progress(f"installing the same wheels into {site} for the local baseline")
-        sh(sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-           "--no-index", "--find-links", str(wheels), "--target", str(site),
-           "-r", str(wheels / "requirements.txt"))
+        sh(
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-index",
+            "--find-links",
+            str(wheels),
+            "--target",
+            str(site),
+            "-r",
+            str(wheels / "requirements.txt"),
+        )
     info["baseline_site"] = str(site)
     return info
 
@@ -191,8 +266,11 @@ print(json.dumps({"values": [score(state, x) for x in xs], "state_mb": state_mb(
 
 
 def local_run(site: str, xs: list[int]) -> dict[str, Any]:
-    src = "from __future__ import annotations\nfrom typing import Any\n" + "".join(
-        inspect.getsource(f) for f in (build_state, state_mb, score)) + _CHILD_MAIN
+    src = (
+        "from __future__ import annotations\nfrom typing import Any\n"
+        + "".join(inspect.getsource(f) for f in (build_state, state_mb, score))
+        + _CHILD_MAIN
+    )
     env = dict(os.environ, PYTHONPATH=site)
     out = sh(sys.executable, "-c", src, *map(str, xs), env=env, capture_output=True).stdout
     result: dict[str, Any] = json.loads(out)
@@ -217,8 +295,9 @@ def measure_baseline(site: str, n: int, ref: list[float]) -> list[float]:
 # -- gpud ------------------------------------------------------------------------------------
 
 
-def call(model: Any, x: int, ref: list[float], want_kind: str | None, what: str,
-         errors: list[str]) -> tuple[float, str, float | None]:
+def call(
+    model: Any, x: int, ref: list[float], want_kind: str | None, what: str, errors: list[str]
+) -> tuple[float, str, float | None]:
     """One timed call: (seconds, start kind, daemon-side startup seconds)."""
     t0 = time.perf_counter()
     h = model.predict.spawn(x)
@@ -231,8 +310,16 @@ def call(model: Any, x: int, ref: list[float], want_kind: str | None, what: str,
     return dt, str(info.start_kind), info.startup
 
 
-def series(model: Any, n: int, first_x: int, ref: list[float], kind: str, what: str,
-           errors: list[str], progress: Any) -> dict[str, Any]:
+def series(
+    model: Any,
+    n: int,
+    first_x: int,
+    ref: list[float],
+    kind: str,
+    what: str,
+    errors: list[str],
+    progress: Any,
+) -> dict[str, Any]:
     samples, kinds, startups = [], [], []
     for i in range(n):
         dt, k, su = call(model, first_x + i, ref, kind, what, errors)
@@ -269,13 +356,17 @@ def wait_snapshot(d: Daemon, timeout: float = 300) -> dict[str, Any] | None:
         time.sleep(0.1)
 
 
-def measure_gpud(sizes: dict[str, int], ref: list[float], base: Path, progress: Any
-                 ) -> tuple[dict[str, Any], list[str]]:
+def measure_gpud(
+    sizes: dict[str, int], ref: list[float], base: Path, progress: Any
+) -> tuple[dict[str, Any], list[str]]:
     m: dict[str, Any] = {}
     errors: list[str] = []
-    env = {"GPUD_EXECUTOR": "podman", "GPUD_PODMAN_START_SERVICE": "1",
-           "GPUD_PODMAN_URL": f"unix://{base / 'podman' / 'podman.sock'}",
-           "GPUD_DEFAULT_IMAGE": BASE_IMAGE}
+    env = {
+        "GPUD_EXECUTOR": "podman",
+        "GPUD_PODMAN_START_SERVICE": "1",
+        "GPUD_PODMAN_URL": f"unix://{base / 'podman' / 'podman.sock'}",
+        "GPUD_DEFAULT_IMAGE": BASE_IMAGE,
+    }
     d = Daemon(base, "daemon", CORES, env=env)
     try:
         d.start()
@@ -300,20 +391,19 @@ def measure_gpud(sizes: dict[str, int], ref: list[float], base: Path, progress: 
             m["snapshot_first"] = {"s": dt, "kind": kind}
             row = wait_snapshot(d)
             if row is not None:
-                m["snapshot"] = {k: row.get(k) for k in ("id", "state", "size",
-                                                         "last_error")}
+                m["snapshot"] = {k: row.get(k) for k in ("id", "state", "size", "last_error")}
                 if row.get("state") == "failed":
                     errors.append(f"the snapshot failed: {row.get('last_error')}")
             progress(f"restored: {sizes['restored']} calls, each restored from the snapshot")
-            m["restored"] = series(snap(), sizes["restored"], 1, ref, "restored", "restored",
-                                   errors, progress)
+            m["restored"] = series(
+                snap(), sizes["restored"], 1, ref, "restored", "restored", errors, progress
+            )
 
         warm = cls("warm", keep_warm=60)
         progress("warm: the first call starts the container")
         m["warm_first"] = {"s": call(warm(), 0, ref, "cold", "warm's first call", errors)[0]}
         progress(f"warm: {sizes['warm']} calls in the same container")
-        m["warm"] = series(warm(), sizes["warm"], 1, ref, "warm", "warm", errors,
-                           lambda s: None)
+        m["warm"] = series(warm(), sizes["warm"], 1, ref, "warm", "warm", errors, lambda s: None)
     finally:
         d.stop()  # also kills its jobs, removes its containers, stops its Podman service
     return m, errors
@@ -333,57 +423,83 @@ def goal(ok: bool, text: str) -> str:
 def render(r: dict[str, Any]) -> str:
     m, meta = r["metrics"], r["meta"]
     base = m["baseline"]["p50_ms"]
-    rows = [("local process (baseline)", m["baseline"], ""),
-            ("cold container", m["cold"], "")]
+    rows = [("local process (baseline)", m["baseline"], ""), ("cold container", m["cold"], "")]
     if "restored" in m:
         ms, kind = m["snapshot_first"]["s"] * 1000, m["snapshot_first"]["kind"]
         one = {"n": 1, "p50_ms": ms, "p95_ms": ms, "kinds": [kind]}
         rows.append(("first call, taking the snapshot", one, ""))
         res, ratio = m["restored"]["p50_ms"], m["cold"]["p50_ms"] / m["restored"]["p50_ms"]
-        rows.append(("restored snapshot", m["restored"],
-                     goal(res < GOAL_RESTORED_S * 1000, f"p50 < {GOAL_RESTORED_S:.0f} s") + "; "
-                     + goal(ratio >= GOAL_COLD_OVER_RESTORED,
-                            f"cold/restored {ratio:.1f}x >= {GOAL_COLD_OVER_RESTORED:.0f}x")))
-    rows.append(("warm container", m["warm"],
-                 goal(m["warm"]["p50_ms"] < GOAL_WARM_S * 1000,
-                      f"p50 < {GOAL_WARM_S * 1000:.0f} ms")))
-    out = [f"gpud cold start, {meta['cores']} cores, {'quick' if meta['quick'] else 'full'} "
-           f"run, {meta['elapsed_s']:.0f} s; image {IMAGE} ({meta['image_mb']:.0f} MB"
-           + (f", built in {meta['build_s']:.0f} s" if "build_s" in meta else "") + ")",
-           f"setup: import numpy, scipy, pandas; compute {meta['state_mb']:.0f} MB of state; "
-           "call: a small float, checked against the local run's",
-           f"baseline: {sys.executable} in a subprocess, PYTHONPATH={meta['baseline_site']}",
-           "",
-           "| start | n | p50 | p95 | p50 / local | job's start kind | goal |",
-           "|---|---:|---:|---:|---:|---|---|"]
+        rows.append(
+            (
+                "restored snapshot",
+                m["restored"],
+                goal(res < GOAL_RESTORED_S * 1000, f"p50 < {GOAL_RESTORED_S:.0f} s")
+                + "; "
+                + goal(
+                    ratio >= GOAL_COLD_OVER_RESTORED,
+                    f"cold/restored {ratio:.1f}x >= {GOAL_COLD_OVER_RESTORED:.0f}x",
+                ),
+            )
+        )
+    rows.append(
+        (
+            "warm container",
+            m["warm"],
+            goal(m["warm"]["p50_ms"] < GOAL_WARM_S * 1000, f"p50 < {GOAL_WARM_S * 1000:.0f} ms"),
+        )
+    )
+    out = [
+        f"gpud cold start, {meta['cores']} cores, {'quick' if meta['quick'] else 'full'} "
+        f"run, {meta['elapsed_s']:.0f} s; image {IMAGE} ({meta['image_mb']:.0f} MB"
+        + (f", built in {meta['build_s']:.0f} s" if "build_s" in meta else "")
+        + ")",
+        f"setup: import numpy, scipy, pandas; compute {meta['state_mb']:.0f} MB of state; "
+        "call: a small float, checked against the local run's",
+        f"baseline: {sys.executable} in a subprocess, PYTHONPATH={meta['baseline_site']}",
+        "",
+        "| start | n | p50 | p95 | p50 / local | job's start kind | goal |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
     for label, v, g in rows:
-        out.append(f"| {label} | {v['n']} | {fmt(v['p50_ms'])} | {fmt(v['p95_ms'])} | "
-                   f"{v['p50_ms'] / base:.2f}x | {', '.join(v.get('kinds', ['-']))} | {g} |")
+        out.append(
+            f"| {label} | {v['n']} | {fmt(v['p50_ms'])} | {fmt(v['p95_ms'])} | "
+            f"{v['p50_ms'] / base:.2f}x | {', '.join(v.get('kinds', ['-']))} | {g} |"
+        )
     out.append("")
     if "restored_skipped" in m:
         out.append(f"restored snapshot: not measured: {m['restored_skipped']}")
     if "snapshot" in m:
         s = m["snapshot"]
         out.append(f"snapshot: {s['state']}, {(s['size'] or 0) / 1e6:.0f} MB, snapshot {s['id']}")
-    out.append(f"untimed first calls: cold {m['cold_first']['s']:.2f} s (the image's first use),"
-               f" warm's first {m['warm_first']['s']:.2f} s")
-    su = [f"{k} {fmt(m[k]['startup_p50_ms'])}" for k in ("cold", "restored", "warm")
-          if k in m and "startup_p50_ms" in m[k]]
+    out.append(
+        f"untimed first calls: cold {m['cold_first']['s']:.2f} s (the image's first use),"
+        f" warm's first {m['warm_first']['s']:.2f} s"
+    )
+    su = [
+        f"{k} {fmt(m[k]['startup_p50_ms'])}"
+        for k in ("cold", "restored", "warm")
+        if k in m and "startup_p50_ms" in m[k]
+    ]
     if su:
-        out.append("daemon-side startup p50 (dispatch to first line of user code): "
-                   + ", ".join(su))
+        out.append(
+            "daemon-side startup p50 (dispatch to first line of user code): " + ", ".join(su)
+        )
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer calls: 2 each, 5 warm")
-    p.add_argument("--rebuild", action="store_true",
-                   help="download the wheels and build the image again")
+    p.add_argument(
+        "--rebuild", action="store_true", help="download the wheels and build the image again"
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     a = p.parse_args(argv)
-    sizes = (dict(baseline=2, cold=2, restored=2, warm=5) if a.quick
-             else dict(baseline=5, cold=5, restored=5, warm=20))
+    sizes = (
+        dict(baseline=2, cold=2, restored=2, warm=5)
+        if a.quick
+        else dict(baseline=5, cold=5, restored=5, warm=20)
+    )
     if os.geteuid() != 0 or shutil.which("podman") is None:
         print("bench/coldstart.py needs root and rootful Podman", file=sys.stderr)
         return 2
@@ -400,14 +516,19 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="gpud-coldstart-", dir="/tmp"))
     os.chmod(base, 0o755)  # the daemon runs root's jobs as nobody
     try:
-        meta: dict[str, Any] = {"quick": a.quick, "cores": CORES, "sizes": sizes,
-                                **prepare(a.rebuild, progress)}
+        meta: dict[str, Any] = {
+            "quick": a.quick,
+            "cores": CORES,
+            "sizes": sizes,
+            **prepare(a.rebuild, progress),
+        }
         progress("local reference run (untimed; also warms the page cache)")
         ref_run = local_run(meta["baseline_site"], list(range(XS)))
         ref, meta["state_mb"] = ref_run["values"], ref_run["state_mb"]
         progress(f"local baseline: {sizes['baseline']} processes")
         metrics: dict[str, Any] = {
-            "baseline": latency(measure_baseline(meta["baseline_site"], sizes["baseline"], ref))}
+            "baseline": latency(measure_baseline(meta["baseline_site"], sizes["baseline"], ref))
+        }
         gm, errors = measure_gpud(sizes, ref, base, progress)
         metrics.update(gm)
     except KeyboardInterrupt:

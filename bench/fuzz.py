@@ -65,17 +65,23 @@ class Report:
         return not self.failures and self.daemon_alive and self.server_errors == 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"seconds": round(self.seconds, 1), "requests": self.requests,
-                "requests_per_s": round(self.requests / max(self.seconds, 1e-9), 1),
-                "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
-                "server_errors": self.server_errors, "failures": len(self.failures),
-                "failure_examples": self.failures[:_KEEP],
-                "transport_errors": self.transport_errors, "accepted": self.accepted,
-                "daemon_alive": self.daemon_alive, "log_bytes": self.log_bytes,
-                "log_tracebacks": self.log_tracebacks,
-                "by_operation": dict(sorted(self.by_operation.items())),
-                "wait_s": {k: round(v, 2) for k, v in self.wait_s.most_common()},
-                "ok": self.ok}
+        return {
+            "seconds": round(self.seconds, 1),
+            "requests": self.requests,
+            "requests_per_s": round(self.requests / max(self.seconds, 1e-9), 1),
+            "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+            "server_errors": self.server_errors,
+            "failures": len(self.failures),
+            "failure_examples": self.failures[:_KEEP],
+            "transport_errors": self.transport_errors,
+            "accepted": self.accepted,
+            "daemon_alive": self.daemon_alive,
+            "log_bytes": self.log_bytes,
+            "log_tracebacks": self.log_tracebacks,
+            "by_operation": dict(sorted(self.by_operation.items())),
+            "wait_s": {k: round(v, 2) for k, v in self.wait_s.most_common()},
+            "ok": self.ok,
+        }
 
 
 def _problem(resp: Any) -> str | None:
@@ -92,8 +98,12 @@ def _problem(resp: Any) -> str | None:
         body = json.loads(resp.content)
     except ValueError:
         return f"a {resp.status_code} whose body is not valid JSON"
-    if not (isinstance(body, dict) and isinstance(body.get("error"), str)
-            and isinstance(body.get("detail"), str) and body["detail"]):
+    if not (
+        isinstance(body, dict)
+        and isinstance(body.get("error"), str)
+        and isinstance(body.get("detail"), str)
+        and body["detail"]
+    ):
         return f"a {resp.status_code} without error and detail"
     return None
 
@@ -119,8 +129,15 @@ def _tame(case: Any) -> None:
         case.query["follow"] = "false"
 
 
-def fuzz(base_url: str, token: str, seconds: float, *, examples: int = 30,
-         report: Report | None = None, progress: Any = None) -> Report:
+def fuzz(
+    base_url: str,
+    token: str,
+    seconds: float,
+    *,
+    examples: int = 30,
+    report: Report | None = None,
+    progress: Any = None,
+) -> Report:
     """Send schemathesis cases to the daemon at ``base_url`` for ``seconds``."""
     import httpx
     import hypothesis
@@ -159,13 +176,24 @@ def fuzz(base_url: str, token: str, seconds: float, *, examples: int = 30,
             report.accepted += 1
         why = _problem(resp)
         if why is not None:
-            report.failures.append({"operation": label, "problem": why,
-                                    "body": resp.text[:500],
-                                    "curl": case.as_curl_command(headers=headers)[:2000]})
+            report.failures.append(
+                {
+                    "operation": label,
+                    "problem": why,
+                    "body": resp.text[:500],
+                    "curl": case.as_curl_command(headers=headers)[:2000],
+                }
+            )
 
-    cfg = settings(max_examples=examples, deadline=None, database=None,
-                   suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet,
-                   phases=[Phase.explicit, Phase.generate], print_blob=False)
+    cfg = settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        verbosity=Verbosity.quiet,
+        phases=[Phase.explicit, Phase.generate],
+        print_blob=False,
+    )
     # A random `python` never matches the daemon's workers, so valid submits would never
     # get past that check into the ledger: in positive mode half of them carry the right one.
     worker_python = httpx.get(base_url + "/v1/health", timeout=10).json()["worker_python"]
@@ -207,8 +235,10 @@ def fuzz(base_url: str, token: str, seconds: float, *, examples: int = 30,
                     unsatisfiable.add((label, mode))
             rounds += 1
             if progress:
-                progress(f"round {rounds}: {report.requests} requests, "
-                         f"{report.server_errors} >= 500, {len(report.failures)} failures")
+                progress(
+                    f"round {rounds}: {report.requests} requests, "
+                    f"{report.server_errors} >= 500, {len(report.failures)} failures"
+                )
     session.close()
     report.seconds += time.monotonic() - start
     return report
@@ -218,16 +248,47 @@ def _fuzz_user(data_dir: Path) -> tuple[str, str]:
     """A gpud user for the fuzzer, made before the daemon's first start. As root the
     daemon runs jobs as their submitter, so it is a real account (nobody)."""
     name = "nobody" if os.geteuid() == 0 else "fuzzer"
-    out = subprocess.run([sys.executable, "-m", "gpud", "admin", "--data-dir", str(data_dir),
-                          "user", "add", name, "--no-token-file"], capture_output=True,
-                         text=True, cwd=str(REPO), timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpud",
+            "admin",
+            "--data-dir",
+            str(data_dir),
+            "user",
+            "add",
+            name,
+            "--no-token-file",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        timeout=60,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"gpud admin user add failed: {out.stderr}")
     # Submits that get through run (and fail: their function is random bytes); a quota
     # keeps the queue from growing without end, and its refusal is one more path covered.
-    quota = subprocess.run([sys.executable, "-m", "gpud", "admin", "--data-dir", str(data_dir),
-                            "quota", "set", name, "--queued", "20"], capture_output=True,
-                           text=True, cwd=str(REPO), timeout=60)
+    quota = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpud",
+            "admin",
+            "--data-dir",
+            str(data_dir),
+            "quota",
+            "set",
+            name,
+            "--queued",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        timeout=60,
+    )
     if quota.returncode != 0:
         raise RuntimeError(f"gpud admin quota set failed: {quota.stderr}")
     return name, out.stdout.strip()
@@ -236,23 +297,34 @@ def _fuzz_user(data_dir: Path) -> tuple[str, str]:
 def run(seconds: float, *, examples: int = 30, progress: Any = None) -> Report:
     base = Path(tempfile.mkdtemp(prefix="gpud-fuzz-", dir="/tmp"))
     os.chmod(base, 0o755)
-    d = Daemon(base, "fuzz", cpu_slots=2, tcp=True, env={
-        # Jobs that get through are garbage and fail at once; keep them short anyway.
-        "GPUD_MAX_TIMEOUT": "30", "GPUD_RETRY_BACKOFF": "0.1",
-    })
+    d = Daemon(
+        base,
+        "fuzz",
+        cpu_slots=2,
+        tcp=True,
+        env={
+            # Jobs that get through are garbage and fail at once; keep them short anyway.
+            "GPUD_MAX_TIMEOUT": "30",
+            "GPUD_RETRY_BACKOFF": "0.1",
+        },
+    )
     report = Report()
     try:
         _, token = _fuzz_user(d.data_dir)
         d.start()
-        fuzz(d.tcp_url, token, seconds, examples=examples, report=report,
-             progress=progress)
+        fuzz(d.tcp_url, token, seconds, examples=examples, report=report, progress=progress)
         report.daemon_alive = d.alive()
         log = d.log.read_bytes()
         report.log_bytes = len(log)
         report.log_tracebacks = log.count(b"Traceback (most recent call last)")
         if not report.daemon_alive:
-            report.failures.append({"operation": "-", "problem": "the daemon exited",
-                                    "body": log[-3000:].decode(errors="replace")})
+            report.failures.append(
+                {
+                    "operation": "-",
+                    "problem": "the daemon exited",
+                    "body": log[-3000:].decode(errors="replace"),
+                }
+            )
     finally:
         d.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -263,24 +335,35 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, help="how long to fuzz (default 5 minutes)")
     ap.add_argument("--seconds", type=float, help="how long to fuzz, in seconds")
-    ap.add_argument("--examples", type=int, default=30,
-                    help="cases per operation and mode before moving on (default 30)")
+    ap.add_argument(
+        "--examples",
+        type=int,
+        default=30,
+        help="cases per operation and mode before moving on (default 30)",
+    )
     ap.add_argument("--json", type=Path, help="also write the report here as JSON")
     args = ap.parse_args()
     seconds = args.seconds if args.seconds is not None else 60 * (args.minutes or 5.0)
-    report = run(seconds, examples=args.examples,
-                 progress=lambda m: print(m, file=sys.stderr, flush=True))
+    report = run(
+        seconds, examples=args.examples, progress=lambda m: print(m, file=sys.stderr, flush=True)
+    )
     out = report.as_dict()
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
-    print(f"fuzzed {out['seconds']} s: {out['requests']} requests "
-          f"({out['requests_per_s']}/s), by status {out['by_status']}")
-    print(f"responses >= 500: {out['server_errors']}, failures: {out['failures']}, "
-          f"transport errors: {out['transport_errors']}, daemon alive: {out['daemon_alive']}")
+    print(
+        f"fuzzed {out['seconds']} s: {out['requests']} requests "
+        f"({out['requests_per_s']}/s), by status {out['by_status']}"
+    )
+    print(
+        f"responses >= 500: {out['server_errors']}, failures: {out['failures']}, "
+        f"transport errors: {out['transport_errors']}, daemon alive: {out['daemon_alive']}"
+    )
     print(f"daemon log: {out['log_bytes']} bytes, {out['log_tracebacks']} tracebacks")
     for f in report.failures[:_KEEP]:
-        print(f"FAIL {f['operation']}: {f['problem']}\n  {f.get('body', '')[:300]}\n"
-              f"  {f.get('curl', '')[:500]}")
+        print(
+            f"FAIL {f['operation']}: {f['problem']}\n  {f.get('body', '')[:300]}\n"
+            f"  {f.get('curl', '')[:500]}"
+        )
     return 0 if report.ok else 1
 
 

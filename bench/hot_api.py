@@ -8,6 +8,7 @@ baseline, same run), then with a sweep of 20,000 and of 100,000 queued GPU jobs.
 The sweep is one `.map` batch of a GPU no-op; the daemon runs it (2 GPUs) while the
 probe asks, one request after the other, for the first page of each listing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,14 +73,19 @@ def _row(label: str, lat: list[float], base: list[float]) -> Row:
     p99 = pct(lat, 99)
     return Row(
         measure=f"API latency, {label}",
-        figure=f"p50 {pct(lat, 50):.1f} / p99 {p99:.1f} / max {max(lat):.1f} ms "
-               f"({len(lat)} req)",
+        figure=f"p50 {pct(lat, 50):.1f} / p99 {p99:.1f} / max {max(lat):.1f} ms ({len(lat)} req)",
         baseline=f"idle p99 {pct(base, 99):.1f} ms",
         target=f"p99 < {TARGET_P99_MS:g} ms",
         ok=p99 < TARGET_P99_MS,
-        numbers={"p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": p99,
-                 "max_ms": max(lat), "requests": float(len(lat)),
-                 "idle_p99_ms": pct(base, 99)})
+        numbers={
+            "p50_ms": pct(lat, 50),
+            "p95_ms": pct(lat, 95),
+            "p99_ms": p99,
+            "max_ms": max(lat),
+            "requests": float(len(lat)),
+            "idle_p99_ms": pct(base, 99),
+        },
+    )
 
 
 def rows(quick: bool, progress: Progress, seconds: float | None = None) -> list[Row]:

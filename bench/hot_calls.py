@@ -116,44 +116,68 @@ def rows(quick: bool, progress: Progress) -> list[Row]:
             cold = gpud.function(name="bench.noop", url=d.url, keep_warm=0)(noop)
             progress(f"cold .remote() x{n_remote}")
             cold.remote(1)
-            cold_new, cold_old = _interleaved(lambda: cold.remote(1), lambda: _old_remote(cold),
-                                              n_remote)
+            cold_new, cold_old = _interleaved(
+                lambda: cold.remote(1), lambda: _old_remote(cold), n_remote
+            )
             ratio = cold_new / base_ms
-            out.append(Row(
-                "cold .remote() p50 / subprocess+cloudpickle p50", f"{ratio:.2f}x "
-                f"({cold_new:.1f} ms)", f"{base_ms:.1f} ms; 4-request path {cold_old:.1f} ms",
-                "<= 1.3x", ratio <= 1.3,
-                {"p50_ms": cold_new, "old_p50_ms": cold_old, "baseline_ms": base_ms}))
+            out.append(
+                Row(
+                    "cold .remote() p50 / subprocess+cloudpickle p50",
+                    f"{ratio:.2f}x ({cold_new:.1f} ms)",
+                    f"{base_ms:.1f} ms; 4-request path {cold_old:.1f} ms",
+                    "<= 1.3x",
+                    ratio <= 1.3,
+                    {"p50_ms": cold_new, "old_p50_ms": cold_old, "baseline_ms": base_ms},
+                )
+            )
 
             progress(f"cold .map of {n_cold_map}")
             rate = _map_rate(cold, n_cold_map)
             target = 0.8 * d.cpu_slots / (base_ms / 1000.0)
-            out.append(Row(
-                f".map of {n_cold_map:,} no-ops, cold, {d.cpu_slots} slots", f"{rate:.1f} jobs/s",
-                f"0.8 x {d.cpu_slots} / {base_ms:.1f} ms = {target:.1f} jobs/s",
-                f">= {target:.1f} jobs/s", rate >= target,
-                {"jobs_per_s": rate, "target": target}))
+            out.append(
+                Row(
+                    f".map of {n_cold_map:,} no-ops, cold, {d.cpu_slots} slots",
+                    f"{rate:.1f} jobs/s",
+                    f"0.8 x {d.cpu_slots} / {base_ms:.1f} ms = {target:.1f} jobs/s",
+                    f">= {target:.1f} jobs/s",
+                    rate >= target,
+                    {"jobs_per_s": rate, "target": target},
+                )
+            )
 
             warm = gpud.function(name="bench.noop_warm", url=d.url, keep_warm=300)(noop)
             progress(f"warm .remote() x{n_remote}")
             for _ in range(3):
                 warm.remote(1)
-            warm_new, warm_old = _interleaved(lambda: warm.remote(1), lambda: _old_remote(warm),
-                                              n_remote)
-            out.append(Row(
-                "warm .remote() p50", f"{warm_new:.1f} ms",
-                f"4-request path {warm_old:.1f} ms", "<= 5 ms", warm_new <= 5.0,
-                {"p50_ms": warm_new, "old_p50_ms": warm_old}))
+            warm_new, warm_old = _interleaved(
+                lambda: warm.remote(1), lambda: _old_remote(warm), n_remote
+            )
+            out.append(
+                Row(
+                    "warm .remote() p50",
+                    f"{warm_new:.1f} ms",
+                    f"4-request path {warm_old:.1f} ms",
+                    "<= 5 ms",
+                    warm_new <= 5.0,
+                    {"p50_ms": warm_new, "old_p50_ms": warm_old},
+                )
+            )
 
             progress(f"warm .map of {n_warm_map}")
             list(warm.map(range(20), progress=False))  # a warm worker per slot
             old_n = min(n_warm_map, 200)
             old_rate = _old_map_rate(warm, old_n)
             rate = _map_rate(warm, n_warm_map)
-            out.append(Row(
-                f".map of {n_warm_map:,} no-ops, warm workers", f"{rate:.0f} jobs/s",
-                f"per-job fetch {old_rate:.0f} jobs/s (of {old_n})", ">= 1,000 jobs/s",
-                rate >= 1000, {"jobs_per_s": rate, "old_jobs_per_s": old_rate}))
+            out.append(
+                Row(
+                    f".map of {n_warm_map:,} no-ops, warm workers",
+                    f"{rate:.0f} jobs/s",
+                    f"per-job fetch {old_rate:.0f} jobs/s (of {old_n})",
+                    ">= 1,000 jobs/s",
+                    rate >= 1000,
+                    {"jobs_per_s": rate, "old_jobs_per_s": old_rate},
+                )
+            )
 
         with bench.daemon("queued", cpu_slots=1) as d:
             idle_q = _rss(d)
@@ -168,11 +192,16 @@ def rows(quick: bool, progress: Progress) -> list[Row]:
             time.sleep(2.0)  # let the scheduling rounds the submits started settle
             queued = _rss(d)
             idle = min(idle, idle_q)
-            out.append(Row(
-                "daemon RSS idle / queued", f"{idle / MB:.0f} MB / {queued / MB:.0f} MB",
-                f"{n_queued:,} queued jobs", "< 80 MB / < 300 MB",
-                idle < 80 * MB and queued < 300 * MB,
-                {"idle_mb": idle / MB, "queued_mb": queued / MB, "queued_jobs": n_queued}))
+            out.append(
+                Row(
+                    "daemon RSS idle / queued",
+                    f"{idle / MB:.0f} MB / {queued / MB:.0f} MB",
+                    f"{n_queued:,} queued jobs",
+                    "< 80 MB / < 300 MB",
+                    idle < 80 * MB and queued < 300 * MB,
+                    {"idle_mb": idle / MB, "queued_mb": queued / MB, "queued_jobs": n_queued},
+                )
+            )
     finally:
         bench.stop_all()
         shutil.rmtree(base, ignore_errors=True)

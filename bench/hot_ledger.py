@@ -50,8 +50,14 @@ WRITES_TARGET = 4000.0
 
 
 def _job(i: int) -> NewJob:
-    return NewJob(name="bench.noop", owner="bench", function_hash="h" * 64, args=b"a",
-                  python="3.11.7", timeout=60.0)
+    return NewJob(
+        name="bench.noop",
+        owner="bench",
+        function_hash="h" * 64,
+        args=b"a",
+        python="3.11.7",
+        timeout=60.0,
+    )
 
 
 def _advances(path: Path, n: int, group: bool) -> tuple[float, int]:
@@ -64,8 +70,13 @@ def _advances(path: Path, n: int, group: bool) -> tuple[float, int]:
     async def one(jid: int) -> None:
         for s in (JobState.STARTING, JobState.RUNNING):
             await lt.call(Ledger.advance, jid, [Step(s)], 2.0)
-        await lt.call(Ledger.advance, jid, [Step(JobState.SUCCEEDED, fields={"exit_code": 0})],
-                      3.0, expect=JobState.RUNNING)
+        await lt.call(
+            Ledger.advance,
+            jid,
+            [Step(JobState.SUCCEEDED, fields={"exit_code": 0})],
+            3.0,
+            expect=JobState.RUNNING,
+        )
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -81,8 +92,9 @@ def _advances(path: Path, n: int, group: bool) -> tuple[float, int]:
         lt.close()
     check = Ledger(path)
     try:
-        done = check.conn.execute("SELECT count(*) FROM jobs WHERE state = 'succeeded'"
-                                  ).fetchone()[0]
+        done = check.conn.execute("SELECT count(*) FROM jobs WHERE state = 'succeeded'").fetchone()[
+            0
+        ]
         assert done == n, f"only {done} of {n} jobs succeeded"
     finally:
         check.close()
@@ -102,15 +114,23 @@ def group_commit_row(base: Path, n: int, progress: Progress) -> Row:
         baseline=f"one COMMIT per write {base_rate:,.0f}/s ({rate / base_rate:.1f}x)",
         target=f">= {WRITES_TARGET:,.0f}/s (1,000 jobs/s)",
         ok=rate >= WRITES_TARGET,
-        numbers={"writes_per_s": rate, "baseline_writes_per_s": base_rate,
-                 "commits": float(commits), "writes": float(writes)},
+        numbers={
+            "writes_per_s": rate,
+            "baseline_writes_per_s": base_rate,
+            "commits": float(commits),
+            "writes": float(writes),
+        },
     )
 
 
 # -- (b) a ledger of a million jobs --------------------------------------------------------
 
-_STATES = ([JobState.SUCCEEDED.value] * 90 + [JobState.FAILED.value] * 6 +
-           [JobState.CANCELLED.value] * 3 + [JobState.TIMED_OUT.value])
+_STATES = (
+    [JobState.SUCCEEDED.value] * 90
+    + [JobState.FAILED.value] * 6
+    + [JobState.CANCELLED.value] * 3
+    + [JobState.TIMED_OUT.value]
+)
 _OWNERS = ["alice", "bob", "carol", "dave"]
 _NEW_INDEXES = ("jobs_state", "jobs_owner_state")
 
@@ -121,19 +141,37 @@ def build_ledger(path: Path, n: int) -> float:
     Ledger(path).close()  # the schema, all migrations
     c = sqlite3.connect(path, isolation_level=None)
     c.execute("PRAGMA synchronous=OFF")
-    indexes = c.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' "
-                        "AND tbl_name = 'jobs' AND sql IS NOT NULL").fetchall()
+    indexes = c.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'index' "
+        "AND tbl_name = 'jobs' AND sql IS NOT NULL"
+    ).fetchall()
     c.execute("BEGIN")
     for name, _ in indexes:
         c.execute(f"DROP INDEX {name}")
     c.execute("INSERT INTO blobs (hash, data, created_at) VALUES (?, ?, 0)", ("h" * 64, b"fn"))
     rng = random.Random(12)
-    rows = ((i, "bench.noop", rng.choice(_OWNERS), rng.choice(_STATES), 60.0, "3.11.7",
-             "h" * 64, b"a", 1e9 + i, 1e9 + i + 1, 1e9 + i + 2) for i in range(1, n + 1))
+    rows = (
+        (
+            i,
+            "bench.noop",
+            rng.choice(_OWNERS),
+            rng.choice(_STATES),
+            60.0,
+            "3.11.7",
+            "h" * 64,
+            b"a",
+            1e9 + i,
+            1e9 + i + 1,
+            1e9 + i + 2,
+        )
+        for i in range(1, n + 1)
+    )
     c.executemany(
         "INSERT INTO jobs (id, name, owner, state, timeout, python, function_hash, args, "
         "submitted_at, started_at, ended_at, attempt, exit_code) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 0)", rows)
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 0)",
+        rows,
+    )
     for _, sql in indexes:
         c.execute(sql)
     c.execute("COMMIT")
@@ -147,8 +185,9 @@ def to_old_schema(path: Path) -> None:
     c = sqlite3.connect(path, isolation_level=None, timeout=30)
     for name in _NEW_INDEXES:
         c.execute(f"DROP INDEX {name}")
-    c.execute("CREATE INDEX jobs_active ON jobs(state) "
-              "WHERE state IN ('queued', 'starting', 'running')")
+    c.execute(
+        "CREATE INDEX jobs_active ON jobs(state) WHERE state IN ('queued', 'starting', 'running')"
+    )
     c.close()
 
 
@@ -158,13 +197,26 @@ class Daemon:
         self.socket = base / "gpud.sock"
         self.url = f"unix://{self.socket}"
         env = dict(os.environ)
-        env.update({"GPUD_DATA_DIR": str(base / "data"), "GPUD_SOCKET": str(self.socket),
-                    "GPUD_GPUS": "fake", "GPUD_FAKE_GPUS": "h100", "GPUD_LOG_LEVEL": "warning",
-                    "GPUD_URL": self.url})
+        env.update(
+            {
+                "GPUD_DATA_DIR": str(base / "data"),
+                "GPUD_SOCKET": str(self.socket),
+                "GPUD_GPUS": "fake",
+                "GPUD_FAKE_GPUS": "h100",
+                "GPUD_LOG_LEVEL": "warning",
+                "GPUD_URL": self.url,
+            }
+        )
         self.env = env
         self.log = open(base / "gpud.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(GPUD + ["serve"], env=env, stdout=self.log,
-                                     stderr=self.log, cwd=REPO, start_new_session=True)
+        self.proc = subprocess.Popen(
+            GPUD + ["serve"],
+            env=env,
+            stdout=self.log,
+            stderr=self.log,
+            cwd=REPO,
+            start_new_session=True,
+        )
 
     def wait_ready(self, within: float = 300.0) -> float:
         from gpud_client import Client
@@ -252,35 +304,65 @@ def listing_rows(base: Path, n: int, quick: bool, progress: Progress) -> list[Ro
             bare, _ = _command_ms([sys.executable, "-c", "pass"], d.env)
             progress("ps: the same calls on the schema before migration 10")
             to_old_schema(data / "ledger.db")
-            old = {k: _p50_ms(lambda kw=kw: c.list_jobs(**kw), repeat)  # type: ignore[misc]
-                   for k, kw in calls.items()}
+            old = {
+                k: _p50_ms(lambda kw=kw: c.list_jobs(**kw), repeat)  # type: ignore[misc]
+                for k, kw in calls.items()
+            }
     finally:
         d.stop()
     size = f"{n:,} jobs"
     rows = [
-        Row(f"`gpud ps --all` = GET /v1/jobs?limit=50 (client, socket), {size}",
-            f"{figures['all']:.1f} ms", f"without the #12 indexes {old['all']:.1f} ms",
-            "< 100 ms", figures["all"] < 100),
-        Row(f"  its next page (?cursor=), {size}", f"{figures['all_page2']:.1f} ms",
-            f"without the #12 indexes {old['all_page2']:.1f} ms", "< 100 ms",
-            figures["all_page2"] < 100),
-        Row(f"  a user's `gpud ps` (owner + active states), {size}",
-            f"{figures['user']:.1f} ms", f"without the #12 indexes {old['user']:.1f} ms",
-            "< 100 ms", figures["user"] < 100),
-        Row(f"  `gpud ps --state failed`, {size}", f"{figures['failed']:.1f} ms",
-            f"without the #12 indexes {old['failed']:.1f} ms", "< 100 ms",
-            figures["failed"] < 100),
-        Row(f"  the `gpud ps --all` command (subprocess), {size}", f"{cli:.0f} ms",
+        Row(
+            f"`gpud ps --all` = GET /v1/jobs?limit=50 (client, socket), {size}",
+            f"{figures['all']:.1f} ms",
+            f"without the #12 indexes {old['all']:.1f} ms",
+            "< 100 ms",
+            figures["all"] < 100,
+        ),
+        Row(
+            f"  its next page (?cursor=), {size}",
+            f"{figures['all_page2']:.1f} ms",
+            f"without the #12 indexes {old['all_page2']:.1f} ms",
+            "< 100 ms",
+            figures["all_page2"] < 100,
+        ),
+        Row(
+            f"  a user's `gpud ps` (owner + active states), {size}",
+            f"{figures['user']:.1f} ms",
+            f"without the #12 indexes {old['user']:.1f} ms",
+            "< 100 ms",
+            figures["user"] < 100,
+        ),
+        Row(
+            f"  `gpud ps --state failed`, {size}",
+            f"{figures['failed']:.1f} ms",
+            f"without the #12 indexes {old['failed']:.1f} ms",
+            "< 100 ms",
+            figures["failed"] < 100,
+        ),
+        Row(
+            f"  the `gpud ps --all` command (subprocess), {size}",
+            f"{cli:.0f} ms",
             f"`gpud --version` {start:.0f} ms (start-up; `python -c pass` {bare:.0f} ms); "
             f"CPU {cli_cpu:.0f} vs {start_cpu:.0f} ms",
             "< 100 ms over start-up",
-            cli - start < 100),
+            cli - start < 100,
+        ),
     ]
     numbers = {f"{k}_ms": v for k, v in figures.items()}
     numbers.update({f"old_{k}_ms": v for k, v in old.items()})
-    numbers.update({"cli_ms": cli, "cli_start_ms": start, "python_ms": bare,
-                    "cli_cpu_ms": cli_cpu, "cli_start_cpu_ms": start_cpu, "build_s": built,
-                    "daemon_ready_s": ready, "jobs": float(n)})
+    numbers.update(
+        {
+            "cli_ms": cli,
+            "cli_start_ms": start,
+            "python_ms": bare,
+            "cli_cpu_ms": cli_cpu,
+            "cli_start_cpu_ms": start_cpu,
+            "build_s": built,
+            "daemon_ready_s": ready,
+            "jobs": float(n),
+        }
+    )
     rows[0] = dataclasses.replace(rows[0], numbers=numbers)
     return rows
 

@@ -10,6 +10,7 @@ and whether `gpud usage`'s totals are the same before and after (the row's "ok")
 
     .venv/bin/python bench/hot_retention.py [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,25 +46,57 @@ def build(path: Path, n: int) -> None:
         owner = OWNERS[i % 4]
         end = t + 0.5 + (i % 7) * 0.3
         ds = round((end - t) * 10)
-        jobs.append((i, "m.f", owner, "succeeded", '["h100:1"]', 60.0, 1, "GPU-0", 1, "3.11",
-                     "h", b"a" * 40, t - 1, t, end, ds, ds))
+        jobs.append(
+            (
+                i,
+                "m.f",
+                owner,
+                "succeeded",
+                '["h100:1"]',
+                60.0,
+                1,
+                "GPU-0",
+                1,
+                "3.11",
+                "h",
+                b"a" * 40,
+                t - 1,
+                t,
+                end,
+                ds,
+                ds,
+            )
+        )
         attempts.append((i, 1, t, end, "succeeded", "GPU-0", ds, ds, t))
         gpus.append((i, 1, owner, "GPU-0", "h100", t, end, ds))
-        for k, (a, b) in enumerate([(None, "queued"), ("queued", "starting"),
-                                    ("starting", "running"), ("running", "succeeded")]):
+        for k, (a, b) in enumerate(
+            [
+                (None, "queued"),
+                ("queued", "starting"),
+                ("starting", "running"),
+                ("running", "succeeded"),
+            ]
+        ):
             events.append((i, t + k * 0.1, a, b, "x"))
     c.executemany(
         "INSERT INTO jobs (id, name, owner, state, gpu, timeout, attempt, gpus, batch_id, "
         "python, function_hash, args, submitted_at, started_at, ended_at, wall_ds, gpu_ds) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", jobs)
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        jobs,
+    )
     c.executemany(
         "INSERT INTO attempts (job_id, attempt, started_at, ended_at, state, gpus, wall_ds, "
-        "gpu_ds, launched_at) VALUES (?,?,?,?,?,?,?,?,?)", attempts)
+        "gpu_ds, launched_at) VALUES (?,?,?,?,?,?,?,?,?)",
+        attempts,
+    )
     c.executemany(
         "INSERT INTO gpu_usage (job_id, attempt, owner, gpu_uuid, gpu_type, started_at, "
-        "ended_at, ds) VALUES (?,?,?,?,?,?,?,?)", gpus)
-    c.executemany("INSERT INTO events (job_id, at, from_state, to_state, reason) "
-                  "VALUES (?,?,?,?,?)", events)
+        "ended_at, ds) VALUES (?,?,?,?,?,?,?,?)",
+        gpus,
+    )
+    c.executemany(
+        "INSERT INTO events (job_id, at, from_state, to_state, reason) VALUES (?,?,?,?,?)", events
+    )
     c.execute("COMMIT")
     c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     led.close()
@@ -73,17 +106,25 @@ def sizes(led: Ledger) -> tuple[int, int]:
     c = led.conn
     c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     page = c.execute("PRAGMA page_size").fetchone()[0]
-    used = (c.execute("PRAGMA page_count").fetchone()[0]
-            - c.execute("PRAGMA freelist_count").fetchone()[0]) * page
+    used = (
+        c.execute("PRAGMA page_count").fetchone()[0]
+        - c.execute("PRAGMA freelist_count").fetchone()[0]
+    ) * page
     return led.path.stat().st_size, used
 
 
 def totals(led: Ledger) -> list[tuple[str, int, int, float, float]]:
     since, until = 0.0, BASE * 2
-    r = report(attempts_between(led, since, until), since=since, until=until, by="user",
-               buckets=buckets_between(led, since, until))
-    return [(x.key, x.job_count, x.attempts, x.gpu_seconds, x.wall_seconds)
-            for x in [*r.lines, r.total]]
+    r = report(
+        attempts_between(led, since, until),
+        since=since,
+        until=until,
+        by="user",
+        buckets=buckets_between(led, since, until),
+    )
+    return [
+        (x.key, x.job_count, x.attempts, x.gpu_seconds, x.wall_seconds) for x in [*r.lines, r.total]
+    ]
 
 
 def rows(quick: bool, progress: Progress) -> list[Row]:
@@ -125,18 +166,26 @@ def rows(quick: bool, progress: Progress) -> list[Row]:
         shutil.rmtree(tmp, ignore_errors=True)
     same = before_usage == after_usage and removed == n
     mb = 1e6
-    return [Row(
-        measure=f"gc of {n:,} finished jobs' records ({chunks} transactions), usage rolled up",
-        figure=f"{took:.2f} s ({n / took:,.0f} jobs/s); ledger in use {used_before / mb:.1f} "
-               f"-> {used_after / mb:.1f} MB (file {file_before / mb:.1f} -> "
-               f"{file_after / mb:.1f} MB)",
-        baseline=f"plain DELETE, 1 tx: {base:.2f} s ({took / base:.1f}x)",
-        target="usage totals unchanged",
-        ok=same,
-        numbers={"jobs": n, "seconds": took, "baseline_seconds": base,
-                 "used_before": used_before, "used_after": used_after,
-                 "file_before": file_before, "file_after": file_after},
-    )]
+    return [
+        Row(
+            measure=f"gc of {n:,} finished jobs' records ({chunks} transactions), usage rolled up",
+            figure=f"{took:.2f} s ({n / took:,.0f} jobs/s); ledger in use {used_before / mb:.1f} "
+            f"-> {used_after / mb:.1f} MB (file {file_before / mb:.1f} -> "
+            f"{file_after / mb:.1f} MB)",
+            baseline=f"plain DELETE, 1 tx: {base:.2f} s ({took / base:.1f}x)",
+            target="usage totals unchanged",
+            ok=same,
+            numbers={
+                "jobs": n,
+                "seconds": took,
+                "baseline_seconds": base,
+                "used_before": used_before,
+                "used_after": used_after,
+                "file_before": file_before,
+                "file_after": file_after,
+            },
+        )
+    ]
 
 
 def main() -> None:

@@ -44,33 +44,65 @@ from gpud.scheduler import Plan, plan  # noqa: E402
 from gpud.testing import sched_reference as ref  # noqa: E402
 
 NOW = 1_000_000.0
-SHAPES = ["h100", "h100:2", "h100:3", "h100:4", "a100", "a100:2", "a100:3", "a100:4",
-          "any", "any:2", "any:4", "any:8", "h100:2,a100:2", "h100,a100", "a100:4,h100:4",
-          None]
+SHAPES = [
+    "h100",
+    "h100:2",
+    "h100:3",
+    "h100:4",
+    "a100",
+    "a100:2",
+    "a100:3",
+    "a100:4",
+    "any",
+    "any:2",
+    "any:4",
+    "any:8",
+    "h100:2,a100:2",
+    "h100,a100",
+    "a100:4,h100:4",
+    None,
+]
 USERS = ["ann", "bob", "cy", "dee"]
 
 
 def snapshot(queued: int, seed: int = 12) -> tuple[ActiveJobs[Job], list[Job], list[Gpu]]:
     rnd = random.Random(seed)
-    gpus = [Gpu(index=i, uuid=f"GPU-{i}", name=t, type=t)
-            for i, t in enumerate(["h100"] * 4 + ["a100"] * 4)]
+    gpus = [
+        Gpu(index=i, uuid=f"GPU-{i}", name=t, type=t)
+        for i, t in enumerate(["h100"] * 4 + ["a100"] * 4)
+    ]
     active: ActiveJobs[Job] = ActiveJobs(lambda j: j)
     for i, held in enumerate([("GPU-0", "GPU-1"), ("GPU-2",), ("GPU-4", "GPU-5", "GPU-6")]):
-        active[900_000 + i] = Job(id=900_000 + i, function="m:f", state=JobState.RUNNING,
-                                  submitted_at=NOW - 100, owner=USERS[i], gpus=held,
-                                  gpu=GpuRequest.parse(f"any:{len(held)}"))
+        active[900_000 + i] = Job(
+            id=900_000 + i,
+            function="m:f",
+            state=JobState.RUNNING,
+            submitted_at=NOW - 100,
+            owner=USERS[i],
+            gpus=held,
+            gpu=GpuRequest.parse(f"any:{len(held)}"),
+        )
     for i in range(1, queued + 1):
-        active[i] = Job(id=i, function="m:f", state=JobState.QUEUED,
-                        submitted_at=NOW - queued + i, owner=rnd.choice(USERS),
-                        priority=rnd.choice([0, 0, 0, -1]),
-                        gpu=GpuRequest.parse(rnd.choice(SHAPES)),
-                        not_before=NOW + 5 if rnd.random() < 0.01 else 0.0)
+        active[i] = Job(
+            id=i,
+            function="m:f",
+            state=JobState.QUEUED,
+            submitted_at=NOW - queued + i,
+            owner=rnd.choice(USERS),
+            priority=rnd.choice([0, 0, 0, -1]),
+            gpu=GpuRequest.parse(rnd.choice(SHAPES)),
+            not_before=NOW + 5 if rnd.random() < 0.01 else 0.0,
+        )
     return active, list(active.running.values()), gpus
 
 
 KW: dict[str, object] = dict(
-    cpu_slots=2, now=NOW, usage={"ann": 5e5, "bob": 1e4, "cy": 0.0, "dee": 2e5},
-    policy=Policy(), quotas={"dee": Quota(max_gpus=2)})
+    cpu_slots=2,
+    now=NOW,
+    usage={"ann": 5e5, "bob": 1e4, "cy": 0.0, "dee": 2e5},
+    policy=Policy(),
+    quotas={"dee": Quota(max_gpus=2)},
+)
 
 
 def timed(fn: Callable[[], object], repeat: int) -> float:
@@ -93,16 +125,16 @@ def rows(quick: bool, progress: hotrows.Progress) -> list[hotrows.Row]:
     return out
 
 
-def _measure(queued: int, target: float, quick: bool,
-             progress: hotrows.Progress) -> list[hotrows.Row]:
+def _measure(
+    queued: int, target: float, quick: bool, progress: hotrows.Progress
+) -> list[hotrows.Row]:
     progress(f"scheduler: building a queue of {queued:,} jobs")
     active, running, gpus = snapshot(queued)
     pending = list(active.pending)
     kw: dict[str, Any] = dict(KW)
 
     def old() -> list[Decision]:
-        key = ref.scheduling_key(pending, running, now=NOW, usage=kw["usage"],
-                                 policy=kw["policy"])
+        key = ref.scheduling_key(pending, running, now=NOW, usage=kw["usage"], policy=kw["policy"])
         ref.match_warm(pending, [], gpus, now=NOW, key=key)
         return ref.decide(pending, running, gpus, **kw)
 
@@ -159,33 +191,56 @@ def _measure(queued: int, target: float, quick: bool,
     t_walk = statistics.median(walk_t)
     return [
         hotrows.Row(
-            f"plan(), full pass, {queued:,} queued jobs on 8 GPUs in 16 shapes", ms(t_full),
+            f"plan(), full pass, {queued:,} queued jobs on 8 GPUs in 16 shapes",
+            ms(t_full),
             f"old decide {ms(base)} ({base / t_full:.0f}x; looked at {looked} jobs)",
-            f"< {ms(target)}", t_full < target,
-            {"plan_s": t_full, "old_s": base, "looked_at": looked}),
+            f"< {ms(target)}",
+            t_full < target,
+            {"plan_s": t_full, "old_s": base, "looked_at": looked},
+        ),
         hotrows.Row(
-            f"plan(), event round (depth 100), {queued:,} queued", ms(t_event),
-            f"old decide {ms(base)}", f"< {ms(target)}", t_event < target,
-            {"plan_s": t_event, "old_s": base}),
+            f"plan(), event round (depth 100), {queued:,} queued",
+            ms(t_event),
+            f"old decide {ms(base)}",
+            f"< {ms(target)}",
+            t_event < target,
+            {"plan_s": t_event, "old_s": base},
+        ),
         hotrows.Row(
-            f"plan() + every wait's reason read once, {queued:,} queued", ms(t_read),
-            f"old decide {ms(base)}", "(info: paid by the first read)", True,
-            {"read_s": t_read, "old_s": base}),
+            f"plan() + every wait's reason read once, {queued:,} queued",
+            ms(t_read),
+            f"old decide {ms(base)}",
+            "(info: paid by the first read)",
+            True,
+            {"read_s": t_read, "old_s": base},
+        ),
         hotrows.Row(
             f"one job's reason+position read after a round, {queued:,} queued (worst of "
-            f"{len(one_t)})", ms(t_one), f"every wait read {ms(t_read)} ({t_read / t_one:.0f}x; "
+            f"{len(one_t)})",
+            ms(t_one),
+            f"every wait read {ms(t_read)} ({t_read / t_one:.0f}x; "
             f"median {ms(statistics.median(one_t))})",
-            "< 50.0 ms", t_one < 0.050, {"read_one_s": t_one, "read_all_s": t_read,
-                                         "median_s": statistics.median(one_t)}),
+            "< 50.0 ms",
+            t_one < 0.050,
+            {"read_one_s": t_one, "read_all_s": t_read, "median_s": statistics.median(one_t)},
+        ),
         hotrows.Row(
             f"a /v1/queue page of 50 at offset 0 after a round, {queued:,} queued",
-            ms(t_page0), f"every wait read {ms(t_read)} ({t_read / t_page0:.0f}x)",
-            "< 50.0 ms", t_page0 < 0.050, {"page_s": t_page0, "read_all_s": t_read}),
+            ms(t_page0),
+            f"every wait read {ms(t_read)} ({t_read / t_page0:.0f}x)",
+            "< 50.0 ms",
+            t_page0 < 0.050,
+            {"page_s": t_page0, "read_all_s": t_read},
+        ),
         hotrows.Row(
             f"a /v1/queue page of 50 at offset {queued // 2:,} after a round, {queued:,} "
-            f"queued (worst of {len(page_t[queued // 2])})", ms(t_pagem),
-            f"walked to its offset {ms(t_walk)} ({t_walk / t_pagem:.0f}x)", "< 50.0 ms",
-            t_pagem < 0.050, {"page_s": t_pagem, "walk_s": t_walk, "read_all_s": t_read}),
+            f"queued (worst of {len(page_t[queued // 2])})",
+            ms(t_pagem),
+            f"walked to its offset {ms(t_walk)} ({t_walk / t_pagem:.0f}x)",
+            "< 50.0 ms",
+            t_pagem < 0.050,
+            {"page_s": t_pagem, "walk_s": t_walk, "read_all_s": t_read},
+        ),
     ]
 
 

@@ -17,6 +17,7 @@ The queue wait of each of its jobs (QUEUED -> STARTING, from the ledger) is repo
 beside it. The listing's p99 is the API target. ``--raw`` writes every sample with its
 time (seconds from the sweep's start), to see when the slow ones happened.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -109,9 +110,24 @@ def _add_user(data_dir: Path) -> tuple[str, str]:
     """The other gpud user and its token, added as an admin would (`gpud admin user
     add`). On a root daemon a user's jobs run as their Unix account: `nobody` has one."""
     name = "nobody" if os.geteuid() == 0 else "prober"
-    out = subprocess.run([sys.executable, "-m", "gpud", "admin", "--data-dir", str(data_dir),
-                          "user", "add", name, "--no-token-file"], capture_output=True,
-                         text=True, cwd=str(REPO), timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpud",
+            "admin",
+            "--data-dir",
+            str(data_dir),
+            "user",
+            "add",
+            name,
+            "--no-token-file",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        timeout=60,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"gpud admin user add failed: {out.stderr}")
     return name, out.stdout.strip()
@@ -124,7 +140,9 @@ def _queue_waits(ledger: Path, owner: str) -> list[tuple[float, float]]:
     try:
         rows = con.execute(
             "SELECT j.id, e.to_state, e.at FROM jobs j JOIN events e ON e.job_id = j.id "
-            "WHERE j.owner = ? ORDER BY e.id", (owner,)).fetchall()
+            "WHERE j.owner = ? ORDER BY e.id",
+            (owner,),
+        ).fetchall()
     finally:
         con.close()
     queued: dict[int, float] = {}
@@ -138,8 +156,9 @@ def _queue_waits(ledger: Path, owner: str) -> list[tuple[float, float]]:
     return out
 
 
-def rows(quick: bool, progress: Progress, inputs: int | None = None,
-         raw: Path | None = None) -> list[Row]:
+def rows(
+    quick: bool, progress: Progress, inputs: int | None = None, raw: Path | None = None
+) -> list[Row]:
     os.environ.setdefault("GPUD_JOB_PYTHON", "daemon")
     n = inputs if inputs is not None else (2_000 if quick else 100_000)
     base = Path(tempfile.mkdtemp(prefix="gpud-hotsweep-", dir="/tmp"))
@@ -152,18 +171,23 @@ def rows(quick: bool, progress: Progress, inputs: int | None = None,
             env = dict(os.environ, GPUD_URL=d.tcp_url, GPUD_TOKEN=token)
             other = subprocess.Popen(
                 [sys.executable, __file__, "--probe", "--interval", "0.5" if quick else "2"],
-                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                cwd=str(REPO))
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=str(REPO),
+            )
             assert other.stdin is not None and other.stdout is not None
             if other.stdout.readline().strip() != "ready":
                 raise RuntimeError("the other user's probe did not start")
             sq = gpud.function(name="bench.square", url=d.url, keep_warm=300)(square)
             sq.remote(1)  # a warm worker up before the clock starts
-            progress(f"sweep: .map of {n:,} no-ops on warm workers, 2 slots; user {owner} "
-                     "probes over TCP")
+            progress(
+                f"sweep: .map of {n:,} no-ops on warm workers, 2 slots; user {owner} "
+                "probes over TCP"
+            )
             t0, wall0 = time.perf_counter(), time.time()
-            wrong = sum(1 for i, r in enumerate(sq.map(range(n), progress=False))
-                        if r != i * i)
+            wrong = sum(1 for i, r in enumerate(sq.map(range(n), progress=False)) if r != i * i)
             wall = time.perf_counter() - t0
             out, _ = other.communicate(timeout=180)
             sq.client.close()
@@ -177,45 +201,90 @@ def rows(quick: bool, progress: Progress, inputs: int | None = None,
         shutil.rmtree(base, ignore_errors=True)
     got: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     if raw is not None:
-        raw.write_text(json.dumps({
-            "inputs": n, "wall_s": wall, "wrong": wrong, "errors": got["errors"],
-            **{k: [(round(at - wall0, 3), round(ms, 2)) for at, ms in v]
-               for k, v in (("list_ms", got["lat"]), ("remote_ms", got["remote"]),
-                            ("queued_ms", timed_waits))}}))
+        raw.write_text(
+            json.dumps(
+                {
+                    "inputs": n,
+                    "wall_s": wall,
+                    "wrong": wrong,
+                    "errors": got["errors"],
+                    **{
+                        k: [(round(at - wall0, 3), round(ms, 2)) for at, ms in v]
+                        for k, v in (
+                            ("list_ms", got["lat"]),
+                            ("remote_ms", got["remote"]),
+                            ("queued_ms", timed_waits),
+                        )
+                    },
+                }
+            )
+        )
     lat: list[float] = [ms for _, ms in got["lat"]]
     remote: list[float] = [ms for _, ms in got["remote"]]
     waits = [ms for _, ms in timed_waits]
     errors: list[str] = got["errors"]
     p99 = pct(lat, 99) if lat else float("inf")
     return [
-        Row(measure=f".map of {n:,} no-ops completes, every result correct",
+        Row(
+            measure=f".map of {n:,} no-ops completes, every result correct",
             figure=f"{wall:.0f} s ({n / wall:.0f} jobs/s), {wrong} wrong",
-            baseline="-", target="0 wrong", ok=wrong == 0,
-            numbers={"wall_s": wall, "wrong": float(wrong), "inputs": float(n)}),
-        Row(measure="  meanwhile another user's GET /v1/jobs (TCP, token)",
+            baseline="-",
+            target="0 wrong",
+            ok=wrong == 0,
+            numbers={"wall_s": wall, "wrong": float(wrong), "inputs": float(n)},
+        ),
+        Row(
+            measure="  meanwhile another user's GET /v1/jobs (TCP, token)",
             figure=f"p50 {pct(lat, 50):.1f} / p99 {p99:.1f} / max {max(lat):.1f} ms "
-                   f"({len(lat)} req)" if lat else "no answer",
-            baseline="-", target=f"p99 < {TARGET_P99_MS:g} ms",
+            f"({len(lat)} req)"
+            if lat
+            else "no answer",
+            baseline="-",
+            target=f"p99 < {TARGET_P99_MS:g} ms",
             ok=not errors and p99 < TARGET_P99_MS,
-            numbers={"p50_ms": pct(lat, 50) if lat else 0.0, "p99_ms": p99,
-                     "max_ms": max(lat) if lat else 0.0, "requests": float(len(lat))}),
-        Row(measure="  meanwhile its .remote() (a cold start, fair share first)",
-            figure=(f"p50 {pct(remote, 50):.0f} / p90 {pct(remote, 90):.0f} / "
-                    f"max {max(remote):.0f} ms "
-                    f"({len(remote)} calls)" if remote else "no call")
-                   + (f"; errors: {errors[0]}" if errors else ""),
-            baseline="-", target="answers, correct", ok=bool(remote) and not errors,
-            numbers={"calls": float(len(remote)),
-                     "p50_ms": pct(remote, 50) if remote else 0.0,
-                     "max_ms": max(remote) if remote else 0.0}),
-        Row(measure="    of which queued (QUEUED -> STARTING)",
-            figure=(f"p50 {pct(waits, 50):.0f} / p90 {pct(waits, 90):.0f} / "
-                    f"max {max(waits):.0f} ms "
-                    f"({len(waits)} jobs)" if waits else "no job"),
-            baseline="-", target="not behind the sweep (< 1 s)",
+            numbers={
+                "p50_ms": pct(lat, 50) if lat else 0.0,
+                "p99_ms": p99,
+                "max_ms": max(lat) if lat else 0.0,
+                "requests": float(len(lat)),
+            },
+        ),
+        Row(
+            measure="  meanwhile its .remote() (a cold start, fair share first)",
+            figure=(
+                f"p50 {pct(remote, 50):.0f} / p90 {pct(remote, 90):.0f} / "
+                f"max {max(remote):.0f} ms "
+                f"({len(remote)} calls)"
+                if remote
+                else "no call"
+            )
+            + (f"; errors: {errors[0]}" if errors else ""),
+            baseline="-",
+            target="answers, correct",
+            ok=bool(remote) and not errors,
+            numbers={
+                "calls": float(len(remote)),
+                "p50_ms": pct(remote, 50) if remote else 0.0,
+                "max_ms": max(remote) if remote else 0.0,
+            },
+        ),
+        Row(
+            measure="    of which queued (QUEUED -> STARTING)",
+            figure=(
+                f"p50 {pct(waits, 50):.0f} / p90 {pct(waits, 90):.0f} / "
+                f"max {max(waits):.0f} ms "
+                f"({len(waits)} jobs)"
+                if waits
+                else "no job"
+            ),
+            baseline="-",
+            target="not behind the sweep (< 1 s)",
             ok=bool(waits) and max(waits) < 1000.0,
-            numbers={"p50_ms": pct(waits, 50) if waits else 0.0,
-                     "max_ms": max(waits) if waits else 0.0}),
+            numbers={
+                "p50_ms": pct(waits, 50) if waits else 0.0,
+                "max_ms": max(waits) if waits else 0.0,
+            },
+        ),
     ]
 
 
@@ -223,8 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--inputs", type=int, default=None)
-    p.add_argument("--raw", type=Path, default=None,
-                   help="write every sample, with its time, to this JSON file")
+    p.add_argument(
+        "--raw",
+        type=Path,
+        default=None,
+        help="write every sample, with its time, to this JSON file",
+    )
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

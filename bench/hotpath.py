@@ -10,6 +10,7 @@ and stops what it needs (daemons on temporary directories under /tmp, ledgers).
 targets are judged by. The exit status is 0 even with MISSED rows: the table is the
 report, not a gate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,17 @@ MODULES = ("sched", "api", "calls", "ledger", "retention", "sweep", "metrics")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    p.add_argument("--only", nargs="+", choices=MODULES, metavar="NAME",
-                   help=f"run only these modules ({', '.join(MODULES)})")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=MODULES,
+        metavar="NAME",
+        help=f"run only these modules ({', '.join(MODULES)})",
+    )
     p.add_argument("--json", metavar="PATH", help="also write every row as JSON here")
     a = p.parse_args(argv)
     # Jobs run as `nobody` under a root daemon: the admin's interpreter, not this venv.
@@ -58,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
     print(render(rows))
     if a.json:
-        Path(a.json).write_text(json.dumps(
-            {"quick": a.quick, "rows": [dataclasses.asdict(r) for r in rows],
-             "failed": failed}, indent=1))
+        Path(a.json).write_text(
+            json.dumps(
+                {"quick": a.quick, "rows": [dataclasses.asdict(r) for r in rows], "failed": failed},
+                indent=1,
+            )
+        )
     if failed:
         print(f"these modules failed: {', '.join(failed)}", file=sys.stderr)
         return 1

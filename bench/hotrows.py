@@ -5,6 +5,7 @@ Every hot-path benchmark module (``bench/hot_*.py``) exposes
 ``rows(quick: bool, progress) -> list[Row]``; ``bench/hotpath.py`` runs them all and prints
 one table. A row whose figure misses its target says "MISSED", never hides it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,9 @@ Progress = Callable[[str], None]
 def render(rows: Sequence[Row]) -> str:
     """The table, one line per row, "ok" or "MISSED" in the last column."""
     head = ("measure", "figure", "baseline (same run)", "target", "")
-    lines = [head] + [(r.measure, r.figure, r.baseline, r.target, "ok" if r.ok else "MISSED")
-                      for r in rows]
+    lines = [head] + [
+        (r.measure, r.figure, r.baseline, r.target, "ok" if r.ok else "MISSED") for r in rows
+    ]
     widths = [max(len(line[i]) for line in lines) for i in range(5)]
     out = []
     for n, line in enumerate(lines):

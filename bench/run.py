@@ -115,11 +115,22 @@ class Daemon(DaemonProc):
     directory ``base/name``, in a session of its own. Stopping it also ends what it left:
     its jobs, and its containers and Podman service."""
 
-    def __init__(self, base: Path, name: str, cpu_slots: int,
-                 env: dict[str, str] | None = None, *, tcp: bool = False) -> None:
-        super().__init__(base / name, env=dict(env or {}),
-                         settings={**BENCH_SETTINGS, "GPUD_CPU_SLOTS": str(cpu_slots)},
-                         own_session=True, tcp=tcp)
+    def __init__(
+        self,
+        base: Path,
+        name: str,
+        cpu_slots: int,
+        env: dict[str, str] | None = None,
+        *,
+        tcp: bool = False,
+    ) -> None:
+        super().__init__(
+            base / name,
+            env=dict(env or {}),
+            settings={**BENCH_SETTINGS, "GPUD_CPU_SLOTS": str(cpu_slots)},
+            own_session=True,
+            tcp=tcp,
+        )
         self.name = name
         self.cpu_slots = cpu_slots
 
@@ -147,8 +158,9 @@ def podman_problem() -> str | None:
         return "podman-py is not installed in this Python (pip install podman)"
     probe = subprocess.run(["podman", "image", "exists", PODMAN_IMAGE], capture_output=True)
     if probe.returncode != 0:
-        return (f"image {PODMAN_IMAGE} is missing (../shared/ci/podman-host-setup.sh --image "
-                "builds it)")
+        return (
+            f"image {PODMAN_IMAGE} is missing (../shared/ci/podman-host-setup.sh --image builds it)"
+        )
     return None
 
 
@@ -158,8 +170,9 @@ class Bench:
         self.daemons: list[Daemon] = []
 
     @contextlib.contextmanager
-    def daemon(self, name: str, cpu_slots: int, env: dict[str, str] | None = None, *,
-               tcp: bool = False) -> Iterator[Daemon]:
+    def daemon(
+        self, name: str, cpu_slots: int, env: dict[str, str] | None = None, *, tcp: bool = False
+    ) -> Iterator[Daemon]:
         d = Daemon(self.base, name, cpu_slots, env, tcp=tcp)
         self.daemons.append(d)
         try:
@@ -191,8 +204,11 @@ def measure_baselines(n: int, python: str, base: Path) -> dict[str, Any]:
     the result back: what a job costs at least when every job is a fresh interpreter."""
     libdir = base / "baseline-lib"
     if not libdir.exists():
-        shutil.copytree(Path(cloudpickle.__file__).parent, libdir / "cloudpickle",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            Path(cloudpickle.__file__).parent,
+            libdir / "cloudpickle",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
         os.chmod(libdir, 0o755)
     # By value, as gpud ships it: the child need not import this script.
     if noop.__module__ != "__main__":  # imported as bench.run (e.g. by a test)
@@ -203,8 +219,12 @@ def measure_baselines(n: int, python: str, base: Path) -> dict[str, Any]:
         subprocess.run([python, "-c", "pass"], check=True)
 
     def one() -> None:
-        r = subprocess.run([python, "-c", _CLOUDPICKLE_CHILD, str(libdir)], input=payload,
-                           capture_output=True, check=True)
+        r = subprocess.run(
+            [python, "-c", _CLOUDPICKLE_CHILD, str(libdir)],
+            input=payload,
+            capture_output=True,
+            check=True,
+        )
         if cloudpickle.loads(r.stdout) != 1:
             raise RuntimeError("the baseline child returned a wrong value")
 
@@ -228,8 +248,9 @@ def phases(d: Daemon, job_ids: list[int]) -> dict[str, float]:
     con = sqlite3.connect(f"file:{d.data_dir / 'ledger.db'}?mode=ro", uri=True)
     try:
         for job_id in job_ids:
-            ev = con.execute("SELECT to_state, at FROM events WHERE job_id = ? ORDER BY id",
-                             (job_id,)).fetchall()
+            ev = con.execute(
+                "SELECT to_state, at FROM events WHERE job_id = ? ORDER BY id", (job_id,)
+            ).fetchall()
             for (a, ta), (b, tb) in zip(ev, ev[1:], strict=False):
                 out.setdefault(f"{a}->{b}_ms", []).append((tb - ta) * 1000.0)
     finally:
@@ -278,8 +299,7 @@ def measure_map(d: Daemon, inputs: int) -> dict[str, Any]:
     f.client.close()
     if results != list(range(inputs)):
         raise RuntimeError("map returned wrong results")
-    return {"inputs": inputs, "cpu_slots": d.cpu_slots, "wall_s": wall,
-            "jobs_per_s": inputs / wall}
+    return {"inputs": inputs, "cpu_slots": d.cpu_slots, "wall_s": wall, "jobs_per_s": inputs / wall}
 
 
 def measure_warm(d: Daemon, n: int, warmup: int, inputs: int) -> dict[str, Any]:
@@ -296,9 +316,16 @@ def measure_warm(d: Daemon, n: int, warmup: int, inputs: int) -> dict[str, Any]:
     f.client.close()
     if results != list(range(inputs)):
         raise RuntimeError("map returned wrong results")
-    return {"remote_warm": latency(remote), "spawn_get_warm": latency(sg),
-            "map_warm": {"inputs": inputs, "cpu_slots": d.cpu_slots, "wall_s": wall,
-                         "jobs_per_s": inputs / wall}}
+    return {
+        "remote_warm": latency(remote),
+        "spawn_get_warm": latency(sg),
+        "map_warm": {
+            "inputs": inputs,
+            "cpu_slots": d.cpu_slots,
+            "wall_s": wall,
+            "jobs_per_s": inputs / wall,
+        },
+    }
 
 
 def measure_submit(d: Daemon, n_spawn: int, batch: int) -> dict[str, Any]:
@@ -343,10 +370,12 @@ def measure_submit(d: Daemon, n_spawn: int, batch: int) -> dict[str, Any]:
     f.client.close()
     hold.client.close()
     return {
-        "spawn_submit": {**latency(per), "wall_s": spawn_wall,
-                         "submits_per_s": n_spawn / spawn_wall},
-        "batch_submit": {"inputs": batch, "ack_s": batch_ack,
-                         "jobs_per_s": batch / batch_ack},
+        "spawn_submit": {
+            **latency(per),
+            "wall_s": spawn_wall,
+            "submits_per_s": n_spawn / spawn_wall,
+        },
+        "batch_submit": {"inputs": batch, "ack_s": batch_ack, "jobs_per_s": batch / batch_ack},
     }
 
 
@@ -364,13 +393,14 @@ class Sizes:
     podman: int  # .remote() and .spawn().get() calls on the Podman executor, each
 
 
-FULL = Sizes(baseline=50, remote=100, warmup=5, map_inputs=1000, spawn=500, batch=1000,
-             podman=100)
+FULL = Sizes(baseline=50, remote=100, warmup=5, map_inputs=1000, spawn=500, batch=1000, podman=100)
 QUICK = Sizes(baseline=8, remote=8, warmup=2, map_inputs=60, spawn=40, batch=200, podman=8)
 
 #: (metric of the Podman executor, the same metric of the process executor, label)
-PODMAN_PAIRS = (("podman_remote", "remote", ".remote()"),
-                ("podman_spawn_get", "spawn_get", ".spawn().get()"))
+PODMAN_PAIRS = (
+    ("podman_remote", "remote", ".remote()"),
+    ("podman_spawn_get", "spawn_get", ".spawn().get()"),
+)
 
 
 def ratios(m: dict[str, Any]) -> dict[str, float]:
@@ -383,8 +413,8 @@ def ratios(m: dict[str, Any]) -> dict[str, float]:
         "remote_p50_over_worker_python_cloudpickle_p50": m["remote"]["p50_ms"] / wcp,
         "spawn_get_p50_over_worker_python_cloudpickle_p50": m["spawn_get"]["p50_ms"] / wcp,
         "remote_p50_minus_worker_python_cloudpickle_p50_ms": m["remote"]["p50_ms"] - wcp,
-        "remote_p50_minus_worker_python_pass_p50_ms":
-            m["remote"]["p50_ms"] - m["baseline_worker_python_pass"]["p50_ms"],
+        "remote_p50_minus_worker_python_pass_p50_ms": m["remote"]["p50_ms"]
+        - m["baseline_worker_python_pass"]["p50_ms"],
         "map_cores_over_target": m["map_cores"]["jobs_per_s"] / MAP_TARGET_PER_S,
         "map_4x_over_target": m["map_4x"]["jobs_per_s"] / MAP_TARGET_PER_S,
         "remote_warm_p50_over_worker_python_cloudpickle_p50": m["remote_warm"]["p50_ms"] / wcp,
@@ -443,7 +473,8 @@ def render(result: dict[str, Any]) -> str:
     for key in ("map_cores", "map_4x", "map_warm"):
         v = m[key]
         label = "map of {} no-ops, cpu_slots={}{}".format(
-            v["inputs"], v["cpu_slots"], ", warm workers" if key == "map_warm" else "")
+            v["inputs"], v["cpu_slots"], ", warm workers" if key == "map_warm" else ""
+        )
         out.append(f"{label:<{w}}{v['jobs_per_s']:>8.1f}/s{v['wall_s']:>8.2f} s")
     s = m["spawn_submit"]
     label = ".spawn() x{}, one by one, acknowledged".format(s["n"])
@@ -471,34 +502,43 @@ def render(result: dict[str, Any]) -> str:
         f"(warm / cold remote: {r['remote_warm_p50_over_remote_p50']:.2f}x)",
     ]
     if "podman_remote" in m:
-        out += ["", f"{'Podman executor overhead (podman - process)':<{w}}"
-                f"{'p50':>10}{'p95':>10}{'ratio p50':>11}{'ratio p95':>11}"]
+        out += [
+            "",
+            f"{'Podman executor overhead (podman - process)':<{w}}"
+            f"{'p50':>10}{'p95':>10}{'ratio p50':>11}{'ratio p95':>11}",
+        ]
         for pod, _, label in PODMAN_PAIRS:
             out.append(
                 f"{'  ' + label:<{w}}"
                 f"{r[f'{pod}_p50_minus_process_p50_ms']:>+7.1f} ms"
                 f"{r[f'{pod}_p95_minus_process_p95_ms']:>+7.1f} ms"
                 f"{r[f'{pod}_p50_over_process_p50']:>10.2f}x"
-                f"{r[f'{pod}_p95_over_process_p95']:>10.2f}x")
+                f"{r[f'{pod}_p95_over_process_p95']:>10.2f}x"
+            )
     else:
         out += ["", f"Podman executor: not measured ({meta.get('podman_skipped') or 'skipped'})"]
     d = result.get("diagnostics") or {}
     if d:
         out += ["", "diagnostics"]
         if "client_submit_prep" in d:
-            out.append(f"  caller's pickling per .spawn(): p50 "
-                       f"{d['client_submit_prep']['p50_ms']:.1f} ms")
-        for key, which in (("spawn_get_daemon_phases", ""),
-                           ("podman_spawn_get_daemon_phases", ", Podman")):
+            out.append(
+                f"  caller's pickling per .spawn(): p50 {d['client_submit_prep']['p50_ms']:.1f} ms"
+            )
+        for key, which in (
+            ("spawn_get_daemon_phases", ""),
+            ("podman_spawn_get_daemon_phases", ", Podman"),
+        ):
             if d.get(key):
-                out.append(f"  daemon phases of .spawn().get(){which}, p50 (ledger events): "
-                           + ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms"
-                                       for k, v in d[key].items()))
+                out.append(
+                    f"  daemon phases of .spawn().get(){which}, p50 (ledger events): "
+                    + ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms" for k, v in d[key].items())
+                )
     return "\n".join(out)
 
 
-def measure_podman(bench: Bench, sizes: Sizes, progress: Callable[[str], None]
-                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+def measure_podman(
+    bench: Bench, sizes: Sizes, progress: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The same .remote() and .spawn().get() round trips as `remote`/`spawn_get`, on a
     daemon with executor = "podman": every job a fresh container. The daemon starts its
     own `podman system service` on a private socket (podman_start_service), stopped again
@@ -510,8 +550,10 @@ def measure_podman(bench: Bench, sizes: Sizes, progress: Callable[[str], None]
         "GPUD_DEFAULT_IMAGE": PODMAN_IMAGE,
     }
     with bench.daemon("podman", CORES, env=env) as d:
-        progress(f"podman: {min(sizes.warmup, 2)} warm-up + {sizes.podman} calls, twice, "
-                 f"each job a container of {PODMAN_IMAGE}")
+        progress(
+            f"podman: {min(sizes.warmup, 2)} warm-up + {sizes.podman} calls, twice, "
+            f"each job a container of {PODMAN_IMAGE}"
+        )
         m, dg = measure_remote(d, sizes.podman, min(sizes.warmup, 2))
     metrics = {"podman_remote": m["remote"], "podman_spawn_get": m["spawn_get"]}
     diag = {}
@@ -520,8 +562,9 @@ def measure_podman(bench: Bench, sizes: Sizes, progress: Callable[[str], None]
     return metrics, diag
 
 
-def run(sizes: Sizes, quick: bool, progress: Callable[[str], None],
-        podman: bool = True) -> dict[str, Any]:
+def run(
+    sizes: Sizes, quick: bool, progress: Callable[[str], None], podman: bool = True
+) -> dict[str, Any]:
     started = time.perf_counter()
     base = Path(tempfile.mkdtemp(prefix="gpud-bench-", dir="/tmp"))
     # As root the daemon runs jobs as `nobody`, who must traverse down to its job dirs.
@@ -539,8 +582,7 @@ def run(sizes: Sizes, quick: bool, progress: Callable[[str], None],
     try:
         with bench.daemon("main", CORES) as d:
             job_python = worker_python(d)
-            progress(f"baselines: {sizes.baseline} subprocesses of each kind with "
-                     f"{sys.executable}")
+            progress(f"baselines: {sizes.baseline} subprocesses of each kind with {sys.executable}")
             b = measure_baselines(sizes.baseline, sys.executable, base)
             metrics["baseline_subprocess_pass"] = b["pass"]
             metrics["baseline_subprocess_cloudpickle"] = b["cloudpickle"]
@@ -593,23 +635,26 @@ def run(sizes: Sizes, quick: bool, progress: Callable[[str], None],
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small N: a smoke run (<~90 s)")
-    p.add_argument("--no-podman", action="store_true",
-                   help="skip the Podman executor's measurements")
+    p.add_argument(
+        "--no-podman", action="store_true", help="skip the Podman executor's measurements"
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    for name, help_ in (("baseline", "subprocess baseline runs"),
-                        ("remote", ".remote() calls measured"),
-                        ("map-inputs", ".map inputs"),
-                        ("spawn", "sequential .spawn() submits"),
-                        ("batch", "inputs in the batch submit"),
-                        ("podman-calls", "calls of each kind on the Podman executor")):
+    for name, help_ in (
+        ("baseline", "subprocess baseline runs"),
+        ("remote", ".remote() calls measured"),
+        ("map-inputs", ".map inputs"),
+        ("spawn", "sequential .spawn() submits"),
+        ("batch", "inputs in the batch submit"),
+        ("podman-calls", "calls of each kind on the Podman executor"),
+    ):
         p.add_argument(f"--{name}", type=int, default=None, metavar="N", help=help_)
     a = p.parse_args(argv)
     sizes = QUICK if a.quick else FULL
-    over = {k: getattr(a, k) for k in
-            ("baseline", "remote", "map_inputs", "spawn", "batch")}
+    over = {k: getattr(a, k) for k in ("baseline", "remote", "map_inputs", "spawn", "batch")}
     over["podman"] = a.podman_calls
     sizes = Sizes(**{**sizes.__dict__, **{k: v for k, v in over.items() if v is not None}})
     if min(sizes.__dict__.values()) < 1:

@@ -31,10 +31,10 @@ def fail(message: str = "bad") -> None:
 
 
 if __name__ == "__main__":
-    print(square.remote(7))                      # 49, with the job's output on stderr
-    job = square.spawn(8)                        # returns at once
-    print(job.id, job.get())                     # 64
-    print(list(square.map(range(10))))           # [0, 1, 4, ..., 81], in input order
+    print(square.remote(7))  # 49, with the job's output on stderr
+    job = square.spawn(8)  # returns at once
+    print(job.id, job.get())  # 64
+    print(list(square.map(range(10))))  # [0, 1, 4, ..., 81], in input order
     print(where_am_i.remote())
     try:
         fail.remote("bad")

@@ -1,7 +1,7 @@
 """An image built from code (#11): the Podman executor builds it once, on first use.
 
-    gpud image build examples/images.py::image      # ahead of time (optional)
-    gpud run examples/images.py::naturalsize --n 123456789
+gpud image build examples/images.py::image      # ahead of time (optional)
+gpud run examples/images.py::naturalsize --n 123456789
 """
 
 import gpud_client as gpud

@@ -64,13 +64,17 @@ def _days(start: float, end: float, tz: dt.tzinfo | None) -> list[tuple[str, flo
         t = cut
 
 
-def _pieces(a: AttemptUsage, since: float, until: float, by: str,
-            tz: dt.tzinfo | None, now: float | None) -> list[tuple[str, float, float]]:
+def _pieces(
+    a: AttemptUsage, since: float, until: float, by: str, tz: dt.tzinfo | None, now: float | None
+) -> list[tuple[str, float, float]]:
     """(key, wall seconds, GPU seconds) of the part of an attempt inside the window."""
     # An attempt still running has run until now, not until a window's end in the future:
     # `until=1e11` by day would otherwise cut it into a million days (#10).
-    end = a.ended_at if a.ended_at is not None else (until if now is None else
-                                                     min(until, max(now, a.started_at)))
+    end = (
+        a.ended_at
+        if a.ended_at is not None
+        else (until if now is None else min(until, max(now, a.started_at)))
+    )
     start, stop = max(a.started_at, since), min(end, until)
     if stop < start:
         return []
@@ -93,15 +97,26 @@ def _pieces(a: AttemptUsage, since: float, until: float, by: str,
         for t in a.gpu_types:
             counts[t] = counts.get(t, 0) + 1
         return [(t, wall, per_gpu * n) for t, n in sorted(counts.items())]
-    days = _days(start, stop, tz) if stop > start else [
-        (dt.datetime.fromtimestamp(start, tz).date().isoformat(), start, stop)]
+    days = (
+        _days(start, stop, tz)
+        if stop > start
+        else [(dt.datetime.fromtimestamp(start, tz).date().isoformat(), start, stop)]
+    )
     if len(days) == 1:
         return [(days[0][0], wall, per_gpu * len(a.gpu_types))]
     return [(d, e - s, (e - s) * charged * len(a.gpu_types)) for d, s, e in days]
 
 
-def _add_buckets(buckets: Iterable[UsageBucket], lines: dict[str, Line], total: Line, *,
-                 since: float, until: float, by: str, tz: dt.tzinfo | None) -> None:
+def _add_buckets(
+    buckets: Iterable[UsageBucket],
+    lines: dict[str, Line],
+    total: Line,
+    *,
+    since: float,
+    until: float,
+    by: str,
+    tz: dt.tzinfo | None,
+) -> None:
     for b in buckets:
         lo, hi = max(float(b.hour), since), min(float(b.hour + 3600), until)
         if hi <= lo:
@@ -113,8 +128,11 @@ def _add_buckets(buckets: Iterable[UsageBucket], lines: dict[str, Line], total: 
         elif b.kind != "*":
             continue
         else:
-            key = b.owner if by == "user" else \
-                dt.datetime.fromtimestamp(b.hour, tz).date().isoformat()
+            key = (
+                b.owner
+                if by == "user"
+                else dt.datetime.fromtimestamp(b.hour, tz).date().isoformat()
+            )
         targets = [total] if key is None else [lines.setdefault(key, Line(key))]
         if by != "gpu-type":
             targets.append(total)
@@ -126,9 +144,16 @@ def _add_buckets(buckets: Iterable[UsageBucket], lines: dict[str, Line], total: 
                 line.attempts += b.attempts
 
 
-def report(attempts: Iterable[AttemptUsage], *, since: float, until: float, by: str = "user",
-           tz: dt.tzinfo | None = None, now: float | None = None,
-           buckets: Iterable[UsageBucket] = ()) -> Report:
+def report(
+    attempts: Iterable[AttemptUsage],
+    *,
+    since: float,
+    until: float,
+    by: str = "user",
+    tz: dt.tzinfo | None = None,
+    now: float | None = None,
+    buckets: Iterable[UsageBucket] = (),
+) -> Report:
     """Group accounted attempts, and the rolled-up hours of jobs removed by retention,
     into report lines (see the module docstring).
 

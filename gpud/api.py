@@ -96,20 +96,21 @@ log = logging.getLogger("gpud.api")
 
 # The query parameters of the routes below, each with the range the daemon enforces (and
 # /openapi.json documents). Those of the live-view routes are in gpud.api_watch.
-STATE = Param("state", "string",
-              "comma-separated states: " + ", ".join(s.value for s in JobState))
+STATE = Param("state", "string", "comma-separated states: " + ", ".join(s.value for s in JobState))
 OWNER = Param("owner", "string", "only jobs of this owner (admins; others see their own)")
 LIMIT = Param("limit", "integer", "page size", 1, 1000, 50)
 CURSOR = Param("cursor", "integer", "next_cursor of the previous page", 1, MAX_ID)
 WAIT_TIMEOUT = Param("timeout", "number", "seconds to wait", 0.0, 60.0, 30.0)
 FOLLOW = Param("follow", "boolean", "keep streaming until the job is final", default=False)
 LOG_OFFSET = Param("offset", "integer", "the byte offset to start from", 0, 2**62, 0)
-SINCE = Param("since", "number",
-              "Unix time the report starts at (default: 7 days before until)", 0.0, 1e11)
+SINCE = Param(
+    "since", "number", "Unix time the report starts at (default: 7 days before until)", 0.0, 1e11
+)
 UNTIL = Param("until", "number", "Unix time the report ends at (default: now)", 0.0, 1e11)
 USER = Param("user", "string", "only this user's jobs")
-BY_PARAM = Param("by", "string", "group by user (default), day or gpu-type", default="user",
-                 choices=tuple(BY))
+BY_PARAM = Param(
+    "by", "string", "group by user (default), day or gpu-type", default="user", choices=tuple(BY)
+)
 
 
 # -- request helpers -----------------------------------------------------------------------
@@ -129,9 +130,17 @@ def create_app(daemon: JobService) -> Starlette:
         return job
 
     async def health(request: Request) -> Response:
-        return _json(Health(status="ok", version=__version__, executor=daemon.executor.name,
-                            worker_python=daemon.worker_python, gpu_source=daemon.inventory.source,
-                            pid=os.getpid(), started_at=daemon.started_at))
+        return _json(
+            Health(
+                status="ok",
+                version=__version__,
+                executor=daemon.executor.name,
+                worker_python=daemon.worker_python,
+                gpu_source=daemon.inventory.source,
+                pid=os.getpid(),
+                started_at=daemon.started_at,
+            )
+        )
 
     async def submit(request: Request) -> Response:
         body = await _body(request, limit)
@@ -150,12 +159,12 @@ def create_app(daemon: JobService) -> Starlette:
         key = await _idempotency(request, req)
         if key is not None and (seen := await daemon.replay(key)) is not None:
             assert seen[0] is not None
-            return _replayed(BatchSubmitResponse(batch_id=seen[0],
-                                                 job_ids=[j.id for j in seen[1]]))
+            return _replayed(BatchSubmitResponse(batch_id=seen[0], job_ids=[j.id for j in seen[1]]))
         jobs = await _new_jobs(daemon, auth, request, req, req.inputs)
         require_room(daemon.config.data_dir, len(body))
-        batch_id, made = await daemon.submit(jobs, req.function, batch=True, idempotency=key,
-                                             max_concurrency=req.max_concurrency)
+        batch_id, made = await daemon.submit(
+            jobs, req.function, batch=True, idempotency=key, max_concurrency=req.max_concurrency
+        )
         assert batch_id is not None
         return _json(BatchSubmitResponse(batch_id=batch_id, job_ids=[j.id for j in made]), 201)
 
@@ -167,8 +176,9 @@ def create_app(daemon: JobService) -> Starlette:
                 states = [JobState(s.strip()) for s in raw.split(",") if s.strip()]
             except ValueError:
                 valid = ", ".join(s.value for s in JobState)
-                raise ApiError(422, "invalid_parameter",
-                               f"state must be a comma-separated list of: {valid}") from None
+                raise ApiError(
+                    422, "invalid_parameter", f"state must be a comma-separated list of: {valid}"
+                ) from None
         limit_n = _param(request, LIMIT)
         before = _param(request, CURSOR)
         # Users see their own jobs; admins see everyone's (and may filter by owner).
@@ -177,8 +187,13 @@ def create_app(daemon: JobService) -> Starlette:
         # Each in its freshest version (the daemon's memory beats a read racing a commit).
         jobs = await daemon.list_jobs(states, limit=limit_n, before=before, owner=owner)
         nxt = jobs[-1].id if len(jobs) == limit_n and jobs[-1].id > 1 else None
-        return _json(JobList(jobs=[job_info(daemon, j) for j in jobs], next_cursor=nxt,
-                             parked=parked_info(daemon, owner)))
+        return _json(
+            JobList(
+                jobs=[job_info(daemon, j) for j in jobs],
+                next_cursor=nxt,
+                parked=parked_info(daemon, owner),
+            )
+        )
 
     async def get_job(request: Request) -> Response:
         return _json(job_info(daemon, await own_job(request, "see")))
@@ -211,9 +226,12 @@ def create_app(daemon: JobService) -> Starlette:
     async def result(request: Request) -> Response:
         job = await own_job(request, "get results of")
         if job.state not in FINAL:
-            raise ApiError(409, "not_finished",
-                           f"job {job.id} is {job.state.value}; wait for it to finish "
-                           f"(GET {API_PREFIX}/jobs/{job.id}/wait)")
+            raise ApiError(
+                409,
+                "not_finished",
+                f"job {job.id} is {job.state.value}; wait for it to finish "
+                f"(GET {API_PREFIX}/jobs/{job.id}/wait)",
+            )
         data = b""
         if job.has_result:
             # From the ledger (a warm job's small result, #12) or the job's result.pkl.
@@ -221,10 +239,17 @@ def create_app(daemon: JobService) -> Starlette:
             data = found or b""
         if not data:
             why = job.error or job.state.value
-            raise ApiError(404, "no_result", (job.has_result and files_gone(daemon.config, job))
-                           or f"job {job.id} ended {job.state.value} without a result: {why}")
-        return Response(data, media_type="application/octet-stream",
-                        headers={"x-gpud-job-state": job.state.value})
+            raise ApiError(
+                404,
+                "no_result",
+                (job.has_result and files_gone(daemon.config, job))
+                or f"job {job.id} ended {job.state.value} without a result: {why}",
+            )
+        return Response(
+            data,
+            media_type="application/octet-stream",
+            headers={"x-gpud-job-state": job.state.value},
+        )
 
     async def logs(request: Request) -> Response:
         follow = _param(request, FOLLOW)
@@ -237,8 +262,9 @@ def create_app(daemon: JobService) -> Starlette:
         if not follow:
             data = await trio.to_thread.run_sync(_read_from, path, offset, None)
             return Response(data, media_type="text/plain; charset=utf-8")
-        return StreamingResponse(_follow(daemon, job_id, path, offset),
-                                 media_type="text/plain; charset=utf-8")
+        return StreamingResponse(
+            _follow(daemon, job_id, path, offset), media_type="text/plain; charset=utf-8"
+        )
 
     async def gpus(request: Request) -> Response:
         return _json(gpu_list(daemon))
@@ -247,28 +273,49 @@ def create_app(daemon: JobService) -> Starlette:
         try:
             found = await daemon.executor.images()
         except Exception as e:  # noqa: BLE001 - the container service is down, say so
-            raise ApiError(503, "executor_unavailable",
-                           f"the {daemon.executor.name} executor cannot list images right now: "
-                           f"{e}") from None
+            raise ApiError(
+                503,
+                "executor_unavailable",
+                f"the {daemon.executor.name} executor cannot list images right now: {e}",
+            ) from None
         # Declared by image-building and checkpointing executors (capabilities, #12).
-        default = (cast(ImageBuildCapable, daemon.executor).default_image
-                   if daemon.caps.image_builds or daemon.caps.snapshots else None)
-        note = None if daemon.executor.name == "podman" else (
-            f"the {daemon.executor.name} executor runs jobs without images (Python "
-            f"{daemon.worker_python}); images need executor = \"podman\"")
+        default = (
+            cast(ImageBuildCapable, daemon.executor).default_image
+            if daemon.caps.image_builds or daemon.caps.snapshots
+            else None
+        )
+        note = (
+            None
+            if daemon.executor.name == "podman"
+            else (
+                f"the {daemon.executor.name} executor runs jobs without images (Python "
+                f'{daemon.worker_python}); images need executor = "podman"'
+            )
+        )
         built = await daemon.images.records() if daemon.images is not None else {}
 
         def model(i: Any) -> ImageInfoModel:
             r = built.get(i.name)
-            return ImageInfoModel(name=i.name, id=i.id, size=i.size, created=i.created,
-                                  python=i.python, definition=r.key if r else None,
-                                  creator=r.creator if r else None,
-                                  last_used=r.last_used if r else None)
+            return ImageInfoModel(
+                name=i.name,
+                id=i.id,
+                size=i.size,
+                created=i.created,
+                python=i.python,
+                definition=r.key if r else None,
+                creator=r.creator if r else None,
+                last_used=r.last_used if r else None,
+            )
 
-        return _json(ImageList(images=[model(i) for i in found], executor=daemon.executor.name,
-                               default=default, note=note,
-                               max_bytes=daemon.config.image_max_bytes
-                               if daemon.images is not None else 0))
+        return _json(
+            ImageList(
+                images=[model(i) for i in found],
+                executor=daemon.executor.name,
+                default=default,
+                note=note,
+                max_bytes=daemon.config.image_max_bytes if daemon.images is not None else 0,
+            )
+        )
 
     async def openapi_doc(request: Request) -> Response:
         return _json(openapi(daemon))
@@ -280,9 +327,18 @@ def create_app(daemon: JobService) -> Starlette:
         except NoUnixAccount:
             runs_as = None
         q = who.quota
-        return _json(WhoAmI(name=who.name, admin=who.admin, via=who.via, uid=who.uid,
-                            quota=QuotaInfo(max_gpus=q.max_gpus, max_queued=q.max_queued,
-                                            max_timeout=q.max_timeout), runs_as=runs_as))
+        return _json(
+            WhoAmI(
+                name=who.name,
+                admin=who.admin,
+                via=who.via,
+                uid=who.uid,
+                quota=QuotaInfo(
+                    max_gpus=q.max_gpus, max_queued=q.max_queued, max_timeout=q.max_timeout
+                ),
+                runs_as=runs_as,
+            )
+        )
 
     async def usage(request: Request) -> Response:
         now = time.time()
@@ -297,17 +353,34 @@ def create_app(daemon: JobService) -> Starlette:
         r = report(attempts, since=since, until=until, by=by, now=now, buckets=buckets)
 
         def line(x: Line) -> UsageLine:
-            return UsageLine(key=x.key, jobs=x.job_count, attempts=x.attempts,
-                             gpu_seconds=x.gpu_seconds, wall_seconds=x.wall_seconds)
+            return UsageLine(
+                key=x.key,
+                jobs=x.job_count,
+                attempts=x.attempts,
+                gpu_seconds=x.gpu_seconds,
+                wall_seconds=x.wall_seconds,
+            )
 
-        return _json(UsageReport(since=since, until=until, by=by, user=user,
-                                 lines=[line(x) for x in r.lines], total=line(r.total)))
+        return _json(
+            UsageReport(
+                since=since,
+                until=until,
+                by=by,
+                user=user,
+                lines=[line(x) for x in r.lines],
+                total=line(r.total),
+            )
+        )
 
-    def refused(request: Request, status: int, code: str, detail: str,
-                who: Principal | None) -> Response:
+    def refused(
+        request: Request, status: int, code: str, detail: str, who: Principal | None
+    ) -> Response:
         peer = request.scope.get("client")
-        whom = f"{who.name} ({who.via})" if who else (
-            f"{peer[0]}:{peer[1]}" if peer else "the Unix socket")
+        whom = (
+            f"{who.name} ({who.via})"
+            if who
+            else (f"{peer[0]}:{peer[1]}" if peer else "the Unix socket")
+        )
         log.warning("refused %s %s from %s: %s", request.method, request.url.path, whom, detail)
         resp = _error(status, code, detail)
         if status == 401:
@@ -338,6 +411,7 @@ def create_app(daemon: JobService) -> Starlette:
                 return _error(507, "disk_full", str(e))
             except (sqlite3.Error, OSError) as e:
                 return _storage_error(daemon, e)
+
         return handler
 
     batch = batch_routes(daemon, auth)  # the hot path's endpoints (#12)
@@ -365,26 +439,32 @@ def create_app(daemon: JobService) -> Starlette:
         *batch[1:],
         *admin_routes(daemon),
     ]
-    routes = [Route(API_PREFIX + p, wrap(fn, public=p == "/health"), methods=[m])
-              for m, p, fn in table]
+    routes = [
+        Route(API_PREFIX + p, wrap(fn, public=p == "/health"), methods=[m]) for m, p, fn in table
+    ]
     routes.append(Route("/openapi.json", openapi_doc, methods=["GET"]))
     routes.append(Route("/metrics", metrics_endpoint(daemon, auth), methods=["GET"]))  # #16
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        detail = {404: f"no such endpoint {request.url.path}; see /openapi.json",
-                  405: f"{request.method} is not allowed on {request.url.path}"}.get(
-                      exc.status_code, str(exc.detail))
+        detail = {
+            404: f"no such endpoint {request.url.path}; see /openapi.json",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
         return _error(exc.status_code, code, detail)
 
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
         return _error(500, "internal_error", "the daemon hit a bug; details are in its log")
 
-    return Starlette(routes=routes, exception_handlers={
-        HTTPException: http_error, Exception: server_error,
-    })
+    return Starlette(
+        routes=routes,
+        exception_handlers={
+            HTTPException: http_error,
+            Exception: server_error,
+        },
+    )
 
 
 def _read_from(path: Path, offset: int, limit: int | None) -> bytes:
@@ -394,8 +474,7 @@ def _read_from(path: Path, offset: int, limit: int | None) -> bytes:
         return b""  # not a regular file: a job planted something there; show nothing
 
 
-async def _follow(daemon: JobService, job_id: int, path: Path,
-                  offset: int) -> AsyncIterator[bytes]:
+async def _follow(daemon: JobService, job_id: int, path: Path, offset: int) -> AsyncIterator[bytes]:
     """Stream a job's log until it is final and everything was sent.
 
     New output is polled (every 100 ms at most); the job's end wakes us at once."""
@@ -423,46 +502,87 @@ def gpu_list(daemon: JobService) -> GpuList:
     out = []
     for g in daemon.gpus:
         holder = holders.get(g.uuid)
-        procs = [GpuProcessInfo(pid=p.pid, used_memory=p.used_memory,
-                                job_id=daemon.executor.job_for_pid(p.pid, handles))
-                 for p in g.processes]
-        out.append(GpuInfo(
-            index=g.index, uuid=g.uuid, name=g.name, type=g.type, aliases=list(g.aliases),
-            memory_total=g.memory_total, memory_used=g.memory_used, utilization=g.utilization,
-            memory_utilization=g.memory_utilization, temperature=g.temperature,
-            power_w=g.power_w, power_limit_w=g.power_limit_w, processes=procs, fake=g.fake,
-            busy_foreign=bool(g.foreign_pids), job_id=holder.id if holder else None,
-            owner=holder.owner if holder else None,
-        ))
+        procs = [
+            GpuProcessInfo(
+                pid=p.pid,
+                used_memory=p.used_memory,
+                job_id=daemon.executor.job_for_pid(p.pid, handles),
+            )
+            for p in g.processes
+        ]
+        out.append(
+            GpuInfo(
+                index=g.index,
+                uuid=g.uuid,
+                name=g.name,
+                type=g.type,
+                aliases=list(g.aliases),
+                memory_total=g.memory_total,
+                memory_used=g.memory_used,
+                utilization=g.utilization,
+                memory_utilization=g.memory_utilization,
+                temperature=g.temperature,
+                power_w=g.power_w,
+                power_limit_w=g.power_limit_w,
+                processes=procs,
+                fake=g.fake,
+                busy_foreign=bool(g.foreign_pids),
+                job_id=holder.id if holder else None,
+                owner=holder.owner if holder else None,
+            )
+        )
     note = daemon.inventory.note
-    if (daemon.executor.name == "podman" and daemon.inventory.source == "nvml"
-            and not getattr(daemon.executor, "cdi", True)):
-        fallback = ("no CDI spec for NVIDIA GPUs: job containers get the GPU device nodes "
-                    "only, without the driver's libraries; run `nvidia-ctk cdi generate "
-                    "--output=/etc/cdi/nvidia.yaml`")
+    if (
+        daemon.executor.name == "podman"
+        and daemon.inventory.source == "nvml"
+        and not getattr(daemon.executor, "cdi", True)
+    ):
+        fallback = (
+            "no CDI spec for NVIDIA GPUs: job containers get the GPU device nodes "
+            "only, without the driver's libraries; run `nvidia-ctk cdi generate "
+            "--output=/etc/cdi/nvidia.yaml`"
+        )
         note = f"{note}; {fallback}" if note else fallback
-    return GpuList(gpus=out, source=daemon.inventory.source, note=note,
-                   checkpoint=_checkpoint_info(daemon), parked=parked_info(daemon, None),
-                   park_max_bytes=daemon.parking.max_bytes if daemon.parking.enabled else 0)
+    return GpuList(
+        gpus=out,
+        source=daemon.inventory.source,
+        note=note,
+        checkpoint=_checkpoint_info(daemon),
+        parked=parked_info(daemon, None),
+        park_max_bytes=daemon.parking.max_bytes if daemon.parking.enabled else 0,
+    )
 
 
 def parked_info(daemon: JobService, owner: str | None) -> list[ParkedWorkerInfo]:
     """The parked warm workers (#13), of ``owner`` or of everyone."""
     index = {g.uuid: g.index for g in daemon.gpus}
-    return [ParkedWorkerInfo(worker_id=p.worker.id, job_id=p.worker.last_job,
-                             function=p.function,
-                             owner=who, gpus=[index[u] for u in p.home if u in index],
-                             bytes=p.bytes, parked_at=p.parked_at)
-            for p, who in daemon.parking.rows() if owner is None or who == owner]
+    return [
+        ParkedWorkerInfo(
+            worker_id=p.worker.id,
+            job_id=p.worker.last_job,
+            function=p.function,
+            owner=who,
+            gpus=[index[u] for u in p.home if u in index],
+            bytes=p.bytes,
+            parked_at=p.parked_at,
+        )
+        for p, who in daemon.parking.rows()
+        if owner is None or who == owner
+    ]
 
 
 def _checkpoint_info(daemon: JobService) -> CheckpointInfo | None:
     s = daemon.checkpoint_support  # None: a daemon built without serve() (unit tests)
     if s is None:
         return None
-    return CheckpointInfo(available=s.ok, kind=s.kind, reason=s.reason,
-                          driver_version=s.driver_version, cuda_version=s.cuda_version,
-                          remap=s.remap)
+    return CheckpointInfo(
+        available=s.ok,
+        kind=s.kind,
+        reason=s.reason,
+        driver_version=s.driver_version,
+        cuda_version=s.cuda_version,
+        remap=s.remap,
+    )
 
 
 # -- OpenAPI -------------------------------------------------------------------------------
@@ -470,27 +590,69 @@ def _checkpoint_info(daemon: JobService) -> CheckpointInfo | None:
 _DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = [
     ("get", "/health", "Daemon health and version", None, Health, ()),
     ("post", "/jobs", "Submit one job", SubmitRequest, JobInfo, ()),
-    ("post", "/jobs/batch", "Submit many jobs of one function (.map)", BatchSubmitRequest,
-     BatchSubmitResponse, ()),
+    (
+        "post",
+        "/jobs/batch",
+        "Submit many jobs of one function (.map)",
+        BatchSubmitRequest,
+        BatchSubmitResponse,
+        (),
+    ),
     ("get", "/jobs", "List jobs, newest first", None, JobList, (STATE, OWNER, LIMIT, CURSOR)),
     ("get", "/jobs/{job_id}", "One job", None, JobInfo, ()),
-    ("get", "/jobs/{job_id}/wait", "Wait until the job is final (long poll)", None, JobInfo,
-     (WAIT_TIMEOUT,)),
-    ("get", "/jobs/{job_id}/logs", "The job's combined stdout+stderr (text/plain, streamed "
-     "with follow=true)", None, None, (FOLLOW, LOG_OFFSET)),
-    ("get", "/jobs/{job_id}/result", "The worker's result.pkl (application/octet-stream)",
-     None, None, ()),
-    ("post", "/jobs/{job_id}/cancel", "Cancel a job; returns once it is final", None, JobInfo,
-     ()),
-    ("post", "/jobs/{job_id}/suspend", "Suspend a running job: its processes stop, its GPUs "
-     "are freed, its timeout clock stops (409 if it is not running)", None, JobInfo, ()),
-    ("post", "/jobs/{job_id}/resume", "Resume a suspended job when its GPUs are free; "
-     "answers once it runs, or after 10 s with the reason it still waits", None, JobInfo,
-     ()),
+    (
+        "get",
+        "/jobs/{job_id}/wait",
+        "Wait until the job is final (long poll)",
+        None,
+        JobInfo,
+        (WAIT_TIMEOUT,),
+    ),
+    (
+        "get",
+        "/jobs/{job_id}/logs",
+        "The job's combined stdout+stderr (text/plain, streamed with follow=true)",
+        None,
+        None,
+        (FOLLOW, LOG_OFFSET),
+    ),
+    (
+        "get",
+        "/jobs/{job_id}/result",
+        "The worker's result.pkl (application/octet-stream)",
+        None,
+        None,
+        (),
+    ),
+    ("post", "/jobs/{job_id}/cancel", "Cancel a job; returns once it is final", None, JobInfo, ()),
+    (
+        "post",
+        "/jobs/{job_id}/suspend",
+        "Suspend a running job: its processes stop, its GPUs "
+        "are freed, its timeout clock stops (409 if it is not running)",
+        None,
+        JobInfo,
+        (),
+    ),
+    (
+        "post",
+        "/jobs/{job_id}/resume",
+        "Resume a suspended job when its GPUs are free; "
+        "answers once it runs, or after 10 s with the reason it still waits",
+        None,
+        JobInfo,
+        (),
+    ),
     ("get", "/gpus", "The box's GPUs with holders and foreign processes", None, GpuList, ()),
     ("get", "/whoami", "Who the daemon takes the caller to be", None, WhoAmI, ()),
-    ("get", "/usage", "GPU-seconds and wall time by user, day or GPU type", None, UsageReport,
-     (SINCE, UNTIL, USER, BY_PARAM)),
+    (
+        "get",
+        "/usage",
+        "GPU-seconds and wall time by user, day or GPU type",
+        None,
+        UsageReport,
+        (SINCE, UNTIL, USER, BY_PARAM),
+    ),
     ("get", "/images", "Local images usable for jobs (Podman executor)", None, ImageList, ()),
     *WATCH_DOC,
     *SNAPSHOT_DOC,
@@ -550,25 +712,46 @@ def openapi(daemon: JobService | None = None) -> dict[str, Any]:
         parameters = []
         for name in ("job_id", "snapshot_id", "batch_id"):
             if "{" + name + "}" in path:
-                parameters.append({"name": name, "in": "path", "required": True,
-                                   "schema": dict(_PATH_ID)})
+                parameters.append(
+                    {"name": name, "in": "path", "required": True, "schema": dict(_PATH_ID)}
+                )
         if "{path}" in path:  # a state directory's file (#14), "/"-separated
-            parameters.append({"name": "path", "in": "path", "required": True,
-                               "schema": {"type": "string", "minLength": 1}})
+            parameters.append(
+                {
+                    "name": "path",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "minLength": 1},
+                }
+            )
         parameters += [p.schema() for p in params]
         if parameters:
             op["parameters"] = parameters
         if body is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
+            op["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{body.__name__}"}
+                    }
+                },
+            }
         ok = "201" if method == "post" and path.startswith("/jobs") and body else "200"
         if resp is not None:
-            op["responses"][ok] = {"description": "OK", "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{resp.__name__}"}}}}
+            op["responses"][ok] = {
+                "description": "OK",
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{resp.__name__}"}
+                    }
+                },
+            }
         else:
             op["responses"][ok] = {"description": "OK"}
-        op["responses"]["4XX"] = {"description": "Error", "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+        op["responses"]["4XX"] = {
+            "description": "Error",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        }
         if path == "/health":
             op["security"] = []  # the one endpoint open to anyone who reaches the daemon
         paths.setdefault(API_PREFIX + path, {})[method] = op
@@ -579,8 +762,10 @@ def openapi(daemon: JobService | None = None) -> dict[str, Any]:
         # Over TCP every request needs the token; on the Unix socket the kernel's peer
         # credentials identify the caller instead (docs/api.md).
         "security": [{"bearer": []}],
-        "components": {"schemas": components, "securitySchemes": {
-            "bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
     }
 
 

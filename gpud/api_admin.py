@@ -25,8 +25,14 @@ from gpud_client.models import GcReport, GcRequest
 __all__ = ["ADMIN_DOC", "admin_routes"]
 
 ADMIN_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = [
-    ("post", "/admin/gc", "Remove finished jobs' directories and records past the retention "
-     "settings (admins)", GcRequest, GcReport, ()),
+    (
+        "post",
+        "/admin/gc",
+        "Remove finished jobs' directories and records past the retention settings (admins)",
+        GcRequest,
+        GcReport,
+        (),
+    ),
 ]
 
 
@@ -34,9 +40,11 @@ def admin_routes(daemon: JobService) -> list[tuple[str, str, Callable[[Request],
     async def gc(request: Request) -> Response:
         who = _principal(request)
         if not who.admin:
-            raise Forbidden(f"{who.name} is not an admin: only admins run gc (the daemon "
-                            "also collects by itself every retention_interval); ask one, "
-                            "or run `sudo gpud gc` on the box")
+            raise Forbidden(
+                f"{who.name} is not an admin: only admins run gc (the daemon "
+                "also collects by itself every retention_interval); ask one, "
+                "or run `sudo gpud gc` on the box"
+            )
         body = await _body(request, 4096)
         req = _decode(body, GcRequest) if body.strip() else GcRequest()
         return _json(await daemon.collect_garbage(dry_run=req.dry_run))

@@ -61,32 +61,78 @@ __all__ = ["BATCH_DOC", "batch_routes"]
 
 NDJSON = "application/x-ndjson"
 
-RUN_LOGS = Param("logs", "boolean", "stream the job's output as well (default true)",
-                 default=True)
+RUN_LOGS = Param("logs", "boolean", "stream the job's output as well (default true)", default=True)
 STREAM_OFFSET = Param("offset", "integer", "the log byte offset to start from", 0, 2**62, 0)
-ORDER = Param("order", "string", "input (default): in input order; completion: as the jobs "
-              "end", default="input", choices=("input", "completion"))
-AFTER_INDEX = Param("after", "integer", "leave out the inputs before this index (a "
-                    "reconnecting reader in input order)", 0, MAX_BATCH, 0)
-FOLLOW_FOR = Param("timeout", "number", "follow for at most this many seconds, then end the "
-                   "stream early (a reader resumes with /stream or after=; default: until "
-                   "done)", 0.0, 86400.0)
+ORDER = Param(
+    "order",
+    "string",
+    "input (default): in input order; completion: as the jobs end",
+    default="input",
+    choices=("input", "completion"),
+)
+AFTER_INDEX = Param(
+    "after",
+    "integer",
+    "leave out the inputs before this index (a reconnecting reader in input order)",
+    0,
+    MAX_BATCH,
+    0,
+)
+FOLLOW_FOR = Param(
+    "timeout",
+    "number",
+    "follow for at most this many seconds, then end the "
+    "stream early (a reader resumes with /stream or after=; default: until "
+    "done)",
+    0.0,
+    86400.0,
+)
 WITH_JOBS = Param("jobs", "boolean", "include the jobs' ids in input order", default=False)
 
 #: (method, path, summary, request model, response model, query parameters), as in
 #: gpud.api's table, which appends these.
 BATCH_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = [
-    ("post", "/jobs/run", "Submit one job and stream its log and outcome (NDJSON JobEvent "
-     "lines: job, log..., end with the result inline)", SubmitRequest, JobEvent,
-     (RUN_LOGS, FOLLOW_FOR)),
-    ("get", "/jobs/{job_id}/stream", "Stream a job's log and outcome (NDJSON JobEvent "
-     "lines)", None, JobEvent, (RUN_LOGS, STREAM_OFFSET, FOLLOW_FOR)),
-    ("get", "/batches/{batch_id}", "A batch: size, limit, its jobs' counts by state", None,
-     BatchInfo, (WITH_JOBS,)),
-    ("get", "/batches/{batch_id}/results", "A batch's results as its jobs end (NDJSON "
-     "BatchResult lines)", None, BatchResult, (ORDER, AFTER_INDEX, FOLLOW_FOR)),
-    ("post", "/batches/{batch_id}/cancel", "Cancel the batch's jobs that are not over; "
-     "returns once they are final", None, BatchInfo, ()),
+    (
+        "post",
+        "/jobs/run",
+        "Submit one job and stream its log and outcome (NDJSON JobEvent "
+        "lines: job, log..., end with the result inline)",
+        SubmitRequest,
+        JobEvent,
+        (RUN_LOGS, FOLLOW_FOR),
+    ),
+    (
+        "get",
+        "/jobs/{job_id}/stream",
+        "Stream a job's log and outcome (NDJSON JobEvent lines)",
+        None,
+        JobEvent,
+        (RUN_LOGS, STREAM_OFFSET, FOLLOW_FOR),
+    ),
+    (
+        "get",
+        "/batches/{batch_id}",
+        "A batch: size, limit, its jobs' counts by state",
+        None,
+        BatchInfo,
+        (WITH_JOBS,),
+    ),
+    (
+        "get",
+        "/batches/{batch_id}/results",
+        "A batch's results as its jobs end (NDJSON BatchResult lines)",
+        None,
+        BatchResult,
+        (ORDER, AFTER_INDEX, FOLLOW_FOR),
+    ),
+    (
+        "post",
+        "/batches/{batch_id}/cancel",
+        "Cancel the batch's jobs that are not over; returns once they are final",
+        None,
+        BatchInfo,
+        (),
+    ),
 ]
 
 #: Jobs whose results are read (one ledger trip, one file-reading thread trip) at a time.
@@ -145,8 +191,7 @@ def _read_log(path: Path, offset: int, limit: int | None) -> bytes:
 def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callable[[Request], Any]]]:
     limit = daemon.config.max_body_bytes
 
-    async def job_stream(job: Job, logs: bool, offset: int,
-                         until: float) -> AsyncIterator[bytes]:
+    async def job_stream(job: Job, logs: bool, offset: int, until: float) -> AsyncIterator[bytes]:
         yield _line(JobEvent(kind="job", job=job_info(daemon, job)))
         path, pos = daemon.log_path(job.id), offset
         while True:
@@ -163,13 +208,17 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
                     continue
             # Returns at once when the job ends; with a log to follow, looks again soon.
             await daemon.wait_final(job.id, _bounded(_LOG_POLL if logs else 30.0, until))
-        tail = (await trio.to_thread.run_sync(_read_log, path, pos, None)
-                if logs and _log_size(path) > pos else b"")
+        tail = (
+            await trio.to_thread.run_sync(_read_log, path, pos, None)
+            if logs and _log_size(path) > pos
+            else b""
+        )
         [(result, size)] = await daemon.read_results([job], INLINE_RESULT_MAX)
         for i in range(0, len(tail), 1 << 20):
-            yield _line(JobEvent(kind="log", data=tail[i:i + (1 << 20)]))
-        yield _line(JobEvent(kind="end", job=job_info(daemon, job), result=result,
-                             result_size=size))
+            yield _line(JobEvent(kind="log", data=tail[i : i + (1 << 20)]))
+        yield _line(
+            JobEvent(kind="end", job=job_info(daemon, job), result=result, result_size=size)
+        )
 
     async def run(request: Request) -> Response:
         logs = _param(request, RUN_LOGS)
@@ -184,8 +233,9 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
             require_room(daemon.config.data_dir, len(body))
             _, made = await daemon.submit(jobs, req.function, idempotency=key)
             job = made[0]
-        return StreamingResponse(job_stream(job, logs, 0, until), status_code=201,
-                                 media_type=NDJSON)
+        return StreamingResponse(
+            job_stream(job, logs, 0, until), status_code=201, media_type=NDJSON
+        )
 
     async def stream(request: Request) -> Response:
         logs = _param(request, RUN_LOGS)
@@ -202,18 +252,29 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
         who = _principal(request)
         # Another user's batch is as good as missing: its existence is theirs to know.
         if row is None or not (who.admin or row.owner == who.name):
-            raise ApiError(404, "not_found", f"no batch {raw[:40]!r} of yours: batch ids are "
-                           f"whole numbers from 1 to {MAX_ID}, as .map/.spawn_map returned")
+            raise ApiError(
+                404,
+                "not_found",
+                f"no batch {raw[:40]!r} of yours: batch ids are "
+                f"whole numbers from 1 to {MAX_ID}, as .map/.spawn_map returned",
+            )
         return row
 
     async def info(row: BatchRow, with_jobs: bool) -> BatchInfo:
         states = await daemon.batch_states(row.id)
         ids = await daemon.batch_job_ids(row.id) if with_jobs else None
         counts = BatchCounts(**{s.value: states.get(s.value, 0) for s in JobState})
-        return BatchInfo(id=row.id, owner=row.owner, name=row.name, size=row.size,
-                         submitted_at=row.submitted_at, max_concurrency=row.max_concurrency,
-                         counts=counts, done=sum(n for s, n in states.items()
-                                                 if JobState(s) in FINAL), job_ids=ids)
+        return BatchInfo(
+            id=row.id,
+            owner=row.owner,
+            name=row.name,
+            size=row.size,
+            submitted_at=row.submitted_at,
+            max_concurrency=row.max_concurrency,
+            counts=counts,
+            done=sum(n for s, n in states.items() if JobState(s) in FINAL),
+            job_ids=ids,
+        )
 
     async def get_batch(request: Request) -> Response:
         with_jobs = _param(request, WITH_JOBS)
@@ -224,8 +285,9 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
         # running jobs) in memory, so one that it does not hold is over.
         return daemon.active_job(job_id) is None
 
-    async def results_of(ids: list[int], order: str, after: int,
-                         until: float) -> AsyncIterator[bytes]:
+    async def results_of(
+        ids: list[int], order: str, after: int, until: float
+    ) -> AsyncIterator[bytes]:
         index = {jid: i for i, jid in enumerate(ids)}
         pos = after  # input order: the next index to send
         waiting = [] if order == "input" else list(ids)  # completion order: not sent yet
@@ -251,9 +313,13 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
             jobs = await daemon.batch_jobs(ready)
             found = await daemon.read_results(jobs, INLINE_RESULT_MAX)
             yield b"".join(
-                _line(BatchResult(index=index[j.id], job=job_info(daemon, j), result=r,
-                                  result_size=size))
-                for j, (r, size) in zip(jobs, found, strict=True))
+                _line(
+                    BatchResult(
+                        index=index[j.id], job=job_info(daemon, j), result=r, result_size=size
+                    )
+                )
+                for j, (r, size) in zip(jobs, found, strict=True)
+            )
 
     async def results(request: Request) -> Response:
         order = _param(request, ORDER)

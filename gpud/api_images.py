@@ -35,8 +35,15 @@ from gpud_client.models import ImageBuildEvent, ImageBuildRequest
 __all__ = ["IMAGE_DOC", "image_routes"]
 
 IMAGE_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = [
-    ("post", "/images/build", "Build (or find) the image of a gpud.Image definition; the "
-     "answer streams ImageBuildEvent lines (NDJSON)", ImageBuildRequest, ImageBuildEvent, ()),
+    (
+        "post",
+        "/images/build",
+        "Build (or find) the image of a gpud.Image definition; the "
+        "answer streams ImageBuildEvent lines (NDJSON)",
+        ImageBuildRequest,
+        ImageBuildEvent,
+        (),
+    ),
 ]
 
 
@@ -45,39 +52,51 @@ def image_routes(daemon: JobService) -> list[tuple[str, str, Callable[[Request],
         who = _principal(request)
         if daemon.images is None:
             raise ApiError(
-                422, "needs_podman",
+                422,
+                "needs_podman",
                 f"image definitions (gpud.Image) are built and run with the Podman executor, "
                 f"but this daemon runs the {daemon.executor.name} executor: ask the admin for "
-                "executor = \"podman\", or drop image= (jobs here run in the daemon's Python "
-                f"{daemon.worker_python})")
+                'executor = "podman", or drop image= (jobs here run in the daemon\'s Python '
+                f"{daemon.worker_python})",
+            )
         req = _decode(await _body(request, daemon.config.max_body_bytes), ImageBuildRequest)
         try:
             b, cached = await daemon.ensure_image(req.spec, req.files, who.name)
         except BuildRefused as e:
             raise ApiError(422, "invalid_image", str(e)) from None
         except MissingFiles as e:
-            raise ApiError(409, "missing_files",
-                           f"the image must be built and {len(e.missing)} of the files its "
-                           "definition names were not sent: send their contents in files") \
-                from None
+            raise ApiError(
+                409,
+                "missing_files",
+                f"the image must be built and {len(e.missing)} of the files its "
+                "definition names were not sent: send their contents in files",
+            ) from None
         except Exception as e:  # noqa: BLE001 - the Podman service is down: say so
-            raise ApiError(503, "executor_unavailable",
-                           f"the Podman service cannot be asked about images right now: {e}") \
-                from None
-        return StreamingResponse(_stream(daemon, b, cached, req.python),
-                                 media_type="application/x-ndjson")
+            raise ApiError(
+                503,
+                "executor_unavailable",
+                f"the Podman service cannot be asked about images right now: {e}",
+            ) from None
+        return StreamingResponse(
+            _stream(daemon, b, cached, req.python), media_type="application/x-ndjson"
+        )
 
     return [("POST", "/images/build", build)]
 
 
-async def _stream(daemon: JobService, b: Build, cached: bool,
-                  python: str | None) -> AsyncIterator[bytes]:
+async def _stream(
+    daemon: JobService, b: Build, cached: bool, python: str | None
+) -> AsyncIterator[bytes]:
     assert daemon.images is not None
     async for line in daemon.images.follow(b):
         yield event("log", line=line)
     if b.error is not None:
-        yield event("error", detail=f"building image {b.name} failed ({b.error}); the end of "
-                    "its log is below: fix the definition and call again", tail=tail(b))
+        yield event(
+            "error",
+            detail=f"building image {b.name} failed ({b.error}); the end of "
+            "its log is below: fix the definition and call again",
+            tail=tail(b),
+        )
         return
     try:
         _, theirs = await daemon.executor.python_for(b.name)
@@ -86,9 +105,14 @@ async def _stream(daemon: JobService, b: Build, cached: bool,
         return
     mine = python.rsplit(".", 1)[0] if python and python.count(".") >= 2 else python
     if mine and theirs.rsplit(".", 1)[0] != mine:
-        yield event("error", detail=(
-            f"image {b.name} has Python {theirs} but this client runs Python {python}: "
-            f"base the image on one with Python {mine}, or submit from Python "
-            f"{theirs.rsplit('.', 1)[0]}"), tail=[])
+        yield event(
+            "error",
+            detail=(
+                f"image {b.name} has Python {theirs} but this client runs Python {python}: "
+                f"base the image on one with Python {mine}, or submit from Python "
+                f"{theirs.rsplit('.', 1)[0]}"
+            ),
+            tail=[],
+        )
         return
     yield event("done", name=b.name, key=b.key, cached=cached, python=theirs)

@@ -83,8 +83,11 @@ class Param:
         except ValueError:
             what = "a whole number" if self.kind == "integer" else "a number"
             raise ParamError(f"{self.name} must be {what} {self._range()}") from None
-        if (not math.isfinite(value) or (self.lo is not None and value < self.lo)
-                or (self.hi is not None and value > self.hi)):
+        if (
+            not math.isfinite(value)
+            or (self.lo is not None and value < self.lo)
+            or (self.hi is not None and value > self.hi)
+        ):
             raise ParamError(f"{self.name} must be {self._range()}")
         return value
 
@@ -99,5 +102,10 @@ class Param:
             sch["default"] = self.default
         if self.choices is not None:
             sch["enum"] = list(self.choices)
-        return {"name": self.name, "in": "query", "required": False,
-                "description": self.description, "schema": sch}
+        return {
+            "name": self.name,
+            "in": "query",
+            "required": False,
+            "description": self.description,
+            "schema": sch,
+        }

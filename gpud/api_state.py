@@ -32,10 +32,15 @@ from gpud_client.models import StateFileInfo, StateList
 __all__ = ["STATE_DOC", "state_routes"]
 
 STATE_DOC: list[tuple[str, str, str, type | None, type | None, tuple[Param, ...]]] = [
-    ("get", "/jobs/{job_id}/state", "The files in the job's state directory", None,
-     StateList, ()),
-    ("get", "/jobs/{job_id}/state/{path}", "One file of the job's state directory "
-     "(application/octet-stream, streamed)", None, None, ()),
+    ("get", "/jobs/{job_id}/state", "The files in the job's state directory", None, StateList, ()),
+    (
+        "get",
+        "/jobs/{job_id}/state/{path}",
+        "One file of the job's state directory (application/octet-stream, streamed)",
+        None,
+        None,
+        (),
+    ),
 ]
 
 _CHUNK = 1 << 20
@@ -52,10 +57,14 @@ def state_routes(daemon: JobService) -> list[tuple[str, str, Callable[[Request],
     async def list_state(request: Request) -> Response:
         job_id, d = await job_dir(request)
         files, truncated = await trio.to_thread.run_sync(statedir.listing, d)
-        return _json(StateList(job_id=job_id, truncated=truncated,
-                               total_bytes=sum(f.size for f in files),
-                               files=[StateFileInfo(path=f.path, size=f.size, mtime=f.mtime)
-                                      for f in files]))
+        return _json(
+            StateList(
+                job_id=job_id,
+                truncated=truncated,
+                total_bytes=sum(f.size for f in files),
+                files=[StateFileInfo(path=f.path, size=f.size, mtime=f.mtime) for f in files],
+            )
+        )
 
     async def get_state_file(request: Request) -> Response:
         job_id, d = await job_dir(request)
@@ -65,15 +74,23 @@ def state_routes(daemon: JobService) -> list[tuple[str, str, Callable[[Request],
         except statedir.BadPath as e:
             raise ApiError(400, "invalid_path", str(e)) from None
         if fd is None:
-            raise ApiError(404, "no_such_file",
-                           f"job {job_id}'s state directory has no file {path!r}: "
-                           f"`gpud state {job_id}` lists what it has")
+            raise ApiError(
+                404,
+                "no_such_file",
+                f"job {job_id}'s state directory has no file {path!r}: "
+                f"`gpud state {job_id}` lists what it has",
+            )
         size = os.fstat(fd).st_size
-        return StreamingResponse(_stream(fd), media_type="application/octet-stream",
-                                 headers={"content-length": str(size)})
+        return StreamingResponse(
+            _stream(fd),
+            media_type="application/octet-stream",
+            headers={"content-length": str(size)},
+        )
 
-    return [("GET", "/jobs/{job_id}/state", list_state),
-            ("GET", "/jobs/{job_id}/state/{path:path}", get_state_file)]
+    return [
+        ("GET", "/jobs/{job_id}/state", list_state),
+        ("GET", "/jobs/{job_id}/state/{path:path}", get_state_file),
+    ]
 
 
 async def _stream(fd: int) -> AsyncIterator[bytes]:

@@ -39,8 +39,9 @@ log = logging.getLogger("gpud.api")
 _HASH_INLINE = 64 * 1024
 
 
-async def idempotency(request: Request,
-                       req: SubmitRequest | BatchSubmitRequest) -> IdempotencyKey | None:
+async def idempotency(
+    request: Request, req: SubmitRequest | BatchSubmitRequest
+) -> IdempotencyKey | None:
     """The submit's idempotency key, per owner, with a fingerprint of the whole request (a
     retry sends the same one; another submit reusing the key does not)."""
     if req.idempotency_key is None:
@@ -54,8 +55,9 @@ async def idempotency(request: Request,
     # than it saves on the warm call's path (#12). A big batch still goes to a thread.
     small = isinstance(req, SubmitRequest) and len(req.function) + len(req.args) < _HASH_INLINE
     digest = digest_of() if small else await trio.to_thread.run_sync(digest_of)
-    return IdempotencyKey(owner=_principal(request).name, key=req.idempotency_key,
-                          fingerprint=digest)
+    return IdempotencyKey(
+        owner=_principal(request).name, key=req.idempotency_key, fingerprint=digest
+    )
 
 
 def replayed(obj: Any) -> Response:
@@ -73,17 +75,23 @@ def storage_error(daemon: JobService, e: sqlite3.Error | OSError) -> Response:
         return _error(507, "disk_full", full_message(daemon.config.data_dir))
     if is_busy(e):
         log.warning("refused a request: the ledger is locked (%s)", e)
-        resp = _error(503, "ledger_busy",
-                      f"the ledger {daemon.config.ledger_path} is locked by another process "
-                      "(a backup, or sqlite3 left open?): try again shortly, or end that "
-                      "process")
+        resp = _error(
+            503,
+            "ledger_busy",
+            f"the ledger {daemon.config.ledger_path} is locked by another process "
+            "(a backup, or sqlite3 left open?): try again shortly, or end that "
+            "process",
+        )
         resp.headers["retry-after"] = "5"
         return resp
     raise e
 
 
 async def new_jobs(
-    daemon: JobService, auth: Auth, request: Request, req: SubmitRequest | BatchSubmitRequest,
+    daemon: JobService,
+    auth: Auth,
+    request: Request,
+    req: SubmitRequest | BatchSubmitRequest,
     args: list[bytes],
 ) -> list[NewJob]:
     who = _principal(request)
@@ -99,20 +107,26 @@ async def new_jobs(
     cfg = daemon.config
     keep_warm = cfg.keep_warm_default if req.keep_warm is None else req.keep_warm
     if not 0 <= keep_warm <= cfg.keep_warm_max:
-        raise ApiError(422, "invalid_keep_warm",
-                       f"keep_warm must be between 0 and this daemon's keep_warm_max "
-                       f"({cfg.keep_warm_max:g} s)")
+        raise ApiError(
+            422,
+            "invalid_keep_warm",
+            f"keep_warm must be between 0 and this daemon's keep_warm_max "
+            f"({cfg.keep_warm_max:g} s)",
+        )
     if req.cpu is not None and not 0.01 <= req.cpu <= (os.cpu_count() or 1):
-        raise ApiError(422, "invalid_cpu",
-                       f"cpu must be between 0.01 and this box's {os.cpu_count()} CPUs")
+        raise ApiError(
+            422, "invalid_cpu", f"cpu must be between 0.01 and this box's {os.cpu_count()} CPUs"
+        )
     try:
-        signal, grace = longrun.check_options(cfg, timeout, req.signal_before, req.signal,
-                                              req.grace)
+        signal, grace = longrun.check_options(
+            cfg, timeout, req.signal_before, req.signal, req.grace
+        )
     except longrun.LongRunError as e:
         raise ApiError(422, e.code, str(e)) from None
     try:
-        image = await daemon.check_submittable(gpu, req.python, timeout, req.image,
-                                               python_path=req.python_path)
+        image = await daemon.check_submittable(
+            gpu, req.python, timeout, req.image, python_path=req.python_path
+        )
     except SubmitError as e:
         raise ApiError(422, "refused", str(e)) from None
     except ExecutorDown as e:
@@ -122,8 +136,9 @@ async def new_jobs(
     # interpreter their job runs with (422).
     auth.check_submit(who, priority=req.priority, jobs=len(args), queued=queued)
     try:
-        python_env = await daemon.resolve_python(who.name, req.python, req.python_path,
-                                                 req.python_prefix)
+        python_env = await daemon.resolve_python(
+            who.name, req.python, req.python_path, req.python_prefix
+        )
     except SubmitError as e:
         raise ApiError(422, "refused", str(e)) from None
     deps = tuple(dict.fromkeys(req.after))
@@ -142,12 +157,31 @@ async def new_jobs(
     code_hash = hashlib.sha256(req.function).hexdigest()
     owner = who.name
     return [
-        NewJob(name=req.name, owner=owner, function_hash=code_hash, args=a, python=req.python,
-               timeout=timeout, gpu=gpu, retries=req.retries, priority=req.priority,
-               image=image, env=dict(req.env), memory=memory, cpus=req.cpu,
-               keep_warm=keep_warm, snapshot=req.snapshot, python_env=python_env,
-               deps=deps, deps_any=req.after_any, notify=req.notify, notify_on=notify_on,
-               preemptible=req.preemptible,
-               signal_before=req.signal_before, signal=signal, grace=grace)
+        NewJob(
+            name=req.name,
+            owner=owner,
+            function_hash=code_hash,
+            args=a,
+            python=req.python,
+            timeout=timeout,
+            gpu=gpu,
+            retries=req.retries,
+            priority=req.priority,
+            image=image,
+            env=dict(req.env),
+            memory=memory,
+            cpus=req.cpu,
+            keep_warm=keep_warm,
+            snapshot=req.snapshot,
+            python_env=python_env,
+            deps=deps,
+            deps_any=req.after_any,
+            notify=req.notify,
+            notify_on=notify_on,
+            preemptible=req.preemptible,
+            signal_before=req.signal_before,
+            signal=signal,
+            grace=grace,
+        )
         for a in args
     ]

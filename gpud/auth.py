@@ -32,8 +32,14 @@ from gpud import peercred
 from gpud.domain import Job, Quota
 from gpud.users import Directory, Principal, unix_account
 
-__all__ = ["Auth", "Forbidden", "QuotaExceeded", "Unauthenticated", "check_job_access",
-           "effective_timeout"]
+__all__ = [
+    "Auth",
+    "Forbidden",
+    "QuotaExceeded",
+    "Unauthenticated",
+    "check_job_access",
+    "effective_timeout",
+]
 
 
 class Unauthenticated(Exception):
@@ -120,8 +126,9 @@ class Auth:
             return self._admin(uid, via="peer")
         name = self._name_of(uid)
         if name is None:
-            raise Forbidden(f"uid {uid} has no user name on this machine, so it cannot be a "
-                            "gpud user")
+            raise Forbidden(
+                f"uid {uid} has no user name on this machine, so it cannot be a gpud user"
+            )
         user = await self.directory.user(name)
         if user is None:
             raise Forbidden(

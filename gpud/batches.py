@@ -26,8 +26,9 @@ from gpud.reasons import BatchLimit
 __all__ = ["BatchLimits", "limit_concurrency"]
 
 
-def limit_concurrency(pending: Sequence[Job], running: Iterable[Job],
-                      limits: Mapping[int, int | None]) -> list[Job]:
+def limit_concurrency(
+    pending: Sequence[Job], running: Iterable[Job], limits: Mapping[int, int | None]
+) -> list[Job]:
     """The queued jobs that may be considered for a start: all of them, except that of a
     batch with a limit N and R jobs starting or running, only its N - R oldest.
 
@@ -46,8 +47,7 @@ def limit_concurrency(pending: Sequence[Job], running: Iterable[Job],
         room = (limits[batch_id] or 0) - busy[batch_id]
         if room > 0:
             allowed.update(j.id for j in heapq.nsmallest(room, jobs, key=lambda j: j.id))
-    return [j for j in pending
-            if j.batch_id not in limited or j.id in allowed]
+    return [j for j in pending if j.batch_id not in limited or j.id in allowed]
 
 
 class BatchLimits:
@@ -102,8 +102,9 @@ class BatchLimits:
         return Wait(job_id, why, queued - len(self._held) + place)
 
 
-def held_back(pending: Sequence[Job], admitted: Sequence[Job],
-              limits: Mapping[int, int | None]) -> dict[int, tuple[BatchLimit, int]]:
+def held_back(
+    pending: Sequence[Job], admitted: Sequence[Job], limits: Mapping[int, int | None]
+) -> dict[int, tuple[BatchLimit, int]]:
     """The jobs of ``pending`` not ``admitted``, each with its reason (one object per
     batch) and its 1-based place among them, oldest first."""
     kept = {j.id for j in admitted}

@@ -60,22 +60,47 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              envvar="GPUD_CONFIG", help="A TOML config file (default: none; built-in defaults).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    envvar="GPUD_CONFIG",
+    help="A TOML config file (default: none; built-in defaults).",
+)
 @click.option("--data-dir", default=None, help="Where the ledger and job files live.")
 @click.option("--socket", "socket_path", default=None, help="The Unix socket to listen on.")
-@click.option("--tcp", default=None, metavar="HOST:PORT",
-              help="Also listen on TCP (every request there needs a token).")
-@click.option("--fake-gpus", default=None, metavar="TYPES",
-              help="Comma-separated fake GPU types, used only where no NVIDIA driver exists.")
-@click.option("--gpus", "gpu_mode", type=click.Choice(["auto", "fake", "none"]), default=None,
-              help="auto: NVML, or fake GPUs without a driver; fake: always fake; none.")
+@click.option(
+    "--tcp",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also listen on TCP (every request there needs a token).",
+)
+@click.option(
+    "--fake-gpus",
+    default=None,
+    metavar="TYPES",
+    help="Comma-separated fake GPU types, used only where no NVIDIA driver exists.",
+)
+@click.option(
+    "--gpus",
+    "gpu_mode",
+    type=click.Choice(["auto", "fake", "none"]),
+    default=None,
+    help="auto: NVML, or fake GPUs without a driver; fake: always fake; none.",
+)
 @click.option("--cpu-slots", type=int, default=None, help="Concurrent CPU-only jobs.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default=None)
-def serve(config_path: str | None, data_dir: str | None, socket_path: str | None,
-          tcp: str | None, fake_gpus: str | None, gpu_mode: str | None, cpu_slots: int | None,
-          log_level: str | None) -> None:
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+def serve(
+    config_path: str | None,
+    data_dir: str | None,
+    socket_path: str | None,
+    tcp: str | None,
+    fake_gpus: str | None,
+    gpu_mode: str | None,
+    cpu_slots: int | None,
+    log_level: str | None,
+) -> None:
     """Run the daemon in the foreground (Ctrl-C or SIGTERM stops it; jobs keep running
     and are re-adopted by the next start)."""
     import logging
@@ -89,9 +114,16 @@ def serve(config_path: str | None, data_dir: str | None, socket_path: str | None
     from gpud.server import serve as run_server
 
     try:
-        cfg = load_config(config_path, data_dir=data_dir, socket=socket_path, tcp=tcp,
-                          fake_gpus=fake_gpus, gpus=gpu_mode, cpu_slots=cpu_slots,
-                          log_level=log_level)
+        cfg = load_config(
+            config_path,
+            data_dir=data_dir,
+            socket=socket_path,
+            tcp=tcp,
+            fake_gpus=fake_gpus,
+            gpus=gpu_mode,
+            cpu_slots=cpu_slots,
+            log_level=log_level,
+        )
     except ConfigError as e:
         fail(str(e))
     logging.basicConfig(
@@ -121,15 +153,24 @@ def serve(config_path: str | None, data_dir: str | None, socket_path: str | None
                     systemd.notify("STOPPING=1")
                     logging.getLogger("gpud").info(
                         "stopping on %s; running jobs keep running and are re-adopted on the "
-                        "next start", signal.Signals(sig).name)
+                        "next start",
+                        signal.Signals(sig).name,
+                    )
                     nursery.cancel_scope.cancel()
                     break
 
     from gpud.executors.podman import PodmanUnavailable
     from gpud.ledger.schema import SchemaTooNew
 
-    expected = (AlreadyRunning, WorkerPythonError, GpuInventoryError, ConfigError, ValueError,
-                PodmanUnavailable, SchemaTooNew)
+    expected = (
+        AlreadyRunning,
+        WorkerPythonError,
+        GpuInventoryError,
+        ConfigError,
+        ValueError,
+        PodmanUnavailable,
+        SchemaTooNew,
+    )
     try:
         trio.run(main)
     except BaseException as e:  # noqa: BLE001 - trio wraps start-up errors in a group
@@ -137,8 +178,9 @@ def serve(config_path: str | None, data_dir: str | None, socket_path: str | None
         if isinstance(err, expected):
             fail(str(err))
         if isinstance(err, PermissionError):
-            fail(f"{err}: run gpud serve as a user that can write there, or set "
-                 "--data-dir/--socket")
+            fail(
+                f"{err}: run gpud serve as a user that can write there, or set --data-dir/--socket"
+            )
         raise
 
 
@@ -184,13 +226,24 @@ def _python_of(job: Any) -> str:
 @click.option("--all", "show_all", is_flag=True, help="Include finished jobs.")
 @click.option("--state", default=None, help="Only these states (comma-separated).")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
-@click.option("--before", type=click.IntRange(min=1), default=None, metavar="ID",
-              help="Only jobs with a lower id: the next page, as the last line says.")
+@click.option(
+    "--before",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="ID",
+    help="Only jobs with a lower id: the next page, as the last line says.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the jobs as JSON.")
 @url_option
 @handle_errors
-def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_json: bool,
-       url: str | None) -> None:
+def ps(
+    show_all: bool,
+    state: str | None,
+    limit: int,
+    before: int | None,
+    as_json: bool,
+    url: str | None,
+) -> None:
     """List jobs: queued and running ones (with why they wait), or --all."""
     asked = state
     if state is None and not show_all:
@@ -201,22 +254,50 @@ def ps(show_all: bool, state: str | None, limit: int, before: int | None, as_jso
         _print_json(page.jobs)
         return
     if not page.jobs:
-        click.echo("no jobs" + (f" below id {before}" if before else "" if show_all
-                                else " queued or running (see --all)"), err=True)
+        click.echo(
+            "no jobs"
+            + (
+                f" below id {before}"
+                if before
+                else ""
+                if show_all
+                else " queued or running (see --all)"
+            ),
+            err=True,
+        )
         for line in _parked_lines(page.parked):
             click.echo(line)
         return
     rows = []
     for j in page.jobs:
-        gpus = ",".join(map(str, j.gpu_indices)) if j.gpu_indices else (
-            "/".join(j.gpu) if j.gpu else "cpu")
-        info = ((f"{j.reason}; position {j.position}" if j.position else j.reason)
-                if j.reason else
-                j.error or (f"attempt {j.attempt}/{j.retries + 1}" if j.retries else ""))
-        rows.append((str(j.id), j.name, j.state, j.owner, gpus, _ago(j.submitted_at),
-                     _start_kind(j), _duration(j), _python_of(j), info))
-    _print_table(("ID", "NAME", "STATE", "OWNER", "GPUS", "SUBMITTED", "START", "RUNTIME",
-                  "PYTHON", "INFO"), rows)
+        gpus = (
+            ",".join(map(str, j.gpu_indices))
+            if j.gpu_indices
+            else ("/".join(j.gpu) if j.gpu else "cpu")
+        )
+        info = (
+            (f"{j.reason}; position {j.position}" if j.position else j.reason)
+            if j.reason
+            else j.error or (f"attempt {j.attempt}/{j.retries + 1}" if j.retries else "")
+        )
+        rows.append(
+            (
+                str(j.id),
+                j.name,
+                j.state,
+                j.owner,
+                gpus,
+                _ago(j.submitted_at),
+                _start_kind(j),
+                _duration(j),
+                _python_of(j),
+                info,
+            )
+        )
+    _print_table(
+        ("ID", "NAME", "STATE", "OWNER", "GPUS", "SUBMITTED", "START", "RUNTIME", "PYTHON", "INFO"),
+        rows,
+    )
     for line in _parked_lines(page.parked):
         click.echo(line)
     if page.next_cursor is not None:
@@ -255,21 +336,30 @@ def result(job_id: int, as_json: bool, url: str | None) -> None:
         if job.state in ("queued", "starting", "running", "suspended"):
             fail(f"job {job_id} is {job.state}; wait for it (gpud logs {job_id} -f) and retry")
         if not job.has_result:
-            fail(f"job {job_id} ended {job.state} without a result: {job.error or job.state}",
-                 EXIT["job_failed"])
+            fail(
+                f"job {job_id} ended {job.state} without a result: {job.error or job.state}",
+                EXIT["job_failed"],
+            )
         data = c.result(job_id)
     print_value(load_job_value(load_result, data, job), as_json)
 
 
 @cli.command()
 @click.argument("job_ids", type=int, nargs=-1)
-@click.option("--batch", "batch_ids", type=int, multiple=True, metavar="ID",
-              help="Cancel the jobs of this batch (a .map) that are not over.")
+@click.option(
+    "--batch",
+    "batch_ids",
+    type=int,
+    multiple=True,
+    metavar="ID",
+    help="Cancel the jobs of this batch (a .map) that are not over.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @url_option
 @handle_errors
-def cancel(job_ids: tuple[int, ...], batch_ids: tuple[int, ...], as_json: bool,
-           url: str | None) -> None:
+def cancel(
+    job_ids: tuple[int, ...], batch_ids: tuple[int, ...], as_json: bool, url: str | None
+) -> None:
     """Cancel jobs: queued ones at once, running ones are stopped (TERM, then KILL)."""
     from gpud_client import ApiError
 
@@ -288,8 +378,11 @@ def cancel(job_ids: tuple[int, ...], batch_ids: tuple[int, ...], as_json: bool,
             out.append(batch)
             if not as_json:
                 n = batch.counts
-                click.echo(f"batch {bid}: {n.cancelled} cancelled, {batch.done - n.cancelled} "
-                           f"ended otherwise, of {batch.size}", err=True)
+                click.echo(
+                    f"batch {bid}: {n.cancelled} cancelled, {batch.done - n.cancelled} "
+                    f"ended otherwise, of {batch.size}",
+                    err=True,
+                )
         for jid in job_ids:
             try:
                 job = c.cancel(jid)
@@ -328,19 +421,29 @@ def gpus(as_json: bool, url: str | None) -> None:
     rows = []
     gib = 1024**3
     for g in lst.gpus:
-        held = (f"job {g.job_id} ({g.owner})" if g.job_id is not None else
-                "other processes: " + ",".join(str(p.pid) for p in g.processes
-                                               if p.job_id is None)
-                if g.busy_foreign else "-")
-        rows.append((
-            str(g.index), g.type + (" (FAKE)" if g.fake else ""), g.name,
-            f"{g.memory_used / gib:.1f}/{g.memory_total / gib:.0f} GiB",
-            "-" if g.utilization is None else f"{g.utilization}%",
-            "-" if g.temperature is None else f"{g.temperature}C",
-            "-" if g.power_w is None else f"{g.power_w:.0f}W", held, g.uuid,
-        ))
-    _print_table(("IDX", "TYPE", "NAME", "MEMORY", "UTIL", "TEMP", "POWER", "HELD BY", "UUID"),
-                 rows)
+        held = (
+            f"job {g.job_id} ({g.owner})"
+            if g.job_id is not None
+            else "other processes: " + ",".join(str(p.pid) for p in g.processes if p.job_id is None)
+            if g.busy_foreign
+            else "-"
+        )
+        rows.append(
+            (
+                str(g.index),
+                g.type + (" (FAKE)" if g.fake else ""),
+                g.name,
+                f"{g.memory_used / gib:.1f}/{g.memory_total / gib:.0f} GiB",
+                "-" if g.utilization is None else f"{g.utilization}%",
+                "-" if g.temperature is None else f"{g.temperature}C",
+                "-" if g.power_w is None else f"{g.power_w:.0f}W",
+                held,
+                g.uuid,
+            )
+        )
+    _print_table(
+        ("IDX", "TYPE", "NAME", "MEMORY", "UTIL", "TEMP", "POWER", "HELD BY", "UUID"), rows
+    )
     for line in _parked_lines(lst.parked, lst.park_max_bytes):
         click.echo(line)
 
@@ -357,7 +460,9 @@ def _parked_lines(parked: list[Any], budget: int | None = None) -> list[str]:
     return [head] + [
         f"  worker {p.worker_id}: {p.function} (job {p.job_id}, {p.owner}), "
         f"{p.bytes / gib:.1f} GiB from GPU {','.join(map(str, p.gpus)) or '-'}, "
-        f"parked {_ago(p.parked_at)}" for p in parked]
+        f"parked {_ago(p.parked_at)}"
+        for p in parked
+    ]
 
 
 def _checkpoint_line(c: CheckpointInfo) -> str:
@@ -387,21 +492,38 @@ def images(as_json: bool, url: str | None) -> None:
         if lst.executor == "podman":
             click.echo("no images: build one (podman build) first; gpud never pulls", err=True)
         return
-    rows = [(i.name, i.python or "(not inspected yet)", f"{i.size / 1e6:.0f} MB",
-             i.id[:12], (i.definition or "-")[:12], i.creator or "-",
-             _ago(i.last_used), "default" if i.name == lst.default else "")
-            for i in lst.images]
-    _print_table(("IMAGE", "PYTHON", "SIZE", "ID", "DEFINITION", "CREATOR", "LAST USED", ""),
-                 rows)
+    rows = [
+        (
+            i.name,
+            i.python or "(not inspected yet)",
+            f"{i.size / 1e6:.0f} MB",
+            i.id[:12],
+            (i.definition or "-")[:12],
+            i.creator or "-",
+            _ago(i.last_used),
+            "default" if i.name == lst.default else "",
+        )
+        for i in lst.images
+    ]
+    _print_table(("IMAGE", "PYTHON", "SIZE", "ID", "DEFINITION", "CREATOR", "LAST USED", ""), rows)
     if lst.max_bytes:
         built = sum(i.size for i in lst.images if i.definition)
-        click.echo(f"built images: {built / 2**20:.0f} MB of {lst.max_bytes / 2**20:.0f} MB "
-                   "(image_max_bytes)", err=True)
+        click.echo(
+            f"built images: {built / 2**20:.0f} MB of {lst.max_bytes / 2**20:.0f} MB "
+            "(image_max_bytes)",
+            err=True,
+        )
 
 
 @cli.command()
-@click.option("--refresh", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
-              metavar="SECONDS", help="How often to poll the daemon.")
+@click.option(
+    "--refresh",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often to poll the daemon.",
+)
 @url_option
 @handle_errors
 def tui(refresh: float, url: str | None) -> None:
@@ -424,8 +546,12 @@ def version(as_json: bool, url: str | None) -> None:
     try:
         with _client(url) as c:
             h = c.health()
-        daemon = {"version": h.version, "executor": h.executor,
-                  "worker_python": h.worker_python, "gpus": h.gpu_source}
+        daemon = {
+            "version": h.version,
+            "executor": h.executor,
+            "worker_python": h.worker_python,
+            "gpus": h.gpu_source,
+        }
     except GpudError as e:
         daemon = None
         err = str(e)
@@ -435,8 +561,10 @@ def version(as_json: bool, url: str | None) -> None:
         return
     click.echo(f"gpud {__version__} (Python {info['python']})")
     if daemon:
-        click.echo(f"daemon {daemon['version']}: executor {daemon['executor']}, worker Python "
-                   f"{daemon['worker_python']}, GPUs from {daemon['gpus']}")
+        click.echo(
+            f"daemon {daemon['version']}: executor {daemon['executor']}, worker Python "
+            f"{daemon['worker_python']}, GPUs from {daemon['gpus']}"
+        )
     else:
         click.echo(f"daemon: not reachable ({err})", err=True)
 

@@ -54,10 +54,15 @@ class _Where:
             try:
                 prepare_dirs(cfg)
             except OSError as e:
-                _fail(f"cannot create the gpud data directory {cfg.data_dir}: {e}. Pass the "
-                      "daemon's --data-dir or --config, or run gpud admin as the daemon's user")
-            click.echo(f"created the gpud data directory {cfg.data_dir} (the daemon uses it "
-                       "when it starts)", err=True)
+                _fail(
+                    f"cannot create the gpud data directory {cfg.data_dir}: {e}. Pass the "
+                    "daemon's --data-dir or --config, or run gpud admin as the daemon's user"
+                )
+            click.echo(
+                f"created the gpud data directory {cfg.data_dir} (the daemon uses it "
+                "when it starts)",
+                err=True,
+            )
         return cfg.ledger_path
 
 
@@ -69,8 +74,10 @@ def _ledger(ctx: click.Context) -> Iterator[Any]:
     try:
         led = Ledger(path)
     except PermissionError:
-        _fail(f"cannot open the ledger {path}: permission denied. Run gpud admin as the "
-              "daemon's user (root for a system daemon: sudo gpud admin ...)")
+        _fail(
+            f"cannot open the ledger {path}: permission denied. Run gpud admin as the "
+            "daemon's user (root for a system daemon: sudo gpud admin ...)"
+        )
     except (OSError, sqlite3.Error, RuntimeError) as e:
         _fail(f"cannot open the ledger {path}: {e}")
     try:
@@ -134,8 +141,9 @@ def _give_token(name: str, token: str, no_file: bool) -> None:
     except OSError as e:
         click.echo(f"could not write {name}'s token file: {e}", err=True)
         return
-    click.echo(f"wrote it to {path} (mode 0600, owned by {name}), where gpud's client "
-               "finds it", err=True)
+    click.echo(
+        f"wrote it to {path} (mode 0600, owned by {name}), where gpud's client finds it", err=True
+    )
 
 
 def _quota_value(text: str | None, kind: str) -> Any:
@@ -156,19 +164,34 @@ def _quota_value(text: str | None, kind: str) -> Any:
 
 def _user_dict(u: Any) -> dict[str, Any]:
     q = u.quota
-    return {"name": u.name, "admin": u.admin, "has_token": u.token_hash is not None,
-            "created_at": u.created_at, "max_gpus": q.max_gpus, "max_queued": q.max_queued,
-            "max_timeout": q.max_timeout}
+    return {
+        "name": u.name,
+        "admin": u.admin,
+        "has_token": u.token_hash is not None,
+        "created_at": u.created_at,
+        "max_gpus": q.max_gpus,
+        "max_queued": q.max_queued,
+        "max_timeout": q.max_timeout,
+    }
 
 
 # ---------------------------------------------------------------------------------------
 
 
 @click.group()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              envvar="GPUD_CONFIG", help="The daemon's TOML config file, to find its ledger.")
-@click.option("--data-dir", default=None,
-              help="The daemon's data directory (default: as `gpud serve` would use).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    envvar="GPUD_CONFIG",
+    help="The daemon's TOML config file, to find its ledger.",
+)
+@click.option(
+    "--data-dir",
+    default=None,
+    help="The daemon's data directory (default: as `gpud serve` would use).",
+)
 @click.pass_context
 def admin(ctx: click.Context, config_path: str | None, data_dir: str | None) -> None:
     """Manage users, tokens and quotas, and back up the ledger.
@@ -187,8 +210,11 @@ def user() -> None:
 @user.command("add")
 @click.argument("name")
 @click.option("--admin", "is_admin", is_flag=True, help="May see and act on every job.")
-@click.option("--no-token-file", is_flag=True,
-              help="Only print the token; do not write it to ~NAME/.config/gpud/token.")
+@click.option(
+    "--no-token-file",
+    is_flag=True,
+    help="Only print the token; do not write it to ~NAME/.config/gpud/token.",
+)
 @click.pass_context
 def user_add(ctx: click.Context, name: str, is_admin: bool, no_token_file: bool) -> None:
     """Add a user and print their API token (once).
@@ -211,8 +237,9 @@ def user_add(ctx: click.Context, name: str, is_admin: bool, no_token_file: bool)
 
 @user.command("set")
 @click.argument("name")
-@click.option("--admin/--no-admin", "is_admin", required=True,
-              help="Make the user an admin, or take it away.")
+@click.option(
+    "--admin/--no-admin", "is_admin", required=True, help="Make the user an admin, or take it away."
+)
 @click.pass_context
 def user_set(ctx: click.Context, name: str, is_admin: bool) -> None:
     """Change whether a user is an admin."""
@@ -238,8 +265,7 @@ def user_remove(ctx: click.Context, name: str) -> None:
             remove_user(led, name)
         except UnknownUser as e:
             _fail(str(e))
-    click.echo(f"removed {name} (queued and running jobs of theirs are not cancelled)",
-               err=True)
+    click.echo(f"removed {name} (queued and running jobs of theirs are not cancelled)", err=True)
 
 
 @user.command("list")
@@ -262,12 +288,15 @@ def user_list(ctx: click.Context, as_json: bool) -> None:
     def lim(v: Any, dur: bool = False) -> str:
         return "-" if v is None else (format_duration(v) if dur else str(v))
 
-    click.echo(f"{'NAME':<20} {'ADMIN':<6} {'TOKEN':<6} {'GPUS':>5} {'QUEUED':>7} "
-               f"{'MAX TIMEOUT':>12}")
+    click.echo(
+        f"{'NAME':<20} {'ADMIN':<6} {'TOKEN':<6} {'GPUS':>5} {'QUEUED':>7} {'MAX TIMEOUT':>12}"
+    )
     for u in users:
-        click.echo(f"{u.name:<20} {'yes' if u.admin else 'no':<6} "
-                   f"{'yes' if u.token_hash else 'no':<6} {lim(u.quota.max_gpus):>5} "
-                   f"{lim(u.quota.max_queued):>7} {lim(u.quota.max_timeout, True):>12}")
+        click.echo(
+            f"{u.name:<20} {'yes' if u.admin else 'no':<6} "
+            f"{'yes' if u.token_hash else 'no':<6} {lim(u.quota.max_gpus):>5} "
+            f"{lim(u.quota.max_queued):>7} {lim(u.quota.max_timeout, True):>12}"
+        )
 
 
 @admin.group()
@@ -277,8 +306,11 @@ def token() -> None:
 
 @token.command("rotate")
 @click.argument("name")
-@click.option("--no-token-file", is_flag=True,
-              help="Only print the token; do not write it to ~NAME/.config/gpud/token.")
+@click.option(
+    "--no-token-file",
+    is_flag=True,
+    help="Only print the token; do not write it to ~NAME/.config/gpud/token.",
+)
 @click.pass_context
 def token_rotate(ctx: click.Context, name: str, no_token_file: bool) -> None:
     """Give a user a new token; the old one stops working within a second."""
@@ -303,11 +335,16 @@ def quota() -> None:
 @click.argument("name")
 @click.option("--gpus", default=None, metavar="N|none", help="GPUs held at once.")
 @click.option("--queued", default=None, metavar="N|none", help="Jobs queued at once.")
-@click.option("--max-timeout", default=None, metavar="DURATION|none",
-              help="Longest timeout a job may ask for, e.g. 12h.")
+@click.option(
+    "--max-timeout",
+    default=None,
+    metavar="DURATION|none",
+    help="Longest timeout a job may ask for, e.g. 12h.",
+)
 @click.pass_context
-def quota_set(ctx: click.Context, name: str, gpus: str | None, queued: str | None,
-              max_timeout: str | None) -> None:
+def quota_set(
+    ctx: click.Context, name: str, gpus: str | None, queued: str | None, max_timeout: str | None
+) -> None:
     """Set a user's quotas; options not given keep their value, 'none' lifts a limit."""
     import dataclasses
 
@@ -332,8 +369,10 @@ def quota_set(ctx: click.Context, name: str, gpus: str | None, queued: str | Non
         return "unlimited" if v is None else str(v)
 
     timeout = "unlimited" if q.max_timeout is None else format_duration(q.max_timeout)
-    click.echo(f"{name}: gpus {shown(q.max_gpus)}, queued {shown(q.max_queued)}, "
-               f"max timeout {timeout}", err=True)
+    click.echo(
+        f"{name}: gpus {shown(q.max_gpus)}, queued {shown(q.max_queued)}, max timeout {timeout}",
+        err=True,
+    )
 
 
 @admin.command()
@@ -368,8 +407,10 @@ def backup(ctx: click.Context, path: str, force: bool) -> None:
             dst.close()
             src.close()
         if check != "ok":
-            _fail(f"the copy failed SQLite's integrity check ({check}); the ledger itself may "
-                  "be damaged")
+            _fail(
+                f"the copy failed SQLite's integrity check ({check}); the ledger itself may "
+                "be damaged"
+            )
         fd = os.open(tmp, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
@@ -379,5 +420,8 @@ def backup(ctx: click.Context, path: str, force: bool) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     size = dest.stat().st_size
-    click.echo(f"backed up {src_path} to {dest}: {jobs} jobs, schema version {version}, "
-               f"{size / 1e6:.1f} MB", err=True)
+    click.echo(
+        f"backed up {src_path} to {dest}: {jobs} jobs, schema version {version}, "
+        f"{size / 1e6:.1f} MB",
+        err=True,
+    )

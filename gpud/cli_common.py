@@ -111,5 +111,3 @@ def print_value(value: Any, as_json: bool) -> None:
             fail(f"the result cannot be printed as JSON ({e}); drop --json to print its repr")
     else:
         click.echo(repr(value))
-
-

@@ -33,8 +33,9 @@ def _setting(value: float | int | None, size: bool = False) -> str:
 
 
 @click.command("gc")
-@click.option("--dry-run", "-n", is_flag=True,
-              help="Only say what would be removed, and how many bytes.")
+@click.option(
+    "--dry-run", "-n", is_flag=True, help="Only say what would be removed, and how many bytes."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @url_option
 @handle_errors
@@ -48,22 +49,36 @@ def gc_command(dry_run: bool, as_json: bool, url: str | None) -> None:
         _print_json(r)
     else:
         verb = "would remove" if dry_run else "removed"
-        cap = (f"; {r.over_cap_dirs} of them over retention_max_bytes"
-               if r.over_cap_dirs else "")
-        click.echo(f"{verb} {r.job_dirs} finished jobs' directories ({_size(r.job_dir_bytes)}"
-                   f"{cap})", err=True)
-        click.echo(f"{verb} the records of {r.jobs} jobs ({r.attempts} attempts, {r.events} "
-                   f"events, {r.payloads} payloads); their usage is kept, rolled up", err=True)
+        cap = f"; {r.over_cap_dirs} of them over retention_max_bytes" if r.over_cap_dirs else ""
+        click.echo(
+            f"{verb} {r.job_dirs} finished jobs' directories ({_size(r.job_dir_bytes)}{cap})",
+            err=True,
+        )
+        click.echo(
+            f"{verb} the records of {r.jobs} jobs ({r.attempts} attempts, {r.events} "
+            f"events, {r.payloads} payloads); their usage is kept, rolled up",
+            err=True,
+        )
         if r.jobs_dir_bytes is not None:
-            click.echo(f"the jobs directory holds {_size(r.jobs_dir_bytes)}"
-                       + (" after" if not dry_run else ""), err=True)
-        click.echo(f"the ledger has {_size(r.ledger_bytes)} in use; took {r.seconds:.1f} s",
-                   err=True)
-        click.echo(f"settings: retention_job_dirs {_setting(r.retention_job_dirs)}, "
-                   f"retention_jobs {_setting(r.retention_jobs)}, retention_max_bytes "
-                   f"{_setting(r.retention_max_bytes, size=True)}", err=True)
+            click.echo(
+                f"the jobs directory holds {_size(r.jobs_dir_bytes)}"
+                + (" after" if not dry_run else ""),
+                err=True,
+            )
+        click.echo(
+            f"the ledger has {_size(r.ledger_bytes)} in use; took {r.seconds:.1f} s", err=True
+        )
+        click.echo(
+            f"settings: retention_job_dirs {_setting(r.retention_job_dirs)}, "
+            f"retention_jobs {_setting(r.retention_jobs)}, retention_max_bytes "
+            f"{_setting(r.retention_max_bytes, size=True)}",
+            err=True,
+        )
     for e in r.errors:
         click.echo(f"warning: {e}", err=True)
     if r.errors:
-        fail(f"{len(r.errors)} directories could not be removed (see above; the daemon's log "
-             "has them too)", EXIT["error"])
+        fail(
+            f"{len(r.errors)} directories could not be removed (see above; the daemon's log "
+            "has them too)",
+            EXIT["error"],
+        )

@@ -27,10 +27,13 @@ def _definition(obj: Any, target: str) -> Any:
     if isinstance(obj, Function) and isinstance(obj.options.image, Image):
         return obj.options.image
     if isinstance(obj, Function):
-        raise click.UsageError(f"{target} has no gpud.Image (its image= is "
-                               f"{obj.options.image!r}): there is nothing to build")
-    raise click.UsageError(f"{target} is neither a gpud.Image nor a function decorated with "
-                           "image=gpud.Image...")
+        raise click.UsageError(
+            f"{target} has no gpud.Image (its image= is "
+            f"{obj.options.image!r}): there is nothing to build"
+        )
+    raise click.UsageError(
+        f"{target} is neither a gpud.Image nor a function decorated with image=gpud.Image..."
+    )
 
 
 @image.command("build")
@@ -52,6 +55,5 @@ def build(target: str, as_json: bool, url: str | None) -> None:
         _print_json(done)
         return
     if done.cached:
-        click.echo(f"gpud: image {done.name} was built before (Python {done.python})",
-                   err=True)
+        click.echo(f"gpud: image {done.name} was built before (Python {done.python})", err=True)
     click.echo(done.name)

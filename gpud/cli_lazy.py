@@ -16,8 +16,7 @@ __all__ = ["LazyGroup"]
 
 
 class LazyGroup(click.Group):
-    def __init__(self, *args: object, lazy: dict[str, str] | None = None,
-                 **kwargs: object) -> None:
+    def __init__(self, *args: object, lazy: dict[str, str] | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         #: command name -> "module:attribute"
         self.lazy = dict(lazy or {})

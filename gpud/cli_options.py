@@ -8,7 +8,10 @@ import click
 __all__ = ["url_option"]
 
 url_option = click.option(
-    "--url", envvar="GPUD_URL", default=None, metavar="URL",
+    "--url",
+    envvar="GPUD_URL",
+    default=None,
+    metavar="URL",
     help="The daemon: unix:///path/to.sock or http://host:port (default: GPUD_URL, then "
     "~/.config/gpud/client.toml, then the default socket).",
 )

@@ -35,8 +35,11 @@ class _Json(click.ParamType[Any]):
         try:
             return json.loads(value)
         except ValueError:
-            self.fail(f"{value!r} is not valid JSON (this parameter takes a list or dict, "
-                      "e.g. '[1, 2]')", param, ctx)
+            self.fail(
+                f"{value!r} is not valid JSON (this parameter takes a list or dict, e.g. '[1, 2]')",
+                param,
+                ctx,
+            )
 
 
 def load_target(target: str) -> tuple[Any, str]:
@@ -46,9 +49,11 @@ def load_target(target: str) -> tuple[Any, str]:
         if target.count(":") == 1 and target.split(":")[0].endswith(".py"):
             raise click.UsageError(
                 f"{target!r}: did you mean '::' instead of ':'? "
-                f"(gpud run {target.replace(':', '::')})")
+                f"(gpud run {target.replace(':', '::')})"
+            )
         raise click.UsageError(
-            f"{target!r}: name the function as FILE::FUNCTION, e.g. examples/hello.py::square")
+            f"{target!r}: name the function as FILE::FUNCTION, e.g. examples/hello.py::square"
+        )
     path = Path(file)
     if not path.is_file():
         raise click.UsageError(f"{file}: no such file")
@@ -68,9 +73,13 @@ def load_target(target: str) -> tuple[Any, str]:
         raise click.ClickException(f"importing {file} failed: {type(e).__name__}: {e}") from e
     obj = getattr(module, name, None)
     if obj is None:
-        found = sorted(k for k, v in vars(module).items()
-                       if callable(v) and not k.startswith("_")
-                       and getattr(v, "__module__", module_name) == module_name)
+        found = sorted(
+            k
+            for k, v in vars(module).items()
+            if callable(v)
+            and not k.startswith("_")
+            and getattr(v, "__module__", module_name) == module_name
+        )
         hint = f"; functions there: {', '.join(found)}" if found else ""
         raise click.UsageError(f"{file} has no function {name!r}{hint}")
     return obj, f"{module_name}.{name}"
@@ -97,9 +106,14 @@ def params_command(fn: Any, name: str) -> click.Command:
         # No `default=` at all when there is none: click counts an explicit None as given.
         extra: dict[str, Any] = {"default": p.default} if has_default else {}
         if hint is bool or (hint is p.empty and isinstance(p.default, bool)):
-            params.append(click.Option([f"{opt}/--no-{pname.replace('_', '-')}", pname],
-                                       required=not has_default, show_default=has_default,
-                                       **extra))
+            params.append(
+                click.Option(
+                    [f"{opt}/--no-{pname.replace('_', '-')}", pname],
+                    required=not has_default,
+                    show_default=has_default,
+                    **extra,
+                )
+            )
             continue
         if hint is p.empty:
             ptype = _SCALARS.get(type(p.default), click.STRING) if has_default else click.STRING
@@ -109,10 +123,22 @@ def params_command(fn: Any, name: str) -> click.Command:
             ptype = _Json()
         else:
             ptype = click.STRING
-        params.append(click.Option([opt, pname], type=ptype, required=not has_default,
-                                   show_default=has_default, **extra))
-    return click.Command(name, params=params, callback=lambda **kw: kw,
-                         help=inspect.getdoc(fn) or None, add_help_option=False)
+        params.append(
+            click.Option(
+                [opt, pname],
+                type=ptype,
+                required=not has_default,
+                show_default=has_default,
+                **extra,
+            )
+        )
+    return click.Command(
+        name,
+        params=params,
+        callback=lambda **kw: kw,
+        help=inspect.getdoc(fn) or None,
+        add_help_option=False,
+    )
 
 
 def ring(text: str) -> None:
@@ -125,61 +151,136 @@ def ring(text: str) -> None:
     desktop = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
     if desktop and shutil.which("notify-send"):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(["notify-send", "gpud", text], timeout=5, check=False,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                ["notify-send", "gpud", text],
+                timeout=5,
+                check=False,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
 
 
 def _raw(obj: Any) -> Any:
     return getattr(obj, "raw", getattr(obj, "__wrapped__", obj))
 
 
-@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                 "help_option_names": []})
+@click.command(
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "help_option_names": [],
+    }
+)
 @click.argument("target", required=False)
-@click.option("--gpu", default=None, metavar="SPEC",
-              help="GPUs: h100, h100:2, any, any:2, or fallbacks 'h100:2,a100:4'.")
+@click.option(
+    "--gpu",
+    default=None,
+    metavar="SPEC",
+    help="GPUs: h100, h100:2, any, any:2, or fallbacks 'h100:2,a100:4'.",
+)
 @click.option("--timeout", default=None, metavar="DURATION", help="e.g. 90s, 30m, 2h.")
 @click.option("--retries", type=click.IntRange(0, 20), default=None)
 @click.option("--priority", type=click.IntRange(-1000, 1000), default=None)
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Set in the job.")
 @click.option("--image", default=None, help="The container image (Podman executor).")
-@click.option("--memory", default=None, metavar="SIZE",
-              help="Memory limit, e.g. 512M or 16G (enforced by the Podman executor).")
-@click.option("--cpu", type=float, default=None,
-              help="CPU limit in CPUs, e.g. 2 or 0.5 (enforced by the Podman executor).")
-@click.option("--python", "python", default=None, metavar="PATH",
-              help="The interpreter the job runs with (process executor): a path on the "
-                   "daemon's machine, or 'daemon' for the admin's. Default: this one, i.e. "
-                   "your venv or conda env ($GPUD_JOB_PYTHON overrides).")
-@click.option("--signal-before", "signal_before", default=None, metavar="DURATION",
-              help="Send --signal (SIGUSR1) this long before the timeout, e.g. 5m.")
-@click.option("--signal", "signal_name", default=None, metavar="NAME",
-              help="The early warning's signal (default SIGUSR1).")
-@click.option("--grace", default=None, metavar="DURATION",
-              help="Between SIGTERM and SIGKILL on cancel or timeout (default 10s).")
-@click.option("--after", "after", default=None, metavar="IDS",
-              help="Start after these jobs of yours (comma-separated ids) have succeeded; "
-                   "if one does not, this job is cancelled.")
-@click.option("--after-any", is_flag=True,
-              help="With --after: start once they have ended, however they ended.")
-@click.option("--notify", "notify", default=None, metavar="URL|bell",
-              help="When the job ends: POST to this webhook URL (if the daemon's admin "
-                   "allows its host), or 'bell': ring the terminal (in the foreground).")
-@click.option("--notify-on", "notify_on", default=None, metavar="STATES",
-              help="The final states that notify (comma-separated, e.g. failed,timed_out; "
-                   "default: all).")
+@click.option(
+    "--memory",
+    default=None,
+    metavar="SIZE",
+    help="Memory limit, e.g. 512M or 16G (enforced by the Podman executor).",
+)
+@click.option(
+    "--cpu",
+    type=float,
+    default=None,
+    help="CPU limit in CPUs, e.g. 2 or 0.5 (enforced by the Podman executor).",
+)
+@click.option(
+    "--python",
+    "python",
+    default=None,
+    metavar="PATH",
+    help="The interpreter the job runs with (process executor): a path on the "
+    "daemon's machine, or 'daemon' for the admin's. Default: this one, i.e. "
+    "your venv or conda env ($GPUD_JOB_PYTHON overrides).",
+)
+@click.option(
+    "--signal-before",
+    "signal_before",
+    default=None,
+    metavar="DURATION",
+    help="Send --signal (SIGUSR1) this long before the timeout, e.g. 5m.",
+)
+@click.option(
+    "--signal",
+    "signal_name",
+    default=None,
+    metavar="NAME",
+    help="The early warning's signal (default SIGUSR1).",
+)
+@click.option(
+    "--grace",
+    default=None,
+    metavar="DURATION",
+    help="Between SIGTERM and SIGKILL on cancel or timeout (default 10s).",
+)
+@click.option(
+    "--after",
+    "after",
+    default=None,
+    metavar="IDS",
+    help="Start after these jobs of yours (comma-separated ids) have succeeded; "
+    "if one does not, this job is cancelled.",
+)
+@click.option(
+    "--after-any",
+    is_flag=True,
+    help="With --after: start once they have ended, however they ended.",
+)
+@click.option(
+    "--notify",
+    "notify",
+    default=None,
+    metavar="URL|bell",
+    help="When the job ends: POST to this webhook URL (if the daemon's admin "
+    "allows its host), or 'bell': ring the terminal (in the foreground).",
+)
+@click.option(
+    "--notify-on",
+    "notify_on",
+    default=None,
+    metavar="STATES",
+    help="The final states that notify (comma-separated, e.g. failed,timed_out; default: all).",
+)
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the return value as JSON.")
 @click.option("--url", envvar="GPUD_URL", default=None, metavar="URL")
 @click.option("-h", "--help", "show_help", is_flag=True, help="Show this and FN's parameters.")
 @click.pass_context
-def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | None,
-        retries: int | None, priority: int | None, env: tuple[str, ...], image: str | None,
-        memory: str | None, cpu: float | None, python: str | None,
-        signal_before: str | None, signal_name: str | None, grace: str | None,
-        after: str | None, after_any: bool, notify: str | None, notify_on: str | None,
-        detach: bool,
-        as_json: bool, url: str | None, show_help: bool) -> None:
+def run(
+    ctx: click.Context,
+    target: str | None,
+    gpu: str | None,
+    timeout: str | None,
+    retries: int | None,
+    priority: int | None,
+    env: tuple[str, ...],
+    image: str | None,
+    memory: str | None,
+    cpu: float | None,
+    python: str | None,
+    signal_before: str | None,
+    signal_name: str | None,
+    grace: str | None,
+    after: str | None,
+    after_any: bool,
+    notify: str | None,
+    notify_on: str | None,
+    detach: bool,
+    as_json: bool,
+    url: str | None,
+    show_help: bool,
+) -> None:
     """Run FILE::FN as a job and print its return value.
 
     FN's parameters become options (--my-param VALUE). The job's output streams to
@@ -206,8 +307,10 @@ def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | 
         raise click.UsageError(f"{e.format_message()} (see: gpud run {target} --help)") from None
     bell = notify is not None and notify.strip().lower() == "bell"
     if bell and detach:
-        raise click.UsageError("--notify bell rings this terminal, so it needs gpud run in "
-                               "the foreground: drop --detach, or give a webhook URL")
+        raise click.UsageError(
+            "--notify bell rings this terminal, so it needs gpud run in "
+            "the foreground: drop --detach, or give a webhook URL"
+        )
     if after_any and not after:
         raise click.UsageError("--after-any goes with --after IDS")
     from gpud_client.notify import FINAL_STATES, parse_states
@@ -242,9 +345,15 @@ def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | 
             overrides["env"] = {**fn.options.env, **env_map}
         # A relative path is relative to where `gpud run` was typed.
         interpreter = python if python in (None, "daemon") else os.path.abspath(python)
-        for key, value in (("image", image), ("memory", memory), ("cpu", cpu),
-                           ("python", interpreter), ("signal_before", signal_before),
-                           ("signal", signal_name), ("grace", grace)):
+        for key, value in (
+            ("image", image),
+            ("memory", memory),
+            ("cpu", cpu),
+            ("python", interpreter),
+            ("signal_before", signal_before),
+            ("signal", signal_name),
+            ("grace", grace),
+        ):
             if value is not None:
                 overrides[key] = value
         if url is not None:
@@ -282,7 +391,9 @@ def run(ctx: click.Context, target: str | None, gpu: str | None, timeout: str | 
             value = load_job_value(load_result, handle.client.result(handle.id), job)
             print_value(value, as_json)
             return
-        fail(f"job {handle.id} {job.state.replace('_', ' ')}: {job.error or job.state}",
-             EXIT["job_failed"])
+        fail(
+            f"job {handle.id} {job.state.replace('_', ' ')}: {job.error or job.state}",
+            EXIT["job_failed"],
+        )
 
     go()

@@ -36,20 +36,45 @@ def snapshots(ctx: click.Context, as_json: bool, url: str | None) -> None:
     if lst.note:
         click.echo(lst.note, err=True)
     if not lst.snapshots:
-        click.echo("no snapshots: a function run with snapshot=True gets one at its first "
-                   "call", err=True)
+        click.echo(
+            "no snapshots: a function run with snapshot=True gets one at its first call", err=True
+        )
         return
     rows = []
     for s in lst.snapshots:
         info = s.last_error or ""
         if s.failures:
             info = f"{s.failures} failure{'s' if s.failures > 1 else ''} in a row: {info}"
-        rows.append((str(s.id), s.function, s.owner, s.image, s.state, _mb(s.size),
-                     _ago(s.created_at), str(s.restores), _ago(s.last_used), info))
-    _print_table(("ID", "FUNCTION", "OWNER", "IMAGE", "STATE", "SIZE", "CREATED", "RESTORES",
-                  "LAST USED", "INFO"), rows)
-    click.echo(f"{_mb(lst.used_bytes)} of {_mb(lst.max_bytes)} (snapshot_max_bytes) used",
-               err=True)
+        rows.append(
+            (
+                str(s.id),
+                s.function,
+                s.owner,
+                s.image,
+                s.state,
+                _mb(s.size),
+                _ago(s.created_at),
+                str(s.restores),
+                _ago(s.last_used),
+                info,
+            )
+        )
+    _print_table(
+        (
+            "ID",
+            "FUNCTION",
+            "OWNER",
+            "IMAGE",
+            "STATE",
+            "SIZE",
+            "CREATED",
+            "RESTORES",
+            "LAST USED",
+            "INFO",
+        ),
+        rows,
+    )
+    click.echo(f"{_mb(lst.used_bytes)} of {_mb(lst.max_bytes)} (snapshot_max_bytes) used", err=True)
 
 
 @snapshots.command("rm")

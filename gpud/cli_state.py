@@ -27,13 +27,20 @@ def _size(n: int) -> str:
 @click.command()
 @click.argument("job_id", type=int)
 @click.argument("file", required=False)
-@click.option("-o", "--output", "output", default=None, metavar="PATH",
-              help="Write FILE here instead of to stdout.")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    default=None,
+    metavar="PATH",
+    help="Write FILE here instead of to stdout.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
 @url_option
 @handle_errors
-def state(job_id: int, file: str | None, output: str | None, as_json: bool,
-          url: str | None) -> None:
+def state(
+    job_id: int, file: str | None, output: str | None, as_json: bool, url: str | None
+) -> None:
     """List the files a job saved in its state directory ($GPUD_STATE_DIR), or print
     one of them (FILE, as listed; -o to save it to a file)."""
     with _client(url) as c:

@@ -39,10 +39,19 @@ def _hours(seconds: float) -> str:
 
 @click.command()
 @click.option("--user", "user", default=None, help="Only this user's jobs.")
-@click.option("--since", default="7d", show_default=True,
-              help="A duration back from now (7d, 12h) or a date (2026-11-01).")
-@click.option("--by", type=click.Choice(["user", "day", "gpu-type"]), default="user",
-              show_default=True, help="Group the report.")
+@click.option(
+    "--since",
+    default="7d",
+    show_default=True,
+    help="A duration back from now (7d, 12h) or a date (2026-11-01).",
+)
+@click.option(
+    "--by",
+    type=click.Choice(["user", "day", "gpu-type"]),
+    default="user",
+    show_default=True,
+    help="Group the report.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @url_option
 @handle_errors
@@ -58,20 +67,26 @@ def usage(user: str | None, since: str, by: str, as_json: bool, url: str | None)
         _print_json(rep)
         return
     fmt = "%Y-%m-%d %H:%M"
-    click.echo(f"usage from {_dt.datetime.fromtimestamp(rep.since).strftime(fmt)} to "
-               f"{_dt.datetime.fromtimestamp(rep.until).strftime(fmt)}"
-               + (f", jobs of {user}" if user else ""), err=True)
+    click.echo(
+        f"usage from {_dt.datetime.fromtimestamp(rep.since).strftime(fmt)} to "
+        f"{_dt.datetime.fromtimestamp(rep.until).strftime(fmt)}"
+        + (f", jobs of {user}" if user else ""),
+        err=True,
+    )
     if not rep.lines:
         click.echo("no jobs ran in that time", err=True)
         return
     head = {"user": "USER", "day": "DAY", "gpu-type": "GPU TYPE"}[by]
     width = max(len(head), *(len(x.key) for x in rep.lines), 5)
-    click.echo(f"{head:<{width}} {'JOBS':>6} {'GPU-SECONDS':>13} {'GPU-HOURS':>10} "
-               f"{'WALL-SECONDS':>13}")
+    click.echo(
+        f"{head:<{width}} {'JOBS':>6} {'GPU-SECONDS':>13} {'GPU-HOURS':>10} {'WALL-SECONDS':>13}"
+    )
     for x in [*rep.lines, rep.total]:
         key = "TOTAL" if x is rep.total else x.key
-        click.echo(f"{key:<{width}} {x.jobs:>6} {x.gpu_seconds:>13.1f} "
-                   f"{_hours(x.gpu_seconds):>10} {x.wall_seconds:>13.1f}")
+        click.echo(
+            f"{key:<{width}} {x.jobs:>6} {x.gpu_seconds:>13.1f} "
+            f"{_hours(x.gpu_seconds):>10} {x.wall_seconds:>13.1f}"
+        )
 
 
 @click.command()
@@ -85,8 +100,11 @@ def whoami(as_json: bool, url: str | None) -> None:
     if as_json:
         _print_json(me)
         return
-    how = {"peer": "the Unix socket's peer credentials", "token": "your API token",
-           "owner": "the daemon's own user (its socket is private)"}.get(me.via, me.via)
+    how = {
+        "peer": "the Unix socket's peer credentials",
+        "token": "your API token",
+        "owner": "the daemon's own user (its socket is private)",
+    }.get(me.via, me.via)
     q = me.quota
     limits: list[Any] = [
         f"gpus {q.max_gpus}" if q.max_gpus is not None else None,
@@ -94,6 +112,9 @@ def whoami(as_json: bool, url: str | None) -> None:
         f"max timeout {q.max_timeout:g} s" if q.max_timeout is not None else None,
     ]
     click.echo(json.dumps(me.name) if not me.name.isprintable() else me.name)
-    click.echo(f"{'admin' if me.admin else 'user'}, identified by {how}; jobs run as "
-               f"{me.runs_as or '(nobody: no Unix account here)'}; quotas: "
-               f"{', '.join(x for x in limits if x) or 'none'}", err=True)
+    click.echo(
+        f"{'admin' if me.admin else 'user'}, identified by {how}; jobs run as "
+        f"{me.runs_as or '(nobody: no Unix account here)'}; quotas: "
+        f"{', '.join(x for x in limits if x) or 'none'}",
+        err=True,
+    )

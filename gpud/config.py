@@ -172,15 +172,38 @@ class Config:
 
 
 _ENV_PREFIX = "GPUD_"
-_DURATIONS = {"max_timeout", "default_timeout", "kill_grace", "max_grace", "retry_backoff",
-              "retry_backoff_max", "gpu_poll_interval", "keep_warm_default", "keep_warm_max",
-              "fairshare_half_life", "max_age", "snapshot_restore_timeout",
-              "image_build_timeout", "header_timeout", "body_timeout", "retention_job_dirs",
-              "retention_jobs", "retention_interval", "sched_interval",
-              "webhook_retry_for", "webhook_backoff", "preempt_after"}
+_DURATIONS = {
+    "max_timeout",
+    "default_timeout",
+    "kill_grace",
+    "max_grace",
+    "retry_backoff",
+    "retry_backoff_max",
+    "gpu_poll_interval",
+    "keep_warm_default",
+    "keep_warm_max",
+    "fairshare_half_life",
+    "max_age",
+    "snapshot_restore_timeout",
+    "image_build_timeout",
+    "header_timeout",
+    "body_timeout",
+    "retention_job_dirs",
+    "retention_jobs",
+    "retention_interval",
+    "sched_interval",
+    "webhook_retry_for",
+    "webhook_backoff",
+    "preempt_after",
+}
 #: Durations that "none" (or "") turns off.
-_OPTIONAL = {"default_timeout", "retention_job_dirs", "retention_jobs", "retention_interval",
-             "preempt_after"}
+_OPTIONAL = {
+    "default_timeout",
+    "retention_job_dirs",
+    "retention_jobs",
+    "retention_interval",
+    "preempt_after",
+}
 #: The shortest retention: a client fetches a job's result and log after it ends.
 MIN_RETENTION = 60.0
 _WEIGHTS = {"fairshare_weight", "age_weight"}
@@ -207,8 +230,7 @@ def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML or environment value into the field's type, with a clear error."""
     try:
         if name in _DURATIONS:
-            if value is None or (name in _OPTIONAL and str(value).strip().lower()
-                                 in ("", "none")):
+            if value is None or (name in _OPTIONAL and str(value).strip().lower() in ("", "none")):
                 return None
             seconds = parse_duration(value)
             if name == "retention_interval" and seconds == 0:
@@ -249,15 +271,16 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError("a list of GPU types, e.g. [\"h100\", \"h100\"]")
+                raise ValueError('a list of GPU types, e.g. ["h100", "h100"]')
             return list(value)
         if name in _WEIGHTS:
             w = float(value)
             if not 0 <= w < float("inf"):
                 raise ValueError("a number >= 0")
             return w
-        if name == "retention_max_bytes" and (value is None or str(value).strip().lower()
-                                              in ("", "none")):
+        if name == "retention_max_bytes" and (
+            value is None or str(value).strip().lower() in ("", "none")
+        ):
             return None
         if name == "park_max_bytes":
             text = str(value).strip().lower() if value is not None else "auto"
@@ -267,17 +290,34 @@ def _coerce(name: str, value: Any) -> Any:
 
             n = int(text) if text.isdigit() else parse_size(text)
             if n < 0:
-                raise ValueError("a size, e.g. \"64GiB\", 0 (never park) or \"auto\"")
+                raise ValueError('a size, e.g. "64GiB", 0 (never park) or "auto"')
             return n
-        if name in ("snapshot_max_bytes", "image_max_bytes", "max_body_bytes",
-                    "max_body_in_flight", "retention_max_bytes") and isinstance(value, str) \
-                and not value.strip().isdigit():
+        if (
+            name
+            in (
+                "snapshot_max_bytes",
+                "image_max_bytes",
+                "max_body_bytes",
+                "max_body_in_flight",
+                "retention_max_bytes",
+            )
+            and isinstance(value, str)
+            and not value.strip().isdigit()
+        ):
             from gpud_client.duration import parse_size
 
             return parse_size(value)
-        if name in ("cpu_slots", "max_body_bytes", "snapshot_max_bytes",
-                    "snapshot_max_failures", "image_max_bytes", "max_body_in_flight",
-                    "listen_backlog", "retention_max_bytes", "sched_queue_depth"):
+        if name in (
+            "cpu_slots",
+            "max_body_bytes",
+            "snapshot_max_bytes",
+            "snapshot_max_failures",
+            "image_max_bytes",
+            "max_body_in_flight",
+            "listen_backlog",
+            "retention_max_bytes",
+            "sched_queue_depth",
+        ):
             n = int(value)
             if n < 1:
                 raise ValueError("a whole number >= 1")
@@ -288,11 +328,17 @@ def _coerce(name: str, value: Any) -> Any:
             if value in (None, ""):
                 return None
             if not isinstance(value, str) or len(value) < 16 or any(c.isspace() for c in value):
-                raise ValueError("a token of at least 16 characters without spaces, e.g. "
-                                 "the output of `openssl rand -hex 16`")
+                raise ValueError(
+                    "a token of at least 16 characters without spaces, e.g. "
+                    "the output of `openssl rand -hex 16`"
+                )
             return value
-        if name in ("default_image", "image_build_network", "image_pip_index_url",
-                    "image_pip_extra_index_url"):
+        if name in (
+            "default_image",
+            "image_build_network",
+            "image_pip_index_url",
+            "image_pip_extra_index_url",
+        ):
             return str(value) if value else None
         if name == "python":
             return str(value) if value else None
@@ -339,10 +385,10 @@ def load_config(
     cfg = replace(Config(), **values)
     if cfg.executor not in ("process", "podman"):
         raise ConfigError(
-            f"executor = {cfg.executor!r} is not available: use \"process\" or \"podman\""
+            f'executor = {cfg.executor!r} is not available: use "process" or "podman"'
         )
     if cfg.gpus not in ("auto", "fake", "none"):
-        raise ConfigError(f"gpus = {cfg.gpus!r}: use \"auto\", \"fake\" or \"none\"")
+        raise ConfigError(f'gpus = {cfg.gpus!r}: use "auto", "fake" or "none"')
     if cfg.tcp:
         parse_tcp(cfg.tcp)
     if cfg.default_timeout is not None and cfg.default_timeout > cfg.max_timeout:
@@ -351,16 +397,17 @@ def load_config(
         raise ConfigError(
             f"max_body_in_flight ({cfg.max_body_in_flight}) is smaller than max_body_bytes "
             f"({cfg.max_body_bytes}): a request of the largest allowed size could never be "
-            "taken; raise max_body_in_flight or lower max_body_bytes")
+            "taken; raise max_body_in_flight or lower max_body_bytes"
+        )
     if cfg.header_timeout <= 0 or cfg.body_timeout <= 0:
-        raise ConfigError("header_timeout and body_timeout must be positive, e.g. \"10s\"")
+        raise ConfigError('header_timeout and body_timeout must be positive, e.g. "10s"')
     if cfg.fairshare_half_life <= 0:
-        raise ConfigError("fairshare_half_life must be positive, e.g. \"7d\"")
+        raise ConfigError('fairshare_half_life must be positive, e.g. "7d"')
     if cfg.sched_interval <= 0:
         # 0 would make the scheduler loop spin; a tenth of a second is already eager.
-        raise ConfigError("sched_interval must be positive, e.g. \"5s\"")
+        raise ConfigError('sched_interval must be positive, e.g. "5s"')
     if cfg.preempt_after is not None and cfg.preempt_after < 0:
-        raise ConfigError("preempt_after must be a duration, e.g. \"10m\", or \"none\"")
+        raise ConfigError('preempt_after must be a duration, e.g. "10m", or "none"')
     _check_retention(cfg)
     return cfg
 
@@ -374,14 +421,18 @@ def _check_retention(cfg: Config) -> None:
             raise ConfigError(
                 f"{name} = {format_duration(value)} is too short: clients fetch a job's "
                 f"result and log after it ends; use at least {format_duration(MIN_RETENTION)}"
-                f" (e.g. \"7d\"), or \"none\" to keep them")
+                f' (e.g. "7d"), or "none" to keep them'
+            )
     dirs, jobs = cfg.retention_job_dirs, cfg.retention_jobs
     if jobs is not None and (dirs is None or dirs > jobs):
         raise ConfigError(
             f"retention_jobs ({format_duration(jobs)}) is shorter than retention_job_dirs "
             f"({'none' if dirs is None else format_duration(dirs)}): a job's record would go "
             "before its directory. Make retention_jobs at least as long, or set it to "
-            "\"none\"")
+            '"none"'
+        )
     if cfg.retention_interval is not None and cfg.retention_interval < 1:
-        raise ConfigError("retention_interval must be at least 1s (e.g. \"10m\"), or "
-                          "\"none\" to collect only on `gpud gc`")
+        raise ConfigError(
+            'retention_interval must be at least 1s (e.g. "10m"), or '
+            '"none" to collect only on `gpud gc`'
+        )

@@ -82,8 +82,9 @@ _NAMES = {
 #: What cuCheckpointProcessGetState answers for a pid that has no CUDA state (not started
 #: CUDA, or no such process). Not documented: scripts/gpu_ckpt_check.py prints the real
 #: answer for a plain process, so this set can be checked on a GPU machine.
-_NO_CUDA = frozenset({"CUDA_ERROR_INVALID_VALUE", "CUDA_ERROR_NOT_FOUND",
-                      "CUDA_ERROR_NOT_INITIALIZED"})
+_NO_CUDA = frozenset(
+    {"CUDA_ERROR_INVALID_VALUE", "CUDA_ERROR_NOT_FOUND", "CUDA_ERROR_NOT_INITIALIZED"}
+)
 
 
 class ProcessState(enum.Enum):
@@ -102,8 +103,14 @@ class CudaCheckpointError(RuntimeError):
     "state", "init"), ``state`` what the process was left in where known: RUNNING after a
     failed park (it carries on), CHECKPOINTED after a failed restore (still parked)."""
 
-    def __init__(self, message: str, *, result: str | None = None, step: str | None = None,
-                 state: ProcessState | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        result: str | None = None,
+        step: str | None = None,
+        state: ProcessState | None = None,
+    ) -> None:
         super().__init__(message)
         self.result = result
         self.step = step
@@ -183,7 +190,7 @@ class CudaDriver(Protocol):
 
 
 def uuid_bytes(uuid: str) -> bytes:
-    """"GPU-8c1e...-..." (NVML's form) -> the 16 bytes of a CUuuid. ValueError otherwise."""
+    """ "GPU-8c1e...-..." (NVML's form) -> the 16 bytes of a CUuuid. ValueError otherwise."""
     text = uuid.strip()
     if text.upper().startswith("GPU-"):
         text = text[4:]
@@ -192,8 +199,10 @@ def uuid_bytes(uuid: str) -> bytes:
     except ValueError:
         raw = b""
     if len(raw) != 16:
-        raise ValueError(f"not a GPU UUID: {uuid!r} (want NVML's form, GPU-xxxxxxxx-xxxx-...;"
-                         " MIG instances cannot be remapped)")
+        raise ValueError(
+            f"not a GPU UUID: {uuid!r} (want NVML's form, GPU-xxxxxxxx-xxxx-...;"
+            " MIG instances cannot be remapped)"
+        )
     return raw
 
 
@@ -202,8 +211,11 @@ def uuid_bytes(uuid: str) -> bytes:
 
 
 class _LockArgs(ctypes.Structure):
-    _fields_ = [("timeoutMs", ctypes.c_uint), ("reserved0", ctypes.c_uint),
-                ("reserved1", ctypes.c_uint64 * 7)]
+    _fields_ = [
+        ("timeoutMs", ctypes.c_uint),
+        ("reserved0", ctypes.c_uint),
+        ("reserved1", ctypes.c_uint64 * 7),
+    ]
 
 
 class _Reserved64(ctypes.Structure):  # CUcheckpointCheckpointArgs, CUcheckpointUnlockArgs
@@ -218,17 +230,25 @@ class _RestoreArgs(ctypes.Structure):
     # 64 bytes in every CUDA 13 header (the tail's layout changed between 13.x releases,
     # but it is all reserved and zero); in 12.8/12.9 all 64 bytes are reserved, so a
     # restore without a map passes zeros there too.
-    _fields_ = [("gpuPairs", ctypes.POINTER(_GpuPair)), ("gpuPairsCount", ctypes.c_uint),
-                ("padding0", ctypes.c_uint), ("reserved", ctypes.c_uint64 * 6)]
+    _fields_ = [
+        ("gpuPairs", ctypes.POINTER(_GpuPair)),
+        ("gpuPairsCount", ctypes.c_uint),
+        ("padding0", ctypes.c_uint),
+        ("reserved", ctypes.c_uint64 * 6),
+    ]
 
 
 for _s in (_LockArgs, _Reserved64, _RestoreArgs):
     assert ctypes.sizeof(_s) == 64, _s
 assert ctypes.sizeof(_GpuPair) == 32
 
-_CALLS = ("cuCheckpointProcessGetState", "cuCheckpointProcessLock",
-          "cuCheckpointProcessCheckpoint", "cuCheckpointProcessRestore",
-          "cuCheckpointProcessUnlock")
+_CALLS = (
+    "cuCheckpointProcessGetState",
+    "cuCheckpointProcessLock",
+    "cuCheckpointProcessCheckpoint",
+    "cuCheckpointProcessRestore",
+    "cuCheckpointProcessUnlock",
+)
 
 
 def _cuda_text(version: int) -> str:
@@ -267,7 +287,8 @@ class LibCuda:
             return None, (
                 f"the driver (CUDA {_cuda_text(version.value)}) has no CUDA checkpoint API "
                 f"({missing[0] if missing else 'too old'}): it needs NVIDIA driver >= "
-                f"{MIN_DRIVER} (CUDA 12.8); upgrade the driver to park GPU state")
+                f"{MIN_DRIVER} (CUDA 12.8); upgrade the driver to park GPU state"
+            )
         return cls(lib, version.value), "ok"
 
     def _name(self, rc: int) -> str:
@@ -298,8 +319,10 @@ class LibCuda:
             if rc != 0:
                 name = self._name(rc)
                 raise CudaCheckpointError(
-                    f"cuInit failed ({name}): run `nvidia-smi` to check the driver", result=name,
-                    step="init")
+                    f"cuInit failed ({name}): run `nvidia-smi` to check the driver",
+                    result=name,
+                    step="init",
+                )
             self._initialised = True
 
     def get_state(self, pid: int) -> ProcessState:
@@ -312,8 +335,9 @@ class LibCuda:
         self._call("lock", pid, "cuCheckpointProcessLock", pid, ctypes.byref(args))
 
     def checkpoint(self, pid: int) -> None:
-        self._call("checkpoint", pid, "cuCheckpointProcessCheckpoint", pid,
-                   ctypes.byref(_Reserved64()))
+        self._call(
+            "checkpoint", pid, "cuCheckpointProcessCheckpoint", pid, ctypes.byref(_Reserved64())
+        )
 
     def restore(self, pid: int, gpu_pairs: list[tuple[str, str]] | None) -> None:
         args = _RestoreArgs()
@@ -336,8 +360,7 @@ class LibCuda:
     def restore_thread_id(self, pid: int) -> int:
         """The thread CRIU must leave running for a CUDA restore (needs driver 570+)."""
         out = ctypes.c_int(0)
-        self._call("state", pid, "cuCheckpointProcessGetRestoreThreadId", pid,
-                   ctypes.byref(out))
+        self._call("state", pid, "cuCheckpointProcessGetRestoreThreadId", pid, ctypes.byref(out))
         return out.value
 
 
@@ -380,9 +403,14 @@ class DriverCheckpointer:
     ``clock`` times the steps (injectable so tests of the fake need no real time).
     """
 
-    def __init__(self, driver: CudaDriver, support: Support, *,
-                 memory_of: Callable[[int], int | None] = nvml_process_memory,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        driver: CudaDriver,
+        support: Support,
+        *,
+        memory_of: Callable[[int], int | None] = nvml_process_memory,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.driver = driver
         self._support = support
         self._memory_of = memory_of
@@ -409,12 +437,16 @@ class DriverCheckpointer:
         st = self.state(pid)
         if st is None:
             raise CudaCheckpointError(
-                f"process {pid} has no CUDA state: nothing to park (stop it with SIGSTOP "
-                "instead)", step="state")
+                f"process {pid} has no CUDA state: nothing to park (stop it with SIGSTOP instead)",
+                step="state",
+            )
         if st is not ProcessState.RUNNING:
             raise CudaCheckpointError(
                 f"process {pid} is {st.name}, not RUNNING: only a running CUDA process can be "
-                "parked (unpark it first)", step="state", state=st)
+                "parked (unpark it first)",
+                step="state",
+                state=st,
+            )
         size = self._size(pid)
         t0 = self._clock()
         try:
@@ -444,17 +476,23 @@ class DriverCheckpointer:
                 raise CudaCheckpointError(
                     f"this driver cannot restore onto other GPUs ({self._support.reason}); it "
                     "needs NVIDIA driver >= 580 (CUDA 13): restore onto the same GPUs",
-                    step="restore", state=self._state_or_none(pid))
+                    step="restore",
+                    state=self._state_or_none(pid),
+                )
             if not self._support.remap:
                 pairs = None  # identity pairs: the same as no map, on any driver
         st = self.state(pid)
         if st is None:
-            raise CudaCheckpointError(f"process {pid} has no CUDA state: nothing to unpark",
-                                      step="state")
+            raise CudaCheckpointError(
+                f"process {pid} has no CUDA state: nothing to unpark", step="state"
+            )
         if st is ProcessState.FAILED:
             raise CudaCheckpointError(
                 f"process {pid}'s CUDA state FAILED in the driver: it cannot be restored; end "
-                "the process", step="state", state=st)
+                "the process",
+                step="state",
+                state=st,
+            )
         t0 = self._clock()
         if st is ProcessState.CHECKPOINTED:
             try:
@@ -463,16 +501,25 @@ class DriverCheckpointer:
                 left = self._state_or_none(pid)
                 if left is ProcessState.LOCKED or left is None:  # restored after all?
                     left = self._unlock(pid)
-                what = ("it stays parked (its GPU memory in host memory): retry when its "
-                        "GPUs have room, or end the process"
-                        if left is ProcessState.CHECKPOINTED else self._left_text(left))
-                raise CudaCheckpointError(f"restoring process {pid} failed ({e.result or e}); "
-                                          f"{what}", result=e.result, step="restore",
-                                          state=left) from e
+                what = (
+                    "it stays parked (its GPU memory in host memory): retry when its "
+                    "GPUs have room, or end the process"
+                    if left is ProcessState.CHECKPOINTED
+                    else self._left_text(left)
+                )
+                raise CudaCheckpointError(
+                    f"restoring process {pid} failed ({e.result or e}); {what}",
+                    result=e.result,
+                    step="restore",
+                    state=left,
+                ) from e
         if st is not ProcessState.RUNNING and self._unlock(pid) is ProcessState.LOCKED:
             raise CudaCheckpointError(
                 f"process {pid} is restored but stays LOCKED: gpud could not unlock it, so its "
-                "next CUDA call hangs; end the process", step="unlock", state=ProcessState.LOCKED)
+                "next CUDA call hangs; end the process",
+                step="unlock",
+                state=ProcessState.LOCKED,
+            )
         return UnparkResult(seconds=self._clock() - t0, was=st)
 
     # -- the never-locked rule -----------------------------------------------------------
@@ -514,8 +561,13 @@ class DriverCheckpointer:
         if st is ProcessState.LOCKED or st is None:
             # Unknown counts as locked: unlocking a process that is not is refused harmlessly.
             st = self._unlock(pid)
-        log.warning("parking process %d failed at %s (%s); it is left %s", pid, step, err,
-                    st.name if st else "without CUDA state")
+        log.warning(
+            "parking process %d failed at %s (%s); it is left %s",
+            pid,
+            step,
+            err,
+            st.name if st else "without CUDA state",
+        )
         return st
 
     @staticmethod
@@ -530,8 +582,9 @@ class DriverCheckpointer:
             return "its CUDA state FAILED in the driver: end it"
         return "its CUDA state is unknown (it may have exited)"
 
-    def _explain(self, e: CudaCheckpointError, pid: int, step: str,
-                 left: ProcessState | None, timeout: float) -> CudaCheckpointError:
+    def _explain(
+        self, e: CudaCheckpointError, pid: int, step: str, left: ProcessState | None, timeout: float
+    ) -> CudaCheckpointError:
         hint = ""
         if step == "lock" and e.result == "CUDA_ERROR_TIMEOUT":
             hint = f" (its CUDA work did not finish within {timeout:g} s: try again when idle)"
@@ -541,12 +594,16 @@ class DriverCheckpointer:
             hint = " (gpud must run as root, or as the process's user)"
         return CudaCheckpointError(
             f"parking process {pid} failed at {step}: {e.result or e}{hint}; "
-            f"{self._left_text(left)}", result=e.result, step=step, state=left)
+            f"{self._left_text(left)}",
+            result=e.result,
+            step=step,
+            state=left,
+        )
 
 
-def open_cuda_checkpointer(driver_version: str | None = None,
-                           path: str = "libcuda.so.1") -> tuple[DriverCheckpointer | None,
-                                                               Support]:
+def open_cuda_checkpointer(
+    driver_version: str | None = None, path: str = "libcuda.so.1"
+) -> tuple[DriverCheckpointer | None, Support]:
     """The real checkpointer, or None and a :class:`Support` saying why not. Never raises.
     ``driver_version`` is NVML's display-driver version, for the messages."""
     lib, why = LibCuda.load(path)
@@ -558,7 +615,11 @@ def open_cuda_checkpointer(driver_version: str | None = None,
     cuda = _cuda_text(lib.cuda_version)
     remap = lib.cuda_version >= REMAP_CUDA
     support = Support(
-        ok=True, kind="cuda", driver_version=driver_version, cuda_version=cuda, remap=remap,
+        ok=True,
+        kind="cuda",
+        driver_version=driver_version,
+        cuda_version=cuda,
+        remap=remap,
         reason=f"CUDA checkpoint API of {who} (CUDA {cuda}); restore onto another GPU of the "
         f"same type: {'yes' if remap else 'no (needs driver >= 580)'}",
     )

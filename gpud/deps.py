@@ -42,8 +42,9 @@ def ended_text(state: JobState) -> str:
     return _ENDED.get(state, state.value)
 
 
-def check_after(owner: str, after: Iterable[int],
-                found: Mapping[int, tuple[str, JobState]]) -> str | None:
+def check_after(
+    owner: str, after: Iterable[int], found: Mapping[int, tuple[str, JobState]]
+) -> str | None:
     """Why a submit's ``after`` ids are refused (None: they are fine). ``found`` is the
     ledger's (owner, state) of those that exist.
 
@@ -57,8 +58,10 @@ def check_after(owner: str, after: Iterable[int],
     unknown = [i for i in ids if i not in found or found[i][0] != owner]
     if unknown:
         listed = ", ".join(map(str, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
-        return (f"after names no job of yours with id {listed}: a dependency must be one "
-                "of your own jobs that exists now (see gpud ps --all)")
+        return (
+            f"after names no job of yours with id {listed}: a dependency must be one "
+            "of your own jobs that exists now (see gpud ps --all)"
+        )
     return None
 
 
@@ -109,8 +112,9 @@ class DepIndex:
         if len(unmet) == 1:
             return f"waiting for job {unmet[0]}"
         head = ", ".join(map(str, unmet[:5]))
-        return f"waiting for jobs {head}" + (f" and {len(unmet) - 5} more" if len(unmet) > 5
-                                             else "")
+        return f"waiting for jobs {head}" + (
+            f" and {len(unmet) - 5} more" if len(unmet) > 5 else ""
+        )
 
     def hold(self, job: Job, ended: Mapping[int, JobState]) -> Doomed | None:
         """Take in a queued job with dependencies. ``ended`` holds the final states of
@@ -136,23 +140,26 @@ class DepIndex:
         self._held_by[job.owner] = self._held_by.get(job.owner, 0) + 1
         return None
 
-    def ended(self, job_id: int, state: JobState,
-              why: str | None = None) -> tuple[list[int], list[Doomed]]:
+    def ended(
+        self, job_id: int, state: JobState, why: str | None = None
+    ) -> tuple[list[int], list[Doomed]]:
         """Job ``job_id`` is over (``state``, cancelled because of ``why``): forget it if
         it was held, and settle its waiters. Returns (jobs now free to be scheduled, jobs
         to cancel); a cascaded cancel names the first cause too."""
         self._drop(job_id)
         self.doomed.discard(job_id)
-        cause = f" ({why})" if why and state is JobState.CANCELLED \
-            and why.startswith("dependency job") else ""
+        cause = (
+            f" ({why})"
+            if why and state is JobState.CANCELLED and why.startswith("dependency job")
+            else ""
+        )
         ready: list[int] = []
         doomed: list[Doomed] = []
         for waiter in sorted(self._waiters.pop(job_id, ())):
             if waiter not in self._any and state is not JobState.SUCCEEDED:
                 self._drop(waiter)
                 self.doomed.add(waiter)
-                doomed.append(Doomed(waiter,
-                                     f"dependency job {job_id} {ended_text(state)}{cause}"))
+                doomed.append(Doomed(waiter, f"dependency job {job_id} {ended_text(state)}{cause}"))
                 continue
             unmet = self.waiting[waiter]
             unmet.remove(job_id)

@@ -47,9 +47,12 @@ def run_command(
     argv: Sequence[str], timeout: float = COMMAND_TIMEOUT, **kw: object
 ) -> subprocess.CompletedProcess[str]:
     """Run a command; a missing binary raises FileNotFoundError, a hang TimeoutExpired."""
-    return subprocess.run(
+    # **kw is passed through unchecked (env=, cwd=): subprocess.run's overloads cannot be
+    # matched against an open mapping.
+    out: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
         list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw
-    )  # type: ignore[call-overload]
+    )
+    return out
 
 
 def last_line(cp: subprocess.CompletedProcess[str]) -> str:
@@ -98,7 +101,7 @@ def check_nvml(cfg: Config, proc_version: Path = NVIDIA_PROC_VERSION) -> Check:
     if reason:
         return Check("nvml", NA, reason)
     try:
-        import pynvml
+        import pynvml  # type: ignore[import-untyped]  # nvidia-ml-py ships no type hints
 
         pynvml.nvmlInit()
         try:

@@ -242,13 +242,23 @@ class PythonEnv:
     fingerprint: str = ""
 
     def to_json(self) -> dict[str, str]:
-        return {"path": self.path, "prefix": self.prefix, "kind": self.kind,
-                "version": self.version, "fingerprint": self.fingerprint}
+        return {
+            "path": self.path,
+            "prefix": self.prefix,
+            "kind": self.kind,
+            "version": self.version,
+            "fingerprint": self.fingerprint,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, str]) -> PythonEnv:
-        return cls(path=data["path"], prefix=data["prefix"], kind=data["kind"],
-                   version=data["version"], fingerprint=data.get("fingerprint", ""))
+        return cls(
+            path=data["path"],
+            prefix=data["prefix"],
+            kind=data["kind"],
+            version=data["version"],
+            fingerprint=data.get("fingerprint", ""),
+        )
 
 
 @dataclass(slots=True)
@@ -384,8 +394,9 @@ def warm_key(job: Job) -> WarmKey:
     # The interpreter, and its environment's fingerprint: after a `pip install` there the
     # next call gets a fresh worker rather than one with stale imports (#11).
     py = job.python_env
-    rest = json.dumps([sorted(job.env.items()), job.memory, job.cpus,
-                       [py.path, py.fingerprint] if py else None])
+    rest = json.dumps(
+        [sorted(job.env.items()), job.memory, job.cpus, [py.path, py.fingerprint] if py else None]
+    )
     return (job.code_hash, job.image or "", gpu, job.owner, rest)
 
 

@@ -58,39 +58,62 @@ def job_info(daemon: JobService, job: Job, wait: Wait | None | bool = True) -> J
     True (the default) to ask the daemon."""
     index = {g.uuid: g.index for g in daemon.gpus}
     if wait is True:
-        reason, position = (daemon.reason(job.id) if job.state is JobState.QUEUED
-                            else (None, None))
+        reason, position = daemon.reason(job.id) if job.state is JobState.QUEUED else (None, None)
     else:
         reason, position = (wait.reason, wait.position) if wait else (None, None)
     if job.state is JobState.SUSPENDED:
         reason = daemon.suspended_note(job)  # "suspended for job 812 (priority 10 > 0)"
-    suspended = job.suspended_s + (daemon.clock.time() - job.suspended_at
-                                   if job.suspended_at is not None else 0.0)
+    suspended = job.suspended_s + (
+        daemon.clock.time() - job.suspended_at if job.suspended_at is not None else 0.0
+    )
     return JobInfo(
-        id=job.id, name=job.function, state=job.state.value, owner=job.owner,
-        priority=job.priority, gpu=job.gpu.to_spec() if job.gpu else None,
-        gpus=list(job.gpus), gpu_indices=[index[u] for u in job.gpus if u in index],
-        submitted_at=job.submitted_at, started_at=job.started_at, ended_at=job.ended_at,
-        timeout=job.timeout, retries=job.retries, attempt=job.attempt, batch_id=job.batch_id,
-        exit_code=job.exit_code, error=job.error, has_result=job.has_result,
-        reason=reason, position=position, python=job.python, image=job.image,
-        wall_seconds=job.wall_seconds, gpu_seconds=job.gpu_seconds,
-        memory=job.memory, cpu=job.cpus, keep_warm=job.keep_warm, snapshot=job.snapshot,
+        id=job.id,
+        name=job.function,
+        state=job.state.value,
+        owner=job.owner,
+        priority=job.priority,
+        gpu=job.gpu.to_spec() if job.gpu else None,
+        gpus=list(job.gpus),
+        gpu_indices=[index[u] for u in job.gpus if u in index],
+        submitted_at=job.submitted_at,
+        started_at=job.started_at,
+        ended_at=job.ended_at,
+        timeout=job.timeout,
+        retries=job.retries,
+        attempt=job.attempt,
+        batch_id=job.batch_id,
+        exit_code=job.exit_code,
+        error=job.error,
+        has_result=job.has_result,
+        reason=reason,
+        position=position,
+        python=job.python,
+        image=job.image,
+        wall_seconds=job.wall_seconds,
+        gpu_seconds=job.gpu_seconds,
+        memory=job.memory,
+        cpu=job.cpus,
+        keep_warm=job.keep_warm,
+        snapshot=job.snapshot,
         start_kind=job.start_kind,
         startup=job.startup,
         python_path=job.python_env.path if job.python_env else None,
         python_prefix=job.python_env.prefix if job.python_env else None,
-        after=list(job.deps), after_any=job.deps_any,
-        preemptible=job.preemptible, suspended_seconds=round(suspended, 3),
-        signal_before=job.signal_before, signal=job.signal, grace=job.grace,
+        after=list(job.deps),
+        after_any=job.deps_any,
+        preemptible=job.preemptible,
+        suspended_seconds=round(suspended, 3),
+        signal_before=job.signal_before,
+        signal=job.signal,
+        grace=job.grace,
     )
-
 
 
 async def read_body(request: Request, limit: int) -> bytes | bytearray:
     declared = request.headers.get("content-length")
     too_big = ApiError(
-        413, "body_too_large",
+        413,
+        "body_too_large",
         f"the request body is larger than this daemon accepts ({limit} bytes): send a smaller "
         "payload (pass large data by path or URL instead of by value), or raise max_body_bytes",
     )
@@ -106,10 +129,16 @@ async def read_body(request: Request, limit: int) -> bytes | bytearray:
             body += chunk
     except ClientDisconnect:
         # The client went away mid-body: nobody is left to answer, and it is no bug.
-        log.debug("%s %s: the client closed the connection before the whole body came",
-                  request.method, request.url.path)
-        raise ApiError(400, "incomplete_body", "the connection closed before the whole "
-                       "request body arrived; send it again") from None
+        log.debug(
+            "%s %s: the client closed the connection before the whole body came",
+            request.method,
+            request.url.path,
+        )
+        raise ApiError(
+            400,
+            "incomplete_body",
+            "the connection closed before the whole request body arrived; send it again",
+        ) from None
     except OverBudget as e:
         raise ApiError(503, "busy", str(e)) from None
     return body
@@ -126,12 +155,20 @@ def decode_body(data: bytes | bytearray, model: type[Any]) -> Any:
 
 # Body fields whose violations keep the error code they had before the ranges moved into
 # the wire models (clients and docs/api.md name them).
-_FIELD_CODES = {"name": "invalid_name", "retries": "invalid_retries", "env": "invalid_env",
-                "priority": "invalid_priority", "memory": "invalid_memory",
-                "cpu": "invalid_cpu", "keep_warm": "invalid_keep_warm",
-                "inputs": "invalid_batch", "timeout": "invalid_timeout",
-                "signal_before": "invalid_signal_before", "signal": "invalid_signal",
-                "grace": "invalid_grace"}
+_FIELD_CODES = {
+    "name": "invalid_name",
+    "retries": "invalid_retries",
+    "env": "invalid_env",
+    "priority": "invalid_priority",
+    "memory": "invalid_memory",
+    "cpu": "invalid_cpu",
+    "keep_warm": "invalid_keep_warm",
+    "inputs": "invalid_batch",
+    "timeout": "invalid_timeout",
+    "signal_before": "invalid_signal_before",
+    "signal": "invalid_signal",
+    "grace": "invalid_grace",
+}
 
 
 def _invalid(model: type[Any], e: msgspec.ValidationError) -> ApiError:
@@ -181,8 +218,9 @@ def path_job_id(request: Request) -> int:
     raw = request.path_params["job_id"]
     job_id = parse_id(raw)
     if job_id is None:
-        raise ApiError(404, "not_found", f"no job {raw[:40]!r}: job ids are whole numbers "
-                       f"from 1 to {MAX_ID}")
+        raise ApiError(
+            404, "not_found", f"no job {raw[:40]!r}: job ids are whole numbers from 1 to {MAX_ID}"
+        )
     return job_id
 
 

@@ -102,8 +102,10 @@ class RateLimitFilter(logging.Filter):
         self._last[key] = now
         dropped = self._dropped.pop(key, 0)
         if dropped:
-            record.msg = f"{record.msg} [{dropped} more like this in the last " \
-                         f"{self.interval:g} s not logged]"
+            record.msg = (
+                f"{record.msg} [{dropped} more like this in the last "
+                f"{self.interval:g} s not logged]"
+            )
         return True
 
 
@@ -163,9 +165,13 @@ def install() -> bool:
                 exc = group.exceptions[0]
                 while isinstance(exc, BaseExceptionGroup):
                     exc = exc.exceptions[0]
-                log.warning("a connection from %s failed and was closed: %s: %s",
-                            _peer_name(self), type(exc).__name__, exc,
-                            exc_info=(type(exc), exc, exc.__traceback__))
+                log.warning(
+                    "a connection from %s failed and was closed: %s: %s",
+                    _peer_name(self),
+                    type(exc).__name__,
+                    exc,
+                    exc_info=(type(exc), exc, exc.__traceback__),
+                )
                 with contextlib.suppress(Exception):
                     await self.stream.aclose()
 
@@ -186,8 +192,7 @@ def install() -> bool:
                         with contextlib.suppress(Exception):
                             await self.stream.aclose()
                         raise trio.BrokenResourceError("the client stopped reading")
-                except (trio.BrokenResourceError, trio.ClosedResourceError,
-                        trio.BusyResourceError):
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                     # Busy: another task is closing this stream; gone either way.
                     await self.protocol.handle(Closed())
 
@@ -208,8 +213,11 @@ def install() -> bool:
         def _read_deadline(self, head_since: float | None) -> float:
             edge: EdgeSettings | None = getattr(self.config, "gpud_edge", None)
             if edge is None:
-                return math.inf if self.config.read_timeout is None else \
-                    trio.current_time() + self.config.read_timeout
+                return (
+                    math.inf
+                    if self.config.read_timeout is None
+                    else trio.current_time() + self.config.read_timeout
+                )
             conn = _h11_of(self)
             if conn is None:
                 # HTTP/2 or a WebSocket (no gpud client speaks them): a stall is a stall.
@@ -237,8 +245,11 @@ def install() -> bool:
                     break
                 if scope.cancelled_caught:
                     conn = _h11_of(self)
-                    reason = "no complete request head" if conn is not None and \
-                        conn.their_state is h11.IDLE else "the request body stalled"
+                    reason = (
+                        "no complete request head"
+                        if conn is not None and conn.their_state is h11.IDLE
+                        else "the request body stalled"
+                    )
                     break
                 conn = _h11_of(self)
                 if conn is not None and conn.their_state is h11.IDLE and head_since is None:
@@ -252,8 +263,12 @@ def install() -> bool:
             if reason:
                 edge = self.config.gpud_edge
                 limit = edge.header_timeout if reason.startswith("no") else edge.body_timeout
-                log.info("closed a connection from %s: %s in %g s (header_timeout/"
-                         "body_timeout)", _peer_name(self), reason, limit)
+                log.info(
+                    "closed a connection from %s: %s in %g s (header_timeout/body_timeout)",
+                    _peer_name(self),
+                    reason,
+                    limit,
+                )
                 # Closed outright: a request half received gets no answer to hang on to.
                 with contextlib.suppress(Exception):
                     await self.stream.aclose()
@@ -301,9 +316,11 @@ class BodyBudget:
 
     def refusal(self) -> str:
         mib = 2**20
-        return (f"the daemon is already receiving {self.in_flight / mib:.0f} MiB of request "
-                f"bodies (max_body_in_flight = {self.limit / mib:.0f} MiB): retry in "
-                f"{self.retry_after} s (gpud's client does), or send less by value")
+        return (
+            f"the daemon is already receiving {self.in_flight / mib:.0f} MiB of request "
+            f"bodies (max_body_in_flight = {self.limit / mib:.0f} MiB): retry in "
+            f"{self.retry_after} s (gpud's client does), or send less by value"
+        )
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -362,8 +379,9 @@ class BodyBudgetMiddleware:
         budget = self.budget
         held = declared if declared is not None and not chunked else 0
         if not budget.try_take(held):
-            log.warning("refused %s %s: %s", scope.get("method"), scope.get("path"),
-                        budget.refusal())
+            log.warning(
+                "refused %s %s: %s", scope.get("method"), scope.get("path"), budget.refusal()
+            )
             await self._refuse(send)
             return
         over = False
@@ -382,10 +400,11 @@ class BodyBudgetMiddleware:
         async def send_with_retry_after(message: Message) -> None:
             # Only this refusal says when to come back: another 503 (the executor is
             # down) may last, and a client should not wait on it blindly.
-            if over and message["type"] == "http.response.start" and \
-                    message.get("status") == 503:
-                headers = [*message.get("headers", ()),
-                           (b"retry-after", str(budget.retry_after).encode())]
+            if over and message["type"] == "http.response.start" and message.get("status") == 503:
+                headers = [
+                    *message.get("headers", ()),
+                    (b"retry-after", str(budget.retry_after).encode()),
+                ]
                 message = dict(message, headers=headers)
             await send(message)
 
@@ -400,11 +419,17 @@ class BodyBudgetMiddleware:
 
     async def _refuse(self, send: Send) -> None:
         body = msgspec.json.encode({"error": "busy", "detail": self.budget.refusal()})
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(self.budget.retry_after).encode()),
-            # The body is not read: the connection cannot carry another request.
-            (b"connection", b"close"),
-        ]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", str(self.budget.retry_after).encode()),
+                    # The body is not read: the connection cannot carry another request.
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

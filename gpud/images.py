@@ -68,8 +68,10 @@ _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _DEST_RE = re.compile(r"^/[A-Za-z0-9._/+@-]{0,1023}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 # pip, quiet about what is no problem in a throwaway build container.
-_PIP = ("PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore PIP_BREAK_SYSTEM_PACKAGES=1 "
-        "PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip install --progress-bar off")
+_PIP = (
+    "PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore PIP_BREAK_SYSTEM_PACKAGES=1 "
+    "PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip install --progress-bar off"
+)
 
 
 class BuildRefused(ValueError):
@@ -91,18 +93,26 @@ def _line(what: str, value: str, limit: int = 4096) -> str:
     if len(value) > limit:
         raise BuildRefused(f"{what} is longer than {limit} characters")
     if any(ord(ch) < 32 and ch != "\t" for ch in value) or value.rstrip().endswith("\\"):
-        raise BuildRefused(f"{what} must be one line, without control characters or a "
-                           f"trailing backslash: {value!r}")
+        raise BuildRefused(
+            f"{what} must be one line, without control characters or a "
+            f"trailing backslash: {value!r}"
+        )
     return value
 
 
 def _refs(what: str, refs: list[FileRef] | None) -> list[FileRef]:
     for r in refs or []:
         parts = r.path.split("/")
-        if (not r.path or r.path.startswith("/") or any(p in ("", ".", "..") for p in parts)
-                or not _SHA_RE.match(r.sha256)):
-            raise BuildRefused(f"{what}: file path {r.path!r} must be relative, without "
-                               "'..' (or its sha256 is malformed)")
+        if (
+            not r.path
+            or r.path.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)
+            or not _SHA_RE.match(r.sha256)
+        ):
+            raise BuildRefused(
+                f"{what}: file path {r.path!r} must be relative, without "
+                "'..' (or its sha256 is malformed)"
+            )
         _line(f"{what}: a file path", r.path, 1024)
     return list(refs or [])
 
@@ -121,8 +131,10 @@ def needed_files(spec: ImageSpec) -> set[str]:
 def validate(spec: ImageSpec, default_base: str) -> ImageSpec:
     """Check every field; fill in the default base image. Returns the spec to hash."""
     if spec.v != 1:
-        raise BuildRefused(f"image definition version {spec.v} is not known to this daemon "
-                           "(version 1): upgrade the daemon, or the client to match it")
+        raise BuildRefused(
+            f"image definition version {spec.v} is not known to this daemon "
+            "(version 1): upgrade the daemon, or the client to match it"
+        )
     if spec.containerfile is not None:
         if spec.base:
             raise BuildRefused("a definition has a base image or a Containerfile, not both")
@@ -160,12 +172,13 @@ def validate(spec: ImageSpec, default_base: str) -> ImageSpec:
             _line(f"{what}: the value", s.value or "")
         elif s.op == "copy":
             if not s.dest or not _DEST_RE.match(s.dest) or "/../" in s.dest + "/":
-                raise BuildRefused(f"{what}: dest {s.dest!r} must be an absolute path of "
-                                   "letters, digits and ._/+@-")
+                raise BuildRefused(
+                    f"{what}: dest {s.dest!r} must be an absolute path of "
+                    "letters, digits and ._/+@-"
+                )
             _refs(what, s.files)
         else:
-            raise BuildRefused(f"{what}: unknown step; known: pip, requirements, run, env, "
-                               "copy")
+            raise BuildRefused(f"{what}: unknown step; known: pip, requirements, run, env, copy")
     return spec
 
 
@@ -174,8 +187,9 @@ def _quote_env(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
 
 
-def render(spec: ImageSpec, files: Mapping[str, bytes],
-           build_args: Collection[str]) -> tuple[str, dict[str, tuple[bytes, bool]]]:
+def render(
+    spec: ImageSpec, files: Mapping[str, bytes], build_args: Collection[str]
+) -> tuple[str, dict[str, tuple[bytes, bool]]]:
     """The Containerfile and the build context (relative path -> (content, executable))
     of a validated spec."""
     ctx: dict[str, tuple[bytes, bool]] = {}
@@ -205,8 +219,7 @@ def render(spec: ImageSpec, files: Mapping[str, bytes],
             args = [] if s.index else ["--no-index"]
             if refs:
                 args += ["--find-links", f"{where}/wheels"]
-            what = (["-r", f"{where}/requirements.txt"] if s.op == "requirements"
-                    else s.packages)
+            what = ["-r", f"{where}/requirements.txt"] if s.op == "requirements" else s.packages
             cmd = f"{_PIP} {shlex.join([*args, *what])}"
             if where:
                 cmd += f" && rm -rf {where}"
@@ -222,16 +235,24 @@ def render(spec: ImageSpec, files: Mapping[str, bytes],
     return "\n".join(lines) + "\n", ctx
 
 
-def pip_index_args(config_index: str | None, config_extra: str | None,
-                   env: Mapping[str, str], home: str | None = None) -> dict[str, str]:
+def pip_index_args(
+    config_index: str | None,
+    config_extra: str | None,
+    env: Mapping[str, str],
+    home: str | None = None,
+) -> dict[str, str]:
     """The package index settings a build passes to pip: the config's, else the daemon's
     environment's, else pip's config files' (global section)."""
     out: dict[str, str] = {}
     from_files: dict[str, str] = {}
     cp = configparser.ConfigParser()
     home = home if home is not None else os.path.expanduser("~")
-    paths = ["/etc/pip.conf", "/etc/xdg/pip/pip.conf", f"{home}/.pip/pip.conf",
-             f"{home}/.config/pip/pip.conf"]
+    paths = [
+        "/etc/pip.conf",
+        "/etc/xdg/pip/pip.conf",
+        f"{home}/.pip/pip.conf",
+        f"{home}/.config/pip/pip.conf",
+    ]
     if env.get("PIP_CONFIG_FILE"):
         paths.append(env["PIP_CONFIG_FILE"])
     try:
@@ -239,9 +260,11 @@ def pip_index_args(config_index: str | None, config_extra: str | None,
     except configparser.Error as e:
         log.warning("cannot read pip's config files: %s", e)
     else:
-        for key, var in (("index-url", "PIP_INDEX_URL"), ("extra-index-url",
-                                                          "PIP_EXTRA_INDEX_URL"),
-                         ("trusted-host", "PIP_TRUSTED_HOST")):
+        for key, var in (
+            ("index-url", "PIP_INDEX_URL"),
+            ("extra-index-url", "PIP_EXTRA_INDEX_URL"),
+            ("trusted-host", "PIP_TRUSTED_HOST"),
+        ):
             if cp.has_option("global", key):
                 from_files[var] = " ".join(cp.get("global", key).split())
     for var in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST"):
@@ -284,9 +307,18 @@ class Build:
 
 
 class ImageBuilder:
-    def __init__(self, *, ledger: LedgerThread, executor: Any, work_dir: Path,
-                 max_bytes: int, network: str | None, build_args: dict[str, str],
-                 timeout: float, in_use: Callable[[], set[str]]) -> None:
+    def __init__(
+        self,
+        *,
+        ledger: LedgerThread,
+        executor: Any,
+        work_dir: Path,
+        max_bytes: int,
+        network: str | None,
+        build_args: dict[str, str],
+        timeout: float,
+        in_use: Callable[[], set[str]],
+    ) -> None:
         self.ledger = ledger
         self.executor = executor  # a PodmanExecutor
         self.work_dir = work_dir  # <data_dir>/image-builds
@@ -307,8 +339,9 @@ class ImageBuilder:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    async def ensure(self, spec: ImageSpec, files: Mapping[str, bytes], creator: str,
-                     nursery: trio.Nursery) -> tuple[Build, bool]:
+    async def ensure(
+        self, spec: ImageSpec, files: Mapping[str, bytes], creator: str, nursery: trio.Nursery
+    ) -> tuple[Build, bool]:
         """The build of this definition: a finished one if the image exists (True: it
         was cached), else the one in progress, else a new one started in ``nursery``.
         Raises BuildRefused, or MissingFiles when a build is needed."""
@@ -323,8 +356,14 @@ class ImageBuilder:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._locks.pop(key, None)
 
-    async def _ensure(self, key: str, spec: ImageSpec, files: Mapping[str, bytes],
-                      creator: str, nursery: trio.Nursery) -> tuple[Build, bool]:
+    async def _ensure(
+        self,
+        key: str,
+        spec: ImageSpec,
+        files: Mapping[str, bytes],
+        creator: str,
+        nursery: trio.Nursery,
+    ) -> tuple[Build, bool]:
         name = image_name(key)
         running = self._builds.get(key)
         if running is not None:
@@ -342,17 +381,21 @@ class ImageBuilder:
             raise MissingFiles(missing)
         for sha in needed_files(spec):
             if hashlib.sha256(files[sha]).hexdigest() != sha:
-                raise BuildRefused(f"the file sent as {sha[:12]}... does not have that "
-                                   "sha256: resend the definition")
+                raise BuildRefused(
+                    f"the file sent as {sha[:12]}... does not have that "
+                    "sha256: resend the definition"
+                )
         if spec.containerfile is not None:
             try:
                 files[spec.containerfile].decode()
             except UnicodeDecodeError:
                 raise BuildRefused("the Containerfile is not UTF-8 text") from None
         elif not await self._exists(spec.base, None):
-            raise BuildRefused(f"base image {spec.base!r} is not in this machine's Podman "
-                               "store: build or load it there first (gpud never pulls), or "
-                               "pick one of `gpud images`")
+            raise BuildRefused(
+                f"base image {spec.base!r} is not in this machine's Podman "
+                "store: build or load it there first (gpud never pulls), or "
+                "pick one of `gpud images`"
+            )
         b = self._builds[key] = Build(key=key, name=name, creator=creator)
         nursery.start_soon(self._run, b, spec, dict(files))
         return b, False
@@ -360,13 +403,19 @@ class ImageBuilder:
     async def _adopt(self, name: str, key: str, spec: ImageSpec) -> None:
         def look() -> tuple[str, int]:
             img = self.executor.client.images.get(name)
-            return ((img.labels or {}).get(LABEL_CREATOR, "?"),
-                    int(img.attrs.get("Size") or 0))
+            return ((img.labels or {}).get(LABEL_CREATOR, "?"), int(img.attrs.get("Size") or 0))
 
         creator, size = await trio.to_thread.run_sync(look)
-        await self.ledger.call(store.record_build, key=key, name=name, creator=creator,
-                               size=size, seconds=0.0, now=time.time(),
-                               spec=msgspec.json.encode(spec).decode())
+        await self.ledger.call(
+            store.record_build,
+            key=key,
+            name=name,
+            creator=creator,
+            size=size,
+            seconds=0.0,
+            now=time.time(),
+            spec=msgspec.json.encode(spec).decode(),
+        )
 
     async def follow(self, b: Build) -> AsyncIterator[str]:
         """The build's log lines from its start (as far as kept), until it is over."""
@@ -419,11 +468,19 @@ class ImageBuilder:
         if error is None:
             size = await trio.to_thread.run_sync(self._size, b.name)
             seconds = time.monotonic() - t0
-            await self.ledger.call(store.record_build, key=b.key, name=b.name,
-                                   creator=b.creator, size=size, seconds=seconds,
-                                   now=time.time(), spec=msgspec.json.encode(spec).decode())
-            log.info("built image %s for %s in %.1f s (%d MB)", b.name, b.creator, seconds,
-                     size // 2**20)
+            await self.ledger.call(
+                store.record_build,
+                key=b.key,
+                name=b.name,
+                creator=b.creator,
+                size=size,
+                seconds=seconds,
+                now=time.time(),
+                spec=msgspec.json.encode(spec).decode(),
+            )
+            log.info(
+                "built image %s for %s in %.1f s (%d MB)", b.name, b.creator, seconds, size // 2**20
+            )
             try:
                 await self.collect(keep={b.name})
             except Exception:  # noqa: BLE001 - a failed collection must not fail the build
@@ -433,11 +490,22 @@ class ImageBuilder:
         b.finish(error)
 
     async def _podman_build(self, b: Build, ctx: Path) -> int:
-        labels = {LABEL_KEY: b.key, LABEL_CREATOR: b.creator,
-                  LABEL_CREATED: f"{time.time():.0f}"}
-        cmd = ["podman", "--remote", "--url", self.executor.url, "build", "--layers=false",
-               "--rm", "--force-rm", "--pull=never", "-f", str(ctx / "Containerfile"),
-               "-t", b.name]
+        labels = {LABEL_KEY: b.key, LABEL_CREATOR: b.creator, LABEL_CREATED: f"{time.time():.0f}"}
+        cmd = [
+            "podman",
+            "--remote",
+            "--url",
+            self.executor.url,
+            "build",
+            "--layers=false",
+            "--rm",
+            "--force-rm",
+            "--pull=never",
+            "-f",
+            str(ctx / "Containerfile"),
+            "-t",
+            b.name,
+        ]
         for k, v in labels.items():
             cmd += ["--label", f"{k}={v}"]
         for k, v in self.build_args.items():
@@ -447,8 +515,12 @@ class ImageBuilder:
         cmd.append(str(ctx / "context"))
         b.add(f"gpud: building {b.name} for {b.creator}")
         proc = await trio.lowlevel.open_process(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         assert proc.stdout is not None
         buf = b""
         with trio.move_on_after(self.timeout) as scope:
@@ -511,8 +583,11 @@ class ImageBuilder:
                 break
             if name in busy:
                 continue
-            log.info("removing image %s (%d MB): built images are over image_max_bytes",
-                     name, size // 2**20)
+            log.info(
+                "removing image %s (%d MB): built images are over image_max_bytes",
+                name,
+                size // 2**20,
+            )
             ok = await trio.to_thread.run_sync(self._remove_unused, name)
             if ok:
                 total -= size

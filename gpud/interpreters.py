@@ -79,8 +79,10 @@ def activation_env(env: PythonEnv, base_path: str) -> dict[str, str]:
         bindir, extra = os.path.join(env.prefix, "bin"), {"VIRTUAL_ENV": env.prefix}
     elif env.kind == "conda":
         bindir = os.path.join(env.prefix, "bin")
-        extra = {"CONDA_PREFIX": env.prefix,
-                 "CONDA_DEFAULT_ENV": os.path.basename(env.prefix.rstrip("/")) or "base"}
+        extra = {
+            "CONDA_PREFIX": env.prefix,
+            "CONDA_DEFAULT_ENV": os.path.basename(env.prefix.rstrip("/")) or "base",
+        }
     elif env.kind == "system":  # a uv- or pyenv-managed Python: its own bin first
         bindir, extra = os.path.dirname(env.path), {}
     else:  # the admin's interpreter: as before #11, nothing activated
@@ -171,8 +173,13 @@ class Interpreters:
             return hit[1]
         env = {"PATH": _PATH, "HOME": ident.home, "LANG": "C.UTF-8"}
         out = subprocess.run(
-            [path, "-c", _PROBE, str(self.runtime_dir)], capture_output=True, text=True,
-            timeout=30, cwd="/", env=env, **ident.popen_kwargs(),
+            [path, "-c", _PROBE, str(self.runtime_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd="/",
+            env=env,
+            **ident.popen_kwargs(),
         )
         self.probes_run += 1
         if out.returncode != 0:
@@ -180,49 +187,65 @@ class Interpreters:
             raise ValueError(lines[-1] if lines else f"it exited with code {out.returncode}")
         try:
             data = json.loads(out.stdout.strip().splitlines()[-1])
-            found = Probe(version=str(data["version"]), prefix=str(data["prefix"]),
-                          base_prefix=str(data["base_prefix"]),
-                          site=tuple(str(d) for d in data["site"]))
+            found = Probe(
+                version=str(data["version"]),
+                prefix=str(data["prefix"]),
+                base_prefix=str(data["base_prefix"]),
+                site=tuple(str(d) for d in data["site"]),
+            )
         except (ValueError, KeyError, IndexError, TypeError):
-            raise ValueError(f"it did not answer as a Python does: {out.stdout[-200:]!r}") \
-                from None
+            raise ValueError(f"it did not answer as a Python does: {out.stdout[-200:]!r}") from None
         with self._lock:
             self._cache[(path, ident.uid)] = (key, found)
         return found
 
     def env_for(self, path: str, probe: Probe, kind: str | None = None) -> PythonEnv:
-        return PythonEnv(path=path, prefix=probe.prefix, kind=kind or probe.kind,
-                         version=probe.version, fingerprint=fingerprint(path, probe.site))
+        return PythonEnv(
+            path=path,
+            prefix=probe.prefix,
+            kind=kind or probe.kind,
+            version=probe.version,
+            fingerprint=fingerprint(path, probe.site),
+        )
 
-    def check(self, requested: str, *, version: str, prefix: str | None,
-              ident: JobIdentity, owner: str) -> PythonEnv:
+    def check(
+        self, requested: str, *, version: str, prefix: str | None, ident: JobIdentity, owner: str
+    ) -> PythonEnv:
         """The environment a job asking for ``requested`` runs in; ExecutorRefusal, with
         the fix, for one that could not run it. ``prefix``: the caller's sys.prefix when
         ``requested`` is its own interpreter (then the full version must match too)."""
-        other = ('submit with python="daemon" (gpud run --python daemon, or '
-                 "GPUD_JOB_PYTHON=daemon) for the admin's interpreter, or python=PATH naming "
-                 "another one")
+        other = (
+            'submit with python="daemon" (gpud run --python daemon, or '
+            "GPUD_JOB_PYTHON=daemon) for the admin's interpreter, or python=PATH naming "
+            "another one"
+        )
         if not os.path.isabs(requested):
             raise ExecutorRefusal(
                 f"python={requested!r}: give the absolute path of an interpreter on the "
-                "daemon's machine, or \"daemon\" for the admin's")
+                "daemon's machine, or \"daemon\" for the admin's"
+            )
         path = os.path.normpath(requested)
         if self.allowed and not any(fnmatch.fnmatchcase(path, g) for g in self.allowed):
             raise ExecutorRefusal(
                 f"python {path} is not one this daemon allows (allowed_pythons: "
                 f"{', '.join(self.allowed)}): use an interpreter matching one of those, or "
                 'python="daemon" (gpud run --python daemon) for the admin\'s; the admin sets '
-                "allowed_pythons in the daemon's config")
+                "allowed_pythons in the daemon's config"
+            )
 
         def cannot_execute() -> ExecutorRefusal:
             where = _blocked_at(path, ident)
-            fix = (f"; or have the admin set job_user (now {ident.user!r}, who runs "
-                   f"{owner}'s jobs) to a user that can run it"
-                   if ident.user != owner else "")
+            fix = (
+                f"; or have the admin set job_user (now {ident.user!r}, who runs "
+                f"{owner}'s jobs) to a user that can run it"
+                if ident.user != owner
+                else ""
+            )
             return ExecutorRefusal(
                 f"job user {ident.user!r} cannot execute {path}"
                 f"{' (' + where + ')' if where else ''}: make it reachable for "
-                f"{ident.user!r}, or {other}{fix}")
+                f"{ident.user!r}, or {other}{fix}"
+            )
 
         try:
             os.stat(path)
@@ -233,7 +256,8 @@ class Interpreters:
                 raise cannot_execute() from None
             raise ExecutorRefusal(
                 f"python {path} does not exist on the daemon's machine (submitting from "
-                f"another machine, or was the environment removed?): {other}") from None
+                f"another machine, or was the environment removed?): {other}"
+            ) from None
         except OSError:
             pass  # not even the daemon can look: the probe says why, as the job's user
         try:
@@ -242,24 +266,27 @@ class Interpreters:
             raise cannot_execute() from None
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             raise ExecutorRefusal(
-                f"python {path} does not run as a Python for job user {ident.user!r} "
-                f"({e}): {other}") from None
+                f"python {path} does not run as a Python for job user {ident.user!r} ({e}): {other}"
+            ) from None
         mine, theirs = probe.version.rsplit(".", 1)[0], version.rsplit(".", 1)[0]
         if theirs != mine:
             raise ExecutorRefusal(
                 f"this job was pickled by Python {version}, but {path} is Python "
                 f"{probe.version}: submit from Python {mine}, or pick an interpreter of "
-                f"Python {theirs}")
+                f"Python {theirs}"
+            )
         if prefix is not None:
             same = os.path.realpath(prefix) == os.path.realpath(probe.prefix)
             if not same:
                 raise ExecutorRefusal(
                     f"{path} on the daemon's machine is not the interpreter you submit "
                     f"from (there its sys.prefix is {probe.prefix}, yours is {prefix}): "
-                    f"submitting from another machine? {other}")
+                    f"submitting from another machine? {other}"
+                )
             if probe.version != version:
                 raise ExecutorRefusal(
                     f"{path} is Python {probe.version} now, but you run it as {version}: "
                     "the interpreter changed since your Python started; restart it, or "
-                    f"{other}")
+                    f"{other}"
+                )
         return self.env_for(path, probe)

@@ -81,6 +81,8 @@ def open_checkpointer(inventory: GpuInventory) -> tuple[Checkpointer | None, Sup
         return open_cuda_checkpointer(inventory.driver_version())
     version = inventory.driver_version()
     return None, Support(
-        ok=False, kind="none", driver_version=version,
+        ok=False,
+        kind="none",
+        driver_version=version,
         reason="no GPUs" + (f" (driver {version})" if version else "") + ": nothing to park",
     )

@@ -35,8 +35,12 @@ class TracebackThrottle(logging.Filter):
     """A logging filter: at most one traceback per exception site every ``interval``
     seconds, with a count of those left out."""
 
-    def __init__(self, interval: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic, max_sites: int = 1000) -> None:
+    def __init__(
+        self,
+        interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_sites: int = 1000,
+    ) -> None:
         super().__init__()
         self.interval = interval
         self.clock = clock
@@ -58,8 +62,10 @@ class TracebackThrottle(logging.Filter):
             return False
         if seen is not None and seen[1]:
             # Said on the record itself, so every handler and formatter shows it.
-            record.msg = (f"{record.msg} [{seen[1]} more like this in the last "
-                          f"{now - seen[0]:.0f} s were not logged]")
+            record.msg = (
+                f"{record.msg} [{seen[1]} more like this in the last "
+                f"{now - seen[0]:.0f} s were not logged]"
+            )
         if len(self._sites) >= self.max_sites and site not in self._sites:
             # Bounded: a flood of distinct sites must not grow memory without end.
             oldest = min(self._sites, key=lambda s: self._sites[s][0])

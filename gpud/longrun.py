@@ -23,16 +23,35 @@ from gpud.domain import Job, JobState
 from gpud.executors.base import Handle
 from gpud.safefs import open_append
 
-__all__ = ["DEFAULT_SIGNAL", "LongRunError", "check_options", "grace_of", "job_env",
-           "parse_signal", "start_warning", "stop_text", "task_env"]
+__all__ = [
+    "DEFAULT_SIGNAL",
+    "LongRunError",
+    "check_options",
+    "grace_of",
+    "job_env",
+    "parse_signal",
+    "start_warning",
+    "stop_text",
+    "task_env",
+]
 
 log = logging.getLogger("gpud")
 
 DEFAULT_SIGNAL = "SIGUSR1"
 #: Signals a job may ask to be warned with: the ones a program can catch and that mean
 #: nothing else to gpud (TERM and KILL are its stop; STOP/CONT its suspend).
-_ALLOWED = ("SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT", "SIGALRM", "SIGWINCH",
-            "SIGURG", "SIGXCPU", "SIGPWR")
+_ALLOWED = (
+    "SIGUSR1",
+    "SIGUSR2",
+    "SIGINT",
+    "SIGHUP",
+    "SIGQUIT",
+    "SIGALRM",
+    "SIGWINCH",
+    "SIGURG",
+    "SIGXCPU",
+    "SIGPWR",
+)
 
 
 class LongRunError(ValueError):
@@ -45,19 +64,26 @@ class LongRunError(ValueError):
 
 
 def parse_signal(name: str) -> signals.Signals:
-    """"SIGUSR1", "USR1", "usr1" -> SIGUSR1; ValueError that lists the choices otherwise."""
+    """ "SIGUSR1", "USR1", "usr1" -> SIGUSR1; ValueError that lists the choices otherwise."""
     text = name.strip().upper()
     if not text.startswith("SIG"):
         text = "SIG" + text
     if text not in _ALLOWED or not hasattr(signals, text):
         choices = ", ".join(s for s in _ALLOWED if hasattr(signals, s))
-        raise ValueError(f"signal {name!r} cannot be used for the early warning: pick one "
-                         f"of {choices} (default {DEFAULT_SIGNAL})")
+        raise ValueError(
+            f"signal {name!r} cannot be used for the early warning: pick one "
+            f"of {choices} (default {DEFAULT_SIGNAL})"
+        )
     return signals.Signals[text]
 
 
-def check_options(cfg: Config, timeout: float, signal_before: float | None,
-                  signal: str | None, grace: float | None) -> tuple[str | None, float | None]:
+def check_options(
+    cfg: Config,
+    timeout: float,
+    signal_before: float | None,
+    signal: str | None,
+    grace: float | None,
+) -> tuple[str | None, float | None]:
     """Check a submit's long-run options against each other and this daemon's limits;
     return (the signal's canonical name or None, grace). Raises LongRunError."""
     name: str | None = None
@@ -67,19 +93,24 @@ def check_options(cfg: Config, timeout: float, signal_before: float | None,
         except ValueError as e:
             raise LongRunError("invalid_signal", str(e)) from None
         if signal_before is None:
-            raise LongRunError("invalid_signal", f"signal={signal!r} needs signal_before= "
-                               "(how long before the timeout to send it), e.g. \"5m\"")
+            raise LongRunError(
+                "invalid_signal",
+                f"signal={signal!r} needs signal_before= "
+                '(how long before the timeout to send it), e.g. "5m"',
+            )
     if signal_before is not None and signal_before >= timeout:
         raise LongRunError(
             "invalid_signal_before",
             f"signal_before ({signal_before:g} s) must be shorter than the job's timeout "
             f"({timeout:g} s): the warning would come before the job starts; lower it, or "
-            "raise timeout")
+            "raise timeout",
+        )
     if grace is not None and grace > cfg.max_grace:
         raise LongRunError(
             "invalid_grace",
             f"grace ({grace:g} s) is above this daemon's max_grace ({cfg.max_grace:g} s): "
-            "ask for less, or ask the admin to raise max_grace")
+            "ask for less, or ask the admin to raise max_grace",
+        )
     return name, grace
 
 
@@ -118,12 +149,17 @@ def job_env(job: Job, state_dir: str) -> dict[str, str]:
 def task_env(job: Job, task_dir: str) -> dict[str, str]:
     """The same, per task of a warm worker (which sees the job directory at task_dir):
     empty values clear what an earlier job of the worker had."""
-    return {"GPUD_SIGNAL": "", "GPUD_SIGNAL_BEFORE": "",
-            **job_env(job, f"{task_dir}/state")}
+    return {"GPUD_SIGNAL": "", "GPUD_SIGNAL_BEFORE": "", **job_env(job, f"{task_dir}/state")}
 
 
-def start_warning(nursery: trio.Nursery | None, executor: object, job: Job, handle: Handle,
-                  deadline: trio.CancelScope, log_path: Path) -> trio.CancelScope | None:
+def start_warning(
+    nursery: trio.Nursery | None,
+    executor: object,
+    job: Job,
+    handle: Handle,
+    deadline: trio.CancelScope,
+    log_path: Path,
+) -> trio.CancelScope | None:
     """Start the early warning of a job that asked for one, in ``nursery``: it fires
     ``signal_before`` before ``deadline.deadline`` (the supervisor's, which may move
     while a job is suspended). Cancel the scope returned when the job ends."""
@@ -131,14 +167,22 @@ def start_warning(nursery: trio.Nursery | None, executor: object, job: Job, hand
         return None
     cs = trio.CancelScope()
     sig = parse_signal(job.signal or DEFAULT_SIGNAL)
-    nursery.start_soon(_warn, cs, executor, job.id, job.signal_before, sig, handle,
-                       deadline, log_path)
+    nursery.start_soon(
+        _warn, cs, executor, job.id, job.signal_before, sig, handle, deadline, log_path
+    )
     return cs
 
 
-async def _warn(cs: trio.CancelScope, executor: object, job_id: int, before: float,
-                sig: signals.Signals, handle: Handle, deadline: trio.CancelScope,
-                log_path: Path) -> None:
+async def _warn(
+    cs: trio.CancelScope,
+    executor: object,
+    job_id: int,
+    before: float,
+    sig: signals.Signals,
+    handle: Handle,
+    deadline: trio.CancelScope,
+    log_path: Path,
+) -> None:
     with cs:
         while True:
             target = deadline.deadline - before
@@ -154,9 +198,12 @@ async def _warn(cs: trio.CancelScope, executor: object, job_id: int, before: flo
         # An executor without send_signal (a test fake of old) gets no warning.
         sent = bool(send is not None and await send(handle, sig))
         left = max(0.0, deadline.deadline - trio.current_time())
-        line = (f"[gpud] sent {sig.name}: the job's timeout is in {left:.0f} s "
-                f"(signal_before); it is then stopped\n" if sent else
-                f"[gpud] could not send {sig.name} (the job's process is gone)\n")
+        line = (
+            f"[gpud] sent {sig.name}: the job's timeout is in {left:.0f} s "
+            f"(signal_before); it is then stopped\n"
+            if sent
+            else f"[gpud] could not send {sig.name} (the job's process is gone)\n"
+        )
         log.info("job %s: %s", job_id, line.strip())
         try:
             fd = open_append(log_path)

@@ -43,13 +43,21 @@ _MAX_WAIT = 300.0
 def body(job: Job) -> bytes:
     """What the receiver gets: the job's identity and outcome, no payload."""
     doc: dict[str, Any] = {
-        "job_id": job.id, "name": job.function, "owner": job.owner, "state": job.state.value,
-        "submitted_at": job.submitted_at, "started_at": job.started_at,
-        "ended_at": job.ended_at, "attempt": job.attempt, "exit_code": job.exit_code,
-        "error": job.error, "wall_seconds": job.wall_seconds, "gpu_seconds": job.gpu_seconds,
+        "job_id": job.id,
+        "name": job.function,
+        "owner": job.owner,
+        "state": job.state.value,
+        "submitted_at": job.submitted_at,
+        "started_at": job.started_at,
+        "ended_at": job.ended_at,
+        "attempt": job.attempt,
+        "exit_code": job.exit_code,
+        "error": job.error,
+        "wall_seconds": job.wall_seconds,
+        "gpu_seconds": job.gpu_seconds,
         "gpus": list(job.gpus),
         "text": f"gpud job {job.id} ({job.function}) {job.state.value.replace('_', ' ')}"
-                + (f": {job.error}" if job.error else ""),
+        + (f": {job.error}" if job.error else ""),
     }
     return json.dumps(doc).encode()
 
@@ -73,15 +81,20 @@ class Notifier:
             self._send.send_nowait((job, trio.current_time()))
         except trio.WouldBlock:
             self.dropped += 1
-            log.warning("webhook for job %s dropped: %d notifications are waiting already",
-                        job.id, QUEUE_MAX)
+            log.warning(
+                "webhook for job %s dropped: %d notifications are waiting already",
+                job.id,
+                QUEUE_MAX,
+            )
 
     async def run(self) -> None:
         limiter = trio.CapacityLimiter(SENDING_MAX)
         import httpx  # only a daemon that sends webhooks pays for importing it
 
-        async with httpx.AsyncClient(timeout=10.0, follow_redirects=False) as client, \
-                trio.open_nursery() as nursery:
+        async with (
+            httpx.AsyncClient(timeout=10.0, follow_redirects=False) as client,
+            trio.open_nursery() as nursery,
+        ):
             try:
                 async for job, ended in self._receive:
                     await limiter.acquire_on_behalf_of(job.id)
@@ -89,11 +102,13 @@ class Notifier:
             finally:
                 waiting = self._receive.statistics().current_buffer_used
                 if waiting:
-                    log.warning("%d webhook notifications were not sent before the "
-                                "daemon stopped", waiting)
+                    log.warning(
+                        "%d webhook notifications were not sent before the daemon stopped", waiting
+                    )
 
-    async def _deliver(self, client: Any, job: Job, ended: float,
-                       limiter: trio.CapacityLimiter) -> None:
+    async def _deliver(
+        self, client: Any, job: Job, ended: float, limiter: trio.CapacityLimiter
+    ) -> None:
         try:
             await self._post(client, job, ended)
         finally:
@@ -110,12 +125,16 @@ class Notifier:
         while True:
             tries += 1
             try:
-                resp = await client.post(job.notify, content=data, headers={
-                    "content-type": "application/json", "user-agent": "gpud-webhook"})
+                resp = await client.post(
+                    job.notify,
+                    content=data,
+                    headers={"content-type": "application/json", "user-agent": "gpud-webhook"},
+                )
                 if 200 <= resp.status_code < 300:
                     self.delivered += 1
-                    log.info("webhook for job %s (%s) delivered (try %d)", job.id,
-                             job.state.value, tries)
+                    log.info(
+                        "webhook for job %s (%s) delivered (try %d)", job.id, job.state.value, tries
+                    )
                     return
                 why = f"HTTP {resp.status_code}"
             except httpx.HTTPError as e:
@@ -123,10 +142,10 @@ class Notifier:
             now = trio.current_time()
             if now + wait > deadline or math.isinf(wait):
                 self.dropped += 1
-                log.warning("webhook for job %s dropped after %d tries (%s)", job.id, tries,
-                            why)
+                log.warning("webhook for job %s dropped after %d tries (%s)", job.id, tries, why)
                 return
-            log.info("webhook for job %s not delivered (%s): trying again in %g s", job.id,
-                     why, wait)
+            log.info(
+                "webhook for job %s not delivered (%s): trying again in %g s", job.id, why, wait
+            )
             await trio.sleep(wait)
             wait = min(wait * 2, _MAX_WAIT)

@@ -49,9 +49,7 @@ def read_peercred(sock: Any) -> Peer | None:
     """SO_PEERCRED of a connected Unix socket (stdlib or trio); None for anything else."""
     if sock.family != socket.AF_UNIX:
         return None
-    pid, uid, gid = _CRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
-    )
+    pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
     return Peer(pid, uid, gid)
 
 

@@ -34,8 +34,7 @@ class Group:
 
     __slots__ = ("backoff", "gpu", "jobs", "keys", "owner", "priority", "wkey")
 
-    def __init__(self, owner: str, priority: int, gpu: GpuRequest | None,
-                 wkey: Hashable) -> None:
+    def __init__(self, owner: str, priority: int, gpu: GpuRequest | None, wkey: Hashable) -> None:
         self.owner = owner
         self.priority = priority
         self.gpu = gpu

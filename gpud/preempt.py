@@ -55,8 +55,15 @@ def order(job: Job) -> tuple[int, float, int]:
     return (-job.priority, job.submitted_at, job.id)
 
 
-def resumes(suspended: Iterable[Job], wanted: Collection[int], running: Iterable[Job],
-            gpus: Sequence[Gpu], *, cpu_slots: int, held: Iterable[str] = ()) -> Resumes:
+def resumes(
+    suspended: Iterable[Job],
+    wanted: Collection[int],
+    running: Iterable[Job],
+    gpus: Sequence[Gpu],
+    *,
+    cpu_slots: int,
+    held: Iterable[str] = (),
+) -> Resumes:
     """Which suspended jobs resume now. ``wanted``: the suspended jobs that want to (the
     rest stay suspended); ``running``: the jobs holding GPUs (and CPU slots) now;
     ``held``: GPUs held otherwise (idle warm workers)."""
@@ -85,13 +92,20 @@ def resumes(suspended: Iterable[Job], wanted: Collection[int], running: Iterable
     return Resumes(out, reserved)
 
 
-def choose(queued: Iterable[Job], running: Iterable[Job], gpus: Sequence[Gpu], *,
-           now: float, preempt_after: float | None, cpu_slots: int,
-           history: Collection[tuple[int, int]] = (),
-           waiting_for: Collection[int] = (),
-           held: Iterable[str] = (),
-           quotas: Mapping[str, Quota] | None = None,
-           suspendable: Callable[[Job], bool] = lambda j: True) -> list[Preemption]:
+def choose(
+    queued: Iterable[Job],
+    running: Iterable[Job],
+    gpus: Sequence[Gpu],
+    *,
+    now: float,
+    preempt_after: float | None,
+    cpu_slots: int,
+    history: Collection[tuple[int, int]] = (),
+    waiting_for: Collection[int] = (),
+    held: Iterable[str] = (),
+    quotas: Mapping[str, Quota] | None = None,
+    suspendable: Callable[[Job], bool] = lambda j: True,
+) -> list[Preemption]:
     """The running jobs to suspend now, each for one queued job.
 
     ``queued``: queued jobs that still wait after this round's starts, in the order they
@@ -122,18 +136,29 @@ def choose(queued: Iterable[Job], running: Iterable[Job], gpus: Sequence[Gpu], *
             continue
         if now - waited_since(h) < preempt_after:
             continue
-        pool = sorted((j for j in running
-                       if j.state is JobState.RUNNING and j.preemptible
-                       and j.priority < h.priority and j.id not in taken
-                       and (j.id, h.id) not in history and suspendable(j)),
-                      key=lambda j: (j.priority, -(j.started_at or 0.0), -j.id))
+        pool = sorted(
+            (
+                j
+                for j in running
+                if j.state is JobState.RUNNING
+                and j.preemptible
+                and j.priority < h.priority
+                and j.id not in taken
+                and (j.id, h.id) not in history
+                and suspendable(j)
+            ),
+            key=lambda j: (j.priority, -(j.started_at or 0.0), -j.id),
+        )
         victims = _victims(h, pool, free, cpu_slots - cpu_busy, quotas, by_owner, inventory)
         if not victims:
             continue
         for v in victims:
             taken.add(v.id)
-            out.append(Preemption(v.id, h.id, f"suspended for job {h.id} "
-                                  f"(priority {h.priority} > {v.priority})"))
+            out.append(
+                Preemption(
+                    v.id, h.id, f"suspended for job {h.id} (priority {h.priority} > {v.priority})"
+                )
+            )
         # What they free is the preemptor's: a later one in this round does not count it.
         freed = {u for v in victims for u in v.gpus}
         free = [g for g in free if g.uuid not in freed and not _wanted(h, g)]
@@ -144,9 +169,15 @@ def _wanted(h: Job, g: Gpu) -> bool:
     return h.gpu is not None and any(g.matches(t) for t, _ in h.gpu.options)
 
 
-def _victims(h: Job, pool: list[Job], free: list[Gpu], cpu_free: int,
-             quotas: Mapping[str, Quota], by_owner: Mapping[str, int],
-             inventory: Mapping[str, Gpu]) -> list[Job]:
+def _victims(
+    h: Job,
+    pool: list[Job],
+    free: list[Gpu],
+    cpu_free: int,
+    quotas: Mapping[str, Quota],
+    by_owner: Mapping[str, int],
+    inventory: Mapping[str, Gpu],
+) -> list[Job]:
     """The fewest victims, in the pool's order, that let ``h`` start; [] if none do (or it
     waits for something preemption cannot give it)."""
     if h.gpu is None:
@@ -162,9 +193,11 @@ def _victims(h: Job, pool: list[Job], free: list[Gpu], cpu_free: int,
             return []  # the GPUs are there: it waits for something else
         chosen: list[Job] = []
         for j in pool:
-            gain = sum(1 for u in j.gpus
-                       if (g := inventory.get(u)) is not None and not g.foreign_pids
-                       and g.matches(gtype))
+            gain = sum(
+                1
+                for u in j.gpus
+                if (g := inventory.get(u)) is not None and not g.foreign_pids and g.matches(gtype)
+            )
             if gain == 0:
                 continue
             chosen.append(j)

@@ -55,23 +55,33 @@ def wait_of(waits: Shown, pending: PendingIndex, job_id: int) -> Wait | None:
     return waits.get(job_id)
 
 
-def page(waits: Shown, pending: PendingIndex, offset: int, limit: int, *,
-         walk_under: int = WALK_UNDER,
-         narrow: int = NARROW) -> tuple[list[tuple[Job, Wait | None]], int]:
+def page(
+    waits: Shown,
+    pending: PendingIndex,
+    offset: int,
+    limit: int,
+    *,
+    walk_under: int = WALK_UNDER,
+    narrow: int = NARROW,
+) -> tuple[list[tuple[Job, Wait | None]], int]:
     """Queued jobs ``offset`` to ``offset + limit`` in scheduling order, each with its
     wait, and how many are queued. (``walk_under`` and ``narrow``: for the tests.)"""
     total = len(pending)
     if not isinstance(waits, Waits):
+
         def order(job: Job) -> tuple[bool, int, int, int]:
             w = waits.get(job.id)
             return (w is None, w.position if w else 0, -job.priority, job.id)
+
         jobs = heapq.nsmallest(offset + limit, pending, key=order)[offset:]
         return [(j, waits.get(j.id)) for j in jobs], total
     # Queued jobs this round gave no wait: few (those queued since it, or whose start
     # failed); they go last, in the order the next round will most likely see them.
     maybe = {*pending.added_since(waits.seq), *(i for i in waits.no_wait if i in pending)}
-    tail = sorted((j for i in maybe if (j := pending.get(i)) is not None
-                   and waits.of(j) is None), key=lambda j: (-j.priority, j.id))
+    tail = sorted(
+        (j for i in maybe if (j := pending.get(i)) is not None and waits.of(j) is None),
+        key=lambda j: (-j.priority, j.id),
+    )
     walked = total - len(tail)
     out: list[tuple[Job, Wait | None]] = []
     if offset < walked:
@@ -89,12 +99,11 @@ def page(waits: Shown, pending: PendingIndex, offset: int, limit: int, *,
                     break
             n += 1
     start = max(0, offset - walked)
-    out += [(j, None) for j in tail[start:start + limit - len(out)]]
+    out += [(j, None) for j in tail[start : start + limit - len(out)]]
     return out, total
 
 
-def _jump(waits: Waits, pending: PendingIndex, offset: int,
-          narrow: int) -> tuple[Key | None, int]:
+def _jump(waits: Waits, pending: PendingIndex, offset: int, narrow: int) -> tuple[Key | None, int]:
     """A key at most about ``narrow`` plan jobs before the ``offset``-th job the walk
     shows, and how many it shows before that key; (None, 0): walk from the head."""
     reader = waits.reader
@@ -143,8 +152,11 @@ def _jump(waits: Waits, pending: PendingIndex, offset: int,
         left = sum(hi) - sum(lo)
         if left <= max(narrow, 2):
             break
-        mids = sorted((keys[gi](groups[gi].jobs[(lo[gi] + hi[gi]) // 2]), hi[gi] - lo[gi])
-                      for gi in range(len(groups)) if hi[gi] > lo[gi])
+        mids = sorted(
+            (keys[gi](groups[gi].jobs[(lo[gi] + hi[gi]) // 2]), hi[gi] - lo[gi])
+            for gi in range(len(groups))
+            if hi[gi] > lo[gi]
+        )
         acc, pivot = 0, mids[-1][0]
         for k, weight in mids:  # the weighted median of the groups' middles
             acc += weight

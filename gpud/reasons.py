@@ -52,8 +52,10 @@ class Backoff:
     of: int  # attempts allowed in all
 
     def text(self, job_id: int) -> str:
-        return (f"retrying after a failure: backoff for another {self.remaining:.1f} s "
-                f"(attempt {self.attempt} of {self.of})")
+        return (
+            f"retrying after a failure: backoff for another {self.remaining:.1f} s "
+            f"(attempt {self.attempt} of {self.of})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +127,9 @@ class GpuWait:
                 out.append(f"{where} held by {who}")
             elif p.kind == "foreign":
                 noun = "pid" if len(p.pids) == 1 else "pids"
-                out.append(f"{where} busy with processes gpud did not start "
-                           f"({noun} {id_list(p.pids)})")
+                out.append(
+                    f"{where} busy with processes gpud did not start ({noun} {id_list(p.pids)})"
+                )
             elif p.kind == "reserved" and p.job == job_id:
                 out.append(f"{where} free and kept for this job")
             elif p.kind == "reserved":
@@ -140,8 +143,9 @@ class GpuWait:
             # wonder why "4 x h100" never happens on a box with two of them.
             reason += f"; this box can never fit {' or '.join(self.never)}"
         if self.over_quota:
-            reason += (f"; {' or '.join(self.over_quota)} would take {self.owner} over their "
-                       "GPU quota")
+            reason += (
+                f"; {' or '.join(self.over_quota)} would take {self.owner} over their GPU quota"
+            )
         return reason
 
 

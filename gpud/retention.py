@@ -43,8 +43,7 @@ from gpud.ledger.store import Ledger
 from gpud_client.duration import format_duration
 from gpud_client.models import GcReport
 
-__all__ = ["CAP_GRACE", "Retention", "files_gone", "for_daemon", "remove_tree", "run",
-           "tree_bytes"]
+__all__ = ["CAP_GRACE", "Retention", "files_gone", "for_daemon", "remove_tree", "run", "tree_bytes"]
 
 log = logging.getLogger("gpud.retention")
 
@@ -75,8 +74,11 @@ def job_dir_ids(jobs_dir: Path) -> list[int]:
     try:
         with os.scandir(jobs_dir) as it:
             for e in it:
-                if e.name.isdigit() and str(int(e.name)) == e.name \
-                        and e.is_dir(follow_symlinks=False):
+                if (
+                    e.name.isdigit()
+                    and str(int(e.name)) == e.name
+                    and e.is_dir(follow_symlinks=False)
+                ):
                     out.append(int(e.name))
     except FileNotFoundError:
         pass
@@ -93,8 +95,7 @@ def _open_dir(parent: int, name: str, fix: bool) -> int:
     # take a handle that needs no read right (O_PATH, still without following a link),
     # give the owner's rights back through it, and open it again through it: the name
     # is never looked up twice, so nothing swapped in meanwhile is touched.
-    handle = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=parent)
+    handle = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
     try:
         # (The /proc link leads to the handle's own inode: following it is the point.)
         os.chmod(f"/proc/self/fd/{handle}", 0o700)
@@ -191,8 +192,9 @@ def remove_tree(jobs_dir: Path, job_id: int) -> int:
         os.close(fd)
 
 
-def _remove_many(jobs_dir: Path, ids: Sequence[int], dry: bool,
-                 errors: list[str]) -> tuple[int, int]:
+def _remove_many(
+    jobs_dir: Path, ids: Sequence[int], dry: bool, errors: list[str]
+) -> tuple[int, int]:
     """(directories removed, bytes freed); failures go to ``errors`` and the log."""
     done = freed = 0
     for i in ids:
@@ -242,8 +244,9 @@ class Retention:
     async def _dirs(self, ids: Sequence[int], dry: bool, t: _Tally) -> int:
         freed_total = 0
         for i in range(0, len(ids), _DIRS_PER_CALL):
-            done, freed = await self._thread(_remove_many, self.config.jobs_dir,
-                                             ids[i:i + _DIRS_PER_CALL], dry, t.errors)
+            done, freed = await self._thread(
+                _remove_many, self.config.jobs_dir, ids[i : i + _DIRS_PER_CALL], dry, t.errors
+            )
             t.dirs += done
             freed_total += freed
         t.dir_bytes += freed_total
@@ -258,15 +261,18 @@ class Retention:
             ids: list[int] = await self._thread(job_dir_ids, cfg.jobs_dir)
             ends: dict[int, tuple[bool, float]] = {}
             for i in range(0, len(ids), 5000):
-                ends.update(await self.ledger.call(job_ends, ids[i:i + 5000]))
+                ends.update(await self.ledger.call(job_ends, ids[i : i + 5000]))
             through, _ = await self.ledger.call(pruned_state)
 
             def due(i: int) -> bool:
                 e = ends.get(i)
                 if e is None:  # its records were removed by retention: an orphan
                     return i <= through
-                return e[0] and cfg.retention_job_dirs is not None \
+                return (
+                    e[0]
+                    and cfg.retention_job_dirs is not None
                     and e[1] < now - cfg.retention_job_dirs
+                )
 
             old = [i for i in ids if due(i)]
             await self._dirs(old, dry_run, t)
@@ -279,42 +285,70 @@ class Retention:
                     t.pruned = Pruned(jobs, attempts, events, payloads)
                 else:
                     while (p := await self.ledger.call(prune, before, _JOBS_PER_TX)).jobs:
-                        t.pruned = Pruned(t.pruned.jobs + p.jobs,
-                                          t.pruned.attempts + p.attempts,
-                                          t.pruned.events + p.events,
-                                          t.pruned.blobs + p.blobs,
-                                          max(t.pruned.max_id, p.max_id))
+                        t.pruned = Pruned(
+                            t.pruned.jobs + p.jobs,
+                            t.pruned.attempts + p.attempts,
+                            t.pruned.events + p.events,
+                            t.pruned.blobs + p.blobs,
+                            max(t.pruned.max_id, p.max_id),
+                        )
             report = GcReport(
-                dry_run=dry_run, retention_job_dirs=cfg.retention_job_dirs,
-                retention_jobs=cfg.retention_jobs, retention_max_bytes=cfg.retention_max_bytes,
-                job_dirs=t.dirs, job_dir_bytes=t.dir_bytes, over_cap_dirs=t.over_cap,
-                jobs_dir_bytes=t.jobs_dir_bytes, jobs=t.pruned.jobs,
-                attempts=t.pruned.attempts, events=t.pruned.events, payloads=t.pruned.blobs,
+                dry_run=dry_run,
+                retention_job_dirs=cfg.retention_job_dirs,
+                retention_jobs=cfg.retention_jobs,
+                retention_max_bytes=cfg.retention_max_bytes,
+                job_dirs=t.dirs,
+                job_dir_bytes=t.dir_bytes,
+                over_cap_dirs=t.over_cap,
+                jobs_dir_bytes=t.jobs_dir_bytes,
+                jobs=t.pruned.jobs,
+                attempts=t.pruned.attempts,
+                events=t.pruned.events,
+                payloads=t.pruned.blobs,
                 ledger_bytes=await self.ledger.call(_ledger_bytes),
-                seconds=round(time.monotonic() - started, 3), errors=t.errors[:50])
+                seconds=round(time.monotonic() - started, 3),
+                errors=t.errors[:50],
+            )
         if not dry_run and (report.job_dirs or report.jobs):
-            log.info("gc: removed %d finished jobs' directories (%.1f MB%s) and the records "
-                     "of %d jobs (%d events), their usage rolled up, in %.1f s",
-                     report.job_dirs, report.job_dir_bytes / 1e6,
-                     f", {report.over_cap_dirs} over retention_max_bytes"
-                     if report.over_cap_dirs else "", report.jobs, report.events,
-                     report.seconds)
+            log.info(
+                "gc: removed %d finished jobs' directories (%.1f MB%s) and the records "
+                "of %d jobs (%d events), their usage rolled up, in %.1f s",
+                report.job_dirs,
+                report.job_dir_bytes / 1e6,
+                f", {report.over_cap_dirs} over retention_max_bytes"
+                if report.over_cap_dirs
+                else "",
+                report.jobs,
+                report.events,
+                report.seconds,
+            )
         return report
 
-    async def _cap(self, ids: list[int], ends: dict[int, tuple[bool, float]], now: float,
-                   dry: bool, t: _Tally) -> None:
+    async def _cap(
+        self, ids: list[int], ends: dict[int, tuple[bool, float]], now: float, dry: bool, t: _Tally
+    ) -> None:
         """Remove finished jobs' directories, oldest first, until the jobs directory is
         within retention_max_bytes (what is left is measured: every directory is walked)."""
         cap = self.config.retention_max_bytes
         assert cap is not None
         sizes: dict[int, int] = {}
         for i in range(0, len(ids), _DIRS_PER_CALL):
-            part = ids[i:i + _DIRS_PER_CALL]
-            sizes.update(zip(part, await self._thread(
-                lambda p: [tree_bytes(self.config.jobs_dir, j) for j in p], part), strict=True))
+            part = ids[i : i + _DIRS_PER_CALL]
+            sizes.update(
+                zip(
+                    part,
+                    await self._thread(
+                        lambda p: [tree_bytes(self.config.jobs_dir, j) for j in p], part
+                    ),
+                    strict=True,
+                )
+            )
         total = sum(sizes.values())
-        oldest = sorted((ends[i][1], i) for i in ids
-                        if i in ends and ends[i][0] and ends[i][1] < now - CAP_GRACE)
+        oldest = sorted(
+            (ends[i][1], i)
+            for i in ids
+            if i in ends and ends[i][0] and ends[i][1] < now - CAP_GRACE
+        )
         for _, i in oldest:
             if total <= cap:
                 break
@@ -362,10 +396,15 @@ def files_gone(config: Config, job: Job) -> str | None:
     if os.path.lexists(config.jobs_dir / str(job.id)):
         return None
     keep = config.retention_job_dirs
-    why = (f"finished jobs' directories are removed {format_duration(keep)} after they end"
-           if keep is not None else "")
+    why = (
+        f"finished jobs' directories are removed {format_duration(keep)} after they end"
+        if keep is not None
+        else ""
+    )
     if config.retention_max_bytes is not None:
         why += (" or " if why else "") + "when the jobs directory is over retention_max_bytes"
-    return (f"job {job.id}'s directory (its log and result) was removed"
-            + (f" by retention: {why}" if why else "")
-            + "; `gpud ps --all` still shows how it ended")
+    return (
+        f"job {job.id}'s directory (its log and result) was removed"
+        + (f" by retention: {why}" if why else "")
+        + "; `gpud ps --all` still shows how it ended"
+    )

@@ -41,22 +41,37 @@ def backoff(attempt: int, policy: RetryPolicy) -> float:
     never above the cap."""
     # The exponent is bounded so that a job with very many retries cannot overflow it.
     doublings = min(max(0, attempt - 1), 1000)
-    delay: float = min(policy.backoff * 2.0 ** doublings, policy.backoff_max)
+    delay: float = min(policy.backoff * 2.0**doublings, policy.backoff_max)
     return max(0.0, delay)
 
 
-def after(job: Job, finished: Finished, now: float, policy: RetryPolicy,
-          *, fields: Mapping[str, object] | None = None) -> list[Step]:
+def after(
+    job: Job,
+    finished: Finished,
+    now: float,
+    policy: RetryPolicy,
+    *,
+    fields: Mapping[str, object] | None = None,
+) -> list[Step]:
     """The steps that record the end of ``job``'s current attempt (``job`` as the ledger
     has it now: its attempt and retries). ``fields`` are extra columns of the end step
     (e.g. the startup figure)."""
-    end = {"ended_at": now, "exit_code": finished.exit_code, "error": finished.error,
-           "has_result": finished.has_result, **(fields or {})}
+    end = {
+        "ended_at": now,
+        "exit_code": finished.exit_code,
+        "error": finished.error,
+        "has_result": finished.has_result,
+        **(fields or {}),
+    }
     steps = [Step(finished.state, finished.error or finished.state.value, fields=end)]
     if finished.state in RETRYABLE and finished.retryable and job.attempt <= job.retries:
         delay = backoff(job.attempt, policy)
-        steps.append(Step(JobState.QUEUED,
-                          f"retry {job.attempt + 1} of {job.retries + 1} in "
-                          f"{delay:g} s after: {finished.error}",
-                          fields={"not_before": now + delay, "gpus": ()}))
+        steps.append(
+            Step(
+                JobState.QUEUED,
+                f"retry {job.attempt + 1} of {job.retries + 1} in "
+                f"{delay:g} s after: {finished.error}",
+                fields={"not_before": now + delay, "gpus": ()},
+            )
+        )
     return steps

@@ -22,8 +22,9 @@ def _chown(fd: int, owner: tuple[int, int] | None) -> None:
         os.fchown(fd, *owner)
 
 
-def write_new(path: Path, data: bytes, owner: tuple[int, int] | None = None,
-              mode: int = 0o600) -> None:
+def write_new(
+    path: Path, data: bytes, owner: tuple[int, int] | None = None, mode: int = 0o600
+) -> None:
     """Replace ``path`` with a new regular file holding ``data``."""
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode)
@@ -31,7 +32,7 @@ def write_new(path: Path, data: bytes, owner: tuple[int, int] | None = None,
         _chown(fd, owner)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
 

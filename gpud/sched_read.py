@@ -48,15 +48,23 @@ Looked = tuple[Key, int, Job, "Start | Reason"]
 class Reader:
     """One plan's waits, job by job, on demand."""
 
-    def __init__(self, *, groups: Sequence[Group], key: Callable[[str], Callable[[Job], Key]],
-                 new_round: Callable[[], Round],
-                 new_merge: Callable[[], Iterator[tuple[Job, int, Key]]], now: float,
-                 quotas: Mapping[str, Quota],
-                 skip_keys: Sequence[Key], looked: list[Looked], kept: dict[int, Round],
-                 dropped: dict[int, Key],
-                 cut: Key | None,
-                 before_cut: Callable[[Job], Wait | None] | None,
-                 not_yet: Reason) -> None:
+    def __init__(
+        self,
+        *,
+        groups: Sequence[Group],
+        key: Callable[[str], Callable[[Job], Key]],
+        new_round: Callable[[], Round],
+        new_merge: Callable[[], Iterator[tuple[Job, int, Key]]],
+        now: float,
+        quotas: Mapping[str, Quota],
+        skip_keys: Sequence[Key],
+        looked: list[Looked],
+        kept: dict[int, Round],
+        dropped: dict[int, Key],
+        cut: Key | None,
+        before_cut: Callable[[Job], Wait | None] | None,
+        not_yet: Reason,
+    ) -> None:
         self.groups = groups
         self.key = key
         self.new_round = new_round
@@ -129,8 +137,10 @@ class Reader:
         """1 + the jobs ahead of key ``k`` in the round's order: a group wholly ahead or
         behind is counted from its ends, only those around ``k`` are bisected."""
         if self._ends is None:
-            self._ends = [(self._key(gi)(g.jobs[0]), self._key(gi)(g.jobs[-1]))
-                          if g.jobs else None for gi, g in enumerate(self.groups)]
+            self._ends = [
+                (self._key(gi)(g.jobs[0]), self._key(gi)(g.jobs[-1])) if g.jobs else None
+                for gi, g in enumerate(self.groups)
+            ]
         ahead = -bisect_left(self.skip_keys, k)
         for gi, ends in enumerate(self._ends):
             if ends is None or ends[0] >= k:
@@ -168,8 +178,11 @@ class Reader:
         g = self.groups[gi]
         # Every such job of the group gets the same reason at p, but for its timeout.
         quota = self.quotas.get(g.owner)
-        memo = (gi, p, quota is not None and quota.max_timeout is not None
-                and job.timeout > quota.max_timeout)
+        memo = (
+            gi,
+            p,
+            quota is not None and quota.max_timeout is not None and job.timeout > quota.max_timeout,
+        )
         why = self._memo.get(memo)
         if why is None:
             rnd = self._round_at(p)
@@ -278,5 +291,3 @@ KEEP_EVERY = 8
 
 def _fifo(job: Job) -> tuple[float, int]:
     return (job.submitted_at, job.id)
-
-

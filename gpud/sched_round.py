@@ -80,8 +80,16 @@ class Round:
     """The mutable bookkeeping of one round. After each :meth:`step`, ``last_start`` is
     the job's Start, or ``last_reason`` why it waits."""
 
-    def __init__(self, running: Sequence[Job], gpus: Sequence[Gpu], *, cpu_slots: int,
-                 now: float, owners: Mapping[int, str], quotas: Mapping[str, Quota]) -> None:
+    def __init__(
+        self,
+        running: Sequence[Job],
+        gpus: Sequence[Gpu],
+        *,
+        cpu_slots: int,
+        now: float,
+        owners: Mapping[int, str],
+        quotas: Mapping[str, Quota],
+    ) -> None:
         self.box = sorted(gpus, key=lambda g: (g.index, g.uuid))
         self.cpu_slots = cpu_slots
         self.now = now
@@ -132,8 +140,7 @@ class Round:
         if job.not_before > self.now:
             # A job in backoff neither starts nor reserves nor blocks the CPU line: it
             # failed recently, and holding resources for it would idle them for nothing.
-            self.last_reason = Backoff(job.not_before - self.now, job.attempt + 1,
-                                       job.retries + 1)
+            self.last_reason = Backoff(job.not_before - self.now, job.attempt + 1, job.retries + 1)
             return False
         allowed: tuple[tuple[str, int], ...] | None = None
         quota = self.quotas.get(owner)
@@ -142,13 +149,15 @@ class Round:
                 self.last_reason = Text(
                     f"its timeout ({seconds(job.timeout)}) is longer than {owner}'s "
                     f"max_timeout quota ({seconds(quota.max_timeout)}): cancel it and "
-                    "submit it again with a shorter timeout")
+                    "submit it again with a shorter timeout"
+                )
                 return False
             if quota.max_gpus is not None and not cpu_only(job.gpu):
                 assert job.gpu is not None
                 held = self.gpus_held.get(owner, [])
-                allowed = tuple((t, n) for t, n in job.gpu.options
-                                if len(held) + n <= quota.max_gpus)
+                allowed = tuple(
+                    (t, n) for t, n in job.gpu.options if len(held) + n <= quota.max_gpus
+                )
                 if not allowed:
                     # Over quota: it waits, and reserves nothing, or one user's backlog
                     # would keep GPUs idle that others could use.
@@ -174,21 +183,25 @@ class Round:
             return False
         elif self.cpu_slots <= 0:
             self.last_reason = Text(
-                "waiting for a CPU slot: this daemon runs no CPU-only jobs (cpu_slots = 0)")
+                "waiting for a CPU slot: this daemon runs no CPU-only jobs (cpu_slots = 0)"
+            )
             self.cpu_head = job.id
         else:
             users = id_list(sorted(self.cpu_users))
             jobs = "job" if len(self.cpu_users) == 1 else "jobs"
-            self.last_reason = Text(f"waiting for a CPU slot: {len(self.cpu_users)} of "
-                                    f"{self.cpu_slots} in use ({jobs} {users})")
+            self.last_reason = Text(
+                f"waiting for a CPU slot: {len(self.cpu_users)} of "
+                f"{self.cpu_slots} in use ({jobs} {users})"
+            )
             self.cpu_head = job.id
         self.cpu_line += 1
         return True
 
     # -- GPU jobs -------------------------------------------------------------------
 
-    def _gpu(self, job: Job, request: GpuRequest, owner: str,
-             allowed: tuple[tuple[str, int], ...] | None) -> bool:
+    def _gpu(
+        self, job: Job, request: GpuRequest, owner: str, allowed: tuple[tuple[str, int], ...] | None
+    ) -> bool:
         shape: _Shape = (request, owner if owner in self.quotas else None)
         if shape in self.blocked:
             blocked = self.blocked[shape]
@@ -231,8 +244,9 @@ class Round:
         self.last_start = start
         self.last_reason = None
 
-    def _gpu_reason(self, request: GpuRequest, owner: str,
-                    allowed: tuple[tuple[str, int], ...] | None) -> Reason:
+    def _gpu_reason(
+        self, request: GpuRequest, owner: str, allowed: tuple[tuple[str, int], ...] | None
+    ) -> Reason:
         """For every GPU the job could use, why it cannot have it now, in groups of GPUs
         in the same situation, listed in the order of their lowest index."""
         memo = (request, owner if allowed is not None else None, allowed, self.version)
@@ -257,13 +271,21 @@ class Round:
                 key = ("free", 0)
             groups.setdefault(key, []).append(g)
         parts = tuple(
-            GpuPart(kind, other, owner_of.get(other, ""), tuple(g.index for g in members),
-                    tuple(sorted({p for g in members for p in g.foreign_pids})))
-            for (kind, other), members in groups.items())
-        never = tuple(f"{n} x {t}" for t, n in request.options
-                      if len(self._matches(t)) < n)
-        over = () if allowed is None else tuple(
-            f"{n} x {t}" for t, n in request.options if (t, n) not in allowed)
+            GpuPart(
+                kind,
+                other,
+                owner_of.get(other, ""),
+                tuple(g.index for g in members),
+                tuple(sorted({p for g in members for p in g.foreign_pids})),
+            )
+            for (kind, other), members in groups.items()
+        )
+        never = tuple(f"{n} x {t}" for t, n in request.options if len(self._matches(t)) < n)
+        over = (
+            ()
+            if allowed is None
+            else tuple(f"{n} x {t}" for t, n in request.options if (t, n) not in allowed)
+        )
         reason = self._memo[memo] = GpuWait(request, parts, never, over, owner)
         return reason
 
@@ -273,14 +295,18 @@ class Round:
         if hit is not None:
             return hit
         if min(n for _, n in request.options) > max_gpus:
-            reason = Text(f"it asks for {request}, more than {owner}'s GPU quota of "
-                          f"{gpus_word(max_gpus)}: ask an admin to raise it, or cancel it")
+            reason = Text(
+                f"it asks for {request}, more than {owner}'s GPU quota of "
+                f"{gpus_word(max_gpus)}: ask an admin to raise it, or cancel it"
+            )
         else:
             held = self.gpus_held.get(owner, [])
             holders = sorted(set(held))
             jobs = "job" if len(holders) == 1 else "jobs"
-            reason = Text(f"{owner}'s GPU quota is in use: {len(held)} of "
-                          f"{gpus_word(max_gpus)} held by {jobs} {id_list(holders)}")
+            reason = Text(
+                f"{owner}'s GPU quota is in use: {len(held)} of "
+                f"{gpus_word(max_gpus)} held by {jobs} {id_list(holders)}"
+            )
         self._memo[memo] = reason
         return reason
 
@@ -301,7 +327,8 @@ class Round:
         m = self._any_of.get(request)
         if m is None:
             m = self._any_of[request] = [
-                g for g in self.box if any(g.matches(t) for t, _ in request.options)]
+                g for g in self.box if any(g.matches(t) for t, _ in request.options)
+            ]
         return m
 
     def _infeasible_here(self, request: GpuRequest) -> str | None:

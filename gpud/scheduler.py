@@ -120,9 +120,17 @@ def decide(
     With a ``policy``, the order is the multifactor priority over ``usage`` (decayed
     GPU-seconds by owner); without one, priority then FIFO. ``quotas`` are per owner.
     """
-    return plan(PendingIndex.of(pending, owners), running, gpus, cpu_slots=cpu_slots,
-                now=now, owners=owners, usage=usage, policy=policy,
-                quotas=quotas).decisions()
+    return plan(
+        PendingIndex.of(pending, owners),
+        running,
+        gpus,
+        cpu_slots=cpu_slots,
+        now=now,
+        owners=owners,
+        usage=usage,
+        policy=policy,
+        quotas=quotas,
+    ).decisions()
 
 
 def plan(
@@ -165,8 +173,8 @@ def plan(
     evictable: list[int] = []
     if idle_workers:
         assigned, held, evictable = match_warm(
-            _Merge(groups, key), idle_workers, gpus, now=now, quotas=quotas,
-            cpu_slots=cpu_slots)
+            _Merge(groups, key), idle_workers, gpus, now=now, quotas=quotas, cpu_slots=cpu_slots
+        )
     # The round's order is that of the jobs left after warm matching, with the idle
     # workers that keep their GPUs among the running (the service always did it so).
     if assigned and policy is not None:
@@ -176,13 +184,25 @@ def plan(
             assert j is not None
             gone[index.owner(j)] = gone.get(index.owner(j), 0) + 1
         left = {o for o in index.owners() if index.queued_by(o) > gone.get(o, 0)}
-        key = _Keyer(usage or {}, policy, {*left, *running_owners,
-                                           *(owner(j) for j in held)}, now, holders)
+        key = _Keyer(
+            usage or {}, policy, {*left, *running_owners, *(owner(j) for j in held)}, now, holders
+        )
     elif held and policy is not None:
-        key = _Keyer(usage or {}, policy, {*index.owners(), *running_owners,
-                                           *(owner(j) for j in held)}, now, holders)
-    setup = _Setup(running=[*running, *held], gpus=gpus, cpu_slots=cpu_slots, now=now,
-                   owners=owners, quotas=quotas)
+        key = _Keyer(
+            usage or {},
+            policy,
+            {*index.owners(), *running_owners, *(owner(j) for j in held)},
+            now,
+            holders,
+        )
+    setup = _Setup(
+        running=[*running, *held],
+        gpus=gpus,
+        cpu_slots=cpu_slots,
+        now=now,
+        owners=owners,
+        quotas=quotas,
+    )
     rnd = setup.round()
     merge = _Merge(groups, key, skip=set(assigned))
     seen = 0
@@ -200,8 +220,10 @@ def plan(
             kept[seen] = rnd.copy()  # where a read replays the round from
         seen += 1
         done = rnd.step(job, groups[gi].owner)
-        looked.append((k, gi, job, rnd.last_start if rnd.last_start is not None
-                       else rnd.last_reason))  # type: ignore[arg-type]
+        # step() leaves either a Start or the Reason it waits (sched_round.Round).
+        outcome = rnd.last_start if rnd.last_start is not None else rnd.last_reason
+        assert outcome is not None
+        looked.append((k, gi, job, outcome))
         if done:
             # Its request shape waits: so will every later job of the group.
             merge.drop(gi)
@@ -210,26 +232,59 @@ def plan(
     base = previous if previous is None or previous.complete else previous.base
     skipped = [index.get(i) for i in assigned]
     reader = Reader(
-        groups=groups, key=key.of, new_round=setup.round,
-        new_merge=lambda: iter(_Merge(groups, key, skip=set(assigned))), now=now,
-        quotas=quotas, skip_keys=[key(j, index.owner(j)) for j in skipped if j is not None],
-        looked=looked, kept=kept, dropped=dropped, cut=cut,
+        groups=groups,
+        key=key.of,
+        new_round=setup.round,
+        new_merge=lambda: iter(_Merge(groups, key, skip=set(assigned))),
+        now=now,
+        quotas=quotas,
+        skip_keys=[key(j, index.owner(j)) for j in skipped if j is not None],
+        looked=looked,
+        kept=kept,
+        dropped=dropped,
+        cut=cut,
         before_cut=base.waits.of if base is not None and cut is not None else None,
-        not_yet=_NOT_YET)
-    return Plan(starts=rnd.starts, assigned=assigned, held=held, evictable=evictable,
-                next_backoff=index.next_backoff(now), looked_at=seen,
-                lazy=_Lazy(setup, groups, key, set(assigned), cut,
-                           base.waits if base is not None and cut is not None else None),
-                base=base if cut is not None else None, reader=reader, seq=index.seq)
+        not_yet=_NOT_YET,
+    )
+    return Plan(
+        starts=rnd.starts,
+        assigned=assigned,
+        held=held,
+        evictable=evictable,
+        next_backoff=index.next_backoff(now),
+        looked_at=seen,
+        lazy=_Lazy(
+            setup,
+            groups,
+            key,
+            set(assigned),
+            cut,
+            base.waits if base is not None and cut is not None else None,
+        ),
+        base=base if cut is not None else None,
+        reader=reader,
+        seq=index.seq,
+    )
 
 
 class Plan:
     """A round's outcome. ``starts`` are in scheduling order; ``waits`` (job id -> Wait,
     position and reason) is worked out when first read, once."""
 
-    def __init__(self, *, starts: list[Start], assigned: dict[int, int], held: list[Job],
-                 evictable: list[int], next_backoff: float | None, looked_at: int,
-                 lazy: _Lazy, base: Plan | None, reader: Reader, seq: int) -> None:
+    def __init__(
+        self,
+        *,
+        starts: list[Start],
+        assigned: dict[int, int],
+        held: list[Job],
+        evictable: list[int],
+        next_backoff: float | None,
+        looked_at: int,
+        lazy: _Lazy,
+        base: Plan | None,
+        reader: Reader,
+        seq: int,
+    ) -> None:
         self.starts = starts
         self.assigned = assigned  # job id -> id of the idle warm worker it runs in
         self.held = held  # idle warm workers keeping their GPUs, as running pseudo-jobs
@@ -258,8 +313,14 @@ class Plan:
 class _Keyer:
     """The scheduling order's key of a job (of a group's owner), one or a group at once."""
 
-    def __init__(self, usage: Mapping[str, float], policy: Policy | None, users: set[str],
-                 now: float, cpu_holders: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        usage: Mapping[str, float],
+        policy: Policy | None,
+        users: set[str],
+        now: float,
+        cpu_holders: frozenset[str] = frozenset(),
+    ) -> None:
         self.policy = policy
         self.now = now
         self.factors = fairshare_factors(usage, users) if policy is not None else {}
@@ -268,8 +329,7 @@ class _Keyer:
     def __call__(self, job: Job, owner: str) -> Key:
         if self.policy is None:
             return (-job.priority, job.submitted_at, job.id)
-        p = job_priority(job, now=self.now, factor=self.factors.get(owner, 1.0),
-                         policy=self.policy)
+        p = job_priority(job, now=self.now, factor=self.factors.get(owner, 1.0), policy=self.policy)
         if job.gpu is None and owner not in self.cpu_holders:
             p += self.policy.cpu_share_weight
         return (-p, job.submitted_at, job.id)
@@ -292,11 +352,21 @@ class _Keyer:
         # Summed in job_priority's order, then the bonus, as __call__ and the reference do:
         # the same floats, so the same order.
         if ma <= 0:
-            return lambda j: (-(j.priority + base + aw * 1.0
-                                + (cpu if j.gpu is None else 0.0)), j.submitted_at, j.id)
-        return lambda j: (-(j.priority + base
-                            + aw * min(1.0, max(0.0, now - j.submitted_at) / ma)
-                            + (cpu if j.gpu is None else 0.0)), j.submitted_at, j.id)
+            return lambda j: (
+                -(j.priority + base + aw * 1.0 + (cpu if j.gpu is None else 0.0)),
+                j.submitted_at,
+                j.id,
+            )
+        return lambda j: (
+            -(
+                j.priority
+                + base
+                + aw * min(1.0, max(0.0, now - j.submitted_at) / ma)
+                + (cpu if j.gpu is None else 0.0)
+            ),
+            j.submitted_at,
+            j.id,
+        )
 
 
 class _Merge:
@@ -304,8 +374,9 @@ class _Merge:
     never looked at. Within a group the order is (submit time, id), which the scheduling
     order agrees with, so only the groups' heads are compared."""
 
-    def __init__(self, groups: Sequence[Group], key: Callable[[Job, str], Key],
-                 skip: set[int] | None = None) -> None:
+    def __init__(
+        self, groups: Sequence[Group], key: Callable[[Job, str], Key], skip: set[int] | None = None
+    ) -> None:
         self.groups = groups
         self.key = key
         self.skip = skip or set()
@@ -342,8 +413,16 @@ class _Merge:
 class _Setup:
     """What a round starts from, kept so that the round can be replayed on reading."""
 
-    def __init__(self, *, running: Sequence[Job], gpus: Sequence[Gpu], cpu_slots: int,
-                 now: float, owners: Mapping[int, str], quotas: Mapping[str, Quota]) -> None:
+    def __init__(
+        self,
+        *,
+        running: Sequence[Job],
+        gpus: Sequence[Gpu],
+        cpu_slots: int,
+        now: float,
+        owners: Mapping[int, str],
+        quotas: Mapping[str, Quota],
+    ) -> None:
         self.running = running
         self.gpus = gpus
         self.cpu_slots = cpu_slots
@@ -352,13 +431,26 @@ class _Setup:
         self.quotas = quotas
 
     def round(self) -> Round:
-        return Round(self.running, self.gpus, cpu_slots=self.cpu_slots, now=self.now,
-                     owners=self.owners, quotas=self.quotas)
+        return Round(
+            self.running,
+            self.gpus,
+            cpu_slots=self.cpu_slots,
+            now=self.now,
+            owners=self.owners,
+            quotas=self.quotas,
+        )
 
 
 class _Lazy:
-    def __init__(self, setup: _Setup, groups: list[Group], key: _Keyer,
-                 skip: set[int], cut: Key | None, previous: Waits | None) -> None:
+    def __init__(
+        self,
+        setup: _Setup,
+        groups: list[Group],
+        key: _Keyer,
+        skip: set[int],
+        cut: Key | None,
+        previous: Waits | None,
+    ) -> None:
         self.setup = setup
         self.groups = groups
         self.key = key
@@ -376,8 +468,9 @@ class _Lazy:
         self.decided = 0
         # Every job is looked at here, so one sort of all keys (the groups are sorted
         # runs, which the sort merges) beats a merge that steps job by job.
-        order = [(k, gi, i) for gi, g in enumerate(self.groups)
-                 for i, k in enumerate(self.key.group(g))]
+        order = [
+            (k, gi, i) for gi, g in enumerate(self.groups) for i, k in enumerate(self.key.group(g))
+        ]
         order.sort()
         groups, skip, cut, now = self.groups, self.skip, self.cut, self.setup.now
         quotas = self.setup.quotas

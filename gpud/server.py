@@ -88,9 +88,9 @@ def _open_inventory(config: Config) -> GpuInventory:
     from gpud.testing.fake_gpus import FakeGpuInventory
 
     if config.gpus == "fake":
-        return FakeGpuInventory(config.fake_gpus, note="gpus = \"fake\": these GPUs are FAKE")
+        return FakeGpuInventory(config.fake_gpus, note='gpus = "fake": these GPUs are FAKE')
     if config.gpus == "none":
-        return NoGpuInventory(note="gpus = \"none\": only CPU-only jobs run")
+        return NoGpuInventory(note='gpus = "none": only CPU-only jobs run')
     return open_inventory(config.fake_gpus)
 
 
@@ -103,11 +103,18 @@ async def _make_executor(
 
         image = config.default_image or "localhost/gpud-python:{}.{}".format(*sys.version_info)
         podman = PodmanExecutor(
-            url=config.podman_url, runtime_dir=runtime, identity=ident, instance=instance,
-            default_image=image, network=config.podman_network,
-            read_only=config.podman_read_only, start_service=config.podman_start_service,
-            fake_gpus=inventory.source == "fake", volumes=config.podman_volumes,
-            jobs_dir=config.jobs_dir, shm_size=config.podman_shm_size,
+            url=config.podman_url,
+            runtime_dir=runtime,
+            identity=ident,
+            instance=instance,
+            default_image=image,
+            network=config.podman_network,
+            read_only=config.podman_read_only,
+            start_service=config.podman_start_service,
+            fake_gpus=inventory.source == "fake",
+            volumes=config.podman_volumes,
+            jobs_dir=config.jobs_dir,
+            shm_size=config.podman_shm_size,
         )
         await podman.start()
         try:
@@ -115,16 +122,24 @@ async def _make_executor(
         except ExecutorRefusal as e:
             raise ExecutorRefusal(f"default_image: {e}") from None
         if not podman.cdi and inventory.source == "nvml":
-            log.warning("no CDI spec for NVIDIA GPUs in %s: GPU containers get the device "
-                        "nodes only; run `nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`",
-                        " or ".join(CDI_DIRS))
+            log.warning(
+                "no CDI spec for NVIDIA GPUs in %s: GPU containers get the device "
+                "nodes only; run `nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`",
+                " or ".join(CDI_DIRS),
+            )
         return podman, version, image
     python, version = await trio.to_thread.run_sync(
         resolve_worker_python, config.python, ident, runtime
     )
-    process = ProcessExecutor(python=python, version=version, runtime_dir=runtime,
-                              identity=ident, instance=instance, configured_python=config.python,
-                              allowed_pythons=config.allowed_pythons)
+    process = ProcessExecutor(
+        python=python,
+        version=version,
+        runtime_dir=runtime,
+        identity=ident,
+        instance=instance,
+        configured_python=config.python,
+        allowed_pythons=config.allowed_pythons,
+    )
     return process, version, python
 
 
@@ -135,9 +150,13 @@ def _check_backlog(backlog: int) -> None:
     except (OSError, ValueError):
         return
     if cap < backlog:
-        log.warning("listen_backlog = %d but the kernel caps it at net.core.somaxconn = %d: "
-                    "raise that (sysctl -w net.core.somaxconn=%d) for bursts of connections",
-                    backlog, cap, backlog)
+        log.warning(
+            "listen_backlog = %d but the kernel caps it at net.core.somaxconn = %d: "
+            "raise that (sysctl -w net.core.somaxconn=%d) for bursts of connections",
+            backlog,
+            cap,
+            backlog,
+        )
 
 
 def _raise_fd_limit() -> None:
@@ -177,21 +196,34 @@ async def serve(
         if inventory is None:
             inventory = _open_inventory(config)
         if inventory.note:
-            log.log(logging.INFO if inventory.source == "nvml" else logging.WARNING,
-                    "%s", inventory.note)
+            log.log(
+                logging.INFO if inventory.source == "nvml" else logging.WARNING,
+                "%s",
+                inventory.note,
+            )
         checkpointer, ckpt_support = open_checkpointer(inventory)
         log.info("GPU checkpointing: %s", ckpt_text(ckpt_support))
         ledger = LedgerThread(config.ledger_path)
         instance = instance_id(config.data_dir)
         if executor is None:
-            executor, version, python = await _make_executor(config, inventory, ident,
-                                                             runtime, instance)
+            executor, version, python = await _make_executor(
+                config, inventory, ident, runtime, instance
+            )
         else:  # given (tests: gpud.testing.FakeExecutor), ready
             python = executor.name
             _, version = await executor.python_for(None)
-        daemon = Daemon(config, ledger=ledger, inventory=inventory, executor=executor,
-                        identity=ident, worker_python=version, instance=instance,
-                        clock=clock, checkpointer=checkpointer, checkpoint_support=ckpt_support)
+        daemon = Daemon(
+            config,
+            ledger=ledger,
+            inventory=inventory,
+            executor=executor,
+            identity=ident,
+            worker_python=version,
+            instance=instance,
+            clock=clock,
+            checkpointer=checkpointer,
+            checkpoint_support=ckpt_support,
+        )
         daemon.kill_jobs_on_exit = kill_jobs_on_exit
 
         hc = HyperConfig()
@@ -202,16 +234,23 @@ async def serve(
             host, port = parse_tcp(config.tcp)
             hc.bind.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             if not is_loopback(host):
-                log.warning("tcp = %s is reachable from other machines: every request there "
-                            "needs a token, and tokens cross the network in clear text; put "
-                            "a TLS proxy in front, or use an SSH tunnel", config.tcp)
+                log.warning(
+                    "tcp = %s is reachable from other machines: every request there "
+                    "needs a token, and tokens cross the network in clear text; put "
+                    "a TLS proxy in front, or use an SSH tunnel",
+                    config.tcp,
+                )
         if not peercred.install():
-            log.warning("cannot read peer credentials with this hypercorn: clients on the "
-                        "Unix socket need tokens too")
+            log.warning(
+                "cannot read peer credentials with this hypercorn: clients on the "
+                "Unix socket need tokens too"
+            )
         if not http_edge.install():
-            raise RuntimeError("this hypercorn lacks what gpud.http_edge needs to keep one "
-                               "connection's failure from ending the daemon: install the "
-                               "hypercorn version pyproject.toml names")
+            raise RuntimeError(
+                "this hypercorn lacks what gpud.http_edge needs to keep one "
+                "connection's failure from ending the daemon: install the "
+                "hypercorn version pyproject.toml names"
+            )
         hc.accesslog = None
         hc.errorlog = logging.getLogger("gpud.http")
         hc.graceful_timeout = 2.0
@@ -219,12 +258,12 @@ async def serve(
         # The limits at the edge (#10): backlog, read timeouts (gpud.http_edge).
         hc.backlog = config.listen_backlog
         hc.gpud_edge = http_edge.EdgeSettings(  # type: ignore[attr-defined]
-            header_timeout=config.header_timeout, body_timeout=config.body_timeout)
+            header_timeout=config.header_timeout, body_timeout=config.body_timeout
+        )
         _check_backlog(config.listen_backlog)
         _raise_fd_limit()
         budget = http_edge.BodyBudget(config.max_body_in_flight)
-        app = http_edge.BodyBudgetMiddleware(create_app(daemon), budget,
-                                             config.max_body_bytes)
+        app = http_edge.BodyBudgetMiddleware(create_app(daemon), budget, config.max_body_bytes)
         # Only the owner (and, for a root daemon, the gpud group) may connect; who it is
         # exactly comes from the peer credentials (gpud.auth).
         hc.umask = 0o177 if os.geteuid() != 0 else 0o117
@@ -240,8 +279,13 @@ async def serve(
                     tcp_url = b
             log.info(
                 "gpud serving on %s%s; executor %s, worker Python %s (%s) as %s; GPUs: %s",
-                sock_path, f" and {tcp_url}" if tcp_url else "", executor.name, version,
-                python, ident.user, inventory.source,
+                sock_path,
+                f" and {tcp_url}" if tcp_url else "",
+                executor.name,
+                version,
+                python,
+                ident.user,
+                inventory.source,
             )
             task_status.started(Served(daemon=daemon, socket=sock_path, tcp=tcp_url))
     finally:

@@ -10,5 +10,12 @@ from gpud.daemon import (
     lock_data_dir,
 )
 
-__all__ = ["AlreadyRunning", "Daemon", "ExecutorDown", "JobRecord", "SubmitError",
-           "instance_id", "lock_data_dir"]
+__all__ = [
+    "AlreadyRunning",
+    "Daemon",
+    "ExecutorDown",
+    "JobRecord",
+    "SubmitError",
+    "instance_id",
+    "lock_data_dir",
+]

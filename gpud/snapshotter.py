@@ -67,11 +67,21 @@ class Plan:
 
 
 class Snapshotter:
-    def __init__(self, *, ledger: LedgerThread, executor: Any, pool: WarmPool,
-                 hub_dir: Path, root: Path, max_bytes: int, max_failures: int,
-                 driver: Callable[[], str], gpu_part: Callable[[Job], str],
-                 restore_timeout: float = 30.0,
-                 gpu_state: SnapshotGpuState | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        ledger: LedgerThread,
+        executor: Any,
+        pool: WarmPool,
+        hub_dir: Path,
+        root: Path,
+        max_bytes: int,
+        max_failures: int,
+        driver: Callable[[], str],
+        gpu_part: Callable[[Job], str],
+        restore_timeout: float = 30.0,
+        gpu_state: SnapshotGpuState | None = None,
+    ) -> None:
         self.ledger = ledger
         #: the CUDA checkpoint around CRIU's dump and restore of GPU jobs (#13), where the
         #: driver has it; None: a GPU job's snapshot holds its host memory only
@@ -106,8 +116,7 @@ class Snapshotter:
                 why = describe_change({k: s.parts.get(k, "") for k in stale}, stale)
                 log.info("removing snapshot %s of %s: %s", s.id, s.function, why)
                 await self._drop(s)
-        known = {s.location for s in await self.ledger.call(store.list_snapshots)
-                 if s.location}
+        known = {s.location for s in await self.ledger.call(store.list_snapshots) if s.location}
         for d in sorted(self.root.iterdir()):
             if str(d) not in known:
                 log.info("removing snapshot directory %s that no snapshot uses", d)
@@ -119,12 +128,19 @@ class Snapshotter:
         image = job.image or self.executor.default_image
         ex = self.executor
         parts = key_parts(
-            code_hash=job.code_hash, image=image, image_id=await ex.image_id(image),
-            python=job.python, gpus=self._gpu_part(job), driver=self._driver(),
-            gpud_version=gpud.__version__, owner=job.owner, env=job.env, memory=job.memory,
+            code_hash=job.code_hash,
+            image=image,
+            image_id=await ex.image_id(image),
+            python=job.python,
+            gpus=self._gpu_part(job),
+            driver=self._driver(),
+            gpud_version=gpud.__version__,
+            owner=job.owner,
+            env=job.env,
+            memory=job.memory,
             cpus=job.cpus,
             container=f"volumes={ex.volumes} network={ex.network} read_only={ex.read_only} "
-                      f"shm={ex.shm_size}",
+            f"shm={ex.shm_size}",
         )
         return key_of(parts), parts
 
@@ -142,9 +158,12 @@ class Snapshotter:
 
     # -- starting a job -----------------------------------------------------------------
 
-    async def plan(self, job: Job, spec: LaunchSpec,
-                   cold: Callable[[Job, LaunchSpec, Path | None], Awaitable[WarmWorker]]
-                   ) -> Plan:
+    async def plan(
+        self,
+        job: Job,
+        spec: LaunchSpec,
+        cold: Callable[[Job, LaunchSpec, Path | None], Awaitable[WarmWorker]],
+    ) -> Plan:
         """Start the job's worker: restored from its snapshot, or cold (``cold`` launches
         a new warm worker; its path: the directory of the snapshot to take of it)."""
         key, parts = await self.key(job)
@@ -154,15 +173,18 @@ class Snapshotter:
             try:
                 w = await self._restore(job, key, snap.location)
             except (SnapshotError, OSError) as e:
-                state = await self.ledger.call(store.record_failure, key, str(e),
-                                               self.max_failures, snap.location)
+                state = await self.ledger.call(
+                    store.record_failure, key, str(e), self.max_failures, snap.location
+                )
                 if not self._in_use[key]:  # (concurrent restores of it may still read it)
                     await trio.to_thread.run_sync(remove_dir, Path(snap.location))
                 log.warning("job %s: snapshot %s could not be restored: %s", job.id, snap.id, e)
                 note = f"its snapshot could not be restored: {e}"
                 if state == "failed":
-                    note += (f"; after {self.max_failures} failures in a row it is not used "
-                             f"again (`gpud snapshots rm {snap.id}` lets gpud take a new one)")
+                    note += (
+                        f"; after {self.max_failures} failures in a row it is not used "
+                        f"again (`gpud snapshots rm {snap.id}` lets gpud take a new one)"
+                    )
             else:
                 await self.ledger.call(store.record_restore, key, time.time())
                 return Plan(w, "restored")
@@ -171,8 +193,15 @@ class Snapshotter:
         elif snap is not None and snap.state == "failed":
             note = f"its snapshot is not used: {snap.last_error}"
         take = await self.ledger.call(
-            store.claim_take, key, parts, function=job.function, owner=job.owner,
-            image=parts["image"], job_id=job.id, now=time.time())
+            store.claim_take,
+            key,
+            parts,
+            function=job.function,
+            owner=job.owner,
+            image=parts["image"],
+            job_id=job.id,
+            now=time.time(),
+        )
         where: Path | None = None
         if take:
             self._go(key).unlink(missing_ok=True)
@@ -189,14 +218,14 @@ class Snapshotter:
     async def _restore(self, job: Job, key: str, location: str) -> WarmWorker:
         self._in_use[key] += 1
         handle: Handle | None = None
-        w = self.pool.new_worker(warm_key(job), job.gpus, job.keep_warm, busy=job.id,
-                                 restored=True)
+        w = self.pool.new_worker(warm_key(job), job.gpus, job.keep_warm, busy=job.id, restored=True)
         try:
             self._go(key).touch(mode=0o644)  # a restored worker goes on at once
             t0 = time.monotonic()
             with trio.CancelScope(shield=True):
-                h: Handle = await self.executor.restore(Path(location), job.id, job.attempt,
-                                                        hang_limit=self.restore_timeout)
+                h: Handle = await self.executor.restore(
+                    Path(location), job.id, job.attempt, hang_limit=self.restore_timeout
+                )
             w.handle = handle = h
             if self.gpu_state is not None and job.gpus:
                 # CRIU brought back the parked state the dump caught: unpark it (#13).
@@ -205,10 +234,16 @@ class Snapshotter:
             t1 = time.monotonic()
             self.pool.expect(w, str(h.container))
             if not await self._rejoined(w, h):
-                raise SnapshotError("the restored container did not call the daemon back "
-                                    f"within {REJOIN_TIMEOUT:g} s")
-            log.info("job %s: restored in %.3f s, its worker called back %.3f s later",
-                     job.id, t1 - t0, time.monotonic() - t1)
+                raise SnapshotError(
+                    "the restored container did not call the daemon back "
+                    f"within {REJOIN_TIMEOUT:g} s"
+                )
+            log.info(
+                "job %s: restored in %.3f s, its worker called back %.3f s later",
+                job.id,
+                t1 - t0,
+                time.monotonic() - t1,
+            )
             return w
         except BaseException:
             self.pool.forget(w)
@@ -245,12 +280,16 @@ class Snapshotter:
         except (SnapshotError, OSError) as e:
             del self._taking[key]
             await trio.to_thread.run_sync(remove_dir, where)
-            state = await self.ledger.call(store.record_failure, key, str(e),
-                                           self.max_failures)
+            state = await self.ledger.call(store.record_failure, key, str(e), self.max_failures)
             log.warning("job %s: snapshot not taken (%s): %s", job.id, state, e)
         else:
-            log.info("job %s: snapshot of %s taken in %.2f s (%d MB)", job.id, job.function,
-                     time.monotonic() - t0, size // 2**20)
+            log.info(
+                "job %s: snapshot of %s taken in %.2f s (%d MB)",
+                job.id,
+                job.function,
+                time.monotonic() - t0,
+                size // 2**20,
+            )
             del self._taking[key]
             await self.ledger.call(store.mark_ready, key, str(where), size, time.time())
             await self._after_take(job, key, where, size)
@@ -298,16 +337,29 @@ class Snapshotter:
         snaps = await self.ledger.call(store.list_snapshots, job.owner)
         new = next(s for s in snaps if s.key == key)
         if size > self.max_bytes:
-            await self.ledger.call(store.record_failure, key,
-                                   f"its checkpoint ({size / 2**20:.0f} MB) is larger than "
-                                   f"snapshot_max_bytes ({self.max_bytes / 2**20:.0f} MB)", 1)
+            await self.ledger.call(
+                store.record_failure,
+                key,
+                f"its checkpoint ({size / 2**20:.0f} MB) is larger than "
+                f"snapshot_max_bytes ({self.max_bytes / 2**20:.0f} MB)",
+                1,
+            )
             await trio.to_thread.run_sync(remove_dir, where)
             return
         for old in snaps:
-            if old.key != key and old.function == job.function and not self._in_use[old.key] \
-                    and old.state != "taking":
-                log.info("snapshot %s of %s replaced by %s: %s", old.id, old.function, new.id,
-                         describe_change(old.parts, new.parts))
+            if (
+                old.key != key
+                and old.function == job.function
+                and not self._in_use[old.key]
+                and old.state != "taking"
+            ):
+                log.info(
+                    "snapshot %s of %s replaced by %s: %s",
+                    old.id,
+                    old.function,
+                    new.id,
+                    describe_change(old.parts, new.parts),
+                )
                 await self._drop(old)
         await self.collect()
 
@@ -315,16 +367,23 @@ class Snapshotter:
 
     async def collect(self) -> None:
         """Remove least recently used snapshots until they fit in snapshot_max_bytes."""
-        ready = [s for s in await self.ledger.call(store.list_snapshots)
-                 if s.state == "ready" and s.location]
+        ready = [
+            s
+            for s in await self.ledger.call(store.list_snapshots)
+            if s.state == "ready" and s.location
+        ]
         total = sum(s.size for s in ready)
         for s in sorted(ready, key=lambda s: s.last_used or s.created_at):
             if total <= self.max_bytes:
                 break
             if self._in_use[s.key]:
                 continue
-            log.info("removing snapshot %s of %s (%d MB): snapshots are over "
-                     "snapshot_max_bytes", s.id, s.function, s.size // 2**20)
+            log.info(
+                "removing snapshot %s of %s (%d MB): snapshots are over snapshot_max_bytes",
+                s.id,
+                s.function,
+                s.size // 2**20,
+            )
             await self._drop(s)
             total -= s.size
 

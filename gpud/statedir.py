@@ -61,20 +61,24 @@ def check_path(path: str) -> list[str]:
     """The components of a requested file path; BadPath (saying why) for an absolute
     path, "..", ".", empty components or control characters."""
     if not path or len(path) > 4096:
-        raise BadPath("give a file path inside the state directory, as `gpud state JOB` "
-                      "lists it")
+        raise BadPath("give a file path inside the state directory, as `gpud state JOB` lists it")
     if path.startswith("/"):
-        raise BadPath(f"{path!r} is absolute: give the path relative to the state "
-                      "directory, as `gpud state JOB` lists it")
+        raise BadPath(
+            f"{path!r} is absolute: give the path relative to the state "
+            "directory, as `gpud state JOB` lists it"
+        )
     parts = path.split("/")
     for p in parts:
         if p in ("", ".", ".."):
-            raise BadPath(f"{path!r} leaves the state directory or is not a plain path "
-                          "(no '..', '.' or empty parts): give a path as `gpud state JOB` "
-                          "lists it")
+            raise BadPath(
+                f"{path!r} leaves the state directory or is not a plain path "
+                "(no '..', '.' or empty parts): give a path as `gpud state JOB` "
+                "lists it"
+            )
         if any(ord(c) < 32 for c in p):
-            raise BadPath(f"{path!r} has control characters: give a path as `gpud state "
-                          "JOB` lists it")
+            raise BadPath(
+                f"{path!r} has control characters: give a path as `gpud state JOB` lists it"
+            )
     return parts
 
 
@@ -91,8 +95,9 @@ def open_file(job_dir: Path, path: str) -> int | None:
             nxt = os.open(p, _DIR, dir_fd=fd)
             os.close(fd)
             fd = nxt
-        out = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                      dir_fd=fd)
+        out = os.open(
+            parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd
+        )
     except OSError:
         return None  # missing, a link, or not a directory on the way: no such file
     finally:

@@ -52,8 +52,9 @@ class DiskFull(RuntimeError):
 
 def is_full(e: BaseException) -> bool:
     if isinstance(e, sqlite3.Error):
-        return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or \
-            "disk is full" in str(e)
+        return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(
+            e
+        )
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -70,9 +71,11 @@ def free_bytes(path: Path) -> int:
 
 
 def full_message(data_dir: Path) -> str:
-    return (f"the disk holding gpud's data directory {data_dir} is full: free space there "
-            "(old jobs' directories under jobs/, unused snapshots with `gpud snapshots rm`, "
-            "anything else on that filesystem), then try again")
+    return (
+        f"the disk holding gpud's data directory {data_dir} is full: free space there "
+        "(old jobs' directories under jobs/, unused snapshots with `gpud snapshots rm`, "
+        "anything else on that filesystem), then try again"
+    )
 
 
 def require_room(data_dir: Path, need: int) -> None:
@@ -98,8 +101,7 @@ async def persist(write: Callable[[], Awaitable[T]], what: str) -> T:
             if not (is_full(e) or is_busy(e)):
                 raise
             if not warned:
-                log.warning("cannot record %s yet (%s): retrying until it can be written",
-                            what, e)
+                log.warning("cannot record %s yet (%s): retrying until it can be written", what, e)
                 warned = True
             await trio.sleep(delay)
             delay = min(delay * 2, 30.0)

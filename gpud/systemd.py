@@ -50,8 +50,13 @@ def stderr_is_journal() -> bool:
 class JournalFormatter(logging.Formatter):
     """``<priority>logger: message``: journald stores the priority and adds the time."""
 
-    _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-                 logging.CRITICAL: 2}
+    _PRIORITY = {
+        logging.DEBUG: 7,
+        logging.INFO: 6,
+        logging.WARNING: 4,
+        logging.ERROR: 3,
+        logging.CRITICAL: 2,
+    }
 
     def __init__(self) -> None:
         super().__init__("%(name)s: %(message)s")

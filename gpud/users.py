@@ -109,8 +109,13 @@ class Directory:
     REFRESH = 1.0  # seconds between periodic re-reads
     MISS_REFRESH = 0.2  # at most this often on an unknown name or token
 
-    def __init__(self, ledger: LedgerThread, *, on_change: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ledger: LedgerThread,
+        *,
+        on_change: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._ledger = ledger
         self._on_change = on_change
         self._clock = clock

@@ -67,6 +67,7 @@ RESULT_INLINE_MAX = 64 * 1024
 async def first_of(*waits: Callable[[], Awaitable[object]]) -> None:
     """Run the waits side by side; return as soon as one of them has returned."""
     async with trio.open_nursery() as n:
+
         async def one(wait: Callable[[], Awaitable[object]]) -> None:
             await wait()
             n.cancel_scope.cancel()
@@ -142,8 +143,7 @@ class WarmPool:
 
     # -- the hub ------------------------------------------------------------------------
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Job users (and containers, which get this directory mounted) must reach it.
         os.chmod(self.path.parent, 0o755)
@@ -193,13 +193,20 @@ class WarmPool:
                         elif size is not None:
                             return  # not what this daemon asked for: not a worker of ours
                         assert worker._done is not None
-                        await worker._done.send(Done(
-                            code if isinstance(code, int) else None,
-                            float(started) if isinstance(started, (int, float)) else None,
-                            status if isinstance(status, dict) else None, result))
+                        await worker._done.send(
+                            Done(
+                                code if isinstance(code, int) else None,
+                                float(started) if isinstance(started, (int, float)) else None,
+                                status if isinstance(status, dict) else None,
+                                result,
+                            )
+                        )
                     elif "ready" in msg:
-                        worker.prepare_error = (None if msg.get("ready") is True
-                                                else str(msg.get("error") or "setup failed"))
+                        worker.prepare_error = (
+                            None
+                            if msg.get("ready") is True
+                            else str(msg.get("error") or "setup failed")
+                        )
                         worker.rejoining = worker.prepare_error is None
                         worker.prepared.set()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -209,8 +216,11 @@ class WarmPool:
                 worker.stream = None
                 if not worker.rejoining:
                     worker.gone.set()
-                    if self.workers.pop(worker.id, None) is not None and worker.busy is None \
-                            and worker.handle is not None:
+                    if (
+                        self.workers.pop(worker.id, None) is not None
+                        and worker.busy is None
+                        and worker.handle is not None
+                    ):
                         # Nobody waits on an idle worker: its container is left to reap.
                         self._lost.append(worker.handle)
 
@@ -231,22 +241,35 @@ class WarmPool:
                     w = self._expecting.pop(cid)
                     w.rejoining = False
                     return w
-                self._registered = trio.Event() if self._registered.is_set() \
-                    else self._registered
+                self._registered = trio.Event() if self._registered.is_set() else self._registered
                 await self._registered.wait()
         return None
 
     # -- workers ------------------------------------------------------------------------
 
-    def new_worker(self, key: WarmKey, gpus: tuple[str, ...], keep_warm: float, *,
-                   busy: int | None = None, restored: bool = False) -> WarmWorker:
+    def new_worker(
+        self,
+        key: WarmKey,
+        gpus: tuple[str, ...],
+        keep_warm: float,
+        *,
+        busy: int | None = None,
+        restored: bool = False,
+    ) -> WarmWorker:
         """A worker about to be started (or restored: it then says hello with its
         snapshot's token, and :meth:`expect` names its container). ``busy``: the job it
         is started for, so that no other job is matched to it meanwhile."""
         self._ids += 1
-        w = WarmWorker(id=self._ids, key=key, gpus=gpus, keep_warm=keep_warm,
-                       token=secrets.token_urlsafe(24), busy=busy, rejoining=restored,
-                       idle_since=self.clock.monotonic())
+        w = WarmWorker(
+            id=self._ids,
+            key=key,
+            gpus=gpus,
+            keep_warm=keep_warm,
+            token=secrets.token_urlsafe(24),
+            busy=busy,
+            rejoining=restored,
+            idle_since=self.clock.monotonic(),
+        )
         self.workers[w.id] = w
         if not restored:
             self._by_token[w.token] = w
@@ -298,10 +321,16 @@ class WarmPool:
                 return w
         return None
 
-    async def run(self, w: WarmWorker, job_id: int, job_dir: str, *,
-                  keep_warm: float, env: dict[str, str] | None = None,
-                  payload: tuple[dict[str, object], bytes, bytes] | None = None
-                  ) -> Done | None:
+    async def run(
+        self,
+        w: WarmWorker,
+        job_id: int,
+        job_dir: str,
+        *,
+        keep_warm: float,
+        env: dict[str, str] | None = None,
+        payload: tuple[dict[str, object], bytes, bytes] | None = None,
+    ) -> Done | None:
         """Send one job to the worker and wait for its answer (None: the worker died).
         Afterwards the worker stays for ``keep_warm`` seconds (the latest job's word).
 
@@ -349,8 +378,7 @@ class WarmPool:
                 await stream.send_all(json.dumps({"ack": job_id}).encode() + b"\n")
 
     def expired(self, now: float) -> list[WarmWorker]:
-        return [w for w in self.workers.values()
-                if w.idle and now - w.idle_since >= w.keep_warm]
+        return [w for w in self.workers.values() if w.idle and now - w.idle_since >= w.keep_warm]
 
     async def close(self, w: WarmWorker) -> None:
         """Ask an idle worker to leave (it exits when its connection closes)."""

@@ -68,11 +68,18 @@ def match_warm(
             continue
         group = order.groups[gi]
         quota = quotas.get(job.owner)
-        over = (quota is not None and quota.max_timeout is not None
-                and job.timeout > quota.max_timeout)
+        over = (
+            quota is not None and quota.max_timeout is not None and job.timeout > quota.max_timeout
+        )
         if served(job) and not over and not (cpu_shut and job.gpu is None):
-            mine = next((w for w in free_by_key.get(group.wkey, ())
-                         if w.id not in claimed and w.id not in taken), None)
+            mine = next(
+                (
+                    w
+                    for w in free_by_key.get(group.wkey, ())
+                    if w.id not in claimed and w.id not in taken
+                ),
+                None,
+            )
             if mine is not None:
                 assigned[job.id] = mine.id
                 taken.add(mine.id)
@@ -84,8 +91,12 @@ def match_warm(
         if job.gpu is not None:
             options = job.gpu.options
             for w in idle:
-                if w.gpus and w.id not in taken and w.id not in claimed and any(
-                        index[u].matches(t) for u in w.gpus if u in index for t, _ in options):
+                if (
+                    w.gpus
+                    and w.id not in taken
+                    and w.id not in claimed
+                    and any(index[u].matches(t) for u in w.gpus if u in index for t, _ in options)
+                ):
                     claimed.add(w.id)
                     unsettled -= 1
         if not over or group.wkey is None:
@@ -100,6 +111,14 @@ def match_warm(
         if w.id in claimed:
             evictable.append(w.id)
         else:
-            held.append(Job(id=w.last_job, function="(warm worker)", state=JobState.RUNNING,
-                            submitted_at=0.0, owner=w.owner, gpus=w.gpus))
+            held.append(
+                Job(
+                    id=w.last_job,
+                    function="(warm worker)",
+                    state=JobState.RUNNING,
+                    submitted_at=0.0,
+                    owner=w.owner,
+                    gpus=w.gpus,
+                )
+            )
     return assigned, held, evictable

@@ -27,17 +27,20 @@ def parse_webhooks(value: object) -> str | list[str]:
     hosts = [h.strip().lower() for h in items if h.strip()]
     for h in hosts:
         if not _HOST_RE.match(h):
-            raise ValueError(f"{h!r} is not a host name (write the host only, no scheme, "
-                             "port or path)")
+            raise ValueError(
+                f"{h!r} is not a host name (write the host only, no scheme, port or path)"
+            )
     return hosts or "off"
 
 
 def check_url(url: str, setting: str | Sequence[str]) -> str | None:
     """Why a job may not have this webhook here (None: it may)."""
     if setting == "off":
-        return ("webhooks are off on this daemon: ask its admin to allow your webhook's "
-                'host (webhooks = ["HOST"] in its config), or use --notify bell with '
-                "gpud run in the foreground")
+        return (
+            "webhooks are off on this daemon: ask its admin to allow your webhook's "
+            'host (webhooks = ["HOST"] in its config), or use --notify bell with '
+            "gpud run in the foreground"
+        )
     try:
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
@@ -46,6 +49,8 @@ def check_url(url: str, setting: str | Sequence[str]) -> str | None:
     if parts is None or parts.scheme not in ("http", "https") or not host:
         return f"notify={url!r} is not a webhook URL: write http(s)://HOST/PATH"
     if setting != "any" and host not in setting:
-        return (f"this daemon sends webhooks only to {', '.join(setting)}, not to {host}: "
-                "ask its admin to add that host to its webhooks setting")
+        return (
+            f"this daemon sends webhooks only to {', '.join(setting)}, not to {host}: "
+            "ask its admin to add that host to its webhooks setting"
+        )
     return None

@@ -133,34 +133,51 @@ class FunctionOptions:
         if image is not None and not isinstance(image, str | Image):
             raise TypeError(f"image must be an image name, a gpud.Image or None, not {image!r}")
         mem = None if memory is None else parse_size(memory)
-        if cpu is not None and (isinstance(cpu, bool) or not isinstance(cpu, int | float)
-                                or cpu <= 0):
+        if cpu is not None and (
+            isinstance(cpu, bool) or not isinstance(cpu, int | float) or cpu <= 0
+        ):
             raise ValueError(f"cpu must be a positive number of CPUs, not {cpu!r}")
         warm = None if keep_warm is None else parse_duration(keep_warm)
         if warm is not None and warm < 0:
             raise ValueError(f"keep_warm must be >= 0 seconds, not {keep_warm!r}")
         before = None if signal_before is None else parse_duration(signal_before)
         if before is not None and before <= 0:
-            raise ValueError(f"signal_before must be a positive duration such as \"5m\", "
-                             f"not {signal_before!r}")
+            raise ValueError(
+                f'signal_before must be a positive duration such as "5m", not {signal_before!r}'
+            )
         if before is not None and seconds is not None and before >= seconds:
-            raise ValueError(f"signal_before ({signal_before!r}) must be shorter than the "
-                             f"timeout ({timeout!r}): lower it, or raise timeout")
+            raise ValueError(
+                f"signal_before ({signal_before!r}) must be shorter than the "
+                f"timeout ({timeout!r}): lower it, or raise timeout"
+            )
         if signal is not None and not isinstance(signal, str):
-            raise TypeError(f"signal must be a signal's name such as \"SIGUSR1\", not "
-                            f"{signal!r}")
+            raise TypeError(f'signal must be a signal\'s name such as "SIGUSR1", not {signal!r}')
         if signal is not None and before is None:
-            raise ValueError(f"signal={signal!r} needs signal_before= (how long before the "
-                             "timeout to send it), e.g. signal_before=\"5m\"")
+            raise ValueError(
+                f"signal={signal!r} needs signal_before= (how long before the "
+                'timeout to send it), e.g. signal_before="5m"'
+            )
         grace_s = None if grace is None else parse_duration(grace)
         if grace_s is not None and grace_s < 0:
             raise ValueError(f"grace must be >= 0 seconds, not {grace!r}")
         return cls(
-            signal_before=before, signal=signal, grace=grace_s,
-            gpu=gpu, timeout=seconds, retries=retries, env=env_dict, priority=priority,
-            image=image, memory=mem, cpu=None if cpu is None else float(cpu), keep_warm=warm,
-            snapshot=bool(snapshot), python=_python_option(python),
-            after=job_ids(after), after_any=bool(after_any), **notify_options(notify, notify_on),
+            signal_before=before,
+            signal=signal,
+            grace=grace_s,
+            gpu=gpu,
+            timeout=seconds,
+            retries=retries,
+            env=env_dict,
+            priority=priority,
+            image=image,
+            memory=mem,
+            cpu=None if cpu is None else float(cpu),
+            keep_warm=warm,
+            snapshot=bool(snapshot),
+            python=_python_option(python),
+            after=job_ids(after),
+            after_any=bool(after_any),
+            **notify_options(notify, notify_on),
             preemptible=bool(preemptible),
         )
 
@@ -169,13 +186,15 @@ def _python_option(python: str | os.PathLike[str] | None) -> str | None:
     if python is None:
         return None
     if not isinstance(python, str | os.PathLike):
-        raise TypeError(f"python must be a path or \"daemon\", not {python!r}")
+        raise TypeError(f'python must be a path or "daemon", not {python!r}')
     text = os.fspath(python)
     if text == "daemon":
         return text
     if not os.path.isabs(text):
-        raise ValueError(f"python={text!r}: give the interpreter's absolute path (it is the "
-                         "daemon's machine that runs it), or \"daemon\" for the admin's")
+        raise ValueError(
+            f"python={text!r}: give the interpreter's absolute path (it is the "
+            "daemon's machine that runs it), or \"daemon\" for the admin's"
+        )
     return os.path.normpath(text)
 
 
@@ -313,10 +332,22 @@ class App:
         """Decorate a function to run on the daemon: ``@app.function`` or
         ``@app.function(gpu="h100", timeout="2h", ...)``."""
         options = FunctionOptions.build(
-            gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
-            memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
-        signal_before=signal_before, signal=signal, grace=grace,
-            notify=notify, notify_on=notify_on,
+            gpu=gpu,
+            timeout=timeout,
+            retries=retries,
+            env=env,
+            priority=priority,
+            image=image,
+            memory=memory,
+            cpu=cpu,
+            keep_warm=keep_warm,
+            snapshot=snapshot,
+            python=python,
+            signal_before=signal_before,
+            signal=signal,
+            grace=grace,
+            notify=notify,
+            notify_on=notify_on,
             preemptible=preemptible,
         )
 
@@ -336,8 +367,9 @@ class App:
 
         def wrap(c: type) -> ClsProxy:
             def make(fn: Any, qualname: str, anchor: type) -> Function[Any, Any]:
-                return Function(fn, name=f"{self.name}.{qualname}", options=opts, app=self,
-                                anchor=anchor)
+                return Function(
+                    fn, name=f"{self.name}.{qualname}", options=opts, app=self, anchor=anchor
+                )
 
             return ClsProxy(c, make_function=make)
 
@@ -399,10 +431,22 @@ def function(
 ) -> Function[P, R] | Callable[[Callable[P, R]], Function[P, R]]:
     """Like ``App.function`` without an App; the job name is ``module.qualname``."""
     options = FunctionOptions.build(
-        gpu=gpu, timeout=timeout, retries=retries, env=env, priority=priority, image=image,
-        memory=memory, cpu=cpu, keep_warm=keep_warm, snapshot=snapshot, python=python,
-        signal_before=signal_before, signal=signal, grace=grace,
-        notify=notify, notify_on=notify_on,
+        gpu=gpu,
+        timeout=timeout,
+        retries=retries,
+        env=env,
+        priority=priority,
+        image=image,
+        memory=memory,
+        cpu=cpu,
+        keep_warm=keep_warm,
+        snapshot=snapshot,
+        python=python,
+        signal_before=signal_before,
+        signal=signal,
+        grace=grace,
+        notify=notify,
+        notify_on=notify_on,
         preemptible=preemptible,
     )
 
@@ -481,8 +525,7 @@ class Function(Generic[P, R]):
         current = dataclasses.asdict(self.options)
         current.update(changes)
         options = FunctionOptions.build(**current)
-        return Function(self._fn, name=name, options=options, app=app, url=url,
-                        anchor=self._anchor)
+        return Function(self._fn, name=name, options=options, app=app, url=url, anchor=self._anchor)
 
     # -- running locally --------------------------------------------------------------
 
@@ -526,8 +569,9 @@ class Function(Generic[P, R]):
             "preemptible": o.preemptible,
         }
 
-    def submit_request(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                       after: Any = None) -> SubmitRequest:
+    def submit_request(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], after: Any = None
+    ) -> SubmitRequest:
         """The request that submits one call (the function pickled by value). ``after``:
         more dependencies; those its arguments' ``gpud.result_of`` name are implied."""
         with pickle_by_value(self._anchor):
@@ -550,15 +594,20 @@ class Function(Generic[P, R]):
         return None if own else kwargs.pop("after")
 
     def batch_request(
-        self, inputs: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
+        self,
+        inputs: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
         max_concurrency: int | None = None,
     ) -> BatchSubmitRequest:
         """The request that submits one job per ``(args, kwargs)``, the function once."""
         with pickle_by_value(self._anchor):
             function_bytes, _ = dumps_function(self._fn)
             payloads = [dumps_args(a, kw) for a, kw in inputs]
-        return BatchSubmitRequest(function=function_bytes, inputs=payloads,
-                                  max_concurrency=max_concurrency, **self._common())
+        return BatchSubmitRequest(
+            function=function_bytes,
+            inputs=payloads,
+            max_concurrency=max_concurrency,
+            **self._common(),
+        )
 
     def _ready_client(self) -> Client:
         client = self.client
@@ -591,8 +640,7 @@ class Function(Generic[P, R]):
         One request (``POST /v1/jobs/run``) carries the submit, the log and the outcome."""
         after = self._split_after(kwargs)
         client = self._ready_client()
-        value: R = run_call(client, self.submit_request(args, kwargs, after),
-                            log_to=sys.stderr)
+        value: R = run_call(client, self.submit_request(args, kwargs, after), log_to=sys.stderr)
         return value
 
     def spawn_map(
@@ -609,22 +657,27 @@ class Function(Generic[P, R]):
         return self._spawn_batch(zip(*iterables, strict=False), kwargs, max_concurrency)
 
     def _spawn_batch(
-        self, arg_tuples: Iterable[Iterable[Any]], kwargs: Mapping[str, Any] | None,
+        self,
+        arg_tuples: Iterable[Iterable[Any]],
+        kwargs: Mapping[str, Any] | None,
         max_concurrency: int | None,
     ) -> BatchHandle[R]:
-        if max_concurrency is not None and (isinstance(max_concurrency, bool)
-                                            or not isinstance(max_concurrency, int)
-                                            or max_concurrency < 1):
-            raise ValueError(f"max_concurrency must be a whole number >= 1 (or None for no "
-                             f"limit), not {max_concurrency!r}")
+        if max_concurrency is not None and (
+            isinstance(max_concurrency, bool)
+            or not isinstance(max_concurrency, int)
+            or max_concurrency < 1
+        ):
+            raise ValueError(
+                f"max_concurrency must be a whole number >= 1 (or None for no "
+                f"limit), not {max_concurrency!r}"
+            )
         extra = dict(kwargs or {})
         inputs = [(tuple(args), extra) for args in arg_tuples]
         if not inputs:
             raise ValueError("no inputs: a batch needs at least one")
         client = self._ready_client()
         response = client.submit_batch(self.batch_request(inputs, max_concurrency))
-        return BatchHandle(response.batch_id, client, size=len(response.job_ids),
-                           name=self.name)
+        return BatchHandle(response.batch_id, client, size=len(response.job_ids), name=self.name)
 
     def map(
         self,
@@ -647,8 +700,14 @@ class Function(Generic[P, R]):
         """
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        return self._map(zip(*iterables, strict=False), kwargs, return_exceptions,
-                         order_outputs, max_concurrency, progress)
+        return self._map(
+            zip(*iterables, strict=False),
+            kwargs,
+            return_exceptions,
+            order_outputs,
+            max_concurrency,
+            progress,
+        )
 
     def starmap(
         self,
@@ -663,15 +722,23 @@ class Function(Generic[P, R]):
         """Like :meth:`map`, but each input is a tuple of positional arguments, spread
         (``itertools.starmap``): ``f.starmap([(1, 2), (3, 4)])`` calls ``f(1, 2)`` and
         ``f(3, 4)``."""
-        return self._map(input_iterator, kwargs, return_exceptions, order_outputs,
-                         max_concurrency, progress)
+        return self._map(
+            input_iterator, kwargs, return_exceptions, order_outputs, max_concurrency, progress
+        )
 
-    def _map(self, arg_tuples: Iterable[Iterable[Any]], kwargs: Mapping[str, Any] | None,
-             return_exceptions: bool, order_outputs: bool, max_concurrency: int | None,
-             progress: bool | None) -> Iterator[R]:
+    def _map(
+        self,
+        arg_tuples: Iterable[Iterable[Any]],
+        kwargs: Mapping[str, Any] | None,
+        return_exceptions: bool,
+        order_outputs: bool,
+        max_concurrency: int | None,
+        progress: bool | None,
+    ) -> Iterator[R]:
         arg_list = list(arg_tuples)
         if not arg_list:
             return iter(())
         batch = self._spawn_batch(arg_list, kwargs, max_concurrency)
-        return batch.results(order_outputs=order_outputs, return_exceptions=return_exceptions,
-                             progress=progress)
+        return batch.results(
+            order_outputs=order_outputs, return_exceptions=return_exceptions, progress=progress
+        )

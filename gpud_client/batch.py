@@ -81,8 +81,7 @@ def run_call(client: Client, request: Any, *, log_to: TextIO | None = sys.stderr
         outage = _Outage()
         while True:
             try:
-                for ev in client.job_stream(job_id, logs=log_to is not None,
-                                            offset=echo.offset):
+                for ev in client.job_stream(job_id, logs=log_to is not None, offset=echo.offset):
                     if (end := _event(echo, ev)) is not None:
                         return _value(client, *end)
             except DaemonUnavailable as e:
@@ -127,8 +126,10 @@ class _Bar:
         width = 30
         filled = width * self.done // max(self.total, 1)
         rate = self.done / max(now - self.start, 1e-6)
-        self.out.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                       f"{self.done}/{self.total} {rate:.1f}/s")
+        self.out.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{self.done}/{self.total} {rate:.1f}/s"
+        )
         self.out.flush()
 
     def close(self) -> None:
@@ -149,8 +150,15 @@ class BatchHandle(Generic[R]):
     """A handle on one batch (``.spawn_map``, or ``.map``'s jobs): ``.results()``,
     ``.progress()``, ``.cancel()``. Reattach with ``BatchHandle.from_id(batch_id)``."""
 
-    def __init__(self, batch_id: int, client: Client, *, size: int | None = None,
-                 name: str | None = None, owns_client: bool = False) -> None:
+    def __init__(
+        self,
+        batch_id: int,
+        client: Client,
+        *,
+        size: int | None = None,
+        name: str | None = None,
+        owns_client: bool = False,
+    ) -> None:
         self._id = batch_id
         self._client = client
         self._size = size
@@ -217,8 +225,13 @@ class BatchHandle(Generic[R]):
     def __iter__(self) -> Iterator[R]:
         return self.results()
 
-    def results(self, *, order_outputs: bool = True, return_exceptions: bool = False,
-                progress: bool | None = None) -> Iterator[Any]:
+    def results(
+        self,
+        *,
+        order_outputs: bool = True,
+        return_exceptions: bool = False,
+        progress: bool | None = None,
+    ) -> Iterator[Any]:
         """Each input's value as its job ends: in input order, or with ``order_outputs=
         False`` as they come. A job's exception is raised (with ``return_exceptions``:
         yielded instead; trouble talking to the daemon is always raised). ``progress``:
@@ -231,8 +244,9 @@ class BatchHandle(Generic[R]):
             progress = progress and (self._size or 0) >= PROGRESS_MIN
         elif progress and self._size is None:
             self.status()
-        bar = _Bar(self._size or 0, self._name or f"batch {self._id}",
-                   sys.stderr if progress else None)
+        bar = _Bar(
+            self._size or 0, self._name or f"batch {self._id}", sys.stderr if progress else None
+        )
         return self._results(order_outputs, return_exceptions, bar)
 
     def _results(self, ordered: bool, return_exceptions: bool, bar: _Bar) -> Iterator[Any]:
@@ -243,7 +257,8 @@ class BatchHandle(Generic[R]):
             while True:
                 try:
                     lines = self._client.batch_results(
-                        self._id, order="input" if ordered else "completion", after=after)
+                        self._id, order="input" if ordered else "completion", after=after
+                    )
                     for line in lines:
                         outage.ok()
                         if line.index in seen:

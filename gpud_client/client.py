@@ -134,8 +134,9 @@ def _events_call(after: int, limit: int, job_id: int | None) -> _Call[EventList]
 
 def _history_call(since: float | None) -> _Call[GpuHistory]:
     # repr keeps every digit of the float, so no reading is fetched twice.
-    return _Call("GET", "/gpus/history", GpuHistory,
-                 {} if since is None else {"since": repr(float(since))})
+    return _Call(
+        "GET", "/gpus/history", GpuHistory, {} if since is None else {"since": repr(float(since))}
+    )
 
 
 def _wait_call(job_id: int, timeout: float, client_timeout: float) -> _Call[JobInfo]:
@@ -157,16 +158,22 @@ def _bool(flag: bool) -> str:
 
 def _gc_call(dry_run: bool) -> _Call[GcReport]:
     # A first collection on a box with a long history can take minutes: no read timeout.
-    return _Call("POST", "/admin/gc", GcReport,
-                 body=msgspec.json.encode(GcRequest(dry_run=dry_run)), read_timeout=None)
+    return _Call(
+        "POST",
+        "/admin/gc",
+        GcReport,
+        body=msgspec.json.encode(GcRequest(dry_run=dry_run)),
+        read_timeout=None,
+    )
 
 
 def _logs_params(follow: bool, offset: int) -> dict[str, str]:
     return {"follow": "true" if follow else "false", "offset": str(offset)}
 
 
-def _usage_params(since: float | None, until: float | None, user: str | None,
-                  by: str) -> dict[str, str]:
+def _usage_params(
+    since: float | None, until: float | None, user: str | None, by: str
+) -> dict[str, str]:
     params = {"by": by}
     if since is not None:
         params["since"] = repr(float(since))
@@ -384,8 +391,7 @@ def _request_kwargs(call: _Call[Any], client_timeout: float) -> dict[str, Any]:
     import httpx
 
     connect, read = _timeouts(call, client_timeout)
-    kwargs: dict[str, Any] = {"params": call.params,
-                              "timeout": httpx.Timeout(connect, read=read)}
+    kwargs: dict[str, Any] = {"params": call.params, "timeout": httpx.Timeout(connect, read=read)}
     if call.body is not None:
         kwargs["content"] = call.body
         kwargs["headers"] = _JSON_HEADERS
@@ -416,8 +422,9 @@ class Client(_Base):
     :meth:`close`.
     """
 
-    def __init__(self, url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 token: str | None = None) -> None:
+    def __init__(
+        self, url: str | None = None, timeout: float = DEFAULT_TIMEOUT, token: str | None = None
+    ) -> None:
         super().__init__(url, timeout)
         self._http = wire.Transport(self.url, _headers(token))
         # A Client dropped without close() (a Function copy made by with_options, say)
@@ -435,8 +442,9 @@ class Client(_Base):
     def close(self) -> None:
         self._finalizer()
 
-    def _send(self, call: _Call[Any], *, idempotent: bool = False,
-              stream: bool = False) -> wire.Response:
+    def _send(
+        self, call: _Call[Any], *, idempotent: bool = False, stream: bool = False
+    ) -> wire.Response:
         """Send ``call`` (again while the retry policy says so) and return its answer,
         whole or (``stream``) with its body unread."""
         retry = _Retry(idempotent=idempotent)
@@ -444,9 +452,15 @@ class Client(_Base):
         while True:
             try:
                 resp = self._http.request(
-                    call.method, API_PREFIX + call.path, params=call.params, body=call.body,
+                    call.method,
+                    API_PREFIX + call.path,
+                    params=call.params,
+                    body=call.body,
                     headers=_JSON_HEADERS if call.body is not None else None,
-                    connect_timeout=connect, read_timeout=read, stream=stream)
+                    connect_timeout=connect,
+                    read_timeout=read,
+                    stream=stream,
+                )
             except wire.TransportError as e:
                 if (delay := retry.after_error(e)) is None:
                     raise _transport_error(self.url, e) from e
@@ -482,8 +496,10 @@ class Client(_Base):
                     try:
                         yield decoder.decode(line)
                     except msgspec.DecodeError as e:
-                        raise GpudError(f"unexpected line from the gpud daemon at {self.url} "
-                                        f"on {call.path}: {e}") from e
+                        raise GpudError(
+                            f"unexpected line from the gpud daemon at {self.url} "
+                            f"on {call.path}: {e}"
+                        ) from e
 
     def _submit(self, call: _Call[T]) -> T:
         """Send an idempotent submit, again while the daemon cannot be reached."""
@@ -513,35 +529,48 @@ class Client(_Base):
         ``logs``), then ``end`` with the result inline. If the stream breaks after the
         ``job`` event, follow the job with :meth:`job_stream`."""
         body = msgspec.json.encode(_keyed(request))
-        call = _Call("POST", "/jobs/run", JobEvent, {"logs": _bool(logs)}, body=body,
-                     read_timeout=None)
+        call = _Call(
+            "POST", "/jobs/run", JobEvent, {"logs": _bool(logs)}, body=body, read_timeout=None
+        )
         return self._ndjson(call, idempotent=True)
 
-    def job_stream(self, job_id: int, *, logs: bool = True,
-                   offset: int = 0) -> Iterator[JobEvent]:
+    def job_stream(self, job_id: int, *, logs: bool = True, offset: int = 0) -> Iterator[JobEvent]:
         """``GET /v1/jobs/{id}/stream``: as :meth:`run`, for an existing job, its log from
         byte ``offset``."""
-        return self._ndjson(_Call("GET", f"/jobs/{job_id}/stream", JobEvent,
-                                  {"logs": _bool(logs), "offset": str(offset)},
-                                  read_timeout=None))
+        return self._ndjson(
+            _Call(
+                "GET",
+                f"/jobs/{job_id}/stream",
+                JobEvent,
+                {"logs": _bool(logs), "offset": str(offset)},
+                read_timeout=None,
+            )
+        )
 
     def batch(self, batch_id: int, *, jobs: bool = False) -> BatchInfo:
         """``GET /v1/batches/{id}``: the batch's size, limit and progress (with ``jobs``,
         its jobs' ids in input order)."""
         return self._do(_Call("GET", f"/batches/{batch_id}", BatchInfo, {"jobs": _bool(jobs)}))
 
-    def batch_results(self, batch_id: int, *, order: str = "input",
-                      after: int = 0) -> Iterator[BatchResult]:
+    def batch_results(
+        self, batch_id: int, *, order: str = "input", after: int = 0
+    ) -> Iterator[BatchResult]:
         """``GET /v1/batches/{id}/results``: one line per finished job as they end, in
         ``order`` "input" (from index ``after``) or "completion"."""
-        return self._ndjson(_Call("GET", f"/batches/{batch_id}/results", BatchResult,
-                                  {"order": order, "after": str(after)}, read_timeout=None))
+        return self._ndjson(
+            _Call(
+                "GET",
+                f"/batches/{batch_id}/results",
+                BatchResult,
+                {"order": order, "after": str(after)},
+                read_timeout=None,
+            )
+        )
 
     def cancel_batch(self, batch_id: int) -> BatchInfo:
         """``POST /v1/batches/{id}/cancel``: cancel the jobs not over; returns once they
         are final."""
-        return self._do(_Call("POST", f"/batches/{batch_id}/cancel", BatchInfo,
-                              read_timeout=None))
+        return self._do(_Call("POST", f"/batches/{batch_id}/cancel", BatchInfo, read_timeout=None))
 
     def list_jobs(
         self,
@@ -609,6 +638,7 @@ class Client(_Base):
         """``POST /v1/jobs/{id}/resume``: continue a suspended job once its GPUs are free;
         answers when it runs, or after 10 s with the reason it still waits."""
         return self._do(_Call("POST", f"/jobs/{job_id}/resume", JobInfo, read_timeout=30.0))
+
     def state_files(self, job_id: int) -> StateList:
         """``GET /v1/jobs/{id}/state``: the files in the job's state directory (#14)."""
         return self._do(_Call("GET", f"/jobs/{job_id}/state", StateList))
@@ -618,10 +648,11 @@ class Client(_Base):
         in chunks as they arrive."""
         # Each part encoded, dot-segments too: an HTTP client would resolve "../x"
         # before sending it, and the daemon is the one to refuse it, saying why.
-        parts = [quote(p, safe="").replace(".", "%2E") if p in (".", "..") else
-                 quote(p, safe="") for p in path.split("/")]
-        call = _Call("GET", f"/jobs/{job_id}/state/{'/'.join(parts)}", bytes,
-                     read_timeout=None)
+        parts = [
+            quote(p, safe="").replace(".", "%2E") if p in (".", "..") else quote(p, safe="")
+            for p in path.split("/")
+        ]
+        call = _Call("GET", f"/jobs/{job_id}/state/{'/'.join(parts)}", bytes, read_timeout=None)
         with self._stream(call) as resp:
             yield from resp.iter_bytes()
 
@@ -633,11 +664,16 @@ class Client(_Base):
         """``GET /v1/whoami``: who the daemon takes this client to be."""
         return self._do(_Call("GET", "/whoami", WhoAmI))
 
-    def usage(self, *, since: float | None = None, until: float | None = None,
-              user: str | None = None, by: str = "user") -> UsageReport:
+    def usage(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        user: str | None = None,
+        by: str = "user",
+    ) -> UsageReport:
         """``GET /v1/usage``: GPU-seconds and wall time between two Unix times."""
-        return self._do(_Call("GET", "/usage", UsageReport, _usage_params(since, until, user,
-                                                                          by)))
+        return self._do(_Call("GET", "/usage", UsageReport, _usage_params(since, until, user, by)))
 
     def images(self) -> ImageList:
         """``GET /v1/images``."""
@@ -651,8 +687,13 @@ class Client(_Base):
         """``POST /v1/images/build``: the build's events as they come (log lines, then
         ``done`` or ``error``). Without ``files`` a build that is needed answers ApiError
         ``missing_files`` (409): send them then (see :mod:`gpud_client.imagebuild`)."""
-        call = _Call("POST", "/images/build", ImageBuildEvent,
-                     body=msgspec.json.encode(request), read_timeout=None)
+        call = _Call(
+            "POST",
+            "/images/build",
+            ImageBuildEvent,
+            body=msgspec.json.encode(request),
+            read_timeout=None,
+        )
         decoder = msgspec.json.Decoder(ImageBuildEvent)
         with self._stream(call) as resp:
             for line in resp.iter_lines():
@@ -662,6 +703,7 @@ class Client(_Base):
     def remove_snapshot(self, snapshot_id: int) -> SnapshotInfo:
         """``DELETE /v1/snapshots/{id}``: the next call of its function takes a new one."""
         return self._do(_Call("DELETE", f"/snapshots/{snapshot_id}", SnapshotInfo))
+
     def gpu_history(self, since: float | None = None) -> GpuHistory:
         """``GET /v1/gpus/history``: readings taken after ``since`` (all kept if None)."""
         return self._do(_history_call(since))
@@ -687,8 +729,9 @@ class Client(_Base):
 class AsyncClient(_Base):
     """:class:`Client`'s methods as coroutines, for trio or asyncio programs."""
 
-    def __init__(self, url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 token: str | None = None) -> None:
+    def __init__(
+        self, url: str | None = None, timeout: float = DEFAULT_TIMEOUT, token: str | None = None
+    ) -> None:
         super().__init__(url, timeout)
         import httpx  # here, not at the top: only the async client needs it (#12)
 
@@ -696,8 +739,12 @@ class AsyncClient(_Base):
         if self.url.startswith("unix://"):
             # The host part is never used for routing over a Unix socket; "gpud" makes
             # the Host header recognisable. verify=False: no TLS over a Unix socket.
-            connection = {"base_url": "http://gpud", "transport": httpx.AsyncHTTPTransport(
-                uds=self.url.removeprefix("unix://"), verify=False)}
+            connection = {
+                "base_url": "http://gpud",
+                "transport": httpx.AsyncHTTPTransport(
+                    uds=self.url.removeprefix("unix://"), verify=False
+                ),
+            }
         self._http = httpx.AsyncClient(timeout=timeout, headers=_headers(token), **connection)
 
     async def __aenter__(self) -> Self:
@@ -826,8 +873,7 @@ class AsyncClient(_Base):
         return await self._do(_Call("POST", f"/jobs/{job_id}/suspend", JobInfo))
 
     async def resume(self, job_id: int) -> JobInfo:
-        return await self._do(_Call("POST", f"/jobs/{job_id}/resume", JobInfo,
-                                    read_timeout=30.0))
+        return await self._do(_Call("POST", f"/jobs/{job_id}/resume", JobInfo, read_timeout=30.0))
 
     async def gpus(self) -> GpuList:
         return await self._do(_Call("GET", "/gpus", GpuList))
@@ -835,10 +881,17 @@ class AsyncClient(_Base):
     async def whoami(self) -> WhoAmI:
         return await self._do(_Call("GET", "/whoami", WhoAmI))
 
-    async def usage(self, *, since: float | None = None, until: float | None = None,
-                    user: str | None = None, by: str = "user") -> UsageReport:
-        return await self._do(_Call("GET", "/usage", UsageReport,
-                                    _usage_params(since, until, user, by)))
+    async def usage(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        user: str | None = None,
+        by: str = "user",
+    ) -> UsageReport:
+        return await self._do(
+            _Call("GET", "/usage", UsageReport, _usage_params(since, until, user, by))
+        )
 
     async def images(self) -> ImageList:
         return await self._do(_Call("GET", "/images", ImageList))
@@ -848,6 +901,7 @@ class AsyncClient(_Base):
 
     async def remove_snapshot(self, snapshot_id: int) -> SnapshotInfo:
         return await self._do(_Call("DELETE", f"/snapshots/{snapshot_id}", SnapshotInfo))
+
     async def gpu_history(self, since: float | None = None) -> GpuHistory:
         return await self._do(_history_call(since))
 
@@ -863,13 +917,14 @@ class AsyncClient(_Base):
         return await self._do(_Call("GET", f"/jobs/{job_id}/outcome", JobOutcome))
 
     async def batch(self, batch_id: int, *, jobs: bool = False) -> BatchInfo:
-        return await self._do(_Call("GET", f"/batches/{batch_id}", BatchInfo,
-                                    {"jobs": _bool(jobs)}))
+        return await self._do(
+            _Call("GET", f"/batches/{batch_id}", BatchInfo, {"jobs": _bool(jobs)})
+        )
 
     async def cancel_batch(self, batch_id: int) -> BatchInfo:
-        return await self._do(_Call("POST", f"/batches/{batch_id}/cancel", BatchInfo,
-                                    read_timeout=None))
-
+        return await self._do(
+            _Call("POST", f"/batches/{batch_id}/cancel", BatchInfo, read_timeout=None)
+        )
 
     async def gc(self, *, dry_run: bool = False) -> GcReport:
         return await self._do(_gc_call(dry_run))

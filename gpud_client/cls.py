@@ -77,16 +77,26 @@ class ClsProxy:
         self._cls = cls
         self._make_function = make_function  # (fn, name, anchor) -> Function
         #: ((name, snap), ...) in definition order
-        self._enter = tuple((name, bool(getattr(attr, _ENTER).get("snap")))
-                            for name, attr in vars(cls).items()
-                            if callable(attr) and hasattr(attr, _ENTER))
-        self._exit = tuple(name for name, attr in vars(cls).items()
-                           if callable(attr) and getattr(attr, _EXIT, False))
-        self._methods = {name for name, attr in vars(cls).items()
-                         if callable(attr) and getattr(attr, _METHOD, False)}
+        self._enter = tuple(
+            (name, bool(getattr(attr, _ENTER).get("snap")))
+            for name, attr in vars(cls).items()
+            if callable(attr) and hasattr(attr, _ENTER)
+        )
+        self._exit = tuple(
+            name
+            for name, attr in vars(cls).items()
+            if callable(attr) and getattr(attr, _EXIT, False)
+        )
+        self._methods = {
+            name
+            for name, attr in vars(cls).items()
+            if callable(attr) and getattr(attr, _METHOD, False)
+        }
         if not self._methods:
-            raise TypeError(f"@app.cls {cls.__qualname__} has no @gpud.method(): mark the "
-                            "methods to call remotely")
+            raise TypeError(
+                f"@app.cls {cls.__qualname__} has no @gpud.method(): mark the "
+                "methods to call remotely"
+            )
         self.__doc__ = cls.__doc__
         self.__name__ = cls.__name__
         self.__qualname__ = cls.__qualname__
@@ -114,8 +124,11 @@ class _RemoteInstance:
         proxy = self._proxy
         if name not in proxy._methods:
             known = ", ".join(sorted(proxy._methods))
-            raise AttributeError(f"{proxy._cls.__qualname__}.{name} is not a @gpud.method() "
-                                 f"(remote methods: {known})")
-        call = make_method_call(proxy._cls, name, proxy._enter, self._args, self._kwargs,
-                                proxy._exit)
+            raise AttributeError(
+                f"{proxy._cls.__qualname__}.{name} is not a @gpud.method() "
+                f"(remote methods: {known})"
+            )
+        call = make_method_call(
+            proxy._cls, name, proxy._enter, self._args, self._kwargs, proxy._exit
+        )
         return proxy._make_function(call, f"{proxy._cls.__qualname__}.{name}", proxy._cls)

@@ -17,8 +17,12 @@ GPUD_PICKLE_BY_VALUE = True
 
 
 def make_method_call(
-    cls: type, method: str, enter: tuple[tuple[str, bool], ...], args: tuple[Any, ...],
-    kwargs: dict[str, Any], exits: tuple[str, ...] = (),
+    cls: type,
+    method: str,
+    enter: tuple[tuple[str, bool], ...],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    exits: tuple[str, ...] = (),
 ) -> Any:
     """``enter`` is ((name, snap), ...) in definition order. The ``snap=True`` ones run in
     ``__gpud_snap__``, which a snapshot-taking worker calls before its checkpoint (so

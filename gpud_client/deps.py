@@ -78,8 +78,9 @@ def job_ids(after: Any) -> tuple[int, ...]:
         try:
             items: Iterable[Any] = [int(p) for p in after.replace(" ", "").split(",") if p]
         except ValueError:
-            raise ValueError(f"after={after!r}: write job ids separated by commas, "
-                             "e.g. '41,42'") from None
+            raise ValueError(
+                f"after={after!r}: write job ids separated by commas, e.g. '41,42'"
+            ) from None
     elif isinstance(after, Iterable):
         items = after
     else:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = [
-    "parse_size","format_duration", "parse_duration"]
+__all__ = ["parse_size", "format_duration", "parse_duration"]
 
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 _ORDER = "dhms"

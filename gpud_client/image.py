@@ -69,15 +69,15 @@ class Image:
         return cls(ImageSpec(base=name.strip()), {})
 
     @classmethod
-    def from_requirements(cls, path: str | os.PathLike[str], *,
-                          base: str = "") -> Image:
+    def from_requirements(cls, path: str | os.PathLike[str], *, base: str = "") -> Image:
         """``base`` (default: the daemon's default image) plus ``pip install -r path``."""
         start = cls.base(base) if base else cls(ImageSpec(base=""), {})
         return start.pip_install_requirements(path)
 
     @classmethod
-    def from_containerfile(cls, path: str | os.PathLike[str], *,
-                           context: str | os.PathLike[str] | None = None) -> Image:
+    def from_containerfile(
+        cls, path: str | os.PathLike[str], *, context: str | os.PathLike[str] | None = None
+    ) -> Image:
         """Build from your own Containerfile (its directory is the build context unless
         ``context`` says otherwise). Steps added after it run on top of its last stage."""
         p = Path(path)
@@ -95,8 +95,9 @@ class Image:
 
     # -- steps -------------------------------------------------------------------------
 
-    def pip_install(self, *packages: str, find_links: str | os.PathLike[str] | None = None,
-                    index: bool = True) -> Image:
+    def pip_install(
+        self, *packages: str, find_links: str | os.PathLike[str] | None = None, index: bool = True
+    ) -> Image:
         """``pip install`` these requirement specifiers (``"numpy==2.*"``). ``find_links``:
         a local directory of wheels, sent with the definition; ``index=False``: only
         those (no package index at all)."""
@@ -107,17 +108,22 @@ class Image:
         links = None if find_links is None else _collect(Path(find_links), files)
         return self._with(ImageStep(op="pip", packages=pkgs, files=links, index=index), files)
 
-    def pip_install_requirements(self, path: str | os.PathLike[str], *,
-                                 find_links: str | os.PathLike[str] | None = None,
-                                 index: bool = True) -> Image:
+    def pip_install_requirements(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        find_links: str | os.PathLike[str] | None = None,
+        index: bool = True,
+    ) -> Image:
         """``pip install -r path``; the file is read now, and sent by content (its own
         ``-r``/``-c`` includes and local paths are not followed)."""
         files = dict(self._files)
         data = _read(Path(path))
         files[_sha(data)] = data
         links = None if find_links is None else _collect(Path(find_links), files)
-        return self._with(ImageStep(op="requirements", file=_sha(data), files=links,
-                                    index=index), files)
+        return self._with(
+            ImageStep(op="requirements", file=_sha(data), files=links, index=index), files
+        )
 
     def run(self, *commands: str) -> Image:
         """Shell commands, each a ``RUN`` step (as root, in the build only)."""
@@ -172,7 +178,8 @@ class Image:
             raise ValueError(
                 f"this image definition carries more than {MAX_CONTEXT_BYTES >> 20} MiB of "
                 "local files: install from a package index or a mirror instead, or mount "
-                "large data as a volume")
+                "large data as a volume"
+            )
         spec = msgspec.structs.replace(self._spec, steps=[*self._spec.steps, step])
         return Image(spec, files)
 
@@ -197,8 +204,9 @@ class Image:
 def _one_line(what: str, value: str) -> None:
     # Checked here for a clear error at definition time; the daemon checks again.
     if any(ord(ch) < 32 and ch != "\t" for ch in value) or value.rstrip().endswith("\\"):
-        raise ValueError(f"{what} must be one line without control characters or a "
-                         f"trailing backslash: {value!r}")
+        raise ValueError(
+            f"{what} must be one line without control characters or a trailing backslash: {value!r}"
+        )
 
 
 def _packages(packages: Iterable[str]) -> list[str]:
@@ -207,8 +215,10 @@ def _packages(packages: Iterable[str]) -> list[str]:
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"pip_install takes requirement strings, not {p!r}")
         if p.strip().startswith("-"):
-            raise ValueError(f"{p!r} looks like a pip option: use find_links= or index=, "
-                             "or .run(...) for anything else")
+            raise ValueError(
+                f"{p!r} looks like a pip option: use find_links= or index=, "
+                "or .run(...) for anything else"
+            )
         _one_line("a package", p)
         out.append(p.strip())
     return out
@@ -244,6 +254,11 @@ def _collect(root: Path, files: dict[str, bytes]) -> list[FileRef]:
             data = _read(p)
             sha = _sha(data)
             files[sha] = data
-            refs.append(FileRef(path=p.relative_to(root).as_posix(), sha256=sha,
-                                executable=bool(st.st_mode & 0o111)))
+            refs.append(
+                FileRef(
+                    path=p.relative_to(root).as_posix(),
+                    sha256=sha,
+                    executable=bool(st.st_mode & 0o111),
+                )
+            )
     return refs

@@ -32,8 +32,9 @@ class ImageBuildFailed(GpudError):
         self.tail = tail
 
 
-def ensure_image(client: Client, image: Image, *, out: IO[str] | None = None,
-                 python: str | None = None) -> ImageBuildEvent:
+def ensure_image(
+    client: Client, image: Image, *, out: IO[str] | None = None, python: str | None = None
+) -> ImageBuildEvent:
     """The image of this definition, built by the daemon if it has to be. Returns the
     ``done`` event (``name``: the image to submit with)."""
     python = python or platform.python_version()
@@ -47,8 +48,7 @@ def ensure_image(client: Client, image: Image, *, out: IO[str] | None = None,
     return _follow(client, request, out)
 
 
-def _follow(client: Client, request: ImageBuildRequest,
-                   out: IO[str] | None) -> ImageBuildEvent:
+def _follow(client: Client, request: ImageBuildRequest, out: IO[str] | None) -> ImageBuildEvent:
     out = out if out is not None else sys.stderr
     from rich.console import Console
 
@@ -72,8 +72,10 @@ def _follow(client: Client, request: ImageBuildRequest,
         if status is not None:
             status.stop()
     if done is None or not done.name:
-        raise GpudError("the daemon ended the image build without saying how it went: "
-                        "see its log, and try again")
+        raise GpudError(
+            "the daemon ended the image build without saying how it went: "
+            "see its log, and try again"
+        )
     if not done.cached:
         console.print(f"gpud: built image {done.name} (Python {done.python})")
     return done

@@ -135,8 +135,12 @@ def install_runtime(base: Path) -> Path:
         # read and hash its source at every import. Not the launcher: a script is never
         # loaded from a .pyc.
         compiled = compileall.compile_dir(
-            tmp, quiet=2, workers=1, rx=_LAUNCHER_RX,
-            invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+            tmp,
+            quiet=2,
+            workers=1,
+            rx=_LAUNCHER_RX,
+            invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP,
+        )
         if not compiled:
             raise OSError(f"could not compile the worker runtime in {tmp}")
         for path in tmp.rglob("*"):

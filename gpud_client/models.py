@@ -60,11 +60,17 @@ API_PREFIX = "/v1"
 
 #: A client-made key for one submit (docs/api.md): 8 to 128 letters, digits, "-", "_",
 #: "." or ":", e.g. a random UUID. A retry with the same key gets the first try's jobs.
-IdempotencyKey = Annotated[str, msgspec.Meta(
-    min_length=8, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
-    description="a key the client makes up for this submit (e.g. a random UUID); a retry "
-                "with the same key, by the same user, within 24 h gets the jobs of the "
-                "first try instead of new ones")]
+IdempotencyKey = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=8,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="a key the client makes up for this submit (e.g. a random UUID); a retry "
+        "with the same key, by the same user, within 24 h gets the jobs of the "
+        "first try instead of new ones",
+    ),
+]
 
 # The ranges the daemon accepts, declared once here: msgspec enforces them while it decodes
 # a body, the OpenAPI document (gpud.api.openapi) is generated from them, and the daemon's
@@ -81,8 +87,9 @@ MAX_SECONDS = 10 * 365 * 86400.0
 MAX_RETRIES = 20
 
 Name = Annotated[str, Meta(min_length=1, max_length=512, description="display name")]
-PythonVersion = Annotated[str, Meta(min_length=1, max_length=64,
-                                    description='the caller\'s Python, e.g. "3.11.7"')]
+PythonVersion = Annotated[
+    str, Meta(min_length=1, max_length=64, description='the caller\'s Python, e.g. "3.11.7"')
+]
 Timeout = Annotated[float, Meta(gt=0, le=MAX_SECONDS, description="seconds")]
 Retries = Annotated[int, Meta(ge=0, le=MAX_RETRIES)]
 Priority = Annotated[int, Meta(ge=-1000, le=1000, description="higher runs first")]
@@ -95,18 +102,40 @@ KeepWarm = Annotated[float, Meta(ge=0, le=MAX_SECONDS, description="seconds")]
 #: Early warning and stop grace (#14): seconds; the signal by name ("SIGUSR1", "USR2").
 SignalBefore = Annotated[float, Meta(gt=0, le=MAX_SECONDS, description="seconds")]
 Grace = Annotated[float, Meta(ge=0, le=MAX_SECONDS, description="seconds")]
-SignalName = Annotated[str, Meta(min_length=1, max_length=16, pattern="^[A-Za-z0-9+-]+$",
-                                 description="a signal name, e.g. SIGUSR1")]
+SignalName = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=16,
+        pattern="^[A-Za-z0-9+-]+$",
+        description="a signal name, e.g. SIGUSR1",
+    ),
+]
 Inputs = Annotated[list[bytes], Meta(min_length=1, max_length=MAX_BATCH)]
-MaxConcurrency = Annotated[int, Meta(ge=1, le=MAX_BATCH,
-                                     description="at most this many of the batch's jobs run "
-                                                 "at once")]
+MaxConcurrency = Annotated[
+    int, Meta(ge=1, le=MAX_BATCH, description="at most this many of the batch's jobs run at once")
+]
 JobId = Annotated[int, Meta(ge=1, le=MAX_ID)]
-After = Annotated[list[JobId], Meta(max_length=1000, description=(
-    "ids of your own jobs this one starts after (#14): when all have succeeded, or "
-    "with after_any when all have ended"))]
-NotifyUrl = Annotated[str, Meta(min_length=1, max_length=2048, description=(
-    "a webhook URL POSTed to when the job ends (if the daemon's admin allows its host)"))]
+After = Annotated[
+    list[JobId],
+    Meta(
+        max_length=1000,
+        description=(
+            "ids of your own jobs this one starts after (#14): when all have succeeded, or "
+            "with after_any when all have ended"
+        ),
+    ),
+]
+NotifyUrl = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=2048,
+        description=(
+            "a webhook URL POSTed to when the job ends (if the daemon's admin allows its host)"
+        ),
+    ),
+]
 NotifyState = Literal["succeeded", "failed", "cancelled", "timed_out", "lost"]
 
 #: Results up to this size travel inline in ``/v1/jobs/run``, ``/v1/jobs/{id}/stream`` and
@@ -454,6 +483,8 @@ class ImageBuildEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     python: str | None = None  # done: the image's Python
     detail: str | None = None  # error: what went wrong and what to do
     tail: list[str] = []  # error: the last lines of the build log
+
+
 class GpuSeries(msgspec.Struct, kw_only=True):
     """One GPU's recent readings, oldest first, as three columns of equal length."""
 
@@ -618,6 +649,8 @@ class BatchInfo(msgspec.Struct, kw_only=True):
     done: int  # jobs that are final
     #: the jobs' ids in input order, with ``?jobs=true``
     job_ids: list[int] | None = None
+
+
 class GcRequest(_Request):
     """``POST /v1/admin/gc``: apply the daemon's retention settings now."""
 

@@ -27,8 +27,10 @@ def parse_states(states: str | Sequence[str]) -> tuple[str, ...]:
                 out.extend(FINAL_STATES)
             continue
         if name not in FINAL_STATES:
-            raise ValueError(f"notify_on: {s!r} is not a final state; use some of "
-                             f"{', '.join(FINAL_STATES)} (or 'all')")
+            raise ValueError(
+                f"notify_on: {s!r} is not a final state; use some of "
+                f"{', '.join(FINAL_STATES)} (or 'all')"
+            )
         out.append(name)
     if not out:
         raise ValueError("notify_on names no state: use some of " + ", ".join(FINAL_STATES))
@@ -36,8 +38,8 @@ def parse_states(states: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def notify_options(notify: str | None, notify_on: Any) -> dict[str, Any]:
-    if notify is not None and (not isinstance(notify, str)
-                               or not notify.startswith(("http://", "https://"))):
+    if notify is not None and (
+        not isinstance(notify, str) or not notify.startswith(("http://", "https://"))
+    ):
         raise ValueError(f"notify must be a webhook URL (http:// or https://), not {notify!r}")
-    return {"notify": notify,
-            "notify_on": None if notify_on is None else parse_states(notify_on)}
+    return {"notify": notify, "notify_on": None if notify_on is None else parse_states(notify_on)}

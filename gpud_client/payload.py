@@ -110,8 +110,11 @@ def by_value_modules(fn: Callable[..., Any]) -> list[ModuleType]:
     modules: list[ModuleType] = []
     name = getattr(fn, "__module__", None) or "__main__"
     module = sys.modules.get(name)
-    if module is not None and name != "__main__" and (
-            not _is_own(name) or getattr(module, "GPUD_PICKLE_BY_VALUE", False)):
+    if (
+        module is not None
+        and name != "__main__"
+        and (not _is_own(name) or getattr(module, "GPUD_PICKLE_BY_VALUE", False))
+    ):
         modules.append(module)
     root = _project_root(module)
     excluded = _excluded_roots()
@@ -135,8 +138,7 @@ def by_value_modules(fn: Callable[..., Any]) -> list[ModuleType]:
 _seen: dict[str, dict[str, tuple[ModuleType, bool]]] = {}
 
 
-def _from_project(mod_name: str, mod: ModuleType, root: str,
-                  excluded: tuple[str, ...]) -> bool:
+def _from_project(mod_name: str, mod: ModuleType, root: str, excluded: tuple[str, ...]) -> bool:
     if _is_own(mod_name):
         return False
     file = getattr(mod, "__file__", None)

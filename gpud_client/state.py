@@ -17,7 +17,9 @@ def state_dir() -> Path:
     Outside a gpud job it raises RuntimeError (there is none to keep state for)."""
     value = os.environ.get("GPUD_STATE_DIR")
     if not value:
-        raise RuntimeError("gpud.state_dir() is for code running as a gpud job "
-                           "($GPUD_STATE_DIR is not set here); run the function with "
-                           ".remote() or .spawn()")
+        raise RuntimeError(
+            "gpud.state_dir() is for code running as a gpud job "
+            "($GPUD_STATE_DIR is not set here); run the function with "
+            ".remote() or .spawn()"
+        )
     return Path(value)

@@ -86,8 +86,9 @@ class Response:
     """A status, headers and a body read whole (``content``) or as it comes (``iter_*``).
     The attributes the shared error mapping reads are those of httpx.Response."""
 
-    def __init__(self, transport: Transport, conn: http.client.HTTPConnection,
-                 raw: http.client.HTTPResponse) -> None:
+    def __init__(
+        self, transport: Transport, conn: http.client.HTTPConnection, raw: http.client.HTTPResponse
+    ) -> None:
         self._transport = transport
         self._conn: http.client.HTTPConnection | None = conn
         self._raw = raw
@@ -150,8 +151,7 @@ class _mapped:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: object) -> None:
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
         if e is None or isinstance(e, TransportError):
             return
         if isinstance(e, TimeoutError):
@@ -197,8 +197,9 @@ class Transport:
 
                 # One context a client: making one loads the CA bundle (~25 ms).
                 self._tls = ssl.create_default_context()
-            return http.client.HTTPSConnection(self._netloc, timeout=connect_timeout,
-                                               context=self._tls)
+            return http.client.HTTPSConnection(
+                self._netloc, timeout=connect_timeout, context=self._tls
+            )
         return http.client.HTTPConnection(self._netloc, timeout=connect_timeout)
 
     def _take(self) -> http.client.HTTPConnection | None:
@@ -240,10 +241,18 @@ class Transport:
             self._busy.add(conn)
         return conn
 
-    def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
-                body: bytes | None = None, headers: dict[str, str] | None = None,
-                connect_timeout: float | None, read_timeout: float | None,
-                stream: bool = False) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        connect_timeout: float | None,
+        read_timeout: float | None,
+        stream: bool = False,
+    ) -> Response:
         """Send one request; the answer whole, or (``stream``) with its body unread: the
         caller reads it and closes the Response."""
         target = self._prefix + path + (f"?{urlencode(params)}" if params else "")
@@ -253,20 +262,35 @@ class Transport:
         reused = self._take()
         if reused is not None and method == "GET":
             try:
-                return self._exchange(reused, method, target, body, all_headers,
-                                      read_timeout, stream)
+                return self._exchange(
+                    reused, method, target, body, all_headers, read_timeout, stream
+                )
             except RemoteProtocolError as e:
                 # A keep-alive connection the daemon closed just as it was taken (its
                 # idle timeout): nothing was answered, and a GET is safe to send again.
                 if not isinstance(e.__cause__, OSError | http.client.RemoteDisconnected):
                     raise
         conn = reused if reused is not None and method != "GET" else None
-        return self._exchange(conn or self._connect(connect_timeout), method, target, body,
-                              all_headers, read_timeout, stream)
+        return self._exchange(
+            conn or self._connect(connect_timeout),
+            method,
+            target,
+            body,
+            all_headers,
+            read_timeout,
+            stream,
+        )
 
-    def _exchange(self, conn: http.client.HTTPConnection, method: str, target: str,
-                  body: bytes | None, headers: dict[str, str], read_timeout: float | None,
-                  stream: bool) -> Response:
+    def _exchange(
+        self,
+        conn: http.client.HTTPConnection,
+        method: str,
+        target: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        read_timeout: float | None,
+        stream: bool,
+    ) -> Response:
         try:
             assert conn.sock is not None
             conn.sock.settimeout(read_timeout)

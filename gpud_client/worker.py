@@ -100,8 +100,9 @@ class Inline:
     """A warm task's payload, sent over the hub instead of through job.json,
     function.pkl and args.pkl (#12); ``started`` and ``status`` go back with the answer."""
 
-    def __init__(self, job: Any, function: bytes, args: bytes,
-                 result_max: int | None = None) -> None:
+    def __init__(
+        self, job: Any, function: bytes, args: bytes, result_max: int | None = None
+    ) -> None:
         self.job, self.function, self.args = job, function, args
         self.started: float | None = None
         self.status: bytes | None = None
@@ -230,8 +231,11 @@ def _load(cloudpickle: ModuleType, path: str) -> Any:
 
 
 def _run(
-    cloudpickle: ModuleType, jobdir: str, job: dict[str, Any],
-    fn_cache: dict[str, Any] | None = None, inline: Inline | None = None,
+    cloudpickle: ModuleType,
+    jobdir: str,
+    job: dict[str, Any],
+    fn_cache: dict[str, Any] | None = None,
+    inline: Inline | None = None,
 ) -> tuple[Outcome, int]:
     name = job["name"]
     try:
@@ -271,8 +275,9 @@ def _run(
     return {"ok": True, "value": value}, EXIT_OK
 
 
-def _resolve_results(cloudpickle: ModuleType, jobdir: str, args: Any,
-                     kwargs: Any) -> tuple[Any, Any]:
+def _resolve_results(
+    cloudpickle: ModuleType, jobdir: str, args: Any, kwargs: Any
+) -> tuple[Any, Any]:
     """Replace ``gpud.result_of(job)`` placeholders (in the arguments, and in lists,
     tuples and dicts inside them, 4 levels deep) by that job's return value (#14)."""
     values: dict[int, Any] = {}
@@ -285,12 +290,14 @@ def _resolve_results(cloudpickle: ModuleType, jobdir: str, args: Any,
             except FileNotFoundError:
                 raise LookupError(
                     f"gpud.result_of({job_id}): job {job_id} left no result for this job "
-                    f"(name it in after=, and let it succeed)") from None
+                    f"(name it in after=, and let it succeed)"
+                ) from None
             if not outcome.get("ok"):
                 raise RuntimeError(
                     f"gpud.result_of({job_id}): job {job_id} failed "
                     f"({outcome.get('type')}: {outcome.get('message')}), so it has no value "
-                    "to pass on")
+                    "to pass on"
+                )
             values[job_id] = outcome["value"]
         return values[job_id]
 
@@ -349,8 +356,7 @@ def _mark_user_start(jobdir: str) -> None:
     it LOST, as it did before whenever the rename (never synced: no fsync of the
     directory) had not reached the disk."""
     with contextlib.suppress(OSError):
-        _write_atomic(os.path.join(jobdir, STARTED_FILE), repr(time.time()).encode(),
-                      sync=False)
+        _write_atomic(os.path.join(jobdir, STARTED_FILE), repr(time.time()).encode(), sync=False)
 
 
 def _skip_worker_frame(exc: BaseException) -> BaseException:
@@ -450,8 +456,9 @@ def _redirect_output(path: str | None) -> None:
     os.close(fd)
 
 
-def run_job(jobdir: str, fn_cache: dict[str, Any] | None = None,
-            inline: Inline | None = None) -> int:
+def run_job(
+    jobdir: str, fn_cache: dict[str, Any] | None = None, inline: Inline | None = None
+) -> int:
     """Run the job in ``jobdir`` to its end: result files written, exit code returned.
     ``inline``: the job and its payload came over the hub, not as files."""
     try:
@@ -462,8 +469,9 @@ def run_job(jobdir: str, fn_cache: dict[str, Any] | None = None,
         _say(str(e))
         return EXIT_SETUP
     except ImportError as e:
-        _say(f"cannot import cloudpickle (from the job's environment, or the runtime "
-             f"directory): {e}")
+        _say(
+            f"cannot import cloudpickle (from the job's environment, or the runtime directory): {e}"
+        )
         return EXIT_SETUP
 
     _early_warning()
@@ -591,8 +599,14 @@ def _write_unacked(unacked: dict[Any, tuple[str, bytes, bytes]]) -> None:
     unacked.clear()
 
 
-def _serve_loop(hub: str, sock: Any, reader: Any, devnull: int, fn_cache: dict[str, Any],
-                unacked: dict[Any, tuple[str, bytes, bytes]]) -> int:
+def _serve_loop(
+    hub: str,
+    sock: Any,
+    reader: Any,
+    devnull: int,
+    fn_cache: dict[str, Any],
+    unacked: dict[Any, tuple[str, bytes, bytes]],
+) -> int:
     start_dir = os.getcwd()
     while True:
         try:
@@ -677,15 +691,19 @@ def _read_inline(reader: Any, task: dict[str, Any]) -> Inline | None:
     """A task with ``"payload": [n_function, n_args]`` is followed on the connection by
     that many bytes of the function's pickle, then of the arguments'."""
     sizes = task.get("payload")
-    if not (isinstance(sizes, list) and len(sizes) == 2
-            and all(isinstance(n, int) and n >= 0 for n in sizes)):
+    if not (
+        isinstance(sizes, list)
+        and len(sizes) == 2
+        and all(isinstance(n, int) and n >= 0 for n in sizes)
+    ):
         return None
     function, args = reader.read(sizes[0]), reader.read(sizes[1])
     if len(function) != sizes[0] or len(args) != sizes[1]:
         raise EOFError("the daemon hung up in the middle of a task")
     limit = task.get("result_max")
-    return Inline(task.get("job"), function, args,
-                  limit if isinstance(limit, int) and limit >= 0 else None)
+    return Inline(
+        task.get("job"), function, args, limit if isinstance(limit, int) and limit >= 0 else None
+    )
 
 
 def _runtime_last() -> None:
@@ -746,8 +764,10 @@ def _early_warning() -> None:
 
     def note(signum: int, frame: object) -> None:
         before = os.environ.get("GPUD_SIGNAL_BEFORE", "?")
-        _say(f"{name}: this job's timeout is {before} s away; it will then get SIGTERM. "
-             f"Save what it needs to $GPUD_STATE_DIR (set a handler for {name} to act on it)")
+        _say(
+            f"{name}: this job's timeout is {before} s away; it will then get SIGTERM. "
+            f"Save what it needs to $GPUD_STATE_DIR (set a handler for {name} to act on it)"
+        )
 
     note._gpud_note = True  # type: ignore[attr-defined]
     with contextlib.suppress(ValueError, OSError):

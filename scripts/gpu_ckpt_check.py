@@ -40,7 +40,7 @@ GIB = 1024**3
 #: GB/s per lane after line encoding (8b/10b for gen 1-2, 128b/130b for 3-5, FLIT for 6).
 PCIE_LANE_GBS = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 
-CHILD = r'''
+CHILD = r"""
 import ctypes, os, sys, zlib
 gib = float(sys.argv[1])
 size = int(gib * 2**30) // (256 * 2**20) * (256 * 2**20)
@@ -97,7 +97,7 @@ for line in sys.stdin:
         print("CHECKSUM", checksum(), flush=True)
     elif line.strip() == "EXIT":
         break
-'''
+"""
 
 
 class Report:
@@ -198,8 +198,12 @@ def main() -> int:  # noqa: C901 - one straight script, step by step
         return 1
     assert ck is not None
 
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.gib)], text=True,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(args.gib)],
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     plain = subprocess.Popen(["sleep", "600"])
     try:
         t0 = time.monotonic()
@@ -209,8 +213,11 @@ def main() -> int:  # noqa: C901 - one straight script, step by step
             return 1
         _, pid_s, size_s, sum_s, how = line.split(" ", 4)
         pid, size, checksum0 = int(pid_s), int(size_s), int(sum_s)
-        rep.check(pid == child.pid, f"child {pid} holds {size / GIB:.1f} GiB on the GPU via "
-                  f"{how} (ready in {time.monotonic() - t0:.1f} s)")
+        rep.check(
+            pid == child.pid,
+            f"child {pid} holds {size / GIB:.1f} GiB on the GPU via "
+            f"{how} (ready in {time.monotonic() - t0:.1f} s)",
+        )
 
         # Which GPU it is on, from NVML's process lists.
         handle, uuid = None, None
@@ -227,13 +234,18 @@ def main() -> int:  # noqa: C901 - one straight script, step by step
             width = pynvml.nvmlDeviceGetMaxPcieLinkWidth(handle)
         except pynvml.NVMLError:
             gen, width = 0, 0
-        rep.info(f"GPU {uuid}; PCIe max link gen {gen} x{width}: "
-                 f"{PCIE_LANE_GBS.get(gen, 0) * width:.1f} GB/s per direction")
+        rep.info(
+            f"GPU {uuid}; PCIe max link gen {gen} x{width}: "
+            f"{PCIE_LANE_GBS.get(gen, 0) * width:.1f} GB/s per direction"
+        )
 
         def used() -> tuple[float, float | None]:
             dev = pynvml.nvmlDeviceGetMemoryInfo(handle).used / GIB
-            mine = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-                    if int(p.pid) == pid and p.usedGpuMemory is not None]
+            mine = [
+                p.usedGpuMemory
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                if int(p.pid) == pid and p.usedGpuMemory is not None
+            ]
             return dev, (sum(mine) / GIB if mine else None)
 
         def gbs(nbytes: float, seconds: float) -> str:
@@ -251,13 +263,17 @@ def main() -> int:  # noqa: C901 - one straight script, step by step
             move = parked.seconds - parked.lock_seconds
             est = parked.bytes or size
             lock_ms = parked.lock_seconds * 1e3
-            rep.check(st is ProcessState.CHECKPOINTED,
-                      f"round {r}: parked in {parked.seconds:.2f} s (lock {lock_ms:.1f} ms); "
-                      f"size estimate (NVML) {est / GIB:.2f} GiB; {gbs(est, move)}")
+            rep.check(
+                st is ProcessState.CHECKPOINTED,
+                f"round {r}: parked in {parked.seconds:.2f} s (lock {lock_ms:.1f} ms); "
+                f"size estimate (NVML) {est / GIB:.2f} GiB; {gbs(est, move)}",
+            )
             freed = dev0 - dev1
-            rep.check(freed >= 0.9 * size / GIB and not mine1,
-                      f"round {r}: NVML shows the GPU memory freed: device used {dev0:.2f} -> "
-                      f"{dev1:.2f} GiB (-{freed:.2f}); the child's {mine0} -> {mine1} GiB")
+            rep.check(
+                freed >= 0.9 * size / GIB and not mine1,
+                f"round {r}: NVML shows the GPU memory freed: device used {dev0:.2f} -> "
+                f"{dev1:.2f} GiB (-{freed:.2f}); the child's {mine0} -> {mine1} GiB",
+            )
             if r == 1:
                 try:
                     assert isinstance(ck.driver, LibCuda)
@@ -276,22 +292,35 @@ def main() -> int:  # noqa: C901 - one straight script, step by step
                     back = ck.unpark(pid)
             dev2, mine2 = used()
             st = ck.state(pid)
-            rep.check(st is ProcessState.RUNNING,
-                      f"round {r}: unparked in {back.seconds:.2f} s"
-                      f"{' (identity GPU map)' if gpu_map else ''}; {gbs(est, back.seconds)}; "
-                      f"device used {dev2:.2f} GiB, the child's {mine2} GiB")
+            rep.check(
+                st is ProcessState.RUNNING,
+                f"round {r}: unparked in {back.seconds:.2f} s"
+                f"{' (identity GPU map)' if gpu_map else ''}; {gbs(est, back.seconds)}; "
+                f"device used {dev2:.2f} GiB, the child's {mine2} GiB",
+            )
             g_out, g_in = link_out.best, link_in.best
             for name, (g, w), secs in (("park", g_out, move), ("unpark", g_in, back.seconds)):
                 limit = PCIE_LANE_GBS.get(g, 0) * w
                 if limit and secs > 0:
-                    rep.info(f"round {r} {name}: {est / secs / 1e9:.1f} GB/s = "
-                             f"{est / secs / 1e9 / limit:.0%} of PCIe gen {g} x{w} "
-                             f"({limit:.1f} GB/s, link seen during the transfer)")
-            rounds.append({"park_s": parked.seconds, "lock_s": parked.lock_seconds,
-                           "unpark_s": back.seconds, "bytes": est, "alloc_bytes": size,
-                           "freed_gib": freed, "link_park": g_out, "link_unpark": g_in,
-                           "park_gbs": est / move / 1e9 if move > 0 else None,
-                           "unpark_gbs": est / back.seconds / 1e9 if back.seconds > 0 else None})
+                    rep.info(
+                        f"round {r} {name}: {est / secs / 1e9:.1f} GB/s = "
+                        f"{est / secs / 1e9 / limit:.0%} of PCIe gen {g} x{w} "
+                        f"({limit:.1f} GB/s, link seen during the transfer)"
+                    )
+            rounds.append(
+                {
+                    "park_s": parked.seconds,
+                    "lock_s": parked.lock_seconds,
+                    "unpark_s": back.seconds,
+                    "bytes": est,
+                    "alloc_bytes": size,
+                    "freed_gib": freed,
+                    "link_park": g_out,
+                    "link_unpark": g_in,
+                    "park_gbs": est / move / 1e9 if move > 0 else None,
+                    "unpark_gbs": est / back.seconds / 1e9 if back.seconds > 0 else None,
+                }
+            )
         rep.figures["rounds"] = rounds
         rep.figures["pcie_max"] = [gen, width]
 
@@ -299,9 +328,11 @@ def main() -> int:  # noqa: C901 - one straight script, step by step
         child.stdin.write("VERIFY\n")
         child.stdin.flush()
         line = read_line(child, 60)
-        rep.check(line == f"CHECKSUM {checksum0}",
-                  f"the child's memory is intact after {args.rounds} park/unpark round(s): "
-                  f"{line} (was {checksum0})")
+        rep.check(
+            line == f"CHECKSUM {checksum0}",
+            f"the child's memory is intact after {args.rounds} park/unpark round(s): "
+            f"{line} (was {checksum0})",
+        )
 
         # For the record: what the driver says of a process without CUDA (gpud.cudackpt
         # takes some CUresults to mean "no CUDA state"; this shows which one it really is).

@@ -63,8 +63,9 @@ def model(gib: float) -> dict:
         if not loaded:
             g = torch.Generator(device="cuda")
             g.manual_seed(13)
-            _state["x"] = torch.randint(0, 1000, (int(gib * 2**30) // 8,), dtype=torch.int64,
-                                        device="cuda", generator=g)
+            _state["x"] = torch.randint(
+                0, 1000, (int(gib * 2**30) // 8,), dtype=torch.int64, device="cuda", generator=g
+            )
             torch.cuda.synchronize()
         checksum = int(_state["x"].sum().item())
         where = "cuda"
@@ -73,8 +74,13 @@ def model(gib: float) -> dict:
             _state["x"] = bytearray(os.urandom(1 << 20)) * max(1, int(gib * 1024) // 64)
         checksum = sum(_state["x"][::4096])
         where = "cpu"
-    return {"pid": os.getpid(), "checksum": checksum, "loaded_before": loaded,
-            "seconds": time.monotonic() - t0, "where": where}
+    return {
+        "pid": os.getpid(),
+        "checksum": checksum,
+        "loaded_before": loaded,
+        "seconds": time.monotonic() - t0,
+        "where": where,
+    }
 
 
 def needy(hold: float) -> dict:
@@ -142,10 +148,10 @@ def main() -> int:
     import cloudpickle
 
     cloudpickle.register_pickle_by_value(mod)  # the functions travel by value, not by import
-    warm = gpud.function(model, gpu="any", keep_warm=600, timeout=600,
-                         name="gpu-check.park_model")
-    cold = gpud.function(model, gpu="any", timeout=600, name="gpu-check.park_cold",
-                         env={"GPU_CHECK": "cold"})
+    warm = gpud.function(model, gpu="any", keep_warm=600, timeout=600, name="gpu-check.park_model")
+    cold = gpud.function(
+        model, gpu="any", timeout=600, name="gpu-check.park_cold", env={"GPU_CHECK": "cold"}
+    )
     with Client() as c:
         n_gpus = len(c.gpus().gpus)
     t0 = time.monotonic()
@@ -154,26 +160,37 @@ def main() -> int:
     first_wall = time.monotonic() - t0
     s1 = h1.status()
     index = s1.gpu_indices[0] if s1.gpu_indices else 0
-    info(f"cold call (job {h1.id}): loaded {a.gib:g} GiB on {first['where']} GPU {index} in "
-         f"{first['seconds']:.2f} s; wall {first_wall:.2f} s, startup {s1.startup}")
+    info(
+        f"cold call (job {h1.id}): loaded {a.gib:g} GiB on {first['where']} GPU {index} in "
+        f"{first['seconds']:.2f} s; wall {first_wall:.2f} s, startup {s1.startup}"
+    )
     before = gpu_used(index)
 
     # 2. a job that needs the worker's GPU: every GPU of the box.
-    hn = gpud.function(needy, gpu=f"any:{n_gpus}" if n_gpus > 1 else "any", timeout=300,
-                       name="gpu-check.park_needy").spawn(4.0)
+    hn = gpud.function(
+        needy,
+        gpu=f"any:{n_gpus}" if n_gpus > 1 else "any",
+        timeout=300,
+        name="gpu-check.park_needy",
+    ).spawn(4.0)
     with Client() as c:
         parked_ok = until(lambda: len(c.gpus().parked) == 1, left())
         parked = c.gpus().parked
-    out(parked_ok, f"the idle worker was parked for job {hn.id}: "
-        + (f"{parked[0].bytes / 2**30:.2f} GiB in host memory" if parked else "none listed"))
+    out(
+        parked_ok,
+        f"the idle worker was parked for job {hn.id}: "
+        + (f"{parked[0].bytes / 2**30:.2f} GiB in host memory" if parked else "none listed"),
+    )
     during = None
     if until(lambda: hn.status().state == "running", left()):
         time.sleep(1.0)
         during = gpu_used(index)
     if before is not None and during is not None:
-        out(during < before - a.gib * 2**30 * 0.8,
+        out(
+            during < before - a.gib * 2**30 * 0.8,
             f"NVML shows the worker's memory freed: {before / 2**30:.1f} GiB -> "
-            f"{during / 2**30:.1f} GiB used on GPU {index}")
+            f"{during / 2**30:.1f} GiB used on GPU {index}",
+        )
     got = hn.get(timeout=left())
     if got["free"] is not None:
         info(f"job {hn.id} saw {got['free'] / 2**30:.1f} of {got['total'] / 2**30:.1f} GiB free")
@@ -184,31 +201,46 @@ def main() -> int:
     third = h3.get(timeout=left())
     wall = time.monotonic() - t0
     s3 = h3.status()
-    out(s3.start_kind == "unparked" and third["pid"] == first["pid"] and third["loaded_before"],
+    out(
+        s3.start_kind == "unparked" and third["pid"] == first["pid"] and third["loaded_before"],
         f"the next call (job {h3.id}) unparked the same process: start_kind {s3.start_kind}, "
-        f"pid {third['pid']} (was {first['pid']})")
-    out(third["checksum"] == first["checksum"],
-        f"its tensor's checksum is intact: {third['checksum']} == {first['checksum']}")
+        f"pid {third['pid']} (was {first['pid']})",
+    )
+    out(
+        third["checksum"] == first["checksum"],
+        f"its tensor's checksum is intact: {third['checksum']} == {first['checksum']}",
+    )
     t0 = time.monotonic()
     hc = cold.spawn(a.gib)
     cold_r = hc.get(timeout=left())
     cold_wall = time.monotonic() - t0
-    out(wall < 2.0, f"unparked call: {wall:.2f} s wall (startup {s3.startup}) against a cold "
+    out(
+        wall < 2.0,
+        f"unparked call: {wall:.2f} s wall (startup {s3.startup}) against a cold "
         f"call loading the same state: {cold_wall:.2f} s (startup {hc.status().startup}, "
-        f"load {cold_r['seconds']:.2f} s): {cold_wall / max(wall, 1e-9):.1f}x")
+        f"load {cold_r['seconds']:.2f} s): {cold_wall / max(wall, 1e-9):.1f}x",
+    )
 
     # 4. the daemon's figures.
     if a.log is not None and a.log.exists():
         text = a.log.read_text(errors="replace")
         limit = pcie_gbps(index)
         for what in ("parked", "unparked"):
-            m = re.findall(rf"{what} warm worker \d+ .*?(\d+) MiB.*? in ([\d.]+) s \(([\d.]+) "
-                           r"GB/s\)", text)
+            m = re.findall(
+                rf"{what} warm worker \d+ .*?(\d+) MiB.*? in ([\d.]+) s \(([\d.]+) "
+                r"GB/s\)",
+                text,
+            )
             if m:
                 mib, secs, gbps = m[-1]
-                info(f"{what}: {int(mib) / 1024:.2f} GiB in {float(secs):.2f} s = {gbps} GB/s"
-                     + (f" ({float(gbps) / limit:.0%} of the PCIe link's {limit:.0f} GB/s)"
-                        if limit else ""))
+                info(
+                    f"{what}: {int(mib) / 1024:.2f} GiB in {float(secs):.2f} s = {gbps} GB/s"
+                    + (
+                        f" ({float(gbps) / limit:.0%} of the PCIe link's {limit:.0f} GB/s)"
+                        if limit
+                        else ""
+                    )
+                )
     return 1 if failed else 0
 
 

@@ -49,8 +49,9 @@ def low_loop(progress: str, gib: float, steps: int) -> dict:
             raise ImportError("no CUDA")
         g = torch.Generator(device="cuda")
         g.manual_seed(7)
-        x = torch.randint(0, 1000, (int(gib * 2**30) // 8,), dtype=torch.int64, device="cuda",
-                          generator=g)
+        x = torch.randint(
+            0, 1000, (int(gib * 2**30) // 8,), dtype=torch.int64, device="cuda", generator=g
+        )
         first = int(x.sum().item())
         total = 0
         for i in range(steps):
@@ -129,15 +130,19 @@ def main() -> int:
     high = high_job.spawn()
     suspended = until(lambda: low.status().state == "suspended", deadline - time.monotonic())
     st = low.status()
-    out(suspended and (st.reason or "").startswith(
-        f"suspended for job {high.id} (priority 10 > 0)"),
-        f"job {low.id} was preempted for job {high.id}: {st.state}, {st.reason!r}")
+    out(
+        suspended
+        and (st.reason or "").startswith(f"suspended for job {high.id} (priority 10 > 0)"),
+        f"job {low.id} was preempted for job {high.id}: {st.state}, {st.reason!r}",
+    )
     if suspended:
         during = gpu_used(index)
         if before is not None and during is not None:
-            out(during < before - a.gib * 2**30 * 0.5,
+            out(
+                during < before - a.gib * 2**30 * 0.5,
                 f"NVML shows the loop's memory freed: {before / 2**30:.1f} GiB -> "
-                f"{during / 2**30:.1f} GiB used on GPU {index}")
+                f"{during / 2**30:.1f} GiB used on GPU {index}",
+            )
         time.sleep(0.3)  # a step in flight when it stopped lands
         frozen = lines(progress)
         time.sleep(1.0)
@@ -145,8 +150,11 @@ def main() -> int:
     try:
         out(high_job_result(high, deadline) == sum(range(1000)), f"job {high.id} succeeded")
         v = low.get(timeout=max(1.0, deadline - time.monotonic()))
-        out(v["before"] == v["after"], f"job {low.id} resumed and finished with the right "
-            f"checksum on {v['where']}: {v['after']} == {v['before']}")
+        out(
+            v["before"] == v["after"],
+            f"job {low.id} resumed and finished with the right "
+            f"checksum on {v['where']}: {v['after']} == {v['before']}",
+        )
         out(lines(progress) == a.steps, f"it made all {a.steps} steps")
     except Exception as e:  # noqa: BLE001
         out(False, f"{type(e).__name__}: {e}")

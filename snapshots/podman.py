@@ -57,8 +57,10 @@ __all__ = [
 
 #: Container uid/gid 0 -> an unused host id; every other id -> itself.
 NS_ROOT = 3_000_000_000
-_MAP = [{"container_id": 0, "host_id": NS_ROOT, "size": 1},
-        {"container_id": 1, "host_id": 1, "size": NS_ROOT - 1}]
+_MAP = [
+    {"container_id": 0, "host_id": NS_ROOT, "size": 1},
+    {"container_id": 1, "host_id": 1, "size": NS_ROOT - 1},
+]
 SNAPSHOT_IDMAPPINGS: dict[str, Any] = {"UIDMap": _MAP, "GIDMap": _MAP}
 
 #: Where a snapshot's directory is mounted in the containers it was taken from.
@@ -82,8 +84,11 @@ def _why(response: Any, log: str | None = None) -> str:
     errors: list[str] = []
     if log:
         with contextlib.suppress(OSError), open(log, errors="replace") as fh:
-            errors = [line.split(": ", 1)[-1].strip() for line in fh
-                      if "Error (" in line and "RLIMIT_NOFILE for self" not in line]
+            errors = [
+                line.split(": ", 1)[-1].strip()
+                for line in fh
+                if "Error (" in line and "RLIMIT_NOFILE for self" not in line
+            ]
     if errors:
         return "; ".join(dict.fromkeys(errors[:3]))
     return msg.splitlines()[0][:500] if msg else f"HTTP {response.status_code}"
@@ -115,8 +120,11 @@ def checkpoint_to_dir(client: Any, container: str, dest: Path) -> int:
     """Checkpoint a running container (it keeps running) into ``dest``, which the
     container has mounted at :data:`SNAPSHOT_MOUNT`: its page files, and the archive
     that restores it. Returns the snapshot's size in bytes."""
-    r = client.api.post(f"/containers/{container}/checkpoint",
-                        params={"export": "true", "leaveRunning": "true"}, stream=True)
+    r = client.api.post(
+        f"/containers/{container}/checkpoint",
+        params={"export": "true", "leaveRunning": "true"},
+        stream=True,
+    )
     if r.status_code != 200:
         log = None
         with contextlib.suppress(Exception):
@@ -126,16 +134,19 @@ def checkpoint_to_dir(client: Any, container: str, dest: Path) -> int:
     size = 0
     small = io.BytesIO()
     try:
-        with tarfile.open(fileobj=io.BufferedReader(_Stream(r.iter_content(1 << 20))),
-                          mode="r|") as dump, tarfile.open(fileobj=small, mode="w") as out:
+        with (
+            tarfile.open(
+                fileobj=io.BufferedReader(_Stream(r.iter_content(1 << 20))), mode="r|"
+            ) as dump,
+            tarfile.open(fileobj=small, mode="w") as out,
+        ):
             for m in dump:
                 pages = _PAGES.fullmatch(m.name)
                 if pages is not None and m.isfile():
                     src = dump.extractfile(m)
                     assert src is not None
                     path = dest / pages.group(1)
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
-                                 0o600)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
                     with os.fdopen(fd, "wb") as fh:
                         shutil.copyfileobj(src, fh, 1 << 20)
                     os.chown(path, NS_ROOT, NS_ROOT)
@@ -163,10 +174,15 @@ def restore_from_dir(client: Any, src: Path, name: str) -> str:
     try:
         data = (src / ARCHIVE).read_bytes()
     except OSError:
-        raise SnapshotError("restore failed: the snapshot's files are gone (removed "
-                            f"outside gpud?): {src}") from None
-    r = client.api.post("/containers/import/restore", params={"import": "true", "name": name},
-                        data=data, headers={"Content-Type": "application/x-tar"})
+        raise SnapshotError(
+            f"restore failed: the snapshot's files are gone (removed outside gpud?): {src}"
+        ) from None
+    r = client.api.post(
+        "/containers/import/restore",
+        params={"import": "true", "name": name},
+        data=data,
+        headers={"Content-Type": "application/x-tar"},
+    )
     if r.status_code != 200:
         log = None
         with contextlib.suppress(Exception):
@@ -201,9 +217,13 @@ def kill_restore(name: str) -> int:
         except OSError:
             continue
         pid = int(entry)
-        parents[pid] = int(stat[stat.rindex(b")") + 2:].split()[1])
-        if argv and argv[0].endswith(b"conmon") and b"-n" in argv[:-1] \
-                and argv[argv.index(b"-n") + 1] == name.encode():
+        parents[pid] = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        if (
+            argv
+            and argv[0].endswith(b"conmon")
+            and b"-n" in argv[:-1]
+            and argv[argv.index(b"-n") + 1] == name.encode()
+        ):
             conmons.append(pid)
     doomed: set[int] = set()
     frontier = set(conmons)

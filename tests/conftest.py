@@ -141,7 +141,9 @@ def _finished_jobs_containers(d: DaemonProc) -> list[str]:
         for cid in containers_of(d):
             label = subprocess.run(
                 ["podman", "inspect", "--format", '{{index .Config.Labels "gpud.job"}}', cid],
-                capture_output=True, text=True).stdout.strip()
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
             try:
                 if label and led.get(int(label)).state in FINAL:
                     out.append(cid)
@@ -230,12 +232,19 @@ async def served(base_dir: Path, nursery):  # type: ignore[no-untyped-def]
     kill_instance_jobs(cfg.data_dir)
 
 
-def gpud_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
-             input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+def gpud_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, input: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real `gpud` command line."""
-    return subprocess.run(GPUD + list(args), capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=str(REPO), input=None if input is None else
-                          input.decode())
+    return subprocess.run(
+        GPUD + list(args),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=str(REPO),
+        input=None if input is None else input.decode(),
+    )
 
 
 # -- the shared box (#5): real Unix users, tokens, TCP ----------------------------------
@@ -261,8 +270,20 @@ def create_unix_user(prefix: str) -> UnixUser:
 
     name = f"gpudt_{prefix}_{secrets.token_hex(3)}"
     home = Path("/tmp") / f"{name}-home"
-    subprocess.run(["useradd", "--create-home", "--home-dir", str(home), "--shell",
-                    "/bin/sh", "--user-group", name], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "useradd",
+            "--create-home",
+            "--home-dir",
+            str(home),
+            "--shell",
+            "/bin/sh",
+            "--user-group",
+            name,
+        ],
+        check=True,
+        capture_output=True,
+    )
     pw = pwd.getpwnam(name)
     return UnixUser(name, pw.pw_uid, pw.pw_gid, home)
 

@@ -19,11 +19,18 @@ UTC = dt.UTC
 MIDNIGHT = dt.datetime(2026, 11, 28, tzinfo=UTC).timestamp()
 
 
-def att(job: int, owner: str, start: float, end: float | None, types: tuple[str, ...] = (),
-        attempt: int = 1) -> AttemptUsage:
+def att(
+    job: int,
+    owner: str,
+    start: float,
+    end: float | None,
+    types: tuple[str, ...] = (),
+    attempt: int = 1,
+) -> AttemptUsage:
     wall = None if end is None else round((end - start) * 10)
-    return AttemptUsage(job, attempt, owner, start, end, types, wall,
-                        None if wall is None else wall * len(types))
+    return AttemptUsage(
+        job, attempt, owner, start, end, types, wall, None if wall is None else wall * len(types)
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -31,8 +38,12 @@ def att(job: int, owner: str, start: float, end: float | None, types: tuple[str,
 
 
 def test_report_by_user_counts_jobs_attempts_and_gpu_time() -> None:
-    rows = [att(1, "alice", 0, 10, ("h100", "h100")), att(1, "alice", 20, 25, ("h100",), 2),
-            att(2, "bob", 0, 100, ()), att(3, "bob", 50, 60, ("l4",))]
+    rows = [
+        att(1, "alice", 0, 10, ("h100", "h100")),
+        att(1, "alice", 20, 25, ("h100",), 2),
+        att(2, "bob", 0, 100, ()),
+        att(3, "bob", 50, 60, ("l4",)),
+    ]
     r = report(rows, since=0, until=1000, by="user")
     got = [(x.key, len(x.jobs), x.attempts, x.gpu_seconds, x.wall_seconds) for x in r.lines]
     assert got == [("alice", 1, 2, 25.0, 15.0), ("bob", 2, 2, 10.0, 110.0)]
@@ -56,8 +67,10 @@ def test_report_by_gpu_type_and_cpu() -> None:
 
 
 def test_report_by_day_splits_at_midnight() -> None:
-    rows = [att(1, "a", MIDNIGHT - 3600, MIDNIGHT + 1800, ("h100", "h100")),
-            att(2, "a", MIDNIGHT + 7200, MIDNIGHT + 7260, ("h100",))]
+    rows = [
+        att(1, "a", MIDNIGHT - 3600, MIDNIGHT + 1800, ("h100", "h100")),
+        att(2, "a", MIDNIGHT + 7200, MIDNIGHT + 7260, ("h100",)),
+    ]
     r = report(rows, since=0, until=MIDNIGHT + 86400, by="day", tz=UTC)
     got = [(x.key, x.gpu_seconds, x.wall_seconds, len(x.jobs)) for x in r.lines]
     assert got == [("2026-11-27", 7200.0, 3600.0, 1), ("2026-11-28", 3660.0, 1860.0, 2)]
@@ -83,8 +96,11 @@ def _hold(seconds: float) -> dict[str, Any]:
     since_start = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
     started = time.time() - since_start
     time.sleep(seconds)
-    return {"started": started, "ended": time.time(),
-            "gpus": os.environ["CUDA_VISIBLE_DEVICES"].split(",")}
+    return {
+        "started": started,
+        "ended": time.time(),
+        "gpus": os.environ["CUDA_VISIBLE_DEVICES"].split(","),
+    }
 
 
 @pytest.mark.slow
@@ -94,8 +110,12 @@ def test_gpu_seconds_equal_each_gpus_busy_time(fresh_daemon: DaemonProc) -> None
     rng = random.Random(5)
     hold = gpud.App("accounting", url=fresh_daemon.url).function()(_hold)
     # Three fake GPUs (h100, h100, l4): jobs of one and two GPUs queue for each other.
-    handles = [hold.with_options(gpu=rng.choice(["any", "any", "any:2", "h100"])).spawn(
-        round(rng.uniform(0.3, 1.2), 2)) for _ in range(10)]
+    handles = [
+        hold.with_options(gpu=rng.choice(["any", "any", "any:2", "h100"])).spawn(
+            round(rng.uniform(0.3, 1.2), 2)
+        )
+        for _ in range(10)
+    ]
     measured = {h.id: h.get(timeout=120) for h in handles}
 
     led = Ledger(fresh_daemon.data_dir / "ledger.db")
@@ -104,7 +124,9 @@ def test_gpu_seconds_equal_each_gpus_busy_time(fresh_daemon: DaemonProc) -> None
         marks = ",".join("?" * len(jobs))
         rows = led.conn.execute(
             "SELECT job_id, gpu_uuid, started_at, ended_at, ds FROM gpu_usage "
-            f"WHERE job_id IN ({marks})", list(jobs)).fetchall()
+            f"WHERE job_id IN ({marks})",
+            list(jobs),
+        ).fetchall()
     finally:
         led.close()
 
@@ -129,15 +151,21 @@ def test_gpu_seconds_equal_each_gpus_busy_time(fresh_daemon: DaemonProc) -> None
         for u in m["gpus"]:
             busy[u] = busy.get(u, 0.0) + lifetime
             gap[u] = gap.get(u, 0.0) + launch
-        assert n * lifetime - 0.15 * n <= jobs[jid].gpu_seconds \
-            <= n * (lifetime + slack + launch) + 0.15 * n, (jid, jobs[jid].gpu_seconds, lifetime)
+        assert (
+            n * lifetime - 0.15 * n
+            <= jobs[jid].gpu_seconds
+            <= n * (lifetime + slack + launch) + 0.15 * n
+        ), (jid, jobs[jid].gpu_seconds, lifetime)
         assert lifetime - 0.15 <= jobs[jid].wall_seconds <= lifetime + slack + launch + 0.15
     # The acceptance criterion: the sum of per-job GPU-seconds equals the sum of each
     # GPU's busy time within 0.1 s per job (for a container, plus its overhead).
     total = sum(j.gpu_seconds for j in jobs.values())
     gpus_held = sum(len(m["gpus"]) for m in measured.values())
-    assert sum(busy.values()) - 0.1 * len(jobs) <= total \
+    assert (
+        sum(busy.values()) - 0.1 * len(jobs)
+        <= total
         <= sum(busy.values()) + slack * gpus_held + sum(gap.values()) + 0.1 * len(jobs)
+    )
 
     # Per GPU: the ledger's rows add up to each GPU's busy time and to the jobs' totals,
     # and never overlap.
@@ -149,8 +177,7 @@ def test_gpu_seconds_equal_each_gpus_busy_time(fresh_daemon: DaemonProc) -> None
     for uuid, spans in per_gpu.items():
         n_jobs = len(spans)
         held = sum(ds for *_, ds in spans) / 10
-        assert busy[uuid] - 0.1 * n_jobs <= held <= busy[uuid] + (slack + 0.1) * n_jobs \
-            + gap[uuid]
+        assert busy[uuid] - 0.1 * n_jobs <= held <= busy[uuid] + (slack + 0.1) * n_jobs + gap[uuid]
         spans.sort()
         for (_, e1, _), (s2, _, _) in zip(spans, spans[1:], strict=False):
             assert e1 <= s2, f"GPU {uuid} was handed to two jobs at once"

@@ -41,14 +41,23 @@ def test_user_add_list_quota_rotate_remove(fresh_daemon: DaemonProc) -> None:
     bad = admin(d, "user", "add", "no/slash")
     assert bad.returncode == EXIT["error"] and "invalid user name" in bad.stderr
 
-    out = admin(d, "quota", "set", "alice", "--gpus", "2", "--queued", "100",
-                "--max-timeout", "12h")
+    out = admin(
+        d, "quota", "set", "alice", "--gpus", "2", "--queued", "100", "--max-timeout", "12h"
+    )
     assert out.returncode == 0 and "alice: gpus 2, queued 100, max timeout 12h" in out.stderr
     admin(d, "quota", "set", "alice", "--queued", "none")
     users = json.loads(admin(d, "user", "list", "--json").stdout)
-    assert users == [{"name": "alice", "admin": False, "has_token": True,
-                      "created_at": users[0]["created_at"], "max_gpus": 2, "max_queued": None,
-                      "max_timeout": 43200.0}]
+    assert users == [
+        {
+            "name": "alice",
+            "admin": False,
+            "has_token": True,
+            "created_at": users[0]["created_at"],
+            "max_gpus": 2,
+            "max_queued": None,
+            "max_timeout": 43200.0,
+        }
+    ]
     assert "alice" in admin(d, "user", "list").stdout
     assert admin(d, "user", "set", "alice", "--admin").returncode == 0
     assert json.loads(admin(d, "user", "list", "--json").stdout)[0]["admin"] is True
@@ -93,8 +102,7 @@ def test_admin_works_before_the_daemon_first_starts(base_dir: Path) -> None:
     assert "cannot create the gpud data directory" in out.stderr
 
 
-def test_user_add_writes_the_token_file_as_the_user(fresh_daemon: DaemonProc,
-                                                    unix_users) -> None:  # type: ignore[no-untyped-def]
+def test_user_add_writes_the_token_file_as_the_user(fresh_daemon: DaemonProc, unix_users) -> None:  # type: ignore[no-untyped-def]
     alice: UnixUser = unix_users("alice")
     # A link planted where the token goes must not make root write through it.
     (alice.home / ".config").mkdir(mode=0o755)
@@ -121,8 +129,7 @@ def test_user_add_writes_the_token_file_as_the_user(fresh_daemon: DaemonProc,
     assert not path.is_symlink() and path.read_text().strip() == out.stdout.strip()
 
 
-def test_backup_while_the_daemon_runs_and_restore(fresh_daemon: DaemonProc,
-                                                  tmp_path: Path) -> None:
+def test_backup_while_the_daemon_runs_and_restore(fresh_daemon: DaemonProc, tmp_path: Path) -> None:
     d = fresh_daemon
     square = square_on(d)
     with Client(d.url) as c:

@@ -29,8 +29,9 @@ def by_value(obj: object) -> bytes:
 
 
 def submit_body(**kw: object) -> bytes:
-    req = SubmitRequest(name="t.square", function=by_value(_square),
-                        args=cloudpickle.dumps(((7,), {})), python=PY)
+    req = SubmitRequest(
+        name="t.square", function=by_value(_square), args=cloudpickle.dumps(((7,), {})), python=PY
+    )
     body = msgspec.to_builtins(req)
     body.update(kw)
     return msgspec.json.encode(body)
@@ -68,21 +69,24 @@ async def test_malformed_json_is_400(http: httpx.AsyncClient) -> None:
     assert_error(await http.post("/v1/jobs", content=b"{not json"), 400, "malformed_json")
 
 
-@pytest.mark.parametrize("body, code", [
-    (b'{"name": "x"}', "invalid_request"),
-    (submit_body(gpu="h100:0"), "invalid_gpu"),
-    (submit_body(timeout=10 ** 6), "refused"),  # above this daemon's max_timeout
-    (submit_body(timeout=10 ** 12), "invalid_timeout"),  # above any daemon's (#10)
-    (submit_body(timeout=0), "invalid_timeout"),
-    (submit_body(memory=2 ** 80), "invalid_memory"),  # was a 500 from SQLite (#10)
-    (submit_body(priority=-(2 ** 70)), "invalid_priority"),
-    (submit_body(gpu="h100:3"), "refused"),
-    (submit_body(gpu="a100"), "refused"),
-    (submit_body(python="2.7.18"), "refused"),
-    (submit_body(retries=99), "invalid_retries"),
-    (submit_body(unknown_field=1), "invalid_request"),
-    (submit_body(env={"A=B": "x"}), "invalid_env"),
-])
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (b'{"name": "x"}', "invalid_request"),
+        (submit_body(gpu="h100:0"), "invalid_gpu"),
+        (submit_body(timeout=10**6), "refused"),  # above this daemon's max_timeout
+        (submit_body(timeout=10**12), "invalid_timeout"),  # above any daemon's (#10)
+        (submit_body(timeout=0), "invalid_timeout"),
+        (submit_body(memory=2**80), "invalid_memory"),  # was a 500 from SQLite (#10)
+        (submit_body(priority=-(2**70)), "invalid_priority"),
+        (submit_body(gpu="h100:3"), "refused"),
+        (submit_body(gpu="a100"), "refused"),
+        (submit_body(python="2.7.18"), "refused"),
+        (submit_body(retries=99), "invalid_retries"),
+        (submit_body(unknown_field=1), "invalid_request"),
+        (submit_body(env={"A=B": "x"}), "invalid_env"),
+    ],
+)
 async def test_bad_submits_are_422(http: httpx.AsyncClient, body: bytes, code: str) -> None:
     detail = assert_error(await http.post("/v1/jobs", content=body), 422, code)["detail"]
     if code == "refused" and b"h100:3" in body:
@@ -101,8 +105,7 @@ async def test_oversized_body_is_413(served, http: httpx.AsyncClient) -> None:  
 
 
 async def test_unknown_job_is_404(http: httpx.AsyncClient) -> None:
-    for path in ("/v1/jobs/12345", "/v1/jobs/12345/logs", "/v1/jobs/12345/result",
-                 "/v1/jobs/abc"):
+    for path in ("/v1/jobs/12345", "/v1/jobs/12345/logs", "/v1/jobs/12345/result", "/v1/jobs/abc"):
         assert_error(await http.get(path), 404, "not_found")
     assert_error(await http.post("/v1/jobs/12345/cancel"), 404, "not_found")
 
@@ -136,9 +139,15 @@ async def test_result_of_unfinished_job_is_409(served, http: httpx.AsyncClient) 
     def _sleep(s: float) -> None:
         time.sleep(s)
 
-    body = msgspec.to_builtins(SubmitRequest(
-        name="t.sleep", function=by_value(_sleep), args=cloudpickle.dumps(((30,), {})),
-        python=PY, gpu="h100:2"))
+    body = msgspec.to_builtins(
+        SubmitRequest(
+            name="t.sleep",
+            function=by_value(_sleep),
+            args=cloudpickle.dumps(((30,), {})),
+            python=PY,
+            gpu="h100:2",
+        )
+    )
     first = (await http.post("/v1/jobs", content=msgspec.json.encode(body))).json()
     second = (await http.post("/v1/jobs", content=msgspec.json.encode(body))).json()
     assert_error(await http.get(f"/v1/jobs/{second['id']}/result"), 409, "not_finished")
@@ -195,8 +204,7 @@ async def test_cancel_right_after_submit_never_leaves_a_ghost(  # type: ignore[n
 
     with trio.fail_after(20):
         # get() answers from the daemon's memory while it holds the job: a ghost shows.
-        while any([(await served.daemon.get(i)).state not in FINAL  # noqa: ASYNC110
-                   for i in ids]):
+        while any([(await served.daemon.get(i)).state not in FINAL for i in ids]):  # noqa: ASYNC110
             await trio.sleep(0.05)
     led_states = {(await http.get(f"/v1/jobs/{i}")).json()["state"] for i in ids}
     assert led_states <= {"cancelled", "succeeded"}

@@ -36,9 +36,14 @@ def _request(fn: Any, *args: Any, gpu: str | None = None, priority: int = 0) -> 
         function = cloudpickle.dumps(fn)
     finally:
         cloudpickle.unregister_pickle_by_value(mod)
-    return SubmitRequest(name=f"watch.{fn.__name__}", function=function,
-                         args=cloudpickle.dumps((args, {})), python=PY, gpu=gpu,
-                         priority=priority)
+    return SubmitRequest(
+        name=f"watch.{fn.__name__}",
+        function=function,
+        args=cloudpickle.dumps((args, {})),
+        python=PY,
+        gpu=gpu,
+        priority=priority,
+    )
 
 
 @pytest.fixture
@@ -61,7 +66,8 @@ async def test_events_are_a_cursor_over_the_ledger(client: AsyncClient) -> None:
     job = await client.submit(_request(_sleep, 0.0))
     first = await client.events(0)
     assert [(e.job_id, e.from_state, e.to_state) for e in first.events][:1] == [
-        (job.id, None, "queued")]
+        (job.id, None, "queued")
+    ]
     assert first.cursor == first.events[-1].id and first.latest >= first.cursor
     done = await client.wait(job.id)
     assert done.state == "succeeded"
@@ -164,8 +170,15 @@ async def test_list_jobs_by_owner(client: AsyncClient) -> None:
 
 
 def _gpu(index: int, util: int, used: int = 0) -> Gpu:
-    return Gpu(index=index, uuid=f"GPU-{index}", name="X", type="h100", memory_total=100,
-               memory_used=used, utilization=util)
+    return Gpu(
+        index=index,
+        uuid=f"GPU-{index}",
+        name="X",
+        type="h100",
+        memory_total=100,
+        memory_used=used,
+        utilization=util,
+    )
 
 
 def test_history_keeps_the_window_and_returns_what_is_new() -> None:

@@ -52,8 +52,11 @@ def body(**kw: object) -> bytes:
     finally:
         cloudpickle.unregister_pickle_by_value(mod)
     seconds = kw.pop("seconds", 30.0)
-    req = msgspec.to_builtins(SubmitRequest(name="t.nap", function=fn, python=PY,
-                                            args=cloudpickle.dumps(((seconds,), {}))))
+    req = msgspec.to_builtins(
+        SubmitRequest(
+            name="t.nap", function=fn, python=PY, args=cloudpickle.dumps(((seconds,), {}))
+        )
+    )
     req.update(kw)
     return msgspec.json.encode(req)
 
@@ -67,8 +70,9 @@ def people(served_tcp, unix_users_or_names):  # type: ignore[no-untyped-def]
     """alice and bob (users) and carol (admin), with their tokens."""
     data = served_tcp.daemon.config.data_dir
     names = {who: unix_users_or_names(who) for who in ("alice", "bob", "carol")}
-    return {who: (name, add_gpud_user(data, name, admin=who == "carol"))
-            for who, name in names.items()}
+    return {
+        who: (name, add_gpud_user(data, name, admin=who == "carol")) for who, name in names.items()
+    }
 
 
 @pytest.fixture
@@ -107,17 +111,22 @@ def refused(resp: httpx.Response, status: int, code: str, *words: str) -> str:
 # Who is calling
 
 
-async def test_tcp_needs_a_token_and_a_wrong_one_is_401(tcp: httpx.AsyncClient,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+async def test_tcp_needs_a_token_and_a_wrong_one_is_401(
+    tcp: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, "gpud.api")
     assert (await tcp.get("/v1/health")).status_code == 200  # open: says nothing of jobs
     r = await tcp.get("/v1/jobs")
     refused(r, 401, "unauthenticated", "needs an API token", "gpud admin user add")
     assert r.headers["www-authenticate"].startswith("Bearer")
-    refused(await tcp.get("/v1/jobs", headers=bearer("gpud_wrong")), 401, "unauthenticated",
-            "not valid")
-    refused(await tcp.post("/v1/jobs", content=body(), headers={"authorization": "Basic eA=="}),
-            401, "unauthenticated")
+    refused(
+        await tcp.get("/v1/jobs", headers=bearer("gpud_wrong")), 401, "unauthenticated", "not valid"
+    )
+    refused(
+        await tcp.post("/v1/jobs", content=body(), headers={"authorization": "Basic eA=="}),
+        401,
+        "unauthenticated",
+    )
     assert "refused GET /v1/jobs from 127.0.0.1" in caplog.text
 
 
@@ -130,7 +139,8 @@ async def until_refused(tcp: httpx.AsyncClient, token: str) -> None:
 
 
 async def test_a_token_identifies_its_user_until_rotated_or_removed(
-        served_tcp, tcp: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]
+    served_tcp, tcp: httpx.AsyncClient
+) -> None:  # type: ignore[no-untyped-def]
     data = served_tcp.daemon.config.data_dir
     token = add_gpud_user(data, "tokenuser")
     me = (await tcp.get("/v1/whoami", headers=bearer(token))).json()
@@ -159,8 +169,7 @@ async def test_the_unix_socket_uses_peer_credentials(unix: httpx.AsyncClient) ->
         assert me["uid"] == os.geteuid()
 
 
-async def test_an_unregistered_local_user_is_refused_until_added(
-        served_tcp, unix_users) -> None:  # type: ignore[no-untyped-def]
+async def test_an_unregistered_local_user_is_refused_until_added(served_tcp, unix_users) -> None:  # type: ignore[no-untyped-def]
     dave: UnixUser = unix_users("dave")
     # In production the socket is 0660 with group gpud; here it is opened to everyone so
     # that dave can connect at all (and only the peer credentials decide).
@@ -178,9 +187,18 @@ async def test_an_unregistered_local_user_is_refused_until_added(
     """)
 
     async def as_dave() -> str:
-        r = await trio.to_thread.run_sync(lambda: subprocess.run(
-            ["/usr/bin/python3", "-c", probe], user=dave.uid, group=dave.gid, extra_groups=[],
-            capture_output=True, text=True, timeout=30, cwd="/"))
+        r = await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                ["/usr/bin/python3", "-c", probe],
+                user=dave.uid,
+                group=dave.gid,
+                extra_groups=[],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd="/",
+            )
+        )
         assert r.returncode == 0, r.stderr
         return r.stdout
 
@@ -199,8 +217,8 @@ async def test_an_unregistered_local_user_is_refused_until_added(
 
 
 async def test_users_act_only_on_their_own_jobs_admins_on_all(
-        people, tcp: httpx.AsyncClient, unix: httpx.AsyncClient,
-        caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    people, tcp: httpx.AsyncClient, unix: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
     caplog.set_level(logging.WARNING, "gpud.api")
     (alice, a_tok), (bob, b_tok), (_, c_tok) = people["alice"], people["bob"], people["carol"]
     r = await tcp.post("/v1/jobs", content=body(), headers=bearer(a_tok))
@@ -211,11 +229,20 @@ async def test_users_act_only_on_their_own_jobs_admins_on_all(
 
     # bob can neither see, wait for, read, nor cancel alice's job ...
     as_bob = bearer(b_tok)
-    for method, path in [("GET", f"/v1/jobs/{jid}"), ("GET", f"/v1/jobs/{jid}/wait?timeout=0"),
-                         ("GET", f"/v1/jobs/{jid}/logs"), ("GET", f"/v1/jobs/{jid}/result"),
-                         ("POST", f"/v1/jobs/{jid}/cancel")]:
-        detail = refused(await tcp.request(method, path, headers=as_bob), 403, "forbidden",
-                         f"job {jid} belongs to {alice}", f"{bob} may only")
+    for method, path in [
+        ("GET", f"/v1/jobs/{jid}"),
+        ("GET", f"/v1/jobs/{jid}/wait?timeout=0"),
+        ("GET", f"/v1/jobs/{jid}/logs"),
+        ("GET", f"/v1/jobs/{jid}/result"),
+        ("POST", f"/v1/jobs/{jid}/cancel"),
+    ]:
+        detail = refused(
+            await tcp.request(method, path, headers=as_bob),
+            403,
+            "forbidden",
+            f"job {jid} belongs to {alice}",
+            f"{bob} may only",
+        )
         assert "admins may act on all" in detail
     assert f"refused POST /v1/jobs/{jid}/cancel from {bob} (token)" in caplog.text
     # ... nor list it; alice does.
@@ -240,12 +267,15 @@ async def test_users_act_only_on_their_own_jobs_admins_on_all(
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
 
 
-async def test_submit_rules_priority_and_quotas(served_tcp, people,
-                                                tcp: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]
+async def test_submit_rules_priority_and_quotas(served_tcp, people, tcp: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]
     (alice, a_tok), (_, c_tok) = people["alice"], people["carol"]
     as_alice = bearer(a_tok)
-    refused(await tcp.post("/v1/jobs", content=body(priority=5), headers=as_alice), 403,
-            "forbidden", "only admins may give a job a priority above 0")
+    refused(
+        await tcp.post("/v1/jobs", content=body(priority=5), headers=as_alice),
+        403,
+        "forbidden",
+        "only admins may give a job a priority above 0",
+    )
     for tok, prio in ((c_tok, 5), (a_tok, -5)):  # an admin may raise; anyone may lower
         r = await tcp.post("/v1/jobs", content=body(priority=prio, seconds=0), headers=bearer(tok))
         assert r.status_code == 201, r.text
@@ -257,8 +287,12 @@ async def test_submit_rules_priority_and_quotas(served_tcp, people,
     led.close()
     await served_tcp.daemon.users.refresh()
     # max_timeout: refused above it; a job without a timeout gets it.
-    refused(await tcp.post("/v1/jobs", content=body(timeout=120.0), headers=as_alice), 422,
-            "quota_exceeded", "max_timeout quota")
+    refused(
+        await tcp.post("/v1/jobs", content=body(timeout=120.0), headers=as_alice),
+        422,
+        "quota_exceeded",
+        "max_timeout quota",
+    )
     # Hold the only CPU slots so that alice's jobs stay queued.
     r = await tcp.post("/v1/jobs", content=body(gpu="h100:2", seconds=30), headers=as_alice)
     first = r.json()
@@ -273,12 +307,17 @@ async def test_submit_rules_priority_and_quotas(served_tcp, people,
 
 
 async def test_a_token_user_without_a_unix_account_cannot_submit_to_a_root_daemon(
-        served_tcp, tcp: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]
+    served_tcp, tcp: httpx.AsyncClient
+) -> None:  # type: ignore[no-untyped-def]
     if os.geteuid() != 0:
         pytest.skip("only a daemon run by root runs jobs as their submitters")
     token = add_gpud_user(served_tcp.daemon.config.data_dir, "gpudt_nosuchunixuser")
-    refused(await tcp.post("/v1/jobs", content=body(), headers=bearer(token)), 403,
-            "forbidden", "has no Unix account on this machine")
+    refused(
+        await tcp.post("/v1/jobs", content=body(), headers=bearer(token)),
+        403,
+        "forbidden",
+        "has no Unix account on this machine",
+    )
     me = (await tcp.get("/v1/whoami", headers=bearer(token))).json()
     assert me["runs_as"] is None
 
@@ -296,7 +335,8 @@ def _token_file(tmp_path: Path, mode: int, text: str = "gpud_secret") -> Path:
 
 
 def test_client_reads_a_private_token_file_and_gpud_token_wins(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from gpud_client.tokens import load_token
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
@@ -312,7 +352,8 @@ def test_client_reads_a_private_token_file_and_gpud_token_wins(
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o606])
 def test_client_refuses_a_token_file_others_can_read_or_write(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int
+) -> None:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     monkeypatch.delenv("GPUD_TOKEN", raising=False)
     path = _token_file(tmp_path, mode)
@@ -322,7 +363,8 @@ def test_client_refuses_a_token_file_others_can_read_or_write(
 
 
 def test_client_refuses_a_token_file_owned_by_someone_else(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("giving a file away needs root")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
@@ -341,8 +383,16 @@ def _request(client: tuple[str, int] | None, headers: dict[str, str] | None = No
     from starlette.requests import Request
 
     raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    return Request({"type": "http", "method": "GET", "path": "/v1/jobs", "headers": raw,
-                    "client": client, "query_string": b""})
+    return Request(
+        {
+            "type": "http",
+            "method": "GET",
+            "path": "/v1/jobs",
+            "headers": raw,
+            "client": client,
+            "query_string": b"",
+        }
+    )
 
 
 class _NoUsers:
@@ -365,4 +415,5 @@ async def test_without_peer_credentials_a_users_daemon_trusts_its_private_socket
     # And TCP always needs one, whoever runs the daemon.
     with pytest.raises(Unauthenticated):
         await Auth(_NoUsers(), daemon_uid=4242).authenticate(  # type: ignore[arg-type]
-            _request(("127.0.0.1", 5555), {"authorization": "Bearer gpud_x"}))
+            _request(("127.0.0.1", 5555), {"authorization": "Bearer gpud_x"})
+        )

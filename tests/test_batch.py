@@ -109,7 +109,8 @@ class _Counter:
 
 
 def test_remote_is_one_request_and_still_streams_the_log(
-        daemon: DaemonProc, capsys: pytest.CaptureFixture[str]) -> None:
+    daemon: DaemonProc, capsys: pytest.CaptureFixture[str]
+) -> None:
     counter = _Counter(app.client)
     assert square.remote(7) == 49
     assert counter.requests == ["POST /v1/jobs/run"]
@@ -119,8 +120,7 @@ def test_remote_is_one_request_and_still_streams_the_log(
     assert "said 0\nsaid 1\nsaid 2\n" in err
 
 
-def test_remote_raises_the_jobs_exception_and_fetches_a_large_result(
-        daemon: DaemonProc) -> None:
+def test_remote_raises_the_jobs_exception_and_fetches_a_large_result(daemon: DaemonProc) -> None:
     with pytest.raises(ValueError, match="no 1"):
         maybe_fail.remote(1)
     counter = _Counter(app.client)
@@ -169,15 +169,22 @@ def test_map_in_completion_order(daemon: DaemonProc) -> None:
 def test_map_return_exceptions_and_starmap(daemon: DaemonProc) -> None:
     out = list(maybe_fail.map(range(6), return_exceptions=True))
     assert [x if not isinstance(x, Exception) else str(x) for x in out] == [
-        0, "no 1", 2, 3, "no 4", 5]
+        0,
+        "no 1",
+        2,
+        3,
+        "no 4",
+        5,
+    ]
     with pytest.raises(ValueError, match="no 1"):
         list(maybe_fail.map(range(3)))
     assert list(add.starmap([(1, 2), (3, 4)], kwargs={"c": 10})) == [13, 17]
     assert list(add.starmap([])) == []
 
 
-def test_progress_bar_only_on_a_terminal(daemon: DaemonProc,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_bar_only_on_a_terminal(
+    daemon: DaemonProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
     class Tty(io.StringIO):
         def isatty(self) -> bool:
             return True
@@ -233,8 +240,15 @@ def test_max_concurrency_is_never_exceeded(daemon: DaemonProc) -> None:
     assert _overlap(spans) == 2  # type: ignore[arg-type]
     free = nap.spawn_map([0.5] * 4)
     list(free)
-    assert _overlap([(j.started_at, j.ended_at) for j in  # type: ignore[misc]
-                     (h.status() for h in free.handles())]) > 2
+    assert (
+        _overlap(
+            [
+                (j.started_at, j.ended_at)
+                for j in (h.status() for h in free.handles())  # type: ignore[misc]
+            ]
+        )
+        > 2
+    )
     with pytest.raises(ValueError, match="max_concurrency"):
         nap.spawn_map([1], max_concurrency=0)
 
@@ -261,21 +275,23 @@ def test_cancel_the_rest_from_the_cli(daemon: DaemonProc) -> None:
     assert none.returncode != 0 and "--batch" in none.stderr
 
 
-def test_a_reader_that_hangs_up_mid_stream_does_not_hurt_the_daemon(
-        daemon: DaemonProc) -> None:
+def test_a_reader_that_hangs_up_mid_stream_does_not_hurt_the_daemon(daemon: DaemonProc) -> None:
     batch = nap.spawn_map([0.2] * 6)
     path = str(daemon.socket)
-    for request in (f"GET /v1/batches/{batch.id}/results HTTP/1.1\r\nHost: gpud\r\n\r\n",
-                    f"GET /v1/batches/{batch.id}/results?order=completion HTTP/1.1\r\n"
-                    "Host: gpud\r\n\r\n"):
+    for request in (
+        f"GET /v1/batches/{batch.id}/results HTTP/1.1\r\nHost: gpud\r\n\r\n",
+        f"GET /v1/batches/{batch.id}/results?order=completion HTTP/1.1\r\nHost: gpud\r\n\r\n",
+    ):
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(path)
             s.sendall(request.encode())
             assert s.recv(64).startswith(b"HTTP/1.1 200")
     # A .remote() whose caller goes away before the job ends: the job still ends well.
     req = nap.submit_request((0.5,), {})
-    with (httpx.Client(transport=httpx.HTTPTransport(uds=path), base_url="http://gpud") as c,
-          c.stream("POST", "/v1/jobs/run", content=msgspec.json.encode(req)) as r):
+    with (
+        httpx.Client(transport=httpx.HTTPTransport(uds=path), base_url="http://gpud") as c,
+        c.stream("POST", "/v1/jobs/run", content=msgspec.json.encode(req)) as r,
+    ):
         first = next(r.iter_lines())
     job_id = msgspec.json.decode(first)["job"]["id"]
     assert gpud.JobHandle(job_id, app.client).get(timeout=30) == 0.5
@@ -295,20 +311,23 @@ def _batch_body() -> bytes:
         fn = cloudpickle.dumps(_nap)
     finally:
         cloudpickle.unregister_pickle_by_value(mod)
-    req = BatchSubmitRequest(name="t.nap", function=fn, python=PY,
-                             inputs=[cloudpickle.dumps(((0.1,), {}))] * 2)
+    req = BatchSubmitRequest(
+        name="t.nap", function=fn, python=PY, inputs=[cloudpickle.dumps(((0.1,), {}))] * 2
+    )
     return msgspec.json.encode(req)
 
 
-async def test_another_users_batch_is_not_there(
-        people: Any, tcp: httpx.AsyncClient) -> None:  # noqa: F811 - fixtures
+async def test_another_users_batch_is_not_there(people: Any, tcp: httpx.AsyncClient) -> None:  # noqa: F811 - fixtures
     (_, a_tok), (_, b_tok), (_, c_tok) = people["alice"], people["bob"], people["carol"]
     r = await tcp.post("/v1/jobs/batch", content=_batch_body(), headers=bearer(a_tok))
     assert r.status_code == 201, r.text
     bid = r.json()["batch_id"]
     as_bob = bearer(b_tok)
-    for method, path in [("GET", f"/v1/batches/{bid}"), ("GET", f"/v1/batches/{bid}/results"),
-                         ("POST", f"/v1/batches/{bid}/cancel")]:
+    for method, path in [
+        ("GET", f"/v1/batches/{bid}"),
+        ("GET", f"/v1/batches/{bid}/results"),
+        ("POST", f"/v1/batches/{bid}/cancel"),
+    ]:
         resp = await tcp.request(method, path, headers=as_bob)
         assert resp.status_code == 404, resp.text
         assert resp.json()["error"] == "not_found" and "no batch" in resp.json()["detail"]
@@ -365,14 +384,30 @@ def test_remote_and_map_ride_out_a_daemon_restart(process_daemon: DaemonProc) ->
 
 def test_a_stream_with_a_timeout_ends_early_and_is_resumed(daemon: DaemonProc) -> None:
     handle = nap.spawn(1.5)
-    early = list(app.client._ndjson(gpud.client._Call(
-        "GET", f"/jobs/{handle.id}/stream", gpud.models.JobEvent, {"timeout": "0.2"},
-        read_timeout=None)))
+    early = list(
+        app.client._ndjson(
+            gpud.client._Call(
+                "GET",
+                f"/jobs/{handle.id}/stream",
+                gpud.models.JobEvent,
+                {"timeout": "0.2"},
+                read_timeout=None,
+            )
+        )
+    )
     assert [e.kind for e in early] == ["job"]  # no end: the job is still running
     batch = nap.spawn_map([1.5, 0.1])
-    lines = list(app.client._ndjson(gpud.client._Call(
-        "GET", f"/batches/{batch.id}/results", gpud.models.BatchResult,
-        {"timeout": "0.3", "order": "completion"}, read_timeout=None)))
+    lines = list(
+        app.client._ndjson(
+            gpud.client._Call(
+                "GET",
+                f"/batches/{batch.id}/results",
+                gpud.models.BatchResult,
+                {"timeout": "0.3", "order": "completion"},
+                read_timeout=None,
+            )
+        )
+    )
     assert len(lines) <= 1  # the short one at most
     assert list(batch) == [1.5, 0.1] and handle.get(timeout=30) == 1.5
 

@@ -51,8 +51,9 @@ DIFFERENCES = [
 #: present only when the Podman executor was measured
 PODMAN_LATENCIES = ["podman_remote", "podman_spawn_get"]
 PODMAN_RATIOS = [f"{m}_{q}_over_process_{q}" for m in PODMAN_LATENCIES for q in ("p50", "p95")]
-PODMAN_DIFFERENCES = [f"{m}_{q}_minus_process_{q}_ms" for m in PODMAN_LATENCIES
-                      for q in ("p50", "p95")]
+PODMAN_DIFFERENCES = [
+    f"{m}_{q}_minus_process_{q}_ms" for m in PODMAN_LATENCIES for q in ("p50", "p95")
+]
 
 
 def _positive(value: Any, where: str) -> None:
@@ -73,7 +74,10 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--json", str(out)],
-        capture_output=True, text=True, timeout=180, cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=str(REPO),
     )
     assert proc.returncode == 0, f"bench/run.py failed:\n{proc.stdout}\n{proc.stderr}"
     result = json.loads(out.read_text())
@@ -119,7 +123,8 @@ def test_quick_benchmark_reports_every_metric(tmp_path: Path) -> None:
         assert not any(k.startswith("podman_") for k in ratios)
         assert f"Podman executor: not measured ({why})" in proc.stdout
         assert os.environ.get("GPUD_REQUIRE_PODMAN") != "1", (
-            f"GPUD_REQUIRE_PODMAN=1 but the benchmark skipped Podman: {why}")
+            f"GPUD_REQUIRE_PODMAN=1 but the benchmark skipped Podman: {why}"
+        )
 
     # The table went to stdout, naming the headline numbers.
     assert "remote p50 / subprocess+cloudpickle p50" in proc.stdout

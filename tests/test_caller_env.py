@@ -60,16 +60,23 @@ def _base_python() -> str:
     candidates = [sys.executable, f"/usr/bin/python{MINOR}", f"/usr/local/bin/python{MINOR}"]
     for c in candidates:
         if os.path.exists(c) and (os.geteuid() != 0 or _others_can_run(c)):
-            out = subprocess.run([c, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [c, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                capture_output=True,
+                text=True,
+            )
             if out.stdout.strip() == MINOR:
                 return os.path.realpath(c)
     pytest.skip(f"no Python {MINOR} that the job user can run")
 
 
 def _site_dir(python: Path) -> Path:
-    out = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     d = Path(out.stdout.strip())
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -85,8 +92,9 @@ def _client_can_import_gpud(site: Path) -> None:
 
 def make_venv(where: Path) -> tuple[Path, Path]:
     """`python -m venv` (no pip: no network); returns (its bin/python, site-packages)."""
-    subprocess.run([_base_python(), "-m", "venv", "--without-pip", str(where)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [_base_python(), "-m", "venv", "--without-pip", str(where)], check=True, capture_output=True
+    )
     python = where / "bin" / "python"
     site = _site_dir(python)
     _client_can_import_gpud(site)
@@ -97,8 +105,12 @@ def make_conda_prefix(where: Path) -> tuple[Path, Path]:
     """A conda-style prefix: a real interpreter binary in bin/, the standard library
     under lib/pythonX.Y (linked, but for its own site-packages), and conda-meta/."""
     base = _base_python()
-    out = subprocess.run([base, "-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [base, "-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     stdlib = Path(out.stdout.strip())
     (where / "bin").mkdir(parents=True)
     shutil.copy2(base, where / "bin" / "python")
@@ -110,17 +122,20 @@ def make_conda_prefix(where: Path) -> tuple[Path, Path]:
     (where / "conda-meta").mkdir()
     (where / "conda-meta" / "history").write_text("# made by gpud's tests\n")
     python = where / "bin" / "python"
-    found = subprocess.run([str(python), "-c", "import sys; print(sys.prefix)"],
-                           capture_output=True, text=True)
+    found = subprocess.run(
+        [str(python), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True
+    )
     if found.stdout.strip() != str(where):
-        pytest.skip(f"a copied {base} does not take its prefix from where it lies: "
-                    f"{found.stdout.strip() or found.stderr.strip()}")
+        pytest.skip(
+            f"a copied {base} does not take its prefix from where it lies: "
+            f"{found.stdout.strip() or found.stderr.strip()}"
+        )
     site = _site_dir(python)
     _client_can_import_gpud(site)
     return python, site
 
 
-HZ = '''
+HZ = """
 import gpud_client as gpud
 
 app = gpud.App("hz")
@@ -141,7 +156,7 @@ def hz(n: int = 3) -> dict:
     return {"hz": hzmod.hz(n), "exe": sys.executable, "prefix": sys.prefix,
             "venv": os.environ.get("VIRTUAL_ENV"), "conda": os.environ.get("CONDA_PREFIX"),
             "path0": os.environ["PATH"].split(":")[0], "pid": os.getpid(), "new": new}
-'''
+"""
 
 
 def write_target(d: Path, keep_warm: float = 0) -> Path:
@@ -158,11 +173,17 @@ def client_env(daemon: DaemonProc) -> dict[str, str]:
     return env
 
 
-def gpud_run(python: Path, target: Path, daemon: DaemonProc,
-             *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(python), "-m", "gpud", "run", f"{target}::hz", "--json",
-                           *extra], capture_output=True, text=True, timeout=120,
-                          env=client_env(daemon), cwd=str(target.parent))
+def gpud_run(
+    python: Path, target: Path, daemon: DaemonProc, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(python), "-m", "gpud", "run", f"{target}::hz", "--json", *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=client_env(daemon),
+        cwd=str(target.parent),
+    )
 
 
 @pytest.fixture
@@ -173,13 +194,15 @@ def envs(base_dir: Path) -> Iterator[Path]:
     yield d
 
 
-def test_a_job_imports_a_module_from_the_callers_venv(process_daemon: DaemonProc,
-                                                      envs: Path) -> None:
+def test_a_job_imports_a_module_from_the_callers_venv(
+    process_daemon: DaemonProc, envs: Path
+) -> None:
     python, site = make_venv(envs / "venv")
     (site / "hzmod.py").write_text("def hz(n):\n    return f'{n} Hz from the venv'\n")
     # The daemon's own interpreter lacks it: without the caller's env this job would fail.
-    assert subprocess.run([sys.executable, "-c", "import hzmod"],
-                          capture_output=True).returncode != 0
+    assert (
+        subprocess.run([sys.executable, "-c", "import hzmod"], capture_output=True).returncode != 0
+    )
     out = gpud_run(python, write_target(envs), process_daemon)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
@@ -188,12 +211,20 @@ def test_a_job_imports_a_module_from_the_callers_venv(process_daemon: DaemonProc
     assert got["prefix"] == got["venv"] == str(envs / "venv")
     assert got["path0"] == str(envs / "venv" / "bin")
     # The job's JSON and `gpud ps` say which interpreter ran it.
-    ps = subprocess.run([sys.executable, "-m", "gpud", "ps", "--all", "--json"],
-                        capture_output=True, text=True, env=process_daemon.client_env())
+    ps = subprocess.run(
+        [sys.executable, "-m", "gpud", "ps", "--all", "--json"],
+        capture_output=True,
+        text=True,
+        env=process_daemon.client_env(),
+    )
     job = json.loads(ps.stdout)[0]
     assert job["python_path"] == str(python) and job["python_prefix"] == str(envs / "venv")
-    table = subprocess.run([sys.executable, "-m", "gpud", "ps", "--all"],
-                           capture_output=True, text=True, env=process_daemon.client_env())
+    table = subprocess.run(
+        [sys.executable, "-m", "gpud", "ps", "--all"],
+        capture_output=True,
+        text=True,
+        env=process_daemon.client_env(),
+    )
     assert "PYTHON" in table.stdout and str(python) in table.stdout
 
 
@@ -208,8 +239,9 @@ def test_a_job_runs_in_a_conda_style_prefix(process_daemon: DaemonProc, envs: Pa
     assert got["venv"] is None and got["path0"] == str(envs / "conda" / "bin")
 
 
-def test_python_daemon_and_python_path_override_the_callers(process_daemon: DaemonProc,
-                                                            envs: Path) -> None:
+def test_python_daemon_and_python_path_override_the_callers(
+    process_daemon: DaemonProc, envs: Path
+) -> None:
     python, site = make_venv(envs / "venv")
     (site / "hzmod.py").write_text("def hz(n):\n    return 'from the venv'\n")
     other, other_site = make_venv(envs / "other")
@@ -224,12 +256,14 @@ def test_python_daemon_and_python_path_override_the_callers(process_daemon: Daem
 
 
 def test_pip_install_into_the_venv_gives_the_next_warm_call_a_fresh_worker(
-        process_daemon: DaemonProc, envs: Path) -> None:
+    process_daemon: DaemonProc, envs: Path
+) -> None:
     python, site = make_venv(envs / "venv")
     (site / "hzmod.py").write_text("def hz(n):\n    return n\n")
     write_target(envs, keep_warm=60)
     script = envs / "calls.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import json, pathlib, sys
         sys.path.insert(0, {str(envs)!r})
         import hz
@@ -241,9 +275,16 @@ def test_pip_install_into_the_venv_gives_the_next_warm_call_a_fresh_worker(
         (site / "newmod-1.0.dist-info").mkdir()
         after = hz.hz.remote()
         print(json.dumps([first, again, after]))
-    """))
-    out = subprocess.run([str(python), str(script)], capture_output=True, text=True,
-                         timeout=120, env=client_env(process_daemon), cwd=str(envs))
+    """)
+    )
+    out = subprocess.run(
+        [str(python), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=client_env(process_daemon),
+        cwd=str(envs),
+    )
     assert out.returncode == 0, out.stderr
     first, again, after = json.loads(out.stdout)
     assert first["new"] is None and again["pid"] == first["pid"]  # warm, as before
@@ -264,11 +305,23 @@ def test_a_users_venv_on_a_root_daemon_runs_as_them(base_dir: Path, unix_users: 
     target = write_target(home)
     subprocess.run(["chown", "-R", f"{carol.uid}:{carol.gid}", str(home)], check=True)
     for d in _run_daemon(base_dir, {"GPUD_TCP": f"127.0.0.1:{free_port()}"}):
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "GPUD_URL": tcp_url(d),
-               "GPUD_TOKEN": add_user(d, carol.name)}
-        out = subprocess.run([str(python), "-m", "gpud", "run", f"{target}::hz", "--json"],
-                             user=carol.uid, group=carol.gid, extra_groups=[], env=env,
-                             cwd=str(home), capture_output=True, text=True, timeout=120)
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(home),
+            "GPUD_URL": tcp_url(d),
+            "GPUD_TOKEN": add_user(d, carol.name),
+        }
+        out = subprocess.run(
+            [str(python), "-m", "gpud", "run", f"{target}::hz", "--json"],
+            user=carol.uid,
+            group=carol.gid,
+            extra_groups=[],
+            env=env,
+            cwd=str(home),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         got = json.loads(out.stdout)
         assert got["hz"] == "3 Hz, carol" and got["exe"] == str(python)
@@ -280,8 +333,12 @@ def test_a_users_venv_on_a_root_daemon_runs_as_them(base_dir: Path, unix_users: 
 
 def _submit(daemon: DaemonProc, **fields: object) -> ApiError:
     fn, _ = dumps_function(len)
-    req = SubmitRequest(name="refused", function=fn, args=dumps_args(([],), {}),
-                        **{"python": "{}.{}.{}".format(*sys.version_info[:3]), **fields})
+    req = SubmitRequest(
+        name="refused",
+        function=fn,
+        args=dumps_args(([],), {}),
+        **{"python": "{}.{}.{}".format(*sys.version_info[:3]), **fields},
+    )
     with Client(daemon.url) as c, pytest.raises(ApiError) as e:
         c.submit(req)
     assert e.value.status == 422
@@ -294,8 +351,9 @@ def test_a_missing_interpreter_is_refused(process_daemon: DaemonProc, envs: Path
     assert 'python="daemon"' in str(e)
 
 
-def test_an_interpreter_the_job_user_cannot_execute_is_refused(process_daemon: DaemonProc,
-                                                               envs: Path) -> None:
+def test_an_interpreter_the_job_user_cannot_execute_is_refused(
+    process_daemon: DaemonProc, envs: Path
+) -> None:
     if os.geteuid() == 0:
         # Root's venv in a 0700 directory, while root's jobs run as job_user (nobody).
         private = envs / "private"
@@ -324,18 +382,22 @@ def test_a_version_mismatch_is_refused(process_daemon: DaemonProc, envs: Path) -
     assert "pickled by Python 3.9.1" in str(e) and "is Python 3." in str(e)
     # The caller's own interpreter (prefix given), but not the version it runs: the
     # interpreter changed under the caller's session.
-    actual = subprocess.run([str(python), "-c", "import platform; "
-                             "print(platform.python_version())"],
-                            capture_output=True, text=True).stdout.strip()
+    actual = subprocess.run(
+        [str(python), "-c", "import platform; print(platform.python_version())"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     wrong = f"{MINOR}.{int(actual.rsplit('.', 1)[1]) + 1}"
-    e = _submit(process_daemon, python=wrong, python_path=str(python),
-                python_prefix=str(envs / "venv"))
+    e = _submit(
+        process_daemon, python=wrong, python_path=str(python), python_prefix=str(envs / "venv")
+    )
     assert f"is Python {actual} now, but you run it as {wrong}" in str(e)
     assert "restart" in str(e)
     # Another environment at that path than the caller's (e.g. submitted from another
     # machine): said as such.
-    e = _submit(process_daemon, python=actual, python_path=str(python),
-                python_prefix="/elsewhere/venv")
+    e = _submit(
+        process_daemon, python=actual, python_path=str(python), python_prefix="/elsewhere/venv"
+    )
     assert "not the interpreter you submit from" in str(e)
 
 
@@ -358,7 +420,8 @@ def test_allowed_pythons_restricts_interpreters(base_dir: Path, envs: Path) -> N
 
 
 def test_the_podman_executor_runs_the_images_python_whatever_the_caller_runs(
-        base_dir: Path) -> None:
+    base_dir: Path,
+) -> None:
     """With Podman the caller's interpreter path means nothing (the image's python3
     runs): a job from an interpreter no job user could run still runs, as before #11."""
     import gpud_client as gpud
@@ -390,13 +453,15 @@ def test_probes_are_cached_until_the_interpreter_changes(base_dir: Path) -> None
     python, _ = make_venv(tmp_path / "venv")
     os.chmod(tmp_path, 0o755)
     interp = Interpreters(runtime)
-    version = subprocess.run([str(python), "-c", "import platform; "
-                              "print(platform.python_version())"],
-                             capture_output=True, text=True).stdout.strip()
-    first = interp.check(str(python), version=version, prefix=str(tmp_path / "venv"),
-                         ident=ident, owner=ident.user)
-    again = interp.check(str(python), version=version, prefix=None, ident=ident,
-                         owner=ident.user)
+    version = subprocess.run(
+        [str(python), "-c", "import platform; print(platform.python_version())"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    first = interp.check(
+        str(python), version=version, prefix=str(tmp_path / "venv"), ident=ident, owner=ident.user
+    )
+    again = interp.check(str(python), version=version, prefix=None, ident=ident, owner=ident.user)
     assert interp.probes_run == 1 and first == again and first.kind == "venv"
     # A new interpreter at that path (a recreated venv) is probed again.
     link = python
@@ -411,14 +476,19 @@ def test_probes_are_cached_until_the_interpreter_changes(base_dir: Path) -> None
 
 def test_activation_env_is_what_activate_would_set() -> None:
     venv = PythonEnv(path="/v/bin/python", prefix="/v", kind="venv", version="3.11.7")
-    assert activation_env(venv, "/usr/bin:/bin") == {"VIRTUAL_ENV": "/v",
-                                                     "PATH": "/v/bin:/usr/bin:/bin"}
-    conda = PythonEnv(path="/c/envs/t/bin/python", prefix="/c/envs/t", kind="conda",
-                      version="3.11.7")
+    assert activation_env(venv, "/usr/bin:/bin") == {
+        "VIRTUAL_ENV": "/v",
+        "PATH": "/v/bin:/usr/bin:/bin",
+    }
+    conda = PythonEnv(
+        path="/c/envs/t/bin/python", prefix="/c/envs/t", kind="conda", version="3.11.7"
+    )
     assert activation_env(conda, "/c/envs/t/bin:/bin") == {
-        "CONDA_PREFIX": "/c/envs/t", "CONDA_DEFAULT_ENV": "t", "PATH": "/c/envs/t/bin:/bin"}
-    pyenv = PythonEnv(path="/p/3.11/bin/python3", prefix="/p/3.11", kind="system",
-                      version="3.11.7")
+        "CONDA_PREFIX": "/c/envs/t",
+        "CONDA_DEFAULT_ENV": "t",
+        "PATH": "/c/envs/t/bin:/bin",
+    }
+    pyenv = PythonEnv(path="/p/3.11/bin/python3", prefix="/p/3.11", kind="system", version="3.11.7")
     assert activation_env(pyenv, "/bin")["PATH"] == "/p/3.11/bin:/bin"
     admin = PythonEnv(path="/usr/bin/python3", prefix="/usr", kind="daemon", version="3.11.2")
     assert activation_env(admin, "/bin") == {}

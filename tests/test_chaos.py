@@ -29,8 +29,13 @@ def _mark(what: str, attempt: int, at: float, pid: int = 100) -> checks.Mark:
     return checks.Mark(what, 7, attempt, pid, "host", at)
 
 
-def _check(events: list[SimpleNamespace], marks: list[checks.Mark], state: str,
-           kills: list[checks.Kill] | None = None, result: str | None = "r") -> checks.Tally:
+def _check(
+    events: list[SimpleNamespace],
+    marks: list[checks.Mark],
+    state: str,
+    kills: list[checks.Kill] | None = None,
+    result: str | None = "r",
+) -> checks.Tally:
     t = checks.Tally()
     job = checks.Acked(7, "cpu", 0, "r")
     checks.check_job(t, job, SimpleNamespace(state=state), events, marks, kills or [], result)
@@ -38,55 +43,106 @@ def _check(events: list[SimpleNamespace], marks: list[checks.Mark], state: str,
 
 
 def test_a_clean_job_passes() -> None:
-    t = _check([_ev("queued", 1), _ev("starting", 2, "queued"), _ev("running", 3, "starting"),
-                _ev("succeeded", 5, "running")],
-               [_mark("start", 1, 3.5), _mark("done", 1, 4.5)], "succeeded")
+    t = _check(
+        [
+            _ev("queued", 1),
+            _ev("starting", 2, "queued"),
+            _ev("running", 3, "starting"),
+            _ev("succeeded", 5, "running"),
+        ],
+        [_mark("start", 1, 3.5), _mark("done", 1, 4.5)],
+        "succeeded",
+    )
     assert not any(t.violations().values()) and t.final_states["succeeded"] == 1
 
 
 def test_a_finished_job_marked_lost_and_run_again_is_flagged() -> None:
     """The known recovery defect: done while the ledger said STARTING, then lost, retried."""
-    t = _check([_ev("queued", 1), _ev("starting", 2, "queued"),
-                _ev("lost", 6, "starting", "the daemon restarted"), _ev("queued", 6, "lost"),
-                _ev("starting", 7, "queued"), _ev("running", 7.1, "starting"),
-                _ev("succeeded", 9, "running")],
-               [_mark("start", 1, 3), _mark("done", 1, 4), _mark("start", 2, 7.5, 101),
-                _mark("done", 2, 8, 101)], "succeeded")
+    t = _check(
+        [
+            _ev("queued", 1),
+            _ev("starting", 2, "queued"),
+            _ev("lost", 6, "starting", "the daemon restarted"),
+            _ev("queued", 6, "lost"),
+            _ev("starting", 7, "queued"),
+            _ev("running", 7.1, "starting"),
+            _ev("succeeded", 9, "running"),
+        ],
+        [
+            _mark("start", 1, 3),
+            _mark("done", 1, 4),
+            _mark("start", 2, 7.5, 101),
+            _mark("done", 2, 8, 101),
+        ],
+        "succeeded",
+    )
     assert t.finished_marked_lost == [7] and t.lost_while_starting == [7]
     assert t.run_twice == [7] and t.retries_of_lost == 1
     assert not t.not_one_final_state
 
 
 def test_a_retry_after_the_harness_killed_the_worker_is_no_violation() -> None:
-    t = _check([_ev("queued", 1), _ev("starting", 2, "queued"), _ev("running", 2.5, "starting"),
-                _ev("lost", 6, "running"), _ev("queued", 6, "lost"),
-                _ev("starting", 7, "queued"), _ev("running", 7.1, "starting"),
-                _ev("succeeded", 9, "running")],
-               [_mark("start", 1, 3), _mark("done", 1, 4), _mark("start", 2, 7.5, 101),
-                _mark("done", 2, 8, 101)], "succeeded", kills=[checks.Kill(4.01, pid=100)])
+    t = _check(
+        [
+            _ev("queued", 1),
+            _ev("starting", 2, "queued"),
+            _ev("running", 2.5, "starting"),
+            _ev("lost", 6, "running"),
+            _ev("queued", 6, "lost"),
+            _ev("starting", 7, "queued"),
+            _ev("running", 7.1, "starting"),
+            _ev("succeeded", 9, "running"),
+        ],
+        [
+            _mark("start", 1, 3),
+            _mark("done", 1, 4),
+            _mark("start", 2, 7.5, 101),
+            _mark("done", 2, 8, 101),
+        ],
+        "succeeded",
+        kills=[checks.Kill(4.01, pid=100)],
+    )
     assert not t.finished_marked_lost and not t.run_twice
     assert t.reruns_after_killed_done == 1
 
 
 def test_concurrent_attempts_two_finals_and_results_from_nowhere_are_flagged() -> None:
-    t = _check([_ev("queued", 1), _ev("starting", 2, "queued"), _ev("running", 3, "starting"),
-                _ev("failed", 4, "running"), _ev("succeeded", 5, "running")],
-               [_mark("start", 1, 3), _mark("concurrent", 2, 3.2, 101)], "succeeded")
+    t = _check(
+        [
+            _ev("queued", 1),
+            _ev("starting", 2, "queued"),
+            _ev("running", 3, "starting"),
+            _ev("failed", 4, "running"),
+            _ev("succeeded", 5, "running"),
+        ],
+        [_mark("start", 1, 3), _mark("concurrent", 2, 3.2, 101)],
+        "succeeded",
+    )
     assert t.run_twice == [7] and t.not_one_final_state == [7]
     assert t.succeeded_without_running == [7]
-    t = _check([_ev("queued", 1), _ev("succeeded", 5, "running")],
-               [_mark("start", 1, 3), _mark("done", 1, 4)], "succeeded", result="other")
+    t = _check(
+        [_ev("queued", 1), _ev("succeeded", 5, "running")],
+        [_mark("start", 1, 3), _mark("done", 1, 4)],
+        "succeeded",
+        result="other",
+    )
     assert t.wrong_result == [7]
 
 
 def test_tracebacks_in_the_daemon_log_are_counted() -> None:
     t = checks.Tally()
-    checks.scan_log(t, "INFO gpud: fine\nTraceback (most recent call last):\n  File \"x\"\n"
-                       "ValueError: boom\nERROR gpud: job 12 broke\nERROR gpud: job 3 broke\n"
-                       "2026-12-01 CRITICAL gpud.http: down\nINFO gpud: an ERROR in a name\n")
+    checks.scan_log(
+        t,
+        'INFO gpud: fine\nTraceback (most recent call last):\n  File "x"\n'
+        "ValueError: boom\nERROR gpud: job 12 broke\nERROR gpud: job 3 broke\n"
+        "2026-12-01 CRITICAL gpud.http: down\nINFO gpud: an ERROR in a name\n",
+    )
     assert t.tracebacks == 1
-    assert t.log_errors == {"traceback: ValueError: boom": 1, "error: gpud: job N broke": 2,
-                            "critical: gpud.http: down": 1}
+    assert t.log_errors == {
+        "traceback: ValueError: boom": 1,
+        "error: gpud: job N broke": 2,
+        "critical: gpud.http: down": 1,
+    }
 
 
 def test_short_chaos_run_has_no_violations(tmp_path: Path) -> None:
@@ -96,9 +152,25 @@ def test_short_chaos_run_has_no_violations(tmp_path: Path) -> None:
         out = subprocess.run(
             # --calm 0.5: one round in two keeps the daemon up, so a fault alone (a full
             # disk, a held write lock, a killed worker) must do no harm either.
-            [sys.executable, str(CHAOS), "--rounds", "4", "--max-seconds", "35", "--bound",
-             "20", "--calm", "0.5", "--report", str(report)],
-            capture_output=True, text=True, timeout=150, cwd=str(REPO))
+            [
+                sys.executable,
+                str(CHAOS),
+                "--rounds",
+                "4",
+                "--max-seconds",
+                "35",
+                "--bound",
+                "20",
+                "--calm",
+                "0.5",
+                "--report",
+                str(report),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=150,
+            cwd=str(REPO),
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the chaos run did not end in time: {e.stderr!r}")
     assert report.exists(), out.stdout + out.stderr

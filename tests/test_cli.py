@@ -45,8 +45,7 @@ def test_ps_all_json_is_the_ledger(daemon: DaemonProc) -> None:
 
 
 def test_run_failure_exits_4_with_remote_traceback(daemon: DaemonProc) -> None:
-    out = gpud_cli("run", "examples/hello.py::fail", "--message", "nope",
-                   env=daemon.client_env())
+    out = gpud_cli("run", "examples/hello.py::fail", "--message", "nope", env=daemon.client_env())
     assert out.returncode == EXIT["job_failed"]
     assert "ValueError: nope" in out.stderr and "Remote traceback" in out.stderr
     assert out.stdout == ""
@@ -59,11 +58,25 @@ def test_run_options_become_typed_parameters(daemon: DaemonProc, tmp_path: Path)
         " name: str = 'x') -> dict:\n"
         "    return {'n': n_items, 'scale': scale, 'loud': loud, 'tags': tags, 'name': name}\n"
     )
-    out = gpud_cli("run", f"{script}::f", "--n-items", "3", "--loud", "--tags", '["a"]',
-                   "--json", env=daemon.client_env())
+    out = gpud_cli(
+        "run",
+        f"{script}::f",
+        "--n-items",
+        "3",
+        "--loud",
+        "--tags",
+        '["a"]',
+        "--json",
+        env=daemon.client_env(),
+    )
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"n": 3, "scale": 1.5, "loud": True, "tags": ["a"],
-                                      "name": "x"}
+    assert json.loads(out.stdout) == {
+        "n": 3,
+        "scale": 1.5,
+        "loud": True,
+        "tags": ["a"],
+        "name": "x",
+    }
     out = gpud_cli("run", f"{script}::f", env=daemon.client_env())
     assert out.returncode == EXIT["usage"] and "--n-items" in out.stderr
     out = gpud_cli("run", f"{script}::f", "--help", env=daemon.client_env())
@@ -127,18 +140,29 @@ def test_serve_refuses_bad_config_clearly(tmp_path: Path) -> None:
 
 
 def test_second_daemon_on_same_data_dir_is_refused(daemon: DaemonProc, tmp_path: Path) -> None:
-    out = gpud_cli("serve", "--data-dir", str(daemon.data_dir), "--socket",
-                   str(tmp_path / "other.sock"), timeout=30)
+    out = gpud_cli(
+        "serve",
+        "--data-dir",
+        str(daemon.data_dir),
+        "--socket",
+        str(tmp_path / "other.sock"),
+        timeout=30,
+    )
     assert out.returncode == EXIT["error"] and "already running" in out.stderr
 
 
 def test_serve_startup_error_is_one_clear_line(tmp_path: Path) -> None:
     """An error raised inside the daemon's nursery (trio wraps it in a group) is still one
     `Error:` line, not a traceback."""
-    out = gpud_cli("serve", "--data-dir", str(tmp_path / "d"), "--socket",
-                   str(tmp_path / "s.sock"),
-                   env={**os.environ, "GPUD_PYTHON": "/nonexistent/python3"},
-                   timeout=60)
+    out = gpud_cli(
+        "serve",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--socket",
+        str(tmp_path / "s.sock"),
+        env={**os.environ, "GPUD_PYTHON": "/nonexistent/python3"},
+        timeout=60,
+    )
     assert out.returncode == EXIT["error"], out.stderr
     assert "Error:" in out.stderr and "python" in out.stderr and "Traceback" not in out.stderr
 
@@ -151,7 +175,8 @@ def test_serve_refuses_a_newer_ledger_in_one_line(tmp_path: Path) -> None:
     conn = sqlite3.connect(data / "ledger.db")
     conn.execute("PRAGMA user_version = 999")
     conn.close()
-    out = gpud_cli("serve", "--data-dir", str(data), "--socket", str(tmp_path / "s.sock"),
-                   timeout=60)
+    out = gpud_cli(
+        "serve", "--data-dir", str(data), "--socket", str(tmp_path / "s.sock"), timeout=60
+    )
     assert out.returncode == EXIT["error"], out.stderr
     assert "newer than this gpud knows" in out.stderr and "Traceback" not in out.stderr

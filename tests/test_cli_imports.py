@@ -21,12 +21,38 @@ import pytest
 from .conftest import REPO, DaemonProc, gpud_cli
 
 #: Modules no read command needs; each cost `gpud ps` from a few to ~150 ms.
-HEAVY = ("rich", "trio", "anyio", "httpx", "httpcore", "h11", "textual", "cloudpickle",
-         "sqlite3", "hypercorn", "starlette", "gpud.daemon", "gpud.cli_admin",
-         "gpud.cli_run", "gpud_client.app", "gpud_client.worker", "gpud_client.payload")
+HEAVY = (
+    "rich",
+    "trio",
+    "anyio",
+    "httpx",
+    "httpcore",
+    "h11",
+    "textual",
+    "cloudpickle",
+    "sqlite3",
+    "hypercorn",
+    "starlette",
+    "gpud.daemon",
+    "gpud.cli_admin",
+    "gpud.cli_run",
+    "gpud_client.app",
+    "gpud_client.worker",
+    "gpud_client.payload",
+)
 #: ... and those a submit (`gpud run -d`) needs none of.
-HEAVY_FOR_SUBMIT = ("rich", "trio", "anyio", "httpx", "httpcore", "textual", "hypercorn",
-                    "starlette", "gpud.daemon", "gpud.cli_admin")
+HEAVY_FOR_SUBMIT = (
+    "rich",
+    "trio",
+    "anyio",
+    "httpx",
+    "httpcore",
+    "textual",
+    "hypercorn",
+    "starlette",
+    "gpud.daemon",
+    "gpud.cli_admin",
+)
 
 #: Runs the command as `gpud` does, then writes the names of the modules it imported.
 _PROBE = """
@@ -45,34 +71,51 @@ finally:
 
 def imported_by(args: list[str], env: dict[str, str], out: Path) -> set[str]:
     env = {**env, "PROBE_ARGS": json.dumps(args), "PROBE_OUT": str(out)}
-    done = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "Traceback" not in done.stderr, done.stderr
     return set(json.loads(out.read_text()))
 
 
 def heavy_in(modules: set[str], heavy: tuple[str, ...]) -> list[str]:
-    return sorted(m for m in modules if m in heavy or m.split(".")[0] in heavy
-                  or any(m.startswith(h + ".") for h in heavy))
+    return sorted(
+        m
+        for m in modules
+        if m in heavy or m.split(".")[0] in heavy or any(m.startswith(h + ".") for h in heavy)
+    )
 
 
-def test_the_read_commands_import_nothing_heavy(process_daemon: DaemonProc,
-                                                tmp_path: Path) -> None:
+def test_the_read_commands_import_nothing_heavy(process_daemon: DaemonProc, tmp_path: Path) -> None:
     env = process_daemon.client_env()
     job = gpud_cli("run", "-d", "examples/hello.py::square", "--x", "3", env=env)
     assert job.returncode == 0, job.stderr
     jid = job.stdout.strip()
     gpud_cli("logs", jid, "-f", env=env)  # finished: its row has every column filled
-    commands = [["ps"], ["ps", "--all"], ["ps", "--all", "--json"], ["gpus"],
-                ["logs", jid], ["cancel", jid], ["version"], ["--version"]]
+    commands = [
+        ["ps"],
+        ["ps", "--all"],
+        ["ps", "--all", "--json"],
+        ["gpus"],
+        ["logs", jid],
+        ["cancel", jid],
+        ["version"],
+        ["--version"],
+    ]
     for args in commands:
         modules = imported_by(args, env, tmp_path / "modules.json")
         assert "gpud_client.client" in modules or args[0] in ("--version",), args
         assert heavy_in(modules, HEAVY) == [], f"`gpud {' '.join(args)}` imports these"
 
 
-def test_a_submit_imports_no_http_library_and_no_table(process_daemon: DaemonProc,
-                                                        tmp_path: Path) -> None:
+def test_a_submit_imports_no_http_library_and_no_table(
+    process_daemon: DaemonProc, tmp_path: Path
+) -> None:
     args = ["run", "-d", "examples/hello.py::square", "--x", "4"]
     modules = imported_by(args, process_daemon.client_env(), tmp_path / "modules.json")
     assert "cloudpickle" in modules  # it did submit: the probe is not vacuous
@@ -88,12 +131,18 @@ def test_no_daemon_still_says_how_to_start_one_without_heavy_imports(tmp_path: P
 @pytest.mark.parametrize("heavy", ["rich", "httpx"])
 def test_the_guard_sees_a_heavy_import(tmp_path: Path, heavy: str) -> None:
     """The probe reports what a command imported: one that imports rich is caught."""
-    env = {**os.environ, "GPUD_URL": f"unix://{tmp_path}/nothing.sock",
-           "PYTHONSTARTUP": ""}
-    probe = _PROBE.replace("from gpud.cli import main", f"import {heavy}\n    "
-                           "from gpud.cli import main")
+    env = {**os.environ, "GPUD_URL": f"unix://{tmp_path}/nothing.sock", "PYTHONSTARTUP": ""}
+    probe = _PROBE.replace(
+        "from gpud.cli import main", f"import {heavy}\n    from gpud.cli import main"
+    )
     out = tmp_path / "modules.json"
     env.update({"PROBE_ARGS": json.dumps(["ps"]), "PROBE_OUT": str(out)})
-    subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True,
-                   timeout=60, check=True)
+    subprocess.run(
+        [sys.executable, "-c", probe],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     assert heavy in heavy_in(set(json.loads(out.read_text())), HEAVY)

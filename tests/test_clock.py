@@ -8,6 +8,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import httpx
@@ -36,8 +37,9 @@ def _body(fn: object, **kw: object) -> bytes:
     mod = sys.modules[__name__]
     cloudpickle.register_pickle_by_value(mod)
     try:
-        req = SubmitRequest(name="t.fn", function=cloudpickle.dumps(fn),
-                            args=cloudpickle.dumps(((), {})), python=PY)
+        req = SubmitRequest(
+            name="t.fn", function=cloudpickle.dumps(fn), args=cloudpickle.dumps(((), {})), python=PY
+        )
     finally:
         cloudpickle.unregister_pickle_by_value(mod)
     body = msgspec.to_builtins(req)
@@ -56,8 +58,15 @@ async def clocked(base_dir: Path, nursery):  # type: ignore[no-untyped-def]
     env["GPUD_SOCKET"] = str(base_dir / "gpud.sock")
     cfg = load_config(env=env)
     clock = FakeClock(start=time.time())
-    s = await nursery.start(partial(serve, cfg, inventory=FakeGpuInventory(cfg.fake_gpus),
-                                    kill_jobs_on_exit=True, clock=clock))
+    s = await nursery.start(
+        partial(
+            serve,
+            cfg,
+            inventory=FakeGpuInventory(cfg.fake_gpus),
+            kill_jobs_on_exit=True,
+            clock=clock,
+        )
+    )
     transport = httpx.AsyncHTTPTransport(uds=str(s.socket))
     async with httpx.AsyncClient(transport=transport, base_url="http://gpud") as http:
         yield http, clock
@@ -104,8 +113,12 @@ async def test_retry_backoff_waits_for_the_clock(clocked) -> None:  # type: igno
     http, clock = clocked
     job = (await http.post("/v1/jobs", content=_body(_boom, retries=1))).json()
     with trio.fail_after(20):
-        while (j := (await http.get(f"/v1/jobs/{job['id']}")).json())["attempt"] < 1 \
-                or j["state"] != "queued":  # noqa: ASYNC110 - polling over HTTP
+
+        def waiting(j: dict[str, Any]) -> bool:
+            return j["attempt"] >= 1 and j["state"] == "queued"
+
+        # Polling over HTTP: there is no event to wait on in another process.
+        while not waiting(j := (await http.get(f"/v1/jobs/{job['id']}")).json()):  # noqa: ASYNC110
             await trio.sleep(0.05)
     assert "backoff for another 0.2 s (attempt 2 of 2)" in j["reason"], j
     await trio.sleep(0.6)  # three times the backoff in real time: the clock stands still

@@ -34,8 +34,12 @@ from gpud.testing.fake_cudackpt import STEPS, FakeCudaDriver, fake_checkpointer
 from tests.conftest import DaemonProc, gpud_cli
 
 GIB = 1024**3
-R, L, C, F = (ProcessState.RUNNING, ProcessState.LOCKED, ProcessState.CHECKPOINTED,
-              ProcessState.FAILED)
+R, L, C, F = (
+    ProcessState.RUNNING,
+    ProcessState.LOCKED,
+    ProcessState.CHECKPOINTED,
+    ProcessState.FAILED,
+)
 G0 = "GPU-00000000-fake-4000-8000-000000000000"
 G1 = "GPU-00000000-fake-4000-8000-000000000001"
 
@@ -62,8 +66,7 @@ def test_park_and_unpark_move_the_state_and_take_size_over_bandwidth() -> None:
     back = ck.unpark(41)
     assert back.was is C and back.seconds == pytest.approx(8 * GIB / 10e9)
     assert ck.state(41) is R and drv.host_bytes() == 0
-    assert [s for s, _ in drv.calls if s != "state"] == ["lock", "checkpoint", "restore",
-                                                          "unlock"]
+    assert [s for s, _ in drv.calls if s != "state"] == ["lock", "checkpoint", "restore", "unlock"]
 
 
 def test_fake_driver_refuses_steps_from_the_wrong_state() -> None:
@@ -118,8 +121,9 @@ def test_remap_onto_another_gpu_needs_every_gpu_and_a_driver_that_can() -> None:
     with pytest.raises(ValueError, match="empty"):
         ck.unpark(9, {})
     # A driver without remapping: identity maps go through as "no map", others are refused.
-    old = DriverCheckpointer(drv, Support(ok=True, reason="CUDA 12.8", remap=False),
-                             memory_of=drv.memory_of)
+    old = DriverCheckpointer(
+        drv, Support(ok=True, reason="CUDA 12.8", remap=False), memory_of=drv.memory_of
+    )
     old.park(9, 1)
     with pytest.raises(CudaCheckpointError, match="cannot restore onto other GPUs.*580"):
         old.unpark(9, {G1: G0})
@@ -132,15 +136,18 @@ def test_remap_onto_another_gpu_needs_every_gpu_and_a_driver_that_can() -> None:
 
 #: (step, the state the failing call leaves, what park/unpark must leave)
 PARK_FAILURES = [
-    ("lock", None, R), ("lock", L, R),  # a lock that failed yet locked
-    ("checkpoint", None, R), ("checkpoint", C, R),  # went through after all: restore it
+    ("lock", None, R),
+    ("lock", L, R),  # a lock that failed yet locked
+    ("checkpoint", None, R),
+    ("checkpoint", C, R),  # went through after all: restore it
     ("checkpoint", F, F),  # the driver gave up on it: reported, cannot be helped
 ]
 
 
 @pytest.mark.parametrize(("step", "leave", "want"), PARK_FAILURES)
-def test_a_failed_park_leaves_the_process_running(step: str, leave: ProcessState | None,
-                                                  want: ProcessState) -> None:
+def test_a_failed_park_leaves_the_process_running(
+    step: str, leave: ProcessState | None, want: ProcessState
+) -> None:
     drv, ck, _ = make()
     drv.add_process(3, bytes=GIB)
     drv.fail(step, "CUDA_ERROR_OUT_OF_MEMORY", leave=leave)
@@ -176,7 +183,8 @@ def test_unlock_failing_once_is_retried_and_twice_is_reported() -> None:
 
 @pytest.mark.parametrize("leave", [None, L])
 def test_a_failed_restore_leaves_it_parked_or_running_never_locked(
-        leave: ProcessState | None) -> None:
+    leave: ProcessState | None,
+) -> None:
     drv, ck, _ = make()
     drv.add_process(3)
     ck.park(3, 1)
@@ -195,9 +203,12 @@ OPS = st.lists(
     st.one_of(
         st.tuples(st.just("park"), st.integers(0, 2)),
         st.tuples(st.just("unpark"), st.integers(0, 2)),
-        st.tuples(st.just("fail"), st.sampled_from(STEPS),
-                  st.sampled_from([None, R, L, C]), st.integers(1, 3))
-        .map(lambda f: f if f[1] != "state" else (f[0], f[1], None, f[3])),
+        st.tuples(
+            st.just("fail"),
+            st.sampled_from(STEPS),
+            st.sampled_from([None, R, L, C]),
+            st.integers(1, 3),
+        ).map(lambda f: f if f[1] != "state" else (f[0], f[1], None, f[3])),
     ),
     max_size=40,
 )
@@ -249,8 +260,12 @@ def _build_stub(tmp: Path, *flags: str) -> Path:
         pytest.skip("no C compiler to build the stand-in libcuda")
     out = tmp / "libcuda-stub.so"
     src = Path(__file__).parent / "data" / "stub_libcuda.c"
-    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(out), str(src), *flags],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [cc, "-shared", "-fPIC", "-O1", "-o", str(out), str(src), *flags],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return out
 
 
@@ -304,7 +319,8 @@ def test_ctypes_layer_passes_the_driver_its_structs(tmp_path: Path) -> None:
 
 def test_uuid_bytes() -> None:
     assert uuid_bytes("GPU-8c1e2a55-0f1d-4c3b-9a6e-0123456789ab").hex() == (
-        "8c1e2a550f1d4c3b9a6e0123456789ab")
+        "8c1e2a550f1d4c3b9a6e0123456789ab"
+    )
     for bad in ("GPU-1234", "MIG-8c1e2a55-0f1d-4c3b-9a6e-0123456789ab", G0):
         with pytest.raises(ValueError, match="not a GPU UUID"):
             uuid_bytes(bad)

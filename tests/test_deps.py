@@ -135,12 +135,23 @@ def test_unknown_and_future_ids_are_refused(daemon: DaemonProc, tmp_path: Path) 
         assert err.value.status == 400 and f"no job of yours with id {bad}" in str(err.value)
     script = tmp_path / "pipe.py"
     script.write_text("def ok(x: int) -> int:\n    return x\n")
-    out = gpud_cli("run", f"{script}::ok", "--x", "1", "--after", str(future),
-                   env=daemon.client_env())
+    out = gpud_cli(
+        "run", f"{script}::ok", "--x", "1", "--after", str(future), env=daemon.client_env()
+    )
     assert out.returncode != 0 and "no job of yours" in out.stderr
     first = ok.spawn(1)
-    out = gpud_cli("run", f"{script}::ok", "--x", "4", "--after", str(first.id),
-                   "--notify", "bell", env=daemon.client_env(), timeout=120)
+    out = gpud_cli(
+        "run",
+        f"{script}::ok",
+        "--x",
+        "4",
+        "--after",
+        str(first.id),
+        "--notify",
+        "bell",
+        env=daemon.client_env(),
+        timeout=120,
+    )
     assert out.returncode == 0 and out.stdout.strip() == "4", out.stderr
     assert "\agpud job" in out.stderr and "succeeded" in out.stderr
 
@@ -189,16 +200,18 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
-def test_one_post_per_chosen_final_state(daemon: DaemonProc, receiver: Receiver,
-                                         shared_dir: Path) -> None:
+def test_one_post_per_chosen_final_state(
+    daemon: DaemonProc, receiver: Receiver, shared_dir: Path
+) -> None:
     chosen = {"notify": receiver.url, "notify_on": ("failed", "succeeded")}
     skipped = prepare.with_options(**chosen).spawn(str(shared_dir / "never"))
     skipped.cancel()  # cancelled: not a chosen state
     good = ok.with_options(**chosen).spawn(1)
     bad = boom.with_options(**chosen).spawn()
     last = ok.with_options(notify=receiver.url).spawn(2)  # all final states by default
-    wait_for(lambda: receiver.of(good.id) and receiver.of(bad.id) and receiver.of(last.id),
-             timeout=120)
+    wait_for(
+        lambda: receiver.of(good.id) and receiver.of(bad.id) and receiver.of(last.id), timeout=120
+    )
     assert [b["state"] for b in receiver.of(good.id)] == ["succeeded"]
     assert [b["state"] for b in receiver.of(bad.id)] == ["failed"]
     assert receiver.of(skipped.id) == []
@@ -214,8 +227,9 @@ def test_a_receiver_down_at_first_gets_it_later(daemon: DaemonProc) -> None:
         port = s.getsockname()[1]
     job = ok.with_options(notify=f"http://127.0.0.1:{port}/hook").spawn(3)
     assert job.get(timeout=120) == 3
-    wait_for(lambda: f"webhook for job {job.id} not delivered" in daemon.log.read_text(),
-             timeout=30)
+    wait_for(
+        lambda: f"webhook for job {job.id} not delivered" in daemon.log.read_text(), timeout=30
+    )
     late = Receiver(port)
     try:
         wait_for(lambda: late.of(job.id), timeout=30)

@@ -21,8 +21,15 @@ OK, F, C = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED
 
 
 def job(i: int, *deps: int, any_: bool = False, owner: str = "ann") -> Job:
-    return Job(id=i, function="f", state=JobState.QUEUED, submitted_at=0.0, owner=owner,
-               deps=deps, deps_any=any_)
+    return Job(
+        id=i,
+        function="f",
+        state=JobState.QUEUED,
+        submitted_at=0.0,
+        owner=owner,
+        deps=deps,
+        deps_any=any_,
+    )
 
 
 def test_a_job_waits_for_every_dependency_and_is_freed_by_the_last() -> None:
@@ -42,11 +49,13 @@ def test_afterok_dooms_on_any_other_end_and_the_cancel_cascades() -> None:
     idx.hold(job(3, 2), {})
     ready, doomed = idx.ended(1, F)
     assert ready == [] and [(d.job_id, d.reason) for d in doomed] == [
-        (2, "dependency job 1 failed")]
+        (2, "dependency job 1 failed")
+    ]
     assert 2 in idx  # out of the scheduler's queue until its cancel is recorded
     ready, doomed = idx.ended(2, C, "dependency job 1 failed")
     assert [(d.job_id, d.reason) for d in doomed] == [
-        (3, "dependency job 2 was cancelled (dependency job 1 failed)")]
+        (3, "dependency job 2 was cancelled (dependency job 1 failed)")
+    ]
     idx.ended(3, C, doomed[0].reason)
     assert not idx.waiting and not idx.doomed
 
@@ -95,8 +104,9 @@ def test_result_of_pickles_to_a_builtin_and_the_worker_swaps_it(tmp_path: Path) 
     plain = ((1, 2), {"a": [3]})
     assert _resolve_results(cloudpickle, tmp_path, *plain) == plain
     with pytest.raises(LookupError, match="job 7 left no result"):
-        _resolve_results(cloudpickle, tmp_path, *pickle.loads(
-            cloudpickle.dumps(((gpud.result_of(7),), {}))))
+        _resolve_results(
+            cloudpickle, tmp_path, *pickle.loads(cloudpickle.dumps(((gpud.result_of(7),), {})))
+        )
 
 
 def test_client_side_parsing() -> None:
@@ -106,8 +116,7 @@ def test_client_side_parsing() -> None:
         job_ids("41;42")
     with pytest.raises(TypeError):
         job_ids([True])
-    assert result_refs((gpud.result_of(3), [gpud.result_of(4)]), {"x": gpud.result_of(3)}) \
-        == (3, 4)
+    assert result_refs((gpud.result_of(3), [gpud.result_of(4)]), {"x": gpud.result_of(3)}) == (3, 4)
     assert parse_states("failed, timed-out") == ("failed", "timed_out")
     assert parse_states("all") == ("succeeded", "failed", "cancelled", "timed_out", "lost")
     with pytest.raises(ValueError, match="not a final state"):

@@ -43,8 +43,11 @@ def gated(gate: str, pidfile: str) -> str:
 def _post(d: DaemonProc, path: str, body: object) -> httpx.Response:
     transport = httpx.HTTPTransport(uds=str(d.socket))
     with httpx.Client(transport=transport, base_url="http://gpud", timeout=60) as h:
-        return h.post("/v1" + path, content=msgspec.json.encode(body),
-                      headers={"content-type": "application/json"})
+        return h.post(
+            "/v1" + path,
+            content=msgspec.json.encode(body),
+            headers={"content-type": "application/json"},
+        )
 
 
 def _state(d: DaemonProc, job_id: int) -> str:
@@ -87,8 +90,9 @@ def tmpfs_daemon(base_dir: Path) -> Iterator[DaemonProc]:
     """A daemon whose data directory is a 16 MiB tmpfs of its own."""
     d = DaemonProc(base_dir)
     d.data_dir.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs",
-                    str(d.data_dir)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(d.data_dir)], check=True
+    )
     try:
         with _stopped_after(d):
             yield d
@@ -138,7 +142,8 @@ def _fill(path: Path) -> None:
 
 @needs_root
 def test_full_disk_refuses_submits_holds_state_changes_and_recovers(
-        tmpfs_daemon: DaemonProc, shared_dir: Path) -> None:
+    tmpfs_daemon: DaemonProc, shared_dir: Path
+) -> None:
     d = tmpfs_daemon
     handle, gate, pid = _start_with_a_gated_job(d, shared_dir)
     # Empty the WAL, so that the next ledger write needs new space, then fill the disk.
@@ -170,8 +175,9 @@ def test_full_disk_refuses_submits_holds_state_changes_and_recovers(
     _works_as_before_and_ledger_intact(d, shared_dir)
 
 
-def test_a_held_write_lock_gets_503_and_the_daemon_carries_on(plain_daemon: DaemonProc,
-                                                              shared_dir: Path) -> None:
+def test_a_held_write_lock_gets_503_and_the_daemon_carries_on(
+    plain_daemon: DaemonProc, shared_dir: Path
+) -> None:
     d = plain_daemon
     handle, gate, pid = _start_with_a_gated_job(d, shared_dir)
 

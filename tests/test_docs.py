@@ -80,8 +80,9 @@ def _subcommands(group: click.Group, prefix: str) -> list[tuple[str, click.Comma
     return out
 
 
-NESTED = [x for name, c in COMMANDS if isinstance(c, click.Group)
-          for x in _subcommands(c, f"gpud {name}")]
+NESTED = [
+    x for name, c in COMMANDS if isinstance(c, click.Group) for x in _subcommands(c, f"gpud {name}")
+]
 
 
 def _subsection(text: str, heading: str) -> str:
@@ -92,8 +93,7 @@ def _subsection(text: str, heading: str) -> str:
 
 
 @pytest.mark.parametrize(("path", "command"), NESTED, ids=[p for p, _ in NESTED])
-def test_every_subcommand_and_its_options_are_documented(path: str,
-                                                         command: click.Command) -> None:
+def test_every_subcommand_and_its_options_are_documented(path: str, command: click.Command) -> None:
     """`gpud admin user add` and friends: help text, a ### heading, every option."""
     assert (command.help or "").strip(), f"`{path}` has no help text"
     section = _subsection(_read(CLI_MD), path)
@@ -144,8 +144,14 @@ def test_readme_lists_every_setting() -> None:
 
 def test_docs_link_targets_exist() -> None:
     """Relative links in the docs point at files that exist."""
-    for doc in (README, CLI_MD, API_MD, ROOT / "docs" / "architecture.md", ROOT / "CHANGELOG.md",
-                ROOT / "docs" / "operations.md"):
+    for doc in (
+        README,
+        CLI_MD,
+        API_MD,
+        ROOT / "docs" / "architecture.md",
+        ROOT / "CHANGELOG.md",
+        ROOT / "docs" / "operations.md",
+    ):
         text = _read(doc)
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
             if "://" in target or target.startswith("mailto:"):

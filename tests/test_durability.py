@@ -47,7 +47,6 @@ def counted_warm(path: str, seconds: float) -> str:
     return "done"
 
 
-
 @pytest.fixture
 def crashable(request: pytest.FixtureRequest, base_dir: Path) -> Iterator[DaemonProc]:
     """A `gpud serve` of the test's own that it kills and restarts (not started yet)."""
@@ -89,14 +88,19 @@ POINTS = ["before_launch", "after_mark_launched", "after_launch", "running", "be
 
 # A warm job's launch is its RUNNING record (no separate launch windows).
 CASES = [(p, False) for p in POINTS] + [
-    ("warm_worker_ready", True), ("running", True), ("before_finish", True)]
+    ("warm_worker_ready", True),
+    ("running", True),
+    ("before_finish", True),
+]
 
 
 @pytest.mark.parametrize("crashable", EXECUTORS, indirect=True)
-@pytest.mark.parametrize(("point", "warm"), CASES,
-                         ids=[f"{p}-{'warm' if w else 'cold'}" for p, w in CASES])
-def test_kill_9_at_each_step_runs_the_job_once(crashable: DaemonProc, shared_dir: Path,
-                                               point: str, warm: bool) -> None:
+@pytest.mark.parametrize(
+    ("point", "warm"), CASES, ids=[f"{p}-{'warm' if w else 'cold'}" for p, w in CASES]
+)
+def test_kill_9_at_each_step_runs_the_job_once(
+    crashable: DaemonProc, shared_dir: Path, point: str, warm: bool
+) -> None:
     d = crashable
     if point != "running":
         d.env["GPUD_TEST_CRASH_AT"] = point
@@ -112,8 +116,9 @@ def test_kill_9_at_each_step_runs_the_job_once(crashable: DaemonProc, shared_dir
     _died(d)
     if point in ("after_launch", "before_finish", "running"):
         # The job goes on without its daemon and writes its outcome meanwhile.
-        wait_for(lambda: (d.data_dir / "jobs" / str(handle.id) / "status.json").exists(),
-                 timeout=60)
+        wait_for(
+            lambda: (d.data_dir / "jobs" / str(handle.id) / "status.json").exists(), timeout=60
+        )
     d.env.pop("GPUD_TEST_CRASH_AT", None)
     d.start()
     assert handle.get(timeout=60) == "done"
@@ -122,16 +127,20 @@ def test_kill_9_at_each_step_runs_the_job_once(crashable: DaemonProc, shared_dir
     assert count.read_text() == "run\n", "the job ran more than once"
     assert _final_events(d, handle.id) == ["succeeded"]
     # ... and recovery took the path meant for that point.
-    said = {"before_launch": "had not been launched", "warm_worker_ready": "had not been launched",
-            "after_mark_launched": "was launched but never began",
-            "after_launch": "finished while the daemon was down",
-            "before_finish": "finished while the daemon was down"}
+    said = {
+        "before_launch": "had not been launched",
+        "warm_worker_ready": "had not been launched",
+        "after_mark_launched": "was launched but never began",
+        "after_launch": "finished while the daemon was down",
+        "before_finish": "finished while the daemon was down",
+    }
     if point in said:
         assert said[point] in d.log.read_text()
 
 
-def test_an_earlier_attempts_outcome_is_never_taken_for_this_ones(crashable: DaemonProc,
-                                                                  shared_dir: Path) -> None:
+def test_an_earlier_attempts_outcome_is_never_taken_for_this_ones(
+    crashable: DaemonProc, shared_dir: Path
+) -> None:
     """The daemon died with attempt 2 launched but not started, attempt 1's status.json
     and result (from some older layout) still there: attempt 2 runs, and its own value
     is returned, not attempt 1's."""
@@ -187,7 +196,8 @@ def _job_count(d: DaemonProc) -> int:
 
 
 def test_submit_retried_after_the_daemon_died_past_its_commit_makes_one_job(
-        crashable: DaemonProc, shared_dir: Path) -> None:
+    crashable: DaemonProc, shared_dir: Path
+) -> None:
     d = crashable
     d.env["GPUD_TEST_CRASH_AT"] = "after_submit"
     d.start()
@@ -248,8 +258,11 @@ def test_idempotency_keys_per_request(crashable: DaemonProc, shared_dir: Path) -
     with httpx.Client(transport=transport, base_url="http://gpud") as h:
         import msgspec
 
-        r = h.post("/v1/jobs", content=msgspec.json.encode(body),
-                   headers={"content-type": "application/json"})
+        r = h.post(
+            "/v1/jobs",
+            content=msgspec.json.encode(body),
+            headers={"content-type": "application/json"},
+        )
     assert r.status_code == 201 and r.json()["id"] == first.id
     assert r.headers["idempotent-replayed"] == "true"
     assert _job_count(d) == 2 + 3
@@ -264,22 +277,25 @@ def test_idempotency_keys_are_per_owner_and_expire(tmp_path: Path) -> None:
     led = Ledger(tmp_path / "ledger.db")
 
     def job(owner: str) -> NewJob:
-        return NewJob(name="f", owner=owner, function_hash="h", args=b"a", python="3.11.0",
-                      timeout=60)
+        return NewJob(
+            name="f", owner=owner, function_hash="h", args=b"a", python="3.11.0", timeout=60
+        )
 
     now = 1_000_000.0
-    _, (a,) = led.submit([job("alice")], b"fn", now,
-                         idempotency=IdempotencyKey("alice", "k" * 8, "fp"))
-    _, (b,) = led.submit([job("bob")], b"fn", now,
-                         idempotency=IdempotencyKey("bob", "k" * 8, "fp"))
+    _, (a,) = led.submit(
+        [job("alice")], b"fn", now, idempotency=IdempotencyKey("alice", "k" * 8, "fp")
+    )
+    _, (b,) = led.submit([job("bob")], b"fn", now, idempotency=IdempotencyKey("bob", "k" * 8, "fp"))
     assert a != b
     with pytest.raises(Replay) as r:
-        led.submit([job("alice")], b"fn", now + 1,
-                   idempotency=IdempotencyKey("alice", "k" * 8, "fp"))
+        led.submit(
+            [job("alice")], b"fn", now + 1, idempotency=IdempotencyKey("alice", "k" * 8, "fp")
+        )
     assert r.value.ids == [a]
     later = now + IDEMPOTENCY_TTL + 1
-    _, (c,) = led.submit([job("alice")], b"fn", later,
-                         idempotency=IdempotencyKey("alice", "k" * 8, "fp"))
+    _, (c,) = led.submit(
+        [job("alice")], b"fn", later, idempotency=IdempotencyKey("alice", "k" * 8, "fp")
+    )
     assert c not in (a, b)
     assert led.integrity_check() == "ok"
     led.close()
@@ -303,8 +319,11 @@ def test_attempts_open_at_the_upgrade_count_as_launched(tmp_path: Path) -> None:
     led = Ledger(path)  # migrates to the newest schema
     try:
         assert led.conn.execute("PRAGMA user_version").fetchone()[0] >= 6
-        _, (j,) = led.submit([NewJob(name="f", owner="o", function_hash="h", args=b"",
-                                     python="3.11.0", timeout=60)], b"fn", time.time())
+        _, (j,) = led.submit(
+            [NewJob(name="f", owner="o", function_hash="h", args=b"", python="3.11.0", timeout=60)],
+            b"fn",
+            time.time(),
+        )
         led.advance(j, [Step(JobState.STARTING)], time.time())
         assert not led.launched(j, 1)
         led.mark_launched(j, 1, time.time())
@@ -318,9 +337,11 @@ def test_attempts_open_at_the_upgrade_count_as_launched(tmp_path: Path) -> None:
         for statement in _split(script):
             conn.execute(statement)
     conn.execute("PRAGMA user_version = 5")
-    conn.execute("INSERT INTO jobs (name, owner, state, timeout, python, function_hash, "
-                 "args, submitted_at, attempt) VALUES ('f', 'o', 'starting', 60, '3.11.0', "
-                 "'h', x'', 0, 1)")
+    conn.execute(
+        "INSERT INTO jobs (name, owner, state, timeout, python, function_hash, "
+        "args, submitted_at, attempt) VALUES ('f', 'o', 'starting', 60, '3.11.0', "
+        "'h', x'', 0, 1)"
+    )
     conn.execute("INSERT INTO attempts (job_id, attempt, started_at) VALUES (1, 1, 5.0)")
     conn.close()
     led = Ledger(path2)

@@ -103,7 +103,6 @@ def flaky(marker: str, fail_times: int) -> int:
     return n
 
 
-
 def job_alive(daemon: DaemonProc, job_id: int, pids: list[int]) -> bool:
     """Is anything of the job still running? A Podman job's pids are its container's own
     (namespaced), so there the container tells: removed means every process is gone."""
@@ -117,12 +116,12 @@ def kill_behind_daemons_back(daemon: DaemonProc, job_id: int, leader: int) -> No
     import subprocess
 
     if daemon.executor == "podman":
-        subprocess.run(["podman", "rm", "-f", *containers_of(daemon, job_id)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["podman", "rm", "-f", *containers_of(daemon, job_id)], check=True, capture_output=True
+        )
     else:
         os.killpg(leader, signal.SIGKILL)
         wait_for(lambda: not pid_alive(leader))
-
 
 
 # -- the basics ----------------------------------------------------------------------------
@@ -194,8 +193,7 @@ def test_gpu_job_sees_exactly_its_gpu_by_uuid(daemon: DaemonProc) -> None:
 def test_two_gpu_jobs_never_share_and_a_third_waits_with_a_reason(daemon: DaemonProc) -> None:
     a, b = one_h100.spawn(3.0), one_h100.spawn(3.0)
     with Client() as c:
-        wait_for(lambda: c.get_job(a.id).state == "running" and
-                  c.get_job(b.id).state == "running")
+        wait_for(lambda: c.get_job(a.id).state == "running" and c.get_job(b.id).state == "running")
         third = one_h100.spawn(0.0)
         wait_for(lambda: c.get_job(third.id).reason is not None)
         info = c.get_job(third.id)
@@ -223,8 +221,9 @@ def test_logs_follow_streams_until_the_end(daemon: DaemonProc) -> None:
 # -- stop means stop -----------------------------------------------------------------------
 
 
-def test_cancel_running_job_kills_its_whole_process_group(daemon: DaemonProc,
-                                                          shared_dir: Path) -> None:
+def test_cancel_running_job_kills_its_whole_process_group(
+    daemon: DaemonProc, shared_dir: Path
+) -> None:
     pidfile = shared_dir / "pids"
     handle = sleeper.with_options(gpu="h100").spawn(600, str(pidfile))
     wait_for(pidfile.exists)
@@ -300,8 +299,9 @@ def test_crash_without_result_is_a_clear_failure(daemon: DaemonProc) -> None:
 # -- restart -------------------------------------------------------------------------------
 
 
-def test_sigkill_daemon_mid_job_then_restart_adopts_and_collects(fresh_daemon: DaemonProc,
-                                                                 shared_dir: Path) -> None:
+def test_sigkill_daemon_mid_job_then_restart_adopts_and_collects(
+    fresh_daemon: DaemonProc, shared_dir: Path
+) -> None:
     import signal
 
     pidfile, release = shared_dir / "pids", shared_dir / "release"
@@ -322,8 +322,9 @@ def test_sigkill_daemon_mid_job_then_restart_adopts_and_collects(fresh_daemon: D
     assert job.state == "succeeded" and job.attempt == 1  # adopted, not re-run
 
 
-def test_job_gone_after_restart_is_lost_then_retried(fresh_daemon: DaemonProc,
-                                                     shared_dir: Path) -> None:
+def test_job_gone_after_restart_is_lost_then_retried(
+    fresh_daemon: DaemonProc, shared_dir: Path
+) -> None:
     import signal
 
     pidfile = shared_dir / "pids"

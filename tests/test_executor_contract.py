@@ -61,15 +61,19 @@ from .conftest import require_podman
 
 #: Each behaviour a case needs: the Python a real job runs, and the fake's script.
 HOLD = "import time; open('ready', 'w').close(); time.sleep(120)"
-CHILD = ("import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
-         "'import time; time.sleep(120)']); ")
+CHILD = (
+    "import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
+    "'import time; time.sleep(120)']); "
+)
 BEHAVIOURS: dict[str, tuple[str, Script]] = {
     "ok": ("open('ready', 'w').close()", Script(after=0.0, result=None)),
     "exit7": ("import os; os._exit(7)", Script(after=0.0, exit_code=7)),
     "raise": ("raise ValueError('boom')", Script(after=0.0, error="ValueError: boom")),
     "hold": (HOLD, Script(after=None)),
-    "ignore_term": ("import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " + HOLD,
-                    Script(after=None, on_term="ignore")),
+    "ignore_term": (
+        "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " + HOLD,
+        Script(after=None, on_term="ignore"),
+    ),
     # the leader starts a process and ends; the process runs on
     "leave_child": (CHILD + "open('ready', 'w').close()", Script(after=0.0, children=1)),
     "hold_with_child": (CHILD + HOLD, Script(after=None, children=1)),
@@ -98,8 +102,7 @@ class Harness:
         job_id = next(_ids)
         d = self.jobs_dir / str(job_id)
         d.mkdir(mode=0o700)
-        return LaunchSpec(job_id=job_id, attempt=1, job_dir=d, log_path=d / "output.log",
-                          gpus=())
+        return LaunchSpec(job_id=job_id, attempt=1, job_dir=d, log_path=d / "output.log", gpus=())
 
     async def launch(self, behaviour: str, executor: Any = None) -> tuple[LaunchSpec, Handle]:
         ex = executor or self.executor
@@ -153,9 +156,14 @@ class RealHarness(Harness):
     def spec(self, behaviour: str) -> LaunchSpec:
         spec = super().spec(behaviour)
         source = BEHAVIOURS[behaviour][0]
-        files = job_files(job_id=spec.job_id, name="exec", python=_python(),
-                          function=cloudpickle.dumps(exec),
-                          args=cloudpickle.dumps(((source,), {})), attempt=spec.attempt)
+        files = job_files(
+            job_id=spec.job_id,
+            name="exec",
+            python=_python(),
+            function=cloudpickle.dumps(exec),
+            args=cloudpickle.dumps(((source,), {})),
+            attempt=spec.attempt,
+        )
         for name, data in files.items():
             (spec.job_dir / name).write_bytes(data)
         for path in [spec.job_dir, *spec.job_dir.iterdir()]:
@@ -181,9 +189,14 @@ class ProcessHarness(RealHarness):
         self.executor = self._new()
 
     def _new(self) -> ProcessExecutor:
-        return ProcessExecutor(python=self.python, version=self.version,
-                               runtime_dir=self.runtime, identity=self.ident,
-                               instance=self.instance, setpriv=self.setpriv)
+        return ProcessExecutor(
+            python=self.python,
+            version=self.version,
+            runtime_dir=self.runtime,
+            identity=self.ident,
+            instance=self.instance,
+            setpriv=self.setpriv,
+        )
 
     async def restart(self) -> Any:
         return self._new()
@@ -211,10 +224,16 @@ class PodmanHarness(RealHarness):
     def _new(self) -> Any:
         from gpud.executors.podman import PodmanExecutor
 
-        return PodmanExecutor(url="unix:///run/podman/podman.sock", runtime_dir=self.runtime,
-                              identity=self.ident, instance=self.instance,
-                              default_image=self.image, start_service=True, fake_gpus=True,
-                              jobs_dir=self.jobs_dir)
+        return PodmanExecutor(
+            url="unix:///run/podman/podman.sock",
+            runtime_dir=self.runtime,
+            identity=self.ident,
+            instance=self.instance,
+            default_image=self.image,
+            start_service=True,
+            fake_gpus=True,
+            jobs_dir=self.jobs_dir,
+        )
 
     async def restart(self) -> Any:
         ex = self._new()
@@ -268,8 +287,12 @@ def machine(request: pytest.FixtureRequest) -> Iterator[Harness]:
         pytest.skip("runs jobs as the job user 'nobody': needs root (CI runs as root)")
     base = Path(tempfile.mkdtemp(prefix="gpud-contract-", dir="/tmp"))
     os.chmod(base, 0o755)
-    kinds = {"process": ProcessHarness, "process-fork": ProcessForkHarness,
-             "podman": PodmanHarness, "fake": FakeHarness}
+    kinds = {
+        "process": ProcessHarness,
+        "process-fork": ProcessForkHarness,
+        "podman": PodmanHarness,
+        "fake": FakeHarness,
+    }
     h = kinds[request.param](base)
     try:
         yield h
@@ -288,9 +311,15 @@ async def h(machine: Harness) -> AsyncIterator[Harness]:
 
 def running(spec: LaunchSpec, handle: Handle | None, state: JobState = JobState.RUNNING) -> Job:
     """The ledger's record of a launched job, as a restarted daemon reads it."""
-    return Job(id=spec.job_id, function="exec", state=state, submitted_at=0.0,
-               attempt=spec.attempt, pid=handle.pid if handle else None,
-               pid_start=handle.pid_start if handle else None)
+    return Job(
+        id=spec.job_id,
+        function="exec",
+        state=state,
+        submitted_at=0.0,
+        attempt=spec.attempt,
+        pid=handle.pid if handle else None,
+        pid_start=handle.pid_start if handle else None,
+    )
 
 
 # -- what it is ---------------------------------------------------------------------------
@@ -509,4 +538,3 @@ def test_capabilities_refuses_a_promise_without_its_methods() -> None:
         capabilities(_Flagged())
     with pytest.raises(TypeError, match="is not an executor: it lacks .*launch"):
         capabilities(object())
-

@@ -51,9 +51,7 @@ def test_usage_matches_a_numeric_integral() -> None:
     h, start, end, now = 2 * DAY, T0 - 3 * DAY, T0 - DAY, T0
     steps = 20000
     dt = (end - start) / steps
-    numeric = sum(
-        3 * 2 ** (-(now - (start + (i + 0.5) * dt)) / h) * dt for i in range(steps)
-    )
+    numeric = sum(3 * 2 ** (-(now - (start + (i + 0.5) * dt)) / h) * dt for i in range(steps))
     assert interval_usage(start, end, 3, now=now, half_life=h) == pytest.approx(numeric)
 
 
@@ -68,8 +66,9 @@ def test_usage_not_counted_before_it_happens_or_when_empty() -> None:
 def test_decayed_totals_equal_the_sum_of_their_intervals_across_rebases() -> None:
     h = DAY
     totals = DecayedTotals(h, now=T0)
-    intervals = [("alice", T0 + i * 5 * HOUR, T0 + i * 5 * HOUR + HOUR, 1 + i % 2)
-                 for i in range(30)]  # spread over ~6 half-lives: several rebases
+    intervals = [
+        ("alice", T0 + i * 5 * HOUR, T0 + i * 5 * HOUR + HOUR, 1 + i % 2) for i in range(30)
+    ]  # spread over ~6 half-lives: several rebases
     for user, s, e, g in intervals:
         totals.add(user, s, e, g, now=e)
     now = T0 + 160 * HOUR
@@ -133,8 +132,15 @@ def test_without_a_policy_the_order_is_priority_then_fifo() -> None:
 def test_the_lighter_user_goes_first_whatever_the_submit_order() -> None:
     box = [gpu(0)]
     pending = [owned(1, "alice", submitted_at=T0), owned(2, "bob", submitted_at=T0 + 1)]
-    ds = decide(pending, [], box, cpu_slots=0, now=T0 + 2, usage={"alice": 1000.0,
-                "bob": 100.0}, policy=Policy())
+    ds = decide(
+        pending,
+        [],
+        box,
+        cpu_slots=0,
+        now=T0 + 2,
+        usage={"alice": 1000.0, "bob": 100.0},
+        policy=Policy(),
+    )
     assert started(ds) == {2: ("GPU-0",)}
     assert [d.job_id for d in ds] == [2, 1]
     assert by_id(ds)[1].position == 2  # type: ignore[union-attr]
@@ -143,8 +149,15 @@ def test_the_lighter_user_goes_first_whatever_the_submit_order() -> None:
 def test_running_jobs_owners_are_in_play() -> None:
     # bob has a job running and no usage yet: alice, who used a little, is not "everyone".
     box = [gpu(0), gpu(1)]
-    ds = decide([owned(1, "alice")], [running(9, 1, owner="bob")], box, cpu_slots=0,
-                now=T0, usage={"alice": 10.0}, policy=Policy())
+    ds = decide(
+        [owned(1, "alice")],
+        [running(9, 1, owner="bob")],
+        box,
+        cpu_slots=0,
+        now=T0,
+        usage={"alice": 10.0},
+        policy=Policy(),
+    )
     assert started(ds) == {1: ("GPU-0",)}
 
 
@@ -157,8 +170,14 @@ def test_age_lets_an_old_low_priority_job_overtake() -> None:
     ds = decide([old, new], [], box, cpu_slots=0, now=T0 + WEEK + DAY, policy=policy)
     assert started(ds) == {1: ("GPU-0",)}
     # With age weighing little, priority wins.
-    ds = decide([old, new], [], box, cpu_slots=0, now=T0 + WEEK + DAY,
-                policy=Policy(age_weight=10, max_age=WEEK))
+    ds = decide(
+        [old, new],
+        [],
+        box,
+        cpu_slots=0,
+        now=T0 + WEEK + DAY,
+        policy=Policy(age_weight=10, max_age=WEEK),
+    )
     assert started(ds) == {2: ("GPU-0",)}
 
 
@@ -186,7 +205,8 @@ class Sim:
         u = self.totals.at(self.now)
         for j, s in self.running.values():
             u[j.owner] = u.get(j.owner, 0.0) + interval_usage(
-                s, self.now, len(j.gpus), now=self.now, half_life=self.policy.half_life)
+                s, self.now, len(j.gpus), now=self.now, half_life=self.policy.half_life
+            )
         return u
 
     def held(self, owner: str) -> int:
@@ -194,9 +214,16 @@ class Sim:
 
     def step(self) -> None:
         usage = self.usage()
-        ds = decide(self.pending, [j for j, _ in self.running.values()], self.box,
-                    cpu_slots=0, now=self.now, usage=usage, policy=self.policy,
-                    quotas=self.quotas)
+        ds = decide(
+            self.pending,
+            [j for j, _ in self.running.values()],
+            self.box,
+            cpu_slots=0,
+            now=self.now,
+            usage=usage,
+            policy=self.policy,
+            quotas=self.quotas,
+        )
         starts = [d for d in ds if isinstance(d, Start)]
         waits = [d for d in ds if isinstance(d, Wait)]
         self.rounds.append((self.now, usage, starts, waits))
@@ -256,8 +283,7 @@ def test_two_users_bob_first_until_the_shares_even_out() -> None:
                 assert usage[owner[s.job_id]] <= usage[other] + 1e-6
 
     # bob's jobs start first, and only while he has used less than alice.
-    order = [(now, usage, owner[s.job_id]) for now, usage, starts, _ in sim.rounds
-             for s in starts]
+    order = [(now, usage, owner[s.job_id]) for now, usage, starts, _ in sim.rounds for s in starts]
     first_alice = next(i for i, (_, _, who) in enumerate(order) if who == "alice")
     assert first_alice >= 8 and all(who == "bob" for _, _, who in order[:first_alice])
     _, at_switch, _ = order[first_alice]
@@ -292,28 +318,47 @@ def test_over_quota_job_waits_with_the_reason_and_reserves_nothing() -> None:
     box = [gpu(0), gpu(1), gpu(2)]
     run = [running(9, 0, owner="alice")]
     pending = [owned(1, "alice", "h100:2"), owned(2, "bob", "h100:2")]
-    ds = decide(pending, run, box, cpu_slots=0, now=T0,
-                quotas={"alice": Quota(max_gpus=2)})
+    ds = decide(pending, run, box, cpu_slots=0, now=T0, quotas={"alice": Quota(max_gpus=2)})
     assert reason(ds, 1) == "alice's GPU quota is in use: 1 of 2 GPUs held by job 9"
     # Job 1 reserved nothing, so bob's job behind it starts on the two free GPUs.
     assert started(ds) == {2: ("GPU-1", "GPU-2")}
 
 
 def test_a_request_bigger_than_the_quota_says_so() -> None:
-    ds = decide([owned(1, "alice", "h100:3")], [], [gpu(0), gpu(1), gpu(2)], cpu_slots=0,
-                now=T0, quotas={"alice": Quota(max_gpus=2)})
-    assert reason(ds, 1) == ("it asks for 3 x h100, more than alice's GPU quota of 2 GPUs: "
-                             "ask an admin to raise it, or cancel it")
+    ds = decide(
+        [owned(1, "alice", "h100:3")],
+        [],
+        [gpu(0), gpu(1), gpu(2)],
+        cpu_slots=0,
+        now=T0,
+        quotas={"alice": Quota(max_gpus=2)},
+    )
+    assert reason(ds, 1) == (
+        "it asks for 3 x h100, more than alice's GPU quota of 2 GPUs: "
+        "ask an admin to raise it, or cancel it"
+    )
 
 
 def test_quota_picks_a_fallback_that_fits() -> None:
     box = [gpu(0), gpu(1), gpu(2, "l4")]
-    ds = decide([owned(1, "alice", "h100:2,l4:1")], [], box, cpu_slots=0, now=T0,
-                quotas={"alice": Quota(max_gpus=1)})
+    ds = decide(
+        [owned(1, "alice", "h100:2,l4:1")],
+        [],
+        box,
+        cpu_slots=0,
+        now=T0,
+        quotas={"alice": Quota(max_gpus=1)},
+    )
     assert started(ds) == {1: ("GPU-2",)}
     # When the fallback that fits is busy too, the reason says why the other is not tried.
-    ds = decide([owned(1, "alice", "h100:2,l4:1")], [running(9, 2, owner="bob")], box,
-                cpu_slots=0, now=T0, quotas={"alice": Quota(max_gpus=1)})
+    ds = decide(
+        [owned(1, "alice", "h100:2,l4:1")],
+        [running(9, 2, owner="bob")],
+        box,
+        cpu_slots=0,
+        now=T0,
+        quotas={"alice": Quota(max_gpus=1)},
+    )
     assert reason(ds, 1).endswith("; 2 x h100 would take alice over their GPU quota")
     assert "GPU 2 held by job 9 (bob)" in reason(ds, 1)
 
@@ -322,13 +367,21 @@ def test_timeout_over_the_quota_waits() -> None:
     j = owned(1, "alice", None)
     j.timeout = 4 * HOUR
     ds = decide([j], [], [], cpu_slots=1, now=T0, quotas={"alice": Quota(max_timeout=2 * HOUR)})
-    assert reason(ds, 1) == ("its timeout (4 h) is longer than alice's max_timeout quota "
-                             "(2 h): cancel it and submit it again with a shorter timeout")
+    assert reason(ds, 1) == (
+        "its timeout (4 h) is longer than alice's max_timeout quota "
+        "(2 h): cancel it and submit it again with a shorter timeout"
+    )
 
 
 def test_cpu_jobs_do_not_count_against_the_gpu_quota() -> None:
-    ds = decide([owned(1, "alice", None)], [running(9, 0, owner="alice")], [gpu(0)],
-                cpu_slots=1, now=T0, quotas={"alice": Quota(max_gpus=1)})
+    ds = decide(
+        [owned(1, "alice", None)],
+        [running(9, 0, owner="alice")],
+        [gpu(0)],
+        cpu_slots=1,
+        now=T0,
+        quotas={"alice": Quota(max_gpus=1)},
+    )
     assert started(ds) == {1: ()}
 
 
@@ -347,22 +400,26 @@ def quota_scenarios(draw: st.DrawFn) -> tuple[list[Job], list[Job], list[Gpu], d
     for i in range(draw(st.integers(0, 12))):
         n = draw(st.integers(1, 3))
         t = draw(st.sampled_from(["h100", "l4", "any"]))
-        pending.append(owned(100 + i, draw(st.sampled_from(users)), f"{t}:{n}",
-                             priority=draw(st.integers(-2, 2))))
-    quotas = {u: Quota(max_gpus=draw(st.integers(0, 3))) for u in users
-              if draw(st.booleans())}
+        pending.append(
+            owned(
+                100 + i, draw(st.sampled_from(users)), f"{t}:{n}", priority=draw(st.integers(-2, 2))
+            )
+        )
+    quotas = {u: Quota(max_gpus=draw(st.integers(0, 3))) for u in users if draw(st.booleans())}
     return pending, run, box, quotas
 
 
 @settings(max_examples=200, deadline=None)
-@given(quota_scenarios(), st.dictionaries(st.sampled_from(["alice", "bob", "carol"]),
-                                          st.floats(0, 1e6)))
+@given(
+    quota_scenarios(),
+    st.dictionaries(st.sampled_from(["alice", "bob", "carol"]), st.floats(0, 1e6)),
+)
 def test_property_quotas_are_never_exceeded_by_what_starts(
-    s: tuple[list[Job], list[Job], list[Gpu], dict[str, Quota]], usage: dict[str, float],
+    s: tuple[list[Job], list[Job], list[Gpu], dict[str, Quota]],
+    usage: dict[str, float],
 ) -> None:
     pending, run, box, quotas = s
-    ds = decide(pending, run, box, cpu_slots=0, now=T0, usage=usage, policy=Policy(),
-                quotas=quotas)
+    ds = decide(pending, run, box, cpu_slots=0, now=T0, usage=usage, policy=Policy(), quotas=quotas)
     owner = {j.id: j.owner for j in (*pending, *run)}
     held: dict[str, int] = {}
     for j in run:

@@ -32,8 +32,7 @@ PY = "{}.{}.{}".format(*sys.version_info[:3])
 
 def request(name: str = "fake.job", **kw: object) -> SubmitRequest:
     # The fake runs nothing: the payload is never unpickled, by the daemon or anyone.
-    return SubmitRequest(name=name, function=b"not run", args=b"not run", python=PY,
-                         **kw)  # type: ignore[arg-type]
+    return SubmitRequest(name=name, function=b"not run", args=b"not run", python=PY, **kw)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -55,8 +54,7 @@ def _config(base: Path) -> Config:
 
 async def _start(nursery: trio.Nursery, config: Config, executor: FakeExecutor) -> Served:
     inv = FakeGpuInventory(config.fake_gpus)
-    served: Served = await nursery.start(partial(serve, config, inventory=inv,
-                                                 executor=executor))
+    served: Served = await nursery.start(partial(serve, config, inventory=inv, executor=executor))
     return served
 
 
@@ -112,8 +110,9 @@ async def test_the_jobs_error_is_retried_but_a_setup_failure_is_not(box: Box) ->
     info = await finished(box.client, job.id)
     assert (info.state, info.attempt, info.error) == ("failed", 3, "ValueError: bad input")
     # Exit code 3: the worker could not even load the function (no use trying again).
-    box.executor.default = Script(after=0.0, exit_code=EXIT_SETUP,
-                                  error="ModuleNotFoundError: No module named 'torch'")
+    box.executor.default = Script(
+        after=0.0, exit_code=EXIT_SETUP, error="ModuleNotFoundError: No module named 'torch'"
+    )
     job = await box.client.submit(request(retries=2))
     info = await finished(box.client, job.id)
     assert (info.state, info.attempt, info.exit_code) == ("failed", 1, EXIT_SETUP)
@@ -178,8 +177,7 @@ async def test_a_restarted_daemon_adopts_the_running_job(base_dir: Path) -> None
 def _spec(tmp_path: Path, job_id: int, attempt: int = 1) -> LaunchSpec:
     d = tmp_path / str(job_id)
     d.mkdir(exist_ok=True)
-    return LaunchSpec(job_id=job_id, attempt=attempt, job_dir=d, log_path=d / "output.log",
-                      gpus=())
+    return LaunchSpec(job_id=job_id, attempt=attempt, job_dir=d, log_path=d / "output.log", gpus=())
 
 
 async def test_scripted_time_is_trios(tmp_path: Path, autojump_clock: object) -> None:

@@ -24,9 +24,20 @@ SECONDS = 25
 def test_schemathesis_finds_no_5xx_and_only_json_errors(tmp_path: Path) -> None:
     out = tmp_path / "fuzz.json"
     proc = subprocess.run(
-        [sys.executable, str(FUZZ), "--seconds", str(SECONDS), "--examples", "5",
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=SECONDS + 90, cwd=str(REPO),
+        [
+            sys.executable,
+            str(FUZZ),
+            "--seconds",
+            str(SECONDS),
+            "--examples",
+            "5",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=SECONDS + 90,
+        cwd=str(REPO),
     )
     assert out.exists(), f"bench/fuzz.py wrote no report:\n{proc.stdout}\n{proc.stderr}"
     report = json.loads(out.read_text())

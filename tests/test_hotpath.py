@@ -16,9 +16,21 @@ def test_hotpath_quick_prints_every_row_with_its_target(tmp_path: Path) -> None:
     out = tmp_path / "rows.json"
     # The two modules that need no daemon: the scheduler's rounds and retention's gc.
     run = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "hotpath.py"), "--quick", "--only", "sched",
-         "retention", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+        [
+            sys.executable,
+            str(REPO / "bench" / "hotpath.py"),
+            "--quick",
+            "--only",
+            "sched",
+            "retention",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["failed"] == [] and report["quick"] is True

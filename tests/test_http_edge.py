@@ -70,9 +70,11 @@ def _read_response(s: socket.socket, timeout: float = 10.0) -> bytes:
 
 def _post_head(length: int | None, path: str = "/v1/jobs") -> bytes:
     size = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
-    return (f"POST {path} HTTP/1.1\r\nHost: gpud\r\nContent-Type: application/json\r\n"
-            "Connection: close\r\n"
-            f"{size}\r\n\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: gpud\r\nContent-Type: application/json\r\n"
+        "Connection: close\r\n"
+        f"{size}\r\n\r\n"
+    ).encode()
 
 
 # -- item 1: the crash ----------------------------------------------------------------
@@ -117,6 +119,7 @@ async def test_a_failing_connection_is_contained_and_logged_once(
     while getattr(below, "_gpud_edge", False):  # installed by an earlier test
         below = below.__bases__[0]
     try:
+
         class Faulty(below):  # type: ignore[valid-type,misc]
             failures = 5
 
@@ -139,8 +142,9 @@ async def test_a_failing_connection_is_contained_and_logged_once(
         async def get(path: str) -> bytes:
             stream = await trio.open_unix_socket(str(sock))
             async with stream:
-                await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n"
-                                      "Connection: close\r\n\r\n".encode())
+                await stream.send_all(
+                    f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+                )
                 data = b""
                 with trio.move_on_after(5):
                     while chunk := await stream.receive_some(65536):
@@ -256,9 +260,14 @@ def test_stalled_requests_are_closed_after_the_timeouts(edge: attack.Daemon) -> 
     assert 1.8 < time.monotonic() - t0 < 6
 
     # A complete request the daemon takes longer than both timeouts to answer: kept.
-    body = msgspec.json.encode(SubmitRequest(
-        name="t.sleep", function=cloudpickle.dumps(time.sleep),
-        args=cloudpickle.dumps(((30,), {})), python="{}.{}.{}".format(*sys.version_info[:3])))
+    body = msgspec.json.encode(
+        SubmitRequest(
+            name="t.sleep",
+            function=cloudpickle.dumps(time.sleep),
+            args=cloudpickle.dumps(((30,), {})),
+            python="{}.{}.{}".format(*sys.version_info[:3]),
+        )
+    )
     with Client(f"unix://{edge.socket}") as c:
         job = c._do(_Call("POST", "/jobs", dict, body=body))  # type: ignore[arg-type]
         try:
@@ -274,16 +283,22 @@ def test_a_client_that_stops_reading_is_dropped(edge: attack.Daemon) -> None:
     """hypercorn's sends have no deadline: a client that asked for a large answer and
     stopped reading held its connection for ever. Now body_timeout (2 s) bounds them."""
     size = 8 * MiB
-    body = msgspec.json.encode(SubmitRequest(
-        name="t.print", function=cloudpickle.dumps(print),
-        args=cloudpickle.dumps((("x" * size,), {})),
-        python="{}.{}.{}".format(*sys.version_info[:3])))
+    body = msgspec.json.encode(
+        SubmitRequest(
+            name="t.print",
+            function=cloudpickle.dumps(print),
+            args=cloudpickle.dumps((("x" * size,), {})),
+            python="{}.{}.{}".format(*sys.version_info[:3]),
+        )
+    )
     with Client(f"unix://{edge.socket}") as c:
         job = c._do(_Call("POST", "/jobs", dict, body=body))  # type: ignore[arg-type]
         assert c.wait(job["id"], timeout=30).state == "succeeded"
     with edge.connect("unix", timeout=10) as s:
-        s.sendall(f"GET /v1/jobs/{job['id']}/logs HTTP/1.1\r\nHost: gpud\r\n"
-                  "Connection: close\r\n\r\n".encode())
+        s.sendall(
+            f"GET /v1/jobs/{job['id']}/logs HTTP/1.1\r\nHost: gpud\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
         time.sleep(4)  # not reading: the daemon's send stalls past body_timeout
         got = _read_response(s)
     assert _status(got) == 200
@@ -339,8 +354,9 @@ def test_bodies_over_the_budget_get_503_with_retry_after(edge: attack.Daemon) ->
 
         with edge.connect("unix") as s:  # chunked: counted as it comes, same answer
             with contextlib.suppress(OSError):  # refused mid-body: the rest may not go
-                s.sendall(_post_head(None) + b"%x\r\n" % (6 * MiB) + b"y" * (6 * MiB)
-                          + b"\r\n0\r\n\r\n")
+                s.sendall(
+                    _post_head(None) + b"%x\r\n" % (6 * MiB) + b"y" * (6 * MiB) + b"\r\n0\r\n\r\n"
+                )
             answer = _read_response(s)
         assert _status(answer) == 503 and b"retry-after" in answer.lower(), answer[:300]
 
@@ -351,9 +367,7 @@ def test_bodies_over_the_budget_get_503_with_retry_after(edge: attack.Daemon) ->
         held.close()
 
 
-def test_the_client_backs_off_and_retries_while_the_daemon_is_busy(
-    edge: attack.Daemon
-) -> None:
+def test_the_client_backs_off_and_retries_while_the_daemon_is_busy(edge: attack.Daemon) -> None:
     held = _hold_body(edge, 12 * MiB)
     release = threading.Timer(1.2, held.close)  # the budget frees up in 1.2 s
     release.start()
@@ -421,8 +435,13 @@ def test_concurrent_large_bodies_stay_within_the_budget(edge: attack.Daemon) -> 
 
 
 def test_edge_settings_parse_and_are_checked() -> None:
-    cfg = load_config(env={"GPUD_MAX_BODY_IN_FLIGHT": "1G", "GPUD_HEADER_TIMEOUT": "5s",
-                           "GPUD_LISTEN_BACKLOG": "4096"})
+    cfg = load_config(
+        env={
+            "GPUD_MAX_BODY_IN_FLIGHT": "1G",
+            "GPUD_HEADER_TIMEOUT": "5s",
+            "GPUD_LISTEN_BACKLOG": "4096",
+        }
+    )
     assert cfg.max_body_in_flight == 2**30 and cfg.header_timeout == 5
     assert cfg.listen_backlog == 4096
     assert load_config(env={}).listen_backlog >= 1024
@@ -461,8 +480,10 @@ def test_the_client_retries_a_connect_refused_with_eagain(tmp_path: Path) -> Non
             with conn:
                 request = conn.recv(65536)
                 if b"/v1/health" in request:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+                    )
                     return
 
     t = threading.Thread(target=serve_late, daemon=True)

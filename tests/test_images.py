@@ -70,16 +70,21 @@ def test_a_run_step_cannot_smuggle_containerfile_syntax(bad: str) -> None:
         validate(spec, BASE)
 
 
-@pytest.mark.parametrize("step, match", [
-    (ImageStep(op="pip", packages=["--index-url=http://evil"]), "requirement specifier"),
-    (ImageStep(op="pip"), "at least one package"),
-    (ImageStep(op="env", name="A B", value="x"), "variable name"),
-    (ImageStep(op="copy", dest="/opt/../etc", files=[]), "absolute path"),
-    (ImageStep(op="copy", dest="/opt/$HOME", files=[]), "absolute path"),
-    (ImageStep(op="copy", dest="/opt", files=[FileRef(path="../x", sha256="0" * 64)]),
-     "relative"),
-    (ImageStep(op="ADD"), "unknown step"),
-])
+@pytest.mark.parametrize(
+    "step, match",
+    [
+        (ImageStep(op="pip", packages=["--index-url=http://evil"]), "requirement specifier"),
+        (ImageStep(op="pip"), "at least one package"),
+        (ImageStep(op="env", name="A B", value="x"), "variable name"),
+        (ImageStep(op="copy", dest="/opt/../etc", files=[]), "absolute path"),
+        (ImageStep(op="copy", dest="/opt/$HOME", files=[]), "absolute path"),
+        (
+            ImageStep(op="copy", dest="/opt", files=[FileRef(path="../x", sha256="0" * 64)]),
+            "relative",
+        ),
+        (ImageStep(op="ADD"), "unknown step"),
+    ],
+)
 def test_the_daemon_refuses_steps_that_do_not_validate(step: ImageStep, match: str) -> None:
     with pytest.raises(BuildRefused, match=match):
         validate(ImageSpec(base=BASE, steps=[step]), BASE)
@@ -105,10 +110,12 @@ def test_rendered_containerfile_quotes_everything(tmp_path: Path) -> None:
     wheels = tmp_path / "w"
     wheels.mkdir()
     (wheels / "a-1-py3-none-any.whl").write_bytes(b"wheel")
-    img = (gpud.Image.base(BASE)
-           .pip_install("numpy==2.*", "x; python_version>'3'", find_links=wheels, index=False)
-           .env({"GREETING": 'say "$HOME"'})
-           .run("echo built > /built"))
+    img = (
+        gpud.Image.base(BASE)
+        .pip_install("numpy==2.*", "x; python_version>'3'", find_links=wheels, index=False)
+        .env({"GREETING": 'say "$HOME"'})
+        .run("echo built > /built")
+    )
     spec = validate(img.spec, BASE)
     text, ctx = render(spec, img.files, ["PIP_INDEX_URL"])
     lines = text.splitlines()
@@ -128,32 +135,56 @@ def test_package_index_comes_from_config_env_or_pip_conf(tmp_path: Path) -> None
     home = tmp_path / "home"
     (home / ".config/pip").mkdir(parents=True)
     (home / ".config/pip/pip.conf").write_text(
-        "[global]\nindex-url = http://mirror.lan/simple\ntrusted-host = mirror.lan\n")
+        "[global]\nindex-url = http://mirror.lan/simple\ntrusted-host = mirror.lan\n"
+    )
     assert pip_index_args(None, None, {}, home=str(home)) == {
-        "PIP_INDEX_URL": "http://mirror.lan/simple", "PIP_TRUSTED_HOST": "mirror.lan"}
+        "PIP_INDEX_URL": "http://mirror.lan/simple",
+        "PIP_TRUSTED_HOST": "mirror.lan",
+    }
     env = {"PIP_INDEX_URL": "http://env/simple", "PIP_EXTRA_INDEX_URL": "http://extra/simple"}
     got = pip_index_args(None, None, env, home=str(home))
     assert got["PIP_INDEX_URL"] == "http://env/simple"
     assert got["PIP_EXTRA_INDEX_URL"] == "http://extra/simple"
-    assert pip_index_args("http://cfg/simple", None, env, home=str(home))[
-        "PIP_INDEX_URL"] == "http://cfg/simple"
+    assert (
+        pip_index_args("http://cfg/simple", None, env, home=str(home))["PIP_INDEX_URL"]
+        == "http://cfg/simple"
+    )
 
 
 def test_ledger_records_builds_and_uses(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.db")
     try:
-        store.record_build(ledger, key="k" * 64, name="localhost/gpud-img-kkk:latest",
-                           creator="alice", spec="{}", size=10, seconds=1.5, now=100.0)
+        store.record_build(
+            ledger,
+            key="k" * 64,
+            name="localhost/gpud-img-kkk:latest",
+            creator="alice",
+            spec="{}",
+            size=10,
+            seconds=1.5,
+            now=100.0,
+        )
         assert store.touch_image(ledger, "localhost/gpud-img-kkk:latest", 200.0)
         assert not store.touch_image(ledger, "localhost/other:1", 200.0)
-        store.record_build(ledger, key="k" * 64, name="localhost/gpud-img-kkk:latest",
-                           creator="bob", spec="{}", size=12, seconds=1.0, now=300.0)
+        store.record_build(
+            ledger,
+            key="k" * 64,
+            name="localhost/gpud-img-kkk:latest",
+            creator="bob",
+            spec="{}",
+            size=12,
+            seconds=1.0,
+            now=300.0,
+        )
         [row] = store.list_images(ledger)
         assert (row.creator, row.builds, row.size, row.last_used) == ("alice", 2, 12, 300.0)
     finally:
         ledger.close()
-    tables = sqlite3.connect(tmp_path / "ledger.db").execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    tables = (
+        sqlite3.connect(tmp_path / "ledger.db")
+        .execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .fetchall()
+    )
     assert ("images",) in tables
 
 
@@ -167,8 +198,9 @@ def process_daemon() -> Iterator[DaemonProc]:
 
 
 def test_process_executor_says_images_need_podman(process_daemon: DaemonProc) -> None:
-    f = gpud.function(image=gpud.Image.base(BASE).pip_install("humanize"),
-                      url=process_daemon.url)(len)
+    f = gpud.function(image=gpud.Image.base(BASE).pip_install("humanize"), url=process_daemon.url)(
+        len
+    )
     with pytest.raises(gpud.ApiError, match="Podman executor") as e:
         f.remote([1])
     assert e.value.code == "needs_podman"
@@ -179,18 +211,26 @@ def test_process_executor_says_images_need_podman(process_daemon: DaemonProc) ->
 
     transport = httpx.HTTPTransport(uds=process_daemon.url.removeprefix("unix://"))
     with httpx.Client(transport=transport, base_url="http://gpud") as h:
-        r = h.post("/v1/images/build", content=msgspec.json.encode(
-            {"spec": {"base": BASE, "steps": [{"op": "run", "command": "x", "evil": 1}]}}))
+        r = h.post(
+            "/v1/images/build",
+            content=msgspec.json.encode(
+                {"spec": {"base": BASE, "steps": [{"op": "run", "command": "x", "evil": 1}]}}
+            ),
+        )
     assert r.status_code == 422  # needs_podman comes first on this daemon
 
 
 def _gpud(d: DaemonProc, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gpud", *args], env=d.client_env(),
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "gpud", *args],
+        env=d.client_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-def test_image_build_command_checks_its_target(process_daemon: DaemonProc,
-                                               tmp_path: Path) -> None:
+def test_image_build_command_checks_its_target(process_daemon: DaemonProc, tmp_path: Path) -> None:
     src = tmp_path / "defs.py"
     src.write_text(
         "import gpud_client as gpud\n"
@@ -198,7 +238,8 @@ def test_image_build_command_checks_its_target(process_daemon: DaemonProc,
         "@gpud.function(image='localhost/some:1')\n"
         "def named(): pass\n"
         "@gpud.function(image=image)\n"
-        "def built(): pass\n")
+        "def built(): pass\n"
+    )
     out = _gpud(process_daemon, "image", "build", f"{src}::named")
     assert out.returncode == 2 and "nothing to build" in out.stderr
     out = _gpud(process_daemon, "image", "build", f"{src}::image")

@@ -140,8 +140,9 @@ def _shortest_cycle(graph: dict[str, set[str]], group: set[str]) -> list[str]:
     raise AssertionError(f"no cycle through {start} in {sorted(group)}")  # not an SCC
 
 
-def forbidden(graph: dict[str, set[str]],
-              rules: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
+def forbidden(
+    graph: dict[str, set[str]], rules: dict[str, tuple[str, ...]]
+) -> list[tuple[str, str]]:
     """(importer, imported) pairs that break a layer rule."""
     bad = []
     for mod, deps in sorted(graph.items()):
@@ -162,13 +163,15 @@ def describe(found: list[list[str]]) -> str:
 def test_no_import_cycles() -> None:
     found = cycles(import_graph(ROOT, PACKAGES))
     assert not found, (
-        "import cycles (move the shared piece into a module below both):\n" + describe(found))
+        "import cycles (move the shared piece into a module below both):\n" + describe(found)
+    )
 
 
 def test_client_and_tui_do_not_import_the_daemon() -> None:
     bad = forbidden(import_graph(ROOT, PACKAGES), FORBIDDEN)
     assert not bad, "layer violations (gpud_client, tui and snapshots never import gpud):\n" + (
-        "\n".join(f"  {a} imports {b}" for a, b in bad))
+        "\n".join(f"  {a} imports {b}" for a, b in bad)
+    )
 
 
 def test_the_graph_sees_gpud() -> None:
@@ -192,23 +195,27 @@ def _package(root: Path, files: dict[str, str]) -> None:
 
 
 def test_checker_finds_each_kind_of_cycle(tmp_path: Path) -> None:
-    _package(tmp_path, {
-        "pkg/__init__.py": "",
-        # a top-level one: a <-> b
-        "pkg/a.py": "from pkg.b import x\n",
-        "pkg/b.py": "import pkg.a\nx = 1\n",
-        # a function-level and relative one, through a subpackage: c -> sub.d -> c
-        "pkg/c.py": "def f():\n    from .sub import d\n",
-        "pkg/sub/__init__.py": "",
-        "pkg/sub/d.py": "from .. import c\n",
-        # a type-only one: e -> f -> e
-        "pkg/e.py": ("from typing import TYPE_CHECKING\n"
-                     "if TYPE_CHECKING:\n    from pkg.f import F\n"),
-        "pkg/f.py": "from pkg import e\n",
-        # no cycle: g -> h, and imports of things outside the package
-        "pkg/g.py": "import os\nfrom pkg import h\n",
-        "pkg/h.py": "import json\n",
-    })
+    _package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            # a top-level one: a <-> b
+            "pkg/a.py": "from pkg.b import x\n",
+            "pkg/b.py": "import pkg.a\nx = 1\n",
+            # a function-level and relative one, through a subpackage: c -> sub.d -> c
+            "pkg/c.py": "def f():\n    from .sub import d\n",
+            "pkg/sub/__init__.py": "",
+            "pkg/sub/d.py": "from .. import c\n",
+            # a type-only one: e -> f -> e
+            "pkg/e.py": (
+                "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.f import F\n"
+            ),
+            "pkg/f.py": "from pkg import e\n",
+            # no cycle: g -> h, and imports of things outside the package
+            "pkg/g.py": "import os\nfrom pkg import h\n",
+            "pkg/h.py": "import json\n",
+        },
+    )
     graph = import_graph(tmp_path, ["pkg"])
     assert graph["pkg.g"] == {"pkg.h"}
     assert cycles(graph) == [
@@ -220,25 +227,31 @@ def test_checker_finds_each_kind_of_cycle(tmp_path: Path) -> None:
 
 
 def test_checker_finds_a_long_cycle_and_no_false_one(tmp_path: Path) -> None:
-    _package(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/a.py": "import pkg.b\n",
-        "pkg/b.py": "import pkg.c\n",
-        "pkg/c.py": "from pkg.a import thing\n",
-        "pkg/d.py": "import pkg.a\n",  # into the cycle, not on it
-    })
+    _package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/a.py": "import pkg.b\n",
+            "pkg/b.py": "import pkg.c\n",
+            "pkg/c.py": "from pkg.a import thing\n",
+            "pkg/d.py": "import pkg.a\n",  # into the cycle, not on it
+        },
+    )
     assert cycles(import_graph(tmp_path, ["pkg"])) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
     (tmp_path / "pkg/c.py").write_text("thing = 1\n")
     assert cycles(import_graph(tmp_path, ["pkg"])) == []
 
 
 def test_checker_finds_a_client_importing_the_daemon(tmp_path: Path) -> None:
-    _package(tmp_path, {
-        "srv/__init__.py": "",
-        "srv/core.py": "import cli.models\n",  # the daemon may use the client
-        "cli/__init__.py": "",
-        "cli/models.py": "",
-        "cli/api.py": "def f():\n    from srv import core\n",
-    })
+    _package(
+        tmp_path,
+        {
+            "srv/__init__.py": "",
+            "srv/core.py": "import cli.models\n",  # the daemon may use the client
+            "cli/__init__.py": "",
+            "cli/models.py": "",
+            "cli/api.py": "def f():\n    from srv import core\n",
+        },
+    )
     graph = import_graph(tmp_path, ["srv", "cli"])
     assert forbidden(graph, {"cli": ("srv",)}) == [("cli.api", "srv.core")]

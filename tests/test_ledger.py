@@ -18,8 +18,14 @@ Q, ST, R = JobState.QUEUED, JobState.STARTING, JobState.RUNNING
 
 
 def new_job(**kw: object) -> NewJob:
-    base = dict(name="m.f", owner="alice", function_hash="h" * 64, args=b"args", python="3.11.7",
-                timeout=60.0)
+    base = dict(
+        name="m.f",
+        owner="alice",
+        function_hash="h" * 64,
+        args=b"args",
+        python="3.11.7",
+        timeout=60.0,
+    )
     base.update(kw)
     return NewJob(**base)  # type: ignore[arg-type]
 
@@ -55,8 +61,9 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 def test_submit_stores_payload_and_event(ledger: Ledger) -> None:
-    _, ids = ledger.submit([new_job(gpu=GpuRequest.parse("h100:2"), env={"A": "1"})],
-                           b"function-bytes", now=100.0)
+    _, ids = ledger.submit(
+        [new_job(gpu=GpuRequest.parse("h100:2"), env={"A": "1"})], b"function-bytes", now=100.0
+    )
     job = ledger.get(ids[0])
     assert job.state is Q and job.gpu == GpuRequest.parse("h100:2") and job.env == {"A": "1"}
     assert ledger.payload(ids[0]) == (b"function-bytes", b"args")
@@ -65,8 +72,7 @@ def test_submit_stores_payload_and_event(ledger: Ledger) -> None:
 
 
 def test_batch_shares_one_function_blob(ledger: Ledger) -> None:
-    batch, ids = ledger.submit([new_job(args=bytes([i])) for i in range(5)], b"fn", 1.0,
-                               batch=True)
+    batch, ids = ledger.submit([new_job(args=bytes([i])) for i in range(5)], b"fn", 1.0, batch=True)
     assert batch is not None and len(ids) == 5 and ids == sorted(ids)
     assert ledger.conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
     assert [ledger.payload(i)[1] for i in ids] == [bytes([i]) for i in range(5)]
@@ -77,8 +83,11 @@ def test_full_lifecycle_records_attempt_and_events(ledger: Ledger) -> None:
     _, [jid] = ledger.submit([new_job()], b"fn", 1.0)
     ledger.advance(jid, [Step(ST, fields={"gpus": ("GPU-a", "GPU-b")})], 2.0)
     ledger.advance(jid, [Step(R, fields={"pid": 42, "pid_start": 7, "started_at": 2.5})], 2.5)
-    job = ledger.advance(jid, [Step(JobState.SUCCEEDED, fields={
-        "ended_at": 3.0, "exit_code": 0, "has_result": True})], 3.0)
+    job = ledger.advance(
+        jid,
+        [Step(JobState.SUCCEEDED, fields={"ended_at": 3.0, "exit_code": 0, "has_result": True})],
+        3.0,
+    )
     assert job.state is JobState.SUCCEEDED and job.gpus == ("GPU-a", "GPU-b")
     assert job.attempt == 1 and job.has_result and job.pid == 42
     [att] = ledger.attempts(jid)
@@ -89,8 +98,14 @@ def test_full_lifecycle_records_attempt_and_events(ledger: Ledger) -> None:
 def test_retry_is_one_transaction_and_counts_attempts(ledger: Ledger) -> None:
     _, [jid] = ledger.submit([new_job(retries=1)], b"fn", 1.0)
     ledger.advance(jid, [Step(ST), Step(R)], 2.0)
-    job = ledger.advance(jid, [Step(JobState.FAILED, "boom", {"error": "boom"}),
-                               Step(Q, "retry", {"not_before": 9.0, "gpus": ()})], 3.0)
+    job = ledger.advance(
+        jid,
+        [
+            Step(JobState.FAILED, "boom", {"error": "boom"}),
+            Step(Q, "retry", {"not_before": 9.0, "gpus": ()}),
+        ],
+        3.0,
+    )
     assert job.state is Q and job.attempt == 1 and job.not_before == 9.0
     ledger.advance(jid, [Step(ST)], 10.0)
     assert ledger.get(jid).attempt == 2
@@ -98,8 +113,9 @@ def test_retry_is_one_transaction_and_counts_attempts(ledger: Ledger) -> None:
 
 
 @pytest.mark.parametrize("path", [[R], [ST, Q], [JobState.SUCCEEDED], [ST, R, R]])
-def test_illegal_transitions_are_refused_and_change_nothing(ledger: Ledger,
-                                                           path: list[JobState]) -> None:
+def test_illegal_transitions_are_refused_and_change_nothing(
+    ledger: Ledger, path: list[JobState]
+) -> None:
     _, [jid] = ledger.submit([new_job()], b"fn", 1.0)
     before = ledger.events(jid)
     with pytest.raises(IllegalTransition):

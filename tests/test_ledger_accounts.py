@@ -65,18 +65,31 @@ def test_token_hashes_are_unique(ledger: Ledger) -> None:
 
 def test_to_ds_is_100ms_granularity() -> None:
     assert [to_ds(x) for x in (0.0, 0.04, 0.05, 0.149, 1.25, 3600.0, -2.0)] == [
-        0, 0, 1, 1, 13, 36000, 0]
+        0,
+        0,
+        1,
+        1,
+        13,
+        36000,
+        0,
+    ]
 
 
 def test_an_attempt_is_accounted_when_it_ends(ledger: Ledger) -> None:
-    _, (jid,) = ledger.submit([new_job(gpu=GpuRequest.parse("h100:2"), retries=1)], b"f",
-                              now=100.0)
-    ledger.advance(jid, [Step(ST, fields={"gpus": ("G0", "G1"), "gpu_types": ("h100", "h100")})],
-                   now=110.0)
+    _, (jid,) = ledger.submit([new_job(gpu=GpuRequest.parse("h100:2"), retries=1)], b"f", now=100.0)
+    ledger.advance(
+        jid, [Step(ST, fields={"gpus": ("G0", "G1"), "gpu_types": ("h100", "h100")})], now=110.0
+    )
     ledger.advance(jid, [Step(R, fields={"pid": 5, "started_at": 110.2})], now=110.2)
     # The first attempt fails after 12.34 s and is retried in the same transaction.
-    ledger.advance(jid, [Step(JobState.FAILED, "boom", fields={"ended_at": 122.34}),
-                         Step(Q, "retry", fields={"gpus": ()})], now=122.34)
+    ledger.advance(
+        jid,
+        [
+            Step(JobState.FAILED, "boom", fields={"ended_at": 122.34}),
+            Step(Q, "retry", fields={"gpus": ()}),
+        ],
+        now=122.34,
+    )
     ledger.advance(jid, [Step(ST, fields={"gpus": ("G1",), "gpu_types": ("h100",)})], now=130.0)
     ledger.advance(jid, [Step(R)], now=130.5)
     ledger.advance(jid, [Step(JobState.SUCCEEDED, fields={"ended_at": 131.06})], now=131.06)
@@ -89,12 +102,17 @@ def test_an_attempt_is_accounted_when_it_ends(ledger: Ledger) -> None:
     rows = ledger.conn.execute(
         "SELECT attempt, gpu_uuid, gpu_type, owner, ds FROM gpu_usage ORDER BY attempt, gpu_uuid"
     ).fetchall()
-    assert [tuple(r) for r in rows] == [(1, "G0", "h100", "alice", 123),
-                                        (1, "G1", "h100", "alice", 123),
-                                        (2, "G1", "h100", "alice", 11)]
+    assert [tuple(r) for r in rows] == [
+        (1, "G0", "h100", "alice", 123),
+        (1, "G1", "h100", "alice", 123),
+        (2, "G1", "h100", "alice", 11),
+    ]
     spans = finished_gpu_intervals(ledger, since=0.0)
     assert [(s.owner, s.started_at, s.ended_at) for s in spans] == [
-        ("alice", 110.0, 122.34), ("alice", 110.0, 122.34), ("alice", 130.0, 131.06)]
+        ("alice", 110.0, 122.34),
+        ("alice", 110.0, 122.34),
+        ("alice", 130.0, 131.06),
+    ]
 
 
 def test_cpu_and_cancelled_while_queued_jobs(ledger: Ledger) -> None:
@@ -107,8 +125,9 @@ def test_cpu_and_cancelled_while_queued_jobs(ledger: Ledger) -> None:
 
 
 def test_attempts_between_clips_by_window_and_owner(ledger: Ledger) -> None:
-    _, (a, b, c) = ledger.submit([new_job(gpu=GpuRequest.parse("any")), new_job(owner="bob"),
-                                  new_job()], b"f", now=0.0)
+    _, (a, b, c) = ledger.submit(
+        [new_job(gpu=GpuRequest.parse("any")), new_job(owner="bob"), new_job()], b"f", now=0.0
+    )
     ledger.advance(a, [Step(ST, fields={"gpus": ("G0",), "gpu_types": ("l4",)})], now=10.0)
     ledger.advance(a, [Step(R)], now=11.0)
     ledger.advance(a, [Step(JobState.SUCCEEDED, fields={"ended_at": 20.0})], now=20.0)
@@ -117,7 +136,9 @@ def test_attempts_between_clips_by_window_and_owner(ledger: Ledger) -> None:
     ledger.advance(c, [Step(JobState.FAILED, fields={"ended_at": 5.0})], now=5.0)
     got = attempts_between(ledger, 6.0, 100.0)
     assert [(u.job_id, u.owner, u.gpu_types, u.ended_at) for u in got] == [
-        (a, "alice", ("l4",), 20.0), (b, "bob", (), None)]
+        (a, "alice", ("l4",), 20.0),
+        (b, "bob", (), None),
+    ]
     assert [u.job_id for u in attempts_between(ledger, 0.0, 100.0, owner="bob")] == [b]
     assert attempts_between(ledger, 0.0, 9.0, owner="bob") == []
 
@@ -135,13 +156,19 @@ def test_accounting_migration_accounts_for_what_ran_before(tmp_path: Path) -> No
         conn.execute(
             "INSERT INTO jobs (id, name, owner, state, timeout, python, function_hash, args, "
             "submitted_at) VALUES (?, 'f', 'alice', 'succeeded', 60, '3.11', 'h', x'00', 0)",
-            (jid,))
-    conn.execute("INSERT INTO attempts (job_id, attempt, started_at, ended_at, gpus) "
-                 "VALUES (1, 1, 10.0, 12.5, 'GPU-a,GPU-b')")
-    conn.execute("INSERT INTO attempts (job_id, attempt, started_at, ended_at, gpus) "
-                 "VALUES (1, 2, 20.0, 21.0, '')")
-    conn.execute("INSERT INTO attempts (job_id, attempt, started_at, gpus) "
-                 "VALUES (2, 1, 30.0, 'GPU-c')")
+            (jid,),
+        )
+    conn.execute(
+        "INSERT INTO attempts (job_id, attempt, started_at, ended_at, gpus) "
+        "VALUES (1, 1, 10.0, 12.5, 'GPU-a,GPU-b')"
+    )
+    conn.execute(
+        "INSERT INTO attempts (job_id, attempt, started_at, ended_at, gpus) "
+        "VALUES (1, 2, 20.0, 21.0, '')"
+    )
+    conn.execute(
+        "INSERT INTO attempts (job_id, attempt, started_at, gpus) VALUES (2, 1, 30.0, 'GPU-c')"
+    )
     conn.close()
 
     led = Ledger(path)
@@ -150,9 +177,11 @@ def test_accounting_migration_accounts_for_what_ran_before(tmp_path: Path) -> No
         rows = led.conn.execute(
             "SELECT job_id, gpu_uuid, gpu_type, ds FROM gpu_usage ORDER BY job_id, gpu_uuid"
         ).fetchall()
-        assert [tuple(r) for r in rows] == [(1, "GPU-a", "unknown", 25),
-                                            (1, "GPU-b", "unknown", 25),
-                                            (2, "GPU-c", "unknown", None)]
+        assert [tuple(r) for r in rows] == [
+            (1, "GPU-a", "unknown", 25),
+            (1, "GPU-b", "unknown", 25),
+            (2, "GPU-c", "unknown", None),
+        ]
         # The attempt that was running when upgraded is accounted when it ends.
         led.conn.execute("UPDATE jobs SET state = 'running', attempt = 1 WHERE id = 2")
         led.advance(2, [Step(JobState.SUCCEEDED, fields={"ended_at": 31.0})], now=31.0)
@@ -191,9 +220,12 @@ def test_a_version_3_ledger_upgrades_keeping_its_jobs(tmp_path: Path) -> None:
         "INSERT INTO jobs (id, name, owner, state, timeout, python, function_hash, args, "
         "submitted_at, memory, cpus, keep_warm, start_kind, startup) VALUES "
         "(1, 'f', 'alice', 'succeeded', 60, '3.11', 'h', x'00', 0, 1048576, 0.5, 30, "
-        "'warm', 0.25)")
-    conn.execute("INSERT INTO attempts (job_id, attempt, started_at, ended_at, gpus) "
-                 "VALUES (1, 1, 10.0, 11.0, 'GPU-a')")
+        "'warm', 0.25)"
+    )
+    conn.execute(
+        "INSERT INTO attempts (job_id, attempt, started_at, ended_at, gpus) "
+        "VALUES (1, 1, 10.0, 11.0, 'GPU-a')"
+    )
     conn.close()
 
     led = Ledger(path)
@@ -201,7 +233,12 @@ def test_a_version_3_ledger_upgrades_keeping_its_jobs(tmp_path: Path) -> None:
         assert led.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         job = led.get(1)
         assert (job.memory, job.cpus, job.keep_warm, job.start_kind, job.startup) == (
-            1048576, 0.5, 30.0, "warm", 0.25)
+            1048576,
+            0.5,
+            30.0,
+            "warm",
+            0.25,
+        )
         assert job.snapshot is False  # migration 5's default for jobs from before it
         assert job.wall_seconds == 1.0 and job.gpu_seconds == 1.0
         assert led.integrity_check() == "ok"

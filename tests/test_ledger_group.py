@@ -26,8 +26,14 @@ Q, ST, R, OK = JobState.QUEUED, JobState.STARTING, JobState.RUNNING, JobState.SU
 
 
 def new_job(name: str = "m.f", **kw: Any) -> NewJob:
-    base: dict[str, Any] = dict(name=name, owner="alice", function_hash="h" * 64,
-                                args=b"args", python="3.11.7", timeout=60.0)
+    base: dict[str, Any] = dict(
+        name=name,
+        owner="alice",
+        function_hash="h" * 64,
+        args=b"args",
+        python="3.11.7",
+        timeout=60.0,
+    )
     base.update(kw)
     return NewJob(**base)
 
@@ -48,8 +54,9 @@ def reopen(t: LedgerThread) -> Ledger:
     return Ledger(t.path)
 
 
-async def in_one_group(t: LedgerThread, calls: list[Callable[[], Any]],
-                       groups_made: int | None = 1) -> list[Any]:
+async def in_one_group(
+    t: LedgerThread, calls: list[Callable[[], Any]], groups_made: int | None = 1
+) -> list[Any]:
     """Run ``calls`` (each an awaitable factory) so that they land in one group: the ledger
     thread is held busy until every one of them is queued. Returns each result or error;
     checks that ``groups_made`` groups were committed (None: do not check)."""
@@ -87,8 +94,7 @@ def test_concurrent_writes_from_many_tasks_end_up_correct(lt: LedgerThread) -> N
         ids.append(jid)
         for s in (ST, R):
             await lt.call(Ledger.advance, jid, [Step(s)], 2.0)
-        await lt.call(Ledger.advance, jid, [Step(OK, fields={"exit_code": 0})], 3.0,
-                      expect=R)
+        await lt.call(Ledger.advance, jid, [Step(OK, fields={"exit_code": 0})], 3.0, expect=R)
 
     async def main() -> list[int]:
         ids: list[int] = []
@@ -124,15 +130,19 @@ def test_one_failing_call_in_a_group_rolls_back_only_itself(lt: LedgerThread) ->
         with led._tx() as conn:
             conn.execute("INSERT INTO events (job_id, at, to_state) VALUES (9999, 1, 'queued')")
 
-    out = trio.run(in_one_group, lt, [
-        lambda: lt.call(Ledger.advance, a, [Step(ST)], 2.0),
-        lambda: lt.call(Ledger.advance, b, [Step(R)], 2.0),  # illegal: QUEUED -> RUNNING
-        lambda: lt.call(Ledger.advance, a, [Step(R)], 2.0, expect=ST),
-        lambda: lt.call(two_writes_then_fail),
-        lambda: lt.call(constraint_error),  # foreign key: no job 9999
-        lambda: lt.call(Ledger.advance, b, [Step(ST)], 2.0, expect=R),  # guard refuses
-        lambda: lt.call(Ledger.get, a),  # a read after writes: answered after the COMMIT
-    ])
+    out = trio.run(
+        in_one_group,
+        lt,
+        [
+            lambda: lt.call(Ledger.advance, a, [Step(ST)], 2.0),
+            lambda: lt.call(Ledger.advance, b, [Step(R)], 2.0),  # illegal: QUEUED -> RUNNING
+            lambda: lt.call(Ledger.advance, a, [Step(R)], 2.0, expect=ST),
+            lambda: lt.call(two_writes_then_fail),
+            lambda: lt.call(constraint_error),  # foreign key: no job 9999
+            lambda: lt.call(Ledger.advance, b, [Step(ST)], 2.0, expect=R),  # guard refuses
+            lambda: lt.call(Ledger.get, a),  # a read after writes: answered after the COMMIT
+        ],
+    )
     assert out[0].state is ST and out[2].state is R
     assert isinstance(out[1], IllegalTransition) and isinstance(out[5], IllegalTransition)
     assert isinstance(out[3], ValueError) and isinstance(out[4], sqlite3.IntegrityError)
@@ -144,8 +154,9 @@ def test_one_failing_call_in_a_group_rolls_back_only_itself(lt: LedgerThread) ->
         # Both writes of the failed call are undone, not just the last.
         assert led.get(c).state is Q and led.get(c).pid is None
         assert led.attempts(c) == []
-        assert led.conn.execute("SELECT count(*) FROM events WHERE job_id = 9999").fetchone()[
-            0] == 0
+        assert (
+            led.conn.execute("SELECT count(*) FROM events WHERE job_id = 9999").fetchone()[0] == 0
+        )
     finally:
         led.close()
 
@@ -155,19 +166,27 @@ def test_a_failing_commit_fails_every_writer_of_the_group(lt: LedgerThread) -> N
     so nothing of the group is kept and every writer hears the error; a reader in the
     group is run again and answers from what is committed."""
     a = lt.call_sync(submit, "m.a")
-    lt.call_sync(lambda led: led.conn.execute(
-        "CREATE TABLE notes (job_id INTEGER REFERENCES jobs(id) DEFERRABLE INITIALLY DEFERRED)"))
+    lt.call_sync(
+        lambda led: led.conn.execute(
+            "CREATE TABLE notes (job_id INTEGER REFERENCES jobs(id) DEFERRABLE INITIALLY DEFERRED)"
+        )
+    )
 
     def bad_note(led: Ledger) -> None:
         with led._tx() as conn:
             conn.execute("INSERT INTO notes VALUES (4242)")
 
-    out = trio.run(in_one_group, lt, [
-        lambda: lt.call(Ledger.advance, a, [Step(ST)], 2.0),
-        lambda: lt.call(Ledger.submit, [new_job("m.b")], b"fn", 2.0),
-        lambda: lt.call(bad_note),
-        lambda: lt.call(Ledger.get, a),
-    ], 0)  # none committed
+    out = trio.run(
+        in_one_group,
+        lt,
+        [
+            lambda: lt.call(Ledger.advance, a, [Step(ST)], 2.0),
+            lambda: lt.call(Ledger.submit, [new_job("m.b")], b"fn", 2.0),
+            lambda: lt.call(bad_note),
+            lambda: lt.call(Ledger.get, a),
+        ],
+        0,
+    )  # none committed
     assert all(isinstance(o, sqlite3.IntegrityError) for o in out[:3]), out
     assert out[3].state is Q  # not the STARTING that was rolled back
     led = reopen(lt)
@@ -231,6 +250,7 @@ def test_persist_waits_out_a_held_lock_through_a_group(lt: LedgerThread) -> None
                 if other.in_transaction and len(failures) == len(ids):
                     other.execute("ROLLBACK")  # every writer failed once: let go
                 raise
+
         return await persist(write, f"job {jid}")
 
     out = trio.run(in_one_group, lt, [lambda jid=jid: advance(jid) for jid in ids], None)
@@ -250,12 +270,16 @@ def test_the_event_log_stays_append_only_in_a_group(lt: LedgerThread) -> None:
         with led._tx() as conn:
             conn.execute("DELETE FROM events")
 
-    out = trio.run(in_one_group, lt, [
-        lambda: lt.call(Ledger.advance, a, [Step(ST)], 2.0),
-        lambda: lt.call(rewrite_history),
-        lambda: lt.call(erase_history),
-        lambda: lt.call(Ledger.advance, a, [Step(R)], 2.0),
-    ])
+    out = trio.run(
+        in_one_group,
+        lt,
+        [
+            lambda: lt.call(Ledger.advance, a, [Step(ST)], 2.0),
+            lambda: lt.call(rewrite_history),
+            lambda: lt.call(erase_history),
+            lambda: lt.call(Ledger.advance, a, [Step(R)], 2.0),
+        ],
+    )
     assert "append-only" in str(out[1]) and "append-only" in str(out[2])
     led = reopen(lt)
     try:
@@ -271,11 +295,16 @@ def test_alone_each_call_is_its_own_transaction(tmp_path: Path) -> None:
     t = LedgerThread(tmp_path / "ledger.db", group_commit=False)
     try:
         a, b = t.call_sync(submit), t.call_sync(submit)
-        out = trio.run(in_one_group, t, [
-            lambda: t.call(Ledger.advance, a, [Step(ST)], 2.0),
-            lambda: t.call(Ledger.advance, b, [Step(R)], 2.0),  # illegal
-            lambda: t.call(Ledger.advance, a, [Step(R)], 2.0),
-        ], None)
+        out = trio.run(
+            in_one_group,
+            t,
+            [
+                lambda: t.call(Ledger.advance, a, [Step(ST)], 2.0),
+                lambda: t.call(Ledger.advance, b, [Step(R)], 2.0),  # illegal
+                lambda: t.call(Ledger.advance, a, [Step(R)], 2.0),
+            ],
+            None,
+        )
         assert out[0].state is ST and isinstance(out[1], IllegalTransition)
         assert out[2].state is R
     finally:
@@ -289,11 +318,16 @@ def test_a_group_takes_on_calls_only_within_its_time_budget(tmp_path: Path) -> N
     try:
         a, b = t.call_sync(submit), t.call_sync(submit)
         before = t.groups
-        out = trio.run(in_one_group, t, [
-            lambda: t.call(Ledger.advance, a, [Step(ST)], 2.0),
-            lambda: t.call(Ledger.advance, b, [Step(ST)], 2.0),
-            lambda: t.call(Ledger.advance, a, [Step(R)], 2.0),
-        ], None)
+        out = trio.run(
+            in_one_group,
+            t,
+            [
+                lambda: t.call(Ledger.advance, a, [Step(ST)], 2.0),
+                lambda: t.call(Ledger.advance, b, [Step(ST)], 2.0),
+                lambda: t.call(Ledger.advance, a, [Step(R)], 2.0),
+            ],
+            None,
+        )
         assert [o.state for o in out] == [ST, ST, R]
         assert t.groups - before == 3
     finally:
@@ -358,8 +392,9 @@ def test_kill_9_after_acks_keeps_every_acknowledged_write(tmp_path: Path) -> Non
     file, with its event, after reopening."""
     path = tmp_path / "ledger.db"
     Ledger(path).close()
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
     acked: list[tuple[str, int]] = []
     try:
         assert proc.stdout is not None
@@ -380,7 +415,7 @@ def test_kill_9_after_acks_keeps_every_acknowledged_write(tmp_path: Path) -> Non
         for what, jid in acked:
             job = led.get(jid)
             want = [Q] if what == "submitted" else [Q, ST]
-            assert [e.to_state for e in led.events(jid)][:len(want)] == want
+            assert [e.to_state for e in led.events(jid)][: len(want)] == want
             assert job.state in ((Q, ST) if what == "submitted" else (ST,))
         assert led.integrity_check() == "ok"
     finally:
@@ -401,11 +436,19 @@ def test_a_second_connection_in_the_daemon_keeps_the_wal_of_the_first(tmp_path: 
 
         trio.run(read_once)
         # Another process opens the ledger and closes it (a test, `gpud admin`, a backup).
-        subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(f"""
             import sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
             from gpud.ledger import Ledger
             Ledger({str(tmp_path / "ledger.db")!r}).close()
-        """)], check=True, timeout=60)
+        """),
+            ],
+            check=True,
+            timeout=60,
+        )
         assert (tmp_path / "ledger.db-wal").exists(), "the daemon's -wal was deleted"
         later = t.call_sync(submit, "after")
         fresh = sqlite3.connect(tmp_path / "ledger.db")
@@ -428,8 +471,7 @@ def _write_and_level(led: Ledger, name: str) -> int:
     return int(led.conn.execute("PRAGMA synchronous").fetchone()[0])
 
 
-def test_an_unsynced_call_commits_without_fsync_and_a_synced_one_with(
-        lt: LedgerThread) -> None:
+def test_an_unsynced_call_commits_without_fsync_and_a_synced_one_with(lt: LedgerThread) -> None:
     async def main() -> tuple[int, int, int]:
         a = await lt.call_unsynced(_write_and_level, "m.a")
         b = await lt.call(_write_and_level, "m.b")
@@ -448,11 +490,16 @@ def test_a_synced_call_never_joins_an_unsynced_group(lt: LedgerThread) -> None:
     """Queued behind an unsynced write, a synced write must not be answered after that
     group's unsynced COMMIT: it starts a synced group of its own. An unsynced write
     queued behind a synced one joins its group (and is synced with it)."""
+
     async def main() -> list[Any]:
-        return await in_one_group(lt, [
-            lambda: lt.call_unsynced(_write_and_level, "m.u1"),
-            lambda: lt.call(_write_and_level, "m.s1"),
-            lambda: lt.call_unsynced(_write_and_level, "m.u2"),
-        ], groups_made=2)
+        return await in_one_group(
+            lt,
+            [
+                lambda: lt.call_unsynced(_write_and_level, "m.u1"),
+                lambda: lt.call(_write_and_level, "m.s1"),
+                lambda: lt.call_unsynced(_write_and_level, "m.u2"),
+            ],
+            groups_made=2,
+        )
 
     assert trio.run(main) == [1, 2, 2]

@@ -20,13 +20,19 @@ from gpud.ledger.store import _JOB_COLUMNS
 from gpud_client import AsyncClient
 from gpud_client.models import BatchSubmitRequest
 
-Q, ST, R, OK, F = (JobState.QUEUED, JobState.STARTING, JobState.RUNNING,
-                   JobState.SUCCEEDED, JobState.FAILED)
+Q, ST, R, OK, F = (
+    JobState.QUEUED,
+    JobState.STARTING,
+    JobState.RUNNING,
+    JobState.SUCCEEDED,
+    JobState.FAILED,
+)
 
 
 def new_job(owner: str = "alice") -> NewJob:
-    return NewJob(name="m.f", owner=owner, function_hash="h" * 64, args=b"a",
-                  python="3.11.7", timeout=60.0)
+    return NewJob(
+        name="m.f", owner=owner, function_hash="h" * 64, args=b"a", python="3.11.7", timeout=60.0
+    )
 
 
 @pytest.fixture
@@ -39,8 +45,7 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 def _plans(led: Ledger, statements: list[tuple[str, list[Any]]]) -> list[str]:
     out = []
     for sql, params in statements:
-        out.append(" / ".join(r[3] for r in led.conn.execute("EXPLAIN QUERY PLAN " + sql,
-                                                              params)))
+        out.append(" / ".join(r[3] for r in led.conn.execute("EXPLAIN QUERY PLAN " + sql, params)))
     return out
 
 
@@ -56,18 +61,21 @@ def _listing_sql(led: Ledger, **kw: Any) -> list[tuple[str, list[Any]]]:
     return [(s, []) for s in seen if s.startswith("SELECT")]
 
 
-@pytest.mark.parametrize("kw", [
-    {},
-    {"before": 500},
-    {"owner": "bob"},
-    {"owner": "bob", "before": 500},
-    {"states": [Q, ST, R]},
-    {"states": [F], "before": 500},
-    {"states": [Q, ST, R], "owner": "bob"},
-    {"states": [OK, F], "owner": "bob", "before": 500},
-], ids=repr)
-def test_every_listing_walks_an_index_and_never_sorts(ledger: Ledger, kw: dict[str, Any]
-                                                       ) -> None:
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"before": 500},
+        {"owner": "bob"},
+        {"owner": "bob", "before": 500},
+        {"states": [Q, ST, R]},
+        {"states": [F], "before": 500},
+        {"states": [Q, ST, R], "owner": "bob"},
+        {"states": [OK, F], "owner": "bob", "before": 500},
+    ],
+    ids=repr,
+)
+def test_every_listing_walks_an_index_and_never_sorts(ledger: Ledger, kw: dict[str, Any]) -> None:
     plans = _plans(ledger, _listing_sql(ledger, limit=50, **kw))
     assert plans, "no statement ran"
     for p in plans:
@@ -85,8 +93,12 @@ def test_every_listing_walks_an_index_and_never_sorts(ledger: Ledger, kw: dict[s
 
 
 def test_the_migration_makes_the_indexes(ledger: Ledger) -> None:
-    names = {r[0] for r in ledger.conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs'")}
+    names = {
+        r[0]
+        for r in ledger.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs'"
+        )
+    }
     assert {"jobs_state", "jobs_owner_state", "jobs_owner"} <= names
     assert "jobs_active" not in names
     # The columns jobs are listed by: an unknown listing would have to scan.
@@ -104,12 +116,18 @@ def _everything(led: Ledger) -> None:
             led.advance(jid, [Step(s)], 2.0)
 
 
-@pytest.mark.parametrize("kw", [
-    {}, {"owner": "bob"}, {"states": [Q, ST, R]}, {"states": [OK, F], "owner": "alice"},
-    {"states": [F]},
-], ids=repr)
-def test_pages_see_every_job_once_while_jobs_are_added(ledger: Ledger, kw: dict[str, Any]
-                                                         ) -> None:
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"owner": "bob"},
+        {"states": [Q, ST, R]},
+        {"states": [OK, F], "owner": "alice"},
+        {"states": [F]},
+    ],
+    ids=repr,
+)
+def test_pages_see_every_job_once_while_jobs_are_added(ledger: Ledger, kw: dict[str, Any]) -> None:
     _everything(ledger)
     want = {j.id for j in ledger.list_jobs(limit=100_000, **kw)}
     seen: list[int] = []
@@ -140,11 +158,13 @@ def test_the_state_walks_merge_newest_first(ledger: Ledger) -> None:
     got = ledger.list_jobs([R, Q, F], limit=40, before=250)
     ref = ledger.conn.execute(
         "SELECT id FROM jobs WHERE state IN ('running', 'queued', 'failed') AND id < 250 "
-        "ORDER BY id DESC LIMIT 40").fetchall()
+        "ORDER BY id DESC LIMIT 40"
+    ).fetchall()
     assert [j.id for j in got] == [r[0] for r in ref]
     # A state named twice is walked once.
-    assert [j.id for j in ledger.list_jobs([R, R], limit=5)] == \
-        [j.id for j in ledger.list_jobs([R], limit=5)]
+    assert [j.id for j in ledger.list_jobs([R, R], limit=5)] == [
+        j.id for j in ledger.list_jobs([R], limit=5)
+    ]
 
 
 def _sleepy(seconds: float) -> str:
@@ -164,8 +184,12 @@ async def test_api_pages_by_cursor_while_a_batch_is_added(served: Any) -> None:
     py = "{}.{}.{}".format(*sys.version_info[:3])
 
     def batch(n: int) -> BatchSubmitRequest:
-        return BatchSubmitRequest(name="pages.sleepy", function=fn, python=py,
-                                  inputs=[cloudpickle.dumps(((30.0,), {}))] * n)
+        return BatchSubmitRequest(
+            name="pages.sleepy",
+            function=fn,
+            python=py,
+            inputs=[cloudpickle.dumps(((30.0,), {}))] * n,
+        )
 
     async with AsyncClient(served.url) as c:
         first = (await c.submit_batch(batch(25))).job_ids
@@ -201,21 +225,25 @@ def test_gpud_ps_pages_with_before_as_its_last_line_says(daemon: Any) -> None:
     from .conftest import gpud_cli
 
     env = daemon.client_env()
-    made = [int(gpud_cli("run", "-d", "examples/hello.py::square", "--x", str(x),
-                         env=env).stdout) for x in range(3)]
+    made = [
+        int(gpud_cli("run", "-d", "examples/hello.py::square", "--x", str(x), env=env).stdout)
+        for x in range(3)
+    ]
     args = ["ps", "--all", "--limit", "2"]
     seen: list[int] = []
     for _ in range(10):
         out = gpud_cli(*args, env=env)
         assert out.returncode == 0, out.stderr
-        seen += [int(line.split()[0]) for line in out.stdout.splitlines()[1:]
-                 if line.split() and line.split()[0].isdigit()]
+        seen += [
+            int(line.split()[0])
+            for line in out.stdout.splitlines()[1:]
+            if line.split() and line.split()[0].isdigit()
+        ]
         more = [ln for ln in out.stderr.splitlines() if ln.startswith("older jobs: gpud ")]
         if not more:
             break
         args = more[0].removeprefix("older jobs: gpud ").split()
         assert args[:4] == ["ps", "--all", "--limit", "2"] and args[4] == "--before"
     assert sorted(seen) == sorted(set(seen)) and set(made) <= set(seen)
-    js = json.loads(gpud_cli("ps", "--all", "--before", str(max(made)), "--json",
-                             env=env).stdout)
+    js = json.loads(gpud_cli("ps", "--all", "--before", str(max(made)), "--json", env=env).stdout)
     assert max(made) not in [j["id"] for j in js] and min(made) in [j["id"] for j in js]

@@ -158,8 +158,9 @@ def test_training_resumes_from_its_last_checkpoint_on_attempt_2(daemon: DaemonPr
 
 
 @pytest.mark.parametrize("keep_warm", [0, 2], ids=["cold", "warm"])
-def test_signal_before_the_timeout_lets_the_job_save_its_state(daemon: DaemonProc,
-                                                               keep_warm: float) -> None:
+def test_signal_before_the_timeout_lets_the_job_save_its_state(
+    daemon: DaemonProc, keep_warm: float
+) -> None:
     handle = warned.with_options(keep_warm=keep_warm).spawn()
     with pytest.raises(JobTimedOut):
         handle.get(timeout=60)
@@ -177,8 +178,9 @@ def test_signal_before_the_timeout_lets_the_job_save_its_state(daemon: DaemonPro
     assert "[gpud] sent SIGUSR1: the job's timeout is in 3 s" in log
 
 
-def test_a_job_that_ignores_sigterm_is_killed_after_its_grace(daemon: DaemonProc,
-                                                               shared_dir: Path) -> None:
+def test_a_job_that_ignores_sigterm_is_killed_after_its_grace(
+    daemon: DaemonProc, shared_dir: Path
+) -> None:
     pidfile = shared_dir / "pid"
     handle = stubborn.with_options(grace=1).spawn(str(pidfile))
     wait_for(pidfile.exists, timeout=30)
@@ -204,8 +206,9 @@ def test_a_cancel_that_sigterm_ends_says_so(daemon: DaemonProc, shared_dir: Path
         handle.get(timeout=5)
 
 
-def test_sigterm_runs_exit_hooks_once_in_the_worker_not_its_forks(daemon: DaemonProc,
-                                                                  shared_dir: Path) -> None:
+def test_sigterm_runs_exit_hooks_once_in_the_worker_not_its_forks(
+    daemon: DaemonProc, shared_dir: Path
+) -> None:
     pidfile = shared_dir / "pid"
     handle = forks.spawn(str(pidfile))
     wait_for(pidfile.exists, timeout=30)
@@ -225,8 +228,9 @@ def test_exit_methods_of_a_warm_worker_run_when_it_is_let_go(daemon: DaemonProc)
     handle = Trainer().step.with_options(keep_warm=1).spawn(5)
     assert handle.get(timeout=60) == 10
     # Not while it is kept warm; once its keep_warm ran out and it was closed.
-    wait_for(lambda: any(f.path == "exit.txt"
-                         for f in Client().state_files(handle.id).files), timeout=30)
+    wait_for(
+        lambda: any(f.path == "exit.txt" for f in Client().state_files(handle.id).files), timeout=30
+    )
     assert _state(handle.id, "exit.txt") == b"saved 5\n"
 
 
@@ -238,8 +242,7 @@ def test_state_dir_is_private_and_kept_where_the_job_saw_it(daemon: DaemonProc) 
 
         d = os.environ["GPUD_STATE_DIR"]
         st = os.stat(d)
-        return {"dir": d, "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid,
-                "me": os.getuid()}
+        return {"dir": d, "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "me": os.getuid()}
 
     out = where.spawn().get(timeout=60)
     assert out["mode"] == 0o700 and out["uid"] == out["me"] != 0
@@ -271,18 +274,41 @@ def test_gpud_state_lists_and_fetches(daemon: DaemonProc, tmp_path: Path) -> Non
 
 def test_gpud_run_takes_the_long_run_options(daemon: DaemonProc) -> None:
     env = daemon.client_env()
-    out = gpud_cli("run", "--detach", "--timeout", "1m", "--signal-before", "10s",
-                   "--signal", "usr2", "--grace", "3s", "examples/hello.py::square",
-                   "--x", "3", env=env)
+    out = gpud_cli(
+        "run",
+        "--detach",
+        "--timeout",
+        "1m",
+        "--signal-before",
+        "10s",
+        "--signal",
+        "usr2",
+        "--grace",
+        "3s",
+        "examples/hello.py::square",
+        "--x",
+        "3",
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     with Client() as c:
         info = c.get_job(int(out.stdout))
     assert (info.signal_before, info.signal, info.grace) == (10.0, "SIGUSR2", 3.0)
-    out = gpud_cli("run", "--signal-before", "soon", "examples/hello.py::square", "--x", "3",
-                   env=env)
+    out = gpud_cli(
+        "run", "--signal-before", "soon", "examples/hello.py::square", "--x", "3", env=env
+    )
     assert out.returncode == 2 and "invalid duration 'soon'" in out.stderr
-    out = gpud_cli("run", "--timeout", "10s", "--signal-before", "1m",
-                   "examples/hello.py::square", "--x", "3", env=env)
+    out = gpud_cli(
+        "run",
+        "--timeout",
+        "10s",
+        "--signal-before",
+        "1m",
+        "examples/hello.py::square",
+        "--x",
+        "3",
+        env=env,
+    )
     assert out.returncode == 2 and "shorter than the timeout" in out.stderr
     out = gpud_cli("run", "--grace", "1h", "examples/hello.py::square", "--x", "3", env=env)
     assert out.returncode != 0 and "max_grace" in out.stderr

@@ -58,19 +58,23 @@ def test_grace_defaults_to_kill_grace_and_never_passes_max_grace() -> None:
 
 def test_the_words_for_how_a_stop_ended() -> None:
     c, t = JobState.CANCELLED, JobState.TIMED_OUT
-    assert longrun.stop_text("cancelled", c, False, 10) == \
-        "cancelled: ended by SIGTERM after cancel"
-    assert longrun.stop_text("cancelled", c, True, 10) == \
-        "cancelled: killed (SIGKILL) after 10 s grace"
-    assert longrun.stop_text("timed out after 1 h", t, True, 2.5) == \
-        "timed out after 1 h: killed (SIGKILL) after 2.5 s grace"
+    assert (
+        longrun.stop_text("cancelled", c, False, 10) == "cancelled: ended by SIGTERM after cancel"
+    )
+    assert (
+        longrun.stop_text("cancelled", c, True, 10)
+        == "cancelled: killed (SIGKILL) after 10 s grace"
+    )
+    assert (
+        longrun.stop_text("timed out after 1 h", t, True, 2.5)
+        == "timed out after 1 h: killed (SIGKILL) after 2.5 s grace"
+    )
     assert longrun.stop_text("timed out after 1 h", t, None, 10) == "timed out after 1 h"
 
 
 def test_the_client_checks_options_where_they_are_written() -> None:
     f = gpud.function(timeout="1h", signal_before="5m", signal="SIGUSR2", grace="30s")(len)
-    assert (f.options.signal_before, f.options.signal, f.options.grace) == \
-        (300.0, "SIGUSR2", 30.0)
+    assert (f.options.signal_before, f.options.signal, f.options.grace) == (300.0, "SIGUSR2", 30.0)
     bad = [
         ({"signal_before": "soon"}, "invalid duration"),
         ({"signal_before": -1}, "invalid duration"),
@@ -119,8 +123,15 @@ def _read(job_dir: Path, path: str) -> bytes | None:
 def test_paths_leaving_the_state_directory_are_refused(tmp_path: Path) -> None:
     d = _job_dir(tmp_path)
     assert _read(d, "sub/a.bin") == b"a" * 100
-    for bad in ("../output.log", "sub/../../x", "/etc/passwd", "", "./top.txt", "sub//a.bin",
-                "a\nb"):
+    for bad in (
+        "../output.log",
+        "sub/../../x",
+        "/etc/passwd",
+        "",
+        "./top.txt",
+        "sub//a.bin",
+        "a\nb",
+    ):
         with pytest.raises(statedir.BadPath, match="gpud state JOB"):
             statedir.open_file(d, bad)
     assert _read(d, "missing") is None and _read(d, "sub") is None  # a directory
@@ -175,7 +186,8 @@ async def _finished(tcp: httpx.AsyncClient, token: str, **kw: object) -> int:  #
 
 
 async def test_only_the_owner_reads_a_state_directory(
-        people, tcp: httpx.AsyncClient, served_tcp) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    people, tcp: httpx.AsyncClient, served_tcp
+) -> None:  # type: ignore[no-untyped-def]
     (_, a_tok), (_, b_tok), (_, c_tok) = people["alice"], people["bob"], people["carol"]
     job_id = await _finished(tcp, a_tok)
     s = served_tcp.daemon.config.jobs_dir / str(job_id) / statedir.NAME
@@ -188,24 +200,35 @@ async def test_only_the_owner_reads_a_state_directory(
     assert [f["path"] for f in r.json()["files"]] == ["ckpt"]
     r = await tcp.get(f"/v1/jobs/{job_id}/state/ckpt", headers=bearer(a_tok))
     assert (r.status_code, r.content) == (200, b"weights")
-    refused(await tcp.get(f"/v1/jobs/{job_id}/state/passwd", headers=bearer(a_tok)), 404,
-            "no_such_file", "lists what it has")
-    assert (await tcp.get(f"/v1/jobs/{job_id}/state/ckpt", headers=bearer(c_tok))
-            ).status_code == 200  # an admin
+    refused(
+        await tcp.get(f"/v1/jobs/{job_id}/state/passwd", headers=bearer(a_tok)),
+        404,
+        "no_such_file",
+        "lists what it has",
+    )
+    assert (
+        await tcp.get(f"/v1/jobs/{job_id}/state/ckpt", headers=bearer(c_tok))
+    ).status_code == 200  # an admin
 
     # bob gets what he gets for any of alice's jobs: the 403 of her logs.
     logs = await tcp.get(f"/v1/jobs/{job_id}/logs", headers=bearer(b_tok))
-    for path in (f"/v1/jobs/{job_id}/state", f"/v1/jobs/{job_id}/state/ckpt",
-                 f"/v1/jobs/{job_id}/state/nothing"):
+    for path in (
+        f"/v1/jobs/{job_id}/state",
+        f"/v1/jobs/{job_id}/state/ckpt",
+        f"/v1/jobs/{job_id}/state/nothing",
+    ):
         r = await tcp.get(path, headers=bearer(b_tok))
-        assert (r.status_code, r.json()["error"]) == (logs.status_code, "forbidden") == \
-            (403, "forbidden")
+        assert (
+            (r.status_code, r.json()["error"])
+            == (logs.status_code, "forbidden")
+            == (403, "forbidden")
+        )
         assert b"weights" not in r.content
     # An unknown job: 404, as everywhere.
     refused(await tcp.get("/v1/jobs/999999/state", headers=bearer(a_tok)), 404, "not_found")
 
 
-async def test_traversal_is_a_clear_400(people, tcp: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+async def test_traversal_is_a_clear_400(people, tcp: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]
     a_tok = people["alice"][1]
     job_id = await _finished(tcp, a_tok)
     for raw in ("%2E%2E/output.log", "sub/%2E%2E/%2E%2E/output.log", "%2Fetc%2Fpasswd"):
@@ -215,14 +238,14 @@ async def test_traversal_is_a_clear_400(people, tcp: httpx.AsyncClient) -> None:
 
 
 async def test_bad_long_run_options_are_refused_saying_what_to_do(
-        people, tcp: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    people, tcp: httpx.AsyncClient
+) -> None:  # type: ignore[no-untyped-def]
     a_tok = people["alice"][1]
     cases = [
         ({"timeout": 60, "signal_before": 60}, "invalid_signal_before", "shorter than"),
         ({"timeout": 60, "signal_before": -5}, "invalid_signal_before", "above 0 to"),
         ({"timeout": 60, "signal_before": 1e30}, "invalid_signal_before", "above 0 to"),
-        ({"timeout": 60, "signal_before": 5, "signal": "SIGKILL"}, "invalid_signal",
-         "pick one of"),
+        ({"timeout": 60, "signal_before": 5, "signal": "SIGKILL"}, "invalid_signal", "pick one of"),
         ({"timeout": 60, "signal": "SIGUSR2"}, "invalid_signal", "needs signal_before"),
         ({"signal_before": 5, "signal": "x" * 40}, "invalid_signal", "1 to 16 characters"),
         ({"grace": 10_000}, "invalid_grace", "max_grace"),
@@ -231,9 +254,11 @@ async def test_bad_long_run_options_are_refused_saying_what_to_do(
     for kw, code, words in cases:
         r = await tcp.post("/v1/jobs", headers=bearer(a_tok), content=body(**kw))
         refused(r, 422, code, words)
-    ok = await tcp.post("/v1/jobs", headers=bearer(a_tok),
-                        content=body(seconds=0.0, timeout=60, signal_before=5,
-                                     signal="usr2", grace=2))
+    ok = await tcp.post(
+        "/v1/jobs",
+        headers=bearer(a_tok),
+        content=body(seconds=0.0, timeout=60, signal_before=5, signal="usr2", grace=2),
+    )
     assert ok.status_code == 201, ok.text
     info = ok.json()
     assert (info["signal_before"], info["signal"], info["grace"]) == (5.0, "SIGUSR2", 2.0)

@@ -37,8 +37,12 @@ def model(tag: str) -> dict:
 
     global _calls
     _calls += 1
-    return {"pid": os.getpid(), "calls": _calls, "gpus": os.environ["CUDA_VISIBLE_DEVICES"],
-            "tag": tag}
+    return {
+        "pid": os.getpid(),
+        "calls": _calls,
+        "gpus": os.environ["CUDA_VISIBLE_DEVICES"],
+        "tag": tag,
+    }
 
 
 def other(seconds: float) -> str:
@@ -99,14 +103,25 @@ def test_idle_worker_is_parked_and_its_next_call_unparks_it(one_gpu: DaemonProc)
     assert _alive(first["pid"])
     parked = _parked(one_gpu)
     assert [(p.job_id, p.owner, p.bytes, p.gpus) for p in parked] == [
-        (h1.id, h1.status().owner, GIB, [0])]  # the fake's 1 GiB per CUDA process
+        (h1.id, h1.status().owner, GIB, [0])
+    ]  # the fake's 1 GiB per CUDA process
     assert parked[0].function.endswith("model")
-    out = subprocess.run([sys.executable, "-m", "gpud", "gpus"], capture_output=True,
-                         text=True, env=one_gpu.client_env(), timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "gpud", "gpus"],
+        capture_output=True,
+        text=True,
+        env=one_gpu.client_env(),
+        timeout=30,
+    )
     assert "parked warm workers: 1, 1.0 GiB in host memory of 1.5 GiB" in out.stdout
     assert f"(job {h1.id}," in out.stdout
-    ps = subprocess.run([sys.executable, "-m", "gpud", "ps"], capture_output=True,
-                        text=True, env=one_gpu.client_env(), timeout=30)
+    ps = subprocess.run(
+        [sys.executable, "-m", "gpud", "ps"],
+        capture_output=True,
+        text=True,
+        env=one_gpu.client_env(),
+        timeout=30,
+    )
     assert "parked warm workers: 1, 1.0 GiB in host memory" in ps.stdout, ps
     assert f"worker {parked[0].worker_id}: " in ps.stdout and "from GPU 0" in ps.stdout
     # The next call brings it back: same process, its in-memory state still there.
@@ -198,8 +213,9 @@ def test_with_parking_off_the_worker_is_ended_as_before() -> None:
 
 @pytest.fixture
 def failing_park() -> Iterator[DaemonProc]:
-    with _daemon(GPUD_FAKE_GPUS="h100",
-                 GPUD_FAKE_CKPT_FAULTS="checkpoint:CUDA_ERROR_UNKNOWN:1") as d:
+    with _daemon(
+        GPUD_FAKE_GPUS="h100", GPUD_FAKE_CKPT_FAULTS="checkpoint:CUDA_ERROR_UNKNOWN:1"
+    ) as d:
         yield d
 
 
@@ -217,8 +233,9 @@ def test_a_failed_park_ends_the_worker_as_before(failing_park: DaemonProc) -> No
 
 
 def test_a_failed_unpark_starts_the_call_cold() -> None:
-    with _daemon(GPUD_FAKE_GPUS="h100",
-                 GPUD_FAKE_CKPT_FAULTS="restore:CUDA_ERROR_OUT_OF_MEMORY:1") as d:
+    with _daemon(
+        GPUD_FAKE_GPUS="h100", GPUD_FAKE_CKPT_FAULTS="restore:CUDA_ERROR_OUT_OF_MEMORY:1"
+    ) as d:
         warm = _fn(d, model, keep_warm=600, gpu="h100")
         pid = warm.remote("load")["pid"]
         _fn(d, other, gpu="h100").remote(0)
@@ -250,9 +267,14 @@ def test_a_restarted_daemon_kills_parked_workers_left_behind(tmp_path: Path) -> 
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         state = tmp_path / "parked.json"
-        state.write_text(json.dumps([
-            {"pid": orphan.pid, "start": proc_start_time(orphan.pid)},
-            {"pid": bystander.pid, "start": (proc_start_time(bystander.pid) or 0) + 1}]))
+        state.write_text(
+            json.dumps(
+                [
+                    {"pid": orphan.pid, "start": proc_start_time(orphan.pid)},
+                    {"pid": bystander.pid, "start": (proc_start_time(bystander.pid) or 0) + 1},
+                ]
+            )
+        )
         assert kill_leftovers(state) == [orphan.pid]
         assert orphan.wait(10) == -signal.SIGKILL
         assert bystander.poll() is None and not state.exists()
@@ -267,10 +289,22 @@ def test_the_gpu_check_script_runs_on_fake_gpus(one_gpu: DaemonProc) -> None:
     """scripts/gpu_park_check.py (the GPU machine's parking check) on fake GPUs: its state
     is host memory there, but the parking path and the figures it prints are the same."""
     env = one_gpu.client_env()
-    r = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "scripts" /
-                                            "gpu_park_check.py"), "--gib", "0.1",
-                        "--log", str(one_gpu.log), "--timeout", "120"],
-                       capture_output=True, text=True, env=env, timeout=150)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent.parent / "scripts" / "gpu_park_check.py"),
+            "--gib",
+            "0.1",
+            "--log",
+            str(one_gpu.log),
+            "--timeout",
+            "120",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=150,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("PASS:") == 4 and "FAIL" not in r.stdout
     assert re.search(r"unparked: 1\.00 GiB in [\d.]+ s = [\d.]+ GB/s", r.stdout), r.stdout

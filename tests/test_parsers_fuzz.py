@@ -24,7 +24,8 @@ from gpud.domain import GpuRequest
 from gpud_client.duration import format_duration, parse_duration, parse_size
 
 GPU_TYPE = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,15}", fullmatch=True).filter(
-    lambda t: t not in ("none", "cpu", "false"))
+    lambda t: t not in ("none", "cpu", "false")
+)
 #: Text that looks like what people type, plus anything at all.
 NUMBERISH = st.one_of(
     st.text(max_size=40),
@@ -34,6 +35,7 @@ NUMBERISH = st.one_of(
 
 
 # -- GPU requests ------------------------------------------------------------------------
+
 
 @given(st.one_of(st.none(), NUMBERISH, st.lists(NUMBERISH, max_size=5)))
 def test_a_gpu_request_parses_or_says_what_is_valid(spec: Any) -> None:
@@ -64,8 +66,14 @@ def test_gpu_counts_outside_1_to_64_are_refused(gpu_type: str, count: int) -> No
 
 # -- durations and sizes ---------------------------------------------------------------
 
-@given(st.one_of(NUMBERISH, st.floats(allow_nan=True, allow_infinity=True),
-                 st.integers(min_value=-(10**30), max_value=10**30)))
+
+@given(
+    st.one_of(
+        NUMBERISH,
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(min_value=-(10**30), max_value=10**30),
+    )
+)
 def test_a_duration_parses_to_finite_seconds_or_says_what_is_valid(value: Any) -> None:
     try:
         seconds = parse_duration(value)
@@ -101,8 +109,11 @@ def test_a_size_parses_to_positive_bytes_or_says_what_is_valid(value: Any) -> No
     assert isinstance(size, int) and size > 0
 
 
-@given(st.integers(1, 10**6), st.sampled_from(["", "k", "K", "m", "M", "g", "G", "t", "T"]),
-       st.sampled_from(["", "b", "ib", "iB", "B"]))
+@given(
+    st.integers(1, 10**6),
+    st.sampled_from(["", "k", "K", "m", "M", "g", "G", "t", "T"]),
+    st.sampled_from(["", "b", "ib", "iB", "B"]),
+)
 def test_sizes_are_powers_of_1024(n: int, unit: str, suffix: str) -> None:
     assume(unit or not suffix.startswith("i"))
     power = "kmgt".index(unit.lower()) + 1 if unit else 0
@@ -112,12 +123,14 @@ def test_sizes_are_powers_of_1024(n: int, unit: str, suffix: str) -> None:
 # -- gpud run: a function's parameters as options ----------------------------------------
 
 _NAME = st.from_regex(r"[a-z][a-z0-9]{0,6}(_[a-z0-9]{1,4})?", fullmatch=True).filter(
-    lambda n: not keyword.iskeyword(n))  # a Python parameter is never called "as"
+    lambda n: not keyword.iskeyword(n)
+)  # a Python parameter is never called "as"
 _VALUES: dict[type, st.SearchStrategy[Any]] = {
     int: st.integers(-(10**18), 10**18),
     float: st.floats(allow_nan=False, allow_infinity=False),
-    str: st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
-                 max_size=20),
+    str: st.text(
+        st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=20
+    ),
     bool: st.booleans(),
     list: st.lists(st.integers(-1000, 1000), max_size=4),
 }
@@ -125,11 +138,19 @@ _VALUES: dict[type, st.SearchStrategy[Any]] = {
 
 def _fn(params: list[tuple[str, type, bool, Any]]) -> Any:
     """A function with these (name, annotation, has_default, default) parameters."""
+
     def f(**kw: Any) -> Any:
         return kw
-    sig = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=t,
-                             default=v if d else inspect.Parameter.empty)
-           for n, t, d, v in params]
+
+    sig = [
+        inspect.Parameter(
+            n,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=t,
+            default=v if d else inspect.Parameter.empty,
+        )
+        for n, t, d, v in params
+    ]
     f.__signature__ = inspect.Signature(sig)  # type: ignore[attr-defined]
     f.__annotations__ = {n: t for n, t, _, _ in params}
     return f
@@ -156,15 +177,16 @@ def _signature_and_call(draw: st.DrawFn) -> tuple[Any, list[str], dict[str, Any]
         if typ is bool:
             argv.append(opt if value else "--no-" + name.replace("_", "-"))
         else:
-            argv += [opt, json.dumps(value) if typ is list else
-                     repr(value) if typ is float else str(value)]
+            argv += [
+                opt,
+                json.dumps(value) if typ is list else repr(value) if typ is float else str(value),
+            ]
     return _fn(params), argv, want
 
 
 @settings(suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 @given(_signature_and_call())
-def test_run_maps_parameters_to_typed_options(case: tuple[Any, list[str], dict[str, Any]]
-                                              ) -> None:
+def test_run_maps_parameters_to_typed_options(case: tuple[Any, list[str], dict[str, Any]]) -> None:
     fn, argv, want = case
     cmd = params_command(fn, "fn")
     got = cmd.main(argv, standalone_mode=False)
@@ -172,8 +194,7 @@ def test_run_maps_parameters_to_typed_options(case: tuple[Any, list[str], dict[s
 
 
 @given(_NAME, st.sampled_from([int, float]), st.text(max_size=10))
-def test_run_refuses_a_value_of_the_wrong_type_clearly(name: str, typ: type,
-                                                       raw: str) -> None:
+def test_run_refuses_a_value_of_the_wrong_type_clearly(name: str, typ: type, raw: str) -> None:
     try:
         typ(raw)
         assume(False)

@@ -50,8 +50,9 @@ def inside() -> dict:
         "cwd": os.getcwd(),
         "can_write_root": os.access("/usr", os.W_OK),
         "can_write_tmp": os.access("/tmp", os.W_OK),
-        "no_new_privs": [line.split()[1] for line in open("/proc/self/status")
-                         if line.startswith("NoNewPrivs")][0],
+        "no_new_privs": [
+            line.split()[1] for line in open("/proc/self/status") if line.startswith("NoNewPrivs")
+        ][0],
     }
 
 
@@ -85,8 +86,7 @@ def test_memory_and_cpu_become_container_limits(pdaemon: DaemonProc) -> None:
         while not containers_of(pdaemon, handle.id) and time.monotonic() < deadline:
             time.sleep(0.1)
         [cid] = containers_of(pdaemon, handle.id)
-        out = subprocess.run(["podman", "inspect", cid], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(["podman", "inspect", cid], capture_output=True, text=True, check=True)
         host = json.loads(out.stdout)[0]["HostConfig"]
         assert host["Memory"] == 256 * 1024 * 1024
         assert host["NanoCpus"] == 500_000_000
@@ -129,8 +129,11 @@ def test_image_without_python_is_refused(pdaemon: DaemonProc) -> None:
     name = "localhost/gpud-test-nopython:1"
     build = subprocess.run(
         ["podman", "build", "--network=none", "-q", "-t", name, "-f", "-", "."],
-        input=f"FROM {base}\nRUN rm -f /usr/bin/python3*\n", text=True,
-        capture_output=True, cwd="/tmp")
+        input=f"FROM {base}\nRUN rm -f /usr/bin/python3*\n",
+        text=True,
+        capture_output=True,
+        cwd="/tmp",
+    )
     assert build.returncode == 0, build.stderr
     try:
         r = _submit(pdaemon.url, image=name)
@@ -145,9 +148,14 @@ def test_images_lists_the_default_with_its_python(pdaemon: DaemonProc) -> None:
     default = [i for i in lst.images if i.name == lst.default]
     assert lst.executor == "podman" and default
     assert default[0].python is not None and default[0].python.startswith(
-        "{}.{}.".format(*sys.version_info))
-    out = subprocess.run([sys.executable, "-m", "gpud", "images"], capture_output=True,
-                         text=True, env={**os.environ, "GPUD_URL": pdaemon.url})
+        "{}.{}.".format(*sys.version_info)
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "gpud", "images"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GPUD_URL": pdaemon.url},
+    )
     assert out.returncode == 0 and "gpud-python" in out.stdout
 
 
@@ -157,17 +165,30 @@ IDENT = JobIdentity("nobody", 65534, 65534, "/nonexistent", switch=True)
 
 
 def _spec(**kw: object) -> LaunchSpec:
-    base: dict[str, object] = dict(job_id=7, attempt=2, job_dir=Path("/data/jobs/7"),
-                                   log_path=Path("/data/jobs/7/output.log"), gpus=())
+    base: dict[str, object] = dict(
+        job_id=7,
+        attempt=2,
+        job_dir=Path("/data/jobs/7"),
+        log_path=Path("/data/jobs/7/output.log"),
+        gpus=(),
+    )
     base.update(kw)
     return LaunchSpec(**base)  # type: ignore[arg-type]
 
 
 def test_container_spec_is_locked_down_and_labelled() -> None:
-    args = container_spec(_spec(memory=1 << 30, cpus=2.0), image="img", identity=IDENT,
-                          env={"A": "1"}, runtime_dir=Path("/data/runtime/r1"), instance="abc",
-                          devices=[], network="none", read_only=True,
-                          volumes=["/srv/data:/data:ro"])
+    args = container_spec(
+        _spec(memory=1 << 30, cpus=2.0),
+        image="img",
+        identity=IDENT,
+        env={"A": "1"},
+        runtime_dir=Path("/data/runtime/r1"),
+        instance="abc",
+        devices=[],
+        network="none",
+        read_only=True,
+        volumes=["/srv/data:/data:ro"],
+    )
     assert args["user"] == "65534:65534"
     assert args["no_new_privileges"] is True and args["cap_drop"] == ["ALL"]
     assert args["read_only"] is True and args["network_mode"] == "none"
@@ -177,8 +198,12 @@ def test_container_spec_is_locked_down_and_labelled() -> None:
     mounts = {m["target"]: m for m in args["mounts"]}
     assert mounts["/gpud/runtime"]["read_only"] is True
     assert mounts["/gpud/job"]["source"] == "/data/jobs/7"
-    assert mounts["/data"] == {"type": "bind", "source": "/srv/data", "target": "/data",
-                               "read_only": True}
+    assert mounts["/data"] == {
+        "type": "bind",
+        "source": "/srv/data",
+        "target": "/data",
+        "read_only": True,
+    }
     assert mounts["/tmp"]["type"] == "tmpfs"
     binds = {t for t, m in mounts.items() if m["type"] == "bind"}
     assert binds == {"/gpud/runtime", "/gpud/job", "/data"}  # nothing else of the host
@@ -192,23 +217,42 @@ def test_container_runs_as_the_submitter_with_their_groups() -> None:
 
     alice = JobIdentity("alice", 1001, 1001, "/home/alice", switch=True, groups=(1001, 27))
     spec = _spec(identity=alice)
-    args = container_spec(spec, image="img", identity=alice,
-                          env=job_environment(spec, alice, "abc"),
-                          runtime_dir=Path("/data/runtime/r1"), instance="abc", devices=[],
-                          network="none", read_only=True, volumes=[])
+    args = container_spec(
+        spec,
+        image="img",
+        identity=alice,
+        env=job_environment(spec, alice, "abc"),
+        runtime_dir=Path("/data/runtime/r1"),
+        instance="abc",
+        devices=[],
+        network="none",
+        read_only=True,
+        volumes=[],
+    )
     assert args["user"] == "1001:1001" and args["group_add"] == ["1001", "27"]
     env = args["environment"]
     assert (env["USER"], env["LOGNAME"], env["HOME"]) == ("alice", "alice", "/tmp")
     # The executor's default identity (no groups of its own) adds none.
     assert "group_add" not in container_spec(
-        _spec(), image="img", identity=IDENT, env={}, runtime_dir=Path("/r"), instance="abc",
-        devices=[], network="none", read_only=True, volumes=[])
+        _spec(),
+        image="img",
+        identity=IDENT,
+        env={},
+        runtime_dir=Path("/r"),
+        instance="abc",
+        devices=[],
+        network="none",
+        read_only=True,
+        volumes=[],
+    )
 
 
 def test_gpu_devices_by_cdi_uuid_exactly_the_jobs() -> None:
     uuids = ("GPU-aaaa", "GPU-bbbb")
     assert gpu_devices(uuids, (0, 3), fake=False, cdi=True) == [
-        "nvidia.com/gpu=GPU-aaaa", "nvidia.com/gpu=GPU-bbbb"]
+        "nvidia.com/gpu=GPU-aaaa",
+        "nvidia.com/gpu=GPU-bbbb",
+    ]
     assert gpu_devices(uuids, (0, 3), fake=True, cdi=True) == []
     assert gpu_devices((), (), fake=False, cdi=True) == []
 
@@ -292,10 +336,10 @@ def test_a_container_killed_for_memory_says_so(pdaemon: DaemonProc) -> None:
     handle = hog.with_options(url=pdaemon.url, memory="64m").spawn(256)
     info = handle.wait(timeout=120)
     assert info.state == "failed"
-    assert info.error is not None and info.error.startswith("out of memory (limit 64m)"), \
-        info.error
-    out = subprocess.run([*GPUD, "ps", "--all"], env=pdaemon.client_env(), capture_output=True,
-                         text=True, timeout=60)
+    assert info.error is not None and info.error.startswith("out of memory (limit 64m)"), info.error
+    out = subprocess.run(
+        [*GPUD, "ps", "--all"], env=pdaemon.client_env(), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     [row] = [line for line in out.stdout.splitlines() if line.split()[:1] == [str(handle.id)]]
     assert "out of memory (limit 64m)" in row, out.stdout
@@ -310,8 +354,7 @@ def exit_137() -> None:
     os._exit(137)
 
 
-def test_exit_137_under_a_memory_limit_is_not_called_out_of_memory(
-        pdaemon: DaemonProc) -> None:
+def test_exit_137_under_a_memory_limit_is_not_called_out_of_memory(pdaemon: DaemonProc) -> None:
     info = exit_137.with_options(url=pdaemon.url, memory="64m").spawn().wait(timeout=120)
     assert info.state == "failed" and info.error is not None
     assert "out of memory" not in info.error and "137" in info.error, info.error

@@ -40,10 +40,9 @@ def make_wheel(directory: Path, name: str, version: str, value: str) -> Path:
     dist = f"{name}-{version}.dist-info"
     files = {
         f"{name}.py": f"VALUE = {value!r}\n".encode(),
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-                            .encode(),
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
         f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: gpud-test\nRoot-Is-Purelib: true\n"
-                         b"Tag: py3-none-any\n",
+        b"Tag: py3-none-any\n",
     }
     record = []
     for path, data in files.items():
@@ -67,8 +66,11 @@ def image_exists(name: str) -> bool:
 
 def build_containers() -> set[str]:
     """Containers of builds (buildah's), not of jobs (other tests' daemons run those)."""
-    out = subprocess.run(["podman", "ps", "-a", "--external", "--format", "{{.Names}}"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["podman", "ps", "-a", "--external", "--format", "{{.Names}}"],
+        capture_output=True,
+        text=True,
+    )
     return {n for n in out.stdout.split() if n.endswith("working-container")}
 
 
@@ -86,9 +88,11 @@ def idaemon() -> Iterator[DaemonProc]:
 
 def tiny(wheels: Path, version: str = "1.0") -> gpud.Image:
     make_wheel(wheels, "gpudtiny", version, f"tiny {version}")
-    image = (gpud.Image.base(BASE)
-             .pip_install("gpudtiny", find_links=wheels, index=False)
-             .run(f"echo {RUN} > /gpud-test-run"))
+    image = (
+        gpud.Image.base(BASE)
+        .pip_install("gpudtiny", find_links=wheels, index=False)
+        .run(f"echo {RUN} > /gpud-test-run")
+    )
     MADE.append(image.name)
     return image
 
@@ -96,8 +100,9 @@ def tiny(wheels: Path, version: str = "1.0") -> gpud.Image:
 def builds_of(d: DaemonProc, name: str) -> tuple[int, str]:
     ledger = d.ledger()
     try:
-        row = ledger.conn.execute("SELECT builds, creator FROM images WHERE name = ?",
-                                  (name,)).fetchone()
+        row = ledger.conn.execute(
+            "SELECT builds, creator FROM images WHERE name = ?", (name,)
+        ).fetchone()
         return int(row[0]), str(row[1])
     finally:
         ledger.close()
@@ -109,10 +114,9 @@ def read_tiny() -> str:
     return str(gpudtiny.VALUE)
 
 
-def test_built_once_reused_rebuilt_on_change_and_listed(idaemon: DaemonProc,
-                                                        tmp_path: Path,
-                                                        capfd: pytest.CaptureFixture[str]
-                                                        ) -> None:
+def test_built_once_reused_rebuilt_on_change_and_listed(
+    idaemon: DaemonProc, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     image = tiny(tmp_path / "w1")
     f = gpud.function(image=image, url=idaemon.url)(read_tiny)
     assert f.remote() == "tiny 1.0"
@@ -134,21 +138,32 @@ def test_built_once_reused_rebuilt_on_change_and_listed(idaemon: DaemonProc,
     assert changed.name != image.name
     assert f.with_options(image=changed).remote() == "tiny 2.0"
     assert "STEP" in capfd.readouterr().err
-    out = subprocess.run([sys.executable, "-m", "gpud", "images"], env=idaemon.client_env(),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "gpud", "images"],
+        env=idaemon.client_env(),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert image.name in out.stdout and changed.hash[:12] in out.stdout
     # The image is labelled with its definition, creator and build time.
-    labels = subprocess.run(["podman", "inspect", "--format", "{{json .Labels}}",
-                             changed.name], capture_output=True, text=True).stdout
+    labels = subprocess.run(
+        ["podman", "inspect", "--format", "{{json .Labels}}", changed.name],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert changed.hash in labels and "gpud.image.creator" in labels
 
 
-def test_failed_build_gives_the_log_tail_and_leaves_nothing(idaemon: DaemonProc,
-                                                            tmp_path: Path) -> None:
+def test_failed_build_gives_the_log_tail_and_leaves_nothing(
+    idaemon: DaemonProc, tmp_path: Path
+) -> None:
     before = build_containers()
-    bad = (gpud.Image.base(BASE).run(f"echo {RUN}-bad")
-           .pip_install("gpud-no-such-package-xyz", index=False))
+    bad = (
+        gpud.Image.base(BASE)
+        .run(f"echo {RUN}-bad")
+        .pip_install("gpud-no-such-package-xyz", index=False)
+    )
     f = gpud.function(image=bad, url=idaemon.url)(read_tiny)
     with pytest.raises(gpud.ImageBuildFailed) as e:
         f.remote()
@@ -178,15 +193,13 @@ def test_concurrent_asks_share_one_build(idaemon: DaemonProc, tmp_path: Path) ->
         t.start()
     for t in threads:
         t.join(120)
-    assert all(isinstance(r, ImageBuildEvent) and r.name == image.name
-               for r in results), results
+    assert all(isinstance(r, ImageBuildEvent) and r.name == image.name for r in results), results
     assert builds_of(idaemon, image.name)[0] == 1
 
 
 @pytest.fixture
 def small_daemon() -> Iterator[DaemonProc]:
-    env = executor_env("podman") | {"GPUD_IMAGE_BUILD_NETWORK": "none",
-                                    "GPUD_IMAGE_MAX_BYTES": "1"}
+    env = executor_env("podman") | {"GPUD_IMAGE_BUILD_NETWORK": "none", "GPUD_IMAGE_MAX_BYTES": "1"}
     base = make_base_dir()
     try:
         yield from _run_daemon(base, env)
@@ -202,8 +215,7 @@ def hold(seconds: float) -> str:
     return "done"
 
 
-def test_collection_spares_images_that_jobs_use(small_daemon: DaemonProc,
-                                                tmp_path: Path) -> None:
+def test_collection_spares_images_that_jobs_use(small_daemon: DaemonProc, tmp_path: Path) -> None:
     def img(tag: str) -> gpud.Image:
         return gpud.Image.base(BASE).run(f"echo {RUN}-{tag} > /gpud-test-run")
 
@@ -229,8 +241,7 @@ def test_collection_spares_images_that_jobs_use(small_daemon: DaemonProc,
             subprocess.run(["podman", "rmi", "-f", i.name], capture_output=True)
 
 
-def test_image_build_command_builds_ahead_of_time(idaemon: DaemonProc,
-                                                  tmp_path: Path) -> None:
+def test_image_build_command_builds_ahead_of_time(idaemon: DaemonProc, tmp_path: Path) -> None:
     make_wheel(tmp_path / "wheels", "gpudtiny", "4.0", "tiny 4.0")
     src = tmp_path / "defs.py"
     src.write_text(
@@ -242,12 +253,17 @@ def test_image_build_command_builds_ahead_of_time(idaemon: DaemonProc,
         "@gpud.function(image=image)\n"
         "def f():\n"
         "    import gpudtiny\n"
-        "    return gpudtiny.VALUE\n")
+        "    return gpudtiny.VALUE\n"
+    )
 
     def gpud_cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gpud", *args],
-                              env=idaemon.client_env(), capture_output=True, text=True,
-                              timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "gpud", *args],
+            env=idaemon.client_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     first = gpud_cli("image", "build", f"{src}::image")
     assert first.returncode == 0, first.stderr
@@ -261,8 +277,7 @@ def test_image_build_command_builds_ahead_of_time(idaemon: DaemonProc,
     assert ran.returncode == 0 and ran.stdout.strip() == '"tiny 4.0"', ran.stderr
 
 
-def test_an_image_built_but_not_recorded_is_adopted(idaemon: DaemonProc,
-                                                    tmp_path: Path) -> None:
+def test_an_image_built_but_not_recorded_is_adopted(idaemon: DaemonProc, tmp_path: Path) -> None:
     """A build whose daemon stopped before recording it left a complete image: the next
     ask uses it (no rebuild) and records it, creator from its label."""
     image = gpud.Image.base(BASE).run(f"echo {RUN}-adopt")
@@ -270,10 +285,25 @@ def test_an_image_built_but_not_recorded_is_adopted(idaemon: DaemonProc,
     (tmp_path / "ctx").mkdir()
     (tmp_path / "ctx" / "x").write_text("")
     built = subprocess.run(
-        ["podman", "build", "--network=none", "-q", "-t", image.name,
-         "--label", f"gpud.image.key={image.hash}", "--label", "gpud.image.creator=alice",
-         "-f", "-", str(tmp_path / "ctx")],
-        input=f"FROM {BASE}\nRUN echo {RUN}-adopt\n", text=True, capture_output=True)
+        [
+            "podman",
+            "build",
+            "--network=none",
+            "-q",
+            "-t",
+            image.name,
+            "--label",
+            f"gpud.image.key={image.hash}",
+            "--label",
+            "gpud.image.creator=alice",
+            "-f",
+            "-",
+            str(tmp_path / "ctx"),
+        ],
+        input=f"FROM {BASE}\nRUN echo {RUN}-adopt\n",
+        text=True,
+        capture_output=True,
+    )
     assert built.returncode == 0, built.stderr
     with gpud.Client(idaemon.url) as c:
         assert ensure_image(c, image, out=io.StringIO()).cached

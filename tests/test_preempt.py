@@ -21,15 +21,33 @@ NOW = 1000.0
 R, S, Q = JobState.RUNNING, JobState.SUSPENDED, JobState.QUEUED
 
 
-def run(id: int, *indices: int, priority: int = 0, preemptible: bool = True,
-        started: float = 0.0, owner: str = "") -> Job:
-    j = job(id, f"h100:{len(indices)}" if indices else None, state=R, priority=priority,
-            owner=owner, gpus=tuple(f"GPU-{i}" for i in indices))
+def run(
+    id: int,
+    *indices: int,
+    priority: int = 0,
+    preemptible: bool = True,
+    started: float = 0.0,
+    owner: str = "",
+) -> Job:
+    j = job(
+        id,
+        f"h100:{len(indices)}" if indices else None,
+        state=R,
+        priority=priority,
+        owner=owner,
+        gpus=tuple(f"GPU-{i}" for i in indices),
+    )
     return dataclasses.replace(j, preemptible=preemptible, started_at=started)
 
 
-def waiting(id: int, request: str | None = "h100", *, priority: int = 10,
-            since: float = NOW - 60, owner: str = "") -> Job:
+def waiting(
+    id: int,
+    request: str | None = "h100",
+    *,
+    priority: int = 10,
+    since: float = NOW - 60,
+    owner: str = "",
+) -> Job:
     return job(id, request, priority=priority, submitted_at=since, owner=owner)
 
 
@@ -41,6 +59,7 @@ def pick(queued: list[Job], running: list[Job], gpus: int = 2, **kw: object) -> 
 
 # -- the state machine ---------------------------------------------------------------------
 
+
 def test_suspended_moves_back_to_running_or_ends() -> None:
     assert S in TRANSITIONS[R]
     assert TRANSITIONS[S] >= {R, JobState.CANCELLED, JobState.LOST}
@@ -49,6 +68,7 @@ def test_suspended_moves_back_to_running_or_ends() -> None:
 
 
 # -- examples ------------------------------------------------------------------------------
+
 
 def test_a_long_waiting_higher_priority_job_suspends_a_lower_one_saying_why() -> None:
     got = pick([waiting(9, "h100:2")], [run(1, 0, 1)])
@@ -79,8 +99,15 @@ def test_only_when_it_helps() -> None:
     assert pick([waiting(9)], [run(1, 0)]) == []
     # Its owner is at their GPU quota: suspending others would not let it start.
     quotas = {"alice": Quota(max_gpus=1)}
-    assert pick([waiting(9, owner="alice")], [run(1, 0, 1), run(2, 2, owner="alice")],
-                quotas=quotas, gpus=3) == []
+    assert (
+        pick(
+            [waiting(9, owner="alice")],
+            [run(1, 0, 1), run(2, 2, owner="alice")],
+            quotas=quotas,
+            gpus=3,
+        )
+        == []
+    )
     # It asks for a type the victims do not hold.
     assert pick([waiting(9, "l4")], [run(1, 0, 1)]) == []
 
@@ -98,8 +125,9 @@ def test_the_fewest_lowest_priority_most_recent_victims() -> None:
 
 def test_one_victim_serves_one_preemptor() -> None:
     got = pick([waiting(8), waiting(9)], [run(1, 0), run(2, 1)])
-    assert sorted((p.victim, p.for_job) for p in got) == [(1, 8), (2, 9)] or \
-        sorted((p.victim, p.for_job) for p in got) == [(1, 9), (2, 8)]
+    assert sorted((p.victim, p.for_job) for p in got) == [(1, 8), (2, 9)] or sorted(
+        (p.victim, p.for_job) for p in got
+    ) == [(1, 9), (2, 8)]
     got = pick([waiting(8), waiting(9)], [run(1, 0, 1)])
     assert len(got) == 1
 
@@ -135,8 +163,7 @@ def test_older_and_higher_priority_suspended_jobs_resume_first() -> None:
 GPUS = [gpu(0), gpu(1), gpu(2, "l4")]
 REQUESTS = [None, "h100", "h100:2", "l4", "any", "any:2"]
 
-submit = st.tuples(st.just("submit"), st.integers(0, 3), st.sampled_from(REQUESTS),
-                   st.booleans())
+submit = st.tuples(st.just("submit"), st.integers(0, 3), st.sampled_from(REQUESTS), st.booleans())
 finish = st.tuples(st.just("finish"), st.integers(0, 50))
 tick = st.tuples(st.just("tick"), st.floats(0.0, 40.0))
 events = st.lists(st.one_of(submit, finish, tick), min_size=1, max_size=40)
@@ -160,8 +187,9 @@ class Box:
             if h is not None and self.jobs[h].state is not Q:
                 self.wanted[v] = None
         running = self.of(R)
-        r = resumes(self.of(S), {i for i, h in self.wanted.items() if h is None}, running,
-                    GPUS, cpu_slots=2)
+        r = resumes(
+            self.of(S), {i for i, h in self.wanted.items() if h is None}, running, GPUS, cpu_slots=2
+        )
         due = {i for i in self.wanted if self.wanted[i] is None}
         free_at_start = {g.uuid for g in GPUS} - {u for j in running for u in j.gpus}
         for i in r.resume:
@@ -171,8 +199,9 @@ class Box:
         p = plan(self.of(Q), holding, GPUS, cpu_slots=2, now=self.now)
         started = set()
         for s in p.starts:
-            self.jobs[s.job_id] = dataclasses.replace(self.jobs[s.job_id], state=R,
-                                                      gpus=s.gpus, started_at=self.now)
+            self.jobs[s.job_id] = dataclasses.replace(
+                self.jobs[s.job_id], state=R, gpus=s.gpus, started_at=self.now
+            )
             started.add(s.job_id)
         # Ahead of newer work: a suspended job due to resume whose GPUs were all free got
         # them; none of its GPUs went to a job started this round.
@@ -182,14 +211,22 @@ class Box:
                 assert j.state is R, f"job {i}'s GPUs were free, yet it did not resume"
             if j.state is S:
                 for k in started:
-                    assert not set(self.jobs[k].gpus) & set(j.gpus), \
+                    assert not set(self.jobs[k].gpus) & set(j.gpus), (
                         f"job {k} took a GPU that suspended job {i} waits for"
+                    )
         queued = sorted(self.of(Q), key=lambda j: (-j.priority, j.submitted_at, j.id))
         held = [u for j in r.reserved for u in j.gpus]
-        for c in choose(queued, self.of(R), GPUS, now=self.now, preempt_after=30.0,
-                        cpu_slots=2, history=set(self.history),
-                        waiting_for={h for h in self.wanted.values() if h is not None},
-                        held=held):
+        for c in choose(
+            queued,
+            self.of(R),
+            GPUS,
+            now=self.now,
+            preempt_after=30.0,
+            cpu_slots=2,
+            history=set(self.history),
+            waiting_for={h for h in self.wanted.values() if h is not None},
+            held=held,
+        ):
             v, h = self.jobs[c.victim], self.jobs[c.for_job]
             assert v.priority < h.priority, "preempted for a job of no higher priority"
             assert v.preemptible and v.state is R

@@ -30,26 +30,30 @@ async def _queue_settled(tcp: httpx.AsyncClient, token: str, n: int) -> list[dic
             await trio.sleep(0.05)
 
 
-async def test_others_see_the_queue_but_not_what_is_private(
-        people, tcp: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+async def test_others_see_the_queue_but_not_what_is_private(people, tcp: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     (alice, a_tok), (bob, b_tok), (_, c_tok) = people["alice"], people["bob"], people["carol"]
     private = {"name": SECRET_NAME, "env": {"TRAINING_SECRET": SECRET_ENV}}
     # alice's first job holds both H100s; her second and bob's wait behind it.
-    r = await tcp.post("/v1/jobs", headers=bearer(a_tok),
-                       content=body(gpu="h100:2", seconds=30, **private))
+    r = await tcp.post(
+        "/v1/jobs", headers=bearer(a_tok), content=body(gpu="h100:2", seconds=30, **private)
+    )
     assert r.status_code == 201, r.text
     held = r.json()["id"]
-    r = await tcp.post("/v1/jobs", headers=bearer(a_tok),
-                       content=body(gpu="h100", memory=2**30, retries=3, **private))
+    r = await tcp.post(
+        "/v1/jobs",
+        headers=bearer(a_tok),
+        content=body(gpu="h100", memory=2**30, retries=3, **private),
+    )
     assert r.status_code == 201, r.text
     a_queued = r.json()["id"]
-    r = await tcp.post("/v1/jobs", headers=bearer(b_tok), content=body(gpu="h100",
-                                                                        name="bob.eval"))
+    r = await tcp.post("/v1/jobs", headers=bearer(b_tok), content=body(gpu="h100", name="bob.eval"))
     assert r.status_code == 201, r.text
     b_queued = r.json()["id"]
     with trio.fail_after(20):
-        while (await tcp.get(f"/v1/jobs/{held}",  # noqa: ASYNC110 - polling the API
-                             headers=bearer(a_tok))).json()["state"] != "running":
+        # Polling the API: there is no event to wait on in another process.
+        while (await tcp.get(f"/v1/jobs/{held}", headers=bearer(a_tok))).json()[  # noqa: ASYNC110
+            "state"
+        ] != "running":
             await trio.sleep(0.05)
 
     # bob sees the whole queue, so his position makes sense (fair share puts his job
@@ -72,23 +76,40 @@ async def test_others_see_the_queue_but_not_what_is_private(
 
     # Nothing bob can read carries alice's job name or env, anywhere in the bytes.
     as_bob = bearer(b_tok)
-    for path in ("/v1/queue", "/v1/queue?limit=1000", "/v1/events", "/v1/events?limit=1000",
-                 "/v1/gpus", "/v1/gpus/history", "/v1/jobs", "/v1/jobs?state=queued,running",
-                 f"/v1/jobs/{b_queued}", "/v1/usage", "/v1/usage?by=day", "/v1/snapshots",
-                 "/v1/whoami"):
+    for path in (
+        "/v1/queue",
+        "/v1/queue?limit=1000",
+        "/v1/events",
+        "/v1/events?limit=1000",
+        "/v1/gpus",
+        "/v1/gpus/history",
+        "/v1/jobs",
+        "/v1/jobs?state=queued,running",
+        f"/v1/jobs/{b_queued}",
+        "/v1/usage",
+        "/v1/usage?by=day",
+        "/v1/snapshots",
+        "/v1/whoami",
+    ):
         r = await tcp.get(path, headers=as_bob)
         assert r.status_code == 200, (path, r.text)
         assert SECRET_NAME not in r.text and SECRET_ENV not in r.text, path
     # The GPUs show who holds them (public), not what runs there.
     gpus = (await tcp.get("/v1/gpus", headers=as_bob)).json()["gpus"]
-    assert sorted((g["job_id"], g["owner"]) for g in gpus if g["job_id"]) == \
-        [(held, alice), (held, alice)]
+    assert sorted((g["job_id"], g["owner"]) for g in gpus if g["job_id"]) == [
+        (held, alice),
+        (held, alice),
+    ]
     # The events bob gets are his own job's only.
     events = (await tcp.get("/v1/events", headers=as_bob)).json()["events"]
     assert events and {e["job_id"] for e in events} == {b_queued}
     # Reading alice's jobs directly is refused, without echoing their contents.
-    for path in (f"/v1/jobs/{held}", f"/v1/jobs/{held}/logs", f"/v1/jobs/{a_queued}/outcome",
-                 f"/v1/events?job_id={held}"):
+    for path in (
+        f"/v1/jobs/{held}",
+        f"/v1/jobs/{held}/logs",
+        f"/v1/jobs/{a_queued}/outcome",
+        f"/v1/events?job_id={held}",
+    ):
         r = await tcp.get(path, headers=as_bob)
         assert r.status_code == 403 and SECRET_NAME not in r.text, path
 

@@ -43,13 +43,25 @@ def _needs_root_and_setpriv() -> str:
 def test_setpriv_gives_the_job_the_identity_popen_would(groups: object) -> None:
     setpriv = _needs_root_and_setpriv()
     nobody = job_identity("nobody")
-    ident = JobIdentity(nobody.user, nobody.uid, nobody.gid, nobody.home, switch=True,
-                        groups=() if groups == () else (nobody.gid, 100, 20))
+    ident = JobIdentity(
+        nobody.user,
+        nobody.uid,
+        nobody.gid,
+        nobody.home,
+        switch=True,
+        groups=() if groups == () else (nobody.gid, 100, 20),
+    )
     cmd = ["/bin/cat", "/proc/self/status"]  # anything the job user may run
-    via_setpriv = subprocess.run(switch_user_command(setpriv, ident, cmd), check=True,
-                                 capture_output=True, text=True, cwd="/").stdout
-    via_popen = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd="/",
-                               **ident.popen_kwargs()).stdout
+    via_setpriv = subprocess.run(
+        switch_user_command(setpriv, ident, cmd),
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd="/",
+    ).stdout
+    via_popen = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, cwd="/", **ident.popen_kwargs()
+    ).stdout
     assert _identity_lines(via_setpriv) == _identity_lines(via_popen)
     uids = next(line for line in via_setpriv.splitlines() if line.startswith("Uid:"))
     assert uids.split()[1:] == [str(ident.uid)] * 4  # real, effective, saved, fs: no way back
@@ -80,22 +92,29 @@ def test_setpriv_is_taken_only_as_roots_own_file(tmp_path: Path) -> None:
 
 def test_a_daemon_that_is_not_root_switches_nobody(tmp_path: Path) -> None:
     me = JobIdentity("me", 1000, 1000, "/home/me", switch=False)
-    ex = ProcessExecutor(python=sys.executable, version="3", runtime_dir=tmp_path,
-                         identity=me, instance="i")
+    ex = ProcessExecutor(
+        python=sys.executable, version="3", runtime_dir=tmp_path, identity=me, instance="i"
+    )
     assert ex.setpriv is None
 
 
 @pytest.mark.parametrize("python", ["/nonexistent/python3", "/root/.gpud-no-such-dir/python3"])
 def test_an_interpreter_setpriv_cannot_exec_fails_the_job_saying_so(
-        python: str, tmp_path: Path) -> None:
+    python: str, tmp_path: Path
+) -> None:
     """Through setpriv, an interpreter the job user cannot execute is an exit code (126
     or 127, setpriv's message in the job's log), not an error raised at the spawn."""
     setpriv = _needs_root_and_setpriv()
     ident = job_identity("nobody")
-    out = subprocess.run(switch_user_command(setpriv, ident, [python, "-c", "pass"]),
-                         capture_output=True, text=True, cwd="/")
+    out = subprocess.run(
+        switch_user_command(setpriv, ident, [python, "-c", "pass"]),
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
     assert out.returncode in (126, 127)
     assert "setpriv" in out.stderr and python in out.stderr
     ended = judge(tmp_path, None, False, Outcome(exit_code=out.returncode))
-    assert ended.error == (f"the job's interpreter could not be started (exit code "
-                           f"{out.returncode}); its log says why")
+    assert ended.error == (
+        f"the job's interpreter could not be started (exit code {out.returncode}); its log says why"
+    )

@@ -24,15 +24,24 @@ REQUESTS = [None, "h100", "h100:2", "a100", "any:2"]
 OWNERS = ["ann", "bob", "cy"]
 
 
-def whole_queue_page(waits: dict[int, Wait], pending: list[Job], offset: int,
-                     limit: int) -> list[tuple[int, str | None, int | None]]:
+def whole_queue_page(
+    waits: dict[int, Wait], pending: list[Job], offset: int, limit: int
+) -> list[tuple[int, str | None, int | None]]:
     """The page as /v1/queue made it before (#12): sort everything by its wait."""
+
     def order(j: Job) -> tuple[bool, int, int, int]:
         w = waits.get(j.id)
         return (w is None, w.position if w else 0, -j.priority, j.id)
+
     out = heapq.nsmallest(offset + limit, pending, key=order)[offset:]
-    return [(j.id, waits[j.id].reason if j.id in waits else None,
-             waits[j.id].position if j.id in waits else None) for j in out]
+    return [
+        (
+            j.id,
+            waits[j.id].reason if j.id in waits else None,
+            waits[j.id].position if j.id in waits else None,
+        )
+        for j in out
+    ]
 
 
 @settings(max_examples=150, deadline=None)
@@ -46,21 +55,26 @@ def test_property_a_lazy_page_equals_the_sorted_whole_queue(data: st.DataObject)
     def submit(n: int) -> None:
         nonlocal next_id
         for _ in range(n):
-            active[next_id] = job(next_id, draw(st.sampled_from(REQUESTS)),
-                                  owner=draw(st.sampled_from(OWNERS)),
-                                  priority=draw(st.integers(-1, 1)),
-                                  submitted_at=NOW - draw(st.sampled_from([0.0, 3.0, 50.0])),
-                                  timeout=draw(st.sampled_from([60.0, 600.0])),
-                                  not_before=draw(st.sampled_from([0.0, 0.0, NOW + 2.0])))
+            active[next_id] = job(
+                next_id,
+                draw(st.sampled_from(REQUESTS)),
+                owner=draw(st.sampled_from(OWNERS)),
+                priority=draw(st.integers(-1, 1)),
+                submitted_at=NOW - draw(st.sampled_from([0.0, 3.0, 50.0])),
+                timeout=draw(st.sampled_from([60.0, 600.0])),
+                not_before=draw(st.sampled_from([0.0, 0.0, NOW + 2.0])),
+            )
             next_id += 1
 
     submit(draw(st.integers(0, 30)))
-    kw = dict(cpu_slots=draw(st.integers(0, 2)), now=NOW,
-              policy=draw(st.sampled_from([None, Policy()])),
-              quotas=draw(st.sampled_from([{}, {"bob": Quota(max_gpus=1, max_timeout=100.0)}])))
+    kw = dict(
+        cpu_slots=draw(st.integers(0, 2)),
+        now=NOW,
+        policy=draw(st.sampled_from([None, Policy()])),
+        quotas=draw(st.sampled_from([{}, {"bob": Quota(max_gpus=1, max_timeout=100.0)}])),
+    )
     p = plan(active.pending, list(active.running.values()), box, **kw)  # type: ignore[arg-type]
-    materialised = plan(active.pending, list(active.running.values()), box,
-                        **kw).waits  # type: ignore[arg-type]
+    materialised = plan(active.pending, list(active.running.values()), box, **kw).waits  # type: ignore[arg-type]
     # What happens before anyone reads: starts (some fail: the job stays queued), new
     # submits, cancels.
     for s in p.starts:
@@ -76,8 +90,12 @@ def test_property_a_lazy_page_equals_the_sorted_whole_queue(data: st.DataObject)
             active.pop(jid)
     pending = list(active.pending)
     waits = {j.id: materialised[j.id] for j in pending if j.id in materialised}
-    for offset, limit in [(0, 5), (0, 1000), (draw(st.integers(0, 40)), draw(st.integers(1, 7))),
-                          (max(0, len(pending) - draw(st.integers(1, 6))), 3)]:
+    for offset, limit in [
+        (0, 5),
+        (0, 1000),
+        (draw(st.integers(0, 40)), draw(st.integers(1, 7))),
+        (max(0, len(pending) - draw(st.integers(1, 6))), 3),
+    ]:
         want = whole_queue_page(waits, pending, offset, limit)
         jobs, total = page(p.waits, active.pending, offset, limit)
         assert total == len(pending)
@@ -85,8 +103,9 @@ def test_property_a_lazy_page_equals_the_sorted_whole_queue(data: st.DataObject)
         assert got == want
         # A deep page jumps to near its offset instead of walking there (#12): made to
         # jump at every offset here, narrowing down to a few jobs, it is the same page.
-        jobs, _ = page(p.waits, active.pending, offset, limit, walk_under=0,
-                       narrow=draw(st.integers(2, 4)))
+        jobs, _ = page(
+            p.waits, active.pending, offset, limit, walk_under=0, narrow=draw(st.integers(2, 4))
+        )
         got = [(j.id, w.reason if w else None, w.position if w else None) for j, w in jobs]
         assert got == want
     for j in pending:

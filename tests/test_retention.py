@@ -45,30 +45,60 @@ def ledger(tmp_path: Path) -> Ledger:
     led.close()
 
 
-def finished_job(led: Ledger, owner: str, gpus: tuple[tuple[str, str], ...],
-                 attempts: list[tuple[float, float]], fn: str = "h" * 64,
-                 batch: bool = False) -> int:
+def finished_job(
+    led: Ledger,
+    owner: str,
+    gpus: tuple[tuple[str, str], ...],
+    attempts: list[tuple[float, float]],
+    fn: str = "h" * 64,
+    batch: bool = False,
+) -> int:
     """A job that ran these attempts (all but the last failed and were retried)."""
     gpu = GpuRequest.parse("any") if gpus else None
-    _, (jid,) = led.submit([new_job(owner=owner, gpu=gpu, retries=len(attempts) - 1,
-                                    function_hash=fn)], b"f" + fn.encode(),
-                           now=attempts[0][0] - 5, batch=batch)
+    _, (jid,) = led.submit(
+        [new_job(owner=owner, gpu=gpu, retries=len(attempts) - 1, function_hash=fn)],
+        b"f" + fn.encode(),
+        now=attempts[0][0] - 5,
+        batch=batch,
+    )
     for k, (start, end) in enumerate(attempts):
-        led.advance(jid, [Step(ST, fields={"gpus": tuple(u for u, _ in gpus),
-                                           "gpu_types": tuple(t for _, t in gpus)})], now=start)
+        led.advance(
+            jid,
+            [
+                Step(
+                    ST,
+                    fields={
+                        "gpus": tuple(u for u, _ in gpus),
+                        "gpu_types": tuple(t for _, t in gpus),
+                    },
+                )
+            ],
+            now=start,
+        )
         led.advance(jid, [Step(R, fields={"pid": 1, "started_at": start})], now=start)
         if k == len(attempts) - 1:
             led.advance(jid, [Step(JobState.SUCCEEDED, fields={"ended_at": end})], now=end)
         else:
-            led.advance(jid, [Step(JobState.FAILED, "boom", fields={"ended_at": end}),
-                              Step(Q, "retry", fields={"gpus": ()})], now=end)
+            led.advance(
+                jid,
+                [
+                    Step(JobState.FAILED, "boom", fields={"ended_at": end}),
+                    Step(Q, "retry", fields={"gpus": ()}),
+                ],
+                now=end,
+            )
     return jid
 
 
 def random_history(led: Ledger, n: int = 80, seed: int = 7) -> list[int]:
     rng = random.Random(seed)
-    kinds = [(), (("G0", "h100"),), (("G0", "h100"), ("G1", "h100")),
-             (("G1", "h100"), ("G2", "l4")), (("G2", "l4"),)]
+    kinds = [
+        (),
+        (("G0", "h100"),),
+        (("G0", "h100"), ("G1", "h100")),
+        (("G1", "h100"), ("G2", "l4")),
+        (("G2", "l4"),),
+    ]
     ids = []
     for _ in range(n):
         t = BASE + rng.uniform(0, 3 * DAY)
@@ -77,18 +107,26 @@ def random_history(led: Ledger, n: int = 80, seed: int = 7) -> list[int]:
             length = rng.choice([0.0, 0.07, 12.3, rng.uniform(60, 3 * 3600)])
             attempts.append((t, t + length))
             t += length + rng.uniform(1, 600)
-        ids.append(finished_job(led, rng.choice(["alice", "bob", "carol"]),
-                                rng.choice(kinds), attempts))
+        ids.append(
+            finished_job(led, rng.choice(["alice", "bob", "carol"]), rng.choice(kinds), attempts)
+        )
     return ids
 
 
 def reports(led: Ledger, since: float, until: float) -> dict[str, object]:
     out: dict[str, object] = {}
     for by in ("user", "gpu-type", "day"):
-        r = report(attempts_between(led, since, until), since=since, until=until, by=by,
-                   buckets=buckets_between(led, since, until))
-        out[by] = {x.key: (x.job_count, x.attempts, x.gpu_seconds, x.wall_seconds)
-                   for x in [*r.lines, r.total]}
+        r = report(
+            attempts_between(led, since, until),
+            since=since,
+            until=until,
+            by=by,
+            buckets=buckets_between(led, since, until),
+        )
+        out[by] = {
+            x.key: (x.job_count, x.attempts, x.gpu_seconds, x.wall_seconds)
+            for x in [*r.lines, r.total]
+        }
     return out
 
 
@@ -110,8 +148,10 @@ def test_pruned_jobs_leave_the_same_usage_totals(ledger: Ledger) -> None:
     since, until = BASE - DAY, BASE + 5 * DAY
     before = reports(ledger, since, until)
     spans = finished_gpu_intervals(ledger, since=0.0)
-    gpu_before = {o: sum(s.ended_at - s.started_at for s in spans if s.owner == o)
-                  for o in ("alice", "bob", "carol")}
+    gpu_before = {
+        o: sum(s.ended_at - s.started_at for s in spans if s.owner == o)
+        for o in ("alice", "bob", "carol")
+    }
     now = BASE + 6 * DAY
     decayed_before = DecayedTotals(7 * DAY, now)
     for s in spans:
@@ -152,8 +192,9 @@ def test_pruned_jobs_leave_the_same_usage_totals(ledger: Ledger) -> None:
 def test_only_final_jobs_go_and_the_event_log_stays_append_only(ledger: Ledger) -> None:
     old = finished_job(ledger, "alice", (("G0", "h100"),), [(BASE, BASE + 60)])
     _, (queued, running) = ledger.submit([new_job(), new_job()], b"f", now=BASE)
-    ledger.advance(running, [Step(ST, fields={"gpus": ("G1",), "gpu_types": ("h100",)})],
-                   now=BASE + 1)
+    ledger.advance(
+        running, [Step(ST, fields={"gpus": ("G1",), "gpu_types": ("h100",)})], now=BASE + 1
+    )
     ledger.advance(running, [Step(R, fields={"pid": 1, "started_at": BASE + 1})], now=BASE + 1)
     recent = finished_job(ledger, "bob", (), [(BASE + 5 * DAY, BASE + 5 * DAY + 1)])
     c = ledger.conn
@@ -182,8 +223,9 @@ def test_only_final_jobs_go_and_the_event_log_stays_append_only(ledger: Ledger) 
 def test_payloads_and_batches_go_with_their_last_job(ledger: Ledger) -> None:
     a = finished_job(ledger, "alice", (), [(BASE, BASE + 1)], fn="a" * 64, batch=True)
     shared_old = finished_job(ledger, "alice", (), [(BASE, BASE + 1)], fn="b" * 64)
-    shared_new = finished_job(ledger, "alice", (), [(BASE + 9 * DAY, BASE + 9 * DAY + 1)],
-                              fn="b" * 64)
+    shared_new = finished_job(
+        ledger, "alice", (), [(BASE + 9 * DAY, BASE + 9 * DAY + 1)], fn="b" * 64
+    )
     assert prunable(ledger, BASE + DAY) == (2, 2, 8, 1)
     p = prune(ledger, BASE + DAY)
     assert (p.jobs, p.blobs) == (2, 1)
@@ -301,8 +343,13 @@ def _old_final_job(led: Ledger, jobs_dir: Path, ended: float) -> int:
 
 async def test_collector_respects_ages_the_cap_and_active_jobs(tmp_path: Path) -> None:
     now = BASE + 100 * DAY
-    cfg = load_config(env={}, data_dir=str(tmp_path), retention_job_dirs="7d",
-                      retention_jobs="30d", retention_max_bytes="20K")
+    cfg = load_config(
+        env={},
+        data_dir=str(tmp_path),
+        retention_job_dirs="7d",
+        retention_jobs="30d",
+        retention_max_bytes="20K",
+    )
     cfg.jobs_dir.mkdir()
     lt = LedgerThread(cfg.ledger_path)
     try:
@@ -360,8 +407,9 @@ class _Host:
         self.config, self.ledger = config, ledger
 
 
-async def test_the_daemon_collects_by_itself(tmp_path: Path,
-                                             autojump_clock: trio.testing.MockClock) -> None:
+async def test_the_daemon_collects_by_itself(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     cfg = load_config(env={}, data_dir=str(tmp_path), retention_interval="10m")
     cfg.jobs_dir.mkdir()
     lt = LedgerThread(cfg.ledger_path)
@@ -386,12 +434,24 @@ async def test_the_daemon_collects_by_itself(tmp_path: Path,
 
 def test_retention_settings_are_validated() -> None:
     cfg = load_config(env={})
-    assert (cfg.retention_job_dirs, cfg.retention_jobs, cfg.retention_max_bytes,
-            cfg.retention_interval) == (7 * DAY, 90 * DAY, None, 600.0)
-    cfg = load_config(env={"GPUD_RETENTION_JOBS": "none", "GPUD_RETENTION_MAX_BYTES": "20G",
-                           "GPUD_RETENTION_INTERVAL": "0"})
+    assert (
+        cfg.retention_job_dirs,
+        cfg.retention_jobs,
+        cfg.retention_max_bytes,
+        cfg.retention_interval,
+    ) == (7 * DAY, 90 * DAY, None, 600.0)
+    cfg = load_config(
+        env={
+            "GPUD_RETENTION_JOBS": "none",
+            "GPUD_RETENTION_MAX_BYTES": "20G",
+            "GPUD_RETENTION_INTERVAL": "0",
+        }
+    )
     assert (cfg.retention_jobs, cfg.retention_max_bytes, cfg.retention_interval) == (
-        None, 20 * 1024**3, None)
+        None,
+        20 * 1024**3,
+        None,
+    )
     bad = {
         "-3d": "retention_job_dirs = '-3d' is not valid",
         "7 fortnights": "retention_job_dirs = '7 fortnights' is not valid",
@@ -427,14 +487,21 @@ def _age(d: DaemonProc, ids: list[int], seconds: float) -> None:
     try:
         with conn:
             for i in ids:
-                conn.execute("UPDATE jobs SET submitted_at = submitted_at - ?, started_at = "
-                             "started_at - ?, ended_at = ended_at - ? WHERE id = ?",
-                             (seconds, seconds, seconds, i))
-                conn.execute("UPDATE attempts SET started_at = started_at - ?, ended_at = "
-                             "ended_at - ?, launched_at = launched_at - ? WHERE job_id = ?",
-                             (seconds, seconds, seconds, i))
-                conn.execute("UPDATE gpu_usage SET started_at = started_at - ?, ended_at = "
-                             "ended_at - ? WHERE job_id = ?", (seconds, seconds, i))
+                conn.execute(
+                    "UPDATE jobs SET submitted_at = submitted_at - ?, started_at = "
+                    "started_at - ?, ended_at = ended_at - ? WHERE id = ?",
+                    (seconds, seconds, seconds, i),
+                )
+                conn.execute(
+                    "UPDATE attempts SET started_at = started_at - ?, ended_at = "
+                    "ended_at - ?, launched_at = launched_at - ? WHERE job_id = ?",
+                    (seconds, seconds, seconds, i),
+                )
+                conn.execute(
+                    "UPDATE gpu_usage SET started_at = started_at - ?, ended_at = "
+                    "ended_at - ? WHERE job_id = ?",
+                    (seconds, seconds, i),
+                )
     finally:
         conn.close()
 
@@ -457,16 +524,22 @@ def test_gpud_gc_end_to_end(process_daemon: DaemonProc, tmp_path: Path) -> None:
     for j in [*done, middle]:
         assert gpud_cli("logs", str(j), "-f", env=env).returncode == 0
     running = run(f"{script}::nap", "--seconds", "120")
-    wait_for(lambda: json.loads(gpud_cli("ps", "--json", env=env).stdout or "[]")[0]["state"]
-             == "running", 30)
+    wait_for(
+        lambda: (
+            json.loads(gpud_cli("ps", "--json", env=env).stdout or "[]")[0]["state"] == "running"
+        ),
+        30,
+    )
     _age(d, done + [running], 100 * DAY)  # records and directories past retention
     _age(d, [middle], 10 * DAY)  # its directory is past retention_job_dirs, its record not
     until = time.time()  # a fixed window: the running job's wall time grows meanwhile
 
     def usage() -> list[object]:
         with Client(d.url) as c:
-            return [msgspec.to_builtins(c.usage(since=0.0, until=until, by=by))
-                    for by in ("user", "day", "gpu-type")]
+            return [
+                msgspec.to_builtins(c.usage(since=0.0, until=until, by=by))
+                for by in ("user", "day", "gpu-type")
+            ]
 
     before = usage()
     assert before[0]["total"]["gpu_seconds"] > 0  # type: ignore[index]
@@ -495,8 +568,9 @@ def test_gpud_gc_end_to_end(process_daemon: DaemonProc, tmp_path: Path) -> None:
         assert gone.returncode == 1 and "removed by retention" in gone.stderr, gone.stderr
         half = gpud_cli(cmd, str(middle), env=env)
         assert half.returncode == 1, half.stderr
-        assert f"job {middle}'s directory (its log and result) was removed by retention" \
-            in half.stderr
+        assert (
+            f"job {middle}'s directory (its log and result) was removed by retention" in half.stderr
+        )
     shown = json.loads(gpud_cli("ps", "--all", "--json", env=env).stdout)
     assert {j["id"] for j in shown} == {middle, running}
     gpud_cli("cancel", str(running), env=env)
@@ -508,12 +582,16 @@ async def test_only_admins_run_gc(served_tcp, base_dir: Path) -> None:  # type: 
     token = add_gpud_user(data, f"user_{os.getpid()}")
     admin = add_gpud_user(data, f"boss_{os.getpid()}", admin=True)
     async with httpx.AsyncClient(base_url=served_tcp.tcp, timeout=30) as c:
-        r = await c.post("/v1/admin/gc", json={"dry_run": True},
-                         headers={"authorization": f"Bearer {token}"})
+        r = await c.post(
+            "/v1/admin/gc", json={"dry_run": True}, headers={"authorization": f"Bearer {token}"}
+        )
         assert r.status_code == 403 and r.json()["error"] == "forbidden"
         assert "only admins run gc" in r.json()["detail"]
-        r = await c.post("/v1/admin/gc", json={"dry_run": True, "force": 1},
-                         headers={"authorization": f"Bearer {admin}"})
+        r = await c.post(
+            "/v1/admin/gc",
+            json={"dry_run": True, "force": 1},
+            headers={"authorization": f"Bearer {admin}"},
+        )
         assert r.status_code == 422, r.text
         r = await c.post("/v1/admin/gc", headers={"authorization": f"Bearer {admin}"})
         assert r.status_code == 200 and r.json()["dry_run"] is False
@@ -527,12 +605,15 @@ def test_a_window_inside_a_rolled_up_hour_counts_it_pro_rata() -> None:
     from gpud.ledger.usage import UsageBucket
 
     h = 3600 * 100
-    b = [UsageBucket("alice", h, "*", 2, 3, 36000, 72000),
-         UsageBucket("alice", h, "h100", 2, 3, 36000, 72000)]
+    b = [
+        UsageBucket("alice", h, "*", 2, 3, 36000, 72000),
+        UsageBucket("alice", h, "h100", 2, 3, 36000, 72000),
+    ]
     half = report([], since=h + 1800, until=h + 7200, buckets=b)
     assert (half.total.gpu_seconds, half.total.wall_seconds) == (3600.0, 1800.0)
     assert (half.total.job_count, half.total.attempts) == (0, 0)  # counted where it began
     whole = report([], since=h, until=h + 3600, by="gpu-type", buckets=b)
     assert [(x.key, x.job_count, x.attempts, x.gpu_seconds) for x in whole.lines] == [
-        ("h100", 2, 3, 7200.0)]
+        ("h100", 2, 3, 7200.0)
+    ]
     assert (whole.total.job_count, whole.total.wall_seconds) == (2, 3600.0)

@@ -15,8 +15,14 @@ PROPS = settings(max_examples=200, deadline=None)
 
 
 def _job(attempt: int = 1, retries: int = 0) -> Job:
-    return Job(id=7, function="f", state=JobState.RUNNING, submitted_at=0.0,
-               attempt=attempt, retries=retries)
+    return Job(
+        id=7,
+        function="f",
+        state=JobState.RUNNING,
+        submitted_at=0.0,
+        attempt=attempt,
+        retries=retries,
+    )
 
 
 def _failed(retryable: bool = True, state: JobState = JobState.FAILED) -> Finished:
@@ -26,8 +32,13 @@ def _failed(retryable: bool = True, state: JobState = JobState.FAILED) -> Finish
 def test_a_failure_with_retries_left_is_queued_again_after_its_backoff() -> None:
     steps = after(_job(attempt=2, retries=3), _failed(), 100.0, POLICY, fields={"startup": 0.5})
     assert [s.state for s in steps] == [JobState.FAILED, JobState.QUEUED]
-    assert steps[0].fields == {"ended_at": 100.0, "exit_code": 1, "error": "ValueError: boom",
-                               "has_result": False, "startup": 0.5}
+    assert steps[0].fields == {
+        "ended_at": 100.0,
+        "exit_code": 1,
+        "error": "ValueError: boom",
+        "has_result": False,
+        "startup": 0.5,
+    }
     assert steps[1].reason == "retry 3 of 4 in 2 s after: ValueError: boom"
     assert steps[1].fields == {"not_before": 102.0, "gpus": ()}
 
@@ -42,8 +53,7 @@ def test_success_and_cancel_are_never_retried() -> None:
     assert [s.state for s in after(_job(retries=5), ok, 1.0, POLICY)] == [JobState.SUCCEEDED]
     assert after(_job(retries=5), ok, 1.0, POLICY)[0].reason == "succeeded"
     cancelled = Finished(JobState.CANCELLED, "cancelled", None, False, True)
-    assert [s.state for s in after(_job(retries=5), cancelled, 1.0, POLICY)] == [
-        JobState.CANCELLED]
+    assert [s.state for s in after(_job(retries=5), cancelled, 1.0, POLICY)] == [JobState.CANCELLED]
 
 
 def test_backoff_doubles_up_to_its_cap() -> None:
@@ -52,16 +62,26 @@ def test_backoff_doubles_up_to_its_cap() -> None:
 
 
 policies = st.builds(RetryPolicy, backoff=st.floats(0.0, 1e4), backoff_max=st.floats(0.0, 1e6))
-ends = st.builds(Finished, state=st.sampled_from(sorted(FINAL, key=lambda s: s.value)),
-                 error=st.none() | st.text(max_size=20), exit_code=st.none() | st.integers(-9, 255),
-                 has_result=st.booleans(), retryable=st.booleans())
+ends = st.builds(
+    Finished,
+    state=st.sampled_from(sorted(FINAL, key=lambda s: s.value)),
+    error=st.none() | st.text(max_size=20),
+    exit_code=st.none() | st.integers(-9, 255),
+    has_result=st.booleans(),
+    retryable=st.booleans(),
+)
 
 
 @PROPS
-@given(retries=st.integers(0, 30), policy=policies, now=st.floats(0.0, 1e9),
-       outcomes=st.lists(ends, min_size=1, max_size=40))
-def test_attempts_never_exceed_retries_plus_one(retries: int, policy: RetryPolicy, now: float,
-                                                outcomes: list[Finished]) -> None:
+@given(
+    retries=st.integers(0, 30),
+    policy=policies,
+    now=st.floats(0.0, 1e9),
+    outcomes=st.lists(ends, min_size=1, max_size=40),
+)
+def test_attempts_never_exceed_retries_plus_one(
+    retries: int, policy: RetryPolicy, now: float, outcomes: list[Finished]
+) -> None:
     """Run a job through a sequence of outcomes: it is started at most retries+1 times,
     each wait is within [0, cap], and what may not be retried never is."""
     job = _job(attempt=1, retries=retries)
@@ -86,8 +106,9 @@ def test_backoff_is_never_negative_nor_above_its_cap(attempt: int, policy: Retry
 
 @PROPS
 @given(retries=st.integers(0, 30), policy=policies)
-def test_always_failing_job_runs_exactly_retries_plus_one_times(retries: int,
-                                                                policy: RetryPolicy) -> None:
+def test_always_failing_job_runs_exactly_retries_plus_one_times(
+    retries: int, policy: RetryPolicy
+) -> None:
     job, runs = _job(attempt=1, retries=retries), 1
     while len(after(job, _failed(), 0.0, policy)) == 2:
         job, runs = dataclasses.replace(job, attempt=job.attempt + 1), runs + 1

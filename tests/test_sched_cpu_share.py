@@ -58,8 +58,15 @@ def test_gpu_usage_still_decides_before_the_cpu_bonus() -> None:
     # bob used GPUs; ann holds a CPU slot: ann's fair share (1000 points) outweighs the
     # 10-point bonus bob's CPU job gets for holding no slot.
     pending = [job(10, "bob"), job(11, "ann")]
-    ds = decide(pending, [running(1, "ann")], [], cpu_slots=2, now=NOW,
-                usage={"bob": 3600.0}, policy=Policy())
+    ds = decide(
+        pending,
+        [running(1, "ann")],
+        [],
+        cpu_slots=2,
+        now=NOW,
+        usage={"bob": 3600.0},
+        policy=Policy(),
+    )
     assert [d.job_id for d in ds] == [11, 10]
 
 
@@ -80,8 +87,7 @@ def test_idle_sweep_workers_do_not_take_the_slot_another_users_job_waits_for() -
     p = plan([*jobs, other], run[:1], [], idle, cpu_slots=2, now=NOW, policy=Policy())
     assert [s.job_id for s in p.starts] == [other.id] and p.assigned == {}
     # With the other user's job running, the sweep gets its idle workers back.
-    p = plan(jobs, [running(5000, "nobody")], [], idle, cpu_slots=2, now=NOW,
-             policy=Policy())
+    p = plan(jobs, [running(5000, "nobody")], [], idle, cpu_slots=2, now=NOW, policy=Policy())
     assert sorted(p.assigned) == [100, 101]
 
 
@@ -102,7 +108,15 @@ def test_a_job_over_its_timeout_quota_does_not_shut_warm_matching() -> None:
     jobs = sweep(3)
     idle = [IdleWorker(1, warm_key(jobs[0]), (), 1, "root")]
     stuck = job(5000, "nobody", timeout=600.0)
-    p = plan([*jobs, stuck], [], [], idle, cpu_slots=2, now=NOW, policy=Policy(),
-             quotas={"nobody": Quota(max_timeout=60.0)})
+    p = plan(
+        [*jobs, stuck],
+        [],
+        [],
+        idle,
+        cpu_slots=2,
+        now=NOW,
+        policy=Policy(),
+        quotas={"nobody": Quota(max_timeout=60.0)},
+    )
     assert p.assigned == {100: 1}
     assert isinstance(p.waits.of(stuck), Wait)

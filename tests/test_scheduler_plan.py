@@ -52,8 +52,12 @@ def job(id: int, request: str | None = None, **kw: object) -> Job:
 
 def flat(ds: Sequence[Decision]) -> list[tuple[object, ...]]:
     """Decisions as comparable tuples, with the reasons' words."""
-    return [("start", d.job_id, d.gpus) if isinstance(d, Start)
-            else ("wait", d.job_id, d.reason, d.position) for d in ds]
+    return [
+        ("start", d.job_id, d.gpus)
+        if isinstance(d, Start)
+        else ("wait", d.job_id, d.reason, d.position)
+        for d in ds
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,13 +84,16 @@ def test_jobs_of_one_shape_share_one_reason_object() -> None:
 
 def test_the_job_a_reservation_is_for_reads_kept_for_this_job() -> None:
     box = [gpu(0), gpu(1)]
-    ds = decide([job(1, "h100:2"), job(2, "h100:2")], [job(9, "h100", state=JobState.RUNNING,
-                                                          gpus=("GPU-0",))],
-                box, cpu_slots=0, now=NOW)
+    ds = decide(
+        [job(1, "h100:2"), job(2, "h100:2")],
+        [job(9, "h100", state=JobState.RUNNING, gpus=("GPU-0",))],
+        box,
+        cpu_slots=0,
+        now=NOW,
+    )
     assert [d.reason for d in ds if isinstance(d, Wait)] == [
         "waiting for 2 x h100: GPU 0 held by job 9, GPU 1 free and kept for this job",
-        "waiting for 2 x h100: GPU 0 held by job 9, GPU 1 reserved for job 1 "
-        "(ahead in the queue)",
+        "waiting for 2 x h100: GPU 0 held by job 9, GPU 1 reserved for job 1 (ahead in the queue)",
     ]
 
 
@@ -98,9 +105,15 @@ def test_a_shape_that_waits_again_later_says_what_changed_meanwhile() -> None:
     pending = [job(1, "h100:2,a100:2"), job(2, "a100", owner="bob"), job(3, "h100:2,a100:2")]
     ds = decide(pending, run, box, cpu_slots=0, now=NOW)
     assert flat(ds) == flat(ref.decide(pending, run, box, cpu_slots=0, now=NOW))
-    assert isinstance(ds[2], Wait) and ds[2].position == 3 and ds[2].reason == (
-        "waiting for 2 x h100 or 2 x a100: GPUs 0,3 held by job 9, GPU 1 reserved for job 1 "
-        "(ahead in the queue), GPU 2 held by job 2 (bob)")
+    assert (
+        isinstance(ds[2], Wait)
+        and ds[2].position == 3
+        and ds[2].reason
+        == (
+            "waiting for 2 x h100 or 2 x a100: GPUs 0,3 held by job 9, GPU 1 reserved for job 1 "
+            "(ahead in the queue), GPU 2 held by job 2 (bob)"
+        )
+    )
 
 
 def test_a_warm_job_over_its_timeout_quota_does_not_stop_the_next_one_getting_a_worker() -> None:
@@ -126,9 +139,13 @@ def test_depth_bounds_the_round_and_later_jobs_keep_their_previous_reason() -> N
     assert [s.job_id for s in cut.starts] == [4]
     w = cut.waits
     assert (w[5].reason, w[5].position) == (
-        "waiting for a CPU slot: 3 of 3 in use (jobs 2, 3, 4)", 2)
+        "waiting for a CPU slot: 3 of 3 in use (jobs 2, 3, 4)",
+        2,
+    )
     assert (w[6].reason, w[6].position) == (
-        "waiting behind job 4 and 1 other CPU job for a CPU slot", 3)
+        "waiting behind job 4 and 1 other CPU job for a CPU slot",
+        3,
+    )
     assert w[6].reason == full.waits[6].reason
     assert w[8].reason.startswith("queued: the scheduler looks this far down")
     # A cut plan passes on the complete one it took those from, never itself.
@@ -182,18 +199,38 @@ REQUESTS = [None, "h100", "h100:2", "a100", "any", "h100,a100:2", "h200", "any:3
 OWNERS = ["", "ann", "bob", "cy"]
 
 
-def reference_plan(pending: list[Job], running: list[Job], gpus: list[Gpu],
-                   idle: list[IdleWorker], *, cpu_slots: int, now: float,
-                   usage: dict[str, float], policy: Policy | None,
-                   quotas: dict[str, Quota]) -> tuple[object, ...]:
+def reference_plan(
+    pending: list[Job],
+    running: list[Job],
+    gpus: list[Gpu],
+    idle: list[IdleWorker],
+    *,
+    cpu_slots: int,
+    now: float,
+    usage: dict[str, float],
+    policy: Policy | None,
+    quotas: dict[str, Quota],
+) -> tuple[object, ...]:
     """What the daemon did before #12: sort for warm matching, then decide the rest."""
-    key = (ref.scheduling_key(pending, running, now=now, usage=usage, policy=policy)
-           if policy is not None else ref.order_key)
-    assigned, held, evictable = ref.match_warm(pending, idle, gpus, now=now, key=key,
-                                               quotas=quotas, cpu_slots=cpu_slots)
+    key = (
+        ref.scheduling_key(pending, running, now=now, usage=usage, policy=policy)
+        if policy is not None
+        else ref.order_key
+    )
+    assigned, held, evictable = ref.match_warm(
+        pending, idle, gpus, now=now, key=key, quotas=quotas, cpu_slots=cpu_slots
+    )
     cold = [j for j in pending if j.id not in assigned]
-    ds = ref.decide(cold, running + held, gpus, cpu_slots=cpu_slots, now=now, usage=usage,
-                    policy=policy, quotas=quotas)
+    ds = ref.decide(
+        cold,
+        running + held,
+        gpus,
+        cpu_slots=cpu_slots,
+        now=now,
+        usage=usage,
+        policy=policy,
+        quotas=quotas,
+    )
     return assigned, [(j.id, j.owner, j.gpus) for j in held], evictable, flat(ds)
 
 
@@ -204,9 +241,17 @@ def test_property_incremental_plan_equals_full_recomputation(data: st.DataObject
     box = [gpu(i, draw(st.sampled_from(["h100", "a100"]))) for i in range(draw(st.integers(0, 5)))]
     cpu_slots = draw(st.integers(0, 2))
     policy = draw(st.sampled_from([None, Policy(), Policy(age_weight=5000.0, max_age=10.0)]))
-    quotas = draw(st.dictionaries(st.sampled_from(OWNERS[1:]), st.builds(
-        Quota, max_gpus=st.sampled_from([None, 0, 1, 2]),
-        max_timeout=st.sampled_from([None, 100.0])), max_size=2))
+    quotas = draw(
+        st.dictionaries(
+            st.sampled_from(OWNERS[1:]),
+            st.builds(
+                Quota,
+                max_gpus=st.sampled_from([None, 0, 1, 2]),
+                max_timeout=st.sampled_from([None, 100.0]),
+            ),
+            max_size=2,
+        )
+    )
     usage: dict[str, float] = {}
     active: ActiveJobs[Job] = ActiveJobs(lambda j: j)
     idle: list[IdleWorker] = []
@@ -214,19 +259,25 @@ def test_property_incremental_plan_equals_full_recomputation(data: st.DataObject
     now, next_id, next_worker = NOW, 1, 1
     previous = None
     for _ in range(draw(st.integers(1, 16))):
-        event = draw(st.sampled_from(["submit", "submit", "submit", "finish", "cancel",
-                                      "gpus", "time", "usage"]))
+        event = draw(
+            st.sampled_from(
+                ["submit", "submit", "submit", "finish", "cancel", "gpus", "time", "usage"]
+            )
+        )
         if event == "submit":
             for _ in range(draw(st.integers(1, 6))):
                 warm = draw(st.booleans())
-                j = job(next_id, draw(st.sampled_from(REQUESTS)),
-                        owner=draw(st.sampled_from(OWNERS)),
-                        priority=draw(st.integers(-1, 1)),
-                        submitted_at=now - draw(st.sampled_from([0.0, 0.0, 3.0, 50.0])),
-                        timeout=draw(st.sampled_from([60.0, 600.0])),
-                        not_before=draw(st.sampled_from([0.0, 0.0, 0.0, now + 2.0])),
-                        keep_warm=60.0 if warm else 0.0,
-                        code_hash=draw(st.sampled_from(["c1", "c2"])))
+                j = job(
+                    next_id,
+                    draw(st.sampled_from(REQUESTS)),
+                    owner=draw(st.sampled_from(OWNERS)),
+                    priority=draw(st.integers(-1, 1)),
+                    submitted_at=now - draw(st.sampled_from([0.0, 0.0, 3.0, 50.0])),
+                    timeout=draw(st.sampled_from([60.0, 600.0])),
+                    not_before=draw(st.sampled_from([0.0, 0.0, 0.0, now + 2.0])),
+                    keep_warm=60.0 if warm else 0.0,
+                    code_hash=draw(st.sampled_from(["c1", "c2"])),
+                )
                 active[j.id] = j
                 next_id += 1
         elif event == "finish" and active.running:
@@ -253,11 +304,14 @@ def test_property_incremental_plan_equals_full_recomputation(data: st.DataObject
         want = reference_plan(pending, running, box, idle, **kw)  # type: ignore[arg-type]
 
         depth = draw(st.integers(0, 6))
-        cut = plan(active.pending, running, box, idle, depth=depth, previous=previous,
-                   **kw)  # type: ignore[arg-type]
+        cut = plan(active.pending, running, box, idle, depth=depth, previous=previous, **kw)  # type: ignore[arg-type]
         full = plan(active.pending, running, box, idle, previous=cut, **kw)  # type: ignore[arg-type]
-        got = (full.assigned, [(j.id, j.owner, j.gpus) for j in full.held], full.evictable,
-               flat(full.decisions()))
+        got = (
+            full.assigned,
+            [(j.id, j.owner, j.gpus) for j in full.held],
+            full.evictable,
+            flat(full.decisions()),
+        )
         assert got == want
         assert full.complete and full.base is None
         # The bounded round agrees up to where it stopped; past it, the previous reasons.
@@ -265,18 +319,20 @@ def test_property_incremental_plan_equals_full_recomputation(data: st.DataObject
         n = cut.decided()
         assert n >= min(depth, len(want[3]))
         assert flat(cut.decisions())[:n] == want[3][:n]
-        assert [s.job_id for s in cut.starts] == [
-            d[1] for d in want[3][:n] if d[0] == "start"]
+        assert [s.job_id for s in cut.starts] == [d[1] for d in want[3][:n] if d[0] == "start"]
         for d in flat(cut.decisions())[n:]:
             assert d[0] == "wait"
             before = previous.waits.get(d[1]) if previous is not None else None
             if before is not None:
                 assert d[2] == before.reason
-        check_read_on_demand(plan(active.pending, running, box, idle, previous=cut, **kw),
-                             list(active.pending), draw)  # type: ignore[arg-type]
-        check_read_on_demand(plan(active.pending, running, box, idle, depth=depth,
-                                  previous=previous, **kw),  # type: ignore[arg-type]
-                             list(active.pending), draw)
+        check_read_on_demand(
+            plan(active.pending, running, box, idle, previous=cut, **kw), list(active.pending), draw
+        )  # type: ignore[arg-type]
+        check_read_on_demand(
+            plan(active.pending, running, box, idle, depth=depth, previous=previous, **kw),  # type: ignore[arg-type]
+            list(active.pending),
+            draw,
+        )
         previous = full
         # Apply it, as the daemon does: warm jobs go to their workers, others start cold,
         # starts on an evictable worker's GPUs end that worker.
@@ -286,8 +342,9 @@ def test_property_incremental_plan_equals_full_recomputation(data: st.DataObject
             warm_of[jid] = w
             active[jid] = _running(active[jid], w.gpus)
         for s in full.starts:
-            for wid in [w for w in full.evictable if w in workers
-                        and set(workers[w].gpus) & set(s.gpus)]:
+            for wid in [
+                w for w in full.evictable if w in workers and set(workers[w].gpus) & set(s.gpus)
+            ]:
                 del workers[wid]
             active[s.job_id] = _running(active[s.job_id], s.gpus)
         idle = list(workers.values())
@@ -306,7 +363,8 @@ def check_read_on_demand(p: Plan, pending: list[Job], draw: Callable[..., Any]) 
     assert {i: (w.reason, w.position) if w else None for i, w in alone.items()} == want
     assert [i for i, _ in walk] == [d.job_id for d in every]
     assert [(d.job_id, d.position) for d in every if isinstance(d, Wait)] == [
-        x for x in walk if x[0] not in p.waits.no_wait]
+        x for x in walk if x[0] not in p.waits.no_wait
+    ]
 
 
 def _running(j: Job, gpus: tuple[str, ...]) -> Job:
@@ -318,8 +376,7 @@ def _running(j: Job, gpus: tuple[str, ...]) -> Job:
 def test_the_depth_and_interval_settings() -> None:
     cfg = load_config(env={"GPUD_SCHED_QUEUE_DEPTH": "20", "GPUD_SCHED_INTERVAL": "2s"})
     assert (cfg.sched_queue_depth, cfg.sched_interval) == (20, 2.0)
-    assert (load_config(env={}).sched_queue_depth, load_config(env={}).sched_interval) == (
-        100, 5.0)
+    assert (load_config(env={}).sched_queue_depth, load_config(env={}).sched_interval) == (100, 5.0)
     with pytest.raises(ConfigError, match="sched_queue_depth = '0' is not valid"):
         load_config(env={"GPUD_SCHED_QUEUE_DEPTH": "0"})
     with pytest.raises(ConfigError, match="sched_interval must be positive"):

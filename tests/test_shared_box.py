@@ -40,9 +40,15 @@ def _identity() -> dict[str, Any]:
     print("hello from the job")
     with open("note.txt", "w") as fh:  # written into the job directory (its cwd)
         fh.write("the job's own file\n")
-    return {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
-            "groups": sorted(os.getgroups()), "home": os.environ["HOME"],
-            "user": os.environ["USER"], "cwd": os.getcwd()}
+    return {
+        "uid": os.getuid(),
+        "euid": os.geteuid(),
+        "gid": os.getgid(),
+        "groups": sorted(os.getgroups()),
+        "home": os.environ["HOME"],
+        "user": os.environ["USER"],
+        "cwd": os.getcwd(),
+    }
 
 
 @pytest.fixture(params=EXECUTORS)
@@ -71,19 +77,27 @@ def tcp_url(d: DaemonProc) -> str:
 
 
 def add_user(d: DaemonProc, name: str) -> str:
-    out = gpud_cli("admin", "--data-dir", str(d.data_dir), "user", "add", name,
-                   env=d.client_env())
+    out = gpud_cli("admin", "--data-dir", str(d.data_dir), "user", "add", name, env=d.client_env())
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
 
 def as_user(u: UnixUser, *cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), user=u.uid, group=u.gid, extra_groups=[], cwd="/",
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        list(cmd),
+        user=u.uid,
+        group=u.gid,
+        extra_groups=[],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_jobs_run_as_their_submitter_and_their_files_are_private(
-        box: DaemonProc, unix_users: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    box: DaemonProc, unix_users: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     alice: UnixUser = unix_users("alice")
     bob: UnixUser = unix_users("bob")
     # alice is also in a group of bob's: jobs get the submitter's supplementary groups.
@@ -108,8 +122,15 @@ def test_jobs_run_as_their_submitter_and_their_files_are_private(
     st = jobdir.stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (alice.uid, alice.gid, 0o700)
     names = sorted(p.name for p in jobdir.iterdir())
-    assert {"function.pkl", "args.pkl", "job.json", "output.log", "result.pkl",
-            "status.json", "note.txt"} <= set(names)
+    assert {
+        "function.pkl",
+        "args.pkl",
+        "job.json",
+        "output.log",
+        "result.pkl",
+        "status.json",
+        "note.txt",
+    } <= set(names)
     for p in jobdir.iterdir():
         fst = p.lstat()
         assert (fst.st_uid, fst.st_gid) == (alice.uid, alice.gid), p
@@ -119,14 +140,22 @@ def test_jobs_run_as_their_submitter_and_their_files_are_private(
             assert stat.S_IMODE(fst.st_mode) == 0o600, p
 
     # bob can read none of it from the file system ...
-    for cmd in (["cat", str(jobdir / "output.log")], ["cat", str(jobdir / "result.pkl")],
-                ["ls", str(jobdir)], ["ls", str(box.data_dir / "jobs")]):
+    for cmd in (
+        ["cat", str(jobdir / "output.log")],
+        ["cat", str(jobdir / "result.pkl")],
+        ["ls", str(jobdir)],
+        ["ls", str(box.data_dir / "jobs")],
+    ):
         r = as_user(bob, *cmd)
         assert r.returncode != 0 and "Permission denied" in r.stderr, (cmd, r)
     # ... nor through the API; alice can.
     with Client(url, token=b_tok) as c:
-        for call in (lambda: c.get_job(job.id), lambda: c.result(job.id),
-                     lambda: list(c.log_bytes(job.id)), lambda: c.cancel(job.id)):
+        for call in (
+            lambda: c.get_job(job.id),
+            lambda: c.result(job.id),
+            lambda: list(c.log_bytes(job.id)),
+            lambda: c.cancel(job.id),
+        ):
             with pytest.raises(ApiError) as e:
                 call()
             assert e.value.status == 403 and f"belongs to {alice.name}" in e.value.detail
@@ -144,8 +173,9 @@ def test_root_jobs_still_run_as_job_user(box: DaemonProc) -> None:
     assert job_dir_of(box, handle.id, got["cwd"]).stat().st_uid == got["uid"]
 
 
-def test_each_user_gets_a_python_they_can_run(process_box: DaemonProc, unix_users: Any,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_user_gets_a_python_they_can_run(
+    process_box: DaemonProc, unix_users: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The daemon's own interpreter may sit where a user cannot go (a venv under /root):
     it is probed as each job user, who falls back to the system python3 if need be.
     (Process executor only: a container runs its image's python3.)"""
@@ -167,12 +197,17 @@ def test_each_user_gets_a_python_they_can_run(process_box: DaemonProc, unix_user
 def _whoami_warm() -> dict[str, Any]:
     import os
 
-    return {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(),
-            "groups": sorted(os.getgroups())}
+    return {
+        "pid": os.getpid(),
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "groups": sorted(os.getgroups()),
+    }
 
 
 def test_warm_workers_run_as_their_submitter_and_serve_only_them(
-        process_box: DaemonProc, unix_users: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    process_box: DaemonProc, unix_users: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A warm worker is launched with its first job's identity and is kept for the next
     calls of the same function by the same user only (warm workers: process executor)."""
     alice: UnixUser = unix_users("alice")

@@ -24,8 +24,10 @@ from gpud.testing.fake_cudackpt import FakeCudaDriver, fake_checkpointer
 
 from .conftest import _run_daemon, executor_env, make_base_dir
 
-CHILD = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', " \
-        "'import time; time.sleep(60)']); time.sleep(60)"
+CHILD = (
+    "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+    "'import time; time.sleep(60)']); time.sleep(60)"
+)
 
 
 @pytest.fixture
@@ -72,8 +74,7 @@ def test_processes_without_cuda_are_left_to_criu(worker: Handle) -> None:
     assert trio.run(gs.before_dump, worker) == [leader]
 
 
-def test_a_failed_park_unparks_the_others_and_the_snapshot_is_not_taken(
-        worker: Handle) -> None:
+def test_a_failed_park_unparks_the_others_and_the_snapshot_is_not_taken(worker: Handle) -> None:
     drv, gs = _setup()
     leader, child = worker_pids(worker)
     drv.add_process(leader)
@@ -118,8 +119,11 @@ def test_a_gpu_snapshot_parks_around_criu_on_podman() -> None:
             h = f.spawn(1)
             assert h.get(timeout=180).startswith("gpu:1:") and h.status().start_kind == "cold"
             log = d.log.read_text()
-            m = re.search(rf"job {h.id}: GPU state of (\d+) process\(es\) parked for the "
-                          "dump", log)
+            m = re.search(
+                rf"job {h.id}: GPU state of (\d+) process\(es\) parked for the "
+                "dump",
+                log,
+            )
             assert m and int(m.group(1)) >= 1, log[-3000:]
             assert f"job {h.id}: snapshot of snapgpu.fn taken" in log
             h2 = f.spawn(2)

@@ -18,9 +18,20 @@ from .conftest import DaemonProc
 
 
 def _parts(**over: object) -> dict[str, str]:
-    base: dict[str, object] = dict(code_hash="c1", image="img", image_id="sha1", python="3.11.2",
-                                   gpus="", driver="none", gpud_version="0.1.0", owner="ann",
-                                   env={}, memory=None, cpus=None, container="v")
+    base: dict[str, object] = dict(
+        code_hash="c1",
+        image="img",
+        image_id="sha1",
+        python="3.11.2",
+        gpus="",
+        driver="none",
+        gpud_version="0.1.0",
+        owner="ann",
+        env={},
+        memory=None,
+        cpus=None,
+        container="v",
+    )
     base.update(over)
     return key_parts(**base)  # type: ignore[arg-type]
 
@@ -28,13 +39,23 @@ def _parts(**over: object) -> dict[str, str]:
 def test_every_part_of_the_key_matters_and_changes_are_named() -> None:
     a = _parts()
     assert key_of(a) == key_of(_parts())
-    for field, value in [("code_hash", "c2"), ("image_id", "sha2"), ("gpus", "h100"),
-                         ("driver", "580"), ("owner", "bob"), ("env", {"A": "1"}),
-                         ("memory", 2**30), ("container", "w"), ("gpud_version", "0.2")]:
+    for field, value in [
+        ("code_hash", "c2"),
+        ("image_id", "sha2"),
+        ("gpus", "h100"),
+        ("driver", "580"),
+        ("owner", "bob"),
+        ("env", {"A": "1"}),
+        ("memory", 2**30),
+        ("container", "w"),
+        ("gpud_version", "0.2"),
+    ]:
         assert key_of(_parts(**{field: value})) != key_of(a), field
     assert describe_change(a, _parts(code_hash="c2")) == "the function's code changed"
-    assert describe_change(a, _parts(code_hash="c2", image_id="x")) == \
-        "the function's code and the image's content changed"
+    assert (
+        describe_change(a, _parts(code_hash="c2", image_id="x"))
+        == "the function's code and the image's content changed"
+    )
 
 
 @pytest.fixture
@@ -43,8 +64,9 @@ def ledger(tmp_path: Path) -> Ledger:
 
 
 def _claim(ledger: Ledger, key: str = "k", job: int = 1) -> bool:
-    return store.claim_take(ledger, key, {"code": "c"}, function="f", owner="ann",
-                            image="img", job_id=job, now=1.0)
+    return store.claim_take(
+        ledger, key, {"code": "c"}, function="f", owner="ann", image="img", job_id=job, now=1.0
+    )
 
 
 def test_one_take_per_key_and_failures_are_bounded(ledger: Ledger) -> None:

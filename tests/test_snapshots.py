@@ -55,8 +55,9 @@ def _location(d: DaemonProc, snapshot_id: int) -> Path:
 
     db = sqlite3.connect(d.data_dir / "ledger.db")
     try:
-        (image,) = db.execute("SELECT location FROM snapshots WHERE id = ?",
-                              (snapshot_id,)).fetchone()
+        (image,) = db.execute(
+            "SELECT location FROM snapshots WHERE id = ?", (snapshot_id,)
+        ).fetchone()
     finally:
         db.close()
     return Path(image)
@@ -90,12 +91,17 @@ class Model:
     @gpud.method()
     def lookup(self, i: int, hold: float = 0.0) -> dict:
         time.sleep(hold)
-        return {"token": self.token, "value": self.table[i], "container": self.container,
-                "job": os.environ["GPUD_JOB_ID"]}
+        return {
+            "token": self.token,
+            "value": self.table[i],
+            "container": self.container,
+            "job": os.environ["GPUD_JOB_ID"],
+        }
 
 
 def test_restores_many_from_one_snapshot_without_running_setup_again(
-        sdaemon: DaemonProc, shared_dir: Path) -> None:
+    sdaemon: DaemonProc, shared_dir: Path
+) -> None:
     marks = shared_dir / "marks"
     model = Model(str(marks))  # type: ignore[call-arg]
     lookup = model.lookup.with_options(url=sdaemon.url)
@@ -151,8 +157,10 @@ def v2(x: int) -> str:
 def tagged(tag: str):  # type: ignore[no-untyped-def]
     """A function of its own (its code hash differs by tag): snapshots are keyed by code,
     not by name, so tests that must not share one use different tags."""
+
     def f(x: int) -> str:
         return f"{tag}:{x}"
+
     return f
 
 
@@ -194,7 +202,8 @@ def missing(where: Path) -> None:
 
 @pytest.mark.parametrize("damage", [corrupt, missing])
 def test_a_broken_snapshot_falls_back_to_cold_and_says_why(
-        sdaemon: DaemonProc, damage: object) -> None:
+    sdaemon: DaemonProc, damage: object
+) -> None:
     name = f"broken-{damage.__name__}"  # type: ignore[attr-defined]
     f = _plain(sdaemon, tagged(name), name)
     assert f.remote(1) == f"{name}:1"
@@ -312,8 +321,7 @@ def test_failing_setup_is_the_jobs_error_and_takes_no_snapshot(sdaemon: DaemonPr
     assert _of(sdaemon, "snapsetup.Fragile.run") == []
 
 
-def test_a_job_timed_out_in_its_setup_leaves_no_half_taken_snapshot(
-        sdaemon: DaemonProc) -> None:
+def test_a_job_timed_out_in_its_setup_leaves_no_half_taken_snapshot(sdaemon: DaemonProc) -> None:
     run = Fragile(60.0).run.with_options(url=sdaemon.url, timeout=4)  # type: ignore
     h = run.spawn()
     info = h.wait(timeout=120)

@@ -83,8 +83,7 @@ def box(base_dir: Path) -> Iterator[DaemonProc]:
     port = free_port()
     (base_dir / "data").mkdir(mode=0o711)
     token = add_gpud_user(base_dir / "data", "bob")
-    env = {"GPUD_FAKE_GPUS": "h100", "GPUD_PREEMPT_AFTER": "0.5s",
-           "GPUD_TCP": f"127.0.0.1:{port}"}
+    env = {"GPUD_FAKE_GPUS": "h100", "GPUD_PREEMPT_AFTER": "0.5s", "GPUD_TCP": f"127.0.0.1:{port}"}
     for d in _run_daemon(base_dir, env):
         d.env["_bob"] = token
         d.env["_tcp"] = f"http://127.0.0.1:{port}"
@@ -125,8 +124,9 @@ def test_suspend_stops_a_job_and_resume_finishes_it(box: DaemonProc, shared_dir:
     assert _lines(out) == 40
 
 
-def test_suspend_and_resume_are_events_with_their_reasons(box: DaemonProc,
-                                                          shared_dir: Path) -> None:
+def test_suspend_and_resume_are_events_with_their_reasons(
+    box: DaemonProc, shared_dir: Path
+) -> None:
     out = shared_dir / "count.txt"
     h = counter.spawn(str(out), 60, 0.1)  # 6 s: longer than two CLI start-ups
     wait_for(lambda: _lines(out) >= 2, timeout=30)
@@ -144,8 +144,7 @@ def test_suspend_and_resume_are_events_with_their_reasons(box: DaemonProc,
         led.close()
     assert tuple(str(s) for s in moves[3][:2]) == ("running", "suspended")
     assert moves[3][2].startswith("suspended by ")
-    assert (str(moves[4][0]), str(moves[4][1]), moves[4][2]) == ("suspended", "running",
-                                                                 "resumed")
+    assert (str(moves[4][0]), str(moves[4][1]), moves[4][2]) == ("suspended", "running", "resumed")
 
 
 def test_wrong_states_are_refused_clearly(box: DaemonProc, shared_dir: Path) -> None:
@@ -183,7 +182,8 @@ def test_a_suspended_job_can_be_cancelled(box: DaemonProc, shared_dir: Path) -> 
 
 
 def test_another_user_gets_the_answer_for_a_job_they_cannot_touch(
-        box: DaemonProc, shared_dir: Path) -> None:
+    box: DaemonProc, shared_dir: Path
+) -> None:
     out = shared_dir / "count.txt"
     h = counter.spawn(str(out), 1000, 0.05)
     wait_for(lambda: _lines(out) >= 2, timeout=30)
@@ -212,8 +212,7 @@ def test_a_high_priority_job_preempts_a_low_one(box: DaemonProc, shared_dir: Pat
             wait_for(lambda: c.get_job(low.id).state == "suspended", timeout=20)
         except AssertionError:
             raise AssertionError(box.log.read_text()[-3000:]) from None
-        assert c.get_job(low.id).reason.startswith(
-            f"suspended for job {high.id} (priority 10 > 0)")
+        assert c.get_job(low.id).reason.startswith(f"suspended for job {high.id} (priority 10 > 0)")
         assert high.get(timeout=60) == 5
     assert low.get(timeout=60) == 30
     assert _lines(low_out) == 30
@@ -270,7 +269,8 @@ def test_a_restart_resumes_a_suspended_job(box: DaemonProc, shared_dir: Path) ->
 
 
 def test_a_restart_marks_a_suspended_job_whose_process_is_gone_lost(
-        box: DaemonProc, shared_dir: Path) -> None:
+    box: DaemonProc, shared_dir: Path
+) -> None:
     out = shared_dir / "count.txt"
     h = counter.spawn(str(out), 1000, 0.05)
     wait_for(lambda: _lines(out) >= 3, timeout=30)
@@ -304,8 +304,7 @@ def test_podman_pauses_and_unpauses_a_job_container(base_dir: Path, shared_dir: 
         app.close()
 
 
-def test_resume_waits_for_its_gpu_ahead_of_newer_work(box: DaemonProc,
-                                                      shared_dir: Path) -> None:
+def test_resume_waits_for_its_gpu_ahead_of_newer_work(box: DaemonProc, shared_dir: Path) -> None:
     """One fake H100. A suspended job's GPU goes to another job; asked to resume, it waits
     for it (saying so), and gets it back before a job queued after it."""
     low_out, release = shared_dir / "low.txt", shared_dir / "release"
@@ -317,8 +316,9 @@ def test_resume_waits_for_its_gpu_ahead_of_newer_work(box: DaemonProc,
         wait_for(lambda: c.get_job(mid.id).state == "running", timeout=20)
         job = c.resume(low.id)  # answers after 10 s, still waiting
         assert job.state == "suspended"
-        assert job.reason is not None and job.reason.endswith(
-            "; resumes when its GPUs free up"), job.reason
+        assert job.reason is not None and job.reason.endswith("; resumes when its GPUs free up"), (
+            job.reason
+        )
         newer = gpu_counter.spawn(str(shared_dir / "new.txt"), 1, 0.0)
         release.touch()
         assert mid.get(timeout=60) == "released"

@@ -40,8 +40,13 @@ def _request(*args: Any) -> SubmitRequest:
         function = cloudpickle.dumps(_count)
     finally:
         cloudpickle.unregister_pickle_by_value(mod)
-    return SubmitRequest(name="gpustate.count", function=function,
-                         args=cloudpickle.dumps((args, {})), python=PY, gpu="h100")
+    return SubmitRequest(
+        name="gpustate.count",
+        function=function,
+        args=cloudpickle.dumps((args, {})),
+        python=PY,
+        gpu="h100",
+    )
 
 
 class RecordingParker:
@@ -146,5 +151,9 @@ async def test_the_daemon_parks_through_its_fake_checkpointer(served, shared_dir
         assert [s for s, p in calls if p == pid and s != "state"] == ["lock", "checkpoint"]
         await c.resume(job.id)
         assert [s for s, p in calls if p == pid and s != "state"] == [
-            "lock", "checkpoint", "restore", "unlock"]
+            "lock",
+            "checkpoint",
+            "restore",
+            "unlock",
+        ]
         assert (await c.wait(job.id, timeout=60)).state == "succeeded"

@@ -24,8 +24,7 @@ def test_the_unit_verifies() -> None:
     tool = shutil.which("systemd-analyze")
     if tool is None:
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
-    out = subprocess.run([tool, "verify", str(UNIT)], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([tool, "verify", str(UNIT)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     # verify warns on stderr about problems it does not fail for: there must be none.
     assert "gpud.service" not in out.stderr, out.stderr
@@ -33,12 +32,23 @@ def test_the_unit_verifies() -> None:
 
 def test_the_unit_keeps_jobs_and_says_what_it_needs() -> None:
     text = UNIT.read_text()
-    for line in ("Type=notify", "KillMode=process", "StateDirectory=gpud",
-                 "RuntimeDirectory=gpud", "Restart=on-failure"):
+    for line in (
+        "Type=notify",
+        "KillMode=process",
+        "StateDirectory=gpud",
+        "RuntimeDirectory=gpud",
+        "Restart=on-failure",
+    ):
         assert f"\n{line}\n" in text, line
     # Nothing that would stop jobs running as their users, with GPUs, or Podman.
-    for forbidden in ("NoNewPrivileges=yes", "PrivateDevices=yes", "ProtectHome=yes",
-                      "PrivateTmp=yes", "DynamicUser=yes", "CapabilityBoundingSet"):
+    for forbidden in (
+        "NoNewPrivileges=yes",
+        "PrivateDevices=yes",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "DynamicUser=yes",
+        "CapabilityBoundingSet",
+    ):
         assert f"\n{forbidden}" not in text, forbidden
 
 
@@ -76,15 +86,17 @@ def test_gpud_serve_says_ready_then_stopping(notify_socket, base_dir: Path) -> N
 
 def test_journal_formatter_prefixes_every_line_with_its_priority() -> None:
     f = systemd.JournalFormatter()
-    rec = logging.LogRecord("gpud.api", logging.WARNING, __file__, 1, "refused\nsecond line",
-                            None, None)
+    rec = logging.LogRecord(
+        "gpud.api", logging.WARNING, __file__, 1, "refused\nsecond line", None, None
+    )
     assert f.format(rec) == "<4>gpud.api: refused\n<4>second line"
     rec.levelno = logging.INFO
     assert f.format(rec).startswith("<6>")
 
 
 def test_stderr_is_journal_only_when_journal_stream_names_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     assert not systemd.stderr_is_journal()
     st = os.fstat(sys.stderr.fileno())

@@ -85,19 +85,27 @@ def run_tui(url: str, scenario: Scenario, *, refresh: float = 0.2, **kwargs: Any
 def screen_text(tui: GpudTui) -> str:
     """The screen as plain text, for failure messages."""
     width, height = tui.size
-    console = Console(width=width, height=height, file=io.StringIO(), record=True,
-                      force_terminal=True, color_system=None)
+    console = Console(
+        width=width,
+        height=height,
+        file=io.StringIO(),
+        record=True,
+        force_terminal=True,
+        color_system=None,
+    )
     console.print(tui.screen._compositor.render_update(full=True))
     return console.export_text()
 
 
-async def until(pilot: Pilot[None], what: str, predicate: Callable[[], bool],
-                within: float = 30.0) -> None:
+async def until(
+    pilot: Pilot[None], what: str, predicate: Callable[[], bool], within: float = 30.0
+) -> None:
     deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; the screen:\n"
-                                 f"{screen_text(pilot.app)}")  # type: ignore[arg-type]
+            raise AssertionError(
+                f"timed out waiting for {what}; the screen:\n{screen_text(pilot.app)}"
+            )  # type: ignore[arg-type]
         await pilot.pause(0.05)
 
 
@@ -136,8 +144,11 @@ def banner(tui: GpudTui) -> Banner:
 def test_gpu_table_shows_the_configured_gpus(daemon: DaemonProc) -> None:
     async def scenario(tui: GpudTui, pilot: Pilot[None]) -> None:
         gpus = tui.query_one(GpuTable)
-        await until(pilot, "three GPUs with history",
-                    lambda: len(gpus.keys) == 3 and cells(gpus, "2")[4].strip() != "")
+        await until(
+            pilot,
+            "three GPUs with history",
+            lambda: len(gpus.keys) == 3 and cells(gpus, "2")[4].strip() != "",
+        )
         assert column(gpus, 1) == ["h100 fake", "h100 fake", "l4 fake"]
         assert column(gpus, 2) == ["0.0/80 GiB", "0.0/80 GiB", "0.0/24 GiB"]
         assert column(gpus, 8) == ["free", "free", "free"]
@@ -148,42 +159,52 @@ def test_gpu_table_shows_the_configured_gpus(daemon: DaemonProc) -> None:
     run_tui(daemon.url, scenario)
 
 
-def test_job_is_queued_then_runs_and_its_log_streams(process_daemon: DaemonProc,
-                                                     shared_dir: Path) -> None:
+def test_job_is_queued_then_runs_and_its_log_streams(
+    process_daemon: DaemonProc, shared_dir: Path
+) -> None:
     url = process_daemon.url
     blocker = hold.with_options(gpu="h100:2", url=url).spawn(str(shared_dir / "release"))
     job = ticker.with_options(gpu="h100", url=url).spawn(str(shared_dir / "stop"))
     holder = f"job {blocker.id} ({blocker.status().owner})"
 
     async def scenario(tui: GpudTui, pilot: Pilot[None]) -> None:
-        queue, jobs, gpus = tui.query_one(QueueTable), tui.query_one(JobsTable), \
-            tui.query_one(GpuTable)
+        queue, jobs, gpus = (
+            tui.query_one(QueueTable),
+            tui.query_one(JobsTable),
+            tui.query_one(GpuTable),
+        )
         key = str(job.id)
         # Each table comes from its own request, so each is waited for on its own.
-        await until(pilot, "the job in the queue with its reason",
-                    lambda: key in queue.keys and cells(queue, key)[1] == "1")
+        await until(
+            pilot,
+            "the job in the queue with its reason",
+            lambda: key in queue.keys and cells(queue, key)[1] == "1",
+        )
         row = cells(queue, key)
         assert f"job {blocker.id}" in row[7] and row[4] == "h100:1"
-        await until(pilot, "the job queued in the jobs table",
-                    lambda: state_of(jobs, job.id) == "queued")
-        await until(pilot, "the blocker on the GPUs",
-                    lambda: column(gpus, 8)[:2] == [holder] * 2)
+        await until(
+            pilot, "the job queued in the jobs table", lambda: state_of(jobs, job.id) == "queued"
+        )
+        await until(pilot, "the blocker on the GPUs", lambda: column(gpus, 8)[:2] == [holder] * 2)
 
         (shared_dir / "release").touch()
         await until(pilot, "the job running", lambda: state_of(jobs, job.id) == "running")
         assert cells(jobs, key)[5] == "cold"
-        await until(pilot, "the queue empty",
-                    lambda: key not in queue.keys and "0 queued" in str(queue.border_title))
-        await until(pilot, "the job on a GPU",
-                    lambda: f"job {job.id}" in " ".join(column(gpus, 8)))
+        await until(
+            pilot,
+            "the queue empty",
+            lambda: key not in queue.keys and "0 queued" in str(queue.border_title),
+        )
+        await until(pilot, "the job on a GPU", lambda: f"job {job.id}" in " ".join(column(gpus, 8)))
 
         select(jobs, job.id)
         await pilot.press("enter")
         await until(pilot, "the job screen", lambda: isinstance(tui.screen, JobScreen))
         await until(pilot, "log lines", lambda: "tick 3" in log_text(tui))
         seen = len(tui.screen.query_one(Log).lines)
-        await until(pilot, "more log lines",
-                    lambda: len(tui.screen.query_one(Log).lines) > seen + 5)
+        await until(
+            pilot, "more log lines", lambda: len(tui.screen.query_one(Log).lines) > seen + 5
+        )
         (shared_dir / "stop").touch()
         await until(pilot, "the end of the job", lambda: "Succeeded" in end_text(tui))
         assert log_text(tui).rstrip().endswith("done ticking")
@@ -194,15 +215,15 @@ def test_job_is_queued_then_runs_and_its_log_streams(process_daemon: DaemonProc,
         assert end_text(tui).endswith(str(ticks))
         await pilot.press("escape")
         await until(pilot, "the main screen", lambda: not isinstance(tui.screen, JobScreen))
-        await until(pilot, "succeeded in the table",
-                    lambda: state_of(jobs, job.id) == "succeeded")
+        await until(pilot, "succeeded in the table", lambda: state_of(jobs, job.id) == "succeeded")
 
     run_tui(url, scenario)
     assert job.get(timeout=30) > 0
 
 
-def test_cancel_from_the_tui_cancels_in_the_ledger(process_daemon: DaemonProc,
-                                                   shared_dir: Path) -> None:
+def test_cancel_from_the_tui_cancels_in_the_ledger(
+    process_daemon: DaemonProc, shared_dir: Path
+) -> None:
     url = process_daemon.url
     flag = str(shared_dir / "never")
     running = ticker.with_options(url=url).spawn(flag)
@@ -210,8 +231,13 @@ def test_cancel_from_the_tui_cancels_in_the_ledger(process_daemon: DaemonProc,
 
     async def scenario(tui: GpudTui, pilot: Pilot[None]) -> None:
         jobs = tui.query_one(JobsTable)
-        await until(pilot, "both running", lambda: state_of(jobs, running.id) == "running"
-                    and state_of(jobs, other.id) == "running")
+        await until(
+            pilot,
+            "both running",
+            lambda: (
+                state_of(jobs, running.id) == "running" and state_of(jobs, other.id) == "running"
+            ),
+        )
         # "n" keeps the job.
         select(jobs, running.id)
         await pilot.press("c")
@@ -224,8 +250,9 @@ def test_cancel_from_the_tui_cancels_in_the_ledger(process_daemon: DaemonProc,
         await pilot.press("c")
         await until(pilot, "the confirmation", lambda: isinstance(tui.screen, ConfirmCancel))
         await pilot.press("y")
-        await until(pilot, "cancelled in the table",
-                    lambda: state_of(jobs, running.id) == "cancelled")
+        await until(
+            pilot, "cancelled in the table", lambda: state_of(jobs, running.id) == "cancelled"
+        )
         assert process_daemon.ledger().get(running.id).state.value == "cancelled"
         # From the job screen, with the mouse on the dialog's button.
         select(jobs, other.id)
@@ -235,8 +262,11 @@ def test_cancel_from_the_tui_cancels_in_the_ledger(process_daemon: DaemonProc,
         await pilot.press("c")
         await until(pilot, "the confirmation", lambda: isinstance(tui.screen, ConfirmCancel))
         await pilot.click("#yes")
-        await until(pilot, "the job screen to say cancelled",
-                    lambda: isinstance(tui.screen, JobScreen) and "Cancelled" in end_text(tui))
+        await until(
+            pilot,
+            "the job screen to say cancelled",
+            lambda: isinstance(tui.screen, JobScreen) and "Cancelled" in end_text(tui),
+        )
 
     run_tui(url, scenario)
     assert process_daemon.ledger().get(other.id).state.value == "cancelled"
@@ -261,8 +291,9 @@ def test_failed_job_shows_the_remote_traceback(daemon: DaemonProc) -> None:
     run_tui(daemon.url, scenario)
 
 
-def test_daemon_down_shows_disconnected_and_recovers(process_daemon: DaemonProc,
-                                                     shared_dir: Path) -> None:
+def test_daemon_down_shows_disconnected_and_recovers(
+    process_daemon: DaemonProc, shared_dir: Path
+) -> None:
     url = process_daemon.url
     job = ticker.with_options(url=url).spawn(str(shared_dir / "stop"))
 
@@ -274,8 +305,7 @@ def test_daemon_down_shows_disconnected_and_recovers(process_daemon: DaemonProc,
         await until(pilot, "log lines", lambda: "tick 2" in log_text(tui))
 
         await asyncio.to_thread(process_daemon.stop)  # jobs keep running without it
-        await until(pilot, "the disconnected banner",
-                    lambda: banner(tui).has_class("-shown"))
+        await until(pilot, "the disconnected banner", lambda: banner(tui).has_class("-shown"))
         assert "Disconnected" in str(banner(tui).render())
         assert isinstance(tui.screen, JobScreen)  # still there, still usable
 
@@ -288,8 +318,7 @@ def test_daemon_down_shows_disconnected_and_recovers(process_daemon: DaemonProc,
         lines = [x for x in log_text(tui).splitlines() if x.startswith("tick ")]
         assert lines == [f"tick {i}" for i in range(len(lines))]
         await pilot.press("escape")
-        await until(pilot, "succeeded in the table",
-                    lambda: state_of(jobs, job.id) == "succeeded")
+        await until(pilot, "succeeded in the table", lambda: state_of(jobs, job.id) == "succeeded")
 
     run_tui(url, scenario)
 
@@ -316,14 +345,23 @@ def test_ten_thousand_jobs_are_paged(process_daemon: DaemonProc, shared_dir: Pat
     url = process_daemon.url
     blocker = hold.with_options(gpu="h100:2", url=url).spawn(str(shared_dir / "release"))
     with Client(url) as c:
-        batch = c.submit_batch(hold.with_options(gpu="h100").batch_request(
-            [((str(shared_dir / "release"),), {})] * 10_000))
+        batch = c.submit_batch(
+            hold.with_options(gpu="h100").batch_request(
+                [((str(shared_dir / "release"),), {})] * 10_000
+            )
+        )
     newest = max(batch.job_ids)
 
     async def scenario(tui: GpudTui, pilot: Pilot[None]) -> None:
         jobs, queue = tui.query_one(JobsTable), tui.query_one(QueueTable)
-        await until(pilot, "the queue in order", lambda: "of 10000 queued" in str(
-            queue.border_title) and column(queue, 1)[:3] == ["1", "2", "3"])
+        await until(
+            pilot,
+            "the queue in order",
+            lambda: (
+                "of 10000 queued" in str(queue.border_title)
+                and column(queue, 1)[:3] == ["1", "2", "3"]
+            ),
+        )
         assert len(queue.keys) == 100
         assert column(queue, 0)[0] == str(batch.job_ids[0])
         # One page of the ledger, and the running job pinned on top of it.

@@ -57,8 +57,9 @@ def utc() -> Iterator[None]:
         time.tzset()
 
 
-def run_fake(client: FakeClient,
-             scenario: Callable[[GpudTui, Pilot[None]], Awaitable[None]]) -> None:
+def run_fake(
+    client: FakeClient, scenario: Callable[[GpudTui, Pilot[None]], Awaitable[None]]
+) -> None:
     async def main() -> None:
         tui = GpudTui(client=client, clock=lambda: NOW, refresh=0.05, user="alice")
         async with tui.run_test(size=SIZE) as pilot:
@@ -69,8 +70,9 @@ def run_fake(client: FakeClient,
 
 
 def loaded(tui: GpudTui, gpus: int, jobs: int) -> Callable[[], bool]:
-    return lambda: (len(tui.query_one(GpuTable).keys) == gpus
-                    and len(tui.query_one(JobsTable).keys) == jobs)
+    return lambda: (
+        len(tui.query_one(GpuTable).keys) == gpus and len(tui.query_one(JobsTable).keys) == jobs
+    )
 
 
 # -- the snapshot -------------------------------------------------------------------------------
@@ -103,12 +105,20 @@ def test_main_screen_snapshot() -> None:
 
 def test_main_screen_content() -> None:
     """What the snapshot shows, in words: owners, reasons, foreign processes, sparklines."""
+
     async def scenario(tui: GpudTui, pilot: Pilot[None]) -> None:
         await until(pilot, "the demo data", loaded(tui, 4, 10))
-        gpus, queue, jobs = (tui.query_one(GpuTable), tui.query_one(QueueTable),
-                             tui.query_one(JobsTable))
-        assert column(gpus, 8) == ["job 41 (alice)", "job 41 (alice)", "not gpud: pid 48213",
-                                   "job 44 (bob)"]
+        gpus, queue, jobs = (
+            tui.query_one(GpuTable),
+            tui.query_one(QueueTable),
+            tui.query_one(JobsTable),
+        )
+        assert column(gpus, 8) == [
+            "job 41 (alice)",
+            "job 41 (alice)",
+            "not gpud: pid 48213",
+            "job 44 (bob)",
+        ]
         assert cells(gpus, "0")[2:4] == ["71.3/80 GiB", "97%"]
         assert cells(gpus, "0")[6:8] == ["67°C", "612/700W"]
         assert len(cells(gpus, "0")[4]) == 24 and "█" in cells(gpus, "0")[4]
@@ -135,20 +145,32 @@ def test_errors_and_odd_answers_never_crash() -> None:
         client.fail = RuntimeError("something odd")
         await until(pilot, "the problem shown", lambda: banner.has_class("-shown"))
         assert "Unexpected answer from the daemon: RuntimeError: something odd" in str(
-            banner.render())
+            banner.render()
+        )
         client.fail = DaemonUnavailable(client.url, "connection lost: reset")
-        await until(pilot, "disconnected",
-                    lambda: "Disconnected" in str(banner.render()))
+        await until(pilot, "disconnected", lambda: "Disconnected" in str(banner.render()))
         client.fail = None
         await until(pilot, "the banner to go", lambda: not banner.has_class("-shown"))
 
         # Sensors that say nothing, states this TUI has never heard of, times in the future.
-        client.gpu_list = msgspec.structs.replace(client.gpu_list, gpus=[
-            gpu(0, "Mystery 9000 ✨", "mystery9000", 0, utilization=None, temperature=None,
-                power_w=None, power_limit_w=None),
-        ])
-        client.jobs[99] = job(99, "x" * 300, "", "paused", gpu_indices=[7, 8],
-                              started_at=NOW + 3600)
+        client.gpu_list = msgspec.structs.replace(
+            client.gpu_list,
+            gpus=[
+                gpu(
+                    0,
+                    "Mystery 9000 ✨",
+                    "mystery9000",
+                    0,
+                    utilization=None,
+                    temperature=None,
+                    power_w=None,
+                    power_limit_w=None,
+                ),
+            ],
+        )
+        client.jobs[99] = job(
+            99, "x" * 300, "", "paused", gpu_indices=[7, 8], started_at=NOW + 3600
+        )
         client.latest += 1
         await until(pilot, "the odd data", lambda: loaded(tui, 1, 11)())
         assert cells(tui.query_one(GpuTable), "0")[2:4] == ["0.0/0 GiB", "-"]
@@ -177,8 +199,11 @@ def test_a_job_screen_opened_while_disconnected_says_so() -> None:
         assert banner.has_class("-shown") and "Disconnected" in str(banner.render())
         client.fail = None
         await until(pilot, "the banner to go", lambda: not banner.has_class("-shown"))
-        await until(pilot, "the log", lambda: list(tui.screen.query_one(Log).lines[:2]) == [
-            "item 1 ok", "item 2 ok"])
+        await until(
+            pilot,
+            "the log",
+            lambda: list(tui.screen.query_one(Log).lines[:2]) == ["item 1 ok", "item 2 ok"],
+        )
         await until(pilot, "the fields", lambda: "sweep.eval" in screen_text(tui))
 
     run_fake(client, scenario)
@@ -240,10 +265,17 @@ def test_sparkline() -> None:
     assert sparkline([5], 0) == ""
 
 
-@pytest.mark.parametrize(("seconds", "text"), [
-    (None, "-"), (-1, "0.0s"), (4.25, "4.2s"), (185, "3m05s"), (5025.4, "1h23m"),
-    (200_000, "2d07h"),
-])
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (None, "-"),
+        (-1, "0.0s"),
+        (4.25, "4.2s"),
+        (185, "3m05s"),
+        (5025.4, "1h23m"),
+        (200_000, "2d07h"),
+    ],
+)
 def test_fmt_duration(seconds: float | None, text: str) -> None:
     assert fmt_duration(seconds) == text
 
@@ -254,9 +286,17 @@ def test_parked_warm_workers_show_in_the_gpu_table_title() -> None:
     from gpud_client.models import ParkedWorkerInfo
 
     gpus, history, jobs = demo()
-    gpus.parked = [ParkedWorkerInfo(worker_id=3, job_id=41, function="llm.generate",
-                                    owner="alice", gpus=[1], bytes=8 * 2**30,
-                                    parked_at=NOW - 60)]
+    gpus.parked = [
+        ParkedWorkerInfo(
+            worker_id=3,
+            job_id=41,
+            function="llm.generate",
+            owner="alice",
+            gpus=[1],
+            bytes=8 * 2**30,
+            parked_at=NOW - 60,
+        )
+    ]
 
     async def scenario(tui: GpudTui, pilot: Pilot[None]) -> None:
         await until(pilot, "the demo data", loaded(tui, 4, 10))

@@ -32,10 +32,16 @@ HUGE = [str(2**63), str(2**64 + 5), "9" * 40, "9" * 5000]
 
 @pytest.mark.parametrize("raw", HUGE + ["²", "١٢", "0", "-1", "1e3"])
 async def test_job_ids_beyond_sqlite_are_404_on_every_job_route(
-        http: httpx.AsyncClient, raw: str) -> None:
-    for method, path in [("GET", ""), ("GET", "/logs"), ("GET", "/result"),
-                         ("GET", "/wait?timeout=0"), ("GET", "/outcome"),
-                         ("POST", "/cancel")]:
+    http: httpx.AsyncClient, raw: str
+) -> None:
+    for method, path in [
+        ("GET", ""),
+        ("GET", "/logs"),
+        ("GET", "/result"),
+        ("GET", "/wait?timeout=0"),
+        ("GET", "/outcome"),
+        ("POST", "/cancel"),
+    ]:
         r = await http.request(method, f"/v1/jobs/{raw}{path}")
         detail = assert_error(r, 404, "not_found")["detail"]
         assert str(MAX_ID) in detail, detail
@@ -49,49 +55,56 @@ async def test_the_largest_id_is_merely_unknown(http: httpx.AsyncClient) -> None
     assert_error(await http.get(f"/v1/events?job_id={MAX_ID}"), 404, "not_found")
 
 
-@pytest.mark.parametrize("query, words", [
-    ("/v1/jobs?limit=1001", "limit must be from 1 to 1000"),
-    ("/v1/jobs?limit=1.5", "limit must be a whole number from 1 to 1000"),
-    (f"/v1/jobs?cursor={2**63}", f"cursor must be from 1 to {MAX_ID}"),
-    ("/v1/jobs?cursor=" + "9" * 5000, "cursor must be a whole number"),
-    ("/v1/jobs?limit=%D9%A3", "limit must be a whole number"),  # Arabic-Indic 3
-    ("/v1/jobs/1/wait?timeout=nan", "timeout must be from 0 to 60"),
-    ("/v1/jobs/1/wait?timeout=1e400", "timeout must be from 0 to 60"),
-    ("/v1/jobs/1/logs?offset=-1", "offset must be from 0 to"),
-    ("/v1/jobs/1/logs?follow=maybe", "follow must be true or false"),
-    (f"/v1/events?after={2**64}", f"after must be from 0 to {MAX_ID}"),
-    ("/v1/events?limit=0", "limit must be from 1 to 1000"),
-    (f"/v1/events?job_id={2**63}", "job_id must be from 1 to"),
-    ("/v1/queue?offset=" + str(2**40), "offset must be from 0 to 2147483648"),
-    ("/v1/gpus/history?since=inf", "since must be from 0 to 1e+12"),
-    ("/v1/usage?since=-5", "since must be from 0 to 1e+11"),
-    ("/v1/usage?until=1e300", "until must be from 0 to 1e+11"),
-    ("/v1/usage?by=week", "by must be one of: user, day, gpu-type"),
-])
+@pytest.mark.parametrize(
+    "query, words",
+    [
+        ("/v1/jobs?limit=1001", "limit must be from 1 to 1000"),
+        ("/v1/jobs?limit=1.5", "limit must be a whole number from 1 to 1000"),
+        (f"/v1/jobs?cursor={2**63}", f"cursor must be from 1 to {MAX_ID}"),
+        ("/v1/jobs?cursor=" + "9" * 5000, "cursor must be a whole number"),
+        ("/v1/jobs?limit=%D9%A3", "limit must be a whole number"),  # Arabic-Indic 3
+        ("/v1/jobs/1/wait?timeout=nan", "timeout must be from 0 to 60"),
+        ("/v1/jobs/1/wait?timeout=1e400", "timeout must be from 0 to 60"),
+        ("/v1/jobs/1/logs?offset=-1", "offset must be from 0 to"),
+        ("/v1/jobs/1/logs?follow=maybe", "follow must be true or false"),
+        (f"/v1/events?after={2**64}", f"after must be from 0 to {MAX_ID}"),
+        ("/v1/events?limit=0", "limit must be from 1 to 1000"),
+        (f"/v1/events?job_id={2**63}", "job_id must be from 1 to"),
+        ("/v1/queue?offset=" + str(2**40), "offset must be from 0 to 2147483648"),
+        ("/v1/gpus/history?since=inf", "since must be from 0 to 1e+12"),
+        ("/v1/usage?since=-5", "since must be from 0 to 1e+11"),
+        ("/v1/usage?until=1e300", "until must be from 0 to 1e+11"),
+        ("/v1/usage?by=week", "by must be one of: user, day, gpu-type"),
+    ],
+)
 async def test_query_parameters_out_of_range_say_the_range(
-        http: httpx.AsyncClient, query: str, words: str) -> None:
+    http: httpx.AsyncClient, query: str, words: str
+) -> None:
     detail = assert_error(await http.get(query), 422, "invalid_parameter")["detail"]
     assert words in detail, detail
 
 
-@pytest.mark.parametrize("field, value, code, words", [
-    ("memory", 2**80, "invalid_memory", "memory: from 16777216 to 9007199254740992"),
-    ("memory", 2**53 + 1, "invalid_memory", "or null"),
-    ("memory", 1024, "invalid_memory", ">= 16777216"),
-    ("cpu", 1e300, "invalid_cpu", "cpu: from 0.01 to 4096"),
-    ("timeout", -1, "invalid_timeout", "timeout: above 0 to 315360000 or null"),
-    ("keep_warm", 2**70, "invalid_keep_warm", "keep_warm: from 0 to"),
-    ("retries", 2**64, "invalid_retries", "retries: from 0 to 20"),
-    ("priority", 1001, "invalid_priority", "priority: from -1000 to 1000"),
-    ("name", "", "invalid_name", "name: 1 to 512 characters"),
-    ("name", "n" * 513, "invalid_name", "name: 1 to 512 characters"),
-    ("python", "3" * 65, "invalid_request", "python: 1 to 64 characters"),
-    ("env", {"A": "nul\0"}, "invalid_env", "env"),
-    ("env", {"": "x"}, "invalid_env", "env"),
-])
+@pytest.mark.parametrize(
+    "field, value, code, words",
+    [
+        ("memory", 2**80, "invalid_memory", "memory: from 16777216 to 9007199254740992"),
+        ("memory", 2**53 + 1, "invalid_memory", "or null"),
+        ("memory", 1024, "invalid_memory", ">= 16777216"),
+        ("cpu", 1e300, "invalid_cpu", "cpu: from 0.01 to 4096"),
+        ("timeout", -1, "invalid_timeout", "timeout: above 0 to 315360000 or null"),
+        ("keep_warm", 2**70, "invalid_keep_warm", "keep_warm: from 0 to"),
+        ("retries", 2**64, "invalid_retries", "retries: from 0 to 20"),
+        ("priority", 1001, "invalid_priority", "priority: from -1000 to 1000"),
+        ("name", "", "invalid_name", "name: 1 to 512 characters"),
+        ("name", "n" * 513, "invalid_name", "name: 1 to 512 characters"),
+        ("python", "3" * 65, "invalid_request", "python: 1 to 64 characters"),
+        ("env", {"A": "nul\0"}, "invalid_env", "env"),
+        ("env", {"": "x"}, "invalid_env", "env"),
+    ],
+)
 async def test_submit_fields_out_of_range_say_the_range(
-        http: httpx.AsyncClient, field: str, value: object, code: str,
-        words: str) -> None:
+    http: httpx.AsyncClient, field: str, value: object, code: str, words: str
+) -> None:
     r = await http.post("/v1/jobs", content=submit_body(**{field: value}))
     detail = assert_error(r, 422, code)["detail"]
     assert words in detail and field in detail, detail
@@ -109,15 +122,22 @@ async def test_batch_sizes(http: httpx.AsyncClient) -> None:
 
 async def test_openapi_carries_the_enforced_ranges(served, http: httpx.AsyncClient) -> None:  # type: ignore[no-untyped-def]
     doc = (await http.get("/openapi.json")).json()
-    params = {(path, p["name"]): p["schema"] for path, item in doc["paths"].items()
-              for op in item.values() for p in op.get("parameters", [])}
-    assert params[("/v1/jobs", "limit")] == {"type": "integer", "minimum": 1,
-                                             "maximum": 1000, "default": 50}
+    params = {
+        (path, p["name"]): p["schema"]
+        for path, item in doc["paths"].items()
+        for op in item.values()
+        for p in op.get("parameters", [])
+    }
+    assert params[("/v1/jobs", "limit")] == {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 1000,
+        "default": 50,
+    }
     assert params[("/v1/jobs/{job_id}", "job_id")]["maximum"] == MAX_ID
     assert params[("/v1/jobs/{job_id}/wait", "timeout")]["maximum"] == 60.0
     assert params[("/v1/events", "limit")]["maximum"] == 1000
-    assert params[("/v1/usage", "since")] == {"type": "number", "minimum": 0.0,
-                                              "maximum": 1e11}
+    assert params[("/v1/usage", "since")] == {"type": "number", "minimum": 0.0, "maximum": 1e11}
     assert params[("/v1/usage", "by")]["enum"] == ["user", "day", "gpu-type"]
     schemas = doc["components"]["schemas"]
     submit = schemas["SubmitRequest"]["properties"]
@@ -131,9 +151,12 @@ async def test_openapi_carries_the_enforced_ranges(served, http: httpx.AsyncClie
     warm = next(a for a in submit["keep_warm"]["anyOf"] if a.get("type") == "number")
     assert warm["maximum"] == cfg.keep_warm_max
     # And a request inside every documented range is not refused for its numbers.
-    r = await http.post("/v1/jobs", content=submit_body(timeout=timeout["maximum"],
-                                                       keep_warm=warm["maximum"],
-                                                       memory=2**53, retries=20))
+    r = await http.post(
+        "/v1/jobs",
+        content=submit_body(
+            timeout=timeout["maximum"], keep_warm=warm["maximum"], memory=2**53, retries=20
+        ),
+    )
     assert r.status_code == 201, r.text
     await http.post(f"/v1/jobs/{r.json()['id']}/cancel")
 
@@ -147,8 +170,9 @@ def _record(exc_site: bool = True) -> logging.LogRecord:
         _fail_here() if exc_site else int("x")
     except Exception:
         info = sys.exc_info()
-    return logging.LogRecord("gpud.api", logging.ERROR, __file__, 1, "internal error on %s",
-                             ("GET /v1/x",), info)
+    return logging.LogRecord(
+        "gpud.api", logging.ERROR, __file__, 1, "internal error on %s", ("GET /v1/x",), info
+    )
 
 
 def test_the_same_traceback_is_logged_once_a_minute_with_a_count() -> None:
@@ -175,8 +199,7 @@ def test_the_throttle_remembers_a_bounded_number_of_sites() -> None:
         try:
             exec(compile("\n" * i + "raise ValueError()", "<site>", "exec"))
         except ValueError:
-            records.append(logging.LogRecord("x", logging.ERROR, "", 1, "m", (),
-                                             sys.exc_info()))
+            records.append(logging.LogRecord("x", logging.ERROR, "", 1, "m", (), sys.exc_info()))
     assert all(throttle.filter(r) for r in records)
     assert len(throttle._sites) == 3
 

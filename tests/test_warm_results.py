@@ -39,7 +39,8 @@ def daemon(base_dir: Path) -> Iterator[DaemonProc]:
 
 
 def test_a_delivered_warm_result_survives_kill_9_and_the_job_runs_once(
-        daemon: DaemonProc, shared_dir: Path) -> None:
+    daemon: DaemonProc, shared_dir: Path
+) -> None:
     d = daemon
     d.start()
     count = shared_dir / "runs"
@@ -89,7 +90,8 @@ def test_a_warm_result_is_not_written_to_files(daemon: DaemonProc, shared_dir: P
     h = f.spawn(count, 8)
     assert h.get(timeout=60) == {"x": 8, "pad": "r" * 100}
     assert list(f.starmap([(count, 9), (count, 10)])) == [
-        {"x": x, "pad": "r" * 100} for x in (9, 10)]
+        {"x": x, "pad": "r" * 100} for x in (9, 10)
+    ]
     assert not (d.data_dir / "jobs" / str(h.id) / "result.pkl").exists()
     assert not (d.data_dir / "jobs" / str(h.id) / "status.json").exists()
 
@@ -99,8 +101,7 @@ def doubled(value: dict[str, object]) -> object:
     return value["x"] * 2  # type: ignore[operator]
 
 
-def test_result_of_a_warm_job_reaches_the_next_one(daemon: DaemonProc,
-                                                   shared_dir: Path) -> None:
+def test_result_of_a_warm_job_reaches_the_next_one(daemon: DaemonProc, shared_dir: Path) -> None:
     """A dependency's result kept in the ledger, not in a result.pkl, is still passed on
     to a job that takes it with gpud.result_of (#14)."""
     d = daemon
@@ -125,7 +126,8 @@ def fails_first(path: str) -> int:
 
 
 def test_a_retry_handed_to_the_idle_warm_worker_is_its_next_attempt(
-        daemon: DaemonProc, shared_dir: Path) -> None:
+    daemon: DaemonProc, shared_dir: Path
+) -> None:
     """The retry of a warm call goes to the worker that ran attempt 1, its directory laid
     out while its start commits (#12): it runs as attempt 2, and says so in its log."""
     d = daemon

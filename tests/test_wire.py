@@ -69,8 +69,9 @@ def test_a_connection_closed_while_idle_is_not_reused(server) -> None:  # type: 
     t = wire.Transport(url, {"user-agent": "test", "authorization": "Bearer x"})
     try:
         for _ in range(3):
-            r = t.request("GET", "/v1/health", params={"a": "b c"}, connect_timeout=5,
-                          read_timeout=5)
+            r = t.request(
+                "GET", "/v1/health", params={"a": "b c"}, connect_timeout=5, read_timeout=5
+            )
             assert (r.status_code, r.content, r.is_success) == (200, b"{}", True)
         assert len(heads) == 3
         assert heads[0].startswith(b"GET /v1/health?a=b+c HTTP/1.1\r\n")
@@ -82,7 +83,7 @@ def test_a_connection_closed_while_idle_is_not_reused(server) -> None:  # type: 
 def test_a_chunked_stream_is_read_line_by_line(server) -> None:  # type: ignore[no-untyped-def]
     def ndjson(conn: socket.socket, head: bytes) -> None:
         conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        for line in (b'{"n": 1}\n', b'{"n": 2}\n{"n"', b': 3}\n'):
+        for line in (b'{"n": 1}\n', b'{"n": 2}\n{"n"', b": 3}\n"):
             conn.sendall(b"%x\r\n%s\r\n" % (len(line), line))
         conn.sendall(b"0\r\n\r\n")
 
@@ -95,14 +96,15 @@ def test_a_chunked_stream_is_read_line_by_line(server) -> None:  # type: ignore[
 
 def test_an_answer_sent_before_the_body_was_read_is_returned(server) -> None:  # type: ignore[no-untyped-def]
     def busy(conn: socket.socket, head: bytes) -> None:
-        conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\n"
-                     b"content-length: 4\r\nconnection: close\r\n\r\nbusy")
+        conn.sendall(
+            b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\n"
+            b"content-length: 4\r\nconnection: close\r\n\r\nbusy"
+        )
         conn.shutdown(socket.SHUT_RDWR)  # the rest of the body is never read
 
     url, _ = server(busy)
     t = wire.Transport(url, {})
-    r = t.request("POST", "/v1/jobs", body=b"x" * (16 << 20), connect_timeout=5,
-                  read_timeout=5)
+    r = t.request("POST", "/v1/jobs", body=b"x" * (16 << 20), connect_timeout=5, read_timeout=5)
     assert (r.status_code, r.headers.get("Retry-After"), r.text) == (503, "1", "busy")
     t.close()
 

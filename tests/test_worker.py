@@ -155,7 +155,11 @@ def test_success(runtime: Path, tmp_path: Path) -> None:
     assert proc.returncode == EXIT_OK, proc.stderr
     assert (proc.stdout, proc.stderr) == ("", "")
     assert status_of(jobdir) == WorkerStatus(
-        ok=True, type=None, message=None, traceback=None, python=platform.python_version(),
+        ok=True,
+        type=None,
+        message=None,
+        traceback=None,
+        python=platform.python_version(),
         attempt=0,  # job.json's attempt, copied so a restarted daemon can tell attempts apart
     )
     value = result_of(jobdir)
@@ -168,10 +172,17 @@ def test_a_cold_job_imports_no_pathlib(runtime: Path) -> None:
     urllib.parse and ipaddress it pulls in, was ~3 ms of CPU a job on this box. (-S: a
     venv's site may import it, as this one's editable install does; the worker cannot
     help that.)"""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import gpud_runtime, cloudpickle; "
-            "print(' '.join(sorted(sys.modules)))")
-    out = subprocess.run([sys.executable, "-S", "-c", code, str(runtime)], check=True,
-                         capture_output=True, text=True, timeout=60).stdout
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import gpud_runtime, cloudpickle; "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(runtime)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     loaded = set(out.split())
     assert {"gpud_runtime", "cloudpickle"} <= loaded
     assert not {"pathlib", "urllib.parse", "ipaddress"} & loaded
@@ -341,7 +352,8 @@ def test_runtime_is_compiled_and_readable_by_every_job_user(runtime: Path) -> No
 
 
 def test_warm_worker_takes_its_payload_inline_and_answers_with_its_status(
-        runtime: Path, tmp_path: Path) -> None:
+    runtime: Path, tmp_path: Path
+) -> None:
     """A served task with ``payload`` (#12): no job.json, function.pkl or args.pkl in the
     directory; the answer carries the status and start time, and the result files are
     still written for a daemon that restarts meanwhile."""
@@ -357,8 +369,9 @@ def test_warm_worker_takes_its_payload_inline_and_answers_with_its_status(
     listener.settimeout(60)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(GPUD_HUB=str(hub), GPUD_WORKER_TOKEN="t0ken")
-    proc = subprocess.Popen([sys.executable, "-u", str(runtime / "gpud_worker.py"), "--serve"],
-                            env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", str(runtime / "gpud_worker.py"), "--serve"], env=env, cwd=tmp_path
+    )
     try:
         conn, _ = listener.accept()
         conn.settimeout(60)
@@ -368,10 +381,19 @@ def test_warm_worker_takes_its_payload_inline_and_answers_with_its_status(
         answers = []
         for attempt, (a, b) in enumerate([(2, 3), (4, 5)], 1):
             args = dumps_args((a,), {"b": b}, fn=add)
-            meta = {"job_id": JOB_ID, "name": JOB_NAME, "python": platform.python_version(),
-                    "attempt": attempt}
-            task = {"job_id": JOB_ID, "dir": str(jobdir), "env": {}, "job": meta,
-                    "payload": [len(function), len(args)]}
+            meta = {
+                "job_id": JOB_ID,
+                "name": JOB_NAME,
+                "python": platform.python_version(),
+                "attempt": attempt,
+            }
+            task = {
+                "job_id": JOB_ID,
+                "dir": str(jobdir),
+                "env": {},
+                "job": meta,
+                "payload": [len(function), len(args)],
+            }
             conn.sendall(json.dumps(task).encode() + b"\n" + function + args)
             answers.append(json.loads(reader.readline()))
             assert result_of(jobdir)["sum"] == a + b
@@ -381,7 +403,8 @@ def test_warm_worker_takes_its_payload_inline_and_answers_with_its_status(
             assert done["status"]["ok"] is True and done["status"]["attempt"] == attempt
         assert read_status(jobdir) == WorkerStatus(**{**answers[-1]["status"]})
         assert not {"job.json", "function.pkl", "args.pkl", "started"} & {
-            p.name for p in jobdir.iterdir()}
+            p.name for p in jobdir.iterdir()
+        }
         reader.close()
         conn.close()
         assert proc.wait(timeout=30) == 0  # the hub hung up: the worker ends

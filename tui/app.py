@@ -67,17 +67,24 @@ class GpudTui(App[None]):
     #: what is wrong with the connection, shown on every screen; None when all is well
     problem: reactive[str | None] = reactive(None)
 
-    def __init__(self, url: str | None = None, *, refresh: float = DEFAULT_REFRESH,
-                 client: DaemonClient | None = None, clock: Callable[[], float] = time.time,
-                 user: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        refresh: float = DEFAULT_REFRESH,
+        client: DaemonClient | None = None,
+        clock: Callable[[], float] = time.time,
+        user: str | None = None,
+    ) -> None:
         super().__init__()
         if refresh <= 0:
             raise ValueError("refresh must be a positive number of seconds")
         self.refresh_every = refresh
         self.clock = clock
         # A short timeout: a daemon that hangs must show up as a problem within seconds.
-        self.client: DaemonClient = client if client is not None else AsyncClient(
-            url, timeout=max(5.0, 3 * refresh))
+        self.client: DaemonClient = (
+            client if client is not None else AsyncClient(url, timeout=max(5.0, 3 * refresh))
+        )
         self.poller = Poller(self.client, clock=clock)
         self._user = user
         self._polling = False
@@ -131,8 +138,10 @@ class GpudTui(App[None]):
         now = self.clock()
         if snap.health is not None:
             h = snap.health
-            self.sub_title = (f"{self.client.url} - daemon {h.version}, {h.executor} executor, "
-                              f"GPUs: {h.gpu_source}")
+            self.sub_title = (
+                f"{self.client.url} - daemon {h.version}, {h.executor} executor, "
+                f"GPUs: {h.gpu_source}"
+            )
         if not self.screen_stack:
             return  # shutting down
         main = self.screen_stack[0]  # the tables stay there while a job screen is on top
@@ -147,13 +156,17 @@ class GpudTui(App[None]):
         self.problem = None
 
     def on_connection_lost(self, message: ConnectionLost) -> None:
-        self.problem = (f"Disconnected: no gpud answers at {message.url} ({message.reason}). "
-                        f"Retrying every {self.refresh_every:g} s; what is shown is from "
-                        "before.")
+        self.problem = (
+            f"Disconnected: no gpud answers at {message.url} ({message.reason}). "
+            f"Retrying every {self.refresh_every:g} s; what is shown is from "
+            "before."
+        )
 
     def on_poll_failed(self, message: PollFailed) -> None:
-        self.problem = (f"Unexpected answer from the daemon: {message.error}. Retrying every "
-                        f"{self.refresh_every:g} s.")
+        self.problem = (
+            f"Unexpected answer from the daemon: {message.error}. Retrying every "
+            f"{self.refresh_every:g} s."
+        )
 
     def watch_problem(self, problem: str | None) -> None:
         for screen in list(self.screen_stack):
@@ -167,8 +180,9 @@ class GpudTui(App[None]):
         self.poll_now()
 
     def on_open_job(self, message: OpenJob) -> None:
-        self.push_screen(JobScreen(self.client, message.job_id, refresh=self.refresh_every,
-                                   clock=self.clock))
+        self.push_screen(
+            JobScreen(self.client, message.job_id, refresh=self.refresh_every, clock=self.clock)
+        )
 
     def on_cancel_requested(self, message: CancelRequested) -> None:
         job_id = message.job_id
@@ -196,8 +210,9 @@ class GpudTui(App[None]):
 
     def on_job_cancelled(self, message: JobCancelled) -> None:
         if message.error is not None:
-            self.notify(f"job {message.job_id} was not cancelled: {message.error}",
-                        severity="error")
+            self.notify(
+                f"job {message.job_id} was not cancelled: {message.error}", severity="error"
+            )
         elif message.state == "cancelled":
             self.notify(f"job {message.job_id} cancelled")
         else:

@@ -46,11 +46,18 @@ class DaemonClient(Protocol):
     async def health(self) -> Health: ...
     async def gpus(self) -> GpuList: ...
     async def gpu_history(self, since: float | None = None) -> GpuHistory: ...
-    async def events(self, after: int = 0, *, limit: int = 100,
-                     job_id: int | None = None) -> EventList: ...
+    async def events(
+        self, after: int = 0, *, limit: int = 100, job_id: int | None = None
+    ) -> EventList: ...
     async def queue(self, *, offset: int = 0, limit: int = 50) -> QueuePage: ...
-    async def list_jobs(self, state: Any = None, *, limit: int = 50, cursor: int | None = None,
-                        owner: str | None = None) -> JobList: ...
+    async def list_jobs(
+        self,
+        state: Any = None,
+        *,
+        limit: int = 50,
+        cursor: int | None = None,
+        owner: str | None = None,
+    ) -> JobList: ...
     async def get_job(self, job_id: int) -> JobInfo: ...
     async def outcome(self, job_id: int) -> JobOutcome: ...
     async def result(self, job_id: int) -> bytes: ...
@@ -115,8 +122,9 @@ class Snapshot:
 class Poller:
     """Polls one daemon; :meth:`poll` raises whatever the client raises (the app shows it)."""
 
-    def __init__(self, client: DaemonClient, *, queue_size: int = 100,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, client: DaemonClient, *, queue_size: int = 100, clock: Callable[[], float] = time.time
+    ) -> None:
         self.client = client
         self.queue_size = queue_size
         self.clock = clock
@@ -156,15 +164,25 @@ class Poller:
             # Clear first: an event that lands while these are read is seen next tick.
             self._dirty = False
             try:
-                jobs = await c.list_jobs(query.states, limit=query.page_size,
-                                         cursor=query.cursor, owner=query.owner)
-                running = (await c.list_jobs(("starting", "running"), limit=1000,
-                                             owner=query.owner)).jobs
+                jobs = await c.list_jobs(
+                    query.states, limit=query.page_size, cursor=query.cursor, owner=query.owner
+                )
+                running = (
+                    await c.list_jobs(("starting", "running"), limit=1000, owner=query.owner)
+                ).jobs
             except BaseException:
                 self._dirty = True
                 raise
-        return Snapshot(at=self.clock(), gpus=gpus, history=self.history, queue=queue,
-                        jobs=jobs, running=running, query=query, health=fresh_health)
+        return Snapshot(
+            at=self.clock(),
+            gpus=gpus,
+            history=self.history,
+            queue=queue,
+            jobs=jobs,
+            running=running,
+            query=query,
+            health=fresh_health,
+        )
 
     async def _check_events(self) -> None:
         if self._cursor is None:

@@ -26,8 +26,17 @@ __all__ = [
     "state_text",
 ]
 
-STATES = ("queued", "starting", "running", "suspended", "succeeded", "failed", "cancelled",
-          "timed_out", "lost")
+STATES = (
+    "queued",
+    "starting",
+    "running",
+    "suspended",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "timed_out",
+    "lost",
+)
 ACTIVE_STATES = ("queued", "starting", "running", "suspended")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out", "lost")
 
@@ -64,7 +73,7 @@ def sparkline(values: Sequence[float | None], width: int, top: float = 100.0) ->
         cells = list(values)
     else:
         for i in range(width):
-            share = [v for v in values[i * n // width:(i + 1) * n // width] if v is not None]
+            share = [v for v in values[i * n // width : (i + 1) * n // width] if v is not None]
             cells.append(max(share) if share else None)
     out = []
     for v in cells:

@@ -15,5 +15,12 @@ from gpud.daemon.datadir import instance_id, lock_data_dir
 from gpud.daemon.record import AlreadyRunning, ExecutorDown, JobRecord, SubmitError
 from gpud.daemon.service import Daemon
 
-__all__ = ["AlreadyRunning", "Daemon", "ExecutorDown", "JobRecord", "SubmitError",
-           "instance_id", "lock_data_dir"]
+__all__ = [
+    "AlreadyRunning",
+    "Daemon",
+    "ExecutorDown",
+    "JobRecord",
+    "SubmitError",
+    "instance_id",
+    "lock_data_dir",
+]

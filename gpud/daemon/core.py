@@ -1,7 +1,6 @@
 """The daemon's state and the steps every role shares: one record per active job,
 recording a change (ledger first, then memory), finishing an attempt, fair share."""
 
-
 from __future__ import annotations
 
 import logging
@@ -91,8 +90,9 @@ class DaemonCore:
         #: what the executor can do, checked once (#12)
         self.caps = capabilities(executor)
         #: warm workers (executors that can keep a worker between calls)
-        self.warm: WarmPool | None = (WarmPool(config.data_dir / "hub" / "hub.sock", self.clock)
-                                      if self.caps.warm else None)
+        self.warm: WarmPool | None = (
+            WarmPool(config.data_dir / "hub" / "hub.sock", self.clock) if self.caps.warm else None
+        )
         #: GPU checkpointing (#13): what `gpud gpus` reports, what suspend and parking use
         self.checkpointer = checkpointer
         self.checkpoint_support = checkpoint_support
@@ -102,40 +102,56 @@ class DaemonCore:
             self.gpu_parker = CheckpointParker(checkpointer)
         #: idle warm workers parked in host memory (#13 item 2)
         self.parking = ParkingLot(
-            checkpointer if self.warm is not None else None, checkpoint_support,
-            config.park_max_bytes, config.data_dir / "hub" / "parked.json")
+            checkpointer if self.warm is not None else None,
+            checkpoint_support,
+            config.park_max_bytes,
+            config.data_dir / "hub" / "parked.json",
+        )
         #: container snapshots (issue #4), where the executor can take them
         self.snapshots: Snapshotter | None = None
         if self.warm is not None and self.caps.snapshots:
             self.snapshots = Snapshotter(
-                ledger=ledger, executor=executor, pool=self.warm,
-                hub_dir=self.warm.path.parent, root=config.data_dir / "snapshots",
+                ledger=ledger,
+                executor=executor,
+                pool=self.warm,
+                hub_dir=self.warm.path.parent,
+                root=config.data_dir / "snapshots",
                 max_bytes=config.snapshot_max_bytes,
                 max_failures=config.snapshot_max_failures,
                 restore_timeout=config.snapshot_restore_timeout,
                 driver=lambda: inventory.driver_version() or "none",
                 gpu_part=self._snapshot_gpus,
-                gpu_state=SnapshotGpuState(checkpointer) if self.gpu_parker is not None
-                and checkpointer is not None else None)
+                gpu_state=SnapshotGpuState(checkpointer)
+                if self.gpu_parker is not None and checkpointer is not None
+                else None,
+            )
         #: images built from gpud.Image definitions (#11), where the executor is Podman
         self.images: ImageBuilder | None = None
         if self.caps.image_builds:
             self.images = ImageBuilder(
-                ledger=ledger, executor=executor, work_dir=config.data_dir / "image-builds",
-                max_bytes=config.image_max_bytes, network=config.image_build_network,
-                build_args=pip_index_args(config.image_pip_index_url,
-                                          config.image_pip_extra_index_url, os.environ),
+                ledger=ledger,
+                executor=executor,
+                work_dir=config.data_dir / "image-builds",
+                max_bytes=config.image_max_bytes,
+                network=config.image_build_network,
+                build_args=pip_index_args(
+                    config.image_pip_index_url, config.image_pip_extra_index_url, os.environ
+                ),
                 timeout=config.image_build_timeout,
-                in_use=lambda: {r.job.image for r in self.jobs.values() if r.job.image})
+                in_use=lambda: {r.job.image for r in self.jobs.values() if r.job.image},
+            )
         self._write_blocked = False  # a start could not be recorded (disk full, lock held)
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.kill_jobs_on_exit = False
         # Shared box (#5): the users table, the fair-share policy and decayed usage.
         self.users = Directory(ledger, on_change=self._reschedule)
-        self.policy = Policy(half_life=config.fairshare_half_life,
-                             fairshare_weight=config.fairshare_weight,
-                             age_weight=config.age_weight, max_age=config.max_age)
+        self.policy = Policy(
+            half_life=config.fairshare_half_life,
+            fairshare_weight=config.fairshare_weight,
+            age_weight=config.age_weight,
+            max_age=config.max_age,
+        )
         self.retry_policy = RetryPolicy(config.retry_backoff, config.retry_backoff_max)
         self.usage = DecayedTotals(config.fairshare_half_life, now=self.clock.time())
         self.batches = BatchLimits(ledger)  # max_concurrency of .map batches (#12)
@@ -174,9 +190,15 @@ class DaemonCore:
     def _reschedule(self) -> None:
         self._wake.set()
 
-    async def _advance(self, job_id: int, *steps: Step, expect: JobState | None = None,
-                       retry: bool = True, synced: bool = True,
-                       result: bytes | None = None) -> Job:
+    async def _advance(
+        self,
+        job_id: int,
+        *steps: Step,
+        expect: JobState | None = None,
+        retry: bool = True,
+        synced: bool = True,
+        result: bytes | None = None,
+    ) -> Job:
         """Record state changes, then update memory. With ``retry`` (a job's own life),
         a full disk or a held write lock is waited out: the change is never dropped.
 
@@ -219,20 +241,31 @@ class DaemonCore:
         self._reschedule()
         return job
 
-    async def _finish(self, job: Job, f: Finished, *, began: float | None = None,
-                      began_known: bool = False, result: bytes | None = None) -> Job:
+    async def _finish(
+        self,
+        job: Job,
+        f: Finished,
+        *,
+        began: float | None = None,
+        began_known: bool = False,
+        result: bytes | None = None,
+    ) -> Job:
         """Record how an attempt ended. ``began_known``: ``began`` is when the user's
         code began (a warm worker says so inline), so the job's files are not read.
         ``result``: the result a warm worker sent inline, stored with the end (#12)."""
         now = self.clock.time()
         current = await self.get(job.id)
-        if current.gpus and current.state in (JobState.RUNNING, JobState.SUSPENDED) \
-                and current.started_at:
+        if (
+            current.gpus
+            and current.state in (JobState.RUNNING, JobState.SUSPENDED)
+            and current.started_at
+        ):
             # Fair share counts from when the process started, within milliseconds of when
             # the GPUs were handed out (the ledger's accounting has the exact figure),
             # less its suspended time (#13).
-            self.usage.add(current.owner, _charged_from(current, now), now,
-                           len(current.gpus), now=now)
+            self.usage.add(
+                current.owner, _charged_from(current, now), now, len(current.gpus), now=now
+            )
         fields: dict[str, object] = {}
         rec = self.jobs.get(job.id)
         dispatched = rec.dispatched_at if rec is not None else None
@@ -243,24 +276,39 @@ class DaemonCore:
             fields["startup"] = round(max(0.0, user_start - dispatched), 6)
         steps = after(current, f, now, self.retry_policy, fields=fields)
         new = await self._advance(job.id, *steps, synced=False, result=result)
-        log.info("job %s %s%s", job.id, f.state.value,
-                 f": {f.error}" if f.error else "")
+        log.info("job %s %s%s", job.id, f.state.value, f": {f.error}" if f.error else "")
         return new
 
     # -- job files, on a worker thread (gpud.daemon.jobfiles) ------------------------------
 
-    async def _prepare_job_dir(self, job: Job, function: bytes, args: bytes,
-                               ident: JobIdentity, *, payload_files: bool = True) -> LaunchSpec:
+    async def _prepare_job_dir(
+        self,
+        job: Job,
+        function: bytes,
+        args: bytes,
+        ident: JobIdentity,
+        *,
+        payload_files: bool = True,
+    ) -> LaunchSpec:
         # A dependency's small warm result is in the ledger, not in a result.pkl (#12).
         stored = (await self.ledger.read(deps_results, list(job.deps))) if job.deps else None
         return await trio.to_thread.run_sync(
-            lambda: jobfiles.prepare_job_dir(self.config.jobs_dir, job, function, args, ident,
-                                             self.gpus, payload_files=payload_files,
-                                             stored=stored))
+            lambda: jobfiles.prepare_job_dir(
+                self.config.jobs_dir,
+                job,
+                function,
+                args,
+                ident,
+                self.gpus,
+                payload_files=payload_files,
+                stored=stored,
+            )
+        )
 
     async def _collect(self, job: Job, outcome: Outcome) -> Finished:
-        return await trio.to_thread.run_sync(jobfiles.collect, self.config.jobs_dir,
-                                             self.config.data_dir, job, outcome)
+        return await trio.to_thread.run_sync(
+            jobfiles.collect, self.config.jobs_dir, self.config.data_dir, job, outcome
+        )
 
     async def _user_start(self, job_id: int) -> float | None:
         return await trio.to_thread.run_sync(jobfiles.user_start, self.config.jobs_dir, job_id)
@@ -294,12 +342,21 @@ class DaemonCore:
         held: dict[str, Job] = {}
         for w in self.warm.workers.values() if self.warm is not None else ():
             if w.idle and w.gpus:
-                last = Job(id=w.last_job, function="(warm worker)", state=JobState.RUNNING,
-                           submitted_at=0.0, owner=w.key[3], gpus=w.gpus)
+                last = Job(
+                    id=w.last_job,
+                    function="(warm worker)",
+                    state=JobState.RUNNING,
+                    submitted_at=0.0,
+                    owner=w.key[3],
+                    gpus=w.gpus,
+                )
                 held.update((u, last) for u in w.gpus)
-        held.update((u, r.job) for r in self.jobs.values()
-                    if r.job.state not in (JobState.QUEUED, JobState.SUSPENDED)
-                    for u in r.job.gpus)
+        held.update(
+            (u, r.job)
+            for r in self.jobs.values()
+            if r.job.state not in (JobState.QUEUED, JobState.SUSPENDED)
+            for u in r.job.gpus
+        )
         return held
 
     def _snapshot_gpus(self, job: Job) -> str:
@@ -324,8 +381,12 @@ class DaemonCore:
         for j in running:
             if j.gpus and j.state is JobState.RUNNING and j.started_at is not None:
                 usage[j.owner] = usage.get(j.owner, 0.0) + interval_usage(
-                    _charged_from(j, now), now, len(j.gpus), now=now,
-                    half_life=self.config.fairshare_half_life)
+                    _charged_from(j, now),
+                    now,
+                    len(j.gpus),
+                    now=now,
+                    half_life=self.config.fairshare_half_life,
+                )
         return usage
 
 

@@ -1,6 +1,5 @@
 """The data directory's lock and instance id."""
 
-
 from __future__ import annotations
 
 import fcntl
@@ -32,6 +31,7 @@ def lock_data_dir(data_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
 
 def instance_id(data_dir: Path) -> str:
     """A stable id for this data directory, written once; it marks our jobs' processes."""

@@ -35,12 +35,12 @@ class DaemonCore(Protocol):
     @property
     def jobs(self) -> ActiveJobs[Any]: ...
     def _reschedule(self) -> None: ...
-    async def _advance(self, job_id: int, *steps: Step, expect: JobState | None = None,
-                       retry: bool = True) -> Job: ...
+    async def _advance(
+        self, job_id: int, *steps: Step, expect: JobState | None = None, retry: bool = True
+    ) -> Job: ...
 
 
-async def admit(core: DaemonCore, jobs: Sequence[Job],
-                active: Container[int] = ()) -> list[Doomed]:
+async def admit(core: DaemonCore, jobs: Sequence[Job], active: Container[int] = ()) -> list[Doomed]:
     """Hold those of ``jobs`` (queued, not yet in ``core.jobs``) whose dependencies are
     still to come; return those to cancel because one ended the wrong way. ``active``:
     ids that are active though not in ``core.jobs`` yet (recovery).
@@ -90,9 +90,11 @@ def cancel_doomed(core: DaemonCore, doomed: Sequence[Doomed]) -> None:
 async def _cancel_all(core: DaemonCore, doomed: list[Doomed]) -> None:
     for d in doomed:
         try:
-            await core._advance(d.job_id, Step(JobState.CANCELLED, d.reason,
-                                               fields={"error": d.reason}),
-                                expect=JobState.QUEUED)
+            await core._advance(
+                d.job_id,
+                Step(JobState.CANCELLED, d.reason, fields={"error": d.reason}),
+                expect=JobState.QUEUED,
+            )
             log.info("job %s cancelled: %s", d.job_id, d.reason)
         except IllegalTransition:
             core.deps.doomed.discard(d.job_id)  # cancelled by its owner meanwhile

@@ -26,8 +26,13 @@ _COPY_MAX = 1 << 30
 log = logging.getLogger("gpud")
 
 
-def link_results(jobs_dir: Path, job_dir: Path, deps: Sequence[int],
-                 owner: tuple[int, int], stored: Mapping[int, bytes] | None = None) -> None:
+def link_results(
+    jobs_dir: Path,
+    job_dir: Path,
+    deps: Sequence[int],
+    owner: tuple[int, int],
+    stored: Mapping[int, bytes] | None = None,
+) -> None:
     """Give ``job_dir`` the results its dependencies left (those that left one).
     ``stored``: results kept in the ledger instead of a result.pkl (a warm job's small
     result, #12), written out as the file would have been linked.
@@ -95,8 +100,7 @@ def _pass_on(src: Path, name: str, dir_fd: int, owner: tuple[int, int], dep: int
 def _write(data: bytes, name: str, dir_fd: int, owner: tuple[int, int]) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(name, dir_fd=dir_fd)
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                 dir_fd=dir_fd)
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
     with os.fdopen(fd, "wb") as f:
         if os.geteuid() == 0:
             os.fchown(fd, *owner)

@@ -1,7 +1,6 @@
 """GPU polling: the inventory read every gpu_poll_interval; other processes on the GPUs
 are noticed (their GPUs are not handed out)."""
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +27,9 @@ class GpuPolling(DaemonCore):
         handles = self.handles()
         out = []
         for g in snap:
-            foreign = tuple(p.pid for p in g.processes
-                            if self.executor.job_for_pid(p.pid, handles) is None)
+            foreign = tuple(
+                p.pid for p in g.processes if self.executor.job_for_pid(p.pid, handles) is None
+            )
             out.append(dataclasses.replace(g, foreign_pids=foreign))
         before = [g.foreign_pids for g in self.gpus]
         self.gpus = out

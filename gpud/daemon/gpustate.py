@@ -39,7 +39,6 @@ class GpuStateParker(Protocol):
     async def unpark(self, job: Job, handle: Handle) -> None: ...
 
 
-
 def group_pids(pgid: int) -> list[int]:
     """The live processes of a process group, the leader first (a /proc scan)."""
     out: list[int] = []

@@ -1,7 +1,6 @@
 """The scheduling loop: load -> decide -> apply, one round at a time. Events set one wake-up
 event; however many arrive during a round, they make one next round (coalesced)."""
 
-
 from __future__ import annotations
 
 import logging
@@ -65,8 +64,10 @@ class SchedulingLoop(Supervision):
         if pending and jobfiles.low_space(self.config.data_dir):
             # A job could not even lay out its directory: keep what space is left for the
             # running jobs' state changes, and look again in a while.
-            why = (f"the disk holding {self.config.data_dir} is full: no job starts until "
-                   "space is freed there")
+            why = (
+                f"the disk holding {self.config.data_dir} is full: no job starts until "
+                "space is freed there"
+            )
             self.waits = {j.id: Wait(j.id, why, i) for i, j in enumerate(pending, 1)}
             return now + 2.0
         idle = self.warm.idle() if self.warm is not None else []
@@ -75,11 +76,19 @@ class SchedulingLoop(Supervision):
         idle += self.parking.offer(self, self.gpu_holders)  # parked, with a call queued
         usage = self._usage_now(running, now)
         # Warm matching is part of the pure plan, in the same (fair-share) order (#12).
-        p = plan(pending, running, self.gpus,
-                 [IdleWorker(w.id, w.key, w.gpus, w.last_job, w.key[3]) for w in idle],
-                 cpu_slots=self.config.cpu_slots, now=now, usage=usage, policy=self.policy,
-                 quotas=self.users.quotas(),
-                 depth=None if full else self.config.sched_queue_depth, previous=self.plan)
+        p = plan(
+            pending,
+            running,
+            self.gpus,
+            [IdleWorker(w.id, w.key, w.gpus, w.last_job, w.key[3]) for w in idle],
+            cpu_slots=self.config.cpu_slots,
+            now=now,
+            usage=usage,
+            policy=self.policy,
+            quotas=self.users.quotas(),
+            depth=None if full else self.config.sched_queue_depth,
+            previous=self.plan,
+        )
         self.plan = p
         workers = {w.id: w for w in idle}
         evictable = [workers[i] for i in p.evictable if not self.parking.holds(workers[i])]
@@ -128,16 +137,21 @@ class SchedulingLoop(Supervision):
         step = Step(JobState.STARTING, fields=fields)
         w = rec.assigned
         try:
-            if (w is not None and w.handle is not None and w.stream is not None
-                    and not self.parking.holds(w)):
+            if (
+                w is not None
+                and w.handle is not None
+                and w.stream is not None
+                and not self.parking.holds(w)
+            ):
                 # Matched to an idle warm worker, whose pid is known: STARTING and RUNNING
                 # in one commit, its directory and payload made ready meanwhile (#12). A
                 # parked one (#13) is unparked first, by its supervisor, before RUNNING.
                 crash_point("warm_worker_ready")
                 job = await self._start_warm(rec, w, step, d.gpus)
             else:
-                job = await self._advance(d.job_id, step,
-                                          expect=JobState.QUEUED, retry=False, synced=False)
+                job = await self._advance(
+                    d.job_id, step, expect=JobState.QUEUED, retry=False, synced=False
+                )
         except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)
             self._release_warm(rec)
@@ -147,8 +161,7 @@ class SchedulingLoop(Supervision):
                 raise
             # It stays queued; the next round (in 1 s) tries again.
             if not self._write_blocked:
-                log.warning("job %s not started: the ledger cannot be written (%s)",
-                            d.job_id, e)
+                log.warning("job %s not started: the ledger cannot be written (%s)", d.job_id, e)
             self._write_blocked = True
             self._release_warm(rec)
             return

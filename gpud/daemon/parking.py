@@ -65,6 +65,7 @@ class DaemonCore(Protocol):
     async def get(self, job_id: int) -> Job: ...
     async def _end_warm(self, w: WarmWorker, why: str) -> None: ...
 
+
 __all__ = ["ParkedWorker", "ParkingLot", "default_park_max_bytes", "kill_leftovers"]
 
 log = logging.getLogger("gpud")
@@ -104,8 +105,13 @@ class ParkedWorker:
 class ParkingLot:
     """The parked warm workers of a daemon, with the host-memory budget."""
 
-    def __init__(self, checkpointer: Checkpointer | None, support: Support | None,
-                 max_bytes: int | None, state_file: Path) -> None:
+    def __init__(
+        self,
+        checkpointer: Checkpointer | None,
+        support: Support | None,
+        max_bytes: int | None,
+        state_file: Path,
+    ) -> None:
         self.checkpointer = checkpointer
         self.support = support
         self.max_bytes = default_park_max_bytes() if max_bytes is None else max_bytes
@@ -119,8 +125,12 @@ class ParkingLot:
 
     @property
     def enabled(self) -> bool:
-        return (self.checkpointer is not None and self.support is not None
-                and self.support.ok and self.max_bytes > 0)
+        return (
+            self.checkpointer is not None
+            and self.support is not None
+            and self.support.ok
+            and self.max_bytes > 0
+        )
 
     def used_bytes(self) -> int:
         return sum(p.bytes for p in self.parked.values())
@@ -153,8 +163,9 @@ class ParkingLot:
         try:
             pids, size = await trio.to_thread.run_sync(self._park, h.pid)
         except (CudaCheckpointError, OSError, RuntimeError) as e:
-            log.warning("parking warm worker %s (last job %s) failed: %s; ending it",
-                        w.id, w.last_job, e)
+            log.warning(
+                "parking warm worker %s (last job %s) failed: %s; ending it", w.id, w.last_job, e
+            )
             w.busy = None
             await core._end_warm(w, f"{why} (it could not be parked)")
             return
@@ -164,18 +175,30 @@ class ParkingLot:
             function = ""
         w.busy = None
         if size > self.max_bytes:
-            log.info("warm worker %s holds %d MiB, more than park_max_bytes (%d MiB) "
-                     "allows: ending it", w.id, size >> 20, self.max_bytes >> 20)
+            log.info(
+                "warm worker %s holds %d MiB, more than park_max_bytes (%d MiB) allows: ending it",
+                w.id,
+                size >> 20,
+                self.max_bytes >> 20,
+            )
             await self._kill(core, w)
             return
         # Out of the pool: nothing there matches, expires or counts it any more.
         core.warm.workers.pop(w.id, None)
         self.parked[w.id] = ParkedWorker(w, pids, size, core.clock.time(), w.gpus, function)
         took = core.clock.monotonic() - t0
-        log.info("parked warm worker %s (last job %s, pid %s): %d MiB of GPU state in host "
-                 "memory in %.2f s (%.1f GB/s), its GPUs %s go to job %s", w.id, w.last_job,
-                 h.pid, size >> 20, took, size / max(took, 1e-9) / 1e9, ",".join(w.gpus),
-                 job_id)
+        log.info(
+            "parked warm worker %s (last job %s, pid %s): %d MiB of GPU state in host "
+            "memory in %.2f s (%.1f GB/s), its GPUs %s go to job %s",
+            w.id,
+            w.last_job,
+            h.pid,
+            size >> 20,
+            took,
+            size / max(took, 1e-9) / 1e9,
+            ",".join(w.gpus),
+            job_id,
+        )
         await self._evict(core, keep=w.id)
         self._save()
 
@@ -206,9 +229,14 @@ class ParkingLot:
             victim = next((p for i, p in self.parked.items() if i != keep), None)
             if victim is None:
                 break
-            log.info("park_max_bytes (%d MiB) is full: ending parked warm worker %s (last "
-                     "job %s, %d MiB), the least recently used", self.max_bytes >> 20,
-                     victim.worker.id, victim.worker.last_job, victim.bytes >> 20)
+            log.info(
+                "park_max_bytes (%d MiB) is full: ending parked warm worker %s (last "
+                "job %s, %d MiB), the least recently used",
+                self.max_bytes >> 20,
+                victim.worker.id,
+                victim.worker.last_job,
+                victim.bytes >> 20,
+            )
             await self._kill(core, victim.worker)
 
     async def _kill(self, core: DaemonCore, w: WarmWorker) -> None:
@@ -227,8 +255,9 @@ class ParkingLot:
 
     # -- the scheduling round -----------------------------------------------------------
 
-    def offer(self, core: DaemonCore,
-              holders_now: Callable[[], Mapping[str, Job]]) -> list[WarmWorker]:
+    def offer(
+        self, core: DaemonCore, holders_now: Callable[[], Mapping[str, Job]]
+    ) -> list[WarmWorker]:
         """Parked workers with a queued call of their key, as idle workers for this round.
         Each goes with its own GPUs where they are free, or with free GPUs of the same
         types where the driver can remap; else with its own (held) GPUs and a reason: the
@@ -240,8 +269,11 @@ class ParkingLot:
         # Only keys with a call ready now: a worker offered for a call in its retry backoff
         # would hold its GPUs in the plan this round for nothing.
         now = core.clock.time()
-        keys = {g.wkey for g in core.jobs.pending.groups()
-                if g.wkey is not None and any(j.not_before <= now for j in g.jobs)}
+        keys = {
+            g.wkey
+            for g in core.jobs.pending.groups()
+            if g.wkey is not None and any(j.not_before <= now for j in g.jobs)
+        }
         by_uuid = {g.uuid: g for g in core.gpus}
         taken = set(holders)
         out: list[WarmWorker] = []
@@ -260,8 +292,9 @@ class ParkingLot:
             out.append(w)
         return out
 
-    def _target(self, p: ParkedWorker, by_uuid: Mapping[str, Gpu],
-                taken: set[str]) -> tuple[str, ...] | None:
+    def _target(
+        self, p: ParkedWorker, by_uuid: Mapping[str, Gpu], taken: set[str]
+    ) -> tuple[str, ...] | None:
         if not (set(p.home) & taken):
             return p.home
         if self.support is None or not self.support.remap:
@@ -269,22 +302,33 @@ class ParkingLot:
         chosen: list[str] = []
         for u in p.home:
             want = by_uuid[u].type if u in by_uuid else None
-            free = next((g.uuid for g in by_uuid.values() if g.type == want
-                         and g.uuid not in taken and g.uuid not in chosen), None)
+            free = next(
+                (
+                    g.uuid
+                    for g in by_uuid.values()
+                    if g.type == want and g.uuid not in taken and g.uuid not in chosen
+                ),
+                None,
+            )
             if free is None:
                 return None
             chosen.append(free)
         return tuple(chosen)
 
-    def _why(self, p: ParkedWorker, by_uuid: Mapping[str, Gpu],
-             holders: Mapping[str, Job]) -> str:
+    def _why(self, p: ParkedWorker, by_uuid: Mapping[str, Gpu], holders: Mapping[str, Job]) -> str:
         u = next(u for u in p.home if u in holders)
         gpu = f"GPU {by_uuid[u].index}" if u in by_uuid else f"GPU {u}"
         who = holders[u]
-        by = (f"job {who.id}" if who.function != "(warm worker)"
-              else f"an idle warm worker (job {who.id})")
-        remap = ("" if self.support is not None and self.support.remap
-                 else "; this driver cannot restore it onto another GPU")
+        by = (
+            f"job {who.id}"
+            if who.function != "(warm worker)"
+            else f"an idle warm worker (job {who.id})"
+        )
+        remap = (
+            ""
+            if self.support is not None and self.support.remap
+            else "; this driver cannot restore it onto another GPU"
+        )
         return f"waiting for {gpu} held by {by}, to unpark its warm worker{remap}"
 
     def blocked(self, w: WarmWorker, job_id: int, position: int) -> bool:
@@ -317,9 +361,15 @@ class ParkingLot:
             return "its parked worker had gone"
         core.warm.workers[w.id] = w
         took = core.clock.monotonic() - t0
-        log.info("unparked warm worker %s (pid %s): %d MiB in %.2f s (%.1f GB/s)%s", w.id,
-                 w.handle and w.handle.pid, p.bytes >> 20, took,
-                 p.bytes / max(took, 1e-9) / 1e9, f", onto {','.join(w.gpus)}" if gpu_map else "")
+        log.info(
+            "unparked warm worker %s (pid %s): %d MiB in %.2f s (%.1f GB/s)%s",
+            w.id,
+            w.handle and w.handle.pid,
+            p.bytes >> 20,
+            took,
+            p.bytes / max(took, 1e-9) / 1e9,
+            f", onto {','.join(w.gpus)}" if gpu_map else "",
+        )
         self._save()
         return None
 
@@ -341,8 +391,12 @@ class ParkingLot:
             if w.busy is not None:
                 continue
             if w.gone.is_set() or now - w.idle_since >= w.keep_warm:
-                log.info("ending parked warm worker %s (last job %s): %s", w.id, w.last_job,
-                         "it went away" if w.gone.is_set() else f"idle for {w.keep_warm:g} s")
+                log.info(
+                    "ending parked warm worker %s (last job %s): %s",
+                    w.id,
+                    w.last_job,
+                    "it went away" if w.gone.is_set() else f"idle for {w.keep_warm:g} s",
+                )
                 await self._kill(core, w)
 
     def rows(self) -> list[tuple[ParkedWorker, str]]:
@@ -351,8 +405,11 @@ class ParkingLot:
 
     def _save(self) -> None:
         """The parked pids, for a next daemon that finds them orphaned (see the module)."""
-        rows = [{"pid": pid, "start": proc_start_time(pid)}
-                for p in self.parked.values() for pid in p.pids]
+        rows = [
+            {"pid": pid, "start": proc_start_time(pid)}
+            for p in self.parked.values()
+            for pid in p.pids
+        ]
         try:
             if not rows:
                 self.state_file.unlink(missing_ok=True)
@@ -385,6 +442,9 @@ def kill_leftovers(state_file: Path) -> list[int]:
     with contextlib.suppress(OSError):
         state_file.unlink()
     if killed:
-        log.warning("killed %d parked warm worker process(es) a previous gpud left: %s",
-                    len(killed), ", ".join(map(str, killed)))
+        log.warning(
+            "killed %d parked warm worker process(es) a previous gpud left: %s",
+            len(killed),
+            ", ".join(map(str, killed)),
+        )
     return killed

@@ -1,6 +1,5 @@
 """What the daemon keeps per active job, and the small pieces its modules share."""
 
-
 from __future__ import annotations
 
 import itertools
@@ -63,6 +62,7 @@ class JobRecord:
     #: be; taken by its supervisor
     staged: object | None = None
 
+
 def _fmt_seconds(s: float) -> str:
     if s >= 3600 and s % 3600 == 0:
         return f"{int(s // 3600)} h"
@@ -70,25 +70,39 @@ def _fmt_seconds(s: float) -> str:
         return f"{int(s // 60)} min"
     return f"{s:g} s"
 
+
 def _served(job: Job) -> bool:
     """Does the job run in a warm worker (fed through the hub)?"""
     return job.keep_warm > 0 or job.snapshot
+
 
 def _task_env(job: Job) -> dict[str, str]:
     """What differs per job in a warm worker's environment: the job, and its GPUs (a
     restored worker's environment is the snapshot taker's)."""
     visible = ",".join(job.gpus)
-    return {"GPUD_JOB_ID": str(job.id), "GPUD_ATTEMPT": str(job.attempt),
-            "CUDA_VISIBLE_DEVICES": visible, "NVIDIA_VISIBLE_DEVICES": visible or "void"}
+    return {
+        "GPUD_JOB_ID": str(job.id),
+        "GPUD_ATTEMPT": str(job.attempt),
+        "CUDA_VISIBLE_DEVICES": visible,
+        "NVIDIA_VISIBLE_DEVICES": visible or "void",
+    }
+
 
 _commits = itertools.count()
 
 
-def _advance_in_order(ledger: Ledger, job_id: int, steps: Sequence[Step], now: float,
-                      expect: JobState | None, result: bytes | None = None) -> tuple[Job, int]:
+def _advance_in_order(
+    ledger: Ledger,
+    job_id: int,
+    steps: Sequence[Step],
+    now: float,
+    expect: JobState | None,
+    result: bytes | None = None,
+) -> tuple[Job, int]:
     """Ledger.advance plus a sequence number taken on the ledger thread, i.e. in commit
     order."""
     return ledger.advance(job_id, steps, now, expect=expect, result=result), next(_commits)
+
 
 def _get_many(ledger: Ledger, ids: list[int]) -> list[Job]:
     return [ledger.get(i) for i in ids]

@@ -1,7 +1,6 @@
 """Recovery: after a restart, re-adopt, collect, restart or mark lost what the previous
 daemon left."""
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +35,9 @@ class Recovery(Supervision):
         (attempts.launched_at), and the worker's status.json names its attempt."""
         jobs = await self.ledger.call(Ledger.active)
         assert self._nursery is not None
-        await trio.to_thread.run_sync(self.executor.cleanup, {j.id for j in jobs},
-                                      {j.pid for j in jobs if j.pid})
+        await trio.to_thread.run_sync(
+            self.executor.cleanup, {j.id for j in jobs}, {j.pid for j in jobs if j.pid}
+        )
         # Jobs waiting for dependencies are held again before they enter (#14).
         doomed = await dependencies.admit(self, jobs, active={j.id for j in jobs})
         for job in jobs:
@@ -52,7 +52,8 @@ class Recovery(Supervision):
     async def _recover_job(self, job: Job) -> None:
         assert self._nursery is not None
         launched = job.state is JobState.RUNNING or await self.ledger.call(
-            Ledger.launched, job.id, job.attempt)
+            Ledger.launched, job.id, job.attempt
+        )
         handle = await trio.to_thread.run_sync(self.executor.adopt, job)
         if not launched:
             # Never handed to the executor, so none of the user's code ran. A process
@@ -67,21 +68,34 @@ class Recovery(Supervision):
             return
         if handle is not None:
             if job.state is JobState.STARTING:
-                job = await self._advance(job.id, Step(JobState.RUNNING, "adopted", fields={
-                    "pid": handle.pid, "pid_start": handle.pid_start,
-                    "started_at": self.clock.time()}))
+                job = await self._advance(
+                    job.id,
+                    Step(
+                        JobState.RUNNING,
+                        "adopted",
+                        fields={
+                            "pid": handle.pid,
+                            "pid_start": handle.pid_start,
+                            "started_at": self.clock.time(),
+                        },
+                    ),
+                )
             log.info("job %s adopted after restart (pid %s)", job.id, handle.pid)
             self._nursery.start_soon(self._supervise, job, handle)
             return
-        status = await trio.to_thread.run_sync(jobfiles.worker_status, self.config.jobs_dir,
-                                              job.id)
+        status = await trio.to_thread.run_sync(jobfiles.worker_status, self.config.jobs_dir, job.id)
         if status is not None and status.attempt == job.attempt:
             # It finished while no daemon watched: collect its outcome as usual.
             if job.state is JobState.STARTING:
                 began = await self._user_start(job.id)
-                job = await self._advance(job.id, Step(
-                    JobState.RUNNING, "ran while the daemon was down",
-                    fields={"started_at": began or self.clock.time(), "start_kind": "cold"}))
+                job = await self._advance(
+                    job.id,
+                    Step(
+                        JobState.RUNNING,
+                        "ran while the daemon was down",
+                        fields={"started_at": began or self.clock.time(), "start_kind": "cold"},
+                    ),
+                )
             done = await self._collect(job, Outcome(exit_code=None))
             log.info("job %s finished while the daemon was down: collected", job.id)
             await self._finish(job, done)
@@ -89,27 +103,41 @@ class Recovery(Supervision):
         if job.state is JobState.STARTING and await self._user_start(job.id) is None:
             # Launched, gone, and the user's code never began (the worker writes
             # `started` first thing; the launch removed an earlier attempt's): start again.
-            log.info("job %s was launched but never began before the restart: starting it",
-                     job.id)
+            log.info("job %s was launched but never began before the restart: starting it", job.id)
             self._resume_start(job)
             return
-        await self._finish(job, Finished(
-            JobState.LOST, "the daemon restarted and the job's process was gone",
-            None, False, True))
+        await self._finish(
+            job,
+            Finished(
+                JobState.LOST,
+                "the daemon restarted and the job's process was gone",
+                None,
+                False,
+                True,
+            ),
+        )
 
     async def _recover_suspended(self, job: Job) -> None:
         """A job suspended when the daemon stopped: its stopped processes are adopted and
         resumed when its GPUs are free; if they are gone, it is lost (#13)."""
         assert self._nursery is not None
         handle = await trio.to_thread.run_sync(
-            self.executor.adopt, dataclasses.replace(job, state=JobState.RUNNING))
+            self.executor.adopt, dataclasses.replace(job, state=JobState.RUNNING)
+        )
         if await self.recover_suspended(job, handle):
             assert handle is not None
             self._nursery.start_soon(self._supervise, job, handle)
             return
-        await self._finish(job, Finished(
-            JobState.LOST, "the daemon restarted while the job was suspended, and its "
-            "process was gone", None, False, True))
+        await self._finish(
+            job,
+            Finished(
+                JobState.LOST,
+                "the daemon restarted while the job was suspended, and its process was gone",
+                None,
+                False,
+                True,
+            ),
+        )
 
     def _resume_start(self, job: Job) -> None:
         """Carry on starting a STARTING job (its GPUs are still its own) from the launch."""

@@ -53,8 +53,7 @@ class RecentResults:
             self._bytes -= len(old[1])
         self._data[job_id] = (attempt, data)
         self._bytes += len(data)
-        while self._data and (self._bytes > self._max_bytes
-                              or len(self._data) > self._max_count):
+        while self._data and (self._bytes > self._max_bytes or len(self._data) > self._max_count):
             _, (_, dropped) = self._data.popitem(last=False)
             self._bytes -= len(dropped)
 
@@ -67,11 +66,11 @@ def stored_results(ledger: Ledger, wanted: Sequence[tuple[int, int]]) -> dict[in
     """The results stored in the ledger for these (job id, attempt) pairs."""
     out: dict[int, bytes] = {}
     for i in range(0, len(wanted), 500):  # SQLite's bound on host parameters
-        part = dict(wanted[i:i + 500])
+        part = dict(wanted[i : i + 500])
         marks = ",".join("?" * len(part))
         for job_id, attempt, data in ledger.conn.execute(
-                f"SELECT job_id, attempt, data FROM results WHERE job_id IN ({marks})",
-                list(part)):
+            f"SELECT job_id, attempt, data FROM results WHERE job_id IN ({marks})", list(part)
+        ):
             if part.get(job_id) == attempt:
                 out[job_id] = bytes(data)
     return out
@@ -82,11 +81,13 @@ def deps_results(ledger: Ledger, ids: Sequence[int]) -> dict[int, bytes]:
     of a warm job, #14)."""
     out: dict[int, bytes] = {}
     for i in range(0, len(ids), 500):
-        part = list(ids[i:i + 500])
+        part = list(ids[i : i + 500])
         marks = ",".join("?" * len(part))
         for job_id, data in ledger.conn.execute(
-                f"SELECT r.job_id, r.data FROM results r JOIN jobs j ON j.id = r.job_id "
-                f"AND j.attempt = r.attempt WHERE r.job_id IN ({marks})", part):
+            f"SELECT r.job_id, r.data FROM results r JOIN jobs j ON j.id = r.job_id "
+            f"AND j.attempt = r.attempt WHERE r.job_id IN ({marks})",
+            part,
+        ):
             out[job_id] = bytes(data)
     return out
 
@@ -113,8 +114,13 @@ def read_file(path: Path, limit: int | None) -> tuple[bytes | None, int]:
         os.close(fd)
 
 
-async def read_results(ledger: LedgerThread, recent: RecentResults, jobs_dir: Path,
-                       jobs: Sequence[Job], limit: int | None) -> list[tuple[bytes | None, int]]:
+async def read_results(
+    ledger: LedgerThread,
+    recent: RecentResults,
+    jobs_dir: Path,
+    jobs: Sequence[Job],
+    limit: int | None,
+) -> list[tuple[bytes | None, int]]:
     """Each job's (result if at most ``limit`` bytes, else None; its size); (None, 0) for
     a job without one. At most one ledger trip and one thread trip for the lot."""
     out: list[tuple[bytes | None, int] | None] = [None] * len(jobs)
@@ -127,8 +133,7 @@ async def read_results(ledger: LedgerThread, recent: RecentResults, jobs_dir: Pa
         else:
             missing.append(i)
     if missing:
-        stored = await ledger.read(stored_results, [(jobs[i].id, jobs[i].attempt)
-                                                    for i in missing])
+        stored = await ledger.read(stored_results, [(jobs[i].id, jobs[i].attempt) for i in missing])
         rest = []
         for i in missing:
             data = stored.get(jobs[i].id)
@@ -138,8 +143,8 @@ async def read_results(ledger: LedgerThread, recent: RecentResults, jobs_dir: Pa
                 rest.append(i)
         if rest:
             found = await trio.to_thread.run_sync(
-                lambda: [read_file(jobs_dir / str(jobs[i].id) / RESULT_FILE, limit)
-                         for i in rest])
+                lambda: [read_file(jobs_dir / str(jobs[i].id) / RESULT_FILE, limit) for i in rest]
+            )
             for i, got in zip(rest, found, strict=True):
                 out[i] = got
     return [o if o is not None else (None, 0) for o in out]

@@ -1,6 +1,5 @@
 """The daemon: the operations the API calls, and run(), which starts every role."""
 
-
 from __future__ import annotations
 
 import logging
@@ -59,8 +58,13 @@ log = logging.getLogger("gpud")
 
 class Daemon(SchedulingLoop, Recovery, GpuPolling):
     async def check_submittable(
-        self, gpu: GpuRequest | None, python: str, job_timeout: float, image: str | None,
-        *, python_path: str | None = None,
+        self,
+        gpu: GpuRequest | None,
+        python: str,
+        job_timeout: float,
+        image: str | None,
+        *,
+        python_path: str | None = None,
     ) -> str | None:
         """Refuse, with the reason and the fix, what could never run here; return the image
         the job will run in (None for the process executor). A job with its own
@@ -83,9 +87,12 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         own = python_path not in (None, "daemon") and self.caps.job_python
         if theirs != mine and not own:
             where = f"image {resolved} has" if resolved else "this daemon's workers run"
-            fix = (f"use an image with Python {theirs}" if resolved else
-                   f"have the admin set `python` in the daemon's config to a Python {theirs} "
-                   "interpreter")
+            fix = (
+                f"use an image with Python {theirs}"
+                if resolved
+                else f"have the admin set `python` in the daemon's config to a Python {theirs} "
+                "interpreter"
+            )
             raise SubmitError(
                 f"this job was pickled by Python {python}, but {where} Python {worker}: "
                 f"submit from Python {mine}, or {fix}"
@@ -99,8 +106,9 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
             raise SubmitError("timeout must be positive")
         return resolved or None
 
-    async def resolve_python(self, owner: str, python: str, python_path: str | None,
-                             python_prefix: str | None) -> PythonEnv | None:
+    async def resolve_python(
+        self, owner: str, python: str, python_path: str | None, python_prefix: str | None
+    ) -> PythonEnv | None:
         """The interpreter a job of ``owner`` runs with (process executor, #11), checked
         as the user it runs as; None where the executor picks it (a container's)."""
         if not self.caps.job_python:
@@ -112,7 +120,8 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
             raise SubmitError(str(e)) from None
         try:
             return await executor.resolve_python(
-                python_path, version=python, prefix=python_prefix, ident=ident, owner=owner)
+                python_path, version=python, prefix=python_prefix, ident=ident, owner=owner
+            )
         except ExecutorRefusal as e:
             raise SubmitError(str(e)) from None
 
@@ -122,8 +131,13 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         return check_after(owner, ids, found)
 
     async def submit(
-        self, jobs: Sequence[NewJob], function: bytes, *, batch: bool = False,
-        idempotency: IdempotencyKey | None = None, max_concurrency: int | None = None,
+        self,
+        jobs: Sequence[NewJob],
+        function: bytes,
+        *,
+        batch: bool = False,
+        idempotency: IdempotencyKey | None = None,
+        max_concurrency: int | None = None,
     ) -> tuple[int | None, list[Job]]:
         """Store and queue jobs; with a key its owner used before, return the jobs that
         key's first submit made instead (nothing new is queued). Raises KeyReused."""
@@ -131,9 +145,15 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         try:
             # The jobs are read back in the same trip, inside the submit's transaction
             # (#12); the answer still comes only after its synced COMMIT.
-            batch_id, made = await self.ledger.call(_submit_and_get, jobs, function, now,
-                                                    batch=batch, idempotency=idempotency,
-                                                    max_concurrency=max_concurrency)
+            batch_id, made = await self.ledger.call(
+                _submit_and_get,
+                jobs,
+                function,
+                now,
+                batch=batch,
+                idempotency=idempotency,
+                max_concurrency=max_concurrency,
+            )
         except Replay as r:
             return r.batch_id, await self.ledger.call(_get_many, r.ids)
         crash_point("after_submit")
@@ -165,8 +185,12 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
             return job
         if job.state is JobState.QUEUED:
             try:
-                return await self._advance(job_id, Step(JobState.CANCELLED, "cancelled"),
-                                           expect=JobState.QUEUED, retry=False)
+                return await self._advance(
+                    job_id,
+                    Step(JobState.CANCELLED, "cancelled"),
+                    expect=JobState.QUEUED,
+                    retry=False,
+                )
             except IllegalTransition:
                 pass  # it started in the meantime: stop it instead
         rec = self.jobs.get(job_id)
@@ -197,12 +221,12 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
     def result_path(self, job_id: int) -> Path:
         return self.config.jobs_dir / str(job_id) / RESULT_FILE
 
-    async def read_results(self, jobs: Sequence[Job], limit: int | None
-                           ) -> list[tuple[bytes | None, int]]:
+    async def read_results(
+        self, jobs: Sequence[Job], limit: int | None
+    ) -> list[tuple[bytes | None, int]]:
         """Each job's (result, if at most ``limit`` bytes; its size): from memory, the
         ledger (a warm job's small result, #12) or the job's result.pkl."""
-        return await read_results(self.ledger, self.recent, self.config.jobs_dir, jobs,
-                                  limit)
+        return await read_results(self.ledger, self.recent, self.config.jobs_dir, jobs, limit)
 
     def reason(self, job_id: int) -> tuple[str | None, int | None]:
         held = self.deps.reason(job_id)
@@ -216,9 +240,11 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
     def wait_of(self, job_id: int) -> Wait | None:
         """Why a queued job waits and its position, as of the last scheduling round:
         read on its own, without working out the rest of the queue's (#12)."""
-        return (self.parking.wait_of(job_id)  # its call waits to unpark a worker (#13)
-                or queue_view.wait_of(self.waits, self.jobs.pending, job_id)
-                or self.batches.wait_of(job_id, len(self.jobs.pending)))
+        return (
+            self.parking.wait_of(job_id)  # its call waits to unpark a worker (#13)
+            or queue_view.wait_of(self.waits, self.jobs.pending, job_id)
+            or self.batches.wait_of(job_id, len(self.jobs.pending))
+        )
 
     def queue_page(self, offset: int, limit: int) -> tuple[list[tuple[Job, Wait | None]], int]:
         """A page of the queue in scheduling order, each job with its wait, and how many
@@ -249,11 +275,18 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
 
     # -- reads the API makes of the ledger (it never calls the ledger itself) -------------
 
-    async def list_jobs(self, states: Iterable[JobState] | None, *, limit: int,
-                        before: int | None, owner: str | None) -> list[Job]:
+    async def list_jobs(
+        self,
+        states: Iterable[JobState] | None,
+        *,
+        limit: int,
+        before: int | None,
+        owner: str | None,
+    ) -> list[Job]:
         """A page of jobs, newest first, each in its freshest version."""
-        jobs = await self.ledger.read(Ledger.list_jobs, states, limit=limit, before=before,
-                                      owner=owner)
+        jobs = await self.ledger.read(
+            Ledger.list_jobs, states, limit=limit, before=before, owner=owner
+        )
         return self.fresher(jobs)
 
     async def batch_row(self, batch_id: int) -> BatchRow | None:
@@ -270,17 +303,20 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         """These jobs (as committed), in the order given, in one trip to the ledger."""
         return await self.ledger.call(batch_jobs, ids)
 
-    async def events_page(self, after: int, limit: int, job_id: int | None,
-                          owner: str | None) -> tuple[list[Event], int]:
+    async def events_page(
+        self, after: int, limit: int, job_id: int | None, owner: str | None
+    ) -> tuple[list[Event], int]:
         """Events after a cursor, and the newest event's id (never below the page)."""
         return await self.ledger.call(_events_page, after, limit, job_id, owner)
 
-    async def attempts_between(self, since: float, until: float,
-                               owner: str | None) -> list[AttemptUsage]:
+    async def attempts_between(
+        self, since: float, until: float, owner: str | None
+    ) -> list[AttemptUsage]:
         return await self.ledger.call(attempts_between, since, until, owner)
 
-    async def buckets_between(self, since: float, until: float,
-                              owner: str | None) -> list[UsageBucket]:
+    async def buckets_between(
+        self, since: float, until: float, owner: str | None
+    ) -> list[UsageBucket]:
         """Usage rolled up when retention removed the jobs it came from (#12)."""
         return await self.ledger.call(buckets_between, since, until, owner)
 
@@ -296,8 +332,9 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         """Forget a snapshot the ledger holds (where no snapshotter manages its files)."""
         await self.ledger.call(snapshot_store.delete_snapshot, snapshot_id)
 
-    async def ensure_image(self, spec: ImageSpec, files: Mapping[str, bytes],
-                           creator: str) -> tuple[Build, bool]:
+    async def ensure_image(
+        self, spec: ImageSpec, files: Mapping[str, bytes], creator: str
+    ) -> tuple[Build, bool]:
         """Start (or find) the build of an image definition, in the daemon's nursery."""
         assert self.images is not None and self._nursery is not None
         return await self.images.ensure(spec, files, creator, self._nursery)
@@ -307,11 +344,18 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         the queued jobs (gpud.daemon.stats)."""
         now = self.clock.time()
         return await stats.collect(
-            self.stats, jobs=self.jobs, deps=self.deps, gpus=self.gpus,
+            self.stats,
+            jobs=self.jobs,
+            deps=self.deps,
+            gpus=self.gpus,
             holders=self.gpu_holders(),
-            usage=self._usage_now(list(self.jobs.running.values()), now), ledger=self.ledger,
-            now=now, started_at=self.started_at, version=__version__,
-            executor=self.executor.name)
+            usage=self._usage_now(list(self.jobs.running.values()), now),
+            ledger=self.ledger,
+            now=now,
+            started_at=self.started_at,
+            version=__version__,
+            executor=self.executor.name,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -342,9 +386,11 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                     # Idle warm workers end with the daemon (busy ones finish their job,
                     # which the next daemon collects); a warm container is removed. Chosen
                     # before the first await: the hub's connections are closing meanwhile.
-                    ending = [w.handle for w in (list(self.warm.workers.values())
-                                                 if self.warm else [])
-                              if w.handle is not None and (w.idle or self.kill_jobs_on_exit)]
+                    ending = [
+                        w.handle
+                        for w in (list(self.warm.workers.values()) if self.warm else [])
+                        if w.handle is not None and (w.idle or self.kill_jobs_on_exit)
+                    ]
                     ending += self.warm.take_lost() if self.warm else []
                     ending += self.parking.end_all()  # killed, never left locked (#13)
                     for h in ending:
@@ -355,14 +401,18 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                         self.executor.reap(h)
 
 
-def _submit_and_get(ledger: Ledger, jobs: Sequence[NewJob], function: bytes, now: float,
-                    **kw: object) -> tuple[int | None, list[Job]]:
+def _submit_and_get(
+    ledger: Ledger, jobs: Sequence[NewJob], function: bytes, now: float, **kw: object
+) -> tuple[int | None, list[Job]]:
     batch_id, ids = ledger.submit(jobs, function, now, **kw)  # type: ignore[arg-type]
     return batch_id, _get_many(ledger, ids)
 
 
-def _events_page(ledger: Ledger, after: int, limit: int, job_id: int | None,
-                 owner: str | None) -> tuple[list[Event], int]:
+def _events_page(
+    ledger: Ledger, after: int, limit: int, job_id: int | None, owner: str | None
+) -> tuple[list[Event], int]:
     # One trip to the ledger thread for both, so `latest` is never below the page.
-    return (ledger.events_after(after, limit=limit, job_id=job_id, owner=owner),
-            ledger.last_event_id())
+    return (
+        ledger.events_after(after, limit=limit, job_id=job_id, owner=owner),
+        ledger.last_event_id(),
+    )

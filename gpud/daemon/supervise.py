@@ -1,7 +1,6 @@
 """Supervision: one task per started job runs it to its end (a cold process or a warm
 worker), stops it on cancel or timeout, and records how it ended."""
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -58,9 +57,17 @@ class Supervision(Suspending):
             try:
                 current = await self.get(job.id)
                 if current.state not in FINAL and current.state is not JobState.QUEUED:
-                    await self._finish(current, Finished(
-                        JobState.FAILED, "gpud hit an internal error while running this job; "
-                        "see the daemon's log", None, False, False))
+                    await self._finish(
+                        current,
+                        Finished(
+                            JobState.FAILED,
+                            "gpud hit an internal error while running this job; "
+                            "see the daemon's log",
+                            None,
+                            False,
+                            False,
+                        ),
+                    )
             except Exception:  # noqa: BLE001
                 log.exception("could not record the failure of job %s", job.id)
         finally:
@@ -73,36 +80,54 @@ class Supervision(Suspending):
     async def _run_job(self, job: Job, handle: Handle | None, scope: trio.CancelScope) -> None:
         job_id = job.id
         rec = self.jobs[job_id]
-        if handle is None and _served(job) and self.warm is not None \
-                and rec.stop_reason is None:
+        if handle is None and _served(job) and self.warm is not None and rec.stop_reason is None:
             await self._run_warm(job, scope)
             return
         if handle is None:
             if rec.stop_reason is not None:
-                await self._finish(job, Finished(JobState.CANCELLED, "cancelled", None,
-                                                 False, False))
+                await self._finish(
+                    job, Finished(JobState.CANCELLED, "cancelled", None, False, False)
+                )
                 return
             try:
                 handle = await self._launch(job)
             except Exception as e:  # noqa: BLE001 - any launch failure is the job's failure
                 _log_start_failure(job_id, e)
-                await self._finish(job, Finished(JobState.FAILED,
-                                                 f"could not start the job: {e}", None,
-                                                 False, True))
+                await self._finish(
+                    job,
+                    Finished(JobState.FAILED, f"could not start the job: {e}", None, False, True),
+                )
                 return
             rec.handle = handle
-            job = await self._advance(job_id, Step(JobState.RUNNING, "running", fields={
-                "pid": handle.pid, "pid_start": handle.pid_start, "started_at": self.clock.time(),
-                "start_kind": "cold",
-            }), synced=False)
-            log.info("job %s started: pid %s, gpus %s", job_id, handle.pid,
-                     ",".join(job.gpus) or "none")
+            job = await self._advance(
+                job_id,
+                Step(
+                    JobState.RUNNING,
+                    "running",
+                    fields={
+                        "pid": handle.pid,
+                        "pid_start": handle.pid_start,
+                        "started_at": self.clock.time(),
+                        "start_kind": "cold",
+                    },
+                ),
+                synced=False,
+            )
+            log.info(
+                "job %s started: pid %s, gpus %s", job_id, handle.pid, ",".join(job.gpus) or "none"
+            )
         rec.handle = handle
         # Moved by its suspended time; none while it is suspended (#13).
         scope.deadline = deadline(rec.job, self.clock.time(), trio.current_time())
         outcome: Outcome | None = None
-        warn = longrun.start_warning(self._nursery, self.executor, job, handle, scope,
-                                     self.config.jobs_dir / str(job_id) / "output.log")
+        warn = longrun.start_warning(
+            self._nursery,
+            self.executor,
+            job,
+            handle,
+            scope,
+            self.config.jobs_dir / str(job_id) / "output.log",
+        )
         try:
             with scope:
                 outcome = await self.executor.wait(handle)
@@ -114,8 +139,13 @@ class Supervision(Suspending):
         else:
             crash_point("before_finish")
             ended, began = await trio.to_thread.run_sync(
-                jobfiles.reap_and_collect, lambda: self.executor.reap(handle),
-                self.config.jobs_dir, self.config.data_dir, job, outcome)
+                jobfiles.reap_and_collect,
+                lambda: self.executor.reap(handle),
+                self.config.jobs_dir,
+                self.config.data_dir,
+                job,
+                outcome,
+            )
             await self._finish(job, ended, began=began, began_known=True)
 
     async def _stop_and_finish(self, job: Job, handle: Handle) -> None:
@@ -125,10 +155,13 @@ class Supervision(Suspending):
         await self.stop_signal_hook(job, handle)  # a suspended job must see its SIGTERM
         grace = longrun.grace_of(job, self.config)
         killed = await self.executor.stop(handle, grace)
-        why = ("cancelled" if stop_as is JobState.CANCELLED
-               else "its GPU state could not be brought back after a suspension (see the "
-               "daemon's log)" if stop_as is JobState.FAILED  # gpud.daemon.suspend (#13)
-               else f"timed out after {_fmt_seconds(job.timeout)}")
+        why = (
+            "cancelled"
+            if stop_as is JobState.CANCELLED
+            else "its GPU state could not be brought back after a suspension (see the daemon's log)"
+            if stop_as is JobState.FAILED  # gpud.daemon.suspend (#13)
+            else f"timed out after {_fmt_seconds(job.timeout)}"
+        )
         why = longrun.stop_text(why, stop_as, killed, grace)  # which signal ended it (#14)
         await self._finish(job, Finished(stop_as, why, None, False, False))
 
@@ -147,8 +180,11 @@ class Supervision(Suspending):
             # worker is launched with this spec, so it runs as them too.
             # A matched worker runs as the user it was started for (same owner, by its
             # key): no account lookup per call (#12).
-            ident = w.ident if w is not None and isinstance(w.ident, JobIdentity) \
+            ident = (
+                w.ident
+                if w is not None and isinstance(w.ident, JobIdentity)
                 else run_as(job.owner, self.identity)
+            )
             staged, rec.staged = rec.staged, None
             if isinstance(staged, Exception):
                 raise staged
@@ -168,13 +204,15 @@ class Supervision(Suspending):
             elif w is not None:
                 crash_point("warm_worker_ready")
                 spec, running, (function, args) = await self._lay_out_while_running(
-                    job, ident, w, kind)
+                    job, ident, w, kind
+                )
             else:
                 function, args = await self.ledger.call(Ledger.payload, job.id)
                 # The payload goes to the worker over the hub (#12); a snapshot's worker
                 # still loads its function from the directory for its setup.
-                spec = await self._prepare_job_dir(job, function, args, ident,
-                                                   payload_files=job.snapshot)
+                spec = await self._prepare_job_dir(
+                    job, function, args, ident, payload_files=job.snapshot
+                )
                 if job.snapshot and self.snapshots is not None:
                     plan = await self.snapshots.plan(job, spec, self._new_warm_worker)
                     w, kind, note, take = plan.worker, plan.kind, plan.note, plan.take
@@ -187,10 +225,11 @@ class Supervision(Suspending):
             _log_start_failure(job.id, e)
             if w is not None and kind in ("warm", "unparked"):  # it stays for the next job
                 w.busy, w.idle_since = None, self.clock.monotonic()
-            await self._finish(job, Finished(JobState.FAILED, f"could not start the job: {e}",
-                                             None, False, True))
+            await self._finish(
+                job, Finished(JobState.FAILED, f"could not start the job: {e}", None, False, True)
+            )
             return
-        assert w.handle is not None
+        assert w is not None and w.handle is not None
         if running is not None:
             job = running
         else:
@@ -201,18 +240,27 @@ class Supervision(Suspending):
         done: Done | None = None
         finished = False
         task_dir = self.executor.task_dir(spec.job_dir)
-        meta = {"job_id": job.id, "name": job.function, "python": job.python,
-                "attempt": job.attempt}
-        warn = longrun.start_warning(self._nursery, self.executor, job, w.handle, scope,
-                                     spec.log_path)
+        meta = {
+            "job_id": job.id,
+            "name": job.function,
+            "python": job.python,
+            "attempt": job.attempt,
+        }
+        warn = longrun.start_warning(
+            self._nursery, self.executor, job, w.handle, scope, spec.log_path
+        )
         try:
             with scope:
                 if take is not None and self.snapshots is not None:
                     await self.snapshots.take(w, job, take, task_dir)
-                done = await self.warm.run(w, job.id, task_dir, keep_warm=job.keep_warm,
-                                           env={**_task_env(job),
-                                                **longrun.task_env(job, task_dir)},
-                                           payload=(meta, function, args))
+                done = await self.warm.run(
+                    w,
+                    job.id,
+                    task_dir,
+                    keep_warm=job.keep_warm,
+                    env={**_task_env(job), **longrun.task_env(job, task_dir)},
+                    payload=(meta, function, args),
+                )
                 finished = True
                 crash_point("before_finish")
         finally:
@@ -236,8 +284,7 @@ class Supervision(Suspending):
             # no file to read back, no thread hop (#12).
             _f = jobfiles.judge(self.config.data_dir, status, True, outcome)
             assert done is not None
-            await self._finish(job, _f, began=done.started, began_known=True,
-                               result=done.result)
+            await self._finish(job, _f, began=done.started, began_known=True, result=done.result)
             if done.result is not None:
                 # Stored with the job's end: the worker may forget it. Had this daemon
                 # died before the commit, the worker would have written result.pkl and
@@ -254,12 +301,20 @@ class Supervision(Suspending):
     def _running_step(self, w: WarmWorker, kind: str, note: str) -> Step:
         assert w.handle is not None
         why = f"running ({kind}{': ' + note if note else ''})"
-        return Step(JobState.RUNNING, why, fields={
-            "pid": w.handle.pid, "pid_start": w.handle.pid_start,
-            "started_at": self.clock.time(), "start_kind": kind})
+        return Step(
+            JobState.RUNNING,
+            why,
+            fields={
+                "pid": w.handle.pid,
+                "pid_start": w.handle.pid_start,
+                "started_at": self.clock.time(),
+                "start_kind": kind,
+            },
+        )
 
-    async def _start_warm(self, rec: JobRecord, w: WarmWorker, starting: Step,
-                          gpus: tuple[str, ...]) -> Job:
+    async def _start_warm(
+        self, rec: JobRecord, w: WarmWorker, starting: Step, gpus: tuple[str, ...]
+    ) -> Job:
         """Start a queued job in the idle warm worker matched to it: STARTING and RUNNING
         in one commit (``expect`` QUEUED: its errors are the caller's, as for any start),
         while its directory is laid out (a worker thread) and its payload read (the
@@ -282,11 +337,13 @@ class Supervision(Suspending):
 
         async def lay_out() -> None:
             try:
-                ident = w.ident if isinstance(w.ident, JobIdentity) \
+                ident = (
+                    w.ident
+                    if isinstance(w.ident, JobIdentity)
                     else run_as(job.owner, self.identity)
+                )
                 # The payload goes over the hub: no payload files to write.
-                spec.append(await self._prepare_job_dir(job, b"", b"", ident,
-                                                        payload_files=False))
+                spec.append(await self._prepare_job_dir(job, b"", b"", ident, payload_files=False))
             except Exception as e:  # noqa: BLE001 - told by the supervisor
                 errors.append(e)
 
@@ -296,9 +353,16 @@ class Supervision(Suspending):
             n.start_soon(read_payload)
             n.start_soon(lay_out)
             try:
-                started.append(await self._advance(
-                    job.id, starting, self._running_step(w, "warm", ""),
-                    expect=JobState.QUEUED, retry=False, synced=False))
+                started.append(
+                    await self._advance(
+                        job.id,
+                        starting,
+                        self._running_step(w, "warm", ""),
+                        expect=JobState.QUEUED,
+                        retry=False,
+                        synced=False,
+                    )
+                )
             except Exception as e:  # noqa: BLE001 - raised below, outside the nursery
                 failed.append(e)
         if failed:
@@ -306,9 +370,9 @@ class Supervision(Suspending):
         rec.staged = errors[0] if errors else (spec[0], payload[0])
         return started[0]
 
-    async def _lay_out_while_running(self, job: Job, ident: JobIdentity, w: WarmWorker,
-                                     kind: str = "warm"
-                                     ) -> tuple[LaunchSpec, Job, tuple[bytes, bytes]]:
+    async def _lay_out_while_running(
+        self, job: Job, ident: JobIdentity, w: WarmWorker, kind: str = "warm"
+    ) -> tuple[LaunchSpec, Job, tuple[bytes, bytes]]:
         """For a job matched to an idle warm worker, whose pid is known already: record
         RUNNING while its directory is laid out and its payload read (on the ledger's read
         connection), side by side (#12). The task is sent only once all are done, so the
@@ -347,14 +411,14 @@ class Supervision(Suspending):
         assert spec is not None
         return spec, recorded[0], payload[0]
 
-    async def _new_warm_worker(self, job: Job, spec: LaunchSpec,
-                               snapshot: Path | None = None) -> WarmWorker:
+    async def _new_warm_worker(
+        self, job: Job, spec: LaunchSpec, snapshot: Path | None = None
+    ) -> WarmWorker:
         """Launch a new warm worker for the job (``snapshot``: its container is to be
         checkpointed into this directory) and wait for its hello."""
         assert self.warm is not None
         w = self.warm.new_worker(warm_key(job), job.gpus, job.keep_warm, busy=job.id)
-        spec = dataclasses.replace(spec, serve=(str(self.warm.path), w.token),
-                                   snapshot=snapshot)
+        spec = dataclasses.replace(spec, serve=(str(self.warm.path), w.token), snapshot=snapshot)
         with trio.CancelScope(shield=True):
             handle = await self.executor.launch(spec)
         w.handle = handle
@@ -377,8 +441,10 @@ class Supervision(Suspending):
         crash_point("before_launch")
         # Durable before anything starts: after a crash, an attempt without this record
         # never ran (start it), one with it may have (look for its process and outcome).
-        await persist(lambda: self.ledger.call(Ledger.mark_launched, job.id, job.attempt,
-                                               self.clock.time()), f"the launch of job {job.id}")
+        await persist(
+            lambda: self.ledger.call(Ledger.mark_launched, job.id, job.attempt, self.clock.time()),
+            f"the launch of job {job.id}",
+        )
         crash_point("after_mark_launched")
         with trio.CancelScope(shield=True):
             handle = await self.executor.launch(spec)

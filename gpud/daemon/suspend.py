@@ -84,21 +84,24 @@ class Suspending(DaemonCore):
     def why_not_suspendable(self, job: Job) -> str | None:
         """Why this job cannot be suspended now, or None if it can."""
         if job.state not in SUSPENDABLE_FROM:
-            return (f"job {job.id} is {job.state.value}; only running jobs can be "
-                    "suspended")
+            return f"job {job.id} is {job.state.value}; only running jobs can be suspended"
         if self.executor.name not in ("process", "podman"):
             return f"the {self.executor.name} executor cannot suspend jobs"
         if served(job):
-            return (f"job {job.id} runs in a warm worker (keep_warm or snapshot): "
-                    "suspending warm workers is not supported yet")
+            return (
+                f"job {job.id} runs in a warm worker (keep_warm or snapshot): "
+                "suspending warm workers is not supported yet"
+            )
         rec = self.jobs.get(job.id)
         if rec is None or rec.handle is None:
             return f"job {job.id} has no process to stop yet; try again in a moment"
         fake = {g.uuid for g in self.gpus if g.fake}
         if job.gpus and not set(job.gpus) <= fake and self.gpu_parker is None:
-            return (f"job {job.id} holds GPUs, and this daemon cannot move GPU state to "
-                    "host memory (the CUDA checkpoint API needs driver 570 or later; see "
-                    "`gpud gpus`): only jobs without GPU state can be suspended here")
+            return (
+                f"job {job.id} holds GPUs, and this daemon cannot move GPU state to "
+                "host memory (the CUDA checkpoint API needs driver 570 or later; see "
+                "`gpud gpus`): only jobs without GPU state can be suspended here"
+            )
         return None
 
     async def suspend(self, job_id: int, reason: str, *, for_job: int | None = None) -> Job:
@@ -110,9 +113,16 @@ class Suspending(DaemonCore):
         rec = self.jobs[job_id]
         assert rec.handle is not None
         try:
-            job = await self._advance(job_id, Step(JobState.SUSPENDED, reason, fields={
-                "suspend_reason": reason, "suspended_for": for_job}),
-                expect=JobState.RUNNING, retry=False)
+            job = await self._advance(
+                job_id,
+                Step(
+                    JobState.SUSPENDED,
+                    reason,
+                    fields={"suspend_reason": reason, "suspended_for": for_job},
+                ),
+                expect=JobState.RUNNING,
+                retry=False,
+            )
         except IllegalTransition:
             raise NotSuspendable(f"job {job_id} is no longer running") from None
         if rec.scope is not None:
@@ -135,8 +145,9 @@ class Suspending(DaemonCore):
         they are (ahead of newer work of its priority). Waits a little for it."""
         job = await self.get(job_id)
         if job.state is not JobState.SUSPENDED:
-            raise NotSuspendable(f"job {job_id} is {job.state.value}; only suspended jobs "
-                                 "can be resumed")
+            raise NotSuspendable(
+                f"job {job_id} is {job.state.value}; only suspended jobs can be resumed"
+            )
         self.suspensions.wanted[job_id] = None
         self._reschedule()
         end = trio.current_time() + RESUME_WAIT
@@ -155,8 +166,11 @@ class Suspending(DaemonCore):
         if job.id in self.suspensions.wanted:
             after = self.suspensions.wanted[job.id]
             what = "its GPUs" if job.gpus else "a CPU slot"
-            why += (f"; resumes when job {after} has started" if after is not None
-                    and self._queued(after) else f"; resumes when {what} free up")
+            why += (
+                f"; resumes when job {after} has started"
+                if after is not None and self._queued(after)
+                else f"; resumes when {what} free up"
+            )
         return why
 
     # -- the scheduling round's part (gpud.daemon.loop calls these) ---------------------------
@@ -179,8 +193,9 @@ class Suspending(DaemonCore):
             if after is not None and not self._queued(after):
                 book.wanted[j.id] = None  # its preemptor started (or ended)
         wanted = {i for i, after in book.wanted.items() if after is None}
-        r = preempt.resumes(suspended, wanted, active, self.gpus,
-                            cpu_slots=self.config.cpu_slots, held=held)
+        r = preempt.resumes(
+            suspended, wanted, active, self.gpus, cpu_slots=self.config.cpu_slots, held=held
+        )
         for job_id in r.resume:
             rec = self.jobs.get(job_id)
             if rec is None or rec.job.state is not JobState.SUSPENDED:
@@ -199,8 +214,10 @@ class Suspending(DaemonCore):
         if after is None:
             return None
         started = {s.job_id for s in p.starts} | set(p.assigned)
-        low = min((j.priority for j in running
-                   if j.state is JobState.RUNNING and j.preemptible), default=None)
+        low = min(
+            (j.priority for j in running if j.state is JobState.RUNNING and j.preemptible),
+            default=None,
+        )
         if low is None:
             return None
         # The oldest not-started job of each group that outranks some victim: O(groups).
@@ -216,16 +233,25 @@ class Suspending(DaemonCore):
         queued.sort(key=preempt.order)
         later = [preempt.waited_since(j) + after for j in queued]
         due = min((t for t in later if t > now), default=None)
-        holding = [j for j in self.jobs.running.values()
-                   if j.state in (JobState.STARTING, JobState.RUNNING)]
+        holding = [
+            j
+            for j in self.jobs.running.values()
+            if j.state in (JobState.STARTING, JobState.RUNNING)
+        ]
         waiting_for = {a for a in self.suspensions.wanted.values() if a is not None}
         choices = preempt.choose(
-            queued, holding, self.gpus, now=now, preempt_after=after,
-            cpu_slots=self.config.cpu_slots, history=self.suspensions.history,
+            queued,
+            holding,
+            self.gpus,
+            now=now,
+            preempt_after=after,
+            cpu_slots=self.config.cpu_slots,
+            history=self.suspensions.history,
             waiting_for=waiting_for,
             held=[*(u for j in p.held for u in j.gpus), *self.suspensions.reserved],
             quotas=self.users.quotas(),
-            suspendable=lambda j: self.why_not_suspendable(j) is None)
+            suspendable=lambda j: self.why_not_suspendable(j) is None,
+        )
         for c in choices:
             try:
                 await self.suspend(c.victim, c.reason, for_job=c.for_job)
@@ -250,15 +276,13 @@ class Suspending(DaemonCore):
         if job.suspended_for is not None:
             self.suspensions.history.add((job.id, job.suspended_for))
         self.suspensions.wanted[job.id] = None
-        log.info("job %s was suspended at the restart: it resumes when its GPUs are free",
-                 job.id)
+        log.info("job %s was suspended at the restart: it resumes when its GPUs are free", job.id)
         return True
 
     async def stop_signal_hook(self, job: Job, handle: Handle) -> None:
         """Before a suspended job is stopped for good (cancel, timeout): continue its
         processes so that they see SIGTERM (a stopped process does not act on it)."""
-        if job.state is JobState.SUSPENDED or self._stored_state(job.id) is \
-                JobState.SUSPENDED:
+        if job.state is JobState.SUSPENDED or self._stored_state(job.id) is JobState.SUSPENDED:
             await self._signal(handle, stop=False)
 
     # -- the processes -------------------------------------------------------------------------
@@ -295,8 +319,9 @@ class Suspending(DaemonCore):
             await self._signal(rec.handle, stop=False)
         self.suspensions.wanted.pop(job.id, None)
         try:
-            job = await self._advance(job.id, Step(JobState.RUNNING, why),
-                                      expect=JobState.SUSPENDED)
+            job = await self._advance(
+                job.id, Step(JobState.RUNNING, why), expect=JobState.SUSPENDED
+            )
         except IllegalTransition:
             return await self.get(job.id)  # it ended meanwhile
         if rec.scope is not None:

@@ -126,8 +126,7 @@ class Executor(Protocol):
         Raises ExecutorRefusal (missing image, no usable Python) before a job is queued."""
         ...
 
-    async def images(self) -> list[ImageInfo]:
-        ...
+    async def images(self) -> list[ImageInfo]: ...
 
     def task_dir(self, job_dir: Path) -> str:
         """Where a worker of this executor sees a job directory (a warm worker is told
@@ -197,8 +196,9 @@ class CheckpointCapable(WarmCapable, Protocol):
         """Checkpoint the running worker into ``dest``; it runs on. Its size in bytes."""
         ...
 
-    async def restore(self, location: Path, job_id: int, attempt: int,
-                      hang_limit: float = 30.0) -> Handle:
+    async def restore(
+        self, location: Path, job_id: int, attempt: int, hang_limit: float = 30.0
+    ) -> Handle:
         """A new worker for this job, restored from a checkpoint directory."""
         ...
 
@@ -226,9 +226,15 @@ class InterpreterCapable(Executor, Protocol):
 
     supports_job_python: ClassVar[bool]
 
-    async def resolve_python(self, requested: str | None, *, version: str,
-                             prefix: str | None, ident: JobIdentity,
-                             owner: str) -> PythonEnv:
+    async def resolve_python(
+        self,
+        requested: str | None,
+        *,
+        version: str,
+        prefix: str | None,
+        ident: JobIdentity,
+        owner: str,
+    ) -> PythonEnv:
         """The interpreter a job of ``owner`` (run as ``ident``) asking for ``requested``
         runs with ("daemon" or None: the admin's); ExecutorRefusal if none."""
         ...
@@ -245,9 +251,12 @@ class Caps:
 
 
 #: declaration -> the Protocol whose members it promises
-_DECLARED = (("supports_warm", WarmCapable), ("supports_snapshots", CheckpointCapable),
-             ("supports_image_builds", ImageBuildCapable),
-             ("supports_job_python", InterpreterCapable))
+_DECLARED = (
+    ("supports_warm", WarmCapable),
+    ("supports_snapshots", CheckpointCapable),
+    ("supports_image_builds", ImageBuildCapable),
+    ("supports_job_python", InterpreterCapable),
+)
 
 
 def capabilities(executor: object) -> Caps:
@@ -258,27 +267,34 @@ def capabilities(executor: object) -> Caps:
     that would break at a job's first use of it."""
     missing = _missing(executor, Executor)
     if missing:
-        raise TypeError(f"{type(executor).__name__} is not an executor: it lacks "
-                        + ", ".join(missing))
+        raise TypeError(
+            f"{type(executor).__name__} is not an executor: it lacks " + ", ".join(missing)
+        )
     found: dict[str, bool] = {}
     for flag, proto in _DECLARED:
         declared = getattr(type(executor), flag, False)
         if declared is not True and declared is not False:
-            raise TypeError(f"{type(executor).__name__}.{flag} must be True or False, "
-                            f"not {declared!r}")
+            raise TypeError(
+                f"{type(executor).__name__}.{flag} must be True or False, not {declared!r}"
+            )
         if declared:
             missing = _missing(executor, proto)
             if missing:
-                raise TypeError(f"{type(executor).__name__} declares {flag} but lacks "
-                                + ", ".join(missing))
+                raise TypeError(
+                    f"{type(executor).__name__} declares {flag} but lacks " + ", ".join(missing)
+                )
         found[flag] = declared
     if found["supports_snapshots"] and not found["supports_warm"]:
         # A snapshot is of a warm worker: there is nothing to checkpoint without one.
-        raise TypeError(f"{type(executor).__name__} declares supports_snapshots but not "
-                        "supports_warm")
-    return Caps(warm=found["supports_warm"], snapshots=found["supports_snapshots"],
-                image_builds=found["supports_image_builds"],
-                job_python=found["supports_job_python"])
+        raise TypeError(
+            f"{type(executor).__name__} declares supports_snapshots but not supports_warm"
+        )
+    return Caps(
+        warm=found["supports_warm"],
+        snapshots=found["supports_snapshots"],
+        image_builds=found["supports_image_builds"],
+        job_python=found["supports_job_python"],
+    )
 
 
 def _missing(obj: object, proto: type) -> list[str]:

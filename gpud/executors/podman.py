@@ -77,8 +77,9 @@ def cdi_has_nvidia(dirs: Iterable[str] = CDI_DIRS) -> bool:
     return False
 
 
-def gpu_devices(uuids: tuple[str, ...], indices: tuple[int, ...], *, fake: bool,
-                cdi: bool) -> list[str]:
+def gpu_devices(
+    uuids: tuple[str, ...], indices: tuple[int, ...], *, fake: bool, cdi: bool
+) -> list[str]:
     """The --device values that give a container exactly these GPUs.
 
     With CDI, by UUID (the toolkit then also mounts the driver libraries). Without it,
@@ -111,8 +112,7 @@ def container_spec(
 ) -> dict[str, Any]:
     """The podman-py ``containers.create`` arguments for one job (pure, for tests)."""
     mounts: list[dict[str, Any]] = [
-        {"type": "bind", "source": str(runtime_dir), "target": RUNTIME_MOUNT,
-         "read_only": True},
+        {"type": "bind", "source": str(runtime_dir), "target": RUNTIME_MOUNT, "read_only": True},
         # A writable /tmp (HOME) even on a read-only root: through the API, Podman 4.3
         # does not add one by itself.
         {"type": "tmpfs", "source": "tmpfs", "target": "/tmp"},
@@ -126,38 +126,56 @@ def container_spec(
         # each job's under /gpud/jobs (its task's GPUD_STATE_DIR says where). The daemon
         # always lays one out; a job directory made by other means may have none.
         if (spec.job_dir / "state").is_dir():
-            mounts.append({"type": "bind", "source": str(spec.job_dir / "state"),
-                           "target": STATE_MOUNT})
+            mounts.append(
+                {"type": "bind", "source": str(spec.job_dir / "state"), "target": STATE_MOUNT}
+            )
             extra_env["GPUD_STATE_DIR"] = STATE_MOUNT
     else:
         # A warm container takes job after job: it sees the jobs directory (whose other
         # users' entries are 0700, closed to it) and the daemon's hub socket.
         hub, token = spec.serve
         mounts += [
-            {"type": "bind", "source": str(Path(hub).parent), "target": HUB_MOUNT,
-             "read_only": True},
+            {
+                "type": "bind",
+                "source": str(Path(hub).parent),
+                "target": HUB_MOUNT,
+                "read_only": True,
+            },
             {"type": "bind", "source": str(spec.job_dir.parent), "target": JOBS_MOUNT},
         ]
         command = [*command[:-1], "--serve"]
         extra_env = {"GPUD_HUB": f"{HUB_MOUNT}/{Path(hub).name}", "GPUD_WORKER_TOKEN": token}
         workdir = "/tmp"
     if spec.snapshot is not None:
-        mounts.append({"type": "bind", "source": str(spec.snapshot),
-                       "target": snap.SNAPSHOT_MOUNT, "read_only": True})
+        mounts.append(
+            {
+                "type": "bind",
+                "source": str(spec.snapshot),
+                "target": snap.SNAPSHOT_MOUNT,
+                "read_only": True,
+            }
+        )
     for v in volumes:
         src, _, rest = v.partition(":")
         dst, _, opts = rest.partition(":")
-        mounts.append({"type": "bind", "source": src, "target": dst or src,
-                       "read_only": opts == "ro"})
+        mounts.append(
+            {"type": "bind", "source": src, "target": dst or src, "read_only": opts == "ro"}
+        )
     args: dict[str, Any] = {
         "image": image,
         "command": command,
         "name": f"gpud-{instance}-{spec.job_id}-{spec.attempt}",  # = _container_name
-        "labels": {LABEL_JOB: str(spec.job_id), LABEL_DAEMON: instance,
-                   "gpud.attempt": str(spec.attempt)},
+        "labels": {
+            LABEL_JOB: str(spec.job_id),
+            LABEL_DAEMON: instance,
+            "gpud.attempt": str(spec.attempt),
+        },
         # The image's own PATH (where its python3 is), not the host's.
-        "environment": {**{k: v for k, v in env.items() if k != "PATH"}, "HOME": "/tmp",
-                        **extra_env},
+        "environment": {
+            **{k: v for k, v in env.items() if k != "PATH"},
+            "HOME": "/tmp",
+            **extra_env,
+        },
         "working_dir": workdir,
         # Never root, never more privileges than it started with: the submitter's uid and
         # gid on a root daemon (#5), with their supplementary groups below.
@@ -261,7 +279,9 @@ class PodmanExecutor:
         log.info("starting the Podman service on %s", self.url)
         self._service = subprocess.Popen(
             ["podman", "system", "service", "--time=0", self.url],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,  # it outlives us, like the containers it serves
         )
         deadline = time.monotonic() + 20
@@ -301,13 +321,23 @@ class PodmanExecutor:
         # identity (job_user on a root daemon: unprivileged, no extra groups, never root),
         # not as the submitter: the answer is cached per image for everyone, and what
         # that least-privileged user can run, any submitter's uid can run too.
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); import cloudpickle; "
-                "print('%d.%d.%d' % sys.version_info[:3])")
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); import cloudpickle; "
+            "print('%d.%d.%d' % sys.version_info[:3])"
+        )
         ctr = self._client.containers.create(
-            image=name, command=["python3", "-c", code, RUNTIME_MOUNT],
-            mounts=[{"type": "bind", "source": str(self.runtime_dir), "target": RUNTIME_MOUNT,
-                     "read_only": True}],
-            user=f"{self.identity.uid}:{self.identity.gid}", network_mode="none",
+            image=name,
+            command=["python3", "-c", code, RUNTIME_MOUNT],
+            mounts=[
+                {
+                    "type": "bind",
+                    "source": str(self.runtime_dir),
+                    "target": RUNTIME_MOUNT,
+                    "read_only": True,
+                }
+            ],
+            user=f"{self.identity.uid}:{self.identity.gid}",
+            network_mode="none",
             labels={LABEL_DAEMON: self.instance, "gpud.probe": "1"},
         )
         try:
@@ -340,9 +370,15 @@ class PodmanExecutor:
                 if "<none>" in tag:
                     continue
                 created = img.attrs.get("Created", 0)
-                out.append(ImageInfo(name=tag, id=img.id, size=int(img.attrs.get("Size", 0)),
-                                     created=float(created) if isinstance(created, int | float)
-                                     else 0.0, python=self._pythons.get(img.id)))
+                out.append(
+                    ImageInfo(
+                        name=tag,
+                        id=img.id,
+                        size=int(img.attrs.get("Size", 0)),
+                        created=float(created) if isinstance(created, int | float) else 0.0,
+                        python=self._pythons.get(img.id),
+                    )
+                )
         return sorted(out, key=lambda i: i.name)
 
     # -- running ------------------------------------------------------------------------
@@ -356,9 +392,16 @@ class PodmanExecutor:
         env = job_environment(spec, ident, self.instance)
         devices = gpu_devices(spec.gpus, spec.gpu_indices, fake=self.fake_gpus, cdi=self.cdi)
         args = container_spec(
-            spec, image=spec.image or self.default_image, identity=ident, env=env,
-            runtime_dir=self.runtime_dir, instance=self.instance, devices=devices,
-            network=self.network, read_only=self.read_only, volumes=self.volumes,
+            spec,
+            image=spec.image or self.default_image,
+            identity=ident,
+            env=env,
+            runtime_dir=self.runtime_dir,
+            instance=self.instance,
+            devices=devices,
+            network=self.network,
+            read_only=self.read_only,
+            volumes=self.volumes,
             shm_size=self.shm_size,
         )
         # A container of an earlier attempt of this job may still exist (daemon killed
@@ -374,8 +417,12 @@ class PodmanExecutor:
                 ctr.remove(force=True)
             raise
         pid = int(ctr.attrs.get("State", {}).get("Pid") or 0)
-        return Handle(job_id=spec.job_id, pid=pid, pid_start=proc_start_time(pid) or 0
-                      if pid else 0, container=ctr.id)
+        return Handle(
+            job_id=spec.job_id,
+            pid=pid,
+            pid_start=proc_start_time(pid) or 0 if pid else 0,
+            container=ctr.id,
+        )
 
     def _container_name(self, job_id: int, attempt: int) -> str:
         return f"gpud-{self.instance}-{job_id}-{attempt}"
@@ -391,11 +438,13 @@ class PodmanExecutor:
     async def checkpoint(self, handle: Handle, dest: Path) -> int:
         """Checkpoint a running (warm, idle) container into ``dest`` (the snapshot
         directory it has mounted); it runs on. Returns the snapshot's size in bytes."""
-        return await trio.to_thread.run_sync(snap.checkpoint_to_dir, self._client,
-                                             str(handle.container), dest)
+        return await trio.to_thread.run_sync(
+            snap.checkpoint_to_dir, self._client, str(handle.container), dest
+        )
 
-    async def restore(self, location: Path, job_id: int, attempt: int,
-                      hang_limit: float = 30.0) -> Handle:
+    async def restore(
+        self, location: Path, job_id: int, attempt: int, hang_limit: float = 30.0
+    ) -> Handle:
         """A new container for this job, restored from a snapshot directory. CRIU can
         hang for good on a damaged checkpoint: after ``hang_limit`` seconds the restore
         is killed and SnapshotError raised."""
@@ -407,8 +456,12 @@ class PodmanExecutor:
             cid = snap.restore_from_dir(self._client, location, name)
             ctr = self._client.containers.get(cid)
             pid = int(ctr.attrs.get("State", {}).get("Pid") or 0)
-            return Handle(job_id=job_id, pid=pid, pid_start=proc_start_time(pid) or 0
-                          if pid else 0, container=cid)
+            return Handle(
+                job_id=job_id,
+                pid=pid,
+                pid_start=proc_start_time(pid) or 0 if pid else 0,
+                container=cid,
+            )
 
         done = trio.Event()
         outcome: list[Any] = []
@@ -429,15 +482,20 @@ class PodmanExecutor:
                 # for: its clean-up removes the container by name, which the job's
                 # cold start reuses.)
                 killed = await trio.to_thread.run_sync(snap.kill_restore, name)
-                log.warning("restore of %s hung for %g s: killed %d processes", name,
-                            hang_limit, killed)
+                log.warning(
+                    "restore of %s hung for %g s: killed %d processes", name, hang_limit, killed
+                )
                 await done.wait()
                 with contextlib.suppress(Exception):
                     await trio.to_thread.run_sync(
-                        lambda: self._client.containers.get(name).remove(force=True))
-                outcome[:] = [snap.SnapshotError(
-                    f"restore failed: it hung for {hang_limit:g} s (CRIU could not read the "
-                    "checkpoint: damaged?)")]
+                        lambda: self._client.containers.get(name).remove(force=True)
+                    )
+                outcome[:] = [
+                    snap.SnapshotError(
+                        f"restore failed: it hung for {hang_limit:g} s (CRIU could not read the "
+                        "checkpoint: damaged?)"
+                    )
+                ]
         if isinstance(outcome[0], Exception):
             raise outcome[0]
         handle: Handle = outcome[0]
@@ -484,8 +542,11 @@ class PodmanExecutor:
         except podman.errors.NotFound:
             return Outcome(exit_code=code)
         limit = host.get("Memory")
-        return Outcome(exit_code=code, oom_killed=bool(state.get("OOMKilled")),
-                       memory_limit=int(limit) if isinstance(limit, int) and limit > 0 else None)
+        return Outcome(
+            exit_code=code,
+            oom_killed=bool(state.get("OOMKilled")),
+            memory_limit=int(limit) if isinstance(limit, int) and limit > 0 else None,
+        )
 
     async def stop(self, handle: Handle, grace: float) -> bool | None:
         return await trio.to_thread.run_sync(self._stop, handle, grace)
@@ -504,12 +565,14 @@ class PodmanExecutor:
 
     async def send_signal(self, handle: Handle, sig: int) -> bool:
         """Signal the container's first process, the worker (#14's early warning)."""
+
         def send() -> bool:
             try:
                 self._client.containers.get(handle.container).kill(signal=int(sig))
             except Exception:  # noqa: BLE001 - gone, or stopping: no warning to give
                 return False
             return True
+
         return await trio.to_thread.run_sync(send)
 
     def reap(self, handle: Handle) -> None:
@@ -559,8 +622,11 @@ class PodmanExecutor:
     # -- restart ------------------------------------------------------------------------
 
     def _ours(self) -> list[Any]:
-        return list(self._client.containers.list(
-            all=True, filters={"label": f"{LABEL_DAEMON}={self.instance}"}))
+        return list(
+            self._client.containers.list(
+                all=True, filters={"label": f"{LABEL_DAEMON}={self.instance}"}
+            )
+        )
 
     def adopt(self, job: Job) -> Handle | None:
         if job.state not in (JobState.STARTING, JobState.RUNNING):
@@ -574,8 +640,13 @@ class PodmanExecutor:
             state = ctr.attrs.get("State", {})
             if state.get("Running"):
                 pid = int(state.get("Pid") or 0)
-                return Handle(job_id=job.id, pid=pid, pid_start=proc_start_time(pid) or 0,
-                              adopted=True, container=ctr.id)
+                return Handle(
+                    job_id=job.id,
+                    pid=pid,
+                    pid_start=proc_start_time(pid) or 0,
+                    adopted=True,
+                    container=ctr.id,
+                )
             # It ended while no daemon watched: its outputs are in the job directory.
             with contextlib.suppress(Exception):
                 ctr.remove(force=True)

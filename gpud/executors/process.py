@@ -50,6 +50,7 @@ __all__ = [
 #: Where util-linux's setpriv lives (Debian, Ubuntu, Fedora, Arch, Alpine's util-linux).
 SETPRIV_PATHS = ("/usr/bin/setpriv", "/bin/setpriv")
 
+
 class WorkerPythonError(RuntimeError):
     """No interpreter the job user can run was found."""
 
@@ -90,8 +91,12 @@ def find_setpriv(paths: Iterable[str] = SETPRIV_PATHS) -> str | None:
             st = os.stat(path)
         except OSError:
             continue
-        if stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022 \
-                and st.st_mode & 0o111:
+        if (
+            stat.S_ISREG(st.st_mode)
+            and st.st_uid == 0
+            and not st.st_mode & 0o022
+            and st.st_mode & 0o111
+        ):
             return path
     return None
 
@@ -103,8 +108,14 @@ def switch_user_command(setpriv: str, ident: JobIdentity, cmd: list[str]) -> lis
     if ident.uid == 0 or ident.gid == 0:
         raise ExecutorRefusal("jobs never run as root")  # run_as never gives this
     groups = ",".join(str(g) for g in ident.groups)
-    return [setpriv, f"--reuid={ident.uid}", f"--regid={ident.gid}",
-            f"--groups={groups}" if groups else "--clear-groups", "--", *cmd]
+    return [
+        setpriv,
+        f"--reuid={ident.uid}",
+        f"--regid={ident.gid}",
+        f"--groups={groups}" if groups else "--clear-groups",
+        "--",
+        *cmd,
+    ]
 
 
 def _probe(python: str, ident: JobIdentity, runtime_dir: Path) -> str:
@@ -115,7 +126,10 @@ def _probe(python: str, ident: JobIdentity, runtime_dir: Path) -> str:
     )
     out = subprocess.run(
         [python, "-c", code, str(runtime_dir)],
-        capture_output=True, text=True, timeout=30, cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
         env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": ident.home, "LANG": "C.UTF-8"},
         **ident.popen_kwargs(),
     )
@@ -152,7 +166,7 @@ def resolve_worker_python(
     raise WorkerPythonError(
         f"no Python that job user {ident.user!r} can run was found ("
         + "; ".join(errors)
-        + "): set `python = \"/path/to/python3\"` in the config to an interpreter that user "
+        + '): set `python = "/path/to/python3"` in the config to an interpreter that user '
         "can execute"
     )
 
@@ -163,19 +177,21 @@ def job_environment(spec: LaunchSpec, identity: JobIdentity, instance: str) -> d
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
     env.update(spec.env)
     visible = ",".join(spec.gpus)
-    env.update({
-        "HOME": identity.home,
-        "USER": identity.user,
-        "LOGNAME": identity.user,
-        "PYTHONUNBUFFERED": "1",
-        # By UUID, never by index: indices differ between NVML and CUDA's default order.
-        "CUDA_VISIBLE_DEVICES": visible,
-        "NVIDIA_VISIBLE_DEVICES": visible or "void",
-        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-        "GPUD_JOB_ID": str(spec.job_id),
-        "GPUD_ATTEMPT": str(spec.attempt),
-        "GPUD_INSTANCE": instance,
-    })
+    env.update(
+        {
+            "HOME": identity.home,
+            "USER": identity.user,
+            "LOGNAME": identity.user,
+            "PYTHONUNBUFFERED": "1",
+            # By UUID, never by index: indices differ between NVML and CUDA's default order.
+            "CUDA_VISIBLE_DEVICES": visible,
+            "NVIDIA_VISIBLE_DEVICES": visible or "void",
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "GPUD_JOB_ID": str(spec.job_id),
+            "GPUD_ATTEMPT": str(spec.attempt),
+            "GPUD_INSTANCE": instance,
+        }
+    )
     if spec.python_env is not None:
         # As `source bin/activate` (or `conda activate`) would: after the user's env=,
         # whose PATH, if any, it extends.
@@ -282,8 +298,9 @@ class ProcessExecutor:
         self.instance = instance
         self.configured_python = configured_python
         #: how jobs switch user: through setpriv (True: if found), or inside subprocess
-        self.setpriv = (find_setpriv() if setpriv is True else setpriv or None) \
-            if identity.switch else None
+        self.setpriv = (
+            (find_setpriv() if setpriv is True else setpriv or None) if identity.switch else None
+        )
         self._procs: dict[int, trio.Process] = {}
         self._pythons: dict[int, str] = {identity.uid: python}  # uid -> interpreter
         #: each job's own interpreter (#11), checked as its user at submit
@@ -296,16 +313,23 @@ class ProcessExecutor:
         if found is not None:
             return found
         path, _ = await trio.to_thread.run_sync(
-            resolve_worker_python, self.configured_python, ident, self.runtime_dir)
+            resolve_worker_python, self.configured_python, ident, self.runtime_dir
+        )
         self._pythons[ident.uid] = path
         return path
 
     async def start(self) -> None:
         return None
 
-    async def resolve_python(self, requested: str | None, *, version: str,
-                             prefix: str | None, ident: JobIdentity,
-                             owner: str) -> PythonEnv:
+    async def resolve_python(
+        self,
+        requested: str | None,
+        *,
+        version: str,
+        prefix: str | None,
+        ident: JobIdentity,
+        owner: str,
+    ) -> PythonEnv:
         """The interpreter a job of ``owner`` (run as ``ident``) asking for ``requested``
         runs with: its path ("daemon" or None: the admin's); ExecutorRefusal if none."""
         if requested in (None, "daemon"):
@@ -323,18 +347,21 @@ class ProcessExecutor:
             except (OSError, subprocess.SubprocessError, ValueError) as e:
                 raise ExecutorRefusal(
                     f"the daemon's interpreter {path} no longer runs for {ident.user!r} "
-                    f"({e}): ask the admin to check `python` in the daemon's config") from None
+                    f"({e}): ask the admin to check `python` in the daemon's config"
+                ) from None
         assert requested is not None
         return await trio.to_thread.run_sync(
-            lambda: self.interpreters.check(requested, version=version, prefix=prefix,
-                                            ident=ident, owner=owner))
+            lambda: self.interpreters.check(
+                requested, version=version, prefix=prefix, ident=ident, owner=owner
+            )
+        )
 
     async def python_for(self, image: str | None) -> tuple[str, str]:
         if image:
             raise ExecutorRefusal(
                 f"image={image!r} needs the Podman executor, and this daemon runs jobs as "
                 f"plain processes with Python {self.version} ({self.python}): drop image=, "
-                "or ask the admin for executor = \"podman\""
+                'or ask the admin for executor = "podman"'
             )
         return "", self.version
 
@@ -453,12 +480,12 @@ class ProcessExecutor:
             # Spawned but never recorded: look for it by its environment.
             for p in find_job_processes(job_id, self.instance, job.attempt):
                 if proc_session(p) == p:  # the session leader is the worker itself
-                    return Handle(job_id=job_id, pid=p, pid_start=proc_start_time(p) or 0,
-                                  adopted=True)
+                    return Handle(
+                        job_id=job_id, pid=p, pid_start=proc_start_time(p) or 0, adopted=True
+                    )
         return None
 
     def kill_all(self) -> None:
         """Tests and `--kill-jobs-on-exit`: stop every job this executor started."""
         for pid in list(self._procs):
             _killpg(pid, signal.SIGKILL)
-

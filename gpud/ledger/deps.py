@@ -16,9 +16,9 @@ def owners_and_states(ledger: Ledger, ids: Iterable[int]) -> dict[int, tuple[str
     wanted = sorted(set(ids))
     out: dict[int, tuple[str, JobState]] = {}
     for i in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
-        chunk = wanted[i:i + 500]
+        chunk = wanted[i : i + 500]
         rows = ledger.conn.execute(
-            f"SELECT id, owner, state FROM jobs WHERE id IN ({','.join('?' * len(chunk))})",
-            chunk).fetchall()
+            f"SELECT id, owner, state FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk
+        ).fetchall()
         out.update((int(r[0]), (str(r[1]), JobState(r[2]))) for r in rows)
     return out

@@ -32,9 +32,17 @@ class BuiltImage:
 
 
 def _row(r: sqlite3.Row) -> BuiltImage:
-    return BuiltImage(key=r["key"], name=r["name"], creator=r["creator"],
-                      created_at=r["created_at"], last_used=r["last_used"], size=r["size"],
-                      build_seconds=r["build_seconds"], builds=r["builds"], spec=r["spec"])
+    return BuiltImage(
+        key=r["key"],
+        name=r["name"],
+        creator=r["creator"],
+        created_at=r["created_at"],
+        last_used=r["last_used"],
+        size=r["size"],
+        build_seconds=r["build_seconds"],
+        builds=r["builds"],
+        spec=r["spec"],
+    )
 
 
 def get_image(ledger: Ledger, key: str) -> BuiltImage | None:
@@ -43,12 +51,22 @@ def get_image(ledger: Ledger, key: str) -> BuiltImage | None:
 
 
 def list_images(ledger: Ledger) -> list[BuiltImage]:
-    return [_row(r) for r in ledger.conn.execute(f"SELECT {_COLUMNS} FROM images ORDER BY "
-                                                 "last_used")]
+    return [
+        _row(r) for r in ledger.conn.execute(f"SELECT {_COLUMNS} FROM images ORDER BY last_used")
+    ]
 
 
-def record_build(ledger: Ledger, *, key: str, name: str, creator: str, spec: str, size: int,
-                 seconds: float, now: float) -> None:
+def record_build(
+    ledger: Ledger,
+    *,
+    key: str,
+    name: str,
+    creator: str,
+    spec: str,
+    size: int,
+    seconds: float,
+    now: float,
+) -> None:
     """A build finished: a new row, or a rebuild of a collected one (its creator stays)."""
     with ledger._tx() as c:
         c.execute(
@@ -57,7 +75,8 @@ def record_build(ledger: Ledger, *, key: str, name: str, creator: str, spec: str
             "ON CONFLICT(key) DO UPDATE SET created_at = excluded.created_at, "
             "last_used = excluded.last_used, size = excluded.size, "
             "build_seconds = excluded.build_seconds, builds = builds + 1",
-            (key, name, creator, now, now, size, seconds, spec))
+            (key, name, creator, now, now, size, seconds, spec),
+        )
 
 
 def touch_image(ledger: Ledger, name: str, now: float) -> bool:
@@ -65,4 +84,3 @@ def touch_image(ledger: Ledger, name: str, now: float) -> bool:
     with ledger._tx() as c:
         cur = c.execute("UPDATE images SET last_used = ? WHERE name = ?", (now, name))
         return cur.rowcount == 1
-

@@ -327,8 +327,12 @@ def migrate(conn: sqlite3.Connection) -> int:
             f"the ledger has schema version {before}, newer than this gpud knows "
             f"({SCHEMA_VERSION}): run a newer gpud, or restore a backup"
         )
-    if before in (2, 3) and conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'users'").fetchone():
+    if (
+        before in (2, 3)
+        and conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'users'"
+        ).fetchone()
+    ):
         # Pre-release builds of the shared-box work (#5) numbered their users and
         # accounting migration 2, before the Podman and warm-worker migrations were
         # merged ahead of it: that numbering cannot be upgraded in place.

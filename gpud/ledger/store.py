@@ -68,9 +68,11 @@ class UnknownJob(KeyError):
 
     def __str__(self) -> str:
         if self.removed:
-            return (f"no job {self.job_id}: it was removed by retention (finished jobs' "
-                    "records are kept for the daemon's retention_jobs; see `gpud usage` for "
-                    "what it used)")
+            return (
+                f"no job {self.job_id}: it was removed by retention (finished jobs' "
+                "records are kept for the daemon's retention_jobs; see `gpud usage` for "
+                "what it used)"
+            )
         return f"no job {self.job_id}"
 
 
@@ -153,12 +155,23 @@ class Event:
 
 
 # Columns a Step may set (besides state); anything else is a programming error.
-_SETTABLE = frozenset({
-    "gpus", "not_before", "started_at", "ended_at", "pid", "pid_start",
-    "exit_code", "error", "has_result", "start_kind", "startup",
-    "gpu_types",  # not a column: the types of "gpus", for the accounting rows (#5)
-    *SUSPENSION_COLUMNS,
-})
+_SETTABLE = frozenset(
+    {
+        "gpus",
+        "not_before",
+        "started_at",
+        "ended_at",
+        "pid",
+        "pid_start",
+        "exit_code",
+        "error",
+        "has_result",
+        "start_kind",
+        "startup",
+        "gpu_types",  # not a column: the types of "gpus", for the accounting rows (#5)
+        *SUSPENSION_COLUMNS,
+    }
+)
 _JOB_COLUMNS = (
     "id, name, owner, state, priority, gpu, timeout, retries, attempt, not_before, gpus, "
     "batch_id, python, image, env, function_hash, submitted_at, started_at, ended_at, pid, "
@@ -203,8 +216,7 @@ def _row_to_job(r: sqlite3.Row) -> Job:
         startup=r["startup"],
         wall_seconds=r["wall_ds"] / 10,
         gpu_seconds=r["gpu_ds"] / 10,
-        python_env=PythonEnv.from_json(json.loads(r["python_env"])) if r["python_env"]
-        else None,
+        python_env=PythonEnv.from_json(json.loads(r["python_env"])) if r["python_env"] else None,
         deps=tuple(int(i) for i in r["deps"].split(",") if i),
         deps_any=bool(r["deps_any"]),
         **_notify_fields(r["notify"]),
@@ -350,8 +362,14 @@ class Ledger:
     # -- writes --------------------------------------------------------------------------
 
     def submit(
-        self, jobs: Sequence[NewJob], function: bytes, now: float, *, batch: bool = False,
-        idempotency: IdempotencyKey | None = None, max_concurrency: int | None = None,
+        self,
+        jobs: Sequence[NewJob],
+        function: bytes,
+        now: float,
+        *,
+        batch: bool = False,
+        idempotency: IdempotencyKey | None = None,
+        max_concurrency: int | None = None,
     ) -> tuple[int | None, list[int]]:
         """Store jobs (all of one function) durably; return (batch id, job ids in order).
 
@@ -385,17 +403,33 @@ class Ledger:
                     "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
                     "?, ?, ?, ?, ?, ?, ?)",
                     (
-                        j.name, j.owner, j.priority,
+                        j.name,
+                        j.owner,
+                        j.priority,
                         json.dumps(j.gpu.to_spec()) if j.gpu else None,
-                        j.timeout, j.retries, batch_id, j.python, j.image,
-                        json.dumps(j.env, sort_keys=True), j.function_hash, j.args, now,
-                        j.memory, j.cpus, j.keep_warm, int(j.snapshot),
+                        j.timeout,
+                        j.retries,
+                        batch_id,
+                        j.python,
+                        j.image,
+                        json.dumps(j.env, sort_keys=True),
+                        j.function_hash,
+                        j.args,
+                        now,
+                        j.memory,
+                        j.cpus,
+                        j.keep_warm,
+                        int(j.snapshot),
                         json.dumps(j.python_env.to_json()) if j.python_env else None,
-                        ",".join(map(str, j.deps)), int(j.deps_any),
+                        ",".join(map(str, j.deps)),
+                        int(j.deps_any),
                         json.dumps({"url": j.notify, "on": list(j.notify_on)})
-                        if j.notify else None,
+                        if j.notify
+                        else None,
                         int(j.preemptible),
-                        j.signal_before, j.signal, j.grace,
+                        j.signal_before,
+                        j.signal,
+                        j.grace,
                     ),
                 )
                 assert cur.lastrowid is not None
@@ -409,13 +443,20 @@ class Ledger:
                 c.execute(
                     "INSERT INTO idempotency (owner, key, fingerprint, job_id, batch_id, "
                     "created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (idempotency.owner, idempotency.key, idempotency.fingerprint,
-                     None if batch else ids[0], batch_id, now),
+                    (
+                        idempotency.owner,
+                        idempotency.key,
+                        idempotency.fingerprint,
+                        None if batch else ids[0],
+                        batch_id,
+                        now,
+                    ),
                 )
         return batch_id, ids
 
-    def _check_key(self, c: sqlite3.Connection, k: IdempotencyKey, now: float,
-                   prune: bool = True) -> None:
+    def _check_key(
+        self, c: sqlite3.Connection, k: IdempotencyKey, now: float, prune: bool = True
+    ) -> None:
         if prune:
             # Expired keys go here, in a transaction that writes anyway (indexed: cheap).
             c.execute("DELETE FROM idempotency WHERE created_at < ?", (now - IDEMPOTENCY_TTL,))
@@ -432,8 +473,12 @@ class Ledger:
                 "use a new key for each new submit, the same key only to retry one"
             )
         if row["batch_id"] is not None:
-            ids = [r[0] for r in c.execute(
-                "SELECT id FROM jobs WHERE batch_id = ? ORDER BY id", (row["batch_id"],))]
+            ids = [
+                r[0]
+                for r in c.execute(
+                    "SELECT id FROM jobs WHERE batch_id = ? ORDER BY id", (row["batch_id"],)
+                )
+            ]
             raise Replay(row["batch_id"], ids)
         raise Replay(None, [row["job_id"]])
 
@@ -446,17 +491,24 @@ class Ledger:
         """Durably note that this attempt is being handed to the executor (just before the
         launch): a restart then knows it may have run, and looks for it."""
         with self._tx() as c:
-            c.execute("UPDATE attempts SET launched_at = ? WHERE job_id = ? AND attempt = ?",
-                      (now, job_id, attempt))
+            c.execute(
+                "UPDATE attempts SET launched_at = ? WHERE job_id = ? AND attempt = ?",
+                (now, job_id, attempt),
+            )
 
     def launched(self, job_id: int, attempt: int) -> bool:
         r = self.conn.execute(
-            "SELECT launched_at FROM attempts WHERE job_id = ? AND attempt = ?",
-            (job_id, attempt)).fetchone()
+            "SELECT launched_at FROM attempts WHERE job_id = ? AND attempt = ?", (job_id, attempt)
+        ).fetchone()
         return r is not None and r[0] is not None
 
     def advance(
-        self, job_id: int, steps: Iterable[Step], now: float, *, expect: JobState | None = None,
+        self,
+        job_id: int,
+        steps: Iterable[Step],
+        now: float,
+        *,
+        expect: JobState | None = None,
         result: bytes | None = None,
     ) -> Job:
         """Apply one or more state-machine steps in one transaction; return the job after.
@@ -472,8 +524,9 @@ class Ledger:
         in the same transaction: the job's end and its result are kept or lost together.
         """
         with self._tx() as c:
-            row = c.execute("SELECT state, attempt, owner FROM jobs WHERE id = ?",
-                            (job_id,)).fetchone()
+            row = c.execute(
+                "SELECT state, attempt, owner FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
             if row is None:
                 raise UnknownJob(job_id)
             state, attempt = JobState(row["state"]), int(row["attempt"])
@@ -511,8 +564,14 @@ class Ledger:
                     c.execute(
                         "UPDATE attempts SET ended_at = ?, state = ?, exit_code = ?, "
                         "error = ? WHERE job_id = ? AND attempt = ?",
-                        (cols.get("ended_at", now), new.value, cols.get("exit_code"),
-                         cols.get("error", step.reason), job_id, attempt),
+                        (
+                            cols.get("ended_at", now),
+                            new.value,
+                            cols.get("exit_code"),
+                            cols.get("error", step.reason),
+                            job_id,
+                            attempt,
+                        ),
                     )
                     # The attempt's GPUs are freed in this same commit: account for them.
                     close_attempt(c, job_id, attempt, cols.get("ended_at", now))
@@ -528,8 +587,10 @@ class Ledger:
                 )
                 state = new
             if result is not None:
-                c.execute("INSERT OR REPLACE INTO results (job_id, attempt, data) "
-                          "VALUES (?, ?, ?)", (job_id, attempt, result))
+                c.execute(
+                    "INSERT OR REPLACE INTO results (job_id, attempt, data) VALUES (?, ?, ?)",
+                    (job_id, attempt, result),
+                )
             out = c.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row_to_job(out)
 
@@ -570,14 +631,13 @@ class Ledger:
         if states is None:
             rows = self._page(None, owner, before, limit)
         else:
-            walks = [self._page(s.value, owner, before, limit)
-                     for s in dict.fromkeys(states)]
-            rows = list(itertools.islice(
-                heapq.merge(*walks, key=lambda r: -r["id"]), limit))
+            walks = [self._page(s.value, owner, before, limit) for s in dict.fromkeys(states)]
+            rows = list(itertools.islice(heapq.merge(*walks, key=lambda r: -r["id"]), limit))
         return [_row_to_job(r) for r in rows]
 
-    def _page(self, state: str | None, owner: str | None, before: int | None,
-              limit: int) -> list[sqlite3.Row]:
+    def _page(
+        self, state: str | None, owner: str | None, before: int | None, limit: int
+    ) -> list[sqlite3.Row]:
         where: list[str] = []
         params: list[object] = []
         if owner is not None:
@@ -626,7 +686,11 @@ class Ledger:
         ]
 
     def events_after(
-        self, after: int, *, limit: int = 100, job_id: int | None = None,
+        self,
+        after: int,
+        *,
+        limit: int = 100,
+        job_id: int | None = None,
         owner: str | None = None,
     ) -> list[Event]:
         """Events with an id above ``after``, oldest first: a cursor over the whole log
@@ -697,4 +761,3 @@ class _Tx:
         if self.conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
-

@@ -22,29 +22,35 @@ from gpud.ledger.usage import to_ds
 __all__ = ["SUSPENSION_COLUMNS", "on_step"]
 
 #: The job columns a step may set for a suspension.
-SUSPENSION_COLUMNS = frozenset({"suspended_at", "suspend_reason", "suspended_for",
-                                "suspended_s"})
+SUSPENSION_COLUMNS = frozenset({"suspended_at", "suspend_reason", "suspended_for", "suspended_s"})
 
 
-def on_step(c: sqlite3.Connection, job_id: int, attempt: int, old: JobState, new: JobState,
-            now: float, cols: dict[str, Any]) -> None:
+def on_step(
+    c: sqlite3.Connection,
+    job_id: int,
+    attempt: int,
+    old: JobState,
+    new: JobState,
+    now: float,
+    cols: dict[str, Any],
+) -> None:
     """Add to ``cols`` (the columns the step sets) what the move means for suspensions,
     and account the suspended time of the attempt's GPUs."""
     if new is JobState.SUSPENDED:
         cols.setdefault("suspended_at", now)
         return
     if new is JobState.STARTING:
-        cols.update(suspended_at=None, suspend_reason=None, suspended_for=None,
-                    suspended_s=0.0)
+        cols.update(suspended_at=None, suspend_reason=None, suspended_for=None, suspended_s=0.0)
         return
     if old is not JobState.SUSPENDED:
         return
-    row = c.execute("SELECT suspended_at, suspended_s FROM jobs WHERE id = ?",
-                    (job_id,)).fetchone()
+    row = c.execute("SELECT suspended_at, suspended_s FROM jobs WHERE id = ?", (job_id,)).fetchone()
     began = row[0] if row[0] is not None else now
     length = max(0.0, now - began)
     cols["suspended_at"] = None
     cols["suspended_s"] = float(row[1] or 0.0) + length
-    c.execute("UPDATE gpu_usage SET suspended_ds = suspended_ds + ? "
-              "WHERE job_id = ? AND attempt = ? AND ended_at IS NULL",
-              (to_ds(length), job_id, attempt))
+    c.execute(
+        "UPDATE gpu_usage SET suspended_ds = suspended_ds + ? "
+        "WHERE job_id = ? AND attempt = ? AND ended_at IS NULL",
+        (to_ds(length), job_id, attempt),
+    )

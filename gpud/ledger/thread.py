@@ -77,8 +77,9 @@ class LedgerThread:
     """The ledger's own thread. ``group_commit=False`` runs each call in its own
     transaction, as before #12 (the benchmark's baseline)."""
 
-    def __init__(self, path: str | Path, *, group_commit: bool = True,
-                 group_seconds: float = GROUP_SECONDS) -> None:
+    def __init__(
+        self, path: str | Path, *, group_commit: bool = True, group_seconds: float = GROUP_SECONDS
+    ) -> None:
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._max = MAX_GROUP if group_commit else 1
         self._seconds = group_seconds
@@ -89,8 +90,9 @@ class LedgerThread:
         self.groups = 0
         self.grouped_calls = 0
         opened: concurrent.futures.Future[Ledger] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._run, args=(path, opened),
-                                        name="gpud-ledger", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(path, opened), name="gpud-ledger", daemon=True
+        )
         self._thread.start()
         # Open the connection on the ledger thread itself; it is never used elsewhere.
         self._ledger = opened.result()
@@ -107,13 +109,15 @@ class LedgerThread:
         Shielded from cancellation: a write that started is seen through, so the daemon's
         memory never disagrees with what the ledger committed.
         """
-        return await self._call(_Call(fn, args, kwargs))
+        result: T = await self._call(_Call(fn, args, kwargs))
+        return result
 
     async def call_unsynced(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """As :meth:`call`, answered once committed with ``synchronous=NORMAL``: kept by a
         crash of any process, on disk by the next synced commit (see the module's text).
         For what the daemon can lose to a power cut: a job's steps after its submit."""
-        return await self._call(_Call(fn, args, kwargs, synced=False))
+        result: T = await self._call(_Call(fn, args, kwargs, synced=False))
+        return result
 
     async def _call(self, c: _Call) -> Any:
         assert self._ledger is not None, "ledger is closed"
@@ -133,7 +137,8 @@ class LedgerThread:
         assert self._ledger is not None, "ledger is closed"
         if self._reader is None:
             self._reader = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="gpud-ledger-read")
+                max_workers=1, thread_name_prefix="gpud-ledger-read"
+            )
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
         fut = self._reader.submit(self._read, fn, args, kwargs)
@@ -157,10 +162,12 @@ class LedgerThread:
     def close(self) -> None:
         """Run what is queued, then close the connection and end the thread."""
         if self._reader is not None:
+
             def close_reader() -> None:
                 if self._read_ledger is not None:
                     self._read_ledger.close()
                     self._read_ledger = None
+
             self._reader.submit(close_reader).result()
             self._reader.shutdown(wait=True)
             self._reader = None

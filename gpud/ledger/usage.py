@@ -15,8 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["AttemptUsage", "GpuInterval", "UsageBucket", "attempts_between", "buckets_between",
-           "close_attempt", "finished_gpu_intervals", "open_attempt", "to_ds"]
+__all__ = [
+    "AttemptUsage",
+    "GpuInterval",
+    "UsageBucket",
+    "attempts_between",
+    "buckets_between",
+    "close_attempt",
+    "finished_gpu_intervals",
+    "open_attempt",
+    "to_ds",
+]
 
 
 class Ledger(Protocol):
@@ -33,8 +42,15 @@ def to_ds(seconds: float) -> int:
     return max(0, math.floor(seconds * 10 + 0.5))
 
 
-def open_attempt(c: sqlite3.Connection, job_id: int, attempt: int, owner: str,
-                 uuids: Sequence[str], types: Sequence[str], now: float) -> None:
+def open_attempt(
+    c: sqlite3.Connection,
+    job_id: int,
+    attempt: int,
+    owner: str,
+    uuids: Sequence[str],
+    types: Sequence[str],
+    now: float,
+) -> None:
     """Record the GPUs handed to an attempt (inside the caller's transaction)."""
     kinds = [*types, *["unknown"] * (len(uuids) - len(types))]
     c.executemany(
@@ -92,8 +108,9 @@ class AttemptUsage:
     gpu_ds: int | None
 
 
-def attempts_between(ledger: Ledger, since: float, until: float,
-                     owner: str | None = None) -> list[AttemptUsage]:
+def attempts_between(
+    ledger: Ledger, since: float, until: float, owner: str | None = None
+) -> list[AttemptUsage]:
     """Attempts that overlap [since, until), oldest first, optionally of one owner."""
     sql = (
         "SELECT a.job_id, a.attempt, j.owner, a.started_at, a.ended_at, a.wall_ds, "
@@ -108,8 +125,9 @@ def attempts_between(ledger: Ledger, since: float, until: float,
         params.append(owner)
     sql += " ORDER BY a.started_at, a.job_id, a.attempt"
     return [
-        AttemptUsage(r[0], r[1], r[2], r[3], r[4], tuple(r[7].split(",")) if r[7] else (),
-                     r[5], r[6])
+        AttemptUsage(
+            r[0], r[1], r[2], r[3], r[4], tuple(r[7].split(",")) if r[7] else (), r[5], r[6]
+        )
         for r in ledger.conn.execute(sql, params)
     ]
 
@@ -136,8 +154,10 @@ def finished_gpu_intervals(ledger: Ledger, since: float) -> list[GpuInterval]:
     # usage_rollup: as intervals of the same length, at the hour's end (how it spread
     # inside the hour is not kept; at a 7-day half-life an hour moves a figure by < 0.5%).
     for owner, hour, ds in ledger.conn.execute(
-            "SELECT owner, hour, gpu_ds FROM usage_rollup WHERE kind = '*' AND gpu_ds > 0 "
-            "AND hour + 3600 > ? ORDER BY hour", (since,)):
+        "SELECT owner, hour, gpu_ds FROM usage_rollup WHERE kind = '*' AND gpu_ds > 0 "
+        "AND hour + 3600 > ? ORDER BY hour",
+        (since,),
+    ):
         seconds, end = ds / 10, float(hour + 3600)
         while seconds > 0:
             part = min(seconds, 3600.0)
@@ -161,11 +181,14 @@ class UsageBucket:
     gpu_ds: int
 
 
-def buckets_between(ledger: Ledger, since: float, until: float,
-                    owner: str | None = None) -> list[UsageBucket]:
+def buckets_between(
+    ledger: Ledger, since: float, until: float, owner: str | None = None
+) -> list[UsageBucket]:
     """Rolled-up hours that overlap [since, until), oldest first, optionally of one owner."""
-    sql = ("SELECT owner, hour, kind, jobs, attempts, wall_ds, gpu_ds FROM usage_rollup "
-           "WHERE hour + 3600 > ? AND hour < ?")
+    sql = (
+        "SELECT owner, hour, kind, jobs, attempts, wall_ds, gpu_ds FROM usage_rollup "
+        "WHERE hour + 3600 > ? AND hour < ?"
+    )
     params: list[object] = [since, until]
     if owner is not None:
         sql += " AND owner = ?"

@@ -87,8 +87,7 @@ def get_user(ledger: Ledger, name: str) -> User:
     return _row(tuple(r))
 
 
-def add_user(ledger: Ledger, name: str, *, admin: bool, token_hash: str | None,
-             now: float) -> User:
+def add_user(ledger: Ledger, name: str, *, admin: bool, token_hash: str | None, now: float) -> User:
     if not USER_NAME_RE.match(name):
         raise ValueError(
             f"invalid user name {name!r}: use a Unix user name (letters, digits, '_', '.', "
@@ -128,5 +127,9 @@ def set_admin(ledger: Ledger, name: str, admin: bool) -> User:
 
 
 def set_quota(ledger: Ledger, name: str, quota: Quota) -> User:
-    return _update(ledger, name, "max_gpus = ?, max_queued = ?, max_timeout = ?",
-                   (quota.max_gpus, quota.max_queued, quota.max_timeout))
+    return _update(
+        ledger,
+        name,
+        "max_gpus = ?, max_queued = ?, max_timeout = ?",
+        (quota.max_gpus, quota.max_queued, quota.max_timeout),
+    )

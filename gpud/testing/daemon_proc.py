@@ -150,15 +150,21 @@ class DaemonProc:
         before = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gpud", "serve"], env=env, stdout=logf, stderr=logf,
-                stdin=subprocess.DEVNULL, cwd=str(SOURCE_ROOT),
+                [sys.executable, "-m", "gpud", "serve"],
+                env=env,
+                stdout=logf,
+                stderr=logf,
+                stdin=subprocess.DEVNULL,
+                cwd=str(SOURCE_ROOT),
                 start_new_session=self.own_session,
-                preexec_fn=_set_pdeathsig if self.own_session else None)
+                preexec_fn=_set_pdeathsig if self.own_session else None,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gpud serve exited ({self.proc.returncode}):\n"
-                                   + self.log_since(before))
+                raise RuntimeError(
+                    f"gpud serve exited ({self.proc.returncode}):\n" + self.log_since(before)
+                )
             if b"gpud serving on" in self.log.read_bytes()[before:]:
                 return
             time.sleep(0.02)
@@ -170,7 +176,7 @@ class DaemonProc:
     def new_log(self) -> str:
         """What the daemon logged since the last call."""
         data = self.log.read_bytes()
-        new, self.log_seen = data[self.log_seen:], len(data)
+        new, self.log_seen = data[self.log_seen :], len(data)
         return new.decode(errors="replace")
 
     def alive(self) -> bool:
@@ -219,10 +225,12 @@ class DaemonProc:
             with contextlib.suppress(Exception):
                 ids = subprocess.run(
                     ["podman", "ps", "-a", "-q", "--filter", f"label=gpud.daemon={instance}"],
-                    capture_output=True, text=True, timeout=60).stdout.split()
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                ).stdout.split()
                 if ids:
-                    subprocess.run(["podman", "rm", "-f", *ids], capture_output=True,
-                                   timeout=120)
+                    subprocess.run(["podman", "rm", "-f", *ids], capture_output=True, timeout=120)
         if url := self.env.get("GPUD_PODMAN_URL"):
             stop_podman_service(url)
 

@@ -30,14 +30,21 @@ from gpud.cudackpt import (
     Support,
 )
 
-__all__ = ["FAKE_SUPPORT", "FakeCudaDriver", "FakeProcess", "fake_checkpointer",
-           "fake_checkpointer_from_env"]
+__all__ = [
+    "FAKE_SUPPORT",
+    "FakeCudaDriver",
+    "FakeProcess",
+    "fake_checkpointer",
+    "fake_checkpointer_from_env",
+]
 
 _GIB = 1024**3
 STEPS = ("state", "lock", "checkpoint", "restore", "unlock")
 
 FAKE_SUPPORT = Support(
-    ok=True, kind="fake", remap=True,
+    ok=True,
+    kind="fake",
+    remap=True,
     reason="FAKE: the GPUs are fake, so parking moves no GPU memory (fake_gpus in the config)",
 )
 
@@ -82,10 +89,18 @@ class FakeCudaDriver:
         """Make ``pid`` a RUNNING CUDA process holding ``bytes`` on ``gpus`` (UUIDs)."""
         with self._lock:
             self.processes[pid] = FakeProcess(
-                bytes=self.default_bytes if bytes is None else bytes, gpus=tuple(gpus))
+                bytes=self.default_bytes if bytes is None else bytes, gpus=tuple(gpus)
+            )
 
-    def fail(self, step: str, result: str = "CUDA_ERROR_UNKNOWN", *, times: int = 1,
-             leave: ProcessState | None = None, pid: int | None = None) -> None:
+    def fail(
+        self,
+        step: str,
+        result: str = "CUDA_ERROR_UNKNOWN",
+        *,
+        times: int = 1,
+        leave: ProcessState | None = None,
+        pid: int | None = None,
+    ) -> None:
         """Make the next ``times`` calls of ``step`` (for ``pid``, or any) fail with
         ``result``. ``leave`` is the state the failed call leaves (default: unchanged; a
         checkpoint that fails half way might leave FAILED, or CHECKPOINTED after all)."""
@@ -111,8 +126,9 @@ class FakeCudaDriver:
     def host_bytes(self) -> int:
         """GPU state held in host memory by all checkpointed processes."""
         with self._lock:
-            return sum(p.bytes for p in self.processes.values()
-                       if p.state is ProcessState.CHECKPOINTED)
+            return sum(
+                p.bytes for p in self.processes.values() if p.state is ProcessState.CHECKPOINTED
+            )
 
     # -- the driver's calls ---------------------------------------------------------------
 
@@ -127,12 +143,15 @@ class FakeCudaDriver:
                 f.times -= 1
                 if p is not None and f.leave is not None:
                     p.state = f.leave
-                raise CudaCheckpointError(f"fake {step} of pid {pid} failed: {f.result}",
-                                          result=f.result, step=step)
+                raise CudaCheckpointError(
+                    f"fake {step} of pid {pid} failed: {f.result}", result=f.result, step=step
+                )
         if p is None:
-            raise CudaCheckpointError(f"fake {step} of pid {pid} failed: "
-                                      "CUDA_ERROR_INVALID_VALUE (it has no CUDA state)",
-                                      result="CUDA_ERROR_INVALID_VALUE", step=step)
+            raise CudaCheckpointError(
+                f"fake {step} of pid {pid} failed: CUDA_ERROR_INVALID_VALUE (it has no CUDA state)",
+                result="CUDA_ERROR_INVALID_VALUE",
+                step=step,
+            )
         return p
 
     @staticmethod
@@ -141,7 +160,9 @@ class FakeCudaDriver:
             raise CudaCheckpointError(
                 f"fake {step} of pid {pid} failed: CUDA_ERROR_ILLEGAL_STATE (it is "
                 f"{p.state.name}, not {want.name})",
-                result="CUDA_ERROR_ILLEGAL_STATE", step=step)
+                result="CUDA_ERROR_ILLEGAL_STATE",
+                step=step,
+            )
 
     def _copy_time(self, p: FakeProcess) -> None:
         if self.bandwidth:
@@ -176,7 +197,9 @@ class FakeCudaDriver:
                 if set(mapping) != set(p.gpus):
                     raise CudaCheckpointError(
                         f"fake restore of pid {pid}: the GPU map must name exactly its GPUs",
-                        result="CUDA_ERROR_INVALID_VALUE", step="restore")
+                        result="CUDA_ERROR_INVALID_VALUE",
+                        step="restore",
+                    )
                 new_gpus = tuple(mapping[u] for u in p.gpus)
         self._copy_time(p)
         with self._lock:
@@ -200,9 +223,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fake_checkpointer(driver: FakeCudaDriver | None = None, *,
-                      clock: Callable[[], float] = time.monotonic,
-                      support: Support = FAKE_SUPPORT) -> DriverCheckpointer:
+def fake_checkpointer(
+    driver: FakeCudaDriver | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    support: Support = FAKE_SUPPORT,
+) -> DriverCheckpointer:
     """The real checkpoint logic over a fake driver, declared fake in its Support."""
     drv = driver if driver is not None else FakeCudaDriver(auto_processes=True)
     return DriverCheckpointer(drv, support, memory_of=drv.memory_of, clock=clock)

@@ -92,17 +92,26 @@ class FakeMachine:
 
     def spawn(self, spec: LaunchSpec, script: Script, now: float) -> FakeProcess:
         ends_at = None if script.after is None else now + script.after
-        p = FakeProcess(job_id=spec.job_id, attempt=spec.attempt, pid=next(self._pids),
-                        pid_start=next(self._starts), job_dir=spec.job_dir, script=script,
-                        ends_at=ends_at)
+        p = FakeProcess(
+            job_id=spec.job_id,
+            attempt=spec.attempt,
+            pid=next(self._pids),
+            pid_start=next(self._starts),
+            job_dir=spec.job_dir,
+            script=script,
+            ends_at=ends_at,
+        )
         p.children = [next(self._pids) for _ in range(script.children)]
         self.processes[p.pid] = p
         return p
 
     def live(self, job_id: int | None = None) -> list[FakeProcess]:
         """Processes still running (of one job, or all), as of the last look at the time."""
-        return [p for p in self.processes.values()
-                if p.outcome is None and (job_id is None or p.job_id == job_id)]
+        return [
+            p
+            for p in self.processes.values()
+            if p.outcome is None and (job_id is None or p.job_id == job_id)
+        ]
 
     def pids_of(self, job_id: int) -> list[int]:
         """Every live pid of a job: its leader's and its children's."""
@@ -155,8 +164,11 @@ def _write_outputs(p: FakeProcess, code: int | None) -> None:
     kind, _, message = (script.error or "").partition(": ")
     value: object = script.result if ok else RuntimeError(script.error or f"exit {code}")
     status = {
-        "attempt": p.attempt, "ok": ok, "type": None if ok else (kind or "RuntimeError"),
-        "message": None if ok else message or kind, "traceback": None,
+        "attempt": p.attempt,
+        "ok": ok,
+        "type": None if ok else (kind or "RuntimeError"),
+        "message": None if ok else message or kind,
+        "traceback": None,
         "python": ".".join(str(x) for x in sys.version_info[:3]),
     }
     (p.job_dir / RESULT_FILE).write_bytes(cloudpickle.dumps(value))
@@ -185,9 +197,14 @@ class FakeExecutor:
 
     name = "fake"
 
-    def __init__(self, machine: FakeMachine | None = None, *,
-                 python: str = "{}.{}.{}".format(*sys.version_info[:3]),
-                 images: Iterable[str] = (), default: Script | None = None) -> None:
+    def __init__(
+        self,
+        machine: FakeMachine | None = None,
+        *,
+        python: str = "{}.{}.{}".format(*sys.version_info[:3]),
+        images: Iterable[str] = (),
+        default: Script | None = None,
+    ) -> None:
         self.machine = machine or FakeMachine()
         self.python = python
         self.image_names = sorted(images)
@@ -215,12 +232,19 @@ class FakeExecutor:
             raise KeyError(f"job {job_id} was never launched on this fake machine")
         return max(found, key=lambda p: p.pid)
 
-    def finish(self, job_id: int, *, exit_code: int = EXIT_OK, result: object = None,
-               error: str | None = None) -> None:
+    def finish(
+        self,
+        job_id: int,
+        *,
+        exit_code: int = EXIT_OK,
+        result: object = None,
+        error: str | None = None,
+    ) -> None:
         """End the job now: its worker writes ``result`` (or the failure) and exits."""
         p = self.process(job_id)
-        p.script = Script(after=0.0, exit_code=exit_code, result=result, error=error,
-                          on_term=p.script.on_term)
+        p.script = Script(
+            after=0.0, exit_code=exit_code, result=result, error=error, on_term=p.script.on_term
+        )
         self.machine.end(p, _scripted(p.script))
 
     def kill(self, job_id: int, sig: int = signals.SIGKILL) -> None:
@@ -246,13 +270,17 @@ class FakeExecutor:
         if image is None:
             return "", self.python
         if image not in self.image_names:
-            raise ExecutorRefusal(f"image {image!r} is not one of this fake executor's "
-                                  f"({', '.join(self.image_names) or 'none'})")
+            raise ExecutorRefusal(
+                f"image {image!r} is not one of this fake executor's "
+                f"({', '.join(self.image_names) or 'none'})"
+            )
         return image, self.python
 
     async def images(self) -> list[ImageInfo]:
-        return [ImageInfo(name=n, id=f"fake-{n}", size=0, created=0.0, python=self.python)
-                for n in self.image_names]
+        return [
+            ImageInfo(name=n, id=f"fake-{n}", size=0, created=0.0, python=self.python)
+            for n in self.image_names
+        ]
 
     def task_dir(self, job_dir: Path) -> str:
         return str(job_dir)
@@ -344,4 +372,3 @@ class FakeExecutor:
     def kill_all(self) -> None:
         for p in self.machine.live():
             self.machine.kill_all(p)
-

@@ -63,10 +63,10 @@ def decide(
     """
     key: Callable[[Job], tuple[float, float, int]] = order_key
     if policy is not None:
-        key = scheduling_key(pending, running, now=now, usage=usage or {}, policy=policy,
-                             owners=owners)
-    round_ = _Round(running, gpus, cpu_slots=cpu_slots, owners=owners or {},
-                    quotas=quotas or {})
+        key = scheduling_key(
+            pending, running, now=now, usage=usage or {}, policy=policy, owners=owners
+        )
+    round_ = _Round(running, gpus, cpu_slots=cpu_slots, owners=owners or {}, quotas=quotas or {})
     decisions: list[Decision] = []
     for position, job in enumerate(sorted(pending, key=key), start=1):
         round_.note_job(job)
@@ -185,9 +185,11 @@ class _Round:
         if quota is None:
             return None, None
         if quota.max_timeout is not None and job.timeout > quota.max_timeout:
-            return (f"its timeout ({_seconds(job.timeout)}) is longer than {owner}'s "
-                    f"max_timeout quota ({_seconds(quota.max_timeout)}): cancel it and "
-                    "submit it again with a shorter timeout"), None
+            return (
+                f"its timeout ({_seconds(job.timeout)}) is longer than {owner}'s "
+                f"max_timeout quota ({_seconds(quota.max_timeout)}): cancel it and "
+                "submit it again with a shorter timeout"
+            ), None
         if quota.max_gpus is None or _cpu_only(job.gpu):
             return None, None
         assert job.gpu is not None
@@ -196,12 +198,16 @@ class _Round:
         if allowed:
             return None, None if allowed == job.gpu.options else allowed
         if min(n for _, n in job.gpu.options) > quota.max_gpus:
-            return (f"it asks for {job.gpu}, more than {owner}'s GPU quota of "
-                    f"{_gpus(quota.max_gpus)}: ask an admin to raise it, or cancel it"), None
+            return (
+                f"it asks for {job.gpu}, more than {owner}'s GPU quota of "
+                f"{_gpus(quota.max_gpus)}: ask an admin to raise it, or cancel it"
+            ), None
         holders = sorted(set(held))
         jobs = "job" if len(holders) == 1 else "jobs"
-        return (f"{owner}'s GPU quota is in use: {len(held)} of {_gpus(quota.max_gpus)} held "
-                f"by {jobs} {_id_list(holders)}"), None
+        return (
+            f"{owner}'s GPU quota is in use: {len(held)} of {_gpus(quota.max_gpus)} held "
+            f"by {jobs} {_id_list(holders)}"
+        ), None
 
     # -- CPU-only jobs --------------------------------------------------------------
 
@@ -419,12 +425,19 @@ def match_warm(
         if job.not_before > now:
             continue
         quota = (quotas or {}).get(job.owner)
-        over_quota = (quota is not None and quota.max_timeout is not None
-                      and job.timeout > quota.max_timeout)
+        over_quota = (
+            quota is not None and quota.max_timeout is not None and job.timeout > quota.max_timeout
+        )
         if served(job) and not over_quota and not (cpu_shut and job.gpu is None):
             wanted = warm_key(job)
-            w = next((w for w in idle if w.key == wanted and w.id not in claimed
-                      and w not in assigned.values()), None)
+            w = next(
+                (
+                    w
+                    for w in idle
+                    if w.key == wanted and w.id not in claimed and w not in assigned.values()
+                ),
+                None,
+            )
             if w is not None:
                 assigned[job.id] = w
                 continue
@@ -433,9 +446,16 @@ def match_warm(
         if job.gpu is not None:
             index = {g.uuid: g for g in gpus}
             for w in idle:
-                if w.gpus and w not in assigned.values() and any(
-                        index[u].matches(t) for u in w.gpus if u in index
-                        for t, _ in job.gpu.options):
+                if (
+                    w.gpus
+                    and w not in assigned.values()
+                    and any(
+                        index[u].matches(t)
+                        for u in w.gpus
+                        if u in index
+                        for t, _ in job.gpu.options
+                    )
+                ):
                     claimed.add(w.id)
     held: list[Job] = []
     evictable: list[int] = []
@@ -445,6 +465,14 @@ def match_warm(
         if w.id in claimed:
             evictable.append(w.id)
         else:
-            held.append(Job(id=w.last_job, function="(warm worker)", state=JobState.RUNNING,
-                            submitted_at=0.0, owner=w.owner, gpus=w.gpus))
+            held.append(
+                Job(
+                    id=w.last_job,
+                    function="(warm worker)",
+                    state=JobState.RUNNING,
+                    submitted_at=0.0,
+                    owner=w.owner,
+                    gpus=w.gpus,
+                )
+            )
     return {j: w.id for j, w in assigned.items()}, held, evictable

@@ -23,7 +23,7 @@ _DIALOG_CSS = """
 
 
 class ConfirmCancel(ModalScreen[bool]):
-    """"Cancel job 12 (train)?" - y or its button cancels; n, escape or enter (the
+    """ "Cancel job 12 (train)?" - y or its button cancels; n, escape or enter (the
     focused "keep it" button) keeps it."""
 
     DEFAULT_CSS = _DIALOG_CSS % (("ConfirmCancel",) * 5)
@@ -41,8 +41,11 @@ class ConfirmCancel(ModalScreen[bool]):
         what = f"job {self.job_id}" + (f" ({self.job_name})" if self.job_name else "")
         with Vertical():
             yield Label(f"Cancel {what}?")
-            yield Label("A running job is stopped: SIGTERM, then SIGKILL after the grace "
-                        "period. This cannot be undone.", classes="dim")
+            yield Label(
+                "A running job is stopped: SIGTERM, then SIGKILL after the grace "
+                "period. This cannot be undone.",
+                classes="dim",
+            )
             with Horizontal():
                 yield Button("Keep it (n)", id="no")
                 yield Button("Cancel job (y)", id="yes", variant="error")

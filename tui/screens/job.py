@@ -60,10 +60,14 @@ def fields_table(job: JobInfo, now: float) -> Table:
         ("asked for", "/".join(job.gpu) if job.gpu else "cpu only"),
         ("started", f"{start_kind(job)}, attempt {job.attempt} of {job.retries + 1}"),
         ("submitted", fmt_clock(job.submitted_at, now)),
-        ("ran", "not yet" if job.started_at is None else
-                f"{fmt_clock(job.started_at, now)} to "
-                f"{'now' if job.ended_at is None else fmt_clock(job.ended_at, now)}, "
-                f"{fmt_duration(runtime(job, now))} (timeout {fmt_duration(job.timeout)})"),
+        (
+            "ran",
+            "not yet"
+            if job.started_at is None
+            else f"{fmt_clock(job.started_at, now)} to "
+            f"{'now' if job.ended_at is None else fmt_clock(job.ended_at, now)}, "
+            f"{fmt_duration(runtime(job, now))} (timeout {fmt_duration(job.timeout)})",
+        ),
         ("priority", str(job.priority)),
         ("python", job.python + (f", image {job.image}" if job.image else "")),
     ]
@@ -90,10 +94,12 @@ def history_table(events: list[EventInfo], now: float) -> Table:
 
 def outcome_text(job: JobInfo, outcome: JobOutcome | None) -> Text:
     if job.state == "succeeded":
-        return Text.assemble(("Succeeded", "bold green"),
-                             " - press r to load its return value (this unpickles it).")
-    out = Text.assemble((job.state.replace("_", " ").capitalize(), "bold red"),
-                        f": {job.error or job.state}")
+        return Text.assemble(
+            ("Succeeded", "bold green"), " - press r to load its return value (this unpickles it)."
+        )
+    out = Text.assemble(
+        (job.state.replace("_", " ").capitalize(), "bold red"), f": {job.error or job.state}"
+    )
     if outcome is not None and outcome.traceback:
         out.append("\n\nRemote traceback:\n", style="bold")
         out.append(outcome.traceback.rstrip())
@@ -116,8 +122,14 @@ class JobScreen(Screen[None]):
         Binding("r", "result", "Load result"),
     ]
 
-    def __init__(self, client: DaemonClient, job_id: int, *, refresh: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        client: DaemonClient,
+        job_id: int,
+        *,
+        refresh: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         super().__init__()
         self.client = client
         self.job_id = job_id
@@ -166,8 +178,9 @@ class JobScreen(Screen[None]):
         except DaemonUnavailable:
             return  # the main poll says so in the banner, and retries
         except Exception as e:  # noqa: BLE001 - show it, never crash
-            self.query_one("#fields", Static).update(Text(f"cannot read job {self.job_id}: "
-                                                          f"{_why(e)}", style="red"))
+            self.query_one("#fields", Static).update(
+                Text(f"cannot read job {self.job_id}: {_why(e)}", style="red")
+            )
             return
         self.job = job
         now = self.clock()
@@ -225,8 +238,9 @@ class JobScreen(Screen[None]):
 
     def action_cancel(self) -> None:
         job = self.job
-        self.post_message(CancelRequested(self.job_id, job.name if job else "",
-                                          job.state if job else None))
+        self.post_message(
+            CancelRequested(self.job_id, job.name if job else "", job.state if job else None)
+        )
 
     def action_follow(self) -> None:
         log = self.query_one(Log)

@@ -43,8 +43,14 @@ def gpu_row(g: GpuInfo, series: Series | None) -> list[Cell]:
     util_hist = sparkline(list(series.utilization) if series else [], SPARK_WIDTH)
     mem_hist = sparkline(list(series.memory) if series else [], SPARK_WIDTH)
     return [
-        str(g.index), kind, fmt_gib(g.memory_used, g.memory_total), util,
-        Text(util_hist, style="green"), Text(mem_hist, style="blue"), temp, power,
+        str(g.index),
+        kind,
+        fmt_gib(g.memory_used, g.memory_total),
+        util,
+        Text(util_hist, style="green"),
+        Text(mem_hist, style="blue"),
+        temp,
+        power,
         gpu_holder(g),
     ]
 

@@ -72,8 +72,14 @@ SORTS: dict[str, Callable[[float], Callable[[JobInfo], Any]]] = {
     "name": lambda now: lambda j: (j.name, -j.id),
     "submitted": lambda now: lambda j: -j.submitted_at,
 }
-_SORT_BY_COLUMN = {"id": "id", "name": "name", "owner": "owner", "state": "state",
-                   "runtime": "runtime", "submitted": "submitted"}
+_SORT_BY_COLUMN = {
+    "id": "id",
+    "name": "name",
+    "owner": "owner",
+    "state": "state",
+    "runtime": "runtime",
+    "submitted": "submitted",
+}
 
 
 def job_row(job: JobInfo, now: float) -> list[Cell]:
@@ -135,16 +141,16 @@ class JobsTable(LiveTable):
             for j in self._running_jobs:
                 if j.state in wanted:
                     jobs[j.id] = j  # the fresher copy
-        ordered = sorted(jobs.values(), key=SORTS[self.sort_name](self._now),
-                         reverse=self.reverse)
+        ordered = sorted(jobs.values(), key=SORTS[self.sort_name](self._now), reverse=self.reverse)
         self._jobs = {str(j.id): j for j in ordered}
         self.sync([(str(j.id), job_row(j, self._now)) for j in ordered])
         self.border_title = f"Jobs: {self.describe()}"
 
     def describe(self) -> str:
         q = self.jobs_query
-        label = next((name for name, states in FILTERS if states == q.states),
-                     ",".join(q.states or ()))
+        label = next(
+            (name for name, states in FILTERS if states == q.states), ",".join(q.states or ())
+        )
         owner = f"owner {q.owner}" if q.owner else "all owners"
         order = self.sort_name + (" reversed" if self.reverse else "")
         more = "" if self._next_cursor is None else ", ] for older"
