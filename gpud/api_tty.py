@@ -2,7 +2,8 @@
 
 ``GET /v1/jobs/{id}/tty`` (WebSocket): binary messages are terminal bytes, both ways;
 text messages are JSON: from the client ``{"resize": [rows, cols]}``, from the daemon
-``{"exit": code}`` (the shell ended; the socket then closes), ``{"detached": "..."}``
+``{"attached": id}`` first, once connected to the shell, ``{"exit": code}`` (the shell
+ended; the socket then closes), ``{"detached": "..."}``
 (another client attached in its place) or ``{"error": {"status", "code", "detail"}}``
 (the request was refused, with the status and code a plain request would get). Closing
 the WebSocket detaches; the shell goes on.
@@ -117,6 +118,7 @@ def tty_routes(daemon: JobService, auth: Auth) -> list[WebSocketRoute]:
         except _Refused as e:
             await _refuse(ws, e)
             return
+        await ws.send_text(json.dumps({"attached": job.id}))  # the client may go raw now
         async with stream, trio.open_nursery() as nursery:
 
             async def upstream() -> None:

@@ -56,6 +56,13 @@ def relay(job_id: int, url: str | None) -> tuple[str, int | None]:
     from gpud.ttyclient import Refused
 
     ws = _connect(url, f"/v1/jobs/{job_id}/tty")
+    try:  # refused, or attached: the daemon says which before anything else
+        while not any(k == "json" and "attached" in v for k, v in ws.pending):
+            if any(k == "closed" for k, _ in ws.pending):
+                fail(f"the daemon closed the connection to job {job_id}")
+            ws.pending = ws.pending + list(ws._events())
+    except Refused as e:
+        fail(e.detail)
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     is_tty = os.isatty(stdin)
     wake_r, wake_w = os.pipe()

@@ -120,5 +120,7 @@ class WebSocket:
 
     def read(self) -> list[tuple[str, Any]]:
         """What one socket read brings (call when the socket is readable)."""
-        pending, self.pending = self.pending, []
-        return pending + list(self._events())
+        if self.pending:  # already here: no blocking read for more
+            pending, self.pending = self.pending, []
+            return pending
+        return list(self._events())
