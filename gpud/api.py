@@ -40,8 +40,8 @@ from gpud.api_state import STATE_DOC, state_routes
 from gpud.api_submit import idempotency as _idempotency
 from gpud.api_submit import new_jobs as _new_jobs
 from gpud.api_submit import replayed as _replayed
-from gpud.api_tty import tty_routes
 from gpud.api_submit import storage_error as _storage_error
+from gpud.api_tty import tty_routes
 from gpud.api_watch import WATCH_DOC, watch_routes
 from gpud.auth import (
     Auth,

@@ -60,7 +60,7 @@ async def _refuse(ws: WebSocket, e: _Refused) -> None:
     await ws.close(code=4000 + e.status)
 
 
-def tty_routes(daemon: JobService, auth: Auth) -> list[WebSocketRoute]:
+def tty_routes(daemon: JobService, auth: Auth) -> list[Any]:  # Starlette routes
     async def owned_running(ws: WebSocket, action: str) -> tuple[Any, Any]:
         try:
             who = await auth.authenticate(cast(Request, ws))
@@ -190,7 +190,7 @@ def tty_routes(daemon: JobService, auth: Auth) -> list[WebSocketRoute]:
 
                 nursery.start_soon(watch_client)
                 while data := await proc.stdout.receive_some(65536):
-                    await ws.send_bytes(data)
+                    await ws.send_bytes(bytes(data))
                 code = await proc.wait()
                 code = 128 - code if code < 0 else code
                 await ws.send_text(json.dumps({"exit": code}))
@@ -201,7 +201,8 @@ def tty_routes(daemon: JobService, auth: Auth) -> list[WebSocketRoute]:
         finally:
             with contextlib.suppress(OSError):
                 proc.kill()
-            await proc.aclose()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
 
     return [
         WebSocketRoute("/v1/jobs/{job_id}/tty", tty),

@@ -4,6 +4,7 @@ and the same token as every other request."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -79,10 +80,9 @@ class WebSocket:
         self.sock.sendall(self.ws.send(TextMessage(data=json.dumps(obj))))
 
     def close(self) -> None:
-        try:
+        # Closing anyway, whatever state the connection was in.
+        with contextlib.suppress(Exception):
             self.sock.sendall(self.ws.send(CloseConnection(code=1000)))
-        except Exception:  # noqa: BLE001 - closing anyway, whatever state it was in
-            pass
         self.sock.close()
 
     def _events(self) -> Iterator[tuple[str, Any]]:
@@ -110,10 +110,8 @@ class WebSocket:
             elif isinstance(event, Ping):
                 self.sock.sendall(self.ws.send(event.response()))
             elif isinstance(event, CloseConnection):
-                try:
+                with contextlib.suppress(Exception):  # the peer may be gone already
                     self.sock.sendall(self.ws.send(event.response()))
-                except Exception:  # noqa: BLE001 - the peer may be gone already
-                    pass
                 yield "closed", event.code
         if not data:
             yield "closed", None

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -53,7 +54,7 @@ def _environ(pid: int) -> dict[str, str]:
 
 def exec_command(
     job: Job, handle: Handle, ident: JobIdentity, jobs_dir: Path, argv: list[str]
-) -> tuple[list[str], dict[str, object]]:
+) -> tuple[list[str], dict[str, Any]]:
     """(command line, extra open_process arguments) that run ``argv`` beside ``job``."""
     if handle.container is not None:
         podman = shutil.which("podman") or "/usr/bin/podman"
@@ -62,7 +63,7 @@ def exec_command(
         return [podman, "exec", "--user", user, handle.container, *argv], {}
     env = _environ(handle.pid)  # the job's whole environment: GPUs, GPUD_*, its python
     env["GPUD_EXEC"] = "1"
-    kwargs: dict[str, object] = {"env": env, "cwd": str(jobs_dir / str(job.id))}
+    kwargs: dict[str, Any] = {"env": env, "cwd": str(jobs_dir / str(job.id))}
     cmd = list(argv)
     # Looked up on the job's PATH (its venv's bin first), not the daemon's.
     if not os.path.isabs(cmd[0]) and (found := shutil.which(cmd[0], path=env.get("PATH"))):
@@ -76,7 +77,7 @@ def exec_command(
     return cmd, kwargs
 
 
-async def stream_exec(cmd: list[str], kwargs: dict[str, object]) -> trio.Process:
+async def stream_exec(cmd: list[str], kwargs: dict[str, Any]) -> trio.Process:
     """Start it with stdout and stderr on one pipe, in a session of its own."""
     return await trio.lowlevel.open_process(
         cmd,
@@ -85,5 +86,5 @@ async def stream_exec(cmd: list[str], kwargs: dict[str, object]) -> trio.Process
         stderr=subprocess.STDOUT,
         start_new_session=True,
         close_fds=True,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
