@@ -13,15 +13,25 @@ import pytest
 from gpud.testing.daemon_proc import DaemonProc
 from gpud_client import Client
 from gpud_client.models import JobInfo
-from tests.conftest import GPUD, REPO, TEST_SETTINGS, add_gpud_user, gpud_cli, make_base_dir
+from tests.conftest import (
+    EXECUTORS,
+    GPUD,
+    REPO,
+    TEST_SETTINGS,
+    add_gpud_user,
+    executor_env,
+    gpud_cli,
+    make_base_dir,
+)
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tcp_daemon() -> Iterator[DaemonProc]:
+@pytest.fixture(scope="module", params=EXECUTORS)
+def tcp_daemon(request: pytest.FixtureRequest) -> Iterator[DaemonProc]:
     base = make_base_dir()
-    d = DaemonProc(base, settings=TEST_SETTINGS, env={"GPUD_SHELL_IDLE_TIMEOUT": "2"}, tcp=True)
+    env = {**executor_env(request.param), "GPUD_SHELL_IDLE_TIMEOUT": "2"}
+    d = DaemonProc(base, settings=TEST_SETTINGS, env=env, tcp=True)
     d.start()
     try:
         yield d
