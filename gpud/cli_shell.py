@@ -149,6 +149,14 @@ def _finish(job_id: int, url: str | None, how: str, code: int | None) -> None:
 @click.option("--cpu", type=float, default=None, help="CPUs (a container limit with Podman).")
 @click.option("--image", default=None, help="Container image (Podman executor).")
 @click.option("--detach", "-d", is_flag=True, help="Queue it, print the job id, do not attach.")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Set in the job.")
+@click.option(
+    "--jupyter",
+    is_flag=True,
+    help="Start a Jupyter server on 127.0.0.1 in the job instead and print its URL "
+    "(process executor; Jupyter must be installed in the job's environment).",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="With --jupyter.")
 @click.option("--url", envvar="GPUD_URL", default=None, metavar="URL")
 def shell(
     gpu: str | None,
@@ -156,25 +164,61 @@ def shell(
     cpu: float | None,
     image: str | None,
     detach: bool,
+    env: tuple[str, ...],
+    jupyter: bool,
+    port: int | None,
     url: str | None,
 ) -> None:
     """Queue an interactive shell on GPUs and attach this terminal to it.
 
     It waits in the queue like any job. Ctrl-] then d detaches; `gpud attach JOB`
-    re-attaches. `exit` ends the job.
+    re-attaches. `exit` ends the job. With --jupyter, a Jupyter server instead.
     """
+    env_map = {}
+    for item in env:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise click.UsageError(f"--env {item!r}: write KEY=VALUE")
+        env_map[k] = v
+    if port is not None and not jupyter:
+        raise click.UsageError("--port goes with --jupyter")
 
     @handle_errors
     def go() -> None:
         import gpud_client
+        from gpud_client.jupyterhost import jupyter as jupyter_job
         from gpud_client.shellhost import session
 
         client = gpud_client.Client(url)
-        idle = client.health().shell_idle_timeout
-        opts: dict[str, Any] = {"name": "shell", "gpu": gpu, "timeout": timeout, "cpu": cpu}
+        health = client.health()
+        if jupyter and health.executor == "podman":
+            # Podman jobs run with network "none": the container's 127.0.0.1 is its own,
+            # so a server there could never be reached from the host.
+            fail(
+                "--jupyter needs the process executor; this daemon runs jobs in Podman "
+                "containers without host networking. Use `gpud shell` and run Jupyter "
+                "yourself, or ask the admin for a process-executor daemon.",
+                EXIT["usage"],
+            )
+        name = "jupyter" if jupyter else "shell"
+        opts: dict[str, Any] = {"name": name, "gpu": gpu, "timeout": timeout, "cpu": cpu}
         if image is not None:
             opts["image"] = image
-        fn = gpud_client.function(**{k: v for k, v in opts.items() if v is not None})(session)
+        if env_map:
+            opts["env"] = env_map
+        opts = {k: v for k, v in opts.items() if v is not None}
+        if jupyter:
+            jfn = gpud_client.function(**opts)(jupyter_job)
+            if url is not None:
+                jfn = jfn.with_options(url=url)
+            jhandle = jfn.spawn(port)
+            if detach:
+                click.echo(jhandle.id)
+                return
+            _serve_jupyter(client, jhandle.id)
+            return
+        idle = health.shell_idle_timeout
+        fn = gpud_client.function(**opts)(session)
         if url is not None:
             fn = fn.with_options(url=url)
         rows, cols = _size()
@@ -202,6 +246,34 @@ def shell(
         _finish(handle.id, url, *relay(handle.id, url))
 
     go()
+
+
+def _serve_jupyter(client: Any, job_id: int) -> None:
+    """Follow the job's log until its server's URL appears (print it, exit 0) or the job
+    ends (print why, exit with the job-failed code)."""
+    from gpud_client.jupyterhost import URL_MARKER
+
+    click.echo(f"[gpud] job {job_id} queued; waiting for Jupyter to start", err=True)
+    buf = ""
+    try:
+        for chunk in client.logs(job_id, follow=True):
+            *lines, buf = (buf + chunk).split("\n")  # whole lines only: the token may be cut
+            for line in lines:
+                if line.startswith(URL_MARKER + " "):
+                    click.echo(line.split(" ", 1)[1].strip())
+                    click.echo(
+                        f"[gpud] Jupyter runs in job {job_id} on the job's host (from elsewhere: "
+                        "ssh -L PORT:127.0.0.1:PORT HOST); "
+                        f"`gpud cancel {job_id}` stops it",
+                        err=True,
+                    )
+                    return
+    except KeyboardInterrupt:
+        client.cancel(job_id)
+        click.echo(f"cancelled job {job_id}", err=True)
+        sys.exit(EXIT["interrupted"])
+    job = client.get_job(job_id)
+    fail(f"job {job_id} {job.state}: {job.error or ''}", EXIT["job_failed"])
 
 
 @click.command()
