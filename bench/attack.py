@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from gpud.testing.daemon_proc import DaemonProc  # noqa: E402
+from gpud.testing.daemon_proc import DaemonProc  # noqa: E402 - sys.path is set first
 
 #: What a test daemon needs: fake GPUs, short timers, info logging.
 DAEMON_ENV = {
@@ -203,7 +203,7 @@ def large_bodies(d: Daemon, submits: int = 3, body_mb: int = 200) -> BodiesRepor
     780 MB still held 10 s later."""
     import threading
 
-    import cloudpickle  # type: ignore[import-untyped]
+    import cloudpickle  # type: ignore[import-untyped]  # ships no hints
 
     from gpud_client.client import Client
     from gpud_client.models import SubmitRequest

@@ -38,14 +38,14 @@ for p in (str(REPO), str(Path(__file__).resolve().parent)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import chaos_checks as checks  # noqa: E402
-from chaos_checks import Acked, Kill, Tally  # noqa: E402
+import chaos_checks as checks  # noqa: E402 - sys.path is set first
+from chaos_checks import Acked, Kill, Tally  # noqa: E402 - sys.path is set first
 from run import podman_problem  # noqa: E402  (bench/run.py)
 
-import gpud_client as gpud  # noqa: E402
-from gpud.testing.daemon_proc import DaemonProc  # noqa: E402
-from gpud_client import GpudError  # noqa: E402
-from gpud_client.client import Client  # noqa: E402
+import gpud_client as gpud  # noqa: E402 - sys.path is set first
+from gpud.testing.daemon_proc import DaemonProc  # noqa: E402 - sys.path is set first
+from gpud_client import GpudError  # noqa: E402 - sys.path is set first
+from gpud_client.client import Client  # noqa: E402 - sys.path is set first
 
 FAULTS = ("none", "worker", "sqlite_lock", "disk_full")
 PODMAN_FAULTS = ("container", "conmon")
@@ -468,7 +468,7 @@ def run_round(
             info = infos[a.id]
             result = None
             if info.state == "succeeded":
-                import cloudpickle  # type: ignore[import-untyped]
+                import cloudpickle  # type: ignore[import-untyped]  # ships no hints
 
                 with contextlib.suppress(GpudError):
                     out = cloudpickle.loads(client.result(a.id))

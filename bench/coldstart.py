@@ -58,8 +58,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import gpud_client as gpud  # noqa: E402
-from bench.run import CORES, Daemon, latency  # noqa: E402
+import gpud_client as gpud  # noqa: E402 - sys.path is set first
+from bench.run import CORES, Daemon, latency  # noqa: E402 - sys.path is set first
 
 HERE = Path(__file__).resolve().parent / "coldstart"
 BASE_IMAGE = "localhost/gpud-python:3.11"

@@ -35,7 +35,7 @@ for p in (REPO, REPO / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from run import Daemon  # noqa: E402
+from run import Daemon  # noqa: E402 - sys.path is set first
 
 #: Cases a failure report keeps (the first ones of each operation and status).
 _KEEP = 20

@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import gpud_client as gpud  # noqa: E402
-from bench.hotrows import Progress, Row, render  # noqa: E402
-from bench.run import (  # noqa: E402
+import gpud_client as gpud  # noqa: E402 - sys.path is set first
+from bench.hotrows import Progress, Row, render  # noqa: E402 - sys.path is set first
+from bench.run import (  # noqa: E402 - sys.path is set first
     Bench,
     Daemon,
     blocker,
@@ -43,7 +43,7 @@ from bench.run import (  # noqa: E402
     timed,
     worker_python,
 )
-from gpud_client.handle import JobHandle  # noqa: E402
+from gpud_client.handle import JobHandle  # noqa: E402 - sys.path is set first
 
 MB = 1024 * 1024
 

@@ -36,11 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import trio  # noqa: E402
-from hotrows import Progress, Row, render  # noqa: E402
+import trio  # noqa: E402 - sys.path is set first
+from hotrows import Progress, Row, render  # noqa: E402 - sys.path is set first
 
-from gpud.domain import JobState  # noqa: E402
-from gpud.ledger import Ledger, LedgerThread, NewJob, Step  # noqa: E402
+from gpud.domain import JobState  # noqa: E402 - sys.path is set first
+from gpud.ledger import Ledger, LedgerThread, NewJob, Step  # noqa: E402 - sys.path is set first
 
 REPO = Path(__file__).resolve().parent.parent
 GPUD = [sys.executable, "-m", "gpud"]
@@ -296,7 +296,7 @@ def listing_rows(base: Path, n: int, quick: bool, progress: Progress) -> list[Ro
         figures: dict[str, float] = {}
         with Client(d.url) as c:
             for k, kw in calls.items():
-                figures[k] = _p50_ms(lambda kw=kw: c.list_jobs(**kw), repeat)  # type: ignore[misc]
+                figures[k] = _p50_ms(lambda kw=kw: c.list_jobs(**kw), repeat)  # type: ignore[misc]  # kw=kw binds the loop value
             cli, cli_cpu = _command_ms(GPUD + ["ps", "--all"], d.env)
             start, start_cpu = _command_ms(GPUD + ["--version"], d.env)
             # The interpreter alone: what `--version` itself costs above it is the CLI's
@@ -305,7 +305,7 @@ def listing_rows(base: Path, n: int, quick: bool, progress: Progress) -> list[Ro
             progress("ps: the same calls on the schema before migration 10")
             to_old_schema(data / "ledger.db")
             old = {
-                k: _p50_ms(lambda kw=kw: c.list_jobs(**kw), repeat)  # type: ignore[misc]
+                k: _p50_ms(lambda kw=kw: c.list_jobs(**kw), repeat)  # type: ignore[misc]  # kw=kw binds the loop value
                 for k, kw in calls.items()
             }
     finally:

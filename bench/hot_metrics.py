@@ -22,12 +22,12 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import hotrows  # noqa: E402
-from bench.hot_sched import NOW, snapshot  # noqa: E402
-from gpud.daemon.stats import JobStats, collect  # noqa: E402
-from gpud.deps import DepIndex  # noqa: E402
-from gpud.ledger import LedgerThread  # noqa: E402
-from gpud.promtext import render  # noqa: E402
+from bench import hotrows  # noqa: E402 - sys.path is set first
+from bench.hot_sched import NOW, snapshot  # noqa: E402 - sys.path is set first
+from gpud.daemon.stats import JobStats, collect  # noqa: E402 - sys.path is set first
+from gpud.deps import DepIndex  # noqa: E402 - sys.path is set first
+from gpud.ledger import LedgerThread  # noqa: E402 - sys.path is set first
+from gpud.promtext import render  # noqa: E402 - sys.path is set first
 
 
 def _scrape_times(queued: int, repeat: int, ledger: LedgerThread) -> tuple[float, int]:

@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.hotrows import Progress, Row, render  # noqa: E402
-from gpud.accounting import report  # noqa: E402
-from gpud.ledger import Ledger  # noqa: E402
-from gpud.ledger.retention import prune  # noqa: E402
-from gpud.ledger.usage import attempts_between, buckets_between  # noqa: E402
+from bench.hotrows import Progress, Row, render  # noqa: E402 - sys.path is set first
+from gpud.accounting import report  # noqa: E402 - sys.path is set first
+from gpud.ledger import Ledger  # noqa: E402 - sys.path is set first
+from gpud.ledger.retention import prune  # noqa: E402 - sys.path is set first
+from gpud.ledger.usage import attempts_between, buckets_between  # noqa: E402 - sys.path is set first
 
 BASE = 1_700_000_000.0
 OWNERS = ("alice", "bob", "carol", "dave")

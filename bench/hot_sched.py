@@ -35,13 +35,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import hotrows  # noqa: E402
-from gpud.domain import Decision, Gpu, GpuRequest, Job, JobState, Quota, Wait  # noqa: E402
-from gpud.fairshare import Policy  # noqa: E402
-from gpud.pending import ActiveJobs  # noqa: E402
-from gpud.queue_view import page  # noqa: E402
-from gpud.scheduler import Plan, plan  # noqa: E402
-from gpud.testing import sched_reference as ref  # noqa: E402
+from bench import hotrows  # noqa: E402 - sys.path is set first
+from gpud.domain import Decision, Gpu, GpuRequest, Job, JobState, Quota, Wait  # noqa: E402 - sys.path is set first
+from gpud.fairshare import Policy  # noqa: E402 - sys.path is set first
+from gpud.pending import ActiveJobs  # noqa: E402 - sys.path is set first
+from gpud.queue_view import page  # noqa: E402 - sys.path is set first
+from gpud.scheduler import Plan, plan  # noqa: E402 - sys.path is set first
+from gpud.testing import sched_reference as ref  # noqa: E402 - sys.path is set first
 
 NOW = 1_000_000.0
 SHAPES = [

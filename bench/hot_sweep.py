@@ -38,13 +38,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import gpud_client as gpud  # noqa: E402
-from bench.hotrows import Progress, Row, render  # noqa: E402
-from bench.run import Bench, pct  # noqa: E402
-from gpud_client.client import Client  # noqa: E402
+import gpud_client as gpud  # noqa: E402 - sys.path is set first
+from bench.hotrows import Progress, Row, render  # noqa: E402 - sys.path is set first
+from bench.run import Bench, pct  # noqa: E402 - sys.path is set first
+from gpud_client.client import Client  # noqa: E402 - sys.path is set first
 
 if __name__ != "__main__":
-    import cloudpickle  # type: ignore[import-untyped]
+    import cloudpickle  # type: ignore[import-untyped]  # ships no hints
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.hotrows import Row, render  # noqa: E402
+from bench.hotrows import Row, render  # noqa: E402 - sys.path is set first
 
 #: The modules, in the order of the issue's table.
 MODULES = ("sched", "api", "calls", "ledger", "retention", "sweep", "metrics")

@@ -36,11 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import cloudpickle  # type: ignore[import-untyped]  # noqa: E402
+import cloudpickle  # type: ignore[import-untyped]  # noqa: E402 - sys.path is set first
 
-import gpud_client as gpud  # noqa: E402
-from gpud.testing.daemon_proc import DaemonProc  # noqa: E402
-from gpud_client.client import Client  # noqa: E402
+import gpud_client as gpud  # noqa: E402 - sys.path is set first
+from gpud.testing.daemon_proc import DaemonProc  # noqa: E402 - sys.path is set first
+from gpud_client.client import Client  # noqa: E402 - sys.path is set first
 
 #: The issue's later target for `.map` throughput of no-op jobs.
 MAP_TARGET_PER_S = 500.0
@@ -153,7 +153,7 @@ def podman_problem() -> str | None:
     if shutil.which("podman") is None:
         return "podman is not installed (../shared/ci/podman-host-setup.sh --image)"
     try:
-        import podman  # noqa: F401
+        import podman  # noqa: F401 - only whether it imports
     except ImportError:
         return "podman-py is not installed in this Python (pip install podman)"
     probe = subprocess.run(["podman", "image", "exists", PODMAN_IMAGE], capture_output=True)

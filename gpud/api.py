@@ -396,7 +396,8 @@ def create_app(daemon: JobService) -> Starlette:
                 if not public:
                     who = await auth.authenticate(request)
                     request.state.principal = who
-                return await fn(request)  # type: ignore[no-any-return]
+                resp: Response = await fn(request)
+                return resp
             except ApiError as e:
                 return _error(e.status, e.code, e.detail)
             except UnknownJob as e:

@@ -66,11 +66,19 @@ class _Where:
         return cfg.ledger_path
 
 
+def _where(ctx: click.Context) -> _Where:
+    """The --config/--data-dir the admin group stored on the context."""
+    where = ctx.find_object(_Where)
+    if where is None:
+        raise RuntimeError("an admin command ran outside its group: no _Where on the context")
+    return where
+
+
 @contextmanager
 def _ledger(ctx: click.Context) -> Iterator[Any]:
     from gpud.ledger import Ledger
 
-    path = ctx.find_object(_Where).ledger_path()  # type: ignore[union-attr]
+    path = _where(ctx).ledger_path()
     try:
         led = Ledger(path)
     except PermissionError:
@@ -382,7 +390,7 @@ def quota_set(
 def backup(ctx: click.Context, path: str, force: bool) -> None:
     """Copy the ledger to PATH with SQLite's online backup API (safe while the daemon
     runs): one consistent file, mode 0600, integrity-checked."""
-    src_path = ctx.find_object(_Where).ledger_path()  # type: ignore[union-attr]
+    src_path = _where(ctx).ledger_path()
     dest = Path(path)
     if not src_path.exists():
         _fail(f"there is no ledger at {src_path}")

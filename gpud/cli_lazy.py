@@ -9,6 +9,7 @@ here with the module and attribute it lives in; `gpud --help` and tests/test_doc
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import click
 
@@ -16,8 +17,9 @@ __all__ = ["LazyGroup"]
 
 
 class LazyGroup(click.Group):
-    def __init__(self, *args: object, lazy: dict[str, str] | None = None, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    # click.Group's own arguments pass through as they are: Any is their honest type here.
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         #: command name -> "module:attribute"
         self.lazy = dict(lazy or {})
 

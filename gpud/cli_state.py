@@ -17,11 +17,12 @@ __all__ = ["state"]
 
 
 def _size(n: int) -> str:
+    x = float(n)
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+        if x < 1024 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return str(x)
 
 
 @click.command()

@@ -375,7 +375,7 @@ def nvml_process_memory(pid: int) -> int | None:
     its context's) into host memory, and NVML's per-process figure counts just those.
     """
     try:
-        import pynvml  # type: ignore[import-untyped]
+        import pynvml  # type: ignore[import-untyped]  # ships no hints
 
         pynvml.nvmlInit()  # reference-counted: harmless beside the inventory's
     except Exception:  # noqa: BLE001 - no NVML: no estimate, never a failed park
@@ -389,7 +389,7 @@ def nvml_process_memory(pid: int) -> int | None:
                     total += int(p.usedGpuMemory)
                     seen = True
         return total if seen else None
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - NVML errors of any kind: no reading
         return None
     finally:
         with contextlib.suppress(Exception):

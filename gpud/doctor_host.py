@@ -49,7 +49,7 @@ def run_command(
     """Run a command; a missing binary raises FileNotFoundError, a hang TimeoutExpired."""
     # **kw is passed through unchecked (env=, cwd=): subprocess.run's overloads cannot be
     # matched against an open mapping.
-    out: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
+    out: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]  # see above
         list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw
     )
     return out
@@ -212,7 +212,7 @@ def _ping(url: str, timeout: float) -> str:
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme == "unix":
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address: object = parsed.path
+        address: str | tuple[str, int] = parsed.path
     elif parsed.scheme in ("tcp", "http"):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         address = (parsed.hostname or "127.0.0.1", parsed.port or 80)
@@ -220,7 +220,7 @@ def _ping(url: str, timeout: float) -> str:
         raise OSError(f"podman_url {url!r} is neither unix:// nor tcp://")
     with s:
         s.settimeout(timeout)
-        s.connect(address)  # type: ignore[arg-type]
+        s.connect(address)
         s.sendall(b"GET /_ping HTTP/1.0\r\nHost: podman\r\n\r\n")
         data = b""
         while chunk := s.recv(4096):

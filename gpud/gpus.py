@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-import pynvml  # type: ignore[import-untyped]
+import pynvml  # type: ignore[import-untyped]  # ships no hints
 
 from gpud.domain import Gpu, GpuProcess
 

@@ -188,7 +188,10 @@ def _num(v: float) -> str:
 def _field_range(model: type[Any], field: str) -> str | None:
     import msgspec.inspect as mi
 
-    for f in mi.type_info(model).fields:  # type: ignore[attr-defined]
+    info = mi.type_info(model)
+    if not isinstance(info, mi.StructType | mi.DataclassType | mi.TypedDictType):
+        return None  # no named fields to describe
+    for f in info.fields:
         if f.name != field:
             continue
         parts = []

@@ -153,7 +153,7 @@ def install() -> bool:
         return True
     _install_filter()
 
-    class EdgeServer(base):  # type: ignore[valid-type,misc]
+    class EdgeServer(base):  # type: ignore[valid-type,misc]  # hypercorn's class, found at run time
         _gpud_edge = True
 
         async def run(self) -> None:
@@ -278,7 +278,7 @@ def install() -> bool:
             # its first one) open, task and socket, for keep_alive_timeout.
             await self.idle_task.stop()
 
-    run_module.TCPServer = EdgeServer  # type: ignore[attr-defined]
+    run_module.TCPServer = EdgeServer  # type: ignore[attr-defined]  # patching hypercorn
     return True
 
 

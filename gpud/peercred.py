@@ -65,7 +65,7 @@ def install() -> bool:
     if getattr(base, "_gpud_peercred", False):
         return True
 
-    class PeerCredTCPServer(base):  # type: ignore[valid-type,misc]
+    class PeerCredTCPServer(base):  # type: ignore[valid-type,misc]  # hypercorn's class, found at run time
         _gpud_peercred = True
 
         async def run(self) -> None:
@@ -80,5 +80,5 @@ def install() -> bool:
             _PEER.set(peer)
             await super().run()
 
-    run_module.TCPServer = PeerCredTCPServer  # type: ignore[attr-defined]
+    run_module.TCPServer = PeerCredTCPServer  # type: ignore[attr-defined]  # patching hypercorn
     return True

@@ -122,7 +122,8 @@ def _jump(waits: Waits, pending: PendingIndex, offset: int, narrow: int) -> tupl
         j = pending.get(job_id)
         if j is None or reader.locate(j) is not None:
             continue  # gone again, or queued anew in the place the round saw it in
-        gi = kinds.get(pending.kind(job_id))  # type: ignore[arg-type]
+        key = pending.kind(job_id)
+        gi = None if key is None else kinds.get(key)
         if gi is not None:
             newer.setdefault(gi, []).append((j.submitted_at, j.id))
     for fifos in newer.values():

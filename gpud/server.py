@@ -257,7 +257,7 @@ async def serve(
         hc.keep_alive_timeout = 75.0
         # The limits at the edge (#10): backlog, read timeouts (gpud.http_edge).
         hc.backlog = config.listen_backlog
-        hc.gpud_edge = http_edge.EdgeSettings(  # type: ignore[attr-defined]
+        hc.gpud_edge = http_edge.EdgeSettings(  # type: ignore[attr-defined]  # our own, for http_edge
             header_timeout=config.header_timeout, body_timeout=config.body_timeout
         )
         _check_backlog(config.listen_backlog)

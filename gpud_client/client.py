@@ -809,7 +809,7 @@ class AsyncClient(_Base):
         return await self._do(_Call("GET", f"/jobs/{job_id}", JobInfo))
 
     # The timeout is the daemon's long-poll duration, not a local cancel scope.
-    async def wait(self, job_id: int, timeout: float = 30.0) -> JobInfo:  # noqa: ASYNC109
+    async def wait(self, job_id: int, timeout: float = 30.0) -> JobInfo:  # noqa: ASYNC109 - see above
         return await self._do(_wait_call(job_id, timeout, self.timeout))
 
     async def log_bytes(
@@ -863,7 +863,7 @@ class AsyncClient(_Base):
         self,
         job_id: int,
         *,
-        timeout: float | None = CANCEL_TIMEOUT,  # noqa: ASYNC109
+        timeout: float | None = CANCEL_TIMEOUT,  # noqa: ASYNC109 - the daemon's wait, sent to it
     ) -> JobInfo:
         return await self._do(
             _Call("POST", f"/jobs/{job_id}/cancel", JobInfo, read_timeout=timeout)

@@ -55,7 +55,7 @@ def make_method_call(
         return getattr(instance, method)(*a, **kw)
 
     call.__name__ = call.__qualname__ = f"{cls.__qualname__}.{method}"
-    call.__gpud_snap__ = snap_setup  # type: ignore[attr-defined]
+    call.__gpud_snap__ = snap_setup  # type: ignore[attr-defined]  # a mark on a function
     return call
 
 

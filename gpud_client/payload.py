@@ -28,7 +28,7 @@ from contextlib import contextmanager, nullcontext, suppress
 from types import ModuleType
 from typing import Any
 
-import cloudpickle  # type: ignore[import-untyped]
+import cloudpickle  # type: ignore[import-untyped]  # ships no hints
 from cloudpickle import cloudpickle as _cloudpickle_impl
 
 from gpud_client.errors import GpudError, RemoteError, VersionMismatch

@@ -464,7 +464,7 @@ def run_job(
     try:
         job = _read_job(jobdir, inline)
         mismatch = _version_mismatch(job["python"])
-        import cloudpickle  # type: ignore[import-untyped]
+        import cloudpickle  # type: ignore[import-untyped]  # ships no hints
     except _SetupError as e:
         _say(str(e))
         return EXIT_SETUP
@@ -769,7 +769,7 @@ def _early_warning() -> None:
             f"Save what it needs to $GPUD_STATE_DIR (set a handler for {name} to act on it)"
         )
 
-    note._gpud_note = True  # type: ignore[attr-defined]
+    note._gpud_note = True  # type: ignore[attr-defined]  # a mark on a function
     with contextlib.suppress(ValueError, OSError):
         signal.signal(sig, note)
 

@@ -143,8 +143,8 @@ class LinkSampler:
         nv = self.nv
         while not self._stop.is_set():
             try:
-                g = nv.nvmlDeviceGetCurrPcieLinkGeneration(self.h)  # type: ignore[attr-defined]
-                w = nv.nvmlDeviceGetCurrPcieLinkWidth(self.h)  # type: ignore[attr-defined]
+                g = nv.nvmlDeviceGetCurrPcieLinkGeneration(self.h)  # type: ignore[attr-defined]  # newer NVML
+                w = nv.nvmlDeviceGetCurrPcieLinkWidth(self.h)  # type: ignore[attr-defined]  # newer NVML
                 self.best = max(self.best, (int(g), int(w)))
             except Exception:  # noqa: BLE001 - no reading: the max-link figure stands
                 return
@@ -170,11 +170,11 @@ def main() -> int:  # noqa: C901 - one straight script, step by step
     rep = Report()
 
     try:
-        import pynvml  # type: ignore[import-untyped]
+        import pynvml  # type: ignore[import-untyped]  # ships no hints
 
         pynvml.nvmlInit()
         count = pynvml.nvmlDeviceGetCount()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - a check script: report, go on
         count, why = 0, f"NVML: {type(e).__name__}: {e}"
     else:
         why = "NVML reports no GPUs"

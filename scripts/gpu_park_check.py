@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import gpud_client as gpud  # noqa: E402
-from gpud_client import Client  # noqa: E402
+import gpud_client as gpud  # noqa: E402 - sys.path is set first
+from gpud_client import Client  # noqa: E402 - sys.path is set first
 
 failed = 0
 _state: dict = {}
@@ -120,11 +120,11 @@ def pcie_gbps(index: int) -> float | None:
         width = pynvml.nvmlDeviceGetMaxPcieLinkWidth(h)
         per_lane = {3: 0.985, 4: 1.969, 5: 3.938, 6: 7.877}.get(int(gen))
         return per_lane * int(width) if per_lane else None
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a check script: report, go on
         return None
 
 
-def until(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+def until(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]  # a script
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if pred():

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import gpud_client as gpud  # noqa: E402
+import gpud_client as gpud  # noqa: E402 - sys.path is set first
 
 failed = 0
 
@@ -100,7 +100,7 @@ def gpu_used(index: int) -> int | None:
         return None
 
 
-def until(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+def until(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]  # a script
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if pred():
@@ -156,14 +156,14 @@ def main() -> int:
             f"checksum on {v['where']}: {v['after']} == {v['before']}",
         )
         out(lines(progress) == a.steps, f"it made all {a.steps} steps")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - a check script: report, go on
         out(False, f"{type(e).__name__}: {e}")
         low.cancel_quietly()
         high.cancel_quietly()
     return 1 if failed else 0
 
 
-def high_job_result(high, deadline: float) -> int:  # type: ignore[no-untyped-def]
+def high_job_result(high, deadline: float) -> int:  # type: ignore[no-untyped-def]  # a script
     return int(high.get(timeout=max(1.0, deadline - time.monotonic())))
 
 

@@ -203,7 +203,7 @@ class GpudTui(App[None]):
             job = await self.client.cancel(job_id)
         except ApiError as e:
             self.post_message(JobCancelled(job_id, None, e.detail))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any failure is shown, the TUI goes on
             self.post_message(JobCancelled(job_id, None, str(e) or type(e).__name__))
         else:
             self.post_message(JobCancelled(job_id, job.state))

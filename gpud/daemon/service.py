@@ -404,7 +404,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
 def _submit_and_get(
     ledger: Ledger, jobs: Sequence[NewJob], function: bytes, now: float, **kw: object
 ) -> tuple[int | None, list[Job]]:
-    batch_id, ids = ledger.submit(jobs, function, now, **kw)  # type: ignore[arg-type]
+    batch_id, ids = ledger.submit(jobs, function, now, **kw)  # type: ignore[arg-type]  # kw: submit's keywords, from the API
     return batch_id, _get_many(ledger, ids)
 
 

@@ -49,7 +49,7 @@ class Supervision(Suspending):
         assigned = rec.assigned
         try:
             await self._run_job(job, handle, scope)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a bug must fail this job, not the daemon
             log.exception("internal error while supervising job %s", job.id)
             live = rec.handle or handle
             if live is not None:
@@ -68,7 +68,7 @@ class Supervision(Suspending):
                             False,
                         ),
                     )
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - logged; cleanup below must still run
                 log.exception("could not record the failure of job %s", job.id)
         finally:
             if assigned is not None and rec.assigned is assigned:

@@ -343,7 +343,7 @@ class Suspending(DaemonCore):
 
 
 def _pause(executor: object, container: str, stop: bool) -> None:
-    c = executor.client.containers.get(container)  # type: ignore[attr-defined]
+    c = executor.client.containers.get(container)  # type: ignore[attr-defined]  # Podman executor only
     if stop:
         c.pause()
         return

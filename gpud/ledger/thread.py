@@ -157,7 +157,8 @@ class LedgerThread:
         assert self._ledger is not None, "ledger is closed"
         c = _Call(fn, args, kwargs)
         self._queue.put(c)
-        return c.future.result()  # type: ignore[no-any-return]
+        result: T = c.future.result()
+        return result
 
     def close(self) -> None:
         """Run what is queued, then close the connection and end the thread."""

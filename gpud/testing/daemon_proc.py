@@ -29,8 +29,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gpud
+
+if TYPE_CHECKING:
+    from gpud.ledger import Ledger
 
 __all__ = ["DaemonProc", "free_port", "kill_instance_jobs", "stop_podman_service"]
 
@@ -234,7 +238,7 @@ class DaemonProc:
         if url := self.env.get("GPUD_PODMAN_URL"):
             stop_podman_service(url)
 
-    def ledger(self):  # type: ignore[no-untyped-def]
+    def ledger(self) -> Ledger:
         """The daemon's ledger, opened beside it (close it when done)."""
         from gpud.ledger import Ledger
 

@@ -224,7 +224,7 @@ class JobScreen(Screen[None]):
                 log.border_title = f"output of job {self.job_id} (waiting for the daemon)"
                 await asyncio.sleep(self.refresh_every)
                 log.border_title = f"output of job {self.job_id} (following)"
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - shown in the title; the TUI goes on
                 log.border_title = f"output of job {self.job_id}: {_why(e)}"
                 return
         if tail := decoder.decode(b"", final=True):

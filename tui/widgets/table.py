@@ -13,6 +13,7 @@ comparison per cell and nothing else. The first column must show the row's key.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from rich.text import Text
 from textual.widgets import DataTable
@@ -36,8 +37,9 @@ class LiveTable(DataTable[Cell]):
     LiveTable { height: 1fr; }
     """
 
-    def __init__(self, columns: Sequence[tuple[str, str]], **kwargs: object) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)  # type: ignore[arg-type]
+    # DataTable's own keyword arguments pass through as they are (Any: their honest type).
+    def __init__(self, columns: Sequence[tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self._columns = list(columns)
         self._order: list[str] = []
         self._shown: dict[str, list[Cell]] = {}
