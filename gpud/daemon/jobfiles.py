@@ -90,6 +90,7 @@ def prepare_job_dir(
         memory=job.memory,
         cpus=job.cpus,
         python_env=job.python_env,
+        timeout=job.timeout,
     )
 
 

@@ -79,6 +79,8 @@ class LaunchSpec:
     #: the interpreter and environment to run the worker with (process executor, #11);
     #: None: the executor's default
     python_env: PythonEnv | None = None
+    #: the job's timeout in seconds (the Slurm executor's --time backstop, #15)
+    timeout: float | None = None
 
 
 @dataclass(slots=True)
