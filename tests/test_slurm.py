@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,9 +122,16 @@ def daemon(slurm_cluster: str) -> Iterator[DaemonProc]:
         yield d
     finally:
         app.close()
-        os.environ.pop("GPUD_URL", None) if old is None else os.environ.update(GPUD_URL=old)
+        _restore_url(old)
         d.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _restore_url(old: str | None) -> None:
+    if old is None:
+        os.environ.pop("GPUD_URL", None)
+    else:
+        os.environ["GPUD_URL"] = old
 
 
 def _slurm_id(d: DaemonProc, job_id: int) -> int:
@@ -201,23 +207,19 @@ def test_kill9_and_restart_loses_none_and_runs_none_twice(slurm_cluster: str) ->
     base = make_base_dir()
     d = _slurm_daemon(base)
     try:
-        with Client(d.url) as c:
-            old = os.environ.get("GPUD_URL")
-            os.environ["GPUD_URL"] = d.url
+        old = os.environ.get("GPUD_URL")
+        os.environ["GPUD_URL"] = d.url
+        app.close()
+        try:
+            handles = [nap.spawn(2.0) for _ in range(4)]
+            wait_for(lambda: any(h.status().state == "running" for h in handles), 30)
+            d.kill9()
+            d.start()
             app.close()
-            try:
-                handles = [nap.spawn(2.0) for _ in range(4)]
-                wait_for(lambda: any(h.status().state == "running" for h in handles), 30)
-                d.kill9()
-                time.sleep(0.5)
-                d.start()
-                app.close()
-                results = [h.get(timeout=120) for h in handles]
-            finally:
-                os.environ.pop("GPUD_URL", None) if old is None else os.environ.update(
-                    GPUD_URL=old
-                )
-                app.close()
+            results = [h.get(timeout=120) for h in handles]
+        finally:
+            _restore_url(old)
+            app.close()
         assert results == ["rested"] * 4
         with Client(d.url) as c:
             for h in handles:
