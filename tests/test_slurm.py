@@ -25,10 +25,6 @@ from .conftest import DaemonProc, make_base_dir, wait_for
 
 pytestmark = pytest.mark.slurm
 
-SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "ci" / "slurm-local.sh"
-if not SCRIPT.exists():  # a worktree beside the main checkout, or CI's clone
-    SCRIPT = Path(__file__).resolve().parents[1].parent / "shared" / "ci" / "slurm-local.sh"
-
 app = gpud.App("slurm")
 
 
@@ -55,43 +51,6 @@ def nap(seconds: float) -> str:
 
     time.sleep(seconds)
     return "rested"
-
-
-def _slurm_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "the local Slurm cluster needs root (slurm-local.sh starts munged and slurmd)"
-    if not SCRIPT.exists():
-        return f"{SCRIPT} is missing"
-    return None
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[str]:
-    """Start the single-node cluster once per session; stop it at the end."""
-    why = _slurm_problem()
-    out = None
-    if why is None:
-        out = subprocess.run(
-            ["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=600
-        )
-        if out.returncode != 0:
-            why = f"slurm-local.sh start failed: {out.stderr.strip()[-500:]}"
-    if why is not None:
-        if os.environ.get("GPUD_REQUIRE_SLURM") == "1":
-            pytest.fail(f"GPUD_REQUIRE_SLURM=1 but {why}")
-        pytest.skip(why)
-    assert out is not None
-    conf = out.stdout.strip().split("=", 1)[1]
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf
-    try:
-        yield conf
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=120)
-        if old is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = old
 
 
 def _slurm_daemon(base: Path) -> DaemonProc:

@@ -19,12 +19,14 @@ succeeded. Slurm's state says when it ended, and how where the worker could not 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shlex
 import signal
 import subprocess
+import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,12 @@ import trio
 from gpud.config import Config
 from gpud.domain import Job, JobState
 from gpud.executors.base import ExecutorRefusal, Handle, LaunchSpec, Outcome
-from gpud.executors.process import ProcessExecutor, job_environment, switch_user_command
+from gpud.executors.process import (
+    ProcessExecutor,
+    find_job_processes,
+    job_environment,
+    switch_user_command,
+)
 from gpud.identity import JobIdentity
 from gpud.safefs import write_new
 from gpud_client.jobdir import worker_command
@@ -181,7 +188,9 @@ class _Poller:
         self.watched: dict[int, int] = {}  # slurm id -> waiters
         self.states: dict[int, SlurmState] = {}
         self.misses: dict[int, int] = {}
-        self.polled_at = -math.inf  # trio time the last poll began
+        #: time.monotonic() when the last poll began: not trio's clock, whose origin is
+        #: each run's own (an executor may outlive a trio run, as in the contract tests)
+        self.polled_at = -math.inf
         self.polls = 0
         self._busy: trio.Event | None = None
 
@@ -193,9 +202,9 @@ class _Poller:
                 continue
             self._busy = trio.Event()
             try:
-                await trio.sleep_until(self.polled_at + self.interval)
+                await trio.sleep(max(0.0, self.polled_at + self.interval - time.monotonic()))
                 ids = list(self.watched)
-                began = trio.current_time()
+                began = time.monotonic()
                 try:
                     found = await trio.to_thread.run_sync(query_states, ids)
                 except (SlurmError, OSError, subprocess.SubprocessError) as e:
@@ -278,7 +287,18 @@ class SlurmExecutor(ProcessExecutor):
         return "", self.version
 
     def job_for_pid(self, pid: int, handles: Iterable[Handle]) -> int | None:
-        return None  # jobs run on Slurm's nodes, not among this machine's processes
+        """A job's process on this machine (a node of the cluster, as on a single-node
+        one), by the marks in its environment; None for other nodes' and others'."""
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = dict(e.partition(b"=")[::2] for e in fh.read().split(b"\0") if e)
+        except OSError:
+            return None
+        if env.get(b"GPUD_INSTANCE") != self.instance.encode():
+            return None
+        raw = env.get(b"GPUD_JOB_ID", b"")
+        job_id = int(raw) if raw.isdigit() else None
+        return job_id if any(h.job_id == job_id for h in handles) else None
 
     def cleanup(self, active: set[int], pids: Collection[int] = ()) -> None:
         return None
@@ -370,7 +390,7 @@ class SlurmExecutor(ProcessExecutor):
         sid = handle.pid
         self.poller.watch(sid)
         try:
-            after = trio.current_time()
+            after = time.monotonic()
             while True:
                 st, misses = await self.poller.next_state(sid, after)
                 after = self.poller.polled_at
@@ -409,6 +429,12 @@ class SlurmExecutor(ProcessExecutor):
             _run(["scancel", str(handle.pid)])
         except (OSError, subprocess.SubprocessError) as e:
             log.warning("scancel %s: %s", handle.pid, e)
+        # A process the job left that escaped Slurm's tracking (proctrack/linuxproc loses a
+        # child whose parent exited; proctrack/cgroup does not): on this machine, by the
+        # marks in its environment. Other nodes are Slurm's to clean.
+        for pid in find_job_processes(handle.job_id, self.instance):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
     def adopt(self, job: Job) -> Handle | None:
         sid = job.pid if job.state is JobState.RUNNING else None
