@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 import gpud_client as gpud
-from gpud.executors.slurm import parse_squeue, query_states
+from gpud.daemon.jobfiles import judge
+from gpud.domain import JobState
+from gpud.executors.slurm import SlurmState, outcome_of, parse_squeue, query_states
 from gpud.executors.slurm_gpus import parse_gres
 from gpud_client import Client, JobCancelled, JobFailed, JobTimedOut
 
@@ -114,6 +116,12 @@ def test_parsers() -> None:
     assert parse_gres("(null)") == []
     st = parse_squeue("7|FAILED|NonZeroExitCode|768|\n8|PENDING|Resources|0|\n")
     assert st[7].final and st[7].exit_code == 768 and st[8].reason == "Resources"
+    assert outcome_of(st[7]).exit_code == 3
+    lost = outcome_of(SlurmState("NODE_FAIL", "NodeDown", None))
+    assert lost.lost and "NODE_FAIL" in lost.lost
+    finished = judge(Path("/"), None, False, lost)
+    assert finished.state is JobState.LOST and finished.retryable  # retried by policy
+    assert outcome_of(SlurmState("OUT_OF_MEMORY", "", None), 2**30).oom_killed
 
 
 def test_remote_square_runs_as_a_slurm_job(daemon: DaemonProc) -> None:

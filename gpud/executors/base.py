@@ -101,6 +101,9 @@ class Outcome:
     #: the kernel's OOM killer ended it at its memory limit (a container's OOMKilled, #16)
     oom_killed: bool = False
     memory_limit: int | None = None  # that limit, in bytes, where known
+    #: the job was lost through no fault of its own, and why ("NODE_FAIL" from Slurm, #15):
+    #: without a result it ends LOST, and is retried by its policy
+    lost: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,7 +175,9 @@ def outcome_of(st: SlurmState | None, memory: int | None = None) -> Outcome:
         if status & 0x7F:
             return Outcome(exit_code=None, signal=status & 0x7F)
         return Outcome(exit_code=(status >> 8) & 0xFF)
-    # NODE_FAIL, PREEMPTED, BOOT_FAIL: the job was lost; its retries follow gpud's policy.
+    if st.state in ("NODE_FAIL", "PREEMPTED", "BOOT_FAIL"):
+        # Lost, through no fault of its own: retried by gpud's policy.
+        return Outcome(exit_code=None, lost=f"Slurm reports {st.state} ({st.reason})")
     return Outcome(exit_code=None)
 
 
