@@ -63,6 +63,7 @@ def _slurm_daemon(base: Path) -> DaemonProc:
             "GPUD_GPUS": "auto",  # the cluster's GPUs, from sinfo
             "GPUD_SLURM_SHARED_DIR": str(base / "shared"),
             "GPUD_KILL_GRACE": "1",
+            "GPUD_CPU_SLOTS": "4",  # more than the node's 2 CPUs: Slurm queues the rest
             "GPUD_RETRY_BACKOFF": "0.2",
             "GPUD_LOG_LEVEL": "info",
             "GPUD_RETENTION_INTERVAL": "none",
@@ -160,6 +161,25 @@ def test_cancel_ends_the_slurm_job(daemon: DaemonProc) -> None:
     with pytest.raises(JobCancelled):
         h.get(timeout=30)
     wait_for(lambda: not _squeue_lists(sid), timeout=30)
+
+
+def test_slurm_pending_reason_shows_in_ps(daemon: DaemonProc) -> None:
+    # Two CPUs on the node: the third job pends in Slurm for Resources.
+    handles = [nap.spawn(3.0) for _ in range(3)]
+    try:
+        seen: set[str] = set()
+
+        def resources() -> bool:
+            with Client() as c:
+                seen.update(c.get_job(h.id).reason or "" for h in handles)
+            return "pending in Slurm: waiting for resources (Resources)" in seen
+
+        wait_for(resources, timeout=30)
+        assert [h.get(timeout=60) for h in handles] == ["rested"] * 3
+    finally:
+        for h in handles:
+            if h.status().state not in ("succeeded", "failed", "cancelled"):
+                h.cancel()
 
 
 def test_timeout_ends_the_slurm_job(daemon: DaemonProc) -> None:

@@ -56,6 +56,7 @@ __all__ = [
     "gpu_uuid",
     "job_name",
     "parse_squeue",
+    "pending_text",
     "query_states",
     "slurm_executor",
 ]
@@ -179,6 +180,31 @@ def outcome_of(st: SlurmState | None, memory: int | None = None) -> Outcome:
         # Lost, through no fault of its own: retried by gpud's policy.
         return Outcome(exit_code=None, lost=f"Slurm reports {st.state} ({st.reason})")
     return Outcome(exit_code=None)
+
+
+#: Slurm's commonest pending reasons, in words (`gpud ps`); others are shown as Slurm says them
+PENDING_WORDS = {
+    "Resources": "waiting for resources",
+    "Priority": "other jobs come first",
+    "Dependency": "waiting for a dependency",
+    "BeginTime": "waiting for its start time",
+    "JobHeldUser": "held by its user",
+    "JobHeldAdmin": "held by an admin",
+    "ReqNodeNotAvail": "the nodes it needs are unavailable",
+    "PartitionDown": "its partition is down",
+    "QOSMaxGRESPerUser": "the QOS's per-user GPU limit is reached",
+    "QOSMaxCpuPerUserLimit": "the QOS's per-user CPU limit is reached",
+    "QOSMaxJobsPerUserLimit": "the QOS's per-user job limit is reached",
+    "AssocGrpGRES": "the account's GPU limit is reached",
+    "AssocMaxJobsLimit": "the account's job limit is reached",
+}
+
+
+def pending_text(reason: str) -> str:
+    """``gpud ps``'s words for a job Slurm holds pending: "pending in Slurm: waiting for
+    resources (Resources)"."""
+    words = PENDING_WORDS.get(reason)
+    return f"pending in Slurm: {words} ({reason})" if words else f"pending in Slurm: {reason}"
 
 
 class _Poller:
@@ -402,6 +428,14 @@ class SlurmExecutor(ProcessExecutor):
                     return outcome_of(None)
         finally:
             self.poller.unwatch(sid)
+
+    def held_note(self, job: Job) -> str | None:
+        """Why Slurm has not started a job gpud has submitted, from the last poll (no
+        squeue of its own); None once it runs."""
+        st = self.poller.states.get(job.pid) if job.pid is not None else None
+        if st is None or st.state != "PENDING":
+            return None
+        return pending_text(st.reason)
 
     def state_of(self, sid: int) -> SlurmState | None:
         """The job's state now, from one squeue of its own (tests, `adopt`)."""
