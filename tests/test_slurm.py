@@ -23,7 +23,7 @@ from gpud.executors.slurm import SlurmState, outcome_of, parse_squeue, query_sta
 from gpud.executors.slurm_gpus import parse_gres
 from gpud_client import Client, JobCancelled, JobFailed, JobTimedOut
 
-from .conftest import DaemonProc, make_base_dir, wait_for
+from .conftest import DaemonProc, gpud_cli, make_base_dir, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -133,6 +133,25 @@ def test_remote_square_runs_as_a_slurm_job(daemon: DaemonProc) -> None:
     assert st.state == "COMPLETED"
     # The worker ran as nobody (root's jobs), through the job's directory in the shared dir.
     assert (daemon.base / "shared" / "jobs" / str(h.id) / "slurm.sh").exists()
+
+
+def test_gpud_run_prints_49_and_sacct_shows_the_job(daemon: DaemonProc) -> None:
+    out = gpud_cli(
+        "run", "examples/hello.py::square", "--x", "7", "--gpu", "h100", env=daemon.client_env()
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "49"
+    inst = (daemon.data_dir / "instance").read_text().strip()[:12]
+    # This cluster keeps no accounting database: `sacct -c` reads its job-completion log.
+    wait_for(
+        lambda: (
+            f"gpud-{inst}-"
+            in subprocess.run(
+                ["sacct", "-c", "-n", "-P", "-o", "JobName,State"], capture_output=True, text=True
+            ).stdout
+        ),
+        timeout=15,
+    )
 
 
 def test_remote_error_comes_home_as_its_type(daemon: DaemonProc) -> None:
