@@ -125,6 +125,42 @@ def test_parsers() -> None:
     assert outcome_of(SlurmState("OUT_OF_MEMORY", "", None), 2**30).oom_killed
 
 
+def test_an_unwritable_shared_dir_stops_the_daemon_saying_so(tmp_path: Path) -> None:
+    env = dict(
+        os.environ,
+        GPUD_EXECUTOR="slurm",
+        GPUD_SLURM_SHARED_DIR="/proc/no-such-dir/gpud",
+        GPUD_DATA_DIR=str(tmp_path / "data"),
+        GPUD_SOCKET=str(tmp_path / "gpud.sock"),
+    )
+    out = gpud_cli("serve", env=env, timeout=60)
+    assert out.returncode != 0
+    assert "slurm_shared_dir = /proc/no-such-dir/gpud is not writable" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+async def test_jobs_are_never_submitted_as_root(tmp_path: Path) -> None:
+    from gpud.executors.base import ExecutorRefusal, LaunchSpec
+    from gpud.executors.slurm import SlurmExecutor, SlurmSettings
+    from gpud.identity import JobIdentity
+
+    root = JobIdentity("root", 0, 0, "/root", switch=False)
+    ex = SlurmExecutor(
+        settings=SlurmSettings(),
+        python="/usr/bin/python3",
+        version="3",
+        runtime_dir=tmp_path,
+        identity=root,
+        instance="test",
+    )
+    spec = LaunchSpec(
+        job_id=1, attempt=1, job_dir=tmp_path, log_path=tmp_path / "log", gpus=(), identity=root
+    )
+    with pytest.raises(ExecutorRefusal, match="never run as root"):
+        await ex.launch(spec)
+    assert not (tmp_path / "slurm.sh").exists()  # nothing written, nothing submitted
+
+
 def test_remote_square_runs_as_a_slurm_job(daemon: DaemonProc) -> None:
     h = square.spawn(7)
     assert h.get(timeout=60) == 49
