@@ -41,6 +41,7 @@ from gpud.api_submit import idempotency as _idempotency
 from gpud.api_submit import new_jobs as _new_jobs
 from gpud.api_submit import replayed as _replayed
 from gpud.api_submit import storage_error as _storage_error
+from gpud.api_tty import tty_routes
 from gpud.api_watch import WATCH_DOC, watch_routes
 from gpud.auth import (
     Auth,
@@ -139,6 +140,7 @@ def create_app(daemon: JobService) -> Starlette:
                 gpu_source=daemon.inventory.source,
                 pid=os.getpid(),
                 started_at=daemon.started_at,
+                shell_idle_timeout=daemon.config.shell_idle_timeout,
             )
         )
 
@@ -444,6 +446,7 @@ def create_app(daemon: JobService) -> Starlette:
     ]
     routes.append(Route("/openapi.json", openapi_doc, methods=["GET"]))
     routes.append(Route("/metrics", metrics_endpoint(daemon, auth), methods=["GET"]))  # #16
+    routes.extend(tty_routes(daemon, auth))  # WebSockets of `gpud shell` and `gpud exec` (#14)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

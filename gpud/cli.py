@@ -44,6 +44,9 @@ LAZY = {
     "suspend": "gpud.cli_suspend:suspend",  # #13
     "resume": "gpud.cli_suspend:resume",
     "doctor": "gpud.cli_doctor:doctor",
+    "shell": "gpud.cli_shell:shell",  # #14
+    "attach": "gpud.cli_shell:attach",
+    "exec": "gpud.cli_shell:exec_command",
 }
 
 

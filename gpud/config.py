@@ -81,6 +81,8 @@ class Config:
     kill_grace: float = 10.0
     #: the longest grace= a job may ask for (#14): its SIGTERM-to-SIGKILL seconds
     max_grace: float = 300.0
+    #: a `gpud shell` session with no client attached and no input this long ends (#14)
+    shell_idle_timeout: float = 3600.0
     #: first retry waits this long, doubling per attempt up to retry_backoff_max
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
@@ -196,6 +198,7 @@ _DURATIONS = {
     "default_timeout",
     "kill_grace",
     "max_grace",
+    "shell_idle_timeout",
     "retry_backoff",
     "retry_backoff_max",
     "gpu_poll_interval",

@@ -550,6 +550,8 @@ class Health(msgspec.Struct, kw_only=True):
     gpu_source: str
     pid: int
     started_at: float
+    #: seconds a `gpud shell` session may sit with no client and no input (#14)
+    shell_idle_timeout: float | None = None
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):

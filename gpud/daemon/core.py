@@ -330,11 +330,16 @@ class DaemonCore:
         if w.handle is not None:
             # Closed, it ends on its own after its @gpud.exit methods (#14): give it the
             # stop grace for them before the kill.
-            with trio.move_on_after(min(self.config.kill_grace, 10.0)):
-                await self.executor.wait(w.handle)
-            await trio.to_thread.run_sync(self.executor.reap, w.handle)
-            with trio.move_on_after(5):
-                await self.executor.wait(w.handle)  # collect it: no zombie left behind
+            try:
+                with trio.move_on_after(min(self.config.kill_grace, 10.0)):
+                    await self.executor.wait(w.handle)
+            finally:
+                # Even when the daemon is stopping (this task cancelled): a worker ended is
+                # reaped, so no process or container of a finished job is left behind.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.executor.reap, w.handle)
+                    with trio.move_on_after(5):
+                        await self.executor.wait(w.handle)  # collect it: no zombie
 
     def gpu_holders(self) -> dict[str, Job]:
         """GPU UUID -> the job holding it; an idle warm worker holds its GPUs in the name
