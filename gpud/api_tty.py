@@ -160,6 +160,15 @@ def tty_routes(daemon: JobService, auth: Auth) -> list[Any]:  # Starlette routes
             job, handle = await owned_running(ws, "exec in")
             if handle is None or (handle.container is None and handle.pid <= 0):
                 raise _Refused(409, "not_running", f"job {job.id} has no process yet")
+            if daemon.executor.name == "slurm":
+                # The handle's pid is a Slurm job id, not a process here (#15).
+                raise _Refused(
+                    409,
+                    "not_supported",
+                    f"gpud exec is not available with the Slurm executor: job {job.id} is "
+                    f"Slurm job {handle.pid}; use `srun --jobid={handle.pid} --overlap --pty "
+                    "CMD` on the cluster",
+                )
             try:
                 argv = json.loads(await ws.receive_text())["argv"]
                 if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):

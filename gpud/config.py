@@ -33,8 +33,19 @@ class Config:
     socket: Path = field(default_factory=default_socket)
     #: "HOST:PORT" to also listen on TCP; every TCP request needs a token (#5)
     tcp: str | None = None
-    #: "process" (plain processes) or "podman" (a container per job)
+    #: "process" (plain processes), "podman" (a container per job) or "slurm" (#15)
     executor: str = "process"
+    #: Slurm executor (#15): the directory every node mounts, for job directories and the
+    #: worker runtime; None: the data directory (a single-node cluster)
+    slurm_shared_dir: Path | None = None
+    #: gpud's GPU types -> the cluster's GRES types ({h100 = "h100", a100 = "a100_80g"});
+    #: a type not listed keeps its name
+    slurm_gpu_types: dict[str, str] = field(default_factory=dict)
+    slurm_partition: str | None = None
+    slurm_account: str | None = None
+    slurm_qos: str | None = None
+    #: more sbatch arguments for every job, e.g. ["--constraint=ib"]
+    slurm_extra_args: list[str] = field(default_factory=list)
     #: the image of a job without image= (Podman); None: localhost/gpud-python:X.Y for the
     #: daemon's own Python X.Y (what ../shared/ci/podman-host-setup.sh --image builds)
     default_image: str | None = None
@@ -162,11 +173,19 @@ class Config:
 
     @property
     def jobs_dir(self) -> Path:
-        return self.data_dir / "jobs"
+        return self._shared_root / "jobs"
 
     @property
     def runtime_dir(self) -> Path:
-        return self.data_dir / "runtime"
+        return self._shared_root / "runtime"
+
+    @property
+    def _shared_root(self) -> Path:
+        """Where job directories and the worker runtime live: on a Slurm cluster's
+        shared directory, which every node mounts (#15), else in the data directory."""
+        if self.executor == "slurm" and self.slurm_shared_dir is not None:
+            return self.slurm_shared_dir
+        return self.data_dir
 
     @property
     def effective_default_timeout(self) -> float:
@@ -241,6 +260,19 @@ def _coerce(name: str, value: Any) -> Any:
             return seconds
         if name in ("data_dir", "socket"):
             return Path(os.path.expanduser(str(value)))
+        if name == "slurm_shared_dir":
+            return Path(os.path.expanduser(str(value))) if value else None
+        if name == "slurm_gpu_types":
+            return _gpu_type_map(value)
+        if name == "slurm_extra_args":
+            import shlex
+
+            items = shlex.split(value) if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+                raise ValueError('a list of sbatch arguments, e.g. ["--constraint=ib"]')
+            return list(items)
+        if name in ("slurm_partition", "slurm_account", "slurm_qos"):
+            return str(value) if value else None
         if name in ("podman_start_service", "podman_read_only"):
             if isinstance(value, bool):
                 return value
@@ -350,6 +382,20 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"setting {name} = {value!r} is not valid: {e}") from None
 
 
+def _gpu_type_map(value: Any) -> dict[str, str]:
+    """slurm_gpu_types: a TOML table, or "h100=h100,a100=a100_80g" from the environment."""
+    if isinstance(value, str):
+        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError('"gpud_type=gres_type,...", e.g. "h100=h100,a100=a100_80g"')
+        value = {k.strip(): v.strip() for k, v in pairs}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()
+    ):
+        raise ValueError('a table of GPU types, e.g. {h100 = "h100", a100 = "a100_80g"}')
+    return {k.lower(): v for k, v in value.items()}
+
+
 def load_config(
     path: str | Path | None = None,
     env: dict[str, str] | None = None,
@@ -386,9 +432,9 @@ def load_config(
             raise ConfigError(f"unknown setting {k}")
         values[k] = _coerce(k, v)
     cfg = replace(Config(), **values)
-    if cfg.executor not in ("process", "podman"):
+    if cfg.executor not in ("process", "podman", "slurm"):
         raise ConfigError(
-            f'executor = {cfg.executor!r} is not available: use "process" or "podman"'
+            f'executor = {cfg.executor!r} is not available: use "process", "podman" or "slurm"'
         )
     if cfg.gpus not in ("auto", "fake", "none"):
         raise ConfigError(f'gpus = {cfg.gpus!r}: use "auto", "fake" or "none"')

@@ -63,6 +63,9 @@ def job_info(daemon: JobService, job: Job, wait: Wait | None | bool = True) -> J
         reason, position = (wait.reason, wait.position) if wait else (None, None)
     if job.state is JobState.SUSPENDED:
         reason = daemon.suspended_note(job)  # "suspended for job 812 (priority 10 > 0)"
+    elif job.state is JobState.RUNNING and reason is None:
+        held = getattr(daemon.executor, "held_note", None)  # the Slurm executor's (#15)
+        reason = held(job) if held is not None else None
     suspended = job.suspended_s + (
         daemon.clock.time() - job.suspended_at if job.suspended_at is not None else 0.0
     )

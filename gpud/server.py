@@ -73,6 +73,10 @@ def prepare_dirs(config: Config) -> None:
     """Create the data and jobs directories with the modes the daemon needs (also used by
     `gpud admin`, which may run before the daemon ever has)."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    if config.executor == "slurm":
+        from gpud.executors.slurm import check_shared_dir
+
+        check_shared_dir(config.jobs_dir.parent)  # a clear message if it is not writable
     config.jobs_dir.mkdir(exist_ok=True)
     # Job users must traverse into their own job directory (0700, theirs) but not list
     # others': 0711 on the way down.
@@ -87,6 +91,10 @@ def prepare_dirs(config: Config) -> None:
 def _open_inventory(config: Config) -> GpuInventory:
     from gpud.testing.fake_gpus import FakeGpuInventory
 
+    if config.executor == "slurm" and config.gpus == "auto":
+        from gpud.executors.slurm_gpus import SlurmGpuInventory
+
+        return SlurmGpuInventory(config.slurm_gpu_types)  # the cluster's GPUs (#15)
     if config.gpus == "fake":
         return FakeGpuInventory(config.fake_gpus, note='gpus = "fake": these GPUs are FAKE')
     if config.gpus == "none":
@@ -131,6 +139,12 @@ async def _make_executor(
     python, version = await trio.to_thread.run_sync(
         resolve_worker_python, config.python, ident, runtime
     )
+    if config.executor == "slurm":
+        from gpud.executors.slurm import slurm_executor
+
+        ex = slurm_executor(config, python, version, runtime, ident, instance)
+        await ex.start()
+        return ex, version, python
     process = ProcessExecutor(
         python=python,
         version=version,

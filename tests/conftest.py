@@ -211,6 +211,47 @@ def shared_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+#: the single-node Slurm of tests/test_slurm.py and the contract suite's Slurm harness (#15)
+SLURM_LOCAL = REPO.parent / "shared" / "ci" / "slurm-local.sh"
+
+
+def _slurm_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "the local Slurm cluster needs root (slurm-local.sh starts munged and slurmd)"
+    if not SLURM_LOCAL.exists():
+        return f"{SLURM_LOCAL} is missing"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[str]:
+    """Start the single-node cluster once per session; stop it at the end."""
+    why = _slurm_problem()
+    out = None
+    if why is None:
+        out = subprocess.run(
+            ["bash", str(SLURM_LOCAL), "start"], capture_output=True, text=True, timeout=600
+        )
+        if out.returncode != 0:
+            why = f"slurm-local.sh start failed: {out.stderr.strip()[-500:]}"
+    if why is not None:
+        if os.environ.get("GPUD_REQUIRE_SLURM") == "1":
+            pytest.fail(f"GPUD_REQUIRE_SLURM=1 but {why}")
+        pytest.skip(why)
+    assert out is not None
+    conf = out.stdout.strip().split("=", 1)[1]
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    try:
+        yield conf
+    finally:
+        subprocess.run(["bash", str(SLURM_LOCAL), "stop"], capture_output=True, timeout=120)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     shutil.rmtree(SHARED_ROOT, ignore_errors=True)
 

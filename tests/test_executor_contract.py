@@ -241,6 +241,41 @@ class PodmanHarness(RealHarness):
         return ex
 
 
+class SlurmHarness(ProcessHarness):
+    """The Slurm executor (#15) on the single-node cluster: its jobs' processes are this
+    machine's, found by their environment as the process executor's are."""
+
+    name = "slurm"
+    caps = Caps(job_python=True)
+
+    def _new(self) -> Any:
+        from gpud.executors.slurm import SlurmExecutor, SlurmSettings
+
+        return SlurmExecutor(
+            settings=SlurmSettings(poll_interval=0.2),
+            python=self.python,
+            version=self.version,
+            runtime_dir=self.runtime,
+            identity=self.ident,
+            instance=self.instance,
+        )
+
+    def kill(self, handle: Handle, sig: int) -> None:
+        # handle.pid is the Slurm job id: signal the worker, the batch job's leader.
+        leaders = [p for p in self.pids(handle.job_id) if _parent_is_stepd(p)]
+        assert leaders, f"no process of Slurm job {handle.pid} on this machine"
+        os.kill(leaders[0], sig)
+
+
+def _parent_is_stepd(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+        return os.path.basename(os.readlink(f"/proc/{ppid}/exe")).startswith("slurmstepd")
+    except (OSError, ValueError):
+        return False
+
+
 class FakeHarness(Harness):
     name = "fake"
     caps = Caps()
@@ -279,10 +314,12 @@ def _python() -> str:
     return "{}.{}.{}".format(*sys.version_info[:3])
 
 
-@pytest.fixture(scope="module", params=["process", "process-fork", "podman", "fake"])
+@pytest.fixture(scope="module", params=["process", "process-fork", "podman", "slurm", "fake"])
 def machine(request: pytest.FixtureRequest) -> Iterator[Harness]:
     if request.param == "podman":
         require_podman()
+    if request.param == "slurm":
+        request.getfixturevalue("slurm_cluster")  # skips, or fails in CI, without Slurm
     if request.param != "fake" and os.geteuid() != 0:
         pytest.skip("runs jobs as the job user 'nobody': needs root (CI runs as root)")
     base = Path(tempfile.mkdtemp(prefix="gpud-contract-", dir="/tmp"))
@@ -291,6 +328,7 @@ def machine(request: pytest.FixtureRequest) -> Iterator[Harness]:
         "process": ProcessHarness,
         "process-fork": ProcessForkHarness,
         "podman": PodmanHarness,
+        "slurm": SlurmHarness,
         "fake": FakeHarness,
     }
     h = kinds[request.param](base)

@@ -90,6 +90,7 @@ def prepare_job_dir(
         memory=job.memory,
         cpus=job.cpus,
         python_env=job.python_env,
+        timeout=job.timeout,
     )
 
 
@@ -125,6 +126,8 @@ def judge(
         msg = f"{(status.type or 'Error').rsplit('.', 1)[-1]}: {status.message or ''}".strip()
         setup = code == EXIT_SETUP
         return Finished(JobState.FAILED, msg, code, has_result, not setup)
+    if outcome.lost is not None:
+        return Finished(JobState.LOST, f"lost: {outcome.lost}", code, False, True)
     if outcome.oom_killed:
         why = "out of memory" + (
             f" (limit {_size(outcome.memory_limit)})" if outcome.memory_limit else ""

@@ -79,6 +79,8 @@ class LaunchSpec:
     #: the interpreter and environment to run the worker with (process executor, #11);
     #: None: the executor's default
     python_env: PythonEnv | None = None
+    #: the job's timeout in seconds (the Slurm executor's --time backstop, #15)
+    timeout: float | None = None
 
 
 @dataclass(slots=True)
@@ -99,6 +101,9 @@ class Outcome:
     #: the kernel's OOM killer ended it at its memory limit (a container's OOMKilled, #16)
     oom_killed: bool = False
     memory_limit: int | None = None  # that limit, in bytes, where known
+    #: the job was lost through no fault of its own, and why ("NODE_FAIL" from Slurm, #15):
+    #: without a result it ends LOST, and is retried by its policy
+    lost: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
