@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ for p in (REPO, REPO / "bench"):
         sys.path.insert(0, str(p))
 
 from run import Daemon  # noqa: E402 - sys.path is set first
+
+from gpud.testing.daemon_proc import gpud_admin  # noqa: E402 - sys.path is set first
 
 #: Cases a failure report keeps (the first ones of each operation and status).
 _KEEP = 20
@@ -248,50 +249,11 @@ def _fuzz_user(data_dir: Path) -> tuple[str, str]:
     """A gpud user for the fuzzer, made before the daemon's first start. As root the
     daemon runs jobs as their submitter, so it is a real account (nobody)."""
     name = "nobody" if os.geteuid() == 0 else "fuzzer"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpud",
-            "admin",
-            "--data-dir",
-            str(data_dir),
-            "user",
-            "add",
-            name,
-            "--no-token-file",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=str(REPO),
-        timeout=60,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"gpud admin user add failed: {out.stderr}")
+    token = gpud_admin(data_dir, "user", "add", name, "--no-token-file", cwd=REPO)
     # Submits that get through run (and fail: their function is random bytes); a quota
     # keeps the queue from growing without end, and its refusal is one more path covered.
-    quota = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpud",
-            "admin",
-            "--data-dir",
-            str(data_dir),
-            "quota",
-            "set",
-            name,
-            "--queued",
-            "20",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=str(REPO),
-        timeout=60,
-    )
-    if quota.returncode != 0:
-        raise RuntimeError(f"gpud admin quota set failed: {quota.stderr}")
-    return name, out.stdout.strip()
+    gpud_admin(data_dir, "quota", "set", name, "--queued", "20", cwd=REPO)
+    return name, token
 
 
 def run(seconds: float, *, examples: int = 30, progress: Any = None) -> Report:

@@ -41,6 +41,7 @@ if str(REPO) not in sys.path:
 import gpud_client as gpud  # noqa: E402 - sys.path is set first
 from bench.hotrows import Progress, Row, render  # noqa: E402 - sys.path is set first
 from bench.run import Bench, pct  # noqa: E402 - sys.path is set first
+from gpud.testing.daemon_proc import gpud_admin  # noqa: E402 - sys.path is set first
 from gpud_client.client import Client  # noqa: E402 - sys.path is set first
 
 if __name__ != "__main__":
@@ -110,27 +111,7 @@ def _add_user(data_dir: Path) -> tuple[str, str]:
     """The other gpud user and its token, added as an admin would (`gpud admin user
     add`). On a root daemon a user's jobs run as their Unix account: `nobody` has one."""
     name = "nobody" if os.geteuid() == 0 else "prober"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpud",
-            "admin",
-            "--data-dir",
-            str(data_dir),
-            "user",
-            "add",
-            name,
-            "--no-token-file",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=str(REPO),
-        timeout=60,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"gpud admin user add failed: {out.stderr}")
-    return name, out.stdout.strip()
+    return name, gpud_admin(data_dir, "user", "add", name, "--no-token-file", cwd=REPO)
 
 
 def _queue_waits(ledger: Path, owner: str) -> list[tuple[float, float]]:

@@ -56,6 +56,18 @@ def _set_pdeathsig() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def gpud_admin(data_dir: Path, *args: str, cwd: Path | None = None) -> str:
+    """Run `gpud admin --data-dir DATA_DIR ARGS...` as an admin would, and return what it
+    printed; a failure raises with its error output (bench/fuzz.py, bench/hot_sweep.py)."""
+    argv = [sys.executable, "-m", "gpud", "admin", "--data-dir", str(data_dir), *args]
+    out = subprocess.run(
+        argv, capture_output=True, text=True, cwd=str(cwd) if cwd else None, timeout=60
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"gpud admin {' '.join(args)} failed: {out.stderr}")
+    return out.stdout.strip()
+
+
 def kill_instance_jobs(data_dir: Path) -> None:
     """Kill every job process a daemon on ``data_dir`` left (by the instance id in their
     environment; they run in sessions of their own)."""
