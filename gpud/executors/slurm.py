@@ -125,7 +125,7 @@ def job_name(instance: str, job_id: int, attempt: int) -> str:
     return f"gpud-{instance[:12]}-{job_id}-{attempt}"
 
 
-def _run(cmd: Sequence[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+def _run(cmd: Sequence[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         list(cmd), capture_output=True, text=True, timeout=_CMD_TIMEOUT, env=env, check=False
     )
@@ -289,7 +289,7 @@ class SlurmExecutor(ProcessExecutor):
     supports_job_python = True
 
     def __init__(self, *, settings: SlurmSettings, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+        super().__init__(**kwargs)  # type: ignore[arg-type]  # ProcessExecutor's own keywords, passed through
         self.settings = settings
         self._gres = dict(settings.gpu_types)
         self.poller = _Poller(settings.poll_interval)
