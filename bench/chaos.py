@@ -535,6 +535,13 @@ def main(argv: list[str] | None = None) -> int:
         help="start no round after this many seconds (the run stays bounded)",
     )
     ap.add_argument(
+        "--min-rounds",
+        type=int,
+        default=1,
+        help="rounds run whatever --max-seconds says (a slow machine still tests a restart "
+        "after a restart)",
+    )
+    ap.add_argument(
         "--bound",
         type=float,
         default=45.0,
@@ -609,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         d.start()
         for r in range(args.rounds):
-            if time.monotonic() - started > args.max_seconds:
+            if r >= args.min_rounds and time.monotonic() - started > args.max_seconds:
                 meta["stopped_early"] = f"--max-seconds {args.max_seconds:.0f} reached"
                 break
             run_round(r, args, rnd, d, t, marks, fs, kills)
