@@ -67,6 +67,21 @@ failed=0
 pass() { echo "PASS: $*"; passed=$((passed + 1)); }
 fail() { echo "FAIL: $*"; failed=$((failed + 1)); }
 info() { echo "      $*"; }
+# check_script SECONDS SCRIPT ARGS...: runs one of the Python checks (scripts/gpu_*_check.py),
+# bounded to SECONDS, and counts its PASS/FAIL lines; an exit without a FAIL line is one.
+check_script() {
+  local secs="$1" script="$2" out rc
+  shift 2
+  echo "----- scripts/$script"
+  out="$(timeout "$secs" "$PY" "$REPO/scripts/$script" "$@" 2>&1)"
+  rc=$?
+  echo "$out"
+  passed=$((passed + $(echo "$out" | grep -c '^PASS:')))
+  failed=$((failed + $(echo "$out" | grep -c '^FAIL:')))
+  if [ $rc -ne 0 ] && ! echo "$out" | grep -q '^FAIL:'; then
+    fail "scripts/$script exited $rc without a FAIL line (timed out?)"
+  fi
+}
 
 if ! command -v "$PY" >/dev/null 2>&1; then
   echo "FAIL: no Python: $PY not found (set PYTHON=/path/to/python3)"
@@ -138,16 +153,7 @@ fi
 pass "gpud and its dependencies import with $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
 
 # -- 2b. CUDA checkpoint (#13): park and unpark a process holding GPU memory ---------------
-echo "----- scripts/gpu_ckpt_check.py"
-ckpt_out="$(timeout 200 "$PY" "$REPO/scripts/gpu_ckpt_check.py" --gib "${GPU_CKPT_GIB:-8}" \
-            --timeout 170 2>&1)"
-ckpt_rc=$?
-echo "$ckpt_out"
-passed=$((passed + $(echo "$ckpt_out" | grep -c '^PASS:')))
-failed=$((failed + $(echo "$ckpt_out" | grep -c '^FAIL:')))
-if [ $ckpt_rc -ne 0 ] && ! echo "$ckpt_out" | grep -q '^FAIL:'; then
-  fail "scripts/gpu_ckpt_check.py exited $ckpt_rc without a FAIL line (timed out?)"
-fi
+check_script 200 gpu_ckpt_check.py --gib "${GPU_CKPT_GIB:-8}" --timeout 170
 echo "-----"
 
 # -- 3. the daemon ----------------------------------------------------------------------------
@@ -400,29 +406,12 @@ fi
 
 # -- 6. preemption (#13): a priority-0 torch loop is suspended (GPU state parked) for a
 #    priority-10 job, then resumes and finishes with the right checksum --------------------
-echo "----- scripts/gpu_preempt_check.py"
-pre_out="$(timeout 300 "$PY" "$REPO/scripts/gpu_preempt_check.py" --gib "${GPU_PREEMPT_GIB:-4}" \
-           --timeout 240 2>&1)"
-pre_rc=$?
-echo "$pre_out"
-passed=$((passed + $(echo "$pre_out" | grep -c '^PASS:')))
-failed=$((failed + $(echo "$pre_out" | grep -c '^FAIL:')))
-if [ $pre_rc -ne 0 ] && ! echo "$pre_out" | grep -q '^FAIL:'; then
-  fail "scripts/gpu_preempt_check.py exited $pre_rc without a FAIL line (timed out?)"
-fi
+check_script 300 gpu_preempt_check.py --gib "${GPU_PREEMPT_GIB:-4}" --timeout 240
 
 # -- 7. parking (#13): an idle keep_warm torch worker holding GPU_PARK_GIB GiB is parked when
 #    another job needs its GPU, and the next call unparks it with its tensor intact --------
-echo "----- scripts/gpu_park_check.py"
-park_out="$(timeout 300 "$PY" "$REPO/scripts/gpu_park_check.py" --gib "${GPU_PARK_GIB:-8}" \
-            --log "$BASE/daemon.log" --timeout 240 2>&1)"
-park_rc=$?
-echo "$park_out"
-passed=$((passed + $(echo "$park_out" | grep -c '^PASS:')))
-failed=$((failed + $(echo "$park_out" | grep -c '^FAIL:')))
-if [ $park_rc -ne 0 ] && ! echo "$park_out" | grep -q '^FAIL:'; then
-  fail "scripts/gpu_park_check.py exited $park_rc without a FAIL line (timed out?)"
-fi
+check_script 300 gpu_park_check.py --gib "${GPU_PARK_GIB:-8}" --log "$BASE/daemon.log" \
+  --timeout 240
 echo "-----"
 if [ "$failed" -ne 0 ]; then
   echo "----- daemon log (last 30 lines)"

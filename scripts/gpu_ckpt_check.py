@@ -33,12 +33,9 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from gpu_check_common import PCIE_LANE_GBS, Report
 
 GIB = 1024**3
-#: GB/s per lane after line encoding (8b/10b for gen 1-2, 128b/130b for 3-5, FLIT for 6).
-PCIE_LANE_GBS = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 
 CHILD = r"""
 import ctypes, os, sys, zlib
@@ -98,24 +95,6 @@ for line in sys.stdin:
     elif line.strip() == "EXIT":
         break
 """
-
-
-class Report:
-    def __init__(self) -> None:
-        self.passed = 0
-        self.failed = 0
-        self.figures: dict[str, object] = {}
-
-    def check(self, good: bool, text: str) -> bool:
-        print(("PASS: " if good else "FAIL: ") + text, flush=True)
-        if good:
-            self.passed += 1
-        else:
-            self.failed += 1
-        return good
-
-    def info(self, text: str) -> None:
-        print("      " + text, flush=True)
 
 
 def read_line(proc: subprocess.Popen[str], timeout: float) -> str:

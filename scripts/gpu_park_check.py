@@ -28,24 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from gpu_check_common import Report, gpu_used, pcie_gbps, until
 
-import gpud_client as gpud  # noqa: E402 - sys.path is set first
-from gpud_client import Client  # noqa: E402 - sys.path is set first
+import gpud_client as gpud  # gpu_check_common put this tree first on sys.path
+from gpud_client import Client
 
-failed = 0
+REPORT = Report()
+out, info = REPORT.check, REPORT.info
 _state: dict = {}
-
-
-def out(good: bool, text: str) -> None:
-    global failed
-    failed += not good
-    print(("PASS: " if good else "FAIL: ") + text, flush=True)
-
-
-def info(text: str) -> None:
-    print("      " + text, flush=True)
 
 
 def model(gib: float) -> dict:
@@ -96,41 +86,6 @@ def needy(hold: float) -> dict:
         pass
     time.sleep(hold)  # long enough for NVML to be read meanwhile
     return {"free": free, "total": total}
-
-
-def gpu_used(index: int) -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
-    except Exception:  # noqa: BLE001 - no NVML, fake GPUs: not measured
-        return None
-
-
-def pcie_gbps(index: int) -> float | None:
-    """The link's limit, one direction: PCIe gen 3/4/5/6 carry ~0.985/1.97/3.94/7.88 GB/s
-    per lane."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(index)
-        gen = pynvml.nvmlDeviceGetMaxPcieLinkGeneration(h)
-        width = pynvml.nvmlDeviceGetMaxPcieLinkWidth(h)
-        per_lane = {3: 0.985, 4: 1.969, 5: 3.938, 6: 7.877}.get(int(gen))
-        return per_lane * int(width) if per_lane else None
-    except Exception:  # noqa: BLE001 - a check script: report, go on
-        return None
-
-
-def until(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]  # a script
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def main() -> int:
@@ -241,7 +196,7 @@ def main() -> int:
                         else ""
                     )
                 )
-    return 1 if failed else 0
+    return 1 if REPORT.failed else 0
 
 
 if __name__ == "__main__":

@@ -24,18 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from gpu_check_common import Report, gpu_used, until
 
-import gpud_client as gpud  # noqa: E402 - sys.path is set first
+import gpud_client as gpud  # gpu_check_common put this tree first on sys.path
 
-failed = 0
-
-
-def out(good: bool, text: str) -> None:
-    global failed
-    failed += not good
-    print(("PASS: " if good else "FAIL: ") + text, flush=True)
+REPORT = Report()
+out = REPORT.check
 
 
 @gpud.function(gpu="any", timeout=900, name="gpu-check.preempt_low")
@@ -90,25 +84,6 @@ def lines(p: Path) -> int:
         return 0
 
 
-def gpu_used(index: int) -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
-    except Exception:  # noqa: BLE001 - no NVML, fake GPUs: not measured
-        return None
-
-
-def until(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]  # a script
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=4.0)
@@ -160,7 +135,7 @@ def main() -> int:
         out(False, f"{type(e).__name__}: {e}")
         low.cancel_quietly()
         high.cancel_quietly()
-    return 1 if failed else 0
+    return 1 if REPORT.failed else 0
 
 
 def high_job_result(high, deadline: float) -> int:  # type: ignore[no-untyped-def]  # a script

@@ -328,3 +328,28 @@ async def test_a_parked_worker_ends_when_its_keep_warm_runs_out(clocked) -> None
         while _alive(pid):  # noqa: ASYNC110 - waiting for a process of the daemon's to end
             await trio.sleep(0.05)
     assert (await http.get("/v1/gpus")).json()["parked"] == []
+
+
+def test_the_gpu_preempt_check_script_runs_on_fake_gpus() -> None:
+    """scripts/gpu_preempt_check.py (the GPU machine's preemption check) on one fake GPU with
+    preempt_after set as scripts/gpu-check.sh sets it: its loop runs on the CPU there, but the
+    suspend, the priority job and the resume are the real path."""
+    with _daemon(GPUD_FAKE_GPUS="h100", GPUD_PREEMPT_AFTER="1s") as d:
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).parent.parent / "scripts" / "gpu_preempt_check.py"),
+                "--gib",
+                "0.01",
+                "--steps",
+                "100",  # 10 s: a loop preempted after 1 s, even on a slow machine
+                "--timeout",
+                "120",
+            ],
+            capture_output=True,
+            text=True,
+            env=d.client_env(),
+            timeout=150,
+        )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FAIL" not in r.stdout and r.stdout.count("PASS:") >= 4, r.stdout
