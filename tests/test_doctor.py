@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -436,3 +437,27 @@ def test_cuda_checkpoint_support_as_the_daemon_finds_it(base_dir: Path) -> None:
     old = _build_stub(base_dir / "old", "-DOLD_DRIVER", "-DCUDA_VERSION_STUB=12020")
     bad = doctor.check_cuda_checkpoint(cfg, proc, libcuda=str(old))
     assert bad.status == "warn" and "no CUDA checkpoint API" in bad.message
+
+
+# -- how a root daemon switches to the job user ---------------------------------------------
+
+
+def test_the_user_switch_warns_without_a_trusted_setpriv(base_dir: Path) -> None:
+    cfg = cfg_for(base_dir)
+    missing = doctor.check_user_switch(cfg, setpriv_paths=(str(base_dir / "setpriv"),), euid=0)
+    assert missing.status == "warn" and "util-linux" in missing.fix
+    # One that others may write to is no better than none: a root daemon would exec it.
+    loose = base_dir / "setpriv"
+    shutil.copy(shutil.which("true") or "/bin/true", loose)
+    os.chmod(loose, 0o777)
+    assert doctor.check_user_switch(cfg, setpriv_paths=(str(loose),), euid=0).status == "warn"
+    assert doctor.check_user_switch(cfg, setpriv_paths=(str(loose),), euid=1000).status == "n/a"
+
+
+@needs_root
+def test_the_user_switch_is_ok_with_a_root_owned_setpriv(base_dir: Path) -> None:
+    good = base_dir / "setpriv"
+    shutil.copy(shutil.which("true") or "/bin/true", good)
+    os.chmod(good, 0o755)
+    c = doctor.check_user_switch(cfg_for(base_dir), setpriv_paths=(str(good),), euid=0)
+    assert c.status == "ok" and str(good) in c.message
