@@ -270,13 +270,21 @@ def test_timeout_counts_from_when_slurm_starts_the_job(daemon: DaemonProc) -> No
     # Both CPUs busy for 6 s: the third job pends in Slurm longer than its 3 s timeout,
     # then runs for half a second, and succeeds.
     busy = [nap.spawn(6.0) for _ in range(2)]
-    wait_for(lambda: all(_squeue_state(_slurm_id(daemon, h.id)) == "RUNNING" for h in busy), 30)
+    wait_for(lambda: all(_squeue_state(daemon, h.id) == "RUNNING" for h in busy), 30)
     h = nap.with_options(timeout=3).spawn(0.5)
     assert h.get(timeout=60) == "rested"
     assert [b.get(timeout=60) for b in busy] == ["rested"] * 2
 
 
-def _squeue_state(sid: int) -> str:
+def _squeue_state(d: DaemonProc, job_id: int) -> str:
+    """Slurm's state of a gpud job ("" until the ledger has its Slurm id)."""
+    led = d.ledger()
+    try:
+        sid = led.get(job_id).pid
+    finally:
+        led.close()
+    if sid is None:
+        return ""
     out = subprocess.run(
         ["squeue", "-h", "-t", "all", "-j", str(sid), "-o", "%T"], capture_output=True, text=True
     )
