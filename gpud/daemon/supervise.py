@@ -138,10 +138,10 @@ class Supervision(Suspending):
                     # Slurm already ran).
                     scope.deadline = math.inf
                     ex = cast(ArrayCapable, self.executor)
-                    began = rec.job
+                    timed = rec.job
                     if await ex.until_started(handle):
-                        began = dataclasses.replace(began, started_at=self.clock.time())
-                    scope.deadline = deadline(began, self.clock.time(), trio.current_time())
+                        timed = dataclasses.replace(timed, started_at=self.clock.time())
+                    scope.deadline = deadline(timed, self.clock.time(), trio.current_time())
                 outcome = await self.executor.wait(handle)
         finally:
             if warn is not None:

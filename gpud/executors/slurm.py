@@ -452,7 +452,7 @@ class SlurmExecutor(ProcessExecutor):
             return await self.arrays.launch(member, self.resource_args(spec), self._submit)
         return (await self._submit([member], None))[spec.job_id]
 
-    async def _submit(self, members: list[Member], limit: int | None) -> dict[int, Handle]:
+    async def _submit(self, members: Sequence[Member], limit: int | None) -> dict[int, Handle]:
         """One sbatch: a plain job for one member, an array for more."""
         first = members[0]
         spec, ident = first.spec, first.ident
