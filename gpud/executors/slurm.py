@@ -640,6 +640,8 @@ def slurm_executor(
             qos=config.slurm_qos,
             extra_args=tuple(config.slurm_extra_args),
             gpu_types=tuple(config.slurm_gpu_types.items()),
+            # A tighter loop would only load slurmctld: one squeue answers for all jobs.
+            poll_interval=max(0.1, config.slurm_poll_interval),
         ),
         jobs_dir=config.jobs_dir,
         python=python,
