@@ -92,6 +92,15 @@ class BatchLimits:
         self._held = held_back(pending, admitted, self._limits)
         return admitted
 
+    async def limits_of(self, batch_ids: Iterable[int]) -> dict[int, int | None]:
+        """Each batch's limit (cached; the ledger read only for batches not seen yet), for
+        an executor that enforces them itself (a Slurm array's ``%N``, #15)."""
+        ids = set(batch_ids)
+        unknown = sorted(b for b in ids if b not in self._limits)
+        if unknown:
+            self._limits.update(await self._ledger.call(batch_limits, unknown))
+        return {b: self._limits.get(b) for b in ids}
+
     def wait_of(self, job_id: int, queued: int) -> Wait | None:
         """The wait of a queued job the last round's admit held back (else None); it
         comes after the ``queued`` jobs the round placed (oldest batch job first)."""

@@ -46,6 +46,8 @@ class Config:
     slurm_qos: str | None = None
     #: more sbatch arguments for every job, e.g. ["--constraint=ib"]
     slurm_extra_args: list[str] = field(default_factory=list)
+    #: how often one squeue asks Slurm about every job gpud waits on (at least 0.1 s)
+    slurm_poll_interval: float = 0.5
     #: the image of a job without image= (Podman); None: localhost/gpud-python:X.Y for the
     #: daemon's own Python X.Y (what ../shared/ci/podman-host-setup.sh --image builds)
     default_image: str | None = None
@@ -217,6 +219,7 @@ _DURATIONS = {
     "webhook_retry_for",
     "webhook_backoff",
     "preempt_after",
+    "slurm_poll_interval",
 }
 #: Durations that "none" (or "") turns off.
 _OPTIONAL = {

@@ -246,7 +246,7 @@ class SlurmHarness(ProcessHarness):
     machine's, found by their environment as the process executor's are."""
 
     name = "slurm"
-    caps = Caps(job_python=True)
+    caps = Caps(job_python=True, arrays=True)
 
     def _new(self) -> Any:
         from gpud.executors.slurm import SlurmExecutor, SlurmSettings

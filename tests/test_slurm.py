@@ -48,6 +48,22 @@ def gpu_env() -> str:
 
 
 @app.function()
+def mark(path: str, seconds: float = 0.0) -> int:
+    """Append this job's id to ``path`` (a run mark), then nap: how a run is counted."""
+    import os
+    import time
+
+    job = int(os.environ["GPUD_JOB_ID"])
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, f"{job}\n".encode())
+    finally:
+        os.close(fd)
+    time.sleep(seconds)
+    return job
+
+
+@app.function()
 def nap(seconds: float) -> str:
     import time
 
@@ -63,7 +79,9 @@ def _slurm_daemon(base: Path) -> DaemonProc:
             "GPUD_GPUS": "auto",  # the cluster's GPUs, from sinfo
             "GPUD_SLURM_SHARED_DIR": str(base / "shared"),
             "GPUD_KILL_GRACE": "1",
-            "GPUD_CPU_SLOTS": "4",  # more than the node's 2 CPUs: Slurm queues the rest
+            # Far more than the node's 2 CPUs: Slurm queues the rest, and a .map's jobs
+            # start in one round, as one array.
+            "GPUD_CPU_SLOTS": "256",
             "GPUD_RETRY_BACKOFF": "0.2",
             "GPUD_LOG_LEVEL": "info",
             "GPUD_RETENTION_INTERVAL": "none",
@@ -115,9 +133,12 @@ def _squeue_lists(sid: int) -> bool:
 def test_parsers() -> None:
     assert parse_gres("gpu:h100:2(S:0-1),gpu:a100_80g:1") == [("h100", 2), ("a100_80g", 1)]
     assert parse_gres("(null)") == []
-    st = parse_squeue("7|FAILED|NonZeroExitCode|768|\n8|PENDING|Resources|0|\n")
-    assert st[7].final and st[7].exit_code == 768 and st[8].reason == "Resources"
-    assert outcome_of(st[7]).exit_code == 3
+    st = parse_squeue(
+        "7|N/A|FAILED|NonZeroExitCode|768|\n8|N/A|PENDING|Resources|0|\n9|3|PENDING|Priority|0|\n"
+    )
+    assert st[7, -1].final and st[7, -1].exit_code == 768 and st[8, -1].reason == "Resources"
+    assert st[9, 3].reason == "Priority"  # task 3 of array 9
+    assert outcome_of(st[7, -1]).exit_code == 3
     lost = outcome_of(SlurmState("NODE_FAIL", "NodeDown", None))
     assert lost.lost and "NODE_FAIL" in lost.lost
     finished = judge(Path("/"), None, False, lost)
@@ -165,7 +186,7 @@ def test_remote_square_runs_as_a_slurm_job(daemon: DaemonProc) -> None:
     h = square.spawn(7)
     assert h.get(timeout=60) == 49
     sid = _slurm_id(daemon, h.id)
-    st = query_states([sid])[sid]
+    st = query_states([sid])[sid, -1]
     assert st.state == "COMPLETED"
     # The worker ran as nobody (root's jobs), through the job's directory in the shared dir.
     assert (daemon.base / "shared" / "jobs" / str(h.id) / "slurm.sh").exists()
@@ -245,35 +266,108 @@ def test_timeout_ends_the_slurm_job(daemon: DaemonProc) -> None:
     wait_for(lambda: not _squeue_lists(sid), timeout=30)
 
 
+def test_timeout_counts_from_when_slurm_starts_the_job(daemon: DaemonProc) -> None:
+    # Both CPUs busy for 6 s: the third job pends in Slurm longer than its 3 s timeout,
+    # then runs for half a second, and succeeds.
+    busy = [nap.spawn(6.0) for _ in range(2)]
+    wait_for(lambda: all(_squeue_state(daemon, h.id) == "RUNNING" for h in busy), 30)
+    h = nap.with_options(timeout=3).spawn(0.5)
+    assert h.get(timeout=60) == "rested"
+    assert [b.get(timeout=60) for b in busy] == ["rested"] * 2
+
+
+def _squeue_state(d: DaemonProc, job_id: int) -> str:
+    """Slurm's state of a gpud job ("" until the ledger has its Slurm id)."""
+    led = d.ledger()
+    try:
+        sid = led.get(job_id).pid
+    finally:
+        led.close()
+    if sid is None:
+        return ""
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", str(sid), "-o", "%T"], capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+#: the .map of the array test: 200 in its full form (GPUD_SLURM_MAP_N=200, about 90 s on this
+#: 2-CPU node, Slurm's ~2 tasks/s); CI's short form keeps the suite fast
+MAP_N = int(os.environ.get("GPUD_SLURM_MAP_N", "16"))
+
+
+def _arrays(d: DaemonProc) -> dict[int, list[tuple[str, str]]]:
+    """This daemon's Slurm job arrays: array id -> [(task id, state)]."""
+    inst = (d.data_dir / "instance").read_text().strip()[:12]
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-t", "all", "-o", "%F|%K|%j|%T"], capture_output=True, text=True
+    ).stdout
+    arrays: dict[int, list[tuple[str, str]]] = {}
+    for line in out.splitlines():
+        aid, task, name, state = line.split("|")
+        if name.startswith(f"gpud-{inst}-") and task.isdigit():
+            arrays.setdefault(int(aid), []).append((task, state))
+    return arrays
+
+
+def test_map_is_one_job_array(daemon: DaemonProc) -> None:
+    before = set(_arrays(daemon))
+    assert list(square.map(range(MAP_N))) == [x * x for x in range(MAP_N)]
+    new = {a: tasks for a, tasks in _arrays(daemon).items() if a not in before}
+    assert len(new) == 1, new  # one sbatch --array for the whole batch
+    (tasks,) = new.values()
+    assert sorted(int(t) for t, _ in tasks) == list(range(MAP_N))
+    assert {st for _, st in tasks} == {"COMPLETED"}
+
+
+def test_max_concurrency_is_the_arrays_throttle(daemon: DaemonProc) -> None:
+    before = set(_arrays(daemon))
+    assert list(square.map(range(4), max_concurrency=1)) == [0, 1, 4, 9]
+    (aid,) = set(_arrays(daemon)) - before
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", str(aid)], capture_output=True, text=True
+    ).stdout
+    assert "ArrayTaskThrottle=1" in out
+
+
 def test_kill9_and_restart_loses_none_and_runs_none_twice(slurm_cluster: str) -> None:
+    """50 jobs (a .map of 30 as one array, 20 single spawns), the daemon killed while they
+    pend or run in Slurm, then restarted: each runs exactly once (its run mark), none is
+    retried, every result comes home."""
     base = make_base_dir()
     d = _slurm_daemon(base)
+    marks_dir = base / "marks"
+    marks_dir.mkdir()
+    os.chmod(marks_dir, 0o777)
+    marks = str(marks_dir / "ran")
     try:
         old = os.environ.get("GPUD_URL")
         os.environ["GPUD_URL"] = d.url
         app.close()
         try:
-            handles = [nap.spawn(2.0) for _ in range(4)]
-            wait_for(lambda: any(h.status().state == "running" for h in handles), 30)
+            batch = mark.spawn_map([marks] * 30, [0.2] * 30)
+            singles = [mark.spawn(marks, 0.2) for _ in range(20)]
+            ids = [*batch.job_ids(), *(h.id for h in singles)]
+            assert len(set(ids)) == 50
+
+            def some_ran() -> bool:
+                return Path(marks).exists() and len(Path(marks).read_text().split()) >= 3
+
+            wait_for(some_ran, 60)
             d.kill9()
             d.start()
             app.close()
-            results = [h.get(timeout=120) for h in handles]
+            with Client(d.url) as c:
+                results = [c.get_job(i) for i in ids]
+                wait_for(lambda: all(c.get_job(i).state == "succeeded" for i in ids), 120)
+                infos = [c.get_job(i) for i in ids]
         finally:
             _restore_url(old)
             app.close()
-        assert results == ["rested"] * 4
-        with Client(d.url) as c:
-            for h in handles:
-                info = c.get_job(h.id)
-                assert info.state == "succeeded" and info.attempt == 1, info
-        # Ran once each: one Slurm job per gpud job, none submitted twice.
-        names = subprocess.run(
-            ["squeue", "-h", "-t", "all", "-o", "%j"], capture_output=True, text=True
-        ).stdout.split()
-        inst = (d.data_dir / "instance").read_text().strip()[:12]
-        for h in handles:
-            assert sum(n.startswith(f"gpud-{inst}-{h.id}-") for n in names) == 1
+        assert len(results) == 50
+        assert all(info.attempt == 1 for info in infos), [i for i in infos if i.attempt != 1]
+        ran = [int(x) for x in Path(marks).read_text().split()]
+        assert sorted(ran) == sorted(ids)  # every job ran, and none twice
     except JobFailed as e:
         raise AssertionError(f"{e}\n{d.log_since()}") from None
     finally:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import sqlite3
+from collections import Counter
+from typing import cast
 
 import trio
 
@@ -20,6 +22,7 @@ from gpud.domain import (
     Start,
     Wait,
 )
+from gpud.executors.base import ArrayCapable
 from gpud.ledger import Step
 from gpud.pending import PendingIndex
 from gpud.scheduler import plan
@@ -58,8 +61,9 @@ class SchedulingLoop(Supervision):
         now = self.clock.time()
         pending: PendingIndex | list[Job] = self.jobs.pending
         running = list(self.jobs.running.values())
-        if self.batches.any_limited():
+        if self.batches.any_limited() and not self.caps.arrays:
             # max_concurrency (#12): O(queued) only while a limited batch has queued jobs.
+            # An array-capable executor (Slurm, #15) enforces it itself, as the array's %N.
             pending = await self.batches.admit(list(pending), running)
         if pending and jobfiles.low_space(self.config.data_dir):
             # A job could not even lay out its directory: keep what space is left for the
@@ -109,6 +113,8 @@ class SchedulingLoop(Supervision):
                 evictable.remove(w)
                 await self.parking.give_way(self, w, d.job_id)  # parked, or ended (#13)
             starts.append(d)
+        if self.caps.arrays and len(starts) > 1:
+            await self._expect_arrays(starts)
         if len(starts) == 1:
             await self._start(starts[0])
         elif starts:
@@ -124,6 +130,22 @@ class SchedulingLoop(Supervision):
             self._write_blocked = False
             backoffs.append(now + 1.0)
         return min(backoffs) if backoffs else None
+
+    async def _expect_arrays(self, starts: list[Start]) -> None:
+        """Tell an array-capable executor which batch jobs this round starts, so that it
+        submits each batch's launches as one array (a Slurm job array, #15)."""
+        batch_of = {}
+        for d in starts:
+            rec = self.jobs.get(d.job_id)
+            if rec is not None and rec.job.batch_id is not None:
+                batch_of[d.job_id] = rec.job.batch_id
+        counts = Counter(batch_of.values())
+        batch_of = {j: b for j, b in batch_of.items() if counts[b] > 1}
+        if batch_of:
+            limits = await self.batches.limits_of(batch_of.values())
+            cast(ArrayCapable, self.executor).expect(
+                {j: (b, limits.get(b)) for j, b in batch_of.items()}
+            )
 
     async def _start(self, d: Start) -> None:
         rec = self.jobs.get(d.job_id)

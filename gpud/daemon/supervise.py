@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
+from typing import cast
 
 import trio
 
@@ -25,7 +27,7 @@ from gpud.domain import (
     Job,
     JobState,
 )
-from gpud.executors.base import Handle, LaunchSpec, Outcome
+from gpud.executors.base import ArrayCapable, Handle, LaunchSpec, Outcome
 from gpud.executors.process import JobIdentity
 from gpud.ledger import Step
 from gpud.ledger.store import Ledger
@@ -130,6 +132,16 @@ class Supervision(Suspending):
         )
         try:
             with scope:
+                if self.caps.arrays:
+                    # Slurm (#15): a job pending in Slurm has not begun; its timeout counts
+                    # from when Slurm starts it (the ledger's start, for an adopted one
+                    # Slurm already ran).
+                    scope.deadline = math.inf
+                    ex = cast(ArrayCapable, self.executor)
+                    timed = rec.job
+                    if await ex.until_started(handle):
+                        timed = dataclasses.replace(timed, started_at=self.clock.time())
+                    scope.deadline = deadline(timed, self.clock.time(), trio.current_time())
                 outcome = await self.executor.wait(handle)
         finally:
             if warn is not None:

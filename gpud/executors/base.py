@@ -25,6 +25,7 @@ from gpud.domain import Job, PythonEnv
 from gpud.identity import JobIdentity
 
 __all__ = [
+    "ArrayCapable",
     "Caps",
     "CheckpointCapable",
     "Executor",
@@ -184,6 +185,21 @@ class WarmCapable(Executor, Protocol):
 
 
 @runtime_checkable
+class ArrayCapable(Executor, Protocol):
+    """Submits a batch's jobs started in one round as one unit (a Slurm job array, #15) and
+    enforces the batch's max_concurrency itself (Slurm's ``%N``): the round tells it which
+    jobs it starts (:meth:`expect`) before their launches, and does not hold a batch's
+    jobs back for its limit. :meth:`until_started` returns once the job really runs (its
+    timeout counts from then)."""
+
+    supports_arrays: ClassVar[bool]
+
+    def expect(self, jobs: dict[int, tuple[int, int | None]]) -> None: ...
+
+    async def until_started(self, handle: Handle) -> bool: ...
+
+
+@runtime_checkable
 class CheckpointCapable(WarmCapable, Protocol):
     """Checkpoints an idle warm worker and restores new ones from it (snapshot=True, #4)."""
 
@@ -253,6 +269,7 @@ class Caps:
     snapshots: bool = False
     image_builds: bool = False
     job_python: bool = False
+    arrays: bool = False
 
 
 #: declaration -> the Protocol whose members it promises
@@ -261,6 +278,7 @@ _DECLARED = (
     ("supports_snapshots", CheckpointCapable),
     ("supports_image_builds", ImageBuildCapable),
     ("supports_job_python", InterpreterCapable),
+    ("supports_arrays", ArrayCapable),
 )
 
 
@@ -299,6 +317,7 @@ def capabilities(executor: object) -> Caps:
         snapshots=found["supports_snapshots"],
         image_builds=found["supports_image_builds"],
         job_python=found["supports_job_python"],
+        arrays=found["supports_arrays"],
     )
 
 

@@ -14,6 +14,9 @@ succeeded. Slurm's state says when it ended, and how where the worker could not 
   carries the daemon instance, the job and the attempt.
 * State is polled in bulk: one ``squeue`` for every job being waited on, every
   ``POLL_INTERVAL`` s, however many jobs wait (:class:`_Poller`).
+* A ``.map``'s jobs started in one round are one job array (:mod:`gpud.executors.slurm_array`),
+  with the batch's ``max_concurrency`` as ``%N``; a task is named by (array id, index), the
+  handle's ``pid`` and ``pid_start - 1``.
 * No warm workers: each call is its own batch job.
 """
 
@@ -42,12 +45,20 @@ from gpud.executors.process import (
     job_environment,
     switch_user_command,
 )
+from gpud.executors.slurm_array import (
+    ArrayGatherer,
+    Member,
+    array_script,
+    read_task,
+    write_task_files,
+)
 from gpud.identity import JobIdentity
 from gpud.safefs import write_new
 from gpud_client.jobdir import worker_command
 
 __all__ = [
     "FINAL_STATES",
+    "Key",
     "SlurmError",
     "SlurmExecutor",
     "SlurmSettings",
@@ -82,6 +93,21 @@ FINAL_STATES = frozenset(
 #: polls in a row that must miss a job before it counts as gone (it has left squeue)
 _MISSES = 3
 _CMD_TIMEOUT = 30.0
+#: a Slurm job as gpud waits on it: (job id, -1), or (array job id, task index)
+Key = tuple[int, int]
+
+
+def key_of(handle_or_job: Handle | Job) -> Key | None:
+    """The Slurm job of a handle (or of a job as the ledger records it)."""
+    sid, task = handle_or_job.pid, handle_or_job.pid_start
+    if sid is None:
+        return None
+    return (int(sid), int(task) - 1 if task else -1)
+
+
+def key_text(key: Key) -> str:
+    """As scancel and squeue -j take it: "17", or "17_3" for an array task."""
+    return str(key[0]) if key[1] < 0 else f"{key[0]}_{key[1]}"
 
 
 class SlurmError(RuntimeError):
@@ -131,28 +157,36 @@ def _run(cmd: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Co
     )
 
 
-def parse_squeue(text: str) -> dict[int, SlurmState]:
-    """``squeue -h -O JobID:|,State:|,Reason:|,exit_code:|`` lines -> states by job id."""
-    out: dict[int, SlurmState] = {}
+#: squeue's fields, one task per line with -r: an array's pending tasks are listed one by one
+SQUEUE_FIELDS = "ArrayJobID:|,ArrayTaskID:|,State:|,Reason:|,exit_code:|"
+
+
+def parse_squeue(text: str) -> dict[Key, SlurmState]:
+    """``squeue -h -r -O ArrayJobID:|,ArrayTaskID:|,State:|,Reason:|,exit_code:|`` lines ->
+    states by (job id, -1) for a plain job (its task id is "N/A"), (array id, index) for a
+    task of an array."""
+    out: dict[Key, SlurmState] = {}
     for line in text.splitlines():
-        parts = line.split("|")
-        if len(parts) < 4 or not parts[0].strip().isdigit():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < 5 or not parts[0].isdigit():
             continue
-        code = parts[3].strip()
-        out[int(parts[0])] = SlurmState(
-            state=parts[1].strip().split()[0] if parts[1].strip() else "UNKNOWN",
-            reason=parts[2].strip(),
+        task = int(parts[1]) if parts[1].isdigit() else -1
+        code = parts[4]
+        out[(int(parts[0]), task)] = SlurmState(
+            state=parts[2].split()[0] if parts[2] else "UNKNOWN",
+            reason=parts[3],
             exit_code=int(code) if code.lstrip("-").isdigit() else None,
         )
     return out
 
 
-def query_states(ids: Collection[int]) -> dict[int, SlurmState]:
-    """One squeue for all of ``ids`` (finished ones too, while Slurm keeps them)."""
+def query_states(ids: Collection[int]) -> dict[Key, SlurmState]:
+    """One squeue for all of ``ids`` (job or array ids; finished ones too, while Slurm keeps
+    them), every array task on its own."""
     if not ids:
         return {}
-    cmd = ["squeue", "-h", "-t", "all", "-j", ",".join(str(i) for i in sorted(ids))]
-    out = _run([*cmd, "-O", "JobID:|,State:|,Reason:|,exit_code:|"])
+    cmd = ["squeue", "-h", "-r", "-t", "all", "-j", ",".join(str(i) for i in sorted(ids))]
+    out = _run([*cmd, "-O", SQUEUE_FIELDS])
     if out.returncode != 0:
         if "Invalid job id" in out.stderr:
             return {}  # squeue fails so only when none of them is known any more
@@ -213,16 +247,16 @@ class _Poller:
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.watched: dict[int, int] = {}  # slurm id -> waiters
-        self.states: dict[int, SlurmState] = {}
-        self.misses: dict[int, int] = {}
+        self.watched: dict[Key, int] = {}  # slurm job or task -> waiters
+        self.states: dict[Key, SlurmState] = {}
+        self.misses: dict[Key, int] = {}
         #: time.monotonic() when the last poll began: not trio's clock, whose origin is
         #: each run's own (an executor may outlive a trio run, as in the contract tests)
         self.polled_at = -math.inf
         self.polls = 0
         self._busy: trio.Event | None = None
 
-    async def next_state(self, sid: int, after: float) -> tuple[SlurmState | None, int]:
+    async def next_state(self, sid: Key, after: float) -> tuple[SlurmState | None, int]:
         """The job's state from a poll begun after ``after``, and its misses in a row."""
         while self.polled_at <= after:
             if self._busy is not None:
@@ -234,7 +268,7 @@ class _Poller:
                 ids = list(self.watched)
                 began = time.monotonic()
                 try:
-                    found = await trio.to_thread.run_sync(query_states, ids)
+                    found = await trio.to_thread.run_sync(query_states, {k[0] for k in ids})
                 except (SlurmError, OSError, subprocess.SubprocessError) as e:
                     log.warning("polling Slurm: %s", e)
                     found = None
@@ -252,10 +286,10 @@ class _Poller:
                 busy.set()
         return self.states.get(sid), self.misses.get(sid, 0)
 
-    def watch(self, sid: int) -> None:
+    def watch(self, sid: Key) -> None:
         self.watched[sid] = self.watched.get(sid, 0) + 1
 
-    def unwatch(self, sid: int) -> None:
+    def unwatch(self, sid: Key) -> None:
         n = self.watched.get(sid, 0) - 1
         if n > 0:
             self.watched[sid] = n
@@ -288,12 +322,19 @@ class SlurmExecutor(ProcessExecutor):
     supports_warm = False
     supports_job_python = True
 
-    def __init__(self, *, settings: SlurmSettings, **kwargs: object) -> None:
+    supports_arrays = True
+
+    def __init__(
+        self, *, settings: SlurmSettings, jobs_dir: Path | None = None, **kwargs: object
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]  # ProcessExecutor's own keywords, passed through
         self.settings = settings
         self._gres = dict(settings.gpu_types)
         self.poller = _Poller(settings.poll_interval)
-        self._memory: dict[int, int | None] = {}  # slurm id -> memory limit, for OOM text
+        self.arrays = ArrayGatherer()
+        #: where job directories are (a restarted daemon finds an array member's task there)
+        self.jobs_dir = jobs_dir
+        self._memory: dict[Key, int | None] = {}  # slurm job -> memory limit, for OOM text
         self.sbatch_env = {
             k: v for k, v in os.environ.items() if k.startswith("SLURM_CONF") or k == "PATH"
         }
@@ -333,18 +374,10 @@ class SlurmExecutor(ProcessExecutor):
 
     # -- launch -----------------------------------------------------------------------------
 
-    def sbatch_args(self, spec: LaunchSpec, name: str) -> list[str]:
-        """The sbatch options of one job: resources from the job, the rest from settings."""
+    def resource_args(self, spec: LaunchSpec) -> tuple[str, ...]:
+        """The sbatch options every task of an array shares: resources and settings."""
         s = self.settings
-        args = [
-            "--parsable",
-            f"--job-name={name}",
-            f"--output={spec.log_path}",
-            "--open-mode=append",
-            f"--chdir={spec.job_dir}",
-            "--export=NONE",  # the script sets the job's whole environment
-            "--ntasks=1",
-        ]
+        args = ["--export=NONE", "--ntasks=1"]  # the script sets the job's whole environment
         if spec.gpus:
             types = {gres_type_of(u) for u in spec.gpus}
             gres = types.pop() if len(types) == 1 else None
@@ -352,8 +385,8 @@ class SlurmExecutor(ProcessExecutor):
                 f"--gres=gpu:{gres}:{len(spec.gpus)}" if gres else f"--gres=gpu:{len(spec.gpus)}"
             )
         if spec.timeout is not None:
-            # gpud's own timer ends the job (TERM, grace, KILL); Slurm's whole minutes are a
-            # backstop for a daemon that is down, a minute later.
+            # gpud's own timer ends the job (TERM, grace, KILL), counted from when Slurm
+            # starts it; Slurm's whole minutes are a backstop for a daemon that is down.
             args.append(f"--time={math.ceil(spec.timeout / 60) + 1}")
         if spec.memory:
             args.append(f"--mem={max(1, math.ceil(spec.memory / 2**20))}M")
@@ -362,20 +395,42 @@ class SlurmExecutor(ProcessExecutor):
         for flag, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos)):
             if value:
                 args.append(f"--{flag}={value}")
-        return [*args, *s.extra_args]
+        return (*args, *s.extra_args)
 
-    def script(self, spec: LaunchSpec, ident: JobIdentity, python: str) -> str:
+    def sbatch_args(self, spec: LaunchSpec, name: str) -> list[str]:
+        """The sbatch options of one job: resources from the job, the rest from settings."""
+        return [
+            "--parsable",
+            f"--job-name={name}",
+            f"--output={spec.log_path}",
+            "--open-mode=append",
+            f"--chdir={spec.job_dir}",
+            *self.resource_args(spec),
+        ]
+
+    def script(
+        self, spec: LaunchSpec, ident: JobIdentity, python: str, *, log: bool = False
+    ) -> str:
         env = job_environment(spec, ident, self.instance)
         # Slurm says which GPUs the job got (CUDA_VISIBLE_DEVICES by index on the node).
         for k in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
             env.pop(k, None)
         lines = ["#!/bin/sh", "# written by gpud: one attempt of one job"]
+        if log:
+            # An array task: Slurm's --output names one pattern for all; each job its own log.
+            lines.append(f"cd {shlex.quote(str(spec.job_dir))} || exit 1")
+            lines.append(f"exec >>{shlex.quote(str(spec.log_path))} 2>&1")
         lines += [
             f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()) if k.isidentifier()
         ]
         cmd = worker_command(python, self.runtime_dir, spec.job_dir)
         lines.append("exec " + " ".join(shlex.quote(c) for c in cmd))
         return "\n".join(lines) + "\n"
+
+    def expect(self, jobs: dict[int, tuple[int, int | None]]) -> None:
+        """The scheduling round is starting these jobs of batches: job id -> (batch id,
+        max_concurrency); their launches are gathered into one array per batch."""
+        self.arrays.expect(jobs)
 
     async def launch(self, spec: LaunchSpec) -> Handle:
         if spec.serve is not None:
@@ -385,37 +440,84 @@ class SlurmExecutor(ProcessExecutor):
             raise ExecutorRefusal(
                 "jobs never run as root: the Slurm executor will not submit as root"
             )
+        if ident.switch and self.setpriv is None:
+            raise ExecutorRefusal("the Slurm executor on a root daemon needs setpriv (util-linux)")
         python = (
             spec.python_env.path
             if spec.python_env is not None
             else await self.interpreter_for(ident)
         )
+        member = Member(spec, ident, python)
+        if self.arrays.expects(spec.job_id):
+            return await self.arrays.launch(member, self.resource_args(spec), self._submit)
+        return (await self._submit([member], None))[spec.job_id]
+
+    async def _submit(self, members: Sequence[Member], limit: int | None) -> dict[int, Handle]:
+        """One sbatch: a plain job for one member, an array for more."""
+        first = members[0]
+        spec, ident = first.spec, first.ident
         name = job_name(self.instance, spec.job_id, spec.attempt)
-        script = spec.job_dir / "slurm.sh"
-        write_new(script, self.script(spec, ident, python).encode(), (ident.uid, ident.gid), 0o700)
-        cmd = ["sbatch", *self.sbatch_args(spec, name), str(script)]
+        if len(members) == 1:
+            script = spec.job_dir / "slurm.sh"
+            body = self.script(spec, ident, first.python)
+            write_new(script, body.encode(), (ident.uid, ident.gid), 0o700)
+            args = self.sbatch_args(spec, name)
+        else:
+            name += f"-x{len(members)}"
+            scripts = []
+            for m in members:
+                scripts.append(m.spec.job_dir / "slurm.sh")
+                body = self.script(m.spec, m.ident, m.python, log=True)
+                write_new(scripts[-1], body.encode(), (ident.uid, ident.gid), 0o700)
+            # Recorded before sbatch: a restart before the ledger has the array's id finds
+            # each member by the array's name and its index.
+            write_task_files(members, name)
+            script = spec.job_dir / "slurm-array.sh"
+            write_new(script, array_script(scripts).encode(), (ident.uid, ident.gid), 0o700)
+            top = f"{len(members) - 1}" + (f"%{limit}" if limit else "")
+            args = [
+                "--parsable",
+                f"--job-name={name}",
+                f"--array=0-{top}",
+                # Slurm's own words (a time limit...) per task; the jobs log to their own.
+                f"--output={spec.job_dir / 'slurm-%a.out'}",
+                f"--chdir={spec.job_dir}",
+                *self.resource_args(spec),
+            ]
+        cmd = ["sbatch", *args, str(script)]
         if ident.switch:
-            if self.setpriv is None:
-                raise ExecutorRefusal(
-                    "the Slurm executor on a root daemon needs setpriv (util-linux)"
-                )
+            assert self.setpriv is not None  # checked in launch
             cmd = switch_user_command(self.setpriv, ident, cmd)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", **self.sbatch_env, "HOME": ident.home}
         out = await trio.to_thread.run_sync(lambda: _run(cmd, env))
-        first = out.stdout.strip().split(";")[0]
-        if out.returncode != 0 or not first.isdigit():
+        sid_text = out.stdout.strip().split(";")[0]
+        if out.returncode != 0 or not sid_text.isdigit():
             raise ExecutorRefusal(
                 f"sbatch refused the job: {out.stderr.strip() or out.stdout.strip()}"
             )
-        sid = int(first)
-        self._memory[sid] = spec.memory
-        log.info("job %s attempt %s is Slurm job %s", spec.job_id, spec.attempt, sid)
-        return Handle(job_id=spec.job_id, pid=sid, pid_start=0)
+        sid = int(sid_text)
+        handles: dict[int, Handle] = {}
+        if len(members) == 1:
+            self._memory[(sid, -1)] = spec.memory
+            log.info("job %s attempt %s is Slurm job %s", spec.job_id, spec.attempt, sid)
+            return {spec.job_id: Handle(job_id=spec.job_id, pid=sid, pid_start=0)}
+        for i, m in enumerate(members):
+            self._memory[(sid, i)] = m.spec.memory
+            handles[m.spec.job_id] = Handle(job_id=m.spec.job_id, pid=sid, pid_start=i + 1)
+        log.info(
+            "jobs %s-%s (%d) are Slurm job array %s",
+            members[0].spec.job_id,
+            members[-1].spec.job_id,
+            len(members),
+            sid,
+        )
+        return handles
 
     # -- wait, stop ---------------------------------------------------------------------------
 
     async def wait(self, handle: Handle) -> Outcome:
-        sid = handle.pid
+        sid = key_of(handle)
+        assert sid is not None
         self.poller.watch(sid)
         try:
             after = time.monotonic()
@@ -429,40 +531,65 @@ class SlurmExecutor(ProcessExecutor):
         finally:
             self.poller.unwatch(sid)
 
+    async def until_started(self, handle: Handle) -> bool:
+        """Return once Slurm has started the job (or ended it, or lost sight of it): its
+        timeout counts from then, not from its submit (#15). True if it was seen pending
+        (it starts now), False if it was past that at the first look. Cancellable."""
+        sid = key_of(handle)
+        assert sid is not None
+        self.poller.watch(sid)
+        pended = False
+        try:
+            after = -math.inf  # the last poll's answer will do
+            while True:
+                st, misses = await self.poller.next_state(sid, after)
+                after = self.poller.polled_at
+                if (st is not None and st.state != "PENDING") or misses >= _MISSES:
+                    return pended
+                pended = pended or st is not None
+        finally:
+            self.poller.unwatch(sid)
+
     def held_note(self, job: Job) -> str | None:
         """Why Slurm has not started a job gpud has submitted, from the last poll (no
         squeue of its own); None once it runs."""
-        st = self.poller.states.get(job.pid) if job.pid is not None else None
+        sid = key_of(job)
+        st = self.poller.states.get(sid) if sid is not None else None
         if st is None or st.state != "PENDING":
             return None
         return pending_text(st.reason)
 
-    def state_of(self, sid: int) -> SlurmState | None:
+    def state_of(self, sid: int, task: int = -1) -> SlurmState | None:
         """The job's state now, from one squeue of its own (tests, `adopt`)."""
-        return query_states([sid]).get(sid)
+        return query_states([sid]).get((sid, task))
 
     async def stop(self, handle: Handle, grace: float) -> bool:
-        sid = str(handle.pid)
-        await trio.to_thread.run_sync(_run, ["scancel", "--full", "--signal=TERM", sid])
+        sid = key_of(handle)
+        assert sid is not None
+        await trio.to_thread.run_sync(_run, ["scancel", "--full", "--signal=TERM", key_text(sid)])
         with trio.move_on_after(grace):
             await self.wait(handle)
             return False
         # scancel without a signal: Slurm's TERM, KillWait, then KILL of the whole job.
-        await trio.to_thread.run_sync(_run, ["scancel", sid])
+        await trio.to_thread.run_sync(_run, ["scancel", key_text(sid)])
         with trio.move_on_after(60):
             await self.wait(handle)
         return True
 
     async def send_signal(self, handle: Handle, sig: int) -> bool:
+        sid = key_of(handle)
+        assert sid is not None
         out = await trio.to_thread.run_sync(
-            _run, ["scancel", "--batch", f"--signal={int(sig)}", str(handle.pid)]
+            _run, ["scancel", "--batch", f"--signal={int(sig)}", key_text(sid)]
         )
         return out.returncode == 0
 
     def reap(self, handle: Handle) -> None:
         # Ends whatever is left of it; Slurm ignores this for a job that is over.
+        sid = key_of(handle)
         try:
-            _run(["scancel", str(handle.pid)])
+            if sid is not None:
+                _run(["scancel", key_text(sid)])
         except (OSError, subprocess.SubprocessError) as e:
             log.warning("scancel %s: %s", handle.pid, e)
         # A process the job left that escaped Slurm's tracking (proctrack/linuxproc loses a
@@ -473,29 +600,25 @@ class SlurmExecutor(ProcessExecutor):
                 os.kill(pid, signal.SIGKILL)
 
     def adopt(self, job: Job) -> Handle | None:
-        sid = job.pid if job.state is JobState.RUNNING else None
+        sid = key_of(job) if job.state is JobState.RUNNING else None
         if sid is None:
-            # Launched but never recorded: find the attempt by its job name.
-            out = _run(
-                [
-                    "squeue",
-                    "-h",
-                    "-t",
-                    "all",
-                    "-n",
-                    job_name(self.instance, job.id, job.attempt),
-                    "-o",
-                    "%A",
-                ]
-            )
-            ids = [int(x) for x in out.stdout.split() if x.isdigit()]
-            sid = max(ids) if ids else None
+            sid = self._find_launch(job)
         if sid is None:
             return None
-        st = self.state_of(sid)
+        st = self.state_of(*sid)
         if st is None or st.final:
             return None  # over: its directory says how it ended
-        return Handle(job_id=job.id, pid=sid, pid_start=0, adopted=True)
+        return Handle(job_id=job.id, pid=sid[0], pid_start=sid[1] + 1, adopted=True)
+
+    def _find_launch(self, job: Job) -> Key | None:
+        """A launch the ledger has no id of: by its job name, or its array's."""
+        name, task = job_name(self.instance, job.id, job.attempt), -1
+        rec = read_task(self.jobs_dir / str(job.id)) if self.jobs_dir is not None else None
+        if rec is not None and rec[2] == job.attempt:
+            name, task = rec[0], rec[1]
+        out = _run(["squeue", "-h", "-r", "-t", "all", "-n", name, "-O", SQUEUE_FIELDS])
+        found = [k for k in parse_squeue(out.stdout) if k[1] == task]
+        return max(found) if found else None
 
     def kill_all(self) -> None:
         return None  # Slurm jobs outlive the daemon by design
@@ -517,7 +640,10 @@ def slurm_executor(
             qos=config.slurm_qos,
             extra_args=tuple(config.slurm_extra_args),
             gpu_types=tuple(config.slurm_gpu_types.items()),
+            # A tighter loop would only load slurmctld: one squeue answers for all jobs.
+            poll_interval=max(0.1, config.slurm_poll_interval),
         ),
+        jobs_dir=config.jobs_dir,
         python=python,
         version=version,
         runtime_dir=runtime,
