@@ -225,10 +225,19 @@ def _slurm_problem() -> str | None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[str]:
-    """Start the single-node cluster once per session; stop it at the end."""
+    """Start the single-node cluster once per session; stop it at the end if this session
+    started it (one another test run on this machine started is left running: stopping it
+    would pull it from under that run)."""
     why = _slurm_problem()
     out = None
+    ours = False
     if why is None:
+        ours = (
+            subprocess.run(
+                ["bash", str(SLURM_LOCAL), "status"], capture_output=True, timeout=60
+            ).returncode
+            != 0
+        )
         out = subprocess.run(
             ["bash", str(SLURM_LOCAL), "start"], capture_output=True, text=True, timeout=600
         )
@@ -245,7 +254,8 @@ def slurm_cluster() -> Iterator[str]:
     try:
         yield conf
     finally:
-        subprocess.run(["bash", str(SLURM_LOCAL), "stop"], capture_output=True, timeout=120)
+        if ours:
+            subprocess.run(["bash", str(SLURM_LOCAL), "stop"], capture_output=True, timeout=120)
         if old is None:
             os.environ.pop("SLURM_CONF", None)
         else:
