@@ -503,9 +503,19 @@ async def _follow(daemon: JobService, job_id: int, path: Path, offset: int) -> A
 def gpu_list(daemon: JobService) -> GpuList:
     holders = daemon.gpu_holders()
     handles = daemon.handles()
+    gpus = daemon.gpus
+    cluster = daemon.inventory.source == "slurm"
+    if cluster:
+        # Slurm (#15) picks the devices, so Slurm says who holds which: a gpud job shows
+        # on the GPU Slurm gave it, whichever gpud had counted it on.
+        by_key = {(h.pid, h.pid_start): h.job_id for h in handles}
+        jobs = {j.id: j for j in holders.values()}
     out = []
-    for g in daemon.gpus:
+    for g in gpus:
         holder = holders.get(g.uuid)
+        if cluster:
+            ch = g.cluster_holder
+            holder = jobs.get(by_key.get(ch.key, -1)) if ch is not None else None
         procs = [
             GpuProcessInfo(
                 pid=p.pid,
@@ -533,6 +543,8 @@ def gpu_list(daemon: JobService) -> GpuList:
                 busy_foreign=bool(g.foreign_pids),
                 job_id=holder.id if holder else None,
                 owner=holder.owner if holder else None,
+                cluster_job=g.cluster_holder.job if g.cluster_holder else None,
+                cluster_user=g.cluster_holder.user if g.cluster_holder else None,
             )
         )
     note = daemon.inventory.note

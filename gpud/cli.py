@@ -427,6 +427,8 @@ def gpus(as_json: bool, url: str | None) -> None:
         held = (
             f"job {g.job_id} ({g.owner})"
             if g.job_id is not None
+            else f"slurm job {g.cluster_job} ({g.cluster_user}), not gpud's"
+            if g.cluster_job is not None
             else "other processes: " + ",".join(str(p.pid) for p in g.processes if p.job_id is None)
             if g.busy_foreign
             else "-"

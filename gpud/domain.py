@@ -19,6 +19,7 @@ __all__ = [
     "RETRYABLE",
     "SUSPENDABLE_FROM",
     "TRANSITIONS",
+    "ClusterHolder",
     "Decision",
     "Gpu",
     "GpuProcess",
@@ -197,6 +198,17 @@ class GpuProcess:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterHolder:
+    """The cluster job holding a GPU, as a cluster's scheduler reports it (Slurm, #15)."""
+
+    job: str  # the cluster's name for it: "17", or "16_3" for task 3 of array job 16
+    user: str
+    #: (job id, array task + 1) for a task of an array, else (job id, 0): the (pid,
+    #: pid_start) under which the Slurm executor records a job it submitted
+    key: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
 class Gpu:
     """One GPU as the inventory saw it at one moment."""
 
@@ -217,6 +229,8 @@ class Gpu:
     #: pids on this GPU that gpud did not start; filled in by the service, which knows
     #: its jobs' process trees. A GPU with foreign processes is never handed out.
     foreign_pids: tuple[int, ...] = ()
+    #: on a cluster's GPU: the cluster job holding it (None: free, or not known)
+    cluster_holder: ClusterHolder | None = None
 
     def matches(self, gpu_type: str) -> bool:
         return gpu_type == "any" or gpu_type == self.type or gpu_type in self.aliases

@@ -357,6 +357,10 @@ class GpuInfo(msgspec.Struct, kw_only=True):
     busy_foreign: bool  # processes gpud did not start are on it: not handed out
     job_id: int | None  # the gpud job holding it
     owner: str | None
+    #: a cluster's GPU (Slurm, #15): the cluster job holding it ("17", "16_3" for an array
+    #: task) and its user, as the cluster says; a gpud job's also has job_id and owner
+    cluster_job: str | None = None
+    cluster_user: str | None = None
 
 
 class CheckpointInfo(msgspec.Struct, kw_only=True):

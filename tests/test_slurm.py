@@ -20,7 +20,7 @@ import gpud_client as gpud
 from gpud.daemon.jobfiles import judge
 from gpud.domain import JobState
 from gpud.executors.slurm import SlurmState, outcome_of, parse_squeue, query_states
-from gpud.executors.slurm_gpus import parse_gres
+from gpud.executors.slurm_gpus import expand_hostlist, parse_gres, parse_holders
 from gpud_client import Client, JobCancelled, JobFailed, JobTimedOut
 
 from .conftest import DaemonProc, gpud_cli, make_base_dir, wait_for
@@ -221,6 +221,53 @@ def test_gpu_job_gets_a_cluster_gpu(daemon: DaemonProc) -> None:
     with Client() as c:
         gpus = c.gpus().gpus
     assert len(gpus) == 2 and all(g.type == "h100" for g in gpus)
+
+
+def test_gpus_show_who_holds_each_gpu_as_slurm_says(daemon: DaemonProc) -> None:
+    """`gpud gpus` on a cluster: a gpud job on the GPU Slurm gave it, and a job submitted
+    to Slurm directly (not gpud's) on the other, with its Slurm id and user."""
+    foreign = subprocess.run(
+        ["sbatch", "--parsable", "--gres=gpu:h100:1", "-o", "/dev/null", "--wrap", "sleep 120"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert foreign.returncode == 0, foreign.stderr
+    sid = foreign.stdout.strip().split(";")[0]
+    h = nap.with_options(gpu="h100").spawn(120)
+    try:
+
+        def both_held() -> bool:
+            with Client() as c:
+                gpus = c.gpus().gpus
+            return {g.job_id for g in gpus} == {h.id, None} and any(
+                g.cluster_job == sid and g.job_id is None and g.cluster_user == "root" for g in gpus
+            )
+
+        wait_for(both_held, timeout=60)
+        out = gpud_cli("gpus")
+        assert f"slurm job {sid} (root), not gpud's" in out.stdout, out.stdout
+        assert f"job {h.id} (" in out.stdout, out.stdout
+    finally:
+        subprocess.run(["scancel", sid], capture_output=True, timeout=30)
+        h.cancel_quietly()
+
+
+def test_holders_and_hostlists_parse() -> None:
+    assert expand_hostlist("gpu[01-02,07],login") == ["gpu01", "gpu02", "gpu07", "login"]
+    line = (
+        "JobId=31 ArrayJobId=30 ArrayTaskId=4 JobName=x UserId=alice(1000) JobState=RUNNING "
+        "JOB_GRES=gpu:a100:3   Nodes=n[1-2] CPU_IDs=0 Mem=0 GRES=gpu:a100:2(IDX:0-1) "
+        "Nodes=n3 CPU_IDs=1 Mem=0 GRES=gpu:a100(IDX:3) MinCPUsNode=1\n"
+        "JobId=9 JobName=y UserId=bob(1001) JobState=PENDING Reason=Resources\n"
+    )
+    held = parse_holders(line)
+    assert set(held) == {("n1", "a100", 0), ("n1", "a100", 1), ("n2", "a100", 0)} | {
+        ("n2", "a100", 1),
+        ("n3", "a100", 3),
+    }
+    h = held[("n3", "a100", 3)]
+    assert (h.job, h.user, h.key) == ("30_4", "alice", (30, 5))
 
 
 def test_more_gpus_than_the_cluster_has_is_refused_at_submit(daemon: DaemonProc) -> None:

@@ -157,9 +157,12 @@ def job_info_line(job: JobInfo) -> str:
 
 
 def gpu_holder(gpu: GpuInfo) -> Text:
-    """Who has the GPU: a gpud job and its owner, processes gpud did not start, or no one."""
+    """Who has the GPU: a gpud job and its owner, a cluster job gpud did not submit,
+    processes gpud did not start, or no one."""
     if gpu.job_id is not None:
         return Text(f"job {gpu.job_id} ({gpu.owner or '?'})", style="bold")
+    if gpu.cluster_job is not None:
+        return Text(f"not gpud: slurm job {gpu.cluster_job} ({gpu.cluster_user})", style="bold red")
     if gpu.busy_foreign:
         pids = ",".join(str(p.pid) for p in gpu.processes if p.job_id is None)
         return Text(f"not gpud: pid {pids}", style="bold red")
