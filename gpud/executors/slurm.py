@@ -331,6 +331,8 @@ class SlurmExecutor(ProcessExecutor):
         self.settings = settings
         self._gres = dict(settings.gpu_types)
         self.poller = _Poller(settings.poll_interval)
+        #: jobs until_started saw begin, still watched for the wait() that follows it
+        self._started: set[Key] = set()
         self.arrays = ArrayGatherer()
         #: where job directories are (a restarted daemon finds an array member's task there)
         self.jobs_dir = jobs_dir
@@ -518,9 +520,16 @@ class SlurmExecutor(ProcessExecutor):
     async def wait(self, handle: Handle) -> Outcome:
         sid = key_of(handle)
         assert sid is not None
-        self.poller.watch(sid)
-        try:
+        if sid in self._started:
+            # until_started left it watched, with the state it saw: a short job may be
+            # over already, and waiting for a poll after now would add one (#15: it did,
+            # 1.0 s -> 2.0 s a .remote()).
+            self._started.discard(sid)
+            after = -math.inf
+        else:
+            self.poller.watch(sid)
             after = time.monotonic()
+        try:
             while True:
                 st, misses = await self.poller.next_state(sid, after)
                 after = self.poller.polled_at
@@ -545,10 +554,13 @@ class SlurmExecutor(ProcessExecutor):
                 st, misses = await self.poller.next_state(sid, after)
                 after = self.poller.polled_at
                 if (st is not None and st.state != "PENDING") or misses >= _MISSES:
+                    # Still watched, for the wait() that follows: it starts from this state.
+                    self._started.add(sid)
                     return pended
                 pended = pended or st is not None
-        finally:
+        except BaseException:
             self.poller.unwatch(sid)
+            raise
 
     def held_note(self, job: Job) -> str | None:
         """Why Slurm has not started a job gpud has submitted, from the last poll (no
