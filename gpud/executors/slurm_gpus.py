@@ -131,33 +131,15 @@ class SlurmGpuInventory:
         """Slurm's running jobs' GPUs; None when scontrol cannot say (then no holder is
         shown, rather than a wrong one)."""
         try:
-            out = subprocess.run(
-                ["scontrol", "-d", "-o", "show", "job"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError):
+            return parse_holders(_run(["scontrol", "-d", "-o", "show", "job"]))
+        except GpuInventoryError:
             return None
-        return parse_holders(out.stdout) if out.returncode == 0 else None
 
     def _read(self) -> list[Gpu]:
-        try:
-            out = subprocess.run(
-                ["sinfo", "-N", "-h", "-o", "%N|%G"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError) as e:
-            raise GpuInventoryError(f"sinfo: {e}") from None
-        if out.returncode != 0:
-            raise GpuInventoryError(f"sinfo failed: {out.stderr.strip()}")
+        out = _run(["sinfo", "-N", "-h", "-o", "%N|%G"])
         gpus: list[Gpu] = []
         seen: set[str] = set()
-        for line in out.stdout.splitlines():
+        for line in out.splitlines():
             node, _, gres = line.partition("|")
             if node in seen:  # a node in several partitions is listed once per partition
                 continue
@@ -181,6 +163,17 @@ class SlurmGpuInventory:
 
     def close(self) -> None:
         return None
+
+
+def _run(cmd: list[str]) -> str:
+    """A Slurm command's output; GpuInventoryError saying why where it fails."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise GpuInventoryError(f"{cmd[0]}: {e}") from None
+    if out.returncode != 0:
+        raise GpuInventoryError(f"{cmd[0]} failed: {out.stderr.strip()}")
+    return out.stdout
 
 
 def _where(uuid: str) -> tuple[str, str, int]:
