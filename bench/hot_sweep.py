@@ -67,20 +67,39 @@ def probe(interval: float) -> int:
     """Run as the other user (GPUD_URL and GPUD_TOKEN in the environment) until stdin
     closes; then print what it measured as one JSON line."""
     lat: list[tuple[float, float]] = []  # (when, ms)
+    server: list[tuple[float, float]] = []  # (when, ms): the daemon's Server-Timing
+    late: list[tuple[float, float]] = []  # (when, ms): how late this process woke up
     remote: list[tuple[float, float]] = []
     errors: list[str] = []
     stop = threading.Event()
 
     def lister() -> None:
         with Client() as c:
+            # The daemon's own time for each answer (Server-Timing, gpud.loopwatch): the
+            # rest of the client's time is the connection, the kernel and this process.
+            seen: list[str] = []
+            send = c._http.request
+
+            def request(*args: Any, **kwargs: Any) -> Any:
+                resp = send(*args, **kwargs)
+                seen.append(resp.headers.get("server-timing") or "")
+                return resp
+
+            c._http.request = request  # type: ignore[method-assign]  # a bench's tap
             while not stop.is_set():
                 t = time.perf_counter()
                 try:
                     c.list_jobs(limit=50)
-                    lat.append((time.time(), (time.perf_counter() - t) * 1000.0))
+                    now = time.time()
+                    lat.append((now, (time.perf_counter() - t) * 1000.0))
+                    if seen and seen[-1].startswith("app;dur="):
+                        server.append((now, float(seen[-1].removeprefix("app;dur="))))
                 except Exception as e:  # noqa: BLE001 - reported as a row's failure
                     errors.append(f"list: {type(e).__name__}: {e}")
+                # A starved process wakes up late: that lateness is the CPU's, not gpud's.
+                t = time.perf_counter()
                 stop.wait(0.2)
+                late.append((time.time(), (time.perf_counter() - t - 0.2) * 1000.0))
 
     def caller() -> None:
         f = gpud.function(name="bench.other")(ping)
@@ -103,7 +122,12 @@ def probe(interval: float) -> int:
     stop.set()
     for t in sides:
         t.join(120)
-    print(json.dumps({"lat": lat, "remote": remote, "errors": errors}), flush=True)
+    print(
+        json.dumps(
+            {"lat": lat, "server": server, "late": late, "remote": remote, "errors": errors}
+        ),
+        flush=True,
+    )
     return 0
 
 
@@ -137,8 +161,39 @@ def _queue_waits(ledger: Path, owner: str) -> list[tuple[float, float]]:
     return out
 
 
+def _schedstat(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """Seconds on a CPU and seconds runnable but waiting for one, of a process's threads
+    (or one thread), from the kernel's /proc/PID/task/TID/schedstat."""
+    tasks = [tid] if tid is not None else [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    ran = waited = 0.0
+    for t in tasks:
+        try:
+            fields = Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        ran += int(fields[0]) / 1e9
+        waited += int(fields[1]) / 1e9
+    return ran, waited
+
+
+def _stalls(log: str) -> list[tuple[float, float, str]]:
+    """The loop stalls the daemon logged (``loop_stall_log``, gpud.loopwatch): wall ms,
+    the loop thread's CPU ms, task."""
+    out: list[tuple[float, float, str]] = []
+    for line in log.splitlines():
+        if "loop stall: " in line:
+            head, _, task = line.split("loop stall: ", 1)[1].partition(" in one step of task ")
+            ms, _, cpu = head.partition(" ms (cpu ")
+            out.append((float(ms), float(cpu.removesuffix(" ms)")), task.strip()))
+    return out
+
+
 def rows(
-    quick: bool, progress: Progress, inputs: int | None = None, raw: Path | None = None
+    quick: bool,
+    progress: Progress,
+    inputs: int | None = None,
+    raw: Path | None = None,
+    stall_log: float | None = None,
 ) -> list[Row]:
     os.environ.setdefault("GPUD_JOB_PYTHON", "daemon")
     n = inputs if inputs is not None else (2_000 if quick else 100_000)
@@ -147,7 +202,8 @@ def rows(
     bench = Bench(base)
     other: subprocess.Popen[str] | None = None
     try:
-        with bench.daemon("sweep", 2, tcp=True) as d:
+        env = {"GPUD_LOOP_STALL_LOG": str(stall_log)} if stall_log else None
+        with bench.daemon("sweep", 2, env, tcp=True) as d:
             owner, token = _add_user(d.data_dir)
             env = dict(os.environ, GPUD_URL=d.tcp_url, GPUD_TOKEN=token)
             other = subprocess.Popen(
@@ -167,12 +223,24 @@ def rows(
                 f"sweep: .map of {n:,} no-ops on warm workers, 2 slots; user {owner} "
                 "probes over TCP"
             )
+            assert d.proc is not None
+            # The daemon's event loop (its main thread) and the probe: time on a CPU and
+            # time runnable but waiting for one (the kernel's accounting).
+            loop0, probe0 = _schedstat(d.proc.pid, d.proc.pid), _schedstat(other.pid)
             t0, wall0 = time.perf_counter(), time.time()
             wrong = sum(1 for i, r in enumerate(sq.map(range(n), progress=False)) if r != i * i)
             wall = time.perf_counter() - t0
+            loop1, probe1 = _schedstat(d.proc.pid, d.proc.pid), _schedstat(other.pid)
+            cpu = {
+                "loop_ran_s": loop1[0] - loop0[0],
+                "loop_waited_s": loop1[1] - loop0[1],
+                "probe_ran_s": probe1[0] - probe0[0],
+                "probe_waited_s": probe1[1] - probe0[1],
+            }
             out, _ = other.communicate(timeout=180)
             sq.client.close()
             timed_waits = _queue_waits(d.data_dir / "ledger.db", owner)
+            stalls = _stalls(d.log_since())
             progress(f"sweep done in {wall:.0f} s; removing its {n:,} jobs' directories")
     finally:
         if other is not None and other.poll() is None:
@@ -189,12 +257,17 @@ def rows(
                     "wall_s": wall,
                     "wrong": wrong,
                     "errors": got["errors"],
+                    "stalls": stalls,
+                    "cpu": cpu,
+                    "load": os.getloadavg(),
                     **{
                         k: [(round(at - wall0, 3), round(ms, 2)) for at, ms in v]
                         for k, v in (
                             ("list_ms", got["lat"]),
                             ("remote_ms", got["remote"]),
                             ("queued_ms", timed_waits),
+                            ("server_ms", got["server"]),
+                            ("late_ms", got["late"]),
                         )
                     },
                 }
@@ -203,6 +276,8 @@ def rows(
     lat: list[float] = [ms for _, ms in got["lat"]]
     remote: list[float] = [ms for _, ms in got["remote"]]
     waits = [ms for _, ms in timed_waits]
+    server = [ms for _, ms in got["server"]]
+    late = [ms for _, ms in got["late"]]
     errors: list[str] = got["errors"]
     p99 = pct(lat, 99) if lat else float("inf")
     return [
@@ -229,6 +304,59 @@ def rows(
                 "max_ms": max(lat) if lat else 0.0,
                 "requests": float(len(lat)),
             },
+        ),
+        Row(
+            measure="    of which the daemon's (Server-Timing)",
+            figure=f"p50 {pct(server, 50):.1f} / p99 {pct(server, 99):.1f} / "
+            f"max {max(server):.1f} ms"
+            if server
+            else "no header",
+            baseline="-",
+            target="-",
+            ok=True,
+            numbers={
+                "p50_ms": pct(server, 50) if server else 0.0,
+                "p99_ms": pct(server, 99) if server else 0.0,
+            },
+        ),
+        Row(
+            measure="    the probe's lateness waking (its CPU wait)",
+            figure=f"p50 {pct(late, 50):.1f} / p99 {pct(late, 99):.1f} / max {max(late):.1f} ms"
+            if late
+            else "-",
+            baseline="-",
+            target="-",
+            ok=True,
+            numbers={
+                "p50_ms": pct(late, 50) if late else 0.0,
+                "p99_ms": pct(late, 99) if late else 0.0,
+            },
+        ),
+        Row(
+            measure="    daemon's loop thread: on a CPU / waiting for one",
+            figure=f"{cpu['loop_ran_s']:.1f} s ({cpu['loop_ran_s'] / wall:.0%} of the sweep) / "
+            f"{cpu['loop_waited_s']:.1f} s; probe {cpu['probe_ran_s']:.1f} / "
+            f"{cpu['probe_waited_s']:.1f} s; load {os.getloadavg()[0]:.1f}",
+            baseline="-",
+            target="-",
+            ok=True,
+            numbers=cpu,
+        ),
+        Row(
+            measure="    daemon loop stalls (steps > loop_stall_log)",
+            figure=(
+                f"{len(stalls)}, {sum(ms for ms, _, _ in stalls) / 1000:.1f} s in all "
+                f"(cpu {sum(c for _, c, _ in stalls) / 1000:.1f} s), "
+                f"max {max(ms for ms, _, _ in stalls):.0f} ms ({_worst_tasks(stalls)})"
+                if stalls
+                else "none"
+            )
+            if stall_log
+            else "not logged (--stall-log)",
+            baseline="-",
+            target="-",
+            ok=True,
+            numbers={"count": float(len(stalls))},
         ),
         Row(
             measure="  meanwhile its .remote() (a cold start, fair share first)",
@@ -269,6 +397,16 @@ def rows(
     ]
 
 
+def _worst_tasks(stalls: list[tuple[float, float, str]]) -> str:
+    """The tasks that stalled the loop longest, in all: "name 1.2 s, ..." (three)."""
+    by: dict[str, float] = {}
+    for ms, _, task in stalls:
+        short = task.rsplit(".", 1)[-1]
+        by[short] = by.get(short, 0.0) + ms
+    top = sorted(by.items(), key=lambda kv: -kv[1])[:3]
+    return ", ".join(f"{name} {ms / 1000:.1f} s" for name, ms in top)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -279,12 +417,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="write every sample, with its time, to this JSON file",
     )
+    p.add_argument(
+        "--stall-log",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="have the daemon log loop steps longer than this (loop_stall_log), and count them",
+    )
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.probe:
         return probe(a.interval)
-    result: Any = rows(a.quick, lambda s: print(s, file=sys.stderr), a.inputs, a.raw)
+    result: Any = rows(a.quick, lambda s: print(s, file=sys.stderr), a.inputs, a.raw, a.stall_log)
     print(render(result))
     return 0
 

@@ -138,6 +138,9 @@ class Config:
     #: a lower priority suspended for it; None (the default) never preempts
     preempt_after: float | None = None
     log_level: str = "info"
+    #: diagnostics (#12): log every event-loop step longer than this ("20ms"), with its
+    #: task's name; while one runs, no request is read or answered. None: off
+    loop_stall_log: float | None = None
     #: fair share (#5): usage counts half after this long (Slurm's PriorityDecayHalfLife)
     fairshare_half_life: float = 7 * 86400.0
     #: priority = job priority + fairshare_weight * F + age_weight * min(age / max_age, 1)
@@ -220,6 +223,7 @@ _DURATIONS = {
     "webhook_backoff",
     "preempt_after",
     "slurm_poll_interval",
+    "loop_stall_log",
 }
 #: Durations that "none" (or "") turns off.
 _OPTIONAL = {
@@ -228,6 +232,7 @@ _OPTIONAL = {
     "retention_jobs",
     "retention_interval",
     "preempt_after",
+    "loop_stall_log",
 }
 #: The shortest retention: a client fetches a job's result and log after it ends.
 MIN_RETENTION = 60.0

@@ -44,7 +44,7 @@ from gpud.fairshare import Policy, fairshare_factors, job_priority
 from gpud.pending import Group, PendingIndex
 from gpud.reasons import Text
 from gpud.sched_read import KEEP_EVERY, Looked, Reader, Walked
-from gpud.sched_round import Round, infeasible
+from gpud.sched_round import Round, cpu_only, infeasible
 from gpud.warm_match import match_warm
 
 __all__ = ["Plan", "Waits", "decide", "infeasible", "order_key", "plan", "scheduling_key"]
@@ -173,7 +173,13 @@ def plan(
     evictable: list[int] = []
     if idle_workers:
         assigned, held, evictable = match_warm(
-            _Merge(groups, key), idle_workers, gpus, now=now, quotas=quotas, cpu_slots=cpu_slots
+            _Merge(groups, key),
+            idle_workers,
+            gpus,
+            now=now,
+            quotas=quotas,
+            cpu_slots=cpu_slots,
+            cpu_running=sum(1 for j in running if cpu_only(j.gpu)),
         )
     # The round's order is that of the jobs left after warm matching, with the idle
     # workers that keep their GPUs among the running (the service always did it so).
@@ -195,8 +201,11 @@ def plan(
             now,
             holders,
         )
+    # The CPU jobs given to idle workers take their slots now: the round's cold starts
+    # must not count those slots free (#12: a .map on 2 slots grew to 50 workers so).
+    warm_cpu = [j for i in assigned if (j := index.get(i)) is not None and cpu_only(j.gpu)]
     setup = _Setup(
-        running=[*running, *held],
+        running=[*running, *held, *warm_cpu],
         gpus=gpus,
         cpu_slots=cpu_slots,
         now=now,

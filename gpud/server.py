@@ -37,6 +37,8 @@ from gpud.executors.process import (
 from gpud.gpus import GpuInventory, NoGpuInventory
 from gpud.inventory import open_checkpointer, open_inventory
 from gpud.ledger import LedgerThread
+from gpud.loopwatch import ServerTiming, StallWatch
+from gpud.priority import QuickFirst
 from gpud_client.jobdir import install_runtime
 
 __all__ = ["Served", "serve"]
@@ -195,6 +197,7 @@ async def serve(
 ) -> None:
     lock_fd = lock_data_dir(config.data_dir)
     ledger: LedgerThread | None = None
+    stalls: StallWatch | None = None
     own_inventory = inventory is None
     sock_path = config.socket
     try:
@@ -278,13 +281,18 @@ async def serve(
         _raise_fd_limit()
         budget = http_edge.BodyBudget(config.max_body_in_flight)
         app = http_edge.BodyBudgetMiddleware(create_app(daemon), budget, config.max_body_bytes)
+        # Quick reads go before new job starts; each answer says how long it took (#12).
+        timed = ServerTiming(QuickFirst(app, daemon.interactive))
+        if config.loop_stall_log is not None:
+            stalls = StallWatch(config.loop_stall_log)
+            trio.lowlevel.add_instrument(stalls)
         # Only the owner (and, for a root daemon, the gpud group) may connect; who it is
         # exactly comes from the peer credentials (gpud.auth).
         hc.umask = 0o177 if os.geteuid() != 0 else 0o117
 
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
-            binds = await nursery.start(hypercorn_serve, app, hc)
+            binds = await nursery.start(hypercorn_serve, timed, hc)
             if os.geteuid() == 0:
                 with contextlib.suppress(KeyError):
                     os.chown(sock_path, 0, grp.getgrnam("gpud").gr_gid)
@@ -303,6 +311,8 @@ async def serve(
             )
             task_status.started(Served(daemon=daemon, socket=sock_path, tcp=tcp_url))
     finally:
+        if stalls is not None:
+            trio.lowlevel.remove_instrument(stalls)
         if ledger is not None:
             ledger.close()
         if own_inventory and inventory is not None:

@@ -14,7 +14,11 @@ A ready CPU job that no idle worker takes shuts warm matching for the CPU jobs a
 (given CPU slots): handing a job to an idle worker is not checked against the slots, so a
 sweep's workers, refilled first every round, kept the slots full (often over), and another
 user's cold job ahead of them in fair-share order waited for the whole sweep (#12). Now the
-sweep's running calls end, and the slot they free is its.
+sweep's running calls end, and the slot they free is its. And a CPU job goes to an idle
+worker only while a CPU slot is free (``cpu_running`` and those matched before it count):
+without that check a `.map` on 2 slots ran 50 calls at once in as many workers, each
+round handing a job to every idle one, and the box's CPUs, the daemon's included, went to
+that, while other users' requests waited (#12, docs/performance.md).
 
 Pure: no clock, no I/O.
 """
@@ -48,9 +52,11 @@ def match_warm(
     now: float,
     quotas: Mapping[str, Quota],
     cpu_slots: int = 0,
+    cpu_running: int = 0,
 ) -> tuple[dict[int, int], list[Job], list[int]]:
     """(job id -> worker id, in matching order; the idle workers keeping their GPUs, as
-    pseudo running jobs; the ids of the idle workers a start may evict)."""
+    pseudo running jobs; the ids of the idle workers a start may evict). ``cpu_running``:
+    the CPU slots in use now."""
     if not idle:
         return {}, [], []
     index = {g.uuid: g for g in gpus}
@@ -62,6 +68,7 @@ def match_warm(
     claimed: set[int] = set()  # workers a job ahead may evict
     unsettled = len(idle)  # neither taken nor claimed: either can still happen to them
     cpu_shut = False  # a cold CPU job waits ahead: later CPU jobs get no idle worker
+    cpu_free = cpu_slots - cpu_running  # CPU slots left for CPU jobs given a worker
     while unsettled and (item := order.pop()) is not None:
         job, gi, _ = item
         if job.not_before > now:
@@ -71,7 +78,8 @@ def match_warm(
         over = (
             quota is not None and quota.max_timeout is not None and job.timeout > quota.max_timeout
         )
-        if served(job) and not over and not (cpu_shut and job.gpu is None):
+        no_slot = job.gpu is None and cpu_slots > 0 and (cpu_shut or cpu_free <= 0)
+        if served(job) and not over and not no_slot:
             mine = next(
                 (
                     w
@@ -84,6 +92,8 @@ def match_warm(
                 assigned[job.id] = mine.id
                 taken.add(mine.id)
                 unsettled -= 1
+                if job.gpu is None:
+                    cpu_free -= 1
                 continue
         if job.gpu is None and not over and cpu_slots > 0 and not cpu_shut:
             cpu_shut = True

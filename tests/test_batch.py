@@ -428,3 +428,34 @@ def test_jobs_held_back_by_max_concurrency_have_their_batchs_reason() -> None:
     assert {i: place for i, (_, place) in held.items()} == {3: 1, 4: 2, 5: 3, 6: 4}
     assert len({id(why) for why, _ in held.values()}) == 1  # one reason per batch
     assert held[3][0].text(3) == "batch 7 at its max_concurrency of 2"
+
+
+def test_a_batch_of_several_chunks_is_whole_and_in_input_order(daemon: DaemonProc) -> None:
+    """The daemon builds a big batch's jobs in chunks, letting the event loop go between
+    them (gpud.api_submit, #12): every input still makes one job, in input order."""
+    from gpud.api_submit import _CHUNK
+    from gpud_client.client import Client
+
+    mod = sys.modules["tests.test_auth"]
+    cloudpickle.register_pickle_by_value(mod)
+    try:
+        fn = cloudpickle.dumps(_nap)
+    finally:
+        cloudpickle.unregister_pickle_by_value(mod)
+    n = 2 * _CHUNK + 3
+    inputs = [cloudpickle.dumps(((60.0 + i,), {})) for i in range(n)]
+    # max_concurrency 1: one nap runs, the rest stay queued until cancelled.
+    req = BatchSubmitRequest(
+        name="t.chunks", function=fn, python=PY, inputs=inputs, max_concurrency=1
+    )
+    with Client(daemon.url) as c:
+        made = c.submit_batch(req)
+        try:
+            assert len(made.job_ids) == n
+            assert made.job_ids == list(range(made.job_ids[0], made.job_ids[0] + n))
+            info = c.batch(made.batch_id)
+            assert info.size == n
+            first, last = c.get_job(made.job_ids[0]), c.get_job(made.job_ids[-1])
+            assert first.name == last.name == "t.chunks"
+        finally:
+            c.cancel_batch(made.batch_id)

@@ -86,9 +86,34 @@ def test_idle_sweep_workers_do_not_take_the_slot_another_users_job_waits_for() -
     # Once all but one of the running calls ended, it starts; the idle workers wait.
     p = plan([*jobs, other], run[:1], [], idle, cpu_slots=2, now=NOW, policy=Policy())
     assert [s.job_id for s in p.starts] == [other.id] and p.assigned == {}
-    # With the other user's job running, the sweep gets its idle workers back.
+    # With the other user's job running, the sweep gets an idle worker back: one, for the
+    # one slot left.
     p = plan(jobs, [running(5000, "nobody")], [], idle, cpu_slots=2, now=NOW, policy=Policy())
-    assert sorted(p.assigned) == [100, 101]
+    assert sorted(p.assigned) == [100]
+
+
+def test_idle_workers_get_cpu_jobs_only_while_a_slot_is_free() -> None:
+    """A `.map` on 2 slots ran 50 calls at once: every round handed a job to every idle
+    worker, slots or not (#12). Now a CPU job goes to an idle worker only into a free
+    slot, counting the ones matched before it in the same round."""
+    jobs = sweep(50)
+    key = warm_key(jobs[0])
+    idle = [IdleWorker(i, key, (), i, "root") for i in range(1, 11)]
+    p = plan(jobs, [], [], idle, cpu_slots=2, now=NOW, policy=Policy())
+    assert sorted(p.assigned) == [100, 101] and p.starts == []
+    w = p.waits.of(jobs[2])
+    assert w is not None and "CPU slot" in w.reason
+    # Both slots in use by the sweep's running calls: no idle worker gets one.
+    run = [running(i, "root", keep_warm=300.0) for i in (1, 2)]
+    p = plan(jobs, run, [], idle, cpu_slots=2, now=NOW, policy=Policy())
+    assert p.assigned == {} and p.starts == []
+    # The reference (the daemon's old matching, with the same rule) agrees.
+    k = ref.scheduling_key(jobs, [], now=NOW, usage={}, policy=Policy())
+    assert sorted(ref.match_warm(jobs, idle, [], now=NOW, key=k, cpu_slots=2)[0]) == [100, 101]
+    assert ref.match_warm(jobs, idle, [], now=NOW, key=k, cpu_slots=2, cpu_running=2)[0] == {}
+    # Without CPU slots (cpu_slots = 0) warm matching is not limited by them, as before.
+    p = plan(jobs, run, [], idle, cpu_slots=0, now=NOW, policy=Policy())
+    assert len(p.assigned) == 10
 
 
 def test_the_rule_is_the_references_too() -> None:

@@ -32,6 +32,7 @@ from gpud.domain import (
 )
 from gpud.fairshare import Policy
 from gpud.pending import ActiveJobs, PendingIndex
+from gpud.sched_round import cpu_only
 from gpud.scheduler import Plan, decide, plan
 from gpud.testing import sched_reference as ref
 
@@ -218,12 +219,20 @@ def reference_plan(
         else ref.order_key
     )
     assigned, held, evictable = ref.match_warm(
-        pending, idle, gpus, now=now, key=key, quotas=quotas, cpu_slots=cpu_slots
+        pending,
+        idle,
+        gpus,
+        now=now,
+        key=key,
+        quotas=quotas,
+        cpu_slots=cpu_slots,
+        cpu_running=sum(1 for j in running if cpu_only(j.gpu)),
     )
     cold = [j for j in pending if j.id not in assigned]
+    warm_cpu = [j for j in pending if j.id in assigned and cpu_only(j.gpu)]
     ds = ref.decide(
         cold,
-        running + held,
+        running + held + warm_cpu,
         gpus,
         cpu_slots=cpu_slots,
         now=now,

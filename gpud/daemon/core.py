@@ -42,6 +42,7 @@ from gpud.ledger.usage import finished_gpu_intervals
 from gpud.metrics import HistoryBuffer
 from gpud.notify import Notifier
 from gpud.pending import ActiveJobs
+from gpud.priority import Interactive
 from gpud.retry import RetryPolicy, after
 from gpud.scheduler import Plan, Waits
 from gpud.snapgpu import SnapshotGpuState
@@ -84,6 +85,8 @@ class DaemonCore:
         #: the last round's waits, each read on its own (gpud.queue_view, #12)
         self.waits: Mapping[int, Wait] | Waits = {}
         self.plan: Plan | None = None  # the last round's, for the next bounded one
+        #: quick API requests being answered: rounds let them go first (gpud.priority)
+        self.interactive = Interactive()
         self.gpus: list[Gpu] = []
         #: the last minutes of GPU readings, for the TUI's sparklines
         self.gpu_history = HistoryBuffer(interval=config.gpu_poll_interval)

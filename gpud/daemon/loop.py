@@ -40,6 +40,8 @@ class SchedulingLoop(Supervision):
             # is looked at every sched_interval while jobs are queued (Slurm's
             # default_queue_depth and sched_interval, #12).
             full = self.clock.time() - last_full >= self.config.sched_interval
+            # Another user's `gpud ps` is answered before more jobs start (#12).
+            await self.interactive.yield_to_requests()
             try:
                 next_due = await self._schedule_once(full=full)
             except Exception:  # noqa: BLE001 - a bug in one round must not stop the daemon

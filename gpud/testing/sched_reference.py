@@ -412,15 +412,18 @@ def match_warm(
     key: Callable[[Job], tuple[float, float, int]] = order_key,
     quotas: Mapping[str, Quota] | None = None,
     cpu_slots: int = 0,
+    cpu_running: int = 0,
 ) -> tuple[dict[int, int], list[Job], list[int]]:
     """(job id -> worker id; idle workers keeping their GPUs, as pseudo running jobs;
     ids of the idle workers a job ahead in the queue may evict). With CPU slots, a ready
-    CPU job no idle worker takes leaves the later CPU jobs without one (#12)."""
+    CPU job no idle worker takes leaves the later CPU jobs without one, and CPU jobs get
+    idle workers only while a slot is free (``cpu_running`` in use now) (#12)."""
     if not idle:
         return {}, [], []
     assigned: dict[int, IdleWorker] = {}
     claimed: set[int] = set()
     cpu_shut = False
+    cpu_free = cpu_slots - cpu_running
     for job in sorted(pending, key=key):
         if job.not_before > now:
             continue
@@ -428,7 +431,8 @@ def match_warm(
         over_quota = (
             quota is not None and quota.max_timeout is not None and job.timeout > quota.max_timeout
         )
-        if served(job) and not over_quota and not (cpu_shut and job.gpu is None):
+        no_slot = job.gpu is None and cpu_slots > 0 and (cpu_shut or cpu_free <= 0)
+        if served(job) and not over_quota and not no_slot:
             wanted = warm_key(job)
             w = next(
                 (
@@ -440,6 +444,7 @@ def match_warm(
             )
             if w is not None:
                 assigned[job.id] = w
+                cpu_free -= 1 if job.gpu is None else 0
                 continue
         if job.gpu is None and not over_quota and cpu_slots > 0:
             cpu_shut = True
