@@ -25,6 +25,7 @@ import signal
 import trio
 
 from gpud import preempt
+from gpud.crashpoint import crash_point
 from gpud.daemon.core import DaemonCore
 from gpud.daemon.gpustate import GpuStateParker
 from gpud.daemon.record import JobRecord
@@ -125,6 +126,7 @@ class Suspending(DaemonCore):
             )
         except IllegalTransition:
             raise NotSuspendable(f"job {job_id} is no longer running") from None
+        crash_point("suspend_recorded")
         if rec.scope is not None:
             rec.scope.deadline = math.inf  # its timeout clock stops
         try:
@@ -317,6 +319,7 @@ class Suspending(DaemonCore):
                         rec.scope.cancel()
                     return job
             await self._signal(rec.handle, stop=False)
+            crash_point("resume_continued")
         self.suspensions.wanted.pop(job.id, None)
         try:
             job = await self._advance(
