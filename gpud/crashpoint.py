@@ -13,8 +13,8 @@ process ended, its outcome not yet recorded), ``after_submit`` (a submit committ
 its answer not yet sent), ``suspend_recorded`` (SUSPENDED committed, the job's GPU state
 not yet parked nor its processes stopped), ``resume_continued`` (a suspended job's
 processes continued, RUNNING not yet recorded), ``before_warm_ack`` (a warm job's result
-committed with its end, the worker not yet told it may forget it), ``deps_ended`` (a dependency's end committed,
-the jobs waiting on it not yet freed or cancelled).
+committed with its end, the worker not yet told it may forget it), ``deps_ended`` (a
+dependency's end committed, the jobs waiting on it not yet freed or cancelled).
 """
 
 from __future__ import annotations
