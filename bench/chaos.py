@@ -273,15 +273,15 @@ class Load:
             return
         elif kind in ("suspend", "preempt"):
             opts["gpu"] = "h100" if kind == "preempt" else rnd.choice(("h100", "l4", None))
-            args = (self.marks, name, rnd.uniform(1.0, 2.5))
+            args = (self.marks, name, rnd.uniform(0.8, 1.8))
             if kind == "preempt":
                 opts["priority"] = 10
                 args = (self.marks, name, rnd.uniform(0.3, 1.0))
         elif kind == "state":
             # Sometimes past its timeout, warned before it (signal_before), sometimes not.
-            opts["timeout"] = 3.0
-            opts["signal_before"] = 1.5
-            args = (self.marks, name, rnd.choice((secs, 4.0)), False, True)
+            opts["timeout"] = 2.0
+            opts["signal_before"] = 1.0
+            args = (self.marks, name, rnd.choice((secs, 3.0)), False, True)
         fn = base.with_options(**opts)
         handle = fn.spawn(*args)
         self._ack([handle.id], kind, name)
@@ -319,19 +319,25 @@ class Load:
         """Suspend the job once it runs, resume it a moment later (the kill -9 may fall
         anywhere in between: the restart resumes it then)."""
         deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and not self.stop.is_set():
+        while time.monotonic() < deadline:
+            if self.stop.is_set():
+                return
             info = self._api_call("status", handle.status)
             if info is None or info.state in checks.FINAL:
                 return
             if info.state == "running":
                 break
             self.stop.wait(0.05)
-        self.stop.wait(rnd.uniform(0.0, 0.4))
+        # No call once the round's load is over (the daemon may be down, and a call would
+        # retry until it is back): a job left suspended is resumed by the restart.
+        if self.stop.wait(rnd.uniform(0.0, 0.4)):
+            return
         if self._api_call("suspend", handle.client.suspend, handle.id) is None:
             return
         with self.lock:
             self.tally.feature_calls["suspend: ok"] += 1
-        self.stop.wait(rnd.uniform(0.1, 1.0))
+        if self.stop.wait(rnd.uniform(0.1, 1.0)):
+            return
         if self._api_call("resume", handle.client.resume, handle.id) is not None:
             with self.lock:
                 self.tally.feature_calls["resume: ok"] += 1
