@@ -638,7 +638,9 @@ class PodmanExecutor:
                 continue
             ctr.reload()
             state = ctr.attrs.get("State", {})
-            if state.get("Running"):
+            # A suspended job's container is paused (#13), and Podman says paused, not
+            # running: it is there to adopt, and to unpause on resume, not to remove.
+            if state.get("Running") or state.get("Paused"):
                 pid = int(state.get("Pid") or 0)
                 return Handle(
                     job_id=job.id,
