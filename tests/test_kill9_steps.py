@@ -11,6 +11,7 @@ committed before the jobs waiting on it were freed or cancelled."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -200,6 +201,39 @@ def test_podman_kill_9_while_suspended_keeps_the_paused_container(
         assert count.read_text() == "run\n", "the job ran more than once"
         assert _states(d, h.id)[-3:] == ["suspended", "running", "succeeded"]
         assert _finals(d, h.id) == ["succeeded"]
+    finally:
+        app.close()
+        d.stop()
+        kill_instance_jobs(d.data_dir)
+        left = containers_of(d)
+        if left:
+            subprocess.run(["podman", "rm", "-f", *left], capture_output=True)
+
+
+def test_podman_a_job_whose_conmon_is_killed_ends_without_an_internal_error(
+    base_dir: Path, shared_dir: Path
+) -> None:
+    """Found by bench/chaos.py's conmon fault: Podman has no exit code for a container
+    whose conmon died, and its wait answered 500, which failed the job as "gpud hit an
+    internal error" with a traceback. The job's own status.json now decides."""
+    d = DaemonProc(base_dir, env=executor_env("podman"))
+    try:
+        d.start()
+        count = shared_dir / "runs"
+        h = gpu_counted.with_options(url=d.url, gpu=None, retries=0).spawn(str(count), 2.0)
+        wait_for(count.exists, timeout=60)
+        [cid] = containers_of(d, h.id)
+        conmon = subprocess.run(
+            ["podman", "inspect", "--format", "{{.State.ConmonPid}}", cid],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        os.kill(int(conmon), signal.SIGKILL)
+        assert h.get(timeout=90) == "done"
+        assert h.status().state == "succeeded"
+        assert "internal error" not in d.log.read_text()
+        assert count.read_text() == "run\n"
     finally:
         app.close()
         d.stop()
