@@ -54,11 +54,16 @@ PODMAN_FAULTS = ("container", "conmon")
 # -- the job every load submits -------------------------------------------------------------
 
 
-def chaos_job(marks: str, tag: str, seconds: float, fail: bool = False) -> str:
+def chaos_job(marks: str, tag: str, seconds: float, fail: bool = False, state: bool = False) -> str:
     """Append start/done marks (outside the data dir) and hold the job's flock while the
-    user code runs: a second attempt running at the same time finds it held."""
+    user code runs: a second attempt running at the same time finds it held.
+
+    ``state``: also append the attempt's number to ``attempts`` in the job's state dir
+    (kept across its attempts and the daemon's restarts: the checks compare it with the
+    start marks), and mark the signal_before warning (SIGUSR1) when it comes."""
     import fcntl
     import os
+    import signal
     import socket
     import time
 
@@ -81,7 +86,18 @@ def chaos_job(marks: str, tag: str, seconds: float, fail: bool = False) -> str:
         except BlockingIOError:
             mark("concurrent")
         mark("start")
-        time.sleep(seconds)
+        if state:
+            d = os.environ["GPUD_STATE_DIR"]
+            fd = os.open(os.path.join(d, "attempts"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                os.write(fd, f"{att}\n".encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            signal.signal(signal.SIGUSR1, lambda *_: mark("warned"))
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))  # a signal's handler runs between the naps
         if fail:
             mark("fail")
             raise RuntimeError("chaos: failing on purpose")
@@ -103,6 +119,9 @@ CHAOS_SETTINGS = {
     "GPUD_RETRY_BACKOFF": "0.2",
     "GPUD_LOG_LEVEL": "info",
     "GPUD_GPU_POLL_INTERVAL": "0.5",
+    # Queued high-priority GPU jobs suspend running ones after a second (#13): the
+    # "preempt" load's jobs do, and the suspended ones resume when the GPUs free up.
+    "GPUD_PREEMPT_AFTER": "1s",
 }
 
 
@@ -136,6 +155,12 @@ class Load:
         ("timeout", 1),
         ("warm", 2),
         ("fail", 1),
+        # the features of #13/#14 under kill -9: dependencies, suspend/resume (by the
+        # API, and by preemption), state dirs with signal_before
+        ("after", 2),
+        ("suspend", 2),
+        ("preempt", 1),
+        ("state", 1),
     )
 
     def __init__(
@@ -172,9 +197,22 @@ class Load:
             self.seq += 1
             return f"chaos.r{self.round}.{self.seq}"
 
-    def _ack(self, ids: list[int], kind: str, name: str) -> None:
+    def _ack(self, ids: list[int], kind: str, name: str, after: tuple[int, ...] = ()) -> None:
         with self.lock:
-            self.acked.extend(Acked(i, kind, self.round, name) for i in ids)
+            self.acked.extend(Acked(i, kind, self.round, name, after) for i in ids)
+
+    def _api_call(self, what: str, fn: Any, *args: Any) -> Any:
+        """A suspend or resume: refused (409: the job is no longer running, or not
+        suspended) or cut off by the kill -9, it is counted, never a violation."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - the daemon may be down: counted
+            key = f"{what}: " + (
+                f"ApiError {e.status}" if isinstance(e, gpud.ApiError) else type(e).__name__
+            )
+            with self.lock:
+                self.tally.feature_calls[key] += 1
+            return None
 
     def _error(self, e: BaseException) -> None:
         with self.lock:
@@ -230,9 +268,25 @@ class Load:
         elif kind == "fail":
             opts["retries"] = 1
             args = (self.marks, name, secs, True)
+        elif kind == "after":
+            self._chain(rnd, base, name, retries)
+            return
+        elif kind in ("suspend", "preempt"):
+            opts["gpu"] = "h100" if kind == "preempt" else rnd.choice(("h100", "l4", None))
+            args = (self.marks, name, rnd.uniform(0.8, 1.8))
+            if kind == "preempt":
+                opts["priority"] = 10
+                args = (self.marks, name, rnd.uniform(0.3, 1.0))
+        elif kind == "state":
+            # Sometimes past its timeout, warned before it (signal_before), sometimes not.
+            opts["timeout"] = 2.0
+            opts["signal_before"] = 1.0
+            args = (self.marks, name, rnd.choice((secs, 3.0)), False, True)
         fn = base.with_options(**opts)
         handle = fn.spawn(*args)
         self._ack([handle.id], kind, name)
+        if kind == "suspend":
+            self._suspend_resume(rnd, handle)
         if kind == "warm":
             # Calls in a row, each once the previous ended: the next one can run in the
             # warm worker the previous left (a lone call would always start cold).
@@ -244,6 +298,49 @@ class Load:
         if kind == "cancel":
             self.stop.wait(rnd.uniform(0.0, 0.8))
             handle.cancel()
+
+    def _chain(self, rnd: random.Random, base: Any, name: str, retries: int) -> None:
+        """Two or three jobs, each after the one before (``after=``); the first fails
+        now and then, which must cancel the rest and run none of them."""
+        first = base.with_options(name=name, retries=retries).spawn(
+            self.marks, name, rnd.uniform(0.1, 1.0), rnd.random() < 0.25
+        )
+        self._ack([first.id], "after", name)
+        prev = first.id
+        for i in range(rnd.randint(1, 2)):
+            sub = f"{name}.{i + 1}"
+            h = base.with_options(name=sub, retries=retries).spawn(
+                self.marks, sub, rnd.uniform(0.05, 0.5), after=[prev]
+            )
+            self._ack([h.id], "after", sub, (prev,))
+            prev = h.id
+
+    def _suspend_resume(self, rnd: random.Random, handle: Any) -> None:
+        """Suspend the job once it runs, resume it a moment later (the kill -9 may fall
+        anywhere in between: the restart resumes it then)."""
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            if self.stop.is_set():
+                return
+            info = self._api_call("status", handle.status)
+            if info is None or info.state in checks.FINAL:
+                return
+            if info.state == "running":
+                break
+            self.stop.wait(0.05)
+        # No call once the round's load is over (the daemon may be down, and a call would
+        # retry until it is back): a job left suspended is resumed by the restart.
+        if self.stop.wait(rnd.uniform(0.0, 0.4)):
+            return
+        if self._api_call("suspend", handle.client.suspend, handle.id) is None:
+            return
+        with self.lock:
+            self.tally.feature_calls["suspend: ok"] += 1
+        if self.stop.wait(rnd.uniform(0.1, 1.0)):
+            return
+        if self._api_call("resume", handle.client.resume, handle.id) is not None:
+            with self.lock:
+                self.tally.feature_calls["resume: ok"] += 1
 
 
 def _wait_final(handle: Any, within: float) -> bool:
@@ -393,6 +490,15 @@ def job_events(client: Client, job_id: int) -> list[Any]:
         after = page.cursor
 
 
+def state_attempts(client: Client, job_id: int) -> list[int] | None:
+    """The attempt numbers the job wrote to its state dir (None: no such file)."""
+    try:
+        text = b"".join(client.state_file(job_id, "attempts")).decode()
+    except GpudError:
+        return None
+    return [int(x) for x in text.split()]
+
+
 def run_round(
     r: int,
     args: argparse.Namespace,
@@ -473,9 +579,13 @@ def run_round(
                 with contextlib.suppress(GpudError):
                     out = cloudpickle.loads(client.result(a.id))
                     result = out.get("value") if isinstance(out, dict) else out
-            checks.check_job(
-                t, a, info, job_events(client, a.id), checks.read_marks(marks, a.id), kills, result
-            )
+            events = job_events(client, a.id)
+            job_marks = checks.read_marks(marks, a.id)
+            checks.check_job(t, a, info, events, job_marks, kills, result)
+            checks.check_suspensions(t, a, events)
+            if a.kind == "state":
+                checks.check_state_dir(t, a, info, job_marks, state_attempts(client, a.id), kills)
+        checks.check_dependencies(t, load.acked, infos, lambda j: checks.read_marks(marks, j))
         t.jobs += len(load.acked)
         # Jobs the daemon holds under this round's names that the client never got: a
         # submit whose answer was lost went in anyway.

@@ -68,6 +68,8 @@ class Acked:
     kind: str
     round: int
     name: str
+    #: the jobs it was submitted ``after=`` (#14)
+    after: tuple[int, ...] = ()
 
 
 @dataclass
@@ -111,6 +113,16 @@ class Tally:
     daemon_exits: list[str] = field(default_factory=list)
     round_seconds: list[float] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)
+    #: a dependent that ran before its dependency succeeded, ran although a dependency
+    #: did not succeed, or was cancelled although every dependency succeeded (#14)
+    dependency_order: list[int] = field(default_factory=list)
+    #: a suspension not followed by exactly one resume or end (#13)
+    suspension_not_ended_once: list[int] = field(default_factory=list)
+    #: a job whose state dir lost what an attempt wrote to it, or has what none wrote
+    state_dir_lost: list[int] = field(default_factory=list)
+    #: suspend/resume calls by the load (ok, refused, cut off), and what came of them
+    feature_calls: Counter[str] = field(default_factory=Counter)
+    features: Counter[str] = field(default_factory=Counter)
 
     def violations(self) -> dict[str, int]:
         return {
@@ -123,6 +135,9 @@ class Tally:
             "wrong_result": len(self.wrong_result),
             "ps_disagreements": len(self.ps_disagreements),
             "daemon_exits": len(self.daemon_exits),
+            "dependency_order": len(self.dependency_order),
+            "suspension_not_ended_once": len(self.suspension_not_ended_once),
+            "state_dir_lost": len(self.state_dir_lost),
         }
 
     def note(self, text: str) -> None:
@@ -211,6 +226,86 @@ def check_job(
             t.note(f"job {jid} ({job.kind}): result {result!r}, expected {job.name!r}")
 
 
+def check_suspensions(t: Tally, job: Acked, events: list[Any]) -> None:
+    """Every SUSPENDED in the job's events is followed by exactly one move out of it: a
+    resume (RUNNING) or the job's end, never nothing (the job left suspended)."""
+    n = 0
+    for i, e in enumerate(events):
+        if e.to_state != "suspended":
+            continue
+        n += 1
+        nxt = events[i + 1] if i + 1 < len(events) else None
+        if nxt is None or nxt.from_state != "suspended" or nxt.to_state == "suspended":
+            t.suspension_not_ended_once.append(job.id)
+            t.note(
+                f"job {job.id} ({job.kind}): suspended at {e.at:.3f}, then "
+                + (f"{nxt.from_state} -> {nxt.to_state}" if nxt else "nothing")
+            )
+            return
+        t.features["resumed" if nxt.to_state == "running" else f"ended {nxt.to_state}"] += 1
+    if n:
+        t.features["jobs suspended"] += 1
+        t.features["suspensions"] += n
+
+
+def check_dependencies(t: Tally, acked: list[Acked], infos: dict[int, Any], marks_of: Any) -> None:
+    """A dependent (afterok) never runs before its dependency's success is recorded, never
+    runs when a dependency ended otherwise (it is cancelled), and is not cancelled when
+    every dependency succeeded. Jobs not final (stuck, lost) are counted elsewhere."""
+    for a in acked:
+        if not a.after or a.id not in infos:
+            continue
+        info = infos[a.id]
+        starts = [m for m in marks_of(a.id) if m.what == "start"]
+        for dep in a.after:
+            d = infos.get(dep)
+            if d is None:
+                continue
+            why = None
+            if d.state != "succeeded":
+                t.features[f"dependency {d.state}"] += 1
+                if starts or info.state != "cancelled":
+                    why = f"ran or was not cancelled ({info.state}) after it {d.state}"
+            else:
+                t.features["dependency succeeded"] += 1
+                first = min((m.at for m in starts), default=None)
+                if first is not None and d.ended_at is not None and first < d.ended_at:
+                    why = f"began at {first:.3f}, before its success at {d.ended_at:.3f}"
+                elif info.state == "cancelled":
+                    why = f"was cancelled ({info.error}) although it succeeded"
+            if why is not None:
+                t.dependency_order.append(a.id)
+                t.note(f"job {a.id} after job {dep}: {why}")
+
+
+def check_state_dir(
+    t: Tally,
+    job: Acked,
+    info: Any,
+    marks: list[Mark],
+    attempts: list[int] | None,
+    kills: list[Kill],
+) -> None:
+    """The job's state dir keeps what each attempt wrote (``attempts``: the numbers the
+    attempts appended, None: no file), across retries and restarts; and count the
+    signal_before warnings."""
+    written = attempts or []
+    started = {m.attempt for m in marks if m.what == "start"}
+    # An attempt killed, or out of disk, between its start mark and its write is excused.
+    must = {m.attempt for m in marks if m.what == "start" and not _killed(m, kills)}
+    bad = sorted(written) != written or not set(written) <= started or not must <= set(written)
+    if bad:
+        t.state_dir_lost.append(job.id)
+        t.note(f"job {job.id} (state): state dir has attempts {written}, started {sorted(started)}")
+    warned = sum(1 for m in marks if m.what == "warned")
+    t.features["state jobs"] += 1
+    if info.state == "timed_out":
+        t.features["state jobs timed out"] += 1
+        t.features["of those warned"] += warned > 0
+    if warned > 1:
+        t.features["state jobs warned more than once"] += 1
+
+
 def scan_log(t: Tally, text: str) -> None:
     """Count tracebacks and ERROR lines in the daemon's log (one round's new part)."""
     lines = text.splitlines()
@@ -252,6 +347,12 @@ def summary(t: Tally, meta: dict[str, Any]) -> str:
         f"  daemon log: {t.tracebacks} tracebacks, "
         f"{sum(t.log_errors.values())} error lines/traceback ends",
     ]
+    if t.features or t.feature_calls:
+        lines.append("  features: " + ", ".join(f"{k} {n}" for k, n in sorted(t.features.items())))
+        lines.append(
+            "  suspend/resume calls: "
+            + ", ".join(f"{k} {n}" for k, n in sorted(t.feature_calls.items()))
+        )
     for k, n in t.log_errors.most_common(12):
         lines.append(f"    {n:5d} × {k}")
     if t.client_errors:
@@ -278,7 +379,12 @@ def as_json(t: Tally, meta: dict[str, Any]) -> dict[str, Any]:
             "not_one_final_state": t.not_one_final_state,
             "succeeded_without_running": t.succeeded_without_running,
             "wrong_result": t.wrong_result,
+            "dependency_order": t.dependency_order,
+            "suspension_not_ended_once": t.suspension_not_ended_once,
+            "state_dir_lost": t.state_dir_lost,
         },
+        "features": dict(t.features),
+        "feature_calls": dict(t.feature_calls),
         "ps_disagreements": t.ps_disagreements,
         "daemon_exits": t.daemon_exits,
         "retries_of_lost": t.retries_of_lost,

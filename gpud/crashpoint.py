@@ -10,7 +10,11 @@ Points: ``before_launch`` (a job's attempt is STARTING, its launch not yet recor
 ``after_launch`` (the process runs, RUNNING not yet recorded), ``warm_worker_ready`` (a
 warm job's worker is up, the job not yet sent to it nor RUNNING), ``before_finish`` (the
 process ended, its outcome not yet recorded), ``after_submit`` (a submit committed,
-its answer not yet sent).
+its answer not yet sent), ``suspend_recorded`` (SUSPENDED committed, the job's GPU state
+not yet parked nor its processes stopped), ``resume_continued`` (a suspended job's
+processes continued, RUNNING not yet recorded), ``before_warm_ack`` (a warm job's result
+committed with its end, the worker not yet told it may forget it), ``deps_ended`` (a
+dependency's end committed, the jobs waiting on it not yet freed or cancelled).
 """
 
 from __future__ import annotations

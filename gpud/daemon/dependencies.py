@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import trio
 
+from gpud.crashpoint import crash_point
 from gpud.deps import DepIndex, Doomed
 from gpud.domain import FINAL, IllegalTransition, Job, JobState
 from gpud.ledger import LedgerThread, Step
@@ -74,6 +75,8 @@ def job_ended(core: DaemonCore, job: Job) -> None:
     if not core.deps.waiting and not core.deps.doomed:
         return  # the common case: no job waits for anything
     ready, doomed = core.deps.ended(job.id, job.state, job.error)
+    if ready or doomed:
+        crash_point("deps_ended")  # its end committed, its waiters not yet freed or doomed
     for job_id in ready:
         if job_id in core.jobs:
             core.jobs.refile(job_id)  # into the scheduler's queue now

@@ -128,6 +128,16 @@ class Recovery(Supervision):
             assert handle is not None
             self._nursery.start_soon(self._supervise, job, handle)
             return
+        status = await trio.to_thread.run_sync(jobfiles.worker_status, self.config.jobs_dir, job.id)
+        if status is not None and status.attempt == job.attempt:
+            # Its processes ran on and ended while no daemon watched: the daemon died after
+            # recording the suspension and before stopping them, or after continuing them
+            # and before recording the resume. It finished: collect it, never call it lost
+            # (a retry would run it a second time).
+            done = await self._collect(job, Outcome(exit_code=None))
+            log.info("job %s (suspended) finished while the daemon was down: collected", job.id)
+            await self._finish(job, done)
+            return
         await self._finish(
             job,
             Finished(

@@ -301,6 +301,7 @@ class Supervision(Suspending):
                 # Stored with the job's end: the worker may forget it. Had this daemon
                 # died before the commit, the worker would have written result.pkl and
                 # status.json for the next one to collect (gpud_client.worker.serve).
+                crash_point("before_warm_ack")
                 await self.warm.ack(w, job.id)
         else:
             _f = await self._collect(job, outcome)

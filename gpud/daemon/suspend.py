@@ -25,6 +25,7 @@ import signal
 import trio
 
 from gpud import preempt
+from gpud.crashpoint import crash_point
 from gpud.daemon.core import DaemonCore
 from gpud.daemon.gpustate import GpuStateParker
 from gpud.daemon.record import JobRecord
@@ -125,6 +126,7 @@ class Suspending(DaemonCore):
             )
         except IllegalTransition:
             raise NotSuspendable(f"job {job_id} is no longer running") from None
+        crash_point("suspend_recorded")
         if rec.scope is not None:
             rec.scope.deadline = math.inf  # its timeout clock stops
         try:
@@ -298,25 +300,30 @@ class Suspending(DaemonCore):
     async def _stop_processes(self, rec: JobRecord, job: Job) -> None:
         """GPU state first (the driver's lock waits for the CUDA work in flight, which a
         stopped process still has), then SIGSTOP."""
-        assert rec.handle is not None
+        # The handle as it is now: the job may end during the park's await, and its
+        # supervisor then clears rec.handle (the signal below finds the process gone).
+        handle = rec.handle
+        assert handle is not None
         if job.gpus and self.gpu_parker is not None:
-            await self.gpu_parker.park(job, rec.handle)
-        await self._signal(rec.handle, stop=True)
+            await self.gpu_parker.park(job, handle)
+        await self._signal(handle, stop=True)
 
     async def _continue(self, rec: JobRecord, why: str) -> Job:
         """Continue a suspended job's processes (GPU state first), then record RUNNING."""
         job = rec.job
-        if rec.handle is not None:
+        handle = rec.handle  # kept: the job may end (rec.handle cleared) during the unpark
+        if handle is not None:
             if job.gpus and self.gpu_parker is not None:
                 try:
-                    await self.gpu_parker.unpark(job, rec.handle)
+                    await self.gpu_parker.unpark(job, handle)
                 except Exception as e:  # noqa: BLE001 - it cannot run without its state
                     log.warning("job %s could not get its GPU state back: %s", job.id, e)
                     if rec.scope is not None:
                         rec.stop_reason = JobState.FAILED
                         rec.scope.cancel()
                     return job
-            await self._signal(rec.handle, stop=False)
+            await self._signal(handle, stop=False)
+            crash_point("resume_continued")
         self.suspensions.wanted.pop(job.id, None)
         try:
             job = await self._advance(

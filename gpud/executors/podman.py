@@ -533,6 +533,13 @@ class PodmanExecutor:
             code = ctr.wait(condition=["exited", "stopped"], timeout=3600 * 24 * 365)
         except podman.errors.NotFound:
             return Outcome(exit_code=None)
+        except podman.errors.APIError as e:
+            # Its conmon was killed: Podman has no exit code to give ("no such exit code
+            # (container in state running)") although the process is gone. The worker's
+            # status.json says how the job ended; without it the job failed, as any whose
+            # process died before writing its result. Not an internal error.
+            log.warning("container %s: no exit code from Podman: %s", handle.container, e)
+            return Outcome(exit_code=None)
         code = int(code) if isinstance(code, int) else None
         # An OOM kill shows as exit 137, like any SIGKILL: only the container's state
         # tells them apart (#16). Read after the wait, when Podman has recorded it.
@@ -638,7 +645,9 @@ class PodmanExecutor:
                 continue
             ctr.reload()
             state = ctr.attrs.get("State", {})
-            if state.get("Running"):
+            # A suspended job's container is paused (#13), and Podman says paused, not
+            # running: it is there to adopt, and to unpause on resume, not to remove.
+            if state.get("Running") or state.get("Paused"):
                 pid = int(state.get("Pid") or 0)
                 return Handle(
                     job_id=job.id,
