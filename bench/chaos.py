@@ -175,6 +175,9 @@ class Load:
         self.url, self.marks, self.rnd, self.round = url, str(marks), rnd, round_no
         self.tally = tally
         self.acked: list[Acked] = []
+        #: jobs this load suspended and did not resume: a calm round (no restart to resume
+        #: them) resumes them itself, else they would wait for ever and count as stuck
+        self.left_suspended: set[int] = set()
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.seq = 0
@@ -336,11 +339,13 @@ class Load:
             return
         with self.lock:
             self.tally.feature_calls["suspend: ok"] += 1
+            self.left_suspended.add(handle.id)
         if self.stop.wait(rnd.uniform(0.1, 1.0)):
             return
         if self._api_call("resume", handle.client.resume, handle.id) is not None:
             with self.lock:
                 self.tally.feature_calls["resume: ok"] += 1
+                self.left_suspended.discard(handle.id)
 
 
 def _wait_final(handle: Any, within: float) -> bool:
@@ -555,6 +560,11 @@ def run_round(
         time.sleep(rnd.uniform(0.0, 1.5))  # down: some jobs end while no daemon watches
         d.start()
     with Client(d.url) as client:
+        if calm:
+            # What a restart would have resumed (a suspension is the user's to end).
+            for jid in sorted(load.left_suspended):
+                with contextlib.suppress(GpudError):
+                    client.resume(jid)
         infos, not_final = drain(client, load.acked, args.bound)
         for jid in not_final:
             if jid < 0:
