@@ -91,6 +91,31 @@ def activation_env(env: PythonEnv, base_path: str) -> dict[str, str]:
     return {**extra, "PATH": ":".join([bindir, *parts])}
 
 
+#: site directory -> ((its device, inode, mtime), the hash of its names): a directory's
+#: mtime changes whenever an entry is added, removed or renamed, so a listing is redone
+#: only then, not at every submit (#12)
+_listings: dict[str, tuple[tuple[int, int, int], bytes]] = {}
+
+
+def _listing(d: str) -> bytes:
+    try:
+        st = os.stat(d)
+    except OSError:
+        return f"{d}\0-\0".encode()
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    hit = _listings.get(d)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    try:
+        names = sorted(n for n in os.listdir(d) if n != "__pycache__")
+    except OSError:
+        names = ["-"]
+    h = hashlib.sha256(f"{d}\0{len(names)}\0".encode())
+    h.update("\0".join(names).encode(errors="surrogateescape"))
+    _listings[d] = (key, h.digest())
+    return h.digest()
+
+
 def fingerprint(path: str, site_dirs: tuple[str, ...]) -> str:
     """Changes when the interpreter, or what is installed in its environment, changes:
     the names in its site-packages directories (every install or upgrade adds or renames
@@ -103,12 +128,7 @@ def fingerprint(path: str, site_dirs: tuple[str, ...]) -> str:
     except OSError:
         h.update(f"{path}\0-\0".encode())
     for d in site_dirs:
-        try:
-            names = sorted(n for n in os.listdir(d) if n != "__pycache__")
-        except OSError:
-            names = ["-"]
-        h.update(f"{d}\0{len(names)}\0".encode())
-        h.update("\0".join(names).encode(errors="surrogateescape"))
+        h.update(_listing(d))
     return h.hexdigest()[:16]
 
 
@@ -162,6 +182,14 @@ class Interpreters:
         self._cache: dict[tuple[str, int], tuple[tuple[int, ...], Probe]] = {}
         self._lock = threading.Lock()
         self.probes_run = 0  # for tests: how often an interpreter was really started
+
+    def cached(self, path: str, ident: JobIdentity) -> Probe | None:
+        """The probe of ``path`` as ``ident`` if one is remembered and the file is
+        unchanged (two stats, no process): None otherwise. OSError: no such file."""
+        key = _file_key(path)
+        with self._lock:
+            hit = self._cache.get((path, ident.uid))
+        return hit[1] if hit is not None and hit[0] == key else None
 
     def probe(self, path: str, ident: JobIdentity) -> Probe:
         """Run ``path`` as ``ident`` (cached while the file is unchanged). Raises OSError
