@@ -622,8 +622,13 @@ def _serve_loop(
         if not isinstance(task, dict):
             break
         if "ack" in task:
-            unacked.pop(task["ack"], None)
-            continue
+            # Results the daemon has stored: alone, or riding on the next task (#12).
+            acked = task["ack"]
+            for job_id in acked if isinstance(acked, list) else [acked]:
+                if isinstance(job_id, (int, str)):
+                    unacked.pop(job_id, None)
+            if "dir" not in task:
+                continue
         if "prepare" in task:
             jobdir = os.path.realpath(task["prepare"])
             _redirect_output(os.path.join(jobdir, "output.log"))
