@@ -118,6 +118,9 @@ class WarmWorker:
     #: jobs whose inline results are stored, not yet told to the worker: the ack rides on
     #: its next task, or is sent alone once it is idle (:meth:`WarmPool.flush_acks`)
     acks: list[int] = field(default_factory=list)
+    #: it said in its hello that an ack may ride on a task (a worker runtime from before
+    #: #12's change, e.g. restored from an older snapshot, would skip such a task)
+    ack_rides: bool = False
     _done: trio.MemorySendChannel[Done] | None = None
     _results: trio.MemoryReceiveChannel[Done] | None = None
 
@@ -187,6 +190,7 @@ class WarmPool:
                         if worker is None:
                             return  # not a worker we started
                         worker.stream = stream
+                        worker.ack_rides = msg.get("ack_on_task") is True
                         worker.hello.set()
                     elif "done" in msg:
                         code = msg.get("code")
@@ -378,13 +382,16 @@ class WarmPool:
         w.idle_since = self.clock.monotonic()
         return done
 
-    def ack(self, w: WarmWorker, job_id: int) -> None:
+    async def ack(self, w: WarmWorker, job_id: int) -> None:
         """The job's inline result is stored (committed with its end): the worker may
         forget it. Until it hears so it would write the result to files should the
         connection end, for the next daemon to collect (#12), which is harmless for a job
         that is final already. So the word waits for the worker's next task, or for
-        :meth:`flush_acks` once it is idle: one message per call instead of two."""
+        :meth:`flush_acks` once it is idle: one message per call instead of two. A
+        worker that did not say it takes acks on tasks is told at once, alone."""
         w.acks.append(job_id)
+        if not w.ack_rides:
+            await self._send_acks(w)
 
     async def flush_acks(self) -> None:
         """Send the idle workers the acks that no task took along."""

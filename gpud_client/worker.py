@@ -575,7 +575,8 @@ def serve(hub: str, token: str) -> int:
     sock = _connect_hub(hub)
     if sock is None:
         return EXIT_SETUP
-    _send(sock, {"hello": token, "pid": os.getpid()})
+    # ack_on_task: the daemon's word that results are stored may ride on a task (#12).
+    _send(sock, {"hello": token, "pid": os.getpid(), "ack_on_task": True})
     reader = sock.makefile("rb")
     devnull = os.open(os.devnull, os.O_WRONLY)
     fn_cache: dict[str, Any] = {}
@@ -651,7 +652,7 @@ def _serve_loop(
             sock = _connect_hub(hub)
             if sock is None:
                 return EXIT_SETUP
-            _send(sock, {"hello": task["token"], "pid": os.getpid()})
+            _send(sock, {"hello": task["token"], "pid": os.getpid(), "ack_on_task": True})
             reader = sock.makefile("rb")
             continue
         if "dir" not in task:

@@ -289,7 +289,7 @@ class Supervision(Suspending):
                 # Stored with the job's end: the worker may forget it. Had this daemon
                 # died before the commit, the worker would have written result.pkl and
                 # status.json for the next one to collect (gpud_client.worker.serve).
-                self.warm.ack(w, job.id)
+                await self.warm.ack(w, job.id)
         else:
             _f = await self._collect(job, outcome)
             await self._finish(job, _f)
