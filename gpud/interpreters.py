@@ -24,6 +24,7 @@ import os
 import stat
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,29 +92,32 @@ def activation_env(env: PythonEnv, base_path: str) -> dict[str, str]:
     return {**extra, "PATH": ":".join([bindir, *parts])}
 
 
-#: site directory -> ((its device, inode, mtime), the hash of its names): a directory's
-#: mtime changes whenever an entry is added, removed or renamed, so a listing is redone
-#: only then, not at every submit (#12)
+#: site directory -> ((its device, inode, mtime), what the fingerprint hashes of it): a
+#: directory's mtime changes whenever an entry is added, removed or renamed, so a listing
+#: is redone only then, not at every submit (#12); the fingerprint itself is unchanged
 _listings: dict[str, tuple[tuple[int, int, int], bytes]] = {}
 
 
 def _listing(d: str) -> bytes:
     try:
         st = os.stat(d)
+        key: tuple[int, int, int] | None = (st.st_dev, st.st_ino, st.st_mtime_ns)
     except OSError:
-        return f"{d}\0-\0".encode()
-    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        key = None
     hit = _listings.get(d)
-    if hit is not None and hit[0] == key:
+    if key is not None and hit is not None and hit[0] == key:
         return hit[1]
     try:
         names = sorted(n for n in os.listdir(d) if n != "__pycache__")
     except OSError:
         names = ["-"]
-    h = hashlib.sha256(f"{d}\0{len(names)}\0".encode())
-    h.update("\0".join(names).encode(errors="surrogateescape"))
-    _listings[d] = (key, h.digest())
-    return h.digest()
+    data = f"{d}\0{len(names)}\0".encode() + "\0".join(names).encode(errors="surrogateescape")
+    # Not kept while the directory changed within the last 2 s: the kernel stamps mtimes
+    # at its clock tick, so a second change in the same tick would leave the same mtime
+    # (git's "racily clean" entries).
+    if key is not None and time.time_ns() - key[2] > 2_000_000_000:
+        _listings[d] = (key, data)
+    return data
 
 
 def fingerprint(path: str, site_dirs: tuple[str, ...]) -> str:

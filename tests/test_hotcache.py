@@ -3,8 +3,15 @@ counted once, a final job served only for a while after its end."""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+from pathlib import Path
+
+from gpud import interpreters
 from gpud.daemon.hotcache import FINAL_TTL, RecentFinal, RecentPayloads
 from gpud.domain import Job, JobState
+from gpud.interpreters import fingerprint
 
 
 def test_payloads_are_taken_once_and_a_shared_function_is_counted_once() -> None:
@@ -52,3 +59,26 @@ def test_a_final_job_is_served_for_a_while_after_its_end_only() -> None:
     running = Job(4, "f", JobState.SUCCEEDED, submitted_at=1.0)  # no end time: not served
     cache.put(running)
     assert cache.get(4, 2.0) is None
+
+
+def test_a_site_listing_is_reused_only_while_its_directory_is_unchanged(tmp_path: Path) -> None:
+    """The interpreter check of a submit keeps a site directory's listing while the
+    directory's mtime is unchanged (#12); a directory changed within the last 2 s is
+    listed again every time (two changes in one clock tick keep one mtime)."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "a-1.0.dist-info").mkdir()
+    python = sys.executable
+    old = time.time() - 60
+    os.utime(site, (old, old))
+    first = fingerprint(python, (str(site),))
+    assert str(site) in interpreters._listings  # settled: kept
+    assert fingerprint(python, (str(site),)) == first
+    (site / "b-2.0.dist-info").mkdir()  # pip install: the directory's mtime moves
+    second = fingerprint(python, (str(site),))
+    assert second != first
+    (site / "c-3.0.dist-info").mkdir()  # at once again, maybe within the same tick
+    third = fingerprint(python, (str(site),))
+    assert third not in (first, second)
+    (site / "__pycache__").mkdir()  # a first import: not a change of what is installed
+    assert fingerprint(python, (str(site),)) == third
