@@ -19,13 +19,13 @@ def test_payloads_are_taken_once_and_a_shared_function_is_counted_once() -> None
     function = b"f" * 300
     for i in range(1, 4):
         cache.put(i, function, b"a" * 10)
-    assert len(cache) == 3 and cache.bytes == 300 + 3 * 10
+    assert len(cache) == 3 and cache.size == 300 + 3 * 10
     assert cache.pop(2) == (function, b"a" * 10)
     assert cache.pop(2) is None  # taken: a second start (a retry) reads the ledger
-    assert cache.bytes == 300 + 2 * 10
+    assert cache.size == 300 + 2 * 10
     cache.pop(1)
     cache.pop(3)
-    assert len(cache) == 0 and cache.bytes == 0  # the function went with its last job
+    assert len(cache) == 0 and cache.size == 0  # the function went with its last job
 
 
 def test_payloads_drop_the_oldest_beyond_their_bounds() -> None:
@@ -38,9 +38,9 @@ def test_payloads_drop_the_oldest_beyond_their_bounds() -> None:
     big = RecentPayloads(max_bytes=50, max_count=10)
     big.put(1, b"f" * 30, b"a" * 10)
     big.put(2, b"g" * 30, b"a" * 10)  # 80 bytes: the oldest goes
-    assert big.pop(1) is None and big.pop(2) is not None and big.bytes == 0
+    assert big.pop(1) is None and big.pop(2) is not None and big.size == 0
     big.put(3, b"h" * 60, b"")  # never fits: not kept at all
-    assert len(big) == 0 and big.bytes == 0
+    assert len(big) == 0 and big.size == 0
 
 
 def _ended(job_id: int, at: float) -> Job:

@@ -56,7 +56,7 @@ class RecentPayloads:
         return len(self._data)
 
     @property
-    def bytes(self) -> int:
+    def size(self) -> int:
         return self._bytes
 
     def put(self, job_id: int, function: bytes, args: bytes) -> None:
