@@ -226,11 +226,18 @@ def batch_routes(daemon: JobService, auth: Auth) -> list[tuple[str, str, Callabl
         body = await _body(request, limit)
         req = _decode(body, SubmitRequest)
         key = await _idempotency(request, req)
-        if key is not None and (seen := await daemon.replay(key)) is not None:
-            job = seen[1][0]  # a retry: follow the job the first try made
-        else:
+        # No read of the key before the submit (#12: a trip to the ledger's read thread on
+        # every call): the submit checks it under the write lock and, for a retry, returns
+        # the job the first try made. Only a submit refused here (a quota its own first
+        # try now fills, a full disk) looks for a first try, and follows it if found.
+        try:
             jobs = await _new_jobs(daemon, auth, request, req, [req.args])
             require_room(daemon.config.data_dir, len(body))
+        except Exception:
+            if key is None or (seen := await daemon.replay(key)) is None:
+                raise
+            job = seen[1][0]  # a retry: follow the job the first try made
+        else:
             _, made = await daemon.submit(jobs, req.function, idempotency=key)
             job = made[0]
         return StreamingResponse(

@@ -24,6 +24,7 @@ import os
 import stat
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,34 @@ def activation_env(env: PythonEnv, base_path: str) -> dict[str, str]:
     return {**extra, "PATH": ":".join([bindir, *parts])}
 
 
+#: site directory -> ((its device, inode, mtime), what the fingerprint hashes of it): a
+#: directory's mtime changes whenever an entry is added, removed or renamed, so a listing
+#: is redone only then, not at every submit (#12); the fingerprint itself is unchanged
+_listings: dict[str, tuple[tuple[int, int, int], bytes]] = {}
+
+
+def _listing(d: str) -> bytes:
+    try:
+        st = os.stat(d)
+        key: tuple[int, int, int] | None = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    except OSError:
+        key = None
+    hit = _listings.get(d)
+    if key is not None and hit is not None and hit[0] == key:
+        return hit[1]
+    try:
+        names = sorted(n for n in os.listdir(d) if n != "__pycache__")
+    except OSError:
+        names = ["-"]
+    data = f"{d}\0{len(names)}\0".encode() + "\0".join(names).encode(errors="surrogateescape")
+    # Not kept while the directory changed within the last 2 s: the kernel stamps mtimes
+    # at its clock tick, so a second change in the same tick would leave the same mtime
+    # (git's "racily clean" entries).
+    if key is not None and time.time_ns() - key[2] > 2_000_000_000:
+        _listings[d] = (key, data)
+    return data
+
+
 def fingerprint(path: str, site_dirs: tuple[str, ...]) -> str:
     """Changes when the interpreter, or what is installed in its environment, changes:
     the names in its site-packages directories (every install or upgrade adds or renames
@@ -103,12 +132,7 @@ def fingerprint(path: str, site_dirs: tuple[str, ...]) -> str:
     except OSError:
         h.update(f"{path}\0-\0".encode())
     for d in site_dirs:
-        try:
-            names = sorted(n for n in os.listdir(d) if n != "__pycache__")
-        except OSError:
-            names = ["-"]
-        h.update(f"{d}\0{len(names)}\0".encode())
-        h.update("\0".join(names).encode(errors="surrogateescape"))
+        h.update(_listing(d))
     return h.hexdigest()[:16]
 
 
@@ -162,6 +186,14 @@ class Interpreters:
         self._cache: dict[tuple[str, int], tuple[tuple[int, ...], Probe]] = {}
         self._lock = threading.Lock()
         self.probes_run = 0  # for tests: how often an interpreter was really started
+
+    def cached(self, path: str, ident: JobIdentity) -> Probe | None:
+        """The probe of ``path`` as ``ident`` if one is remembered and the file is
+        unchanged (two stats, no process): None otherwise. OSError: no such file."""
+        key = _file_key(path)
+        with self._lock:
+            hit = self._cache.get((path, ident.uid))
+        return hit[1] if hit is not None and hit[0] == key else None
 
     def probe(self, path: str, ident: JobIdentity) -> Probe:
         """Run ``path`` as ``ident`` (cached while the file is unchanged). Raises OSError

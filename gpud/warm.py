@@ -115,11 +115,24 @@ class WarmWorker:
     ident: object | None = None
     #: one sender at a time on the stream: a task and an ack can be sent side by side
     sending: trio.Lock = field(default_factory=trio.Lock)
+    #: jobs whose inline results are stored, not yet told to the worker: the ack rides on
+    #: its next task, or is sent alone once it is idle (:meth:`WarmPool.flush_acks`)
+    acks: list[int] = field(default_factory=list)
+    #: it said in its hello that an ack may ride on a task (a worker runtime from before
+    #: #12's change, e.g. restored from an older snapshot, would skip such a task)
+    ack_rides: bool = False
     _done: trio.MemorySendChannel[Done] | None = None
     _results: trio.MemoryReceiveChannel[Done] | None = None
 
     def __post_init__(self) -> None:
         self._done, self._results = trio.open_memory_channel(1)
+
+    def end(self) -> None:
+        """It is gone for good: whoever waits for its answer gets none (the answer it
+        sent before it went is still taken first)."""
+        self.gone.set()
+        if self._done is not None:
+            self._done.close()
 
     @property
     def idle(self) -> bool:
@@ -177,6 +190,7 @@ class WarmPool:
                         if worker is None:
                             return  # not a worker we started
                         worker.stream = stream
+                        worker.ack_rides = msg.get("ack_on_task") is True
                         worker.hello.set()
                     elif "done" in msg:
                         code = msg.get("code")
@@ -215,7 +229,7 @@ class WarmPool:
             if worker is not None and worker.stream is stream:
                 worker.stream = None
                 if not worker.rejoining:
-                    worker.gone.set()
+                    worker.end()
                     if (
                         self.workers.pop(worker.id, None) is not None
                         and worker.busy is None
@@ -280,7 +294,7 @@ class WarmPool:
         self._by_token.pop(w.token, None)
         if w.container is not None and self._expecting.get(w.container) is w:
             del self._expecting[w.container]
-        w.gone.set()
+        w.end()
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -343,6 +357,9 @@ class WarmPool:
             return None  # it went away (e.g. its container died during a snapshot take)
         w.busy, w.last_job, w.keep_warm = job_id, job_id, keep_warm
         task: dict[str, object] = {"job_id": job_id, "dir": job_dir, "env": env or {}}
+        if w.acks:
+            # Stored results ride on the task: no message (and wake-up) of their own (#12).
+            task["ack"], w.acks = w.acks, []
         tail = b""
         if payload is not None:
             meta, function, args = payload
@@ -355,27 +372,41 @@ class WarmPool:
                 await w.stream.send_all(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None
-        result: list[Done] = []
-
-        async def _result() -> None:
-            assert w._results is not None
-            result.append(await w._results.receive())
-
-        await first_of(_result, w.gone.wait)
+        # One wait, no nursery per call (#12): a worker that goes away closes the
+        # channel (WarmWorker.end), which ends this wait.
+        try:
+            done: Done | None = await w._results.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            done = None
         w.busy = None
         w.idle_since = self.clock.monotonic()
-        return result[0] if result else None
+        return done
 
     async def ack(self, w: WarmWorker, job_id: int) -> None:
-        """Tell the worker that the job's inline result is stored (committed with its
-        end): it may forget it. Until then it writes the result to files should the
-        connection end, for the next daemon to collect (#12)."""
-        stream = w.stream
-        if stream is None:
+        """The job's inline result is stored (committed with its end): the worker may
+        forget it. Until it hears so it would write the result to files should the
+        connection end, for the next daemon to collect (#12), which is harmless for a job
+        that is final already. So the word waits for the worker's next task, or for
+        :meth:`flush_acks` once it is idle: one message per call instead of two. A
+        worker that did not say it takes acks on tasks is told at once, alone."""
+        w.acks.append(job_id)
+        if not w.ack_rides:
+            await self._send_acks(w)
+
+    async def flush_acks(self) -> None:
+        """Send the idle workers the acks that no task took along."""
+        for w in list(self.workers.values()):
+            if w.acks and w.idle:
+                await self._send_acks(w)
+
+    async def _send_acks(self, w: WarmWorker) -> None:
+        stream, acks = w.stream, w.acks
+        if stream is None or not acks:
             return
+        w.acks = []
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             async with w.sending:
-                await stream.send_all(json.dumps({"ack": job_id}).encode() + b"\n")
+                await stream.send_all(json.dumps({"ack": acks}).encode() + b"\n")
 
     def expired(self, now: float) -> list[WarmWorker]:
         return [w for w in self.workers.values() if w.idle and now - w.idle_since >= w.keep_warm]
@@ -383,6 +414,7 @@ class WarmPool:
     async def close(self, w: WarmWorker) -> None:
         """Ask an idle worker to leave (it exits when its connection closes)."""
         self.forget(w)
+        await self._send_acks(w)  # or it writes files for jobs that are over
         if w.stream is not None:
             with contextlib.suppress(Exception):
                 await w.stream.aclose()

@@ -575,7 +575,8 @@ def serve(hub: str, token: str) -> int:
     sock = _connect_hub(hub)
     if sock is None:
         return EXIT_SETUP
-    _send(sock, {"hello": token, "pid": os.getpid()})
+    # ack_on_task: the daemon's word that results are stored may ride on a task (#12).
+    _send(sock, {"hello": token, "pid": os.getpid(), "ack_on_task": True})
     reader = sock.makefile("rb")
     devnull = os.open(os.devnull, os.O_WRONLY)
     fn_cache: dict[str, Any] = {}
@@ -622,8 +623,13 @@ def _serve_loop(
         if not isinstance(task, dict):
             break
         if "ack" in task:
-            unacked.pop(task["ack"], None)
-            continue
+            # Results the daemon has stored: alone, or riding on the next task (#12).
+            acked = task["ack"]
+            for job_id in acked if isinstance(acked, list) else [acked]:
+                if isinstance(job_id, (int, str)):
+                    unacked.pop(job_id, None)
+            if "dir" not in task:
+                continue
         if "prepare" in task:
             jobdir = os.path.realpath(task["prepare"])
             _redirect_output(os.path.join(jobdir, "output.log"))
@@ -646,7 +652,7 @@ def _serve_loop(
             sock = _connect_hub(hub)
             if sock is None:
                 return EXIT_SETUP
-            _send(sock, {"hello": task["token"], "pid": os.getpid()})
+            _send(sock, {"hello": task["token"], "pid": os.getpid(), "ack_on_task": True})
             reader = sock.makefile("rb")
             continue
         if "dir" not in task:

@@ -129,6 +129,25 @@ def test_remote_raises_the_jobs_exception_and_fetches_a_large_result(daemon: Dae
     assert counter.requests == ["POST /v1/jobs/run", f"GET /v1/jobs/{_last_job(daemon)}/result"]
 
 
+def test_a_repeated_run_follows_the_first_ones_job(daemon: DaemonProc) -> None:
+    """``/v1/jobs/run`` no longer reads the key before its submit (#12): the submit itself
+    finds a key used before and the retry follows the first try's job; the same key on
+    another request is refused."""
+    request = msgspec.structs.replace(
+        square.submit_request((6,), {}), idempotency_key="run-retry-1"
+    )
+    first = list(app.client.run(request, logs=False))
+    again = list(app.client.run(request, logs=False))
+    assert first[0].kind == again[0].kind == "job"
+    assert first[0].job is not None and again[0].job is not None
+    assert again[0].job.id == first[0].job.id == _last_job(daemon)
+    assert again[-1].kind == "end" and again[-1].job is not None
+    assert again[-1].job.state == "succeeded"
+    other = msgspec.structs.replace(square.submit_request((7,), {}), idempotency_key="run-retry-1")
+    with pytest.raises(gpud.GpudError, match="idempotency"):
+        list(app.client.run(other, logs=False))
+
+
 def _last_job(d: DaemonProc) -> int:
     con = sqlite3.connect(f"file:{d.data_dir / 'ledger.db'}?mode=ro", uri=True)
     try:

@@ -6,6 +6,7 @@ file was needed for it."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 import gpud_client as gpud
 from gpud.domain import FINAL
+from gpud.executors.process import processes_with_env
 from gpud_client.handle import JobHandle
 
 from .conftest import DaemonProc, kill_instance_jobs
@@ -142,3 +144,51 @@ def test_a_retry_handed_to_the_idle_warm_worker_is_its_next_attempt(
     assert isinstance(pid, int)
     log = (d.data_dir / "jobs" / str(h.id) / "output.log").read_text()
     assert "attempt 2 of 2" in log, log
+
+
+def test_an_unacknowledged_result_the_worker_writes_after_a_kill_9_changes_nothing(
+    daemon: DaemonProc, shared_dir: Path
+) -> None:
+    """The word that a result is stored rides on the worker's next task (#12), so after a
+    call its worker usually still holds the result. kill -9 of the daemon then (not of
+    the worker): the worker writes the result to files for a job the ledger has final
+    already. The next daemon keeps each job succeeded once, runs none again, and serves
+    the results; an earlier call's result, acknowledged by riding on the next task, was
+    never written to files."""
+    d = daemon
+    d.start()
+    count = shared_dir / "runs"
+    f = counted_value.with_options(url=d.url)
+    handles = []
+    for x in (1, 2, 3):
+        h = f.spawn(str(count), x)
+        assert h.get(timeout=60) == {"x": x, "pad": "r" * 100}
+        handles.append(h)
+    assert d.proc is not None
+    instance = (d.data_dir / "instance").read_text().strip()
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(timeout=30)
+    d.proc = None
+    # Its connection gone, the worker writes what it holds and ends on its own.
+    deadline = time.monotonic() + 30
+    while processes_with_env(f"GPUD_INSTANCE={instance}"):
+        assert time.monotonic() < deadline, "the warm worker did not end with its daemon"
+        time.sleep(0.05)
+    for h in handles[:2]:
+        # Stored, then acknowledged along with the next task: never written.
+        assert not (d.data_dir / "jobs" / str(h.id) / "result.pkl").exists()
+    d.start()
+    for x, h in zip((1, 2, 3), handles, strict=True):
+        again = JobHandle(h.id, gpud.Client(d.url))
+        info = again.status()
+        assert info.state == "succeeded" and info.attempt == 1, info
+        assert again.get(timeout=30) == {"x": x, "pad": "r" * 100}
+    assert f.remote(str(count), 4) == {"x": 4, "pad": "r" * 100}
+    assert count.read_text() == "1\n2\n3\n4\n", "a job ran again"
+    led = d.ledger()
+    try:
+        for h in handles:
+            finals = [e.to_state.value for e in led.events(h.id) if e.to_state in FINAL]
+            assert finals == ["succeeded"]
+    finally:
+        led.close()

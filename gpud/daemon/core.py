@@ -15,6 +15,7 @@ from gpud.config import Config
 from gpud.cudackpt import Checkpointer, Support
 from gpud.daemon import dependencies, jobfiles
 from gpud.daemon.gpustate import CheckpointParker, GpuStateParker
+from gpud.daemon.hotcache import RecentFinal, RecentPayloads
 from gpud.daemon.parking import ParkingLot
 from gpud.daemon.record import (
     Finished,
@@ -167,11 +168,18 @@ class DaemonCore:
         self.stats = JobStats()
         #: results just stored with a job's end, for the caller waiting on it (#12)
         self.recent = RecentResults()
+        #: payloads of keep_warm jobs until their start, jobs just ended (#12, hotcache)
+        self.payloads = RecentPayloads()
+        self.final = RecentFinal()
 
     async def get(self, job_id: int) -> Job:
         rec = self.jobs.get(job_id)
         if rec is not None:
             return rec.job
+        # A call's waiter reads the job that just ended from memory: no ledger trip (#12).
+        done = self.final.get(job_id, self.clock.time())
+        if done is not None:
+            return done
         return await self.ledger.call(Ledger.get, job_id)
 
     def changed(self, job_id: int) -> trio.Event:
@@ -233,6 +241,8 @@ class DaemonCore:
         rec.seq, rec.job = seq, job
         if job.state in FINAL:
             del self.jobs[job_id]
+            self.final.put(job)
+            self.payloads.pop(job_id)  # cancelled before it started
             dependencies.job_ended(self, job)  # its waiters go on or are cancelled (#14)
             self.notifier.job_ended(job)
             self.stats.job_ended(job)  # /metrics' counters (#16)
@@ -295,8 +305,9 @@ class DaemonCore:
     ) -> LaunchSpec:
         # A dependency's small warm result is in the ledger, not in a result.pkl (#12).
         stored = (await self.ledger.read(deps_results, list(job.deps))) if job.deps else None
-        return await trio.to_thread.run_sync(
-            lambda: jobfiles.prepare_job_dir(
+
+        def lay_out() -> LaunchSpec:
+            return jobfiles.prepare_job_dir(
                 self.config.jobs_dir,
                 job,
                 function,
@@ -306,7 +317,13 @@ class DaemonCore:
                 payload_files=payload_files,
                 stored=stored,
             )
-        )
+
+        if not payload_files and not job.deps:
+            # A warm job's directory without payload files is a dozen metadata calls
+            # (mkdir, unlinks, the log's open, chown): cheaper here than the thread trip
+            # and the loop's wake-up, which were most of a warm start's cost (#12).
+            return lay_out()
+        return await trio.to_thread.run_sync(lay_out)
 
     async def _collect(self, job: Job, outcome: Outcome) -> Finished:
         return await trio.to_thread.run_sync(

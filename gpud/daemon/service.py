@@ -163,6 +163,10 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         doomed = await dependencies.admit(self, made)  # held before they enter (#14)
         for j in made:
             self.jobs.setdefault(j.id, JobRecord(j))
+        for new, j in zip(jobs, made, strict=False):
+            if j.keep_warm > 0 and not j.snapshot and not j.deps:
+                # Handed to its warm worker from memory at its start, not read back (#12).
+                self.payloads.put(j.id, function, new.args)
         dependencies.cancel_doomed(self, doomed)
         self._reschedule()
         return batch_id, made
@@ -300,8 +304,14 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         return await self.ledger.call(batch_states, batch_id)
 
     async def batch_jobs(self, ids: list[int]) -> list[Job]:
-        """These jobs (as committed), in the order given, in one trip to the ledger."""
-        return await self.ledger.call(batch_jobs, ids)
+        """These jobs (as committed), in the order given (missing ones left out): those
+        that just ended from memory (#12), the rest in one trip to the ledger."""
+        now = self.clock.time()
+        found = {i: j for i in ids if (j := self.final.get(i, now)) is not None}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            found.update((j.id, j) for j in await self.ledger.call(batch_jobs, missing))
+        return [found[i] for i in ids if i in found]
 
     async def events_page(
         self, after: int, limit: int, job_id: int | None, owner: str | None

@@ -219,7 +219,7 @@ class Supervision(Suspending):
                     job, ident, w, kind
                 )
             else:
-                function, args = await self.ledger.call(Ledger.payload, job.id)
+                function, args = await self._payload(job.id)
                 # The payload goes to the worker over the hub (#12); a snapshot's worker
                 # still loads its function from the directory for its setup.
                 spec = await self._prepare_job_dir(
@@ -344,7 +344,7 @@ class Supervision(Suspending):
 
         async def read_payload() -> None:
             try:
-                payload.append(await self.ledger.read(Ledger.payload, job.id))
+                payload.append(await self._payload(job.id))
             except Exception as e:  # noqa: BLE001 - told by the supervisor
                 errors.append(e)
 
@@ -406,7 +406,7 @@ class Supervision(Suspending):
 
         async def read_payload() -> None:
             try:
-                payload.append(await self.ledger.read(Ledger.payload, job.id))
+                payload.append(await self._payload(job.id))
             except Exception as e:  # noqa: BLE001 - raised below, outside the nursery
                 errors.append(e)
 
@@ -423,6 +423,12 @@ class Supervision(Suspending):
             raise errors[0]
         assert spec is not None
         return spec, recorded[0], payload[0]
+
+    async def _payload(self, job_id: int) -> tuple[bytes, bytes]:
+        """A warm job's function and arguments: kept in memory since its submit, else
+        read on the ledger's read connection (#12)."""
+        hit = self.payloads.pop(job_id)
+        return hit if hit is not None else await self.ledger.read(Ledger.payload, job_id)
 
     async def _new_warm_worker(
         self, job: Job, spec: LaunchSpec, snapshot: Path | None = None
@@ -472,6 +478,7 @@ class Supervision(Suspending):
             for h in self.warm.take_lost():  # idle workers that died on their own
                 await trio.to_thread.run_sync(self.executor.reap, h)
             await self.parking.tick(self)  # parked ones that died or ran out (#13)
+            await self.warm.flush_acks()  # stored results no next task told of (#12)
             expired = self.warm.expired(self.clock.monotonic())
             for w in expired:
                 await self._end_warm(w, f"idle for {w.keep_warm:g} s")

@@ -15,6 +15,7 @@ once per job user, since each may be able to run a different one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import signal
@@ -341,6 +342,13 @@ class ProcessExecutor:
             def daemons() -> PythonEnv:
                 probe = self.interpreters.probe(path, ident)
                 return self.interpreters.env_for(path, probe, kind="daemon")
+
+            with contextlib.suppress(OSError):
+                known = self.interpreters.cached(path, ident)
+                if known is not None:
+                    # Probed before and unchanged: a few stats, cheaper here than the
+                    # thread trip every submit made (#12).
+                    return self.interpreters.env_for(path, known, kind="daemon")
 
             try:
                 return await trio.to_thread.run_sync(daemons)
