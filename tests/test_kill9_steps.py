@@ -22,7 +22,6 @@ import httpx
 import pytest
 
 import gpud_client as gpud
-from gpud.domain import FINAL
 from gpud_client import Client, GpudError
 
 from .conftest import (
@@ -32,6 +31,8 @@ from .conftest import (
     kill_instance_jobs,
     wait_for,
 )
+from .test_durability import _died
+from .test_durability import _final_events as _finals
 
 app = gpud.App("kill9-steps")
 
@@ -83,22 +84,6 @@ def crashable(base_dir: Path) -> Iterator[DaemonProc]:
         app.close()
         d.stop()
         kill_instance_jobs(d.data_dir)
-
-
-def _died(d: DaemonProc) -> None:
-    assert d.proc is not None
-    d.proc.wait(timeout=60)
-    assert d.proc.returncode == -signal.SIGKILL, d.log.read_text()[-3000:]
-    d.proc = None
-
-
-def _finals(d: DaemonProc, job_id: int) -> list[str]:
-    led = d.ledger()
-    try:
-        assert led.integrity_check() == "ok"
-        return [e.to_state.value for e in led.events(job_id) if e.to_state in FINAL]
-    finally:
-        led.close()
 
 
 def _states(d: DaemonProc, job_id: int) -> list[str]:
@@ -202,12 +187,7 @@ def test_podman_kill_9_while_suspended_keeps_the_paused_container(
         assert _states(d, h.id)[-3:] == ["suspended", "running", "succeeded"]
         assert _finals(d, h.id) == ["succeeded"]
     finally:
-        app.close()
-        d.stop()
-        kill_instance_jobs(d.data_dir)
-        left = containers_of(d)
-        if left:
-            subprocess.run(["podman", "rm", "-f", *left], capture_output=True)
+        _podman_teardown(d)
 
 
 def test_podman_a_job_whose_conmon_is_killed_ends_without_an_internal_error(
@@ -235,12 +215,7 @@ def test_podman_a_job_whose_conmon_is_killed_ends_without_an_internal_error(
         assert "internal error" not in d.log.read_text()
         assert count.read_text() == "run\n"
     finally:
-        app.close()
-        d.stop()
-        kill_instance_jobs(d.data_dir)
-        left = containers_of(d)
-        if left:
-            subprocess.run(["podman", "rm", "-f", *left], capture_output=True)
+        _podman_teardown(d)
 
 
 def test_kill_9_between_a_warm_result_stored_and_its_ack(
@@ -303,3 +278,13 @@ def test_kill_9_while_a_dependency_end_is_propagated(
         assert log.read_text() == "start a\nend a\nstart b\nend b\n"
         assert _finals(d, then.id) == ["succeeded"]
     assert _finals(d, first.id) == ["failed" if fails else "succeeded"]
+
+
+def _podman_teardown(d: DaemonProc) -> None:
+    """After a Podman test: the daemon stopped, its jobs killed, its containers removed."""
+    app.close()
+    d.stop()
+    kill_instance_jobs(d.data_dir)
+    left = containers_of(d)
+    if left:
+        subprocess.run(["podman", "rm", "-f", *left], capture_output=True)
