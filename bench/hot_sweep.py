@@ -305,33 +305,8 @@ def rows(
                 "requests": float(len(lat)),
             },
         ),
-        Row(
-            measure="    of which the daemon's (Server-Timing)",
-            figure=f"p50 {pct(server, 50):.1f} / p99 {pct(server, 99):.1f} / "
-            f"max {max(server):.1f} ms"
-            if server
-            else "no header",
-            baseline="-",
-            target="-",
-            ok=True,
-            numbers={
-                "p50_ms": pct(server, 50) if server else 0.0,
-                "p99_ms": pct(server, 99) if server else 0.0,
-            },
-        ),
-        Row(
-            measure="    the probe's lateness waking (its CPU wait)",
-            figure=f"p50 {pct(late, 50):.1f} / p99 {pct(late, 99):.1f} / max {max(late):.1f} ms"
-            if late
-            else "-",
-            baseline="-",
-            target="-",
-            ok=True,
-            numbers={
-                "p50_ms": pct(late, 50) if late else 0.0,
-                "p99_ms": pct(late, 99) if late else 0.0,
-            },
-        ),
+        _spread_row("    of which the daemon's (Server-Timing)", server, "no header"),
+        _spread_row("    the probe's lateness waking (its CPU wait)", late, "-"),
         Row(
             measure="    daemon's loop thread: on a CPU / waiting for one",
             figure=f"{cpu['loop_ran_s']:.1f} s ({cpu['loop_ran_s'] / wall:.0%} of the sweep) / "
@@ -436,3 +411,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _spread_row(measure: str, ms: list[float], empty: str) -> Row:
+    """An information row (no target): p50 / p99 / max of ``ms``, or ``empty`` without
+    samples."""
+    return Row(
+        measure=measure,
+        figure=f"p50 {pct(ms, 50):.1f} / p99 {pct(ms, 99):.1f} / max {max(ms):.1f} ms"
+        if ms
+        else empty,
+        baseline="-",
+        target="-",
+        ok=True,
+        numbers={
+            "p50_ms": pct(ms, 50) if ms else 0.0,
+            "p99_ms": pct(ms, 99) if ms else 0.0,
+        },
+    )

@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -124,11 +125,7 @@ def test_kill_9_after_suspend_is_recorded(
         wait_for(lambda: _status_written(d, h.id), timeout=60)
     d.env.pop("GPUD_TEST_CRASH_AT")
     d.start()
-    assert h.get(timeout=60) == "done"
-    info = h.status()
-    assert info.state == "succeeded" and info.attempt == 1, info
-    assert count.read_text() == "run\n", "the job ran more than once"
-    assert _finals(d, h.id) == ["succeeded"]
+    _succeeded_once(d, h, count)
     assert "suspended" in _states(d, h.id)
     if ended_while_down:
         assert "(suspended) finished while the daemon was down" in d.log.read_text()
@@ -157,11 +154,7 @@ def test_kill_9_during_resume(
         wait_for(lambda: _status_written(d, h.id), timeout=60)
     d.env.pop("GPUD_TEST_CRASH_AT")
     d.start()
-    assert h.get(timeout=60) == "done"
-    info = h.status()
-    assert info.state == "succeeded" and info.attempt == 1, info
-    assert count.read_text() == "run\n", "the job ran more than once"
-    assert _finals(d, h.id) == ["succeeded"]
+    _succeeded_once(d, h, count)
 
 
 def test_podman_kill_9_while_suspended_keeps_the_paused_container(
@@ -288,3 +281,12 @@ def _podman_teardown(d: DaemonProc) -> None:
     left = containers_of(d)
     if left:
         subprocess.run(["podman", "rm", "-f", *left], capture_output=True)
+
+
+def _succeeded_once(d: DaemonProc, h: Any, count: Path) -> None:
+    """After the restart: the job succeeded on its first attempt, ran once, ended once."""
+    assert h.get(timeout=60) == "done"
+    info = h.status()
+    assert info.state == "succeeded" and info.attempt == 1, info
+    assert count.read_text() == "run\n", "the job ran more than once"
+    assert _finals(d, h.id) == ["succeeded"]
