@@ -555,8 +555,8 @@ class DriverCheckpointer:
             try:
                 self.driver.restore(pid, None)
             except CudaCheckpointError as e:
+                # A failed restore may leave it LOCKED: the unlock below still applies.
                 log.warning("restoring process %d after a failed %s failed: %s", pid, step, e)
-                return self._state_or_none(pid)
             st = self._state_or_none(pid)
         if st is ProcessState.LOCKED or st is None:
             # Unknown counts as locked: unlocking a process that is not is refused harmlessly.
