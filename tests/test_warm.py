@@ -168,3 +168,41 @@ def test_cls_setup_runs_once_per_warm_worker(wdaemon: DaemonProc) -> None:
     assert RemoteModel.local("tiny").embed("y")["text"] == "Y"
     with pytest.raises(AttributeError, match="not a @gpud.method"):
         RemoteModel("large").load  # noqa: B018
+
+
+def crashy(die: bool) -> int:
+    import os
+
+    if die:
+        os._exit(9)  # the worker itself goes, mid-job
+    return os.getpid()
+
+
+def _zombie_children(pid: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                state, ppid = fh.read().rsplit(b")", 1)[1].split()[:2]
+        except OSError:
+            continue  # gone meanwhile
+        if int(ppid) == pid and state == b"Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_warm_worker_that_dies_mid_job_is_collected(wdaemon: DaemonProc) -> None:
+    """The job fails with the worker's exit, and the daemon waits for the dead worker:
+    it was reaped (killed) but never waited for, so each crash left a zombie and the
+    pid's descriptor for as long as the daemon ran."""
+    f = _fn(wdaemon, crashy, keep_warm=30)
+    worker = f.remote(False)
+    with pytest.raises(gpud.JobFailed, match="ended without writing a result"):
+        f.remote(True)
+    assert wdaemon.proc is not None
+    deadline = time.monotonic() + 15
+    while (zombies := _zombie_children(wdaemon.proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert zombies == [], f"the dead worker {worker} is left a zombie of the daemon"

@@ -406,6 +406,9 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                     for h in ending:
                         with trio.move_on_after(10):
                             await trio.to_thread.run_sync(self.executor.reap, h)
+                    with trio.move_on_after(5):
+                        for h in ending:
+                            await self.executor.wait(h)  # collected: no zombie left behind
                 if self.kill_jobs_on_exit:
                     for h in self.handles():
                         self.executor.reap(h)

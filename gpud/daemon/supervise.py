@@ -289,6 +289,8 @@ class Supervision(Suspending):
         if code is None:  # the worker died during the job
             self.warm.forget(w)
             await trio.to_thread.run_sync(self.executor.reap, w.handle)
+            with trio.move_on_after(5):
+                await self.executor.wait(w.handle)  # collect it: no zombie left per crash
         outcome = Outcome(exit_code=code)
         status = _inline_status(done, job)
         if status is not None:

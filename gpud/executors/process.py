@@ -265,6 +265,23 @@ def _alive(pid: int, pid_start: int | None) -> bool:
     return state != b"Z"
 
 
+async def wait_child(proc: subprocess.Popen[bytes]) -> int:
+    """The exit status of our child ``proc``, waited for on a pidfd of this call's own,
+    closed however the wait ends (a cancelled wait leaves no descriptor behind), then
+    reaped. Several tasks may wait for one child at once: each has its own pidfd."""
+    if proc.poll() is None:
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except ProcessLookupError:  # reaped between the two calls: wait() has its status
+            fd = -1
+        if fd >= 0:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                os.close(fd)
+    return proc.wait()  # readable: it has exited, so this only reaps it
+
+
 def _killpg(pgid: int, sig: int) -> bool:
     try:
         os.killpg(pgid, sig)
@@ -302,7 +319,9 @@ class ProcessExecutor:
         self.setpriv = (
             (find_setpriv() if setpriv is True else setpriv or None) if identity.switch else None
         )
-        self._procs: dict[int, trio.Process] = {}
+        #: our children, by pid: plain Popen objects, which hold no descriptor (a wait opens
+        #: a pidfd of its own and closes it however it ends)
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._pythons: dict[int, str] = {identity.uid: python}  # uid -> interpreter
         #: each job's own interpreter (#11), checked as its user at submit
         self.interpreters = Interpreters(runtime_dir, allowed_pythons)
@@ -406,18 +425,24 @@ class ProcessExecutor:
             switch = ident.popen_kwargs()
             if switch and self.setpriv is not None:
                 cmd, switch = switch_user_command(self.setpriv, ident, cmd), {}
+
             # No preexec_fn and (with setpriv) no user switch: subprocess then uses vfork.
-            proc = await trio.lowlevel.open_process(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                cwd=str(spec.job_dir),
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-                **switch,
-            )
+            # Not trio.lowlevel.open_process: its Process keeps a pidfd open until it is
+            # waited for, and a job the daemon leaves running (a restart adopts it) is not.
+            def spawn() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fd,
+                    stderr=log_fd,
+                    cwd=str(spec.job_dir),
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                    **switch,
+                )
+
+            proc = await trio.to_thread.run_sync(spawn)
         finally:
             os.close(log_fd)
         self._procs[proc.pid] = proc
@@ -427,7 +452,7 @@ class ProcessExecutor:
     async def wait(self, handle: Handle) -> Outcome:
         proc = self._procs.get(handle.pid)
         if proc is not None:
-            code = await proc.wait()
+            code = await wait_child(proc)
             self._procs.pop(handle.pid, None)
             if code < 0:
                 return Outcome(exit_code=None, signal=-code)
@@ -452,7 +477,7 @@ class ProcessExecutor:
             while _alive(handle.pid, handle.pid_start):
                 proc = self._procs.get(handle.pid)
                 if proc is not None:
-                    await proc.wait()
+                    await wait_child(proc)
                     break
                 await trio.sleep(0.05)
             ended = True
@@ -461,7 +486,7 @@ class ProcessExecutor:
         if proc is not None:
             # Give the kernel a moment to deliver SIGKILL, then collect the zombie.
             with trio.move_on_after(5):
-                await proc.wait()
+                await wait_child(proc)
             self._procs.pop(handle.pid, None)
         return not ended  # True: it took SIGKILL (#14: the job's events say which)
 
@@ -497,3 +522,7 @@ class ProcessExecutor:
         """Tests and `--kill-jobs-on-exit`: stop every job this executor started."""
         for pid in list(self._procs):
             _killpg(pid, signal.SIGKILL)
+        for pid, proc in list(self._procs.items()):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)  # reaped: no zombie, and no Popen warning at its GC
+            self._procs.pop(pid, None)
