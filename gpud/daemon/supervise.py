@@ -425,8 +425,8 @@ class Supervision(Suspending):
         return spec, recorded[0], payload[0]
 
     async def _payload(self, job_id: int) -> tuple[bytes, bytes]:
-        """A warm job's function and arguments: kept in memory since its submit, else
-        read on the ledger's read connection (#12)."""
+        """A job's function and arguments: kept in memory since its submit, else read on
+        the ledger's read connection (#12)."""
         hit = self.payloads.pop(job_id)
         return hit if hit is not None else await self.ledger.read(Ledger.payload, job_id)
 
@@ -450,9 +450,9 @@ class Supervision(Suspending):
         return w
 
     async def _launch(self, job: Job) -> Handle:
-        # On the read connection: not behind the writer's group of commits (#12). The
-        # payload was committed with the submit, long before.
-        function, args = await self.ledger.read(Ledger.payload, job.id)
+        # From memory since its submit, else on the read connection: not behind the
+        # writer's group of commits (#12). The payload was committed with the submit.
+        function, args = await self._payload(job.id)
         # Its submitter's Unix user on a root daemon (never root); a job whose owner lost
         # their account since submitting fails here, saying so.
         ident = run_as(job.owner, self.identity)
