@@ -265,6 +265,39 @@ def _alive(pid: int, pid_start: int | None) -> bool:
     return state != b"Z"
 
 
+class _Child:
+    """A job process this executor started (a ``subprocess.Popen``), waited for on a
+    pidfd as trio's own ``Process`` does; any number of tasks may wait at once."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        # Our child: it cannot be reaped by anyone else before this, so the pid is its.
+        self._pidfd: int | None = os.pidfd_open(popen.pid)
+        self._lock = trio.Lock()
+
+    async def wait(self) -> int:
+        """Its exit code (minus the signal that killed it), once it has ended."""
+        async with self._lock:
+            if self.popen.returncode is None and self._pidfd is not None:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            code = self.popen.wait()  # it has ended: this only reaps it
+            self._close()
+            return code
+
+    def _close(self) -> None:
+        if self._pidfd is not None:
+            fd, self._pidfd = self._pidfd, None
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+    def __del__(self) -> None:
+        # Never waited for (the daemon stopped first; the job outlives it by design).
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+
+
 def _killpg(pgid: int, sig: int) -> bool:
     try:
         os.killpg(pgid, sig)
@@ -302,7 +335,7 @@ class ProcessExecutor:
         self.setpriv = (
             (find_setpriv() if setpriv is True else setpriv or None) if identity.switch else None
         )
-        self._procs: dict[int, trio.Process] = {}
+        self._procs: dict[int, _Child] = {}
         self._pythons: dict[int, str] = {identity.uid: python}  # uid -> interpreter
         #: each job's own interpreter (#11), checked as its user at submit
         self.interpreters = Interpreters(runtime_dir, allowed_pythons)
@@ -406,20 +439,32 @@ class ProcessExecutor:
             switch = ident.popen_kwargs()
             if switch and self.setpriv is not None:
                 cmd, switch = switch_user_command(self.setpriv, ident, cmd), {}
-            # No preexec_fn and (with setpriv) no user switch: subprocess then uses vfork.
-            proc = await trio.lowlevel.open_process(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                cwd=str(spec.job_dir),
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-                **switch,
-            )
+
+            def spawn() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fd,
+                    stderr=log_fd,
+                    cwd=str(spec.job_dir),
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                    **switch,
+                )
+
+            if switch:
+                # subprocess forks to switch user itself: a copy of the daemon's page
+                # tables, milliseconds at its size, so not on the event loop.
+                popen = await trio.to_thread.run_sync(spawn)
+            else:
+                # No preexec_fn and no user switch: subprocess uses vfork, and Popen
+                # returns once the child exec'd (setpriv, or the worker): ~0.4 ms here,
+                # less than the thread trip and wake-up trio's open_process costs (#12).
+                popen = spawn()
         finally:
             os.close(log_fd)
+        proc = _Child(popen)
         self._procs[proc.pid] = proc
         start = proc_start_time(proc.pid)
         return Handle(job_id=spec.job_id, pid=proc.pid, pid_start=start or 0)
