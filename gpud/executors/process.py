@@ -312,6 +312,7 @@ class ProcessExecutor:
     name = "process"
     supports_warm = True
     supports_job_python = True  # each job's own interpreter (#11): InterpreterCapable
+    reap_is_a_signal = True  # killpg: reaped on the daemon's loop (Caps.quick_reap, #12)
 
     def __init__(
         self,
