@@ -277,7 +277,7 @@ class _Child:
         self._lock = trio.Lock()
 
     async def wait(self) -> int:
-        """Its exit code (minus the signal that killed it), once it has ended."""
+        """Its exit code (minus the signal number, if a signal ended it), once it ended."""
         async with self._lock:
             if self.popen.returncode is None and self._pidfd is not None:
                 await trio.lowlevel.wait_readable(self._pidfd)
