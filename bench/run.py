@@ -198,10 +198,11 @@ _CLOUDPICKLE_CHILD = (
 )
 
 
-def measure_baselines(n: int, python: str, base: Path) -> dict[str, Any]:
-    """Bare `python -c pass`, and a child that unpickles a cloudpickled function (which
-    imports cloudpickle, from a private copy as gpud's worker does), runs it and pickles
-    the result back: what a job costs at least when every job is a fresh interpreter."""
+def cloudpickle_child(python: str, base: Path) -> Callable[[], None]:
+    """One baseline call: a child that unpickles a cloudpickled function (which imports
+    cloudpickle, from a private copy under ``base`` as gpud's worker does), runs it and
+    pickles the result back: what a job costs at least when every job is a fresh
+    interpreter. Warm it (two calls) before timing it."""
     libdir = base / "baseline-lib"
     if not libdir.exists():
         shutil.copytree(
@@ -215,9 +216,6 @@ def measure_baselines(n: int, python: str, base: Path) -> dict[str, Any]:
         cloudpickle.register_pickle_by_value(sys.modules[noop.__module__])
     payload = cloudpickle.dumps((noop, (1,)))
 
-    def bare() -> None:
-        subprocess.run([python, "-c", "pass"], check=True)
-
     def one() -> None:
         r = subprocess.run(
             [python, "-c", _CLOUDPICKLE_CHILD, str(libdir)],
@@ -227,6 +225,16 @@ def measure_baselines(n: int, python: str, base: Path) -> dict[str, Any]:
         )
         if cloudpickle.loads(r.stdout) != 1:
             raise RuntimeError("the baseline child returned a wrong value")
+
+    return one
+
+
+def measure_baselines(n: int, python: str, base: Path) -> dict[str, Any]:
+    """Bare `python -c pass`, and :func:`cloudpickle_child`, each ``n`` times in a row."""
+    one = cloudpickle_child(python, base)
+
+    def bare() -> None:
+        subprocess.run([python, "-c", "pass"], check=True)
 
     timed(bare, 2)  # warm the page cache (and compile the copy's .pyc files)
     timed(one, 2)

@@ -39,6 +39,10 @@ one line on stderr for a setup error.
 None; any other code is a failure of type ``builtins.SystemExit``. ``KeyboardInterrupt``
 is a failure too. Neither is sent as an exception object, so the caller gets a
 ``RemoteError`` rather than having its own program exited or interrupted.
+
+A job's process ends as Python's own exit would, less the interpreter's teardown
+(:func:`_end_process`): the job's threads are waited for, its ``atexit`` functions run,
+its open files and stdout/stderr are flushed, and then it ``os._exit``s.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ import sys
 import time
 import traceback
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     "ARGS_FILE",
@@ -780,6 +784,48 @@ def _early_warning() -> None:
         signal.signal(sig, note)
 
 
+def _flush_open_files() -> None:
+    """Flush every buffered file still open (a job's module-level log file, say): what
+    the teardown's collection of them would have done."""
+    import gc
+    import io
+
+    text, buffered = [], []
+    for obj in gc.get_objects():
+        kind = type(obj)
+        if kind is io.TextIOWrapper:
+            text.append(obj)
+        elif kind is io.BufferedWriter or kind is io.BufferedRandom:
+            buffered.append(obj)
+    for f in text + buffered:  # a text file's buffer after the text itself
+        with contextlib.suppress(Exception):  # closed, detached, or a full disk
+            if not f.closed:
+                f.flush()
+
+
+def _end_process(code: int) -> NoReturn:
+    """End a cold job's process as the interpreter's own exit would, in its order: wait
+    for the job's non-daemon threads, run its ``atexit`` functions (``@gpud.exit``
+    methods, logging's flush, multiprocessing's and ``weakref.finalize``'s clean-ups),
+    flush stdout, stderr and the files it left open. Then ``os._exit``, without the
+    teardown of every module and object: 10-20 ms of a cold job's process on this
+    2-core box once cloudpickle is imported, more than anything else gpud adds (#12).
+    ``__del__`` of objects still alive at that point does not run, which Python does not
+    promise at exit either; the result and status files are written and synced already."""
+    import threading
+
+    with contextlib.suppress(BaseException):
+        threading._shutdown()  # type: ignore[attr-defined]  # what Py_FinalizeEx calls
+    with contextlib.suppress(BaseException):
+        import atexit
+
+        atexit._run_exitfuncs()  # prints a failing callback's traceback, as at exit
+    with contextlib.suppress(BaseException):
+        _flush_open_files()
+    _flush_std()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     _runtime_last()
@@ -795,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         _say("usage: gpud_worker.py JOBDIR | --serve")
         return EXIT_SETUP
     # Absolute, so a function that calls os.chdir() does not move where results go.
-    return run_job(os.path.realpath(argv[1]))
+    _end_process(run_job(os.path.realpath(argv[1])))
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ class RealHarness(Harness):
 
 class ProcessHarness(RealHarness):
     name = "process"
-    caps = Caps(warm=True, job_python=True)
+    caps = Caps(warm=True, job_python=True, quick_reap=True)
     #: how a root daemon switches to the job user: setpriv (vfork, #12) if found
     setpriv: bool = True
 

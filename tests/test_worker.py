@@ -146,6 +146,32 @@ def exits(code: int | None) -> None:
     sys.exit(code)
 
 
+def leaves_work_for_the_exit(where: str, code: int) -> None:
+    """Leaves what Python's exit finishes: a non-daemon thread still running, an atexit
+    function, and a file written to, kept alive and never flushed nor closed."""
+    import atexit
+    import time
+
+    def late() -> None:
+        time.sleep(0.3)
+        with open(f"{where}/thread", "w") as fh:
+            fh.write("done")
+
+    def at_exit() -> None:
+        # Python joins the threads first, then runs atexit functions.
+        seen = "done" if os.path.exists(f"{where}/thread") else "not yet"
+        with open(f"{where}/atexit", "w") as fh:
+            fh.write(f"thread {seen}")
+
+    threading.Thread(target=late).start()
+    atexit.register(at_exit)
+    kept = open(f"{where}/kept", "w")  # noqa: SIM115 - left open on purpose
+    kept.write("buffered")
+    sys._gpud_test_kept = kept  # type: ignore[attr-defined]  # alive at the exit
+    if code:
+        sys.exit(code)
+
+
 # -- tests ------------------------------------------------------------------------------
 
 
@@ -290,6 +316,22 @@ def test_prints_go_to_stdout_and_stderr(runtime: Path, tmp_path: Path) -> None:
     assert proc.stdout == "to stdout\n"
     assert proc.stderr == "to stderr\n"
     assert result_of(jobdir) == 1
+
+
+@pytest.mark.parametrize("code", [0, 7])
+def test_the_process_ends_as_pythons_exit_would(runtime: Path, tmp_path: Path, code: int) -> None:
+    """The worker skips the interpreter's teardown (#12), not what a job can see of its
+    exit: threads joined, then atexit functions, open files flushed; the exit code is
+    the job's outcome's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    jobdir = make_job(tmp_path, leaves_work_for_the_exit, str(out), code)
+    proc = run_worker(runtime, jobdir)
+    assert proc.returncode == (EXIT_ERROR if code else EXIT_OK), proc.stderr
+    assert status_of(jobdir).ok is (not code)
+    assert (out / "thread").read_text() == "done"
+    assert (out / "atexit").read_text() == "thread done"
+    assert (out / "kept").read_text() == "buffered"
 
 
 @pytest.mark.parametrize("code", [None, 0])

@@ -54,6 +54,11 @@ from gpud.warm import WarmPool, WarmWorker
 
 log = logging.getLogger("gpud")
 
+#: A cold job's directory is laid out on the event loop when its payload is at most this
+#: big (a few small writes into the page cache); a larger one, or one with dependencies'
+#: results to link, in a worker thread (#12).
+INLINE_LAYOUT_BYTES = 256 * 1024
+
 
 class DaemonCore:
     def __init__(
@@ -318,10 +323,11 @@ class DaemonCore:
                 stored=stored,
             )
 
-        if not payload_files and not job.deps:
-            # A warm job's directory without payload files is a dozen metadata calls
-            # (mkdir, unlinks, the log's open, chown): cheaper here than the thread trip
-            # and the loop's wake-up, which were most of a warm start's cost (#12).
+        if not job.deps and (not payload_files or len(function) + len(args) <= INLINE_LAYOUT_BYTES):
+            # A directory without dependencies' results is a dozen metadata calls (mkdir,
+            # unlinks, the log's open, chown) and, for a cold job, its small payload
+            # written into the page cache (no fsync): cheaper here than the thread trip
+            # and the loop's wake-up, which were most of a start's cost (#12).
             return lay_out()
         return await trio.to_thread.run_sync(lay_out)
 

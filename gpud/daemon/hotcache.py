@@ -2,11 +2,11 @@
 ledger's threads: each trip is a thread hand-off and a wake-up of the event loop, which on
 a small, busy box costs as much as the work itself.
 
-* :class:`RecentPayloads`: the function's and the arguments' pickles of a keep_warm job,
-  kept from its submit until its start hands them to a warm worker. Without it the start
-  read them back from the ledger (a trip on the read connection) a few milliseconds after
-  they were committed. The function's bytes of a batch are one object shared by all its
-  jobs, counted once.
+* :class:`RecentPayloads`: the function's and the arguments' pickles of a job (warm or
+  cold), kept from its submit until its start hands them to a warm worker or writes them
+  into the job's directory. Without it the start read them back from the ledger (a trip
+  on the read connection) a few milliseconds after they were committed. The function's
+  bytes of a batch are one object shared by all its jobs, counted once.
 * :class:`RecentFinal`: the last jobs that ended, as their final commit returned them. A
   caller waiting on a call (``/v1/jobs/run``, a batch's results) reads the job it waited
   for from here instead of from the ledger. A final job never changes state again

@@ -164,8 +164,9 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         for j in made:
             self.jobs.setdefault(j.id, JobRecord(j))
         for new, j in zip(jobs, made, strict=False):
-            if j.keep_warm > 0 and not j.snapshot and not j.deps:
-                # Handed to its warm worker from memory at its start, not read back (#12).
+            if not j.snapshot and not j.deps:
+                # Handed to its warm worker, or written into a cold job's directory, from
+                # memory at its start, not read back (#12).
                 self.payloads.put(j.id, function, new.args)
         dependencies.cancel_doomed(self, doomed)
         self._reschedule()

@@ -4,6 +4,7 @@ worker), stops it on cancel or timeout, and records how it ended."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from pathlib import Path
@@ -150,7 +151,7 @@ class Supervision(Suspending):
             await self._stop_and_finish(job, handle)
         else:
             crash_point("before_finish")
-            ended, began = await trio.to_thread.run_sync(
+            collect = functools.partial(
                 jobfiles.reap_and_collect,
                 lambda: self.executor.reap(handle),
                 self.config.jobs_dir,
@@ -158,6 +159,11 @@ class Supervision(Suspending):
                 job,
                 outcome,
             )
+            if self.caps.quick_reap:
+                # A killpg and two small reads: cheaper here than the thread trip (#12).
+                ended, began = collect()
+            else:
+                ended, began = await trio.to_thread.run_sync(collect)
             await self._finish(job, ended, began=began, began_known=True)
 
     async def _stop_and_finish(self, job: Job, handle: Handle) -> None:
@@ -427,8 +433,8 @@ class Supervision(Suspending):
         return spec, recorded[0], payload[0]
 
     async def _payload(self, job_id: int) -> tuple[bytes, bytes]:
-        """A warm job's function and arguments: kept in memory since its submit, else
-        read on the ledger's read connection (#12)."""
+        """A job's function and arguments: kept in memory since its submit, else read on
+        the ledger's read connection (#12)."""
         hit = self.payloads.pop(job_id)
         return hit if hit is not None else await self.ledger.read(Ledger.payload, job_id)
 
@@ -452,9 +458,9 @@ class Supervision(Suspending):
         return w
 
     async def _launch(self, job: Job) -> Handle:
-        # On the read connection: not behind the writer's group of commits (#12). The
-        # payload was committed with the submit, long before.
-        function, args = await self.ledger.read(Ledger.payload, job.id)
+        # From memory since its submit, else on the read connection: not behind the
+        # writer's group of commits (#12). The payload was committed with the submit.
+        function, args = await self._payload(job.id)
         # Its submitter's Unix user on a root daemon (never root); a job whose owner lost
         # their account since submitting fails here, saying so.
         ident = run_as(job.owner, self.identity)

@@ -270,6 +270,9 @@ class Caps:
     image_builds: bool = False
     job_python: bool = False
     arrays: bool = False
+    #: ``reap`` is a signal (no I/O to wait on): the daemon calls it, and reads the
+    #: job's outcome after it, on its event loop rather than in a thread (#12)
+    quick_reap: bool = False
 
 
 #: declaration -> the Protocol whose members it promises
@@ -307,6 +310,11 @@ def capabilities(executor: object) -> Caps:
                     f"{type(executor).__name__} declares {flag} but lacks " + ", ".join(missing)
                 )
         found[flag] = declared
+    quick_reap = getattr(type(executor), "reap_is_a_signal", False)
+    if quick_reap is not True and quick_reap is not False:
+        raise TypeError(
+            f"{type(executor).__name__}.reap_is_a_signal must be True or False, not {quick_reap!r}"
+        )
     if found["supports_snapshots"] and not found["supports_warm"]:
         # A snapshot is of a warm worker: there is nothing to checkpoint without one.
         raise TypeError(
@@ -318,6 +326,7 @@ def capabilities(executor: object) -> Caps:
         image_builds=found["supports_image_builds"],
         job_python=found["supports_job_python"],
         arrays=found["supports_arrays"],
+        quick_reap=quick_reap,
     )
 
 

@@ -296,6 +296,7 @@ class ProcessExecutor:
     name = "process"
     supports_warm = True
     supports_job_python = True  # each job's own interpreter (#11): InterpreterCapable
+    reap_is_a_signal = True  # killpg: reaped on the daemon's loop (Caps.quick_reap, #12)
 
     def __init__(
         self,
@@ -426,7 +427,6 @@ class ProcessExecutor:
             if switch and self.setpriv is not None:
                 cmd, switch = switch_user_command(self.setpriv, ident, cmd), {}
 
-            # No preexec_fn and (with setpriv) no user switch: subprocess then uses vfork.
             # Not trio.lowlevel.open_process: its Process keeps a pidfd open until it is
             # waited for, and a job the daemon leaves running (a restart adopts it) is not.
             def spawn() -> subprocess.Popen[bytes]:
@@ -442,7 +442,15 @@ class ProcessExecutor:
                     **switch,
                 )
 
-            proc = await trio.to_thread.run_sync(spawn)
+            if switch:
+                # subprocess forks to switch user itself: a copy of the daemon's page
+                # tables, milliseconds at its size, so not on the event loop.
+                proc = await trio.to_thread.run_sync(spawn)
+            else:
+                # No preexec_fn and no user switch: subprocess uses vfork, and Popen
+                # returns once the child exec'd (setpriv, or the worker): ~0.4 ms here,
+                # less than the thread trip and wake-up trio's open_process costs (#12).
+                proc = spawn()
         finally:
             os.close(log_fd)
         self._procs[proc.pid] = proc

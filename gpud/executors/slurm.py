@@ -321,6 +321,7 @@ class SlurmExecutor(ProcessExecutor):
     name = "slurm"
     supports_warm = False
     supports_job_python = True
+    reap_is_a_signal = False  # scancel: in a worker thread
 
     supports_arrays = True
 
