@@ -289,6 +289,10 @@ class DaemonCore:
         rec.seq, rec.job = seq, job
         if job.state in FINAL:
             del self.jobs[job_id]
+            if rec.assigned is not None:
+                # Matched to an idle warm worker and ended (cancelled) before it ran there:
+                # the worker is free again (it never is otherwise: its start is gone).
+                self._release_warm(rec)
             self.final.put(job)
             self.payloads.pop(job_id)  # cancelled before it started
             dependencies.job_ended(self, job)  # its waiters go on or are cancelled (#14)

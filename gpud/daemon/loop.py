@@ -33,6 +33,10 @@ from gpud.warm import WarmWorker
 
 log = logging.getLogger("gpud")
 
+#: How long a warm call's end waits for a round in progress before it is recorded the
+#: old way (waking the next round) instead of handing its worker the next call (#12).
+HAND_OFF_WAIT = 0.02
+
 
 class SchedulingLoop(Supervision):
     async def _schedule_loop(self) -> None:
@@ -287,7 +291,10 @@ class SchedulingLoop(Supervision):
         call to the next); an end that queues a retry, or a start that did not happen,
         does."""
         if stays and self._gate.round:
-            await self._gate.opened()  # a round runs: decide after it (it may take w)
+            # A round runs: decide after it (it may take w), unless it is a long one (one
+            # that parks a GPU worker, say): this call's end is not held up for it.
+            with trio.move_on_after(HAND_OFF_WAIT):
+                await self._gate.opened()
         nxt = self._hand_off_choice(w, job) if stays else None
         if nxt is None:
             await self._finish(job, f, began=began, began_known=True, result=result)
@@ -297,15 +304,20 @@ class SchedulingLoop(Supervision):
         self._gate.enter(job.id, nxt.job)
         ended: list[Job] = []
         failed: list[Exception] = []
+        started = False
 
         async def start_next() -> None:
+            nonlocal started
             try:
                 await self._start(Start(next_id, w.gpus), wake=False)
+                # Started: its supervisor (not run yet) holds the worker; a start given up
+                # released it (_release_warm).
+                started = nxt.assigned is w
             except Exception:  # noqa: BLE001 - a bug here must not cut the end short
                 log.exception("job %s was not handed to warm worker %s", next_id, w.id)
-                if nxt.job.state is JobState.QUEUED:
-                    self._release_warm(nxt)
             finally:
+                if not started:
+                    self._release_warm(nxt)  # e.g. cancelled (and gone) before its start
                 # Its start is recorded (or given up): a round may look again.
                 self._gate.leave()
 
@@ -326,7 +338,6 @@ class SchedulingLoop(Supervision):
                 raise failed[0]
         finally:
             self._gate.moves.pop(job.id, None)
-            started = nxt.job.state is not JobState.QUEUED and w.busy == next_id
             if started:
                 self.stats.handoffs += 1
             if not started or not ended or ended[0].state not in FINAL:
