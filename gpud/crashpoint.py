@@ -14,7 +14,9 @@ its answer not yet sent), ``suspend_recorded`` (SUSPENDED committed, the job's G
 not yet parked nor its processes stopped), ``resume_continued`` (a suspended job's
 processes continued, RUNNING not yet recorded), ``before_warm_ack`` (a warm job's result
 committed with its end, the worker not yet told it may forget it), ``deps_ended`` (a
-dependency's end committed, the jobs waiting on it not yet freed or cancelled).
+dependency's end committed, the jobs waiting on it not yet freed or cancelled),
+``warm_hand_off`` (a warm worker answered a call and is handed the next queued call
+without a round, neither the end nor the start recorded yet, #12).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import gc
 import heapq
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 from gpud.domain import Decision, Gpu, IdleWorker, Job, Quota, Reason, Start, Wait
 from gpud.fairshare import Policy, fairshare_factors, job_priority
@@ -47,7 +47,16 @@ from gpud.sched_read import KEEP_EVERY, Looked, Reader, Walked
 from gpud.sched_round import Round, cpu_only, infeasible
 from gpud.warm_match import match_warm
 
-__all__ = ["Plan", "Waits", "decide", "infeasible", "order_key", "plan", "scheduling_key"]
+__all__ = [
+    "Plan",
+    "Waits",
+    "decide",
+    "hand_off",
+    "infeasible",
+    "order_key",
+    "plan",
+    "scheduling_key",
+]
 
 Key = tuple[float, float, int]
 
@@ -274,6 +283,58 @@ def plan(
         reader=reader,
         seq=index.seq,
     )
+
+
+def hand_off(
+    pending: PendingIndex,
+    running: Sequence[Job],
+    gpus: Sequence[Gpu],
+    worker: IdleWorker,
+    *,
+    cpu_slots: int,
+    now: float,
+    usage: Mapping[str, float] | None = None,
+    policy: Policy | None = None,
+    quotas: Mapping[str, Quota] | None = None,
+    owners: Mapping[int, str] | None = None,
+    taken: Collection[int] = (),
+) -> int | None:
+    """The queued job a round run now would give ``worker``, were it the only idle worker:
+    the next call a warm worker whose call just ended may take at once, without a round
+    (#12, pipelining). ``running`` is without the call that ended; ``taken``: queued jobs
+    being started already (each one in ``running``), left out of the queue.
+
+    This is :func:`plan`'s warm matching itself, over the live index (nothing is copied:
+    the caller reads the answer before the index changes), with this one worker. So every
+    rule of a round holds for the job it names: scheduling (fair-share) order, retry
+    backoffs, the max_timeout quota, and the CPU slots: a CPU job gets the worker only into
+    a free slot, and never while a job ahead of it that no idle worker takes (another
+    user's cold job, say) waits for one. Leaving the other idle workers out can only make
+    the answer None where a full round would match the job (a job ahead taking one of
+    them takes its slot too); it never names a job a full round would not give a worker
+    of this key (``tests/test_scheduler_plan.py`` checks both on random queues)."""
+    owners = owners or {}
+
+    def owner(job: Job) -> str:
+        return job.owner or owners.get(job.id, "")
+
+    key = _Keyer(
+        usage or {},
+        policy,
+        {*pending.owners(), *(owner(j) for j in running)},
+        now,
+        cpu_holders(running, owner),
+    )
+    assigned, _, _ = match_warm(
+        _Merge(pending.groups(), key, skip=set(taken)),
+        [worker],
+        gpus,
+        now=now,
+        quotas=quotas or {},
+        cpu_slots=cpu_slots,
+        cpu_running=sum(1 for j in running if cpu_only(j.gpu)),
+    )
+    return next(iter(assigned), None)
 
 
 class Plan:

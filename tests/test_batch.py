@@ -90,6 +90,32 @@ def big(n: int) -> bytes:
     return b"x" * n
 
 
+@app.function(keep_warm=30)
+def warm_square(x: int) -> int:
+    return x * x
+
+
+@app.function(keep_warm=30)
+def warm_nap(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+@app.function(keep_warm=30, retries=1)
+def warm_flaky(x: int) -> int:
+    if x % 4 == 1:
+        raise ValueError(f"no {x}")
+    return x
+
+
+def _hand_offs(d: DaemonProc) -> float:
+    from .test_metrics import curl_metrics, parse, value
+
+    return value(parse(curl_metrics(d)), "gpud_warm_handoffs_total")
+
+
 class _Counter:
     """Counts the HTTP requests a Client sends (its transport's request hook), but for
     the once-per-function check of the daemon's Python (GET /v1/health, with the tests'
@@ -478,3 +504,43 @@ def test_a_batch_of_several_chunks_is_whole_and_in_input_order(daemon: DaemonPro
             assert first.name == last.name == "t.chunks"
         finally:
             c.cancel_batch(made.batch_id)
+
+
+# -- warm hand-offs (#12): a worker's next call without a scheduling round --------------------
+
+
+def test_a_warm_map_hands_each_worker_its_next_call(daemon: DaemonProc) -> None:
+    """Each warm worker is handed the next input as its call ends: the results are all
+    there, in order, and the daemon counts the hand-offs; max_concurrency and retries
+    hold as they do with rounds."""
+    before = _hand_offs(daemon)
+    assert list(warm_square.map(range(60))) == [i * i for i in range(60)]
+    assert _hand_offs(daemon) > before
+    # A batch's limit: a hand-off keeps the batch's count (a call of it ends, the next
+    # starts), never more at once than the limit.
+    batch = warm_nap.spawn_map([0.2] * 8, max_concurrency=2)
+    assert list(batch) == [0.2] * 8
+    spans = [(j.started_at, j.ended_at) for j in (h.status() for h in batch.handles())]
+    assert _overlap(spans) == 2  # type: ignore[arg-type]
+    # Retries: a call that raised is queued again (a round starts it after its backoff),
+    # and runs twice; the others once.
+    flaky = warm_flaky.spawn_map(range(12))
+    out = list(flaky.results(return_exceptions=True))
+    assert [str(x) if isinstance(x, Exception) else x for x in out] == [
+        f"no {i}" if i % 4 == 1 else i for i in range(12)
+    ]
+    attempts = [h.status().attempt for h in flaky.handles()]
+    assert attempts == [2 if i % 4 == 1 else 1 for i in range(12)]
+
+
+def test_cancelling_a_warm_batch_during_hand_offs_leaves_nothing_running(
+    daemon: DaemonProc,
+) -> None:
+    batch = warm_nap.spawn_map([0.05] * 400)
+    wait_for(lambda: batch.progress().succeeded >= 10, timeout=60)
+    batch.cancel()
+    wait_for(lambda: (c := batch.progress()).running == c.starting == c.queued == 0, timeout=30)
+    counts = batch.progress()
+    assert counts.succeeded + counts.cancelled == 400 and counts.cancelled > 0, counts
+    # The workers are free for the next call.
+    assert warm_nap.remote(0.0) == 0.0

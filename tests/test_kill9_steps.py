@@ -290,3 +290,34 @@ def _succeeded_once(d: DaemonProc, h: Any, count: Path) -> None:
     assert info.state == "succeeded" and info.attempt == 1, info
     assert count.read_text() == "run\n", "the job ran more than once"
     assert _finals(d, h.id) == ["succeeded"]
+
+
+def test_kill_9_at_a_warm_hand_off(crashable: DaemonProc, shared_dir: Path) -> None:
+    """A warm worker answered a call and the daemon chose to hand it the next queued call
+    without a round (#12), then died before recording either: the answered call is
+    collected from the files its worker writes when the hub goes away, the next one starts
+    after the restart. Every call of the batch succeeds, each ran once."""
+    d = crashable
+    d.env["GPUD_CPU_SLOTS"] = "1"  # one worker: each next call is a hand-off
+    d.env["GPUD_TEST_CRASH_AT"] = "warm_hand_off"
+    d.start()
+    count = shared_dir / "runs"
+    f = warm_counted.with_options(url=d.url)
+    batch = f.spawn_map([str(count)] * 3, [1, 2, 3])
+    ids = batch.job_ids()
+    _died(d)
+    d.env.pop("GPUD_TEST_CRASH_AT")
+    d.start()
+    app.close()
+    client = gpud.Client(d.url)
+    try:
+        for i, x in zip(ids, (1, 2, 3), strict=True):
+            h = gpud.JobHandle(i, client)
+            assert h.get(timeout=60) == {"x": x}
+            info = h.status()
+            assert info.state == "succeeded" and info.attempt == 1, info
+    finally:
+        client.close()
+    assert sorted(count.read_text().split()) == ["1", "2", "3"], "a call ran twice or never"
+    for i in ids:
+        assert _finals(d, i) == ["succeeded"]

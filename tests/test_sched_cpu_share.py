@@ -14,9 +14,13 @@ is tests/test_scheduler_plan.py's.
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gpud.domain import IdleWorker, Job, JobState, Quota, Start, Wait, warm_key
 from gpud.fairshare import Policy
-from gpud.scheduler import decide, plan
+from gpud.pending import PendingIndex
+from gpud.scheduler import decide, hand_off, plan
 from gpud.testing import sched_reference as ref
 
 NOW = 1000.0
@@ -145,3 +149,88 @@ def test_a_job_over_its_timeout_quota_does_not_shut_warm_matching() -> None:
     )
     assert p.assigned == {100: 1}
     assert isinstance(p.waits.of(stuck), Wait)
+
+
+# -- hand-offs (#12): a warm worker's next call without a round ----------------------------
+
+
+def _hand_off(pending: list[Job], run: list[Job], w: IdleWorker, **kw: object) -> int | None:
+    return hand_off(
+        PendingIndex.of(pending), run, [], w, cpu_slots=2, now=NOW, policy=Policy(), **kw
+    )  # type: ignore[arg-type]
+
+
+def test_a_worker_whose_call_ended_is_handed_the_next_call_of_its_sweep() -> None:
+    jobs = sweep(5)
+    w = IdleWorker(1, warm_key(jobs[0]), (), 1, "root")
+    # Its own call ended (not in ``running``); the sweep's other call runs in the other slot.
+    run = [running(2, "root", keep_warm=300.0)]
+    assert _hand_off(jobs, run, w) == 100
+    # A call being started by another hand-off holds the other slot, and is not queued.
+    assert _hand_off(jobs, [running(100, "root")], w, taken=[100]) == 101
+    # A retry backing off is passed over, as a round passes it.
+    jobs[0].not_before = NOW + 5.0
+    assert _hand_off(jobs, run, w) == 101
+
+
+def test_no_hand_off_past_another_users_job_or_a_full_box() -> None:
+    jobs = sweep(5)
+    w = IdleWorker(1, warm_key(jobs[0]), (), 1, "root")
+    run = [running(2, "root", keep_warm=300.0)]
+    # Another user's cold call, queued after the sweep: the CPU share puts it first, and
+    # the slot that ended is its (a round would start it there).
+    other = job(5000, "nobody")
+    assert _hand_off([*jobs, other], run, w) is None
+    p = plan([*jobs, other], run, [], [w], cpu_slots=2, now=NOW, policy=Policy())
+    assert [s.job_id for s in p.starts] == [other.id]
+    # The same user's own higher-priority call of another function comes first too.
+    urgent = job(6000, "root", priority=5)
+    assert _hand_off([*jobs, urgent], run, w) is None
+    # Both slots taken by others: no slot to hand on.
+    assert _hand_off(jobs, [*run, running(3, "nobody")], w) is None
+    # Nothing of its key queued.
+    assert _hand_off([other], run, w) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_property_a_hand_off_is_what_a_round_would_do(data: st.DataObject) -> None:
+    """Whatever the queue: the call handed to the worker is the one a round with this
+    worker alone idle gives it; and a round with every idle worker gives that call to a
+    worker of the same key (the hand-off never jumps a job a round would serve first)."""
+    draw = data.draw
+    owners = ["root", "nobody", "ann"]
+    slots = draw(st.integers(1, 3))
+    pending: list[Job] = []
+    for i in range(draw(st.integers(0, 12))):
+        pending.append(
+            job(
+                100 + i,
+                draw(st.sampled_from(owners)),
+                priority=draw(st.integers(-1, 1)),
+                keep_warm=draw(st.sampled_from([0.0, 300.0, 300.0])),
+                code_hash=draw(st.sampled_from(["c1", "c2"])),
+                not_before=draw(st.sampled_from([0.0, 0.0, NOW + 2.0])),
+            )
+        )
+    run = [
+        running(i, draw(st.sampled_from(owners)), keep_warm=300.0)
+        for i in range(1, draw(st.integers(0, slots)) + 1)
+    ]
+    proto = job(1, draw(st.sampled_from(owners)), keep_warm=300.0, code_hash="c1")
+    w = IdleWorker(50, warm_key(proto), (), 1, proto.owner)
+    others = [
+        IdleWorker(60 + k, warm_key(job(1, o, keep_warm=300.0, code_hash=c)), (), 1, o)
+        for k, (o, c) in enumerate(
+            draw(st.lists(st.tuples(st.sampled_from(owners), st.sampled_from(["c1", "c2"]))))
+        )
+    ]
+    policy = draw(st.sampled_from([None, Policy()]))
+    got = hand_off(PendingIndex.of(pending), run, [], w, cpu_slots=slots, now=NOW, policy=policy)
+    alone = plan(pending, run, [], [w], cpu_slots=slots, now=NOW, policy=policy)
+    assert got == next(iter(alone.assigned), None)
+    if got is not None:
+        every = plan(pending, run, [], [w, *others], cpu_slots=slots, now=NOW, policy=policy)
+        given = every.assigned.get(got)
+        assert given is not None
+        assert next(x for x in [w, *others] if x.id == given).key == w.key

@@ -60,6 +60,49 @@ log = logging.getLogger("gpud")
 INLINE_LAYOUT_BYTES = 256 * 1024
 
 
+class HandOffGate:
+    """Rounds and warm hand-offs (#12, gpud.daemon.loop), never at once. A hand-off gives
+    the slot of the call that ended to the next one: until that start is in memory, a
+    round would see the slot free (the end in first) and the next call still queued. So a
+    round waits for the hand-offs in flight (each a ledger trip), and none begins while a
+    round runs or waits. ``moves`` lets a hand-off's decision count the slots as they are
+    while others are in flight."""
+
+    def __init__(self) -> None:
+        self.handing = 0
+        self.round = False  # a round runs, or waits for the hand-offs in flight
+        self._drained = trio.Event()
+        self._opened = trio.Event()
+        #: hand-offs in flight: the call that ended -> the call its slot went to
+        self.moves: dict[int, Job] = {}
+
+    def enter(self, ended: int, taker: Job) -> None:
+        assert not self.round
+        self.handing += 1
+        self.moves[ended] = taker
+
+    def leave(self) -> None:
+        self.handing -= 1
+        if self.handing == 0:
+            self._drained.set()
+
+    async def close(self) -> None:
+        self.round = True
+        self._opened = trio.Event()
+        while self.handing:
+            self._drained = trio.Event()
+            await self._drained.wait()
+
+    def open(self) -> None:
+        self.round = False
+        self._opened.set()
+
+    async def opened(self) -> None:
+        """Return once no round runs (at once when none does)."""
+        while self.round:
+            await self._opened.wait()
+
+
 class DaemonCore:
     def __init__(
         self,
@@ -150,6 +193,8 @@ class DaemonCore:
                 in_use=lambda: {r.job.image for r in self.jobs.values() if r.job.image},
             )
         self._write_blocked = False  # a start could not be recorded (disk full, lock held)
+        #: rounds and warm hand-offs, never at once (gpud.daemon.loop, #12)
+        self._gate = HandOffGate()
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.kill_jobs_on_exit = False
@@ -214,6 +259,7 @@ class DaemonCore:
         retry: bool = True,
         synced: bool = True,
         result: bytes | None = None,
+        wake: bool = True,
     ) -> Job:
         """Record state changes, then update memory. With ``retry`` (a job's own life),
         a full disk or a held write lock is waited out: the change is never dropped.
@@ -223,7 +269,9 @@ class DaemonCore:
         a power cut may take the ledger back to an earlier step (the job is then found
         RUNNING and recovered, or LOST and retried: at least once, on a power cut only).
         Whoever is answered after this returns was answered after the COMMIT.
-        ``result``: a warm job's inline result, stored in the same commit (#12)."""
+        ``result``: a warm job's inline result, stored in the same commit (#12).
+        ``wake=False``: no scheduling round for this change (a warm worker's hand-off,
+        which changes nothing a round decides on; gpud.daemon.loop)."""
         call = self.ledger.call if synced else self.ledger.call_unsynced
 
         def write() -> Awaitable[tuple[Job, int]]:
@@ -246,6 +294,10 @@ class DaemonCore:
         rec.seq, rec.job = seq, job
         if job.state in FINAL:
             del self.jobs[job_id]
+            if rec.assigned is not None:
+                # Matched to an idle warm worker and ended (cancelled) before it ran there:
+                # the worker is free again (it never is otherwise: its start is gone).
+                self._release_warm(rec)
             self.final.put(job)
             self.payloads.pop(job_id)  # cancelled before it started
             dependencies.job_ended(self, job)  # its waiters go on or are cancelled (#14)
@@ -256,7 +308,8 @@ class DaemonCore:
         ev, rec.changed = rec.changed, None
         if ev is not None:
             ev.set()  # a record dropped above still wakes its waiters, who read the ledger
-        self._reschedule()
+        if wake:
+            self._reschedule()
         return job
 
     async def _finish(
@@ -267,6 +320,7 @@ class DaemonCore:
         began: float | None = None,
         began_known: bool = False,
         result: bytes | None = None,
+        wake: bool = True,
     ) -> Job:
         """Record how an attempt ended. ``began_known``: ``began`` is when the user's
         code began (a warm worker says so inline), so the job's files are not read.
@@ -293,7 +347,7 @@ class DaemonCore:
         if dispatched is not None and user_start is not None:
             fields["startup"] = round(max(0.0, user_start - dispatched), 6)
         steps = after(current, f, now, self.retry_policy, fields=fields)
-        new = await self._advance(job.id, *steps, synced=False, result=result)
+        new = await self._advance(job.id, *steps, synced=False, result=result, wake=wake)
         log.info("job %s %s%s", job.id, f.state.value, f": {f.error}" if f.error else "")
         return new
 

@@ -13,8 +13,10 @@ import trio
 
 from gpud.crashpoint import crash_point
 from gpud.daemon import jobfiles
+from gpud.daemon.record import Finished, JobRecord
 from gpud.daemon.supervise import Supervision
 from gpud.domain import (
+    FINAL,
     IdleWorker,
     IllegalTransition,
     Job,
@@ -25,10 +27,15 @@ from gpud.domain import (
 from gpud.executors.base import ArrayCapable
 from gpud.ledger import Step
 from gpud.pending import PendingIndex
-from gpud.scheduler import plan
+from gpud.scheduler import hand_off, plan
 from gpud.storage import is_busy, is_full
+from gpud.warm import WarmWorker
 
 log = logging.getLogger("gpud")
+
+#: How long a warm call's end waits for a round in progress before it is recorded the
+#: old way (waking the next round) instead of handing its worker the next call (#12).
+HAND_OFF_WAIT = 0.02
 
 
 class SchedulingLoop(Supervision):
@@ -42,11 +49,14 @@ class SchedulingLoop(Supervision):
             full = self.clock.time() - last_full >= self.config.sched_interval
             # Another user's `gpud ps` is answered before more jobs start (#12).
             await self.interactive.yield_to_requests()
+            await self._gate.close()
             try:
                 next_due = await self._schedule_once(full=full)
             except Exception:  # noqa: BLE001 - a bug in one round must not stop the daemon
                 log.exception("a scheduling round failed; retrying in 1 s")
                 next_due = self.clock.time() + 1.0
+            finally:
+                self._gate.open()
             if full:
                 last_full = self.clock.time()
             if len(self.jobs.pending):
@@ -149,7 +159,7 @@ class SchedulingLoop(Supervision):
                 {j: (b, limits.get(b)) for j, b in batch_of.items()}
             )
 
-    async def _start(self, d: Start) -> None:
+    async def _start(self, d: Start, *, wake: bool = True) -> None:
         rec = self.jobs.get(d.job_id)
         if rec is None:
             return  # ended while this round was deciding
@@ -171,10 +181,10 @@ class SchedulingLoop(Supervision):
                 # in one commit, its directory and payload made ready meanwhile (#12). A
                 # parked one (#13) is unparked first, by its supervisor, before RUNNING.
                 crash_point("warm_worker_ready")
-                job = await self._start_warm(rec, w, step, d.gpus)
+                job = await self._start_warm(rec, w, step, d.gpus, wake=wake)
             else:
                 job = await self._advance(
-                    d.job_id, step, expect=JobState.QUEUED, retry=False, synced=False
+                    d.job_id, step, expect=JobState.QUEUED, retry=False, synced=False, wake=wake
                 )
         except IllegalTransition as e:  # e.g. cancelled in the meantime
             log.info("job %s not started: %s", d.job_id, e)
@@ -194,3 +204,141 @@ class SchedulingLoop(Supervision):
             rec.handle = w.handle
         rec.dispatched_at = self.clock.time()
         self._nursery.start_soon(self._supervise, job, None)
+
+    # -- pipelining: a warm worker's next call without a round (#12) ---------------------
+
+    def _hand_off_choice(self, w: WarmWorker, ended: Job) -> JobRecord | None:
+        """The queued call that the warm worker whose call ``ended`` just answered takes
+        next, reserved for it (no await here); None: the next round decides, as always.
+
+        The choice is the pure :func:`gpud.scheduler.hand_off`: what a round run now
+        would give this worker. Left to the round: GPU workers (their GPUs, claims,
+        evictions and parking are the round's), snapshot calls, a round running or
+        waiting, quick requests being answered (rounds let them go first,
+        gpud.priority), a suspended job (its resume comes first), a ledger that could
+        not be written, a low disk, and, while a batch has a max_concurrency, a call of
+        another batch than the one that ended (it keeps its count; another's may not)."""
+        if (
+            self._gate.round
+            or w.gpus
+            or ended.gpu is not None
+            or ended.snapshot
+            or w.stream is None
+            or w.gone.is_set()
+            or w.busy is not None
+            or self._write_blocked
+            or self.interactive.serving
+            or not self.jobs.pending
+        ):
+            return None
+        # The slots as they are: a call handed its slot by a hand-off still in flight (whose
+        # end may not be in memory yet) holds none; the call it went to holds it (#12).
+        moves = self._gate.moves
+        running = [j for i, j in self.jobs.running.items() if i != ended.id and i not in moves]
+        running += [j for j in moves.values() if j.id not in self.jobs.running]
+        if any(j.state is JobState.SUSPENDED for j in running):
+            return None
+        if jobfiles.low_space(self.config.data_dir):
+            return None
+        now = self.clock.time()
+        job_id = hand_off(
+            self.jobs.pending,
+            running,
+            self.gpus,
+            IdleWorker(w.id, w.key, w.gpus, w.last_job, w.key[3]),
+            cpu_slots=self.config.cpu_slots,
+            now=now,
+            usage=self._usage_now(running, now),
+            policy=self.policy,
+            quotas=self.users.quotas(),
+            taken=[j.id for j in moves.values()],
+        )
+        rec = self.jobs.get(job_id) if job_id is not None else None
+        if (
+            rec is None
+            or rec.assigned is not None
+            or rec.stop_reason is not None
+            or rec.job.state is not JobState.QUEUED
+            or rec.job.snapshot
+        ):
+            return None
+        if (
+            self.batches.any_limited()
+            and not self.caps.arrays
+            and rec.job.batch_id != ended.batch_id
+        ):
+            return None
+        w.busy = rec.job.id  # reserved now, as a round's match does
+        rec.assigned = w
+        return rec
+
+    async def _finish_warm(
+        self,
+        job: Job,
+        f: Finished,
+        w: WarmWorker,
+        stays: bool,
+        *,
+        began: float | None,
+        result: bytes | None,
+    ) -> None:
+        """A warm call's end, and, where :meth:`_hand_off_choice` names one, the worker's
+        next call started in the same step: its STARTING+RUNNING commit beside this end
+        (one group of the ledger thread), its task sent as soon as that commit returns,
+        with no scheduling round in between (#12). The start is the round's own
+        ``_start``: recorded before the worker gets the task, cancellation and failures
+        handled as for any start. Neither change wakes a round (the slot went from one
+        call to the next); an end that queues a retry, or a start that did not happen,
+        does."""
+        if stays and self._gate.round:
+            # A round runs: decide after it (it may take w), unless it is a long one (one
+            # that parks a GPU worker, say): this call's end is not held up for it.
+            with trio.move_on_after(HAND_OFF_WAIT):
+                await self._gate.opened()
+        nxt = self._hand_off_choice(w, job) if stays else None
+        if nxt is None:
+            await self._finish(job, f, began=began, began_known=True, result=result)
+            return
+        next_id = nxt.job.id
+        crash_point("warm_hand_off")
+        self._gate.enter(job.id, nxt.job)
+        ended: list[Job] = []
+        failed: list[Exception] = []
+        started = False
+
+        async def start_next() -> None:
+            nonlocal started
+            try:
+                await self._start(Start(next_id, w.gpus), wake=False)
+                # Started: its supervisor (not run yet) holds the worker; a start given up
+                # released it (_release_warm).
+                started = nxt.assigned is w
+            except Exception:  # noqa: BLE001 - a bug here must not cut the end short
+                log.exception("job %s was not handed to warm worker %s", next_id, w.id)
+            finally:
+                if not started:
+                    self._release_warm(nxt)  # e.g. cancelled (and gone) before its start
+                # Its start is recorded (or given up): a round may look again.
+                self._gate.leave()
+
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(start_next)
+                # This end first: its time is taken (and its commit queued) before the next
+                # call's start, so the ledger never shows the two overlapping.
+                try:
+                    ended.append(
+                        await self._finish(
+                            job, f, began=began, began_known=True, result=result, wake=False
+                        )
+                    )
+                except Exception as e:  # noqa: BLE001 - raised below, the start left whole
+                    failed.append(e)
+            if failed:
+                raise failed[0]
+        finally:
+            self._gate.moves.pop(job.id, None)
+            if started:
+                self.stats.handoffs += 1
+            if not started or not ended or ended[0].state not in FINAL:
+                self._reschedule()

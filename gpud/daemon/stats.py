@@ -87,6 +87,8 @@ class JobStats:
             LAG_BUCKETS,
         )
         self.last_lag = 0.0
+        #: warm calls started by a hand-off from the call before them, no round (#12)
+        self.handoffs = 0
 
     def job_ended(self, job: Job) -> None:
         """Count a job that reached a final state (called once per job, by the daemon)."""
@@ -283,4 +285,11 @@ async def collect(
     last = _gauge("gpud_event_loop_lag_last_seconds", "The last event-loop lag measured")
     last.add(stats.last_lag)
     fams += [stats.lag.family(), last]
+    handed = Family(
+        "gpud_warm_handoffs_total",
+        "counter",
+        "Warm calls handed to a worker as its previous call ended, without a scheduling round",
+    )
+    handed.add(stats.handoffs)
+    fams.append(handed)
     return fams

@@ -304,7 +304,10 @@ class Supervision(Suspending):
             # no file to read back, no thread hop (#12).
             _f = jobfiles.judge(self.config.data_dir, status, True, outcome)
             assert done is not None
-            await self._finish(job, _f, began=done.started, began_known=True, result=done.result)
+            # No await since the answer came (the worker is idle, none other took it): the
+            # loop may hand it its next call now, beside this end (#12, pipelining).
+            stays = code in (0, 1) and job.keep_warm > 0
+            await self._finish_warm(job, _f, w, stays, began=done.started, result=done.result)
             if done.result is not None:
                 # Stored with the job's end: the worker may forget it. Had this daemon
                 # died before the commit, the worker would have written result.pkl and
@@ -318,6 +321,21 @@ class Supervision(Suspending):
             await self._end_warm(w, f"job {job.id} ended with exit code {code}")
         elif code is not None and job.keep_warm <= 0:
             await self._end_warm(w, f"job {job.id} is over and keep_warm is 0")
+
+    async def _finish_warm(
+        self,
+        job: Job,
+        f: Finished,
+        w: WarmWorker,
+        stays: bool,
+        *,
+        began: float | None,
+        result: bytes | None,
+    ) -> None:
+        """Record the end of a call a warm worker answered inline (``stays``: the worker
+        stays for the next call). The scheduling loop overrides this to hand the worker
+        its next call in the same step (gpud.daemon.loop)."""
+        await self._finish(job, f, began=began, began_known=True, result=result)
 
     def _running_step(self, w: WarmWorker, kind: str, note: str) -> Step:
         assert w.handle is not None
@@ -334,7 +352,13 @@ class Supervision(Suspending):
         )
 
     async def _start_warm(
-        self, rec: JobRecord, w: WarmWorker, starting: Step, gpus: tuple[str, ...]
+        self,
+        rec: JobRecord,
+        w: WarmWorker,
+        starting: Step,
+        gpus: tuple[str, ...],
+        *,
+        wake: bool = True,
     ) -> Job:
         """Start a queued job in the idle warm worker matched to it: STARTING and RUNNING
         in one commit (``expect`` QUEUED: its errors are the caller's, as for any start),
@@ -382,6 +406,7 @@ class Supervision(Suspending):
                         expect=JobState.QUEUED,
                         retry=False,
                         synced=False,
+                        wake=wake,
                     )
                 )
             except Exception as e:  # noqa: BLE001 - raised below, outside the nursery
