@@ -82,7 +82,7 @@ class DaemonCore:
         self.started_at = self.clock.time()
         #: one record per active job (queued, starting, running)
         #: ... with the queued ones indexed for the scheduler (gpud.pending, #12)
-        self.jobs: ActiveJobs[JobRecord] = ActiveJobs(lambda r: r.job)
+        self.jobs: ActiveJobs[JobRecord] = ActiveJobs(lambda r: r.job, JobRecord)
         #: the last round's waits, each read on its own (gpud.queue_view, #12)
         self.waits: Mapping[int, Wait] | Waits = {}
         self.plan: Plan | None = None  # the last round's, for the next bounded one
@@ -142,7 +142,7 @@ class DaemonCore:
                     config.image_pip_index_url, config.image_pip_extra_index_url, os.environ
                 ),
                 timeout=config.image_build_timeout,
-                in_use=lambda: {r.job.image for r in self.jobs.values() if r.job.image},
+                in_use=self._images_in_use,
             )
         self._write_blocked = False  # a start could not be recorded (disk full, lock held)
         self._wake = trio.Event()
@@ -171,6 +171,11 @@ class DaemonCore:
         #: payloads of keep_warm jobs until their start, jobs just ended (#12, hotcache)
         self.payloads = RecentPayloads()
         self.final = RecentFinal()
+
+    def _images_in_use(self) -> set[str]:
+        """The images of the active jobs (those still arriving too: #12)."""
+        jobs = [r.job for r in self.jobs.values()] + self.jobs.unfiled()
+        return {j.image for j in jobs if j.image}
 
     async def get(self, job_id: int) -> Job:
         rec = self.jobs.get(job_id)
