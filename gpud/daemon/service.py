@@ -41,7 +41,7 @@ from gpud.ledger import snapshots as snapshot_store
 from gpud.ledger.batches import BatchRow, batch_job_ids, batch_jobs, batch_row, batch_states
 from gpud.ledger.deps import owners_and_states
 from gpud.ledger.snapshots import Snapshot
-from gpud.ledger.store import Ledger
+from gpud.ledger.store import Ledger, all_alike
 from gpud.ledger.usage import AttemptUsage, UsageBucket, attempts_between, buckets_between
 from gpud.promtext import Family
 from gpud.retention import for_daemon as retention_for
@@ -446,7 +446,8 @@ def _submit_and_get(
     ledger: Ledger, jobs: Sequence[NewJob], function: bytes, now: float, **kw: object
 ) -> tuple[int | None, list[Job]]:
     batch_id, ids = ledger.submit(jobs, function, now, **kw)  # type: ignore[arg-type]  # kw: submit's keywords, from the API
-    return batch_id, _get_many(ledger, ids)
+    # A batch's jobs differ in their inputs only: read one, copy it (#12).
+    return batch_id, ledger.get_alike(ids) if all_alike(jobs) else ledger.get_many(ids)
 
 
 def _events_page(
