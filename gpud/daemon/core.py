@@ -15,7 +15,7 @@ from gpud.config import Config
 from gpud.cudackpt import Checkpointer, Support
 from gpud.daemon import dependencies, jobfiles
 from gpud.daemon.gpustate import CheckpointParker, GpuStateParker
-from gpud.daemon.hotcache import RecentFinal, RecentPayloads
+from gpud.daemon.hotcache import FrozenHeap, RecentFinal, RecentPayloads
 from gpud.daemon.parking import ParkingLot
 from gpud.daemon.record import (
     Finished,
@@ -171,6 +171,8 @@ class DaemonCore:
         #: payloads of keep_warm jobs until their start, jobs just ended (#12, hotcache)
         self.payloads = RecentPayloads()
         self.final = RecentFinal()
+        #: a big batch's objects kept out of full GC collections while queued (#12)
+        self.heap = FrozenHeap()
 
     def _images_in_use(self) -> set[str]:
         """The images of the active jobs (those still arriving too: #12)."""
@@ -246,6 +248,7 @@ class DaemonCore:
         rec.seq, rec.job = seq, job
         if job.state in FINAL:
             del self.jobs[job_id]
+            self.heap.drained(len(self.jobs))
             self.final.put(job)
             self.payloads.pop(job_id)  # cancelled before it started
             dependencies.job_ended(self, job)  # its waiters go on or are cancelled (#14)

@@ -19,11 +19,13 @@ when they miss. Both are bounded (count and bytes), oldest dropped first.
 
 from __future__ import annotations
 
+import gc
 from collections import OrderedDict
 
 from gpud.domain import Job
 
 __all__ = [
+    "FrozenHeap",
     "PAYLOAD_BYTES",
     "PAYLOAD_COUNT",
     "FINAL_COUNT",
@@ -110,3 +112,33 @@ class RecentFinal:
         if job is None or job.ended_at is None or now - job.ended_at > FINAL_TTL:
             return None
         return job
+
+
+class FrozenHeap:
+    """Keeps a big queue's objects out of the cyclic GC's full collections (#12).
+
+    With a batch of 100,000 jobs in memory (a record, a Job, its env, the queue index's
+    entries: about half a million objects), each full collection walks them all: 0.3 to
+    1.2 s in one step, measured during a 50,000-job sweep, while the other users'
+    requests waited. Nothing in a queued job's record forms a cycle, so they need no
+    cyclic GC at all: they are freed by their reference counts as the jobs end. Once a
+    big batch is filed, :meth:`filed` moves every object alive into the permanent
+    generation (:func:`gc.freeze`), which full collections skip; when the queue has
+    drained below a tenth of that, :meth:`drained` gives them back (:func:`gc.unfreeze`),
+    so a cycle that died meanwhile among them is still collected in the end."""
+
+    def __init__(self, at: int = 10_000) -> None:
+        self.at = at
+        self.frozen = False
+
+    def filed(self, jobs: int) -> None:
+        """A submit of ``jobs`` jobs is filed."""
+        if jobs >= self.at:
+            gc.freeze()
+            self.frozen = True
+
+    def drained(self, active: int) -> None:
+        """A job ended; ``active`` jobs are left."""
+        if self.frozen and active < self.at // 10:
+            gc.unfreeze()
+            self.frozen = False

@@ -200,6 +200,7 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
                     self.payloads.put(job_id, function, new.args)
             self.jobs.file(chunk)
             self._reschedule()
+        self.heap.filed(len(ids))
 
     async def replay(self, key: IdempotencyKey) -> tuple[int | None, list[Job]] | None:
         """The jobs an earlier submit with this key made, or None if it is new."""
