@@ -188,6 +188,17 @@ def _stalls(log: str) -> list[tuple[float, float, str]]:
     return out
 
 
+def _gc_pauses(log: str) -> list[tuple[float, int]]:
+    """The cyclic GC's collections the daemon logged as longer than ``loop_stall_log``
+    (gpud.loopwatch): ms, generation. Each is inside one of the stalls."""
+    out: list[tuple[float, int]] = []
+    for line in log.splitlines():
+        if "gc pause: " in line:
+            ms, _, rest = line.split("gc pause: ", 1)[1].partition(" ms (generation ")
+            out.append((float(ms), int(rest.split(",", 1)[0])))
+    return out
+
+
 def rows(
     quick: bool,
     progress: Progress,
@@ -240,7 +251,8 @@ def rows(
             out, _ = other.communicate(timeout=180)
             sq.client.close()
             timed_waits = _queue_waits(d.data_dir / "ledger.db", owner)
-            stalls = _stalls(d.log_since())
+            daemon_log = d.log_since()
+            stalls, gc_pauses = _stalls(daemon_log), _gc_pauses(daemon_log)
             progress(f"sweep done in {wall:.0f} s; removing its {n:,} jobs' directories")
     finally:
         if other is not None and other.poll() is None:
@@ -258,6 +270,7 @@ def rows(
                     "wrong": wrong,
                     "errors": got["errors"],
                     "stalls": stalls,
+                    "gc_pauses": gc_pauses,
                     "cpu": cpu,
                     "load": os.getloadavg(),
                     **{
@@ -322,7 +335,9 @@ def rows(
             figure=(
                 f"{len(stalls)}, {sum(ms for ms, _, _ in stalls) / 1000:.1f} s in all "
                 f"(cpu {sum(c for _, c, _ in stalls) / 1000:.1f} s), "
-                f"max {max(ms for ms, _, _ in stalls):.0f} ms ({_worst_tasks(stalls)})"
+                f"max {max(ms for ms, _, _ in stalls):.0f} ms ({_worst_tasks(stalls)}); "
+                f"of which GC: {len(gc_pauses)}, max "
+                f"{max((ms for ms, _ in gc_pauses), default=0.0):.0f} ms"
                 if stalls
                 else "none"
             )
@@ -372,6 +387,24 @@ def rows(
     ]
 
 
+def _spread_row(measure: str, ms: list[float], empty: str) -> Row:
+    """An information row (no target): p50 / p99 / max of ``ms``, or ``empty`` without
+    samples."""
+    return Row(
+        measure=measure,
+        figure=f"p50 {pct(ms, 50):.1f} / p99 {pct(ms, 99):.1f} / max {max(ms):.1f} ms"
+        if ms
+        else empty,
+        baseline="-",
+        target="-",
+        ok=True,
+        numbers={
+            "p50_ms": pct(ms, 50) if ms else 0.0,
+            "p99_ms": pct(ms, 99) if ms else 0.0,
+        },
+    )
+
+
 def _worst_tasks(stalls: list[tuple[float, float, str]]) -> str:
     """The tasks that stalled the loop longest, in all: "name 1.2 s, ..." (three)."""
     by: dict[str, float] = {}
@@ -411,21 +444,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _spread_row(measure: str, ms: list[float], empty: str) -> Row:
-    """An information row (no target): p50 / p99 / max of ``ms``, or ``empty`` without
-    samples."""
-    return Row(
-        measure=measure,
-        figure=f"p50 {pct(ms, 50):.1f} / p99 {pct(ms, 99):.1f} / max {max(ms):.1f} ms"
-        if ms
-        else empty,
-        baseline="-",
-        target="-",
-        ok=True,
-        numbers={
-            "p50_ms": pct(ms, 50) if ms else 0.0,
-            "p99_ms": pct(ms, 99) if ms else 0.0,
-        },
-    )

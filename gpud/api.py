@@ -50,6 +50,7 @@ from gpud.auth import (
     Unauthenticated,
     check_job_access,
 )
+from gpud.daemon.hotcache import gc_quiet
 from gpud.daemon.port import JobService
 from gpud.daemon.suspend import NotSuspendable
 from gpud.domain import FINAL, Job, JobState
@@ -162,11 +163,16 @@ def create_app(daemon: JobService) -> Starlette:
         if key is not None and (seen := await daemon.replay(key)) is not None:
             assert seen[0] is not None
             return _replayed(BatchSubmitResponse(batch_id=seen[0], job_ids=[j.id for j in seen[1]]))
-        jobs = await _new_jobs(daemon, auth, request, req, req.inputs)
-        require_room(daemon.config.data_dir, len(body))
-        batch_id, made = await daemon.submit(
-            jobs, req.function, batch=True, idempotency=key, max_concurrency=req.max_concurrency
-        )
+        with gc_quiet(len(req.inputs)):  # a big batch's objects, never cyclic (#12)
+            jobs = await _new_jobs(daemon, auth, request, req, req.inputs)
+            require_room(daemon.config.data_dir, len(body))
+            batch_id, made = await daemon.submit(
+                jobs,
+                req.function,
+                batch=True,
+                idempotency=key,
+                max_concurrency=req.max_concurrency,
+            )
         assert batch_id is not None
         return _json(BatchSubmitResponse(batch_id=batch_id, job_ids=[j.id for j in made]), 201)
 

@@ -54,6 +54,7 @@ class StallWatch(trio.abc.Instrument):
         #: when the running step began, by the wall clock and the loop thread's CPU clock;
         #: None until a step begins (an instrument added mid-step misses that step's start)
         self._started: tuple[float, float] | None = None
+        self._gc_started = 0.0
         #: stalls seen, the longest (seconds), and the sum of their lengths
         self.count = 0
         self.worst = 0.0
@@ -69,6 +70,22 @@ class StallWatch(trio.abc.Instrument):
         if took > self.threshold:
             self.stalled(task.name, took, self._cpu_clock() - self._started[1])
         self._started = None
+
+    def gc_callback(self, phase: str, info: dict[str, int]) -> None:
+        """For :data:`gc.callbacks`: log each cyclic collection longer than the threshold.
+        It runs inside whatever step allocated last, which the stall log then names; with
+        100,000 jobs in memory a full collection walks millions of objects (#12)."""
+        if phase == "start":
+            self._gc_started = self._clock()
+            return
+        took = self._clock() - self._gc_started
+        if took > self.threshold:
+            log.warning(
+                "gc pause: %.1f ms (generation %d, %d objects freed)",
+                took * 1000.0,
+                info.get("generation", -1),
+                info.get("collected", 0),
+            )
 
     def stalled(self, name: str, took: float, cpu: float) -> None:
         """``took`` seconds of wall time in one step, ``cpu`` of them on the loop thread's

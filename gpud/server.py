@@ -8,6 +8,7 @@ socket is bound and the ledger is recovered, and cleans up when cancelled.
 from __future__ import annotations
 
 import contextlib
+import gc
 import grp
 import logging
 import os
@@ -286,6 +287,7 @@ async def serve(
         if config.loop_stall_log is not None:
             stalls = StallWatch(config.loop_stall_log)
             trio.lowlevel.add_instrument(stalls)
+            gc.callbacks.append(stalls.gc_callback)
         # Only the owner (and, for a root daemon, the gpud group) may connect; who it is
         # exactly comes from the peer credentials (gpud.auth).
         hc.umask = 0o177 if os.geteuid() != 0 else 0o117
@@ -313,6 +315,7 @@ async def serve(
     finally:
         if stalls is not None:
             trio.lowlevel.remove_instrument(stalls)
+            gc.callbacks.remove(stalls.gc_callback)
         if ledger is not None:
             ledger.close()
         if own_inventory and inventory is not None:

@@ -10,6 +10,7 @@ import shutil
 import socket
 import sqlite3
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,14 @@ from gpud_client import BatchHandle, JobCancelled
 from gpud_client.models import BatchSubmitRequest
 from gpud_client.payload import load_result
 
-from .conftest import DaemonProc, _run_daemon, gpud_cli, make_base_dir, wait_for
+from .conftest import (
+    DaemonProc,
+    _run_daemon,
+    gpud_cli,
+    kill_instance_jobs,
+    make_base_dir,
+    wait_for,
+)
 from .test_auth import (  # noqa: F401 - fixtures used by the privacy test
     PY,
     _nap,
@@ -544,3 +552,93 @@ def test_cancelling_a_warm_batch_during_hand_offs_leaves_nothing_running(
     assert counts.succeeded + counts.cancelled == 400 and counts.cancelled > 0, counts
     # The workers are free for the next call.
     assert warm_nap.remote(0.0) == 0.0
+
+
+def _results_now(c: Any, batch_id: int) -> list[Any]:
+    """The lines a completion-order results stream sends within 0.3 s."""
+    return list(
+        c._ndjson(
+            gpud.client._Call(
+                "GET",
+                f"/batches/{batch_id}/results",
+                gpud.models.BatchResult,
+                {"timeout": "0.3", "order": "completion"},
+                read_timeout=None,
+            )
+        )
+    )
+
+
+def test_requests_racing_a_big_batchs_filing_see_every_job(base_dir: Path) -> None:
+    """A big batch enters the daemon's memory a chunk at a time after its COMMIT (#12).
+    Held half-way (GPUD_TEST_PAUSE_AT), requests about its last job, not filed yet, see
+    it as committed: a get says queued, a results stream sends nothing for it until it
+    is over, and its cancel sticks (no stale queued copy is filed after it). Then the
+    batch's cancel ends every job and nothing stays in the queue."""
+    from gpud.daemon.service import FILE_CHUNK
+    from gpud_client.client import Client
+
+    from .test_durability import _final_events
+
+    release = base_dir / "release"
+    d = DaemonProc(base_dir, env={"GPUD_TEST_PAUSE_AT": f"mid_filing={release}"})
+    d.start()
+    mod = sys.modules["tests.test_auth"]
+    cloudpickle.register_pickle_by_value(mod)
+    try:
+        fn = cloudpickle.dumps(_nap)
+    finally:
+        cloudpickle.unregister_pickle_by_value(mod)
+    n = 2 * FILE_CHUNK + 3
+    req = BatchSubmitRequest(
+        name="t.filing",
+        function=fn,
+        python=PY,
+        inputs=[cloudpickle.dumps(((60.0,), {}))] * n,
+        max_concurrency=1,
+    )
+    out: dict[str, Any] = {}
+
+    def submit() -> None:
+        with Client(d.url) as c:
+            try:
+                out["made"] = c.submit_batch(req)
+            except Exception as e:  # noqa: BLE001 - reported below
+                out["error"] = e
+
+    t = threading.Thread(target=submit)
+    t.start()
+    try:
+        with Client(d.url) as c:
+
+            def committed() -> bool:
+                # The listing reads the ledger: the batch is there once committed.
+                page = c.list_jobs(limit=1).jobs
+                return bool(page) and page[0].name == "t.filing"
+
+            wait_for(committed, 60)
+            newest = c.list_jobs(limit=1).jobs
+            last, batch_id = newest[0].id, newest[0].batch_id
+            assert batch_id is not None
+            assert c.get_job(last).state == "queued"
+            assert all(r.index != n - 1 for r in _results_now(c, batch_id))
+            assert c.cancel(last).state == "cancelled"
+            sent = _results_now(c, batch_id)
+            assert [r.index for r in sent] == [n - 1], [(r.index, r.job.state) for r in sent]
+            assert sent[0].job.state == "cancelled"
+            assert t.is_alive(), "the submit answered before its jobs were all filed"
+            release.touch()
+            t.join(60)
+            assert "error" not in out, out
+            made = out["made"]
+            assert made.batch_id == batch_id and made.job_ids[-1] == last
+            assert c.get_job(last).state == "cancelled"
+            info = c.cancel_batch(batch_id)
+            assert info.counts.cancelled == n, info
+            assert c.queue().total == 0
+        assert _final_events(d, last) == ["cancelled"]
+    finally:
+        release.touch()
+        t.join(60)
+        d.stop()
+        kill_instance_jobs(d.data_dir)

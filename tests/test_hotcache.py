@@ -3,13 +3,23 @@ counted once, a final job served only for a while after its end."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from gpud import interpreters
-from gpud.daemon.hotcache import FINAL_TTL, RecentFinal, RecentPayloads
+from gpud.daemon.hotcache import (
+    FINAL_TTL,
+    FREEZE_AT,
+    FrozenHeap,
+    RecentFinal,
+    RecentPayloads,
+    gc_quiet,
+)
 from gpud.domain import Job, JobState
 from gpud.interpreters import fingerprint
 
@@ -82,3 +92,31 @@ def test_a_site_listing_is_reused_only_while_its_directory_is_unchanged(tmp_path
     assert third not in (first, second)
     (site / "__pycache__").mkdir()  # a first import: not a change of what is installed
     assert fingerprint(python, (str(site),)) == third
+
+
+def test_the_cyclic_gc_is_off_while_a_big_batch_is_built_and_back_after() -> None:
+    """gc_quiet (#12): off for a batch of FREEZE_AT jobs or more, nested, and on again
+    however the outermost ends; a small batch leaves it alone. FrozenHeap freezes after
+    a big batch's filing and gives the objects back once the queue drains."""
+    assert gc.isenabled()
+    with gc_quiet(FREEZE_AT - 1):
+        assert gc.isenabled()
+    with pytest.raises(KeyError), gc_quiet(FREEZE_AT):
+        assert not gc.isenabled()
+        with gc_quiet(FREEZE_AT):
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+        raise KeyError("the submit failed")
+    assert gc.isenabled()
+    heap = FrozenHeap(at=100)
+    heap.filed(99)
+    assert not heap.frozen and gc.get_freeze_count() == 0
+    try:
+        heap.filed(100)
+        assert heap.frozen and gc.get_freeze_count() > 0
+        heap.drained(10)
+        assert heap.frozen  # 10 left: not below a tenth of 100 yet
+        heap.drained(9)
+        assert not heap.frozen and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()

@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -321,3 +322,55 @@ def test_kill_9_at_a_warm_hand_off(crashable: DaemonProc, shared_dir: Path) -> N
     assert sorted(count.read_text().split()) == ["1", "2", "3"], "a call ran twice or never"
     for i in ids:
         assert _finals(d, i) == ["succeeded"]
+
+
+def test_kill_9_while_a_big_batch_is_filed_into_memory(
+    crashable: DaemonProc, shared_dir: Path
+) -> None:
+    """A batch committed and only in part filed into the daemon's memory when it dies
+    (#12): the client's retry gets the same batch, the restarted daemon holds every one
+    of its jobs (its cancel ends them all, each once)."""
+    from gpud.daemon.service import FILE_CHUNK
+
+    d = crashable
+    d.env["GPUD_TEST_CRASH_AT"] = "mid_filing"
+    d.start()
+    count = shared_dir / "runs"
+    n = FILE_CHUNK + 2
+    f = gpu_counted.with_options(url=d.url, retries=0)
+    out: dict[str, Any] = {}
+
+    def submit() -> None:
+        try:
+            out["batch"] = f.spawn_map([str(count)] * n, [30.0] * n, max_concurrency=1)
+        except Exception as e:  # noqa: BLE001 - reported below
+            out["error"] = e
+
+    t = threading.Thread(target=submit)
+    t.start()
+    _died(d)  # committed, filed in part, then killed before it answered
+    d.env.pop("GPUD_TEST_CRASH_AT")
+    d.start()  # the client retries meanwhile, with the same key
+    t.join(60)
+    assert "error" not in out, out
+    batch = out["batch"]
+    with Client(d.url) as c:
+        ids = c.batch(batch.id, jobs=True).job_ids
+        assert ids is not None and len(ids) == n
+        led = d.ledger()
+        try:
+            assert led.conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == n
+        finally:
+            led.close()
+        info = c.cancel_batch(batch.id)
+        assert info.counts.cancelled == n, info
+        assert c.queue().total == 0
+    assert all(_finals(d, i) == ["cancelled"] for i in (ids[0], ids[FILE_CHUNK], ids[-1]))
+    led = d.ledger()
+    try:
+        ended = led.conn.execute(
+            "SELECT count(*), count(DISTINCT job_id) FROM events WHERE to_state = 'cancelled'"
+        ).fetchone()
+    finally:
+        led.close()
+    assert tuple(ended) == (n, n), "a job ended more than once, or not at all"

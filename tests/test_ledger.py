@@ -188,3 +188,28 @@ def test_ledger_files_are_private(tmp_path: Path) -> None:
     for name in ("l.db", "l.db-wal", "l.db-shm"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
     led.close()
+
+
+def test_a_batchs_jobs_read_back_at_once_are_what_get_returns(ledger: Ledger) -> None:
+    """Daemon.submit reads a big batch back in one pass (#12): ``get_many`` (one query,
+    alike rows parsed once) and ``get_alike`` (the first row, copied) return what ``get``
+    returns for each job, each job with an env dict of its own."""
+    from gpud.ledger.store import all_alike
+
+    gpu = GpuRequest.parse("1")
+    ledger.submit([new_job()], b"fn", 1.0)  # a job before, of another shape
+    made = [new_job(args=b"%d" % i, gpu=gpu, env={"A": "1"}, notify="http://h/") for i in range(50)]
+    assert all_alike(made)
+    assert not all_alike([made[0], new_job(args=b"x", gpu=gpu, env={"A": "2"})])
+    _, ids = ledger.submit(made, b"fn", 2.0, batch=True)
+    one_by_one = [ledger.get(i) for i in ids]
+    assert ledger.get_many(ids) == one_by_one
+    alike = ledger.get_alike(ids)
+    assert alike == one_by_one
+    assert len({id(j.env) for j in alike}) == len(ids)
+    alike[1].env["B"] = "2"
+    assert alike[2].env == {"A": "1"}
+    scattered = [ids[3], 1, ids[0]]
+    assert ledger.get_many(scattered) == [ledger.get(i) for i in scattered]
+    with pytest.raises(UnknownJob):
+        ledger.get_many([ids[0], ids[-1] + 1])

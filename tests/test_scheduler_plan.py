@@ -193,6 +193,36 @@ def test_records_are_refiled_when_their_job_changes() -> None:
     assert not active.running and 1 not in active.pending
 
 
+def test_arrived_jobs_are_filed_in_chunks_or_when_looked_up() -> None:
+    """A big submit's jobs arrive at once and are filed in chunks (#12): until then a
+    lookup by id files the job there and then, the owner's queued count includes them
+    (not the held ones), and iteration and the queue index see only the filed."""
+
+    @dataclasses.dataclass
+    class Rec:
+        job: Job
+
+    active: ActiveJobs[Rec] = ActiveJobs(lambda r: r.job, Rec)
+    active.held = {3}  # waiting for a dependency (#14)
+    jobs = [job(i, owner="ann", deps=(99,) if i == 3 else ()) for i in range(1, 7)]
+    active.arrive(jobs)
+    assert active.queued_by("ann") == 5 and active.queued_owners() == {"ann"}
+    assert len(active) == 0 and len(active.pending) == 0 and active.arriving(5)
+    assert [j.id for j in active.unfiled()] == [1, 2, 3, 4, 5, 6]
+    rec = active.get(5)  # looked up: filed now
+    assert rec is not None and rec.job.id == 5 and not active.arriving(5)
+    assert 5 in active.pending and active.queued_by("ann") == 5
+    rec.job = job(5, owner="ann", state=JobState.CANCELLED)
+    del active[5]  # it ended: the chunk that files 5 later passes it over
+    assert 4 in active and 4 in active.pending
+    active.file([1, 2, 3, 5])
+    assert 5 not in active and active.get(5) is None
+    assert sorted(active) == [1, 2, 3, 4] and 3 not in active.pending  # held stays out
+    assert active.queued_by("ann") == 4  # 1, 2, 4 filed and 6 arriving; 3 held
+    active.file([6])
+    assert not active.unfiled() and active.queued_by("ann") == active.pending.queued_by("ann")
+
+
 # ---------------------------------------------------------------------------------------
 # The property: incremental == full recomputation, on random event sequences
 

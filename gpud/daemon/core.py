@@ -15,7 +15,7 @@ from gpud.config import Config
 from gpud.cudackpt import Checkpointer, Support
 from gpud.daemon import dependencies, jobfiles
 from gpud.daemon.gpustate import CheckpointParker, GpuStateParker
-from gpud.daemon.hotcache import RecentFinal, RecentPayloads
+from gpud.daemon.hotcache import FrozenHeap, RecentFinal, RecentPayloads
 from gpud.daemon.parking import ParkingLot
 from gpud.daemon.record import (
     Finished,
@@ -130,7 +130,7 @@ class DaemonCore:
         self.started_at = self.clock.time()
         #: one record per active job (queued, starting, running)
         #: ... with the queued ones indexed for the scheduler (gpud.pending, #12)
-        self.jobs: ActiveJobs[JobRecord] = ActiveJobs(lambda r: r.job)
+        self.jobs: ActiveJobs[JobRecord] = ActiveJobs(lambda r: r.job, JobRecord)
         #: the last round's waits, each read on its own (gpud.queue_view, #12)
         self.waits: Mapping[int, Wait] | Waits = {}
         self.plan: Plan | None = None  # the last round's, for the next bounded one
@@ -190,7 +190,7 @@ class DaemonCore:
                     config.image_pip_index_url, config.image_pip_extra_index_url, os.environ
                 ),
                 timeout=config.image_build_timeout,
-                in_use=lambda: {r.job.image for r in self.jobs.values() if r.job.image},
+                in_use=self._images_in_use,
             )
         self._write_blocked = False  # a start could not be recorded (disk full, lock held)
         #: rounds and warm hand-offs, never at once (gpud.daemon.loop, #12)
@@ -221,6 +221,13 @@ class DaemonCore:
         #: payloads of keep_warm jobs until their start, jobs just ended (#12, hotcache)
         self.payloads = RecentPayloads()
         self.final = RecentFinal()
+        #: a big batch's objects kept out of full GC collections while queued (#12)
+        self.heap = FrozenHeap()
+
+    def _images_in_use(self) -> set[str]:
+        """The images of the active jobs (those still arriving too: #12)."""
+        jobs = [r.job for r in self.jobs.values()] + self.jobs.unfiled()
+        return {j.image for j in jobs if j.image}
 
     async def get(self, job_id: int) -> Job:
         rec = self.jobs.get(job_id)
@@ -298,6 +305,7 @@ class DaemonCore:
                 # Matched to an idle warm worker and ended (cancelled) before it ran there:
                 # the worker is free again (it never is otherwise: its start is gone).
                 self._release_warm(rec)
+            self.heap.drained(len(self.jobs))
             self.final.put(job)
             self.payloads.pop(job_id)  # cancelled before it started
             dependencies.job_ended(self, job)  # its waiters go on or are cancelled (#14)

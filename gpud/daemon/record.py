@@ -105,4 +105,4 @@ def _advance_in_order(
 
 
 def _get_many(ledger: Ledger, ids: list[int]) -> list[Job]:
-    return [ledger.get(i) for i in ids]
+    return ledger.get_many(ids)

@@ -10,14 +10,14 @@ from typing import cast
 import trio
 
 from gpud import __version__, longrun, queue_view
-from gpud.crashpoint import crash_point
+from gpud.crashpoint import crash_point, pause_point
 from gpud.daemon import dependencies, stats
 from gpud.daemon.gpupoll import GpuPolling
+from gpud.daemon.hotcache import PAYLOAD_COUNT
 from gpud.daemon.loop import SchedulingLoop
 from gpud.daemon.parking import kill_leftovers
 from gpud.daemon.record import (
     ExecutorDown,
-    JobRecord,
     SubmitError,
     _fmt_seconds,
     _get_many,
@@ -41,7 +41,7 @@ from gpud.ledger import snapshots as snapshot_store
 from gpud.ledger.batches import BatchRow, batch_job_ids, batch_jobs, batch_row, batch_states
 from gpud.ledger.deps import owners_and_states
 from gpud.ledger.snapshots import Snapshot
-from gpud.ledger.store import Ledger
+from gpud.ledger.store import Ledger, all_alike
 from gpud.ledger.usage import AttemptUsage, UsageBucket, attempts_between, buckets_between
 from gpud.promtext import Family
 from gpud.retention import for_daemon as retention_for
@@ -54,6 +54,9 @@ from gpud_client.jobdir import (
 from gpud_client.models import GcReport, ImageSpec
 
 log = logging.getLogger("gpud")
+
+#: Jobs of a submit filed into memory per event-loop step (about 10 us each).
+FILE_CHUNK = 1000
 
 
 class Daemon(SchedulingLoop, Recovery, GpuPolling):
@@ -157,20 +160,46 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
         except Replay as r:
             return r.batch_id, await self.ledger.call(_get_many, r.ids)
         crash_point("after_submit")
-        if batch_id is not None and max_concurrency is not None:
-            self.batches.note(batch_id, max_concurrency)
-        # Durable now: only after the COMMIT do they exist for anyone else.
-        doomed = await dependencies.admit(self, made)  # held before they enter (#14)
-        for j in made:
-            self.jobs.setdefault(j.id, JobRecord(j))
-        for new, j in zip(jobs, made, strict=False):
-            if not j.snapshot and not j.deps:
-                # Handed to its warm worker, or written into a cold job's directory, from
-                # memory at its start, not read back (#12).
-                self.payloads.put(j.id, function, new.args)
-        dependencies.cancel_doomed(self, doomed)
-        self._reschedule()
+        # Durable now: only after the COMMIT do they exist for anyone else. From here on
+        # nothing may stop them entering memory (not even this request's cancellation:
+        # a client that hangs up), or they would wait in the ledger for a restart.
+        with trio.CancelScope(shield=True):
+            if batch_id is not None and max_concurrency is not None:
+                self.batches.note(batch_id, max_concurrency)
+            doomed = await dependencies.admit(self, made)  # held before they enter (#14)
+            # Found by id from this step on; filed a chunk at a time (#12, gpud.pending).
+            self.jobs.arrive(made)
+            dependencies.cancel_doomed(self, doomed)
+            await self._file_arrived([j.id for j in made], jobs, function)
         return batch_id, made
+
+    async def _file_arrived(
+        self, ids: Sequence[int], jobs: Sequence[NewJob], function: bytes
+    ) -> None:
+        """File jobs that arrived (:meth:`ActiveJobs.arrive`), a chunk per loop step: a
+        batch of 100,000 was one step of over a second, in which no other request was
+        answered (#12). The scheduler has each chunk as it is filed."""
+        for i in range(0, len(ids), FILE_CHUNK):
+            if i:
+                await trio.lowlevel.checkpoint()
+                crash_point("mid_filing")
+                await pause_point("mid_filing")
+            chunk = ids[i : i + FILE_CHUNK]
+            for job_id, new in zip(chunk, jobs[i : i + FILE_CHUNK], strict=False):
+                # Handed to its warm worker, or written into a cold job's directory, from
+                # memory at its start, not read back (#12): only the batch's first inputs
+                # (more would push them out), and only one still arriving (one looked up
+                # meanwhile may have started or ended already; it reads the ledger).
+                if (
+                    i < PAYLOAD_COUNT
+                    and not new.snapshot
+                    and not new.deps
+                    and self.jobs.arriving(job_id)
+                ):
+                    self.payloads.put(job_id, function, new.args)
+            self.jobs.file(chunk)
+            self._reschedule()
+        self.heap.filed(len(ids))
 
     async def replay(self, key: IdempotencyKey) -> tuple[int | None, list[Job]] | None:
         """The jobs an earlier submit with this key made, or None if it is new."""
@@ -267,11 +296,12 @@ class Daemon(SchedulingLoop, Recovery, GpuPolling):
 
     def queued(self) -> list[Job]:
         """The queued jobs in memory (submitted, not yet started)."""
-        return [r.job for r in self.jobs.values() if r.job.state is JobState.QUEUED]
+        filed = [r.job for r in self.jobs.values() if r.job.state is JobState.QUEUED]
+        return filed + self.jobs.unfiled()
 
     def queued_count(self, owner: str) -> int:
         # O(1): kept by the queue index (#12) and the dependency index (#14)
-        return self.jobs.pending.queued_by(owner) + self.deps.held_by(owner)
+        return self.jobs.queued_by(owner) + self.deps.held_by(owner)
 
     def fresher(self, jobs: Sequence[Job]) -> list[Job]:
         """Jobs read from the ledger, each replaced by the daemon's own copy where it has
@@ -419,7 +449,8 @@ def _submit_and_get(
     ledger: Ledger, jobs: Sequence[NewJob], function: bytes, now: float, **kw: object
 ) -> tuple[int | None, list[Job]]:
     batch_id, ids = ledger.submit(jobs, function, now, **kw)  # type: ignore[arg-type]  # kw: submit's keywords, from the API
-    return batch_id, _get_many(ledger, ids)
+    # A batch's jobs differ in their inputs only: read one, copy it (#12).
+    return batch_id, ledger.get_alike(ids) if all_alike(jobs) else ledger.get_many(ids)
 
 
 def _events_page(

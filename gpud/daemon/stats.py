@@ -179,7 +179,7 @@ async def collect(
         "Active jobs now, by state, user and how they started",
         ("state", "user", "start_kind"),
     )
-    queued: dict[str, int] = {o: jobs.pending.queued_by(o) for o in jobs.pending.owners()}
+    queued: dict[str, int] = {o: jobs.queued_by(o) for o in jobs.queued_owners()}
     for owner, n in deps.held_owners().items():
         queued[owner] = queued.get(owner, 0) + n
     for owner, n in sorted(queued.items()):
