@@ -357,13 +357,18 @@ def test_a_reader_that_hangs_up_mid_stream_does_not_hurt_the_daemon(daemon: Daem
 # -- privacy ---------------------------------------------------------------------------------
 
 
-def _batch_body() -> bytes:
+def _nap_pickle() -> bytes:
+    """test_auth's ``_nap``, pickled by value (the daemon's worker cannot import tests)."""
     mod = sys.modules["tests.test_auth"]
     cloudpickle.register_pickle_by_value(mod)
     try:
-        fn = cloudpickle.dumps(_nap)
+        return bytes(cloudpickle.dumps(_nap))
     finally:
         cloudpickle.unregister_pickle_by_value(mod)
+
+
+def _batch_body() -> bytes:
+    fn = _nap_pickle()
     req = BatchSubmitRequest(
         name="t.nap", function=fn, python=PY, inputs=[cloudpickle.dumps(((0.1,), {}))] * 2
     )
@@ -489,12 +494,7 @@ def test_a_batch_of_several_chunks_is_whole_and_in_input_order(daemon: DaemonPro
     from gpud.api_submit import _CHUNK
     from gpud_client.client import Client
 
-    mod = sys.modules["tests.test_auth"]
-    cloudpickle.register_pickle_by_value(mod)
-    try:
-        fn = cloudpickle.dumps(_nap)
-    finally:
-        cloudpickle.unregister_pickle_by_value(mod)
+    fn = _nap_pickle()
     n = 2 * _CHUNK + 3
     inputs = [cloudpickle.dumps(((60.0 + i,), {})) for i in range(n)]
     # max_concurrency 1: one nap runs, the rest stay queued until cancelled.
@@ -583,12 +583,7 @@ def test_requests_racing_a_big_batchs_filing_see_every_job(base_dir: Path) -> No
     release = base_dir / "release"
     d = DaemonProc(base_dir, env={"GPUD_TEST_PAUSE_AT": f"mid_filing={release}"})
     d.start()
-    mod = sys.modules["tests.test_auth"]
-    cloudpickle.register_pickle_by_value(mod)
-    try:
-        fn = cloudpickle.dumps(_nap)
-    finally:
-        cloudpickle.unregister_pickle_by_value(mod)
+    fn = _nap_pickle()
     n = 2 * FILE_CHUNK + 3
     req = BatchSubmitRequest(
         name="t.filing",
