@@ -53,6 +53,10 @@ class Histogram:
         self.buckets = tuple(buckets)
         # label values -> [count per bucket (not cumulative)..., +Inf count, sum]
         self._series: dict[tuple[str, ...], list[float]] = {}
+        if not labels:
+            # Its one series exists from the start, at zero (as Prometheus' clients do):
+            # a scrape before the first observation has it too, and rate() sees it begin.
+            self._series[()] = [0.0] * (len(self.buckets) + 2)
 
     def observe(self, value: float, *labels: str) -> None:
         row = self._series.get(labels)

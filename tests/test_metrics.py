@@ -274,6 +274,10 @@ def test_render_escapes_and_histograms_are_cumulative() -> None:
     assert 't_seconds_count{kind="cold"} 4' in text and 't_seconds_sum{kind="cold"} 6.05' in text
     with pytest.raises(ValueError):
         f.add(1)
+    # Without labels, its one series is there before the first observation (a scrape
+    # then and one after have the same series: the daemon's event-loop lag).
+    lag = Histogram("lag_seconds", "lag", (), (0.1, 1.0))
+    assert 'lag_seconds_bucket{le="+Inf"} 0' in render([lag.family()]).decode()
 
 
 def test_the_endpoint_reads_the_daemon_only_through_its_port() -> None:

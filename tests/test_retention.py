@@ -518,7 +518,8 @@ def test_gpud_gc_end_to_end(process_daemon: DaemonProc, tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         return int(out.stdout)
 
-    done = [run("examples/hello.py::square", "--x", str(x), "--gpu", "h100") for x in (2, 3)]
+    # On a GPU for a while: usage keeps tenths of a second, and a bare square takes less.
+    done = [run(f"{script}::nap", "--seconds", "0.3", "--gpu", "h100") for _ in (2, 3)]
     done += [run("examples/hello.py::square", "--x", "4")]
     middle = run("examples/hello.py::square", "--x", "5")
     for j in [*done, middle]:
