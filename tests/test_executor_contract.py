@@ -23,6 +23,7 @@ as scripts.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import re
@@ -30,6 +31,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ from gpud.executors.process import (
     ProcessExecutor,
     find_job_processes,
     job_identity,
+    reap_detached,
     resolve_worker_python,
 )
 from gpud.identity import JobIdentity
@@ -468,6 +471,22 @@ async def test_a_job_left_running_holds_no_descriptor(kind: type[ProcessHarness]
             assert scope.cancelled_caught
             assert _pidfds() == before  # a cancelled wait leaves none behind
             assert h.pids(spec.job_id)  # and the job runs on
+            # The executor itself dropped with the job running (its daemon stopped): no
+            # warning at its collection, and the job runs on, to be reaped once it ends.
+            other = h._new()
+            spec2 = h.spec("hold")
+            h.script(other, spec2, "hold")
+            left = await other.launch(spec2)
+            await h.ready(spec2)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                del other
+                gc.collect()
+            assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+            assert h.pids(spec2.job_id)
+            assert reap_detached() >= 1
+            os.killpg(left.pid, signal.SIGKILL)
+            assert await eventually(lambda: reap_detached() == 0, 10)
     finally:
         await h.finish()
         shutil.rmtree(base, ignore_errors=True)

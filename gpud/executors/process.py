@@ -265,6 +265,27 @@ def _alive(pid: int, pid_start: int | None) -> bool:
     return state != b"Z"
 
 
+class Child(subprocess.Popen[bytes]):
+    """A job's process as this executor started it. A daemon that stops leaves its busy
+    jobs running for the next one to adopt, so a ``Child`` may be dropped while its
+    process runs: where ``Popen`` would warn (a ResourceWarning, "still running"), it
+    is set aside and reaped once it has ended (:func:`reap_detached`, at each launch)."""
+
+    def __del__(self) -> None:
+        if self.returncode is None and self.poll() is None:
+            _detached.append(self)  # alive again: a later launch reaps it
+
+
+#: children dropped while running (their daemon stopped first), to be reaped once ended
+_detached: list[Child] = []
+
+
+def reap_detached() -> int:
+    """Reap the detached children that have ended; how many are left running."""
+    _detached[:] = [c for c in _detached if c.poll() is None]
+    return len(_detached)
+
+
 async def wait_child(proc: subprocess.Popen[bytes]) -> int:
     """The exit status of our child ``proc``, waited for on a pidfd of this call's own,
     closed however the wait ends (a cancelled wait leaves no descriptor behind), then
@@ -430,7 +451,7 @@ class ProcessExecutor:
             # Not trio.lowlevel.open_process: its Process keeps a pidfd open until it is
             # waited for, and a job the daemon leaves running (a restart adopts it) is not.
             def spawn() -> subprocess.Popen[bytes]:
-                return subprocess.Popen(
+                return Child(
                     cmd,
                     stdin=subprocess.DEVNULL,
                     stdout=log_fd,
@@ -454,6 +475,7 @@ class ProcessExecutor:
         finally:
             os.close(log_fd)
         self._procs[proc.pid] = proc
+        reap_detached()
         start = proc_start_time(proc.pid)
         return Handle(job_id=spec.job_id, pid=proc.pid, pid_start=start or 0)
 
