@@ -455,17 +455,7 @@ def test_a_stream_with_a_timeout_ends_early_and_is_resumed(daemon: DaemonProc) -
     )
     assert [e.kind for e in early] == ["job"]  # no end: the job is still running
     batch = nap.spawn_map([1.5, 0.1])
-    lines = list(
-        app.client._ndjson(
-            gpud.client._Call(
-                "GET",
-                f"/batches/{batch.id}/results",
-                gpud.models.BatchResult,
-                {"timeout": "0.3", "order": "completion"},
-                read_timeout=None,
-            )
-        )
-    )
+    lines = _results_now(app.client, batch.id)
     assert len(lines) <= 1  # the short one at most
     assert list(batch) == [1.5, 0.1] and handle.get(timeout=30) == 1.5
 
